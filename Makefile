@@ -1,0 +1,73 @@
+# rellax-fast developer entry points. Every target sets up what it needs.
+#   make test        .venv (CPU torch), editable install with the C++ extension, pytest, then the Triton pass
+#   make demo        the whole ReLLaX pipeline on the embedded synthetic dataset
+#   make cuda-check  a separate venv with a CUDA torch; proves the .cu sources compile and link (no GPU needed)
+#   make bench       microbenchmarks (CPU sizes here; scripts/gpu_check.sh runs the GPU sizes)
+#   make lint        ruff (Python) and clang-format (csrc/)
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# On this machine torch==2.13.0 takes the CPU build from local disk; override for other setups.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.8.0
+PYTEST_ARGS ?=
+
+CUDA_VENV ?= .venv-cuda
+CUDA_PY := $(CUDA_VENV)/bin/python
+CUDA_TORCH_SPEC ?= torch==2.14.1
+CUDA_HOME ?= /usr/local/cuda
+CUDA_ARCHS ?= 8.0;9.0a
+MAX_JOBS ?= 2
+
+.PHONY: test test-fast test-triton demo cuda-check bench lint install clean
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=23" setuptools wheel pybind11 ninja
+	$(PIP) install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PIP) install -q --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	touch $@
+
+# (Re)build rellax_fast._C in place; ninja makes this incremental.
+install: $(VENV)/.deps
+	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
+
+test: install
+	$(PY) -m pytest -m "not triton and not cuda" $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "triton and not cuda" $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not triton and not cuda and not slow" -x $(PYTEST_ARGS)
+
+test-triton: install
+	TRITON_INTERPRET=1 $(PY) -m pytest -m "triton and not cuda" $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/rellax-fast demo --out runs/demo
+
+bench: install
+	$(VENV)/bin/rellax-fast bench all --out bench_out
+
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check rellax_fast kernels tests scripts
+	@if command -v clang-format >/dev/null 2>&1; then clang-format --dry-run --Werror csrc/*.cpp csrc/*.cu csrc/*.h; \
+	else echo "clang-format not installed (apt-get install clang-format); skipped csrc/"; fi
+
+# CUDA compile-and-link check, no GPU needed. The local toolkit lacks the cuBLAS/cuSPARSE headers that
+# ATen/cuda/CUDAContext.h includes; the CUDA torch wheel ships them under nvidia/cu13/include.
+$(CUDA_VENV)/.deps:
+	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_PY) -m pip install -q --upgrade "pip>=23" setuptools wheel pybind11 ninja numpy
+	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH_SPEC)"
+	touch $@
+
+cuda-check: $(CUDA_VENV)/.deps
+	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$(MAX_JOBS) RELLAX_BUILD_CUDA=1 \
+	CPATH="$$($(CUDA_PY) -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))')" \
+	$(CUDA_PY) setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp
+	$(CUDA_PY) scripts/check_cuda_build.py build/cuda-check/lib
+
+clean:
+	rm -rf build dist *.egg-info rellax_fast/_C*.so

@@ -1,0 +1,1 @@
+"""Microbenchmarks behind `rellax-fast bench`."""

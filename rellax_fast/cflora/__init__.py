@@ -1,0 +1,1 @@
+"""CFLoRA config, layers, interaction generators, inject/merge/save/load and HF hooks."""

@@ -1,0 +1,1 @@
+"""Datasets, splits, prompt templates, tokenisation and collation."""

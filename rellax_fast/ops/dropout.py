@@ -1,0 +1,104 @@
+"""Seeded dropout: the mask is a pure function of (seed, flat element index), shared by all backends.
+
+The hash is specified in ``csrc/common.h``; :func:`dropout_keep_mask_ref` is its PyTorch twin (the
+oracle), and the C++, CUDA and Triton kernels compute the same bits inline, so a backward pass can
+regenerate the forward's mask instead of storing it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backend
+from ._registry import ext_op
+
+OP = "seeded_dropout"
+_backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["cuda", "reference"]},
+                     implemented=("reference", "cpp", "cuda"))
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2^32 for 0 <= x < 2^32 held in int64, without signed overflow: split c into 16-bit halves.
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def dropout_key(seed: int) -> int:
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return _mix32_int((s & _M32) ^ _mix32_int((s >> 32) ^ 0x9E3779B9))
+
+
+def dropout_threshold(p: float) -> int:
+    return int(p * 16777216.0)
+
+
+def dropout_keep_mask_ref(numel: int, p: float, seed: int, device=None, offset: int = 0) -> torch.Tensor:
+    """Boolean keep-mask for flat indices ``offset .. offset+numel-1`` (the reference of the shared hash)."""
+    idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    key = dropout_key(seed)
+    h = mix32((idx & _M32) ^ mix32(((idx >> 32) + key) & _M32))
+    return (h >> 8) >= dropout_threshold(p)
+
+
+def seeded_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """Inverted dropout with the shared mask (PyTorch reference; differentiable)."""
+    if p == 0.0:
+        return x
+    keep = dropout_keep_mask_ref(x.numel(), p, seed, device=x.device).view(x.shape)
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def _check(x: torch.Tensor, p: float) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"seeded_dropout: x must be a torch.Tensor; got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"seeded_dropout: x must be a floating tensor; got dtype {x.dtype}")
+    if not (0.0 <= p < 1.0):
+        raise ValueError(f"seeded_dropout: p must be in [0, 1); got {p}")
+
+
+def seeded_dropout(x: torch.Tensor, p: float, seed: int, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Inverted dropout of ``x`` with the mask hash(seed, flat index); differentiable on every backend."""
+    _check(x, p)
+    which = _backend.resolve(OP, x.device, backend)
+    if which == "reference" or p == 0.0:
+        return seeded_dropout_ref(x, p, seed)
+    return ext_op(OP)(x.contiguous(), float(p), int(seed))
+
+
+def _register_ext() -> None:
+    @torch.library.register_fake("rellax_fast::seeded_dropout")
+    def _(x, p, seed):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    def _setup(ctx, inputs, output):
+        _, ctx.p, ctx.seed = inputs
+
+    def _backward(ctx, grad):
+        # d(drop(x))/dx is the same mask and scale: apply the op to the gradient.
+        return torch.ops.rellax_fast.seeded_dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
+
+    torch.library.register_autograd("rellax_fast::seeded_dropout", _backward, setup_context=_setup)

@@ -1,0 +1,1 @@
+"""SPA: the conventional CTR model (DIN), the projector and soft-token insertion."""

@@ -1,0 +1,1 @@
+"""SUBR: item text, encoders, embedding cache and retrieval (on ops.semantic_topk)."""

@@ -1,0 +1,1 @@
+"""The ReLLaX model wrapper, training, read-out and metrics."""
