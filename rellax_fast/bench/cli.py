@@ -1,0 +1,53 @@
+"""``rellax-fast bench cflora|topk|e2e|all``: runs suites and writes CSV, Markdown and PNG reports.
+
+Each suite is a module ``rellax_fast.bench.<suite>`` with ``run_suite(args) -> (rows, meta)``: rows are
+dicts (one per measurement, baseline rows from the same run included); ``meta`` holds ``plot(rows, path)``
+optional and a one-line ``title``. Sizes: ``--size cpu`` (small shapes for a 2-core CPU) or ``gpu``
+(the issue's shapes); ``auto`` picks gpu when CUDA is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+
+SUITES = ("cflora", "topk", "e2e")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("suite", choices=SUITES + ("all",), help="which benchmark suite")
+    parser.add_argument("--size", default="auto", choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer"),
+                        help="shape set (auto: gpu when CUDA is visible, else cpu)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.set_defaults(out="bench_out")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import report
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    if args.size == "auto":
+        args.size = "gpu" if device.type == "cuda" else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    suites = SUITES if args.suite == "all" else (args.suite,)
+    for suite in suites:
+        mod = importlib.import_module(f"rellax_fast.bench.{suite}")
+        print(f"== bench {suite} ({args.size}, {args.dtype}, {report.machine_label(device)})", flush=True)
+        rows, meta = mod.run_suite(args)
+        header = f"# bench {suite}\n\n{meta.get('title', '')}\n\n{report.environment_line(device)}"
+        paths = report.write_reports(rows, args.out, suite, header)
+        if "plot" in meta and rows:
+            paths["png"] = meta["plot"](rows, os.path.join(args.out, f"{suite}.png"))
+        print(report.markdown_table(rows))
+        print("wrote " + ", ".join(paths.values()))
+    return 0

@@ -1,0 +1,153 @@
+"""Timing, memory and report writing shared by every ``rellax-fast bench`` suite.
+
+Timings: CUDA events on the GPU (after a synchronize), ``time.perf_counter`` on the CPU; the median of
+``repeat`` runs after ``warmup`` runs. Peak memory: ``torch.cuda.max_memory_allocated`` on the GPU; on the
+CPU, the growth of the process's peak RSS (a coarse, upper-bound figure; reported as such).
+Reports: one CSV, one Markdown table and optional matplotlib PNGs per suite, written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 10) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak memory of one ``fn()`` call in MiB: CUDA allocator peak above the starting allocation, or,
+    on the CPU, the growth of the process peak RSS (0 when the peak was already higher)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (after - before) / 1024.0
+
+
+def machine_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def environment_line(device: torch.device) -> str:
+    try:
+        from importlib.metadata import version
+
+        triton_v = version("triton")
+    except Exception:
+        triton_v = "none"
+    return (
+        f"{machine_label(device)}; torch {torch.__version__}; CUDA {torch.version.cuda or 'none'}; "
+        f"triton {triton_v}; {_dt.date.today().isoformat()}"
+    )
+
+
+def _atomic_write(path: str, data: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def markdown_table(rows: Sequence[Dict[str, object]], columns: Optional[Sequence[str]] = None) -> str:
+    if not rows:
+        return "(no rows)\n"
+    columns = list(columns or rows[0].keys())
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(rows: List[Dict[str, object]], out_dir: str, name: str, header: str) -> Dict[str, str]:
+    """Write ``<name>.csv`` and ``<name>.md`` under ``out_dir``; return their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    columns: List[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    csv_path = os.path.join(out_dir, f"{name}.csv")
+    md_path = os.path.join(out_dir, f"{name}.md")
+    _atomic_write(csv_path, buf.getvalue())
+    _atomic_write(md_path, f"{header}\n\n{markdown_table(rows, columns)}")
+    return {"csv": csv_path, "md": md_path}
+
+
+def bar_chart(rows: Sequence[Dict[str, object]], out_path: str, label_keys: Sequence[str], value_key: str,
+              group_key: str, title: str) -> str:
+    """One grouped bar chart (matplotlib, Agg): x = the joined ``label_keys``, bars per ``group_key``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(" ".join(str(r[k]) for k in label_keys) for r in rows))
+    groups = list(dict.fromkeys(str(r[group_key]) for r in rows))
+    width = 0.8 / max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4))
+    for gi, g in enumerate(groups):
+        vals = []
+        for lab in labels:
+            match = [r for r in rows if str(r[group_key]) == g and " ".join(str(r[k]) for k in label_keys) == lab]
+            v = match[0].get(value_key) if match else None
+            vals.append(float(v) if isinstance(v, (int, float)) else 0.0)
+        ax.bar([i + gi * width for i in range(len(labels))], vals, width, label=g)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(value_key)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out_path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
