@@ -1,0 +1,207 @@
+"""Foundation: light import, kernels/ never importable as `kernels`, backend routing, info, build flags."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+
+from rellax_fast import _ext
+from rellax_fast.ops import _backend
+from rellax_fast.ops.dropout import seeded_dropout, seeded_dropout_ref
+
+PY = sys.executable
+
+
+def _run(code: str, cwd=REPO, env=None, timeout=240):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([PY, "-c", textwrap.dedent(code)], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_import_is_light():
+    res = _run(
+        """
+        import sys, torch
+        import rellax_fast, rellax_fast.ops, rellax_fast.cli
+        rellax_fast.cli.build_parser()          # every command module is imported by the parser
+        heavy = [m for m in ("triton", "rellax_fast._C", "transformers", "sentence_transformers", "faiss", "peft")
+                 if m in sys.modules]
+        print("HEAVY", heavy)
+        print("CUDA_INIT", torch.cuda.is_initialized())
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY []" in res.stdout, res.stdout
+    assert "CUDA_INIT False" in res.stdout
+
+
+def test_transformers_works_from_repo_root_and_kernels_is_not_a_package():
+    # From the repository root the folder kernels/ is on sys.path as a namespace folder. transformers probes
+    # for the Hugging Face `kernels` package; it must find nothing usable and still build and run a model.
+    res = _run(
+        """
+        import torch, transformers
+        from transformers import BertConfig, BertModel
+        from transformers.utils import import_utils
+        print("KERNELS_AVAILABLE", import_utils.is_kernels_available())
+        cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+        out = BertModel(cfg)(torch.randint(0, 50, (2, 5))).last_hidden_state
+        print("SHAPE", tuple(out.shape))
+        import glob, os, importlib
+        mods = sorted(os.path.basename(p)[:-3] for p in glob.glob("kernels/*.py"))
+        for m in mods:
+            try:
+                importlib.import_module("kernels." + m)
+                print("IMPORTED_AS_TOPLEVEL", m)
+            except ImportError:
+                pass
+        print("CHECKED", len(mods))
+        """
+    )
+    assert res.returncode == 0, res.stderr
+    assert "KERNELS_AVAILABLE False" in res.stdout
+    assert "SHAPE (2, 5, 16)" in res.stdout
+    assert "IMPORTED_AS_TOPLEVEL" not in res.stdout, res.stdout
+
+
+def test_kernel_modules_carry_the_import_guard():
+    for path in sorted((REPO / "kernels").glob("*.py")):
+        head = path.read_text().split("\n\n\n")[0] + path.read_text()[:3000]
+        assert 'if not __name__.startswith("rellax_fast.")' in head, f"{path.name} lacks the import guard"
+
+
+def test_forced_unavailable_backend_says_why(monkeypatch):
+    x = torch.randn(4, 3)
+    with pytest.raises(_backend.BackendUnavailableError, match=r"extension built without CUDA \(torch "):
+        seeded_dropout(x, 0.1, 1, backend="cuda")
+    with pytest.raises(_backend.BackendUnavailableError, match="has no triton implementation"):
+        seeded_dropout(x, 0.1, 1, backend="triton")
+    monkeypatch.setenv("RELLAX_BACKEND", "cuda")
+    with pytest.raises(_backend.BackendUnavailableError, match="RELLAX_BACKEND=cuda is unavailable"):
+        seeded_dropout(x, 0.1, 1)
+    monkeypatch.setenv("RELLAX_BACKEND", "fastest")
+    with pytest.raises(ValueError, match=r"from \$RELLAX_BACKEND"):
+        seeded_dropout(x, 0.1, 1)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        seeded_dropout(x, 0.1, 1, backend="gpu")
+
+
+def test_auto_choice_and_forcing(monkeypatch):
+    monkeypatch.delenv("RELLAX_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    assert _backend.resolve("seeded_dropout", cpu) == "cpp"  # the extension is built in this test setup
+    assert _backend.resolve("seeded_dropout", cpu, "reference") == "reference"
+    monkeypatch.setenv("RELLAX_BACKEND", "reference")
+    assert _backend.resolve("seeded_dropout", cpu) == "reference"
+    assert _backend.resolve("seeded_dropout", cpu, "cpp") == "cpp"  # the argument wins over the variable
+    monkeypatch.setenv("RELLAX_BACKEND", "auto")
+    assert _backend.resolve("seeded_dropout", cpu) == "cpp"
+
+
+def test_triton_availability_follows_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        assert "TRITON_INTERPRET=1" in _backend.why_unavailable("triton", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _backend.why_unavailable("triton", "cpu") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_seeded_dropout_cpp_matches_reference_mask(dtype, p):
+    x = torch.randn(37, 101, dtype=dtype) + 3.0  # never zero, so a dropped element is visible
+    seed = int(torch.randint(0, 2**62, (1,)))
+    got = seeded_dropout(x, p, seed, backend="cpp")
+    ref = seeded_dropout_ref(x.double(), p, seed)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6, atol=0)
+    kept = (got != 0).double().mean().item()
+    assert abs(kept - (1 - p)) < 0.03
+    assert not torch.equal(seeded_dropout(x, p, seed + 1, backend="cpp"), got) or p == 0.0
+
+
+def test_seeded_dropout_gradcheck_opcheck_compile():
+    x = torch.randn(6, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: seeded_dropout(t, 0.3, 99, backend="cpp"), (x,))
+    torch.library.opcheck(torch.ops.rellax_fast.seeded_dropout.default, (x, 0.3, 5))
+    f = torch.compile(lambda t: seeded_dropout(t * 2, 0.3, 123) + 1, fullgraph=True)
+    torch.testing.assert_close(f(x), seeded_dropout_ref(x * 2, 0.3, 123) + 1)
+
+
+def test_seeded_dropout_bad_input():
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\); got 1.0"):
+        seeded_dropout(torch.randn(3), 1.0, 0)
+    with pytest.raises(TypeError, match="x must be a floating tensor; got dtype torch.int64"):
+        seeded_dropout(torch.arange(3), 0.1, 0)
+
+
+def test_info_reports_extension_and_backends():
+    res = subprocess.run([PY, "-m", "rellax_fast.cli", "info"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert f"torch       {torch.__version__}" in out
+    assert "_C          loaded from" in out and "built without CUDA" in out
+    assert "seeded_dropout" in out and "cpp        available" in out
+    assert "cuda       unavailable: extension built without CUDA" in out
+
+
+def test_info_tells_the_truth_without_the_extension(tmp_path):
+    # A RELLAX_BUILD_EXT=0 install is the same files without _C: lay that out and ask it.
+    pkg = tmp_path / "rellax_fast"
+    shutil.copytree(REPO / "rellax_fast", pkg, symlinks=False, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    assert not list(pkg.glob("_C*"))
+    # drop the editable-install finder, which would otherwise find the checkout's _C next to the copy
+    no_editable = "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+    res = subprocess.run([PY, "-c", no_editable + "import runpy; runpy.run_module('rellax_fast.cli', run_name='__main__')",
+                          "info"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert "_C          not loaded: rellax_fast._C is not built" in res.stdout
+    assert "cpp        unavailable: rellax_fast._C is not built" in res.stdout
+    assert "reference  available" in res.stdout
+    res = subprocess.run(
+        [PY, "-c", no_editable + "import torch, rellax_fast.ops as o; o.seeded_dropout(torch.ones(2), 0.5, 1, backend='cpp')"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert res.returncode != 0 and "backend='cpp' is unavailable: rellax_fast._C is not built" in res.stderr
+
+
+def test_setup_py_build_ext_flag_zero_builds_nothing(tmp_path):
+    env = {**os.environ, "RELLAX_BUILD_EXT": "0"}
+    res = subprocess.run([PY, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                          "--build-temp", str(tmp_path / "tmp")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "pure-Python install without rellax_fast._C" in res.stdout
+    assert not list((tmp_path).rglob("_C*.so"))
+
+
+def test_setup_py_failed_build_names_the_escape_hatch(tmp_path):
+    env = {**os.environ, "RELLAX_BUILD_EXT": "1", "CC": "false", "CXX": "false", "MAX_JOBS": "1"}
+    res = subprocess.run([PY, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                          "--build-temp", str(tmp_path / "tmp")], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode != 0
+    assert "RELLAX_BUILD_EXT=0" in res.stdout + res.stderr
+    assert not list((tmp_path).rglob("_C*.so"))
+
+
+def test_setup_py_rejects_bad_flag_values():
+    res = subprocess.run([PY, "setup.py", "--version"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "RELLAX_BUILD_CUDA": "yes"})
+    assert res.returncode != 0 and "RELLAX_BUILD_CUDA must be auto, 0 or 1; got 'yes'" in res.stderr
+
+
+def test_lazy_loader_state_is_consistent():
+    mod = _ext.load()
+    assert mod is not None and _ext.load_error() is None
+    assert mod.with_cuda() is False and _ext.cuda_archs() == ""
+    assert Path(mod.__file__).name.startswith("_C")
