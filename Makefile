@@ -27,7 +27,8 @@ $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=23" setuptools wheel pybind11 ninja
 	$(PIP) install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PIP) install -q --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	# editable install of the Python package; _C is built in place by the `install` target (one build, not two)
+	RELLAX_BUILD_EXT=0 $(PIP) install -q --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	touch $@
 
 # (Re)build rellax_fast._C in place; ninja makes this incremental.

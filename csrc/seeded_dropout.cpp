@@ -1,5 +1,5 @@
 // rellax_fast::seeded_dropout — inverted dropout whose mask is the shared hash of (seed, flat index).
-// CPU kernel here; CUDA kernel in seeded_dropout.cu. The CFLoRA kernels apply the same mask inline.
+// CPU kernel here; CUDA kernel in seeded_dropout_cuda.cu. The CFLoRA kernels apply the same mask inline.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
