@@ -1,0 +1,327 @@
+"""The conventional CTR model of ReLLaX: a compact Deep Interest Network (DIN, Zhou et al., KDD 2018).
+
+It owns the DIN module, the padded history arrays it reads, its training loop (progress bar, early
+stopping on the validation split, then frozen), its evaluation and its save/load.
+
+ReLLaX uses the frozen DIN three ways:
+  * ``item_embeddings()``: the item-embedding table, the input of the SPA projector;
+  * ``features(...)["h"]``: the pre-logit vector h, the per-sample conditioning of CFLoRA;
+  * its own AUC / LogLoss: the conventional baseline ("DIN alone") in the ablation table.
+
+Why not a library DIN: torch-rechub 0.9 (``models.ranking.DIN``) and deepctr-torch 0.3 (``models.DIN``)
+both return only ``sigmoid(logit)``; the pre-logit vector sits inside their final MLP and can only be
+reached with forward hooks, neither masks padded history positions inside the attention pooling in a way
+we can feed from packed offsets, neither has rating-aware behaviour embeddings, and both drive training
+through their own feature-column dictionaries and ``fit`` loops. The model below is ~60 lines, reads the
+packed (offsets, items, ratings) history directly, and exposes h and the item table as plain tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+N_RATING_BUCKETS = 22  # ratings are bucketed as round(2 * rating) in 0..20 (+1 shift, 0 = padding)
+
+
+@dataclass
+class DINConfig:
+    n_items: int
+    n_users: int = 0  # 0: no user-id embedding
+    embed_dim: int = 32
+    attention_hidden: int = 36
+    mlp_hidden: Sequence[int] = (128, 64)  # the last width is the size of h
+    dropout: float = 0.1
+    max_history: int = 50
+
+    @property
+    def h_dim(self) -> int:
+        return int(self.mlp_hidden[-1])
+
+
+@dataclass
+class DINTrainConfig:
+    epochs: int = 12
+    batch_size: int = 1024
+    lr: float = 2e-3
+    weight_decay: float = 1e-6
+    patience: int = 2  # early stopping on validation AUC
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class DINReport:
+    best_epoch: int
+    history: List[Dict[str, float]] = field(default_factory=list)
+    valid: Dict[str, float] = field(default_factory=dict)
+    test: Dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+
+def history_arrays(
+    offsets: np.ndarray,
+    seq_items: np.ndarray,
+    seq_ratings: np.ndarray,
+    user_index: np.ndarray,
+    pos: np.ndarray,
+    max_len: int,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The last ``max_len`` behaviours before each sample's target, right-aligned (most recent last).
+
+    ``seq_items`` must already hold item *indices* (0..n_items-1). Returns (items, ratings) of shape
+    (S, max_len): items are index+1 with 0 for padding; ratings are float with 0 at padding.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    user_index = np.asarray(user_index, dtype=np.int64)
+    pos = np.asarray(pos, dtype=np.int64)
+    if user_index.shape != pos.shape or user_index.ndim != 1:
+        raise ValueError(f"user_index and pos must be 1-D of equal length, got {user_index.shape} and {pos.shape}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    start = offsets[user_index]
+    end = start + pos
+    if np.any(end > offsets[user_index + 1]):
+        raise ValueError("pos runs past the end of a user's sequence")
+    idx = end[:, None] - max_len + np.arange(max_len)[None, :]
+    valid = idx >= start[:, None]
+    idx = np.where(valid, idx, 0)
+    items = np.where(valid, np.asarray(seq_items, dtype=np.int64)[idx] + 1, 0)
+    ratings = np.where(valid, np.asarray(seq_ratings, dtype=np.float32)[idx], 0.0).astype(np.float32)
+    return items, ratings
+
+
+@dataclass
+class CTRArrays:
+    """Everything DIN reads for one split, as tensors (item/user indices are 0-based here)."""
+
+    hist_items: torch.Tensor  # (S, L) int64, index+1, 0 = pad
+    hist_ratings: torch.Tensor  # (S, L) float32
+    target: torch.Tensor  # (S,) int64 item index
+    user: torch.Tensor  # (S,) int64 user index
+    label: torch.Tensor  # (S,) float32 in {0, 1}
+
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+    def batch(self, idx: torch.Tensor) -> CTRArrays:
+        return CTRArrays(self.hist_items[idx], self.hist_ratings[idx], self.target[idx], self.user[idx], self.label[idx])
+
+
+def make_arrays(offsets, seq_items, seq_ratings, user_index, pos, target_item, label, max_len: int) -> CTRArrays:
+    items, ratings = history_arrays(offsets, seq_items, seq_ratings, user_index, pos, max_len)
+    return CTRArrays(
+        hist_items=torch.from_numpy(items),
+        hist_ratings=torch.from_numpy(ratings),
+        target=torch.from_numpy(np.array(target_item, dtype=np.int64)),
+        user=torch.from_numpy(np.array(user_index, dtype=np.int64)),
+        label=torch.from_numpy(np.array(label, dtype=np.float32)),
+    )
+
+
+# ------------------------------------------------------------------------------------------- model
+
+
+class ActivationUnit(nn.Module):
+    """DIN's target attention: score(t, h) = MLP([t, h, t - h, t * h]), un-normalised, padding masked."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4 * dim, hidden), nn.PReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, history: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        t = target.unsqueeze(1).expand_as(history)
+        w = self.mlp(torch.cat([t, history, t - history, t * history], dim=-1)).squeeze(-1)  # (B, L)
+        w = w * mask
+        return torch.einsum("bl,bld->bd", w, history)
+
+
+class DIN(nn.Module):
+    """Item + rating-aware behaviour embeddings, target attention, MLP -> h -> logit."""
+
+    def __init__(self, config: DINConfig):
+        super().__init__()
+        self.config = config
+        e = config.embed_dim
+        self.item_embedding = nn.Embedding(config.n_items + 1, e, padding_idx=0)
+        self.rating_embedding = nn.Embedding(N_RATING_BUCKETS, e, padding_idx=0)
+        self.user_embedding = nn.Embedding(config.n_users, e) if config.n_users > 0 else None
+        self.attention = ActivationUnit(e, config.attention_hidden)
+        in_dim = e * (4 if self.user_embedding is not None else 3)
+        layers: List[nn.Module] = []
+        for width in config.mlp_hidden:
+            layers += [nn.Linear(in_dim, width), nn.PReLU(width), nn.Dropout(config.dropout)]
+            in_dim = width
+        self.mlp = nn.Sequential(*layers)
+        self.out = nn.Linear(in_dim, 1)
+        nn.init.normal_(self.item_embedding.weight, std=0.05)
+        nn.init.normal_(self.rating_embedding.weight, std=0.05)
+        if self.user_embedding is not None:
+            nn.init.normal_(self.user_embedding.weight, std=0.05)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+            self.rating_embedding.weight[0].zero_()
+
+    @staticmethod
+    def rating_bucket(ratings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, (ratings * 2).round().long().clamp(0, N_RATING_BUCKETS - 2) + 1, 0)
+
+    def hidden(self, batch: CTRArrays) -> torch.Tensor:
+        """The pre-logit vector h, shape (B, h_dim)."""
+        mask = batch.hist_items > 0
+        hist = self.item_embedding(batch.hist_items) + self.rating_embedding(self.rating_bucket(batch.hist_ratings, mask))
+        target = self.item_embedding(batch.target + 1)
+        pooled = self.attention(hist, target, mask.to(hist.dtype))
+        parts = [pooled, target, pooled * target]
+        if self.user_embedding is not None:
+            parts.append(self.user_embedding(batch.user.clamp(0, self.config.n_users - 1)))
+        return self.mlp(torch.cat(parts, dim=-1))
+
+    def forward(self, batch: CTRArrays) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns (logit (B,), h (B, h_dim))."""
+        h = self.hidden(batch)
+        return self.out(h).squeeze(-1), h
+
+    def item_embeddings(self) -> torch.Tensor:
+        """The item table (n_items, embed_dim), row i = item index i (padding row dropped)."""
+        return self.item_embedding.weight[1:].detach()
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+@torch.no_grad()
+def predict(model: DIN, data: CTRArrays, batch_size: int = 4096, with_h: bool = False):
+    """Returns p(click) (S,) and, if asked, h (S, h_dim), in eval mode."""
+    was_training = model.training
+    model.eval()
+    probs, hs = [], []
+    for start in range(0, len(data), batch_size):
+        b = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        logit, h = model(b)
+        probs.append(torch.sigmoid(logit))
+        if with_h:
+            hs.append(h)
+    model.train(was_training)
+    p = torch.cat(probs) if probs else torch.zeros(0)
+    if with_h:
+        return p, (torch.cat(hs) if hs else torch.zeros(0, model.config.h_dim))
+    return p
+
+
+def train_din(
+    config: DINConfig,
+    train: CTRArrays,
+    valid: CTRArrays,
+    test: Optional[CTRArrays] = None,
+    train_config: Optional[DINTrainConfig] = None,
+) -> Tuple[DIN, DINReport]:
+    """Train DIN on the whole training split with early stopping on validation AUC; return it frozen."""
+    from tqdm.auto import tqdm
+
+    from rellax_fast.train.metrics import ctr_metrics
+
+    tc = train_config or DINTrainConfig()
+    if len(train) == 0 or len(valid) == 0:
+        raise ValueError(f"DIN needs non-empty train and valid splits, got {len(train)} and {len(valid)} samples")
+    gen = torch.Generator().manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    model = DIN(config)
+    opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    best_auc, best_state, best_epoch, bad = -math.inf, None, -1, 0
+    report = DINReport(best_epoch=-1)
+    steps = math.ceil(len(train) / tc.batch_size)
+    for epoch in range(tc.epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=gen)
+        total = 0.0
+        bar = tqdm(range(steps), desc=f"DIN epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress, leave=False)
+        for step in bar:
+            b = train.batch(order[step * tc.batch_size : (step + 1) * tc.batch_size])
+            logit, _ = model(b)
+            loss = loss_fn(logit, b.label)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(b)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.close()
+        val = ctr_metrics(valid.label.numpy(), predict(model, valid).numpy())
+        report.history.append({"epoch": epoch + 1, "train_loss": total / len(train), **{f"valid_{k}": v for k, v in val.items()}})
+        if tc.progress:
+            print(f"DIN epoch {epoch + 1}: train loss {total / len(train):.4f}  valid AUC {val['auc']:.4f}  LogLoss {val['logloss']:.4f}")
+        if val["auc"] > best_auc + 1e-5:
+            best_auc, best_state, best_epoch, bad = val["auc"], copy.deepcopy(model.state_dict()), epoch + 1, 0
+        else:
+            bad += 1
+            if bad >= tc.patience:
+                break
+    model.load_state_dict(best_state)
+    freeze(model)
+    report.best_epoch = best_epoch
+    report.valid = ctr_metrics(valid.label.numpy(), predict(model, valid).numpy())
+    if test is not None and len(test):
+        report.test = ctr_metrics(test.label.numpy(), predict(model, test).numpy())
+    return model, report
+
+
+def freeze(model: DIN) -> DIN:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+
+def save_din(model: DIN, path, extra: Optional[dict] = None) -> Path:
+    """Write ``din.safetensors`` + ``din.json`` into the folder ``path`` atomically (temp file + os.replace)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"config": {**asdict(model.config), "mlp_hidden": list(model.config.mlp_hidden)}, **(extra or {})}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path, suffix=".tmp")
+    os.close(fd)
+    save_file(tensors, tmp)
+    os.replace(tmp, path / "din.safetensors")
+    atomic_write_text(path / "din.json", json.dumps(meta, indent=2))
+    return path
+
+
+def load_din(path) -> Tuple[DIN, dict]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "din.json").exists() or not (path / "din.safetensors").exists():
+        raise FileNotFoundError(f"no DIN checkpoint in {path} (expected din.json and din.safetensors; run `rellax-fast train-ctr`)")
+    meta = json.loads((path / "din.json").read_text())
+    cfg = dict(meta["config"])
+    cfg["mlp_hidden"] = tuple(cfg["mlp_hidden"])
+    model = DIN(DINConfig(**cfg))
+    model.load_state_dict(load_file(str(path / "din.safetensors")))
+    return freeze(model), meta
+
+
+def atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
