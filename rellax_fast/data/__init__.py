@@ -1,1 +1,55 @@
-"""Datasets, splits, prompt templates, tokenisation and collation."""
+"""Datasets, splits, prompt templates, tokenisation and collation.
+
+- :mod:`.datasets`: ``load_dataset(name)`` -> :class:`RecDataset` (ratings, items, users) from each dataset's
+  published format; :mod:`.download`: official sources, checksums, atomic download;
+  :mod:`.synthetic`: the embedded generated dataset.
+- :mod:`.ctr`: the paper's labels and splits as columnar :class:`UserSequences` + :class:`CTRSplit`
+  (``prepare_ctr``, ``save_prepared``, ``load_prepared``).
+- :mod:`.prompts`: per-domain prompt templates with SPA placeholders, and the ReiT mixed training set.
+- :mod:`.collate`: tokenisation and dynamic-padding collation for causal and encoder backbones.
+
+Names are resolved lazily so that importing this package (e.g. from the CLI) stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "RecDataset": ".datasets",
+    "DataFormatError": ".datasets",
+    "load_dataset": ".datasets",
+    "default_data_dir": ".datasets",
+    "DATASETS": ".datasets",
+    "DatasetNotFoundError": ".download",
+    "ChecksumError": ".download",
+    "make_synthetic": ".synthetic",
+    "UserSequences": ".ctr",
+    "CTRSplit": ".ctr",
+    "CTRData": ".ctr",
+    "prepare_ctr": ".ctr",
+    "save_prepared": ".ctr",
+    "load_prepared": ".ctr",
+    "build_sequences": ".ctr",
+    "label_of": ".ctr",
+    "Prompt": ".prompts",
+    "render_prompt": ".prompts",
+    "apply_chat": ".prompts",
+    "mix_recent_and_retrieved": ".prompts",
+    "PromptCollator": ".collate",
+    "PromptSample": ".collate",
+    "yes_no_token_ids": ".collate",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'rellax_fast.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__
