@@ -89,7 +89,7 @@ class CTRSplit:
         start = int(self.sequences.offsets[self.user_index[i]])
         return self.sequences.timestamps[start : start + int(self.pos[i])]
 
-    def subset(self, index) -> "CTRSplit":
+    def subset(self, index) -> CTRSplit:
         index = np.asarray(index)
         return CTRSplit(
             self.sequences, *(getattr(self, n)[index] for n in

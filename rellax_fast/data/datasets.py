@@ -214,7 +214,7 @@ def _split_genres(values: pd.Series) -> list:
 # ----------------------------------------------------------------------------------------------- MovieLens
 
 
-def load_ml100k(data_dir: Path) -> "RecDataset":
+def load_ml100k(data_dir: Path) -> RecDataset:
     data_dir = Path(data_dir)
     p = data_dir / "u.data"
     df = _parse_table(p, _read_text(p, "latin-1"), "\t", ["u", "i", "r", "t"], header=False)
@@ -285,7 +285,7 @@ def _dat(path: Path, names: Sequence[str]) -> pd.DataFrame:
     return df
 
 
-def load_ml1m(data_dir: Path) -> "RecDataset":
+def load_ml1m(data_dir: Path) -> RecDataset:
     data_dir = Path(data_dir)
     p = data_dir / "ratings.dat"
     df = _dat(p, ["u", "i", "r", "t"])
@@ -319,7 +319,7 @@ def load_ml1m(data_dir: Path) -> "RecDataset":
     return RecDataset("ml-1m", "movie", ratings, items, users)
 
 
-def load_movielens_csv(data_dir: Path, name: str) -> "RecDataset":
+def load_movielens_csv(data_dir: Path, name: str) -> RecDataset:
     """ml-20m / ml-25m / ml-latest-small: ratings.csv + movies.csv (UTF-8, header, quoted titles)."""
     data_dir = Path(data_dir)
     p = data_dir / "ratings.csv"
@@ -360,7 +360,7 @@ def _bx(path: Path, names: Sequence[str]) -> pd.DataFrame:
     return df
 
 
-def load_bookcrossing(data_dir: Path) -> "RecDataset":
+def load_bookcrossing(data_dir: Path) -> RecDataset:
     data_dir = Path(data_dir)
     p = data_dir / "BX-Book-Ratings.csv"
     df = _bx(p, ["u", "isbn", "r"])
