@@ -1,1 +1,60 @@
-"""CFLoRA config, layers, interaction generators, inject/merge/save/load and HF hooks."""
+"""CFLoRA config, layers, interaction generators, inject/merge/save/load and HF hooks.
+
+Typical use (any Hugging Face model)::
+
+    from rellax_fast import CFLoRAConfig, inject_cflora, cflora_condition
+    inject_cflora(model, CFLoRAConfig(r=8, alpha=16, interaction="full", cond_dim=64,
+                                      target_modules=["q_proj", "v_proj"]))
+    with cflora_condition(model, cond):          # cond: (batch, 64)
+        loss = model(**batch).loss
+    loss.backward()
+"""
+
+from .config import INTERACTIONS, CFLoRAConfig
+from .interaction import (
+    FullInteraction,
+    InteractionGenerator,
+    MoEInteraction,
+    RecRank1Interaction,
+    StaticInteraction,
+    build_interaction,
+)
+from .layers import CFLoRALinear
+from .model import (
+    cflora_condition,
+    cflora_layers,
+    cflora_trainable_parameters,
+    clear_cflora_condition,
+    get_cflora_config,
+    inject_cflora,
+    merge_cflora,
+    set_cflora_backend,
+    unmerge_cflora,
+)
+from .persistence import cflora_state_dict, export_peft_lora, load_cflora, load_peft_lora, save_cflora
+
+__all__ = [
+    "INTERACTIONS",
+    "CFLoRAConfig",
+    "CFLoRALinear",
+    "InteractionGenerator",
+    "StaticInteraction",
+    "FullInteraction",
+    "MoEInteraction",
+    "RecRank1Interaction",
+    "build_interaction",
+    "inject_cflora",
+    "cflora_condition",
+    "clear_cflora_condition",
+    "cflora_layers",
+    "cflora_trainable_parameters",
+    "get_cflora_config",
+    "set_cflora_backend",
+    "merge_cflora",
+    "unmerge_cflora",
+    "save_cflora",
+    "load_cflora",
+    "cflora_state_dict",
+    "load_peft_lora",
+    "export_peft_lora",
+]

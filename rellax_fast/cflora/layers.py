@@ -1,0 +1,208 @@
+"""CFLoRALinear: the layer that replaces an ``nn.Linear`` or transformers ``Conv1D`` in place.
+
+The layer keeps the wrapped module's ``weight`` and ``bias`` Parameters under the same names (so the
+base model's state-dict keys are unchanged) and adds ``lora_A`` (r, d_in), ``lora_B`` (d_out, r) and the
+``interaction`` generator. Its forward is one call of :func:`rellax_fast.ops.cflora_linear`, which
+routes to the fastest backend.
+
+Conditioning: :func:`rellax_fast.cflora.cflora_condition` puts one :class:`ConditionSlot` on every layer
+of a model. The slot stays on the layers after the ``with`` block exits, marked inactive, so that the
+recomputation of gradient checkpointing (which runs inside ``backward()``, usually after the block has
+exited) sees the same cond; outside a backward pass an inactive slot is an error, never a silent
+identity. The slot lives on the module instances (no global state), so DDP replicas are independent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.cflora import cflora_linear
+from .config import CFLoRAConfig
+from .interaction import InteractionGenerator, build_interaction
+
+
+class ConditionSlot:
+    """The per-sample conditioning vectors (B, cond_dim) shared by the CFLoRA layers of one model."""
+
+    __slots__ = ("cond", "active")
+
+    def __init__(self, cond: torch.Tensor):
+        self.cond = cond
+        self.active = True
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D (weight (d_in, d_out)); checked by class name so that importing
+    # this module never imports transformers
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def supported_base(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class CFLoRALinear(nn.Module):
+    """``y = x Wᵀ + b + s·((drop(x) Aᵀ) C_uᵀ) Bᵀ`` around the frozen weight of the wrapped module."""
+
+    def __init__(self, base: nn.Module, config: CFLoRAConfig, name: str = ""):
+        super().__init__()
+        if not supported_base(base):
+            raise TypeError(
+                f"CFLoRA can wrap nn.Linear or transformers Conv1D; {name or 'module'} is {type(base).__name__}"
+            )
+        self.fan_in_fan_out = _is_conv1d(base)
+        weight = base.weight
+        if self.fan_in_fan_out:
+            d_in, d_out = weight.shape
+            self.nx, self.nf = d_in, d_out  # Conv1D's attribute names
+        else:
+            d_out, d_in = weight.shape
+        r = config.r
+        if r > min(d_in, d_out):
+            raise ValueError(
+                f"CFLoRA rank r={r} exceeds min(d_in, d_out)={min(d_in, d_out)} of {name or 'module'} "
+                f"(d_in={d_in}, d_out={d_out}); lower CFLoRAConfig.r or exclude this module"
+            )
+        self.in_features, self.out_features = d_in, d_out
+        self.layer_name = name
+        self.cflora_config = config
+        self.r = r
+        self.scale = config.scale
+        self.dropout_p = float(config.dropout)
+        self.backend = config.backend
+        self.merged = False
+        self._cflora_slot: Optional[ConditionSlot] = None
+        # the wrapped module's own Parameters, under the same names
+        self.weight = weight
+        if base.bias is not None:
+            self.bias = base.bias
+        else:
+            self.register_parameter("bias", None)
+        kw = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
+        self.lora_B = nn.Parameter(torch.empty(d_out, r, **kw))
+        self.interaction: Optional[InteractionGenerator] = build_interaction(config, **kw)
+        self.reset_lora_parameters(config.init_lora)
+
+    # ------------------------------------------------------------------ init
+    def reset_lora_parameters(self, init: str = "kaiming") -> None:
+        """PEFT's LoRA init: A Kaiming-uniform (a=√5, as nn.Linear), B = 0 - a fresh adapter is a no-op."""
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if init == "random":
+                nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(self.lora_B)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def needs_cond(self) -> bool:
+        return self.interaction is not None and self.interaction.needs_cond
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The base weight as (d_out, d_in): a transposed view for Conv1D (no copy)."""
+        return self.weight.t() if self.fan_in_fan_out else self.weight
+
+    def _condition(self) -> torch.Tensor:
+        slot = self._cflora_slot
+        if slot is not None and (slot.active or _in_backward()):
+            # inactive but inside backward: the recomputation of gradient checkpointing
+            return slot.cond
+        raise RuntimeError(
+            f"CFLoRA layer {self.layer_name or '?'} (interaction {self.cflora_config.interaction!r}) needs "
+            "per-sample conditioning: run the model inside `with rellax_fast.cflora_condition(model, cond):` "
+            "with cond of shape (batch, cond_dim)"
+        )
+
+    def interaction_matrix(self, batch: Optional[int] = None) -> Optional[torch.Tensor]:
+        """C for this forward: None (identity), (r, r) shared, or (batch, r, r) per sample.
+
+        When the model's batch is a multiple of cond's batch (``generate()`` with beams or
+        ``num_return_sequences`` repeats every sample consecutively), C is repeated to match.
+        """
+        gen = self.interaction
+        if gen is None:
+            return None
+        if not gen.needs_cond:
+            return gen()
+        c = gen(self._condition())
+        n_cond = c.shape[0]
+        if batch is not None and batch != n_cond:
+            if n_cond == 0 or batch % n_cond != 0:
+                raise ValueError(
+                    f"CFLoRA layer {self.layer_name or '?'}: the input batch is {batch} but cond has "
+                    f"{n_cond} rows; the batch must equal cond's, or be a multiple of it (generate() with "
+                    "num_beams / num_return_sequences repeats each sample consecutively)"
+                )
+            c = c.repeat_interleave(batch // n_cond, dim=0)
+        return c
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B C A as (d_out, d_in) in float32 (shared C only)."""
+        gen = self.interaction
+        if gen is not None and not gen.mergeable:
+            raise RuntimeError(
+                f"CFLoRA layer {self.layer_name or '?'}: interaction {gen.kind!r} gives a per-sample C, so "
+                "ΔW differs per sample and cannot be merged into W; only identity and static merge"
+            )
+        a = self.lora_A.detach().float()
+        b = self.lora_B.detach().float()
+        if gen is not None:
+            b = b @ gen().detach().float()
+        return self.scale * (b @ a)
+
+    # ------------------------------------------------------------------ merge
+    def merge(self) -> None:
+        if self.merged:
+            raise RuntimeError(f"CFLoRA layer {self.layer_name or '?'} is already merged")
+        delta = self.delta_weight()
+        with torch.no_grad():
+            w = self.weight_out_in()
+            w.copy_((w.float() + delta).to(w.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError(f"CFLoRA layer {self.layer_name or '?'} is not merged")
+        delta = self.delta_weight()
+        with torch.no_grad():
+            w = self.weight_out_in()
+            w.copy_((w.float() - delta).to(w.dtype))
+        self.merged = False
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_out_in()
+        if self.merged:
+            return F.linear(x, weight, self.bias)
+        c = self.interaction_matrix(x.shape[0] if x.dim() >= 2 else None)
+        if c is not None and c.dtype != x.dtype:
+            c = c.to(x.dtype)
+        return cflora_linear(
+            x, weight, self.bias, self.lora_A, self.lora_B, c,
+            scale=self.scale,
+            dropout_p=self.dropout_p if self.training else 0.0,
+            seed=None,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        kind = self.cflora_config.interaction
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"scale={self.scale:g}, dropout={self.dropout_p:g}, interaction={kind!r}, "
+            f"conv1d={self.fan_in_fan_out}, merged={self.merged}"
+        )

@@ -1,0 +1,132 @@
+"""CFLoRAConfig validation and JSON round-trip; each interaction generator's structure and init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rellax_fast.cflora import (
+    CFLoRAConfig,
+    FullInteraction,
+    MoEInteraction,
+    RecRank1Interaction,
+    StaticInteraction,
+    build_interaction,
+)
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = CFLoRAConfig(r=6, alpha=3.0, dropout=0.1, target_modules=["q_proj", "v_proj"], interaction="moe",
+                       cond_dim=11, n_experts=3, generator_hidden=17, generator_init_std=0.01,
+                       init_lora="gaussian", train_lora=False, train_interaction=True, backend="reference")
+    assert CFLoRAConfig.from_json(cfg.to_json()) == cfg
+    cfg.save(tmp_path / "c.json")
+    assert CFLoRAConfig.load(tmp_path / "c.json") == cfg
+    assert cfg.scale == 0.5 and cfg.hidden == 17
+    assert CFLoRAConfig(r=4).hidden == 32  # default 2 r²
+    regex = CFLoRAConfig(target_modules=r".*\.(q|v)_proj")
+    assert CFLoRAConfig.from_json(regex.to_json()) == regex
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"r": 0}, "r must be a positive int"),
+        ({"alpha": -1}, "alpha"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"target_modules": []}, "target_modules"),
+        ({"interaction": "dense"}, "interaction must be one of"),
+        ({"interaction": "full"}, "cond_dim"),
+        ({"interaction": "moe", "cond_dim": 4, "r": 6, "n_experts": 4}, "n_experts to divide r"),
+        ({"init_lora": "zeros"}, "init_lora"),
+        ({"backend": "gpu"}, "backend"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        CFLoRAConfig(**kwargs)
+
+
+def test_config_rejects_unknown_json_keys():
+    with pytest.raises(ValueError, match="unknown keys"):
+        CFLoRAConfig.from_dict({"r": 4, "rank": 4})
+
+
+def _randomise(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.5)
+
+
+R, COND, N = 8, 5, 4
+
+
+def test_identity_has_no_generator():
+    assert build_interaction(CFLoRAConfig(r=R, interaction="identity")) is None
+
+
+def test_static_is_one_shared_matrix_starting_at_identity():
+    gen = build_interaction(CFLoRAConfig(r=R, interaction="static"))
+    assert isinstance(gen, StaticInteraction) and gen.mergeable and not gen.needs_cond
+    assert torch.equal(gen(), torch.eye(R))
+    _randomise(gen)
+    assert gen().shape == (R, R) and gen(torch.randn(3, COND)).shape == (R, R)
+
+
+def test_full_starts_exactly_at_identity_and_is_dense_per_sample():
+    gen = build_interaction(CFLoRAConfig(r=R, interaction="full", cond_dim=COND))
+    assert isinstance(gen, FullInteraction) and gen.needs_cond and not gen.mergeable
+    assert gen.fc1.out_features == 2 * R * R and gen.fc2.out_features == R * R
+    cond = torch.randn(3, COND) * 10
+    assert torch.equal(gen(cond), torch.eye(R).expand(3, R, R))
+    _randomise(gen)
+    c = gen(cond)
+    assert c.shape == (3, R, R)
+    assert not torch.allclose(c[0], c[1])  # per sample
+    assert (c.abs() > 1e-6).float().mean() > 0.95  # dense: no structural zeros
+    # matches the documented architecture LayerNorm -> Linear -> GELU -> Linear
+    expected = gen.fc2(torch.nn.functional.gelu(gen.fc1(gen.norm(cond)))).view(3, R, R)
+    torch.testing.assert_close(c, expected)
+
+
+def test_moe_is_block_diagonal_scaled_gates():
+    gen = build_interaction(CFLoRAConfig(r=R, interaction="moe", cond_dim=COND, n_experts=N))
+    assert isinstance(gen, MoEInteraction)
+    cond = torch.randn(5, COND)
+    assert torch.equal(gen(cond), torch.eye(R).expand(5, R, R))  # uniform gates give I
+    _randomise(gen)
+    c = gen(cond)
+    g = torch.softmax(gen.gate(gen.norm(cond)), dim=-1)
+    k = R // N
+    expected = torch.stack([torch.kron(torch.diag(N * g[b]), torch.eye(k)) for b in range(5)])
+    torch.testing.assert_close(c, expected)
+    # block e is g_e·I: off-block and off-diagonal entries are exactly 0
+    assert torch.equal(c * (1 - torch.eye(R)), torch.zeros_like(c))
+    torch.testing.assert_close(c.diagonal(dim1=1, dim2=2).sum(-1) / k, torch.full((5,), float(N)))
+    assert not torch.allclose(c[0], c[1])
+
+
+def test_recrank1_is_outer_product_kron_identity():
+    gen = build_interaction(CFLoRAConfig(r=R, interaction="recrank1", cond_dim=COND, n_experts=N))
+    assert isinstance(gen, RecRank1Interaction)
+    cond = torch.randn(4, COND)
+    k = R // N
+    # uniform weights: the averaging projector (1/n) 11ᵀ ⊗ I_k
+    projector = torch.kron(torch.full((N, N), 1.0 / N), torch.eye(k))
+    torch.testing.assert_close(gen(cond), projector.expand(4, R, R))
+    _randomise(gen)
+    c = gen(cond)
+    w = torch.softmax(gen.gate(gen.norm(cond)), dim=-1)
+    assert torch.all(w > 0) and torch.allclose(w.sum(-1), torch.ones(4))
+    expected = torch.stack([torch.kron(N * torch.outer(w[b], w[b]), torch.eye(k)) for b in range(4)])
+    torch.testing.assert_close(c, expected)
+    assert all(int(torch.linalg.matrix_rank(c[b])) == k for b in range(4))
+
+
+@pytest.mark.parametrize("kind", ["full", "moe", "recrank1"])
+def test_conditioned_generators_reject_missing_or_bad_cond(kind):
+    gen = build_interaction(CFLoRAConfig(r=R, interaction=kind, cond_dim=COND, n_experts=N))
+    with pytest.raises(RuntimeError, match="needs a conditioning vector"):
+        gen(None)
+    with pytest.raises(ValueError, match=r"cond must have shape \(batch, 5\)"):
+        gen(torch.randn(3, COND + 1))
