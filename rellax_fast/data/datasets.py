@@ -147,10 +147,10 @@ def _line_of(df: pd.DataFrame, row: int, header: bool) -> int:
     return int(row) + 1 + int(header)
 
 
-def _require(path: Path, df: pd.DataFrame, cols: Sequence[str], header: bool) -> None:
-    """Every listed column must be present (not missing) on every row."""
+def _require(path: Path, df: pd.DataFrame, cols: Sequence[str], header: bool, nonempty: bool = False) -> None:
+    """Every listed column must be present (and, with ``nonempty``, not empty) on every row."""
     for col in cols:
-        bad = df[col].isna().to_numpy()
+        bad = (df[col].isna() | (df[col] == "")).to_numpy() if nonempty else df[col].isna().to_numpy()
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise DataFormatError(
@@ -168,9 +168,13 @@ def _numeric(path: Path, df: pd.DataFrame, col: str, header: bool, kind: str = "
         bad = arr != np.round(arr)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataFormatError(
-            f"{path}: line {_line_of(df, row, header)}: field {col!r} is not a valid {kind}: {df[col].iloc[row]!r}"
-        )
+        value = df[col].iloc[row]
+        if value == "":
+            raise DataFormatError(
+                f"{path}: line {_line_of(df, row, header)}: missing field {col!r} (empty: wrong number of "
+                f"fields or truncated line)"
+            )
+        raise DataFormatError(f"{path}: line {_line_of(df, row, header)}: field {col!r} is not a valid {kind}: {value!r}")
     return arr.astype(np.int64) if kind == "int" else arr
 
 
@@ -237,6 +241,7 @@ def load_ml100k(data_dir: Path) -> RecDataset:
     cols = ["item_id", "title", "release", "video", "url", *[f"g{k}" for k in range(len(genre_names))]]
     df = _parse_table(p, _read_text(p, "latin-1"), "|", cols, header=False)
     _require(p, df, cols, False)
+    _require(p, df, ["title"], False, nonempty=True)
     ids = _numeric(p, df, "item_id", False)
     flags = np.stack([_numeric(p, df, f"g{k}", False) for k in range(len(genre_names))], axis=1)
     if not np.isin(flags, (0, 1)).all():
@@ -295,6 +300,7 @@ def load_ml1m(data_dir: Path) -> RecDataset:
 
     p = data_dir / "movies.dat"
     df = _dat(p, ["item_id", "title", "genres"])
+    _require(p, df, ["title", "genres"], False, nonempty=True)
     items = pd.DataFrame(
         {"title": df["title"].to_numpy(), "genres": _split_genres(df["genres"])},
         index=pd.Index(_numeric(p, df, "item_id", False), name="item_id"),
@@ -335,7 +341,7 @@ def load_movielens_csv(data_dir: Path, name: str) -> RecDataset:
     text = _read_text(p, "utf-8")
     _expect_header(p, text, "movieId,title,genres")
     df = _parse_table(p, text, ",", ["item_id", "title", "genres"], header=True, quoting=csv.QUOTE_MINIMAL)
-    _require(p, df, ["item_id", "title", "genres"], True)
+    _require(p, df, ["item_id", "title", "genres"], True, nonempty=True)
     items = pd.DataFrame(
         {"title": df["title"].to_numpy(), "genres": _split_genres(df["genres"])},
         index=pd.Index(_numeric(p, df, "item_id", True), name="item_id"),

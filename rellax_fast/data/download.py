@@ -105,7 +105,7 @@ def _missing(data_dir: Path, source: DatasetSource) -> Sequence[str]:
 
 def _offline_message(name: str, data_dir: Path, source: DatasetSource, missing: Sequence[str], why: str) -> str:
     return (
-        f"dataset {name!r}: missing {', '.join(missing)} in {data_dir} and the download failed ({why}).\n"
+        f"dataset {name!r}: missing {', '.join(missing)} in {data_dir} ({why}).\n"
         f"Put the files {', '.join(source.files)} (from {source.archive}, e.g. {source.urls[0]}) directly in "
         f"{data_dir}, or pass --data-dir / set RELLAX_DATA_DIR to the folder that holds them."
     )
@@ -171,7 +171,7 @@ def ensure_files(name: str, data_dir: Path, download: bool = True) -> Path:
     if not missing:
         return data_dir
     if not download:
-        raise DatasetNotFoundError(_offline_message(name, data_dir, source, missing, "download=False"))
+        raise DatasetNotFoundError(_offline_message(name, data_dir, source, missing, "downloads disabled: download=False / --no-download"))
     data_dir.mkdir(parents=True, exist_ok=True)
     archive = data_dir / source.archive
     errors = []
@@ -183,14 +183,14 @@ def ensure_files(name: str, data_dir: Path, download: bool = True) -> Path:
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 errors.append(f"{url}: {exc}")
         else:
-            raise DatasetNotFoundError(_offline_message(name, data_dir, source, missing, "; ".join(errors)))
+            raise DatasetNotFoundError(_offline_message(name, data_dir, source, missing, "download failed: " + "; ".join(errors)))
     expected = source.archive_md5
     if source.md5_sidecar:
         try:
             expected = _published_md5(source.md5_sidecar)
         except (urllib.error.URLError, OSError) as exc:
             raise DatasetNotFoundError(
-                _offline_message(name, data_dir, source, missing, f"checksum {source.md5_sidecar}: {exc}")
+                _offline_message(name, data_dir, source, missing, f"checksum download failed: {source.md5_sidecar}: {exc}")
             ) from exc
     # BookCrossing mirrors may re-zip the dump: there the per-file MD5s are authoritative.
     if expected and not source.file_md5:

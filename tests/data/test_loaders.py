@@ -1,0 +1,257 @@
+"""Every loader parses small files written in the dataset's real format (odd rows included); corrupt files
+raise DataFormatError naming file and line; downloads verify checksums and write atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from rellax_fast.data import DataFormatError, DatasetNotFoundError, load_dataset
+from rellax_fast.data import download as dl
+
+# ------------------------------------------------------------------------------------------------ writers
+
+
+def _genre_flags(*on):
+    flags = ["0"] * 19
+    for k in on:
+        flags[k] = "1"
+    return "|".join(flags)
+
+
+def write_ml100k(d, udata=None):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "u.data").write_bytes(
+        (udata or "1\t1\t5\t881250949\n1\t2\t3\t881250950\n2\t3\t1\t891717742\n2\t1\t4\t878887116\n").encode()
+    )
+    items = [
+        f"1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy%20Story%20(1995)|{_genre_flags(3, 4, 5)}",
+        # latin-1 accent, comma inside the title
+        f"2|Misérables, Les (1995)|01-Jan-1995||http://x|{_genre_flags(8, 12)}",
+        # no genre flag set at all -> empty genre list; empty dates
+        f"3|unknown||||{_genre_flags()}",
+    ]
+    (d / "u.item").write_bytes(("\n".join(items) + "\n").encode("latin-1"))
+    (d / "u.user").write_bytes(b"1|24|M|technician|85711\n2|53|F|other|94043\n")
+    names = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+             "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
+             "War", "Western"]  # fmt: skip
+    (d / "u.genre").write_bytes(("".join(f"{n}|{k}\n" for k, n in enumerate(names)) + "\n").encode())
+    return d
+
+
+def write_ml1m(d):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "ratings.dat").write_bytes(b"1::1193::5::978300760\n1::661::3::978302109\n2::1193::4::978298413\n")
+    (d / "movies.dat").write_bytes(
+        "1193::One Flew Over the Cuckoo's Nest (1975)::Drama\n"
+        "661::James and the Giant Peach: Part 1 (1996)::Animation|Children's|Musical\n"
+        "42::Café au lait (Métisse) (1993)::Comedy\n".encode("latin-1")
+    )
+    (d / "users.dat").write_bytes(b"1::F::1::10::48067\n2::M::56::16::70072\n")
+    return d
+
+
+def write_ml_csv(d):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n1,1,4.0,1147880044\n1,2,3.5,1147868817\n2,3,0.5,1147868828\n"
+    )
+    (d / "movies.csv").write_text(
+        "movieId,title,genres\n"
+        "1,Toy Story (1995),Adventure|Animation|Children|Comedy|Fantasy\n"
+        '2,"American President, The (1995)",Comedy|Drama|Romance\n'
+        '3,"Bad ""Quoted"" Title, A (2001)",(no genres listed)\n'
+        "4,Amélie (Fabuleux destin d'Amélie Poulain) (2001),Comedy|Romance\n",
+        encoding="utf-8",
+    )
+    return d
+
+
+def write_bx(d):
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "BX-Book-Ratings.csv").write_bytes(
+        b'"User-ID";"ISBN";"Book-Rating"\n"276725";"034545104X";"0"\n"276726";"0155061224";"5"\n'
+        b'"276725";"0155061224";"8"\n'
+    )
+    (d / "BX-Books.csv").write_bytes(
+        '"ISBN";"Book-Title";"Book-Author";"Year-Of-Publication";"Publisher";"Image-URL-S";"Image-URL-M";"Image-URL-L"\n'
+        '"034545104X";"Flesh Tones: A Novel";"M. J. Rose";"2002";"Ballantine Books";"s";"m";"l"\n'
+        '"0155061224";"Rites of Passage; a \\"quoted\\" story";"Judith Rae";"0";"Heinle";"s";"m";"l"\n'.encode(
+            "latin-1"
+        )
+    )
+    (d / "BX-Users.csv").write_bytes(
+        '"User-ID";"Location";"Age"\n"276725";"tyler, texas, usa";NULL\n"276726";"séville, spain";"18"\n'.encode(
+            "latin-1"
+        )
+    )
+    return d
+
+
+# -------------------------------------------------------------------------------------------------- parsing
+
+
+def test_ml100k_format(tmp_path):
+    ds = load_dataset("ml-100k", write_ml100k(tmp_path / "ml-100k"), download=False)
+    assert ds.domain == "movie" and len(ds.ratings) == 4
+    assert list(ds.ratings.dtypes.astype(str)) == ["int64", "int64", "float32", "int64"]
+    assert ds.items.loc[2, "title"] == "Misérables, Les (1995)"
+    assert ds.items.loc[1, "genres"] == ["Animation", "Children's", "Comedy"]
+    assert ds.items.loc[3, "genres"] == []
+    assert ds.users.loc[2, "gender"] == "F" and ds.users.loc[2, "age"] == 53
+    assert ds.users.loc[1, "occupation"] == "technician"
+
+
+def test_ml1m_format(tmp_path):
+    ds = load_dataset("ml-1m", write_ml1m(tmp_path / "ml-1m"), download=False)
+    assert ds.ratings["rating"].tolist() == [5.0, 3.0, 4.0]
+    assert ds.items.loc[661, "title"] == "James and the Giant Peach: Part 1 (1996)"
+    assert ds.items.loc[661, "genres"] == ["Animation", "Children's", "Musical"]
+    assert ds.items.loc[42, "title"] == "Café au lait (Métisse) (1993)"
+    assert ds.users.loc[1, "occupation"] == "K-12 student" and ds.users.loc[1, "age"] == 1
+    assert ds.users.loc[2, "occupation"] == "self-employed"
+
+
+@pytest.mark.parametrize("name", ["ml-25m", "ml-20m", "ml-latest-small"])
+def test_movielens_csv_format(tmp_path, name):
+    ds = load_dataset(name, write_ml_csv(tmp_path / name), download=False)
+    assert ds.name == name and ds.users is None
+    assert ds.ratings["rating"].tolist() == [4.0, 3.5, 0.5]  # half stars
+    assert ds.items.loc[2, "title"] == "American President, The (1995)"
+    assert ds.items.loc[3, "title"] == 'Bad "Quoted" Title, A (2001)'
+    assert ds.items.loc[3, "genres"] == []  # (no genres listed)
+    assert ds.items.loc[4, "title"].startswith("Amélie")
+
+
+def test_bookcrossing_format(tmp_path):
+    ds = load_dataset("bookcrossing", write_bx(tmp_path / "bx"), download=False)
+    assert ds.domain == "book" and len(ds.ratings) == 3
+    isbn = ds.items["isbn"]
+    by_isbn = ds.items.set_index("isbn")
+    assert by_isbn.loc["0155061224", "title"] == 'Rites of Passage; a "quoted" story'
+    assert np.isnan(by_isbn.loc["0155061224", "year"])  # year 0 means unknown
+    assert by_isbn.loc["034545104X", "year"] == 2002 and by_isbn.loc["034545104X", "author"] == "M. J. Rose"
+    r = ds.ratings
+    assert r["rating"].tolist() == [0.0, 5.0, 8.0] and r["timestamp"].tolist() == [0, 1, 2]
+    assert isbn[r["item_id"].iloc[1]] == "0155061224"
+    assert np.isnan(ds.users.loc[276725, "age"]) and ds.users.loc[276726, "location"] == "séville, spain"
+
+
+def test_data_dir_env_var(tmp_path, monkeypatch):
+    write_ml1m(tmp_path / "ml-1m")
+    monkeypatch.setenv("RELLAX_DATA_DIR", str(tmp_path))
+    assert len(load_dataset("ml-1m", download=False).ratings) == 3
+
+
+# ----------------------------------------------------------------------------------------------- corruption
+
+
+@pytest.mark.parametrize(
+    "udata, line, what",
+    [
+        ("1\t1\t5\t881250949\n1\t2\t3\n", 2, "missing field"),  # truncated row
+        ("1\t1\t5\t881250949\n1\t2\tfive\t881250950\n", 2, "not a valid"),  # non-numeric rating
+        ("1\t1\t5\t881250949\n1\t2\t3\t881250950\t7\n", 2, "wrong number of fields"),  # extra field
+        ("1\t1\t5\t881250949\n\n1\t2\t3\t881250950\n", 2, "missing field"),  # blank line
+        ("1\t1\t5\t881250949\n1\t2\t9\t881250950\n", 2, "outside"),  # rating out of range
+        ("1\t1\t5\t881250949\n1\t77\t3\t881250950\n", 2, "not in the item table"),
+    ],
+)
+def test_ml100k_corruption_names_file_and_line(tmp_path, udata, line, what):
+    d = write_ml100k(tmp_path / "ml-100k", udata=udata)
+    with pytest.raises(DataFormatError) as err:
+        load_dataset("ml-100k", d, download=False)
+    msg = str(err.value)
+    assert "u.data" in msg and f"line {line}" in msg and what in msg
+
+
+def test_corrupt_item_and_csv_files(tmp_path):
+    d = write_ml100k(tmp_path / "a")
+    (d / "u.item").write_bytes((d / "u.item").read_bytes()[:-30])  # cut mid-row
+    with pytest.raises(DataFormatError, match=r"u\.item: line 3"):
+        load_dataset("ml-100k", d, download=False)
+    d = write_ml_csv(tmp_path / "b")
+    (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,1147880044\n1,2,x,1\n")
+    with pytest.raises(DataFormatError, match=r"ratings\.csv: line 3: field 'r' is not a valid float"):
+        load_dataset("ml-25m", d, download=False)
+    d = write_ml_csv(tmp_path / "c")
+    (d / "ratings.csv").write_text("user,movie,rating,timestamp\n1,1,4.0,1\n")
+    with pytest.raises(DataFormatError, match=r"line 1: expected header"):
+        load_dataset("ml-25m", d, download=False)
+    d = write_ml1m(tmp_path / "d")
+    (d / "ratings.dat").write_bytes(b"1::1193::5::978300760\n1::661\n")
+    with pytest.raises(DataFormatError, match=r"ratings\.dat: line 2: missing field"):
+        load_dataset("ml-1m", d, download=False)
+    d = write_ml_csv(tmp_path / "e")
+    (d / "movies.csv").write_bytes(b"movieId,title,genres\n1,Bad \xff byte,Drama\n")
+    with pytest.raises(DataFormatError, match=r"movies\.csv: line 2: not valid utf-8"):
+        load_dataset("ml-25m", d, download=False)
+
+
+# ---------------------------------------------------------------------------------------------- downloads
+
+
+def test_offline_error_says_where_to_put_what(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset("ml-1m", tmp_path / "nothing", download=False)
+    msg = str(err.value)
+    assert "ratings.dat" in msg and "movies.dat" in msg and str(tmp_path / "nothing") in msg and "ml-1m.zip" in msg
+
+
+def _zip_of(folder, prefix):
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted(folder.iterdir()):
+            zf.write(f, f"{prefix}/{f.name}")
+    return buf.getvalue()
+
+
+def test_download_verifies_checksum_and_extracts(tmp_path, monkeypatch):
+    payload = _zip_of(write_ml1m(tmp_path / "src"), "ml-1m")
+    (tmp_path / "mirror").mkdir()
+    (tmp_path / "mirror" / "ml-1m.zip").write_bytes(payload)
+    url = (tmp_path / "mirror" / "ml-1m.zip").as_uri()
+    good = dl.DatasetSource("ml-1m.zip", (url,), "ml-1m", ("ratings.dat", "movies.dat", "users.dat"),
+                            archive_md5=hashlib.md5(payload).hexdigest())  # fmt: skip
+    monkeypatch.setitem(dl.SOURCES, "ml-1m", good)
+    ds = load_dataset("ml-1m", tmp_path / "dest", download=True)
+    assert len(ds.ratings) == 3
+    assert not [p for p in (tmp_path / "dest").iterdir() if p.name.endswith(".part")]  # nothing half-written
+
+    bad = dl.DatasetSource("ml-1m.zip", (url,), "ml-1m", good.files, archive_md5="0" * 32)
+    monkeypatch.setitem(dl.SOURCES, "ml-1m", bad)
+    with pytest.raises(dl.ChecksumError, match="does not match"):
+        load_dataset("ml-1m", tmp_path / "dest2", download=True)
+    assert not (tmp_path / "dest2" / "ml-1m.zip").exists()  # the bad archive is removed
+
+    dead = dl.DatasetSource("ml-1m.zip", ((tmp_path / "gone.zip").as_uri(),), "ml-1m", good.files)
+    monkeypatch.setitem(dl.SOURCES, "ml-1m", dead)
+    with pytest.raises(DatasetNotFoundError, match="download failed"):
+        load_dataset("ml-1m", tmp_path / "dest3", download=True)
+
+
+def test_download_per_file_checksums(tmp_path, monkeypatch):
+    src = write_bx(tmp_path / "src")
+    payload = _zip_of(src, "dump")
+    (tmp_path / "BX.zip").write_bytes(payload)
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in src.iterdir()}
+    files = ("BX-Book-Ratings.csv", "BX-Books.csv", "BX-Users.csv")
+    ok = dl.DatasetSource("BX.zip", ((tmp_path / "BX.zip").as_uri(),), "", files, file_md5=md5)
+    monkeypatch.setitem(dl.SOURCES, "bookcrossing", ok)
+    assert len(load_dataset("bookcrossing", tmp_path / "d1").ratings) == 3
+    wrong = dl.DatasetSource("BX.zip", ok.urls, "", files, file_md5=dict(md5, **{"BX-Books.csv": "1" * 32}))
+    monkeypatch.setitem(dl.SOURCES, "bookcrossing", wrong)
+    with pytest.raises(dl.ChecksumError, match="BX-Books.csv has MD5"):
+        load_dataset("bookcrossing", tmp_path / "d2")
+    assert not (tmp_path / "d2" / "BX-Books.csv").exists()
+
+
+def test_pinned_sources_are_complete():
+    for name, src in dl.SOURCES.items():
+        assert src.urls and src.files, name
+        assert src.archive_md5 or src.md5_sidecar or src.file_md5, f"{name} has no checksum"
