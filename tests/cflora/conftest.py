@@ -2,52 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-import types
-
 import pytest
 import torch
 
 VOCAB = 61
 
 
-def _install_op_fallback() -> None:
-    # TEMPORARY: until rellax_fast/ops/cflora.py lands, provide the contract's reference as that module.
-    try:
-        importlib.import_module("rellax_fast.ops.cflora")
-        return
-    except ModuleNotFoundError as exc:
-        if exc.name != "rellax_fast.ops.cflora":
-            raise
-    from rellax_fast.ops.dropout import dropout_keep_mask_ref
-
-    def cflora_linear(x, weight, bias, lora_a, lora_b, interaction=None, *, scale=1.0, dropout_p=0.0,
-                      seed=None, backend=None):
-        y = torch.nn.functional.linear(x, weight, bias)
-        xd = x
-        if dropout_p > 0:
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
-            keep = dropout_keep_mask_ref(x.numel(), dropout_p, seed, device=x.device).view(x.shape)
-            xd = x * keep.to(x.dtype) / (1 - dropout_p)
-        s = xd @ lora_a.t()
-        if interaction is not None:
-            if interaction.dim() == 2:
-                s = s @ interaction.t()
-            elif x.dim() == 3:
-                s = torch.einsum("btr,bqr->btq", s, interaction)
-            else:
-                s = torch.einsum("br,bqr->bq", s, interaction)
-        return y + scale * (s @ lora_b.t())
-
-    mod = types.ModuleType("rellax_fast.ops.cflora")
-    mod.cflora_linear = cflora_linear
-    mod.cflora_linear_ref = cflora_linear
-    sys.modules["rellax_fast.ops.cflora"] = mod
-
-
-_install_op_fallback()
 
 
 def tiny_llama(seed: int = 0, **kw):
