@@ -1,0 +1,214 @@
+"""The ReLLaX model wrapper: any Hugging Face backbone + CFLoRA + SPA soft tokens + a yes/no read-out.
+
+``ReLLaXModel.forward(batch)`` returns the 2-way logits ``[No, Yes]`` per sample; p(click) is their
+softmax's second column. The pieces:
+
+* the backbone's input embeddings are looked up, then the SPA projector's outputs replace them at the
+  placeholder positions (``spa.soft_tokens.insert_soft_tokens``) and the backbone runs on ``inputs_embeds``;
+* CFLoRA layers (``rellax_fast.cflora``) wrap the attention projections; their per-sample interaction is
+  generated from the frozen DIN's pre-logit vector h (standardised with train-split statistics), fed
+  through ``cflora_condition``;
+* read-out:
+  - causal LMs (Llama, Qwen2, GPT-2, ...): the final hidden state at ``answer_index`` (the position whose
+    next-token distribution is the answer) times the output-embedding rows of the "No"/"Yes" tokens, i.e.
+    exactly the LM head's logits for those two tokens, without the full-vocabulary projection;
+  - encoder LMs (the default MiniLM): a verbaliser on the [MASK] slot. The offline all-MiniLM-L6-v2
+    checkpoint ships no MLM head (it is a sentence-transformers ``BertModel``), so the output layer is the
+    tied word-embedding matrix: ``logit_{no,yes} = h_mask · E[no,yes] + b`` with a trainable 2-vector b.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Union
+
+import torch
+from torch import nn
+
+DEFAULT_TARGETS = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+}
+
+
+def default_target_modules(model_type: str) -> List[str]:
+    return list(DEFAULT_TARGETS.get(model_type, ["q_proj", "v_proj"]))
+
+
+def backbone_kind(config) -> str:
+    """'causal' or 'encoder' from a transformers config."""
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if getattr(config, "is_decoder", False) or "CausalLM" in archs or "LMHeadModel" in archs:
+        return "causal"
+    if config.model_type in ("gpt2", "llama", "qwen2", "mistral", "gpt_neox", "opt", "phi", "gemma", "qwen3"):
+        return "causal"
+    return "encoder"
+
+
+def load_backbone(path: str, kind: str = "auto", dtype: Optional[torch.dtype] = None):
+    """Load a local HF model for ReLLaX: ``AutoModelForCausalLM`` (causal) or ``AutoModel`` (encoder)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    kind = backbone_kind(config) if kind == "auto" else kind
+    if kind not in ("causal", "encoder"):
+        raise ValueError(f"kind must be 'auto', 'causal' or 'encoder', got {kind!r}")
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModel
+    kw = {"dtype": dtype} if dtype is not None else {}
+    return cls.from_pretrained(path, **kw), kind
+
+
+@dataclass
+class ReLLaXOptions:
+    """What the wrapper adds to the backbone (CFLoRA, SPA, conditioning)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    interaction: str = "full"
+    n_experts: int = 4
+    target_modules: Optional[List[str]] = None  # None: per-architecture default (q and v projections)
+    use_spa: bool = True
+    gradient_checkpointing: bool = False
+    extra: Dict = field(default_factory=dict)
+
+
+class ReLLaXModel(nn.Module):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        kind: str,
+        yes_no_ids,
+        options: ReLLaXOptions,
+        item_table: Optional[torch.Tensor] = None,
+        item_ids: Optional[torch.Tensor] = None,
+        cond_dim: Optional[int] = None,
+        cond_mean: Optional[torch.Tensor] = None,
+        cond_std: Optional[torch.Tensor] = None,
+    ):
+        super().__init__()
+        from rellax_fast.cflora import CFLoRAConfig, inject_cflora
+
+        from ..spa.projector import SPAProjector
+
+        if kind not in ("causal", "encoder"):
+            raise ValueError(f"kind must be 'causal' or 'encoder', got {kind!r}")
+        self.kind = kind
+        self.options = options
+        self.backbone = backbone
+        no_id, yes_id = (int(i) for i in yes_no_ids)
+        self.register_buffer("answer_token_ids", torch.tensor([no_id, yes_id], dtype=torch.long), persistent=False)
+        model_type = getattr(backbone.config, "model_type", "")
+        targets = options.target_modules or default_target_modules(model_type)
+        self.cflora_config = CFLoRAConfig(
+            r=options.r, alpha=options.alpha, dropout=options.dropout, target_modules=targets,
+            interaction=options.interaction, n_experts=options.n_experts,
+            cond_dim=cond_dim if options.interaction in ("full", "moe", "recrank1") else None,
+        )  # fmt: skip
+        inject_cflora(backbone, self.cflora_config)  # freezes the base weights
+        d_model = backbone.get_input_embeddings().weight.shape[1]
+        if options.use_spa:
+            if item_table is None or item_ids is None:
+                raise ValueError("use_spa=True needs the CTR model's item_table and item_ids")
+            self.projector = SPAProjector(item_table, d_model)
+            lut = torch.full((int(item_ids.max()) + 2,), -1, dtype=torch.long)
+            lut[item_ids.long()] = torch.arange(len(item_ids))
+            self.register_buffer("item_lut", lut, persistent=True)
+        else:
+            self.projector = None
+        if self.cflora_config.needs_cond:
+            if cond_dim is None:
+                raise ValueError(f"interaction {options.interaction!r} needs cond_dim (the CTR model's h size)")
+            self.register_buffer("cond_mean", (cond_mean if cond_mean is not None else torch.zeros(cond_dim)).float().clone())
+            self.register_buffer("cond_std", (cond_std if cond_std is not None else torch.ones(cond_dim)).float().clone())
+        self.verbaliser_bias = nn.Parameter(torch.zeros(2)) if kind == "encoder" else None
+        if options.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(backbone, "config"):
+                backbone.config.use_cache = False
+
+    # ------------------------------------------------------------------ pieces
+    def _item_rows(self, placeholder_item_ids: torch.Tensor) -> torch.Tensor:
+        valid = placeholder_item_ids >= 0
+        ids = placeholder_item_ids.clamp(min=0, max=self.item_lut.shape[0] - 1)
+        rows = torch.where(valid, self.item_lut[ids], -1)
+        if bool(((rows < 0) & valid).any()) or bool((placeholder_item_ids >= self.item_lut.shape[0]).any()):
+            raise KeyError("placeholder_item_ids hold item ids unknown to the CTR model's item table")
+        return rows
+
+    def input_embeddings(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone's input embeddings with SPA soft tokens at the placeholder positions."""
+        from ..spa.soft_tokens import insert_soft_tokens
+
+        emb_layer = self.backbone.get_input_embeddings()
+        input_ids = batch["input_ids"]
+        mask = batch.get("placeholder_mask")
+        if mask is not None and bool(mask.any()):
+            # placeholder tokens may be added tokens beyond the embedding matrix: look up a safe id there
+            input_ids = input_ids.masked_fill(mask.bool(), 0)
+        embeds = emb_layer(input_ids)
+        if self.projector is not None and mask is not None:
+            rows = self._item_rows(batch["placeholder_item_ids"])
+            embeds = insert_soft_tokens(embeds, mask, rows, self.projector)
+        return embeds
+
+    def condition(self, cond: torch.Tensor) -> torch.Tensor:
+        return (cond.float() - self.cond_mean) / self.cond_std
+
+    def _encode(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        embeds = self.input_embeddings(batch)
+        base = self.backbone.base_model if self.kind == "causal" else self.backbone
+        out = base(inputs_embeds=embeds, attention_mask=batch["attention_mask"], return_dict=True)
+        return out.last_hidden_state
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """2-way logits (B, 2) = [No, Yes] at each sample's answer slot."""
+        from rellax_fast.cflora import cflora_condition
+
+        if self.cflora_config.needs_cond:
+            if batch.get("cond") is None:
+                raise ValueError(f"interaction {self.cflora_config.interaction!r} needs batch['cond'] (B, cond_dim)")
+            with cflora_condition(self.backbone, self.condition(batch["cond"])):
+                hidden = self._encode(batch)
+        else:
+            hidden = self._encode(batch)
+        rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch["answer_index"]]
+        if self.kind == "causal":
+            head = self.backbone.get_output_embeddings()
+            w = head.weight[self.answer_token_ids]
+            logits = rows.to(w.dtype) @ w.t()
+            if getattr(head, "bias", None) is not None:
+                logits = logits + head.bias[self.answer_token_ids]
+        else:
+            w = self.backbone.get_input_embeddings().weight[self.answer_token_ids]
+            logits = rows.to(w.dtype) @ w.t() + self.verbaliser_bias.to(w.dtype)
+        return logits.float()
+
+    # ------------------------------------------------------------------ trainable state
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def set_stage(self, stage: Union[str, None]) -> None:
+        """'joint' (A, B, generators, projector, bias), 'lora' (stage 1: A, B, bias) or 'interaction'
+        (stage 2: generators, projector, bias; A and B frozen)."""
+        from rellax_fast.cflora import cflora_layers
+
+        for _, layer in cflora_layers(self.backbone):
+            lora = stage in ("joint", "lora", None)
+            layer.lora_A.requires_grad_(lora)
+            layer.lora_B.requires_grad_(lora)
+            if layer.interaction is not None:
+                for p in layer.interaction.parameters():
+                    p.requires_grad_(stage in ("joint", "interaction", None))
+        if self.projector is not None:
+            for p in self.projector.parameters():
+                p.requires_grad_(stage in ("joint", "interaction", None))
+
+
+def click_probability(logits: torch.Tensor) -> torch.Tensor:
+    """p(click) = softmax([No, Yes])[Yes]."""
+    return torch.softmax(logits.float(), dim=-1)[:, 1]

