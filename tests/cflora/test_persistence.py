@@ -1,0 +1,223 @@
+"""save/load (bit-exact, atomic, wrong-shape errors), merge/unmerge, and PEFT interop: a PEFT LoRA adapter
+loaded into identity CFLoRA gives PEFT's logits (tiny Llama / Qwen2 / GPT-2 and the real MiniLM), and
+identity/static adapters export to PEFT."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import MODELS, logits_of, minilm, model_inputs, tiny_gpt2, tiny_llama
+
+from rellax_fast.cflora import (
+    CFLoRAConfig,
+    cflora_condition,
+    cflora_layers,
+    export_peft_lora,
+    get_cflora_config,
+    inject_cflora,
+    load_cflora,
+    load_peft_lora,
+    merge_cflora,
+    save_cflora,
+    unmerge_cflora,
+)
+
+COND = 5
+
+
+def _randomise_adapter(model, std=0.3):
+    with torch.no_grad():
+        for _, layer in cflora_layers(model):
+            layer.lora_B.normal_(0, std)
+            if layer.interaction is not None:
+                for p in layer.interaction.parameters():
+                    p.add_(torch.randn_like(p) * std)
+
+
+def _cfg(interaction="full", **kw):
+    args = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_proj"], "interaction": interaction,
+            "cond_dim": COND, "n_experts": 2, **kw}
+    return CFLoRAConfig(**args)
+
+
+@pytest.mark.parametrize("interaction", ["static", "full", "moe", "recrank1"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, interaction):
+    model = inject_cflora(tiny_llama(), _cfg(interaction))
+    _randomise_adapter(model)
+    save_cflora(model, tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["cflora_adapter.safetensors", "cflora_config.json"]
+    inputs, cond = model_inputs(), torch.randn(3, COND)
+    with torch.no_grad(), cflora_condition(model, cond):
+        expected = logits_of(model, inputs)
+
+    fresh = tiny_llama()  # not injected: load_cflora injects from the saved config
+    load_cflora(fresh, tmp_path / "adapter")
+    assert get_cflora_config(fresh).interaction == interaction
+    injected = inject_cflora(tiny_llama(), _cfg(interaction))  # already injected with the same config
+    load_cflora(injected, tmp_path / "adapter")
+    for other in (fresh, injected):
+        for (name, a), (_, b) in zip(cflora_layers(model), cflora_layers(other)):
+            for (ka, ta), (kb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
+                assert ka == kb and torch.equal(ta, tb), f"{name}.{ka}"
+        with torch.no_grad(), cflora_condition(other, cond):
+            assert torch.equal(logits_of(other, inputs), expected)
+
+
+def test_load_errors(tmp_path):
+    model = inject_cflora(tiny_llama(), _cfg())
+    save_cflora(model, tmp_path / "a")
+    with pytest.raises(ValueError, match=r"r: saved 4 vs model 8"):
+        load_cflora(inject_cflora(tiny_llama(), CFLoRAConfig(**{**_cfg().to_dict(), "r": 8})), tmp_path / "a")
+    wider = tiny_llama(hidden_size=48, intermediate_size=64)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.lora_A has shape \(4, 32\).*\(4, 48\)"):
+        load_cflora(wider, tmp_path / "a")
+    with pytest.raises(ValueError, match="missing in the file"):
+        load_cflora(inject_cflora(tiny_llama(), _cfg(target_modules=["q_proj", "v_proj", "up_proj"])),
+                    tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="save_cflora"):
+        load_cflora(tiny_llama(), tmp_path / "nothing")
+
+
+def test_save_is_atomic_and_overwrites(tmp_path, monkeypatch):
+    model = inject_cflora(tiny_llama(), _cfg())
+    save_cflora(model, tmp_path / "a")
+    before = (tmp_path / "a" / "cflora_adapter.safetensors").read_bytes()
+    _randomise_adapter(model)
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_cflora(model, tmp_path / "a")
+    monkeypatch.undo()
+    # the old file is intact and no temp file is left behind
+    assert (tmp_path / "a" / "cflora_adapter.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path / "a")) == ["cflora_adapter.safetensors", "cflora_config.json"]
+    save_cflora(model, tmp_path / "a")
+    assert (tmp_path / "a" / "cflora_adapter.safetensors").read_bytes() != before
+
+
+@pytest.mark.parametrize("factory, targets", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])])
+@pytest.mark.parametrize("interaction", ["identity", "static"])
+def test_merge_unmerge_round_trip(factory, targets, interaction):
+    model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction))
+    _randomise_adapter(model)
+    weights = {n: layer.weight.detach().clone() for n, layer in cflora_layers(model)}
+    inputs = model_inputs()
+    with torch.no_grad():
+        expected = logits_of(model, inputs)
+        merge_cflora(model)
+        assert all(not torch.equal(layer.weight, weights[n]) for n, layer in cflora_layers(model))
+        torch.testing.assert_close(logits_of(model, inputs), expected, rtol=1e-4, atol=1e-4)
+        with pytest.raises(RuntimeError, match="already merged"):
+            merge_cflora(model)
+        unmerge_cflora(model)
+        for n, layer in cflora_layers(model):
+            torch.testing.assert_close(layer.weight, weights[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(logits_of(model, inputs), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="not merged"):
+        unmerge_cflora(model)
+
+
+@pytest.mark.parametrize("interaction", ["full", "moe", "recrank1"])
+def test_per_sample_interactions_refuse_to_merge_or_export(tmp_path, interaction):
+    model = inject_cflora(tiny_llama(), _cfg(interaction))
+    with pytest.raises(RuntimeError, match="per sample.*only 'identity' and 'static'"):
+        merge_cflora(model)
+    assert not any(layer.merged for _, layer in cflora_layers(model))
+    with pytest.raises(RuntimeError, match="only 'identity' and 'static' adapters export"):
+        export_peft_lora(model, tmp_path / "peft")
+
+
+# ------------------------------------------------------------------------------------------ PEFT interop
+PEFT_CASES = {
+    **{name: (factory, targets) for name, (factory, targets) in MODELS.items()},
+    "minilm": (minilm, ["query", "value"]),
+}
+
+
+def _peft_adapter(factory, targets, out_dir, r=4, alpha=8):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(123)
+    peft_model = get_peft_model(
+        factory(), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False,
+                              lora_dropout=0.0)
+    ).eval()
+    peft_model.save_pretrained(out_dir)
+    return peft_model
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_CASES))
+def test_peft_lora_in_identity_cflora_gives_peft_logits(tmp_path, name):
+    factory, targets = PEFT_CASES[name]
+    peft_model = _peft_adapter(factory, targets, tmp_path / "peft")
+    inputs = model_inputs(batch=2, seq=9)
+    if name == "minilm":
+        inputs["input_ids"] = inputs["input_ids"] + 1000  # real word pieces
+    ours = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets))
+    load_peft_lora(ours, tmp_path / "peft")
+    with torch.no_grad():
+        expected = logits_of(peft_model, inputs)
+        got = logits_of(ours.eval(), inputs)
+        base = logits_of(factory(), inputs)
+    assert not torch.allclose(expected, base, atol=1e-3)  # B != 0: the adapter changes the outputs
+    torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-4)
+
+
+def test_load_peft_lora_checks_rank_scale_and_coverage(tmp_path):
+    _peft_adapter(tiny_llama, ["q_proj", "v_proj"], tmp_path / "peft")
+    with pytest.raises(ValueError, match="adapter has r=4.*r=8"):
+        load_peft_lora(inject_cflora(tiny_llama(), CFLoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])),
+                       tmp_path / "peft")
+    with pytest.raises(ValueError, match="scale is 2.*alpha=8"):
+        load_peft_lora(inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"])),
+                       tmp_path / "peft")
+    with pytest.raises(ValueError, match="not CFLoRA layers"):
+        load_peft_lora(inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"])),
+                       tmp_path / "peft")
+    wide = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    with pytest.raises(ValueError, match="o_proj.*no weights in the adapter"):
+        load_peft_lora(wide, tmp_path / "peft")
+    load_peft_lora(wide, tmp_path / "peft", strict=False)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_peft_lora(wide, tmp_path)
+
+
+def test_two_stage_recipe_starts_from_the_lora_and_trains_only_the_generator(tmp_path):
+    peft_model = _peft_adapter(tiny_llama, ["q_proj", "v_proj"], tmp_path / "peft")
+    model = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     interaction="full", cond_dim=COND, train_lora=False))
+    load_peft_lora(model, tmp_path / "peft")
+    inputs = model_inputs()
+    with torch.no_grad(), cflora_condition(model, torch.randn(3, COND)):
+        got = logits_of(model, inputs)  # fresh generator: C = I, so stage 2 starts at stage 1's model
+    torch.testing.assert_close(got, logits_of(peft_model, inputs).detach(), rtol=2e-4, atol=2e-4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".interaction." in n for n in trainable)
+
+
+@pytest.mark.parametrize("factory, targets", [(tiny_llama, ["q_proj", "v_proj"]), (tiny_gpt2, ["c_attn"])])
+@pytest.mark.parametrize("interaction", ["identity", "static"])
+def test_export_to_peft_round_trip(tmp_path, factory, targets, interaction):
+    from peft import PeftModel
+
+    model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction))
+    _randomise_adapter(model)
+    export_peft_lora(model, tmp_path / "peft")
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    peft_model = PeftModel.from_pretrained(factory(), tmp_path / "peft").eval()
+    inputs = model_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(peft_model, inputs), logits_of(model.eval(), inputs),
+                                   rtol=2e-4, atol=2e-4)
+    # and back: the exported adapter loads into a fresh identity model with the same outputs
+    back = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets))
+    load_peft_lora(back, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(back.eval(), inputs), logits_of(model, inputs), rtol=2e-4, atol=2e-4)
