@@ -44,6 +44,8 @@ def main(lib_dir: str) -> int:
         out = subprocess.run([cuobjdump, "--list-elf", paths[0]], capture_output=True, text=True).stdout
         archs = sorted({line.split(".")[-2] for line in out.splitlines() if ".sm_" in line})
         print(f"cuda-check: SASS in the library: {', '.join(archs) or 'none listed'}")
+    else:
+        print("cuda-check: cuobjdump not found; SASS targets not listed (the build used TORCH_CUDA_ARCH_LIST)")
     print(f"cuda-check: OK, {len(with_cuda)} of {len(ops)} operators have CUDA kernels")
     return 0
 
