@@ -117,7 +117,8 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, writer: Callable[[Any], None]) -> None:
+def atomic_write(path: Path, writer: Callable[[Any], None]) -> None:
+    """Write ``path`` via ``writer(binary file)`` into a temp file in the same folder, fsync, os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -139,7 +140,7 @@ def save_entry(array_path: Path, meta_path: Path, key: Dict[str, Any], embedding
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(item_ids):
         raise ValueError(f"embeddings must be (n_items={len(item_ids)}, d); got shape {emb.shape}")
-    _atomic_write_bytes(Path(array_path), lambda fh: np.save(fh, emb, allow_pickle=False))
+    atomic_write(Path(array_path), lambda fh: np.save(fh, emb, allow_pickle=False))
     meta = {
         "key": key,
         "file": Path(array_path).name,
@@ -151,7 +152,7 @@ def save_entry(array_path: Path, meta_path: Path, key: Dict[str, Any], embedding
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     payload = json.dumps(meta, indent=1, ensure_ascii=False).encode()
-    _atomic_write_bytes(Path(meta_path), lambda fh: fh.write(payload))
+    atomic_write(Path(meta_path), lambda fh: fh.write(payload))
     return meta
 
 

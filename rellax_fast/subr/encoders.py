@@ -162,20 +162,24 @@ class SentenceTransformerEncoder:
         if not texts:
             dim = self.model.get_sentence_embedding_dimension() or 0
             return np.zeros((0, dim), dtype=np.float32)
-        out = []
+        # batches of similar length carry little padding (sentence-transformers sorts only within a call)
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = None
         with _progress(len(texts), f"encode {self.name}", show_progress) as bar:
             for start in range(0, len(texts), self.batch_size):
-                batch = texts[start : start + self.batch_size]
+                idx = order[start : start + self.batch_size]
                 emb = self.model.encode(
-                    batch,
+                    [texts[i] for i in idx],
                     batch_size=self.batch_size,
                     convert_to_numpy=True,
                     normalize_embeddings=False,  # normalisation happens after the optional PCA
                     show_progress_bar=False,
                 )
-                out.append(np.asarray(emb, dtype=np.float32))
-                bar.update(len(batch))
-        return np.concatenate(out, axis=0)
+                if out is None:
+                    out = np.empty((len(texts), emb.shape[1]), dtype=np.float32)
+                out[idx] = emb
+                bar.update(len(idx))
+        return out
 
 
 class HFLMEncoder:

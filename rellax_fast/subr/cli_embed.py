@@ -1,0 +1,91 @@
+"""`rellax-fast embed`: encode every item's text into (cached) embeddings and summarise.
+
+Writes ``<out>/embeddings/<dataset>__<encoder>__<kind>.npy`` and its ``.json`` metadata (see
+:mod:`rellax_fast.subr.cache`); an up-to-date entry is reused, a stale or corrupt one rebuilt.
+``--dataset``, ``--data-dir`` and ``--out`` are added by :mod:`rellax_fast.cli`. Nothing heavy is
+imported at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `embed` and `retrieve` (which embeds, or reuses the cache, first)."""
+    parser.add_argument("--encoder", default="default",
+                        help="sentence-transformers model folder, Hugging Face LM folder/name, or 'default' "
+                             "(offline all-MiniLM-L6-v2)")  # fmt: skip
+    parser.add_argument("--encoder-kind", default="auto", choices=("auto", "sentence-transformers", "hf-lm"),
+                        help="how to load --encoder (auto: sentence-transformers folders as such, else an LM)")
+    parser.add_argument("--pca", type=int, default=None, metavar="N", help="reduce to N dims with PCA (default: off)")
+    parser.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation of the embeddings")
+    parser.add_argument("--batch-size", type=int, default=64, help="texts per encoder forward (default 64)")
+    parser.add_argument("--max-length", type=int, default=None, help="token limit per text (default: encoder's)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    parser.add_argument("--cache-dir", default=None, help="embedding cache folder (default: <out>/embeddings)")
+    parser.add_argument("--rebuild", action="store_true", help="re-encode even when the cache is up to date")
+    parser.add_argument("--no-download", action="store_true", help="never download the dataset")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_encoder_arguments(parser)
+
+
+def load_raw_dataset(args: argparse.Namespace):
+    from rellax_fast.data import load_dataset
+
+    return load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+
+
+def embed_items(args: argparse.Namespace, dataset):
+    """Item embeddings of ``dataset`` under the options in ``args`` (via the cache): a CacheResult."""
+    from pathlib import Path
+
+    from .cache import cached_item_embeddings
+    from .encoders import build_encoder, identity_for
+    from .text import dataset_item_texts
+
+    item_ids, texts = dataset_item_texts(dataset)
+    kwargs = dict(kind=args.encoder_kind, device=args.device, max_length=args.max_length)
+    local = args.encoder in (None, "", "default") or Path(args.encoder).exists()
+    return cached_item_embeddings(
+        Path(args.cache_dir) if args.cache_dir else Path(args.out) / "embeddings",
+        dataset.name,
+        item_ids,
+        texts,
+        encoder_factory=lambda: build_encoder(args.encoder, batch_size=args.batch_size, **kwargs),
+        # a local model is identified from its files, so a cache hit never loads it
+        identity=identity_for(args.encoder, **kwargs) if local else None,
+        pca_dims=args.pca,
+        normalize=not args.no_normalize,
+        rebuild=args.rebuild,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import numpy as np
+
+    from rellax_fast.data import DataFormatError, DatasetNotFoundError
+
+    try:
+        dataset = load_raw_dataset(args)
+        result = embed_items(args, dataset)
+    except (DatasetNotFoundError, DataFormatError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    emb = result.embeddings
+    norms = np.linalg.norm(emb, axis=1)
+    enc = result.key["encoder"]
+    print(f"dataset   {dataset.name} ({dataset.domain}): {emb.shape[0]:,} items")
+    print(f"encoder   {enc['name']} [{enc['kind']}], config {enc['config_hash'][:12]}")
+    print(f"options   pca={result.key['pca_dims']} normalize={result.key['normalize']} "
+          f"templates v{result.key['template_version']}")  # fmt: skip
+    print(f"cache     {result.status}{' (' + result.reason + ')' if result.reason and result.status != 'built' else ''}"
+          f" in {result.seconds:.1f} s")  # fmt: skip
+    print(f"array     {emb.shape[0]} x {emb.shape[1]} {emb.dtype}, norm mean {norms.mean():.3f} "
+          f"(min {norms.min():.3f}, max {norms.max():.3f})")  # fmt: skip
+    print(f"wrote     {result.path} and {result.path.with_suffix('.json').name}")
+    return 0

@@ -1,0 +1,171 @@
+"""`rellax-fast retrieve`: SUBR for every sample of each split, written per split with a summary.
+
+Steps: the CTR splits (``<prepared>`` or ``<out>`` if `rellax-fast prepare` wrote them there, else built in
+memory), the item embeddings (from the cache, see `rellax-fast embed`), then for each split the top-K
+retrieval (``--method op``: ``ops.semantic_topk``; ``--method global``: the faiss item-to-item ranking) and
+the K positions shown to the LM in ``--mode`` order.
+
+Output: ``<out>/retrieval/<split>.npz`` (atomic) with ``user_index``, ``pos``, ``item_id`` (the target),
+``retrieved_pos`` / ``retrieved_score`` (S, K; score order; -1 / -inf padding), ``shown_pos`` /
+``shown_item`` / ``shown_score`` (S, K; prompt order for the mode), and ``<out>/retrieval/summary.json``.
+``--dataset``, ``--data-dir`` and ``--out`` are added by :mod:`rellax_fast.cli`. Nothing heavy is imported at
+module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .cli_embed import add_encoder_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=int, default=5, help="behaviours shown per sample (default 5)")
+    parser.add_argument("--mode", default="sequential", choices=("recent", "sequential", "high", "low"),
+                        help="prompt order: recent (no SUBR), sequential (top-K in time order; default), "
+                             "high / low (by similarity)")  # fmt: skip
+    parser.add_argument("--method", default="op", choices=("op", "global"),
+                        help="op: per-sample fused top-k (default); global: faiss item-to-item ranking")
+    parser.add_argument("--backend", default=None, choices=("reference", "cpp", "cuda", "triton"),
+                        help="force a semantic_topk backend (default: the fastest available)")
+    parser.add_argument("--metric", default="cosine", choices=("cosine", "dot"))
+    parser.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N samples of each split")
+    parser.add_argument("--prepared", default=None,
+                        help="folder written by `rellax-fast prepare` (default: --out if it holds meta.json)")
+    parser.add_argument("--seed", type=int, default=42, help="split seed when preparing in memory (default 42)")
+    add_encoder_arguments(parser)
+
+
+def _shown_scores(emb, rows, offsets, split, shown, metric):
+    """Similarity of each shown behaviour to its target (float32, -inf at padding), without a Python loop."""
+    import numpy as np
+
+    e = emb.astype(np.float32, copy=False)
+    if metric == "cosine":
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    start = offsets[split.user_index]
+    target = rows[start + split.pos]
+    flat = np.where(shown >= 0, start[:, None] + shown, 0)
+    scores = np.einsum("skd,sd->sk", e[rows[flat]], e[target])
+    return np.where(shown >= 0, scores, -np.inf).astype(np.float32)
+
+
+def run(args: argparse.Namespace) -> int:
+    import io
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from rellax_fast.data import DataFormatError, DatasetNotFoundError, load_prepared, prepare_ctr
+    from rellax_fast.ops import BackendUnavailableError
+
+    from .cache import atomic_write
+    from .cli_embed import embed_items, load_raw_dataset
+    from .encoders import resolve_device
+    from .retrieval import item_rows, retrieve, retrieve_global, shown_positions
+
+    if args.k < 1:
+        print(f"error: --k must be >= 1; got {args.k}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    try:
+        prepared = Path(args.prepared) if args.prepared else (out if (out / "meta.json").exists() else None)
+        if prepared is not None:
+            data = load_prepared(prepared)
+            if data.dataset.name != args.dataset:
+                print(f"error: {prepared} holds {data.dataset.name!r}, not --dataset {args.dataset!r}", file=sys.stderr)
+                return 2
+            dataset = data.dataset
+        else:
+            dataset = load_raw_dataset(args)
+            data = prepare_ctr(dataset, seed=args.seed)
+        unknown = [s for s in splits if s not in data.splits]
+        if unknown:
+            print(f"error: --splits: unknown {unknown}; available {list(data.splits)}", file=sys.stderr)
+            return 2
+        emb_result = embed_items(args, dataset)
+    except (DatasetNotFoundError, DataFormatError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    emb = emb_result.embeddings
+    rows = item_rows(data.sequences.items, emb_result.item_ids)
+    offsets = data.sequences.offsets.astype(np.int64)
+    device = resolve_device(args.device)
+    dest = out / "retrieval"
+    dest.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "dataset": args.dataset, "k": args.k, "mode": args.mode, "method": args.method, "metric": args.metric,
+        "backend": args.backend or "auto", "embeddings": str(emb_result.path), "splits": {},
+    }  # fmt: skip
+    print(f"embeddings {emb.shape[0]:,} x {emb.shape[1]} ({emb_result.status}); k={args.k} mode={args.mode} "
+          f"method={args.method}")  # fmt: skip
+    header = f"{'split':<6} {'samples':>9} {'seconds':>8} {'samples/s':>11} {'padded':>7} {'mean score':>11} {'shown sim':>10}"
+    lines = [header]
+    for name in splits:
+        split = data.splits[name]
+        if args.limit is not None:
+            split = split.subset(np.arange(min(args.limit, len(split))))
+        n = len(split)
+        start = time.perf_counter()
+        retrieved_pos = retrieved_score = None
+        try:
+            if args.mode != "recent":
+                if args.method == "op":
+                    retrieved_pos, retrieved_score = retrieve(
+                        torch.from_numpy(emb), data.sequences, split, args.k, metric=args.metric,
+                        backend=args.backend, item_ids=emb_result.item_ids, device=device,
+                    )  # fmt: skip
+                else:
+                    retrieved_pos, retrieved_score = retrieve_global(
+                        emb, data.sequences, split, args.k, metric=args.metric, item_ids=emb_result.item_ids
+                    )
+                retrieved_pos, retrieved_score = retrieved_pos.numpy(), retrieved_score.numpy()
+        except (BackendUnavailableError, ValueError, RuntimeError) as exc:
+            print(f"error: {name}: {exc}", file=sys.stderr)
+            return 1
+        shown = shown_positions(data.sequences, split, args.k, args.mode, retrieved_pos, retrieved_score)
+        shown_score = _shown_scores(emb, rows, offsets, split, shown, args.metric)
+        seconds = time.perf_counter() - start  # retrieval + ordering + scoring of the shown items
+        flat = np.where(shown >= 0, offsets[split.user_index][:, None] + shown, 0)
+        shown_item = np.where(shown >= 0, data.sequences.items[flat], -1)
+        arrays = dict(user_index=split.user_index, pos=split.pos, item_id=split.item_id, shown_pos=shown,
+                      shown_item=shown_item, shown_score=shown_score)  # fmt: skip
+        if retrieved_pos is not None:
+            arrays.update(retrieved_pos=retrieved_pos, retrieved_score=retrieved_score)
+
+        def write_npz(fh, arrays=arrays):
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)
+            fh.write(buffer.getvalue())
+
+        atomic_write(dest / f"{name}.npz", write_npz)
+        valid = shown >= 0
+        ref_scores = retrieved_score if retrieved_score is not None else shown_score
+        stats = {
+            "samples": n,
+            "seconds": seconds,
+            "samples_per_s": n / seconds if seconds > 0 else float("inf"),
+            "fraction_padded": float(1 - valid.mean()) if shown.size else 0.0,
+            "mean_score": float(ref_scores[np.isfinite(ref_scores)].mean()) if np.isfinite(ref_scores).any() else None,
+            "mean_shown_similarity": float(shown_score[valid].mean()) if valid.any() else None,
+            "file": str(dest / f"{name}.npz"),
+        }
+        summary["splits"][name] = stats
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"
+        lines.append(f"{name:<6} {n:>9,} {seconds:>8.2f} {stats['samples_per_s']:>11,.0f} "
+                     f"{stats['fraction_padded']:>7.3f} {fmt(stats['mean_score']):>11} "
+                     f"{fmt(stats['mean_shown_similarity']):>10}")  # fmt: skip
+    payload = (json.dumps(summary, indent=2) + "\n").encode()
+    atomic_write(dest / "summary.json", lambda fh: fh.write(payload))
+    print("\n".join(lines))
+    print("padded: share of the K shown slots left empty (short histories); mean score: retrieved top-K "
+          "similarity (recent: of the shown items); shown sim: similarity of shown items to the target")
+    print(f"wrote {', '.join(f'{s}.npz' for s in splits)} and summary.json to {dest}")
+    return 0
