@@ -8,6 +8,15 @@ import torch
 VOCAB = 61
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny models gain nothing from intra-op threads, and on a shared, oversubscribed 2-core box OpenMP
+    # barriers make each tiny op take ~30 ms instead of ~0.02 ms; restore the setting afterwards
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 
 def tiny_llama(seed: int = 0, **kw):

@@ -7,7 +7,13 @@ import pytest
 import torch
 from conftest import model_inputs, tiny_llama
 
-from rellax_fast.cflora import CFLoRAConfig, cflora_condition, cflora_layers, clear_cflora_condition, inject_cflora
+from rellax_fast.cflora import (
+    CFLoRAConfig,
+    cflora_condition,
+    cflora_layers,
+    clear_cflora_condition,
+    inject_cflora,
+)
 
 COND = 6
 
