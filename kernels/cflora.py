@@ -189,11 +189,10 @@ def _cflora_fwd_gemm_kernel(
                 mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
     b_t = tl.load(b_ptr + cols[None, :] * stride_bn + rank[:, None] * stride_br,
                   mask=rank_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_N) = Bᵀ tile
+    t = (t.to(tl.float32) * SCALE).to(b_t.dtype)
     if UPCAST:
-        t = t.to(tl.float32) * SCALE
+        t = t.to(tl.float32)
         b_t = b_t.to(tl.float32)
-    else:
-        t = (t.to(tl.float32) * SCALE).to(b_t.dtype)
     acc = tl.dot(t, b_t, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
@@ -304,8 +303,9 @@ def _cflora_dx_kernel(
 
     d_s = tl.load(ds_ptr + rows[:, None] * stride_dsm + rank[None, :] * stride_dsr,
                   mask=row_ok[:, None] & rank_ok[None, :], other=0.0)  # fp32
-    if not UPCAST:
-        d_s = d_s.to(dx_ptr.dtype.element_ty)
+    d_s = d_s.to(x_ptr.dtype.element_ty)  # the dot dtype on the GPU; rounded the same when interpreting
+    if UPCAST:
+        d_s = d_s.to(tl.float32)
     if DROPOUT:
         keep = _keep_mask(rows, cols, N, KEY, THRESHOLD)
 
@@ -341,8 +341,6 @@ def _cflora_dx_kernel(
             x = tl.where(keep, x, tl.zeros_like(x))
         if UPCAST:
             x = x.to(tl.float32)
-        else:
-            x = x.to(d_s.dtype)
         part = tl.dot(tl.trans(d_s), x, input_precision=PRECISION)  # (BLOCK_R, BLOCK_N)
         if DROPOUT:
             part = part * KEEP_SCALE

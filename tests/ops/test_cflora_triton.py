@@ -1,0 +1,326 @@
+"""Tests of the fused Triton CFLoRA kernels (rellax_fast.kernels.cflora) against a float64 oracle.
+
+Run under the interpreter: ``TRITON_INTERPRET=1 .venv/bin/python -m pytest -m triton tests/ops/test_cflora_triton.py``.
+The ``cuda``-marked test at the end runs the same kernels compiled on a GPU (scripts/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TOLERANCES, assert_close
+
+from rellax_fast.ops.dropout import dropout_keep_mask_ref
+
+D_IN, D_OUT, N_SAMPLES, TOKENS = 100, 36, 3, 7
+GRAD_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "interaction")
+
+
+def _kernels():
+    from rellax_fast.kernels import cflora
+
+    return cflora
+
+
+def cflora_oracle(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed):
+    """float64 y and (S, T) straight from the DESIGN.md formulas; differentiable."""
+    x, weight, lora_a, lora_b = (t.double() for t in (x, weight, lora_a, lora_b))
+    x_drop = x
+    if dropout_p > 0:
+        keep = dropout_keep_mask_ref(x.numel(), dropout_p, seed, device=x.device).view(x.shape)
+        x_drop = x * keep.double() / (1.0 - dropout_p)
+    s = x_drop @ lora_a.T
+    if interaction is None:
+        t = s
+    elif interaction.dim() == 2:
+        t = s @ interaction.double().T
+    else:
+        per_row = interaction.double().repeat_interleave(rows_per_sample, dim=0)  # (M, r, r)
+        t = torch.einsum("mj,mij->mi", s, per_row)
+    y = x @ weight.T + scale * (t @ lora_b.T)
+    if bias is not None:
+        y = y + bias.double()
+    return y, s, t
+
+
+def make_inputs(r, dtype, c_kind, with_bias, m=N_SAMPLES * TOKENS, d_in=D_IN, d_out=D_OUT, n_samples=N_SAMPLES):
+    """Fresh random inputs of O(1) output scale, already rounded to ``dtype``."""
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
+
+    x = rnd(m, d_in)
+    weight = rnd(d_out, d_in, std=d_in ** -0.5)
+    bias = rnd(d_out) if with_bias else None
+    lora_a = rnd(r, d_in, std=d_in ** -0.5)
+    lora_b = rnd(d_out, r, std=r ** -0.5)
+    if c_kind == "none":
+        c = None
+    elif c_kind == "shared":
+        c = rnd(r, r, std=r ** -0.5)
+    else:
+        c = rnd(n_samples, r, r, std=r ** -0.5)
+    return x, weight, bias, lora_a, lora_b, c
+
+
+def check(got, want, dtype, name, scale=1.0):
+    """assert_close with the table tolerance for ``dtype``, keeping torch's mismatch report."""
+    assert_close(got, want, dtype, scale, msg=lambda report: f"{name}: {report}")
+
+
+def grad_scale(name, dtype, rows):
+    """Widening for gradients that sum ``rows`` products of an intermediate rounded to a 16-bit dtype
+    (dS and T live in x's dtype, as in any bf16/fp16 autograd): rounding error grows like sqrt(rows)."""
+    if dtype == torch.float32 or name not in ("lora_a", "lora_b", "interaction"):
+        return 1.0
+    return rows ** 0.5
+
+
+def oracle_grads(inputs, grad_y, rows_per_sample, scale, p, seed):
+    leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in inputs]
+    y, s, t = cflora_oracle(*leaves, rows_per_sample, scale, p, seed)
+    present = [leaf for leaf in leaves if leaf is not None]
+    grads = iter(torch.autograd.grad(y, present, grad_y.double()))
+    return y.detach(), s.detach(), t.detach(), [None if leaf is None else next(grads) for leaf in leaves]
+
+
+# ----------------------------------------------------------------------------------------------------
+# launcher-level: forward and every gradient, all C shapes, dropout, bias, dtypes, ranks
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c_kind", ["none", "shared", "per_sample"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+@pytest.mark.parametrize("r", [1, 4, 16])
+def test_launchers_match_float64_oracle(dtype, c_kind, dropout_p, r):
+    _check_fwd_bwd(dtype, c_kind, dropout_p, True, r)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c_kind", ["none", "per_sample"])
+def test_launchers_without_bias(dtype, c_kind):
+    _check_fwd_bwd(dtype, c_kind, 0.1, False, 4)
+
+
+def _check_fwd_bwd(dtype, c_kind, dropout_p, with_bias, r):
+    k = _kernels()
+    scale, seed = 0.75, 1234
+    inputs = make_inputs(r, dtype, c_kind, with_bias)
+    m = inputs[0].shape[0]
+    grad_y = torch.randn(m, D_OUT, dtype=torch.float64).to(dtype)
+    y_ref, s_ref, t_ref, grads_ref = oracle_grads(inputs, grad_y, TOKENS, scale, dropout_p, seed)
+
+    y, s, t = k.cflora_fwd(*inputs, TOKENS, scale, dropout_p, seed)
+    assert y.dtype == s.dtype == t.dtype == dtype
+    assert y.shape == (m, D_OUT) and s.shape == t.shape == (m, r)
+    check(s, s_ref, dtype, "S")
+    check(t, t_ref, dtype, "T")
+    check(y, y_ref, dtype, "y")
+
+    x, weight, bias, lora_a, lora_b, c = inputs
+    needs = [True, True, with_bias, True, True, c is not None]
+    grads = k.cflora_bwd(grad_y, x, weight, lora_a, lora_b, c, s, t, TOKENS, scale, dropout_p, seed, needs)
+    assert isinstance(grads, tuple) and len(grads) == 6
+    for name, got, want, inp in zip(GRAD_NAMES, grads, grads_ref, inputs):
+        if want is None:
+            assert got is None, f"d{name} should be None"
+            continue
+        assert got.shape == inp.shape and got.dtype == inp.dtype, f"d{name}: {got.shape} {got.dtype}"
+        check(got, want, dtype, f"d{name}", grad_scale(name, dtype, m))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_per_sample_one_row_each_and_noncontiguous_x(dtype):
+    """x (B, d_in) with per-sample C (rows_per_sample=1: every row its own C) and a strided x view."""
+    k = _kernels()
+    n, r, scale, p, seed = 19, 8, 2.0, 0.1, 99
+    inputs = list(make_inputs(r, dtype, "per_sample", True, m=n, n_samples=n))
+    inputs[0] = torch.randn(D_IN, n, dtype=torch.float64).to(dtype).T  # non-contiguous (n, d_in)
+    assert not inputs[0].is_contiguous()
+    grad_y = torch.randn(n, D_OUT, dtype=torch.float64).to(dtype)
+    y_ref, s_ref, t_ref, grads_ref = oracle_grads(inputs, grad_y, 1, scale, p, seed)
+    y, s, t = k.cflora_fwd(*inputs, 1, scale, p, seed)
+    check(y, y_ref, dtype, "y")
+    check(t, t_ref, dtype, "T")
+    x, weight, bias, lora_a, lora_b, c = inputs
+    grads = k.cflora_bwd(grad_y, x, weight, lora_a, lora_b, c, s, t, 1, scale, p, seed, [True] * 6)
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
+        check(got, want, dtype, f"d{name}", grad_scale(name, dtype, n))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("needs", [
+    (False, False, False, True, True, True),   # frozen base, x without grad: the usual LoRA case
+    (True, False, False, False, False, False),  # only dx
+    (False, True, True, False, False, False),  # only the base layer's grads
+    (False, False, False, False, True, False),  # only dB
+    (False, False, False, False, False, True),  # only dC
+], ids=["lora_only", "dx_only", "base_only", "db_only", "dc_only"])
+def test_backward_subsets_return_none_and_stay_correct(needs):
+    k = _kernels()
+    dtype, r, scale, p, seed = torch.float32, 4, 0.5, 0.1, 5
+    inputs = make_inputs(r, dtype, "per_sample", True)
+    m = inputs[0].shape[0]
+    grad_y = torch.randn(m, D_OUT, dtype=dtype)
+    *_, grads_ref = oracle_grads(inputs, grad_y, TOKENS, scale, p, seed)
+    x, weight, bias, lora_a, lora_b, c = inputs
+    y, s, t = k.cflora_fwd(*inputs, TOKENS, scale, p, seed)
+    grads = k.cflora_bwd(grad_y, x, weight, lora_a, lora_b, c, s, t, TOKENS, scale, p, seed, list(needs))
+    for name, need, got, want in zip(GRAD_NAMES, needs, grads, grads_ref):
+        if not need:
+            assert got is None, f"d{name} was not requested but returned"
+        else:
+            check(got, want, dtype, f"d{name}", grad_scale(name, dtype, m))
+
+
+# ----------------------------------------------------------------------------------------------------
+# poisoned buffers: every torch.empty output is NaN-filled; outputs must come back finite and right
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.parametrize("c_kind", ["shared", "per_sample"])
+def test_every_output_element_is_written(monkeypatch, c_kind):
+    k = _kernels()
+    real_empty = torch.empty
+    poisoned = []
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.is_floating_point():
+            out.fill_(float("nan"))
+            poisoned.append(out)
+        return out
+
+    dtype, r, scale, p, seed = torch.float16, 4, 1.5, 0.1, 3
+    inputs = make_inputs(r, dtype, c_kind, True)
+    m = inputs[0].shape[0]
+    grad_y = torch.randn(m, D_OUT, dtype=torch.float64).to(dtype)
+    y_ref, s_ref, t_ref, grads_ref = oracle_grads(inputs, grad_y, TOKENS, scale, p, seed)
+    x, weight, bias, lora_a, lora_b, c = inputs
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    y, s, t = k.cflora_fwd(*inputs, TOKENS, scale, p, seed)
+    grads = k.cflora_bwd(grad_y, x, weight, lora_a, lora_b, c, s, t, TOKENS, scale, p, seed, [True] * 6)
+    monkeypatch.undo()
+    assert any(y.data_ptr() == b.data_ptr() for b in poisoned), "y was not allocated with torch.empty"
+    assert len(poisoned) >= 6  # y, s, t, dS, dx, dW at least
+    for name, got, want in [("y", y, y_ref), ("s", s, s_ref), ("t", t, t_ref)] + list(
+            zip(("d" + g for g in GRAD_NAMES), grads, grads_ref)):
+        assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) elements"
+        check(got, want, dtype, name, grad_scale(name[1:], dtype, m))
+
+
+# ----------------------------------------------------------------------------------------------------
+# dropout: the in-kernel hash equals dropout_keep_mask_ref bit for bit, forward and backward
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.triton
+@pytest.mark.parametrize("seed", [0, 77, 2**40 + 3, -5])
+def test_dropout_mask_is_the_shared_hash(seed):
+    """Read the kernels' masks out exactly: forward with A = I gives S = drop(ones); backward with
+    W = 0, B = A = dY = 1 gives dx = drop'(1). Both must equal dropout_keep_mask_ref / (1 - p)."""
+    k = _kernels()
+    p, m, d = 0.3, 37, 100
+    keep = dropout_keep_mask_ref(m * d, p, seed).view(m, d)
+    expected = keep.to(torch.float32) * torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    assert 0 < keep.sum() < keep.numel()
+
+    ones = torch.ones(m, d)
+    eye = torch.eye(d)
+    _, s, _ = k.cflora_fwd(ones, torch.zeros(1, d), None, eye, torch.zeros(1, d), None, 1, 1.0, p, seed)
+    assert torch.equal(s != 0, keep), "forward mask differs from dropout_keep_mask_ref"
+    assert torch.equal(s, expected)
+
+    a, b = torch.ones(1, d), torch.ones(1, 1)
+    s1, t1 = torch.zeros(m, 1), torch.zeros(m, 1)
+    dx, *_ = k.cflora_bwd(torch.ones(m, 1), ones, torch.zeros(1, d), a, b, None, s1, t1, 1, 1.0, p, seed,
+                          [True, False, False, False, False, False])
+    assert torch.equal(dx != 0, keep), "backward mask differs from dropout_keep_mask_ref"
+    assert torch.equal(dx, expected)
+
+
+@pytest.mark.triton
+def test_dropout_is_deterministic_per_seed_and_p0_is_plain():
+    k = _kernels()
+    inputs = make_inputs(4, torch.float32, "shared", True)
+    y1, s1, _ = k.cflora_fwd(*inputs, TOKENS, 1.0, 0.1, 42)
+    y2, s2, _ = k.cflora_fwd(*inputs, TOKENS, 1.0, 0.1, 42)
+    y3, _, _ = k.cflora_fwd(*inputs, TOKENS, 1.0, 0.1, 43)
+    y0, s0, _ = k.cflora_fwd(*inputs, TOKENS, 1.0, 0.0, None)
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
+    assert not torch.equal(y1, y3)
+    assert not torch.equal(s1, s0)
+    assert_close(s0, cflora_oracle(*inputs, TOKENS, 1.0, 0.0, None)[1], torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# bad inputs
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.triton
+def test_launcher_rejects_bad_inputs():
+    k = _kernels()
+    x, w, b, a, lb, c = make_inputs(4, torch.float32, "per_sample", True)
+    with pytest.raises(ValueError, match="rows_per_sample"):
+        k.cflora_fwd(x, w, b, a, lb, c, TOKENS + 1, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="lora_a"):
+        k.cflora_fwd(x, w, b, a[:, :-1], lb, c, TOKENS, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="lora_b"):
+        k.cflora_fwd(x, w, b, a, lb[:, :-1], c, TOKENS, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="interaction"):
+        k.cflora_fwd(x, w, b, a, lb, c[:, :-1], TOKENS, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="seed"):
+        k.cflora_fwd(x, w, b, a, lb, c, TOKENS, 1.0, 0.2, None)
+    with pytest.raises(ValueError, match="dropout_p"):
+        k.cflora_fwd(x, w, b, a, lb, c, TOKENS, 1.0, 1.0, 1)
+    with pytest.raises(TypeError, match="float64"):
+        k.cflora_fwd(x, w.double(), b, a, lb, c, TOKENS, 1.0, 0.0, None)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        k.cflora_fwd(x.double(), w, b, a, lb, c, TOKENS, 1.0, 0.0, None)
+    big = torch.randn(k.MAX_RANK + 1, x.shape[1])
+    with pytest.raises(ValueError, match="rank"):
+        k.cflora_fwd(x, w, b, big, torch.randn(w.shape[0], k.MAX_RANK + 1), None, TOKENS, 1.0, 0.0, None)
+    y, s, t = k.cflora_fwd(x, w, b, a, lb, c, TOKENS, 1.0, 0.0, None)
+    with pytest.raises(ValueError, match="needs_grad"):
+        k.cflora_bwd(torch.ones_like(y), x, w, a, lb, c, s, t, TOKENS, 1.0, 0.0, None, [True] * 5)
+    with pytest.raises(ValueError, match="grad_y"):
+        k.cflora_bwd(torch.ones(3, 3), x, w, a, lb, c, s, t, TOKENS, 1.0, 0.0, None, [True] * 6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: the compiled kernels (bf16 tensor cores, GPU block sizes) on CUDA tensors
+# ----------------------------------------------------------------------------------------------------
+# Reductions here run 500-1000 terms deep and fp32 atomics add in any order, so the table's per-dtype
+# tolerance is doubled; the interpreter tests above use the table as is.
+GPU_WIDEN = 2.0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c_kind", ["none", "per_sample"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_triton_on_cuda_matches_oracle(dtype, c_kind, dropout_p):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run by scripts/gpu_check.sh)")
+    k = _kernels()
+    n_samples, tokens, d_in, d_out, r = 4, 77, 1000, 520, 16  # several blocks in every dimension
+    m = n_samples * tokens
+    scale, seed = 0.5, 11
+    inputs = make_inputs(r, dtype, c_kind, True, m=m, d_in=d_in, d_out=d_out, n_samples=n_samples)
+    grad_y = torch.randn(m, d_out, dtype=torch.float64).to(dtype)
+    y_ref, s_ref, t_ref, grads_ref = oracle_grads(inputs, grad_y, tokens, scale, dropout_p, seed)
+    cuda = [None if t is None else t.cuda() for t in inputs]
+    y, s, t = k.cflora_fwd(*cuda, tokens, scale, dropout_p, seed)
+    x, weight, bias, lora_a, lora_b, c = cuda
+    grads = k.cflora_bwd(grad_y.cuda(), x, weight, lora_a, lora_b, c, s, t, tokens, scale, dropout_p, seed,
+                         [True, True, True, True, True, c is not None])
+    torch.cuda.synchronize()
+    check(y, y_ref, dtype, "y", GPU_WIDEN)
+    check(t, t_ref, dtype, "T", GPU_WIDEN)
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
+        if want is None:
+            assert got is None
+        else:
+            assert torch.isfinite(got).all(), f"d{name} not finite"
+            check(got, want, dtype, f"d{name}", GPU_WIDEN * grad_scale(name, dtype, m))
+            rel = ((got.double().cpu() - want).norm() / want.norm()).item()
+            assert rel < TOLERANCES[dtype][0] / 2, f"d{name}: relative error norm {rel:.2e}"
