@@ -58,7 +58,7 @@ def case_cflora(dev: torch.device, backend: str) -> None:
         for c_shape, p in (((b, r, r), 0.1), ((r, r), 0.0), (None, 0.1)):
             gen = torch.Generator().manual_seed(0)
 
-            def rnd(*shape):
+            def rnd(*shape, gen=gen, dtype=dtype):
                 return torch.randn(*shape, generator=gen).to(dev, dtype).requires_grad_(True)
 
             x, w, bias = rnd(b, t, d_in), rnd(d_out, d_in), rnd(d_out)

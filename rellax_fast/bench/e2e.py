@@ -269,11 +269,7 @@ def _train_provider(name: str, kind: str, backend: Optional[str], base, spec: E2
     row = _row("train", name, ids.shape[0], ids.shape[1], ms=ms, tokens_per_s=tokens / (ms / 1e3),
                peak_mem_mb=peak, resident_mb=None if alloc0 is None else resident - alloc0,
                loss=first_loss, note="; ".join(note))
-    del model, forward, optimizer, params, losses
-    if kind == "peft-compile":
-        torch._dynamo.reset()
-    _free(device)
-    return row
+    return row  # the model and optimizer die with this frame; the caller frees the cache
 
 
 def bench_training(base, spec: E2ESize, device, dtype, warmup: int, repeat: int, compile_backend: str,
@@ -292,10 +288,10 @@ def bench_training(base, spec: E2ESize, device, dtype, warmup: int, repeat: int,
             row = _train_provider(name, kind, backend, base, spec, device, dtype, ids, cond, warmup, repeat,
                                   compile_backend)
         except Exception as exc:  # one provider's failure must not hide the others: record it
-            _free(device)
-            if kind == "peft-compile":
-                torch._dynamo.reset()
             row = _row("train", name, spec.train_batch, spec.seq, note=_error_note(exc))
+        if kind == "peft-compile":
+            torch._dynamo.reset()
+        _free(device)
         rows.append(row)
         progress(list(done) + rows)
     return rows
@@ -348,7 +344,7 @@ def _infer_provider(name: str, base, spec: E2ESize, device, dtype, prompts, cond
         cond = conds[batch]
         condition = (lambda c=cond: cflora_condition(model, c)) if needs_cond else contextlib.nullcontext
         with torch.inference_mode():
-            def prefill(p=prompt):
+            def prefill(p=prompt, condition=condition):
                 with condition():
                     return model(input_ids=p, use_cache=True)
 
@@ -359,7 +355,7 @@ def _infer_provider(name: str, base, spec: E2ESize, device, dtype, prompts, cond
                 raise FloatingPointError(f"{name}: non-finite prefill logits at batch {batch}")
             del out
 
-            def decode(tok=next_token, kv=cache, length=prompt.shape[1]):
+            def decode(tok=next_token, kv=cache, length=prompt.shape[1], condition=condition):
                 with condition():
                     logits = model(input_ids=tok, past_key_values=kv, use_cache=True).logits
                 extra = kv.get_seq_length() - length
@@ -373,10 +369,7 @@ def _infer_provider(name: str, base, spec: E2ESize, device, dtype, prompts, cond
                 peak = report.peak_memory_mb(fn, device)
                 rows.append(_row(phase, name, batch, prompt.shape[1], ms=ms, tokens_per_s=tokens / (ms / 1e3),
                                  peak_mem_mb=peak, note=note))
-            del cache, next_token
-    del model
-    _free(device)
-    return rows
+    return rows  # the model dies with this frame; the caller frees the cache
 
 
 def bench_inference(base, spec: E2ESize, device, dtype, warmup: int, repeat: int,
@@ -395,10 +388,10 @@ def bench_inference(base, spec: E2ESize, device, dtype, warmup: int, repeat: int
         try:
             rows += _infer_provider(name, base, spec, device, dtype, prompts, conds, warmup, repeat)
         except Exception as exc:
-            _free(device)
             note = _error_note(exc)
             rows += [_row(phase, name, b, spec.prompt, note=note)
                      for b in spec.infer_batches for phase in ("prefill", "decode")]
+        _free(device)
         progress(done + rows)
     baseline = {(r["phase"], r["batch"]): r for r in rows if r["provider"] == INFER_BASELINE}
     for r in rows:
@@ -443,8 +436,6 @@ def plot(rows: Sequence[Dict[str, object]], path: str) -> str:
 def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     """Run the e2e suite for ``args`` (size, device, dtype, warmup, repeat, out; optional
     ``compile_backend``, default inductor) and return ``(rows, meta)``."""
-    import torch
-
     from . import report
 
     size = resolve_size(args.size)
