@@ -21,6 +21,7 @@ from .interaction import (
 )
 from .layers import CFLoRALinear
 from .model import (
+    cflora_checkpoint_context_fn,
     cflora_condition,
     cflora_layers,
     cflora_trainable_parameters,
@@ -45,6 +46,7 @@ __all__ = [
     "build_interaction",
     "inject_cflora",
     "cflora_condition",
+    "cflora_checkpoint_context_fn",
     "clear_cflora_condition",
     "cflora_layers",
     "cflora_trainable_parameters",

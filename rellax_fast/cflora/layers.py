@@ -9,7 +9,8 @@ Conditioning: :func:`rellax_fast.cflora.cflora_condition` puts one :class:`Condi
 of a model. The slot stays on the layers after the ``with`` block exits, marked inactive, so that the
 recomputation of gradient checkpointing (which runs inside ``backward()``, usually after the block has
 exited) sees the same cond; outside a backward pass an inactive slot is an error, never a silent
-identity. The slot lives on the module instances (no global state), so DDP replicas are independent.
+identity. (For several conditioned forwards before one backward, ``cflora_checkpoint_context_fn``
+replays each forward's own slot during its recomputation.) The slot lives on the module instances (no global state), so DDP replicas are independent.
 """
 
 from __future__ import annotations

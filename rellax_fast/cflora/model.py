@@ -145,8 +145,9 @@ def cflora_condition(model: nn.Module, cond: torch.Tensor) -> Iterator[nn.Module
     multiple of B (``generate()`` with beams / ``num_return_sequences``) repeats each sample's C.
     After the block, the layers keep ``cond`` marked inactive: only a backward pass (the recomputation
     of gradient checkpointing) may still use it; a forward outside a block raises. With gradient
-    checkpointing, run the backward of a conditioned forward before the next block's forward
-    (the usual training loop does).
+    checkpointing, run the backward of a conditioned forward before the next block's forward (the
+    usual training loop does), or pass :func:`cflora_checkpoint_context_fn` to the checkpoint function,
+    which replays each checkpointed forward's own cond exactly.
     """
     layers = _require_layers(model, "cflora_condition")
     cond_dim = layers[0][1].cflora_config.cond_dim
@@ -170,6 +171,34 @@ def cflora_condition(model: nn.Module, cond: torch.Tensor) -> Iterator[nn.Module
         yield model
     finally:
         slot.active = False
+
+
+def cflora_checkpoint_context_fn(model: nn.Module):
+    """A ``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant) that makes every recomputation
+    use the cond of its own forward, even when several conditioned forwards run before one backward::
+
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": cflora_checkpoint_context_fn(model)})
+    """
+    layers = [layer for _, layer in _require_layers(model, "cflora_checkpoint_context_fn")]
+
+    @contextlib.contextmanager
+    def _replay(slots):
+        current = [layer._cflora_slot for layer in layers]
+        for layer, slot in zip(layers, slots):
+            layer._cflora_slot = slot
+        try:
+            yield
+        finally:
+            for layer, slot in zip(layers, current):
+                layer._cflora_slot = slot
+
+    def context_fn():
+        # called at forward time: capture the slots this forward sees, replay them at recomputation
+        slots = [layer._cflora_slot for layer in layers]
+        return contextlib.nullcontext(), _replay(slots)
+
+    return context_fn
 
 
 def clear_cflora_condition(model: nn.Module) -> None:

@@ -145,3 +145,32 @@ def test_ddp_single_process(tmp_path):
                 torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-6, msg=name)
     finally:
         dist.destroy_process_group()
+
+
+def test_checkpoint_context_fn_replays_each_forwards_own_cond():
+    # two conditioned forwards, one backward: the recomputation of the first must see the first cond
+    from rellax_fast.cflora import cflora_checkpoint_context_fn
+
+    model = _conditioned_llama()
+    model.train()
+    a, b = model_inputs(seed=1), model_inputs(seed=2)
+    cond_a, cond_b = torch.randn(3, COND), torch.randn(3, COND)
+
+    def two_forwards_one_backward():
+        model.zero_grad(set_to_none=True)
+        with cflora_condition(model, cond_a):
+            loss_a = model(**a, labels=a["input_ids"]).loss
+        with cflora_condition(model, cond_b):
+            loss_b = model(**b, labels=b["input_ids"]).loss
+        (loss_a + loss_b).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref = two_forwards_one_backward()
+    kwargs = {"use_reentrant": False, "context_fn": cflora_checkpoint_context_fn(model)}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    got = two_forwards_one_backward()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -192,3 +192,28 @@ def test_backend_switch():
             logits_of(model, inputs)
     with pytest.raises(ValueError, match="backend must be"):
         set_cflora_backend(model, "fast")
+
+
+def test_inject_logs_trainable_parameters(caplog):
+    import logging
+
+    model = tiny_llama()
+    with caplog.at_level(logging.INFO, logger="rellax_fast.cflora"):
+        inject_cflora(model, CFLoRAConfig(r=4, target_modules=["q_proj"]))
+    trainable, total = cflora_trainable_parameters(model)
+    assert trainable == 2 * (4 * 32 + 32 * 4)  # two layers of A (4x32) and B (32x4)
+    assert f"trainable params {trainable} || all params {total}" in caplog.text
+
+
+def test_bf16_model_trains_in_bf16():
+    model = tiny_llama().to(torch.bfloat16)
+    inject_cflora(model, CFLoRAConfig(r=4, target_modules=["q_proj", "down_proj"], interaction="moe", cond_dim=3,
+                                      n_experts=2, init_lora="random"))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    model.train()
+    inputs = model_inputs()
+    with cflora_condition(model, torch.randn(3, 3)):  # float32 cond is cast to the generator's dtype
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
