@@ -22,14 +22,13 @@ def _kernels():
     return cflora
 
 
-def cflora_oracle(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed):
-    """float64 y and (S, T) straight from the DESIGN.md formulas; differentiable."""
-    x, weight, lora_a, lora_b = (t.double() for t in (x, weight, lora_a, lora_b))
-    x_drop = x
+def st_oracle(x, lora_a, interaction, rows_per_sample, dropout_p, seed):
+    """float64 S = drop(x) Aᵀ and T = S Cᵀ (the saved activations; cflora_linear_ref does not expose them)."""
+    x = x.double()
     if dropout_p > 0:
         keep = dropout_keep_mask_ref(x.numel(), dropout_p, seed, device=x.device).view(x.shape)
-        x_drop = x * keep.double() / (1.0 - dropout_p)
-    s = x_drop @ lora_a.T
+        x = x * keep.double() / (1.0 - dropout_p)
+    s = x @ lora_a.double().T
     if interaction is None:
         t = s
     elif interaction.dim() == 2:
@@ -37,10 +36,7 @@ def cflora_oracle(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample,
     else:
         per_row = interaction.double().repeat_interleave(rows_per_sample, dim=0)  # (M, r, r)
         t = torch.einsum("mj,mij->mi", s, per_row)
-    y = x @ weight.T + scale * (t @ lora_b.T)
-    if bias is not None:
-        y = y + bias.double()
-    return y, s, t
+    return s, t
 
 
 def make_inputs(r, dtype, c_kind, with_bias, m=N_SAMPLES * TOKENS, d_in=D_IN, d_out=D_OUT, n_samples=N_SAMPLES):
@@ -78,11 +74,21 @@ def grad_scale(name, dtype, rows):
 
 
 def oracle_grads(inputs, grad_y, rows_per_sample, scale, p, seed):
+    """float64 y, S, T and every gradient, from the op's own reference (rellax_fast.ops.cflora_linear_ref)."""
+    from rellax_fast.ops import cflora_linear_ref
+
     leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in inputs]
-    y, s, t = cflora_oracle(*leaves, rows_per_sample, scale, p, seed)
+    x, weight, bias, lora_a, lora_b, c = leaves
+    if c is not None and c.dim() == 3:
+        x_in = x.view(c.shape[0], rows_per_sample, x.shape[-1]) if rows_per_sample > 1 else x
+    else:
+        x_in = x
+    y = cflora_linear_ref(x_in, weight, bias, lora_a, lora_b, c, scale=scale, dropout_p=p, seed=seed)
+    y = y.reshape(-1, weight.shape[0])
     present = [leaf for leaf in leaves if leaf is not None]
     grads = iter(torch.autograd.grad(y, present, grad_y.double()))
-    return y.detach(), s.detach(), t.detach(), [None if leaf is None else next(grads) for leaf in leaves]
+    s, t = st_oracle(x.detach(), lora_a.detach(), None if c is None else c.detach(), rows_per_sample, p, seed)
+    return y.detach(), s, t, [None if leaf is None else next(grads) for leaf in leaves]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +256,7 @@ def test_dropout_is_deterministic_per_seed_and_p0_is_plain():
     assert torch.equal(y1, y2) and torch.equal(s1, s2)
     assert not torch.equal(y1, y3)
     assert not torch.equal(s1, s0)
-    assert_close(s0, cflora_oracle(*inputs, TOKENS, 1.0, 0.0, None)[1], torch.float32)
+    check(s0, st_oracle(inputs[0], inputs[3], inputs[5], TOKENS, 0.0, None)[0], torch.float32, "S")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,6 +290,80 @@ def test_launcher_rejects_bad_inputs():
         k.cflora_bwd(torch.ones_like(y), x, w, a, lb, c, s, t, TOKENS, 1.0, 0.0, None, [True] * 5)
     with pytest.raises(ValueError, match="grad_y"):
         k.cflora_bwd(torch.ones(3, 3), x, w, a, lb, c, s, t, TOKENS, 1.0, 0.0, None, [True] * 6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the public op: rellax_fast.ops.cflora_linear(..., backend="triton") with autograd
+# ----------------------------------------------------------------------------------------------------
+def _spy_launchers(monkeypatch):
+    k = _kernels()
+    calls = {"cflora_fwd": 0, "cflora_bwd": 0}
+    for name in calls:
+        real = getattr(k, name)
+
+        def spy(*args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(k, name, spy)
+    return calls
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c_kind", ["none", "shared", "per_sample"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_cflora_linear_triton_backend_autograd(monkeypatch, dtype, c_kind, dropout_p):
+    from rellax_fast.ops import cflora_linear, cflora_linear_ref
+
+    calls = _spy_launchers(monkeypatch)
+    r, scale, seed = 4, 0.5, 2024
+    x, weight, bias, lora_a, lora_b, c = make_inputs(r, dtype, c_kind, True)
+    x = x.view(N_SAMPLES, TOKENS, D_IN)
+    train_base = c_kind == "shared"  # also differentiate W and b in one setting
+    leaves = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, "interaction": c}
+    wants_grad = {name: t is not None and (train_base or name not in ("weight", "bias"))
+                  for name, t in leaves.items()}
+    ours = {n: t.clone().requires_grad_(wants_grad[n]) if t is not None else None for n, t in leaves.items()}
+    refs = {n: t.double().requires_grad_(wants_grad[n]) if t is not None else None for n, t in leaves.items()}
+
+    y = cflora_linear(*ours.values(), scale=scale, dropout_p=dropout_p, seed=seed, backend="triton")
+    y_ref = cflora_linear_ref(*refs.values(), scale=scale, dropout_p=dropout_p, seed=seed)
+    assert y.shape == (N_SAMPLES, TOKENS, D_OUT) and y.dtype == dtype
+    check(y, y_ref, dtype, "y")
+    grad_y = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    y.backward(grad_y)
+    y_ref.backward(grad_y.double())
+    assert calls == {"cflora_fwd": 1, "cflora_bwd": 1}, f"the triton launchers were not used: {calls}"
+    for name, t in ours.items():
+        if t is None:
+            continue
+        if not wants_grad[name]:
+            assert t.grad is None
+            continue
+        assert t.grad is not None and t.grad.dtype == dtype, f"d{name} missing"
+        check(t.grad, refs[name].grad, dtype, f"d{name}", grad_scale(name, dtype, N_SAMPLES * TOKENS))
+
+
+@pytest.mark.triton
+def test_cflora_linear_triton_per_sample_2d_x_and_seed_reproducibility():
+    from rellax_fast.ops import cflora_linear, cflora_linear_ref
+
+    n, r = 11, 16
+    x, weight, bias, lora_a, lora_b, c = make_inputs(r, torch.float32, "per_sample", False, m=n, n_samples=n)
+    lora_a.requires_grad_(True)
+    y1 = cflora_linear(x, weight, bias, lora_a, lora_b, c, scale=1.0, dropout_p=0.2, seed=8, backend="triton")
+    y2 = cflora_linear(x, weight, bias, lora_a, lora_b, c, scale=1.0, dropout_p=0.2, seed=8, backend="triton")
+    assert torch.equal(y1, y2)
+    (g1,) = torch.autograd.grad(y1.sum(), lora_a)
+    (g2,) = torch.autograd.grad(y2.sum(), lora_a)
+    assert torch.equal(g1, g2)
+    a64 = lora_a.detach().double().requires_grad_(True)
+    y_ref = cflora_linear_ref(x.double(), weight.double(), None, a64, lora_b.double(), c.double(),
+                              scale=1.0, dropout_p=0.2, seed=8)
+    (g_ref,) = torch.autograd.grad(y_ref.sum(), a64)
+    check(y1, y_ref, torch.float32, "y")
+    check(g1, g_ref, torch.float32, "dlora_a")
 
 
 # ----------------------------------------------------------------------------------------------------
