@@ -230,6 +230,9 @@ def cached_item_embeddings(
             encoder = encoder_factory()
         identity = encoder.identity()
     item_ids, texts = list(item_ids), list(texts)
+    if pca_dims is not None and not 1 <= pca_dims <= len(item_ids):
+        # checked before encoding (postprocess checks the full bound, min(n_items, d), afterwards)
+        raise ValueError(f"pca_dims must be in [1, n_items={len(item_ids)}]; got {pca_dims}")
     key = cache_key(dataset, identity, item_ids, texts, pca_dims=pca_dims, normalize=normalize)
     array_path, meta_path = cache_paths(cache_dir, dataset, identity)
 
