@@ -142,7 +142,7 @@ def _faiss_index(emb: np.ndarray, use_gpu: Optional[bool]):
 
     index = faiss.IndexFlatIP(emb.shape[1])
     gpu = False
-    if use_gpu is not False and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+    if use_gpu and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
         resources = faiss.StandardGpuResources()
         index = faiss.index_cpu_to_gpu(resources, 0, index)
         index._rellax_resources = resources  # keep the GPU resources alive as long as the index
@@ -153,10 +153,19 @@ def _faiss_index(emb: np.ndarray, use_gpu: Optional[bool]):
     return index, gpu
 
 
+def _faiss_has_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 def global_rankings(
     item_emb, target_rows: np.ndarray, top_n: int, *, metric: str = "cosine", use_gpu=None, show_progress=None
 ):
-    """faiss rankings of all items for each target row: (ids (T, N) int64, scores (T, N) float32, on_gpu)."""
+    """faiss rankings of all items for each target row: (ids (T, N) int64, scores (T, N) float32, on_gpu).
+
+    ``use_gpu``: True = a faiss GPU index (error when faiss has no GPU support); otherwise the CPU index.
+    """
     emb = np.ascontiguousarray(_np(item_emb), dtype=np.float32)
     if metric == "cosine":
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
@@ -193,9 +202,13 @@ def retrieve_global(
 
     ``top_n``: how much of each target's ranking faiss returns (default min(n_items, 4096); at most 2048 on
     a faiss GPU index). History items outside it are scored exactly and ranked after it.
-    ``use_gpu``: None = a faiss GPU index when faiss-gpu and a GPU are present; True requires it.
+    ``use_gpu``: None = a faiss GPU index when ``item_emb`` is a CUDA tensor and faiss-gpu sees a GPU (else
+    the CPU index); True requires the GPU index (clear error without faiss-gpu); False forces the CPU.
     """
     import torch
+
+    if use_gpu is None:
+        use_gpu = bool(getattr(item_emb, "is_cuda", False)) and _faiss_has_gpu()
 
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
@@ -331,6 +344,9 @@ def order_retrieved(retrieved_pos, mode: str, k: Optional[int] = None, retrieved
     big = np.iinfo(np.int64).max
     ordered = np.sort(np.where(valid, rp, big), axis=1)
     return np.where(ordered == big, -1, ordered)
+
+
+order_history = order_retrieved  # the name used in the SUBR issue text
 
 
 def shown_positions(sequences, split, k: int, mode: str, retrieved_pos=None, retrieved_score=None) -> np.ndarray:

@@ -132,3 +132,16 @@ def test_build_encoder_kinds():
     assert identity_for(kind="hf-lm", device="cpu") == enc.identity()
     with pytest.raises(ValueError, match="batch_size"):
         HFLMEncoder(model=enc.model, tokenizer=enc.tokenizer, batch_size=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hf_lm_encoder_runs_bf16_on_gpu_and_matches_fp32_cpu(minilm_tokenizer):
+    model = _tiny_llama(minilm_tokenizer)
+    cpu = HFLMEncoder(model=model, tokenizer=minilm_tokenizer, device="cpu").encode(TEXTS, show_progress=False)
+    gpu_enc = HFLMEncoder(model=model, tokenizer=minilm_tokenizer, device="cuda")
+    assert gpu_enc.dtype == torch.bfloat16 and next(gpu_enc.model.parameters()).dtype == torch.bfloat16
+    gpu = gpu_enc.encode(TEXTS, show_progress=False)
+    assert gpu.dtype == np.float32
+    cos = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
+    assert (cos > 0.99).all()  # bf16 weights/activations, fp32 pooling

@@ -189,3 +189,23 @@ def test_modes_on_real_retrieval_are_permutations_of_one_set():
         assert sorted(a[:n]) == sorted(b[:n]) == sorted(c[:n]) and (a[n:] == -1).all()
         assert (np.diff(a[:n]) > 0).all()  # time order
         assert c[:n].tolist() == b[:n][::-1].tolist()
+
+
+def test_global_ranking_gpu_request_without_faiss_gpu_is_a_clear_error():
+    import faiss
+
+    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        pytest.skip("faiss-gpu with a GPU is present: the GPU path is covered by the cuda-marked test")
+    emb, seq, split, _ = make_data([3, 4])
+    with pytest.raises(RuntimeError, match="faiss-gpu"):
+        retrieve_global(emb, seq, split, 2, use_gpu=True, show_progress=False)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_global_ranking_on_cuda_tensors_matches_op():
+    emb, seq, split, _ = make_data(LENGTHS, seed=11)
+    emb_cuda = torch.from_numpy(emb).cuda()
+    op_pos, op_score = retrieve(emb_cuda, seq, split, 5, show_progress=False)
+    gl_pos, gl_score = retrieve_global(emb_cuda, seq, split, 5, show_progress=False)  # GPU index if faiss-gpu
+    assert_same_topk(gl_pos.numpy(), gl_score.numpy(), op_pos.numpy(), op_score.numpy())
