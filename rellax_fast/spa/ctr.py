@@ -69,9 +69,9 @@ def din_outputs(model: DIN, data, vocab: np.ndarray, split: str) -> Tuple[torch.
     return predict(model, split_arrays(data, split, vocab, model.config.max_history), with_h=True)
 
 
-def save_ctr(model: DIN, vocab: np.ndarray, report: Optional[DINReport], path) -> Path:
+def save_ctr(model: DIN, vocab: np.ndarray, report: Optional[DINReport], path, extra: Optional[dict] = None) -> Path:
     path = Path(path)
-    save_din(model, path, extra={"report": asdict(report) if report is not None else None})
+    save_din(model, path, extra={"report": asdict(report) if report is not None else None, **(extra or {})})
     fd, tmp = tempfile.mkstemp(dir=path, suffix=".npy.tmp")
     with os.fdopen(fd, "wb") as f:
         np.save(f, np.asarray(vocab, dtype=np.int64))

@@ -258,7 +258,7 @@ def train_din(
             opt.step()
             total += float(loss.detach()) * len(b)
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss):.4f}")
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         bar.close()
         val = ctr_metrics(valid.label.numpy(), predict(model, valid).numpy())
         report.history.append({"epoch": epoch + 1, "train_loss": total / len(train), **{f"valid_{k}": v for k, v in val.items()}})

@@ -74,6 +74,7 @@ class ReLLaXOptions:
     target_modules: Optional[List[str]] = None  # None: per-architecture default (q and v projections)
     use_spa: bool = True
     gradient_checkpointing: bool = False
+    backend: Optional[str] = None  # ops.cflora_linear backend of every CFLoRA layer (None: automatic)
     extra: Dict = field(default_factory=dict)
 
 
@@ -106,7 +107,7 @@ class ReLLaXModel(nn.Module):
         targets = options.target_modules or default_target_modules(model_type)
         self.cflora_config = CFLoRAConfig(
             r=options.r, alpha=options.alpha, dropout=options.dropout, target_modules=targets,
-            interaction=options.interaction, n_experts=options.n_experts,
+            interaction=options.interaction, n_experts=options.n_experts, backend=options.backend,
             cond_dim=cond_dim if options.interaction in ("full", "moe", "recrank1") else None,
         )  # fmt: skip
         inject_cflora(backbone, self.cflora_config)  # freezes the base weights

@@ -55,6 +55,7 @@ class PipelineConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     n_experts: int = 4
+    cflora_backend: Optional[str] = None
     seed: int = 0
     placeholder: str = "<spa>"
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -148,8 +149,8 @@ def build_rellax(backbone, kind: str, tokenizer, spec: VariantSpec, cfg: Pipelin
     from rellax_fast.data.collate import yes_no_token_ids
 
     options = ReLLaXOptions(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, interaction=spec.interaction,
-                            n_experts=cfg.n_experts, use_spa=spec.spa,
-                            gradient_checkpointing=getattr(cfg.train, "gradient_checkpointing", False))  # fmt: skip
+                            n_experts=cfg.n_experts, use_spa=spec.spa, backend=cfg.cflora_backend,
+                            gradient_checkpointing=cfg.train.gradient_checkpointing)  # fmt: skip
     return ReLLaXModel(
         backbone, kind, yes_no_token_ids(tokenizer, kind), options,
         item_table=din.item_embeddings(), item_ids=torch.as_tensor(vocab),
@@ -169,6 +170,11 @@ def save_run(run_dir: Path, model: ReLLaXModel, meta: dict) -> None:
     tmp = run_dir / ".trainable.safetensors.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, run_dir / "trainable.safetensors")
+    buffers = {k: v.detach().contiguous().cpu() for k, v in model.named_buffers()
+               if not k.startswith("backbone.") and k not in ("answer_token_ids",)}  # fmt: skip
+    tmp = run_dir / ".buffers.safetensors.tmp"
+    save_file(buffers, str(tmp))
+    os.replace(tmp, run_dir / "buffers.safetensors")
     save_cflora(model.backbone, run_dir / "adapter")
     atomic_write_text(run_dir / "rellax.json", json.dumps(meta, indent=2, default=str))
 

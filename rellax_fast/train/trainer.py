@@ -31,6 +31,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     eval_batch_size: int = 64
+    gradient_checkpointing: bool = False
     progress: bool = True
     stop_after_steps: Optional[int] = None  # testing hook: raise KeyboardInterrupt after this global step
 

@@ -1,0 +1,172 @@
+"""``rellax-fast eval``: score a saved ReLLaX run on a split of its dataset, or on a JSONL file of samples.
+
+The run folder (from ``rellax-fast train`` or ``demo``) holds ``rellax.json`` and ``trainable.safetensors``;
+the backbone is reloaded from the path recorded there and the frozen DIN from the run's CTR folder.
+
+JSONL input: one sample per line, ``{"user_id": 1, "item_id": 50, "history": [12, 7, ...],
+"history_ratings": [4, 5, ...], "label": 1}`` (history oldest first; ``history_timestamps`` and
+``label`` optional). Output: ``metrics.json`` (when labels are known) and ``predictions.jsonl`` in
+``--out`` (default ``<run>/eval-<split>`` or ``<run>/eval-jsonl``), plus a Markdown line on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="a run folder written by `rellax-fast train` or `demo`")
+    parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    parser.add_argument("--n", type=int, default=None, help="samples to score (default: the run's --n-test; 0: all)")
+    parser.add_argument("--jsonl", default=None, help="score the samples of this JSONL file instead of a split")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(out=None, dataset=None)
+
+
+def load_run(run_dir, data=None, log=print):
+    """Rebuild the trained model of ``run_dir``. Returns (model, tokenizer, kind, meta, cfg, spec, data, ctr)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from ..spa.ctr import load_ctr
+    from .pipeline import PipelineConfig, VariantSpec, build_rellax, load_tokenizer_and_backbone
+    from .trainer import TrainConfig
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "rellax.json").exists():
+        raise FileNotFoundError(f"{run_dir}: no rellax.json; is this a finished run folder?")
+    meta = json.loads((run_dir / "rellax.json").read_text())
+    pc = dict(meta["pipeline"])
+    pc["train"] = TrainConfig(**pc["train"])
+    pc["model"] = meta["model"]
+    cfg = PipelineConfig(**pc)
+    spec = VariantSpec(**meta["variant"])
+    din, vocab, _ = load_ctr(meta["ctr_dir"])
+    tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, meta["kind"])
+    saved = load_file(str(run_dir / "trainable.safetensors"))
+    # the condition statistics are buffers: rebuild with placeholders, then load every saved tensor
+    model = build_rellax(backbone, kind, tokenizer, spec, cfg, din, vocab,
+                         (torch.zeros(din.config.h_dim), torch.ones(din.config.h_dim)))  # fmt: skip
+    extra = load_file(str(run_dir / "buffers.safetensors")) if (run_dir / "buffers.safetensors").exists() else {}
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for k, v in saved.items():
+            if k not in params:
+                raise KeyError(f"{run_dir}: saved tensor {k} does not exist in the rebuilt model")
+            params[k].copy_(v)
+        for k, v in extra.items():
+            buffers[k].copy_(v)
+    model.eval()
+    return model, tokenizer, kind, meta, cfg, spec, din, vocab
+
+
+def jsonl_split(path, data):
+    """A CTRData-like view and CTRSplit over the samples of a JSONL file (one pseudo-user per line)."""
+    import json
+    from copy import copy
+
+    import numpy as np
+
+    from rellax_fast.data.ctr import CTRSplit, UserSequences
+
+    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    if not rows:
+        raise ValueError(f"{path}: no samples")
+    items, ratings, stamps, offsets, users, has_label, labels = [], [], [], [0], [], True, []
+    for n, r in enumerate(rows, 1):
+        for key in ("user_id", "item_id", "history"):
+            if key not in r:
+                raise ValueError(f"{path}: line {n}: missing {key!r} (need user_id, item_id, history)")
+        hist = [int(i) for i in r["history"]]
+        hr = r.get("history_ratings") or [0.0] * len(hist)
+        if len(hr) != len(hist):
+            raise ValueError(f"{path}: line {n}: history_ratings has {len(hr)} values for {len(hist)} history items")
+        ts = r.get("history_timestamps") or list(range(len(hist)))
+        items += hist + [int(r["item_id"])]
+        ratings += [float(x) for x in hr] + [0.0]
+        stamps += [int(t) for t in ts] + [int(ts[-1]) + 1 if ts else 0]
+        offsets.append(len(items))
+        users.append(int(r["user_id"]))
+        has_label = has_label and "label" in r
+        labels.append(int(r.get("label", 0)))
+    seq = UserSequences(np.array(users, np.int64), np.array(offsets, np.int64), np.array(items, np.int64),
+                        np.array(ratings, np.float32), np.array(stamps, np.int64))  # fmt: skip
+    n = len(rows)
+    pos = np.diff(seq.offsets) - 1
+    flat = seq.offsets[:-1] + pos
+    split = CTRSplit(seq, np.arange(n, dtype=np.int64), pos, seq.user_ids, seq.items[flat], seq.ratings[flat],
+                     np.array(labels, np.int8), seq.timestamps[flat])  # fmt: skip
+    view = copy(data)
+    view.sequences = seq
+    view.splits = {"jsonl": split}
+    return view, split, has_label
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..spa.ctr import split_arrays
+    from ..spa.din import atomic_write_text, predict
+    from .metrics import ctr_metrics, markdown_table, write_metrics_json
+    from .pipeline import item_embeddings, make_samples, shown_positions_for, subsample
+    from .trainer import PromptDataset, predict_proba
+
+    run_dir = Path(args.run)
+    model, tokenizer, kind, meta, cfg, spec, din, vocab = load_run(run_dir)
+    from rellax_fast.data import load_dataset, prepare_ctr
+
+    dataset = args.dataset or meta["dataset"]
+    data = prepare_ctr(load_dataset(dataset, data_dir=args.data_dir), seed=cfg.seed)
+    if args.jsonl:
+        view, split, has_label = jsonl_split(args.jsonl, data)
+        # DIN's user embedding: the user's row in the dataset's sequences (unknown users: row 0)
+        arrays = split_arrays(view, "jsonl", vocab, din.config.max_history)
+        known = np.searchsorted(data.sequences.user_ids, split.user_id)
+        known = np.clip(known, 0, len(data.sequences.user_ids) - 1)
+        import torch
+
+        arrays.user = torch.from_numpy(np.where(data.sequences.user_ids[known] == split.user_id, known, 0))
+        out = Path(args.out) if args.out else run_dir / "eval-jsonl"
+    else:
+        view, has_label = data, True
+        full = data.splits[args.split]
+        n = cfg.n_test if args.n is None else args.n
+        index = subsample(len(full), n, cfg.seed + 1) if args.split == "test" else subsample(len(full), n, cfg.seed + 2)
+        split = full.subset(index)
+        view = _with_split(data, args.split, split)
+        arrays = split_arrays(view, args.split, vocab, din.config.max_history)
+        out = Path(args.out) if args.out else run_dir / f"eval-{args.split}"
+    out.mkdir(parents=True, exist_ok=True)
+    _, h = predict(din, arrays, with_h=True)
+    emb, ids = item_embeddings(data, Path(meta["ctr_dir"]).parent / "emb_cache", progress=not args.no_progress) if spec.subr else (None, None)
+    positions = shown_positions_for(view, split, cfg.k, spec.subr, cfg.subr_mode, emb, ids, not args.no_progress)
+    from rellax_fast.data.collate import PromptCollator
+
+    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None)
+    ds = PromptDataset(make_samples(view, split, positions), collator, h)
+    probs = predict_proba(model, ds, args.batch_size, progress=not args.no_progress)
+    lines = [json.dumps({"user_id": int(u), "item_id": int(i), "p_click": float(p)}) for u, i, p in zip(split.user_id, split.item_id, probs)]
+    atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
+    if has_label:
+        m = ctr_metrics(split.label, probs)
+        write_metrics_json(out / "metrics.json", m, {"run": str(run_dir), "variant": spec.name, "source": args.jsonl or args.split})
+        print(markdown_table([{"variant": spec.name, **m}]))
+    print(f"wrote {out / 'predictions.jsonl'}" + (f" and {out / 'metrics.json'}" if has_label else ""))
+    return 0
+
+
+def _with_split(data, name, split):
+    from copy import copy
+
+    view = copy(data)
+    view.splits = dict(data.splits)
+    view.splits[name] = split
+    return view

@@ -1,0 +1,110 @@
+"""``rellax-fast train``: fine-tune one ReLLaX variant (full model or an ablation chosen by flags).
+
+Trains (or reuses) the DIN in ``<out>/ctr``, builds SUBR prompts with SPA placeholders, fine-tunes the
+backbone's CFLoRA adapter, projector and read-out, scores the test subsample, and writes the run to
+``<out>/<name>`` (metrics.json, loss.json, trainable.safetensors, adapter/, checkpoints/)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_test: int = 1000) -> None:
+    g = parser.add_argument_group("ReLLaX")
+    g.add_argument("--model", default=None, help="local HF model folder (default: the offline all-MiniLM-L6-v2)")
+    g.add_argument("--kind", default="auto", choices=["auto", "causal", "encoder"], help="read-out kind")
+    g.add_argument("--k", type=int, default=5, help="behaviours shown in the prompt")
+    g.add_argument("--subr-mode", default="sequential", choices=["sequential", "high", "low"])
+    g.add_argument("--n-train", type=int, default=n_train, help="training samples (seeded subsample; 0: all)")
+    g.add_argument("--n-test", type=int, default=n_test, help="test samples scored (seeded subsample; 0: all)")
+    g.add_argument("--max-length", type=int, default=160, help="token budget per prompt")
+    g.add_argument("--r", type=int, default=8)
+    g.add_argument("--alpha", type=float, default=16.0)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--n-experts", type=int, default=4, help="experts of the moe / recrank1 interactions")
+    g.add_argument("--cflora-backend", default=None, choices=["reference", "cpp", "cuda", "triton"],
+                   help="force the CFLoRA op backend (default: automatic)")
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and every epoch end)")
+    g.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-progress", action="store_true")
+    d = parser.add_argument_group("CTR model (DIN)")
+    d.add_argument("--din-epochs", type=int, default=12)
+    d.add_argument("--din-embed-dim", type=int, default=32)
+    d.add_argument("--din-hidden", type=int, nargs="+", default=[128, 64])
+    d.add_argument("--din-max-history", type=int, default=50)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    g = parser.add_argument_group("variant")
+    g.add_argument("--name", default=None, help="run folder name under --out (default: from the flags)")
+    g.add_argument("--no-subr", action="store_true", help="show the K most recent behaviours instead of SUBR")
+    g.add_argument("--no-spa", action="store_true", help="no soft prompts")
+    g.add_argument("--interaction", default="full", choices=["identity", "static", "full", "moe", "recrank1"])
+    g.add_argument("--recipe", default="joint", choices=["joint", "two-stage"])
+    g.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+
+
+def pipeline_config(args):
+    from .pipeline import PipelineConfig
+    from .trainer import TrainConfig
+
+    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mixed_precision=args.mixed_precision,
+                     save_every_steps=args.save_every, seed=args.seed, progress=not args.no_progress,
+                     gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+    return PipelineConfig(model=args.model, kind=args.kind, k=args.k, subr_mode=args.subr_mode, n_train=args.n_train,
+                          n_test=args.n_test, max_length=args.max_length, r=args.r, alpha=args.alpha,
+                          dropout=args.lora_dropout, n_experts=args.n_experts, seed=args.seed, train=tc,
+                          cflora_backend=args.cflora_backend)  # fmt: skip
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def build_shared_context(args, cfg, log=print):
+    """Data, the frozen DIN (trained once per --out), SUBR embeddings and the sampled train/test sets."""
+    from pathlib import Path
+
+    from ..spa.cli import load_ctr_data, train_or_load_ctr
+    from ..spa.din import DINTrainConfig
+    from .pipeline import build_context, item_embeddings
+
+    out = Path(args.out)
+    data = load_ctr_data(args)
+    din_opts = {"embed_dim": args.din_embed_dim, "mlp_hidden": tuple(args.din_hidden), "max_history": args.din_max_history}
+    din, vocab, report = train_or_load_ctr(data, out / "ctr", din_opts,
+                                           DINTrainConfig(epochs=args.din_epochs, seed=args.seed, progress=not args.no_progress),
+                                           log=log)  # fmt: skip
+    emb, ids = item_embeddings(data, out / "emb_cache", progress=not args.no_progress)
+    ctx = build_context(data, din, vocab, report, cfg, emb, ids)
+    ctx.ctr_dir = str(out / "ctr")
+    return ctx
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .pipeline import VariantSpec, run_variant
+
+    cfg = pipeline_config(args)
+    spec = VariantSpec(
+        name=args.name or "rellax", subr=not args.no_subr, spa=not args.no_spa, interaction=args.interaction,
+        recipe=args.recipe,
+    )  # fmt: skip
+    if args.name is None:
+        parts = ["rellax", args.interaction] + (["no-subr"] if args.no_subr else []) + (["no-spa"] if args.no_spa else [])
+        spec.name = "-".join(parts + ([args.recipe] if args.recipe != "joint" else []))
+    ctx = build_shared_context(args, cfg)
+    run_dir = Path(args.out) / slug(spec.name)
+    res = run_variant(ctx, spec, cfg, run_dir, resume=args.resume)
+    m = res["metrics"]
+    print(f"{spec.name}: test AUC {m['auc']:.4f}  LogLoss {m['logloss']:.4f}  accuracy {m['accuracy']:.4f}  (n={m['n']})")
+    print(f"wrote {run_dir}")
+    return 0
