@@ -159,32 +159,6 @@ def _faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def global_rankings(
-    item_emb, target_rows: np.ndarray, top_n: int, *, metric: str = "cosine", use_gpu=None, show_progress=None
-):
-    """faiss rankings of all items for each target row: (ids (T, N) int64, scores (T, N) float32, on_gpu).
-
-    ``use_gpu``: True = a faiss GPU index (error when faiss has no GPU support); otherwise the CPU index.
-    """
-    emb = np.ascontiguousarray(_np(item_emb), dtype=np.float32)
-    if metric == "cosine":
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    index, gpu = _faiss_index(emb, use_gpu)
-    if gpu:
-        top_n = min(top_n, FAISS_GPU_MAX_K)
-    ids = np.empty((len(target_rows), top_n), dtype=np.int64)
-    scores = np.empty((len(target_rows), top_n), dtype=np.float32)
-    step = 1024
-    with _progress(len(target_rows), "faiss rank items", show_progress, unit="item") as bar:
-        for start in range(0, len(target_rows), step):
-            rows = target_rows[start : start + step]
-            d, i = index.search(emb[rows], top_n)
-            scores[start : start + len(rows)] = d
-            ids[start : start + len(rows)] = i
-            bar.update(len(rows))
-    return ids, scores, gpu
-
-
 def retrieve_global(
     item_emb,
     sequences,
@@ -196,12 +170,15 @@ def retrieve_global(
     top_n: Optional[int] = None,
     use_gpu: Optional[bool] = None,
     element_budget: int = 1 << 22,
+    pair_budget: int = 1 << 23,
     show_progress: Optional[bool] = None,
 ):
     """SUBR by global item-to-item ranking (faiss), in the op's (pos, score) format (CPU torch tensors).
 
     ``top_n``: how much of each target's ranking faiss returns (default min(n_items, 4096); at most 2048 on
     a faiss GPU index). History items outside it are scored exactly and ranked after it.
+    ``element_budget`` bounds the padded (samples x history) chunk, ``pair_budget`` the ranking entries held
+    at once (targets are processed in batches of ``pair_budget // top_n``).
     ``use_gpu``: None = a faiss GPU index when ``item_emb`` is a CUDA tensor and faiss-gpu sees a GPU (else
     the CPU index); True requires the GPU index (clear error without faiss-gpu); False forces the CPU.
     """
@@ -232,37 +209,48 @@ def retrieve_global(
         emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
     target_rows = seq_rows[offsets[users] + pos]
     unique_targets, target_local = np.unique(target_rows, return_inverse=True)
+    target_local = target_local.reshape(-1)
     top_n = min(n_items, top_n or DEFAULT_TOP_N_CAP)
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1; got {top_n}")
-    ids, scores, _ = global_rankings(emb, unique_targets, top_n, metric="dot", use_gpu=use_gpu, show_progress=show_progress)
-    top_n = ids.shape[1]
-    # (target, item) -> (rank, score) lookup: sort each ranking by item row, so that the flattened keys
-    # target_local * n_items + item_row are globally sorted and np.searchsorted finds any pair.
-    by_item = np.argsort(ids, axis=1, kind="stable")
-    keys = (np.arange(len(unique_targets), dtype=np.int64)[:, None] * n_items + np.take_along_axis(ids, by_item, 1)).ravel()
-    ranks = by_item.ravel()
-    pair_scores = np.take_along_axis(scores, by_item, 1).ravel()
-
-    # process samples by history length so that each padded chunk holds about element_budget entries
-    order = np.argsort(pos, kind="stable")
+    index, on_gpu = _faiss_index(emb, use_gpu)
+    if on_gpu:
+        top_n = min(top_n, FAISS_GPU_MAX_K)
+    # targets in batches, so that the rankings held at once stay within pair_budget (target, item) pairs
+    per_batch = max(1, pair_budget // top_n)
+    by_target = np.argsort(target_local, kind="stable")
+    bounds = np.searchsorted(target_local[by_target], np.arange(0, len(unique_targets) + per_batch, per_batch))
     with _progress(n, f"global top-{k}", show_progress) as bar:
-        start = 0
-        while start < n:
-            # widths ascend along `order`, so (chunk size x longest history) grows with stop
-            stop = min(n, start + max(1, element_budget // max(1, int(pos[order[start]]))))
-            while stop - start > 1 and (stop - start) * int(pos[order[stop - 1]]) > element_budget:
-                stop = start + (stop - start) // 2
-            chunk = order[start:stop]
-            width = max(1, int(pos[chunk].max()))
-            _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_rows, target_local,
-                          keys, ranks, pair_scores, n_items, top_n, out_pos, out_score)  # fmt: skip
-            bar.update(stop - start)
-            start = stop
+        for batch, t0 in enumerate(range(0, len(unique_targets), per_batch)):
+            rows = unique_targets[t0 : t0 + per_batch]
+            scores, ids = index.search(emb[rows], top_n)
+            # (target, item) -> (rank, score) lookup: sort each ranking by item row, so that the flattened
+            # keys local_target * n_items + item_row are globally sorted and np.searchsorted finds any pair
+            by_item = np.argsort(ids, axis=1, kind="stable")
+            local = np.arange(len(rows), dtype=np.int64)[:, None]
+            keys = (local * n_items + np.take_along_axis(ids, by_item, 1)).ravel()
+            ranks = by_item.ravel()
+            pair_scores = np.take_along_axis(scores, by_item, 1).ravel()
+            samples = by_target[bounds[batch] : bounds[batch + 1]]
+            # samples by history length, so that each padded chunk holds about element_budget entries
+            samples = samples[np.argsort(pos[samples], kind="stable")]
+            start = 0
+            while start < len(samples):
+                # widths ascend along `samples`, so (chunk size x longest history) grows with stop
+                stop = min(len(samples), start + max(1, element_budget // max(1, int(pos[samples[start]]))))
+                while stop - start > 1 and (stop - start) * int(pos[samples[stop - 1]]) > element_budget:
+                    stop = start + (stop - start) // 2
+                chunk = samples[start:stop]
+                width = max(1, int(pos[chunk].max()))
+                _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_rows,
+                              target_local[chunk] - t0, keys, ranks, pair_scores, n_items, top_n,
+                              out_pos, out_score)  # fmt: skip
+                bar.update(stop - start)
+                start = stop
     return torch.from_numpy(out_pos), torch.from_numpy(out_score)
 
 
-def _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_rows, target_local,
+def _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_rows, chunk_target_local,
                   keys, ranks, pair_scores, n_items, top_n, out_pos, out_score):  # fmt: skip
     """Walk the rankings for one chunk of samples: pick each sample's k best-ranked history positions."""
     col = np.arange(width, dtype=np.int64)
@@ -270,7 +258,7 @@ def _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_ro
     valid = col[None, :] < length[:, None]
     flat = np.where(valid, offsets[users[chunk]][:, None] + col[None, :], 0)
     hist = seq_rows[flat]
-    query = target_local[chunk][:, None] * n_items + hist
+    query = chunk_target_local[:, None] * n_items + hist
     at = np.minimum(np.searchsorted(keys, query), len(keys) - 1)
     found = valid & (keys[at] == query)
     # rank key: ranked items by their faiss rank (0..top_n-1); history items beyond the fetched ranking

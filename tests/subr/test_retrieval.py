@@ -88,7 +88,8 @@ def test_retrieve_maps_item_ids_to_rows():
 def test_global_ranking_matches_per_sample_op_under_cosine(k, top_n):
     emb, seq, split, rows = make_data(LENGTHS, seed=5)
     op_pos, op_score = retrieve(emb, seq, split, k, show_progress=False)
-    gl_pos, gl_score = retrieve_global(emb, seq, split, k, top_n=top_n, element_budget=64, show_progress=False)
+    gl_pos, gl_score = retrieve_global(emb, seq, split, k, top_n=top_n, element_budget=64, pair_budget=50,
+                                       show_progress=False)
     assert gl_pos.shape == op_pos.shape and gl_pos.dtype == torch.int64 and gl_score.dtype == torch.float32
     assert_same_topk(gl_pos.numpy(), gl_score.numpy(), op_pos.numpy(), op_score.numpy())
     # the top-K sets are the same (the same item repeated in a history ties exactly: both keep the later one)
