@@ -28,6 +28,8 @@ def model():
 def test_no_graph_break_from_cflora_layers(model):
     inputs, cond = model_inputs(), torch.randn(3, COND)
     with cflora_condition(model, cond):
+        # one eager call first: the extension's one-time lazy load (a lock and an import) is not traceable
+        model(**inputs)
         explanation = torch._dynamo.explain(model)(**inputs)
     ours = [
         b.reason
