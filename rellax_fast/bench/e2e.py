@@ -329,6 +329,20 @@ def _inference_model(name: str, base, spec: E2ESize, device, dtype):
     return model, False, "unmerged"
 
 
+def _cache_kwarg() -> str:
+    """The forward keyword of the KV cache: ``cache`` in newer transformers, ``past_key_values`` before."""
+    import inspect
+
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
+
+
+def _output_cache(out):
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 def _infer_provider(name: str, base, spec: E2ESize, device, dtype, prompts, conds, warmup: int,
                     repeat: int) -> List[Dict[str, object]]:
     import torch
@@ -349,7 +363,7 @@ def _infer_provider(name: str, base, spec: E2ESize, device, dtype, prompts, cond
                     return model(input_ids=p, use_cache=True)
 
             out = prefill()
-            cache = out.past_key_values
+            cache = _output_cache(out)
             next_token = out.logits[:, -1:].argmax(-1)
             if not bool(torch.isfinite(out.logits).all()):
                 raise FloatingPointError(f"{name}: non-finite prefill logits at batch {batch}")
@@ -357,7 +371,7 @@ def _infer_provider(name: str, base, spec: E2ESize, device, dtype, prompts, cond
 
             def decode(tok=next_token, kv=cache, length=prompt.shape[1], condition=condition):
                 with condition():
-                    logits = model(input_ids=tok, past_key_values=kv, use_cache=True).logits
+                    logits = model(input_ids=tok, use_cache=True, **{_cache_kwarg(): kv}).logits
                 extra = kv.get_seq_length() - length
                 if extra > 0:  # back to the prompt's length: every timed call decodes the same position
                     kv.crop(-extra)
@@ -417,7 +431,7 @@ def _dtype_and_device(args):
 
 def plot(rows: Sequence[Dict[str, object]], path: str) -> str:
     """PNG bar charts: ``path`` (training tokens/s per provider), ``*_memory.png`` (training peak memory)
-    and ``*_inference.png`` (prefill/decode latency per batch)."""
+    and ``*_inference.png`` (prefill/decode speed per batch relative to the merged-LoRA baseline)."""
     from . import report
 
     train = [r for r in rows if r["phase"] == "train" and r.get("ms") is not None]
@@ -428,8 +442,9 @@ def plot(rows: Sequence[Dict[str, object]], path: str) -> str:
         report.bar_chart(train, f"{stem}_memory.png", ["provider"], "peak_mem_mb", "phase",
                          "training step: peak memory above resident, MiB (lower is better)")
     if infer:
-        report.bar_chart(infer, f"{stem}_inference.png", ["phase", "batch"], "ms", "provider",
-                         "inference latency, ms (lower is better)")
+        # speed relative to the merged baseline: prefill and decode latencies differ by orders of magnitude
+        report.bar_chart(infer, f"{stem}_inference.png", ["phase", "batch"], "speed_vs_baseline", "provider",
+                         f"inference speed vs {INFER_BASELINE} (baseline ms / ms; higher is better)")
     return path
 
 
