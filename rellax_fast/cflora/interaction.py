@@ -57,10 +57,8 @@ class InteractionGenerator(nn.Module):
             )
         if not cond.is_floating_point():
             raise TypeError(f"CFLoRA interaction {self.kind!r}: cond must be floating; got dtype {cond.dtype}")
-        return cond.to(dtype=self._param_dtype())
-
-    def _param_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        param = next(self.parameters())
+        return cond.to(device=param.device, dtype=param.dtype)
 
 
 class StaticInteraction(InteractionGenerator):

@@ -33,6 +33,15 @@ _STRUCTURAL = ("r", "alpha", "interaction", "cond_dim", "n_experts", "hidden")
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _refuse_merged(model: nn.Module, what: str) -> None:
+    merged = [name for name, layer in cflora_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(
+            f"{what}: CFLoRA layers {merged[:3]} are merged into W; loading new adapter weights would leave "
+            "the old ΔW inside W - call unmerge_cflora(model) first"
+        )
+
+
 def cflora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The adapter tensors of every CFLoRA layer, keyed ``<layer name>.<param>`` (no base weights)."""
     state = {}
@@ -75,6 +84,7 @@ def load_cflora(model: nn.Module, path: PathLike) -> nn.Module:
         if not os.path.isfile(p):
             raise FileNotFoundError(f"load_cflora: {p} not found (expected a directory written by save_cflora)")
     saved_config = CFLoRAConfig.load(cfg_path)
+    _refuse_merged(model, "load_cflora")
     if not cflora_layers(model):
         inject_cflora(model, saved_config)
     else:
@@ -140,6 +150,7 @@ def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) ->
     peft_scale = alpha / (r ** 0.5) if pcfg.get("use_rslora") else alpha / r
 
     layers = dict(_require_layers(model, "load_peft_lora"))
+    _refuse_merged(model, "load_peft_lora")
     config = next(iter(layers.values())).cflora_config
     if r != config.r:
         raise ValueError(f"load_peft_lora: the adapter has r={r}, the model's CFLoRA layers r={config.r}")

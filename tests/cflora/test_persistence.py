@@ -123,6 +123,17 @@ def test_merge_unmerge_round_trip(factory, targets, interaction):
         unmerge_cflora(model)
 
 
+def test_loading_into_a_merged_model_is_refused(tmp_path):
+    model = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    save_cflora(model, tmp_path / "a")
+    _peft_adapter(tiny_llama, ["q_proj", "v_proj"], tmp_path / "peft")
+    merge_cflora(model)
+    with pytest.raises(RuntimeError, match="unmerge_cflora"):
+        load_cflora(model, tmp_path / "a")
+    with pytest.raises(RuntimeError, match="unmerge_cflora"):
+        load_peft_lora(model, tmp_path / "peft")
+
+
 @pytest.mark.parametrize("interaction", ["full", "moe", "recrank1"])
 def test_per_sample_interactions_refuse_to_merge_or_export(tmp_path, interaction):
     model = inject_cflora(tiny_llama(), _cfg(interaction))
