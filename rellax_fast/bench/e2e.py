@@ -37,8 +37,11 @@ model + optimizer state during one step: CUDA allocator peak; on the CPU the gro
 (baseline ms / ms: above 1 is faster), ``mem_vs_baseline`` and, for training, ``speed_vs_compiled``
 (against PEFT + torch.compile).
 
-The CTR scoring throughput of a whole ReLLaX model through ``rellax-fast eval`` is not part of this suite:
-``rellax_fast.train`` exposes no scoring entry point to call yet.
+CTR scoring (optional): with ``RELLAX_BENCH_EVAL_RUN=<run folder of rellax-fast train>`` (or
+``args.eval_run``), ``rellax-fast eval --run <folder> --n N`` runs in process (N from
+``RELLAX_BENCH_EVAL_N``, default 1000) and two ``ctr-score`` rows report samples/s: the scoring part
+(``train.trainer.predict_proba``, timed by wrapping it) and the whole command (model load, DIN, retrieval,
+prompts, scoring). Without a run folder these rows are left out: the suite does not train a model.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SIZE_ALIASES = {"cpu": "tiny", "gpu": "1b"}
+EVAL_RUN_ENV = "RELLAX_BENCH_EVAL_RUN"
+EVAL_N_ENV = "RELLAX_BENCH_EVAL_N"
 TRAIN_BASELINE = "PEFT LoRA"
 COMPILED_PROVIDER = "PEFT LoRA + torch.compile"
 INFER_BASELINE = "PEFT LoRA merged"
@@ -417,6 +422,52 @@ def bench_inference(base, spec: E2ESize, device, dtype, warmup: int, repeat: int
     return rows
 
 
+# --------------------------------------------------------------------------------------------- CTR scoring
+
+
+def bench_ctr_scoring(run_dir: str, n: int, batch_size: int, out_dir: str) -> List[Dict[str, object]]:
+    """Samples/s of ``rellax-fast eval --run run_dir --n n``: its scoring part and the whole command."""
+    import torch
+
+    from rellax_fast.cli import main as cli_main
+    from rellax_fast.train import trainer
+
+    from . import report
+
+    timings: List[Tuple[float, int]] = []
+    original = trainer.predict_proba
+
+    def timed_predict_proba(model, dataset, *args, **kwargs):
+        device = next(model.parameters()).device
+        report.sync(device)
+        t0 = time.perf_counter()
+        probs = original(model, dataset, *args, **kwargs)
+        report.sync(device)
+        timings.append((time.perf_counter() - t0, len(probs)))
+        return probs
+
+    eval_out = os.path.join(out_dir, "e2e_eval")
+    trainer.predict_proba = timed_predict_proba  # cli_eval imports it at call time, so it sees the wrapper
+    try:
+        t0 = time.perf_counter()
+        rc = cli_main(["eval", "--run", run_dir, "--n", str(n), "--batch-size", str(batch_size), "--no-progress",
+                       "--out", eval_out])
+        total_s = time.perf_counter() - t0
+    finally:
+        trainer.predict_proba = original
+    if rc != 0 or not timings:
+        raise RuntimeError(f"rellax-fast eval --run {run_dir} failed (exit status {rc})")
+    score_s, n_scored = timings[-1]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    note = f"run {run_dir}; {n_scored} samples; {device}"
+    return [
+        _row("ctr-score", "rellax-fast eval: scoring (predict_proba)", batch_size, None, ms=score_s * 1e3,
+             samples_per_s=n_scored / score_s, note=note),
+        _row("ctr-score", "rellax-fast eval: whole command", batch_size, None, ms=total_s * 1e3,
+             samples_per_s=n_scored / total_s, note=note + "; includes model load, DIN, retrieval, prompts"),
+    ]
+
+
 # --------------------------------------------------------------------------------------------- suite
 
 
@@ -435,7 +486,7 @@ def plot(rows: Sequence[Dict[str, object]], path: str) -> str:
     from . import report
 
     train = [r for r in rows if r["phase"] == "train" and r.get("ms") is not None]
-    infer = [r for r in rows if r["phase"] != "train" and r.get("ms") is not None]
+    infer = [r for r in rows if r["phase"] in ("prefill", "decode") and r.get("ms") is not None]
     stem = path[:-4] if path.endswith(".png") else path
     if train:
         report.bar_chart(train, path, ["provider"], "tokens_per_s", "phase", "training step: tokens/s (higher is better)")
@@ -481,6 +532,14 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     rows = train + infer
     del base
     _free(device)
+    eval_run = getattr(args, "eval_run", None) or os.environ.get(EVAL_RUN_ENV)
+    if eval_run:
+        print(f"  ctr scoring: rellax-fast eval --run {eval_run} ...", flush=True)
+        n_eval = int(os.environ.get(EVAL_N_ENV, "1000"))
+        try:
+            rows += bench_ctr_scoring(eval_run, n_eval, 64, out_dir)
+        except Exception as exc:
+            rows.append(_row("ctr-score", "rellax-fast eval", 64, None, note=_error_note(exc)))
     partial = os.path.join(out_dir, "e2e_partial")
     for ext in (".csv", ".md"):
         with contextlib.suppress(FileNotFoundError):
@@ -496,7 +555,8 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
         f"baseline `{INFER_BASELINE}`. ms = median of {args.repeat} after {args.warmup} warm-up; "
         "peak_mem_mb = memory above the resident model + optimizer state "
         + ("(CUDA allocator peak)." if device.type == "cuda" else "(CPU: growth of peak RSS, coarse).")
-        + " CTR scoring through `rellax-fast eval` is not measured here."
+        + (f" ctr-score rows: `rellax-fast eval --run {eval_run}`, samples/s." if eval_run else
+           f" CTR scoring through `rellax-fast eval` not measured (set {EVAL_RUN_ENV} to a trained run folder).")
     )
     return rows, {"title": title, "plot": plot}
 

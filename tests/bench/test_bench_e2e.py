@@ -241,3 +241,38 @@ def test_parser_accepts_e2e_sizes():
     cli.add_arguments(parser)
     for size in ("tiny", "1b", "7b-layer", "cpu", "gpu"):
         assert parser.parse_args(["e2e", "--size", size]).size == size
+
+
+def test_ctr_scoring_rows_time_predict_proba(monkeypatch, tmp_path):
+    """The CTR-scoring piece wraps train.trainer.predict_proba around an in-process `rellax-fast eval`
+    (here a stand-in command that scores 10 samples), reports samples/s, and restores the original."""
+    import numpy as np
+
+    import rellax_fast.cli
+    from rellax_fast.train import trainer
+
+    def scorer(model, dataset, batch_size=64, progress=True, desc="score"):
+        return np.full(len(dataset), 0.5)
+
+    monkeypatch.setattr(trainer, "predict_proba", scorer)
+    calls = []
+
+    def fake_eval(argv):
+        calls.append(argv)
+        from rellax_fast.train.trainer import predict_proba  # what cli_eval.run does, at call time
+
+        assert predict_proba is not scorer  # the benchmark's timing wrapper is in place
+        predict_proba(torch.nn.Linear(2, 2), list(range(10)), 4, progress=False)
+        return 0
+
+    monkeypatch.setattr(rellax_fast.cli, "main", fake_eval)
+    rows = e2e.bench_ctr_scoring("some/run", 10, 4, str(tmp_path))
+    assert calls[0][:3] == ["eval", "--run", "some/run"] and "--n" in calls[0]
+    assert trainer.predict_proba is scorer
+    assert [r["phase"] for r in rows] == ["ctr-score", "ctr-score"]
+    for r in rows:
+        assert r["samples_per_s"] > 0 and math.isfinite(r["samples_per_s"]) and r["ms"] > 0
+        assert "10 samples" in r["note"]
+    monkeypatch.setattr(rellax_fast.cli, "main", lambda argv: 1)
+    with pytest.raises(RuntimeError, match="exit status 1"):
+        e2e.bench_ctr_scoring("some/run", 10, 4, str(tmp_path))
