@@ -49,7 +49,10 @@ def supported_base(module: nn.Module) -> bool:
 
 
 def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
+    # True while autograd runs a backward pass (where checkpoint recomputation happens); the same
+    # private call torch.utils.checkpoint uses. Without it, an inactive slot is simply an error.
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
 
 
 class CFLoRALinear(nn.Module):

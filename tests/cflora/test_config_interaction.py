@@ -130,3 +130,16 @@ def test_conditioned_generators_reject_missing_or_bad_cond(kind):
         gen(None)
     with pytest.raises(ValueError, match=r"cond must have shape \(batch, 5\)"):
         gen(torch.randn(3, COND + 1))
+
+
+def test_importing_the_cflora_api_stays_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, rellax_fast\n"
+        "from rellax_fast import CFLoRAConfig, inject_cflora, cflora_condition, load_peft_lora\n"
+        "heavy = [m for m in ('transformers', 'peft', 'triton', 'rellax_fast._C') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
