@@ -129,13 +129,15 @@ print(\"python\", sys.version.split()[0], \"at\", sys.executable)
 print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, \"available:\", torch.cuda.is_available())
 if torch.cuda.is_available():
     print(\"device\", torch.cuda.get_device_name(0), \"capability\", torch.cuda.get_device_capability(0))
-for m in (\"triton\", \"transformers\", \"peft\", \"sentence_transformers\", \"pytest\"):
+from importlib.metadata import version
+for m in (\"triton\", \"transformers\", \"peft\", \"sentence-transformers\", \"pytest\", \"ninja\"):
     try:
-        print(m, __import__(m).__version__)
+        print(m, version(m))
     except Exception as exc:
         print(m, \"MISSING:\", exc)
 "
 "$1/bin/nvcc" --version || echo "nvcc not found under $1"
+if command -v ninja >/dev/null 2>&1; then echo "ninja $(ninja --version)"; else echo "ninja not found: the build compiles one file at a time"; fi
 ( git rev-parse HEAD && git status --short | head -n 20 ) 2>/dev/null || echo "(no git metadata)"
 '
 
@@ -149,7 +151,7 @@ print("rellax_fast._C with CUDA, archs", mod.cuda_archs())
 
 echo "gpu_check: repo $REPO, output $OUT_DIR, python $PY, budget ${BUDGET_S}s, steps $STEPS"
 
-run_step env 30 bash -c "$ENV_SCRIPT" "$PY" "$CUDA_ROOT"
+run_step env 45 bash -c "$ENV_SCRIPT" "$PY" "$CUDA_ROOT"
 
 run_step build 240 env TORCH_CUDA_ARCH_LIST="$ARCH" RELLAX_BUILD_CUDA=1 RELLAX_BUILD_EXT=1 MAX_JOBS="$JOBS" \
     CUDA_HOME="$CUDA_ROOT" "$PY" setup.py build_ext --inplace
@@ -167,9 +169,15 @@ run_step test-cuda 120 "$PY" -m pytest -m cuda -k "not triton" -q -rfEs -p no:ca
 run_step test-triton 120 "$PY" -m pytest -m cuda -k triton -q -rfEs -p no:cacheprovider \
     --junitxml="$OUT_DIR/pytest_triton_gpu.xml" tests
 
-# no caching allocator: each tensor is its own allocation, so an access just past it is caught
-run_step sanitizer 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
-    --print-limit 50 "$PY" scripts/sanitizer_smoke.py
+# no caching allocator: each tensor is its own allocation, so an access just past it is caught.
+# CUDA API return codes that torch probes and handles itself are not memory errors: ignore them when the
+# sanitizer can (kernel out-of-bounds/misaligned accesses are what this step is for).
+SAN_FLAGS=(--tool memcheck --error-exitcode 1 --print-limit 50)
+if [[ -x "$SANITIZER" ]] && "$SANITIZER" --help 2>/dev/null | grep -q -- "--report-api-errors"; then
+    SAN_FLAGS+=(--report-api-errors no)
+fi
+run_step sanitizer 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" "${SAN_FLAGS[@]}" \
+    "$PY" scripts/sanitizer_smoke.py
 
 run_step bench-cflora 90 "${RF[@]}" bench cflora --size gpu "${BENCH_COMMON[@]}"
 run_step bench-topk 90 "${RF[@]}" bench topk --size gpu "${BENCH_COMMON[@]}"
