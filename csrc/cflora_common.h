@@ -1,0 +1,84 @@
+// Argument checks and small ATen helpers shared by the CPU (cflora.cpp) and CUDA (cflora_cuda.cu) kernels
+// of rellax_fast::cflora_fwd / cflora_bwd. Python (rellax_fast/ops/cflora.py) validates every public call
+// once with friendlier messages; these checks guard direct torch.ops calls.
+//
+// Row layout: x is (M, d_in); with a per-sample interaction C (n_samples, r, r), row m uses
+// C[m / rows_per_sample] and M == n_samples * rows_per_sample.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include "common.h"
+
+namespace rellax {
+
+inline void cflora_check_args(const char* op, c10::DeviceType device_type, const at::Tensor& x,
+                              const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                              const at::Tensor& lora_a, const at::Tensor& lora_b,
+                              const c10::optional<at::Tensor>& interaction, int64_t rows_per_sample,
+                              double dropout_p) {
+  RELLAX_CHECK_FLOAT(x, "cflora: x");
+  TORCH_CHECK(x.device().type() == device_type, op, ": x must be a ", c10::DeviceTypeName(device_type),
+              " tensor for this kernel; got ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, d_in); got shape ", shape_str(x));
+  const int64_t m = x.size(0), d_in = x.size(1);
+  auto same = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " must have x's dtype ", x.scalar_type(),
+                "; got ", t.scalar_type());
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " must be on x's device ", x.device(), "; got ",
+                t.device());
+  };
+  same(weight, "weight");
+  same(lora_a, "lora_a");
+  same(lora_b, "lora_b");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == d_in, op, ": weight must have shape (d_out, d_in=", d_in,
+              "); got ", shape_str(weight));
+  const int64_t d_out = weight.size(0);
+  TORCH_CHECK(lora_a.dim() == 2 && lora_a.size(1) == d_in && lora_a.size(0) >= 1, op,
+              ": lora_a must have shape (r, d_in=", d_in, "); got ", shape_str(lora_a));
+  const int64_t r = lora_a.size(0);
+  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == d_out && lora_b.size(1) == r, op,
+              ": lora_b must have shape (d_out=", d_out, ", r=", r, "); got ", shape_str(lora_b));
+  if (bias.has_value()) {
+    same(*bias, "bias");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d_out, op, ": bias must have shape (d_out=", d_out,
+                ",); got ", shape_str(*bias));
+  }
+  if (interaction.has_value()) {
+    const at::Tensor& c = *interaction;
+    same(c, "interaction");
+    if (c.dim() == 2) {
+      TORCH_CHECK(c.size(0) == r && c.size(1) == r, op, ": interaction must have shape (r, r)=(", r, ", ", r,
+                  ") or (B, r, r); got ", shape_str(c));
+    } else {
+      TORCH_CHECK(c.dim() == 3 && c.size(1) == r && c.size(2) == r, op,
+                  ": interaction must have shape (r, r) or (B, r, r) with r=", r, "; got ", shape_str(c));
+      TORCH_CHECK(rows_per_sample >= 0 && c.size(0) * rows_per_sample == m, op,
+                  ": per-sample interaction with ", c.size(0), " samples and rows_per_sample=", rows_per_sample,
+                  " needs x with ", c.size(0) * rows_per_sample, " rows; got ", m);
+    }
+  }
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1); got ", dropout_p);
+}
+
+// s (M, r) times C: Cᵀ when transpose_c (forward T = S Cᵀ), C otherwise (backward dS = dT C).
+// A per-sample C runs as one batched GEMM over (n_samples, rows_per_sample, r) views.
+inline at::Tensor cflora_interact(const at::Tensor& s, const at::Tensor& c, int64_t rows_per_sample,
+                                  bool transpose_c) {
+  if (c.dim() == 2) return at::mm(s, transpose_c ? c.t() : c);
+  const int64_t n = c.size(0), r = c.size(1);
+  return at::bmm(s.view({n, rows_per_sample, r}), transpose_c ? c.transpose(1, 2) : c).view({s.size(0), r});
+}
+
+// dC: shared -> dTᵀ S (r, r); per sample -> dC_b = Σ_{rows of b} dT_mᵀ S_m as one batched GEMM.
+inline at::Tensor cflora_interaction_grad_aten(const at::Tensor& dt, const at::Tensor& s, const at::Tensor& c,
+                                               int64_t rows_per_sample) {
+  if (c.dim() == 2) return at::mm(dt.t(), s);
+  const int64_t n = c.size(0), r = c.size(1);
+  return at::bmm(dt.view({n, rows_per_sample, r}).transpose(1, 2), s.view({n, rows_per_sample, r}));
+}
+
+inline at::Tensor cflora_no_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace rellax
