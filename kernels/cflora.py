@@ -96,7 +96,8 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 # ----------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------
-@triton.jit
+# KEY/THRESHOLD change with every seed: keep them runtime values (no ==1 / %16 specialisation)
+@triton.jit(do_not_specialize=["KEY", "THRESHOLD"])
 def _cflora_shrink_kernel(
     x_ptr, a_ptr, c_ptr, s_ptr, t_ptr,
     M, D_IN, R, ROWS_PER_GROUP,
@@ -278,7 +279,8 @@ def _cflora_dy_pass_kernel(
             tl.store(ds_ptr + rows[:, None] * stride_dsm + rank[None, :] * stride_dsr, d_s, mask=tile_mask)
 
 
-@triton.jit
+# KEY/THRESHOLD change with every seed: keep them runtime values (no ==1 / %16 specialisation)
+@triton.jit(do_not_specialize=["KEY", "THRESHOLD"])
 def _cflora_dx_kernel(
     dy_ptr, w_ptr, ds_ptr, a_ptr, x_ptr, dx_ptr, dlora_a_ptr,
     M, N, K, R,

@@ -367,6 +367,72 @@ def test_cflora_linear_triton_per_sample_2d_x_and_seed_reproducibility():
 
 
 # ----------------------------------------------------------------------------------------------------
+# ahead-of-time compile for H100 (sm_90a) without a GPU: proves the non-interpreter code path lowers,
+# with bf16 tensor-core dots (wgmma) and a software-pipelined K loop. Runs in the normal (compiled) pass.
+# ----------------------------------------------------------------------------------------------------
+def _compile_like_launch(fn, args, kwargs, target, backend):
+    """triton.compile with the signature, ==1 constexprs and %16 divisibility the runtime would pick."""
+    import triton
+    from triton.backends.compiler import BaseBackend
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import native_specialize_impl
+
+    bound = dict(zip(fn.arg_names, args))
+    bound.update(kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for p in fn.params:
+        value = bound[p.name]
+        if p.is_constexpr:
+            signature[p.name], constexprs[(p.num,)] = "constexpr", value
+            continue
+        ty, attr = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize,
+                                          not p.do_not_specialize_on_alignment)
+        if ty == "constexpr":
+            signature[p.name], constexprs[(p.num,)] = "constexpr", attr
+        else:
+            signature[p.name] = ty
+            if isinstance(attr, str) and attr:
+                attrs[(p.num,)] = backend.parse_attr(attr)
+    options = {n: bound[n] for n in ("num_warps", "num_stages") if n in bound}
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
+
+
+def test_kernels_compile_for_sm90_with_tensor_cores(monkeypatch):
+    from rellax_fast.ops._backend import triton_interpreting
+
+    if triton_interpreting():
+        pytest.skip("ahead-of-time compile check runs in the compiled (non-TRITON_INTERPRET) pass")
+    pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    k = _kernels()
+    launches = []
+    kernels = [k._cflora_shrink_kernel, k._cflora_fwd_gemm_kernel, k._cflora_dy_pass_kernel,
+               k._cflora_dx_kernel, k._matmul_kernel]
+    for fn in kernels:
+        monkeypatch.setattr(fn, "run", lambda *a, grid, warmup=False, _fn=fn, **kw: launches.append((_fn, a, kw)),
+                            raising=False)
+    dtype, n_samples, tokens, d_in, d_out, r = torch.bfloat16, 16, 64, 256, 192, 16
+    x, weight, bias, lora_a, lora_b, c = make_inputs(r, dtype, "per_sample", True, m=n_samples * tokens,
+                                                     d_in=d_in, d_out=d_out, n_samples=n_samples)
+    y, s, t = k.cflora_fwd(x, weight, bias, lora_a, lora_b, c, tokens, 0.5, 0.1, 3)  # captured, not run
+    k.cflora_bwd(y, x, weight, lora_a, lora_b, c, s, t, tokens, 0.5, 0.1, 3, [True] * 6)
+    assert [fn for fn, _, _ in launches] == kernels
+
+    target = GPUTarget("cuda", 90, 64)
+    backend = make_backend(target)
+    for fn, args, kwargs in launches:
+        compiled = _compile_like_launch(fn, args, kwargs, target, backend)
+        ptx = compiled.asm["ptx"]
+        assert "cubin" in compiled.asm, fn.__name__
+        assert "wgmma.mma_async" in ptx, f"{fn.__name__}: bf16 dots did not lower to Hopper tensor cores"
+        if fn in (k._cflora_fwd_gemm_kernel, k._cflora_dx_kernel, k._matmul_kernel):
+            tile_bytes = (128 * 64 + 64 * 128) * 2
+            assert compiled.metadata.shared >= 2 * tile_bytes, f"{fn.__name__}: K loop not pipelined"
+
+
+# ----------------------------------------------------------------------------------------------------
 # GPU: the compiled kernels (bf16 tensor cores, GPU block sizes) on CUDA tensors
 # ----------------------------------------------------------------------------------------------------
 # Reductions here run 500-1000 terms deep and fp32 atomics add in any order, so the table's per-dtype
