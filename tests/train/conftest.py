@@ -65,3 +65,12 @@ def seeded_item_embeddings(data, dim: int = 24, seed: int = 0):
     ids = list(data.dataset.items.index)
     emb = np.random.default_rng(seed).standard_normal((len(ids), dim)).astype(np.float32)
     return emb, ids
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """Tiny models: one intra-op thread is faster than two fighting over a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
