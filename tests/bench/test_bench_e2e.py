@@ -132,6 +132,18 @@ def test_size_aliases_and_shapes():
     assert one_b.seq == 512 and one_b.infer_batches == (1, 32)
 
 
+@pytest.mark.parametrize("size, n_params, kv_out", [("1b", 852_559_872, 512), ("7b-layer", 666_914_816, 4096)])
+def test_gpu_sizes_build_the_stated_llama(size, n_params, kv_out):
+    """The GPU sizes' models, built on the meta device (no memory): parameter count, GQA shapes, dtype."""
+    spec = e2e.SIZES[size]
+    model = e2e.build_base_model(spec, torch.device("meta"), torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    attn = model.model.layers[0].self_attn
+    assert tuple(attn.k_proj.weight.shape) == (kv_out, spec.hidden)
+    assert tuple(model.model.layers[0].mlp.gate_proj.weight.shape) == (spec.intermediate, spec.hidden)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in model.parameters())
+
+
 def test_failing_provider_becomes_a_row(monkeypatch):
     """A provider that raises is recorded (note "failed: ...") and the next provider still runs."""
     spec = e2e.E2ESize(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=64, train_batch=1,
