@@ -107,52 +107,68 @@ def jsonl_split(path, data):
     return view, split, has_label
 
 
+def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_size: int = 64, progress: bool = True):
+    """Score a saved run on ``data``'s split (the run's seeded test subsample by default) or a JSONL file.
+
+    Returns (split, probs, has_label, spec).
+    """
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from rellax_fast.data.collate import PromptCollator
+
+    from ..spa.ctr import split_arrays
+    from ..spa.din import predict
+    from .pipeline import item_embeddings, load_subr_embeddings, make_samples, shown_positions_for, subsample
+    from .trainer import PromptDataset, predict_proba
+
+    run_dir = Path(run_dir)
+    model, tokenizer, kind, meta, cfg, spec, din, vocab = load_run(run_dir)
+    if jsonl:
+        view, split, has_label = jsonl_split(jsonl, data)
+        arrays = split_arrays(view, "jsonl", vocab, din.config.max_history)
+        # DIN's user embedding: the user's row in the dataset's sequences (unknown users: row 0)
+        known = np.clip(np.searchsorted(data.sequences.user_ids, split.user_id), 0, len(data.sequences.user_ids) - 1)
+        arrays.user = torch.from_numpy(np.where(data.sequences.user_ids[known] == split.user_id, known, 0))
+    else:
+        has_label = True
+        full = data.splits[split_name]
+        n = cfg.n_test if n is None else n
+        index = subsample(len(full), n, cfg.seed + 1) if split_name == "test" else subsample(len(full), n, cfg.seed + 2)
+        split = full.subset(index)
+        view = _with_split(data, split_name, split)
+        arrays = split_arrays(view, split_name, vocab, din.config.max_history)
+    _, h = predict(din, arrays, with_h=True)
+    emb = ids = None
+    if spec.subr:
+        out_root = Path(meta["ctr_dir"]).parent
+        emb, ids = load_subr_embeddings(out_root) or item_embeddings(data, out_root / "emb_cache", progress=progress)
+    positions = shown_positions_for(view, split, cfg.k, spec.subr, cfg.subr_mode, emb, ids, progress)
+    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None)
+    ds = PromptDataset(make_samples(view, split, positions), collator, h)
+    return split, predict_proba(model, ds, batch_size, progress=progress), has_label, spec
+
+
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import numpy as np
-
-    from ..spa.ctr import split_arrays
-    from ..spa.din import atomic_write_text, predict
-    from .metrics import ctr_metrics, markdown_table, write_metrics_json
-    from .pipeline import item_embeddings, make_samples, shown_positions_for, subsample
-    from .trainer import PromptDataset, predict_proba
-
-    run_dir = Path(args.run)
-    model, tokenizer, kind, meta, cfg, spec, din, vocab = load_run(run_dir)
     from rellax_fast.data import load_dataset, prepare_ctr
 
+    from ..spa.din import atomic_write_text
+    from .metrics import ctr_metrics, markdown_table, write_metrics_json
+
+    run_dir = Path(args.run)
+    meta = json.loads((run_dir / "rellax.json").read_text()) if (run_dir / "rellax.json").exists() else None
+    if meta is None:
+        raise SystemExit(f"error: {run_dir} has no rellax.json (not a finished run folder)")
     dataset = args.dataset or meta["dataset"]
-    data = prepare_ctr(load_dataset(dataset, data_dir=args.data_dir), seed=cfg.seed)
-    if args.jsonl:
-        view, split, has_label = jsonl_split(args.jsonl, data)
-        # DIN's user embedding: the user's row in the dataset's sequences (unknown users: row 0)
-        arrays = split_arrays(view, "jsonl", vocab, din.config.max_history)
-        known = np.searchsorted(data.sequences.user_ids, split.user_id)
-        known = np.clip(known, 0, len(data.sequences.user_ids) - 1)
-        import torch
-
-        arrays.user = torch.from_numpy(np.where(data.sequences.user_ids[known] == split.user_id, known, 0))
-        out = Path(args.out) if args.out else run_dir / "eval-jsonl"
-    else:
-        view, has_label = data, True
-        full = data.splits[args.split]
-        n = cfg.n_test if args.n is None else args.n
-        index = subsample(len(full), n, cfg.seed + 1) if args.split == "test" else subsample(len(full), n, cfg.seed + 2)
-        split = full.subset(index)
-        view = _with_split(data, args.split, split)
-        arrays = split_arrays(view, args.split, vocab, din.config.max_history)
-        out = Path(args.out) if args.out else run_dir / f"eval-{args.split}"
+    data = prepare_ctr(load_dataset(dataset, data_dir=args.data_dir), seed=meta["pipeline"]["seed"])
+    split, probs, has_label, spec = score(run_dir, data, args.split, args.n, args.jsonl, args.batch_size, not args.no_progress)
+    out = Path(args.out) if args.out else run_dir / ("eval-jsonl" if args.jsonl else f"eval-{args.split}")
     out.mkdir(parents=True, exist_ok=True)
-    _, h = predict(din, arrays, with_h=True)
-    emb, ids = item_embeddings(data, Path(meta["ctr_dir"]).parent / "emb_cache", progress=not args.no_progress) if spec.subr else (None, None)
-    positions = shown_positions_for(view, split, cfg.k, spec.subr, cfg.subr_mode, emb, ids, not args.no_progress)
-    from rellax_fast.data.collate import PromptCollator
-
-    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None)
-    ds = PromptDataset(make_samples(view, split, positions), collator, h)
-    probs = predict_proba(model, ds, args.batch_size, progress=not args.no_progress)
     lines = [json.dumps({"user_id": int(u), "item_id": int(i), "p_click": float(p)}) for u, i, p in zip(split.user_id, split.item_id, probs)]
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     if has_label:

@@ -74,7 +74,7 @@ def build_shared_context(args, cfg, log=print):
 
     from ..spa.cli import load_ctr_data, train_or_load_ctr
     from ..spa.din import DINTrainConfig
-    from .pipeline import build_context, item_embeddings
+    from .pipeline import build_context, item_embeddings, save_subr_embeddings
 
     out = Path(args.out)
     data = load_ctr_data(args)
@@ -83,6 +83,7 @@ def build_shared_context(args, cfg, log=print):
                                            DINTrainConfig(epochs=args.din_epochs, seed=args.seed, progress=not args.no_progress),
                                            log=log)  # fmt: skip
     emb, ids = item_embeddings(data, out / "emb_cache", progress=not args.no_progress)
+    save_subr_embeddings(out, emb, ids)
     ctx = build_context(data, din, vocab, report, cfg, emb, ids)
     ctx.ctr_dir = str(out / "ctr")
     return ctx

@@ -129,6 +129,23 @@ def item_embeddings(data, cache_dir, progress: bool = True) -> Tuple[np.ndarray,
     return np.asarray(res.embeddings, dtype=np.float32), list(res.item_ids)
 
 
+def save_subr_embeddings(out_dir, emb: np.ndarray, item_ids) -> Path:
+    """Keep the SUBR item embeddings a pipeline used next to its runs (``subr_embeddings.npz``), for eval."""
+    path = Path(out_dir) / "subr_embeddings.npz"
+    tmp = path.with_name(".subr_embeddings.tmp.npz")
+    np.savez(tmp, emb=np.asarray(emb, np.float32), item_ids=np.asarray(item_ids, np.int64))
+    os.replace(tmp, path)
+    return path
+
+
+def load_subr_embeddings(out_dir):
+    path = Path(out_dir) / "subr_embeddings.npz"
+    if not path.exists():
+        return None
+    with np.load(path) as f:
+        return f["emb"], f["item_ids"].tolist()
+
+
 # ------------------------------------------------------------------------------------------- models
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import pytest
 import torch
 
@@ -58,13 +57,6 @@ def _ml100k_slice(path: str):
 def ml100k_slice(ml100k):
     """MovieLens 100K restricted to its first 120 users, with the paper's splits (built once per session)."""
     return _ml100k_slice(str(ml100k))
-
-
-def seeded_item_embeddings(data, dim: int = 24, seed: int = 0):
-    """Fixed random SUBR item embeddings (fast stand-in for the MiniLM encoder, which subr's tests cover)."""
-    ids = list(data.dataset.items.index)
-    emb = np.random.default_rng(seed).standard_normal((len(ids), dim)).astype(np.float32)
-    return emb, ids
 
 
 @pytest.fixture(autouse=True)
