@@ -12,7 +12,8 @@
 #   sanitizer     compute-sanitizer --tool memcheck on scripts/sanitizer_smoke.py (cflora, topk, dropout)
 #   bench-cflora  rellax-fast bench cflora --size gpu
 #   bench-topk    rellax-fast bench topk --size gpu
-#   bench-e2e     rellax-fast bench e2e --size 1b
+#   bench-e2e     rellax-fast bench e2e --size 1b (set RELLAX_BENCH_EVAL_RUN=<run folder of `rellax-fast train`>
+#                 to add the CTR scoring throughput of `rellax-fast eval` on that run)
 #   benchmarks    the BENCHMARKS.md section (card, versions, date, command, tables) -> $OUT/BENCHMARKS_section.md,
 #                 also appended to ./BENCHMARKS.md when APPEND_BENCHMARKS=1
 # and ends with a summary table (step, status, seconds), also written to $OUT/summary.md.
