@@ -64,7 +64,7 @@ def _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, se
         if t.device != x.device:
             raise ValueError(f"cflora_linear: {name} must be on x's device {x.device}; got {t.device}")
     if x.dim() < 1:
-        raise ValueError(f"cflora_linear: x must have shape (..., d_in); got a 0-d tensor")
+        raise ValueError("cflora_linear: x must have shape (..., d_in); got a 0-d tensor")
     d_in = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != d_in:
         raise ValueError(f"cflora_linear: weight must have shape (d_out, d_in={d_in}); got {tuple(weight.shape)}")
