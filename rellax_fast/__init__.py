@@ -19,6 +19,7 @@ _LAZY = {
     "load_cflora": "rellax_fast.cflora",
     "merge_cflora": "rellax_fast.cflora",
     "unmerge_cflora": "rellax_fast.cflora",
+    "set_cflora_backend": "rellax_fast.cflora",
     "load_peft_lora": "rellax_fast.cflora",
     "export_peft_lora": "rellax_fast.cflora",
     "cflora_linear": "rellax_fast.ops",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from rellax_testing import REPO
 
 from rellax_fast import _ext
 from rellax_fast.ops import _backend
@@ -205,3 +205,18 @@ def test_lazy_loader_state_is_consistent():
     assert mod is not None and _ext.load_error() is None
     assert mod.with_cuda() is False and _ext.cuda_archs() == ""
     assert Path(mod.__file__).name.startswith("_C")
+
+
+def test_first_call_under_torch_compile_fullgraph_loads_the_extension():
+    # the one-time _C load happens inside backend resolution, which compile evaluates as a constant
+    res = _run(
+        """
+        import torch
+        from rellax_fast.ops import seeded_dropout, seeded_dropout_ref
+        x = torch.randn(4, 5)
+        f = torch.compile(lambda t: seeded_dropout(t * 2, 0.3, 123) + 1, fullgraph=True)
+        torch.testing.assert_close(f(x), seeded_dropout_ref(x * 2, 0.3, 123) + 1)
+        print("OK")
+        """
+    )
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]

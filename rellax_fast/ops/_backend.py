@@ -132,8 +132,27 @@ def availability(op: Optional[str] = None, device_type: Optional[str] = None) ->
     return {b: why_unavailable(b, device_type, op) for b in BACKENDS}
 
 
+# Evaluated eagerly while torch.compile traces (its result is a constant of the graph): the choice, and the
+# one-time load of _C it may trigger, are not traceable Python. A later change of RELLAX_BACKEND does not
+# recompile an already compiled function. (Marked below as torch.compiler.assume_constant_result does, but
+# without calling it: that call imports torch._dynamo, and with it triton, at `import rellax_fast`.)
 def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:
-    """The backend that runs ``op`` on ``device``; forced ones that cannot run raise with the reason."""
+    """The backend that runs ``op`` on ``device``; forced ones that cannot run raise with the reason.
+
+    Choosing cpp or cuda also loads ``_C`` and registers its fake/autograd formulas (once).
+    """
+    chosen = _choose(op, device, backend)
+    if chosen in ("cpp", "cuda"):
+        from ._registry import ensure_ext_registered
+
+        ensure_ext_registered()
+    return chosen
+
+
+resolve._dynamo_marked_constant = True  # what torch._dynamo.assume_constant_result(resolve) sets
+
+
+def _choose(op: str, device: torch.device, backend: Optional[str]) -> str:
     forced = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     device_type = device.type
     if forced is not None:

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from rellax_testing import REPO
 
 from rellax_fast.bench import e2e
 

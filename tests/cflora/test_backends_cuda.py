@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import model_inputs, tiny_llama
+from cflora_models import model_inputs, tiny_llama
 
 from rellax_fast.cflora import CFLoRAConfig, cflora_condition, inject_cflora, set_cflora_backend
 

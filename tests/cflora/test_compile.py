@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import model_inputs, tiny_llama
+from cflora_models import model_inputs, tiny_llama
 
 from rellax_fast.cflora import CFLoRAConfig, cflora_condition, inject_cflora
 

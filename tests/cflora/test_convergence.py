@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_llama
+from cflora_models import VOCAB, tiny_llama
 
 from rellax_fast.cflora import CFLoRAConfig, cflora_condition, inject_cflora
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODELS, logits_of, model_inputs, tiny_gpt2, tiny_llama
+from cflora_models import MODELS, logits_of, model_inputs, tiny_gpt2, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 from rellax_fast.cflora import (

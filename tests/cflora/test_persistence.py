@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import MODELS, logits_of, minilm, model_inputs, tiny_gpt2, tiny_llama
+from cflora_models import MODELS, logits_of, minilm, model_inputs, tiny_gpt2, tiny_llama
 
 from rellax_fast.cflora import (
     CFLoRAConfig,

@@ -23,7 +23,7 @@ from rellax_fast.data import (
 
 @pytest.fixture(scope="module")
 def ml100k_ctr():
-    from conftest import ml100k_dir
+    from rellax_testing import ml100k_dir
 
     return prepare_ctr(load_dataset("ml-100k", ml100k_dir(), download=False))
 
@@ -101,7 +101,7 @@ def test_save_load_roundtrip_and_parquet_columns(ml100k_ctr, tmp_path):
 
 
 def test_cli_prepare(tmp_path, capsys):
-    from conftest import ml100k_dir
+    from rellax_testing import ml100k_dir
 
     from rellax_fast.cli import main
 

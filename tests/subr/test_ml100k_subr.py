@@ -10,7 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import ml100k_dir
+from rellax_testing import ml100k_dir
 
 pytestmark = pytest.mark.slow
 

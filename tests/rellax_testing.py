@@ -1,0 +1,58 @@
+"""Shared test helpers: the per-dtype tolerance table, assert_close, and where MovieLens 100K lives.
+
+Import them as `from rellax_testing import ...` (pytest puts tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One table of tolerances (rtol, atol) per dtype, for comparing a backend with the float64 reference.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (2e-4, 2e-4),
+    torch.float16: (2e-2, 2e-2),
+    torch.bfloat16: (6e-2, 6e-2),
+}
+
+
+def tol(dtype: torch.dtype):
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, scale: float = 1.0, msg=""):
+    """Compare ``actual`` with a (float64) ``expected`` using the table entry for ``dtype`` (default: actual's).
+
+    ``scale`` widens the tolerance for long reductions (e.g. sqrt(K) for a K-long dot product).
+    """
+    dtype = dtype or actual.dtype
+    rtol, atol = TOLERANCES[dtype]
+    torch.testing.assert_close(
+        actual.detach().to(torch.float64).cpu(),
+        expected.detach().to(torch.float64).cpu(),
+        rtol=rtol * scale,
+        atol=atol * scale,
+        msg=msg or None,
+    )
+
+
+def ml100k_dir() -> Path:
+    """Where MovieLens 100K lives: $RELLAX_DATA_DIR (holding ml-100k/ or the files), else ../shared/data/ml-100k."""
+    env = os.environ.get("RELLAX_DATA_DIR")
+    candidates = []
+    if env:
+        candidates += [Path(env) / "ml-100k", Path(env)]
+    candidates.append(REPO.parent / "shared" / "data" / "ml-100k")
+    for c in candidates:
+        if (c / "u.data").exists():
+            return c
+    msg = f"MovieLens 100K not found in {', '.join(map(str, candidates))}"
+    if os.environ.get("CI"):
+        pytest.fail(msg)  # in CI the data must be there: never hide this behind a skip
+    pytest.skip(msg)
