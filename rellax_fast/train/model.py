@@ -128,7 +128,10 @@ class ReLLaXModel(nn.Module):
             self.register_buffer("cond_std", (cond_std if cond_std is not None else torch.ones(cond_dim)).float().clone())
         self.verbaliser_bias = nn.Parameter(torch.zeros(2)) if kind == "encoder" else None
         if options.gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(backbone, "config"):
                 backbone.config.use_cache = False
 

@@ -109,3 +109,18 @@ def test_pipeline_causal_two_stage_without_subr(context, tiny_gpt2_dir, tmp_path
     params = dict(model.named_parameters())
     for k in lora_keys:
         assert np.array_equal(params[k].detach().numpy(), stage1[k].numpy()), k
+
+
+def test_train_ctr_is_reused_for_the_same_dataset(ml100k_slice, tmp_path):
+    from rellax_fast.spa.cli import train_or_load_ctr
+
+    opts = {"embed_dim": 4, "mlp_hidden": (8,), "max_history": 5, "attention_hidden": 4}
+    m1, vocab1, r1 = train_or_load_ctr(ml100k_slice, tmp_path / "ctr", opts, DINTrainConfig(epochs=1, progress=False))
+    saved = json.loads((tmp_path / "ctr" / "metrics.json").read_text())
+    assert saved["model"] == "DIN" and saved["auc"] == pytest.approx(r1.test["auc"])
+    logs = []
+    m2, vocab2, r2 = train_or_load_ctr(ml100k_slice, tmp_path / "ctr", opts, DINTrainConfig(epochs=1, progress=False), log=logs.append)
+    assert logs and "using the trained DIN" in logs[0]
+    assert np.array_equal(vocab1, vocab2) and r2.test == r1.test
+    for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert np.array_equal(a.numpy(), b.numpy()), k

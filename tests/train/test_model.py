@@ -20,7 +20,7 @@ def _samples(n=3):
     return out
 
 
-def _build(path, interaction="full", use_spa=True, seed=0):
+def _build(path, interaction="full", use_spa=True, seed=0, gradient_checkpointing=False):
     torch.manual_seed(seed)
     backbone, kind = load_backbone(path)
     from transformers import AutoTokenizer
@@ -29,7 +29,8 @@ def _build(path, interaction="full", use_spa=True, seed=0):
     collator = PromptCollator(tok, kind=kind, max_length=200, placeholder="<spa>" if use_spa else None)
     item_ids = torch.arange(10, 10 + N_ITEMS)
     model = ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id),
-                        ReLLaXOptions(interaction=interaction, use_spa=use_spa, backend="reference", dropout=0.0),
+                        ReLLaXOptions(interaction=interaction, use_spa=use_spa, backend="reference", dropout=0.0,
+                                      gradient_checkpointing=gradient_checkpointing),
                         item_table=torch.randn(N_ITEMS, E), item_ids=item_ids, cond_dim=H)  # fmt: skip
     # make every adapter tensor non-trivial (B = 0 and a zero generator output layer at init are no-ops)
     with torch.no_grad():
@@ -135,3 +136,21 @@ def test_stages_select_the_trainable_tensors(tiny_bert_dir):
     model.set_stage("joint")
     assert any("lora_" in n for n in model.trainable_state()) and any(n.startswith("projector.") for n in model.trainable_state())
     assert not any(n.startswith("backbone.") and "lora_" not in n and ".interaction." not in n for n in model.trainable_state())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert_dir):
+    grads = []
+    for ckpt in (False, True):
+        model, batch, _ = _build(tiny_bert_dir, "full", seed=3, gradient_checkpointing=ckpt)
+        bb = model.backbone
+        active = bb.is_activation_checkpointing if hasattr(bb, "is_activation_checkpointing") else bb.is_gradient_checkpointing
+        assert active == ckpt
+        model.train()
+        torch.manual_seed(11)  # same dropout masks (checkpointing replays the RNG state)
+        loss = torch.nn.functional.cross_entropy(model(batch), batch["label"].long())
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+    assert any(".interaction." in n and grads[1][n].abs().sum() > 0 for n in grads[1])
