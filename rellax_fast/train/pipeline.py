@@ -284,6 +284,10 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         model.set_stage("joint")
         r = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir, resume=resume, log=log)
         model, losses = r["model"], r["losses"]
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under accelerate launch / torchrun: rank 0 scores and writes
+        return {"metrics": None, "losses": losses, "run_dir": str(run_dir), "model": model}
     probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}")
     metrics = ctr_metrics(test_set.labels(), probs)
     meta = {
