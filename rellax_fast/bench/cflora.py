@@ -1,0 +1,215 @@
+"""``rellax-fast bench cflora``: the CFLoRA linear against its floor and the unfused composition.
+
+For every shape (M = B·T rows, d_in = d_out = d, rank r, per-sample C with B = 16 or C = None) this times
+forward, backward and forward+backward, all in the same run, of:
+
+- ``floor``: the frozen base ``nn.Linear`` alone (forward plus the input gradient): what any adapter costs
+  at least;
+- ``unfused``: the PEFT-style composition in eager PyTorch (Linear + lora_A + bmm C + lora_B);
+- ``unfused+compile``: that composition under ``torch.compile`` (a row note says why if it fails);
+- ``cflora[<backend>]``: :func:`rellax_fast.ops.cflora_linear` with each backend available on the device.
+
+x, A, B and C require grad; W and b are frozen (the fine-tuning setting). Dropout is 0 (the benchmarked
+cost is the layer's, not the mask's). Reported: ms, TFLOP/s of forward+backward (the floor counts its own
+FLOPs, the adapters count base + LoRA FLOPs), ratios to the floor, and peak memory of forward+backward
+(allocator peak on the GPU; coarse RSS growth on the CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+SAMPLES = 16  # B for the per-sample interaction
+
+SIZES = {
+    # (M, d) pairs x ranks x C kinds
+    "gpu": ([(m, d) for m in (4096, 16384) for d in (2048, 4096)], (8, 16, 64)),
+    "cpu": ([(512, 256), (2048, 512)], (8, 16)),
+    "tiny": ([(64, 48)], (4,)),
+}
+
+
+def _shapes(size: str):
+    pairs, ranks = SIZES.get(size, SIZES["cpu"])
+    return [(m, d, r, c) for (m, d) in pairs for r in ranks for c in ("per-sample", "none")]
+
+
+def _flops(m: int, d: int, r: int, per_sample: bool) -> Dict[str, Dict[str, float]]:
+    """Forward / backward FLOPs of the floor (frozen Linear: y and dx) and of the adapter layer."""
+    base = 2.0 * m * d * d
+    c = 2.0 * m * r * r if per_sample else 0.0
+    lora_fwd = 2.0 * m * r * d * 2 + c                       # shrink, expand, interaction
+    lora_bwd = 2.0 * m * r * d * 4 + (2 * c)                 # dT, dB, dA, dx(lora); dS and dC
+    return {
+        "floor": {"fwd": base, "bwd": base},
+        "adapter": {"fwd": base + lora_fwd, "bwd": base + lora_bwd},
+    }
+
+
+def _time_backward(make_output: Callable[[], Tuple[object, list]], device, warmup: int, repeat: int) -> float:
+    """Median time of the backward alone: a fresh forward (untimed) before each timed autograd.grad."""
+    import statistics
+
+    import torch
+
+    from . import report
+
+    def once() -> float:
+        y, wrt = make_output()
+        g = torch.ones_like(y)
+        report.sync(device)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.autograd.grad(y, wrt, g)
+            end.record()
+            torch.cuda.synchronize(device)
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        torch.autograd.grad(y, wrt, g)
+        return (time.perf_counter() - t0) * 1e3
+
+    for _ in range(warmup):
+        once()
+    return statistics.median(once() for _ in range(repeat))
+
+
+def _methods(device, skip_compile: Optional[str]):
+    """(name, forward builder or None, note) for every method; builders take the tensors and return y."""
+    import torch
+    import torch.nn.functional as F
+
+    from ..ops import _backend
+    from ..ops.cflora import cflora_linear
+
+    def floor(x, w, b, a, lb, c, scale):
+        return F.linear(x, w, b)
+
+    def unfused(x, w, b, a, lb, c, scale):
+        s = F.linear(x, a)
+        if c is not None:
+            s = torch.bmm(s, c.transpose(1, 2))
+        return F.linear(x, w, b) + scale * F.linear(s, lb)
+
+    methods: List[Tuple[str, Optional[Callable], str]] = [("floor", floor, ""), ("unfused", unfused, "")]
+    if skip_compile:
+        methods.append(("unfused+compile", None, skip_compile))
+    else:
+        methods.append(("unfused+compile", torch.compile(unfused, fullgraph=True, dynamic=False), ""))
+    candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
+    for backend in candidates:
+        reason = _backend.why_unavailable(backend, device.type, "cflora_linear")
+        if reason is not None:
+            methods.append((f"cflora[{backend}]", None, f"unavailable: {reason}"))
+            continue
+
+        def op(x, w, b, a, lb, c, scale, _backend_name=backend):
+            return cflora_linear(x, w, b, a, lb, c, scale=scale, backend=_backend_name)
+
+        methods.append((f"cflora[{backend}]", op, ""))
+    return methods
+
+
+def _bench_shape(m, d, r, c_kind, device, dtype, size, warmup, repeat) -> List[Dict[str, object]]:
+    """All methods at one shape; a method that fails becomes a row with a note."""
+    import torch
+    import torch._dynamo
+
+    from . import report
+
+    rows: List[Dict[str, object]] = []
+    per_sample = c_kind == "per-sample"
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()  # one compile per shape (no recompile-limit fallback to eager)
+    t_len = m // SAMPLES
+    x = torch.randn(SAMPLES, t_len, d, device=device, dtype=dtype).requires_grad_()
+    w = torch.randn(d, d, device=device, dtype=dtype) / d**0.5
+    b = torch.randn(d, device=device, dtype=dtype)
+    a = (torch.randn(r, d, device=device, dtype=dtype) / d**0.5).requires_grad_()
+    lb = (torch.randn(d, r, device=device, dtype=dtype) / r**0.5).requires_grad_()
+    c = (torch.randn(SAMPLES, r, r, device=device, dtype=dtype) / r**0.5).requires_grad_() if per_sample else None
+    flops = _flops(m, d, r, per_sample)
+    skip_compile = "compile skipped at tiny size" if size == "tiny" else None
+    floor_ms: Dict[str, float] = {}
+    for name, fn, note in _methods(device, skip_compile):
+        row: Dict[str, object] = {"M": m, "d": d, "r": r, "C": c_kind, "method": name}
+        if fn is None:
+            rows.append({**row, "note": note})
+            continue
+        wrt = [x] if name == "floor" else [t for t in (x, a, lb, c) if t is not None]
+
+        def forward(fn=fn):
+            return fn(x, w, b, a, lb, c, 2.0)
+
+        def fwd_bwd(fn=fn, wrt=wrt):
+            y = forward(fn)
+            torch.autograd.grad(y, wrt, torch.ones_like(y))
+
+        try:
+            fwd_bwd()  # compile / first-call work outside the timings
+            fwd_ms = report.time_ms(forward, device, warmup, repeat)
+            bwd_ms = _time_backward(lambda fn=fn, wrt=wrt: (forward(fn), wrt), device, warmup, repeat)
+            fb_ms = report.time_ms(fwd_bwd, device, warmup, repeat)
+            peak = report.peak_memory_mb(fwd_bwd, device)
+        except Exception as exc:  # a failing method becomes a row note, the suite goes on
+            rows.append({**row, "note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
+            continue
+        kind = "floor" if name == "floor" else "adapter"
+        if name == "floor":
+            floor_ms = {"fwd": fwd_ms, "bwd": bwd_ms, "fb": fb_ms}
+        fb_flops = flops[kind]["fwd"] + flops[kind]["bwd"]
+        row.update({
+            "fwd_ms": fwd_ms,
+            "bwd_ms": bwd_ms,
+            "fwd_bwd_ms": fb_ms,
+            "fwd_bwd_tflops": fb_flops / (fb_ms * 1e-3) / 1e12,
+            "fwd_vs_floor": fwd_ms / floor_ms["fwd"] if floor_ms else None,
+            "bwd_vs_floor": bwd_ms / floor_ms["bwd"] if floor_ms else None,
+            "fwd_bwd_vs_floor": fb_ms / floor_ms["fb"] if floor_ms else None,
+            "peak_mb": peak,
+            "note": note,
+        })
+        rows.append(row)
+    return rows
+
+
+def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
+    import torch
+
+    from . import report
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    size = args.size if args.size in SIZES else "cpu"
+    warmup, repeat = int(args.warmup), int(args.repeat)
+    if size == "tiny":
+        warmup, repeat = min(warmup, 1), min(repeat, 2)
+    rows: List[Dict[str, object]] = []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        def tqdm(it, **_):
+            return it
+
+    for m, d, r, c_kind in tqdm(_shapes(size), desc="bench cflora", unit="shape"):
+        rows += _bench_shape(m, d, r, c_kind, device, dtype, size, warmup, repeat)
+
+    def plot(rows_, path):
+        timed = [r_ for r_ in rows_ if r_.get("fwd_bwd_vs_floor") is not None]
+        return report.bar_chart(timed, path, ("M", "d", "r", "C"), "fwd_bwd_vs_floor", "method",
+                                f"CFLoRA forward+backward / frozen Linear ({args.dtype}, {report.machine_label(device)})")
+
+    meta = {
+        "title": (
+            f"CFLoRA linear, {args.dtype}, dropout 0, W/b frozen, x/A/B/C require grad; per-sample C has "
+            f"B={SAMPLES}. Times are medians of {repeat} runs after {warmup} warm-up runs; *_vs_floor divides "
+            "by the frozen nn.Linear (forward + input grad) measured in the same run; peak_mb is for one "
+            "forward+backward" + (" (CPU: growth of the process peak RSS, coarse)" if device.type == "cpu" else "")
+            + "."
+        ),
+        "plot": plot,
+    }
+    return rows, meta
