@@ -384,14 +384,15 @@ def _matmul_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------------
-# One fixed config per kernel. GPU sizes target H100/H200 (bf16 tensor cores, 228 KB smem); under the
-# interpreter, small blocks keep each program cheap while still exercising multi-block paths (edges,
-# K loops, cross-program atomics) on the tiny test shapes.
+# One fixed config per kernel. GPU sizes target H100/H200 (bf16 tensor cores, 227 KB smem per CTA): the
+# big GEMMs use 128x128x64 tiles, 8 warps and a 4-deep cp.async pipeline (4 x 32 KB); fp32 operands are
+# twice as wide, so they get 2 stages. Under the interpreter, small blocks keep each program cheap while
+# still exercising multi-block paths (edges, K loops, cross-program atomics) on the tiny test shapes.
 _GPU = {
     "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-    "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     "dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-    "dw": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    "dw": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
 }
 _INTERPRET = {
     "shrink": dict(BLOCK_M=16, BLOCK_K=32),
@@ -401,8 +402,13 @@ _INTERPRET = {
 }
 
 
-def _config(name: str) -> dict:
-    return dict((_INTERPRET if triton_interpreting() else _GPU)[name])
+def _config(name: str, dtype: torch.dtype) -> dict:
+    if triton_interpreting():
+        return dict(_INTERPRET[name])
+    cfg = dict(_GPU[name])
+    if dtype == torch.float32:
+        cfg["num_stages"] = 2
+    return cfg
 
 
 def _block_r(r: int) -> int:
@@ -488,7 +494,7 @@ def cflora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     block_r = _block_r(r)
     c_arg = interaction if interaction is not None else lora_a  # never read when HAS_C is False
 
-    cfg = _config("shrink")
+    cfg = _config("shrink", x2d.dtype)
     _cflora_shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         x2d, lora_a, c_arg, s, t,
         m, d_in, r, rows_per_group,
@@ -499,7 +505,7 @@ def cflora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         BLOCK_R=block_r, **cfg,
     )
 
-    cfg = _config("gemm")
+    cfg = _config("gemm", x2d.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_out, cfg["BLOCK_N"]),)
     _cflora_fwd_gemm_kernel[grid](
         x2d, weight, bias.contiguous() if bias is not None else weight, t, lora_b, y,
@@ -552,7 +558,9 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
     dummy = lora_a
 
     if m > 0 and (need_dt or need_db or need_dbias):
-        cfg = _config("dy")
+        cfg = _config("dy", x2d.dtype)
+        if block_r >= 128 and not upcast:
+            cfg["BLOCK_N"] = 64  # keep the dY, B and dB tiles of a rank-128 pass inside shared memory
         _cflora_dy_pass_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
             grad_y2d, lora_b, c_arg, s, t,
             d_s if d_s is not None else dummy, dlora_b if dlora_b is not None else dummy,
@@ -568,7 +576,7 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
         )
 
     if m > 0 and need_ds:
-        cfg = _config("gemm")
+        cfg = _config("gemm", x2d.dtype)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
         _cflora_dx_kernel[grid](
             grad_y2d, weight, d_s, lora_a, x2d,
@@ -589,7 +597,7 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
         if m == 0:
             dweight.zero_()
         else:
-            cfg = _config("dw")
+            cfg = _config("dw", x2d.dtype)
             grid = (triton.cdiv(d_out, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
             _matmul_kernel[grid](
                 grad_y2d, x2d, dweight,
