@@ -432,3 +432,13 @@ def test_cuda_gradcheck_and_opcheck():
     assert torch.autograd.gradcheck(f, (x, w, b, a, lb, c))
     args = (x.reshape(-1, x.shape[-1]).detach().requires_grad_(), w, b, a, lb, c, 3, 0.7, 0.2, 31)
     torch.library.opcheck(torch.ops.rellax_fast.cflora_fwd.default, args)
+
+
+def test_triton_op_without_kernels_module_raises_clearly(monkeypatch):
+    """If rellax_fast.kernels.cflora cannot be imported, the triton op says so (no silent fallback)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "rellax_fast.kernels.cflora", None)  # makes the import fail
+    x, w, b, a, lb, c = make_inputs(torch.float32, 4, None, True, requires_grad=False)
+    with pytest.raises(BackendUnavailableError, match="needs rellax_fast.kernels.cflora"):
+        torch.ops.rellax_fast.cflora_fwd_triton(x.reshape(-1, D_IN), w, b, a, lb, c, 1, 1.0, 0.0, 0)
