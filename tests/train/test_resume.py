@@ -39,7 +39,8 @@ def _model(path, collator, init_seed):
 
 
 def _config(**kw):
-    return TrainConfig(epochs=2, batch_size=8, lr=5e-3, save_every_steps=3, progress=False, seed=3, **kw)
+    kw.setdefault("save_every_steps", 3)
+    return TrainConfig(epochs=2, batch_size=8, lr=5e-3, progress=False, seed=3, **kw)
 
 
 def test_resume_after_interrupt_equals_uninterrupted_run(tiny_bert_dir, tmp_path):
@@ -82,3 +83,47 @@ def test_checkpoints_are_published_atomically_and_pruned(tiny_bert_dir, tmp_path
     # resuming a finished run trains nothing more
     res = train_model(_model(tiny_bert_dir, collator, 0), data, _config(), tmp_path, resume=True, log=lambda *_: None)
     assert res["resumed_from"] == 6 and res["global_step"] == 6
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny_bert_dir, tmp_path):
+    """A real kill: a subprocess trains (checkpoint every step), is SIGKILLed mid-epoch, and is resumed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    worker = str(Path(__file__).with_name("resume_worker.py"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # the uninterrupted reference, in this process (the worker runs exactly this)
+    data, collator = _dataset(tiny_bert_dir)
+    ref = train_model(_model(tiny_bert_dir, collator, 0), data, _config(save_every_steps=1), tmp_path / "ref")
+    ref = {"losses": ref["losses"], "probs": predict_proba(ref["model"], data, progress=False),
+           "state": {k: v.detach().clone() for k, v in ref["model"].trainable_state().items()}}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, worker, tiny_bert_dir, str(run_dir), "--slow", "0.4"], env=env)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # wait for a checkpoint in the first epoch's second half (step 3 of 5)
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is not None and json.loads((ckpt / "state.json").read_text())["global_step"] >= 3:
+                break
+            assert proc.poll() is None, "the worker ended before it could be killed"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["global_step"]
+    assert 3 <= killed_at < 10 and not (run_dir / "result.pt").exists()
+    subprocess.run([sys.executable, worker, tiny_bert_dir, str(run_dir), "--resume"], check=True, env=env, timeout=300)
+    res = torch.load(run_dir / "result.pt", weights_only=False)
+    assert res["resumed_from"] == killed_at
+    np.testing.assert_array_equal(np.asarray(res["losses"]), np.asarray(ref["losses"]))
+    for k, v in ref["state"].items():
+        torch.testing.assert_close(res["state"][k], v, rtol=0, atol=0, msg=k)
+    np.testing.assert_array_equal(res["probs"], ref["probs"])
