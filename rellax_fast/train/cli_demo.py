@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .cli_train import add_model_arguments
 
     add_model_arguments(parser, n_train=512, n_test=500)
-    parser.set_defaults(max_length=128, din_epochs=4, din_max_history=30, lr=2e-3)
+    parser.set_defaults(max_length=128, din_epochs=4, din_patience=1, din_max_history=30, lr=2e-3)
     parser.add_argument("--variants", default="all",
                         help="comma-separated subset of: full,no-subr,no-spa,identity,moe,recrank1,two-stage (default all "
                              "but two-stage)")  # fmt: skip

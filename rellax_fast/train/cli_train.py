@@ -35,6 +35,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
     g.add_argument("--no-progress", action="store_true")
     d = parser.add_argument_group("CTR model (DIN)")
     d.add_argument("--din-epochs", type=int, default=12)
+    d.add_argument("--din-patience", type=int, default=2, help="DIN early stopping: epochs without valid-AUC gain")
     d.add_argument("--din-embed-dim", type=int, default=32)
     d.add_argument("--din-hidden", type=int, nargs="+", default=[128, 64])
     d.add_argument("--din-max-history", type=int, default=50)
@@ -80,7 +81,8 @@ def build_shared_context(args, cfg, log=print):
     data = load_ctr_data(args)
     din_opts = {"embed_dim": args.din_embed_dim, "mlp_hidden": tuple(args.din_hidden), "max_history": args.din_max_history}
     din, vocab, report = train_or_load_ctr(data, out / "ctr", din_opts,
-                                           DINTrainConfig(epochs=args.din_epochs, seed=args.seed, progress=not args.no_progress),
+                                           DINTrainConfig(epochs=args.din_epochs, patience=args.din_patience, seed=args.seed,
+                                                          progress=not args.no_progress),
                                            log=log)  # fmt: skip
     emb, ids = item_embeddings(data, out / "emb_cache", progress=not args.no_progress)
     save_subr_embeddings(out, emb, ids)
