@@ -11,8 +11,9 @@
 //      with OpenMP dynamic scheduling.
 //   3. Per work item a thread gathers the rows 0..max p of the user's history into a float32 buffer H
 //      (normalised when cosine; d padded to a multiple of 16 with zeros), then streams H in history tiles
-//      of kTileN rows (L2-resident). For each group of 4 targets and 4 candidates a register-blocked
-//      micro-kernel computes the 16 dot products; every score that beats the row's current k-th best is
+//      of kTileN rows, each transposed once into (d x 32) slabs. For each group of 8 targets and slab
+//      of 32 candidates a register-blocked micro-kernel (16 vector accumulators, target scalars
+//      broadcast) computes the 256 dot products; every score that beats the row's current k-th best is
 //      inserted into the row's sorted top-k buffer (ties: candidates come in increasing position, so a
 //      new equal score goes in front of the older equal ones). Candidates >= the target's position are
 //      skipped (causal), and tiles past the group's largest position are never computed.
@@ -40,7 +41,7 @@
 namespace rellax {
 namespace topk_cpu {
 
-constexpr int64_t kChunk = 128;   // targets per work item
+constexpr int64_t kChunk = 512;   // targets per work item
 constexpr int64_t kTileN = 256;   // history rows per tile
 constexpr int64_t kLanes = 16;    // d is padded to a multiple of this
 
@@ -52,55 +53,73 @@ typedef float v16f __attribute__((vector_size(64)));
 #define RELLAX_TOPK_CLONES
 #endif
 
+constexpr int kRows = 8;    // targets per register block
+constexpr int kCols = 32;   // candidates per register block (two 16-lane vectors)
+
 // One work item: `n` targets (positions `tpos`, ascending) of a user whose rows 0..tpos[n-1] are in H
 // (row stride dp). Writes each target's sorted top-k into out_score/out_pos (n x k, pre-filled -inf/-1).
+// `panel` is scratch for one history tile transposed into slabs of kCols candidates: slab-major,
+// (dp x kCols) each, so the micro-kernel reads it contiguously and broadcasts target scalars.
 RELLAX_TOPK_CLONES
 void rellax_topk_chunk(const float* H, int64_t dp, const int64_t* tpos, int64_t n, int64_t k, float* out_score,
-                       int64_t* out_pos, int64_t* count) {
+                       int64_t* out_pos, int64_t* count, float* panel) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) count[i] = 0;
   const int64_t pmax = tpos[n - 1];
   for (int64_t j0 = 0; j0 < pmax; j0 += kTileN) {
     const int64_t j1 = std::min(j0 + kTileN, pmax);
+    const int64_t nslab = (j1 - j0 + kCols - 1) / kCols;
+    for (int64_t sl = 0; sl < nslab; ++sl) {
+      float* dst = panel + sl * dp * kCols;
+      for (int c = 0; c < kCols; ++c) {
+        const int64_t row = j0 + sl * kCols + c;
+        if (row < j1) {
+          const float* src = H + row * dp;
+          for (int64_t x = 0; x < dp; ++x) dst[x * kCols + c] = src[x];
+        } else {
+          for (int64_t x = 0; x < dp; ++x) dst[x * kCols + c] = 0.0f;
+        }
+      }
+    }
     // first group whose largest position reaches into this tile
     int64_t g = 0;
-    while (g < n && tpos[std::min(g + 3, n - 1)] <= j0) g += 4;
-    for (; g < n; g += 4) {
-      const int64_t rows = std::min<int64_t>(4, n - g);
+    while (g < n && tpos[std::min<int64_t>(g + kRows - 1, n - 1)] <= j0) g += kRows;
+    for (; g < n; g += kRows) {
+      const int64_t rows = std::min<int64_t>(kRows, n - g);
       const int64_t jend = std::min(j1, tpos[g + rows - 1]);
-      const float* t[4];
-      for (int r = 0; r < 4; ++r) t[r] = H + tpos[g + std::min<int64_t>(r, rows - 1)] * dp;
-      float thr[4];
-      for (int r = 0; r < 4; ++r) {
+      const float* t[kRows];
+      float thr[kRows];
+      for (int r = 0; r < kRows; ++r) {
         const int64_t row = g + std::min<int64_t>(r, rows - 1);
+        t[r] = H + tpos[row] * dp;
         thr[r] = count[row] < k ? neg_inf : out_score[row * k + k - 1];
       }
-      for (int64_t j = j0; j < jend; j += 4) {
-        const float* c[4];
-        for (int q = 0; q < 4; ++q) c[q] = H + std::min<int64_t>(j + q, jend - 1) * dp;
-        v16f acc[4][4];
-        for (int r = 0; r < 4; ++r)
-          for (int q = 0; q < 4; ++q) acc[r][q] = v16f{};
-        for (int64_t x = 0; x < dp; x += kLanes) {
-          v16f a[4], b[4];
-          for (int r = 0; r < 4; ++r) std::memcpy(&a[r], t[r] + x, sizeof(v16f));
-          for (int q = 0; q < 4; ++q) std::memcpy(&b[q], c[q] + x, sizeof(v16f));
-          for (int r = 0; r < 4; ++r)
-            for (int q = 0; q < 4; ++q) acc[r][q] += a[r] * b[q];
+      for (int64_t sl = 0; j0 + sl * kCols < jend; ++sl) {
+        const float* cp = panel + sl * dp * kCols;
+        v16f acc[kRows][2];
+        for (int r = 0; r < kRows; ++r) acc[r][0] = acc[r][1] = v16f{};
+        for (int64_t x = 0; x < dp; ++x) {
+          v16f c0, c1;
+          std::memcpy(&c0, cp + x * kCols, sizeof(v16f));
+          std::memcpy(&c1, cp + x * kCols + 16, sizeof(v16f));
+          for (int r = 0; r < kRows; ++r) {
+            const float a = t[r][x];
+            acc[r][0] += a * c0;
+            acc[r][1] += a * c1;
+          }
         }
+        const int64_t base = j0 + sl * kCols;
         for (int r = 0; r < rows; ++r) {
           const int64_t row = g + r;
-          const int64_t p = tpos[row];
-          for (int q = 0; q < 4; ++q) {
-            const int64_t cand = j + q;
-            if (cand >= jend || cand >= p) break;
-            // fixed-order tree sum of the 16 lanes (same for every pair: exact ties stay exact)
-            float l[16];
-            std::memcpy(l, &acc[r][q], sizeof(l));
-            for (int w = 8; w >= 1; w >>= 1)
-              for (int e = 0; e < w; ++e) l[e] += l[e + w];
-            const float s = l[0];
+          const int64_t lim = std::min<int64_t>(std::min(tpos[row], jend) - base, kCols);
+          if (lim <= 0) continue;
+          float sc_block[kCols];
+          std::memcpy(sc_block, &acc[r][0], sizeof(v16f));
+          std::memcpy(sc_block + 16, &acc[r][1], sizeof(v16f));
+          for (int64_t q = 0; q < lim; ++q) {
+            const float s = sc_block[q];
             if (!(s >= thr[r])) continue;
+            // insert: candidates arrive in increasing position, so a new score goes in front of equal ones
             float* sc = out_score + row * k;
             int64_t* ps = out_pos + row * k;
             int64_t slot = count[row] < k ? count[row] : k - 1;
@@ -110,7 +129,7 @@ void rellax_topk_chunk(const float* H, int64_t dp, const int64_t* tpos, int64_t 
               --slot;
             }
             sc[slot] = s;
-            ps[slot] = cand;
+            ps[slot] = base + q;
             if (count[row] < k) ++count[row];
             thr[r] = count[row] < k ? neg_inf : sc[k - 1];
           }
@@ -154,7 +173,7 @@ void run_work(const scalar_t* emb, int64_t d, int64_t dp, const int64_t* items, 
   const int64_t n_work = static_cast<int64_t>(work.size());
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> H, lscore;
+    std::vector<float> H, lscore, panel(kTileN * dp);
     std::vector<int64_t> tpos, lpos, count;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < n_work; ++w) {
@@ -168,7 +187,7 @@ void run_work(const scalar_t* emb, int64_t d, int64_t dp, const int64_t* items, 
       lscore.assign(n * k, -std::numeric_limits<float>::infinity());
       lpos.assign(n * k, -1);
       count.resize(n);
-      rellax_topk_chunk(H.data(), dp, tpos.data(), n, k, lscore.data(), lpos.data(), count.data());
+      rellax_topk_chunk(H.data(), dp, tpos.data(), n, k, lscore.data(), lpos.data(), count.data(), panel.data());
       for (int64_t i = 0; i < n; ++i) {
         const int64_t s = order[it.begin + i];
         std::memcpy(score_ptr + s * k, lscore.data() + i * k, sizeof(float) * k);

@@ -140,11 +140,17 @@ def semantic_topk_ref(item_emb, seq_items, seq_offsets, sample_user, sample_pos,
     emb = normalized_rows(item_emb, compute_dtype) if metric == "cosine" else item_emb.to(compute_dtype)
     starts = seq_offsets[sample_user]
     target = emb[seq_items[starts + sample_pos]]  # (S, d)
-    for lo in range(0, n_samples, chunk):
+    max_elems = 1 << 24  # bound the padded (chunk, width, d) gather to ~16M elements
+    lo = 0
+    while lo < n_samples:
         hi = min(n_samples, lo + chunk)
+        width = int(sample_pos[lo:hi].max())
+        rows = max(1, min(hi - lo, max_elems // max(1, width * emb.shape[1])))
+        hi = lo + rows
         p = sample_pos[lo:hi]
-        width = int(p.max()) if p.numel() else 0
+        width = int(p.max())
         if width == 0:
+            lo = hi
             continue
         # candidate positions listed from the most recent down, so a stable descending sort puts the
         # larger position first among exact ties
@@ -160,6 +166,7 @@ def semantic_topk_ref(item_emb, seq_items, seq_offsets, sample_user, sample_pos,
         kk = top_pos.shape[1]
         pos_out[lo:hi, :kk] = top_pos
         score_out[lo:hi, :kk] = top_scores
+        lo = hi
     return pos_out, score_out
 
 

@@ -1,0 +1,227 @@
+"""``rellax-fast bench topk``: the semantic_topk backends against torch, faiss and global-ranking baselines.
+
+Data: synthetic ML-1M-like histories. User lengths are a lognormal fitted to ML-1M (median 96, mean about
+165), clipped to [20, 2314] like ML-1M's range; 3,706 items with random embeddings; every position of
+every history is a sample (positions 0 have no candidates and come back fully padded). ``--size gpu``:
+6,040 users (about 1M samples), d in {384, 512}, k in {10, 30}. ``--size cpu``: the same distribution
+for 600 users. ``--size tiny``: a few users, for the smoke test.
+
+Rows per (d, k) configuration, all measured in the same run:
+- each available ``semantic_topk`` backend for the device (reference excluded: it is the padded float64
+  oracle and would need S x L memory at these sizes);
+- ``torch-padded``: users sorted by length and chunked (chunk x Lmax x Lmax scores bounded to ~4M
+  elements), then padded ``bmm`` + causal mask + ``topk``: the plain-PyTorch way to do it;
+- ``faiss-per-user`` (CPU): faiss cannot mask causally, so each user's targets are searched in blocks of
+  64 positions [a, b) with ``faiss.knn`` (brute-force inner product, the flat index without building one)
+  over the prefix [0, b), asking for k + (b - a) neighbours, then dropping positions >= the target's.
+  That is exact: at most b - a - 1 dropped positions can outrank a target's true top-k.
+- ``faiss-global``: :func:`rellax_fast.subr.retrieval.retrieve_global` (faiss IndexFlatIP over all items,
+  ranking walked through each user's history), when that module is present.
+
+Columns: ms (median), samples/s, TFLOP/s counting the useful causal work (2·d flops per (target,
+candidate) pair, the same count for every row), effective GB/s counting the minimal traffic (history
+embeddings read once + indices + outputs), peak MiB (CUDA allocator peak, or the coarse CPU peak-RSS
+growth), speedup vs torch-padded, and the largest gap of the k-th best score vs the first row (agreement).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import torch
+
+ML1M_USERS = 6040
+ML1M_ITEMS = 3706
+ML1M_MEDIAN, ML1M_MEAN, ML1M_MIN, ML1M_MAX = 96.0, 165.6, 20, 2314
+
+SIZES = {
+    "gpu": dict(users=ML1M_USERS, dims=(384, 512), ks=(10, 30)),
+    "cpu": dict(users=600, dims=(384, 512), ks=(10, 30)),
+    "tiny": dict(users=12, dims=(31,), ks=(5,)),
+}
+
+
+def synthetic_histories(n_users: int, n_items: int = ML1M_ITEMS, seed: int = 0, max_len: int = ML1M_MAX):
+    """(seq_items, seq_offsets, sample_user, sample_pos) with ML-1M-like lengths; every position a sample."""
+    rng = np.random.default_rng(seed)
+    mu = math.log(ML1M_MEDIAN)
+    sigma = math.sqrt(2.0 * math.log(ML1M_MEAN / ML1M_MEDIAN))
+    lengths = np.clip(np.round(rng.lognormal(mu, sigma, n_users)), ML1M_MIN, max_len).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    items = rng.integers(0, n_items, int(offsets[-1]), dtype=np.int64)
+    users = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
+    pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]) if n_users else np.zeros(0, np.int64)
+    return (torch.from_numpy(items), torch.from_numpy(offsets), torch.from_numpy(users), torch.from_numpy(pos))
+
+
+def torch_padded_topk(item_emb, seq_items, seq_offsets, k: int, normalize: bool, budget: int = 1 << 22):
+    """Baseline for "every position is a sample": per chunk of similar-length users, padded bmm + mask + topk.
+
+    Returns (pos, score) in the order of users then positions (the order of :func:`synthetic_histories`).
+    """
+    emb = item_emb.float()
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=1)
+    lengths = (seq_offsets[1:] - seq_offsets[:-1]).tolist()
+    starts = seq_offsets[:-1].tolist()
+    total = int(seq_offsets[-1])
+    out_pos = torch.full((total, k), -1, dtype=torch.int64, device=emb.device)
+    out_score = torch.full((total, k), float("-inf"), dtype=torch.float32, device=emb.device)
+    order = sorted(range(len(lengths)), key=lambda u: lengths[u])
+    i = 0
+    while i < len(order):
+        width = lengths[order[i]]
+        j = i
+        while j < len(order) and (j - i + 1) * lengths[order[j]] ** 2 <= budget:
+            j += 1
+        j = max(j, i + 1)
+        chunk = order[i:j]
+        width = max(lengths[u] for u in chunk)
+        if width == 0:
+            i = j
+            continue
+        idx = torch.zeros((len(chunk), width), dtype=torch.int64, device=emb.device)
+        for r, u in enumerate(chunk):
+            idx[r, : lengths[u]] = seq_items[starts[u] : starts[u] + lengths[u]]
+        x = emb[idx]  # (B, W, d)
+        scores = torch.bmm(x, x.transpose(1, 2))  # (B, W target, W candidate)
+        causal = torch.ones(width, width, dtype=torch.bool, device=emb.device).tril(-1)
+        scores.masked_fill_(~causal, float("-inf"))
+        kk = min(k, width)
+        top_s, top_p = scores.topk(kk, dim=2)
+        top_p = top_p.masked_fill(torch.isinf(top_s), -1)
+        for r, u in enumerate(chunk):
+            n = lengths[u]
+            out_pos[starts[u] : starts[u] + n, :kk] = top_p[r, :n]
+            out_score[starts[u] : starts[u] + n, :kk] = top_s[r, :n]
+        i = j
+    return out_pos, out_score
+
+
+def faiss_per_user_topk(item_emb, seq_items, seq_offsets, k: int, normalize: bool, block: int = 64):
+    """Exact causal top-k with faiss brute-force inner-product search over each target block's prefix."""
+    import faiss
+
+    emb = item_emb.float().cpu()
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=1)
+    emb_np = emb.numpy()
+    items = seq_items.cpu().numpy()
+    offsets = seq_offsets.cpu().numpy()
+    total = int(offsets[-1])
+    out_pos = np.full((total, k), -1, dtype=np.int64)
+    out_score = np.full((total, k), -np.inf, dtype=np.float32)
+    for u in range(len(offsets) - 1):
+        lo, n = int(offsets[u]), int(offsets[u + 1] - offsets[u])
+        hist = np.ascontiguousarray(emb_np[items[lo : lo + n]])
+        for a in range(1, n, block):  # position 0 has no candidates
+            b = min(n, a + block)
+            want = min(b, k + (b - a))
+            dist, ids = faiss.knn(hist[a:b], hist[:b], want, metric=faiss.METRIC_INNER_PRODUCT)
+            targets = np.arange(a, b)[:, None]
+            keep = (ids >= 0) & (ids < targets)
+            for r in range(b - a):
+                sel = ids[r][keep[r]][:k]
+                out_pos[lo + a + r, : len(sel)] = sel
+                out_score[lo + a + r, : len(sel)] = dist[r][keep[r]][:k]
+    return torch.from_numpy(out_pos), torch.from_numpy(out_score)
+
+
+def _global_mode(item_emb, seq_items, seq_offsets, users, pos, k: int, metric: str):
+    from rellax_fast.subr.retrieval import retrieve_global
+
+    sequences = types.SimpleNamespace(items=seq_items.cpu().numpy(), offsets=seq_offsets.cpu().numpy())
+    split = types.SimpleNamespace(user_index=users.cpu().numpy(), pos=pos.cpu().numpy())
+    return retrieve_global(item_emb.float().cpu(), sequences, split, k, metric=metric, show_progress=False)
+
+
+def _global_available() -> str:
+    try:
+        import rellax_fast.subr.retrieval as retrieval
+    except Exception as exc:  # helper module absent or broken: report, don't fail the suite
+        return f"faiss-global skipped: rellax_fast.subr.retrieval unavailable ({exc})"
+    if not hasattr(retrieval, "retrieve_global"):
+        return "faiss-global skipped: rellax_fast.subr.retrieval has no retrieve_global"
+    return ""
+
+
+def _kth_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |difference| of sorted scores between two results (padding compared as equal)."""
+    a, b = a.float().cpu(), b.float().cpu()
+    both_pad = torch.isinf(a) & torch.isinf(b)
+    diff = (a - b).abs().masked_fill(both_pad, 0.0)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
+    from rellax_fast.ops import availability, semantic_topk
+
+    from . import report
+
+    device = torch.device(args.device)
+    size = args.size if args.size in SIZES else ("gpu" if device.type == "cuda" else "cpu")
+    cfg = SIZES[size]
+    dtype = getattr(torch, args.dtype)
+    metric = getattr(args, "metric", "cosine")
+    repeat = max(1, min(args.repeat, 3)) if device.type == "cpu" else args.repeat
+    warmup = max(0, min(args.warmup, 1)) if device.type == "cpu" else args.warmup
+    seq_items, seq_offsets, users, pos = synthetic_histories(cfg["users"])
+    total, n_samples = int(seq_offsets[-1]), int(users.numel())
+    lengths = (seq_offsets[1:] - seq_offsets[:-1]).double()
+    pairs = float((pos.double()).sum())  # sum over samples of the number of candidates
+    backends = [b for b, why in availability("semantic_topk", device.type).items() if why is None and b != "reference"]
+    notes = [f"{cfg['users']} users, {total} samples (every position), lengths mean {lengths.mean():.1f}, "
+             f"median {lengths.median():.0f}, max {lengths.max():.0f}; metric {metric}; dtype {args.dtype}; "
+             f"{pairs / n_samples:.1f} candidates per sample on average"]
+    global_note = _global_available()
+    if global_note:
+        notes.append(global_note)
+    seq_items_d, seq_offsets_d, users_d, pos_d = (t.to(device) for t in (seq_items, seq_offsets, users, pos))
+    rows: List[Dict[str, object]] = []
+    for d in cfg["dims"]:
+        gen = torch.Generator().manual_seed(d)
+        item_emb = torch.randn(ML1M_ITEMS, d, generator=gen).to(device=device, dtype=dtype)
+        for k in cfg["ks"]:
+            normalize = metric == "cosine"
+            runs: Dict[str, Tuple[Callable[[], object], torch.device]] = {}
+            for b in backends:
+                runs[b] = (lambda b=b: semantic_topk(item_emb, seq_items_d, seq_offsets_d, users_d, pos_d, k,
+                                                     metric=metric, backend=b), device)
+            runs["torch-padded"] = (lambda: torch_padded_topk(item_emb, seq_items_d, seq_offsets_d, k, normalize),
+                                    device)
+            cpu = torch.device("cpu")
+            runs["faiss-per-user"] = (lambda: faiss_per_user_topk(item_emb, seq_items, seq_offsets, k, normalize), cpu)
+            if not global_note:
+                runs["faiss-global"] = (lambda: _global_mode(item_emb, seq_items, seq_offsets, users, pos, k, metric),
+                                        cpu)
+            results = {}
+            for name, (fn, dev) in runs.items():
+                slow = name.startswith("faiss") and size == "gpu"
+                ms = report.time_ms(fn, dev, warmup=0 if slow else warmup, repeat=1 if slow else repeat)
+                mem = report.peak_memory_mb(fn, dev)
+                results[name] = fn()[1]
+                elem = item_emb.element_size() if not name.startswith("faiss") else 4
+                bytes_moved = total * d * elem + total * 8 + n_samples * 16 + n_samples * k * 12
+                rows.append({
+                    "d": d, "k": k, "backend": name, "device": "cpu" if dev.type == "cpu" else dev.type,
+                    "ms": ms, "samples_per_s": n_samples / (ms / 1e3),
+                    "tflops": 2.0 * d * pairs / (ms / 1e3) / 1e12,
+                    "gb_per_s": bytes_moved / (ms / 1e3) / 1e9,
+                    "peak_mib": mem,
+                })
+            base = next(r for r in rows if r["d"] == d and r["k"] == k and r["backend"] == "torch-padded")
+            first = next(iter(results.values()))
+            for r in rows:
+                if r["d"] == d and r["k"] == k:
+                    r["speedup_vs_torch"] = base["ms"] / r["ms"]
+                    r["max_score_gap"] = _kth_gap(results[r["backend"]], first)
+            print(report.markdown_table([r for r in rows if r["d"] == d and r["k"] == k]), flush=True)
+
+    def plot(rows_, path):
+        return report.bar_chart(rows_, path, ["d", "k"], "samples_per_s", "backend",
+                                "semantic_topk samples/s (higher is better)")
+
+    return rows, {"title": "semantic_topk vs baselines. " + " ".join(notes), "plot": plot}

@@ -1,0 +1,242 @@
+"""semantic_topk: reference and cpp backends vs the float64 oracle, padding, tie order, errors, registration.
+
+Triton tests live in test_topk_triton.py (interpreter pass); CUDA tests here are marked ``cuda``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from topk_cases import check_against_reference, oracle, ragged_case
+
+from rellax_fast.ops import BackendUnavailableError, semantic_topk
+
+LENGTHS = [0, 1, 2000, 37, 5, 0, 130]  # users with 0, 1 and 2000 items among others
+KS = [0, 1, 5, 64, 2100]  # 2100 > every history
+ATOL = {"cosine": 2e-5, "dot": 2e-3}  # float32 kernels vs float64 oracle (dot values are ~sqrt(d) large)
+
+
+def _has_cpp() -> bool:
+    from rellax_fast.ops._backend import why_unavailable
+
+    return why_unavailable("cpp", "cpu", "semantic_topk") is None
+
+
+needs_cpp = pytest.mark.skipif(not _has_cpp(), reason="rellax_fast._C not built (pure-Python install)")
+
+
+@functools.cache
+def _case(d: int):
+    return ragged_case(LENGTHS, n_items=300, d=d, seed=d)
+
+
+@functools.cache
+def _oracle(d: int, metric: str):
+    return oracle(_case(d), max(KS) + 1, metric)
+
+
+@needs_cpp
+@pytest.mark.parametrize("d", [31, 384])
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("k", KS)
+def test_cpp_matches_reference(d, metric, k):
+    case = _case(d)
+    result = semantic_topk(*case, k, metric=metric, backend="cpp")
+    check_against_reference(result, case, k, metric, ATOL[metric] * (d / 31) ** 0.5, ref=_oracle(d, metric))
+
+
+@pytest.mark.parametrize("d", [31, 384])
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("k", [0, 5, 2100])
+def test_reference_backend_matches_oracle(d, metric, k):
+    case = _case(d)
+    result = semantic_topk(*case, k, metric=metric, backend="reference")
+    check_against_reference(result, case, k, metric, 1e-5, ref=_oracle(d, metric))
+
+
+BACKENDS_CPU = ["reference", pytest.param("cpp", marks=needs_cpp)]
+
+
+def _tie_case():
+    # user 0: one item repeated (every score ties exactly); user 1: two alternating items
+    emb = torch.randn(4, 19, dtype=torch.float32)
+    items = torch.tensor([3] * 40 + [1, 2] * 25, dtype=torch.int64)
+    offsets = torch.tensor([0, 40, 90])
+    users = torch.tensor([0, 0, 0, 1, 1, 1])
+    pos = torch.tensor([39, 1, 10, 49, 48, 3])
+    return emb, items, offsets, users, pos
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_exact_ties_prefer_larger_position(backend, metric):
+    emb, items, offsets, users, pos = _tie_case()
+    out_pos, out_score = semantic_topk(emb, items, offsets, users, pos, 6, metric=metric, backend=backend)
+    assert out_pos[0].tolist() == [38, 37, 36, 35, 34, 33]
+    assert out_pos[1].tolist() == [0, -1, -1, -1, -1, -1]
+    assert out_pos[2].tolist() == [9, 8, 7, 6, 5, 4]
+    assert torch.equal(out_score[0], out_score[0, :1].expand(6)), "identical items must score identically"
+    # user 1, target at 49 is item 2: the earlier item-2 positions (odd) tie among themselves; the item-1
+    # positions tie among themselves; the item-2 group wins (self-similarity beats cross-similarity under
+    # cosine; under dot the order depends on the norms, so derive the group order from the scores)
+    a, b = emb[1], emb[2]
+    if metric == "cosine":
+        a, b = a / a.norm(), b / b.norm()
+    same_first = float(b @ b) >= float(a @ b)
+    odd, even = [47, 45, 43, 41, 39, 37], [48, 46, 44, 42, 40, 38]
+    assert out_pos[3].tolist() == (odd if same_first else even)
+    # target at 48 is item 1 (even positions are item 1)
+    same_first = float(a @ a) >= float(a @ b)
+    assert out_pos[4].tolist() == ([46, 44, 42, 40, 38, 36] if same_first else [47, 45, 43, 41, 39, 37])
+    # target at 3 is item 2; candidates: 0 (item 1), 1 (item 2), 2 (item 1)
+    assert out_pos[5].tolist() == ([1, 2, 0] if float(b @ b) >= float(a @ b) else [2, 0, 1]) + [-1, -1, -1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_zero_vector_scores_zero_under_cosine(backend):
+    emb = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
+    items = torch.tensor([0, 2, 1])
+    out_pos, out_score = semantic_topk(emb, items, torch.tensor([0, 3]), torch.tensor([0]), torch.tensor([2]), 3,
+                                       backend=backend)
+    assert out_pos.tolist() == [[0, 1, -1]]
+    assert out_score[0, :2].tolist() == [0.0, -1.0] and out_score[0, 2] == float("-inf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_empty_shapes(backend):
+    emb, items, offsets, users, pos = ragged_case([3, 4], n_items=10, d=5, seed=1)
+    p, s = semantic_topk(emb, items, offsets, users, pos, 0, backend=backend)
+    assert p.shape == (7, 0) and s.shape == (7, 0) and p.dtype == torch.int64 and s.dtype == torch.float32
+    e = torch.zeros(0, dtype=torch.int64)
+    p, s = semantic_topk(emb, items, offsets, e, e, 4, backend=backend)
+    assert p.shape == (0, 4) and s.shape == (0, 4)
+    # no users, no items at all
+    p, s = semantic_topk(emb, e, torch.zeros(1, dtype=torch.int64), e, e, 2, backend=backend)
+    assert p.shape == (0, 2)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_cpp_other_dtypes(dtype):
+    case = ragged_case([50, 3, 77], n_items=40, d=24, seed=3, dtype=dtype)
+    result = semantic_topk(*case, 7, metric="cosine", backend="cpp")
+    # the oracle sees the same (rounded) embeddings in float64; the kernel computes in float32
+    check_against_reference(result, case, 7, "cosine", 2e-5)
+
+
+@needs_cpp
+def test_auto_backend_is_cpp_on_cpu(monkeypatch):
+    from rellax_fast.ops import resolve
+
+    monkeypatch.delenv("RELLAX_BACKEND", raising=False)
+    assert resolve("semantic_topk", torch.device("cpu")) == "cpp"
+
+
+def test_forced_unavailable_backend_says_why():
+    emb, items, offsets, users, pos = ragged_case([3], n_items=5, d=4, seed=0)
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        semantic_topk(emb, items, offsets, users, pos, 2, backend="cuda")
+
+
+def _good():
+    emb = torch.randn(6, 4)
+    items = torch.tensor([0, 1, 2, 3, 4, 5, 1])
+    offsets = torch.tensor([0, 4, 7])
+    users = torch.tensor([0, 1, 1])
+    pos = torch.tensor([3, 0, 2])
+    return dict(item_emb=emb, seq_items=items, seq_offsets=offsets, sample_user=users, sample_pos=pos)
+
+
+def _nan_emb():
+    e = torch.randn(6, 4)
+    e[2, 1] = float("nan")
+    return e
+
+
+def _inf_emb():
+    e = torch.randn(6, 4)
+    e[5, 0] = float("inf")
+    return e
+
+
+BAD_INPUTS = [
+    ("item_emb", _nan_emb, ValueError, "item_emb must be finite; row 2"),
+    ("item_emb", _inf_emb, ValueError, "item_emb must be finite; row 5"),
+    ("item_emb", lambda: torch.randn(6), ValueError, "item_emb must be 2-D"),
+    ("item_emb", lambda: torch.ones(6, 4, dtype=torch.int64), TypeError, "item_emb must be float"),
+    ("item_emb", lambda: [[0.0]], TypeError, "item_emb must be a torch.Tensor"),
+    ("seq_offsets", lambda: torch.tensor([1, 4, 7]), ValueError, "seq_offsets must start at 0"),
+    ("seq_offsets", lambda: torch.tensor([0, 5, 4]), ValueError, "seq_offsets must be non-decreasing"),
+    ("seq_offsets", lambda: torch.tensor([0, 4, 9]), ValueError, "seq_offsets overruns seq_items"),
+    ("seq_offsets", lambda: torch.tensor([0, 4, 7], dtype=torch.int32), TypeError, "seq_offsets must be int64"),
+    ("seq_offsets", lambda: torch.zeros(0, dtype=torch.int64), ValueError, "seq_offsets must have"),
+    ("seq_items", lambda: torch.tensor([0, 1, 2, 3, 4, 6, 1]), ValueError, r"seq_items\[5\] = 6"),
+    ("seq_items", lambda: torch.tensor([0, 1, -1, 3, 4, 5, 1]), ValueError, r"seq_items\[2\] = -1"),
+    ("seq_items", lambda: torch.tensor([[0, 1, 2, 3, 4, 5, 1]]), ValueError, "seq_items must be 1-D"),
+    ("sample_user", lambda: torch.tensor([0, 2, 1]), ValueError, r"sample_user must be in \[0, 2\)"),
+    ("sample_user", lambda: torch.tensor([0.0, 1.0, 1.0]), TypeError, "sample_user must be int64"),
+    ("sample_pos", lambda: torch.tensor([4, 0, 2]), ValueError, r"sample_pos\[0\] = 4 but user 0 has 4 items"),
+    ("sample_pos", lambda: torch.tensor([3, 0, -1]), ValueError, r"sample_pos\[2\] = -1"),
+    ("sample_pos", lambda: torch.tensor([3, 0]), ValueError, "same length"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,match", BAD_INPUTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_bad_inputs_name_the_argument(name, make, exc, match, backend):
+    args = _good()
+    args[name] = make()
+    with pytest.raises(exc, match=match):
+        semantic_topk(*args.values(), 2, backend=backend)
+
+
+@pytest.mark.parametrize("k,metric,exc,match", [
+    (-1, "cosine", ValueError, "k must be >= 0"),
+    (2.0, "cosine", TypeError, "k must be an int"),
+    (True, "cosine", TypeError, "k must be an int"),
+    (2, "euclidean", ValueError, "metric must be one of"),
+])
+def test_bad_k_and_metric(k, metric, exc, match):
+    with pytest.raises(exc, match=match):
+        semantic_topk(*_good().values(), k, metric=metric)
+
+
+@needs_cpp
+def test_cpp_op_checks_its_own_arguments():
+    """The raw torch.ops entry (no Python validation) must still refuse out-of-range samples cleanly."""
+    from rellax_fast.ops._registry import ext_op
+
+    args = list(_good().values())
+    args[4] = torch.tensor([3, 0, 9])
+    with pytest.raises(RuntimeError, match=r"sample_pos\[2\] = 9"):
+        ext_op("semantic_topk")(*args, 2, True)
+    args = list(_good().values())
+    args[1] = torch.tensor([0, 1, 2, 3, 4, 99, 1])
+    with pytest.raises(RuntimeError, match=r"seq_items\[5\] = 99"):
+        ext_op("semantic_topk")(*args, 2, True)
+
+
+@needs_cpp
+def test_opcheck_and_outputs_not_differentiable():
+    from rellax_fast.ops._registry import ext_op
+
+    op = ext_op("semantic_topk")
+    emb, items, offsets, users, pos = ragged_case([9, 4, 0, 12], n_items=20, d=8, seed=5)
+    torch.library.opcheck(op, (emb, items, offsets, users, pos, 3, True))
+    emb.requires_grad_(True)
+    p, s = semantic_topk(emb, items, offsets, users, pos, 3)
+    assert not s.requires_grad and not p.requires_grad
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("k", [0, 1, 5, 64, 2100])
+def test_gpu_backends_match_reference(backend, metric, k):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    case = ragged_case(LENGTHS, n_items=300, d=384, seed=11, device="cuda")
+    result = semantic_topk(*case, k, metric=metric, backend=backend)
+    check_against_reference(result, case, k, metric, ATOL[metric] * (384 / 31) ** 0.5)
