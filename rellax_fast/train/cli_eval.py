@@ -146,7 +146,8 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
         out_root = Path(meta["ctr_dir"]).parent
         emb, ids = load_subr_embeddings(out_root) or item_embeddings(data, out_root / "emb_cache", progress=progress)
     positions = shown_positions_for(view, split, cfg.k, spec.subr, cfg.subr_mode, emb, ids, progress)
-    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None)
+    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,
+                              chat=cfg.chat)
     ds = PromptDataset(make_samples(view, split, positions), collator, h)
     return split, predict_proba(model, ds, batch_size, progress=progress), has_label, spec
 

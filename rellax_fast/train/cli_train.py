@@ -14,6 +14,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
     g = parser.add_argument_group("ReLLaX")
     g.add_argument("--model", default=None, help="local HF model folder (default: the offline all-MiniLM-L6-v2)")
     g.add_argument("--kind", default="auto", choices=["auto", "causal", "encoder"], help="read-out kind")
+    g.add_argument("--chat", action="store_true", help="wrap prompts in the backbone's chat template")
     g.add_argument("--k", type=int, default=5, help="behaviours shown in the prompt")
     g.add_argument("--subr-mode", default="sequential", choices=["sequential", "high", "low"])
     g.add_argument("--n-train", type=int, default=n_train, help="training samples (seeded subsample; 0: all)")
@@ -62,7 +63,7 @@ def pipeline_config(args):
     return PipelineConfig(model=args.model, kind=args.kind, k=args.k, subr_mode=args.subr_mode, n_train=args.n_train,
                           n_test=args.n_test, max_length=args.max_length, r=args.r, alpha=args.alpha,
                           dropout=args.lora_dropout, n_experts=args.n_experts, seed=args.seed, train=tc,
-                          cflora_backend=args.cflora_backend)  # fmt: skip
+                          cflora_backend=args.cflora_backend, chat=args.chat)  # fmt: skip
 
 
 def slug(name: str) -> str:

@@ -58,6 +58,7 @@ class PipelineConfig:
     cflora_backend: Optional[str] = None
     seed: int = 0
     placeholder: str = "<spa>"
+    chat: bool = False  # wrap prompts in the backbone's chat template (causal chat models)
     train: TrainConfig = field(default_factory=TrainConfig)
     stage1_fraction: float = 0.5  # two-stage: share of the epochs' steps spent on stage 1
 
@@ -254,7 +255,8 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     torch.manual_seed(cfg.seed)
     tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
     model = build_rellax(backbone, kind, tokenizer, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
-    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None)
+    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,
+                             chat=cfg.chat)
     data = ctx.data
     tr = data.splits["train"].subset(ctx.train_index)
     te = data.splits["test"].subset(ctx.test_index)
