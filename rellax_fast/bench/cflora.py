@@ -75,28 +75,33 @@ def _time_backward(make_output: Callable[[], Tuple[object, list]], device, warmu
     return statistics.median(once() for _ in range(repeat))
 
 
-def _methods(device, skip_compile: Optional[str]):
-    """(name, forward builder or None, note) for every method; builders take the tensors and return y."""
+def _floor(x, w, b, a, lb, c, scale):
+    import torch.nn.functional as F
+
+    return F.linear(x, w, b)
+
+
+def _unfused(x, w, b, a, lb, c, scale):
+    """The PEFT-style composition: base Linear + lora_A, then bmm with the per-sample C, then lora_B."""
     import torch
     import torch.nn.functional as F
 
+    s = F.linear(x, a)
+    if c is not None:
+        s = torch.bmm(s, c.transpose(1, 2))
+    return F.linear(x, w, b) + scale * F.linear(s, lb)
+
+
+def _methods(device, compiled_unfused: Optional[Callable], compile_note: str):
+    """(name, forward or None, note) for every method; forwards take the tensors and return y."""
     from ..ops import _backend
     from ..ops.cflora import cflora_linear
 
-    def floor(x, w, b, a, lb, c, scale):
-        return F.linear(x, w, b)
-
-    def unfused(x, w, b, a, lb, c, scale):
-        s = F.linear(x, a)
-        if c is not None:
-            s = torch.bmm(s, c.transpose(1, 2))
-        return F.linear(x, w, b) + scale * F.linear(s, lb)
-
-    methods: List[Tuple[str, Optional[Callable], str]] = [("floor", floor, ""), ("unfused", unfused, "")]
-    if skip_compile:
-        methods.append(("unfused+compile", None, skip_compile))
-    else:
-        methods.append(("unfused+compile", torch.compile(unfused, fullgraph=True, dynamic=False), ""))
+    methods: List[Tuple[str, Optional[Callable], str]] = [
+        ("floor", _floor, ""),
+        ("unfused", _unfused, ""),
+        ("unfused+compile", compiled_unfused, compile_note),
+    ]
     candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
     for backend in candidates:
         reason = _backend.why_unavailable(backend, device.type, "cflora_linear")
@@ -111,10 +116,9 @@ def _methods(device, skip_compile: Optional[str]):
     return methods
 
 
-def _bench_shape(m, d, r, c_kind, device, dtype, size, warmup, repeat) -> List[Dict[str, object]]:
+def _bench_shape(m, d, r, c_kind, device, dtype, warmup, repeat, compiled_unfused, compile_note):
     """All methods at one shape; a method that fails becomes a row with a note."""
     import torch
-    import torch._dynamo
 
     from . import report
 
@@ -123,7 +127,6 @@ def _bench_shape(m, d, r, c_kind, device, dtype, size, warmup, repeat) -> List[D
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    torch._dynamo.reset()  # one compile per shape (no recompile-limit fallback to eager)
     t_len = m // SAMPLES
     x = torch.randn(SAMPLES, t_len, d, device=device, dtype=dtype).requires_grad_()
     w = torch.randn(d, d, device=device, dtype=dtype) / d**0.5
@@ -132,9 +135,8 @@ def _bench_shape(m, d, r, c_kind, device, dtype, size, warmup, repeat) -> List[D
     lb = (torch.randn(d, r, device=device, dtype=dtype) / r**0.5).requires_grad_()
     c = (torch.randn(SAMPLES, r, r, device=device, dtype=dtype) / r**0.5).requires_grad_() if per_sample else None
     flops = _flops(m, d, r, per_sample)
-    skip_compile = "compile skipped at tiny size" if size == "tiny" else None
     floor_ms: Dict[str, float] = {}
-    for name, fn, note in _methods(device, skip_compile):
+    for name, fn, note in _methods(device, compiled_unfused, compile_note):
         row: Dict[str, object] = {"M": m, "d": d, "r": r, "C": c_kind, "method": name}
         if fn is None:
             rows.append({**row, "note": note})
@@ -194,8 +196,12 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
         def tqdm(it, **_):
             return it
 
+    if size == "tiny":
+        compiled_unfused, compile_note = None, "compile skipped at tiny size"
+    else:  # one dynamic-shape compile serves every shape (per C kind), instead of one per shape
+        compiled_unfused, compile_note = torch.compile(_unfused, fullgraph=True, dynamic=True), ""
     for m, d, r, c_kind in tqdm(_shapes(size), desc="bench cflora", unit="shape"):
-        rows += _bench_shape(m, d, r, c_kind, device, dtype, size, warmup, repeat)
+        rows += _bench_shape(m, d, r, c_kind, device, dtype, warmup, repeat, compiled_unfused, compile_note)
 
     def plot(rows_, path):
         timed = [r_ for r_ in rows_ if r_.get("fwd_bwd_vs_floor") is not None]
