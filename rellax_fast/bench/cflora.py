@@ -12,11 +12,13 @@ forward, backward and forward+backward, all in the same run, of:
 x, A, B and C require grad; W and b are frozen (the fine-tuning setting). Dropout is 0 (the benchmarked
 cost is the layer's, not the mask's). Reported: ms, TFLOP/s of forward+backward (the floor counts its own
 FLOPs, the adapters count base + LoRA FLOPs), ratios to the floor, and peak memory of forward+backward
-(allocator peak on the GPU; coarse RSS growth on the CPU).
+(allocator peak on the GPU; coarse RSS growth on the CPU). Methods are timed interleaved, one call each
+per round, and each figure is the median over rounds, so that a noisy shared machine affects all alike.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -47,32 +49,25 @@ def _flops(m: int, d: int, r: int, per_sample: bool) -> Dict[str, Dict[str, floa
     }
 
 
-def _time_backward(make_output: Callable[[], Tuple[object, list]], device, warmup: int, repeat: int) -> float:
-    """Median time of the backward alone: a fresh forward (untimed) before each timed autograd.grad."""
-    import statistics
-
+def _time_once(fn: Callable[[], object], device, before: Optional[Callable[[], object]] = None) -> float:
+    """Wall time of one ``fn(arg)`` in ms (CUDA events on the GPU); ``before()`` runs untimed first and its
+    result is passed to ``fn``."""
     import torch
 
     from . import report
 
-    def once() -> float:
-        y, wrt = make_output()
-        g = torch.ones_like(y)
-        report.sync(device)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.autograd.grad(y, wrt, g)
-            end.record()
-            torch.cuda.synchronize(device)
-            return start.elapsed_time(end)
-        t0 = time.perf_counter()
-        torch.autograd.grad(y, wrt, g)
-        return (time.perf_counter() - t0) * 1e3
-
-    for _ in range(warmup):
-        once()
-    return statistics.median(once() for _ in range(repeat))
+    arg = before() if before is not None else None
+    report.sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(arg)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(arg)
+    return (time.perf_counter() - t0) * 1e3
 
 
 def _floor(x, w, b, a, lb, c, scale):
@@ -135,46 +130,56 @@ def _bench_shape(m, d, r, c_kind, device, dtype, warmup, repeat, compiled_unfuse
     lb = (torch.randn(d, r, device=device, dtype=dtype) / r**0.5).requires_grad_()
     c = (torch.randn(SAMPLES, r, r, device=device, dtype=dtype) / r**0.5).requires_grad_() if per_sample else None
     flops = _flops(m, d, r, per_sample)
-    floor_ms: Dict[str, float] = {}
+
+    # Methods are timed interleaved, round by round (each round times every method once), so that load from
+    # other processes on a shared machine hits all of them alike; each figure is the median over rounds.
+    timed = []
     for name, fn, note in _methods(device, compiled_unfused, compile_note):
-        row: Dict[str, object] = {"M": m, "d": d, "r": r, "C": c_kind, "method": name}
+        row: Dict[str, object] = {"M": m, "d": d, "r": r, "C": c_kind, "method": name, "note": note}
+        rows.append(row)
         if fn is None:
-            rows.append({**row, "note": note})
             continue
         wrt = [x] if name == "floor" else [t for t in (x, a, lb, c) if t is not None]
 
-        def forward(fn=fn):
+        def forward(_=None, fn=fn):
             return fn(x, w, b, a, lb, c, 2.0)
 
-        def fwd_bwd(fn=fn, wrt=wrt):
-            y = forward(fn)
+        def backward(y, wrt=wrt):
             torch.autograd.grad(y, wrt, torch.ones_like(y))
 
+        def fwd_bwd(_=None, forward=forward, backward=backward):
+            backward(forward())
+
         try:
-            fwd_bwd()  # compile / first-call work outside the timings
-            fwd_ms = report.time_ms(forward, device, warmup, repeat)
-            bwd_ms = _time_backward(lambda fn=fn, wrt=wrt: (forward(fn), wrt), device, warmup, repeat)
-            fb_ms = report.time_ms(fwd_bwd, device, warmup, repeat)
-            peak = report.peak_memory_mb(fwd_bwd, device)
+            for _ in range(max(1, warmup)):  # the first call compiles / loads; warm-up stays untimed
+                fwd_bwd()
+            row["peak_mb"] = report.peak_memory_mb(fwd_bwd, device)
         except Exception as exc:  # a failing method becomes a row note, the suite goes on
-            rows.append({**row, "note": f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
+            row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
             continue
-        kind = "floor" if name == "floor" else "adapter"
-        if name == "floor":
-            floor_ms = {"fwd": fwd_ms, "bwd": bwd_ms, "fb": fb_ms}
+        timed.append((row, forward, backward, fwd_bwd, {"fwd": [], "bwd": [], "fb": []}))
+    for _ in range(repeat):
+        for _row, forward, backward, fwd_bwd, times in timed:
+            times["fwd"].append(_time_once(forward, device))
+            times["bwd"].append(_time_once(backward, device, before=forward))
+            times["fb"].append(_time_once(fwd_bwd, device))
+    medians = {id(row): {k: statistics.median(v) for k, v in times.items()} for row, *_, times in timed}
+    floor = next((medians[id(row)] for row, *_ in timed if row["method"] == "floor"), None)
+    for row, *_ in timed:
+        ms = medians[id(row)]
+        kind = "floor" if row["method"] == "floor" else "adapter"
         fb_flops = flops[kind]["fwd"] + flops[kind]["bwd"]
         row.update({
-            "fwd_ms": fwd_ms,
-            "bwd_ms": bwd_ms,
-            "fwd_bwd_ms": fb_ms,
-            "fwd_bwd_tflops": fb_flops / (fb_ms * 1e-3) / 1e12,
-            "fwd_vs_floor": fwd_ms / floor_ms["fwd"] if floor_ms else None,
-            "bwd_vs_floor": bwd_ms / floor_ms["bwd"] if floor_ms else None,
-            "fwd_bwd_vs_floor": fb_ms / floor_ms["fb"] if floor_ms else None,
-            "peak_mb": peak,
-            "note": note,
+            "fwd_ms": ms["fwd"],
+            "bwd_ms": ms["bwd"],
+            "fwd_bwd_ms": ms["fb"],
+            "fwd_bwd_tflops": fb_flops / (ms["fb"] * 1e-3) / 1e12,
+            "fwd_vs_floor": ms["fwd"] / floor["fwd"] if floor else None,
+            "bwd_vs_floor": ms["bwd"] / floor["bwd"] if floor else None,
+            "fwd_bwd_vs_floor": ms["fb"] / floor["fb"] if floor else None,
         })
-        rows.append(row)
+        row["peak_mb"] = row.pop("peak_mb")
+        row["note"] = row.pop("note")  # keep the note as the last column
     return rows
 
 
