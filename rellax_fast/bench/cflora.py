@@ -18,6 +18,7 @@ per round, and each figure is the median over rounds, so that a noisy shared mac
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -195,6 +196,7 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     if size == "tiny":
         warmup, repeat = min(warmup, 1), min(repeat, 2)
     rows: List[Dict[str, object]] = []
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # disclosed: shared machines
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -219,6 +221,8 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
             f"B={SAMPLES}. Times are medians of {repeat} runs after {warmup} warm-up runs; *_vs_floor divides "
             "by the frozen nn.Linear (forward + input grad) measured in the same run; peak_mb is for one "
             "forward+backward" + (" (CPU: growth of the process peak RSS, coarse)" if device.type == "cpu" else "")
+            + f". torch threads: {torch.get_num_threads()}"
+            + (f"; load average at start: {load_at_start:.1f}" if load_at_start is not None else "")
             + "."
         ),
         "plot": plot,
