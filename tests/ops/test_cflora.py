@@ -442,3 +442,21 @@ def test_triton_op_without_kernels_module_raises_clearly(monkeypatch):
     x, w, b, a, lb, c = make_inputs(torch.float32, 4, None, True, requires_grad=False)
     with pytest.raises(BackendUnavailableError, match="needs rellax_fast.kernels.cflora"):
         torch.ops.rellax_fast.cflora_fwd_triton(x.reshape(-1, D_IN), w, b, a, lb, c, 1, 1.0, 0.0, 0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_gpu])])
+@pytest.mark.parametrize("x_shape,c_shape", [((0, 7, 10), (0, 4, 4)), ((3, 0, 10), (3, 4, 4))])
+def test_empty_batches(device, x_shape, c_shape):
+    """No rows (B = 0 or T = 0): empty outputs, zero parameter gradients, no kernel launched on garbage."""
+    backend = "cpp" if device == "cpu" else "cuda"
+    x = torch.randn(*x_shape, device=device, requires_grad=True)
+    w = torch.randn(6, 10, device=device)
+    a = torch.randn(4, 10, device=device, requires_grad=True)
+    lb = torch.randn(6, 4, device=device, requires_grad=True)
+    c = torch.randn(*c_shape, device=device, requires_grad=True)
+    y = cflora_linear(x, w, None, a, lb, c, dropout_p=0.1, seed=1, backend=backend)
+    assert y.shape == (*x_shape[:-1], 6)
+    gx, ga, glb, gc = torch.autograd.grad(y.sum(), [x, a, lb, c])
+    assert gx.shape == x.shape and gc.shape == c.shape
+    for g in (ga, glb, gc):
+        assert torch.equal(g, torch.zeros_like(g))
