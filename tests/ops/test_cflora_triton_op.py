@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close
+from rellax_testing import assert_close
 
 from rellax_fast.ops.cflora import cflora_linear, cflora_linear_ref
 
