@@ -460,3 +460,32 @@ def test_empty_batches(device, x_shape, c_shape):
     assert gx.shape == x.shape and gc.shape == c.shape
     for g in (ga, glb, gc):
         assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_autograd_saves_no_output_sized_activation():
+    """The op saves x, S and T (and references to the parameters), never an (M, d_out) activation."""
+    x, w, b, a, lb, c = make_inputs(torch.float32, 8, "per", True)
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = cflora_linear(x, w, b, a, lb, c, dropout_p=0.1, seed=3, backend="cpp")
+    m = B * T
+    assert (m, D_IN) in saved and saved.count((m, 8)) == 2, saved
+    assert not [s for s in saved if len(s) >= 2 and s[-1] == D_OUT and (s[0] == m or s[:2] == (B, T))], saved
+    y.sum().backward()
+    assert x.grad is not None and c.grad is not None
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_random_shapes_match_reference(case):
+    """Fresh random sizes (seeded per case) for every layout of C, float64, with dropout."""
+    g = torch.Generator().manual_seed(1000 + case)
+    n_samples, tokens, d_in, d_out, r = (int(torch.randint(lo, hi, (), generator=g))
+                                         for lo, hi in ((1, 6), (1, 40), (1, 130), (1, 70), (1, 33)))
+    c_kind = (None, "shared", "per")[case % 3]
+    inputs = make_inputs(torch.float64, r, c_kind, case % 2 == 0, x_shape=(n_samples, tokens, d_in), d_out=d_out)
+    check_against_reference(inputs, "cpp", torch.float64, scale=1.3, dropout_p=0.15, seed=case)
