@@ -56,3 +56,13 @@ def ml100k_dir() -> Path:
     if os.environ.get("CI"):
         pytest.fail(msg)  # in CI the data must be there: never hide this behind a skip
     pytest.skip(msg)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny tensors and models: one intra-op thread beats two OpenMP threads fighting over a shared 2-core
+    machine (tiny ops otherwise pay ~30 ms barriers). Import it into a folder's conftest to apply it there."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close
+from rellax_testing import TOLERANCES, assert_close
 
 from rellax_fast.ops.dropout import dropout_keep_mask_ref
 

@@ -59,10 +59,4 @@ def ml100k_slice(ml100k):
     return _ml100k_slice(str(ml100k))
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Tiny models: one intra-op thread is faster than two fighting over a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from rellax_testing import single_thread  # noqa: E402,F401  (autouse: one intra-op thread)
