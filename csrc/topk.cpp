@@ -9,8 +9,9 @@
 //      them by user and sorts each user's samples by p.
 //   2. Work items = runs of <= kChunk consecutive samples of one user; ordered by cost (sum of p), run
 //      with OpenMP dynamic scheduling.
-//   3. Per work item a thread gathers the rows 0..max p of the user's history into a float32 buffer H
-//      (normalised when cosine; d padded to a multiple of 16 with zeros), then streams H in history tiles
+//   3. Once per call the item table is converted to float32 rows (normalised when cosine; d padded to a
+//      multiple of 16 with zeros; one extra zero row). Per work item a thread streams the user's history
+//      rows (looked up in that table) in history tiles
 //      of kTileN rows, each transposed once into (d x 32) slabs. For each group of 8 targets and slab
 //      of 32 candidates a register-blocked micro-kernel (16 vector accumulators, target scalars
 //      broadcast) computes the 256 dot products; every score that beats the row's current k-th best is
@@ -56,12 +57,12 @@ typedef float v16f __attribute__((vector_size(64)));
 constexpr int kRows = 8;    // targets per register block
 constexpr int kCols = 32;   // candidates per register block (two 16-lane vectors)
 
-// One work item: `n` targets (positions `tpos`, ascending) of a user whose rows 0..tpos[n-1] are in H
-// (row stride dp). Writes each target's sorted top-k into out_score/out_pos (n x k, pre-filled -inf/-1).
+// One work item: `n` targets (positions `tpos`, ascending) of a user whose item at position j has its
+// float32 row at table + hist[j] * dp (row `zero_row` is all zeros). Writes each target's sorted top-k into out_score/out_pos (n x k, pre-filled -inf/-1).
 // `panel` is scratch for one history tile transposed into slabs of kCols candidates: slab-major,
 // (dp x kCols) each, so the micro-kernel reads it contiguously and broadcasts target scalars.
 RELLAX_TOPK_CLONES
-void rellax_topk_chunk(const float* H, int64_t dp, const int64_t* tpos, int64_t n, int64_t k, float* out_score,
+void rellax_topk_chunk(const float* table, const int64_t* hist, int64_t zero_row, int64_t dp, const int64_t* tpos, int64_t n, int64_t k, float* out_score,
                        int64_t* out_pos, int64_t* count, float* panel) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) count[i] = 0;
@@ -71,15 +72,13 @@ void rellax_topk_chunk(const float* H, int64_t dp, const int64_t* tpos, int64_t 
     const int64_t nslab = (j1 - j0 + kCols - 1) / kCols;
     for (int64_t sl = 0; sl < nslab; ++sl) {
       float* dst = panel + sl * dp * kCols;
+      const float* src[kCols];
       for (int c = 0; c < kCols; ++c) {
         const int64_t row = j0 + sl * kCols + c;
-        if (row < j1) {
-          const float* src = H + row * dp;
-          for (int64_t x = 0; x < dp; ++x) dst[x * kCols + c] = src[x];
-        } else {
-          for (int64_t x = 0; x < dp; ++x) dst[x * kCols + c] = 0.0f;
-        }
+        src[c] = table + (row < j1 ? hist[row] : zero_row) * dp;
       }
+      for (int64_t x = 0; x < dp; ++x)
+        for (int c = 0; c < kCols; ++c) dst[x * kCols + c] = src[c][x];
     }
     // first group whose largest position reaches into this tile
     int64_t g = 0;
@@ -91,7 +90,7 @@ void rellax_topk_chunk(const float* H, int64_t dp, const int64_t* tpos, int64_t 
       float thr[kRows];
       for (int r = 0; r < kRows; ++r) {
         const int64_t row = g + std::min<int64_t>(r, rows - 1);
-        t[r] = H + tpos[row] * dp;
+        t[r] = table + hist[tpos[row]] * dp;
         thr[r] = count[row] < k ? neg_inf : out_score[row * k + k - 1];
       }
       for (int64_t sl = 0; j0 + sl * kCols < jend; ++sl) {
@@ -147,11 +146,16 @@ struct WorkItem {
 };
 
 template <typename scalar_t>
-void gather_rows(const scalar_t* emb, int64_t d, int64_t dp, const int64_t* items, int64_t nrows, bool normalize,
-                 float* H) {
-  for (int64_t r = 0; r < nrows; ++r) {
-    const scalar_t* src = emb + items[r] * d;
-    float* dst = H + r * dp;
+void build_table(const scalar_t* emb, int64_t n_items, int64_t d, int64_t dp, bool normalize, int nthreads,
+                 float* table) {
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+  for (int64_t r = 0; r <= n_items; ++r) {
+    float* dst = table + r * dp;
+    if (r == n_items) {  // the zero row used to pad partial slabs
+      for (int64_t x = 0; x < dp; ++x) dst[x] = 0.0f;
+      continue;
+    }
+    const scalar_t* src = emb + r * d;
     double sq = 0.0;
     for (int64_t x = 0; x < d; ++x) {
       const float v = static_cast<float>(src[x]);
@@ -167,13 +171,15 @@ void gather_rows(const scalar_t* emb, int64_t d, int64_t dp, const int64_t* item
 }
 
 template <typename scalar_t>
-void run_work(const scalar_t* emb, int64_t d, int64_t dp, const int64_t* items, const int64_t* offs,
+void run_work(const scalar_t* emb, int64_t n_items, int64_t d, int64_t dp, const int64_t* items, const int64_t* offs,
               const int64_t* sp, const std::vector<int64_t>& order, const std::vector<WorkItem>& work, int64_t k,
               bool normalize, int nthreads, float* score_ptr, int64_t* pos_ptr) {
   const int64_t n_work = static_cast<int64_t>(work.size());
+  std::vector<float> table((n_items + 1) * dp);
+  build_table<scalar_t>(emb, n_items, d, dp, normalize, nthreads, table.data());
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> H, lscore, panel(kTileN * dp);
+    std::vector<float> lscore, panel(kTileN * dp);
     std::vector<int64_t> tpos, lpos, count;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < n_work; ++w) {
@@ -181,13 +187,10 @@ void run_work(const scalar_t* emb, int64_t d, int64_t dp, const int64_t* items, 
       const int64_t n = it.end - it.begin;
       tpos.resize(n);
       for (int64_t i = 0; i < n; ++i) tpos[i] = sp[order[it.begin + i]];
-      const int64_t nrows = tpos[n - 1] + 1;
-      H.resize(nrows * dp);
-      gather_rows<scalar_t>(emb, d, dp, items + offs[it.user], nrows, normalize, H.data());
       lscore.assign(n * k, -std::numeric_limits<float>::infinity());
       lpos.assign(n * k, -1);
       count.resize(n);
-      rellax_topk_chunk(H.data(), dp, tpos.data(), n, k, lscore.data(), lpos.data(), count.data(), panel.data());
+      rellax_topk_chunk(table.data(), items + offs[it.user], n_items, dp, tpos.data(), n, k, lscore.data(), lpos.data(), count.data(), panel.data());
       for (int64_t i = 0; i < n; ++i) {
         const int64_t s = order[it.begin + i];
         std::memcpy(score_ptr + s * k, lscore.data() + i * k, sizeof(float) * k);
@@ -285,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor> semantic_topk_cpu(const at::Tensor& item_emb_
   const int nthreads = std::max(1, at::get_num_threads());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item_emb.scalar_type(), "semantic_topk_cpu", [&] {
-    run_work<scalar_t>(item_emb.data_ptr<scalar_t>(), d, dp, items, offs, sp, order, work, k, normalize, nthreads,
+    run_work<scalar_t>(item_emb.data_ptr<scalar_t>(), item_emb.size(0), d, dp, items, offs, sp, order, work, k, normalize, nthreads,
                        score_ptr, pos_ptr);
   });
   return {out_pos, out_score};
