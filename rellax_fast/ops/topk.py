@@ -27,8 +27,8 @@ from . import _backend
 from ._registry import ext_op
 
 OP = "semantic_topk"
-_backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["triton", "reference"]},
-                     implemented=("reference", "cpp", "triton"))
+_backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["triton", "cuda", "reference"]},
+                     implemented=("reference", "cpp", "cuda", "triton"))
 
 METRICS = ("cosine", "dot")
 NORM_EPS = 1e-12  # zero-norm rule shared by all backends: x / max(||x||, NORM_EPS)
