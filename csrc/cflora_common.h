@@ -64,6 +64,23 @@ inline void cflora_check_args(const char* op, c10::DeviceType device_type, const
 
 // s (M, r) times C: Cᵀ when transpose_c (forward T = S Cᵀ), C otherwise (backward dS = dT C).
 // A per-sample C runs as one batched GEMM over (n_samples, rows_per_sample, r) views.
+// The backward's checks: the forward's arguments, plus grad_y (M, d_out) and the saved s, t (M, r) on x's device.
+inline void cflora_check_bwd_args(c10::DeviceType device_type, const at::Tensor& grad_y, const at::Tensor& x,
+                                  const at::Tensor& weight, const at::Tensor& lora_a, const at::Tensor& lora_b,
+                                  const c10::optional<at::Tensor>& interaction, const at::Tensor& s,
+                                  const at::Tensor& t, int64_t rows_per_sample, double dropout_p) {
+  cflora_check_args("cflora_bwd", device_type, x, weight, c10::nullopt, lora_a, lora_b, interaction,
+                    rows_per_sample, dropout_p);
+  const int64_t m = x.size(0), r = lora_a.size(0), d_out = weight.size(0);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == m && grad_y.size(1) == d_out,
+              "cflora_bwd: grad_y must have shape (M=", m, ", d_out=", d_out, "); got ", shape_str(grad_y));
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == m && s.size(1) == r && t.sizes() == s.sizes(),
+              "cflora_bwd: s and t must have shape (M=", m, ", r=", r, "); got ", shape_str(s), " and ",
+              shape_str(t));
+  TORCH_CHECK(grad_y.device() == x.device() && s.device() == x.device() && t.device() == x.device(),
+              "cflora_bwd: grad_y, s and t must be on x's device ", x.device());
+}
+
 inline at::Tensor cflora_interact(const at::Tensor& s, const at::Tensor& c, int64_t rows_per_sample,
                                   bool transpose_c) {
   if (c.dim() == 2) return at::mm(s, transpose_c ? c.t() : c);

@@ -281,17 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& lora_b_in, const c10::optional<at::Tensor>& interaction_in, const at::Tensor& s_in,
     const at::Tensor& t_in, int64_t rows_per_sample, double scale, double dropout_p, int64_t seed,
     std::array<bool, 6> needs_grad) {
-  cflora_check_args("cflora_bwd", c10::DeviceType::CUDA, x_in, weight_in, c10::nullopt, lora_a_in, lora_b_in,
-                    interaction_in, rows_per_sample, dropout_p);
-  const int64_t m = x_in.size(0), r = lora_a_in.size(0), d_out = weight_in.size(0);
-  TORCH_CHECK(grad_y_in.dim() == 2 && grad_y_in.size(0) == m && grad_y_in.size(1) == d_out,
-              "cflora_bwd: grad_y must have shape (M=", m, ", d_out=", d_out, "); got ", shape_str(grad_y_in));
-  TORCH_CHECK(s_in.dim() == 2 && s_in.size(0) == m && s_in.size(1) == r && t_in.sizes() == s_in.sizes(),
-              "cflora_bwd: s and t must have shape (M=", m, ", r=", r, "); got ", shape_str(s_in), " and ",
-              shape_str(t_in));
-  TORCH_CHECK(grad_y_in.device() == x_in.device() && s_in.device() == x_in.device() &&
-                  t_in.device() == x_in.device(),
-              "cflora_bwd: grad_y, s and t must be on x's device ", x_in.device());
+  cflora_check_bwd_args(c10::DeviceType::CUDA, grad_y_in, x_in, weight_in, lora_a_in, lora_b_in, interaction_in, s_in,
+                        t_in, rows_per_sample, dropout_p);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor grad_y = grad_y_in.contiguous();
   const at::Tensor x = x_in.contiguous();
