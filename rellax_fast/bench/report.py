@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .._io import atomic_write_text
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -82,13 +84,6 @@ def environment_line(device: torch.device) -> str:
     )
 
 
-def _atomic_write(path: str, data: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def markdown_table(rows: Sequence[Dict[str, object]], columns: Optional[Sequence[str]] = None) -> str:
     if not rows:
         return "(no rows)\n"
@@ -116,8 +111,8 @@ def write_reports(rows: List[Dict[str, object]], out_dir: str, name: str, header
     writer.writerows(rows)
     csv_path = os.path.join(out_dir, f"{name}.csv")
     md_path = os.path.join(out_dir, f"{name}.md")
-    _atomic_write(csv_path, buf.getvalue())
-    _atomic_write(md_path, f"{header}\n\n{markdown_table(rows, columns)}")
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_text(md_path, f"{header}\n\n{markdown_table(rows, columns)}")
     return {"csv": csv_path, "md": md_path}
 
 

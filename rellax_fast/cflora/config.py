@@ -9,9 +9,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
+
+from .._io import atomic_write_bytes
 
 INTERACTIONS = ("identity", "static", "full", "moe", "recrank1")
 # interactions whose C depends on the per-sample conditioning vector
@@ -157,20 +158,3 @@ class CFLoRAConfig:
         with open(path, encoding="utf-8") as fh:
             return cls.from_json(fh.read())
 
-
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Write ``data`` to a temporary file in the target directory, fsync it, then ``os.replace`` it."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

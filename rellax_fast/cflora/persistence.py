@@ -18,7 +18,8 @@ from typing import Dict, Union
 import torch
 from torch import nn
 
-from .config import CFLoRAConfig, atomic_write_bytes
+from .._io import atomic_write_bytes
+from .config import CFLoRAConfig
 from .model import _require_layers, cflora_layers, get_cflora_config, inject_cflora, unwrap_model
 
 CONFIG_NAME = "cflora_config.json"

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_write_text
+
 N_RATING_BUCKETS = 22  # ratings are bucketed as round(2 * rating) in 0..20 (+1 shift, 0 = padding)
 
 
@@ -318,10 +320,3 @@ def load_din(path) -> Tuple[DIN, dict]:
     model.load_state_dict(load_file(str(path / "din.safetensors")))
     return freeze(model), meta
 
-
-def atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from rellax_fast.data import DataFormatError, DatasetNotFoundError, load_prepared, prepare_ctr
     from rellax_fast.ops import BackendUnavailableError
 
-    from .cache import atomic_write
+    from .._io import atomic_write
     from .cli_embed import embed_items, load_raw_dataset
     from .encoders import resolve_device
     from .retrieval import item_rows, retrieve, retrieve_global, shown_positions

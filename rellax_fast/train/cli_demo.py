@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from ..spa.din import atomic_write_text
+    from .._io import atomic_write_text
     from .cli_train import build_shared_context, pipeline_config, slug
     from .metrics import ctr_metrics, markdown_table, plot_runs
     from .pipeline import run_variant

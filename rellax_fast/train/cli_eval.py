@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rellax_fast.data import load_dataset, prepare_ctr
 
-    from ..spa.din import atomic_write_text
+    from .._io import atomic_write_text
     from .metrics import ctr_metrics, markdown_table, write_metrics_json
 
     run_dir = Path(args.run)

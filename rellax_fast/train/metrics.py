@@ -40,7 +40,7 @@ def ctr_metrics(labels, probs) -> Dict[str, float]:
 
 
 def write_metrics_json(path, metrics: Mapping, extra: Optional[Mapping] = None) -> Path:
-    from rellax_fast.spa.din import atomic_write_text
+    from rellax_fast._io import atomic_write_text
 
     out = {**{k: metrics[k] for k in ("auc", "logloss", "accuracy", "n")}, **(extra or {})}
     atomic_write_text(path, json.dumps(out, indent=2, default=_json_default))

@@ -181,7 +181,7 @@ def save_run(run_dir: Path, model: ReLLaXModel, meta: dict) -> None:
 
     from rellax_fast.cflora import save_cflora
 
-    from ..spa.din import atomic_write_text
+    from .._io import atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
@@ -297,7 +297,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         "kind": kind, "dataset": data.dataset.name, "ctr_dir": ctx.ctr_dir,
     }  # fmt: skip
     save_run(run_dir, model, meta)
-    from ..spa.din import atomic_write_text
+    from .._io import atomic_write_text
 
     atomic_write_text(run_dir / "loss.json", json.dumps({"losses": losses, **history}))
     np.save(run_dir / "predictions.npy", probs)
