@@ -31,6 +31,25 @@ def ragged_case(lengths, n_items: int, d: int, seed: int, device="cpu", dtype=to
     return tuple(t.to(device) for t in (emb.to(dtype), items, offsets, users, pos))
 
 
+def exact_tie_embeddings(d: int = 19) -> torch.Tensor:
+    """Four item rows whose dot products and cosines are exact in any summation order, on any CPU or BLAS.
+
+    Each row holds four entries of +1 (norm 2, so a normalised entry is exactly 0.5): every partial sum of a
+    dot product is a small multiple of 0.25, which float32 represents exactly. Tests of tie order must use
+    such values: with random floats, two "equal" scores computed in different tiles (different BLAS paths,
+    different CPU models) can differ in the last bit.
+    Rows 1 and 2 overlap in two entries (cosine 0.5, dot 2); row 3 overlaps neither; row 0 is disjoint too.
+    """
+    if d < 16:
+        raise ValueError(f"exact_tie_embeddings needs d >= 16, got {d}")
+    emb = torch.zeros(4, d, dtype=torch.float32)
+    emb[0, 12:16] = 1.0
+    emb[1, 0:4] = 1.0
+    emb[2, 2:6] = 1.0
+    emb[3, 6:10] = 1.0
+    return emb
+
+
 def oracle(case, k: int, metric: str):
     """float64 reference (pos, score) of a case on the CPU."""
     emb, items, offsets, users, samples = (t.cpu() for t in case)
