@@ -3,35 +3,155 @@
 A file is written into a temporary sibling in the same folder, flushed and fsynced, then moved into place
 with ``os.replace``; on any failure (an exception or KeyboardInterrupt) the temporary file is removed and
 the previous file, if any, is left untouched.
+
+- Permissions: the temporary file is created with mode ``0o666`` and the process umask applies, exactly as
+  for a plain ``open(path, "w")`` (``tempfile.mkstemp`` would give ``0o600``).
+- Names: temporaries are ``.{name}.tmp-{pid}-{host}-{random}`` (``host`` is a 6-hex tag of the host name), so
+  the ones left by a killed process are recognisable. Every write into a folder first removes the stale
+  ones there (:func:`remove_stale_temps`): those of a process of this host that no longer runs, and any older
+  than a day. Nothing else in the folder is touched.
+- :func:`atomic_path` yields the temporary path for writers that take a path rather than a file object
+  (pyarrow, ``np.save``, ``torch.save``, safetensors); :func:`atomic_write` takes a writer of a binary file.
+
+Also here: :func:`check_out_dir`, the shared check that an ``--out`` folder can be one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import socket
+import time
 from pathlib import Path
-from typing import IO, Any, Callable, Union
+from typing import IO, Any, Callable, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
+
+STALE_AFTER_S = 24 * 3600  # a temporary untouched for this long is stale whoever made it
+_TEMP_RE = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-[0-9a-z]{8}$")
+
+
+def _host_tag() -> str:
+    return hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+
+
+def temp_path_for(path: PathLike) -> Path:
+    """A fresh, recognisable temporary sibling of ``path``: ``.{name}.tmp-{pid}-{host}-{random}``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{_host_tag()}-{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists (another user's); anything else: assume it runs
+        return True
+    return True
+
+
+def remove_stale_temps(folder: PathLike, *, max_age_s: float = STALE_AFTER_S) -> List[Path]:
+    """Remove this module's temporaries in ``folder`` whose writer is gone; returns what was removed.
+
+    A temporary is stale when it was made on this host by a process that no longer runs, or when it has
+    not been modified for ``max_age_s`` seconds (another host's, or a pid that was reused). Files and folders
+    with any other name are never touched. Errors (a race with another cleaner, permissions) are ignored.
+    """
+    folder = Path(folder)
+    removed: List[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    host, now = _host_tag(), time.time()
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None:
+            continue
+        try:
+            age = now - entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        dead = m.group("host") == host and not _pid_alive(int(m.group("pid")))
+        if not (dead or age > max_age_s):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or folder by path (best effort for folders: not every filesystem allows it)."""
+    is_dir = path.is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not is_dir:
+            raise
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on a clean exit it is fsynced and renamed onto ``path``.
+
+    For writers that take a path (``pq.write_table(table, tmp)``, ``np.save(tmp, a)``, ``torch.save``).
+    The temporary file already exists, empty, with the umask's permissions (a writer that opens it for
+    writing keeps them). A writer may also make a folder there instead (after removing the empty file); it
+    is renamed into place only if ``path`` does not exist or is an empty folder. On an exception the
+    temporary is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink() and any(path.iterdir()):
+        raise IsADirectoryError(f"{path}: is a folder, cannot write a file there")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
+    tmp = temp_path_for(path)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0o666 & ~umask, as open()
+    try:
+        yield tmp
+        if fsync:
+            _fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                os.unlink(tmp)
+        raise
+    if fsync:
+        _fsync_path(path.parent)
 
 
 def atomic_write(path: PathLike, writer: Callable[[IO[bytes]], Any]) -> None:
     """Write ``path`` through ``writer(binary file)``: temp file in the same folder, fsync, ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path, fsync=False) as tmp:
+        with open(tmp, "wb") as fh:
             writer(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    _fsync_path(Path(path).parent)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -42,3 +162,19 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def check_out_dir(out: PathLike, what: str = "--out") -> Path:
+    """``out`` as a Path, or a ValueError naming ``what`` if it exists and is not a folder (a file, a
+    broken link). The folder itself is created by whoever writes into it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{what} {out}: exists and is not a folder; give a folder path (it is created if missing)")
+    if not out.exists() and out.is_symlink():
+        raise ValueError(f"{what} {out}: is a broken symbolic link")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what} {out}: {parent} is a file, not a folder")
+            break
+    return out

@@ -1,0 +1,167 @@
+"""rellax_fast._io: outputs get the umask's permissions (as a plain open would), a failed or killed write
+leaves the old file, and the temporaries a killed writer leaves are removed on the next write there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rellax_fast._io import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_out_dir,
+    remove_stale_temps,
+    temp_path_for,
+)
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test and restore it afterwards."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002, 0o027])
+def test_modes_follow_the_umask_like_plain_open(tmp_path, umask, mask):
+    umask(mask)
+    with open(tmp_path / "plain.txt", "w") as fh:
+        fh.write("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    with atomic_path(tmp_path / "by_path.bin") as tmp:
+        with open(tmp, "wb") as fh:  # a writer that takes a path re-opens the prepared file
+            fh.write(b"x")
+    expected = 0o666 & ~mask
+    assert _mode(tmp_path / "plain.txt") == expected
+    assert _mode(tmp_path / "atomic.txt") == expected
+    assert _mode(tmp_path / "by_path.bin") == expected
+
+
+def test_atomic_path_with_pyarrow_and_numpy(tmp_path, umask):
+    np = pytest.importorskip("numpy")
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    umask(0o002)
+    with atomic_path(tmp_path / "t.parquet") as tmp:
+        pq.write_table(pa.table({"a": [1, 2, 3]}), tmp)
+    with atomic_path(tmp_path / "a.npy") as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.arange(4))
+    assert pq.read_table(tmp_path / "t.parquet").column("a").to_pylist() == [1, 2, 3]
+    assert np.load(tmp_path / "a.npy").tolist() == [0, 1, 2, 3]
+    assert _mode(tmp_path / "t.parquet") == 0o664 and _mode(tmp_path / "a.npy") == 0o664
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy", "t.parquet"]
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "out.json"
+    atomic_write_text(target, "old")
+
+    def broken(fh):
+        fh.write(b"half")
+        raise RuntimeError("disk full")
+
+    from rellax_fast._io import atomic_write
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(target, broken)
+    with pytest.raises(KeyError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyError("interrupted")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_on_next_write(tmp_path):
+    live = temp_path_for(tmp_path / "keep.bin")  # this process: alive
+    live.write_bytes(b"in flight")
+    name = temp_path_for(tmp_path / "x.bin").name
+    dead = tmp_path / name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")
+    dead.write_bytes(b"orphan")
+    dead_dir = tmp_path / temp_path_for(tmp_path / "folder").name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")
+    dead_dir.mkdir()
+    (dead_dir / "part.parquet").write_bytes(b"orphan")
+    other_host = tmp_path / ".y.bin.tmp-1-zzzzzz-abcdef01"  # not our pattern (host tag is hex): untouched
+    other_host.write_bytes(b"?")
+    foreign_live = tmp_path / f".z.bin.tmp-{_dead_pid()}-000000-abcdef01"  # another host's: age decides
+    foreign_live.write_bytes(b"?")
+    foreign_old = tmp_path / f".w.bin.tmp-{_dead_pid()}-000000-abcdef02"
+    foreign_old.write_bytes(b"?")
+    old = time.time() - 2 * 24 * 3600
+    os.utime(foreign_old, (old, old))
+    users = [tmp_path / ".hidden.tmp", tmp_path / "data.tmp-1-abcdef-abcdef01"]  # user files: untouched
+    for p in users:
+        p.write_bytes(b"user")
+
+    atomic_write_bytes(tmp_path / "x.bin", b"new")
+
+    left = {p.name for p in tmp_path.iterdir()}
+    assert dead.name not in left and dead_dir.name not in left and foreign_old.name not in left
+    assert {live.name, other_host.name, foreign_live.name, "x.bin"} <= left
+    assert all(p.exists() for p in users)
+    assert remove_stale_temps(tmp_path) == []  # nothing more to remove
+
+
+_KILLED_WRITER = r"""
+import sys, time
+from rellax_fast._io import atomic_write
+
+def writer(fh):
+    fh.write(b"partial" * 1000)
+    fh.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+
+atomic_write(sys.argv[1], writer)
+"""
+
+
+def test_killed_writer_keeps_old_file_and_next_write_cleans_up(tmp_path):
+    target = tmp_path / "result.json"
+    atomic_write_text(target, '{"ok": 1}')
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    orphans = [p for p in tmp_path.iterdir() if p.name != "result.json"]
+    assert len(orphans) == 1 and f".tmp-{proc.pid}-" in orphans[0].name
+    assert target.read_text() == '{"ok": 1}'
+
+    atomic_write_text(target, '{"ok": 2}')
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    assert target.read_text() == '{"ok": 2}'
+
+
+def test_check_out_dir(tmp_path):
+    assert check_out_dir(tmp_path / "new" / "run") == tmp_path / "new" / "run"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*file: exists and is not a folder"):
+        check_out_dir(tmp_path / "file")
+    with pytest.raises(ValueError, match=r"--out .*: .*file is a file, not a folder"):
+        check_out_dir(tmp_path / "file" / "sub")
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    with pytest.raises(ValueError, match="broken symbolic link"):
+        check_out_dir(tmp_path / "link")
