@@ -4,9 +4,14 @@ A checkpoint is a folder ``<run>/checkpoints/step-XXXXXXXX`` holding
 
 * ``trainable.safetensors``: every trainable tensor of the ReLLaX wrapper (CFLoRA A/B and generators,
   SPA projector, verbaliser bias), by parameter name;
-* ``optimizer.pt`` / ``scheduler.pt``: their state dicts;
-* ``rng.pt``: the torch (CPU and every CUDA device), numpy and Python RNG states;
+* ``optimizer.pt`` / ``scheduler.pt``: their state dicts (tensors, numbers, strings and plain containers);
+* ``rng.safetensors`` + ``rng.json``: the torch (CPU and every CUDA device), numpy and Python RNG states;
 * ``state.json``: the sample cursor (epoch, step within the epoch, global step) and the loss history.
+
+Loading never runs code from the files: safetensors and JSON hold only data, and the two ``.pt`` files are
+read with ``torch.load(weights_only=True)``, which refuses any pickled object other than tensors, numbers,
+strings and plain containers (a crafted file raises :class:`UnsafeCheckpointError` naming it). A legacy
+``rng.pt`` (older checkpoints) is read the same way, with only numpy's ndarray/uint32 dtype allowed besides.
 
 It is written into a temporary sibling folder, fsynced, renamed into place with ``os.replace`` and only
 then published by atomically rewriting ``<run>/checkpoints/latest``; a run killed at any point leaves
@@ -32,6 +37,10 @@ import torch
 LATEST = "latest"
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds something other than plain data (tampered with, or not written by us)."""
+
+
 def rng_state() -> Dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -45,6 +54,68 @@ def set_rng_state(state: Dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_rng(folder: Path, state: Dict) -> None:
+    """The RNG states as data only: byte tensors in ``rng.safetensors``, numbers in ``rng.json``."""
+    from safetensors.torch import save_file
+
+    kind, key, pos, has_gauss, cached_gaussian = state["numpy"]
+    version, mt, gauss_next = state["python"]
+    tensors = {"torch": state["torch"].contiguous(), "numpy_key": torch.from_numpy(np.asarray(key, np.int64))}
+    for i, s in enumerate(state.get("cuda", [])):
+        tensors[f"cuda.{i}"] = s.cpu().contiguous()
+    save_file(tensors, str(folder / "rng.safetensors"))
+    numbers = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+               "python": {"version": version, "state": list(mt), "gauss_next": gauss_next},
+               "n_cuda": len(state.get("cuda", []))}  # fmt: skip
+    (folder / "rng.json").write_text(json.dumps(numbers))
+
+
+def _load_rng(folder: Path) -> Dict:
+    from safetensors.torch import load_file
+
+    tensors_path, numbers_path = folder / "rng.safetensors", folder / "rng.json"
+    try:
+        tensors = load_file(str(tensors_path))
+        numbers = json.loads(numbers_path.read_text())
+        n, p = numbers["numpy"], numbers["python"]
+        state = {
+            "torch": tensors["torch"],
+            "numpy": (n["kind"], tensors["numpy_key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]),
+            "python": (p["version"], tuple(int(x) for x in p["state"]), p["gauss_next"]),
+        }  # fmt: skip
+        if numbers.get("n_cuda"):
+            state["cuda"] = [tensors[f"cuda.{i}"] for i in range(numbers["n_cuda"])]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{folder}: rng.safetensors / rng.json are unreadable or incomplete ({type(exc).__name__}: {exc})") from exc
+    return state
+
+
+def _safe_torch_load(path: Path, extra_globals=()):
+    """``torch.load(weights_only=True)``: plain data only; anything else is refused with the file named."""
+    import pickle
+
+    try:
+        if extra_globals:
+            with torch.serialization.safe_globals(list(extra_globals)):
+                return torch.load(path, weights_only=True, map_location="cpu")
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        lines = [x.strip() for x in str(exc).splitlines() if "GLOBAL" in x or "Unsupported" in x]
+        why = lines[0] if lines else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load: it holds Python objects other than tensors, numbers and plain containers "
+            f"({why}). The checkpoint was not written by rellax-fast or was "
+            f"tampered with; delete {path.parent} or train without --resume."
+        ) from None
+
+
+def _legacy_numpy_globals():
+    """What a legacy ``rng.pt`` needs besides plain data: numpy's uint32 ndarray (no arbitrary callables)."""
+    from numpy.core.multiarray import _reconstruct
+
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,7 +144,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int
         save_file(tensors, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
+        _save_rng(tmp, rng_state())
         (tmp / "state.json").write_text(json.dumps(state))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -126,9 +197,12 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng: bo
                 raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}")
             params[k].copy_(v)
     if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        optimizer.load_state_dict(_safe_torch_load(path / "optimizer.pt"))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        scheduler.load_state_dict(_safe_torch_load(path / "scheduler.pt"))
     if restore_rng:
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        if (path / "rng.safetensors").exists():
+            set_rng_state(_load_rng(path))
+        else:  # a checkpoint written before rng.safetensors existed
+            set_rng_state(_safe_torch_load(path / "rng.pt", _legacy_numpy_globals()))
     return json.loads((path / "state.json").read_text())
