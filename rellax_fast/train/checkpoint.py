@@ -88,7 +88,9 @@ def _load_rng(folder: Path) -> Dict:
         if numbers.get("n_cuda"):
             state["cuda"] = [tensors[f"cuda.{i}"] for i in range(numbers["n_cuda"])]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{folder}: rng.safetensors / rng.json are unreadable or incomplete ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"{folder}: rng.safetensors / rng.json are unreadable or incomplete ({type(exc).__name__}: {exc})"
+        ) from exc
     return state
 
 

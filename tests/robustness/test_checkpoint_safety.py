@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from rellax_fast.train.checkpoint import UnsafeCheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from rellax_fast.train.checkpoint import (
+    UnsafeCheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 class Payload:
