@@ -16,7 +16,20 @@ Formats (as documented in each dataset's README):
   in BX-Book-Ratings.csv (file order).
 - synthetic: generated, see :mod:`rellax_fast.data.synthetic`.
 
-A truncated or corrupted file raises :class:`DataFormatError` naming the file and the (1-based) line.
+Every loader checks what it reads; a corrupted file raises :class:`DataFormatError` naming the file and
+the (1-based) line:
+
+- a row with more or fewer fields than the format has (the column count is reported; an extra column is
+  never taken for an index), a value that is not a number, out of range or beyond int64;
+- a ratings file whose last line has no newline (a download or copy cut mid-line: its last row may be
+  short, e.g. a timestamp ``8843``); for metadata files, and for BookCrossing's fully quoted rows where a
+  cut shows as an unclosed quote, that is a :class:`DataWarning` instead;
+- a negative timestamp;
+- a path that is a folder or missing.
+
+Repeated ratings would put a sample's own target into its history (label leakage): every loader keeps only
+the last row of each (user, item, timestamp) -- for BookCrossing, which has no time, of each (user, ISBN) --
+and says how many it dropped with a :class:`DataWarning`.
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import csv
 import io
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,7 +46,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["RecDataset", "DataFormatError", "load_dataset", "DATASETS", "default_data_dir", "ML100K_GENRES"]
+__all__ = [
+    "RecDataset", "DataFormatError", "DataWarning", "load_dataset", "DATASETS", "default_data_dir", "ML100K_GENRES",
+]  # fmt: skip
 
 DATASETS = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "bookcrossing", "synthetic")
 
@@ -52,6 +68,10 @@ ML1M_OCCUPATIONS = (
 
 class DataFormatError(ValueError):
     """A raw data file does not follow its published format (names the file and line)."""
+
+
+class DataWarning(UserWarning):
+    """A raw data file was read, but something in it was fixed or looks suspicious (names the file)."""
 
 
 @dataclass
@@ -94,17 +114,83 @@ def default_data_dir(name: str) -> Path:
 # ------------------------------------------------------------------------------------------ parsing helpers
 
 
+def _check_file(path: Path) -> None:
+    """``path`` must be an existing regular file (not a folder, not a broken link)."""
+    if path.is_dir():
+        raise DataFormatError(f"{path}: is a folder, expected a data file")
+    if not path.exists():
+        raise DataFormatError(f"{path}: file not found")
+
+
+def _check_final_newline(path: Path, strict: bool) -> None:
+    """A text file must end with a newline: without one, the last line may have been cut mid-row.
+
+    ``strict``: a :class:`DataFormatError` (ratings files, whose values would be silently wrong); otherwise a
+    :class:`DataWarning`. An empty file passes here (it is reported by whoever needs rows).
+    """
+    _check_file(path)
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(max(0, size - 4096))
+        tail = f.read()
+        f.seek(0)
+        line = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b"")) + 1
+    last = tail.rsplit(b"\n", 1)[-1].decode("latin-1")[-200:]
+    msg = (
+        f"{path}: line {line}: the file does not end with a newline, so its last line may be cut short "
+        f"(it reads {last!r})"
+    )
+    if strict:
+        raise DataFormatError(msg + "; if that row is complete, end the file with a newline, else remove the row")
+    warnings.warn(msg, DataWarning, stacklevel=3)
+
+
 def _read_text(path: Path, encoding: str) -> str:
+    _check_file(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError as exc:
         raise DataFormatError(f"{path}: file not found") from exc
+    except OSError as exc:
+        raise DataFormatError(f"{path}: cannot be read: {exc.strerror or exc}") from exc
     try:
         return raw.decode(encoding)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise DataFormatError(f"{path}: line {line}: not valid {encoding} ({exc.reason})") from exc
+
+
+def _field_count_error(path: Path, exc: Exception, n_fields: int, header: bool) -> DataFormatError:
+    """A pandas ParserError ("Expected 4 fields in line 7, saw 5") as a DataFormatError naming the line.
+
+    pandas counts fields from the first data line: when that count is not the format's, the first data line
+    is the odd one out, so it is named instead."""
+    text = str(exc)
+    m = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+    if m:
+        expected, line, saw = (int(g) for g in m.groups())
+        if expected != n_fields:
+            line, saw = 1 + int(header), expected
+        return DataFormatError(f"{path}: line {line}: {saw} fields, expected {n_fields} (wrong number of fields)")
+    m = re.search(r"line (\d+)", text)
+    where = f"line {m.group(1)}: " if m else ""
+    return DataFormatError(f"{path}: {where}cannot be parsed ({text.strip()})")
+
+
+def _check_column_count(path: Path, df: pd.DataFrame, n_fields: int, header: bool) -> None:
+    """Every row had the same number of fields (else pandas raised); it must be the format's."""
+    if df.shape[1] != n_fields:
+        raise DataFormatError(
+            f"{path}: line {1 + int(header)}: {df.shape[1]} fields on every line, expected {n_fields} "
+            f"(wrong separator, or an extra or missing column)"
+        )
 
 
 def _parse_table(
@@ -119,15 +205,19 @@ def _parse_table(
 ) -> pd.DataFrame:
     """Parse delimited ``text`` with pandas' C parser (fast for 25M rows); every value stays a string.
 
-    Rows with too many fields raise here; rows with too few show up as missing values, which
-    :func:`_require` reports with their line number. Blank lines are not skipped (they are corruption).
+    Columns are counted, never guessed: ``index_col=False`` and no ``names`` while parsing, so that a row
+    with an extra field is not silently turned into an index (pandas' default) or cut off (with ``names``).
+    Rows with too many fields, or a file whose every row has the wrong count, raise here; rows with too few
+    show up as missing values, which :func:`_require` reports with their line number. Blank lines are not
+    skipped (they are corruption). The header row, if any, is skipped here and checked by the caller.
     """
     try:
         df = pd.read_csv(
             io.StringIO(text),
             sep=sep,
-            header=0 if header else None,
-            names=list(names),
+            header=None,
+            skiprows=1 if header else None,
+            index_col=False,
             dtype=str,
             keep_default_na=False,
             na_values=[],
@@ -136,10 +226,12 @@ def _parse_table(
             skip_blank_lines=False,
             engine="c",
         )
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame({n: pd.Series([], dtype=object) for n in names})
     except pd.errors.ParserError as exc:
-        m = re.search(r"line (\d+)", str(exc))
-        where = f"line {m.group(1)}: " if m else ""
-        raise DataFormatError(f"{path}: {where}wrong number of fields ({exc})") from exc
+        raise _field_count_error(path, exc, len(names), header) from exc
+    _check_column_count(path, df, len(names), header)
+    df.columns = list(names)
     return df
 
 
@@ -152,17 +244,22 @@ def _numeric_columns(
     Fast path: pandas' typed C parser straight from the file. If that fails or yields missing values, the
     file is re-parsed as strings to report the first bad line precisely (:func:`_parse_table`).
     """
-    dtypes = {n: (np.int64 if k == "int" else np.float64) for n, k in zip(names, kinds)}
+    if text is None:
+        _check_file(path)
+    dtypes = {k: (np.int64 if kind == "int" else np.float64) for k, kind in enumerate(kinds)}
     try:
         df = pd.read_csv(
-            io.StringIO(text) if text is not None else path, sep=sep, header=0 if header else None,
-            names=list(names), dtype=dtypes, quoting=csv.QUOTE_NONE, skip_blank_lines=False, engine="c",
+            io.StringIO(text) if text is not None else path, sep=sep, header=None, skiprows=1 if header else None,
+            index_col=False, dtype=dtypes, quoting=csv.QUOTE_NONE, skip_blank_lines=False, engine="c",
             encoding=None if text is not None else encoding,
         )  # fmt: skip
-        cols = {n: df[n].to_numpy() for n in names}
-        if all(np.isfinite(v).all() for v in cols.values()):
-            return cols
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError):
+        if df.shape[1] == len(names):
+            cols = {n: df[k].to_numpy() for k, n in enumerate(names)}
+            if all(np.isfinite(v).all() for v in cols.values()):
+                return cols
+    except pd.errors.EmptyDataError:
+        return {n: np.zeros(0, dtype=np.int64 if kind == "int" else np.float64) for n, kind in zip(names, kinds)}
+    except (ValueError, OverflowError, pd.errors.ParserError, UnicodeDecodeError):
         pass
     if text is None:
         text = _read_text(path, encoding)
@@ -187,8 +284,11 @@ def _require(path: Path, df: pd.DataFrame, cols: Sequence[str], header: bool, no
             )
 
 
+_INT64_LIMIT = float(2**63)
+
+
 def _numeric(path: Path, df: pd.DataFrame, col: str, header: bool, kind: str = "int") -> np.ndarray:
-    """Convert a string column to int64/float64; a non-numeric value is reported with its line."""
+    """Convert a string column to int64/float64; a non-numeric or out-of-int64 value is reported with its line."""
     values = pd.to_numeric(df[col].str.strip(), errors="coerce")
     arr = values.to_numpy(dtype=np.float64, na_value=np.nan)
     bad = ~np.isfinite(arr)
@@ -203,7 +303,17 @@ def _numeric(path: Path, df: pd.DataFrame, col: str, header: bool, kind: str = "
                 f"fields or truncated line)"
             )
         raise DataFormatError(f"{path}: line {_line_of(df, row, header)}: field {col!r} is not a valid {kind}: {value!r}")
-    return arr.astype(np.int64) if kind == "int" else arr
+    if kind != "int":
+        return arr
+    too_big = (arr >= _INT64_LIMIT) | (arr < -_INT64_LIMIT)
+    if values.dtype != np.int64 and too_big.any():
+        row = int(np.flatnonzero(too_big)[0])
+        raise DataFormatError(
+            f"{path}: line {_line_of(df, row, header)}: field {col!r} is outside the 64-bit integer range: "
+            f"{df[col].iloc[row].strip()!r}"
+        )
+    # exact when pandas parsed int64 itself; via float64 only for values it could not (then within 2**63)
+    return values.to_numpy(dtype=np.int64) if values.dtype == np.int64 else arr.astype(np.int64)
 
 
 def _check_range(path: Path, df: pd.DataFrame, values: np.ndarray, col: str, lo: float, hi: float, header: bool):
@@ -213,6 +323,40 @@ def _check_range(path: Path, df: pd.DataFrame, values: np.ndarray, col: str, lo:
         raise DataFormatError(
             f"{path}: line {_line_of(df, row, header)}: {col} {values[row]} outside [{lo}, {hi}]"
         )
+
+
+def _check_timestamps(path: Path, ts: np.ndarray, header: bool) -> None:
+    """Unix timestamps are seconds since 1970: a negative one is corruption (a sign or a cut)."""
+    bad = ts < 0
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise DataFormatError(
+            f"{path}: line {_line_of(None, row, header)}: timestamp {int(ts[row])} is negative "
+            f"(expected Unix seconds >= 0)"
+        )
+
+
+def _drop_duplicate_ratings(path: Path, ratings: pd.DataFrame, keys: Sequence[str], header: bool) -> pd.DataFrame:
+    """Keep the last row (in file order) of each ``keys`` group and warn how many were dropped.
+
+    A repeated (user, item, timestamp) is one event listed twice: kept, the copy would sit in the history of
+    its own target (the label leaks into the prompt and into DIN's input)."""
+    dup = ratings.duplicated(subset=list(keys), keep="last").to_numpy()
+    n = int(dup.sum())
+    if n == 0:
+        return ratings
+    first = int(np.flatnonzero(dup)[0])
+    exact = int(ratings[dup].merge(ratings[~dup], on=list(ratings.columns), how="inner").shape[0])
+    warnings.warn(
+        f"{path}: dropped {n:,} repeated ratings of the same ({', '.join(keys)}) ({exact:,} exact copies), "
+        f"keeping the last row of each; the first dropped is line {_line_of(None, first, header)}",
+        DataWarning,
+        stacklevel=3,
+    )
+    return ratings.loc[~dup].reset_index(drop=True)
+
+
+_EVENT = ("user_id", "item_id", "timestamp")
 
 
 def _ratings_frame(user, item, rating, ts) -> pd.DataFrame:
@@ -249,13 +393,16 @@ def _split_genres(values: pd.Series) -> list:
 def load_ml100k(data_dir: Path) -> RecDataset:
     data_dir = Path(data_dir)
     p = data_dir / "u.data"
+    _check_final_newline(p, strict=True)
     c = _numeric_columns(p, "\t", ["u", "i", "r", "t"], ["int"] * 4, header=False, encoding="latin-1")
     _check_range(p, None, c["r"], "rating", 1, 5, False)
-    ratings = _ratings_frame(c["u"], c["i"], c["r"], c["t"])
+    _check_timestamps(p, c["t"], False)
+    ratings = _drop_duplicate_ratings(p, _ratings_frame(c["u"], c["i"], c["r"], c["t"]), _EVENT, False)
 
     genre_names = list(ML100K_GENRES)
     pg = data_dir / "u.genre"
     if pg.exists():
+        _check_final_newline(pg, strict=False)
         rows = [ln.split("|") for ln in _read_text(pg, "latin-1").splitlines() if ln.strip()]
         for n, row in enumerate(rows, 1):
             if len(row) != 2:
@@ -263,6 +410,7 @@ def load_ml100k(data_dir: Path) -> RecDataset:
         genre_names = [name for name, _ in sorted(rows, key=lambda x: int(x[1]))]
 
     p = data_dir / "u.item"
+    _check_final_newline(p, strict=False)
     cols = ["item_id", "title", "release", "video", "url", *[f"g{k}" for k in range(len(genre_names))]]
     df = _parse_table(p, _read_text(p, "latin-1"), "|", cols, header=False)
     _require(p, df, cols, False)
@@ -279,6 +427,7 @@ def load_ml100k(data_dir: Path) -> RecDataset:
     )
 
     p = data_dir / "u.user"
+    _check_final_newline(p, strict=False)
     df = _parse_table(p, _read_text(p, "latin-1"), "|", ["user_id", "age", "gender", "occupation", "zip"], header=False)
     _require(p, df, ["user_id", "age", "gender", "occupation", "zip"], False)
     users = pd.DataFrame(
@@ -313,6 +462,7 @@ def _dat_text(path: Path) -> str:
 
 
 def _dat(path: Path, names: Sequence[str]) -> pd.DataFrame:
+    _check_final_newline(path, strict=False)
     df = _parse_table(path, _dat_text(path), "\t", names, header=False)
     _require(path, df, names, False)
     return df
@@ -321,10 +471,12 @@ def _dat(path: Path, names: Sequence[str]) -> pd.DataFrame:
 def load_ml1m(data_dir: Path) -> RecDataset:
     data_dir = Path(data_dir)
     p = data_dir / "ratings.dat"
+    _check_final_newline(p, strict=True)
     c = _numeric_columns(p, "\t", ["u", "i", "r", "t"], ["int"] * 4, header=False, encoding="latin-1",
                          text=_dat_text(p))  # fmt: skip
     _check_range(p, None, c["r"], "rating", 1, 5, False)
-    ratings = _ratings_frame(c["u"], c["i"], c["r"], c["t"])
+    _check_timestamps(p, c["t"], False)
+    ratings = _drop_duplicate_ratings(p, _ratings_frame(c["u"], c["i"], c["r"], c["t"]), _EVENT, False)
 
     p = data_dir / "movies.dat"
     df = _dat(p, ["item_id", "title", "genres"])
@@ -357,15 +509,16 @@ def load_movielens_csv(data_dir: Path, name: str) -> RecDataset:
     """ml-20m / ml-25m / ml-latest-small: ratings.csv + movies.csv (UTF-8, header, quoted titles)."""
     data_dir = Path(data_dir)
     p = data_dir / "ratings.csv"
-    if not p.exists():
-        raise DataFormatError(f"{p}: file not found")
+    _check_final_newline(p, strict=True)
     with open(p, encoding="utf-8", errors="replace") as f:
         _expect_header(p, f.readline(), "userId,movieId,rating,timestamp")
     c = _numeric_columns(p, ",", ["u", "i", "r", "t"], ["int", "int", "float", "int"], header=True, encoding="utf-8")
     _check_range(p, None, c["r"], "rating", 0.5, 5.0, True)
-    ratings = _ratings_frame(c["u"], c["i"], c["r"], c["t"])
+    _check_timestamps(p, c["t"], True)
+    ratings = _drop_duplicate_ratings(p, _ratings_frame(c["u"], c["i"], c["r"], c["t"]), _EVENT, True)
 
     p = data_dir / "movies.csv"
+    _check_final_newline(p, strict=False)
     text = _read_text(p, "utf-8")
     _expect_header(p, text, "movieId,title,genres")
     df = _parse_table(p, text, ",", ["item_id", "title", "genres"], header=True, quoting=csv.QUOTE_MINIMAL)
@@ -388,6 +541,9 @@ def _expect_header(path: Path, text: str, header: str) -> None:
 
 
 def _bx(path: Path, names: Sequence[str]) -> pd.DataFrame:
+    # Every field is quoted, so a file cut mid-row shows as an unclosed quote or a missing field (an error);
+    # a missing final newline alone is only suspicious.
+    _check_final_newline(path, strict=False)
     text = _read_text(path, "latin-1")
     df = _parse_table(path, text, ";", names, header=True, quoting=csv.QUOTE_MINIMAL, escapechar="\\")
     _require(path, df, names, True)
@@ -411,6 +567,8 @@ def load_bookcrossing(data_dir: Path) -> RecDataset:
     all_isbn = np.unique(np.concatenate([isbn_r.astype(str), books["isbn"].to_numpy().astype(str)]))
     item_of = pd.Index(all_isbn)
     ratings = _ratings_frame(u, item_of.get_indexer(isbn_r), r, np.arange(len(df)))
+    # No time in this dump (timestamp = row), so a repeated (user, ISBN) is the repeated event.
+    ratings = _drop_duplicate_ratings(p, ratings, ("user_id", "item_id"), True)
     books = books.set_index("isbn").reindex(all_isbn)
     year = pd.to_numeric(books["year"], errors="coerce").to_numpy()
     items = pd.DataFrame(

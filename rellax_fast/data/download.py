@@ -4,22 +4,25 @@ Every dataset that is not generated locally has a :class:`DatasetSource`: the ar
 then mirrors), the archive's checksum where the publisher gives one, and the files that must exist after
 extraction (with their own checksums where known). When the files are missing, :func:`ensure_files`
 downloads the archive with ``urllib`` (no extra dependency), verifies it, extracts only the needed members,
-and writes every file through a temporary file in the same folder followed by ``os.replace`` so that an
-interrupted download never leaves a half-written file behind. Offline, it raises :class:`DatasetNotFoundError`
-that says where to put which files.
+and writes every file through :func:`rellax_fast._io.atomic_path` (a temporary file in the same folder, then
+``os.replace``) so that an interrupted download never leaves a half-written file behind. Offline, it raises
+:class:`DatasetNotFoundError` that says where to put which files.
+
+An archive whose checksum does not match is never deleted: it may be the user's own copy. It is moved aside
+to ``<archive>.bad`` (numbered if that exists) and the error says where it went.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
+
+from .._io import atomic_path
 
 __all__ = ["DatasetSource", "SOURCES", "DatasetNotFoundError", "ChecksumError", "ensure_files", "file_digest"]
 
@@ -118,17 +121,12 @@ def _fetch(url: str, dest: Path, timeout: float = 30.0) -> None:
     req = urllib.request.Request(url, headers={"User-Agent": "rellax-fast"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-                for chunk in iter(lambda: resp.read(1 << 20), b""):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-            os.replace(tmp, dest)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_path(dest) as tmp, open(tmp, "wb") as out, tqdm(
+            total=total, unit="B", unit_scale=True, desc=dest.name
+        ) as bar:
+            for chunk in iter(lambda: resp.read(1 << 20), b""):
+                out.write(chunk)
+                bar.update(len(chunk))
 
 
 def _published_md5(url: str) -> str:
@@ -141,29 +139,45 @@ def _published_md5(url: str) -> str:
 
 
 def _extract(archive: Path, data_dir: Path, source: DatasetSource) -> None:
-    with zipfile.ZipFile(archive) as zf:
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise ChecksumError(f"{archive}: not a valid zip archive ({exc})") from exc
+    with zf:
         names = {Path(n).name: n for n in zf.namelist() if not n.endswith("/")}
         for name in source.files:
             if name not in names:
                 raise ChecksumError(f"{archive}: the archive has no member {name!r}")
-            fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=f".{name}.", suffix=".part")
-            try:
-                with os.fdopen(fd, "wb") as out, zf.open(names[name]) as src:
+            with atomic_path(data_dir / name) as tmp:
+                with open(tmp, "wb") as out, zf.open(names[name]) as src:
                     for chunk in iter(lambda: src.read(1 << 20), b""):
                         out.write(chunk)
                 expected = source.file_md5.get(name)
-                if expected and file_digest(Path(tmp)) != expected:
-                    raise ChecksumError(f"{archive}: member {name} has MD5 {file_digest(Path(tmp))}, expected {expected}")
-                os.replace(tmp, data_dir / name)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                got = file_digest(tmp) if expected else None
+                if expected and got != expected:
+                    raise ChecksumError(f"{archive}: member {name} has MD5 {got}, expected {expected}")
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename ``path`` to ``<path>.bad`` (``.bad.1``, ``.bad.2`` ... if taken); returns the new path."""
+    dest = path.with_name(path.name + ".bad")
+    k = 0
+    while dest.exists():
+        k += 1
+        dest = path.with_name(f"{path.name}.bad.{k}")
+    path.rename(dest)
+    return dest
 
 
 def ensure_files(name: str, data_dir: Path, download: bool = True) -> Path:
     """Make sure ``data_dir`` holds the raw files of dataset ``name``; download and verify them if not."""
     source = SOURCES[name]
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DatasetNotFoundError(f"data folder {data_dir}: is a file, not a folder (--data-dir / RELLAX_DATA_DIR)")
+    for f in source.files:
+        if (data_dir / f).is_dir():
+            raise DatasetNotFoundError(f"{data_dir / f}: is a folder, expected the data file {f}")
     missing = _missing(data_dir, source)
     # u.genre is optional for ml-100k (the genre list is fixed by the format); everything else is needed.
     if name == "ml-100k" and missing == ["u.genre"]:
@@ -196,7 +210,14 @@ def ensure_files(name: str, data_dir: Path, download: bool = True) -> Path:
     if expected and not source.file_md5:
         got = file_digest(archive)
         if got != expected:
-            archive.unlink()
-            raise ChecksumError(f"{archive}: MD5 {got} does not match the published {expected}; removed it, retry")
-    _extract(archive, data_dir, source)
+            bad = _move_aside(archive)
+            raise ChecksumError(
+                f"{archive}: MD5 {got} does not match the published {expected}; moved it aside to {bad} "
+                f"(delete it if it is not needed) so that the next run downloads a fresh copy"
+            )
+    try:
+        _extract(archive, data_dir, source)
+    except ChecksumError as exc:
+        bad = _move_aside(archive)
+        raise ChecksumError(f"{exc}; moved the archive aside to {bad} so that the next run downloads a fresh copy") from exc
     return data_dir

@@ -12,6 +12,7 @@ import pytest
 
 from rellax_fast.data import DataFormatError, DatasetNotFoundError, load_dataset
 from rellax_fast.data import download as dl
+from rellax_fast.data.datasets import DataWarning
 
 # ------------------------------------------------------------------------------------------------ writers
 
@@ -173,7 +174,9 @@ def test_ml100k_corruption_names_file_and_line(tmp_path, udata, line, what):
 def test_corrupt_item_and_csv_files(tmp_path):
     d = write_ml100k(tmp_path / "a")
     (d / "u.item").write_bytes((d / "u.item").read_bytes()[:-30])  # cut mid-row
-    with pytest.raises(DataFormatError, match=r"u\.item: line 3"):
+    with pytest.raises(DataFormatError, match=r"u\.item: line 3"), pytest.warns(
+        DataWarning, match=r"u\.item: line 3: the file does not end with a newline"
+    ):
         load_dataset("ml-100k", d, download=False)
     d = write_ml_csv(tmp_path / "b")
     (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,1147880044\n1,2,x,1\n")
@@ -225,14 +228,36 @@ def test_download_verifies_checksum_and_extracts(tmp_path, monkeypatch):
 
     bad = dl.DatasetSource("ml-1m.zip", (url,), "ml-1m", good.files, archive_md5="0" * 32)
     monkeypatch.setitem(dl.SOURCES, "ml-1m", bad)
-    with pytest.raises(dl.ChecksumError, match="does not match"):
+    with pytest.raises(dl.ChecksumError, match="does not match .* moved it aside to .*ml-1m.zip.bad"):
         load_dataset("ml-1m", tmp_path / "dest2", download=True)
-    assert not (tmp_path / "dest2" / "ml-1m.zip").exists()  # the bad archive is removed
+    assert not (tmp_path / "dest2" / "ml-1m.zip").exists()  # the next run downloads afresh
+    assert (tmp_path / "dest2" / "ml-1m.zip.bad").read_bytes() == payload  # kept, not deleted
 
     dead = dl.DatasetSource("ml-1m.zip", ((tmp_path / "gone.zip").as_uri(),), "ml-1m", good.files)
     monkeypatch.setitem(dl.SOURCES, "ml-1m", dead)
     with pytest.raises(DatasetNotFoundError, match="download failed"):
         load_dataset("ml-1m", tmp_path / "dest3", download=True)
+
+
+def test_users_own_bad_archive_is_moved_aside_not_deleted(tmp_path, monkeypatch):
+    """#13 item 11: a user's own ml-100k.zip that fails the checksum is renamed to .bad (numbered when taken)."""
+    d = tmp_path / "ml-100k"
+    d.mkdir()
+    own = b"PK\x03\x04 my own, slightly different copy"
+    (d / "ml-100k.zip").write_bytes(own)
+    for k in range(2):
+        with pytest.raises(dl.ChecksumError) as err:
+            load_dataset("ml-100k", d, download=True)
+        bad = d / ("ml-100k.zip.bad" + ("" if k == 0 else ".1"))
+        assert f"moved it aside to {bad}" in str(err.value) and str(d / "ml-100k.zip") in str(err.value)
+        assert bad.read_bytes() == own
+        (d / "ml-100k.zip").write_bytes(own)  # the user puts it back
+    # an archive with the published checksum that is not a zip: moved aside too, with a clear error
+    monkeypatch.setitem(dl.SOURCES, "ml-100k", dl.DatasetSource(
+        "ml-100k.zip", ("file:///nonexistent",), "ml-100k", ("u.data",), archive_md5=hashlib.md5(own).hexdigest()))
+    with pytest.raises(dl.ChecksumError, match=r"not a valid zip archive.*moved the archive aside"):
+        load_dataset("ml-100k", d, download=True)
+    assert (d / "ml-100k.zip.bad.2").read_bytes() == own
 
 
 def test_download_per_file_checksums(tmp_path, monkeypatch):
