@@ -16,11 +16,24 @@ Preprocessing (ReLLa / ReLLaX):
   ratings are kept. For each, one rating (seeded) is the target and is placed LAST in the user's sequence;
   the other ratings, in file order, are its history. Users are split at random (seeded) 90/10 into
   train/test; ``valid`` is a seeded ninth of that 90 % taken out of train (so 80/10/10 overall, disjoint).
+
+An empty split is an error (:class:`EmptySplitError`), never an output.
+
+On disk (``save_prepared`` / ``load_prepared``) a prepared folder is one unit: every file is written to a
+temporary name, hashed (the bytes written) and fsynced first; then ``meta.json`` is removed, the files are
+renamed into place and ``meta.json`` is written last, carrying a manifest (bytes, sha256 and row count of
+each file, and :func:`ctr_fingerprint` of the content). Writers of one folder are serialised by an exclusive
+``flock`` on the folder (the last complete writer wins, whole); readers take a shared one. ``load_prepared``
+checks every file against the manifest and the splits against the sequences, and refuses a mismatch with
+:class:`PreparedDataError` naming the file. Other files in the folder (caches, ``ctr/``, runs) are untouched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -30,14 +43,25 @@ from typing import Dict
 import numpy as np
 import pandas as pd
 
-from .datasets import RecDataset
+from .datasets import DataFormatError, RecDataset
 
 __all__ = [
     "UserSequences", "CTRSplit", "CTRData", "prepare_ctr", "save_prepared", "load_prepared", "SPLITS",
-    "build_sequences", "label_of",
+    "build_sequences", "label_of", "ctr_fingerprint", "EmptySplitError", "PreparedDataError",
 ]  # fmt: skip
 
 SPLITS = ("train", "valid", "test")
+FORMAT_VERSION = 2  # 2: meta.json carries the manifest
+
+logger = logging.getLogger(__name__)
+
+
+class EmptySplitError(DataFormatError):
+    """The data give no sample to one of the splits (names the dataset, the split and the rule that emptied it)."""
+
+
+class PreparedDataError(DataFormatError):
+    """A prepared folder is incomplete, mixed or modified: a file does not match meta.json's manifest."""
 
 
 @dataclass
@@ -215,6 +239,16 @@ def prepare_ctr(ds: RecDataset, seed: int = 42, min_history: int = 5) -> CTRData
         seq, splits, rule = _prepare_bookcrossing(ds, seed)
     else:
         raise ValueError(f"ds.domain: expected 'movie' or 'book', got {ds.domain!r}")
+    empty = [k for k, v in splits.items() if len(v) == 0]
+    if empty:
+        n = sum(len(v) for v in splits.values())
+        why = (f"samples need at least min_history={min_history} earlier ratings of the user (prepare --min-history)"
+               if ds.domain == "movie" else "users need more than 5 ratings")  # fmt: skip
+        raise EmptySplitError(
+            f"{ds.name}: the {'/'.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty: "
+            f"{len(ds.ratings):,} ratings of {ds.ratings['user_id'].nunique() if len(ds.ratings) else 0:,} users give "
+            f"{n:,} samples in all ({why}); need more ratings per user or a lower --min-history"
+        )
     meta = {
         "dataset": ds.name,
         "domain": ds.domain,
@@ -226,26 +260,90 @@ def prepare_ctr(ds: RecDataset, seed: int = 42, min_history: int = 5) -> CTRData
         "n_sequence_users": int(len(seq)),
         "n_sequence_ratings": int(len(seq.items)),
         "splits": {
-            k: {"n": int(len(s)), "positive_rate": float(s.label.mean()) if len(s) else float("nan"),
-                "mean_history": float(s.pos.mean()) if len(s) else 0.0}
+            k: {"n": int(len(s)), "positive_rate": float(s.label.mean()), "mean_history": float(s.pos.mean())}
             for k, s in splits.items()
         },  # fmt: skip
     }
     return CTRData(ds, seq, splits, meta)
 
 
+def ctr_fingerprint(data: CTRData) -> str:
+    """sha256 of what the CTR samples are made of: dataset name and domain, the item catalogue's ids, the packed
+    sequences (users, offsets, items, ratings, timestamps) and each split's (user_index, pos). Independent of
+    file formats and library versions; the DIN is reused only for data with the same fingerprint."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([data.dataset.name, data.dataset.domain, list(data.splits)]).encode())
+    seq = data.sequences
+    arrays = [np.asarray(data.dataset.items.index, np.int64), seq.user_ids, seq.offsets, seq.items, seq.timestamps]
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
+    digest.update(np.ascontiguousarray(seq.ratings, dtype="<f4").tobytes())
+    for name, split in data.splits.items():
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(split.user_index, dtype="<i8").tobytes())
+        digest.update(np.ascontiguousarray(split.pos, dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------ on disk
 
+DATA_FILES = ("train.parquet", "valid.parquet", "test.parquet", "sequences.parquet", "items.parquet", "users.parquet")
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path, exclusive: bool):
+    """``flock`` on the folder itself (no lock file is left behind); a no-op where flock is unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no locking
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_temp(out: Path, name: str, write) -> Path:
+    """Write one file under a temporary name in ``out`` (``write(path)``), fsync it; return the temp path."""
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename one written file into place (a separate function so tests can inject a failure between files)."""
+    os.replace(tmp, final)
 
 
 def _split_table(split: CTRSplit):
@@ -269,67 +367,160 @@ def _split_table(split: CTRSplit):
 
 
 def save_prepared(data: CTRData, out_dir) -> Path:
-    """Write {train,valid,test}.parquet, sequences/items/users parquet and meta.json (last), each atomically.
+    """Write {train,valid,test}.parquet, sequences/items/users parquet and meta.json as one unit.
 
     The split files carry the contracted columns (user_id, item_id, rating, label, timestamp, history) plus
     user_index and pos; ``sequences.parquet`` holds the packed user sequences so that :func:`load_prepared`
-    rebuilds the exact same CTRData.
+    rebuilds the exact same CTRData. How the folder stays one unit: see the module docstring.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    empty = [k for k, s in data.splits.items() if len(s) == 0]
+    if empty:
+        raise EmptySplitError(f"{data.dataset.name}: refusing to write empty split(s) {empty} to {out_dir}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name, split in data.splits.items():
-        table = _split_table(split)
-        _atomic_write(out / f"{name}.parquet", lambda p, t=table: pq.write_table(t, p))
     seq = data.sequences
-    lengths = seq.lengths()
     seq_table = pa.table(
         {
-            "user_id": pa.array(np.repeat(seq.user_ids, lengths), pa.int64()),
+            "user_id": pa.array(np.repeat(seq.user_ids, seq.lengths()), pa.int64()),
             "item_id": pa.array(seq.items, pa.int64()),
             "rating": pa.array(seq.ratings, pa.float32()),
             "timestamp": pa.array(seq.timestamps, pa.int64()),
         }
     )
-    _atomic_write(out / "sequences.parquet", lambda p: pq.write_table(seq_table, p))
-    _atomic_write(out / "items.parquet", lambda p: data.dataset.items.to_parquet(p))
+    writers = {f"{name}.parquet": (lambda p, t=_split_table(split): pq.write_table(t, p), len(split))
+               for name, split in data.splits.items()}  # fmt: skip
+    writers["sequences.parquet"] = (lambda p: pq.write_table(seq_table, p), len(seq.items))
+    writers["items.parquet"] = (lambda p: data.dataset.items.to_parquet(p), len(data.dataset.items))
     if data.dataset.users is not None:
-        _atomic_write(out / "users.parquet", lambda p: data.dataset.users.to_parquet(p))
-    elif (out / "users.parquet").exists():
-        os.unlink(out / "users.parquet")
-    meta = dict(data.meta, format_version=1)
-    _atomic_write(out / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+        writers["users.parquet"] = (lambda p: data.dataset.users.to_parquet(p), len(data.dataset.users))
+    with _folder_lock(out, exclusive=True):
+        # temp files of a writer that was killed (none is alive: we hold the lock)
+        for stale in out.glob(".*.tmp"):
+            if any(stale.name.startswith(f".{n}.") for n in (*DATA_FILES, "meta.json")):
+                stale.unlink(missing_ok=True)
+        temps, manifest = {}, {}
+        try:
+            for name, (write, rows) in writers.items():
+                temps[name] = _write_temp(out, name, write)
+                # the hash of the bytes this process wrote, taken before they are published
+                manifest[name] = {"bytes": temps[name].stat().st_size, "sha256": _file_sha256(temps[name]), "rows": rows}
+            meta = dict(data.meta, format_version=FORMAT_VERSION,
+                        manifest={"files": manifest, "fingerprint": ctr_fingerprint(data)})  # fmt: skip
+            meta_tmp = _write_temp(out, "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+            temps["meta.json"] = meta_tmp
+            # from here until meta.json is back, the folder reads as incomplete
+            (out / "meta.json").unlink(missing_ok=True)
+            _fsync_dir(out)
+            for name in writers:
+                _publish(temps[name], out / name)
+                del temps[name]
+            if "users.parquet" not in writers:
+                (out / "users.parquet").unlink(missing_ok=True)
+            _publish(temps["meta.json"], out / "meta.json")
+            del temps["meta.json"]
+            _fsync_dir(out)
+        finally:
+            for tmp in temps.values():
+                tmp.unlink(missing_ok=True)
     return out
 
 
+def _check_manifest(out: Path, meta: dict) -> dict:
+    """Every file of the manifest is there with its size and sha256; returns the manifest's file table."""
+    files = meta["manifest"]["files"]
+    for name, entry in files.items():
+        path = out / name
+        if not path.exists():
+            raise PreparedDataError(f"{path}: missing, but {out / 'meta.json'} lists it; rerun `rellax-fast prepare --out {out}`")
+        size = path.stat().st_size
+        if size != entry["bytes"] or _file_sha256(path) != entry["sha256"]:
+            raise PreparedDataError(
+                f"{path}: does not match the manifest in {out / 'meta.json'} ({size} bytes, manifest {entry['bytes']}; "
+                f"sha256 differs): the folder was modified, or mixed by an interrupted or concurrent `prepare`; "
+                f"rerun `rellax-fast prepare --out {out}`"
+            )
+    return files
+
+
+def _check_split(out: Path, name: str, table, seq: UserSequences, expected_rows) -> None:
+    """The split's rows (a DataFrame) point into the sequences and agree with them (catches a split from other
+    data: the sequences of another `prepare`)."""
+    path = out / f"{name}.parquet"
+    ui, pos = table["user_index"].to_numpy(np.int64), table["pos"].to_numpy(np.int64)
+    if expected_rows is not None and len(ui) != expected_rows:
+        raise PreparedDataError(f"{path}: {len(ui)} rows, {out / 'meta.json'} says {expected_rows}")
+    if len(ui) == 0:
+        raise PreparedDataError(f"{path}: the split is empty; rerun `rellax-fast prepare --out {out}`")
+    lengths = seq.lengths()
+    bad = (ui < 0) | (ui >= len(seq)) | (pos < 0)
+    bad[~bad] |= pos[~bad] >= lengths[ui[~bad]]
+    flat = seq.offsets[np.clip(ui, 0, len(seq) - 1)] + np.where(bad, 0, pos)
+    flat = np.clip(flat, 0, max(len(seq.items) - 1, 0))
+    bad |= table["item_id"].to_numpy(np.int64) != seq.items[flat]
+    bad |= table["user_id"].to_numpy(np.int64) != seq.user_ids[np.clip(ui, 0, len(seq) - 1)]
+    if bad.any():
+        raise PreparedDataError(
+            f"{path}: {int(bad.sum())} of {len(ui)} samples do not match sequences.parquet (user/position out of "
+            f"range or a different target item): the files come from different `prepare` runs; "
+            f"rerun `rellax-fast prepare --out {out}`"
+        )
+
+
 def load_prepared(out_dir) -> CTRData:
-    """Read what :func:`save_prepared` wrote. ``dataset.ratings`` holds the ratings kept in the sequences."""
+    """Read what :func:`save_prepared` wrote, checked. ``dataset.ratings`` holds the ratings kept in the sequences.
+
+    Raises :class:`PreparedDataError` when meta.json is missing next to data files (an interrupted write), when
+    a file does not match the manifest, or when a split does not agree with the sequences.
+    """
     import pyarrow.parquet as pq
 
     out = Path(out_dir)
     meta_path = out / "meta.json"
-    if not meta_path.exists():
+    if not out.is_dir():
         raise FileNotFoundError(f"{meta_path}: not found; run `rellax-fast prepare --out {out}` first")
-    meta = json.loads(meta_path.read_text())
-    seq_df = pq.read_table(out / "sequences.parquet").to_pandas()
-    # The rows are already packed by user in sequence order; recover the offsets.
-    users = seq_df["user_id"].to_numpy(np.int64)
-    user_ids, starts = np.unique(users, return_index=True)
-    if not np.all(np.diff(users) >= 0):
-        raise ValueError(f"{out / 'sequences.parquet'}: rows are not grouped by ascending user_id")
-    seq = UserSequences(
-        user_ids, np.append(starts, len(users)).astype(np.int64), seq_df["item_id"].to_numpy(np.int64),
-        seq_df["rating"].to_numpy(np.float32), seq_df["timestamp"].to_numpy(np.int64),
-    )  # fmt: skip
-    items = pd.read_parquet(out / "items.parquet")
-    if "genres" in items:
-        items["genres"] = [list(g) for g in items["genres"]]
-    users_df = pd.read_parquet(out / "users.parquet") if (out / "users.parquet").exists() else None
-    ds = RecDataset(meta["dataset"], meta["domain"], seq_df, items, users_df)
-    splits = {}
-    for name in SPLITS:
-        t = pq.read_table(out / f"{name}.parquet", columns=["user_index", "pos"]).to_pandas()
-        splits[name] = _make_split(seq, t["user_index"].to_numpy(np.int64), t["pos"].to_numpy(np.int64), ds.domain)
+    with _folder_lock(out, exclusive=False):
+        if not meta_path.exists():
+            present = [n for n in DATA_FILES if (out / n).exists()]
+            if present:
+                raise PreparedDataError(
+                    f"{meta_path}: missing while {', '.join(present)} exist: a `prepare` into {out} was interrupted "
+                    f"(or is running); rerun `rellax-fast prepare --out {out}`"
+                )
+            raise FileNotFoundError(f"{meta_path}: not found; run `rellax-fast prepare --out {out}` first")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise PreparedDataError(f"{meta_path}: unreadable ({exc}); rerun `rellax-fast prepare --out {out}`") from exc
+        files = None
+        if "manifest" in meta:
+            files = _check_manifest(out, meta)
+        else:
+            logger.warning("%s has no manifest (written by an older rellax-fast): its files cannot be verified; "
+                           "rerun `rellax-fast prepare --out %s`", meta_path, out)  # fmt: skip
+        seq_df = pq.read_table(out / "sequences.parquet").to_pandas()
+        # The rows are already packed by user in sequence order; recover the offsets.
+        users = seq_df["user_id"].to_numpy(np.int64)
+        if not np.all(np.diff(users) >= 0):
+            raise PreparedDataError(f"{out / 'sequences.parquet'}: rows are not grouped by ascending user_id")
+        user_ids, starts = np.unique(users, return_index=True)
+        seq = UserSequences(
+            user_ids, np.append(starts, len(users)).astype(np.int64), seq_df["item_id"].to_numpy(np.int64),
+            seq_df["rating"].to_numpy(np.float32), seq_df["timestamp"].to_numpy(np.int64),
+        )  # fmt: skip
+        if meta.get("n_sequence_ratings", len(users)) != len(users):
+            raise PreparedDataError(f"{out / 'sequences.parquet'}: {len(users)} rows, {meta_path} says {meta['n_sequence_ratings']}")
+        items = pd.read_parquet(out / "items.parquet")
+        if "genres" in items:
+            items["genres"] = [list(g) for g in items["genres"]]
+        has_users = "users.parquet" in files if files is not None else (out / "users.parquet").exists()
+        users_df = pd.read_parquet(out / "users.parquet") if has_users else None
+        ds = RecDataset(meta["dataset"], meta["domain"], seq_df, items, users_df)
+        splits = {}
+        for name in SPLITS:
+            t = pq.read_table(out / f"{name}.parquet", columns=["user_index", "pos", "user_id", "item_id"]).to_pandas()
+            _check_split(out, name, t, seq, meta.get("splits", {}).get(name, {}).get("n"))
+            splits[name] = _make_split(seq, t["user_index"].to_numpy(np.int64), t["pos"].to_numpy(np.int64), ds.domain)
     return CTRData(ds, seq, splits, meta)
