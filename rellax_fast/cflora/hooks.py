@@ -104,7 +104,7 @@ def enable_cflora_cond_kwarg(model: nn.Module) -> nn.Module:
     original = root.__dict__.get("generate")  # an instance-level generate someone installed before us
     if callable(getattr(root, "generate", None)):
         # a partial, not a closure: deepcopy / pickle of the model carry it over bound to the copy
-        root.generate = functools.partial(_generate_with_cond, root, getattr(root, "generate"))
+        root.generate = functools.partial(_generate_with_cond, root, root.generate)
         state["generate"] = original
     object.__setattr__(root, _STATE, state)
     return model
