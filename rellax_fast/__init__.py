@@ -22,6 +22,9 @@ _LAZY = {
     "set_cflora_backend": "rellax_fast.cflora",
     "load_peft_lora": "rellax_fast.cflora",
     "export_peft_lora": "rellax_fast.cflora",
+    "enable_cflora_cond_kwarg": "rellax_fast.cflora",
+    "apply_cflora": "rellax_fast.cflora",
+    "revert_cflora": "rellax_fast.cflora",
     "cflora_linear": "rellax_fast.ops",
     "semantic_topk": "rellax_fast.ops",
 }

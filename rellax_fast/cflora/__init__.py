@@ -11,6 +11,7 @@ Typical use (any Hugging Face model)::
 """
 
 from .config import INTERACTIONS, CFLoRAConfig
+from .hooks import disable_cflora_cond_kwarg, enable_cflora_cond_kwarg
 from .interaction import (
     FullInteraction,
     InteractionGenerator,
@@ -32,6 +33,7 @@ from .model import (
     set_cflora_backend,
     unmerge_cflora,
 )
+from .patch import apply_cflora, cflora_patched_modules, revert_cflora
 from .persistence import cflora_state_dict, export_peft_lora, load_cflora, load_peft_lora, save_cflora
 
 __all__ = [
@@ -59,4 +61,9 @@ __all__ = [
     "cflora_state_dict",
     "load_peft_lora",
     "export_peft_lora",
+    "enable_cflora_cond_kwarg",
+    "disable_cflora_cond_kwarg",
+    "apply_cflora",
+    "revert_cflora",
+    "cflora_patched_modules",
 ]
