@@ -12,6 +12,7 @@
 #   sanitizer     compute-sanitizer --tool memcheck on scripts/sanitizer_smoke.py (cflora, topk, dropout)
 #   bench-cflora  rellax-fast bench cflora --size gpu
 #   bench-topk    rellax-fast bench topk --size gpu
+#   pytest-bench  pytest benchmarks --benchmark-only --bench-size gpu (pytest-benchmark; JSON in $OUT/pytest_benchmark.json)
 #   bench-e2e     rellax-fast bench e2e --size 1b (set RELLAX_BENCH_EVAL_RUN=<run folder of `rellax-fast train`>
 #                 to add the CTR scoring throughput of `rellax-fast eval` on that run)
 #   benchmarks    the BENCHMARKS.md section (card, versions, date, command, tables) -> $OUT/BENCHMARKS_section.md,
@@ -39,7 +40,7 @@ DRY_RUN="${DRY_RUN:-0}"
 BUDGET_S="${BUDGET_S:-465}"
 RESERVE_S=10           # kept back for the benchmarks section and the summary
 MIN_STEP_S=15          # a step is skipped when less than this is left
-ALL_STEPS="env,build,install,info,test-cuda,test-triton,sanitizer,bench-cflora,bench-topk,bench-e2e,benchmarks"
+ALL_STEPS="env,build,install,info,test-cuda,test-triton,sanitizer,bench-cflora,bench-topk,pytest-bench,bench-e2e,benchmarks"
 STEPS="${STEPS:-$ALL_STEPS}"
 PIP_INSTALL="${PIP_INSTALL:-0}"
 APPEND_BENCHMARKS="${APPEND_BENCHMARKS:-0}"
@@ -182,6 +183,8 @@ run_step sanitizer 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" "${SAN_
 
 run_step bench-cflora 90 "${RF[@]}" bench cflora --size gpu "${BENCH_COMMON[@]}"
 run_step bench-topk 90 "${RF[@]}" bench topk --size gpu "${BENCH_COMMON[@]}"
+run_step pytest-bench 120 "$PY" -m pytest benchmarks --benchmark-only --bench-size gpu --bench-device cuda -q \
+    -p no:cacheprovider -k "not train_step" --benchmark-json="$OUT_DIR/pytest_benchmark.json"
 run_step bench-e2e 200 "${RF[@]}" bench e2e --size 1b "${BENCH_COMMON[@]}"
 
 BENCH_COMMAND="bash scripts/gpu_check.sh (rellax-fast bench cflora --size gpu; rellax-fast bench topk --size gpu; rellax-fast bench e2e --size 1b; each with --warmup $BENCH_WARMUP --repeat $BENCH_REPEAT)"
