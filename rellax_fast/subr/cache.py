@@ -1,16 +1,21 @@
 """On-disk cache of item embeddings: keyed, atomic, self-checking.
 
-One cache entry is two files in the cache folder, named after the dataset and the encoder:
+One cache entry is two files in the cache folder, named after the dataset, the encoder and a short hash of
+the options (so entries for other options live side by side instead of overwriting each other):
 
-- ``<dataset>__<encoder>.npy``: the (n_items, d) float32 array (``np.save``);
-- ``<dataset>__<encoder>.json``: metadata: the full key, shape, dtype, the sha256 and size of the array
-  file, and the item ids (row i of the array embeds item ``item_ids[i]``).
+- ``<dataset>__<encoder>__<kind>__<options>.npy``: the (n_items, d) float32 array (``np.save``);
+- ``<dataset>__<encoder>__<kind>__<options>.json``: metadata: the full key, shape, dtype, the sha256 and
+  size of the array file, and the item ids (row i of the array embeds item ``item_ids[i]``).
 
-The key holds the dataset, the encoder identity (kind, name/path, config hash from
-:mod:`rellax_fast.subr.encoders`), the options (PCA dims, normalisation), the text template version and
-hashes of the item set and of the item texts. Both files are written to a temporary file in the same
-folder and moved into place with ``os.replace``, the array first: a crash leaves either the old complete
-entry or an entry whose checksum no longer matches, never a half-written file under the real name.
+The key holds everything that changes the array: the dataset, the encoder identity (kind, name/path,
+config hash of its files and encoding options from :mod:`rellax_fast.subr.encoders`), the post-processing
+(PCA dims and how PCA is computed, with the scikit-learn version; normalisation and its epsilon), the text
+template version and hashes of the item set and of the item texts. Both files are written to a temporary
+file in the same folder and moved into place with ``os.replace``, the array first; the checksum in the
+metadata is of the bytes this process wrote, taken before the rename, so metadata never vouches for an
+array another process put there. A crash or a concurrent writer leaves either a complete entry or one whose
+checksum no longer matches (rebuilt), never a half-written file under the real name. On a hit the array is
+read once, and the bytes that are hashed are the bytes that are loaded.
 
 :func:`cached_item_embeddings` loads an entry when it matches, and otherwise (re)builds it, logging why:
 ``missing``, ``stale`` (the key differs: other options, encoder, templates or items) or ``corrupt``
@@ -20,6 +25,7 @@ entry or an entry whose checksum no longer matches, never a half-written file un
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
@@ -35,7 +41,11 @@ from .text import TEMPLATE_VERSION
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: post-processing descriptor in the key, options hash in the file name
+
+# How :func:`rellax_fast.subr.encoders.postprocess` turns encoder outputs into the cached array; a change
+# there must change this (and so every key).
+POSTPROCESS = {"pca": "sklearn.decomposition.PCA(svd_solver='full', random_state=0)", "normalize": "l2, eps 1e-12"}
 
 
 @dataclass
@@ -81,12 +91,18 @@ def cache_key(
     """The dict that identifies one cache entry (compared field by field on load)."""
     if len(item_ids) != len(texts):
         raise ValueError(f"item_ids and texts must have the same length; got {len(item_ids)} and {len(texts)}")
+    postprocess = dict(POSTPROCESS)
+    if pca_dims is not None:
+        import sklearn
+
+        postprocess["sklearn"] = sklearn.__version__
     key = {
         "format": CACHE_FORMAT,
         "dataset": str(dataset),
         "encoder": {k: encoder_identity.get(k) for k in ("kind", "name", "path", "config_hash")},
         "pca_dims": None if pca_dims is None else int(pca_dims),
         "normalize": bool(normalize),
+        "postprocess": postprocess,
         "template_version": str(template_version),
         "n_items": len(item_ids),
         "item_set_hash": _sha256_text(_json_ids(item_ids)),
@@ -99,11 +115,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "encoder"
 
 
-def cache_paths(cache_dir, dataset: str, encoder_identity: Dict[str, Any]) -> Tuple[Path, Path]:
-    """(array path, metadata path) of the entry for this dataset and encoder."""
+def options_tag(key: Dict[str, Any]) -> str:
+    """8 hex digits naming the key's options (everything but the item set and texts, which a rebuild follows)."""
+    options = {k: v for k, v in key.items() if k not in ("n_items", "item_set_hash", "texts_hash")}
+    return _sha256_text(options)[:8]
+
+
+def cache_paths(
+    cache_dir, dataset: str, encoder_identity: Dict[str, Any], *, pca_dims: Optional[int] = None, normalize: bool = True
+) -> Tuple[Path, Path]:
+    """(array path, metadata path) of the entry for this dataset, encoder and options."""
     name = Path(str(encoder_identity.get("name") or "encoder")).name
     kind = {"sentence-transformers": "st", "hf-lm": "lm"}.get(encoder_identity.get("kind"), "enc")
-    stem = f"{_slug(dataset)}__{_slug(name)}__{kind}"
+    tag = options_tag(cache_key(dataset, encoder_identity, [], [], pca_dims=pca_dims, normalize=normalize))
+    stem = f"{_slug(dataset)}__{_slug(name)}__{kind}__{tag}"
     root = Path(cache_dir)
     return root / f"{stem}.npy", root / f"{stem}.json"
 
@@ -116,21 +141,26 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-
-
 def save_entry(array_path: Path, meta_path: Path, key: Dict[str, Any], embeddings: np.ndarray, item_ids) -> Dict:
-    """Write one entry atomically (array first, then the metadata that vouches for it); return the metadata."""
+    """Write one entry atomically (array first, then the metadata that vouches for it); return the metadata.
+
+    The checksum and size are of the bytes serialised here, before the rename: never of whatever file sits
+    at ``array_path`` afterwards (another process may have replaced it in between).
+    """
     emb = np.ascontiguousarray(embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(item_ids):
         raise ValueError(f"embeddings must be (n_items={len(item_ids)}, d); got shape {emb.shape}")
-    atomic_write(Path(array_path), lambda fh: np.save(fh, emb, allow_pickle=False))
+    buffer = io.BytesIO()
+    np.save(buffer, emb, allow_pickle=False)
+    payload_array = buffer.getvalue()
+    atomic_write(Path(array_path), lambda fh: fh.write(payload_array))
     meta = {
         "key": key,
         "file": Path(array_path).name,
         "shape": list(emb.shape),
         "dtype": str(emb.dtype),
-        "sha256": _file_sha256(Path(array_path)),
-        "bytes": Path(array_path).stat().st_size,
+        "sha256": hashlib.sha256(payload_array).hexdigest(),
+        "bytes": len(payload_array),
         "item_ids": _json_ids(item_ids),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -161,16 +191,16 @@ def check_entry(
     if stored_key != key:
         changed = sorted(k for k in set(key) | set(stored_key) if key.get(k) != stored_key.get(k))
         return "stale", f"key differs in {', '.join(changed)}", None, None
-    if not array_path.exists():
+    try:
+        raw = array_path.read_bytes()  # read once: the bytes hashed are the bytes loaded
+    except FileNotFoundError:
         return "corrupt", f"array file {array_path.name} is missing", None, None
-    actual_size = array_path.stat().st_size
-    if actual_size != size:
-        return "corrupt", f"array file has {actual_size} bytes, metadata says {size} (truncated?)", None, None
-    actual_sha = _file_sha256(array_path)
-    if actual_sha != sha:
+    if len(raw) != size:
+        return "corrupt", f"array file has {len(raw)} bytes, metadata says {size} (truncated?)", None, None
+    if hashlib.sha256(raw).hexdigest() != sha:
         return "corrupt", "array file checksum does not match its metadata", None, None
     try:
-        emb = np.load(array_path, allow_pickle=False)
+        emb = np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         return "corrupt", f"array file is unreadable ({exc})", None, None
     if emb.shape != shape or str(emb.dtype) != dtype or len(stored_ids) != shape[0]:
@@ -217,7 +247,7 @@ def cached_item_embeddings(
         # checked before encoding (postprocess checks the full bound, min(n_items, d), afterwards)
         raise ValueError(f"pca_dims must be in [1, n_items={len(item_ids)}]; got {pca_dims}")
     key = cache_key(dataset, identity, item_ids, texts, pca_dims=pca_dims, normalize=normalize)
-    array_path, meta_path = cache_paths(cache_dir, dataset, identity)
+    array_path, meta_path = cache_paths(cache_dir, dataset, identity, pca_dims=pca_dims, normalize=normalize)
 
     start = time.perf_counter()
     if rebuild:
@@ -233,6 +263,13 @@ def cached_item_embeddings(
         logger.info("embedding cache %s: %s; encoding %d items", array_path, reason, len(texts))
     if encoder is None:
         encoder = encoder_factory()
+        built = {k: encoder.identity().get(k) for k in ("kind", "name", "path", "config_hash")}
+        if built != {k: identity.get(k) for k in built}:  # the identity given for the lookup must describe the encoder that was built
+            logger.warning("embedding cache: the encoder built reports identity %s, not the %s it was looked up "
+                           "by; keying the entry by the encoder's own", built, identity)  # fmt: skip
+            identity = built
+            key = cache_key(dataset, identity, item_ids, texts, pca_dims=pca_dims, normalize=normalize)
+            array_path, meta_path = cache_paths(cache_dir, dataset, identity, pca_dims=pca_dims, normalize=normalize)
     emb = encode_texts(encoder, texts, pca_dims=pca_dims, normalize=normalize, show_progress=show_progress)
     save_entry(array_path, meta_path, key, emb, item_ids)
     status = {"missing": "built", "stale": "rebuilt-stale", "corrupt": "rebuilt-corrupt", "forced": "rebuilt-forced"}

@@ -70,25 +70,36 @@ def test_hit_never_calls_the_factory_when_identity_is_given(tmp_path):
 
 @pytest.mark.parametrize(
     "change",
-    [
-        dict(pca_dims=3),
-        dict(normalize=False),
-        dict(texts=[t + "!" for t in TEXTS]),
-        dict(ids=IDS[::-1]),
-        dict(enc=CountingEncoder(salt=1)),
-    ],
-    ids=["pca", "normalize", "texts", "item-set", "encoder-config"],
+    [dict(texts=[t + "!" for t in TEXTS]), dict(ids=IDS[::-1])],
+    ids=["texts", "item-set"],
 )
 def test_stale_key_is_detected_and_rebuilt(tmp_path, caplog, change):
-    _get(tmp_path, CountingEncoder())
-    enc = change.pop("enc", CountingEncoder())
+    first = _get(tmp_path, CountingEncoder())
+    enc = CountingEncoder()
     with caplog.at_level(logging.WARNING, logger="rellax_fast.subr.cache"):
         res = _get(tmp_path, enc, **change)
-    assert res.status == "rebuilt-stale" and enc.calls == 1
+    assert res.status == "rebuilt-stale" and enc.calls == 1 and res.path == first.path
     assert "stale" in caplog.text and "rebuilding" in caplog.text
-    if "pca_dims" in change:
-        assert res.embeddings.shape == (7, 3)
     assert _get(tmp_path, enc, **change).status == "hit"  # the rebuilt entry is valid
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(pca_dims=3), dict(normalize=False), dict(enc=CountingEncoder(salt=1))],
+    ids=["pca", "normalize", "encoder-config"],
+)
+def test_other_options_get_their_own_entry(tmp_path, change):
+    """Options that change the array are in the key and in the file name: both entries stay valid side by side."""
+    first = _get(tmp_path, CountingEncoder())
+    enc = change.pop("enc", CountingEncoder())
+    res = _get(tmp_path, enc, **change)
+    assert res.status == "built" and enc.calls == 1 and res.path != first.path
+    if "pca_dims" in change:
+        assert res.embeddings.shape == (7, 3) and res.key["postprocess"]["sklearn"]
+    assert not np.array_equal(res.embeddings, first.embeddings)
+    again = CountingEncoder(salt=enc.salt)
+    assert _get(tmp_path, again, **change).status == "hit" and _get(tmp_path, again).status == "hit"
+    assert again.calls == 0
 
 
 def _corrupt_truncate(npy, meta):
@@ -144,6 +155,7 @@ def _corrupt_nan(npy, meta):
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, caplog, corrupt, reason):
     first = _get(tmp_path, CountingEncoder())
     npy, meta = cache_paths(tmp_path, "toy", CountingEncoder().identity())
+    assert npy.name.startswith("toy__counting__st__")
     assert npy == first.path
     corrupt(npy, meta)
     enc = CountingEncoder()
@@ -169,11 +181,44 @@ def test_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache_mod.np, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        _get(tmp_path, CountingEncoder(), pca_dims=2)  # stale -> rebuild -> crash mid-write
+        _get(tmp_path, CountingEncoder(), rebuild=True)  # rebuild -> crash mid-write
     monkeypatch.undo()
     assert first.path.read_bytes() == before  # the old entry is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["toy__counting__st.json", "toy__counting__st.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.path.with_suffix(".json").name, first.path.name]
     assert _get(tmp_path, CountingEncoder()).status == "hit"
+
+
+def test_metadata_vouches_only_for_the_bytes_this_process_wrote(tmp_path, monkeypatch):
+    """Another process replaces the array between our rename and our metadata write: the metadata must not
+    take that array's checksum, so the entry reads as corrupt (rebuilt), never as a hit on the other array."""
+    real_write = cache_mod.atomic_write
+    other = np.full((7, 6), 0.5, np.float32)
+
+    def racing_write(path, writer):
+        real_write(path, writer)
+        if path.suffix == ".npy":  # the other writer wins the array right after our rename
+            np.save(path, other, allow_pickle=False)
+
+    monkeypatch.setattr(cache_mod, "atomic_write", racing_write)
+    built = _get(tmp_path, CountingEncoder())
+    monkeypatch.undo()
+    enc = CountingEncoder()
+    res = _get(tmp_path, enc)
+    assert res.status == "rebuilt-corrupt" and "checksum" in res.reason and enc.calls == 1
+    np.testing.assert_array_equal(res.embeddings, built.embeddings)
+
+
+def test_identity_that_does_not_match_the_built_encoder_is_not_trusted(tmp_path, caplog):
+    enc = CountingEncoder(salt=2)
+    wrong = CountingEncoder(salt=0).identity()
+    with caplog.at_level(logging.WARNING, logger="rellax_fast.subr.cache"):
+        res = cached_item_embeddings(tmp_path, "toy", IDS, TEXTS, encoder_factory=lambda: enc, identity=wrong,
+                                     show_progress=False)  # fmt: skip
+    assert res.status == "built" and "keying the entry by the encoder's own" in caplog.text
+    assert res.key["encoder"]["config_hash"] == enc.identity()["config_hash"]
+    # the entry is found under the true identity, not under the wrong one
+    assert _get(tmp_path, CountingEncoder(salt=2)).status == "hit"
+    assert _get(tmp_path, CountingEncoder(salt=0)).status == "built"
 
 
 def test_forced_rebuild_and_argument_errors(tmp_path):

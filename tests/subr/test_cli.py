@@ -49,10 +49,11 @@ def test_embed_builds_hits_and_rebuilds_on_option_change(tiny_lm_dir, tmp_path, 
     assert "cache     hit" in capsys.readouterr().out
     assert _run_cli(["embed", *common, "--pca", 4]) == 0
     out = capsys.readouterr().out
-    assert "cache     rebuilt-stale (key differs in pca_dims)" in out and "1700 x 4" in out
-    entry = next((tmp_path / "embeddings").glob("synthetic__*.npy"))
-    meta = json.loads(entry.with_suffix(".json").read_text())
-    assert meta["key"]["encoder"]["kind"] == "hf-lm" and meta["shape"] == [1700, 4]
+    assert "cache     built" in out and "1700 x 4" in out  # other options: an entry of their own
+    assert _run_cli(["embed", *common, "--pca", 8]) == 0  # the --pca 8 entry was kept
+    assert "cache     hit" in capsys.readouterr().out
+    metas = [json.loads(p.read_text()) for p in (tmp_path / "embeddings").glob("synthetic__*.json")]
+    assert sorted(m["shape"][1] for m in metas) == [4, 8] and all(m["key"]["encoder"]["kind"] == "hf-lm" for m in metas)
     assert _run_cli(["embed", *common, "--pca", 5000]) == 1  # clear error, no traceback
     assert "pca_dims must be in [1, n_items=1700]" in capsys.readouterr().err
 
