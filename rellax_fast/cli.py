@@ -121,6 +121,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
+    if getattr(args, "out", None) is not None:  # every command writes into --out: it must be a folder
+        from rellax_fast._io import check_out_dir
+
+        try:
+            check_out_dir(args.out)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

