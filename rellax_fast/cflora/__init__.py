@@ -5,9 +5,13 @@ Typical use (any Hugging Face model)::
     from rellax_fast import CFLoRAConfig, inject_cflora, cflora_condition
     inject_cflora(model, CFLoRAConfig(r=8, alpha=16, interaction="full", cond_dim=64,
                                       target_modules=["q_proj", "v_proj"]))
+    print_trainable_parameters(model)
     with cflora_condition(model, cond):          # cond: (batch, 64)
         loss = model(**batch).loss
     loss.backward()
+    save_cflora(model, "adapter")                # load_cflora(fresh_model, "adapter") restores it
+    with disable_adapter(model):                 # the base model, exactly
+        base_logits = model(**batch).logits
 """
 
 from .config import INTERACTIONS, CFLoRAConfig
@@ -24,17 +28,30 @@ from .layers import CFLoRALinear
 from .model import (
     cflora_checkpoint_context_fn,
     cflora_condition,
+    cflora_enabled,
     cflora_layers,
     cflora_trainable_parameters,
     clear_cflora_condition,
+    disable_adapter,
     get_cflora_config,
     inject_cflora,
+    merge_and_unload,
     merge_cflora,
+    print_trainable_parameters,
     set_cflora_backend,
+    set_cflora_enabled,
+    unload,
     unmerge_cflora,
 )
 from .patch import apply_cflora, cflora_patched_modules, revert_cflora
-from .persistence import cflora_state_dict, export_peft_lora, load_cflora, load_peft_lora, save_cflora
+from .persistence import (
+    AdapterFileError,
+    cflora_state_dict,
+    export_peft_lora,
+    load_cflora,
+    load_peft_lora,
+    save_cflora,
+)
 
 __all__ = [
     "INTERACTIONS",
@@ -56,6 +73,13 @@ __all__ = [
     "set_cflora_backend",
     "merge_cflora",
     "unmerge_cflora",
+    "merge_and_unload",
+    "unload",
+    "disable_adapter",
+    "cflora_enabled",
+    "set_cflora_enabled",
+    "print_trainable_parameters",
+    "AdapterFileError",
     "save_cflora",
     "load_cflora",
     "cflora_state_dict",

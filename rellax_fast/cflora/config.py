@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -19,18 +20,57 @@ INTERACTIONS = ("identity", "static", "full", "moe", "recrank1")
 CONDITIONED_INTERACTIONS = ("full", "moe", "recrank1")
 LORA_INITS = ("kaiming", "gaussian", "random")
 BACKEND_CHOICES = (None, "auto", "reference", "cpp", "cuda", "triton")
+# target_modules value meaning every nn.Linear / Conv1D except the output head (PEFT's "all-linear")
+ALL_LINEAR = "all-linear"
+# the "format" tag of a saved config: version 2 adds exclude_modules, rank/alpha_pattern, modules_to_save and
+# the adapter's content hash; version 1 files (no hash) still load
+FORMAT_PREFIX = "rellax-fast-cflora/"
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# keys of the saved JSON that describe the file, not the config
+METADATA_KEYS = ("format", "content_sha256")
+
+
+class AdapterFileError(ValueError):
+    """A saved adapter or config file that cannot be read: truncated, corrupted, or of an unknown format."""
+
+
+def format_version(tag: Any, source: str = "the config") -> int:
+    """The version number of a ``"rellax-fast-cflora/<n>"`` tag; AdapterFileError for anything else."""
+    match = re.fullmatch(re.escape(FORMAT_PREFIX) + r"(\d+)", tag) if isinstance(tag, str) else None
+    if match is None or int(match.group(1)) not in SUPPORTED_FORMAT_VERSIONS:
+        supported = ", ".join(f"{FORMAT_PREFIX}{v}" for v in SUPPORTED_FORMAT_VERSIONS)
+        raise AdapterFileError(
+            f"{source} has format {tag!r}; this rellax-fast reads {supported} (a file from a newer rellax-fast, "
+            "or not a CFLoRA config?)"
+        )
+    return int(match.group(1))
+
+
+def _is_names_or_regex(value: Any) -> bool:
+    if isinstance(value, str):
+        return bool(value)
+    return isinstance(value, list) and bool(value) and all(isinstance(t, str) and t for t in value)
 
 
 @dataclass
 class CFLoRAConfig:
-    """Hyper-parameters of a CFLoRA adapter: ``y = x Wᵀ + b + (alpha/r)·((drop(x) Aᵀ) C_uᵀ) Bᵀ``.
+    r"""Hyper-parameters of a CFLoRA adapter: ``y = x Wᵀ + b + (alpha/r)·((drop(x) Aᵀ) C_uᵀ) Bᵀ``.
 
     Args:
         r: LoRA rank.
         alpha: scaling numerator; the LoRA path is scaled by ``alpha / r`` (as in PEFT without rsLoRA).
         dropout: dropout probability on the LoRA path's input (training mode only).
         target_modules: module-name suffixes (PEFT semantics: a module matches when its full name equals
-            an entry or ends with ``"." + entry``) or one regex string that must match the full name.
+            an entry or ends with ``"." + entry``), one regex string that must match the full name, or
+            ``"all-linear"``: every nn.Linear / Conv1D except the output head (``get_output_embeddings()``).
+        exclude_modules: modules never wrapped, even when target_modules matches them (suffixes or a regex,
+            as target_modules).
+        rank_pattern: per-module rank, ``{pattern: r}``; a pattern matches a module whose full name ends with
+            it (``re.match(rf"(.*\.)?({pattern})$", name)``, as PEFT); the first matching pattern wins.
+        alpha_pattern: per-module alpha, ``{pattern: alpha}``, matched as rank_pattern.
+        modules_to_save: modules (suffixes or a regex) that are trained and saved in full, e.g. a read-out
+            head; disable_adapter() swaps their original (frozen) copy back in.
         interaction: constraint on C: "identity" (C = I, plain LoRA), "static" (one learned r x r),
             "full" (dense r x r per sample from a generator), "moe" (block-diagonal, block e is
             ``n·g_e(u)·I``, gates g a softmax), "recrank1" (``n·(w wᵀ) ⊗ I_{r/n}``, w a softmax).
@@ -52,6 +92,10 @@ class CFLoRAConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: Union[List[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    exclude_modules: Optional[Union[List[str], str]] = None
+    rank_pattern: Dict[str, int] = field(default_factory=dict)
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)
+    modules_to_save: Optional[Union[List[str], str]] = None
     interaction: str = "identity"
     cond_dim: Optional[int] = None
     n_experts: int = 4
@@ -63,8 +107,10 @@ class CFLoRAConfig:
     backend: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            if isinstance(getattr(self, name), (tuple, set)):
+                setattr(self, name, sorted(getattr(self, name)) if isinstance(getattr(self, name), set)
+                        else list(getattr(self, name)))
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -84,6 +130,28 @@ class CFLoRAConfig:
                 "CFLoRAConfig.target_modules must be a non-empty list of module-name suffixes or a regex "
                 f"string; got {tm!r}"
             )
+        for name in ("exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if value is not None and not _is_names_or_regex(value):
+                raise ValueError(
+                    f"CFLoRAConfig.{name} must be None, a non-empty list of module-name suffixes or a regex "
+                    f"string; got {value!r}"
+                )
+        for name, kind in (("rank_pattern", "a positive int"), ("alpha_pattern", "a positive number")):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict):
+                raise ValueError(f"CFLoRAConfig.{name} must be a dict {{pattern: value}}; got {pattern!r}")
+            for key, value in pattern.items():
+                ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) if name == "rank_pattern" \
+                    else (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+                if not (isinstance(key, str) and key and ok):
+                    raise ValueError(
+                        f"CFLoRAConfig.{name} maps module-name patterns to {kind}; got {key!r}: {value!r}"
+                    )
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise ValueError(f"CFLoRAConfig.{name}: {key!r} is not a valid regex ({exc})") from None
         if self.interaction not in INTERACTIONS:
             raise ValueError(
                 f"CFLoRAConfig.interaction must be one of {', '.join(INTERACTIONS)}; got {self.interaction!r}"
@@ -126,6 +194,14 @@ class CFLoRAConfig:
     def needs_cond(self) -> bool:
         return self.interaction in CONDITIONED_INTERACTIONS
 
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """(r, alpha) of the module ``module_name`` after rank_pattern / alpha_pattern."""
+        r_key = pattern_key(self.rank_pattern, module_name)
+        a_key = pattern_key(self.alpha_pattern, module_name)
+        r = self.rank_pattern[r_key] if r_key is not None else self.r
+        alpha = self.alpha_pattern[a_key] if a_key is not None else self.alpha
+        return int(r), float(alpha)
+
     @property
     def hidden(self) -> int:
         return self.generator_hidden if self.generator_hidden is not None else 2 * self.r * self.r
@@ -136,14 +212,17 @@ class CFLoRAConfig:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> CFLoRAConfig:
+        """The config in ``data`` (a ``"format"`` tag, when present, must be a supported version)."""
+        if "format" in data:
+            format_version(data["format"])
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names - {"format"})
+        unknown = sorted(set(data) - names - set(METADATA_KEYS))
         if unknown:
             raise ValueError(f"CFLoRAConfig: unknown keys {unknown}; known keys are {sorted(names)}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_json(self) -> str:
-        return json.dumps({"format": "rellax-fast-cflora/1", **self.to_dict()}, indent=2, sort_keys=True)
+        return json.dumps({"format": f"{FORMAT_PREFIX}{FORMAT_VERSION}", **self.to_dict()}, indent=2, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> CFLoRAConfig:
@@ -155,6 +234,26 @@ class CFLoRAConfig:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> CFLoRAConfig:
-        with open(path, encoding="utf-8") as fh:
-            return cls.from_json(fh.read())
+        """Read a JSON config; AdapterFileError naming ``path`` when it is not valid JSON of a known format."""
+        return cls.from_dict(read_json(path))
+
+
+def read_json(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The JSON object in ``path``; AdapterFileError naming the file when it is truncated or not JSON."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFileError(f"{os.fspath(path)} is not valid JSON (truncated or corrupted?): {exc}") from exc
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{os.fspath(path)} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def pattern_key(patterns: Dict[str, Any], module_name: str) -> Optional[str]:
+    """The first key of ``patterns`` matching ``module_name`` as PEFT's rank_pattern does, or None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
 

@@ -9,12 +9,14 @@ Conditioning: :func:`rellax_fast.cflora.cflora_condition` puts one :class:`Condi
 of a model. The slot stays on the layers after the ``with`` block exits, marked inactive, so that the
 recomputation of gradient checkpointing (which runs inside ``backward()``, usually after the block has
 exited) sees the same cond; outside a backward pass an inactive slot is an error, never a silent
-identity. (For several conditioned forwards before one backward, ``cflora_checkpoint_context_fn``
-replays each forward's own slot during its recomputation.) The slot lives on the module instances (no global state), so DDP replicas are independent.
+identity. (For several conditioned forwards before one backward, Hugging Face gradient checkpointing replays
+each forward's own slot during its recomputation - ``cflora_condition`` wraps its checkpoint function - and
+``cflora_checkpoint_context_fn`` does the same for a direct ``torch.utils.checkpoint`` call.) The slot lives on the module instances (no global state), so DDP replicas are independent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -58,7 +60,8 @@ def _in_backward() -> bool:
 class CFLoRALinear(nn.Module):
     """``y = x Wᵀ + b + s·((drop(x) Aᵀ) C_uᵀ) Bᵀ`` around the frozen weight of the wrapped module."""
 
-    def __init__(self, base: nn.Module, config: CFLoRAConfig, name: str = ""):
+    def __init__(self, base: nn.Module, config: CFLoRAConfig, name: str = "", *, r: Optional[int] = None,
+                 alpha: Optional[float] = None):
         super().__init__()
         if not supported_base(base):
             raise TypeError(
@@ -71,7 +74,9 @@ class CFLoRALinear(nn.Module):
             self.nx, self.nf = d_in, d_out  # Conv1D's attribute names
         else:
             d_out, d_in = weight.shape
-        r = config.r
+        # per-layer rank / alpha (rank_pattern / alpha_pattern); the model-level config stays cflora_config
+        r = config.r if r is None else int(r)
+        alpha = config.alpha if alpha is None else float(alpha)
         if r > min(d_in, d_out):
             raise ValueError(
                 f"CFLoRA rank r={r} exceeds min(d_in, d_out)={min(d_in, d_out)} of {name or 'module'} "
@@ -81,11 +86,16 @@ class CFLoRALinear(nn.Module):
         self.layer_name = name
         self.cflora_config = config
         self.r = r
-        self.scale = config.scale
+        self.alpha = alpha
+        self.scale = alpha / r
         self.dropout_p = float(config.dropout)
         self.backend = config.backend
         self.merged = False
+        self.disabled = False  # set by disable_adapter(): the forward is the wrapped module's own
         self._cflora_slot: Optional[ConditionSlot] = None
+        # the wrapped module itself, kept unregistered (not in parameters() / state_dict()): its forward is the
+        # exact base output under disable_adapter(), and unload() puts it back in place
+        self.__dict__["_base_module"] = base
         # the wrapped module's own Parameters, under the same names
         self.weight = weight
         if base.bias is not None:
@@ -95,7 +105,13 @@ class CFLoRALinear(nn.Module):
         kw = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, d_in, **kw))
         self.lora_B = nn.Parameter(torch.empty(d_out, r, **kw))
-        self.interaction: Optional[InteractionGenerator] = build_interaction(config, **kw)
+        layer_config = config
+        if (r, alpha) != (config.r, config.alpha):
+            try:
+                layer_config = dataclasses.replace(config, r=r, alpha=alpha)
+            except ValueError as exc:
+                raise ValueError(f"CFLoRA layer {name or '?'} (r={r}, alpha={alpha:g}): {exc}") from None
+        self.interaction: Optional[InteractionGenerator] = build_interaction(layer_config, **kw)
         self.reset_lora_parameters(config.init_lora)
 
     # ------------------------------------------------------------------ init
@@ -115,6 +131,15 @@ class CFLoRALinear(nn.Module):
     @property
     def needs_cond(self) -> bool:
         return self.interaction is not None and self.interaction.needs_cond
+
+    def base_module(self) -> nn.Module:
+        """The wrapped ``nn.Linear`` / ``Conv1D``, holding this layer's current weight and bias Parameters."""
+        base = self.__dict__["_base_module"]
+        if base._parameters.get("weight") is not self.weight:
+            base.weight = self.weight  # e.g. a weight untied by merge_cflora(untie=True)
+        if base._parameters.get("bias") is not self.bias:
+            base.bias = self.bias
+        return base
 
     def weight_out_in(self) -> torch.Tensor:
         """The base weight as (d_out, d_in): a transposed view for Conv1D (no copy)."""
@@ -189,6 +214,11 @@ class CFLoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled:
+            if self.merged:
+                raise RuntimeError(f"CFLoRA layer {self.layer_name or '?'} is disabled but merged into W; "
+                                   "unmerge_cflora(model) first")
+            return self.base_module()(x)  # the wrapped module's own forward: exactly the base output
         weight = self.weight_out_in()
         if self.merged:
             return F.linear(x, weight, self.bias)

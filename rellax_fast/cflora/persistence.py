@@ -2,7 +2,10 @@
 
 - :func:`save_cflora` / :func:`load_cflora`: a directory with ``cflora_config.json`` and
   ``cflora_adapter.safetensors`` (only the adapter tensors: ``<layer>.lora_A``, ``<layer>.lora_B``,
-  ``<layer>.interaction.*``), both written atomically (temp file in the same directory + os.replace).
+  ``<layer>.interaction.*``, plus every tensor of the ``modules_to_save``), both written atomically (temp
+  file in the same directory + os.replace). The config carries its format version and a sha256 of the
+  config and the tensors; :func:`load_cflora` checks the version, the hash, finiteness and shapes before it
+  touches the model, and names the file in an :class:`AdapterFileError` when one is truncated or corrupted.
 - :func:`load_peft_lora`: read a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
   keys ``base_model.model.<module>.lora_{A,B}.weight``) into A and B - the two-stage recipe.
 - :func:`export_peft_lora`: write an identity/static adapter in PEFT's format (static C folded into B:
@@ -11,16 +14,33 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Dict, Union
+import re
+from typing import Dict, Mapping, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._io import atomic_write_bytes
-from .config import CFLoRAConfig
-from .model import _require_layers, cflora_layers, get_cflora_config, inject_cflora, unwrap_model
+from .config import (
+    FORMAT_PREFIX,
+    FORMAT_VERSION,
+    AdapterFileError,
+    CFLoRAConfig,
+    format_version,
+    pattern_key,
+    read_json,
+)
+from .model import (
+    _modules_to_save_registry,
+    _require_layers,
+    cflora_layers,
+    get_cflora_config,
+    inject_cflora,
+    unwrap_model,
+)
 
 CONFIG_NAME = "cflora_config.json"
 WEIGHTS_NAME = "cflora_adapter.safetensors"
@@ -29,7 +49,8 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 # config fields that change the layers' shapes or outputs: a saved adapter must agree on them
-_STRUCTURAL = ("r", "alpha", "interaction", "cond_dim", "n_experts", "hidden")
+_STRUCTURAL = ("r", "alpha", "interaction", "cond_dim", "n_experts", "hidden", "rank_pattern",
+               "alpha_pattern")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -52,39 +73,117 @@ def cflora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         if layer.interaction is not None:
             for key, t in layer.interaction.state_dict(keep_vars=True).items():
                 state[f"{name}.interaction.{key}"] = t
+    for name, pair in _modules_to_save_registry(unwrap_model(model)).items():
+        for key, t in pair["trained"].state_dict(keep_vars=True).items():
+            state[f"{name}.{key}"] = t
     return state
 
 
+def adapter_sha256(config: CFLoRAConfig, tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 of the config (canonical JSON) and of every tensor's name, dtype, shape and bytes, by name.
+
+    Stored in the saved config and checked on load: flipped bytes, tensors swapped between layers or an
+    edited config all change it. (Hand-written: safetensors itself keeps no checksum.)
+    """
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode("utf-8"))
+    for key in sorted(tensors):
+        t = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"\0{key}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_safetensors(path: str, what: str) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise AdapterFileError(f"{what}: {path} cannot be read as safetensors (truncated or corrupted?): {exc}") from exc
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: str, what: str) -> None:
+    bad = []
+    for key in sorted(tensors):
+        t = tensors[key]
+        if t.is_floating_point() or t.is_complex():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad.append(f"{key} ({n} of {t.numel()})")
+    if bad:
+        raise AdapterFileError(
+            f"{what}: {path} holds non-finite values (NaN/Inf) in {len(bad)} tensor(s): {', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}; the adapter is corrupted or came from a diverged run"
+        )
+
+
 def save_cflora(model: nn.Module, path: PathLike) -> None:
-    """Write the adapter (config JSON + safetensors) into directory ``path``, atomically per file."""
+    """Write the adapter (config JSON + safetensors) into directory ``path``, atomically per file.
+
+    The weights are written first and the config (which holds their hash) last, so an interrupted save never
+    leaves a pair that loads.
+    """
     from safetensors.torch import save
 
     config = get_cflora_config(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in cflora_state_dict(model).items()}
+    # the target list (and the modules to save) are stored as exact names, so a reload wraps the same modules
+    to_save = sorted(_modules_to_save_registry(unwrap_model(model)))
+    saved = CFLoRAConfig.from_dict({**config.to_dict(), "target_modules": [n for n, _ in cflora_layers(model)],
+                                    "modules_to_save": to_save or None})
     os.makedirs(path, exist_ok=True)
     atomic_write_bytes(os.path.join(path, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
-    # the target list is stored as the exact layer names, so a reload wraps the same modules
-    saved = CFLoRAConfig.from_dict({**config.to_dict(), "target_modules": [n for n, _ in cflora_layers(model)]})
-    saved.save(os.path.join(path, CONFIG_NAME))
+    document = {"format": f"{FORMAT_PREFIX}{FORMAT_VERSION}", "content_sha256": adapter_sha256(saved, tensors),
+                **saved.to_dict()}
+    atomic_write_bytes(os.path.join(path, CONFIG_NAME),
+                       json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
 
 
 def _structure(config: CFLoRAConfig) -> Dict[str, object]:
     return {k: getattr(config, k) for k in _STRUCTURAL}
 
 
-def load_cflora(model: nn.Module, path: PathLike) -> nn.Module:
-    """Load an adapter saved by :func:`save_cflora` into ``model`` (injecting it first if needed).
-
-    Raises ValueError naming the difference when the model's CFLoRA layers, their config or a tensor's
-    shape do not match the saved adapter.
-    """
-    from safetensors.torch import load_file
-
+def read_cflora(path: PathLike) -> Tuple[CFLoRAConfig, Dict[str, torch.Tensor]]:
+    """The config and tensors of the adapter directory ``path``, verified: a known format version, the
+    content hash (format 2; format-1 files have none), finite values. AdapterFileError naming the file
+    otherwise."""
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"load_cflora: {p} not found (expected a directory written by save_cflora)")
-    saved_config = CFLoRAConfig.load(cfg_path)
+    data = read_json(cfg_path)
+    if "format" not in data:
+        raise AdapterFileError(f"load_cflora: {cfg_path} has no 'format' tag (not written by save_cflora?)")
+    version = format_version(data["format"], source=f"load_cflora: {cfg_path}")
+    try:
+        config = CFLoRAConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise AdapterFileError(f"load_cflora: {cfg_path} holds an invalid config: {exc}") from exc
+    tensors = _read_safetensors(w_path, "load_cflora")
+    expected = data.get("content_sha256")
+    if version >= 2 and not isinstance(expected, str):
+        raise AdapterFileError(f"load_cflora: {cfg_path} (format {data['format']}) has no content_sha256")
+    if expected is not None:
+        actual = adapter_sha256(config, tensors)
+        if actual != expected:
+            raise AdapterFileError(
+                f"load_cflora: the adapter in {os.fspath(path)} fails its content check: the sha256 of "
+                f"{WEIGHTS_NAME} and {CONFIG_NAME} is {actual[:16]}..., the saved one {str(expected)[:16]}... "
+                "(corrupted or edited files, swapped tensors, or weights from another save)"
+            )
+    _check_finite(tensors, w_path, "load_cflora")
+    return config, tensors
+
+
+def load_cflora(model: nn.Module, path: PathLike) -> nn.Module:
+    """Load an adapter saved by :func:`save_cflora` into ``model`` (injecting it first if needed).
+
+    The files are verified first (:func:`read_cflora`: format version, content hash, finite values;
+    AdapterFileError naming the file), so a bad adapter never reaches the model. Raises ValueError naming
+    the difference when the model's CFLoRA layers, their config or a tensor's shape do not match it.
+    """
+    saved_config, tensors = read_cflora(path)
     _refuse_merged(model, "load_cflora")
     if not cflora_layers(model):
         inject_cflora(model, saved_config)
@@ -95,7 +194,6 @@ def load_cflora(model: nn.Module, path: PathLike) -> nn.Module:
         if diff:
             detail = ", ".join(f"{k}: saved {s!r} vs model {m!r}" for k, (s, m) in diff.items())
             raise ValueError(f"load_cflora: the adapter in {path} does not fit the model's CFLoRA layers ({detail})")
-    tensors = load_file(w_path)
     target = cflora_state_dict(model)
     missing = sorted(set(target) - set(tensors))
     unexpected = sorted(set(tensors) - set(target))
@@ -121,13 +219,12 @@ def load_cflora(model: nn.Module, path: PathLike) -> nn.Module:
 def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) -> nn.Module:
     """Initialise every CFLoRA layer's A and B from a PEFT LoRA adapter directory.
 
-    The adapter's rank and scale (lora_alpha / r, or / sqrt(r) with rsLoRA) must equal the model's, and
+    Each module's rank and scale (lora_alpha / r, or / sqrt(r) with rsLoRA; PEFT's rank_pattern / alpha_pattern
+    resolved as PEFT does) must equal the CFLoRA layer's, and
     every adapter module must be a CFLoRA layer; with ``strict`` every CFLoRA layer must also be in the
     adapter. The interaction is left as is (a fresh one is C = I, so an "identity" model then gives
     PEFT's outputs exactly and a conditioned one starts from them).
     """
-    from safetensors.torch import load_file
-
     cfg_path, w_path = os.path.join(peft_dir, PEFT_CONFIG_NAME), os.path.join(peft_dir, PEFT_WEIGHTS_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"load_peft_lora: {cfg_path} not found (not a PEFT adapter directory)")
@@ -136,33 +233,29 @@ def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) ->
             f"load_peft_lora: {w_path} not found (only safetensors adapters are read; save the PEFT model "
             "with safe_serialization=True)"
         )
-    with open(cfg_path, encoding="utf-8") as fh:
-        pcfg = json.load(fh)
+    pcfg = read_json(cfg_path)
     if str(pcfg.get("peft_type", "LORA")).upper() != "LORA":
         raise ValueError(f"load_peft_lora: {cfg_path} is a {pcfg.get('peft_type')} adapter, not LORA")
     for flag in ("use_dora",):
         if pcfg.get(flag):
             raise ValueError(f"load_peft_lora: the adapter uses {flag}=True, which CFLoRA does not represent")
-    for pattern in ("rank_pattern", "alpha_pattern"):
-        if pcfg.get(pattern):
-            raise ValueError(f"load_peft_lora: per-module {pattern} is not supported (got {pcfg[pattern]!r})")
-    r = int(pcfg["r"])
-    alpha = float(pcfg["lora_alpha"])
-    peft_scale = alpha / (r ** 0.5) if pcfg.get("use_rslora") else alpha / r
+    r_default = int(pcfg["r"])
+    alpha_default = float(pcfg["lora_alpha"])
+    rank_pattern = pcfg.get("rank_pattern") or {}
+    alpha_pattern = pcfg.get("alpha_pattern") or {}
+
+    def peft_rank_scale(module: str) -> Tuple[int, float, float]:
+        # PEFT's own per-module resolution (peft.utils.other.get_pattern_key)
+        r_key, a_key = pattern_key(rank_pattern, module), pattern_key(alpha_pattern, module)
+        r = int(rank_pattern[r_key]) if r_key is not None else r_default
+        alpha = float(alpha_pattern[a_key]) if a_key is not None else alpha_default
+        return r, alpha, alpha / (r ** 0.5) if pcfg.get("use_rslora") else alpha / r
 
     layers = dict(_require_layers(model, "load_peft_lora"))
     _refuse_merged(model, "load_peft_lora")
-    config = next(iter(layers.values())).cflora_config
-    if r != config.r:
-        raise ValueError(f"load_peft_lora: the adapter has r={r}, the model's CFLoRA layers r={config.r}")
-    if abs(peft_scale - config.scale) > 1e-12 * max(1.0, abs(config.scale)):
-        raise ValueError(
-            f"load_peft_lora: the adapter's scale is {peft_scale:g} (lora_alpha={alpha:g}, r={r}"
-            f"{', rsLoRA' if pcfg.get('use_rslora') else ''}) but the model's is {config.scale:g} "
-            f"(alpha={config.alpha:g}); inject with alpha={peft_scale * config.r:g}"
-        )
 
-    tensors = load_file(w_path)
+    tensors = _read_safetensors(w_path, "load_peft_lora")
+    _check_finite(tensors, w_path, "load_peft_lora")
     per_module: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
@@ -173,6 +266,17 @@ def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) ->
                 break
         else:
             raise ValueError(f"load_peft_lora: unsupported tensor {key!r} in {w_path} (only lora_A/lora_B weights)")
+    for name in sorted(set(per_module) & set(layers)):
+        layer = layers[name]
+        r, alpha, peft_scale = peft_rank_scale(name)
+        if r != layer.r:
+            raise ValueError(f"load_peft_lora: the adapter has r={r} for {name}, the model's CFLoRA layer r={layer.r}")
+        if abs(peft_scale - layer.scale) > 1e-12 * max(1.0, abs(layer.scale)):
+            raise ValueError(
+                f"load_peft_lora: the adapter's scale is {peft_scale:g} for {name} (lora_alpha={alpha:g}, r={r}"
+                f"{', rsLoRA' if pcfg.get('use_rslora') else ''}) but the model's is {layer.scale:g} "
+                f"(alpha={layer.alpha:g}); inject with alpha={peft_scale * layer.r:g}"
+            )
     not_in_model = sorted(set(per_module) - set(layers))
     if not_in_model:
         raise ValueError(
@@ -223,10 +327,20 @@ def export_peft_lora(model: nn.Module, out_dir: PathLike) -> None:
             b = (b.float() @ gen().detach().float()).to(b.dtype)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.cpu().contiguous()
+    if _modules_to_save_registry(unwrap_model(model)):
+        raise RuntimeError(
+            "export_peft_lora: the adapter has modules_to_save, which this export does not write; save it with "
+            "save_cflora, or merge_and_unload(model) and save_pretrained the whole model"
+        )
+    # per-layer rank / alpha (rank_pattern / alpha_pattern) as PEFT patterns on the exact module names
+    rank_pattern = {re.escape(name): layer.r for name, layer in layers if layer.r != config.r}
+    alpha_pattern = {re.escape(name): layer.alpha for name, layer in layers if layer.alpha != config.alpha}
     base_config = getattr(unwrap_model(model), "config", None)
     peft_config = LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
         lora_dropout=config.dropout,
         target_modules=[name for name, _ in layers],
         fan_in_fan_out=any(layer.fan_in_fan_out for _, layer in layers),

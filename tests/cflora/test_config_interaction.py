@@ -47,6 +47,43 @@ def test_config_rejects_bad_values(kwargs, fragment):
         CFLoRAConfig(**kwargs)
 
 
+def test_peft_style_fields_round_trip_and_validate(tmp_path):
+    cfg = CFLoRAConfig(r=4, target_modules="all-linear", exclude_modules=["lm_head", "k_proj"],
+                       rank_pattern={"v_proj": 2, r"layers\.1\..*": 8}, alpha_pattern={"q_proj": 3.5},
+                       modules_to_save=["score"])
+    cfg.save(tmp_path / "c.json")
+    assert CFLoRAConfig.load(tmp_path / "c.json") == cfg
+    # PEFT's rank_pattern semantics: a suffix match after a dot (or the whole name), first pattern wins
+    assert cfg.rank_and_alpha("model.layers.0.self_attn.v_proj") == (2, 16.0)
+    assert cfg.rank_and_alpha("model.layers.1.self_attn.v_proj") == (2, 16.0)
+    assert cfg.rank_and_alpha("model.layers.1.mlp.up_proj") == (8, 16.0)
+    assert cfg.rank_and_alpha("model.layers.0.self_attn.q_proj") == (4, 3.5)
+    assert cfg.rank_and_alpha("model.layers.0.self_attn.xv_proj") == (4, 16.0)  # not a dotted suffix
+    for kwargs, fragment in [({"exclude_modules": []}, "exclude_modules"), ({"modules_to_save": [""]}, "modules_to_save"),
+                             ({"rank_pattern": ["q_proj"]}, "rank_pattern must be a dict"),
+                             ({"alpha_pattern": {"q": -1}}, "alpha_pattern maps")]:
+        with pytest.raises(ValueError, match=fragment):
+            CFLoRAConfig(**kwargs)
+
+
+@pytest.mark.parametrize("tag", ["rellax-fast-cflora/99", "rellax-fast-cflora/", "other/1", 2])
+def test_config_rejects_unknown_format_versions(tag):
+    from rellax_fast.cflora.config import AdapterFileError
+
+    with pytest.raises(AdapterFileError, match="this rellax-fast reads rellax-fast-cflora/1, rellax-fast-cflora/2"):
+        CFLoRAConfig.from_dict({"format": tag, "r": 4})
+    assert CFLoRAConfig.from_dict({"format": "rellax-fast-cflora/1", "r": 4}).r == 4
+
+
+def test_truncated_config_file_names_the_file(tmp_path):
+    from rellax_fast.cflora.config import AdapterFileError
+
+    path = tmp_path / "c.json"
+    path.write_text(CFLoRAConfig(r=4).to_json()[:40])
+    with pytest.raises(AdapterFileError, match=f"{path} is not valid JSON"):
+        CFLoRAConfig.load(path)
+
+
 def test_config_rejects_unknown_json_keys():
     with pytest.raises(ValueError, match="unknown keys"):
         CFLoRAConfig.from_dict({"r": 4, "rank": 4})

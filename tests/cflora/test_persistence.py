@@ -1,4 +1,4 @@
-"""save/load (bit-exact, atomic, wrong-shape errors), merge/unmerge, and PEFT interop: a PEFT LoRA adapter
+"""save/load (bit-exact, atomic, wrong-shape errors, corrupted files refused), merge/unmerge, and PEFT interop: a PEFT LoRA adapter
 loaded into identity CFLoRA gives PEFT's logits (tiny Llama / Qwen2 / GPT-2 and the real MiniLM), and
 identity/static adapters export to PEFT."""
 
@@ -12,6 +12,7 @@ import torch
 from cflora_models import MODELS, logits_of, minilm, model_inputs, tiny_gpt2, tiny_llama
 
 from rellax_fast.cflora import (
+    AdapterFileError,
     CFLoRAConfig,
     cflora_condition,
     cflora_layers,
@@ -232,3 +233,115 @@ def test_export_to_peft_round_trip(tmp_path, factory, targets, interaction):
     load_peft_lora(back, tmp_path / "peft")
     with torch.no_grad():
         torch.testing.assert_close(logits_of(back.eval(), inputs), logits_of(model, inputs), rtol=2e-4, atol=2e-4)
+
+
+# ------------------------------------------------------------------------------- corrupted adapters (#13.8)
+def _saved_adapter(tmp_path, interaction="full"):
+    model = inject_cflora(tiny_llama(), _cfg(interaction))
+    _randomise_adapter(model)
+    save_cflora(model, tmp_path / "a")
+    return model, tmp_path / "a"
+
+
+def _rewrite_tensors(path, edit):
+    """Change the saved tensors behind save_cflora's back (the config and its hash stay)."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "cflora_adapter.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _assert_refused(path, match):
+    fresh = tiny_llama()
+    with pytest.raises(AdapterFileError, match=match):
+        load_cflora(fresh, path)
+    assert not cflora_layers(fresh)  # verified before the model is touched
+
+
+def test_saved_config_carries_format_and_content_hash(tmp_path):
+    _, path = _saved_adapter(tmp_path)
+    data = json.loads((path / "cflora_config.json").read_text())
+    assert data["format"] == "rellax-fast-cflora/2"
+    assert len(data["content_sha256"]) == 64
+    int(data["content_sha256"], 16)
+
+
+def test_flipped_byte_is_refused(tmp_path):
+    _, path = _saved_adapter(tmp_path)
+    file = path / "cflora_adapter.safetensors"
+    raw = bytearray(file.read_bytes())
+    raw[-7] ^= 0x10  # inside the last tensor's data
+    file.write_bytes(bytes(raw))
+    _assert_refused(path, "fails its content check")
+
+
+def test_tensors_swapped_between_layers_are_refused(tmp_path):
+    _, path = _saved_adapter(tmp_path)
+
+    def swap(t):
+        a, b = "model.layers.0.self_attn.q_proj.lora_B", "model.layers.1.self_attn.q_proj.lora_B"
+        assert t[a].shape == t[b].shape
+        t[a], t[b] = t[b], t[a]
+
+    _rewrite_tensors(path, swap)
+    _assert_refused(path, "fails its content check")
+
+
+def test_edited_config_is_refused(tmp_path):
+    _, path = _saved_adapter(tmp_path)
+    file = path / "cflora_config.json"
+    data = json.loads(file.read_text())
+    data["alpha"] = 16.0  # same shapes, different outputs
+    file.write_text(json.dumps(data))
+    _assert_refused(path, "fails its content check")
+
+
+def test_nan_adapter_is_refused(tmp_path):
+    model = inject_cflora(tiny_llama(), _cfg("full"))
+    with torch.no_grad():
+        layer = cflora_layers(model)[1][1]
+        layer.lora_A[0, 3] = float("nan")
+        layer.interaction.fc1.weight[2, 1] = float("inf")
+    save_cflora(model, tmp_path / "a")  # a diverged run's adapter: the hash is valid, the values are not
+    _assert_refused(tmp_path / "a", r"cflora_adapter.safetensors holds non-finite values \(NaN/Inf\) in 2 tensor\(s\): "
+                    r"model.layers.0.self_attn.v_proj.interaction.fc1.weight \(1 of 160\), "
+                    r"model.layers.0.self_attn.v_proj.lora_A \(1 of 128\)")
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    _, path = _saved_adapter(tmp_path)
+    file = path / "cflora_config.json"
+    data = json.loads(file.read_text())
+    data["format"] = "rellax-fast-cflora/99"
+    file.write_text(json.dumps(data))
+    _assert_refused(path, r"cflora_config.json has format 'rellax-fast-cflora/99'; this rellax-fast reads")
+    with pytest.raises(AdapterFileError, match="99"):
+        CFLoRAConfig.load(file)
+
+
+@pytest.mark.parametrize("name", ["cflora_adapter.safetensors", "cflora_config.json"])
+def test_truncated_files_raise_an_error_naming_the_file(tmp_path, name):
+    _, path = _saved_adapter(tmp_path)
+    file = path / name
+    raw = file.read_bytes()
+    file.write_bytes(raw[: len(raw) // 2])
+    _assert_refused(path, f"{path / name}.*(truncated or corrupted)")
+
+
+def test_format_1_adapter_without_hash_still_loads(tmp_path):
+    model, path = _saved_adapter(tmp_path)
+    file = path / "cflora_config.json"
+    data = json.loads(file.read_text())
+    for key in ("content_sha256", "exclude_modules", "rank_pattern", "alpha_pattern", "modules_to_save"):
+        data.pop(key)
+    data["format"] = "rellax-fast-cflora/1"
+    file.write_text(json.dumps(data))
+    fresh = load_cflora(tiny_llama(), path)
+    inputs, cond = model_inputs(), torch.randn(3, COND)
+    with torch.no_grad():
+        with cflora_condition(model, cond):
+            expected = logits_of(model, inputs)
+        with cflora_condition(fresh, cond):
+            assert torch.equal(logits_of(fresh, inputs), expected)
