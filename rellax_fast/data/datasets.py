@@ -179,6 +179,11 @@ def _field_count_error(path: Path, exc: Exception, n_fields: int, header: bool) 
         if expected != n_fields:
             line, saw = 1 + int(header), expected
         return DataFormatError(f"{path}: line {line}: {saw} fields, expected {n_fields} (wrong number of fields)")
+    m = re.search(r"EOF inside string starting at row (\d+)", text)
+    if m:  # pandas counts rows from 0, the header and skipped rows included
+        return DataFormatError(
+            f"{path}: line {int(m.group(1)) + 1}: a quoted field is never closed (file cut short, or a stray quote)"
+        )
     m = re.search(r"line (\d+)", text)
     where = f"line {m.group(1)}: " if m else ""
     return DataFormatError(f"{path}: {where}cannot be parsed ({text.strip()})")
@@ -350,7 +355,7 @@ def _drop_duplicate_ratings(path: Path, ratings: pd.DataFrame, keys: Sequence[st
     first = int(np.flatnonzero(dup)[0])
     exact = int(ratings[dup].merge(ratings[~dup], on=list(ratings.columns), how="inner").shape[0])
     warnings.warn(
-        f"{path}: dropped {n:,} repeated ratings of the same ({', '.join(keys)}) ({exact:,} exact copies), "
+        f"{path}: dropped {n:,} repeated rating{'s' if n > 1 else ''} of the same ({', '.join(keys)}) ({exact:,} exact cop{'ies' if exact != 1 else 'y'}), "
         f"keeping the last row of each; the first dropped is line {_line_of(None, first, header)}",
         DataWarning,
         stacklevel=3,
