@@ -11,7 +11,9 @@ the previous file, if any, is left untouched.
   ones there (:func:`remove_stale_temps`): those of a process of this host that no longer runs, and any older
   than a day. Nothing else in the folder is touched.
 - :func:`atomic_path` yields the temporary path for writers that take a path rather than a file object
-  (pyarrow, ``np.save``, ``torch.save``, safetensors); :func:`atomic_write` takes a writer of a binary file.
+  (pyarrow, ``np.save``, ``torch.save``, safetensors); :func:`atomic_write` takes a writer of a binary file;
+  :func:`make_temp_dir` makes a temporary sibling folder (umask permissions, same cleanup) for whole-folder
+  writes that are renamed into place by their caller.
 
 Also here: :func:`check_out_dir`, the shared check that an ``--out`` folder can be one.
 """
@@ -43,6 +45,18 @@ def temp_path_for(path: PathLike) -> Path:
     """A fresh, recognisable temporary sibling of ``path``: ``.{name}.tmp-{pid}-{host}-{random}``."""
     path = Path(path)
     return path.parent / f".{path.name}.tmp-{os.getpid()}-{_host_tag()}-{secrets.token_hex(4)}"
+
+
+def make_temp_dir(path: PathLike) -> Path:
+    """Create and return an empty temporary sibling folder of ``path`` (for writing a whole folder, then
+    renaming it into place): recognisable like the temporary files, so a killed writer's one is removed by
+    :func:`remove_stale_temps`, and with mode ``0o777 & ~umask`` as ``mkdir`` (``tempfile.mkdtemp``: 0o700)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent)
+    tmp = temp_path_for(path)
+    os.mkdir(tmp, 0o777)
+    return tmp
 
 
 def _pid_alive(pid: int) -> bool:

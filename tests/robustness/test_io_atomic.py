@@ -16,6 +16,7 @@ from rellax_fast._io import (
     atomic_write_bytes,
     atomic_write_text,
     check_out_dir,
+    make_temp_dir,
     remove_stale_temps,
     temp_path_for,
 )
@@ -165,3 +166,16 @@ def test_check_out_dir(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "missing")
     with pytest.raises(ValueError, match="broken symbolic link"):
         check_out_dir(tmp_path / "link")
+
+
+def test_make_temp_dir_mode_and_cleanup(tmp_path, umask):
+    umask(0o022)
+    made = make_temp_dir(tmp_path / "prepared")
+    assert made.parent == tmp_path and made.is_dir() and not any(made.iterdir())
+    assert _mode(made) == 0o755  # as mkdir, not mkdtemp's 0o700
+    (made / "train.parquet").write_bytes(b"x")
+    assert remove_stale_temps(tmp_path) == []  # this process is alive: kept
+    orphan = tmp_path / made.name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")
+    made.rename(orphan)
+    again = make_temp_dir(tmp_path / "prepared")  # the next run removes the dead writer's folder
+    assert not orphan.exists() and again.is_dir()
