@@ -121,14 +121,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
-    if getattr(args, "out", None) is not None:  # every command writes into --out: it must be a folder
-        from rellax_fast._io import check_out_dir
+    try:  # options every command shares, checked once: a clear line instead of a traceback later
+        if getattr(args, "out", None) is not None:  # every command writes into --out: it must be a folder
+            from rellax_fast._io import check_out_dir
 
-        try:
             check_out_dir(args.out)
-        except ValueError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+        if getattr(args, "device", None) not in (None, "", "auto"):  # e.g. cuda on a CPU-only build
+            from rellax_fast.subr.encoders import resolve_device
+
+            resolve_device(args.device, "--device")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return int(importlib.import_module(args._module).run(args) or 0)
 
 

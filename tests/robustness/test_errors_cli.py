@@ -33,10 +33,10 @@ def test_out_that_is_a_file(tmp_path, capsys, command):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("command", ["embed", "retrieve"])
+@pytest.mark.parametrize("command", [["embed"], ["retrieve"], ["bench", "cflora"], ["bench", "topk"]], ids=str)
 def test_device_cuda_without_cuda(tmp_path, capsys, command):
-    rc, err = _run(capsys, [command, "--out", str(tmp_path), "--device", "cuda"])
-    assert rc == 1
+    rc, err = _run(capsys, [*command, "--out", str(tmp_path), "--device", "cuda"])
+    assert rc == 2
     why = "CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
     assert "error: --device 'cuda': CUDA is not available: " in err and why in err
     assert not (tmp_path / "embeddings").exists() or not any((tmp_path / "embeddings").iterdir())
@@ -44,7 +44,7 @@ def test_device_cuda_without_cuda(tmp_path, capsys, command):
 
 def test_device_that_is_not_a_device(tmp_path, capsys):
     rc, err = _run(capsys, ["embed", "--out", str(tmp_path), "--device", "gpu0"])
-    assert rc == 1 and "error: --device 'gpu0': not a device; expected cpu, cuda or cuda:N" in err
+    assert rc == 2 and "error: --device 'gpu0': not a device; expected cpu, cuda or cuda:N" in err
 
 
 def test_resolve_device_api():
