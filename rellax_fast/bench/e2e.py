@@ -21,6 +21,9 @@ run for every provider:
 - ``rellax-fast identity (auto)``: plain LoRA through the fused op (C = I), the like-for-like case of PEFT;
 - ``PEFT LoRA``: ``peft.get_peft_model`` with the same targets, r, alpha and dropout (the adapters kept in
   the model dtype, ``autocast_adapter_dtype=False``, so both sides run bf16) - the baseline;
+- ``PEFT LoRA + apply_cflora``: the same PEFT model with :func:`rellax_fast.cflora.apply_cflora`, which runs
+  every PEFT LoRA Linear through the fused ``ops.cflora_linear`` (C = None) with the state_dict unchanged -
+  the Liger-style kernels-only path, next to its PEFT baseline;
 - ``PEFT LoRA + torch.compile``: the same model under ``torch.compile`` (a failure becomes a row with a
   note; the compile time is in the note).
 
@@ -29,7 +32,8 @@ of the prompt's length, at batch 1 and 32 (tiny: 1 and 4):
 
 - ``rellax-fast full (per-sample C)``: cannot be merged, runs the fused op;
 - ``rellax-fast identity merged``: ``merge_cflora`` folded ΔW into W;
-- ``PEFT LoRA unmerged`` and ``PEFT LoRA merged`` (``merge_and_unload``) - the latter is the baseline.
+- ``PEFT LoRA unmerged``, ``PEFT LoRA unmerged + apply_cflora`` and ``PEFT LoRA merged``
+  (``merge_and_unload``) - the latter is the baseline.
 
 Columns: ``ms`` (median step or call time), ``tokens_per_s``, ``peak_mem_mb`` (memory above the resident
 model + optimizer state during one step: CUDA allocator peak; on the CPU the growth of peak RSS, coarse),
@@ -65,6 +69,8 @@ EVAL_RUN_ENV = "RELLAX_BENCH_EVAL_RUN"
 EVAL_N_ENV = "RELLAX_BENCH_EVAL_N"
 TRAIN_BASELINE = "PEFT LoRA"
 COMPILED_PROVIDER = "PEFT LoRA + torch.compile"
+PATCHED_PROVIDER = "PEFT LoRA + apply_cflora"
+PATCHED_INFER_PROVIDER = "PEFT LoRA unmerged + apply_cflora"
 INFER_BASELINE = "PEFT LoRA merged"
 
 
@@ -103,12 +109,14 @@ TRAIN_PROVIDERS: Tuple[Tuple[str, str, Optional[str]], ...] = (
     ("rellax-fast full (reference)", "full", "reference"),
     ("rellax-fast identity (auto)", "identity", None),
     (TRAIN_BASELINE, "peft", None),
+    (PATCHED_PROVIDER, "peft-apply", None),
     (COMPILED_PROVIDER, "peft-compile", None),
 )
 INFER_PROVIDERS: Tuple[str, ...] = (
     "rellax-fast full (per-sample C)",
     "rellax-fast identity merged",
     "PEFT LoRA unmerged",
+    PATCHED_INFER_PROVIDER,
     INFER_BASELINE,
 )
 COLUMNS = ("phase", "provider", "batch", "seq", "ms", "tokens_per_s", "peak_mem_mb", "resident_mb", "total_peak_mb",
@@ -166,13 +174,19 @@ def cflora_model(base, spec: E2ESize, interaction: str, backend: Optional[str], 
     return model.to(device=device, dtype=dtype)
 
 
-def peft_model(base, spec: E2ESize, device, dtype):
+def peft_model(base, spec: E2ESize, device, dtype, patched: bool = False):
+    """PEFT LoRA on a copy of ``base``; ``patched``: with :func:`rellax_fast.cflora.apply_cflora` (fused op)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
                         target_modules=list(TARGET_MODULES), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=False)
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    if patched:
+        from rellax_fast.cflora import apply_cflora
+
+        apply_cflora(model)
+    return model
 
 
 def resolved_backend(device, backend: Optional[str]) -> str:
@@ -233,9 +247,11 @@ def _train_provider(name: str, kind: str, backend: Optional[str], base, spec: E2
 
     alloc0 = _allocated_mb(device)
     note = []
-    if kind in ("peft", "peft-compile"):
-        model = peft_model(base, spec, device, dtype)
+    if kind in ("peft", "peft-compile", "peft-apply"):
+        model = peft_model(base, spec, device, dtype, patched=kind == "peft-apply")
         condition = contextlib.nullcontext
+        if kind == "peft-apply":
+            note.append(f"apply_cflora, backend {resolved_backend(device, None)}")
     else:
         from rellax_fast.cflora import cflora_condition
 
@@ -332,6 +348,9 @@ def _inference_model(name: str, base, spec: E2ESize, device, dtype):
         model = cflora_model(base, spec, "identity", None, device, dtype)
         merge_cflora(model)
         return model, False, "merge_cflora"
+    if name == PATCHED_INFER_PROVIDER:
+        model = peft_model(base, spec, device, dtype, patched=True)
+        return model, False, f"unmerged, apply_cflora, backend {resolved_backend(device, None)}"
     model = peft_model(base, spec, device, dtype)
     if name == INFER_BASELINE:
         return model.merge_and_unload(), False, "merge_and_unload"

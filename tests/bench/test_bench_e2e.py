@@ -164,6 +164,38 @@ def test_failing_provider_becomes_a_row(monkeypatch):
     assert len(seen) == 2  # the partial report was refreshed after each provider
 
 
+def test_apply_cflora_rows_run_the_fused_op_next_to_peft(monkeypatch):
+    """The "PEFT LoRA + apply_cflora" training and inference rows: measured, same first loss as PEFT LoRA
+    (the same model: B = 0 at init), and the patched layers really call ops.cflora_linear."""
+    from rellax_fast.cflora import patch
+
+    spec = e2e.E2ESize(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=64, train_batch=2,
+                       seq=8, infer_batches=(1,), prompt=8, r=4, cond_dim=4)
+    base = e2e.build_base_model(spec, torch.device("cpu"), torch.float32)
+    calls = []
+    real = patch.cflora_linear
+    monkeypatch.setattr(patch, "cflora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    providers = ((e2e.TRAIN_BASELINE, "peft", None), (e2e.PATCHED_PROVIDER, "peft-apply", None))
+    rows = e2e.bench_training(base, spec, torch.device("cpu"), torch.float32, 0, 1, "eager", lambda rows: None,
+                              providers=providers)
+    e2e.add_training_ratios(rows)
+    peft_row, patched_row = rows
+    assert patched_row["provider"] == e2e.PATCHED_PROVIDER and "apply_cflora" in patched_row["note"]
+    assert not patched_row["note"].startswith("failed"), patched_row["note"]
+    assert patched_row["ms"] > 0 and patched_row["speed_vs_baseline"] > 0
+    assert patched_row["loss"] == pytest.approx(peft_row["loss"], rel=1e-5)
+    n_layers = spec.layers * len(e2e.TARGET_MODULES)
+    assert len(calls) >= 2 * n_layers and len(calls) % n_layers == 0  # warm-up, timed and memory steps
+    assert (e2e.PATCHED_PROVIDER, "peft-apply", None) in e2e.TRAIN_PROVIDERS
+    assert e2e.PATCHED_INFER_PROVIDER in e2e.INFER_PROVIDERS
+    calls.clear()
+    model, needs_cond, note = e2e._inference_model(e2e.PATCHED_INFER_PROVIDER, base, spec, torch.device("cpu"),
+                                                   torch.float32)
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    assert not needs_cond and "apply_cflora" in note and len(calls) == n_layers
+
+
 def test_benchmarks_section_appends_atomically(tmp_path):
     out = tmp_path / "bench"
     out.mkdir()
