@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+import weakref
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +58,37 @@ def _in_backward() -> bool:
     return graph_task_id is not None and graph_task_id() != -1
 
 
+def _saved_tensor_hooks_active() -> bool:
+    # non-reentrant checkpointing (and activation offloading) runs the forward under saved-tensor hooks;
+    # only then can this forward be recomputed later, so only then is it tracked (private call: when
+    # missing, track every grad-recording forward)
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return True if top is None else top(False) is not None
+
+
+class _PendingForward:
+    """One grad-recording conditioned forward of a layer whose backward has not run yet.
+
+    It is stored on the forward's autograd node (so it dies with the graph) and marked done by a hook when
+    that node has run. A checkpoint recomputation that is not replayed (see ``_cflora_replaying``) while
+    another cond's forward of the same layer is pending cannot know which cond to use, and raises.
+    """
+
+    __slots__ = ("slot", "done", "__weakref__")
+
+    def __init__(self, slot: ConditionSlot):
+        self.slot = slot
+        self.done = False
+
+    def __call__(self, grad_inputs, grad_outputs) -> None:  # autograd node post-hook
+        self.done = True
+
+
+# layer -> weak references to its pending forwards; keyed weakly by the layer instance, so nothing is
+# stored in the module itself (deepcopy / pickle unaffected) and replicas stay independent
+_PENDING: weakref.WeakKeyDictionary[nn.Module, List[weakref.ref]] = weakref.WeakKeyDictionary()
+
+
 class CFLoRALinear(nn.Module):
     """``y = x Wᵀ + b + s·((drop(x) Aᵀ) C_uᵀ) Bᵀ`` around the frozen weight of the wrapped module."""
 
@@ -92,6 +124,7 @@ class CFLoRALinear(nn.Module):
         self.backend = config.backend
         self.merged = False
         self.disabled = False  # set by disable_adapter(): the forward is the wrapped module's own
+        self._cflora_replaying = False  # True while a checkpoint replay has set this forward's own slot
         self._cflora_slot: Optional[ConditionSlot] = None
         # the wrapped module itself, kept unregistered (not in parameters() / state_dict()): its forward is the
         # exact base output under disable_adapter(), and unload() puts it back in place
@@ -147,14 +180,43 @@ class CFLoRALinear(nn.Module):
 
     def _condition(self) -> torch.Tensor:
         slot = self._cflora_slot
-        if slot is not None and (slot.active or _in_backward()):
+        if slot is not None and slot.active:
+            return slot.cond
+        if slot is not None and _in_backward():
             # inactive but inside backward: the recomputation of gradient checkpointing
+            if not self._cflora_replaying:
+                self._check_unambiguous_recompute(slot)
             return slot.cond
         raise RuntimeError(
             f"CFLoRA layer {self.layer_name or '?'} (interaction {self.cflora_config.interaction!r}) needs "
             "per-sample conditioning: run the model inside `with rellax_fast.cflora_condition(model, cond):` "
             "with cond of shape (batch, cond_dim)"
         )
+
+    def _check_unambiguous_recompute(self, slot: ConditionSlot) -> None:
+        pending = [t for t in (ref() for ref in _PENDING.get(self, ())) if t is not None and not t.done]
+        if any(t.slot is not slot for t in pending):
+            raise RuntimeError(
+                f"CFLoRA layer {self.layer_name or '?'}: gradient checkpointing is recomputing a conditioned "
+                "forward while forwards of several cflora_condition blocks still wait for their backward, so "
+                "the recomputation cannot tell which cond it used (the gradients would be wrong). Use Hugging "
+                "Face gradient checkpointing (model.gradient_checkpointing_enable(), which replays each "
+                "forward's cond), pass context_fn=rellax_fast.cflora.cflora_checkpoint_context_fn(model) to "
+                "torch.utils.checkpoint(use_reentrant=False), or run each backward before the next forward"
+            )
+
+    def _track_pending(self, out: torch.Tensor) -> torch.Tensor:
+        """Record a conditioned forward that checkpointing may recompute (see :class:`_PendingForward`)."""
+        node = out.grad_fn
+        if node is None:
+            return out
+        token = _PendingForward(self._cflora_slot)
+        node.metadata["cflora_pending"] = token
+        node.register_hook(token)
+        refs = [ref for ref in _PENDING.get(self, ()) if (t := ref()) is not None and not t.done]
+        refs.append(weakref.ref(token))
+        _PENDING[self] = refs
+        return out
 
     def interaction_matrix(self, batch: Optional[int] = None) -> Optional[torch.Tensor]:
         """C for this forward: None (identity), (r, r) shared, or (batch, r, r) per sample.
@@ -225,13 +287,17 @@ class CFLoRALinear(nn.Module):
         c = self.interaction_matrix(x.shape[0] if x.dim() >= 2 else None)
         if c is not None and c.dtype != x.dtype:
             c = c.to(x.dtype)
-        return cflora_linear(
+        out = cflora_linear(
             x, weight, self.bias, self.lora_A, self.lora_B, c,
             scale=self.scale,
             dropout_p=self.dropout_p if self.training else 0.0,
             seed=None,
             backend=self.backend,
         )
+        if (c is not None and c.dim() == 3 and not torch.compiler.is_compiling() and torch.is_grad_enabled()
+                and not _in_backward() and _saved_tensor_hooks_active()):
+            return self._track_pending(out)
+        return out
 
     def extra_repr(self) -> str:
         kind = self.cflora_config.interaction

@@ -265,7 +265,8 @@ def cflora_condition(model: nn.Module, cond: torch.Tensor) -> Iterator[nn.Module
     of gradient checkpointing) may still use it; a forward outside a block raises. Hugging Face gradient
     checkpointing (``gradient_checkpointing_enable``) replays each checkpointed forward's own cond, so several
     conditioned forwards may precede one backward; when calling ``torch.utils.checkpoint`` yourself, pass
-    :func:`cflora_checkpoint_context_fn` as its ``context_fn`` for the same.
+    :func:`cflora_checkpoint_context_fn` as its ``context_fn`` for the same. Without either, a non-reentrant
+    recomputation that cannot tell which block's cond it needs raises instead of giving wrong gradients.
     """
     layers = _require_layers(model, "cflora_condition")
     cond_dim = layers[0][1].cflora_config.cond_dim
@@ -315,15 +316,24 @@ class _ReplayCondition:
         return self.func(functools.partial(_run_with_slots, function, layers, slots), *args, **kwargs)
 
 
-def _run_with_slots(function, layers, slots, *args, **kwargs):
-    current = [layer._cflora_slot for layer in layers]
+@contextlib.contextmanager
+def _slots_replayed(layers: List[CFLoRALinear], slots) -> Iterator[None]:
+    """Set each layer's slot to the one its forward saw, marked as a replay (the recomputation then trusts it)."""
+    current = [(layer._cflora_slot, layer._cflora_replaying) for layer in layers]
     for layer, slot in zip(layers, slots):
         layer._cflora_slot = slot
+        layer._cflora_replaying = True
     try:
-        return function(*args, **kwargs)
+        yield
     finally:
-        for layer, slot in zip(layers, current):
+        for layer, (slot, replaying) in zip(layers, current):
             layer._cflora_slot = slot
+            layer._cflora_replaying = replaying
+
+
+def _run_with_slots(function, layers, slots, *args, **kwargs):
+    with _slots_replayed(layers, slots):
+        return function(*args, **kwargs)
 
 
 def _install_checkpoint_replay(root: nn.Module) -> None:
@@ -352,21 +362,10 @@ def cflora_checkpoint_context_fn(model: nn.Module):
     """
     layers = [layer for _, layer in _require_layers(model, "cflora_checkpoint_context_fn")]
 
-    @contextlib.contextmanager
-    def _replay(slots):
-        current = [layer._cflora_slot for layer in layers]
-        for layer, slot in zip(layers, slots):
-            layer._cflora_slot = slot
-        try:
-            yield
-        finally:
-            for layer, slot in zip(layers, current):
-                layer._cflora_slot = slot
-
     def context_fn():
         # called at forward time: capture the slots this forward sees, replay them at recomputation
         slots = [layer._cflora_slot for layer in layers]
-        return contextlib.nullcontext(), _replay(slots)
+        return contextlib.nullcontext(), _slots_replayed(layers, slots)
 
     return context_fn
 
