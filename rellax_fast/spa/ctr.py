@@ -1,15 +1,19 @@
 """Glue between the prepared CTR data (``rellax_fast.data``) and DIN: the item vocabulary, the per-split
 DIN inputs, fitting, and the frozen DIN's outputs (p(click) and h per sample) that ReLLaX consumes.
 
-A saved CTR model is a folder with ``din.safetensors``, ``din.json`` (config + metrics) and
-``item_ids.npy`` (row i of the item table is item id ``item_ids[i]``).
+A saved CTR model is a folder with ``din.safetensors``, ``din.json`` (config, metrics, what it was trained on
+and with, and content hashes) and ``item_ids.npy`` (row i of the item table is item id ``item_ids[i]``).
+:func:`load_ctr` checks the loaded weights and vocabulary against the hashes in ``din.json``, so a folder
+mixed from two trainings, or modified, is refused; :func:`din_fingerprint` names one trained DIN (runs
+record it, ``eval`` checks it).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from dataclasses import asdict
+import hashlib
+import io
+import json
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -69,19 +73,71 @@ def din_outputs(model: DIN, data, vocab: np.ndarray, split: str) -> Tuple[torch.
     return predict(model, split_arrays(data, split, vocab, model.config.max_history), with_h=True)
 
 
+def weights_sha256(model: torch.nn.Module) -> str:
+    """sha256 of a model's state (names, dtypes, shapes and bytes of every tensor, in name order)."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def vocab_sha256(vocab: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(vocab, dtype="<i8").tobytes()).hexdigest()
+
+
+def din_fingerprint(model: DIN, vocab: np.ndarray) -> str:
+    """Names one trained DIN: its weights and its item vocabulary."""
+    return hashlib.sha256(f"{weights_sha256(model)}:{vocab_sha256(vocab)}".encode()).hexdigest()
+
+
+def din_reuse_key(data, options: Optional[dict], train_config: Optional[DINTrainConfig]) -> dict:
+    """What a trained DIN depends on: the data (``ctr_fingerprint``), every model option (defaults filled in)
+    and every training option but the progress bar. A DIN is reused only when this key matches."""
+    from rellax_fast.data.ctr import ctr_fingerprint
+
+    options = dict(options or {})
+    model_opts = {}
+    for f in fields(DINConfig):
+        if f.name in ("n_items", "n_users"):
+            continue
+        v = options.pop(f.name, f.default)
+        model_opts[f.name] = list(v) if f.name == "mlp_hidden" else v
+    if options:
+        raise ValueError(f"options: unknown DIN options {sorted(options)}")
+    train = asdict(train_config or DINTrainConfig())
+    train.pop("progress", None)
+    key = {"dataset": data.dataset.name, "data_fingerprint": ctr_fingerprint(data), "options": model_opts, "train": train}
+    return json.loads(json.dumps(key))  # what a JSON round trip gives back
+
+
 def save_ctr(model: DIN, vocab: np.ndarray, report: Optional[DINReport], path, extra: Optional[dict] = None) -> Path:
+    """Write the DIN folder: ``item_ids.npy``, ``din.safetensors``, then ``din.json`` with the content hashes."""
+    from rellax_fast._io import atomic_write_bytes
+
     path = Path(path)
-    save_din(model, path, extra={"report": asdict(report) if report is not None else None, **(extra or {})})
-    fd, tmp = tempfile.mkstemp(dir=path, suffix=".npy.tmp")
-    with os.fdopen(fd, "wb") as f:
-        np.save(f, np.asarray(vocab, dtype=np.int64))
-    os.replace(tmp, path / "item_ids.npy")
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = np.asarray(vocab, dtype=np.int64)
+    buffer = io.BytesIO()
+    np.save(buffer, vocab, allow_pickle=False)
+    atomic_write_bytes(path / "item_ids.npy", buffer.getvalue())
+    hashes = {"weights_sha256": weights_sha256(model), "item_ids_sha256": vocab_sha256(vocab)}
+    save_din(model, path, extra={"report": asdict(report) if report is not None else None, **(extra or {}), **hashes})
     return path
 
 
 def load_ctr(path) -> Tuple[DIN, np.ndarray, Dict]:
+    """Load a DIN folder; raises ValueError naming the file when its content does not match ``din.json``."""
+    path = Path(path)
     model, meta = load_din(path)
-    vocab = np.load(Path(path) / "item_ids.npy")
+    vocab = np.load(path / "item_ids.npy", allow_pickle=False)
     if len(vocab) != model.config.n_items:
         raise ValueError(f"{path}: item_ids.npy has {len(vocab)} ids but the DIN table has {model.config.n_items} rows")
+    if "weights_sha256" in meta and weights_sha256(model) != meta["weights_sha256"]:
+        raise ValueError(f"{path / 'din.safetensors'}: weights do not match the hash in {path / 'din.json'} (a mixed or "
+                         f"modified CTR folder); retrain with `rellax-fast train-ctr`")  # fmt: skip
+    if "item_ids_sha256" in meta and vocab_sha256(vocab) != meta["item_ids_sha256"]:
+        raise ValueError(f"{path / 'item_ids.npy'}: ids do not match the hash in {path / 'din.json'} (a mixed or "
+                         f"modified CTR folder); retrain with `rellax-fast train-ctr`")  # fmt: skip
     return model, vocab, meta
