@@ -1,8 +1,9 @@
 """Triton ``semantic_topk``: flash-style causal top-k over packed user histories (varlen, many users per launch).
 
-Algorithm. On the host the samples are sorted by flat position ``seq_offsets[u] + p`` (grouping them by
-user, ascending p) and cut into tiles of BLOCK_M consecutive samples of one user: the work list
-(tile start, tile size), longest histories first. One program per tile:
+Algorithm. With torch ops on the device (no host sync) the samples are sorted by flat position
+``seq_offsets[u] + p`` (grouping them by user, ascending p) and cut into tiles of BLOCK_M consecutive
+samples of one user: the work list (tile start, tile size), longest histories first, padded to an upper
+bound of slots that is known from the shapes alone. One program per slot:
   1. loads its BLOCK_M target rows' item ids (seq_items[base + p]);
   2. streams the user's history in tiles of BLOCK_N candidates up to the tile's largest p; for each it
      computes the (BLOCK_M x BLOCK_N) score block with ``tl.dot`` over BLOCK_D slices of d (fp32
@@ -11,15 +12,19 @@ user, ascending p) and cut into tiles of BLOCK_M consecutive samples of one user
   3. merges the block into a running top-k kept in registers (BLOCK_M x KPAD scores and positions) by K
      selection steps over the union: take the row maximum, among equal maxima the largest position (the
      contract's tie rule), record it, remove it.
-  4. writes each row's K results; -inf entries get position -1.
-Cosine is handled on the host by normalising the embedding table once (x / max(||x||, 1e-12)).
+  4. writes all k columns of each row (no prefilled output): its K results, -inf entries with position -1,
+     and the padding columns beyond the longest prefix.
+Cosine is handled by normalising the embedding table (x / max(||x||, 1e-12)) in :func:`prepare_table`;
+rellax_fast.ops.topk caches that table per item_emb, so repeated calls do not renormalise.
 
 Memory traffic: per tile, BLOCK_M target rows plus every history row before the tile's largest position
 (each embedding row read once per target tile, d·elem bytes), the int64 item ids, and K·12 bytes of output
 per sample. Nothing of size S x L is written: the scores live only in registers.
 
-Large k: KPAD is the next power of two of min(k, longest prefix); the selection costs K steps per history
-tile, so very large k is correct but slow (no separate two-stage path).
+Compiles: KPAD (next power of two of K = min(k, longest prefix)) is the only shape constexpr; K and k are
+runtime arguments (not specialised), so new history lengths do not recompile.
+Large k: the selection costs K steps per history tile, so very large k is correct but slow (no separate
+two-stage path).
 Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (UPCAST constexpr): the interpreter's bf16
 ``tl.dot`` is wrong.
 """
@@ -27,6 +32,9 @@ Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (UPCAST constexpr):
 if not __name__.startswith("rellax_fast."):
     raise ImportError("rellax-fast Triton kernels are only importable as rellax_fast.kernels.*")
 
+
+import contextlib
+from typing import Optional
 
 import torch
 import triton
@@ -37,21 +45,21 @@ from rellax_fast.ops._backend import triton_interpreting
 NORM_EPS = 1e-12
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "KOUT"])
 def _semantic_topk_kernel(
     emb_ptr, seq_items_ptr, seq_offsets_ptr, sample_user_ptr, sample_pos_ptr, order_ptr, tile_start_ptr,
-    tile_count_ptr, out_pos_ptr, out_score_ptr, D, stride_emb, stride_out,
-    K: tl.constexpr, KPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    tile_count_ptr, out_pos_ptr, out_score_ptr, D, stride_emb, stride_out, K, KOUT,
+    KPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     start = tl.load(tile_start_ptr + pid)
-    count = tl.load(tile_count_ptr + pid)
+    count = tl.load(tile_count_ptr + pid)  # 0 for an unused slot of the upper-bound grid: nothing is stored
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < count
     sample = tl.load(order_ptr + start + rows, mask=row_ok, other=0)
-    user = tl.load(sample_user_ptr + tl.load(order_ptr + start))
-    base = tl.load(seq_offsets_ptr + user)
+    user = tl.load(sample_user_ptr + tl.load(order_ptr + start, mask=count > 0, other=0), mask=count > 0, other=0)
+    base = tl.load(seq_offsets_ptr + user, mask=count > 0, other=0)
     p = tl.load(sample_pos_ptr + sample, mask=row_ok, other=0)
     pmax = tl.max(p, axis=0)
     target_item = tl.load(seq_items_ptr + base + p, mask=row_ok, other=0)
@@ -93,62 +101,108 @@ def _semantic_topk_kernel(
             top_s = tl.where(top_p == pick[:, None], float("-inf"), top_s)
         top_s = new_s
         top_p = new_p
+    # columns K..KPAD-1 still hold -inf / -1; columns KPAD..KOUT-1 (k beyond the longest prefix) are padding
     out_p = tl.where(top_s == float("-inf"), -1, top_p).to(tl.int64)
-    offs = sample[:, None].to(tl.int64) * stride_out + kcol
-    mask = row_ok[:, None] & (kcol < K)
-    tl.store(out_pos_ptr + offs, out_p, mask=mask)
-    tl.store(out_score_ptr + offs, top_s, mask=mask)
+    row_off = sample[:, None].to(tl.int64) * stride_out
+    tl.store(out_pos_ptr + row_off + kcol, out_p, mask=row_ok[:, None] & (kcol < KOUT))
+    tl.store(out_score_ptr + row_off + kcol, top_s, mask=row_ok[:, None] & (kcol < KOUT))
+    pad_p = tl.full((BLOCK_M, KPAD), -1, tl.int64)
+    pad_s = tl.full((BLOCK_M, KPAD), float("-inf"), tl.float32)
+    for c0 in range(KPAD, KOUT, KPAD):
+        cols = c0 + kcol
+        mask = row_ok[:, None] & (cols < KOUT)
+        tl.store(out_pos_ptr + row_off + cols, pad_p, mask=mask)
+        tl.store(out_score_ptr + row_off + cols, pad_s, mask=mask)
 
 
-def _tiles(seq_offsets, sample_user, sample_pos, block_m: int):
-    """Host work list: sample order sorted by (user, p), tile starts and sizes (longest prefixes first)."""
-    n = sample_user.shape[0]
-    flat = seq_offsets[sample_user] + sample_pos
-    order = torch.sort(flat, stable=True).indices
-    user_sorted = sample_user[order]
-    idx = torch.arange(n, device=order.device)
-    new_run = torch.ones(n, dtype=torch.bool, device=order.device)
-    new_run[1:] = user_sorted[1:] != user_sorted[:-1]
-    run_id = torch.cumsum(new_run.to(torch.int64), 0) - 1
-    run_start = idx[new_run][run_id]
-    run_len = torch.bincount(run_id)[run_id]
-    rank = idx - run_start
-    is_start = rank % block_m == 0
-    tile_start = idx[is_start]
-    tile_count = torch.clamp(run_len[is_start] - rank[is_start], max=block_m)
-    last = sample_pos[order[tile_start + tile_count - 1]]
-    by_cost = torch.sort(last, descending=True, stable=True).indices
-    return order, tile_start[by_cost].contiguous(), tile_count[by_cost].contiguous()
-
-
-def semantic_topk_triton(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k: int, normalize: bool,
-                         block_m: int = 16, block_n: int = 32):
-    """Launch helper: validated inputs in, (pos (S,k) int64, score (S,k) float32) out."""
-    device = item_emb.device
-    n = sample_user.shape[0]
-    out_pos = torch.full((n, k), -1, dtype=torch.int64, device=device)
-    out_score = torch.full((n, k), float("-inf"), dtype=torch.float32, device=device)
-    if n == 0 or k == 0:
-        return out_pos, out_score
-    k_eff = min(k, int(sample_pos.max()))
-    if k_eff == 0:
-        return out_pos, out_score
+def prepare_table(item_emb: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The table the kernel reads: contiguous rows; float64 becomes float32; for cosine each row is divided by
+    max(||row||, 1e-12) in float32 and stored back in the input dtype (bf16/fp16 stay 16-bit for the
+    tensor-core dot). rellax_fast.ops.topk caches the result per item_emb (identity and version)."""
     emb = item_emb
     if emb.dtype == torch.float64:
         emb = emb.to(torch.float32)
     if normalize:
         e32 = emb.to(torch.float32)
         emb = (e32 / e32.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)).to(emb.dtype)
-    emb = emb.contiguous()
+    return emb.contiguous()
+
+
+def _tiles(seq_offsets, sample_user, sample_pos, block_m: int):
+    """Work list built on the device with no host sync: (order, tile_start, tile_count), all int64.
+
+    Samples sorted by flat position (grouped by user, ascending p), cut into tiles of <= block_m samples of
+    one user. The grid size must be known on the host without reading the data, so the list has the upper
+    bound S // block_m + min(S, U) slots (each user's run adds at most one partial tile); unused slots have
+    count 0 and start 0. Slots are ordered by their largest position, longest prefixes first (load balance).
+    """
+    n = sample_user.shape[0]
+    n_users = seq_offsets.shape[0] - 1
+    device = sample_user.device
+    flat = seq_offsets[sample_user] + sample_pos
+    order = torch.sort(flat, stable=True).indices
+    user_sorted = sample_user[order]
+    idx = torch.arange(n, device=device)
+    new_run = torch.ones(n, dtype=torch.bool, device=device)
+    new_run[1:] = user_sorted[1:] != user_sorted[:-1]
+    run_start = torch.cummax(torch.where(new_run, idx, 0), 0).values
+    is_start = (idx - run_start) % block_m == 0
+    tile_of = torch.cumsum(is_start, 0) - 1
+    n_slots = min(n, n // block_m + min(n, n_users))
+    tile_start = torch.zeros(n_slots, dtype=torch.int64, device=device).scatter_reduce(
+        0, tile_of, idx, "amin", include_self=False)
+    tile_count = torch.zeros(n_slots, dtype=torch.int64, device=device).scatter_add(0, tile_of, torch.ones_like(idx))
+    last = torch.full((n_slots,), -1, dtype=torch.int64, device=device).scatter_reduce(
+        0, tile_of, sample_pos[order], "amax", include_self=False)
+    by_cost = torch.sort(last, descending=True, stable=True).indices
+    return order, tile_start[by_cost].contiguous(), tile_count[by_cost].contiguous()
+
+
+def semantic_topk_triton(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k: int, normalize: bool, *,
+                         max_pos: Optional[int] = None, prepared: bool = False, out=None,
+                         block_m: int = 16, block_n: int = 32):
+    """Launch helper: validated inputs in, (pos (S,k) int64, score (S,k) float32) out.
+
+    ``max_pos``: max(sample_pos) when the caller already read it (the op's validation does), else one sync
+    here. ``prepared``: item_emb is already :func:`prepare_table`'s output. ``out``: optional (pos, score)
+    buffers to fill; the kernel writes every entry (no prefill), so poisoned buffers come back fully
+    overwritten. Index tensors may be strided or expanded views (made contiguous here: the kernel reads them
+    with unit stride). Runs on item_emb's device whatever the current CUDA device is.
+    """
+    device = item_emb.device
+    n = sample_user.shape[0]
+    if out is None:
+        out_pos = torch.empty((n, k), dtype=torch.int64, device=device)
+        out_score = torch.empty((n, k), dtype=torch.float32, device=device)
+    else:
+        out_pos, out_score = out
+        if (out_pos.shape != (n, k) or out_pos.dtype != torch.int64 or out_score.shape != (n, k)
+                or out_score.dtype != torch.float32 or out_pos.device != device or out_score.device != device
+                or not out_pos.is_contiguous() or not out_score.is_contiguous()):
+            raise ValueError(f"semantic_topk_triton: out must be contiguous ({n}, {k}) int64 and float32 tensors on "
+                             f"{device}; got {out_pos.dtype} {tuple(out_pos.shape)} on {out_pos.device} and "
+                             f"{out_score.dtype} {tuple(out_score.shape)} on {out_score.device}")
+    if n == 0 or k == 0:
+        return out_pos, out_score
+    if max_pos is None:
+        max_pos = int(sample_pos.max())
+    k_eff = min(k, max_pos)
+    emb = item_emb if prepared else prepare_table(item_emb, normalize)
+    seq_items, seq_offsets, sample_user, sample_pos = (
+        t.contiguous() for t in (seq_items, seq_offsets, sample_user, sample_pos))
     d = emb.shape[1]
-    order, tile_start, tile_count = _tiles(seq_offsets, sample_user, sample_pos, block_m)
-    kpad = triton.next_power_of_2(k_eff)
+    # KPAD is the only shape constexpr (K and k are runtime values): a power of two, so histories of any
+    # length compile at most log2(k) variants
+    kpad = triton.next_power_of_2(max(1, k_eff))
     block_d = min(64, max(16, triton.next_power_of_2(d)))
     interpreting = triton_interpreting()
-    _semantic_topk_kernel[(tile_start.shape[0],)](
-        emb, seq_items, seq_offsets, sample_user, sample_pos, order, tile_start, tile_count, out_pos, out_score,
-        d, emb.stride(0), out_pos.stride(0),
-        K=k_eff, KPAD=kpad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        UPCAST=interpreting, IEEE=(emb.dtype == torch.float32 and not interpreting),
-    )
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:  # Triton launches on the current device, not the tensors'
+        order, tile_start, tile_count = _tiles(seq_offsets, sample_user, sample_pos, block_m)
+        _semantic_topk_kernel[(tile_start.shape[0],)](
+            emb, seq_items, seq_offsets, sample_user, sample_pos, order, tile_start, tile_count, out_pos, out_score,
+            d, emb.stride(0), out_pos.stride(0), k_eff, k,
+            KPAD=kpad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            UPCAST=interpreting, IEEE=(emb.dtype == torch.float32 and not interpreting),
+        )
     return out_pos, out_score

@@ -11,6 +11,12 @@ Zero vectors under ``metric="cosine"``: rows are normalised as ``x / max(||x||, 
 :func:`torch.nn.functional.normalize` rule), so an all-zero embedding has cosine 0 with everything. Every
 backend follows this rule.
 
+Host syncs per call (GPU tensors): one, in the validation (every value check and max(sample_pos) read
+back together), plus one inside the CUDA C++ op, which re-checks its indices for direct torch.ops callers.
+The Triton work list is built on the device. The full-table finiteness check and the cosine
+normalisation / float32 conversion of the table are cached per item_emb (identity + version counter,
+see :class:`_TableCache`), so a fixed table is checked and normalised once, not per call.
+
 This module owns the argument validation (done once here, for every backend), the float64-capable
 PyTorch oracle :func:`semantic_topk_ref`, the torch.library fake registration of the C++/CUDA op, and the
 backend routing. Backends: ``reference`` (this file), ``cpp`` (csrc/topk.cpp), ``cuda``
@@ -19,6 +25,8 @@ backend routing. Backends: ``reference`` (this file), ``cpp`` (csrc/topk.cpp), `
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
@@ -39,8 +47,11 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
-def validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric) -> None:
-    """Raise a clear TypeError/ValueError naming the bad argument (shared by every backend)."""
+def validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric) -> int:
+    """Raise a clear TypeError/ValueError naming the bad argument (shared by every backend).
+
+    Returns max(sample_pos) (0 without samples), read in the same single host sync as the value checks.
+    """
     tensors = dict(item_emb=item_emb, seq_items=seq_items, seq_offsets=seq_offsets,
                    sample_user=sample_user, sample_pos=sample_pos)
     for name, t in tensors.items():
@@ -74,44 +85,161 @@ def validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos
             "semantic_topk: sample_user and sample_pos must have the same length S; "
             f"got {sample_user.shape[0]} and {sample_pos.shape[0]}")
 
+    return _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos)
+
+
+def _first_true(mask: torch.Tensor) -> torch.Tensor:
+    """Index of the first True in a 1-D mask as a 0-d int64 device tensor, len(mask) when none (no sync)."""
+    n = mask.shape[0]
+    if n == 0:
+        return torch.full((), 0, dtype=torch.int64, device=mask.device)
+    idx = torch.arange(n, device=mask.device)
+    return torch.where(mask, idx, n).min()
+
+
+def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) -> int:
+    """The value checks, computed on the device and read back with ONE host sync; returns max(sample_pos).
+
+    Every check becomes a 0-d int64 tensor (a first bad index, or a value); they are stacked and read with
+    one ``tolist()``. Only a failing call pays more syncs, to quote the bad entry. The full-table finiteness
+    check of item_emb is skipped when the same tensor (identity and version) passed it before.
+    """
     n_items, total = item_emb.shape[0], seq_items.shape[0]
-    if item_emb.numel() and not bool(torch.isfinite(item_emb).all()):
-        bad = int((~torch.isfinite(item_emb)).any(dim=1).nonzero()[0, 0])
-        raise ValueError(f"semantic_topk: item_emb must be finite; row {bad} holds NaN or inf")
+    n_users = seq_offsets.shape[0] - 1
+    n_samples = sample_user.shape[0]
+    device = seq_offsets.device
+    zero = torch.zeros((), dtype=torch.int64, device=device)
     if seq_offsets.shape[0] < 1:
         raise ValueError("semantic_topk: seq_offsets must have U+1 >= 1 entries, starting at 0; got an empty tensor")
-    if int(seq_offsets[0]) != 0:
-        raise ValueError(f"semantic_topk: seq_offsets must start at 0; got seq_offsets[0] = {int(seq_offsets[0])}")
+    if n_samples and n_users == 0:
+        raise ValueError("semantic_topk: sample_user must be in [0, 0) (U = len(seq_offsets) - 1); "
+                         f"sample_user[0] = {int(sample_user[0])}")
+    check_finite = item_emb.numel() > 0 and not _TABLES.finite(item_emb)
     lengths = seq_offsets[1:] - seq_offsets[:-1]
-    if lengths.numel() and bool((lengths < 0).any()):
-        i = int((lengths < 0).nonzero()[0, 0])
+    bad_item = (seq_items < 0) | (seq_items >= n_items)
+    if n_samples:
+        bad_user = (sample_user < 0) | (sample_user >= n_users)
+        u = sample_user.clamp(0, n_users - 1)
+        user_len = lengths[u]
+        bad_pos = (sample_pos < 0) | (sample_pos >= user_len)
+    flags = torch.stack([
+        _first_true((~torch.isfinite(item_emb)).any(dim=1)) if check_finite else zero + n_items,
+        seq_offsets[0],
+        _first_true(lengths < 0),
+        seq_offsets[-1],
+        _first_true(bad_item),
+        _first_true(bad_user) if n_samples else zero,
+        _first_true(bad_pos) if n_samples else zero,
+        sample_pos.max() if n_samples else zero,
+    ]).tolist()  # the one host sync of a successful call
+    first_nonfinite, offset0, first_decrease, offset_last, first_bad_item, first_bad_user, first_bad_pos, max_pos = flags
+    if first_nonfinite < n_items:
+        raise ValueError(f"semantic_topk: item_emb must be finite; row {first_nonfinite} holds NaN or inf")
+    if check_finite:
+        _TABLES.mark_finite(item_emb)
+    if offset0 != 0:
+        raise ValueError(f"semantic_topk: seq_offsets must start at 0; got seq_offsets[0] = {offset0}")
+    if first_decrease < n_users:
+        i = first_decrease
         raise ValueError(
             f"semantic_topk: seq_offsets must be non-decreasing; seq_offsets[{i + 1}] = {int(seq_offsets[i + 1])} "
             f"< seq_offsets[{i}] = {int(seq_offsets[i])}")
-    if int(seq_offsets[-1]) > total:
+    if offset_last > total:
         raise ValueError(
-            f"semantic_topk: seq_offsets overruns seq_items: seq_offsets[-1] = {int(seq_offsets[-1])} "
+            f"semantic_topk: seq_offsets overruns seq_items: seq_offsets[-1] = {offset_last} "
             f"> len(seq_items) = {total}")
-    if total and (int(seq_items.min()) < 0 or int(seq_items.max()) >= n_items):
-        bad = int(((seq_items < 0) | (seq_items >= n_items)).nonzero()[0, 0])
+    if first_bad_item < total:
+        bad = first_bad_item
         raise ValueError(
             f"semantic_topk: seq_items holds item ids in [0, {n_items}) (rows of item_emb); "
             f"seq_items[{bad}] = {int(seq_items[bad])}")
-    n_users = seq_offsets.shape[0] - 1
-    if sample_user.numel():
-        if int(sample_user.min()) < 0 or int(sample_user.max()) >= n_users:
-            bad = int(((sample_user < 0) | (sample_user >= n_users)).nonzero()[0, 0])
-            raise ValueError(
-                f"semantic_topk: sample_user must be in [0, {n_users}) (U = len(seq_offsets) - 1); "
-                f"sample_user[{bad}] = {int(sample_user[bad])}")
-        user_len = lengths[sample_user]
-        bad_mask = (sample_pos < 0) | (sample_pos >= user_len)
-        if bool(bad_mask.any()):
-            bad = int(bad_mask.nonzero()[0, 0])
-            raise ValueError(
-                f"semantic_topk: sample_pos must be in [0, len of the user's sequence) since the target sits at "
-                f"that position; sample_pos[{bad}] = {int(sample_pos[bad])} but user {int(sample_user[bad])} "
-                f"has {int(user_len[bad])} items")
+    if n_samples and first_bad_user < n_samples:
+        bad = first_bad_user
+        raise ValueError(
+            f"semantic_topk: sample_user must be in [0, {n_users}) (U = len(seq_offsets) - 1); "
+            f"sample_user[{bad}] = {int(sample_user[bad])}")
+    if n_samples and first_bad_pos < n_samples:
+        bad = first_bad_pos
+        raise ValueError(
+            f"semantic_topk: sample_pos must be in [0, len of the user's sequence) since the target sits at "
+            f"that position; sample_pos[{bad}] = {int(sample_pos[bad])} but user {int(sample_user[bad])} "
+            f"has {int(user_len[bad])} items")
+    return max_pos
+
+
+class _TableCache:
+    """Per-item_emb facts reused across calls: "passed the finiteness check" and the prepared kernel tables.
+
+    Keyed on the tensor's identity (a weak reference: nothing here keeps item_emb alive) and validated on
+    every lookup against its version counter (bumped by every in-place write through torch), data pointer,
+    shape, strides, dtype and device, so a modified table is checked and normalised again. Writes that
+    bypass the version counter (``.data`` or another framework aliasing the memory) are not seen; pass a
+    fresh tensor after such writes. Prepared tables (a normalised copy, or a float32 copy) cost one extra
+    table of memory while item_emb lives; at most ``capacity`` tensors are remembered (least recent out).
+    """
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = capacity
+        self._entries: OrderedDict[int, dict] = OrderedDict()
+
+    @staticmethod
+    def _signature(t: torch.Tensor):
+        try:
+            version = t._version
+        except RuntimeError:  # inference tensors have no version counter: never cached
+            return None
+        return (version, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
+
+    def _entry(self, t: torch.Tensor, create: bool):
+        sig = self._signature(t)
+        if sig is None:
+            return None
+        key = id(t)
+        entry = self._entries.get(key)
+        if entry is not None and (entry["ref"]() is not t or entry["sig"] != sig):
+            del self._entries[key]
+            entry = None
+        if entry is None and create:
+            self._entries[key] = entry = {"ref": weakref.ref(t, lambda _r, k=key: self._entries.pop(k, None)),
+                                          "sig": sig, "finite": False, "tables": {}}
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def finite(self, t: torch.Tensor) -> bool:
+        entry = self._entry(t, create=False)
+        return bool(entry and entry["finite"])
+
+    def mark_finite(self, t: torch.Tensor) -> None:
+        entry = self._entry(t, create=True)
+        if entry is not None:
+            entry["finite"] = True
+
+    def table(self, t: torch.Tensor, kind: str, make):
+        """``make(t)`` cached under ``kind``; a result that is ``t`` itself is returned but not stored."""
+        entry = self._entry(t, create=True)
+        if entry is not None and kind in entry["tables"]:
+            return entry["tables"][kind]
+        value = make(t)
+        if entry is not None and value is not t and value.data_ptr() != t.data_ptr():
+            entry["tables"][kind] = value
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+_TABLES = _TableCache()
+
+
+def _cuda_table(item_emb: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The float32 table the CUDA kernel reads (normalised for cosine), contiguous."""
+    t = item_emb.to(torch.float32)
+    if normalize:
+        t = t / t.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    return t.contiguous()
 
 
 def _empty_result(n_samples: int, k: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -179,11 +307,12 @@ def semantic_topk(item_emb: torch.Tensor, seq_items: torch.Tensor, seq_offsets: 
     See the module docstring for the contract. ``backend`` forces ``reference``/``cpp``/``cuda``/``triton``
     (default: the fastest available for ``item_emb``'s device, or ``$RELLAX_BACKEND``). Not differentiable.
     """
-    validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric)
+    max_pos = validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric)
     which = _backend.resolve(OP, item_emb.device, backend)
     n_samples = sample_user.shape[0]
     if n_samples == 0 or k == 0:
         return _empty_result(n_samples, k, item_emb.device)
+    normalize = metric == "cosine"
     with torch.no_grad():
         if which == "reference":
             compute = torch.float64 if item_emb.device.type == "cpu" else torch.float32
@@ -191,13 +320,19 @@ def semantic_topk(item_emb: torch.Tensor, seq_items: torch.Tensor, seq_offsets: 
                                            compute_dtype=compute)
             return pos, score.to(torch.float32)
         if which == "triton":
-            from rellax_fast.kernels.topk import semantic_topk_triton
+            from rellax_fast.kernels.topk import prepare_table, semantic_topk_triton
 
-            return semantic_topk_triton(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k,
-                                        normalize=(metric == "cosine"))
-        # cpp and cuda share one torch.library op; the dispatcher picks the kernel by device
+            table = _TABLES.table(item_emb, f"triton-{normalize}", lambda t: prepare_table(t, normalize))
+            return semantic_topk_triton(table, seq_items, seq_offsets, sample_user, sample_pos, k,
+                                        normalize=normalize, max_pos=max_pos, prepared=True)
+        # cpp and cuda share one torch.library op; the dispatcher picks the kernel by device. The CUDA kernel
+        # gets the cached float32 (normalised) table with normalize=False; the CPU kernel builds its own padded
+        # table, fused with the normalisation, inside the op.
+        if which == "cuda":
+            item_emb = _TABLES.table(item_emb, f"cuda-{normalize}", lambda t: _cuda_table(t, normalize))
+            normalize = False
         return ext_op(OP)(item_emb.contiguous(), seq_items.contiguous(), seq_offsets.contiguous(),
-                          sample_user.contiguous(), sample_pos.contiguous(), k, metric == "cosine")
+                          sample_user.contiguous(), sample_pos.contiguous(), k, normalize)
 
 
 def _register_ext() -> None:

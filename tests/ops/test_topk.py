@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from topk_cases import check_against_reference, exact_tie_embeddings, oracle, ragged_case
+from topk_cases import check_against_reference, exact_tie_embeddings, oracle, ragged_case, view_cases
 
 from rellax_fast.ops import BackendUnavailableError, semantic_topk
 
@@ -240,3 +240,55 @@ def test_gpu_backends_match_reference(backend, metric, k):
     case = ragged_case(LENGTHS, n_items=300, d=384, seed=11, device="cuda")
     result = semantic_topk(*case, k, metric=metric, backend=backend)
     check_against_reference(result, case, k, metric, ATOL[metric] * (384 / 31) ** 0.5)
+
+
+VIEW_LENGTHS = [0, 1, 45, 9, 3]
+
+
+@pytest.mark.parametrize("view", ["strided", "column_major", "expanded"])
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_strided_and_expanded_views(backend, metric, view):
+    case = dict(view_cases(VIEW_LENGTHS, n_items=40, d=21, seed=13))[view]
+    contiguous = tuple(t.contiguous() for t in case)
+    result = semantic_topk(*case, 6, metric=metric, backend=backend)
+    check_against_reference(result, contiguous, 6, metric, ATOL[metric], ref=oracle(contiguous, 7, metric))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_table_cache_sees_in_place_writes(backend):
+    """The finiteness check and the prepared tables are cached per item_emb: an in-place write must be seen."""
+    emb, items, offsets, users, pos = ragged_case([30, 12], n_items=20, d=16, seed=21)
+    first = semantic_topk(emb, items, offsets, users, pos, 4, backend=backend)
+    semantic_topk(emb, items, offsets, users, pos, 4, backend=backend)  # a cache hit
+    emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(5)))  # a new table, same tensor
+    flipped = semantic_topk(emb, items, offsets, users, pos, 4, backend=backend)
+    check_against_reference(flipped, (emb, items, offsets, users, pos), 4, "cosine", ATOL["cosine"])
+    assert not torch.equal(first[0], flipped[0])
+    emb[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="item_emb must be finite; row 3"):
+        semantic_topk(emb, items, offsets, users, pos, 4, backend=backend)
+
+
+def test_validation_reads_back_once(monkeypatch):
+    """Every value check and max(sample_pos) come back in one host read (one sync on a GPU)."""
+    from rellax_fast.ops import topk as topk_mod
+
+    calls = {"tolist": 0, "item": 0}
+    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+
+    def tolist(self):
+        calls["tolist"] += 1
+        return real_tolist(self)
+
+    def item(self):
+        calls["item"] += 1
+        return real_item(self)
+
+    emb, items, offsets, users, pos = ragged_case([30, 12, 0, 5], n_items=20, d=16, seed=22)
+    topk_mod._TABLES.clear()
+    monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    max_pos = topk_mod.validate_topk_args(emb, items, offsets, users, pos, 3, "cosine")
+    assert max_pos == int(pos.max())
+    assert calls == {"tolist": 1, "item": 0}

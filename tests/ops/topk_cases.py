@@ -31,6 +31,51 @@ def ragged_case(lengths, n_items: int, d: int, seed: int, device="cpu", dtype=to
     return tuple(t.to(device) for t in (emb.to(dtype), items, offsets, users, pos))
 
 
+def _strided(t: torch.Tensor, junk) -> torch.Tensor:
+    """The same values as ``t`` in a non-contiguous view: every third element of a junk-filled buffer (offset 1).
+
+    The junk (out-of-range ids, huge floats) makes a kernel that ignores the stride read wrong values, or
+    out of bounds, instead of passing by luck.
+    """
+    buf = torch.full((t.shape[0], 3) + tuple(t.shape[1:]), junk, dtype=t.dtype, device=t.device)
+    buf[:, 1] = t
+    view = buf[:, 1]
+    assert not view.is_contiguous() or t.shape[0] <= 1
+    return view
+
+
+def _padded_rows(emb: torch.Tensor) -> torch.Tensor:
+    """``emb`` as a column slice of a wider junk-filled buffer: row stride d + 5, storage offset 2."""
+    n, d = emb.shape
+    buf = torch.full((n, d + 5), 1e30, dtype=emb.dtype, device=emb.device)
+    buf[:, 2 : 2 + d] = emb
+    return buf[:, 2 : 2 + d]
+
+
+def view_cases(lengths, n_items: int, d: int, seed: int, device="cpu"):
+    """Strided and expanded views of the op's inputs: [(name, case)], each case a 5-tuple like ragged_case.
+
+    - "strided": every index tensor is a stride-3 view into junk, item_emb a column slice (row stride d + 5);
+    - "column_major": item_emb with transposed storage (stride (1, N)); index tensors contiguous;
+    - "expanded": the longest user alone, 7 samples at its last position: sample_user and sample_pos are
+      stride-0 expands of one element (item_emb the padded-rows view; an expanded item_emb would make every
+      score tie and test nothing).
+    """
+    emb, items, offsets, users, pos = ragged_case(lengths, n_items, d, seed, device=device)
+    strided = (_padded_rows(emb), _strided(items, 10**9), _strided(offsets, -(10**9)), _strided(users, 10**9),
+               _strided(pos, 10**9))
+    column_major = (emb.t().contiguous().t(), items, offsets, users, pos)
+    longest = max(range(len(lengths)), key=lambda u: lengths[u])
+    n = lengths[longest]
+    start = int(offsets[longest])
+    one_items = items[start : start + n]
+    one_offsets = torch.tensor([0, n], dtype=torch.int64, device=device)
+    p = torch.tensor([n - 1], dtype=torch.int64, device=device)
+    expanded = (_padded_rows(emb), one_items, one_offsets, torch.zeros(1, dtype=torch.int64, device=device).expand(7),
+                p.expand(7))
+    return [("strided", strided), ("column_major", column_major), ("expanded", expanded)]
+
+
 def exact_tie_embeddings(d: int = 19) -> torch.Tensor:
     """Four item rows whose dot products and cosines are exact in any summation order, on any CPU or BLAS.
 
