@@ -226,3 +226,27 @@ def test_bad_calls_are_clear_errors():
         apply_cflora(tiny_llama())
     with pytest.raises(ValueError, match="backend must be None or one of"):
         apply_cflora(_peft("llama"), backend="cuda-graphs")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_patched_peft_matches_peft(backend, dtype, op_calls):
+    """On a GPU (scripts/gpu_check.sh): the patched PEFT model on the cuda / triton backend gives PEFT's
+    logits and LoRA gradients, in float32 and bfloat16 (adapters in the model dtype)."""
+    build, targets = TARGETS["llama"]
+    torch.manual_seed(0)
+    ref = get_peft_model(build(0, initializer_range=0.1),
+                         LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False),
+                         autocast_adapter_dtype=False).to("cuda", dtype).train()
+    model = apply_cflora(copy.deepcopy(ref), backend=backend)
+    inputs = {k: v.cuda() for k, v in model_inputs(batch=4, seq=33).items()}
+    ref_logits, _, ref_grads = _forward_backward(ref, inputs)
+    logits, _, grads = _forward_backward(model, inputs)
+    assert set(op_calls) == {backend}
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float32 else {"rtol": 8e-2, "atol": 8e-2}
+    torch.testing.assert_close(logits.float(), ref_logits.float(), **tol)
+    for name, g in ref_grads.items():
+        scale = g.float().abs().max().clamp_min(1e-6)
+        torch.testing.assert_close(grads[name].float() / scale, g.float() / scale, **tol, msg=name)
