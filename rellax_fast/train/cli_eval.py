@@ -1,7 +1,10 @@
 """``rellax-fast eval``: score a saved ReLLaX run on a split of its dataset, or on a JSONL file of samples.
 
 The run folder (from ``rellax-fast train`` or ``demo``) holds ``rellax.json`` and ``trainable.safetensors``;
-the backbone is reloaded from the path recorded there and the frozen DIN from the run's CTR folder.
+the backbone is reloaded from the path recorded there and the frozen DIN from the run's CTR folder. Paths
+in ``rellax.json`` are relative to the run folder, so a moved or copied ``--out`` evaluates with its own
+DIN; the DIN and the SUBR embeddings are checked against the fingerprints the run recorded, and a mismatch
+(a retrained DIN, another pipeline's files) is an error. Eval writes only into its output folder.
 
 JSONL input: one sample per line, ``{"user_id": 1, "item_id": 50, "history": [12, 7, ...],
 "history_ratings": [4, 5, ...], "label": 1}`` (history oldest first; ``history_timestamps`` and
@@ -12,6 +15,10 @@ JSONL input: one sample per line, ``{"user_id": 1, "item_id": 50, "history": [12
 from __future__ import annotations
 
 import argparse
+
+
+class RunDependencyError(ValueError):
+    """A run's DIN folder or SUBR embeddings are missing, or are not the ones it was trained with."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,8 +39,14 @@ def load_run(run_dir, data=None, log=print):
     import torch
     from safetensors.torch import load_file
 
-    from ..spa.ctr import load_ctr
-    from .pipeline import PipelineConfig, VariantSpec, build_rellax, load_tokenizer_and_backbone
+    from ..spa.ctr import din_fingerprint, load_ctr
+    from .pipeline import (
+        PipelineConfig,
+        VariantSpec,
+        build_rellax,
+        load_tokenizer_and_backbone,
+        resolve_dependency,
+    )
     from .trainer import TrainConfig
 
     run_dir = Path(run_dir)
@@ -45,7 +58,22 @@ def load_run(run_dir, data=None, log=print):
     pc["model"] = meta["model"]
     cfg = PipelineConfig(**pc)
     spec = VariantSpec(**meta["variant"])
-    din, vocab, _ = load_ctr(meta["ctr_dir"])
+    ctr_dir = resolve_dependency(run_dir, meta, "ctr_dir")
+    if ctr_dir is None or not (ctr_dir / "din.json").exists():
+        raise RunDependencyError(
+            f"{run_dir / 'rellax.json'}: its DIN folder {ctr_dir} (ctr_dir {meta.get('ctr_dir')!r}"
+            f"{', relative to the run folder' if meta.get('paths_relative_to') == 'run' else ''}) has no din.json; "
+            f"a run needs the ctr/ folder of its pipeline: move or copy the whole --out folder, not the run alone"
+        )
+    try:
+        din, vocab, _ = load_ctr(ctr_dir)
+    except ValueError as exc:
+        raise RunDependencyError(str(exc)) from exc
+    if meta.get("din_fingerprint") and din_fingerprint(din, vocab) != meta["din_fingerprint"]:
+        raise RunDependencyError(
+            f"{ctr_dir}: this DIN is not the one the run {run_dir} was trained with (retrained since, or another "
+            f"pipeline's ctr/); scores would be meaningless: retrain the run (`rellax-fast train`) against this DIN"
+        )
     tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, meta["kind"])
     saved = load_file(str(run_dir / "trainable.safetensors"))
     # the condition statistics are buffers: rebuild with placeholders, then load every saved tensor
@@ -107,10 +135,42 @@ def jsonl_split(path, data):
     return view, split, has_label
 
 
-def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_size: int = 64, progress: bool = True):
+def subr_embeddings_for(run_dir, meta, data, cache_dir=None, progress: bool = True, log=print):
+    """The SUBR item embeddings the run was trained with, checked against its recorded fingerprint; when the
+    saved file is gone, recomputed with the default encoder into ``cache_dir`` (a temporary folder if None)."""
+    import tempfile
+    from pathlib import Path
+
+    from .pipeline import embeddings_fingerprint, item_embeddings, load_subr_embeddings, resolve_dependency
+
+    path = resolve_dependency(run_dir, meta, "subr_embeddings")
+    if path is None and meta.get("paths_relative_to") != "run" and meta.get("ctr_dir"):
+        path = Path(meta["ctr_dir"]).parent / "subr_embeddings.npz"  # older runs: next to the DIN folder
+    saved = load_subr_embeddings(path=path) if path is not None else None
+    expected = meta.get("subr_fingerprint")
+    if saved is not None:
+        if expected and embeddings_fingerprint(*saved) != expected:
+            raise RunDependencyError(f"{path}: these SUBR embeddings are not the ones the run {run_dir} was trained with "
+                             f"(rebuilt since, or another pipeline's); retrain the run against them")  # fmt: skip
+        return saved
+    log(f"the run's SUBR embeddings ({path}) are gone: recomputing them with the default encoder")
+    if cache_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            emb, ids = item_embeddings(data, tmp, progress=progress)
+    else:
+        emb, ids = item_embeddings(data, cache_dir, progress=progress)
+    if expected and embeddings_fingerprint(emb, ids) != expected:
+        log("warning: the recomputed SUBR embeddings differ from the run's (other encoder files or machine); "
+            "retrieval may differ slightly from training")  # fmt: skip
+    return emb, ids
+
+
+def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_size: int = 64, progress: bool = True,
+          cache_dir=None):  # fmt: skip
     """Score a saved run on ``data``'s split (the run's seeded test subsample by default) or a JSONL file.
 
-    Returns (split, probs, has_label, spec).
+    ``cache_dir``: where SUBR embeddings are cached if they must be recomputed (default: a temporary folder;
+    eval never writes outside its output folder). Returns (split, probs, has_label, spec).
     """
     from pathlib import Path
 
@@ -121,7 +181,7 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
 
     from ..spa.ctr import split_arrays
     from ..spa.din import predict
-    from .pipeline import item_embeddings, load_subr_embeddings, make_samples, shown_positions_for, subsample
+    from .pipeline import make_samples, shown_positions_for, subsample
     from .trainer import PromptDataset, predict_proba
 
     run_dir = Path(run_dir)
@@ -143,8 +203,7 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
     _, h = predict(din, arrays, with_h=True)
     emb = ids = None
     if spec.subr:
-        out_root = Path(meta["ctr_dir"]).parent
-        emb, ids = load_subr_embeddings(out_root) or item_embeddings(data, out_root / "emb_cache", progress=progress)
+        emb, ids = subr_embeddings_for(run_dir, meta, data, cache_dir, progress)
     positions = shown_positions_for(view, split, cfg.k, spec.subr, cfg.subr_mode, emb, ids, progress)
     collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,
                               chat=cfg.chat)
@@ -154,6 +213,7 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
     from pathlib import Path
 
     from rellax_fast.data import load_dataset, prepare_ctr
@@ -167,8 +227,13 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {run_dir} has no rellax.json (not a finished run folder)")
     dataset = args.dataset or meta["dataset"]
     data = prepare_ctr(load_dataset(dataset, data_dir=args.data_dir), seed=meta["pipeline"]["seed"])
-    split, probs, has_label, spec = score(run_dir, data, args.split, args.n, args.jsonl, args.batch_size, not args.no_progress)
     out = Path(args.out) if args.out else run_dir / ("eval-jsonl" if args.jsonl else f"eval-{args.split}")
+    try:
+        split, probs, has_label, spec = score(run_dir, data, args.split, args.n, args.jsonl, args.batch_size,
+                                              not args.no_progress, cache_dir=out / "emb_cache")  # fmt: skip
+    except RunDependencyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     out.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"user_id": int(u), "item_id": int(i), "p_click": float(p)}) for u, i, p in zip(split.user_id, split.item_id, probs)]
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")

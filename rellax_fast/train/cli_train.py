@@ -86,9 +86,10 @@ def build_shared_context(args, cfg, log=print):
                                                           progress=not args.no_progress),
                                            log=log)  # fmt: skip
     emb, ids = item_embeddings(data, out / "emb_cache", progress=not args.no_progress)
-    save_subr_embeddings(out, emb, ids)
+    subr_path = save_subr_embeddings(out, emb, ids)
     ctx = build_context(data, din, vocab, report, cfg, emb, ids)
-    ctx.ctr_dir = str(out / "ctr")
+    # recorded in each run's rellax.json relative to the run folder (with fingerprints), so --out can move
+    ctx.ctr_dir, ctx.subr_path = str(out / "ctr"), str(subr_path)
     return ctx
 
 

@@ -4,6 +4,11 @@ One *variant* is one training run (full ReLLaX or an ablation). ``run_variant`` 
 ``rellax.json`` (everything needed to rebuild and score the model), ``trainable.safetensors`` (every
 trainable tensor, for exact reloading), ``adapter/`` (the CFLoRA adapter via ``save_cflora``),
 ``loss.json``, ``metrics.json`` and ``predictions.npy``; plus the training checkpoints.
+
+``rellax.json`` names the files a run depends on outside its folder (the DIN folder, the SUBR embeddings)
+by paths relative to the run folder (``"paths_relative_to": "run"``), together with content fingerprints
+of what the run actually used, so that a moved ``--out`` still evaluates, and a copied or rebuilt one is
+checked rather than trusted. Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -130,20 +135,34 @@ def item_embeddings(data, cache_dir, progress: bool = True) -> Tuple[np.ndarray,
     return np.asarray(res.embeddings, dtype=np.float32), list(res.item_ids)
 
 
+def embeddings_fingerprint(emb: np.ndarray, item_ids) -> str:
+    """sha256 of SUBR item embeddings (float32 values) and their item ids."""
+    import hashlib
+
+    digest = hashlib.sha256(np.ascontiguousarray(emb, dtype="<f4").tobytes())
+    digest.update(np.ascontiguousarray(np.asarray(item_ids, np.int64), dtype="<i8").tobytes())
+    return digest.hexdigest()
+
+
 def save_subr_embeddings(out_dir, emb: np.ndarray, item_ids) -> Path:
     """Keep the SUBR item embeddings a pipeline used next to its runs (``subr_embeddings.npz``), for eval."""
+    import io
+
+    from .._io import atomic_write_bytes
+
     path = Path(out_dir) / "subr_embeddings.npz"
-    tmp = path.with_name(".subr_embeddings.tmp.npz")
-    np.savez(tmp, emb=np.asarray(emb, np.float32), item_ids=np.asarray(item_ids, np.int64))
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.savez(buffer, emb=np.asarray(emb, np.float32), item_ids=np.asarray(item_ids, np.int64))
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
-def load_subr_embeddings(out_dir):
-    path = Path(out_dir) / "subr_embeddings.npz"
+def load_subr_embeddings(out_dir=None, path=None):
+    """(emb, item_ids) from ``<out_dir>/subr_embeddings.npz`` (or ``path``); None when there is none."""
+    path = Path(path) if path is not None else Path(out_dir) / "subr_embeddings.npz"
     if not path.exists():
         return None
-    with np.load(path) as f:
+    with np.load(path, allow_pickle=False) as f:
         return f["emb"], f["item_ids"].tolist()
 
 
@@ -177,22 +196,18 @@ def build_rellax(backbone, kind: str, tokenizer, spec: VariantSpec, cfg: Pipelin
 
 
 def save_run(run_dir: Path, model: ReLLaXModel, meta: dict) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from rellax_fast.cflora import save_cflora
 
-    from .._io import atomic_write_text
+    from .._io import atomic_write_bytes, atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
-    tmp = run_dir / ".trainable.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, run_dir / "trainable.safetensors")
+    atomic_write_bytes(run_dir / "trainable.safetensors", save(tensors))
     buffers = {k: v.detach().contiguous().cpu() for k, v in model.named_buffers()
                if not k.startswith("backbone.") and k not in ("answer_token_ids",)}  # fmt: skip
-    tmp = run_dir / ".buffers.safetensors.tmp"
-    save_file(buffers, str(tmp))
-    os.replace(tmp, run_dir / "buffers.safetensors")
+    atomic_write_bytes(run_dir / "buffers.safetensors", save(buffers))
     save_cflora(model.backbone, run_dir / "adapter")
     atomic_write_text(run_dir / "rellax.json", json.dumps(meta, indent=2, default=str))
 
@@ -216,7 +231,8 @@ class Context:
     cond_test: torch.Tensor
     cond_stats: Tuple[torch.Tensor, torch.Tensor]
     din_test_probs: np.ndarray
-    ctr_dir: Optional[str] = None
+    ctr_dir: Optional[str] = None  # the DIN folder (for eval); recorded relative to each run folder
+    subr_path: Optional[str] = None  # the saved SUBR embeddings; default: subr_embeddings.npz next to ctr_dir
 
 
 def build_context(data, din, vocab, din_report, cfg: PipelineConfig, item_emb=None, item_ids=None) -> Context:
@@ -292,15 +308,50 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         return {"metrics": None, "losses": losses, "run_dir": str(run_dir), "model": model}
     probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}")
     metrics = ctr_metrics(test_set.labels(), probs)
+    model_path = cfg.model or default_model_path()
+    if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
+        model_path = str(Path(model_path).resolve())
     meta = {
-        "variant": asdict(spec), "pipeline": {**asdict(cfg), "train": asdict(cfg.train)}, "model": cfg.model or default_model_path(),
-        "kind": kind, "dataset": data.dataset.name, "ctr_dir": ctx.ctr_dir,
+        "variant": asdict(spec), "pipeline": {**asdict(cfg), "train": asdict(cfg.train)}, "model": model_path,
+        "kind": kind, "dataset": data.dataset.name, **run_dependencies(run_dir, ctx, spec),
     }  # fmt: skip
     save_run(run_dir, model, meta)
-    from .._io import atomic_write_text
+    import io
+
+    from .._io import atomic_write_bytes, atomic_write_text
 
     atomic_write_text(run_dir / "loss.json", json.dumps({"losses": losses, **history}))
-    np.save(run_dir / "predictions.npy", probs)
+    buffer = io.BytesIO()
+    np.save(buffer, probs, allow_pickle=False)
+    atomic_write_bytes(run_dir / "predictions.npy", buffer.getvalue())
     write_metrics_json(run_dir / "metrics.json", metrics, {"variant": spec.name})
     return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model}
 
+
+def run_dependencies(run_dir, ctx: Context, spec: VariantSpec) -> Dict:
+    """What ``rellax.json`` records about files outside the run folder: paths relative to the run folder and
+    fingerprints of the DIN and SUBR embeddings this run used (checked by ``eval``)."""
+    from ..spa.ctr import din_fingerprint
+
+    run_dir = Path(run_dir).resolve()
+
+    def rel(path):
+        return None if path is None else os.path.relpath(Path(path).resolve(), run_dir)
+
+    deps = {"paths_relative_to": "run", "ctr_dir": rel(ctx.ctr_dir), "din_fingerprint": din_fingerprint(ctx.din, ctx.vocab)}
+    subr_path = ctx.subr_path or (Path(ctx.ctr_dir).parent / "subr_embeddings.npz" if ctx.ctr_dir else None)
+    if spec.subr and ctx.item_emb is not None:
+        deps["subr_embeddings"] = rel(subr_path) if subr_path is not None and Path(subr_path).exists() else None
+        deps["subr_fingerprint"] = embeddings_fingerprint(ctx.item_emb, ctx.item_ids)
+    return deps
+
+
+def resolve_dependency(run_dir, meta: Dict, key: str) -> Optional[Path]:
+    """The path ``rellax.json`` records under ``key``, resolved: relative to the run folder (runs written since
+    paths are relative), else as written (older runs: relative to the directory ``train`` ran in)."""
+    value = meta.get(key)
+    if value is None:
+        return None
+    if meta.get("paths_relative_to") == "run":
+        return Path(run_dir) / value
+    return Path(value)
