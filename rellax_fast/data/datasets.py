@@ -190,12 +190,22 @@ def _field_count_error(path: Path, exc: Exception, n_fields: int, header: bool) 
 
 
 def _check_column_count(path: Path, df: pd.DataFrame, n_fields: int, header: bool) -> None:
-    """Every row had the same number of fields (else pandas raised); it must be the format's."""
-    if df.shape[1] != n_fields:
-        raise DataFormatError(
-            f"{path}: line {1 + int(header)}: {df.shape[1]} fields on every line, expected {n_fields} "
-            f"(wrong separator, or an extra or missing column)"
-        )
+    """pandas sized the table from the first data line (a longer later line raised); it must be the format's.
+    Lines shorter than the first are padded with missing values: they tell whether every line is too long."""
+    if df.shape[1] == n_fields:
+        return
+    if df.shape[1] > n_fields:
+        extra = df.iloc[:, n_fields:]
+        long_rows = (extra.notna() & (extra != "")).any(axis=1).to_numpy()  # padding is "" or NaN
+        if long_rows.any() and not long_rows.all():
+            raise DataFormatError(
+                f"{path}: line {_line_of(df, int(np.flatnonzero(long_rows)[0]), header)}: {df.shape[1]} fields, "
+                f"expected {n_fields} (wrong number of fields)"
+            )
+    raise DataFormatError(
+        f"{path}: line {1 + int(header)}: {df.shape[1]} fields on every line, expected {n_fields} "
+        f"(wrong separator, or an extra or missing column)"
+    )
 
 
 def _parse_table(

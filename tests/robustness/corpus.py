@@ -127,6 +127,10 @@ def _extra_column_one_row(folder: Path) -> None:
     _rewrite_rows(folder, lambda rows: rows[:6] + [rows[6] + "\t0"] + rows[7:])
 
 
+def _long_first_row(folder: Path) -> None:
+    _rewrite_rows(folder, lambda rows: [rows[0] + "\t0"] + rows[1:])
+
+
 def _short_first_row(folder: Path) -> None:
     _rewrite_rows(folder, lambda rows: [rows[0].rsplit("\t", 1)[0]] + rows[1:])
 
@@ -189,6 +193,9 @@ VARIANTS: Dict[str, Variant] = {
     ),  # fmt: skip
     "extra_column_one_row": Variant(
         _extra_column_one_row, Expect.error, "DataFormatError", r"u\.data: line 7: 5 fields, expected 4"
+    ),
+    "long_first_row": Variant(
+        _long_first_row, Expect.error, "DataFormatError", r"u\.data: line 1: 5 fields, expected 4"
     ),
     "short_first_row": Variant(
         _short_first_row, Expect.error, "DataFormatError", r"u\.data: line 1: 3 fields, expected 4"
