@@ -224,7 +224,8 @@ def test_download_verifies_checksum_and_extracts(tmp_path, monkeypatch):
     monkeypatch.setitem(dl.SOURCES, "ml-1m", good)
     ds = load_dataset("ml-1m", tmp_path / "dest", download=True)
     assert len(ds.ratings) == 3
-    assert not [p for p in (tmp_path / "dest").iterdir() if p.name.endswith(".part")]  # nothing half-written
+    # nothing half-written or temporary is left: exactly the archive and the extracted files
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["ml-1m.zip", "movies.dat", "ratings.dat", "users.dat"]
 
     bad = dl.DatasetSource("ml-1m.zip", (url,), "ml-1m", good.files, archive_md5="0" * 32)
     monkeypatch.setitem(dl.SOURCES, "ml-1m", bad)
