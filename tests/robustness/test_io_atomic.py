@@ -87,9 +87,14 @@ def test_failed_write_keeps_old_file_and_leaves_no_temporary(tmp_path):
 
 
 def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+    """A pid no process has: above the kernel's pid_max (so never reused), else a child that has exited."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as fh:
+            return int(fh.read()) + 1
+    except (OSError, ValueError):
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()
+        return proc.pid
 
 
 def test_stale_temporaries_of_dead_processes_are_removed_on_next_write(tmp_path):
