@@ -33,9 +33,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_raw_dataset(args: argparse.Namespace):
-    from rellax_fast.data import load_dataset
+    """The dataset named by the options; what the loader fixed (e.g. repeated ratings) is printed as one
+    ``warning:`` line each on stderr."""
+    import sys
+    import warnings
 
-    return load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+    from rellax_fast.data import load_dataset
+    from rellax_fast.data.datasets import DataWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        dataset = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+    for w in caught:
+        if issubclass(w.category, DataWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return dataset
 
 
 def embed_items(args: argparse.Namespace, dataset):

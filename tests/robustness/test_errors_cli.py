@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
+from corpus import write_variant
 
 from rellax_fast.cli import main
+from rellax_fast.subr import cli_embed
 from rellax_fast.subr.encoders import check_encoder_name, resolve_device
 
 
@@ -87,3 +91,13 @@ def test_data_dir_that_is_a_file(tmp_path, capsys):
     rc, err = _run(capsys, ["prepare", "--dataset", "ml-100k", "--data-dir", str(tmp_path / "ml-100k"),
                             "--out", str(tmp_path / "o"), "--no-download"])  # fmt: skip
     assert rc == 1 and f"data folder {tmp_path / 'ml-100k'}: is a file, not a folder" in err
+
+
+def test_embed_reports_what_the_loader_fixed(tmp_path, capsys):
+    """embed/retrieve load the raw dataset too: a repeated rating is reported as one warning line."""
+    d = write_variant("rerated_copies", tmp_path / "ml-100k")
+    args = argparse.Namespace(dataset="ml-100k", data_dir=str(d), no_download=True)
+    ds = cli_embed.load_raw_dataset(args)
+    err = capsys.readouterr().err
+    assert len(ds.ratings) == 96
+    assert f"warning: {d / 'u.data'}: dropped 10 repeated ratings" in err
