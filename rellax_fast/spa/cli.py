@@ -92,8 +92,18 @@ def train_or_load_ctr(data, ctr_dir, options: dict, train_config, log=print):
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--patience", args.patience, 0), ("--batch-size", args.batch_size, 1),
+                             ("--embed-dim", args.embed_dim, 1), ("--max-history", args.max_history, 1),
+                             ("--hidden", min(args.hidden), 1)):  # fmt: skip
+        if value < low:
+            print(f"error: {flag} must be >= {low}; got {value}", file=sys.stderr)
+            return 2
+    if not args.lr > 0:
+        print(f"error: --lr must be > 0; got {args.lr}", file=sys.stderr)
+        return 2
     data = load_ctr_data(args)
     out = Path(args.out) / "ctr"
     model, vocab, report = train_or_load_ctr(data, out, din_options(args), din_train_config(args))

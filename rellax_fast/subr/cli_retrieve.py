@@ -8,6 +8,9 @@ the K positions shown to the LM in ``--mode`` order.
 Output: ``<out>/retrieval/<split>.npz`` (atomic) with ``user_index``, ``pos``, ``item_id`` (the target),
 ``retrieved_pos`` / ``retrieved_score`` (S, K; score order; -1 / -inf padding), ``shown_pos`` /
 ``shown_item`` / ``shown_score`` (S, K; prompt order for the mode), and ``<out>/retrieval/summary.json``.
+Every split is computed and written to a temporary file first; the files are renamed into place only when
+all splits succeeded, and an empty split or an invalid ``--limit`` is an error: earlier results are never
+replaced by empty or partial ones.
 ``--dataset``, ``--data-dir`` and ``--out`` are added by :mod:`rellax_fast.cli`. Nothing heavy is imported at
 module level.
 """
@@ -15,6 +18,7 @@ module level.
 from __future__ import annotations
 
 import argparse
+import os
 
 from .cli_embed import add_encoder_arguments
 
@@ -30,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="force a semantic_topk backend (default: the fastest available)")
     parser.add_argument("--metric", default="cosine", choices=("cosine", "dot"))
     parser.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default: all)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N samples of each split")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N (>= 1) samples of each split")
     parser.add_argument("--prepared", default=None,
                         help="folder written by `rellax-fast prepare` (default: --out if it holds meta.json)")
     parser.add_argument("--seed", type=int, default=42, help="split seed when preparing in memory (default 42)")
@@ -52,30 +56,36 @@ def _shown_scores(emb, rows, offsets, split, shown, metric):
 
 
 def run(args: argparse.Namespace) -> int:
-    import io
     import json
     import sys
-    import time
     from pathlib import Path
 
     import numpy as np
-    import torch
 
     from rellax_fast.data import DataFormatError, DatasetNotFoundError, load_prepared, prepare_ctr
-    from rellax_fast.ops import BackendUnavailableError
 
     from .._io import atomic_write
     from .cli_embed import embed_items, load_raw_dataset
     from .encoders import resolve_device
-    from .retrieval import item_rows, retrieve, retrieve_global, shown_positions
+    from .retrieval import item_rows
 
     if args.k < 1:
         print(f"error: --k must be >= 1; got {args.k}", file=sys.stderr)
         return 2
+    if args.limit is not None and args.limit < 1:
+        print(f"error: --limit must be >= 1 (leave it out for every sample); got {args.limit}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    if not splits:
+        print(f"error: --splits: no split named in {args.splits!r}", file=sys.stderr)
+        return 2
     try:
-        prepared = Path(args.prepared) if args.prepared else (out if (out / "meta.json").exists() else None)
+        # a folder with prepared files but no meta.json is an interrupted `prepare`: load_prepared says so
+        from rellax_fast.data.ctr import DATA_FILES
+
+        written = (out / "meta.json").exists() or any((out / f).exists() for f in DATA_FILES[:3])
+        prepared = Path(args.prepared) if args.prepared else (out if written else None)
         if prepared is not None:
             data = load_prepared(prepared)
             if data.dataset.name != args.dataset:
@@ -89,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             print(f"error: --splits: unknown {unknown}; available {list(data.splits)}", file=sys.stderr)
             return 2
+        empty = [s for s in splits if len(data.splits[s]) == 0]
+        if empty:
+            print(f"error: split(s) {empty} hold no samples; nothing written", file=sys.stderr)
+            return 1
         emb_result = embed_items(args, dataset)
     except (DatasetNotFoundError, DataFormatError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -108,11 +122,49 @@ def run(args: argparse.Namespace) -> int:
           f"method={args.method}")  # fmt: skip
     header = f"{'split':<6} {'samples':>9} {'seconds':>8} {'samples/s':>11} {'padded':>7} {'mean score':>11} {'shown sim':>10}"
     lines = [header]
+    pending = {}  # split -> temp file, renamed into place once every split succeeded
+    try:
+        status = _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending)
+        if status:
+            return status
+        for name, tmp in pending.items():
+            os.replace(tmp, dest / f"{name}.npz")
+        pending.clear()
+    finally:
+        for tmp in pending.values():
+            tmp.unlink(missing_ok=True)
+    payload = (json.dumps(summary, indent=2) + "\n").encode()
+    atomic_write(dest / "summary.json", lambda fh: fh.write(payload))
+    print("\n".join(lines))
+    print("padded: share of the K shown slots left empty (short histories); mean score: retrieved top-K "
+          "similarity (recent: of the shown items); shown sim: similarity of shown items to the target")
+    print(f"wrote {', '.join(f'{s}.npz' for s in splits)} and summary.json to {dest}")
+    return 0
+
+
+def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending):
+    """Retrieve every split into a temporary ``.npz`` in ``dest`` (recorded in ``pending``); 0, or an exit code."""
+    import io
+    import sys
+    import tempfile
+    import time
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from rellax_fast.ops import BackendUnavailableError
+
+    from .retrieval import retrieve, retrieve_global, shown_positions
+
     for name in splits:
         split = data.splits[name]
         if args.limit is not None:
             split = split.subset(np.arange(min(args.limit, len(split))))
         n = len(split)
+        if n == 0:  # never replace earlier results with an empty file
+            print(f"error: {name}: no samples to retrieve; nothing written", file=sys.stderr)
+            return 1
         start = time.perf_counter()
         retrieved_pos = retrieved_score = None
         try:
@@ -139,13 +191,14 @@ def run(args: argparse.Namespace) -> int:
                       shown_item=shown_item, shown_score=shown_score)  # fmt: skip
         if retrieved_pos is not None:
             arrays.update(retrieved_pos=retrieved_pos, retrieved_score=retrieved_score)
-
-        def write_npz(fh, arrays=arrays):
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.npz.", suffix=".tmp")
+        pending[name] = Path(tmp)
+        with os.fdopen(fd, "wb") as fh:
             fh.write(buffer.getvalue())
-
-        atomic_write(dest / f"{name}.npz", write_npz)
+            fh.flush()
+            os.fsync(fh.fileno())
         valid = shown >= 0
         ref_scores = retrieved_score if retrieved_score is not None else shown_score
         stats = {
@@ -162,10 +215,4 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"{name:<6} {n:>9,} {seconds:>8.2f} {stats['samples_per_s']:>11,.0f} "
                      f"{stats['fraction_padded']:>7.3f} {fmt(stats['mean_score']):>11} "
                      f"{fmt(stats['mean_shown_similarity']):>10}")  # fmt: skip
-    payload = (json.dumps(summary, indent=2) + "\n").encode()
-    atomic_write(dest / "summary.json", lambda fh: fh.write(payload))
-    print("\n".join(lines))
-    print("padded: share of the K shown slots left empty (short histories); mean score: retrieved top-K "
-          "similarity (recent: of the shown items); shown sim: similarity of shown items to the target")
-    print(f"wrote {', '.join(f'{s}.npz' for s in splits)} and summary.json to {dest}")
     return 0

@@ -221,6 +221,12 @@ def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text
     from .metrics import ctr_metrics, markdown_table, write_metrics_json
 
+    if args.n is not None and args.n < 0:
+        print(f"error: --n must be >= 0 (0: all); got {args.n}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1:
+        print(f"error: --batch-size must be >= 1; got {args.batch_size}", file=sys.stderr)
+        return 2
     run_dir = Path(args.run)
     meta = json.loads((run_dir / "rellax.json").read_text()) if (run_dir / "rellax.json").exists() else None
     if meta is None:

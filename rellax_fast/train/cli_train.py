@@ -53,10 +53,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
 
 
+def validate_model_arguments(args) -> None:
+    """Raise ValueError naming the flag for counts and sizes out of range (e.g. a negative --n-train would
+    silently mean "all" and a zero --k an empty prompt)."""
+    at_least = {"n_train": 0, "n_test": 0, "k": 1, "epochs": 1, "batch_size": 1, "max_length": 8, "r": 1,
+                "save_every": 1, "n_experts": 1, "din_epochs": 1, "din_patience": 0, "din_embed_dim": 1,
+                "din_max_history": 1}  # fmt: skip
+    for name, low in at_least.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            hint = " (0: all)" if name in ("n_train", "n_test") else ""
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}{hint}; got {value}")
+    if any(h < 1 for h in getattr(args, "din_hidden", [1])):
+        raise ValueError(f"--din-hidden widths must be >= 1; got {args.din_hidden}")
+    if not 0 <= getattr(args, "lora_dropout", 0) < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1); got {args.lora_dropout}")
+
+
 def pipeline_config(args):
     from .pipeline import PipelineConfig
     from .trainer import TrainConfig
 
+    validate_model_arguments(args)
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mixed_precision=args.mixed_precision,
                      save_every_steps=args.save_every, seed=args.seed, progress=not args.no_progress,
                      gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
@@ -94,11 +112,16 @@ def build_shared_context(args, cfg, log=print):
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
     from .pipeline import VariantSpec, run_variant
 
-    cfg = pipeline_config(args)
+    try:
+        cfg = pipeline_config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     spec = VariantSpec(
         name=args.name or "rellax", subr=not args.no_subr, spa=not args.no_spa, interaction=args.interaction,
         recipe=args.recipe,
