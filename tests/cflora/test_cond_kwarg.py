@@ -236,3 +236,22 @@ def test_keyword_through_ddp(tmp_path):
             torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
     finally:
         dist.destroy_process_group()
+
+
+def test_trainer_with_gradient_checkpointing_and_dropout_gives_the_same_losses(tmp_path):
+    def losses(checkpointing: bool):
+        model = tiny_llama(3)
+        inject_cflora(model, CFLoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
+                                          interaction="full", cond_dim=COND, init_lora="random"))
+        enable_cflora_cond_kwarg(model)
+        calls = []
+        cflora_layers(model)[0][1].register_forward_hook(lambda *args: calls.append(1))
+        trainer = _trainer(model, _CondDataset(), tmp_path / str(checkpointing), steps=3,
+                           gradient_checkpointing=checkpointing)
+        trainer.train()
+        return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h]), len(calls)
+
+    (plain, n_plain), (checkpointed, n_checkpointed) = losses(False), losses(True)
+    assert n_plain == 3 and n_checkpointed == 6  # the decoder layers were recomputed in backward
+    assert len(plain) == 3 and plain[-1] < plain[0]  # the later losses depend on the earlier gradients
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
