@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .._io import atomic_write_text
+from .._io import atomic_path, atomic_write_text
 
 
 def sync(device: torch.device) -> None:
@@ -141,8 +141,7 @@ def bar_chart(rows: Sequence[Dict[str, object]], out_path: str, label_keys: Sequ
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = out_path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, out_path)
     return out_path

@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -31,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write_text
+from .._io import atomic_path, atomic_write_text
 
 N_RATING_BUCKETS = 22  # ratings are bucketed as round(2 * rating) in 0..20 (+1 shift, 0 = padding)
 
@@ -292,17 +290,15 @@ def freeze(model: DIN) -> DIN:
 
 
 def save_din(model: DIN, path, extra: Optional[dict] = None) -> Path:
-    """Write ``din.safetensors`` + ``din.json`` into the folder ``path`` atomically (temp file + os.replace)."""
+    """Write ``din.safetensors`` + ``din.json`` into the folder ``path``, each atomically (:mod:`rellax_fast._io`)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"config": {**asdict(model.config), "mlp_hidden": list(model.config.mlp_hidden)}, **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, path / "din.safetensors")
+    with atomic_path(path / "din.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     atomic_write_text(path / "din.json", json.dumps(meta, indent=2))
     return path
 

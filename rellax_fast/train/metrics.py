@@ -101,10 +101,9 @@ def plot_runs(path, loss_curves: Mapping[str, List[float]], aucs: Mapping[str, f
         fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    import os
+    from rellax_fast._io import atomic_path
 
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
     return path
