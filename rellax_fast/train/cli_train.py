@@ -131,7 +131,14 @@ def run(args: argparse.Namespace) -> int:
         spec.name = "-".join(parts + ([args.recipe] if args.recipe != "joint" else []))
     ctx = build_shared_context(args, cfg)
     run_dir = Path(args.out) / slug(spec.name)
-    res = run_variant(ctx, spec, cfg, run_dir, resume=args.resume)
+    from .checkpoint import UnsafeCheckpointError
+    from .pipeline import ResumeMismatchError
+
+    try:
+        res = run_variant(ctx, spec, cfg, run_dir, resume=args.resume)
+    except (UnsafeCheckpointError, ResumeMismatchError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     m = res["metrics"]
     print(f"{spec.name}: test AUC {m['auc']:.4f}  LogLoss {m['logloss']:.4f}  accuracy {m['accuracy']:.4f}  (n={m['n']})")
     print(f"wrote {run_dir}")

@@ -268,6 +268,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_inputs_for_resume(run_dir, ctx, spec, resume)
     torch.manual_seed(cfg.seed)
     tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
     model = build_rellax(backbone, kind, tokenizer, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
@@ -355,3 +356,42 @@ def resolve_dependency(run_dir, meta: Dict, key: str) -> Optional[Path]:
     if meta.get("paths_relative_to") == "run":
         return Path(run_dir) / value
     return Path(value)
+
+
+class ResumeMismatchError(ValueError):
+    """``--resume`` of a run whose inputs (data, training sample, DIN, SUBR embeddings) have changed since."""
+
+
+def run_inputs(ctx: Context, spec: VariantSpec) -> Dict:
+    """Fingerprints of what a run trains on; a resumed run must find the same (``inputs.json``)."""
+    import hashlib
+
+    from ..data.ctr import ctr_fingerprint
+    from ..spa.ctr import din_fingerprint
+
+    inputs = {
+        "data_fingerprint": ctr_fingerprint(ctx.data),
+        "train_index_sha256": hashlib.sha256(np.ascontiguousarray(ctx.train_index, dtype="<i8").tobytes()).hexdigest(),
+        "din_fingerprint": din_fingerprint(ctx.din, ctx.vocab),
+    }
+    if spec.subr and ctx.item_emb is not None:
+        inputs["subr_fingerprint"] = embeddings_fingerprint(ctx.item_emb, ctx.item_ids)
+    return inputs
+
+
+def check_inputs_for_resume(run_dir: Path, ctx: Context, spec: VariantSpec, resume: bool) -> None:
+    """Record the run's inputs at its start; on ``resume``, refuse to continue on other inputs."""
+    from .._io import atomic_write_text
+
+    path = Path(run_dir) / "inputs.json"
+    inputs = run_inputs(ctx, spec)
+    if resume and path.exists():
+        recorded = json.loads(path.read_text())
+        changed = sorted(k for k in set(recorded) | set(inputs) if recorded.get(k) != inputs.get(k))
+        if changed:
+            raise ResumeMismatchError(
+                f"{path}: cannot resume {run_dir}: its {', '.join(changed)} changed since the run started (a "
+                f"retrained DIN, other data or embeddings); train without --resume, or into another --name"
+            )
+        return
+    atomic_write_text(path, json.dumps(inputs, indent=2))

@@ -36,6 +36,12 @@ def tiny_bert(tmp_path_factory):
 DIN = ["--din-epochs", "1", "--din-hidden", "8", "--din-embed-dim", "4", "--din-max-history", "5"]
 
 
+def train_argv(raw, out, model, *extra):
+    return ["train", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(out), "--model", model,
+            "--n-train", "16", "--n-test", "0", "--k", "3", "--batch-size", "8", "--max-length", "96",
+            "--cflora-backend", "reference", "--no-progress", *DIN, *extra]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_bert):
     from corpus import write_clean  # ml-100k format, 8 users x 12 ratings: 7 test samples
@@ -43,10 +49,7 @@ def trained(tmp_path_factory, tiny_bert):
     root = tmp_path_factory.mktemp("relocate")
     raw = write_clean(root / "raw")
     out = root / "out"
-    rc = main(["train", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(out), "--model", tiny_bert,
-               "--n-train", "16", "--n-test", "0", "--k", "3", "--batch-size", "8", "--max-length", "96",
-               "--cflora-backend", "reference", "--no-progress", *DIN])  # fmt: skip
-    assert rc == 0
+    assert main(train_argv(raw, out, tiny_bert)) == 0
     run = out / "rellax-full"
     meta = json.loads((run / "rellax.json").read_text())
     assert meta["paths_relative_to"] == "run" and meta["ctr_dir"] == os.path.join("..", "ctr")
@@ -121,3 +124,31 @@ def test_tampered_subr_embeddings_are_refused_and_missing_ones_recomputed_inside
     assert all(p.startswith(str(tmp_path / "ev")) for p in changed), changed  # the cache went into --out
     assert any("emb_cache" in p for p in changed)
     assert p_click(tmp_path / "ev").shape == reference.shape
+
+
+def test_resume_refuses_a_crafted_checkpoint_and_changed_inputs(trained, tiny_bert, tmp_path, capsys):
+    raw, out, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    ckpts = copy / "rellax-full" / "checkpoints"
+    latest = ckpts / (ckpts / "latest").read_text()
+    marker = tmp_path / "PAYLOAD_RAN"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state": {}, "param_groups": [Payload()]}, latest / "optimizer.pt")
+    capsys.readouterr()
+    assert main(train_argv(raw, copy, tiny_bert, "--resume")) == 1
+    err = capsys.readouterr().err
+    assert f"{latest / 'optimizer.pt'}: refusing to load" in err and not marker.exists()
+
+    # a retrained DIN (other --din-embed-dim) under a run that is resumed: refused, the run is not continued
+    copy2 = tmp_path / "copy2"
+    shutil.copytree(out, copy2)
+    argv = train_argv(raw, copy2, tiny_bert, "--resume")
+    argv[argv.index("--din-embed-dim") + 1] = "6"
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "inputs.json: cannot resume" in err and "din_fingerprint changed" in err
