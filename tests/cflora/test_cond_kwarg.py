@@ -1,6 +1,7 @@
 """The ``cflora_cond`` keyword (rellax_fast.cflora.hooks): forward and generate() with the keyword match the
 ``cflora_condition`` block, failures leave no active block behind, gradient checkpointing, deepcopy, and a
-plain ``transformers.Trainer`` fine-tuning with per-sample conditioning and no custom compute_loss."""
+plain ``transformers.Trainer`` fine-tuning with per-sample conditioning and no custom compute_loss (also
+with gradient checkpointing), DDP, and a text-generation pipeline."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from cflora_models import model_inputs, tiny_llama
+from cflora_models import VOCAB, model_inputs, tiny_llama
 
 from rellax_fast.cflora import CFLoRAConfig, cflora_condition, cflora_layers, inject_cflora
 from rellax_fast.cflora.hooks import (
@@ -255,3 +256,22 @@ def test_trainer_with_gradient_checkpointing_and_dropout_gives_the_same_losses(t
     assert n_plain == 3 and n_checkpointed == 6  # the decoder layers were recomputed in backward
     assert len(plain) == 3 and plain[-1] < plain[0]  # the later losses depend on the earlier gradients
     torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_text_generation_pipeline_passes_the_keyword_to_generate():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+
+    # a word-level tokenizer built in memory (no download): "t<i>" is token i
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t0", unk_token="t0")
+    model = _model()
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    cond = torch.randn(1, COND) * 3
+    kw = {"max_new_tokens": 6, "do_sample": False}
+    got = pipe("t1 t2 t3 t4", cflora_cond=cond, **kw)
+    with cflora_condition(model, cond):
+        ref = pipe("t1 t2 t3 t4", **kw)
+    assert got == ref and got[0]["generated_text"].startswith("t1 t2 t3 t4")
+    assert pipe("t1 t2 t3 t4", cflora_cond=-cond, **kw) != got
