@@ -8,7 +8,10 @@ Collected only when asked -- ``pytest benchmarks --benchmark-only`` -- never by 
 
 - ``--bench-size tiny|cpu|gpu`` (default: ``gpu`` on a CUDA device, else ``cpu``);
 - ``--bench-device cpu|cuda`` (default: ``cuda`` when available);
-- ``--bench-rounds N`` timed rounds per benchmark (default 3 / 10 / 30 for tiny / cpu / gpu).
+- ``--bench-rounds N`` timed rounds per benchmark (default 3 / 10 / 30 for tiny / cpu / gpu);
+- ``--bench-threads N`` sets ``torch.set_num_threads`` for the session (default: torch's own). On a shared
+  or busy CPU, ``--bench-threads 1`` keeps one preempted worker thread from stalling every op, which is
+  what makes medians of small CPU shapes jump by orders of magnitude between runs.
 
 ``rellax-fast bench`` stays the tool for same-run ratio tables (its interleaved medians); this suite is for
 saved baselines and regression comparison (``make bench-save`` / ``make bench-compare``, README).
@@ -29,6 +32,16 @@ def pytest_addoption(parser):
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when available)")
     group.addoption("--bench-rounds", type=int, default=None,
                     help="timed rounds per benchmark (default 3 / 10 / 30 for tiny / cpu / gpu)")
+    group.addoption("--bench-threads", type=int, default=None,
+                    help="torch.set_num_threads for the session (default: torch's own; 1 on a busy CPU)")
+
+
+def pytest_configure(config):
+    threads = config.getoption("--bench-threads", default=None)
+    if threads is not None:
+        if threads < 1:
+            raise pytest.UsageError(f"--bench-threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def _device(config) -> torch.device:
