@@ -21,6 +21,10 @@ The base model's ``forward`` signature is untouched:
   ``cflora_condition`` block (beams / ``num_return_sequences`` repeat each sample's C, as in the block).
 - Gradient checkpointing: the block's cond stays on the layers, inactive, for the recomputation inside
   ``backward()`` - the same rules as ``cflora_condition``.
+- ``transformers.Trainer`` keeps only the dataset columns named in ``forward``'s signature unless
+  ``TrainingArguments(remove_unused_columns=False)``; with that, a dataset yielding ``cflora_cond`` per
+  example and ``default_data_collator`` (which stacks it to (B, cond_dim)) train with no custom
+  ``compute_loss``.
 
 All state (the stack, the ``generate`` wrapper) lives on the module instance, and the hook
 functions are module-level (no closures), so ``copy.deepcopy`` of a model gives a copy whose hooks
@@ -37,7 +41,7 @@ from torch import nn
 from .model import cflora_condition, cflora_layers, unwrap_model
 
 COND_KWARG = "cflora_cond"
-_STATE = "_cflora_cond_kwarg"  # attribute on the model: {"handles": (...), "stack": [...]}
+_STATE = "_cflora_cond_kwarg"  # attribute on the model: {"stack": [...], "generate": instance-level original}
 
 __all__ = ["COND_KWARG", "enable_cflora_cond_kwarg", "disable_cflora_cond_kwarg", "cflora_cond_kwarg_enabled"]
 
