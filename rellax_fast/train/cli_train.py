@@ -50,6 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-spa", action="store_true", help="no soft prompts")
     g.add_argument("--interaction", default="full", choices=["identity", "static", "full", "moe", "recrank1"])
     g.add_argument("--recipe", default="joint", choices=["joint", "two-stage"])
+    g.add_argument("--readout", default="paper", choices=["paper", "residual"],
+                   help="paper: softmax over the [No, Yes] logits; residual (beyond the paper): p = sigmoid((Yes - No) "
+                        "+ lambda * the frozen DIN's logit), the LM learns a correction to DIN")  # fmt: skip
+    g.add_argument("--readout-lambda", default="learned", choices=["learned", "fixed"],
+                   help="residual read-out: lambda learned (init 1) or fixed at 1")
     g.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
 
 
@@ -124,11 +129,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     spec = VariantSpec(
         name=args.name or "rellax", subr=not args.no_subr, spa=not args.no_spa, interaction=args.interaction,
-        recipe=args.recipe,
+        recipe=args.recipe, readout=args.readout, readout_lambda=args.readout_lambda,
     )  # fmt: skip
     if args.name is None:
         parts = ["rellax", args.interaction] + (["no-subr"] if args.no_subr else []) + (["no-spa"] if args.no_spa else [])
-        spec.name = "-".join(parts + ([args.recipe] if args.recipe != "joint" else []))
+        spec.name = "-".join(parts + ([args.recipe] if args.recipe != "joint" else [])
+                             + ([f"residual-{args.readout_lambda}"] if args.readout == "residual" else []))
     ctx = build_shared_context(args, cfg)
     run_dir = Path(args.out) / slug(spec.name)
     from .checkpoint import UnsafeCheckpointError

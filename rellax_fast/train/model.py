@@ -15,6 +15,12 @@ softmax's second column. The pieces:
   - encoder LMs (the default MiniLM): a verbaliser on the [MASK] slot. The offline all-MiniLM-L6-v2
     checkpoint ships no MLM head (it is a sentence-transformers ``BertModel``), so the output layer is the
     tied word-embedding matrix: ``logit_{no,yes} = h_mask · E[no,yes] + b`` with a trainable 2-vector b.
+* ``readout="residual"`` (an option beyond the paper; ``"paper"`` is the default): the LM learns a correction
+  to the frozen DIN instead of re-learning it, p(click) = σ((logit_Yes − logit_No) + λ·DIN_logit), where
+  DIN_logit = w·h + b is the frozen DIN's own output layer applied to the (raw) conditioning vector h of the
+  batch, and λ is learned (init 1) or fixed at 1 (``readout_lambda``). ``forward`` still returns 2-way
+  logits: λ·DIN_logit is added to the Yes column, so the softmax, the loss and ``click_probability`` are
+  unchanged.
 """
 
 from __future__ import annotations
@@ -75,6 +81,8 @@ class ReLLaXOptions:
     use_spa: bool = True
     gradient_checkpointing: bool = False
     backend: Optional[str] = None  # ops.cflora_linear backend of every CFLoRA layer (None: automatic)
+    readout: str = "paper"  # paper: softmax([No, Yes]); residual: + lambda * the frozen DIN's logit
+    readout_lambda: str = "learned"  # residual read-out: lambda learned (init 1) or fixed at 1
     extra: Dict = field(default_factory=dict)
 
 
@@ -90,6 +98,7 @@ class ReLLaXModel(nn.Module):
         cond_dim: Optional[int] = None,
         cond_mean: Optional[torch.Tensor] = None,
         cond_std: Optional[torch.Tensor] = None,
+        din_head: Optional[tuple] = None,
     ):
         super().__init__()
         from rellax_fast.cflora import CFLoRAConfig, inject_cflora
@@ -127,6 +136,7 @@ class ReLLaXModel(nn.Module):
             self.register_buffer("cond_mean", (cond_mean if cond_mean is not None else torch.zeros(cond_dim)).float().clone())
             self.register_buffer("cond_std", (cond_std if cond_std is not None else torch.ones(cond_dim)).float().clone())
         self.verbaliser_bias = nn.Parameter(torch.zeros(2)) if kind == "encoder" else None
+        self._init_readout(options, din_head, cond_dim)
         if options.gradient_checkpointing:
             if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -134,6 +144,32 @@ class ReLLaXModel(nn.Module):
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(backbone, "config"):
                 backbone.config.use_cache = False
+
+    def _init_readout(self, options: ReLLaXOptions, din_head, cond_dim) -> None:
+        if options.readout not in ("paper", "residual"):
+            raise ValueError(f"options.readout must be 'paper' or 'residual', got {options.readout!r}")
+        if options.readout_lambda not in ("learned", "fixed"):
+            raise ValueError(f"options.readout_lambda must be 'learned' or 'fixed', got {options.readout_lambda!r}")
+        if options.readout == "paper":
+            return
+        if din_head is None:
+            raise ValueError("readout='residual' needs din_head=(weight, bias): the frozen DIN's output layer (din.out)")
+        weight, bias = (torch.as_tensor(t).detach().float() for t in din_head)
+        weight, bias = weight.reshape(-1), bias.reshape(-1)
+        if bias.numel() != 1 or (cond_dim is not None and weight.numel() != cond_dim):
+            raise ValueError(f"din_head: expected weight ({cond_dim},) and bias (1,) (DIN's output layer over h), got "
+                             f"{tuple(din_head[0].shape)} and {tuple(din_head[1].shape)}")  # fmt: skip
+        # frozen copies (persistent buffers: saved with the run, checked against the DIN by its fingerprint)
+        self.register_buffer("din_out_weight", weight.clone())
+        self.register_buffer("din_out_bias", bias.clone())
+        if options.readout_lambda == "learned":
+            self.readout_lambda = nn.Parameter(torch.ones(()))
+        else:
+            self.register_buffer("readout_lambda", torch.ones(()))
+
+    def din_logit(self, cond: torch.Tensor) -> torch.Tensor:
+        """The frozen DIN's logit (B,) from its raw pre-logit vector h = ``batch['cond']``."""
+        return cond.float() @ self.din_out_weight + self.din_out_bias
 
     # ------------------------------------------------------------------ pieces
     def _item_rows(self, placeholder_item_ids: torch.Tensor) -> torch.Tensor:
@@ -190,7 +226,13 @@ class ReLLaXModel(nn.Module):
         else:
             w = self.backbone.get_input_embeddings().weight[self.answer_token_ids]
             logits = rows.to(w.dtype) @ w.t() + self.verbaliser_bias.to(w.dtype)
-        return logits.float()
+        logits = logits.float()
+        if self.options.readout == "residual":
+            if batch.get("cond") is None:
+                raise ValueError("readout='residual' needs batch['cond'] (B, cond_dim): the DIN's h, for its logit")
+            shift = self.readout_lambda * self.din_logit(batch["cond"])
+            logits = torch.stack([logits[:, 0], logits[:, 1] + shift], dim=1)
+        return logits
 
     # ------------------------------------------------------------------ trainable state
     def trainable_state(self) -> Dict[str, torch.Tensor]:

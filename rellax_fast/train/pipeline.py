@@ -35,6 +35,8 @@ class VariantSpec:
     spa: bool = True
     interaction: str = "full"
     recipe: str = "joint"  # joint | two-stage
+    readout: str = "paper"  # paper | residual (+ lambda * the frozen DIN's logit; model.ReLLaXOptions)
+    readout_lambda: str = "learned"  # residual read-out: learned (init 1) | fixed (1)
 
 
 ABLATIONS = [
@@ -187,11 +189,13 @@ def build_rellax(backbone, kind: str, tokenizer, spec: VariantSpec, cfg: Pipelin
 
     options = ReLLaXOptions(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, interaction=spec.interaction,
                             n_experts=cfg.n_experts, use_spa=spec.spa, backend=cfg.cflora_backend,
-                            gradient_checkpointing=cfg.train.gradient_checkpointing)  # fmt: skip
+                            gradient_checkpointing=cfg.train.gradient_checkpointing, readout=spec.readout,
+                            readout_lambda=spec.readout_lambda)  # fmt: skip
     return ReLLaXModel(
         backbone, kind, yes_no_token_ids(tokenizer, kind), options,
         item_table=din.item_embeddings(), item_ids=torch.as_tensor(vocab),
         cond_dim=din.config.h_dim, cond_mean=cond_stats[0], cond_std=cond_stats[1],
+        din_head=(din.out.weight, din.out.bias) if spec.readout == "residual" else None,
     )  # fmt: skip
 
 
