@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict
@@ -328,17 +327,20 @@ def _file_sha256(path: Path) -> str:
 
 
 def _write_temp(out: Path, name: str, write) -> Path:
-    """Write one file under a temporary name in ``out`` (``write(path)``), fsync it; return the temp path."""
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
+    """Write one file under a temporary name in ``out`` (``write(path)``), fsync it; return the temp path.
+    The name is ``_io``'s recognisable temporary name and the mode that of a plain ``open`` (umask)."""
+    from .._io import temp_path_for
+
+    tmp = temp_path_for(out / name)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(tmp)
+        write(str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
-    return Path(tmp)
+    return tmp
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -397,9 +399,12 @@ def save_prepared(data: CTRData, out_dir) -> Path:
     if data.dataset.users is not None:
         writers["users.parquet"] = (lambda p: data.dataset.users.to_parquet(p), len(data.dataset.users))
     with _folder_lock(out, exclusive=True):
-        # temp files of a writer that was killed (none is alive: we hold the lock)
-        for stale in out.glob(".*.tmp"):
-            if any(stale.name.startswith(f".{n}.") for n in (*DATA_FILES, "meta.json")):
+        # temp files of a prepare that was killed (no other prepare is alive: we hold the lock)
+        from .._io import remove_stale_temps
+
+        remove_stale_temps(out)
+        for stale in out.glob(".*.tmp*"):
+            if stale.is_file() and any(stale.name.startswith(f".{n}.") for n in (*DATA_FILES, "meta.json")):
                 stale.unlink(missing_ok=True)
         temps, manifest = {}, {}
         try:

@@ -146,15 +146,14 @@ def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device,
     """Retrieve every split into a temporary ``.npz`` in ``dest`` (recorded in ``pending``); 0, or an exit code."""
     import io
     import sys
-    import tempfile
     import time
-    from pathlib import Path
 
     import numpy as np
     import torch
 
     from rellax_fast.ops import BackendUnavailableError
 
+    from .._io import temp_path_for
     from .retrieval import retrieve, retrieve_global, shown_positions
 
     for name in splits:
@@ -193,9 +192,9 @@ def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device,
             arrays.update(retrieved_pos=retrieved_pos, retrieved_score=retrieved_score)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{name}.npz.", suffix=".tmp")
-        pending[name] = Path(tmp)
-        with os.fdopen(fd, "wb") as fh:
+        tmp = temp_path_for(dest / f"{name}.npz")  # recognisable; a killed run's is removed by the next write
+        pending[name] = tmp
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as fh:  # umask mode
             fh.write(buffer.getvalue())
             fh.flush()
             os.fsync(fh.fileno())

@@ -27,12 +27,13 @@ import json
 import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
 import torch
+
+from .._io import atomic_write_text, make_temp_dir
 
 LATEST = "latest"
 
@@ -58,14 +59,14 @@ def set_rng_state(state: Dict) -> None:
 
 def _save_rng(folder: Path, state: Dict) -> None:
     """The RNG states as data only: byte tensors in ``rng.safetensors``, numbers in ``rng.json``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     kind, key, pos, has_gauss, cached_gaussian = state["numpy"]
     version, mt, gauss_next = state["python"]
     tensors = {"torch": state["torch"].contiguous(), "numpy_key": torch.from_numpy(np.asarray(key, np.int64))}
     for i, s in enumerate(state.get("cuda", [])):
         tensors[f"cuda.{i}"] = s.cpu().contiguous()
-    save_file(tensors, str(folder / "rng.safetensors"))
+    (folder / "rng.safetensors").write_bytes(save(tensors))
     numbers = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
                "python": {"version": version, "state": list(mt), "gauss_next": gauss_next},
                "n_cuda": len(state.get("cuda", []))}  # fmt: skip
@@ -135,15 +136,15 @@ def _fsync_dir(path: Path) -> None:
 
 def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int = 2) -> Path:
     """Write a checkpoint of ``model``'s trainable tensors + optimizer/scheduler/RNG + ``state``; publish it."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{int(state['global_step']):08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
+    tmp = make_temp_dir(root / name)  # umask permissions; a killed writer's one is removed by the next save
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
-        save_file(tensors, str(tmp / "trainable.safetensors"))
+        (tmp / "trainable.safetensors").write_bytes(save(tensors))  # save_file would make it 0600
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
         _save_rng(tmp, rng_state())
@@ -159,13 +160,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fd, ptr = tempfile.mkstemp(dir=root, prefix=".latest.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(name)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(ptr, root / LATEST)
-    _fsync_dir(root)
+    atomic_write_text(root / LATEST, name)  # fsynced, renamed, folder fsynced
     done = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
     for old in done[: max(0, len(done) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)

@@ -122,3 +122,14 @@ def test_truncated_rng_json_is_a_clear_error(tmp_path):
     (ckpt / "rng.json").write_text('{"numpy": ')
     with pytest.raises(ValueError, match="rng.safetensors / rng.json are unreadable"):
         load_checkpoint(ckpt, TinyModel(1))
+
+
+def test_checkpoint_folder_and_files_get_the_umask_mode(tmp_path):
+    old = os.umask(0o027)
+    try:
+        ckpt, *_ = _save(tmp_path)
+    finally:
+        os.umask(old)
+    assert ckpt.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in ckpt.iterdir()} == {0o640}
+    assert (tmp_path / "checkpoints" / "latest").stat().st_mode & 0o777 == 0o640

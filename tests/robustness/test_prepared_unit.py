@@ -35,7 +35,7 @@ def assert_same(a, b):
 
 
 def no_temp_files(folder):
-    return not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+    return not [p.name for p in folder.iterdir() if ".tmp" in p.name]
 
 
 def test_meta_json_carries_a_manifest_and_other_files_are_kept(tmp_path):
@@ -203,3 +203,13 @@ def test_cli_prepare_with_empty_splits_keeps_the_good_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error:" in err and "would be empty" in err and "--min-history" in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_prepared_files_get_the_umask_mode_like_open(tmp_path):
+    old = os.umask(0o027)
+    try:
+        save_prepared(tiny(0), tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes and set(modes.values()) == {0o640}, modes
