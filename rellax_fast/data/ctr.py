@@ -299,7 +299,10 @@ def _folder_lock(folder: Path, exclusive: bool):
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as exc:  # a filesystem without locks (some network mounts): go on, unlocked
+            logger.warning("%s: cannot lock the folder (%s); concurrent `prepare` runs are not serialised", folder, exc)
         yield
     finally:
         os.close(fd)  # releases the lock
