@@ -1,6 +1,6 @@
 """`rellax-fast embed`: encode every item's text into (cached) embeddings and summarise.
 
-Writes ``<out>/embeddings/<dataset>__<encoder>__<kind>.npy`` and its ``.json`` metadata (see
+Writes ``<out>/embeddings/<dataset>__<encoder>__<kind>__<options>.npy`` and its ``.json`` metadata (see
 :mod:`rellax_fast.subr.cache`); an up-to-date entry is reused, a stale or corrupt one rebuilt.
 ``--dataset``, ``--data-dir`` and ``--out`` are added by :mod:`rellax_fast.cli`. Nothing heavy is
 imported at module level.
