@@ -73,6 +73,47 @@ def answer_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), label.long())
 
 
+def answer_loss_sum(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), label.long(), reduction="sum")
+
+
+def rank_slice(chunk: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of a global batch: a contiguous slice (sizes differ by at most one)."""
+    n = len(chunk)
+    return chunk[n * rank // world : n * (rank + 1) // world]
+
+
+def is_fully_sharded(model) -> bool:
+    """True for a module sharded with torch's FSDP2 ``fully_shard`` (or containing one)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def checkpoint_views(model, optimizer, fsdp: bool):
+    """What ``save_checkpoint`` reads (``trainable_state()``, ``state_dict()``). Under FSDP the full tensors
+    and the full optimizer state are gathered first (a collective: every rank calls this; rank 0 writes)."""
+    if not fsdp:
+        return model, optimizer
+    from types import SimpleNamespace
+
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    full = get_model_state_dict(model, options=options)
+    optim = getattr(optimizer, "optimizer", optimizer)
+    optim_state = get_optimizer_state_dict(model, optim, options=options)
+    tensors = {n: v for n, v in full.items() if n in trainable}
+    return SimpleNamespace(trainable_state=lambda: tensors), SimpleNamespace(state_dict=lambda: optim_state)
+
+
 def train_model(
     model,
     dataset: PromptDataset,
@@ -84,19 +125,33 @@ def train_model(
 ) -> Dict:
     """Train ``model`` (a ``ReLLaXModel``) on ``dataset``; checkpoints go to ``run_dir/checkpoints``.
 
-    Returns {"losses": [per-step loss], "global_step": int, "resumed_from": step or None}.
+    Under ``torchrun`` / ``accelerate launch`` with N processes each step takes the same global batch of
+    ``config.batch_size * N`` samples as one process with ``batch_size * N`` would, split into contiguous
+    per-rank slices; each rank's loss is its slice's summed loss divided by the global batch size (times N,
+    which DDP's gradient averaging divides out), so gradients, clipping, optimizer steps and the logged
+    losses are those of the single-process run up to float summation order, also when the last batch does
+    not divide evenly. Only rank 0 writes (checkpoints). The optimizer is built after ``accelerator.prepare``
+    of the model (FSDP replaces the parameters by sharded ones). LoRA and backbone dropout masks depend on
+    the local batch layout, so with dropout > 0 the runs agree in distribution, not value by value.
+
+    Returns {"losses": [per-step loss], "global_step": int, "resumed_from": step or None, "model": unwrapped}.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
-    acc = accelerator or Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), cpu=not torch.cuda.is_available())
+    if accelerator is None:
+        from accelerate import DistributedDataParallelKwargs
+
+        # a batch may leave some trainable parameters unused (e.g. the SPA projector without placeholders)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
+                                  cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])  # fmt: skip
+    acc = accelerator
     world, rank = acc.num_processes, acc.process_index
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (check the recipe stage)")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     global_batch = config.batch_size * world
     steps_per_epoch = math.ceil(len(dataset) / global_batch)
     total_steps = steps_per_epoch * config.epochs
@@ -107,16 +162,35 @@ def train_model(
             return (step + 1) / (warmup + 1)
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    sharded = is_fully_sharded(model)  # torch's fully_shard applied by the caller (FSDP2 without accelerate)
+    fsdp = sharded or str(getattr(acc, "distributed_type", "")).endswith("FSDP")
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None and fsdp:
+        raise NotImplementedError(f"{ckpt}: resuming under FSDP is not supported yet (checkpoints hold full tensors "
+                                  "and a full optimizer state); resume without FSDP, or train without --resume")
+    if ckpt is not None:  # the trainable tensors go into the plain model, before any wrapping
+        load_checkpoint(ckpt, model, None, None, restore_rng=False)
+
+    def new_optimizer(m):
+        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
+
+    if sharded:  # already sharded: accelerate would wrap it again in DDP (it enables FSDP only on GPUs)
+        optimizer = new_optimizer(model)
+        optimizer = acc.prepare(optimizer)
+    elif fsdp and not getattr(acc, "is_fsdp2", False):
+        # FSDP1 flattens the parameters: the optimizer must be built on the wrapped model
+        model = acc.prepare(model)
+        optimizer = acc.prepare(new_optimizer(model))
+    else:  # one process, DDP, or FSDP2 (accelerate maps the optimizer onto the sharded parameters)
+        model, optimizer = acc.prepare(model, new_optimizer(model))
+    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP's sharded parameters
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, schedule)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "losses": []}
     resumed_from = None
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer, scheduler)
-            resumed_from = state["global_step"]
-            log(f"resumed from {ckpt} (epoch {state['epoch']}, step {state['step_in_epoch']}, global step {state['global_step']})")
-    model, optimizer = acc.prepare(model, optimizer)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
+        resumed_from = state["global_step"]
+        log(f"resumed from {ckpt} (epoch {state['epoch']}, step {state['step_in_epoch']}, global step {state['global_step']})")
     losses: List[float] = list(state["losses"])
     model.train()
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not (config.progress and acc.is_main_process))
@@ -126,21 +200,22 @@ def train_model(
             first = state["step_in_epoch"] if epoch == state["epoch"] else 0
             for step in range(first, steps_per_epoch):
                 chunk = order[step * global_batch : (step + 1) * global_batch]
-                mine = chunk[rank::world]
-                if len(mine) == 0:
-                    mine = chunk[:1]
+                mine = rank_slice(chunk, rank, world)
+                weight = 1.0
+                if len(mine) == 0:  # fewer samples than ranks: a zero-weight pass keeps the collectives in step
+                    mine, weight = chunk[:1], 0.0
                 batch = _to(dataset.batch(mine), acc.device)
                 with acc.autocast():
                     logits = model(batch)
-                loss = answer_loss(logits, batch["label"])
-                acc.backward(loss)
+                loss_sum = answer_loss_sum(logits, batch["label"]) * weight
+                acc.backward(loss_sum * (world / len(chunk)))
                 if config.max_grad_norm:
                     acc.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step_loss = float(acc.reduce(loss.detach(), reduction="mean")) if world > 1 else float(loss.detach())
-                losses.append(step_loss)
+                total = acc.reduce(loss_sum.detach(), reduction="sum") if world > 1 else loss_sum.detach()
+                losses.append(float(total) / len(chunk))
                 state = {"epoch": epoch, "step_in_epoch": step + 1, "global_step": state["global_step"] + 1, "losses": losses}
                 if step + 1 == steps_per_epoch:
                     state.update(epoch=epoch + 1, step_in_epoch=0)
@@ -149,8 +224,9 @@ def train_model(
                 at_epoch_end = state["step_in_epoch"] == 0
                 if at_epoch_end or (config.save_every_steps and state["global_step"] % config.save_every_steps == 0):
                     acc.wait_for_everyone()
+                    model_view, optimizer_view = checkpoint_views(acc.unwrap_model(model), optimizer, fsdp)
                     if acc.is_main_process:
-                        save_checkpoint(run_dir, acc.unwrap_model(model), optimizer, scheduler, state, keep=config.keep_checkpoints)
+                        save_checkpoint(run_dir, model_view, optimizer_view, scheduler, state, keep=config.keep_checkpoints)
                     acc.wait_for_everyone()
                 if config.stop_after_steps is not None and state["global_step"] >= config.stop_after_steps:
                     raise KeyboardInterrupt(f"stop_after_steps={config.stop_after_steps} reached (testing hook)")
@@ -160,18 +236,44 @@ def train_model(
 
 
 @torch.no_grad()
-def predict_proba(model, dataset: PromptDataset, batch_size: int = 64, progress: bool = True, desc: str = "score") -> np.ndarray:
-    """p(click) for every sample of ``dataset``, in order (single process; eval mode, no dropout)."""
+def predict_proba(model, dataset: PromptDataset, batch_size: int = 64, progress: bool = True, desc: str = "score",
+                  accelerator=None) -> np.ndarray:  # fmt: skip
+    """p(click) for every sample of ``dataset``, in order (eval mode, no dropout).
+
+    Under ``torchrun`` / ``accelerate launch`` (or with a multi-process ``accelerator``) every rank must call
+    it: each scores its shard of the batches (accelerate's sharded DataLoader) and the probabilities are
+    gathered with ``gather_for_metrics`` (which drops the samples repeated to even out the last batches),
+    so every rank returns the single-process array. One process: a plain loop.
+    """
     from tqdm.auto import tqdm
 
     from .model import click_probability
 
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    for start in tqdm(range(0, len(dataset), batch_size), desc=desc, disable=not progress):
-        batch = _to(dataset.batch(range(start, min(start + batch_size, len(dataset)))), device)
-        out.append(click_probability(model(batch)).cpu())
-    model.train(was_training)
+    acc = accelerator
+    if acc is None:
+        from rellax_fast.distributed import launched
+
+        if launched():
+            from accelerate import Accelerator
+
+            # shares the launcher's process group and state with the trainer's (cpu=True: see distributed.state)
+            acc = Accelerator(cpu=not torch.cuda.is_available())
+    try:
+        if acc is None or acc.num_processes == 1:
+            device = next(model.parameters()).device
+            for start in tqdm(range(0, len(dataset), batch_size), desc=desc, disable=not progress):
+                batch = _to(dataset.batch(range(start, min(start + batch_size, len(dataset)))), device)
+                out.append(click_probability(model(batch)).cpu())
+        else:
+            from torch.utils.data import DataLoader
+
+            loader = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=False, collate_fn=dataset.batch)
+            loader = acc.prepare_data_loader(loader)
+            for batch in tqdm(loader, desc=desc, disable=not (progress and acc.is_main_process)):
+                out.append(acc.gather_for_metrics(click_probability(model(batch)).contiguous()).cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
