@@ -104,12 +104,15 @@ def build_shared_context(args, cfg, log=print):
     out = Path(args.out)
     data = load_ctr_data(args)
     din_opts = {"embed_dim": args.din_embed_dim, "mlp_hidden": tuple(args.din_hidden), "max_history": args.din_max_history}
-    din, vocab, report = train_or_load_ctr(data, out / "ctr", din_opts,
-                                           DINTrainConfig(epochs=args.din_epochs, patience=args.din_patience, seed=args.seed,
-                                                          progress=not args.no_progress),
-                                           log=log)  # fmt: skip
-    emb, ids = item_embeddings(data, out / "emb_cache", progress=not args.no_progress)
-    subr_path = save_subr_embeddings(out, emb, ids)
+    from rellax_fast.distributed import is_main, main_first
+
+    with main_first():  # under a launcher rank 0 trains the DIN and fills the caches, the others then load them
+        din, vocab, report = train_or_load_ctr(data, out / "ctr", din_opts,
+                                               DINTrainConfig(epochs=args.din_epochs, patience=args.din_patience,
+                                                              seed=args.seed, progress=not args.no_progress),
+                                               log=log)  # fmt: skip
+        emb, ids = item_embeddings(data, out / "emb_cache", progress=not args.no_progress)
+    subr_path = save_subr_embeddings(out, emb, ids) if is_main() else out / "subr_embeddings.npz"
     ctx = build_context(data, din, vocab, report, cfg, emb, ids)
     # recorded in each run's rellax.json relative to the run folder (with fingerprints), so --out can move
     ctx.ctr_dir, ctx.subr_path = str(out / "ctr"), str(subr_path)

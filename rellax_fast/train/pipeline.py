@@ -307,12 +307,13 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         model.set_stage("joint")
         r = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir, resume=resume, log=log)
         model, losses = r["model"], r["losses"]
-    from accelerate import PartialState
+    from rellax_fast.distributed import is_main
 
-    if not PartialState().is_main_process:  # under accelerate launch / torchrun: rank 0 scores and writes
-        return {"metrics": None, "losses": losses, "run_dir": str(run_dir), "model": model}
+    # under accelerate launch / torchrun every rank scores a shard (gathered on all ranks); rank 0 writes
     probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}")
     metrics = ctr_metrics(test_set.labels(), probs)
+    if not is_main():
+        return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model}
     model_path = cfg.model or default_model_path()
     if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
         model_path = str(Path(model_path).resolve())
@@ -398,4 +399,7 @@ def check_inputs_for_resume(run_dir: Path, ctx: Context, spec: VariantSpec, resu
                 f"retrained DIN, other data or embeddings); train without --resume, or into another --name"
             )
         return
-    atomic_write_text(path, json.dumps(inputs, indent=2))
+    from rellax_fast.distributed import is_main
+
+    if is_main():  # under a launcher only rank 0 writes
+        atomic_write_text(path, json.dumps(inputs, indent=2))
