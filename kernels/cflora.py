@@ -42,6 +42,8 @@ r×r interaction dots run in fp32 ("ieee"). fp32 inputs use tf32 only if torch a
 if not __name__.startswith("rellax_fast."):
     raise ImportError("rellax-fast Triton kernels are only importable as rellax_fast.kernels.*")
 
+import contextlib
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -72,9 +74,13 @@ def _mix32(x):
 @triton.jit
 def _keep_mask(rows, cols, D_IN, KEY, THRESHOLD):
     """Keep-mask of drop(x) for the (rows, cols) tile: hash of (seed, m·d_in + k), same bits as common.h."""
-    idx = rows[:, None] * D_IN + cols[None, :]  # int64 flat index
-    lo = (idx & 0xFFFFFFFF).to(tl.uint32)
-    hi = (idx >> 32).to(tl.uint32)
+    # the int64 flat index m·d_in + k, split into 32-bit halves without an int64 tile: the row part is
+    # int64 per row, the column part (< 2^32) is added to the low word with a carry into the high word
+    base = rows * D_IN
+    base_lo = (base & 0xFFFFFFFF).to(tl.uint32)[:, None]
+    base_hi = (base >> 32).to(tl.uint32)[:, None]
+    lo = base_lo + cols.to(tl.uint32)[None, :]
+    hi = base_hi + (lo < base_lo).to(tl.uint32)
     h = _mix32(lo ^ _mix32(hi + KEY.to(tl.uint32)))
     return (h >> 8) >= THRESHOLD.to(tl.uint32)
 
@@ -100,22 +106,23 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 @triton.jit(do_not_specialize=["KEY", "THRESHOLD"])
 def _cflora_shrink_kernel(
     x_ptr, a_ptr, c_ptr, s_ptr, t_ptr,
-    M, D_IN, R, ROWS_PER_GROUP,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_cg, stride_ci, stride_cj,
+    M, D_IN, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_ci, stride_cj,
     stride_sm, stride_sr, stride_tm, stride_tr,
     KEY, THRESHOLD, KEEP_SCALE,
-    HAS_C: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SHARED_C: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    """S = drop(x) Aᵀ for BLOCK_M rows; with a shared C also T = S Cᵀ (else T is written by another kernel)."""
     pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rank = tl.arange(0, BLOCK_R)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: every pointer offset below is int64
+    rank = tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < M
     rank_ok = rank < R
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, D_IN, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < D_IN
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -132,24 +139,45 @@ def _cflora_shrink_kernel(
         acc = acc * KEEP_SCALE
 
     out_mask = row_ok[:, None] & rank_ok[None, :]
-    tl.store(s_ptr + rows[:, None] * stride_sm + rank[None, :] * stride_sr,
-             acc.to(s_ptr.dtype.element_ty), mask=out_mask)
-    if HAS_C:
-        # T = S Cᵀ with each row's C: loop over the samples this block touches (one for shared C).
-        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        first = (pid * BLOCK_M) // ROWS_PER_GROUP
-        last = (tl.minimum(pid * BLOCK_M + BLOCK_M, M) - 1) // ROWS_PER_GROUP
-        group_of_row = rows // ROWS_PER_GROUP
-        for g in range(first, last + 1):
-            # c_t[j, i] = C[g, i, j]
-            c_t = tl.load(c_ptr + g * stride_cg + rank[None, :] * stride_ci + rank[:, None] * stride_cj,
-                          mask=rank_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-            part = tl.dot(acc, c_t, input_precision="ieee")
-            t = tl.where((group_of_row == g)[:, None], part, t)
-    else:
-        t = acc
-    tl.store(t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
-             t.to(t_ptr.dtype.element_ty), mask=out_mask)
+    s = acc.to(s_ptr.dtype.element_ty)
+    tl.store(s_ptr + rows[:, None] * stride_sm + rank[None, :] * stride_sr, s, mask=out_mask)
+    if SHARED_C:
+        # T = S Cᵀ on the rounded S, in the input dtype (tensor cores, no fp32 FMA tile); c_t[j, i] = C[i, j]
+        c_t = tl.load(c_ptr + rank[None, :] * stride_ci + rank[:, None] * stride_cj,
+                      mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
+        if UPCAST:
+            s = s.to(tl.float32)
+            c_t = c_t.to(tl.float32)
+        t = tl.dot(s, c_t, input_precision=PRECISION)
+        tl.store(t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
+                 t.to(t_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _cflora_interact_fwd_kernel(
+    s_ptr, c_ptr, t_ptr,
+    ROWS_PER_GROUP, R,
+    stride_sm, stride_sr, stride_cg, stride_ci, stride_cj, stride_tm, stride_tr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Per-sample C: one program per sample g, T = S C[g]ᵀ over that sample's rows (C[g] read once)."""
+    g = tl.program_id(0).to(tl.int64)
+    rank = tl.arange(0, BLOCK_R).to(tl.int64)
+    rank_ok = rank < R
+    c_t = tl.load(c_ptr + g * stride_cg + rank[None, :] * stride_ci + rank[:, None] * stride_cj,
+                  mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
+    if UPCAST:
+        c_t = c_t.to(tl.float32)
+    for m0 in range(0, ROWS_PER_GROUP, BLOCK_M):
+        local = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows = g * ROWS_PER_GROUP + local
+        mask = (local < ROWS_PER_GROUP)[:, None] & rank_ok[None, :]
+        s = tl.load(s_ptr + rows[:, None] * stride_sm + rank[None, :] * stride_sr, mask=mask, other=0.0)
+        if UPCAST:
+            s = s.to(tl.float32)
+        t = tl.dot(s, c_t, input_precision=PRECISION)
+        tl.store(t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
+                 t.to(t_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -161,7 +189,7 @@ def _cflora_fwd_gemm_kernel(
     SCALE,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_RK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -172,7 +200,7 @@ def _cflora_fwd_gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < K
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -183,18 +211,19 @@ def _cflora_fwd_gemm_kernel(
             w_t = w_t.to(tl.float32)
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
 
-    # the LoRA expand: one more r-wide K step into the same accumulator
-    rank = tl.arange(0, BLOCK_R)
-    rank_ok = rank < R
-    t = tl.load(t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
-                mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-    b_t = tl.load(b_ptr + cols[None, :] * stride_bn + rank[:, None] * stride_br,
-                  mask=rank_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_N) = Bᵀ tile
-    t = (t.to(tl.float32) * SCALE).to(b_t.dtype)
-    if UPCAST:
-        t = t.to(tl.float32)
-        b_t = b_t.to(tl.float32)
-    acc = tl.dot(t, b_t, acc, input_precision=PRECISION)
+    # the LoRA expand: r more K columns into the same accumulator, BLOCK_RK at a time (small smem tiles)
+    for r0 in range(0, R, BLOCK_RK):  # a runtime loop: one chunk's tiles live at a time
+        rank = r0 + tl.arange(0, BLOCK_RK).to(tl.int64)
+        rank_ok = rank < R
+        t = tl.load(t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
+                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+        b_t = tl.load(b_ptr + cols[None, :] * stride_bn + rank[:, None] * stride_br,
+                      mask=rank_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_RK, BLOCK_N) = Bᵀ tile
+        t = (t.to(tl.float32) * SCALE).to(b_t.dtype)
+        if UPCAST:
+            t = t.to(tl.float32)
+            b_t = b_t.to(tl.float32)
+        acc = tl.dot(t, b_t, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -208,146 +237,203 @@ def _cflora_fwd_gemm_kernel(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _cflora_dy_pass_kernel(
-    dy_ptr, b_ptr, c_ptr, s_ptr, t_ptr,
-    ds_ptr, dlora_b_ptr, dbias_ptr, dc_ptr,
-    M, N, R, ROWS_PER_GROUP,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_cg, stride_ci, stride_cj,
-    stride_sm, stride_sr, stride_tm, stride_tr, stride_dsm, stride_dsr,
+    dy_ptr, b_ptr, c_ptr, s_ptr, dst_ptr, dc_ptr,
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_ci, stride_cj, stride_sm, stride_sr,
+    stride_dstm, stride_dstr,
     SCALE,
-    HAS_C: tl.constexpr, NEED_DT: tl.constexpr, NEED_DS: tl.constexpr, NEED_DB: tl.constexpr,
-    NEED_DBIAS: tl.constexpr, NEED_DC: tl.constexpr,
+    SHARED_C: tl.constexpr, NEED_DS: tl.constexpr, NEED_DC: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # dlora_b_ptr (d_out, r), dbias_ptr (d_out,), dc_ptr (groups, r, r): contiguous fp32, zero-filled
+    """dT = scale·dY B for BLOCK_M rows into dst (fp32). With a shared C, dst gets dS = dT C instead and
+    dC += dTᵀ S (one r×r fp32 atomic tile per program); otherwise dst keeps dT (dS itself for C = None,
+    the input of _cflora_interact_bwd_kernel for a per-sample C)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rank = tl.arange(0, BLOCK_R)
+    rank = tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < M
     rank_ok = rank < R
     tile_mask = row_ok[:, None] & rank_ok[None, :]
 
-    if NEED_DB:
-        t = tl.load(t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr, mask=tile_mask, other=0.0)
-        if UPCAST:
-            t = t.to(tl.float32)
     d_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
         dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if NEED_DBIAS:
-            tl.atomic_add(dbias_ptr + cols, tl.sum(dy.to(tl.float32), axis=0), mask=col_ok, sem="relaxed")
+        b = tl.load(b_ptr + cols[:, None] * stride_bn + rank[None, :] * stride_br,
+                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
         if UPCAST:
             dy = dy.to(tl.float32)
-        if NEED_DT:
-            b = tl.load(b_ptr + cols[:, None] * stride_bn + rank[None, :] * stride_br,
-                        mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-            if UPCAST:
-                b = b.to(tl.float32)
-            d_t = tl.dot(dy, b, d_t, input_precision=PRECISION)
-        if NEED_DB:
-            part = tl.dot(tl.trans(dy), t, input_precision=PRECISION) * SCALE  # (BLOCK_N, BLOCK_R)
-            tl.atomic_add(dlora_b_ptr + cols[:, None] * R + rank[None, :], part,
-                          mask=col_ok[:, None] & rank_ok[None, :], sem="relaxed")
+            b = b.to(tl.float32)
+        d_t = tl.dot(dy, b, d_t, input_precision=PRECISION)
+    d_t = d_t * SCALE
 
-    if NEED_DT:
-        d_t = d_t * SCALE
-        if HAS_C:
-            d_s = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            if NEED_DC:
-                s = tl.load(s_ptr + rows[:, None] * stride_sm + rank[None, :] * stride_sr,
-                            mask=tile_mask, other=0.0).to(tl.float32)
-            first = (pid * BLOCK_M) // ROWS_PER_GROUP
-            last = (tl.minimum(pid * BLOCK_M + BLOCK_M, M) - 1) // ROWS_PER_GROUP
-            group_of_row = rows // ROWS_PER_GROUP
-            for g in range(first, last + 1):
-                in_group = (group_of_row == g)[:, None]
-                if NEED_DS:
-                    c = tl.load(c_ptr + g * stride_cg + rank[:, None] * stride_ci + rank[None, :] * stride_cj,
-                                mask=rank_ok[:, None] & rank_ok[None, :], other=0.0).to(tl.float32)
-                    d_s = tl.where(in_group, tl.dot(d_t, c, input_precision="ieee"), d_s)
-                if NEED_DC:
-                    d_t_g = tl.where(in_group, d_t, tl.zeros_like(d_t))
-                    d_c = tl.dot(tl.trans(d_t_g), s, input_precision="ieee")  # (BLOCK_R, BLOCK_R)
-                    tl.atomic_add(dc_ptr + g * R * R + rank[:, None] * R + rank[None, :], d_c,
-                                  mask=rank_ok[:, None] & rank_ok[None, :], sem="relaxed")
-        else:
-            d_s = d_t
+    if SHARED_C:
+        # the r×r steps run in the input dtype (dT rounded to it, as a 16-bit autograd would hold it)
+        d_t_lo = d_t.to(c_ptr.dtype.element_ty)
+        if UPCAST:
+            d_t_lo = d_t_lo.to(tl.float32)
+        if NEED_DC:
+            s = tl.load(s_ptr + rows[:, None] * stride_sm + rank[None, :] * stride_sr, mask=tile_mask, other=0.0)
+            if UPCAST:
+                s = s.to(tl.float32)
+            d_c = tl.dot(tl.trans(d_t_lo), s, input_precision=PRECISION)  # (BLOCK_R, BLOCK_R)
+            tl.atomic_add(dc_ptr + rank[:, None] * R + rank[None, :], d_c,
+                          mask=rank_ok[:, None] & rank_ok[None, :], sem="relaxed")
         if NEED_DS:
-            tl.store(ds_ptr + rows[:, None] * stride_dsm + rank[None, :] * stride_dsr, d_s, mask=tile_mask)
+            c = tl.load(c_ptr + rank[:, None] * stride_ci + rank[None, :] * stride_cj,
+                        mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
+            if UPCAST:
+                c = c.to(tl.float32)
+            d_s = tl.dot(d_t_lo, c, input_precision=PRECISION)
+            tl.store(dst_ptr + rows[:, None] * stride_dstm + rank[None, :] * stride_dstr, d_s, mask=tile_mask)
+    else:
+        tl.store(dst_ptr + rows[:, None] * stride_dstm + rank[None, :] * stride_dstr, d_t, mask=tile_mask)
+
+
+@triton.jit
+def _cflora_interact_bwd_kernel(
+    dst_ptr, s_ptr, c_ptr, dc_ptr,
+    ROWS_PER_GROUP, R,
+    stride_dstm, stride_dstr, stride_sm, stride_sr, stride_cg, stride_ci, stride_cj,
+    NEED_DS: tl.constexpr, NEED_DC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Per-sample C: one program per sample g over its rows. Reads dT from dst and overwrites it with
+    dS = dT C[g]; dC[g] = Σ dTᵀ S is summed in registers and stored once (no atomics, no zero-fill)."""
+    g = tl.program_id(0).to(tl.int64)
+    rank = tl.arange(0, BLOCK_R).to(tl.int64)
+    rank_ok = rank < R
+    rr_mask = rank_ok[:, None] & rank_ok[None, :]
+    if NEED_DS:
+        c = tl.load(c_ptr + g * stride_cg + rank[:, None] * stride_ci + rank[None, :] * stride_cj,
+                    mask=rr_mask, other=0.0)
+        if UPCAST:
+            c = c.to(tl.float32)
+    d_c = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    for m0 in range(0, ROWS_PER_GROUP, BLOCK_M):
+        local = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows = g * ROWS_PER_GROUP + local
+        mask = (local < ROWS_PER_GROUP)[:, None] & rank_ok[None, :]
+        d_t = tl.load(dst_ptr + rows[:, None] * stride_dstm + rank[None, :] * stride_dstr, mask=mask, other=0.0)
+        d_t = d_t.to(c_ptr.dtype.element_ty)
+        if UPCAST:
+            d_t = d_t.to(tl.float32)
+        if NEED_DC:
+            s = tl.load(s_ptr + rows[:, None] * stride_sm + rank[None, :] * stride_sr, mask=mask, other=0.0)
+            if UPCAST:
+                s = s.to(tl.float32)
+            d_c = tl.dot(tl.trans(d_t), s, d_c, input_precision=PRECISION)
+        if NEED_DS:
+            d_s = tl.dot(d_t, c, input_precision=PRECISION)
+            tl.store(dst_ptr + rows[:, None] * stride_dstm + rank[None, :] * stride_dstr, d_s, mask=mask)
+    if NEED_DC:
+        tl.store(dc_ptr + g * R * R + rank[:, None] * R + rank[None, :], d_c, mask=rr_mask)
 
 
 # KEY/THRESHOLD change with every seed: keep them runtime values (no ==1 / %16 specialisation)
 @triton.jit(do_not_specialize=["KEY", "THRESHOLD"])
+def _cflora_rank_grad_kernel(
+    u_ptr, v_ptr, out_ptr, colsum_ptr,
+    M, N, R, ROWS_PER_SPLIT,
+    stride_um, stride_un, stride_vm, stride_vr,
+    SCALE, KEY, THRESHOLD,
+    NEED_OUT: tl.constexpr, NEED_COLSUM: tl.constexpr, DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out = SCALE·drop(U)ᵀ V (N, r) and colsum = Σ_rows U, a split-K GEMM over the M rows. Used twice:
+    dB = scale·dYᵀ T with db = Σ dY, and dA = dSᵀ drop(x)·1/(1-p) (as its transpose, dAᵀ = drop(x)ᵀ dS).
+    Program (n, split) owns a BLOCK_N slice of N and ROWS_PER_SPLIT rows and writes its partial to
+    out[split] / colsum[split]; the launcher sums the splits: no atomics, a deterministic result."""
+    pid_n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rank = tl.arange(0, BLOCK_R).to(tl.int64)
+    col_ok = cols < N
+    rank_ok = rank < R
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    colsum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    first = split * ROWS_PER_SPLIT
+    for m0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
+        local = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        rows = first + local
+        row_ok = (local < ROWS_PER_SPLIT) & (rows < M)
+        u = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_un,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        if DROPOUT:
+            u = tl.where(_keep_mask(rows, cols, N, KEY, THRESHOLD), u, tl.zeros_like(u))
+        if NEED_COLSUM:
+            colsum += tl.sum(u.to(tl.float32), axis=0)
+        if NEED_OUT:
+            v = tl.load(v_ptr + rows[:, None] * stride_vm + rank[None, :] * stride_vr,
+                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            v = v.to(u_ptr.dtype.element_ty)  # dS arrives as fp32: the dot runs in the input dtype
+            if UPCAST:
+                u = u.to(tl.float32)
+                v = v.to(tl.float32)
+            acc = tl.dot(tl.trans(u), v, acc, input_precision=PRECISION)
+    if NEED_OUT:
+        tl.store(out_ptr + split * N * R + cols[:, None] * R + rank[None, :], acc * SCALE,
+                 mask=col_ok[:, None] & rank_ok[None, :])
+    if NEED_COLSUM:
+        tl.store(colsum_ptr + split * N + cols, colsum, mask=col_ok)
+
+
+@triton.jit
 def _cflora_dx_kernel(
-    dy_ptr, w_ptr, ds_ptr, a_ptr, x_ptr, dx_ptr, dlora_a_ptr,
+    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
     M, N, K, R,
     stride_dym, stride_dyk, stride_wk, stride_wn, stride_dsm, stride_dsr, stride_ar, stride_an,
-    stride_xm, stride_xn, stride_dxm, stride_dxn,
+    stride_dxm, stride_dxn,
     KEY, THRESHOLD, KEEP_SCALE,
-    DROPOUT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DA: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    BLOCK_RK: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    # N = d_in (output columns), K = d_out (the base GEMM's reduction); dlora_a_ptr (r, d_in) fp32 zeroed
+    """dx = dY W + drop'(dS A) for one (BLOCK_M, BLOCK_N) tile of (M, d_in), one accumulator.
+
+    The r-wide LoRA step runs FIRST, BLOCK_RK ranks at a time: it starts the accumulator and is masked by
+    the keep-mask, so the mask and dS are dead before the long K loop over d_out."""
+    # N = d_in (output columns), K = d_out (the base GEMM's reduction)
     pid = tl.program_id(0).to(tl.int64)
     pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rank = tl.arange(0, BLOCK_R)
     row_ok = rows < M
     col_ok = cols < N
-    rank_ok = rank < R
-    out_mask = row_ok[:, None] & col_ok[None, :]
 
-    d_s = tl.load(ds_ptr + rows[:, None] * stride_dsm + rank[None, :] * stride_dsr,
-                  mask=row_ok[:, None] & rank_ok[None, :], other=0.0)  # fp32
-    d_s = d_s.to(x_ptr.dtype.element_ty)  # the dot dtype on the GPU; rounded the same when interpreting
-    if UPCAST:
-        d_s = d_s.to(tl.float32)
-    if DROPOUT:
-        keep = _keep_mask(rows, cols, N, KEY, THRESHOLD)
-
-    if NEED_DX:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ks[None, :] * stride_dyk,
-                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if UPCAST:
-                dy = dy.to(tl.float32)
-                w = w.to(tl.float32)
-            acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-        # the concatenated K step: r more columns (dS) against A
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_RK):  # a runtime loop: one chunk's tiles live at a time
+        rank = r0 + tl.arange(0, BLOCK_RK).to(tl.int64)
+        rank_ok = rank < R
+        d_s = tl.load(ds_ptr + rows[:, None] * stride_dsm + rank[None, :] * stride_dsr,
+                      mask=row_ok[:, None] & rank_ok[None, :], other=0.0)  # fp32
+        d_s = d_s.to(dx_ptr.dtype.element_ty)  # the dot dtype on the GPU; rounded the same when interpreting
         a = tl.load(a_ptr + rank[:, None] * stride_ar + cols[None, :] * stride_an,
                     mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
+            d_s = d_s.to(tl.float32)
             a = a.to(tl.float32)
-        if DROPOUT:
-            lora = tl.dot(d_s, a, input_precision=PRECISION) * KEEP_SCALE
-            acc = acc + tl.where(keep, lora, tl.zeros_like(lora))
-        else:
-            acc = tl.dot(d_s, a, acc, input_precision=PRECISION)
-        tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxn,
-                 acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+        acc = tl.dot(d_s, a, acc, input_precision=PRECISION)
+    if DROPOUT:
+        acc = tl.where(_keep_mask(rows, cols, N, KEY, THRESHOLD), acc * KEEP_SCALE, tl.zeros_like(acc))
 
-    if NEED_DA:
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=out_mask, other=0.0)
-        if DROPOUT:
-            x = tl.where(keep, x, tl.zeros_like(x))
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = ks < K
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ks[None, :] * stride_dyk,
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         if UPCAST:
-            x = x.to(tl.float32)
-        part = tl.dot(tl.trans(d_s), x, input_precision=PRECISION)  # (BLOCK_R, BLOCK_N)
-        if DROPOUT:
-            part = part * KEEP_SCALE
-        tl.atomic_add(dlora_a_ptr + rank[:, None] * N + cols[None, :], part,
-                      mask=rank_ok[:, None] & col_ok[None, :], sem="relaxed")
+            dy = dy.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+    tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxn,
+             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -367,7 +453,7 @@ def _matmul_kernel(
     col_ok = cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < K
         a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -384,31 +470,88 @@ def _matmul_kernel(
 # ----------------------------------------------------------------------------------------------------
 # launch configuration
 # ----------------------------------------------------------------------------------------------------
-# One fixed config per kernel. GPU sizes target H100/H200 (bf16 tensor cores, 227 KB smem per CTA): the
-# big GEMMs use 128x128x64 tiles, 8 warps and a 4-deep cp.async pipeline (4 x 32 KB); fp32 operands are
-# twice as wide, so they get 2 stages. Under the interpreter, small blocks keep each program cheap while
-# still exercising multi-block paths (edges, K loops, cross-program atomics) on the tiny test shapes.
-_GPU = {
+# One fixed config per kernel and dtype class, checked by the ahead-of-time compile gate
+# (tests/ops/test_triton_compile_gate.py) to fit sm_80's 166,912 B and sm_90's 232,448 B of shared memory
+# without spills. The big GEMMs use 128x128 tiles and 8 warps: 16-bit operands a 64-deep K step with a
+# 4-stage cp.async/TMA pipeline (4 x 32 KB), fp32 operands a 32-deep K step with 3 stages (3 x 32 KB). The
+# r-wide LoRA step of the GEMMs runs BLOCK_RK ranks at a time so that rank 128 adds at most 32 KB.
+# Row-block kernels (shrink, dY pass) shrink BLOCK_M when M is small so that the grid still covers the
+# SMs. Under the interpreter, small blocks keep each program cheap while still exercising multi-block
+# paths (edges, K loops, r chunks, split-K partials, cross-program atomics) on the tiny test shapes.
+_GPU16 = {
     "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
-    "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_RK=64, GROUP_M=8, num_warps=8, num_stages=4),
     "dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    "rank_grad": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    "interact": dict(BLOCK_M=64, num_warps=4, num_stages=2),
     "dw": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+}
+_GPU32 = {
+    "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2),
+    "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_RK=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "dy": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "rank_grad": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "interact": dict(BLOCK_M=64, num_warps=4, num_stages=2),
+    "dw": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
 }
 _INTERPRET = {
     "shrink": dict(BLOCK_M=16, BLOCK_K=32),
-    "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=2),
+    "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, BLOCK_RK=16, GROUP_M=2),
     "dy": dict(BLOCK_M=16, BLOCK_N=32),
+    "rank_grad": dict(BLOCK_M=16, BLOCK_N=32),
+    "interact": dict(BLOCK_M=16),
     "dw": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=2),
 }
+_DEFAULT_SMS = 132  # H100/H200 SXM; the real count is read from the tensor's device when it is on CUDA
+_MIN_BLOCK_M = 16  # the smallest tl.dot M
 
 
-def _config(name: str, dtype: torch.dtype) -> dict:
+def _config(name: str, dtype: torch.dtype, block_r: int) -> dict:
     if triton_interpreting():
         return dict(_INTERPRET[name])
-    cfg = dict(_GPU[name])
-    if dtype == torch.float32:
-        cfg["num_stages"] = 2
+    cfg = dict((_GPU32 if dtype == torch.float32 else _GPU16)[name])
+    if name == "rank_grad" and block_r >= 128:
+        cfg["BLOCK_N"] = 64  # the (BLOCK_N, r) fp32 accumulator stays at 64 registers per thread
+    if name in ("interact", "shrink", "dy") and block_r >= 128:
+        cfg["num_warps"] = 8  # (r, r) tiles (C, the dC accumulator) at r = 128: spread over 256 threads
+    if dtype == torch.float32 and block_r >= 128:
+        # fp32 operands at rank 128: the r-wide tiles are 4x a bf16 r = 64 tile; halve the other side
+        cfg.update({"shrink": dict(BLOCK_K=32, BLOCK_M=32), "dy": dict(BLOCK_N=32, BLOCK_M=32),
+                    "rank_grad": dict(BLOCK_M=32),
+                    "interact": dict(BLOCK_M=16), "gemm": dict(BLOCK_N=64, num_warps=4)}.get(name, {}))
+    if "BLOCK_RK" in cfg:
+        cfg["BLOCK_RK"] = min(cfg["BLOCK_RK"], block_r)
     return cfg
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _row_block(cfg: dict, m: int, device: torch.device) -> dict:
+    """Halve BLOCK_M (down to 16) while the row grid would leave SMs idle: M = 2048 gives 128 CTAs, not 32."""
+    if triton_interpreting():
+        return cfg
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else _DEFAULT_SMS
+    while cfg["BLOCK_M"] > _MIN_BLOCK_M and triton.cdiv(m, cfg["BLOCK_M"]) < sms:
+        cfg["BLOCK_M"] //= 2
+    return cfg
+
+
+def _interact_block_m(cfg: dict, rows_per_group: int) -> dict:
+    """The per-sample r×r kernels step over one sample's rows: decode (1 row) needs only the 16-row minimum."""
+    cfg["BLOCK_M"] = max(_MIN_BLOCK_M, min(cfg["BLOCK_M"], triton.next_power_of_2(max(rows_per_group, 1))))
+    return cfg
+
+
+def _splits(m: int, n_col_blocks: int, block_m: int) -> int:
+    """Split-K over rows for the dB / dA GEMMs: enough programs for ~2 waves, each at least 4 row blocks deep."""
+    if triton_interpreting():
+        return min(2, triton.cdiv(m, block_m))  # exercise the partial-sum path on small shapes
+    want = triton.cdiv(2 * _DEFAULT_SMS, n_col_blocks)
+    return max(1, min(want, triton.cdiv(m, 4 * block_m)))
 
 
 def _block_r(r: int) -> int:
@@ -416,9 +559,16 @@ def _block_r(r: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision. 16-bit operands ignore it (native bf16/fp16 MMA); fp32 operands get TF32 when
+    torch allows it, else 3xTF32 (hi/lo split, close to fp32 accuracy, still on tensor cores)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored by tl.dot for 16-bit operands
+        return "tf32x3"
+    return "tf32"
+
+
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device for the launches."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _dropout_args(dropout_p: float, seed: Optional[int]) -> Tuple[bool, int, int, float]:
@@ -431,18 +581,18 @@ def _dropout_args(dropout_p: float, seed: Optional[int]) -> Tuple[bool, int, int
     return True, dropout_key(int(seed)), dropout_threshold(float(dropout_p)), 1.0 / (1.0 - float(dropout_p))
 
 
-def _interaction_groups(interaction: Optional[torch.Tensor], m: int, rows_per_sample: int) -> Tuple[int, int, tuple]:
-    """(rows per C group, number of groups, (stride_g, stride_i, stride_j)) for the three C shapes."""
+def _interaction_groups(interaction: Optional[torch.Tensor], m: int, rows_per_sample: int) -> Tuple[int, tuple]:
+    """(number of C groups, (stride_g, stride_i, stride_j)) for the three C shapes."""
     if interaction is None:
-        return max(m, 1), 1, (0, 0, 0)
+        return 1, (0, 0, 0)
     if interaction.dim() == 2:
-        return max(m, 1), 1, (0, interaction.stride(0), interaction.stride(1))
+        return 1, (0, interaction.stride(0), interaction.stride(1))
     n = interaction.shape[0]
     if rows_per_sample < 1 or n * rows_per_sample != m:
         raise ValueError(
             f"cflora (triton): per-sample interaction of shape {tuple(interaction.shape)} needs "
             f"n_samples * rows_per_sample == M; got {n} * {rows_per_sample} != {m}")
-    return rows_per_sample, n, tuple(interaction.stride())
+    return n, tuple(interaction.stride())
 
 
 def _check(x2d, weight, lora_a, lora_b, interaction) -> Tuple[int, int, int, int]:
@@ -471,19 +621,54 @@ def _check(x2d, weight, lora_a, lora_b, interaction) -> Tuple[int, int, int, int
     return m, d_in, d_out, r
 
 
+def _rank_grad(u, v, out, colsum, scale, dropout, key, threshold, upcast, precision, block_r, dummy):
+    """out (N, r) = scale·drop(u)ᵀ v and colsum (N,) = Σ_rows u via _cflora_rank_grad_kernel (split-K over
+    the M rows of u (M, N) and v (M, r); partials summed here in a fixed order). out may be a strided view."""
+    m, n = u.shape
+    r = v.shape[1]
+    if m == 0:
+        for buf in (out, colsum):
+            if buf is not None:
+                buf.zero_()
+        return
+    f32 = torch.float32
+    cfg = _config("rank_grad", u.dtype, block_r)
+    n_col = triton.cdiv(n, cfg["BLOCK_N"])
+    splits = _splits(m, n_col, cfg["BLOCK_M"])
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    splits = triton.cdiv(m, rows_per_split)
+    out_part = torch.empty((splits, n, r), dtype=f32, device=u.device) if out is not None else None
+    colsum_part = torch.empty((splits, n), dtype=f32, device=u.device) if colsum is not None else None
+    _cflora_rank_grad_kernel[(n_col, splits)](
+        u, v, out_part if out is not None else dummy, colsum_part if colsum is not None else dummy,
+        m, n, r, rows_per_split,
+        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+        float(scale), key, threshold,
+        NEED_OUT=out is not None, NEED_COLSUM=colsum is not None, DROPOUT=dropout, UPCAST=upcast,
+        PRECISION=precision, BLOCK_R=block_r, **cfg,
+    )
+    if out is not None:  # a fixed-order sum of the partials: deterministic, unlike atomics
+        out.copy_(out_part.sum(dim=0))
+    if colsum is not None:
+        colsum.copy_(colsum_part.sum(dim=0))
+
+
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
 def cflora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
                lora_b: torch.Tensor, interaction: Optional[torch.Tensor], rows_per_sample: int, scale: float,
                dropout_p: float, seed: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward: returns (y (M, d_out), S (M, r), T (M, r)), all in x's dtype; S and T are saved for backward."""
+    """Forward: returns (y (M, d_out), S (M, r), T (M, r)), all in x's dtype; S and T are saved for backward.
+
+    Inputs may be any strided or expanded views (the kernels take strides); outputs are contiguous.
+    """
     m, d_in, d_out, r = _check(x2d, weight, lora_a, lora_b, interaction)
     if bias is not None and (bias.shape != (d_out,) or bias.device != x2d.device):
         raise ValueError(f"cflora (triton): bias must be ({d_out},) on {x2d.device}; "
                          f"got {tuple(bias.shape)} on {bias.device}")
     dropout, key, threshold, keep_scale = _dropout_args(dropout_p, seed)
-    rows_per_group, _, c_strides = _interaction_groups(interaction, m, rows_per_sample)
+    groups, c_strides = _interaction_groups(interaction, m, rows_per_sample)
     y = torch.empty((m, d_out), dtype=x2d.dtype, device=x2d.device)
     s = torch.empty((m, r), dtype=x2d.dtype, device=x2d.device)
     t = torch.empty((m, r), dtype=x2d.dtype, device=x2d.device)
@@ -492,29 +677,41 @@ def cflora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     upcast = triton_interpreting()
     precision = _precision(x2d.dtype)
     block_r = _block_r(r)
-    c_arg = interaction if interaction is not None else lora_a  # never read when HAS_C is False
+    shared_c = interaction is not None and interaction.dim() == 2
+    per_sample_c = interaction is not None and interaction.dim() == 3
+    c_arg = interaction if interaction is not None else lora_a  # never read when there is no C
 
-    cfg = _config("shrink", x2d.dtype)
-    _cflora_shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-        x2d, lora_a, c_arg, s, t,
-        m, d_in, r, rows_per_group,
-        x2d.stride(0), x2d.stride(1), lora_a.stride(0), lora_a.stride(1), *c_strides,
-        s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-        key, threshold, keep_scale,
-        HAS_C=interaction is not None, DROPOUT=dropout, UPCAST=upcast, PRECISION=precision,
-        BLOCK_R=block_r, **cfg,
-    )
+    with _device_guard(x2d):
+        cfg = _row_block(_config("shrink", x2d.dtype, block_r), m, x2d.device)
+        _cflora_shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+            x2d, lora_a, c_arg, s, t,
+            m, d_in, r,
+            x2d.stride(0), x2d.stride(1), lora_a.stride(0), lora_a.stride(1), c_strides[1], c_strides[2],
+            s.stride(0), s.stride(1), t.stride(0), t.stride(1),
+            key, threshold, keep_scale,
+            SHARED_C=shared_c, DROPOUT=dropout, UPCAST=upcast, PRECISION=precision, BLOCK_R=block_r, **cfg,
+        )
+        if per_sample_c:
+            cfg = _interact_block_m(_config("interact", x2d.dtype, block_r), rows_per_sample)
+            _cflora_interact_fwd_kernel[(groups,)](
+                s, interaction, t,
+                rows_per_sample, r,
+                s.stride(0), s.stride(1), *c_strides, t.stride(0), t.stride(1),
+                UPCAST=upcast, PRECISION=precision, BLOCK_R=block_r, **cfg,
+            )
+        elif interaction is None:
+            t.copy_(s)  # T = S; a separate tensor because the custom op's outputs must not alias
 
-    cfg = _config("gemm", x2d.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_out, cfg["BLOCK_N"]),)
-    _cflora_fwd_gemm_kernel[grid](
-        x2d, weight, bias.contiguous() if bias is not None else weight, t, lora_b, y,
-        m, d_out, d_in, r,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
-        lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
-        float(scale),
-        HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision, BLOCK_R=block_r, **cfg,
-    )
+        cfg = _config("gemm", x2d.dtype, block_r)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_out, cfg["BLOCK_N"]),)
+        _cflora_fwd_gemm_kernel[grid](
+            x2d, weight, bias.contiguous() if bias is not None else weight, t, lora_b, y,
+            m, d_out, d_in, r,
+            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
+            lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+            float(scale),
+            HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision, BLOCK_R=block_r, **cfg,
+        )
     return y, s, t
 
 
@@ -525,6 +722,7 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
     """Backward: (dx, dweight, dbias, dlora_a, dlora_b, dinteraction); None where needs_grad is False.
 
     ``needs_grad`` lists 6 bools in that order. The dropout mask is regenerated from (dropout_p, seed).
+    Inputs may be any strided or expanded views.
     """
     m, d_in, d_out, r = _check(x2d, weight, lora_a, lora_b, interaction)
     if len(needs_grad) != 6:
@@ -536,76 +734,88 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
             raise ValueError(f"cflora (triton): {name} must be {shape} on {x2d.device}; "
                              f"got {tuple(ten.shape)} on {ten.device}")
     dropout, key, threshold, keep_scale = _dropout_args(dropout_p, seed)
-    rows_per_group, groups, c_strides = _interaction_groups(interaction, m, rows_per_sample)
+    groups, c_strides = _interaction_groups(interaction, m, rows_per_sample)
     dev, dtype = x2d.device, x2d.dtype
     upcast = triton_interpreting()
     precision = _precision(dtype)
     block_r = _block_r(r)
     if grad_y2d.dtype != dtype:
         grad_y2d = grad_y2d.to(dtype)
+    shared_c = interaction is not None and interaction.dim() == 2
+    per_sample_c = interaction is not None and interaction.dim() == 3
 
     need_ds = need_dx or need_da
     need_dt = need_ds or need_dc
     f32 = torch.float32
-    d_s = torch.empty((m, r), dtype=f32, device=dev) if need_ds else None
-    dlora_b = torch.zeros((d_out, r), dtype=f32, device=dev) if need_db else None
-    dbias = torch.zeros((d_out,), dtype=f32, device=dev) if need_dbias else None
-    d_c = torch.zeros((groups, r, r), dtype=f32, device=dev) if need_dc else None
-    dlora_a = torch.zeros((r, d_in), dtype=f32, device=dev) if need_da else None
+    # d_st: dT, then (in place) dS, as fp32 (M, r)
+    d_st = torch.empty((m, r), dtype=f32, device=dev) if need_dt else None
+    dlora_b = torch.empty((d_out, r), dtype=f32, device=dev) if need_db else None
+    dbias = torch.empty((d_out,), dtype=f32, device=dev) if need_dbias else None
+    d_c = None
+    if need_dc:  # shared C: atomics into a zeroed tile; per-sample: every C[g] is stored once
+        d_c = (torch.zeros if shared_c or m == 0 else torch.empty)((groups, r, r), dtype=f32, device=dev)
+    dlora_a = torch.empty((r, d_in), dtype=f32, device=dev) if need_da else None
     dx = torch.empty((m, d_in), dtype=dtype, device=dev) if need_dx else None
     dweight = torch.empty((d_out, d_in), dtype=weight.dtype, device=dev) if need_dw else None
     c_arg = interaction if interaction is not None else lora_a
     dummy = lora_a
 
-    if m > 0 and (need_dt or need_db or need_dbias):
-        cfg = _config("dy", x2d.dtype)
-        if block_r >= 128 and not upcast:
-            cfg["BLOCK_N"] = 64  # keep the dY, B and dB tiles of a rank-128 pass inside shared memory
-        _cflora_dy_pass_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            grad_y2d, lora_b, c_arg, s, t,
-            d_s if d_s is not None else dummy, dlora_b if dlora_b is not None else dummy,
-            dbias if dbias is not None else dummy, d_c if d_c is not None else dummy,
-            m, d_out, r, rows_per_group,
-            grad_y2d.stride(0), grad_y2d.stride(1), lora_b.stride(0), lora_b.stride(1), *c_strides,
-            s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-            d_s.stride(0) if d_s is not None else 0, d_s.stride(1) if d_s is not None else 0,
-            float(scale),
-            HAS_C=interaction is not None, NEED_DT=need_dt, NEED_DS=need_ds, NEED_DB=need_db,
-            NEED_DBIAS=need_dbias, NEED_DC=need_dc, UPCAST=upcast, PRECISION=precision,
-            BLOCK_R=block_r, **cfg,
-        )
-
-    if m > 0 and need_ds:
-        cfg = _config("gemm", x2d.dtype)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
-        _cflora_dx_kernel[grid](
-            grad_y2d, weight, d_s, lora_a, x2d,
-            dx if dx is not None else dummy, dlora_a if dlora_a is not None else dummy,
-            m, d_in, d_out, r,
-            grad_y2d.stride(0), grad_y2d.stride(1), weight.stride(0), weight.stride(1),
-            d_s.stride(0), d_s.stride(1), lora_a.stride(0), lora_a.stride(1),
-            x2d.stride(0), x2d.stride(1),
-            dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
-            key, threshold, keep_scale,
-            DROPOUT=dropout, NEED_DX=need_dx, NEED_DA=need_da, UPCAST=upcast, PRECISION=precision,
-            BLOCK_R=block_r, **cfg,
-        )
-    elif need_dx:
-        dx.zero_()  # m == 0: nothing to write (kept for clarity; an empty tensor has no elements)
-
-    if need_dw:
-        if m == 0:
-            dweight.zero_()
-        else:
-            cfg = _config("dw", x2d.dtype)
-            grid = (triton.cdiv(d_out, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
-            _matmul_kernel[grid](
-                grad_y2d, x2d, dweight,
-                d_out, d_in, m,
-                grad_y2d.stride(1), grad_y2d.stride(0), x2d.stride(0), x2d.stride(1),
-                dweight.stride(0), dweight.stride(1),
-                UPCAST=upcast, PRECISION=precision, **cfg,
+    with _device_guard(x2d):
+        if m > 0 and need_dt:
+            cfg = _row_block(_config("dy", dtype, block_r), m, dev)
+            _cflora_dy_pass_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+                grad_y2d, lora_b, c_arg, s, d_st, d_c if shared_c and need_dc else dummy,
+                m, d_out, r,
+                grad_y2d.stride(0), grad_y2d.stride(1), lora_b.stride(0), lora_b.stride(1),
+                c_strides[1], c_strides[2], s.stride(0), s.stride(1), d_st.stride(0), d_st.stride(1),
+                float(scale),
+                SHARED_C=shared_c, NEED_DS=need_ds, NEED_DC=need_dc, UPCAST=upcast, PRECISION=precision,
+                BLOCK_R=block_r, **cfg,
             )
+            if per_sample_c:
+                cfg = _interact_block_m(_config("interact", dtype, block_r), rows_per_sample)
+                _cflora_interact_bwd_kernel[(groups,)](
+                    d_st, s, interaction, d_c if need_dc else dummy,
+                    rows_per_sample, r,
+                    d_st.stride(0), d_st.stride(1), s.stride(0), s.stride(1), *c_strides,
+                    NEED_DS=need_ds, NEED_DC=need_dc, UPCAST=upcast, PRECISION=precision,
+                    BLOCK_R=block_r, **cfg,
+                )
+
+        if need_db or need_dbias:
+            _rank_grad(grad_y2d, t, dlora_b if need_db else None, dbias if need_dbias else None, float(scale),
+                       False, key, threshold, upcast, precision, block_r, dummy)
+        if need_da:
+            # dAᵀ = drop(x)ᵀ dS / (1 - p): (d_in, r), stored into the transposed view of dA
+            _rank_grad(x2d, d_st, dlora_a.T, None, keep_scale, dropout, key, threshold, upcast, precision,
+                       block_r, dummy)
+
+        if m > 0 and need_dx:
+            cfg = _config("gemm", dtype, block_r)
+            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
+            _cflora_dx_kernel[grid](
+                grad_y2d, weight, d_st, lora_a, dx,
+                m, d_in, d_out, r,
+                grad_y2d.stride(0), grad_y2d.stride(1), weight.stride(0), weight.stride(1),
+                d_st.stride(0), d_st.stride(1), lora_a.stride(0), lora_a.stride(1),
+                dx.stride(0), dx.stride(1),
+                key, threshold, keep_scale,
+                DROPOUT=dropout, UPCAST=upcast, PRECISION=precision, BLOCK_R=block_r, **cfg,
+            )
+
+        if need_dw:
+            if m == 0:
+                dweight.zero_()
+            else:
+                cfg = _config("dw", dtype, block_r)
+                grid = (triton.cdiv(d_out, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
+                _matmul_kernel[grid](
+                    grad_y2d, x2d, dweight,
+                    d_out, d_in, m,
+                    grad_y2d.stride(1), grad_y2d.stride(0), x2d.stride(0), x2d.stride(1),
+                    dweight.stride(0), dweight.stride(1),
+                    UPCAST=upcast, PRECISION=precision, **cfg,
+                )
 
     if d_c is not None:
         d_c = d_c[0] if interaction.dim() == 2 else d_c

@@ -367,70 +367,65 @@ def test_cflora_linear_triton_per_sample_2d_x_and_seed_reproducibility():
 
 
 # ----------------------------------------------------------------------------------------------------
-# ahead-of-time compile for H100 (sm_90a) without a GPU: proves the non-interpreter code path lowers,
-# with bf16 tensor-core dots (wgmma) and a software-pipelined K loop. Runs in the normal (compiled) pass.
+# decode (one row per sample, per-sample C), strided / expanded views. (The ahead-of-time compile checks
+# for sm_90a / sm_80 live in test_triton_compile_gate.py.)
 # ----------------------------------------------------------------------------------------------------
-def _compile_like_launch(fn, args, kwargs, target, backend):
-    """triton.compile with the signature, ==1 constexprs and %16 divisibility the runtime would pick."""
-    import triton
-    from triton.backends.compiler import BaseBackend
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import native_specialize_impl
-
-    bound = dict(zip(fn.arg_names, args))
-    bound.update(kwargs)
-    signature, constexprs, attrs = {}, {}, {}
-    for p in fn.params:
-        value = bound[p.name]
-        if p.is_constexpr:
-            signature[p.name], constexprs[(p.num,)] = "constexpr", value
-            continue
-        ty, attr = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize,
-                                          not p.do_not_specialize_on_alignment)
-        if ty == "constexpr":
-            signature[p.name], constexprs[(p.num,)] = "constexpr", attr
-        else:
-            signature[p.name] = ty
-            if isinstance(attr, str) and attr:
-                attrs[(p.num,)] = backend.parse_attr(attr)
-    options = {n: bound[n] for n in ("num_warps", "num_stages") if n in bound}
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options)
-
-
-def test_kernels_compile_for_sm90_with_tensor_cores(monkeypatch):
-    from rellax_fast.ops._backend import triton_interpreting
-
-    if triton_interpreting():
-        pytest.skip("ahead-of-time compile check runs in the compiled (non-TRITON_INTERPRET) pass")
-    pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_decode_one_row_per_sample_per_sample_c(dtype):
+    """rows_per_sample = 1 with 37 samples: every row its own C (the per-sample kernels run one program per
+    sample); forward and every gradient vs float64, with dropout."""
     k = _kernels()
-    launches = []
-    kernels = [k._cflora_shrink_kernel, k._cflora_fwd_gemm_kernel, k._cflora_dy_pass_kernel,
-               k._cflora_dx_kernel, k._matmul_kernel]
-    for fn in kernels:
-        monkeypatch.setattr(fn, "run", lambda *a, grid, warmup=False, _fn=fn, **kw: launches.append((_fn, a, kw)),
-                            raising=False)
-    dtype, n_samples, tokens, d_in, d_out, r = torch.bfloat16, 16, 64, 256, 192, 16
-    x, weight, bias, lora_a, lora_b, c = make_inputs(r, dtype, "per_sample", True, m=n_samples * tokens,
-                                                     d_in=d_in, d_out=d_out, n_samples=n_samples)
-    y, s, t = k.cflora_fwd(x, weight, bias, lora_a, lora_b, c, tokens, 0.5, 0.1, 3)  # captured, not run
-    k.cflora_bwd(y, x, weight, lora_a, lora_b, c, s, t, tokens, 0.5, 0.1, 3, [True] * 6)
-    assert [fn for fn, _, _ in launches] == kernels
+    n, r, scale, p, seed = 37, 12, 0.5, 0.1, 21
+    inputs = make_inputs(r, dtype, "per_sample", True, m=n, n_samples=n)
+    grad_y = torch.randn(n, D_OUT, dtype=torch.float64).to(dtype)
+    y_ref, s_ref, t_ref, grads_ref = oracle_grads(inputs, grad_y, 1, scale, p, seed)
+    y, s, t = k.cflora_fwd(*inputs, 1, scale, p, seed)
+    check(s, s_ref, dtype, "S")
+    check(t, t_ref, dtype, "T")
+    check(y, y_ref, dtype, "y")
+    x, weight, bias, lora_a, lora_b, c = inputs
+    grads = k.cflora_bwd(grad_y, x, weight, lora_a, lora_b, c, s, t, 1, scale, p, seed, [True] * 6)
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
+        check(got, want, dtype, f"d{name}", grad_scale(name, dtype, n))
 
-    target = GPUTarget("cuda", 90, 64)
-    backend = make_backend(target)
-    for fn, args, kwargs in launches:
-        compiled = _compile_like_launch(fn, args, kwargs, target, backend)
-        ptx = compiled.asm["ptx"]
-        assert "cubin" in compiled.asm, fn.__name__
-        assert "wgmma.mma_async" in ptx, f"{fn.__name__}: bf16 dots did not lower to Hopper tensor cores"
-        assert compiled.metadata.shared <= 227 * 1024, f"{fn.__name__}: needs more shared memory than an H100 has"
-        if fn in (k._cflora_fwd_gemm_kernel, k._cflora_dx_kernel, k._matmul_kernel):
-            tile_bytes = (128 * 64 + 64 * 128) * 2
-            assert compiled.metadata.shared >= 2 * tile_bytes, f"{fn.__name__}: K loop not pipelined"
+
+def _strided(t, kind):
+    """The same values as ``t`` in a non-contiguous layout: a transposed copy viewed back (1-D: a slice),
+    or every other element of a wider buffer (stride 2 in the last dim)."""
+    if kind == "transposed" and t.dim() > 1:
+        return t.T.contiguous().T if t.dim() == 2 else t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    padded = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype)
+    padded[..., 1::2] = t
+    return padded[..., 1::2]  # every other column: stride 2 in the last dim
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("kind", ["transposed", "sliced"])
+@pytest.mark.parametrize("c_kind", ["shared", "per_sample", "expanded"])
+def test_strided_and_expanded_views_match_oracle(kind, c_kind):
+    """Every input (x, W, b, A, B, C, dY, S, T) as a strided view; C also as an expanded (stride 0) view."""
+    k = _kernels()
+    dtype, r, scale, p, seed = torch.float32, 6, 0.75, 0.1, 4
+    base_kind = "shared" if c_kind == "expanded" else c_kind
+    inputs = list(make_inputs(r, dtype, base_kind, True))
+    if c_kind == "expanded":
+        inputs[5] = inputs[5].expand(N_SAMPLES, r, r)  # stride (0, r, 1): one C shared as per-sample
+    m = inputs[0].shape[0]
+    grad_y = torch.randn(m, D_OUT, dtype=torch.float64).to(dtype)
+    y_ref, s_ref, t_ref, grads_ref = oracle_grads([t.contiguous() if t is not None else None for t in inputs],
+                                                  grad_y, TOKENS, scale, p, seed)
+    views = [None if t is None else (t if (c_kind == "expanded" and i == 5) else _strided(t, kind))
+             for i, t in enumerate(inputs)]
+    assert all(v is None or not v.is_contiguous() for v in views)
+    y, s, t = k.cflora_fwd(*views, TOKENS, scale, p, seed)
+    check(y, y_ref, dtype, "y")
+    check(t, t_ref, dtype, "T")
+    x, weight, bias, lora_a, lora_b, c = views
+    grads = k.cflora_bwd(_strided(grad_y, kind), x, weight, lora_a, lora_b, c, _strided(s, kind),
+                         _strided(t, kind), TOKENS, scale, p, seed, [True] * 6)
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref):  # an expanded C gets a per-sample dC
+        check(got, want, dtype, f"d{name}", grad_scale(name, dtype, m))
 
 
 # ----------------------------------------------------------------------------------------------------
