@@ -1,7 +1,9 @@
 """SUBR retrieval on top of ``ops.semantic_topk``, the faiss global-ranking alternative, and prompt ordering.
 
 - :func:`retrieve`: for every sample of a split (user u, target position p), the top-K most similar of
-  the user's earlier behaviours (positions 0..p-1), by the fused per-sample op, chunked over samples.
+  the user's earlier behaviours (positions 0..p-1), by the fused per-sample op, chunked over samples;
+  ``max_history=W`` restricts the candidates to the W most recent ones (p-W..p-1) for lifelong histories.
+  :func:`retrieve_sharded` splits the samples by user range over the processes of a launcher.
 - :func:`retrieve_global`: ReLLa's ML-1M recipe. A faiss ``IndexFlatIP`` over all (normalised) item
   embeddings ranks items for each target item; walking that ranking and keeping the items found in the
   user's history before the target gives the same (pos, score) result as the op (under cosine the same
@@ -29,6 +31,7 @@ import numpy as np
 MODES = ("recent", "sequential", "high", "low")
 METRICS = ("cosine", "dot")
 DEFAULT_CHUNK = 65536
+DEFAULT_WINDOW_BUDGET = 1 << 24  # window entries (int64) gathered at once by retrieve(max_history=...)
 DEFAULT_TOP_N_CAP = 4096  # ranks all items of ML-1M (3,706) in one faiss search per target
 FAISS_GPU_MAX_K = 2048  # faiss GPU flat-index searches return at most 2048 neighbours
 
@@ -91,10 +94,20 @@ def retrieve(
     device=None,
     chunk_size: int = DEFAULT_CHUNK,
     show_progress: Optional[bool] = None,
+    max_history: Optional[int] = None,
+    window_budget: int = DEFAULT_WINDOW_BUDGET,
 ):
     """Per-sample SUBR top-K via :func:`rellax_fast.ops.semantic_topk`: (pos (S,k) int64, score (S,k) float32).
 
     Tensors are returned on the CPU. ``device`` (default: the embeddings' device) is where the op runs.
+
+    ``max_history`` (W, default None: the whole history): only the W most recent behaviours before each
+    target are candidates, positions p-W..p-1, for lifelong histories where behaviours from years ago
+    should not compete with recent ones (and to bound the cost per sample at W·d). Positions are still
+    positions in the user's full sequence. It runs on the unchanged op contract: the samples whose history
+    is longer than W get a window sequence of their own (the W behaviours and the target, gathered into a
+    packed sequence per sample; at most ``window_budget`` entries at a time), and their positions are
+    shifted back by p-W; shorter histories go to the op as they are.
     """
     import torch
 
@@ -104,33 +117,90 @@ def retrieve(
         raise ValueError(f"k must be >= 0; got {k}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if max_history is not None and (isinstance(max_history, bool) or int(max_history) != max_history or max_history < 1):
+        raise ValueError(f"max_history must be an integer >= 1 (or None: the whole history); got {max_history!r}")
     offsets, users, pos = _split_arrays(sequences, split)
     emb = torch.as_tensor(item_emb)
     if not emb.is_floating_point():
         raise ValueError(f"item_emb must be a float tensor (N_items, d); got dtype {emb.dtype}")
     dev = torch.device(device) if device is not None else emb.device
     emb = emb.to(dev)
-    seq = torch.as_tensor(item_rows(sequences.items, item_ids), device=dev)
+    rows = item_rows(sequences.items, item_ids)
+    seq = torch.as_tensor(rows, device=dev)
     off = torch.as_tensor(offsets, device=dev)
     n = len(users)
     out_pos = torch.full((n, k), -1, dtype=torch.int64)
     out_score = torch.full((n, k), float("-inf"), dtype=torch.float32)
+    windowed = np.zeros(n, dtype=bool) if max_history is None else pos > max_history
+    direct = np.flatnonzero(~windowed)
     with _progress(n, f"SUBR top-{k}", show_progress) as bar:
-        for start in range(0, n, chunk_size):
-            stop = min(n, start + chunk_size)
+        for start in range(0, len(direct), chunk_size):
+            idx = direct[start : start + chunk_size]
             p, s = ops.semantic_topk(
-                emb,
-                seq,
-                off,
-                torch.as_tensor(users[start:stop], device=dev),
-                torch.as_tensor(pos[start:stop], device=dev),
-                k,
-                metric=metric,
-                backend=backend,
-            )
-            out_pos[start:stop] = p.cpu()
-            out_score[start:stop] = s.cpu()
-            bar.update(stop - start)
+                emb, seq, off, torch.as_tensor(users[idx], device=dev), torch.as_tensor(pos[idx], device=dev), k,
+                metric=metric, backend=backend,
+            )  # fmt: skip
+            out_pos[idx] = p.cpu()
+            out_score[idx] = s.cpu()
+            bar.update(len(idx))
+        if windowed.any():
+            width = int(max_history) + 1  # the window and the target
+            per_chunk = max(1, min(chunk_size, window_budget // width))
+            wide = np.flatnonzero(windowed)
+            col = np.arange(width, dtype=np.int64)
+            for start in range(0, len(wide), per_chunk):
+                idx = wide[start : start + per_chunk]
+                first = offsets[users[idx]] + pos[idx] - max_history  # flat index of each window's oldest entry
+                window_items = torch.as_tensor(rows[first[:, None] + col[None, :]].reshape(-1), device=dev)
+                window_off = torch.arange(0, len(idx) * width + 1, width, dtype=torch.int64, device=dev)
+                p, s = ops.semantic_topk(
+                    emb, window_items, window_off, torch.arange(len(idx), dtype=torch.int64, device=dev),
+                    torch.full((len(idx),), int(max_history), dtype=torch.int64, device=dev), k,
+                    metric=metric, backend=backend,
+                )  # fmt: skip
+                p = p.cpu()
+                shift = torch.as_tensor(pos[idx] - max_history)[:, None]
+                out_pos[idx] = torch.where(p >= 0, p + shift, p)
+                out_score[idx] = s.cpu()
+                bar.update(len(idx))
+    return out_pos, out_score
+
+
+def retrieve_sharded(item_emb, sequences, split, k: int, *, shard_dir, show_progress: Optional[bool] = None, **kwargs):
+    """:func:`retrieve` under ``torchrun`` / ``accelerate launch``: rank r takes the samples of a contiguous
+    user range (ranges balanced by candidate count), writes its (pos, score) rows as a shard under
+    ``shard_dir`` atomically, and after a barrier rank 0 merges the shards into the full result in split
+    order; the other ranks return None. In one process this is :func:`retrieve`."""
+    from rellax_fast import distributed
+
+    if not distributed.launched():
+        return retrieve(item_emb, sequences, split, k, show_progress=show_progress, **kwargs)
+    import types
+
+    import torch
+
+    rank, world = distributed.rank_world()
+    offsets, users, pos = _split_arrays(sequences, split)
+    n_users = len(offsets) - 1
+    work = np.bincount(users, weights=(pos + 1).astype(np.float64), minlength=n_users) if len(users) else np.zeros(n_users)
+    cuts = distributed.shard_bounds(work, world)
+    mine = np.flatnonzero((users >= cuts[rank]) & (users < cuts[rank + 1]))
+    part = types.SimpleNamespace(user_index=users[mine], pos=pos[mine])
+    p, s = retrieve(item_emb, sequences, part, k, show_progress=show_progress if rank == 0 else False, **kwargs)
+    distributed.write_shard(shard_dir, rank, world, {"index": mine, "pos": p.numpy(), "score": s.numpy()})
+    distributed.barrier()  # every shard is written
+    if rank != 0:
+        return None
+    out_pos = torch.full((len(users), k), -1, dtype=torch.int64)
+    out_score = torch.full((len(users), k), float("-inf"), dtype=torch.float32)
+    seen = np.zeros(len(users), dtype=np.int64)
+    for shard in distributed.read_shards(shard_dir, world):
+        out_pos[shard["index"]] = torch.from_numpy(shard["pos"])
+        out_score[shard["index"]] = torch.from_numpy(shard["score"])
+        np.add.at(seen, shard["index"], 1)
+    distributed.remove_shards(shard_dir)
+    if not (seen == 1).all():
+        raise RuntimeError(f"{shard_dir}: the shards do not cover every sample exactly once")
     return out_pos, out_score
 
 
