@@ -2,6 +2,7 @@
 //
 //   forward   S = drop(x) Aᵀ (M, r)   T = S Cᵀ (per sample: batched)   y = x Wᵀ + b, then y += scale·T Bᵀ
 //             in place (addmm, beta = 1): the LoRA expand lands in the base output, no d_out-sized temp.
+//             A scale of 0, ±Inf or NaN takes the reference's IEEE order instead (cflora_common.h).
 //   backward  dT = dY (scale·B)   dB = dYᵀ (scale·T)   dC_b = Σ_b dTᵀ S   dS = dT C
 //             dA = dSᵀ drop(x)    dx = drop'(dS A) + dY W   (mask applied in place, then addmm beta = 1)
 //             dW = dYᵀ x          db = Σ_m dY
@@ -64,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cflora_fwd_cpu(
                            ? cflora_interact(s, interaction_in->contiguous(), rows_per_sample, /*transpose_c=*/true)
                            : s.clone();  // identity C: no r×r matmul; a copy because outputs may not alias
   at::Tensor y = bias_in.has_value() ? at::addmm(*bias_in, x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(t, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  cflora_add_lora_expand(y, t, lora_b, scale);
   return {y, s, t};
 }
 
@@ -89,9 +90,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor dx = cflora_no_grad(x), dw = cflora_no_grad(x), db = cflora_no_grad(x), da = cflora_no_grad(x),
              dlb = cflora_no_grad(x), dc = cflora_no_grad(x);
-  if (need_lb) dlb = at::mm(grad_y.t(), t.mul(scale));
+  const at::Tensor grad_p = (need_lb || need_x || need_a || need_c) ? cflora_special_grad_p(grad_y, scale)
+                                                                     : at::Tensor();
+  if (need_lb) dlb = cflora_grad_lora_b(grad_y, grad_p, t, scale);
   if (need_x || need_a || need_c) {
-    const at::Tensor dt = at::mm(grad_y, lora_b.mul(scale));  // (M, r)
+    const at::Tensor dt = cflora_grad_t(grad_y, grad_p, lora_b, scale);  // (M, r)
     if (need_c) dc = cflora_interaction_grad_aten(dt, s, c, rows_per_sample);
     if (need_x || need_a) {
       const at::Tensor ds = has_c ? cflora_interact(dt, c, rows_per_sample, /*transpose_c=*/false) : dt;

@@ -9,6 +9,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <cmath>
+
 #include "common.h"
 
 namespace rellax {
@@ -97,5 +99,39 @@ inline at::Tensor cflora_interaction_grad_aten(const at::Tensor& dt, const at::T
 }
 
 inline at::Tensor cflora_no_grad(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+// IEEE semantics of `scale` (defined by the reference, rellax_fast/ops/cflora.py): it multiplies the finished
+// rank-r product P = T Bᵀ, y = (x Wᵀ + b) + scale·P, and in the backward dP = scale·dY comes first. For a
+// finite non-zero scale, folding it into a GEMM's alpha or into the r-sized factor (B or T) only changes
+// rounding. For scale = 0, ±Inf or NaN it changes which entries are NaN/Inf (a GEMM with alpha = 0 skips the
+// product, so 0·Inf would vanish; Inf·T then ·B mixes signs), so those scales take the reference's order.
+inline bool cflora_scale_is_special(double scale) { return scale == 0.0 || !std::isfinite(scale); }
+
+// y += scale·(T Bᵀ): fused into y (addmm, no d_out-sized temporary) unless the scale is special.
+inline void cflora_add_lora_expand(at::Tensor& y, const at::Tensor& t, const at::Tensor& lora_b, double scale) {
+  if (cflora_scale_is_special(scale)) {
+    y.add_(at::mm(t, lora_b.t()).mul_(scale));
+  } else {
+    y.addmm_(t, lora_b.t(), /*beta=*/1, /*alpha=*/scale);
+  }
+}
+
+// dP = scale·dY, materialised (M, d_out) only for a special scale; undefined otherwise (the scale then
+// folds into the r-sized factor of each GEMM below).
+inline at::Tensor cflora_special_grad_p(const at::Tensor& grad_y, double scale) {
+  return cflora_scale_is_special(scale) ? grad_y.mul(scale) : at::Tensor();
+}
+
+// dB = dPᵀ T
+inline at::Tensor cflora_grad_lora_b(const at::Tensor& grad_y, const at::Tensor& grad_p, const at::Tensor& t,
+                                     double scale) {
+  return grad_p.defined() ? at::mm(grad_p.t(), t) : at::mm(grad_y.t(), t.mul(scale));
+}
+
+// dT = dP B  (M, r)
+inline at::Tensor cflora_grad_t(const at::Tensor& grad_y, const at::Tensor& grad_p, const at::Tensor& lora_b,
+                                double scale) {
+  return grad_p.defined() ? at::mm(grad_p, lora_b) : at::mm(grad_y, lora_b.mul(scale));
+}
 
 }  // namespace rellax

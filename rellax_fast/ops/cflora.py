@@ -11,14 +11,22 @@ torch.library glue:
   ``cflora_bwd_triton`` around the launchers of ``rellax_fast.kernels.cflora`` (imported lazily, only
   when the triton backend runs).
 
+- a dropout seed given as a tensor (what torch.compile needs: see :func:`cflora_linear`) goes through the
+  Python custom ops ``rellax_fast::cflora_fwd_tensor_seed`` / ``cflora_bwd_tensor_seed``, opaque to the
+  compiler, which read the seed with ``.item()`` inside their implementation and call the backend's op.
+
 Row layout shared by every backend: x is flattened to (M, d_in) rows; with a per-sample C (B, r, r), row m
 uses ``C[m // rows_per_sample]`` (rows_per_sample = T for x (B, T, d_in), 1 for x (B, d_in)). The dropout
 mask is the shared hash of (seed, m·d_in + k) (``csrc/common.h``); the backward regenerates it. Autograd
 saves x, S = drop(x)Aᵀ and T = SCᵀ (both M×r), never a d_out-sized activation.
+
+Autocast and the IEEE semantics of special values are defined once, in :func:`cflora_linear`'s docstring,
+and every backend follows them (the autocast cast happens here, before any backend runs).
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import List, Optional, Sequence, Tuple
 
@@ -27,7 +35,7 @@ from torch import Tensor
 
 from . import _backend
 from ._registry import ext_op
-from .dropout import seeded_dropout_ref
+from .dropout import SeedLike, seeded_dropout_ref
 
 OP = "cflora_linear"
 _backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["cuda", "triton", "reference"]})
@@ -114,16 +122,70 @@ def _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, se
         raise ValueError(f"cflora_linear: dropout_p must be a float in [0, 1); got {dropout_p!r}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"cflora_linear: scale must be a real number; got {scale!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"cflora_linear: seed must be an int or None; got {seed!r}")
-    if seed is not None and not (-(2**63) <= int(seed) < 2**63):
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.dtype not in _SEED_DTYPES:
+            raise TypeError(
+                "cflora_linear: a tensor seed must hold one integer (dtype int64, int32, int16, int8 or uint8; "
+                f"a 0-d CPU int64 tensor avoids any device sync); got shape {tuple(seed.shape)}, dtype {seed.dtype}"
+            )
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"cflora_linear: seed must be an int, a one-element integer tensor or None; got {seed!r}")
+    elif seed is not None and not (-(2**63) <= seed < 2**63):  # no int(seed): it would specialise a SymInt
         raise ValueError(f"cflora_linear: seed must fit in int64; got {seed}")
     return rows_per_sample
 
 
-def _draw_seed() -> int:
-    """One int64 from torch's default generator (so torch.manual_seed makes dropout reproducible)."""
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+_SEED_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _draw_seed() -> SeedLike:
+    """One int64 in [0, 2^62) from torch's default CPU generator (torch.manual_seed makes dropout reproducible).
+
+    Eager code gets an int. While torch.compile traces, the draw stays in the graph as a 0-d CPU int64 tensor
+    (no ``.item()``, so no graph break); the ops read it inside their implementation. Both consume the
+    generator in the same way, so eager and compiled (with a backend that keeps torch's RNG, e.g. aot_eager,
+    or inductor with ``fallback_random=True``) draw the same seeds.
+    """
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")
+    if torch.compiler.is_compiling():
+        return seed
+    return int(seed.item())
+
+
+def _graph_seed(seed: Optional[SeedLike]) -> SeedLike:
+    """The seed to use when dropout is on: None draws one; while torch.compile traces, an int becomes a 0-d
+    CPU int64 tensor, because an int argument of the ops (or the reference's Python hash of it) would
+    specialise the graph on its value and recompile it for every new seed."""
+    if seed is None:
+        return _draw_seed()
+    if torch.compiler.is_compiling() and not isinstance(seed, Tensor):
+        return torch.full((), seed, dtype=torch.int64, device="cpu")
+    return seed
+
+
+def _seed_value(seed: Tensor) -> int:
+    """The int held by a validated seed tensor (inside an op's implementation: opaque to the compiler)."""
+    return int(seed.reshape(()).item())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autocast (one policy for every backend; see cflora_linear's docstring)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device_type``, or None when autocast is off there."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(t, device_type: str, dtype: torch.dtype):
+    # the eligibility rule of torch's own autocast (torch.amp.autocast_mode._cast, and F.linear's C++ cast):
+    # floating-point tensors on the autocast device, float64 excepted
+    if isinstance(t, Tensor) and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,22 +212,32 @@ def cflora_linear_ref(
     *,
     scale: float = 1.0,
     dropout_p: float = 0.0,
-    seed: Optional[int] = None,
+    seed: Optional[SeedLike] = None,
 ) -> Tensor:
     """PyTorch autograd reference of :func:`cflora_linear` (any float dtype, float64 included).
 
-    The dropout mask is :func:`rellax_fast.ops.dropout.dropout_keep_mask_ref` over the flat index of x's
-    (M, d_in) view, so it matches the compiled and Triton kernels bit for bit for the same seed.
+    It defines the op's semantics, special values included: ``y = (x Wᵀ + b) + scale·((drop(x) Aᵀ) Cᵀ Bᵀ)``
+    evaluated in that order with IEEE arithmetic (see :func:`cflora_linear`). The dropout mask is
+    :func:`rellax_fast.ops.dropout.dropout_keep_mask_ref` over the flat index of x's (M, d_in) view, so it
+    matches the compiled and Triton kernels bit for bit for the same seed. No autocast cast happens here:
+    call :func:`cflora_linear` with ``backend="reference"`` for the autocast policy.
     """
     rows_per_sample = _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, seed)
-    if seed is None:
-        seed = _draw_seed() if dropout_p > 0 else 0
+    dropout_p = float(dropout_p)
+    if dropout_p == 0.0:
+        seed = 0
+    else:
+        seed = _graph_seed(seed)
+    return _reference(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, float(scale), dropout_p, seed)
+
+
+def _reference(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed) -> Tensor:
     d_in, d_out = x.shape[-1], weight.shape[0]
     x2d = x.reshape(-1, d_in)
-    xd = seeded_dropout_ref(x2d, float(dropout_p), int(seed)) if dropout_p > 0 else x2d
+    xd = seeded_dropout_ref(x2d, dropout_p, seed) if dropout_p > 0 else x2d
     s = xd @ lora_a.T
     t = _interact_ref(s, interaction, rows_per_sample)
-    y = torch.nn.functional.linear(x2d, weight, bias) + float(scale) * (t @ lora_b.T)
+    y = torch.nn.functional.linear(x2d, weight, bias) + scale * (t @ lora_b.T)
     return y.reshape(*x.shape[:-1], d_out)
 
 
@@ -184,7 +256,7 @@ def cflora_linear(
     *,
     scale: float = 1.0,
     dropout_p: float = 0.0,
-    seed: Optional[int] = None,
+    seed: Optional[SeedLike] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """``x Wᵀ + b + scale·((drop(x) Aᵀ) Cᵀ) Bᵀ`` (ΔW = scale·B C A), differentiable in x, A, B, C (and W, b).
@@ -195,27 +267,55 @@ def cflora_linear(
         lora_a: (r, d_in); lora_b: (d_out, r).
         interaction: None (identity, plain LoRA), (r, r) shared, or (B, r, r) per sample.
         scale: the LoRA scale (alpha / r).
-        dropout_p: dropout on the LoRA path's input, inverted scaling; 0 costs nothing.
-        seed: dropout seed (the mask is a hash of (seed, element index)); None draws one from torch's
-            default generator.
+        dropout_p: dropout on the LoRA path's input, inverted scaling; 0 costs nothing (the seed is ignored).
+        seed: dropout seed: the mask is a hash of (seed, element index), regenerated by the backward.
+            An int; or a tensor holding one integer (best a 0-d CPU int64 tensor, e.g. from
+            ``torch.randint``), which torch.compile keeps in the graph, the op reading its value inside its
+            implementation (no graph break, no GPU sync); or None, which draws one from torch's default CPU
+            generator (an int in eager code, a tensor while torch.compile traces), so ``torch.manual_seed``
+            reproduces it and gradient checkpointing (which restores the CPU RNG state) redraws the same.
         backend: "reference", "cpp", "cuda", "triton" or None/"auto" (see ``rellax_fast.ops._backend``).
+
+    Autocast (the same on every backend): inside ``torch.autocast(device_type, dtype)`` for x's device type,
+    the op behaves like ``F.linear``: every floating-point tensor argument on that device except float64
+    (x, weight, bias, lora_a, lora_b, interaction) is cast to the autocast dtype, the op computes in it and
+    returns it, and the gradients flow back through the casts to the original (e.g. float32) parameters in
+    their own dtype. Outside autocast all tensors must share one dtype.
+
+    Special values (IEEE semantics, defined by the reference and followed by every backend): the result is
+    ``(x Wᵀ + b) + scale·P`` with the rank-r product ``P = ((drop(x) Aᵀ) Cᵀ) Bᵀ`` finished before ``scale``
+    multiplies it, as PEFT's ``lora_B(lora_A(x)) * scaling``, and the backward starts from ``dP = scale·dY``.
+    So NaN and ±Inf anywhere (x, weight, bias, lora_a, lora_b, interaction, scale) propagate as in that
+    expression: ``scale = 0`` does not hide a non-finite P (0·Inf = NaN, so an Inf in lora_b gives NaN in
+    its output column), ``scale = ±Inf`` gives ±Inf where P ≠ 0 and NaN where P = 0, and a NaN scale gives
+    NaN everywhere. Dropout is a select: a dropped element of x is exactly 0 on the LoRA path, even if it
+    is Inf or NaN (it still reaches the base path x Wᵀ). Which non-finite values arise by overflow of finite
+    ones may differ between backends (they sum in different orders and precisions).
     """
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    autocast_dtype = _autocast_dtype(device_type)
+    if autocast_dtype is not None:
+        x, weight, bias, lora_a, lora_b, interaction = (
+            _autocast_cast(t, device_type, autocast_dtype) for t in (x, weight, bias, lora_a, lora_b, interaction)
+        )
     rows_per_sample = _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, seed)
     which = _backend.resolve(OP, x.device, backend)
-    dropout_p = float(dropout_p)
-    if seed is None:
-        seed = _draw_seed() if dropout_p > 0 else 0
+    dropout_p, scale = float(dropout_p), float(scale)
+    if dropout_p == 0.0:
+        seed = 0
+    else:
+        seed = _graph_seed(seed)
     if which == "reference":
-        return cflora_linear_ref(
-            x, weight, bias, lora_a, lora_b, interaction, scale=scale, dropout_p=dropout_p, seed=seed
-        )
+        return _reference(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed)
     d_in, d_out = x.shape[-1], weight.shape[0]
     x2d = x.reshape(-1, d_in)
-    args = (x2d, weight, bias, lora_a, lora_b, interaction, rows_per_sample, float(scale), dropout_p, int(seed))
-    if which == "triton":
-        y2d, _, _ = torch.ops.rellax_fast.cflora_fwd_triton(*args)
+    args = (x2d, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p)
+    if isinstance(seed, Tensor):
+        y2d, _, _ = torch.ops.rellax_fast.cflora_fwd_tensor_seed(*args, seed, which)
+    elif which == "triton":
+        y2d, _, _ = torch.ops.rellax_fast.cflora_fwd_triton(*args, int(seed))
     else:  # cpp or cuda: one schema, the dispatcher picks the CPU or CUDA kernel
-        y2d, _, _ = ext_op("cflora_fwd")(*args)
+        y2d, _, _ = ext_op("cflora_fwd")(*args, int(seed))
     return y2d.view(*x.shape[:-1], d_out)
 
 
@@ -224,13 +324,13 @@ def cflora_linear(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fwd_fake(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed):
+def _fwd_fake(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed, *backend):
     m, r, d_out = x.shape[0], lora_a.shape[0], weight.shape[0]
     return x.new_empty(m, d_out), x.new_empty(m, r), x.new_empty(m, r)
 
 
 def _bwd_fake(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale, dropout_p, seed,
-              needs_grad):
+              needs_grad, *backend):
     shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape,
               None if interaction is None else interaction.shape)
     return tuple(x.new_empty(shape) if (need and shape is not None) else x.new_empty(0)
@@ -238,27 +338,38 @@ def _bwd_fake(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sam
 
 
 def _fwd_setup_context(ctx, inputs, output):
-    x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed = inputs
+    # inputs: the 10 arguments of cflora_fwd (int seed), or those with a tensor seed plus the backend name
+    x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed = inputs[:10]
     _, s, t = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, interaction, s, t)
-    ctx.hyper = (rows_per_sample, scale, dropout_p, seed)
+    ctx.n_inputs = len(inputs)
+    ctx.tensor_seed = isinstance(seed, Tensor)
+    if ctx.tensor_seed:
+        ctx.save_for_backward(x, weight, lora_a, lora_b, interaction, s, t, seed)
+        ctx.hyper = (rows_per_sample, scale, dropout_p, None)
+        ctx.backend = inputs[10]
+    else:
+        ctx.save_for_backward(x, weight, lora_a, lora_b, interaction, s, t)
+        ctx.hyper = (rows_per_sample, scale, dropout_p, seed)
     ctx.has_bias = bias is not None
     ctx.mark_non_differentiable(s, t)
 
 
 def _make_fwd_backward(bwd_op):
     def _backward(ctx, grad_y, grad_s, grad_t):
-        x, weight, lora_a, lora_b, interaction, s, t = ctx.saved_tensors
+        x, weight, lora_a, lora_b, interaction, s, t = ctx.saved_tensors[:7]
         rows_per_sample, scale, dropout_p, seed = ctx.hyper
+        extra = ()
+        if ctx.tensor_seed:
+            seed, extra = ctx.saved_tensors[7], (ctx.backend,)
         need = list(ctx.needs_input_grad[:6])
         need[2] = need[2] and ctx.has_bias
         need[5] = need[5] and interaction is not None
         if not any(need):
-            return (None,) * 10
+            return (None,) * ctx.n_inputs
         grads = bwd_op(grad_y.contiguous(), x, weight, lora_a, lora_b, interaction, s, t,
-                       rows_per_sample, scale, dropout_p, seed, need)
+                       rows_per_sample, scale, dropout_p, seed, need, *extra)
         out = [g if n else None for g, n in zip(grads, need)]
-        return (*out, None, None, None, None)
+        return (*out, *([None] * (ctx.n_inputs - 6)))
 
     return _backward
 
@@ -314,11 +425,16 @@ def _cflora_fwd_triton(
     dropout_p: float,
     seed: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    nonfinite_scale = not math.isfinite(scale)
     y, s, t = _triton_kernels().cflora_fwd(
         x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), lora_a.contiguous(),
-        lora_b.contiguous(), None if interaction is None else interaction.contiguous(), rows_per_sample, scale,
-        dropout_p, seed,
+        lora_b.contiguous(), None if interaction is None else interaction.contiguous(), rows_per_sample,
+        1.0 if nonfinite_scale else scale, dropout_p, seed,
     )
+    if nonfinite_scale:
+        # the fused GEMM folds scale into T before the r-sum, which for ±Inf/NaN gives other NaN/Inf than the
+        # op's semantics (scale times the finished T Bᵀ); this degenerate case takes an unfused epilogue
+        y = torch.nn.functional.linear(x, weight, bias) + scale * (t @ lora_b.T)
     if t is s or t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr():
         t = t.clone()  # a custom op's outputs may not alias each other (C = None gives T = S)
     return y, s, t
@@ -340,11 +456,15 @@ def _cflora_bwd_triton(
     seed: int,
     needs_grad: Sequence[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _triton_kernels().cflora_bwd(
-        grad_y.contiguous(), x.contiguous(), weight.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
-        None if interaction is None else interaction.contiguous(), s.contiguous(), t.contiguous(),
-        rows_per_sample, scale, dropout_p, seed, list(needs_grad),
-    )
+    if math.isfinite(scale):
+        grads = _triton_kernels().cflora_bwd(
+            grad_y.contiguous(), x.contiguous(), weight.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
+            None if interaction is None else interaction.contiguous(), s.contiguous(), t.contiguous(),
+            rows_per_sample, scale, dropout_p, seed, list(needs_grad),
+        )
+    else:  # the fused kernels fold scale into B and T; ±Inf/NaN need dP = scale·dY first (see the forward)
+        grads = _unfused_backward(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale,
+                                  dropout_p, seed, needs_grad)
     inputs = {id(v) for v in (grad_y, x, weight, lora_a, lora_b, interaction, s, t) if v is not None}
     out: List[Tensor] = []
     for g, need in zip(grads, needs_grad):
@@ -357,9 +477,112 @@ def _cflora_bwd_triton(
     return tuple(out)
 
 
+def _unfused_backward(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale, dropout_p,
+                      seed, needs_grad) -> List[Optional[Tensor]]:
+    """The backward in PyTorch ops, in the reference's order (dP = scale·dY first), for a non-finite scale."""
+    need_x, need_w, need_b, need_a, need_lb, need_c = needs_grad
+    grad_y = grad_y.to(x.dtype)
+    grad_p = grad_y * scale
+    grads: List[Optional[Tensor]] = [None] * 6
+    if need_lb:
+        grads[4] = grad_p.T @ t
+    if need_x or need_a or need_c:
+        d_t = grad_p @ lora_b
+        n, r = (interaction.shape[0] if interaction is not None else 1), lora_a.shape[0]
+        if interaction is None:
+            d_s = d_t
+        elif interaction.dim() == 2:
+            d_s = d_t @ interaction
+            if need_c:
+                grads[5] = d_t.T @ s
+        else:
+            d_s = torch.bmm(d_t.view(n, rows_per_sample, r), interaction).view(-1, r)
+            if need_c:
+                grads[5] = torch.bmm(d_t.view(n, rows_per_sample, r).transpose(1, 2), s.view(n, rows_per_sample, r))
+        if need_a:
+            grads[3] = d_s.T @ (seeded_dropout_ref(x, dropout_p, seed) if dropout_p > 0 else x)
+        if need_x:
+            lora = d_s @ lora_a
+            grads[0] = grad_y @ weight + (seeded_dropout_ref(lora, dropout_p, seed) if dropout_p > 0 else lora)
+    if need_w:
+        grads[1] = grad_y.T @ x
+    if need_b:
+        grads[2] = grad_y.sum(0)
+    return grads
+
+
 _cflora_fwd_triton.register_fake(_fwd_fake)
 _cflora_bwd_triton.register_fake(_bwd_fake)
 _cflora_fwd_triton.register_autograd(
     _make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd_triton(*a)),
+    setup_context=_fwd_setup_context,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tensor seeds (torch.compile): opaque custom ops that read the seed inside their implementation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _fwd_op_for(backend: str):
+    if backend == "triton":
+        return torch.ops.rellax_fast.cflora_fwd_triton
+    if backend in ("cpp", "cuda"):
+        return ext_op("cflora_fwd")
+    raise ValueError(f"cflora_linear: no tensor-seed kernel for backend {backend!r}")
+
+
+def _bwd_op_for(backend: str):
+    if backend == "triton":
+        return torch.ops.rellax_fast.cflora_bwd_triton
+    if backend in ("cpp", "cuda"):
+        return ext_op("cflora_bwd")
+    raise ValueError(f"cflora_linear: no tensor-seed kernel for backend {backend!r}")
+
+
+@torch.library.custom_op("rellax_fast::cflora_fwd_tensor_seed", mutates_args=())
+def _cflora_fwd_tensor_seed(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    interaction: Optional[Tensor],
+    rows_per_sample: int,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    # .item() of a CPU tensor here, in the implementation: torch.compile only ever sees the fake below
+    return _fwd_op_for(backend)(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p,
+                                _seed_value(seed))
+
+
+@torch.library.custom_op("rellax_fast::cflora_bwd_tensor_seed", mutates_args=())
+def _cflora_bwd_tensor_seed(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    interaction: Optional[Tensor],
+    s: Tensor,
+    t: Tensor,
+    rows_per_sample: int,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor,
+    needs_grad: Sequence[bool],
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_bwd_op_for(backend)(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale,
+                                      dropout_p, _seed_value(seed), list(needs_grad)))
+
+
+_cflora_fwd_tensor_seed.register_fake(_fwd_fake)
+_cflora_bwd_tensor_seed.register_fake(_bwd_fake)
+_cflora_fwd_tensor_seed.register_autograd(
+    _make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd_tensor_seed(*a)),
     setup_context=_fwd_setup_context,
 )

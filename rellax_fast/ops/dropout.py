@@ -3,11 +3,15 @@
 The hash is specified in ``csrc/common.h``; :func:`dropout_keep_mask_ref` is its PyTorch twin (the
 oracle), and the C++, CUDA and Triton kernels compute the same bits inline, so a backward pass can
 regenerate the forward's mask instead of storing it.
+
+A dropped element is set to exactly 0 (a select, not a multiplication by 0), so a dropped Inf or NaN
+leaves no NaN behind; every backend does the same. The seed is an int, or an integer tensor holding one
+value (the key is then computed with tensor ops, so the reference stays traceable by torch.compile).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -51,24 +55,42 @@ def dropout_key(seed: int) -> int:
     return _mix32_int((s & _M32) ^ _mix32_int((s >> 32) ^ 0x9E3779B9))
 
 
+def dropout_key_tensor(seed: torch.Tensor) -> torch.Tensor:
+    """:func:`dropout_key` of an integer tensor holding one seed, as a 0-d int64 tensor (no ``.item()``)."""
+    s = seed.reshape(()).to(torch.int64)
+    # s >> 32 is an arithmetic shift; masking keeps the high word of the two's-complement uint64, as above
+    return mix32((s & _M32) ^ mix32(((s >> 32) & _M32) ^ 0x9E3779B9))
+
+
 def dropout_threshold(p: float) -> int:
     return int(p * 16777216.0)
 
 
-def dropout_keep_mask_ref(numel: int, p: float, seed: int, device=None, offset: int = 0) -> torch.Tensor:
-    """Boolean keep-mask for flat indices ``offset .. offset+numel-1`` (the reference of the shared hash)."""
+SeedLike = Union[int, torch.Tensor]
+
+
+def dropout_keep_mask_ref(numel: int, p: float, seed: SeedLike, device=None, offset: int = 0) -> torch.Tensor:
+    """Boolean keep-mask for flat indices ``offset .. offset+numel-1`` (the reference of the shared hash).
+
+    ``seed`` is an int or an integer tensor holding one value (any device; a 0-d CPU tensor is read as a
+    scalar by the ops below, with no device synchronisation).
+    """
     idx = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    key = dropout_key(seed)
+    key = dropout_key_tensor(seed) if isinstance(seed, torch.Tensor) else dropout_key(seed)
     h = mix32((idx & _M32) ^ mix32(((idx >> 32) + key) & _M32))
     return (h >> 8) >= dropout_threshold(p)
 
 
-def seeded_dropout_ref(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Inverted dropout with the shared mask (PyTorch reference; differentiable)."""
+def seeded_dropout_ref(x: torch.Tensor, p: float, seed: SeedLike) -> torch.Tensor:
+    """Inverted dropout with the shared mask (PyTorch reference; differentiable).
+
+    Kept elements are ``x / (1 - p)``; dropped ones are exactly 0 (a select: a dropped Inf/NaN gives 0,
+    as in the kernels), and the gradient is the same select of the incoming gradient.
+    """
     if p == 0.0:
         return x
     keep = dropout_keep_mask_ref(x.numel(), p, seed, device=x.device).view(x.shape)
-    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+    return torch.where(keep, x * (1.0 / (1.0 - p)), 0.0)
 
 
 def _check(x: torch.Tensor, p: float) -> None:

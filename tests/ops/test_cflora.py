@@ -489,3 +489,128 @@ def test_random_shapes_match_reference(case):
     c_kind = (None, "shared", "per")[case % 3]
     inputs = make_inputs(torch.float64, r, c_kind, case % 2 == 0, x_shape=(n_samples, tokens, d_in), d_out=d_out)
     check_against_reference(inputs, "cpp", torch.float64, scale=1.3, dropout_p=0.15, seed=case)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# tensor seeds: what torch.compile uses (no .item() in the graph, no recompilation per seed)
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("seed", [0, 77, 2**40 + 17, -5, 2**63 - 1])
+def test_tensor_seed_gives_the_int_seeds_mask(backend, seed):
+    inputs = make_inputs(torch.float32, 4, "per", True, x_shape=(2, 5, 24), d_out=12)
+    g = torch.randn(2, 5, 12, dtype=torch.float64)
+    y_int, g_int = run(inputs, backend, g, dropout_p=0.3, seed=seed)
+    y_t, g_t = run(inputs, backend, g, dropout_p=0.3, seed=torch.tensor(seed))
+    y_other, _ = run(inputs, backend, g, dropout_p=0.3, seed=torch.tensor(seed + (1 if seed < 2**63 - 1 else -1)))
+    assert torch.equal(y_t, y_int)
+    assert not torch.allclose(y_other, y_int)
+    for name, a, b in zip(GRAD_NAMES, g_t, g_int):
+        if b is not None:
+            assert torch.equal(a, b), name
+    # a 0-d int32 tensor, or a one-element int64 tensor, is the same seed
+    if -(2**31) <= seed < 2**31:
+        assert torch.equal(run(inputs, backend, None, dropout_p=0.3, seed=torch.tensor([seed], dtype=torch.int32))[0],
+                           y_int)
+
+
+@pytest.mark.parametrize("seed", [torch.tensor(1.0), torch.tensor([1, 2]), torch.tensor(True)])
+def test_bad_tensor_seed(seed):
+    with pytest.raises(TypeError, match="a tensor seed must hold one integer"):
+        cflora_linear(**_bad(), dropout_p=0.1, seed=seed)
+
+
+@pytest.mark.parametrize("c_kind,bias,p", [(None, True, 0.0), ("per", True, 0.2)])
+def test_opcheck_tensor_seed_ops(c_kind, bias, p):
+    from rellax_fast.ops._registry import ensure_ext_registered
+
+    ensure_ext_registered()
+    args = (*_fwd_args(c_kind, bias, p)[:9], torch.tensor(31), "cpp")
+    torch.library.opcheck(torch.ops.rellax_fast.cflora_fwd_tensor_seed.default, args)
+    with torch.no_grad():
+        y, s, t = torch.ops.rellax_fast.cflora_fwd_tensor_seed(*args)
+        y_int, _, _ = torch.ops.rellax_fast.cflora_fwd(*args[:9], 31)
+    assert torch.equal(y, y_int)
+    x, w, _, a, lb, c = args[:6]
+    bwd_args = (torch.randn_like(y), x.detach(), w.detach(), a.detach(), lb.detach(),
+                None if c is None else c.detach(), s, t, 3, 0.7, p, torch.tensor(31),
+                [True, True, bias, True, True, c is not None], "cpp")
+    torch.library.opcheck(torch.ops.rellax_fast.cflora_bwd_tensor_seed.default, bwd_args)
+
+
+class _DropoutModule(torch.nn.Module):
+    """A CFLoRA call with dropout and the seed left to the op (seed=None), as CFLoRALinear does."""
+
+    def __init__(self, inputs, backend):
+        super().__init__()
+        _, w, b, a, lb, c = (None if t is None else t.detach().clone() for t in inputs)
+        self.weight, self.bias, self.c = w, b, c
+        self.lora_a, self.lora_b = torch.nn.Parameter(a), torch.nn.Parameter(lb)
+        self.backend = backend
+
+    def forward(self, x, seed=None):
+        return cflora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.c, scale=0.5, dropout_p=0.3,
+                             seed=seed, backend=self.backend)
+
+
+def _loss_and_grads(fn, module, x, manual_seed, **kw):
+    torch.manual_seed(manual_seed)
+    y = fn(x, **kw)
+    return y.detach(), torch.autograd.grad((y * y).sum(), [x, module.lora_a, module.lora_b])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
+def test_compile_fullgraph_draws_the_dropout_seed_in_the_graph(backend):
+    """seed=None inside torch.compile(fullgraph=True): the seed is drawn in the graph from torch's generator, so
+    under the same torch.manual_seed the compiled op (aot_eager keeps torch's RNG) gives eager's masks."""
+    import torch._dynamo
+
+    inputs = make_inputs(torch.float32, 4, "per", True, x_shape=(2, 5, 24), d_out=12)
+    module = _DropoutModule(inputs, backend)
+    x = inputs[0].detach().clone().requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    for manual_seed in (1, 2):
+        y_e, g_e = _loss_and_grads(module, module, x, manual_seed)
+        y_c, g_c = _loss_and_grads(compiled, module, x, manual_seed)
+        torch.testing.assert_close(y_c, y_e, rtol=1e-6, atol=1e-6)
+        for a, b in zip(g_c, g_e):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_loss_and_grads(compiled, module, x, 1)[0], _loss_and_grads(compiled, module, x, 2)[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_compile_does_not_recompile_for_every_int_seed(backend):
+    """An int seed that changes every step becomes a graph input (a tensor), not a constant of the graph."""
+    import torch._dynamo
+
+    inputs = make_inputs(torch.float32, 4, None, True, x_shape=(2, 5, 24), d_out=12)
+    module = _DropoutModule(inputs, backend)
+    x = inputs[0].detach().clone().requires_grad_()
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(recompile_limit=2):  # one static and one dynamic graph at most
+        for seed in range(1, 6):
+            y_e, g_e = _loss_and_grads(module, module, x, 0, seed=seed)
+            y_c, g_c = _loss_and_grads(compiled, module, x, 0, seed=seed)
+            torch.testing.assert_close(y_c, y_e, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(g_c[1], g_e[1], rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_fullgraph_with_dropout_matches_eager():
+    """The default backend (inductor): with fallback_random it draws torch's seeds, so it reproduces eager."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    inputs = make_inputs(torch.float32, 4, "per", True, x_shape=(2, 5, 24), d_out=12)
+    module = _DropoutModule(inputs, "cpp")
+    x = inputs[0].detach().clone().requires_grad_()
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        compiled = torch.compile(module, fullgraph=True)
+        y_e, g_e = _loss_and_grads(module, module, x, 3)
+        y_c, g_c = _loss_and_grads(compiled, module, x, 3)
+    torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
