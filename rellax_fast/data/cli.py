@@ -1,5 +1,8 @@
 """`rellax-fast prepare`: load a dataset, build the paper's CTR splits, write parquet + meta.json, summarise.
 
+The split files reference the packed sequences (user_index, pos); ``--history-column`` adds the optional flat
+``history`` list (off by default: at ML-20M/25M scale its full form does not fit in memory or on disk).
+
 ``--dataset``, ``--data-dir`` and ``--out`` are added by :mod:`rellax_fast.cli`. Nothing heavy is imported
 at module level.
 """
@@ -14,6 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-history", type=int, default=5, help="MovieLens: drop samples with fewer earlier ratings (default 5)")
     parser.add_argument("--synthetic-seed", type=int, default=0, help="generator seed of the synthetic dataset (default 0)")
     parser.add_argument("--no-download", action="store_true", help="never download; fail if the raw files are missing")
+    parser.add_argument("--history-column", default="none", choices=("none", "capped", "full"),
+                        help="also write a flat per-sample `history` list column: none (default; every rellax-fast "
+                             "command reads the packed sequences), capped (the last --max-history items), full "
+                             "(every earlier rating: grows with the square of history length, small data only)")
+    parser.add_argument("--max-history", type=int, default=50,
+                        help="length cap of --history-column capped (default 50)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +37,10 @@ def run(args: argparse.Namespace) -> int:
     from .download import ChecksumError, DatasetNotFoundError
     from .leakage import check_no_leakage
 
+    history_column = getattr(args, "history_column", "none")
+    if history_column == "capped" and args.max_history < 1:
+        print(f"error: --max-history must be >= 1; got {args.max_history}", file=sys.stderr)
+        return 2
     try:
         out = check_out_dir(args.out)
     except ValueError as exc:
@@ -51,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         check_no_leakage(data)  # no history holds its own target or a later event
         steps.update()
         steps.set_postfix_str("write")
-        save_prepared(data, out)
+        save_prepared(data, out, history_column=history_column, max_history=getattr(args, "max_history", None))
         steps.update()
     except (DatasetNotFoundError, DataFormatError, ChecksumError) as exc:
         steps.close()

@@ -19,7 +19,14 @@ Preprocessing (ReLLa / ReLLaX):
 
 An empty split is an error (:class:`EmptySplitError`), never an output.
 
-On disk (``save_prepared`` / ``load_prepared``) a prepared folder is one unit: every file is written to a
+On disk, storage is linear in the number of ratings: ``sequences.parquet`` holds the packed sequences once
+and each split file holds per-sample columns only (user_id, item_id, rating, label, timestamp, and the
+reference user_index, pos). The flat per-sample ``history`` list column is optional (``save_prepared
+(history_column=...)``: none (default), capped at ``max_history``, or full); its full form grows with the
+square of history length (2.9e8 entries for 1.2M ratings at 5 % of ML-25M), so nothing here requires it, and
+folders written with it still load (it is simply not read).
+
+A prepared folder (``save_prepared`` / ``load_prepared``) is one unit: every file is written to a
 temporary name, hashed (the bytes written) and fsynced first; then ``meta.json`` is removed, the files are
 renamed into place and ``meta.json`` is written last, carrying a manifest (bytes, sha256 and row count of
 each file, and :func:`ctr_fingerprint` of the content). Writers of one folder are serialised by an exclusive
@@ -37,7 +44,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import pandas as pd
@@ -46,7 +53,7 @@ from .datasets import DataFormatError, RecDataset
 
 __all__ = [
     "UserSequences", "CTRSplit", "CTRData", "prepare_ctr", "save_prepared", "load_prepared", "SPLITS",
-    "build_sequences", "label_of", "ctr_fingerprint", "EmptySplitError", "PreparedDataError",
+    "build_sequences", "label_of", "ctr_fingerprint", "EmptySplitError", "PreparedDataError", "HISTORY_COLUMNS",
 ]  # fmt: skip
 
 SPLITS = ("train", "valid", "test")
@@ -119,12 +126,18 @@ class CTRSplit:
                               ("user_index", "pos", "user_id", "item_id", "rating", "label", "timestamp"))
         )  # fmt: skip
 
-    def history_arrays(self):
-        """(offsets (S+1,), values (sum pos,)): every sample's history, flattened, without a Python loop."""
+    def history_arrays(self, max_history: Optional[int] = None):
+        """(offsets (S+1,), values): every sample's history (the last ``max_history`` items when given, oldest
+        first), flattened, without a Python loop. Uncapped, its size is the sum of the history lengths, which
+        grows with the square of a user's length: derive it for small data only."""
         lengths = self.pos.astype(np.int64)
+        if max_history is not None:
+            if max_history < 0:
+                raise ValueError(f"max_history must be >= 0 or None, got {max_history}")
+            lengths = np.minimum(lengths, max_history)
         out_offsets = np.zeros(len(self) + 1, dtype=np.int64)
         np.cumsum(lengths, out=out_offsets[1:])
-        starts = self.sequences.offsets[self.user_index]
+        starts = self.sequences.offsets[self.user_index] + self.pos - lengths
         gather = np.repeat(starts - out_offsets[:-1], lengths) + np.arange(out_offsets[-1], dtype=np.int64)
         return out_offsets, self.sequences.items[gather]
 
@@ -351,36 +364,59 @@ def _publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _split_table(split: CTRSplit):
+HISTORY_COLUMNS = ("none", "capped", "full")
+
+
+def _check_history_option(history_column: str, max_history: Optional[int]) -> Optional[int]:
+    """The ``history`` column's length cap for ``history_column`` (None: uncapped or no column)."""
+    if history_column not in HISTORY_COLUMNS:
+        raise ValueError(f"history_column: expected one of {', '.join(HISTORY_COLUMNS)}, got {history_column!r}")
+    if history_column == "capped":
+        if max_history is None or int(max_history) < 1:
+            raise ValueError(f"max_history: history_column='capped' needs max_history >= 1, got {max_history!r}")
+        return int(max_history)
+    return None
+
+
+def _split_table(split: CTRSplit, history_column: str = "none", max_history: Optional[int] = None):
+    """The split's parquet table: the contracted columns, the (user_index, pos) reference into the packed
+    sequences, and the optional flat ``history`` list (``history_column``: none / capped / full)."""
     import pyarrow as pa
 
-    offsets, values = split.history_arrays()
-    history = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32) if offsets[-1] < 2**31 else offsets),
-                                       pa.array(values, pa.int64()))  # fmt: skip
-    return pa.table(
-        {
-            "user_id": pa.array(split.user_id, pa.int64()),
-            "item_id": pa.array(split.item_id, pa.int64()),
-            "rating": pa.array(split.rating, pa.float32()),
-            "label": pa.array(split.label, pa.int8()),
-            "timestamp": pa.array(split.timestamp, pa.int64()),
-            "history": history,
-            "user_index": pa.array(split.user_index, pa.int64()),
-            "pos": pa.array(split.pos, pa.int64()),
-        }
-    )
+    columns = {
+        "user_id": pa.array(split.user_id, pa.int64()),
+        "item_id": pa.array(split.item_id, pa.int64()),
+        "rating": pa.array(split.rating, pa.float32()),
+        "label": pa.array(split.label, pa.int8()),
+        "timestamp": pa.array(split.timestamp, pa.int64()),
+    }
+    if history_column != "none":
+        offsets, values = split.history_arrays(max_history if history_column == "capped" else None)
+        columns["history"] = pa.ListArray.from_arrays(
+            pa.array(offsets.astype(np.int32) if offsets[-1] < 2**31 else offsets), pa.array(values, pa.int64())
+        )  # fmt: skip
+    columns["user_index"] = pa.array(split.user_index, pa.int64())
+    columns["pos"] = pa.array(split.pos, pa.int64())
+    return pa.table(columns)
 
 
-def save_prepared(data: CTRData, out_dir) -> Path:
+def save_prepared(data: CTRData, out_dir, history_column: str = "none", max_history: Optional[int] = None) -> Path:
     """Write {train,valid,test}.parquet, sequences/items/users parquet and meta.json as one unit.
 
-    The split files carry the contracted columns (user_id, item_id, rating, label, timestamp, history) plus
-    user_index and pos; ``sequences.parquet`` holds the packed user sequences so that :func:`load_prepared`
-    rebuilds the exact same CTRData. How the folder stays one unit: see the module docstring.
+    The split files carry the contracted columns (user_id, item_id, rating, label, timestamp) and the
+    reference (user_index, pos) into ``sequences.parquet``, which holds the packed user sequences once, so
+    storage is linear in the number of ratings and :func:`load_prepared` rebuilds the exact same CTRData.
+
+    ``history_column`` adds the flat ``history`` list (item ids before the target, oldest first) for users
+    who want a self-contained file: ``"capped"`` keeps the last ``max_history`` (linear), ``"full"`` every
+    earlier rating (its size grows with the square of a user's history length: small data only). The
+    default ``"none"`` writes no such column; every rellax-fast consumer reads the packed form. How the
+    folder stays one unit: see the module docstring.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    cap = _check_history_option(history_column, max_history)
     empty = [k for k, s in data.splits.items() if len(s) == 0]
     if empty:
         raise EmptySplitError(f"{data.dataset.name}: refusing to write empty split(s) {empty} to {out_dir}")
@@ -395,7 +431,8 @@ def save_prepared(data: CTRData, out_dir) -> Path:
             "timestamp": pa.array(seq.timestamps, pa.int64()),
         }
     )
-    writers = {f"{name}.parquet": (lambda p, t=_split_table(split): pq.write_table(t, p), len(split))
+    # each split's table is built inside its writer, so only one (with its optional history) is alive at a time
+    writers = {f"{name}.parquet": (lambda p, s=split: pq.write_table(_split_table(s, history_column, cap), p), len(split))
                for name, split in data.splits.items()}  # fmt: skip
     writers["sequences.parquet"] = (lambda p: pq.write_table(seq_table, p), len(seq.items))
     writers["items.parquet"] = (lambda p: data.dataset.items.to_parquet(p), len(data.dataset.items))
@@ -416,6 +453,7 @@ def save_prepared(data: CTRData, out_dir) -> Path:
                 # the hash of the bytes this process wrote, taken before they are published
                 manifest[name] = {"bytes": temps[name].stat().st_size, "sha256": _file_sha256(temps[name]), "rows": rows}
             meta = dict(data.meta, format_version=FORMAT_VERSION,
+                        history_column={"mode": history_column, "max_history": cap},
                         manifest={"files": manifest, "fingerprint": ctr_fingerprint(data)})  # fmt: skip
             meta_tmp = _write_temp(out, "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
             temps["meta.json"] = meta_tmp

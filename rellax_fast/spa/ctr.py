@@ -22,12 +22,11 @@ import torch
 
 from .din import (
     DIN,
-    CTRArrays,
     DINConfig,
     DINReport,
     DINTrainConfig,
+    PackedCTRArrays,
     load_din,
-    make_arrays,
     predict,
     save_din,
     train_din,
@@ -51,11 +50,20 @@ def to_index(vocab: np.ndarray, ids) -> np.ndarray:
     return idx_c
 
 
-def split_arrays(data, split: str, vocab: np.ndarray, max_len: int) -> CTRArrays:
+def split_arrays(data, split: str, vocab: np.ndarray, max_len: int) -> PackedCTRArrays:
+    """DIN's inputs for one split in the packed form (linear in ratings + samples); batches gather the last
+    ``max_len`` behaviours on demand. The sequences' item indices are mapped once per ``data``/``vocab``."""
     s = data.splits[split]
     seq = data.sequences
-    return make_arrays(seq.offsets, to_index(vocab, seq.items), seq.ratings, s.user_index, s.pos,
-                       to_index(vocab, s.item_id), s.label, max_len)  # fmt: skip
+    cached = getattr(seq, "_din_item_index", None)  # (vocab, seq.items, index): splits of one dataset share it
+    if cached is None or cached[0] is not vocab or cached[1] is not seq.items:
+        cached = (vocab, seq.items, to_index(vocab, seq.items))
+        try:
+            seq._din_item_index = cached
+        except AttributeError:
+            pass
+    return PackedCTRArrays(seq.offsets, cached[2], seq.ratings, s.user_index, s.pos, to_index(vocab, s.item_id),
+                           s.label, max_len)  # fmt: skip
 
 
 def fit_din(data, config: Optional[dict] = None, train_config: Optional[DINTrainConfig] = None) -> Tuple[DIN, DINReport, np.ndarray]:

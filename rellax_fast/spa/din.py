@@ -120,7 +120,59 @@ class CTRArrays:
         return CTRArrays(self.hist_items[idx], self.hist_ratings[idx], self.target[idx], self.user[idx], self.label[idx])
 
 
+class PackedCTRArrays:
+    """One split's DIN inputs kept in the packed form: the shared per-user sequences (offsets, item indices,
+    ratings) plus per-sample (user index, position, target, label). Memory is linear in the ratings plus the
+    samples; :meth:`batch` gathers the last ``max_len`` behaviours of just the batch's samples (vectorised,
+    (B, max_len) indices), so no (S, max_len) history matrix is ever built for the split. Duck-types
+    :class:`CTRArrays` for :func:`train_din` and :func:`predict` (``len``, ``batch``, ``target``, ``user``,
+    ``label``); ``user`` may be replaced (``eval`` maps JSONL users to sequence rows)."""
+
+    def __init__(self, offsets, seq_items, seq_ratings, user_index, pos, target_item, label, max_len: int):
+        offsets = np.asarray(offsets, dtype=np.int64)
+        user_index = np.asarray(user_index, dtype=np.int64)
+        pos = np.asarray(pos, dtype=np.int64)
+        if user_index.shape != pos.shape or user_index.ndim != 1:
+            raise ValueError(f"user_index and pos must be 1-D of equal length, got {user_index.shape} and {pos.shape}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if len(user_index) and (user_index.min() < 0 or user_index.max() >= len(offsets) - 1):
+            raise ValueError(f"user_index must lie in [0, {len(offsets) - 1}), got values in "
+                             f"[{user_index.min()}, {user_index.max()}]")  # fmt: skip
+        start = offsets[user_index]
+        if np.any(pos < 0) or np.any(start + pos > offsets[user_index + 1]):
+            raise ValueError("pos runs past the end of a user's sequence")
+        self.max_len = int(max_len)
+        # item indices and ratings, shared (not copied) with the caller's int64 / float32 arrays
+        self.seq_items = torch.from_numpy(np.ascontiguousarray(seq_items, dtype=np.int64))
+        self.seq_ratings = torch.from_numpy(np.ascontiguousarray(seq_ratings, dtype=np.float32))
+        self.start = torch.from_numpy(start)
+        self.pos = torch.from_numpy(pos)
+        self.target = torch.from_numpy(np.array(target_item, dtype=np.int64))
+        self.user = torch.from_numpy(user_index.copy())
+        self.label = torch.from_numpy(np.array(label, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return int(self.target.shape[0])
+
+    def batch(self, idx) -> CTRArrays:
+        idx = torch.as_tensor(idx, dtype=torch.int64)
+        start, end = self.start[idx], self.start[idx] + self.pos[idx]
+        flat = end[:, None] - self.max_len + torch.arange(self.max_len)[None, :]  # (B, max_len), right-aligned
+        valid = flat >= start[:, None]
+        flat = torch.where(valid, flat, 0)
+        items = torch.where(valid, self.seq_items[flat] + 1, 0)  # index + 1, 0 = padding
+        ratings = torch.where(valid, self.seq_ratings[flat], 0.0)
+        return CTRArrays(items, ratings, self.target[idx], self.user[idx], self.label[idx])
+
+    def materialise(self) -> CTRArrays:
+        """The whole split as one padded :class:`CTRArrays` ((S, max_len) memory: small data only)."""
+        return self.batch(torch.arange(len(self)))
+
+
 def make_arrays(offsets, seq_items, seq_ratings, user_index, pos, target_item, label, max_len: int) -> CTRArrays:
+    """The padded (S, max_len) inputs of a whole split at once; :class:`PackedCTRArrays` is the linear-memory
+    form used by training and prediction."""
     items, ratings = history_arrays(offsets, seq_items, seq_ratings, user_index, pos, max_len)
     return CTRArrays(
         hist_items=torch.from_numpy(items),

@@ -81,9 +81,10 @@ def test_history_arrays_match_history(ml100k_ctr):
 
 
 def test_save_load_roundtrip_and_parquet_columns(ml100k_ctr, tmp_path):
-    save_prepared(ml100k_ctr, tmp_path)
+    save_prepared(ml100k_ctr, tmp_path, history_column="full")
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["splits"]["train"]["n"] == len(ml100k_ctr.splits["train"])
+    assert meta["history_column"] == {"mode": "full", "max_history": None}
     df = pd.read_parquet(tmp_path / "test.parquet")
     for col in ("user_id", "item_id", "rating", "label", "timestamp", "history", "user_index", "pos"):
         assert col in df.columns
