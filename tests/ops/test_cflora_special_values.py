@@ -91,25 +91,19 @@ def assert_same_ieee(got, want, msg):
                                equal_nan=True, msg=msg)
 
 
-BACKENDS = [
-    "reference",
-    "cpp",
-    pytest.param("triton", marks=pytest.mark.triton),
-    pytest.param("cuda", marks=[pytest.mark.cuda,
-                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+_GPU = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+BACKENDS = [  # (backend, device)
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("cpp", "cpu", id="cpp"),
+    pytest.param("triton", "cpu", id="triton-interpreted", marks=pytest.mark.triton),
+    pytest.param("cuda", "cuda", id="cuda", marks=_GPU),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=_GPU),
 ]
 
 
-def _device(backend):
-    if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()):
-        return "cuda"
-    return "cpu"
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("case,changes,scale,p,c_kind", CASES, ids=[c[0] for c in CASES])
-def test_special_values_follow_the_reference(backend, case, changes, scale, p, c_kind):
-    device = _device(backend)
+def test_special_values_follow_the_reference(backend, device, case, changes, scale, p, c_kind):
     inputs = make_inputs(c_kind, changes, device)
     kw = dict(scale=scale, dropout_p=p, seed=2024)
     grad_out = torch.randn(N_SAMPLES, TOKENS, D_OUT, generator=torch.Generator().manual_seed(5),
