@@ -1,4 +1,6 @@
-"""``rellax-fast bench cflora|topk|e2e|all``: runs suites and writes CSV, Markdown and PNG reports.
+"""``rellax-fast bench cflora|topk|e2e|all``: runs suites and writes CSV, Markdown and PNG reports;
+``rellax-fast bench quality``: the ReLLaX ablation table with confidence intervals (``bench.quality``; a
+long benchmark, not part of ``all``).
 
 Each suite is a module ``rellax_fast.bench.<suite>`` with ``run_suite(args) -> (rows, meta)``: rows are
 dicts (one per measurement, baseline rows from the same run included); ``meta`` holds ``plot(rows, path)``
@@ -16,7 +18,8 @@ SUITES = ("cflora", "topk", "e2e")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("suite", choices=SUITES + ("all",), help="which benchmark suite")
+    parser.add_argument("suite", choices=SUITES + ("all", "quality"),
+                        help="which benchmark suite (quality: the ablation table with CIs, see its options below)")
     parser.add_argument("--size", default="auto", choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer"),
                         help="shape set (auto: gpu when CUDA is visible, else cpu)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -24,7 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.set_defaults(out="bench_out")
+    from . import quality
+
+    quality.add_arguments(parser)
+    # `bench quality` defaults to ml-100k (the other suites do not read --dataset): None resolves there
+    parser.set_defaults(out="bench_out", dataset=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
     from . import report
 
+    if args.suite == "quality":
+        from . import quality
+
+        return quality.run(args)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)

