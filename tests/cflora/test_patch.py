@@ -228,6 +228,23 @@ def test_bad_calls_are_clear_errors():
         apply_cflora(_peft("llama"), backend="cuda-graphs")
 
 
+def test_cpu_autocast_matches_peft(op_calls):
+    """fp32 model under torch.autocast("cpu", bfloat16), as Trainer/accelerate mixed precision runs it."""
+    ref = _peft("llama").train()
+    model = apply_cflora(copy.deepcopy(ref))
+    inputs = model_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_logits, _, ref_grads = _forward_backward(ref, inputs)
+        logits, _, grads = _forward_backward(model, inputs)
+    assert len(op_calls) == _n_lora_linear(ref)
+    assert logits.dtype == ref_logits.dtype
+    torch.testing.assert_close(logits.float(), ref_logits.float(), rtol=0.05, atol=0.05)
+    for name in ref_grads:
+        assert grads[name].dtype == torch.float32
+        err = (grads[name] - ref_grads[name]).norm() / ref_grads[name].norm()
+        assert err < 0.05, (name, float(err))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
