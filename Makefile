@@ -51,6 +51,13 @@ demo: install
 bench: install
 	$(VENV)/bin/rellax-fast bench all --out bench_out
 
+# The ReLLaX quality bench (#14): the ablation table with 95% intervals and paired tests, on ml-100k from
+# RELLAX_DATA_DIR or ../shared/data. A long benchmark, not a test; rerunning skips the rows already done.
+.PHONY: quality
+QUALITY_ARGS ?=
+quality: install
+	$(VENV)/bin/rellax-fast bench quality --out runs/quality $(QUALITY_ARGS)
+
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check rellax_fast kernels tests scripts
 	@if command -v clang-format >/dev/null 2>&1; then clang-format --dry-run --Werror csrc/*.cpp csrc/*.cu csrc/*.h; \
