@@ -9,34 +9,39 @@ uses C[m // rows_per_sample]. Dropout touches the LoRA path only (inverted scali
 is the shared hash of (seed, m·d_in + k) from csrc/common.h, recomputed wherever drop(x) is needed, so
 nothing mask-shaped is ever stored. dropout_p == 0 compiles the hash away (constexpr DROPOUT).
 
-Algorithm and memory traffic (bytes of the dtype; r ≪ d_in, d_out):
+Algorithm and memory traffic (bytes of the dtype; r << d_in, d_out). Every pointer offset is int64.
 
-Forward (2 kernels)
-  1. _cflora_shrink_kernel, one program per BLOCK_M rows: S = drop(x) Aᵀ by a K-loop over d_in, then
-     T = S Cᵀ in registers. A row block may span several samples; it loops over the samples it touches
-     and selects each row's C (r×r tiles are tiny). Reads x once (M·d_in), A from L2; writes S, T (2·M·r).
-  2. _cflora_fwd_gemm_kernel, tiled GEMM over (M, d_out): acc = x Wᵀ over d_in, then ONE extra r-wide
-     K step acc += (scale·T) Bᵀ, then + b, then a single store of y. No d_out-sized intermediate exists:
-     traffic is exactly the base linear's (x, W, y) plus M·r for T and d_out·r for B.
+Forward (2 kernels, +1 for a per-sample C)
+  1. _cflora_shrink_kernel, one program per BLOCK_M rows: S = drop(x) Aᵀ by a K-loop over d_in; with a
+     shared C also T = S Cᵀ in registers. Reads x once (M·d_in), A from L2; writes S, T (2·M·r).
+  1b. _cflora_interact_fwd_kernel (per-sample C only), one program per sample: C[g] read once, T = S C[g]ᵀ
+     over that sample's rows. Decode (one row per sample) costs one 16-row dot per sample, not a
+     64-row block looping over 64 samples.
+  2. _cflora_fwd_gemm_kernel, tiled GEMM over (M, d_out): acc = x Wᵀ over d_in, then the r-wide step
+     acc += (scale·T) Bᵀ (BLOCK_RK ranks at a time), then + b, then a single store of y.
   Saved for backward: x (the caller's), S, T. Never a d_out- or d_in-sized activation.
 
-Backward (2 kernels, +1 GEMM for dW only when W requires grad)
-  3. _cflora_dy_pass_kernel, one program per BLOCK_M rows, a single pass over dY (M·d_out):
-       dT = scale·dY B (registers), dB += scale·dYᵀ T (fp32 atomics, no bf16 atomics),
-       db += Σ_rows dY (fp32 atomics, only when the bias needs a grad);
-     then, per sample touched by the block, dS = dT C and dC_b += dTᵀ S (fp32 atomics: the per-sample
-     reduction). Writes only dS (M·r, fp32).
-  4. _cflora_dx_kernel, tiled GEMM over (M, d_in): dx = dY W + drop'(dS A) as ONE accumulator over the
-     concatenated K (d_out, then r). With dropout the r-step is masked by the regenerated keep-mask.
-     The same program loads its x tile (mask reused) and adds dA += dSᵀ drop(x) (fp32 atomics), so
-     x is read once more (M·d_in) and no separate dA pass exists.
-  5. _matmul_kernel: dW = dYᵀ x, only when needed (frozen base weights skip it).
-  Total: dY read twice (dy pass + dx GEMM; the minimum for a GEMM over d_out), W and x once each.
+Backward
+  3. _cflora_dy_pass_kernel, one program per BLOCK_M rows: dT = scale·dY B (one read of dY). Shared C:
+     dS = dT C and dC += dTᵀ S (one r×r fp32 atomic tile per program). Writes dT or dS (M·r, fp32).
+  3b. _cflora_interact_bwd_kernel (per-sample C only), one program per sample: dS = dT C[g] in place and
+     dC[g] = Σ dTᵀ S summed in registers, stored once (no atomics).
+  4. _cflora_rank_grad_kernel, split-K GEMM over the M rows, partials per split summed on the host in a
+     fixed order (deterministic, no atomics): dB = scale·dYᵀ T with db = Σ dY (a second read of dY),
+     and dAᵀ = drop(x)ᵀ dS / (1-p) (a second read of x, mask regenerated).
+  5. _cflora_dx_kernel, tiled GEMM over (M, d_in): dx = drop'(dS A) + dY W as ONE accumulator: the r-wide
+     step first (masked), then the K loop over d_out (third read of dY).
+  6. _matmul_kernel: dW = dYᵀ x, only when needed (frozen base weights skip it).
 
-Precision: tl.dot on the input dtype (bf16/fp16 tensor cores on the GPU) with fp32 accumulation; the
-r×r interaction dots run in fp32 ("ieee"). fp32 inputs use tf32 only if torch allows it
-(torch.backends.cuda.matmul.allow_tf32). Under TRITON_INTERPRET=1 the dot operands are upcast to fp32
-(constexpr UPCAST), because the interpreter's bf16 dot is wrong.
+Precision (the same on every GPU; the compile gate checks tensor-core instructions in each):
+  - bf16 / fp16: every dot, the r×r interaction steps included, takes bf16/fp16 operands on tensor cores
+    with fp32 accumulation. S, T are stored in the input dtype; dT and dS are fp32 in memory and rounded
+    to the input dtype as dot operands (what a 16-bit autograd holds).
+  - fp32 with torch.backends.cuda.matmul.allow_tf32: TF32 (10-bit mantissa operands, fp32 accumulation).
+  - fp32 otherwise: 3xTF32 ("tf32x3": hi/lo split, about fp32 accuracy, still on tensor cores). No dot
+    runs as fp32 FMA loops ("ieee"), which spilled 100+ KB per thread at r = 128.
+  Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (constexpr UPCAST) after the same rounding,
+  because the interpreter's bf16 dot is wrong.
 """
 
 if not __name__.startswith("rellax_fast."):

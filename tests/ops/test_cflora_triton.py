@@ -436,33 +436,73 @@ def test_strided_and_expanded_views_match_oracle(kind, c_kind):
 GPU_WIDEN = 2.0
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("c_kind", ["none", "per_sample"])
-@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
-def test_triton_on_cuda_matches_oracle(dtype, c_kind, dropout_p):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (run by scripts/gpu_check.sh)")
+def _cuda_case(dtype, c_kind, dropout_p, r=16, n_samples=4, tokens=77, d_in=1000, d_out=520, device="cuda",
+               tol_dtype=None):
+    """The compiled kernels on ``device`` vs the float64 oracle (CPU), forward and every gradient."""
     k = _kernels()
-    n_samples, tokens, d_in, d_out, r = 4, 77, 1000, 520, 16  # several blocks in every dimension
+    tol_dtype = tol_dtype or dtype
     m = n_samples * tokens
     scale, seed = 0.5, 11
     inputs = make_inputs(r, dtype, c_kind, True, m=m, d_in=d_in, d_out=d_out, n_samples=n_samples)
     grad_y = torch.randn(m, d_out, dtype=torch.float64).to(dtype)
     y_ref, s_ref, t_ref, grads_ref = oracle_grads(inputs, grad_y, tokens, scale, dropout_p, seed)
-    cuda = [None if t is None else t.cuda() for t in inputs]
-    y, s, t = k.cflora_fwd(*cuda, tokens, scale, dropout_p, seed)
-    x, weight, bias, lora_a, lora_b, c = cuda
-    grads = k.cflora_bwd(grad_y.cuda(), x, weight, lora_a, lora_b, c, s, t, tokens, scale, dropout_p, seed,
+    dev = [None if t is None else t.to(device) for t in inputs]
+    y, s, t = k.cflora_fwd(*dev, tokens, scale, dropout_p, seed)
+    x, weight, bias, lora_a, lora_b, c = dev
+    grads = k.cflora_bwd(grad_y.to(device), x, weight, lora_a, lora_b, c, s, t, tokens, scale, dropout_p, seed,
                          [True, True, True, True, True, c is not None])
-    torch.cuda.synchronize()
-    check(y, y_ref, dtype, "y", GPU_WIDEN)
-    check(t, t_ref, dtype, "T", GPU_WIDEN)
+    torch.cuda.synchronize(device)
+    assert y.device == torch.device(device)
+    check(y, y_ref, tol_dtype, "y", GPU_WIDEN)
+    check(t, t_ref, tol_dtype, "T", GPU_WIDEN)
     for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
         if want is None:
             assert got is None
         else:
             assert torch.isfinite(got).all(), f"d{name} not finite"
-            check(got, want, dtype, f"d{name}", GPU_WIDEN * grad_scale(name, dtype, m))
+            check(got, want, tol_dtype, f"d{name}", GPU_WIDEN * grad_scale(name, dtype, m))
             rel = ((got.double().cpu() - want).norm() / want.norm()).item()
-            assert rel < TOLERANCES[dtype][0] / 2, f"d{name}: relative error norm {rel:.2e}"
+            assert rel < TOLERANCES[tol_dtype][0] / 2, f"d{name}: relative error norm {rel:.2e}"
+
+
+def _need_cuda(n=1):
+    if not torch.cuda.is_available() or torch.cuda.device_count() < n:
+        pytest.skip(f"needs {n} CUDA GPU(s) (run by scripts/gpu_check.sh)")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tf32", [False, True], ids=["3xtf32", "tf32"])
+@pytest.mark.parametrize("c_kind", ["shared", "per_sample"])
+def test_triton_on_cuda_fp32_rank128(monkeypatch, tf32, c_kind):
+    """fp32 at r = 128: 3xTF32 (torch's default) at fp32 tolerance, TF32 (allowed) at fp16's (10-bit mantissa)."""
+    _need_cuda()
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    _cuda_case(torch.float32, c_kind, 0.1, r=128, n_samples=3, tokens=50, d_in=520, d_out=264,
+               tol_dtype=torch.float16 if tf32 else torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [16, 128])
+def test_triton_on_cuda_decode_per_sample_c(dtype, r):
+    """Decode: one row per sample (rows_per_sample = 1), each with its own C."""
+    _need_cuda()
+    _cuda_case(dtype, "per_sample", 0.0, r=r, n_samples=67, tokens=1)
+
+
+@pytest.mark.cuda
+def test_triton_on_cuda_tensors_on_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the launches must run on the tensors' device."""
+    _need_cuda(2)
+    torch.cuda.set_device(0)
+    _cuda_case(torch.bfloat16, "per_sample", 0.1, device="cuda:1")
+    assert torch.cuda.current_device() == 0, "the device guard must restore the current device"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("c_kind", ["none", "per_sample"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_triton_on_cuda_matches_oracle(dtype, c_kind, dropout_p):
+    _need_cuda()
+    _cuda_case(dtype, c_kind, dropout_p)  # several blocks in every dimension
