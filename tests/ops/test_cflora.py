@@ -560,13 +560,18 @@ def _loss_and_grads(fn, module, x, manual_seed, **kw):
     return y.detach(), torch.autograd.grad((y * y).sum(), [x, module.lora_a, module.lora_b])
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)])
-def test_compile_fullgraph_draws_the_dropout_seed_in_the_graph(backend):
+@pytest.mark.parametrize("backend,device", [
+    ("reference", "cpu"), ("cpp", "cpu"), pytest.param("triton", "cpu", marks=pytest.mark.triton),
+    pytest.param("cuda", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
+    pytest.param("triton", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
+])
+def test_compile_fullgraph_draws_the_dropout_seed_in_the_graph(backend, device):
     """seed=None inside torch.compile(fullgraph=True): the seed is drawn in the graph from torch's generator, so
-    under the same torch.manual_seed the compiled op (aot_eager keeps torch's RNG) gives eager's masks."""
+    under the same torch.manual_seed the compiled op (aot_eager keeps torch's RNG) gives eager's masks. The seed
+    is a CPU tensor also for CUDA inputs: reading it needs no device sync."""
     import torch._dynamo
 
-    inputs = make_inputs(torch.float32, 4, "per", True, x_shape=(2, 5, 24), d_out=12)
+    inputs = make_inputs(torch.float32, 4, "per", True, x_shape=(2, 5, 24), d_out=12, device=device)
     module = _DropoutModule(inputs, backend)
     x = inputs[0].detach().clone().requires_grad_()
     torch._dynamo.reset()
