@@ -135,7 +135,8 @@ def _set_trainable(layer: CFLoRALinear, config: CFLoRAConfig) -> None:
             p.requires_grad_(config.train_interaction)
 
 
-def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = False) -> nn.Module:
+def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = False,
+                  cond_kwarg: bool = True) -> nn.Module:
     """Replace the target ``nn.Linear`` / ``Conv1D`` modules by CFLoRA layers, in place; freeze the base.
 
     Targets are ``config.target_modules`` (suffixes, a regex, or ``"all-linear"``: every Linear/Conv1D but the
@@ -144,7 +145,10 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
     copy (its original is kept aside for :func:`disable_adapter`). A target whose weight is tied to another
     module (e.g. ``lm_head`` and the input embeddings) is wrapped with a warning: training is fine, but
     :func:`merge_cflora` refuses it unless ``untie=True``. ``verbose=True`` prints
-    :func:`print_trainable_parameters`' line (it is always logged at INFO).
+    :func:`print_trainable_parameters`' line (it is always logged at INFO). When the interaction needs a
+    per-sample condition and ``cond_kwarg`` is true (the default), ``model(**batch, cflora_cond=cond)`` and
+    ``model.generate(..., cflora_cond=cond)`` work as well as :func:`cflora_condition`
+    (:func:`rellax_fast.cflora.hooks.enable_cflora_cond_kwarg`; :func:`unload` removes it again).
 
     Raises ValueError when the model already has CFLoRA layers, when the targets match no module, when
     a matched module is not Linear/Conv1D, or when ``r`` exceeds a matched module's min(d_in, d_out).
@@ -228,6 +232,10 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
         "|| trainable %.4f%%", config.interaction, config.r, len(new_layers), len(to_save), trainable, total,
         100.0 * trainable / max(total, 1),
     )
+    if cond_kwarg and config.needs_cond:
+        from .hooks import enable_cflora_cond_kwarg  # hooks imports this module
+
+        enable_cflora_cond_kwarg(root)
     if verbose:
         print_trainable_parameters(root)
     return model
@@ -569,3 +577,6 @@ def _unload(root: nn.Module, layers: List[Tuple[str, CFLoRALinear]]) -> None:
         _replace_module(root, name, base)
     _unbind_hf_adapter_methods(root)
     _remove_checkpoint_replay(root)
+    from .hooks import disable_cflora_cond_kwarg  # hooks imports this module
+
+    disable_cflora_cond_kwarg(root)

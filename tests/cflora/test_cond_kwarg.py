@@ -275,3 +275,24 @@ def test_text_generation_pipeline_passes_the_keyword_to_generate():
         ref = pipe("t1 t2 t3 t4", **kw)
     assert got == ref and got[0]["generated_text"].startswith("t1 t2 t3 t4")
     assert pipe("t1 t2 t3 t4", cflora_cond=-cond, **kw) != got
+
+
+def test_inject_enables_the_keyword_for_conditioned_kinds_and_unload_removes_it():
+    from rellax_fast.cflora import unload
+
+    inputs = model_inputs()
+    cond = torch.randn(3, COND)
+    model = tiny_llama(0)
+    inject_cflora(model, CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"], interaction="full", cond_dim=COND))
+    assert cflora_cond_kwarg_enabled(model)
+    with cflora_condition(model, cond):
+        ref = model(**inputs).logits
+    torch.testing.assert_close(model(**inputs, cflora_cond=cond).logits, ref, rtol=0, atol=0)
+    unload(model)
+    assert not cflora_cond_kwarg_enabled(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks and "generate" not in model.__dict__
+    # opting out, and kinds without a condition, leave the model's call untouched
+    opted_out = inject_cflora(tiny_llama(0), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"], interaction="full",
+                                                          cond_dim=COND), cond_kwarg=False)
+    plain = inject_cflora(tiny_llama(0), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
+    assert not cflora_cond_kwarg_enabled(opted_out) and not cflora_cond_kwarg_enabled(plain)
