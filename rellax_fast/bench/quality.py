@@ -412,21 +412,13 @@ def summarise(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boo
     return out
 
 
-def _delta(vs: Optional[Dict], metric: str, alpha: float = 0.05) -> str:
-    if vs is None:
-        return "–"
-    d, p = vs[f"d_{metric}"], vs[f"p_{metric}"]
-    if abs(d) < 1e-12 and p >= 1.0:
-        return "(itself)"
-    mark = " ≈" if p >= alpha else ""
-    return f"{d:+.4f} (p={p:.2g}){mark}"
-
-
 def _mean(m: float, sd: Optional[float]) -> str:
     return f"{m:.4f}" if sd is None else f"{m:.4f} ± {sd:.4f}"
 
 
 def markdown(table: List[Dict], meta: Dict) -> str:
+    from ..train import stats
+
     head = ("| row | valid AUC | test AUC | AUC 95% CI | test LogLoss | LogLoss 95% CI | ΔAUC vs DIN | ΔLogLoss vs DIN "
             "| ΔAUC vs full | ΔLogLoss vs full | note |")  # fmt: skip
     lines = [head, "|" + "---|" * 11]
@@ -436,8 +428,8 @@ def markdown(table: List[Dict], meta: Dict) -> str:
             r["row"], f"{valid['auc']:.4f}" if valid.get("auc") is not None else "–",
             _mean(r["auc_mean"], r["auc_sd"]), f"[{r['auc_ci']['lo']:.4f}, {r['auc_ci']['hi']:.4f}]",
             _mean(r["logloss_mean"], r["logloss_sd"]), f"[{r['logloss_ci']['lo']:.4f}, {r['logloss_ci']['hi']:.4f}]",
-            _delta(r["vs"].get("DIN"), "auc"), _delta(r["vs"].get("DIN"), "logloss"),
-            _delta(r["vs"].get("full"), "auc"), _delta(r["vs"].get("full"), "logloss"), r.get("note") or "",
+            stats.format_delta(r["vs"].get("DIN"), "auc"), stats.format_delta(r["vs"].get("DIN"), "logloss"),
+            stats.format_delta(r["vs"].get("full"), "auc"), stats.format_delta(r["vs"].get("full"), "logloss"), r.get("note") or "",
         ]) + " |")  # fmt: skip
     seeds = meta["seeds"]
     return (

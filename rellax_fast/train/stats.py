@@ -274,10 +274,22 @@ def row_statistics(labels, probs, references: Optional[Mapping[str, np.ndarray]]
         dl = delong_test(y, probs, ref)
         pb = paired_bootstrap(y, probs, ref, "logloss", n_boot, level, seed)
         out["vs"][name] = {"d_auc": dl["diff"], "se_auc": dl["se"], "p_auc": dl["p"], "d_logloss": pb["diff"],
-                           "d_logloss_lo": pb["lo"], "d_logloss_hi": pb["hi"], "p_logloss": pb["p"]}  # fmt: skip
+                           "d_logloss_lo": pb["lo"], "d_logloss_hi": pb["hi"], "p_logloss": pb["p"],
+                           "same_predictions": bool(np.array_equal(np.asarray(probs), np.asarray(ref)))}  # fmt: skip
     return out
 
 
 def within_noise(p_auc: float, alpha: float = 0.05) -> bool:
     """True when a paired AUC difference is not significant at ``alpha`` (the tables' 'within noise' mark)."""
     return not (p_auc < alpha)
+
+
+def format_delta(vs: Optional[Mapping], metric: str = "auc", alpha: float = 0.05) -> str:
+    """'+0.0123 (p=0.031)' for a ``row_statistics`` comparison, with ' ≈' appended when the difference is
+    within noise (p >= alpha); '(itself)' for a row compared with its own predictions, '–' for no comparison."""
+    if vs is None:
+        return "–"
+    d, p = vs[f"d_{metric}"], vs[f"p_{metric}"]
+    if vs.get("same_predictions"):
+        return "(itself)"
+    return f"{d:+.4f} (p={p:.2g})" + (" ≈" if p >= alpha else "")

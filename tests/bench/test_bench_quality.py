@@ -135,3 +135,22 @@ def test_posthoc_mix_recovers_the_generating_weights():
     assert fit["c"] == pytest.approx(-0.2, abs=0.08)
     p = fit["predict"](sig(a[:5]), sig(b[:5]))
     np.testing.assert_allclose(p, sig(fit["w_din"] * a[:5] + fit["w_lm"] * b[:5] + fit["c"]), rtol=1e-6)
+
+
+def test_demo_table_says_what_is_within_noise(tiny_bert, seeded_embeddings, tmp_path, capsys):
+    from rellax_fast.cli import main
+
+    argv = ["demo", "--out", str(tmp_path), "--model", tiny_bert, "--n-train", "16", "--n-test", "64", "--batch-size", "8",
+            "--k", "3", "--max-length", "96", "--cflora-backend", "reference", "--din-epochs", "1", "--din-embed-dim", "4",
+            "--din-hidden", "8", "--din-max-history", "5", "--n-boot", "50", "--no-progress", "--variants", "full,no-spa"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| variant | AUC | AUC 95% CI | LogLoss | accuracy | ΔAUC vs full | ΔAUC vs DIN |" in out
+    assert "≈: within noise (p ≥ 0.05)" in out and ("Within noise of full ReLLaX in AUC" in out or "outside noise" in out)
+    res = json.loads((tmp_path / "ablation.json").read_text())
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"DIN alone", "ReLLaX (full)", "w/o SPA"}
+    for r in rows.values():
+        assert r["auc_lo"] <= r["auc"] <= r["auc_hi"] and set(r["vs"]) == {"DIN", "full"}
+    assert rows["ReLLaX (full)"]["vs"]["full"]["same_predictions"] and not rows["w/o SPA"]["vs"]["full"]["same_predictions"]
+    assert "ΔAUC vs full" in (tmp_path / "ablation.md").read_text()

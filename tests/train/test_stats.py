@@ -165,3 +165,24 @@ def test_weighted_auc_equals_sklearn_on_resamples():
         assert got[i] == pytest.approx(roc_auc_score(y, a, sample_weight=counts[i]), abs=1e-12)
     one_class = np.where(y == 1, 1.0, 0.0)[None]
     assert np.isnan(stats.weighted_auc(y.astype(float), a, one_class))[0]
+
+
+def test_demo_table_marks_differences_within_noise():
+    from rellax_fast.train.cli_demo import add_noise_columns, noise_table
+    from rellax_fast.train.metrics import ctr_metrics
+
+    y, good, weak = _data(600, 12, noise=(0.3, 3.0))
+    rng = np.random.default_rng(3)
+    near = np.clip(good + 0.03 * rng.standard_normal(good.size), 1e-6, 1 - 1e-6)  # a tiny perturbation of full
+    probs = {"DIN alone": weak, "ReLLaX (full)": good, "w/o SPA": near}
+    rows = [{"variant": k, **ctr_metrics(y, p)} for k, p in probs.items()]
+    note = add_noise_columns(rows, y, probs, n_boot=200)
+    by = {r["variant"]: r for r in rows}
+    assert by["w/o SPA"]["vs"]["full"]["p_auc"] >= 0.05 and by["DIN alone"]["vs"]["full"]["p_auc"] < 0.05
+    assert "Within noise of full ReLLaX in AUC: w/o SPA." in note
+    table = noise_table(rows)
+    line = {ln.split(" | ")[0][2:]: ln for ln in table.splitlines()[2:]}
+    assert line["w/o SPA"].split(" | ")[5].endswith("≈")  # ΔAUC vs full
+    assert not line["DIN alone"].split(" | ")[5].endswith("≈")
+    assert "(itself)" in line["ReLLaX (full)"].split(" | ")[5]
+    assert all(r["auc_lo"] <= r["auc"] <= r["auc_hi"] for r in rows)
