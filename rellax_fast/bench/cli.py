@@ -1,6 +1,7 @@
 """``rellax-fast bench cflora|topk|e2e|all``: runs suites and writes CSV, Markdown and PNG reports;
 ``rellax-fast bench quality``: the ReLLaX ablation table with confidence intervals (``bench.quality``; a
-long benchmark, not part of ``all``).
+long benchmark, not part of ``all``); ``rellax-fast bench data``: the data pipeline at ML-25M scale
+(``bench.data``; generated files, not part of ``all``).
 
 Each suite is a module ``rellax_fast.bench.<suite>`` with ``run_suite(args) -> (rows, meta)``: rows are
 dicts (one per measurement, baseline rows from the same run included); ``meta`` holds ``plot(rows, path)``
@@ -18,7 +19,7 @@ SUITES = ("cflora", "topk", "e2e")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("suite", choices=SUITES + ("all", "quality"),
+    parser.add_argument("suite", choices=SUITES + ("all", "quality", "data"),
                         help="which benchmark suite (quality: the ablation table with CIs, see its options below)")
     parser.add_argument("--size", default="auto", choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer"),
                         help="shape set (auto: gpu when CUDA is visible, else cpu)")
@@ -30,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import quality
 
     quality.add_arguments(parser)
+    from . import data
+
+    data.add_arguments(parser)
     # `bench quality` defaults to ml-100k (the other suites do not read --dataset): None resolves there
     parser.set_defaults(out="bench_out", dataset=None)
 
@@ -43,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
         from . import quality
 
         return quality.run(args)
+    if args.suite == "data":
+        from . import data
+
+        return data.run(args)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
