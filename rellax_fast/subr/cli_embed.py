@@ -2,6 +2,8 @@
 
 Writes ``<out>/embeddings/<dataset>__<encoder>__<kind>__<options>.npy`` and its ``.json`` metadata (see
 :mod:`rellax_fast.subr.cache`); an up-to-date entry is reused, a stale or corrupt one rebuilt.
+Under ``torchrun`` / ``accelerate launch`` each process encodes a contiguous item range and writes it as a
+shard; rank 0 merges them and writes the cache entry (:func:`rellax_fast.distributed.sharded_cached_embeddings`).
 ``--dataset``, ``--data-dir`` and ``--out`` are added by :mod:`rellax_fast.cli`. Nothing heavy is
 imported at module level.
 """
@@ -40,8 +42,9 @@ def load_raw_dataset(args: argparse.Namespace):
 
     from rellax_fast.data import load_dataset
     from rellax_fast.data.datasets import DataWarning
+    from rellax_fast.distributed import main_first
 
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, main_first():  # under a launcher rank 0 downloads first
         warnings.simplefilter("always", DataWarning)
         dataset = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
     for w in caught:
@@ -77,7 +80,11 @@ def embed_items(args: argparse.Namespace, dataset):
         except OSError as exc:  # transformers/hub: not a model folder, or not found offline
             raise ValueError(f"--encoder {args.encoder!r}: cannot be loaded: {exc}") from exc
 
-    return cached_item_embeddings(
+    from rellax_fast.distributed import sharded_cached_embeddings
+
+    # under torchrun / accelerate launch each rank encodes an item range (shards merged by rank 0)
+    return sharded_cached_embeddings(
+        cached_item_embeddings,
         cache_dir,
         dataset.name,
         item_ids,
@@ -104,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetNotFoundError, DataFormatError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    from rellax_fast.distributed import is_main
+
+    if not is_main():  # under a launcher rank 0 reports
+        return 0
     emb = result.embeddings
     norms = np.linalg.norm(emb, axis=1)
     enc = result.key["encoder"]

@@ -8,6 +8,9 @@ the K positions shown to the LM in ``--mode`` order.
 Output: ``<out>/retrieval/<split>.npz`` (atomic) with ``user_index``, ``pos``, ``item_id`` (the target),
 ``retrieved_pos`` / ``retrieved_score`` (S, K; score order; -1 / -inf padding), ``shown_pos`` /
 ``shown_item`` / ``shown_score`` (S, K; prompt order for the mode), and ``<out>/retrieval/summary.json``.
+``--max-history W`` restricts the candidates to the W most recent behaviours before each target. Under
+``torchrun`` / ``accelerate launch`` each process retrieves a contiguous user range and writes it as a shard;
+rank 0 merges the shards and writes the outputs (:func:`rellax_fast.subr.retrieval.retrieve_sharded`).
 Every split is computed and written to a temporary file first; the files are renamed into place only when
 all splits succeeded, and an empty split or an invalid ``--limit`` is an error: earlier results are never
 replaced by empty or partial ones.
@@ -33,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default=None, choices=("reference", "cpp", "cuda", "triton"),
                         help="force a semantic_topk backend (default: the fastest available)")
     parser.add_argument("--metric", default="cosine", choices=("cosine", "dot"))
+    parser.add_argument("--max-history", type=int, default=None, metavar="W",
+                        help="only the W most recent behaviours before each target are candidates (lifelong "
+                             "histories; --method op; default: the whole history)")  # fmt: skip
     parser.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default: all)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N (>= 1) samples of each split")
     parser.add_argument("--prepared", default=None,
@@ -74,6 +80,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.limit is not None and args.limit < 1:
         print(f"error: --limit must be >= 1 (leave it out for every sample); got {args.limit}", file=sys.stderr)
+        return 2
+    max_history = getattr(args, "max_history", None)
+    if max_history is not None and (max_history < 1 or args.method != "op"):
+        print(f"error: --max-history must be >= 1 and needs --method op; got {max_history} with --method {args.method}",
+              file=sys.stderr)  # fmt: skip
         return 2
     out = Path(args.out)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -117,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "dataset": args.dataset, "k": args.k, "mode": args.mode, "method": args.method, "metric": args.metric,
         "backend": args.backend or "auto", "embeddings": str(emb_result.path), "splits": {},
+        "max_history": max_history,
     }  # fmt: skip
     print(f"embeddings {emb.shape[0]:,} x {emb.shape[1]} ({emb_result.status}); k={args.k} mode={args.mode} "
           f"method={args.method}")  # fmt: skip
@@ -127,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
         status = _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending)
         if status:
             return status
+        from rellax_fast.distributed import is_main
+
+        if not is_main():  # under torchrun / accelerate launch: this rank's shards are written, rank 0 merges
+            return 0
         for name, tmp in pending.items():
             os.replace(tmp, dest / f"{name}.npz")
         pending.clear()
@@ -151,10 +167,11 @@ def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device,
     import numpy as np
     import torch
 
+    from rellax_fast.distributed import is_main, shard_folder
     from rellax_fast.ops import BackendUnavailableError
 
     from .._io import temp_path_for
-    from .retrieval import retrieve, retrieve_global, shown_positions
+    from .retrieval import retrieve_global, retrieve_sharded, shown_positions
 
     for name in splits:
         split = data.splits[name]
@@ -168,11 +185,17 @@ def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device,
         retrieved_pos = retrieved_score = None
         try:
             if args.mode != "recent":
-                if args.method == "op":
-                    retrieved_pos, retrieved_score = retrieve(
+                if args.method == "op":  # under a launcher: each rank a user range, merged on rank 0
+                    result = retrieve_sharded(
                         torch.from_numpy(emb), data.sequences, split, args.k, metric=args.metric,
                         backend=args.backend, item_ids=emb_result.item_ids, device=device,
+                        max_history=getattr(args, "max_history", None), shard_dir=shard_folder(dest / name, "retrieve"),
                     )  # fmt: skip
+                    if result is None:  # not rank 0
+                        continue
+                    retrieved_pos, retrieved_score = result
+                elif not is_main():
+                    continue
                 else:
                     retrieved_pos, retrieved_score = retrieve_global(
                         emb, data.sequences, split, args.k, metric=args.metric, item_ids=emb_result.item_ids
@@ -181,6 +204,8 @@ def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device,
         except (BackendUnavailableError, ValueError, RuntimeError) as exc:
             print(f"error: {name}: {exc}", file=sys.stderr)
             return 1
+        if not is_main():
+            continue
         shown = shown_positions(data.sequences, split, args.k, args.mode, retrieved_pos, retrieved_score)
         shown_score = _shown_scores(emb, rows, offsets, split, shown, args.metric)
         seconds = time.perf_counter() - start  # retrieval + ordering + scoring of the shown items

@@ -113,3 +113,12 @@ def test_window_triton_interpreted_matches_oracle():
     pos, score = retrieve(emb, seq, split, 3, backend="triton", max_history=5, show_progress=False)
     exp_pos, exp_score = window_oracle(emb, rows, seq.offsets, split, 3, 5, "cosine")
     check(pos, score, exp_pos, exp_score, split, 5, 1e-5)
+
+
+@pytest.mark.parametrize("extra", [["--max-history", "0"], ["--max-history", "5", "--method", "global"]])
+def test_cli_max_history_bad_values_are_errors(tmp_path, capsys, extra):
+    from rellax_fast.cli import main
+
+    assert main(["retrieve", "--dataset", "synthetic", "--out", str(tmp_path), *extra]) == 2
+    assert "--max-history must be >= 1 and needs --method op" in capsys.readouterr().err
+    assert not (tmp_path / "retrieval").exists()
