@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--lifelong", action="store_true",
+                        help="bench topk: histories of 1k-32k behaviours with sampled targets (bench.topk.run_lifelong)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=5)
     from . import quality

@@ -18,6 +18,14 @@ Rows per (d, k) configuration, all measured in the same run:
 - ``faiss-global``: :func:`rellax_fast.subr.retrieval.retrieve_global` (faiss IndexFlatIP over all items,
   ranking walked through each user's history), when that module is present.
 
+``--lifelong`` (:func:`run_lifelong`): histories of L = 1k to 32k behaviours (ReLLaX's lifelong setting,
+ML-25M's longest user has about 32k ratings): for each L, ``LIFELONG[size]["users"]`` users of exactly that
+length and a seeded sample of targets spread uniformly over their positions (a full scan of every
+position would be quadratic in L). Rows: each available ``semantic_topk`` backend (not the reference),
+``retrieve(max_history=W)`` windows on the fastest backend, and ``torch-gemm`` (per user, targets chunked
+so that chunk x L scores stay ~4M elements: one GEMM, a causal mask, ``topk``; the padded all-positions
+baseline above would need L x L scores per user, 4 GiB at 32k, so it is not run).
+
 Columns: ms (median), samples/s, TFLOP/s counting the useful causal work (2·d flops per (target,
 candidate) pair, the same count for every row), effective GB/s counting the minimal traffic (history
 embeddings read once + indices + outputs), peak MiB (CUDA allocator peak, or the coarse CPU peak-RSS
@@ -41,6 +49,13 @@ SIZES = {
     "gpu": dict(users=ML1M_USERS, dims=(384, 512), ks=(10, 30)),
     "cpu": dict(users=400, dims=(384, 512), ks=(10, 30)),
     "tiny": dict(users=12, dims=(31,), ks=(5,)),
+}
+
+
+LIFELONG = {
+    "gpu": dict(lengths=(1024, 4096, 16384, 32768), users=4, targets=20000, dims=(384,), ks=(10, 50), windows=(1024,)),
+    "cpu": dict(lengths=(1024, 4096, 16384, 32768), users=2, targets=1000, dims=(384,), ks=(10,), windows=(1024,)),
+    "tiny": dict(lengths=(40, 130), users=2, targets=30, dims=(16,), ks=(5,), windows=(17,)),
 }
 
 
@@ -172,10 +187,133 @@ def _runs(backends, item_emb, dev_data, cpu_data, k: int, metric: str, device, w
     return runs
 
 
+def lifelong_histories(length: int, n_users: int, n_targets: int, n_items: int = ML1M_ITEMS, seed: int = 0):
+    """``n_users`` histories of exactly ``length`` items and ``n_targets`` seeded targets (user, position)
+    spread uniformly over positions 1..length-1, sorted by user then position."""
+    rng = np.random.default_rng(seed + length)
+    offsets = np.arange(n_users + 1, dtype=np.int64) * length
+    items = rng.integers(0, n_items, int(offsets[-1]), dtype=np.int64)
+    users = rng.integers(0, n_users, n_targets, dtype=np.int64)
+    pos = rng.integers(1, length, n_targets, dtype=np.int64)
+    order = np.lexsort((pos, users))
+    return tuple(torch.from_numpy(a) for a in (items, offsets, users[order], pos[order]))
+
+
+def torch_gemm_topk(item_emb, seq_items, seq_offsets, users, pos, k: int, normalize: bool, budget: int = 1 << 22):
+    """Baseline for sampled targets: per user, chunks of its targets x its whole history in one GEMM, a causal
+    mask (candidates < the target's position) and ``topk``; chunk x L scores bounded by ``budget``."""
+    emb = item_emb.float()
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=1)
+    out_pos = torch.full((len(users), k), -1, dtype=torch.int64, device=emb.device)
+    out_score = torch.full((len(users), k), float("-inf"), dtype=torch.float32, device=emb.device)
+    users_h, pos_h, off_h = users.cpu(), pos.cpu(), seq_offsets.cpu()
+    bounds = torch.searchsorted(users_h, torch.arange(len(off_h), dtype=users_h.dtype))
+    for u in range(len(off_h) - 1):
+        lo_s, hi_s = int(bounds[u]), int(bounds[u + 1])
+        if lo_s == hi_s:
+            continue
+        width = int(pos_h[lo_s:hi_s].max())
+        hist = emb[seq_items[int(off_h[u]) : int(off_h[u]) + width]]  # (width, d): every candidate any target needs
+        step = max(1, budget // max(1, width))
+        for a in range(lo_s, hi_s, step):
+            b = min(hi_s, a + step)
+            p = pos[a:b]
+            query = emb[seq_items[int(off_h[u]) + p]]
+            scores = query @ hist.T
+            scores.masked_fill_(torch.arange(width, device=emb.device)[None, :] >= p[:, None], float("-inf"))
+            kk = min(k, width)
+            top_s, top_p = scores.topk(kk, dim=1)
+            out_pos[a:b, :kk] = top_p.masked_fill(torch.isinf(top_s), -1)
+            out_score[a:b, :kk] = top_s
+    return out_pos, out_score
+
+
+def _lifelong_runs(backends, item_emb, data, seqs, split, k: int, metric: str, device, windows, length: int):
+    """{row name: (callable, window or 0, (target, candidate) pairs scored)} for one (L, d, k)."""
+    from rellax_fast.ops import semantic_topk
+    from rellax_fast.subr.retrieval import retrieve
+
+    pos = np.asarray(split.pos)
+    pairs = float(pos.sum())
+    runs: Dict[str, Tuple[Callable[[], object], int, float]] = {}
+    for b in backends:
+        runs[b] = (lambda b=b: semantic_topk(item_emb, *data, k, metric=metric, backend=b), 0, pairs)
+    runs["torch-gemm"] = (lambda: torch_gemm_topk(item_emb, *data, k, metric == "cosine"), 0, pairs)
+    for w in windows:
+        if backends and w < length:
+            run = lambda w=w: retrieve(item_emb, seqs, split, k, metric=metric, backend=backends[0], device=device,
+                                       max_history=w, show_progress=False)  # fmt: skip
+            runs[f"{backends[0]} W={w}"] = (run, w, float(np.minimum(pos, w).sum()))
+    return runs
+
+
+def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
+    """Rows per history length L (up to 32k): the op's backends, windowed retrieval, torch-gemm."""
+    from rellax_fast.ops import availability
+
+    from . import report
+
+    device = torch.device(args.device)
+    size = args.size if args.size in LIFELONG else ("gpu" if device.type == "cuda" else "cpu")
+    cfg = LIFELONG[size]
+    dtype = getattr(torch, args.dtype)
+    metric = getattr(args, "metric", "cosine")
+    repeat = max(1, min(args.repeat, 3)) if device.type == "cpu" else args.repeat
+    warmup = max(0, min(args.warmup, 1)) if device.type == "cpu" else args.warmup
+    backends = [b for b, why in availability("semantic_topk", device.type).items() if why is None and b != "reference"]
+    rows: List[Dict[str, object]] = []
+    for length in cfg["lengths"]:
+        items, offsets, users, pos = lifelong_histories(length, cfg["users"], cfg["targets"])
+        n = int(users.numel())
+        data = tuple(t.to(device) for t in (items, offsets, users, pos))
+        seqs = types.SimpleNamespace(items=items.numpy(), offsets=offsets.numpy())
+        split = types.SimpleNamespace(user_index=users.numpy(), pos=pos.numpy())
+        for d in cfg["dims"]:
+            item_emb = torch.randn(ML1M_ITEMS, d, generator=torch.Generator().manual_seed(d)).to(device=device, dtype=dtype)
+            for k in cfg["ks"]:
+                runs = _lifelong_runs(backends, item_emb, data, seqs, split, k, metric, device, cfg["windows"], length)
+                results = {}
+                for name, (fn, window, work) in runs.items():
+                    out: list = []
+                    mem = report.peak_memory_mb(lambda fn=fn, out=out: out.append(fn()), device)
+                    results[name] = out[0][1]
+                    ms = report.time_ms(fn, device, warmup=max(0, warmup - 1), repeat=repeat)
+                    rows.append({
+                        "L": length, "d": d, "k": k, "backend": name, "window": window or None,
+                        "device": device.type, "targets": n,
+                        "ms": ms, "samples_per_s": n / (ms / 1e3), "tflops": 2.0 * d * work / (ms / 1e3) / 1e12,
+                        "peak_mib": mem,
+                    })  # fmt: skip
+                group = [r for r in rows if r["L"] == length and r["d"] == d and r["k"] == k]
+                base = next(r for r in group if r["backend"] == "torch-gemm")
+                full = [name for name, (_, window, _) in runs.items() if window == 0]
+                first = results[full[0]]
+                for r in group:
+                    r["speedup_vs_torch"] = base["ms"] / r["ms"]
+                    # windowed rows answer another question: compared with nothing (NaN)
+                    r["max_score_gap"] = _kth_gap(results[r["backend"]], first) if r["backend"] in full else float("nan")
+                print(report.markdown_table(group), flush=True)
+
+    def plot(rows_, path):
+        return report.bar_chart(rows_, path, ["L", "k"], "samples_per_s", "backend",
+                                "semantic_topk on lifelong histories: samples/s (higher is better)")
+
+    note = (f"lifelong histories: per L, {cfg['users']} users of exactly L items and {cfg['targets']} targets "
+            f"uniform over positions (mean L/2 candidates); metric {metric}; dtype {args.dtype}; "
+            "torch-gemm: per-user GEMM + causal mask + topk (the all-positions padded baseline needs L x L "
+            "scores per user, 4 GiB at L=32k: not run); 'W=' rows: retrieve(max_history=W), tflops count the "
+            "windowed work")  # fmt: skip
+    return rows, {"title": "semantic_topk at lifelong lengths. " + note, "plot": plot}
+
+
 def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     from rellax_fast.ops import availability
 
     from . import report
+
+    if getattr(args, "lifelong", False):
+        return run_lifelong(args)
 
     device = torch.device(args.device)
     size = args.size if args.size in SIZES else ("gpu" if device.type == "cuda" else "cpu")
