@@ -26,6 +26,12 @@
 #          TORCH_CUDA_ARCH_LIST (9.0a), MAX_JOBS (16), CUDA_HOME (/usr/local/cuda), COMPUTE_SANITIZER,
 #          BENCH_WARMUP (2), BENCH_REPEAT (5), PIP_INSTALL (0), APPEND_BENCHMARKS (0).
 # Exit status: 0 when every step that ran passed, 1 otherwise.
+# Not run here (notes for other machines):
+#   - multi-GPU FSDP through accelerate (needs >= 2 GPUs; accelerate 1.15 enables its FSDP plugin only for
+#     GPU-type launches, a CPU launch runs DDP): tests/train/distributed_worker.py trains the tiny model with
+#     `ACCELERATE_USE_FSDP=true FSDP_VERSION=2 accelerate launch --num_processes 2 ...`; compare with the
+#     single-process run as tests/train/test_distributed.py does (torch's fully_shard itself is tested on CPU/gloo).
+#   - lifelong retrieval on the GPU backends: rellax-fast bench topk --lifelong --size gpu (L up to 32k).
 
 set -u
 set -o pipefail
