@@ -1,6 +1,6 @@
 // Shared helpers for rellax_fast._C: argument checks and the seeded dropout hash.
 //
-// Dropout contract (DESIGN.md): the mask is a pure function of (seed, element index); backward
+// Dropout contract (docs/architecture.md): the mask is a pure function of (seed, element index); backward
 // regenerates it, nothing is stored. Every backend (PyTorch reference, C++, CUDA, Triton) uses this
 // exact hash so masks agree bit for bit:
 //   mix32(x)   = lowbias32: x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16

@@ -1,8 +1,8 @@
 // rellax_fast::semantic_topk — CPU kernel (OpenMP): per-sample causal top-k over packed user histories.
 //
-// Contract (DESIGN.md / rellax_fast/ops/topk.py): sample s of user u at position p scores the user's
-// positions 0..p-1 against its target (position p) by dot product of (optionally L2-normalised) item
-// embeddings; rows are sorted by score descending, ties to the larger position, padded with -1 / -inf.
+// Contract (docs/architecture.md, rellax_fast/ops/topk.py): sample s of user u at position p scores the
+// user's positions 0..p-1 against its target (position p) by dot product of (optionally L2-normalised)
+// item embeddings; rows are sorted by score descending, ties to the larger position, padded with -1 / -inf.
 //
 // Algorithm
 //   1. Counting sort of the samples by their flat position seq_offsets[u] + p (O(S + total)): this groups

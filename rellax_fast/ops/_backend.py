@@ -1,6 +1,6 @@
 """Backend routing shared by every op: reference / cpp / cuda / triton.
 
-Rules (DESIGN.md):
+Rules (docs/architecture.md):
 - automatic choice picks the fastest available backend for the tensor's device, in the order each op
   declares (:func:`register_op`);
 - ``backend=`` or the ``RELLAX_BACKEND`` environment variable forces one;

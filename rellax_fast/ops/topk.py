@@ -1,6 +1,6 @@
 """``semantic_topk``: per-sample causal top-k retrieval over packed, variable-length user histories (SUBR).
 
-Contract (DESIGN.md): sample ``s`` belongs to user ``u = sample_user[s]`` and targets position
+Contract (docs/architecture.md): sample ``s`` belongs to user ``u = sample_user[s]`` and targets position
 ``p = sample_pos[s]``; its target item is ``seq_items[seq_offsets[u] + p]`` and its candidates are that
 user's positions ``0 .. p-1``. The score of a candidate is the cosine (or the dot product) between the
 target item's embedding and the candidate item's embedding. Outputs ``pos`` (S, k) int64 and ``score``
