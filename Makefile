@@ -77,5 +77,16 @@ cuda-check: $(CUDA_VENV)/.deps
 	$(CUDA_PY) setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp
 	$(CUDA_PY) scripts/check_cuda_build.py build/cuda-check/lib
 
+# The isolated-build case of issue #12, without compiling: a CUDA torch and nvcc, no GPU visible and no
+# TORCH_CUDA_ARCH_LIST must pick setup.py's documented default arch list (it used to stop with an IndexError
+# inside torch.utils.cpp_extension). Seconds; .ci/run calls it after cuda-check.
+.PHONY: cuda-default-archs
+cuda-default-archs: $(CUDA_VENV)/.deps
+	mkdir -p build
+	env -u TORCH_CUDA_ARCH_LIST CUDA_VISIBLE_DEVICES= CUDA_HOME=$(CUDA_HOME) RELLAX_BUILD_CUDA=1 \
+	$(CUDA_PY) setup.py --version > build/cuda-default-archs.log 2>&1 || { cat build/cuda-default-archs.log; exit 1; }
+	grep "rellax-fast:" build/cuda-default-archs.log
+	grep -q "from the default (no GPU visible)" build/cuda-default-archs.log
+
 clean:
 	rm -rf build dist *.egg-info rellax_fast/_C*.so rellax_fast/_C_build.json
