@@ -477,8 +477,9 @@ def _matmul_kernel(
 # ----------------------------------------------------------------------------------------------------
 # One fixed config per kernel and dtype class, checked by the ahead-of-time compile gate
 # (tests/ops/test_triton_compile_gate.py) to fit sm_80's 166,912 B and sm_90's 232,448 B of shared memory
-# without spills. The big GEMMs use 128x128 tiles and 8 warps: 16-bit operands a 64-deep K step with a
-# 4-stage cp.async/TMA pipeline (4 x 32 KB), fp32 operands a 32-deep K step with 3 stages (3 x 32 KB). The
+# without spills. The big GEMMs use 128x128 tiles and 8 warps for 16-bit operands (a 64-deep K step, a
+# 4-stage pipeline of 4 x 32 KB); fp32 operands (3xTF32 keeps hi/lo halves in registers) 128x64 tiles, 4
+# warps, a 32-deep K step with 3 stages. The
 # r-wide LoRA step of the GEMMs runs BLOCK_RK ranks at a time so that rank 128 adds at most 32 KB.
 # Row-block kernels (shrink, dY pass) shrink BLOCK_M when M is small so that the grid still covers the
 # SMs. Under the interpreter, small blocks keep each program cheap while still exercising multi-block
@@ -493,11 +494,11 @@ _GPU16 = {
 }
 _GPU32 = {
     "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2),
-    "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, BLOCK_RK=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "gemm": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, BLOCK_RK=32, GROUP_M=8, num_warps=4, num_stages=3),
     "dy": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "rank_grad": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "interact": dict(BLOCK_M=64, num_warps=4, num_stages=2),
-    "dw": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
+    "dw": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
 }
 _INTERPRET = {
     "shrink": dict(BLOCK_M=16, BLOCK_K=32),
@@ -523,7 +524,9 @@ def _config(name: str, dtype: torch.dtype, block_r: int) -> dict:
         # fp32 operands at rank 128: the r-wide tiles are 4x a bf16 r = 64 tile; halve the other side
         cfg.update({"shrink": dict(BLOCK_K=32, BLOCK_M=32), "dy": dict(BLOCK_N=32, BLOCK_M=32),
                     "rank_grad": dict(BLOCK_M=32),
-                    "interact": dict(BLOCK_M=16), "gemm": dict(BLOCK_N=64, num_warps=4)}.get(name, {}))
+                    }.get(name, {}))
+    if name == "interact" and block_r >= 128:
+        cfg["BLOCK_M"] = 16  # the r×r tiles dominate: keep the row chunk at the dot minimum
     if "BLOCK_RK" in cfg:
         cfg["BLOCK_RK"] = min(cfg["BLOCK_RK"], block_r)
     return cfg
@@ -779,13 +782,19 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
             )
             if per_sample_c:
                 cfg = _interact_block_m(_config("interact", dtype, block_r), rows_per_sample)
-                _cflora_interact_bwd_kernel[(groups,)](
-                    d_st, s, interaction, d_c if need_dc else dummy,
-                    rows_per_sample, r,
-                    d_st.stride(0), d_st.stride(1), s.stride(0), s.stride(1), *c_strides,
-                    NEED_DS=need_ds, NEED_DC=need_dc, UPCAST=upcast, PRECISION=precision,
-                    BLOCK_R=block_r, **cfg,
-                )
+                # at r = 128 the dC accumulator and C do not fit in registers together (sm_80 spilled 7 KB):
+                # dC first (it reads dT), then dS (overwrites dT in place), as two launches
+                passes = [(need_ds, need_dc)] if block_r < 128 else [(False, need_dc), (need_ds, False)]
+                for pass_ds, pass_dc in passes:
+                    if not (pass_ds or pass_dc):
+                        continue
+                    _cflora_interact_bwd_kernel[(groups,)](
+                        d_st, s, interaction, d_c if pass_dc else dummy,
+                        rows_per_sample, r,
+                        d_st.stride(0), d_st.stride(1), s.stride(0), s.stride(1), *c_strides,
+                        NEED_DS=pass_ds, NEED_DC=pass_dc, UPCAST=upcast, PRECISION=precision,
+                        BLOCK_R=block_r, **cfg,
+                    )
 
         if need_db or need_dbias:
             _rank_grad(grad_y2d, t, dlora_b if need_db else None, dbias if need_dbias else None, float(scale),

@@ -372,11 +372,12 @@ def test_cflora_linear_triton_per_sample_2d_x_and_seed_reproducibility():
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_decode_one_row_per_sample_per_sample_c(dtype):
+@pytest.mark.parametrize("r", [12, 128])
+def test_decode_one_row_per_sample_per_sample_c(dtype, r):
     """rows_per_sample = 1 with 37 samples: every row its own C (the per-sample kernels run one program per
-    sample); forward and every gradient vs float64, with dropout."""
+    sample; at r = 128 the backward runs dC and dS as two passes); forward and every gradient vs float64."""
     k = _kernels()
-    n, r, scale, p, seed = 37, 12, 0.5, 0.1, 21
+    n, scale, p, seed = 37, 0.5, 0.1, 21
     inputs = make_inputs(r, dtype, "per_sample", True, m=n, n_samples=n)
     grad_y = torch.randn(n, D_OUT, dtype=torch.float64).to(dtype)
     y_ref, s_ref, t_ref, grads_ref = oracle_grads(inputs, grad_y, 1, scale, p, seed)
