@@ -256,11 +256,18 @@ def _numeric_columns(
 ) -> dict:
     """Parse an all-numeric table (ratings files: up to 25M rows).
 
-    Fast path: pandas' typed C parser straight from the file. If that fails or yields missing values, the
-    file is re-parsed as strings to report the first bad line precisely (:func:`_parse_table`).
+    Fast path, straight from a file with a one-character separator: ``pyarrow.csv`` with explicit column
+    types (int64 / float64; multithreaded, typed buffers, never object columns), strict about column counts
+    and blank lines. Otherwise (``::`` files, text given) pandas' typed C parser. If the fast path fails or
+    yields missing or non-finite values, the file is re-parsed as strings to report the first bad line
+    precisely (:func:`_parse_table`).
     """
     if text is None:
         _check_file(path)
+        if len(sep) == 1:
+            cols = _arrow_numeric_columns(path, sep, names, kinds, header=header, encoding=encoding)
+            if cols is not None:
+                return cols
     dtypes = {k: (np.int64 if kind == "int" else np.float64) for k, kind in enumerate(kinds)}
     try:
         df = pd.read_csv(
@@ -281,6 +288,37 @@ def _numeric_columns(
     df = _parse_table(path, text, sep, names, header=header)
     _require(path, df, names, header)
     return {n: _numeric(path, df, n, header, k) for n, k in zip(names, kinds)}
+
+
+def _arrow_numeric_columns(path: Path, sep: str, names: Sequence[str], kinds: Sequence[str], *, header: bool,
+                           encoding: str) -> Optional[dict]:  # fmt: skip
+    """The typed ``pyarrow.csv`` read of an all-numeric file, or None when it cannot be read cleanly that way
+    (any parse error, a missing or non-finite value, a wrong column count, a blank line: the caller's slow
+    path then names the line). An empty file (no data rows) gives empty columns."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    types = {n: (pa.int64() if kind == "int" else pa.float64()) for n, kind in zip(names, kinds)}
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=list(names), skip_rows=int(header),
+                                           encoding="utf8" if encoding.lower() in ("utf-8", "utf8") else encoding),
+            parse_options=pacsv.ParseOptions(delimiter=sep, quote_char=False, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+        )  # fmt: skip
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError, ValueError, OSError):
+        return None
+    cols = {}
+    for n, kind in zip(names, kinds):
+        col = table.column(n)
+        if col.null_count:
+            return None
+        arr = col.to_numpy()
+        if kind != "int" and not np.isfinite(arr).all():
+            return None
+        cols[n] = arr.astype(np.int64 if kind == "int" else np.float64, copy=False)
+    return cols
 
 
 def _line_of(df: pd.DataFrame, row: int, header: bool) -> int:

@@ -196,6 +196,38 @@ def test_corrupt_item_and_csv_files(tmp_path):
         load_dataset("ml-25m", d, download=False)
 
 
+@pytest.mark.parametrize("name", ["ml-25m", "ml-20m"])
+def test_movielens_csv_ratings_are_read_typed_by_pyarrow(tmp_path, name, monkeypatch):
+    """The ratings file goes through pyarrow.csv with explicit int64/float64 columns (no object column, no
+    string re-parse) and gives the same values as the string parser; odd rows still fall back and name their
+    line."""
+    from rellax_fast.data import datasets
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    rows = np.stack([rng.integers(1, 300, n), rng.integers(1, 4, n), rng.integers(1, 11, n), rng.permutation(n) + 10**9])
+    d = write_ml_csv(tmp_path / "typed")
+    text = "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r / 2},{t}\n" for u, i, r, t in rows.T)
+    (d / "ratings.csv").write_text(text)
+    fallbacks = []
+    slow = datasets._parse_table
+    monkeypatch.setattr(datasets, "_parse_table", lambda path, *a, **k: fallbacks.append(path.name) or slow(path, *a, **k))
+    ds = load_dataset(name, d, download=False)
+    assert fallbacks == ["movies.csv"]  # ratings.csv never needed the string parser
+    assert ds.ratings["user_id"].dtype == np.int64 and ds.ratings["rating"].dtype == np.float32
+    assert ds.ratings["timestamp"].dtype == np.int64
+    cols = datasets._parse_table(d / "ratings.csv", text, ",", ["u", "i", "r", "t"], header=True)
+    np.testing.assert_array_equal(ds.ratings["user_id"], cols["u"].astype(np.int64))
+    np.testing.assert_array_equal(ds.ratings["rating"], cols["r"].astype(np.float32))
+    np.testing.assert_array_equal(ds.ratings["timestamp"], cols["t"].astype(np.int64))
+    # a blank line, a float user id and an out-of-range int fall back to the string parser, which names the line
+    for bad, match in (("1,1,4.0,1\n\n2,2,3.0,2\n", "line 3"), ("1,1,4.0,1\n1.5,2,3.0,2\n", "line 3: field 'u'"),
+                       ("1,1,4.0,1\n2,2,3.0,99999999999999999999\n", "line 3: field 't'")):  # fmt: skip
+        (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + bad)
+        with pytest.raises(DataFormatError, match=match):
+            load_dataset(name, d, download=False)
+
+
 # ---------------------------------------------------------------------------------------------- downloads
 
 
