@@ -329,7 +329,12 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
         else:
             t0 = time.perf_counter()
             log(f"[quality] {spec.name} (seed {seed})  ({time.perf_counter() - start:.0f} s so far)")
-            res = run_variant(ctx, spec, cfg_s, qdir / "runs" / name, resume=not args.fresh, log=log)
+            # an interrupted row resumes from its checkpoints only when they were made for this very row
+            marker = qdir / "runs" / name / "row_key.txt"
+            resume = not args.fresh and marker.exists() and marker.read_text().strip() == row_key
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(marker, row_key)
+            res = run_variant(ctx, spec, cfg_s, qdir / "runs" / name, resume=resume, log=log)
             done = {"key": row_key, "name": spec.name, "seed": seed, "metrics": res["metrics"],
                     "predictions": str(Path(res["run_dir"]) / "predictions.npy")}  # fmt: skip
             if key == "text-only":  # the post-hoc mix is fit on this model's valid scores
@@ -362,7 +367,8 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     meta = {"dataset": args.dataset, "n_test": int(labels.size), "n_train": int(len(ctx.train_index)),
             "n_valid_mix": int(valid_index.size), "seeds": seeds, "n_boot": args.n_boot, "wall_seconds": wall,
             "din_report": {"best_epoch": ctx.din_report.best_epoch, "valid": ctx.din_report.valid},
-            "config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}}  # fmt: skip
+            "config": {k: v for k, v in vars(args).items()
+                       if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))}}  # fmt: skip
     md = markdown(table, meta)
     atomic_write_text(qdir / "quality.md", md)
     atomic_write_text(qdir / "quality.json", json.dumps({"rows": table, "meta": meta}, indent=2, default=_json_default))
