@@ -44,6 +44,7 @@ def _argv(model, out, *extra):
             "--din-max-history", "5", "--n-boot", "50", "--no-progress", "--save-every", "100", *extra]  # fmt: skip
 
 
+@pytest.mark.slow  # ~20-30 s on an idle 2-core machine (DIN epoch and the ID regression on ~76k samples)
 def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, capsys):
     from rellax_fast.bench.quality import DIN_ROW, ENSEMBLE_ROW, FULL_ROW, LR_ROW, TEXT_ROW
     from rellax_fast.cli import main
@@ -137,6 +138,7 @@ def test_posthoc_mix_recovers_the_generating_weights():
     np.testing.assert_allclose(p, sig(fit["w_din"] * a[:5] + fit["w_lm"] * b[:5] + fit["c"]), rtol=1e-6)
 
 
+@pytest.mark.slow  # ~20-30 s on an idle 2-core machine (DIN epoch and the ID regression on ~76k samples)
 def test_demo_table_says_what_is_within_noise(tiny_bert, seeded_embeddings, tmp_path, capsys):
     from rellax_fast.cli import main
 
