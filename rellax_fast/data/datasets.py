@@ -302,10 +302,14 @@ def _arrow_numeric_columns(path: Path, sep: str, names: Sequence[str], kinds: Se
     try:
         table = pacsv.read_csv(
             path,
-            read_options=pacsv.ReadOptions(column_names=list(names), skip_rows=int(header),
+            read_options=pacsv.ReadOptions(column_names=list(names), skip_rows=int(header), use_threads=False,
                                            encoding="utf8" if encoding.lower() in ("utf-8", "utf8") else encoding),
             parse_options=pacsv.ParseOptions(delimiter=sep, quote_char=False, ignore_empty_lines=False),
             convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+            # one thread and the system allocator: the columns come out as one chunk each (zero-copy to numpy)
+            # and the parse buffers go back to the OS; arrow's threaded default kept about 60 bytes per rating
+            # resident for the rest of `prepare` (measured at 1.2M ratings), for ~0.4 s per million rows saved
+            memory_pool=pa.system_memory_pool(),
         )  # fmt: skip
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError, ValueError, OSError):
         return None
