@@ -71,11 +71,17 @@ $(CUDA_VENV)/.deps:
 	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH_SPEC)"
 	touch $@
 
+# The .cu objects are always recompiled with `-Xptxas -v` (NVCC_APPEND_FLAGS) so the log lists registers,
+# spills and shared memory of every kernel; check_cuda_build.py prints them and fails on any spill.
 cuda-check: $(CUDA_VENV)/.deps
+	mkdir -p build/cuda-check
+	rm -f $(patsubst csrc/%.cu,build/cuda-check/tmp/csrc/%.o,$(wildcard csrc/*.cu))
 	CUDA_HOME=$(CUDA_HOME) TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$(MAX_JOBS) RELLAX_BUILD_CUDA=1 \
+	NVCC_APPEND_FLAGS="-Xptxas -v" \
 	CPATH="$$($(CUDA_PY) -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "include"))')" \
-	$(CUDA_PY) setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp
-	$(CUDA_PY) scripts/check_cuda_build.py build/cuda-check/lib
+	$(CUDA_PY) setup.py -q build_ext --build-lib build/cuda-check/lib --build-temp build/cuda-check/tmp \
+	> build/cuda-check/build.log 2>&1 || { tail -n 80 build/cuda-check/build.log; exit 1; }
+	$(CUDA_PY) scripts/check_cuda_build.py build/cuda-check/lib build/cuda-check/build.log
 
 # The isolated-build case of issue #12, without compiling: a CUDA torch and nvcc, no GPU visible and no
 # TORCH_CUDA_ARCH_LIST must pick setup.py's documented default arch list (it used to stop with an IndexError

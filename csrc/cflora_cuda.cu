@@ -1,11 +1,11 @@
 // CUDA kernels of rellax_fast::cflora_fwd / cflora_bwd (schemas in cflora.cpp), orchestrated in C++.
 //
 // Algorithm (M rows, d_in -> d_out, rank r, per-sample C (n, r, r) where row m uses C[m / rows_per_sample]):
-//   forward   cflora_shrink_kernel: one block per 32 rows streams x (dropout mask from the common.h hash
-//             applied inline, never stored) and A through shared memory in 32-column tiles, accumulates
-//             S = drop(x) Aᵀ in registers (fp32, fp64 for double), writes S and then T = S C_bᵀ (C read from
-//             L2; identity C copies S). Traffic: x once, A once per 32-row block (L2), S and T written (M×r).
-//             The base GEMM y = x Wᵀ + b and the LoRA expand run in cuBLAS through ATen, the expand as
+//   forward   S = drop(x) Aᵀ in cuBLAS (tensor cores; with dropout on, drop(x) is first materialised by
+//             cflora_dropout_kernel from the common.h hash: one (M, d_in) temporary, never kept). T = S C_bᵀ:
+//             identity copies S, a shared C is one GEMM, a per-sample C with few rows per sample (decode)
+//             runs cflora_interact_rows_kernel (one thread per output, acc_t), longer samples a batched
+//             GEMM. The base GEMM y = x Wᵀ + b and the LoRA expand run in cuBLAS through ATen, the expand as
 //             y.addmm_(T, Bᵀ, beta = 1, alpha = scale): no d_out-sized intermediate.
 //   backward  dT = dY (scale·B), dB = dYᵀ (scale·T) and dx = dY W in cuBLAS; dC_b = Σ_{rows of b} dTᵀ S in
 //             cflora_interaction_grad_kernel (rows staged through shared memory, long samples split over
@@ -28,90 +28,33 @@ namespace rellax {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kShrinkRows = 32;      // rows of x per block
-constexpr int kShrinkCols = 32;      // d_in columns per shared-memory tile
-constexpr int kMaxFusedRank = 64;    // larger ranks fall back to cuBLAS for S and T
-constexpr int kShrinkOutPerThread = kShrinkRows * kMaxFusedRank / kThreads;  // 8
+constexpr int kMaxFusedRank = 64;    // larger ranks compute dC with a batched cuBLAS GEMM
+constexpr int64_t kInteractGemmRows = 16;  // per-sample T = S C_bᵀ: batched GEMM from this many rows per sample
 constexpr int kGradRows = 32;        // rows per shared-memory stage of the dC reduction
 constexpr int kGradOutPerThread = kMaxFusedRank * kMaxFusedRank / kThreads;  // 16
 constexpr int64_t kGradRowsPerBlock = 256;                                   // rows of one sample per block
 
 enum InteractionMode : int { kIdentity = 0, kShared = 1, kPerSample = 2 };
 
+// T[row][j] = Σ_k S[row][k] · C[row / rows_per_sample][j][k]: one thread per output element (grid-stride),
+// accumulated in acc_t. Used for a per-sample C with few rows per sample (decode, 2-D x), where a batched
+// GEMM of (rows_per_sample x r) by (r x r) tiles would waste tensor-core tiles; C[b] (r·r elements) and
+// the S row stay in L1 across the r threads that share them. Work: M·r·r FMAs, small next to the shrink's
+// M·d_in·r. Traffic: S read, T written (M·r each), C read once per sample from L2.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    cflora_shrink_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ lora_a,
-                         const scalar_t* __restrict__ interaction, scalar_t* __restrict__ s_out,
-                         scalar_t* __restrict__ t_out, int64_t m, int64_t d_in, int r, int64_t rows_per_sample,
-                         int mode, bool use_dropout, uint32_t key, uint32_t threshold, acc_t inv_keep) {
-  __shared__ acc_t x_tile[kShrinkRows][kShrinkCols + 1];
-  __shared__ acc_t a_tile[kMaxFusedRank][kShrinkCols + 1];
-  __shared__ acc_t s_tile[kShrinkRows][kMaxFusedRank + 1];
-
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kShrinkRows;
-  const int tid = threadIdx.x;
-  const int n_out = kShrinkRows * r;
-  acc_t acc[kShrinkOutPerThread];
-#pragma unroll
-  for (int o = 0; o < kShrinkOutPerThread; ++o) acc[o] = acc_t(0);
-
-  for (int64_t k0 = 0; k0 < d_in; k0 += kShrinkCols) {
-    for (int i = tid; i < kShrinkRows * kShrinkCols; i += kThreads) {
-      const int rr = i / kShrinkCols, kk = i % kShrinkCols;
-      const int64_t row = row0 + rr, col = k0 + kk;
-      acc_t v = acc_t(0);
-      if (row < m && col < d_in) {
-        const int64_t idx = row * d_in + col;  // flat index of the (M, d_in) view: the mask's key
-        v = static_cast<acc_t>(x[idx]);
-        if (use_dropout) v = dropout_keep(key, idx, threshold) ? v * inv_keep : acc_t(0);
-      }
-      x_tile[rr][kk] = v;
-    }
-    for (int i = tid; i < r * kShrinkCols; i += kThreads) {
-      const int j = i / kShrinkCols, kk = i % kShrinkCols;
-      const int64_t col = k0 + kk;
-      a_tile[j][kk] = col < d_in ? static_cast<acc_t>(lora_a[j * d_in + col]) : acc_t(0);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int o = 0; o < kShrinkOutPerThread; ++o) {
-      const int out = tid + o * kThreads;
-      if (out < n_out) {
-        const int rr = out / r, j = out % r;
-        acc_t sum = acc[o];
-#pragma unroll 8
-        for (int kk = 0; kk < kShrinkCols; ++kk) sum += x_tile[rr][kk] * a_tile[j][kk];
-        acc[o] = sum;
-      }
-    }
-    __syncthreads();
-  }
-
-#pragma unroll
-  for (int o = 0; o < kShrinkOutPerThread; ++o) {
-    const int out = tid + o * kThreads;
-    if (out < n_out) {
-      const int rr = out / r, j = out % r;
-      s_tile[rr][j] = acc[o];
-      if (row0 + rr < m) s_out[(row0 + rr) * r + j] = static_cast<scalar_t>(acc[o]);
-    }
-  }
-  __syncthreads();
-
-#pragma unroll
-  for (int o = 0; o < kShrinkOutPerThread; ++o) {
-    const int out = tid + o * kThreads;
-    if (out >= n_out) continue;
-    const int rr = out / r, j = out % r;
-    const int64_t row = row0 + rr;
-    if (row >= m) continue;
-    acc_t value = acc[o];
-    if (mode != kIdentity) {
-      const scalar_t* c_row = interaction + (mode == kPerSample ? (row / rows_per_sample) * r * r : 0) + j * r;
-      value = acc_t(0);
-      for (int k = 0; k < r; ++k) value += s_tile[rr][k] * static_cast<acc_t>(c_row[k]);
-    }
-    t_out[row * r + j] = static_cast<scalar_t>(value);
+    cflora_interact_rows_kernel(const scalar_t* __restrict__ s, const scalar_t* __restrict__ c,
+                                scalar_t* __restrict__ t, int64_t m, int r, int64_t rows_per_sample) {
+  const int64_t n = m * r;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / r;
+    const int j = static_cast<int>(i - row * r);
+    const scalar_t* s_row = s + row * r;
+    const scalar_t* c_row = c + (row / rows_per_sample) * r * r + static_cast<int64_t>(j) * r;
+    acc_t v = acc_t(0);
+    for (int k = 0; k < r; ++k) v += static_cast<acc_t>(s_row[k]) * static_cast<acc_t>(c_row[k]);
+    t[i] = static_cast<scalar_t>(v);
   }
 }
 
@@ -204,29 +147,39 @@ int interaction_mode(const c10::optional<at::Tensor>& c) {
   return c->dim() == 2 ? kShared : kPerSample;
 }
 
-// S = drop(x) Aᵀ and T = S Cᵀ.
-std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& c,
-                                               int mode, int64_t rows_per_sample, double dropout_p, int64_t seed) {
-  const int64_t m = x.size(0), d_in = x.size(1), r = lora_a.size(0);
-  if (r > kMaxFusedRank) {  // wide ranks: cuBLAS GEMMs (the fused kernel keeps S rows in registers)
-    at::Tensor s = at::mm(dropped_cuda(x, dropout_p, seed), lora_a.t());
-    at::Tensor t = mode == kIdentity ? s.clone() : cflora_interact(s, c, rows_per_sample, /*transpose_c=*/true);
-    return {s, t};
-  }
-  at::Tensor s = at::empty({m, r}, x.options());
-  at::Tensor t = at::empty({m, r}, x.options());
-  if (m == 0) return {s, t};
-  const int64_t blocks = (m + kShrinkRows - 1) / kShrinkRows;
-  TORCH_CHECK(blocks <= 0x7fffffffLL, "cflora_fwd: too many rows for the CUDA grid (", m, ")");
+// T = S C_bᵀ for a per-sample C: the row kernel when samples have few rows, a batched GEMM otherwise.
+at::Tensor interact_per_sample_cuda(const at::Tensor& s, const at::Tensor& c, int64_t rows_per_sample) {
+  const int64_t m = s.size(0), r = s.size(1);
+  if (rows_per_sample >= kInteractGemmRows) return cflora_interact(s, c, rows_per_sample, /*transpose_c=*/true);
+  at::Tensor t = at::empty_like(s);
+  if (m == 0) return t;
+  const int64_t blocks = std::min<int64_t>((m * r + kThreads - 1) / kThreads, 65535LL * 8);
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cflora_shrink_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "cflora_interact_rows_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    cflora_shrink_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), lora_a.data_ptr<scalar_t>(), mode == kIdentity ? nullptr : c.data_ptr<scalar_t>(),
-        s.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), m, d_in, static_cast<int>(r), rows_per_sample, mode,
-        dropout_p > 0.0, dropout_key(seed), dropout_threshold(dropout_p), static_cast<acc_t>(1.0 / (1.0 - dropout_p)));
+    cflora_interact_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        s.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), m, static_cast<int>(r),
+        rows_per_sample);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return t;
+}
+
+// S = drop(x) Aᵀ (cuBLAS, tensor cores for fp16/bf16 and TF32 when allowed) and T = S Cᵀ.
+// With dropout on, drop(x) is materialised by cflora_dropout_kernel first: one extra (M, d_in) temporary in
+// x's dtype, freed after the GEMM (the backward already makes the same one for dA). With dropout off x goes
+// to cuBLAS as is and nothing extra is allocated.
+std::tuple<at::Tensor, at::Tensor> shrink_cuda(const at::Tensor& x, const at::Tensor& lora_a, const at::Tensor& c,
+                                               int mode, int64_t rows_per_sample, double dropout_p, int64_t seed) {
+  at::Tensor s = at::mm(dropped_cuda(x, dropout_p, seed), lora_a.t());
+  at::Tensor t;
+  if (mode == kIdentity) {
+    t = s.clone();  // outputs may not alias
+  } else if (mode == kShared) {
+    t = at::mm(s, c.t());
+  } else {
+    t = interact_per_sample_cuda(s, c, rows_per_sample);
+  }
   return {s, t};
 }
 

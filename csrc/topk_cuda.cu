@@ -4,9 +4,10 @@
 // score descending, ties to the larger position, padding -1 / -inf).
 //
 // Algorithm
-//   Host: the item table is converted once to float32 (normalised for cosine, rows / max(||row||, 1e-12)).
+//   Host side (all ATen ops on the device, one sync for the argument checks): the item table is converted
+//   to float32 (normalised for cosine, rows / max(||row||, 1e-12); the Python entry passes a cached table).
 //   Samples are sorted by flat position seq_offsets[u] + p and cut into tiles of up to kTM consecutive
-//   samples of one user (the work list, built on the host from the sorted order).
+//   samples of one user (the work list, built vectorised on the device; see build_tiles_on_device).
 //   Device: one block of 128 threads per tile. The user's history is streamed in tiles of kTN candidates
 //   up to the tile's largest position; for each, the (kTM x kTN) score block is computed from shared-memory
 //   slices of kDK dims (each thread owns one target row and 8 candidates, sequential fmaf over d, so every
@@ -35,7 +36,7 @@ constexpr int kThreads = 128; // kTM rows x 4 groups of 8 candidates
 __global__ void semantic_topk_kernel(const float* __restrict__ table, int64_t d, const int64_t* __restrict__ seq_items,
                                      const int64_t* __restrict__ offsets, const int64_t* __restrict__ sample_user,
                                      const int64_t* __restrict__ sample_pos, const int64_t* __restrict__ order,
-                                     const int64_t* __restrict__ tile_start, const int* __restrict__ tile_count,
+                                     const int64_t* __restrict__ tile_start, const int64_t* __restrict__ tile_count,
                                      int64_t k, float* __restrict__ out_score, int64_t* __restrict__ out_pos) {
   __shared__ float Ts[kTM][kDK + 1];
   __shared__ float Cs[kTN][kDK + 1];
@@ -44,8 +45,9 @@ __global__ void semantic_topk_kernel(const float* __restrict__ table, int64_t d,
   __shared__ int64_t base_s, pmax_s;
 
   const int tid = threadIdx.x;
+  const int cnt = static_cast<int>(tile_count[blockIdx.x]);
+  if (cnt == 0) return;  // an unused slot of the upper-bound grid (uniform over the block)
   const int64_t start = tile_start[blockIdx.x];
-  const int cnt = tile_count[blockIdx.x];
   if (tid < kTM) {
     if (tid < cnt) {
       const int64_t s = order[start + tid];
@@ -125,6 +127,95 @@ __global__ void semantic_topk_kernel(const float* __restrict__ table, int64_t d,
 
 }  // namespace topk_cuda
 
+namespace {
+
+int64_t first_true(const at::Tensor& mask) { return mask.nonzero().select(1, 0)[0].item<int64_t>(); }
+
+// The raw op's own argument checks, computed on the device and read back with ONE synchronising copy of a
+// few flags (the Python entry has already validated with friendlier messages; these guard direct
+// torch.ops calls, since the kernel trusts every index). Only a failed check pays more syncs, to name the
+// first bad entry.
+void check_indices_on_device(const at::Tensor& seq_items, const at::Tensor& seq_offsets, const at::Tensor& sample_user,
+                             const at::Tensor& sample_pos, int64_t n_items) {
+  const int64_t U = seq_offsets.size(0) - 1;
+  const int64_t S = sample_user.size(0);
+  TORCH_CHECK(U >= 1 || S == 0, "semantic_topk: sample_user holds ", S, " samples but there are no users");
+  const auto as_long = [](const at::Tensor& t) { return t.to(at::kLong).reshape({1}); };
+  std::vector<at::Tensor> flags = {
+      as_long(seq_offsets[0] != 0),
+      as_long(seq_offsets[U] > seq_items.size(0)),
+      as_long(U > 0 ? (seq_offsets.slice(0, 1) < seq_offsets.slice(0, 0, U)).any() : at::zeros({}, seq_offsets.options())),
+      as_long(seq_items.numel() ? ((seq_items < 0) | (seq_items >= n_items)).any() : at::zeros({}, seq_items.options())),
+  };
+  at::Tensor bad_user, bad_pos;
+  if (S > 0) {
+    bad_user = (sample_user < 0) | (sample_user >= U);
+    const at::Tensor u = sample_user.clamp(0, U - 1);
+    const at::Tensor len = seq_offsets.index_select(0, u + 1) - seq_offsets.index_select(0, u);
+    bad_pos = (sample_pos < 0) | (sample_pos >= len);
+    flags.push_back(as_long(bad_user.any()));
+    flags.push_back(as_long(bad_pos.any()));
+  }
+  const at::Tensor host = at::cat(flags).cpu();  // the one sync
+  const int64_t* f = host.data_ptr<int64_t>();
+  TORCH_CHECK(!f[0], "semantic_topk: seq_offsets must start at 0; got ", seq_offsets[0].item<int64_t>());
+  TORCH_CHECK(!f[1], "semantic_topk: seq_offsets[-1] = ", seq_offsets[U].item<int64_t>(),
+              " overruns len(seq_items) = ", seq_items.size(0));
+  if (f[2]) {
+    const int64_t i = first_true(seq_offsets.slice(0, 1) < seq_offsets.slice(0, 0, U)) + 1;
+    TORCH_CHECK(false, "semantic_topk: seq_offsets must be non-decreasing (at ", i, ")");
+  }
+  if (f[3]) {
+    const int64_t i = first_true((seq_items < 0) | (seq_items >= n_items));
+    TORCH_CHECK(false, "semantic_topk: seq_items[", i, "] = ", seq_items[i].item<int64_t>(),
+                " is out of range of item_emb rows [0, ", n_items, ")");
+  }
+  if (S > 0 && f[4]) {
+    const int64_t i = first_true(bad_user);
+    TORCH_CHECK(false, "semantic_topk: sample_user[", i, "] = ", sample_user[i].item<int64_t>(), " is out of [0, ",
+                U, ")");
+  }
+  if (S > 0 && f[5]) {
+    const int64_t i = first_true(bad_pos);
+    TORCH_CHECK(false, "semantic_topk: sample_pos[", i, "] = ", sample_pos[i].item<int64_t>(),
+                " is out of range for user ", sample_user[i].item<int64_t>());
+  }
+}
+
+// The work list, built on the device with no host round trip: samples sorted by flat position
+// seq_offsets[u] + p (stable), cut into tiles of <= kTM consecutive samples of one user. The number of tiles
+// is data-dependent, so the grid is an upper bound that needs no sync, S / kTM + min(S, U) (each user's
+// run adds at most one partial tile); unused slots have count 0 and their blocks exit at once. Tiles are
+// ordered by their largest position, longest histories first (load balance).
+// Returns (order (S,), tile_start (T,), tile_count (T,)), all int64 on the device.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> build_tiles_on_device(const at::Tensor& seq_offsets,
+                                                                     const at::Tensor& sample_user,
+                                                                     const at::Tensor& sample_pos, int64_t tile_rows) {
+  const int64_t S = sample_user.size(0);
+  const int64_t U = seq_offsets.size(0) - 1;
+  const at::Tensor flat = seq_offsets.index_select(0, sample_user) + sample_pos;
+  const at::Tensor order = std::get<1>(flat.sort(/*stable=*/true, 0, /*descending=*/false));
+  const at::Tensor user_sorted = sample_user.index_select(0, order);
+  const at::Tensor idx = at::arange(S, sample_user.options());
+  at::Tensor new_run = at::ones({S}, sample_user.options().dtype(at::kBool));
+  if (S > 1) new_run.slice(0, 1).copy_(user_sorted.slice(0, 1) != user_sorted.slice(0, 0, S - 1));
+  const at::Tensor run_start = std::get<0>(at::cummax(at::where(new_run, idx, at::zeros_like(idx)), 0));
+  const at::Tensor is_start = (idx - run_start).remainder(tile_rows) == 0;
+  const at::Tensor tile_of = at::cumsum(is_start, 0, at::kLong) - 1;
+  const int64_t max_tiles = std::min(S, S / tile_rows + std::min(S, U));
+  const at::Tensor tile_start = at::full({max_tiles}, S, idx.options()).scatter_reduce(0, tile_of, idx, "amin");
+  const at::Tensor tile_count = at::zeros({max_tiles}, idx.options()).scatter_add(0, tile_of, at::ones_like(idx));
+  const at::Tensor last_pos = at::full({max_tiles}, -1, idx.options())
+                                  .scatter_reduce(0, tile_of, sample_pos.index_select(0, order), "amax");
+  const at::Tensor by_cost = std::get<1>(last_pos.sort(/*stable=*/true, 0, /*descending=*/true));
+  return {order, tile_start.index_select(0, by_cost), tile_count.index_select(0, by_cost)};
+}
+
+}  // namespace
+
+// Host syncs per call: one (check_indices_on_device's flags). The table conversion/normalisation is an
+// ATen op on the device, skipped when the caller passes a contiguous float32 table with normalize=false
+// (the Python entry caches the normalised table per item_emb, see rellax_fast/ops/topk.py).
 std::tuple<at::Tensor, at::Tensor> semantic_topk_cuda(const at::Tensor& item_emb, const at::Tensor& seq_items_in,
                                                       const at::Tensor& seq_offsets_in,
                                                       const at::Tensor& sample_user_in,
@@ -159,53 +250,19 @@ std::tuple<at::Tensor, at::Tensor> semantic_topk_cuda(const at::Tensor& item_emb
   const at::Tensor seq_offsets = seq_offsets_in.contiguous();
   const at::Tensor sample_user = sample_user_in.contiguous();
   const at::Tensor sample_pos = sample_pos_in.contiguous();
-  // the float32 table, normalised once
+  check_indices_on_device(seq_items, seq_offsets, sample_user, sample_pos, item_emb.size(0));
+  // the float32 table, normalised once per call (a no-op for a contiguous float32 table and normalize=false)
   at::Tensor table = item_emb.to(at::kFloat).contiguous();
   if (normalize) table = (table / table.norm(2, {1}, true).clamp_min(1e-12)).contiguous();
 
-  // work list on the host: sort by flat position, tiles of <= kTM samples of one user
-  const at::Tensor offs_cpu = seq_offsets.cpu();
-  const at::Tensor su_cpu = sample_user.cpu();
-  const at::Tensor sp_cpu = sample_pos.cpu();
-  const int64_t U = offs_cpu.size(0) - 1;
-  const int64_t* offs = offs_cpu.data_ptr<int64_t>();
-  const int64_t* su = su_cpu.data_ptr<int64_t>();
-  const int64_t* sp = sp_cpu.data_ptr<int64_t>();
-  TORCH_CHECK(offs[0] == 0 && offs[U] <= seq_items.size(0), "semantic_topk: seq_offsets must start at 0 and not overrun seq_items");
-  for (int64_t s = 0; s < S; ++s) {
-    TORCH_CHECK(su[s] >= 0 && su[s] < U, "semantic_topk: sample_user[", s, "] = ", su[s], " is out of [0, ", U, ")");
-    TORCH_CHECK(sp[s] >= 0 && sp[s] < offs[su[s] + 1] - offs[su[s]], "semantic_topk: sample_pos[", s, "] = ", sp[s],
-                " is out of range for user ", su[s]);
-  }
-  TORCH_CHECK(seq_items.numel() == 0 || (seq_items.min().item<int64_t>() >= 0 &&
-                                         seq_items.max().item<int64_t>() < item_emb.size(0)),
-              "semantic_topk: seq_items must hold rows of item_emb in [0, ", item_emb.size(0), ")");
-  const at::Tensor flat = seq_offsets.index_select(0, sample_user) + sample_pos;
-  const at::Tensor order = std::get<1>(flat.sort(/*stable=*/true, 0, false));
-  const at::Tensor order_cpu = order.cpu();
-  const int64_t* ord = order_cpu.data_ptr<int64_t>();
-  std::vector<int64_t> starts;
-  std::vector<int> counts;
-  for (int64_t b = 0; b < S;) {
-    const int64_t u = su[ord[b]];
-    int64_t e = b;
-    while (e < S && e - b < kTM && su[ord[e]] == u) ++e;
-    starts.push_back(b);
-    counts.push_back(static_cast<int>(e - b));
-    b = e;
-  }
-  const auto long_opts = at::TensorOptions().dtype(at::kLong);
-  const at::Tensor tile_start =
-      at::from_blob(starts.data(), {static_cast<int64_t>(starts.size())}, long_opts).to(item_emb.device());
-  const at::Tensor tile_count = at::from_blob(counts.data(), {static_cast<int64_t>(counts.size())},
-                                              at::TensorOptions().dtype(at::kInt))
-                                    .to(item_emb.device());
-  const int64_t n_tiles = static_cast<int64_t>(starts.size());
+  const auto [order, tile_start, tile_count] = build_tiles_on_device(seq_offsets, sample_user, sample_pos, kTM);
+  const int64_t n_tiles = tile_start.size(0);
+  TORCH_CHECK(n_tiles <= 0x7fffffffLL, "semantic_topk: too many tiles for the CUDA grid (", n_tiles, ")");
   auto stream = at::cuda::getCurrentCUDAStream();
   semantic_topk_kernel<<<static_cast<unsigned int>(n_tiles), kThreads, 0, stream>>>(
       table.data_ptr<float>(), d, seq_items.data_ptr<int64_t>(), seq_offsets.data_ptr<int64_t>(),
       sample_user.data_ptr<int64_t>(), sample_pos.data_ptr<int64_t>(), order.data_ptr<int64_t>(),
-      tile_start.data_ptr<int64_t>(), tile_count.data_ptr<int>(), k, out_score.data_ptr<float>(),
+      tile_start.data_ptr<int64_t>(), tile_count.data_ptr<int64_t>(), k, out_score.data_ptr<float>(),
       out_pos.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out_pos, out_score};

@@ -292,3 +292,101 @@ def test_validation_reads_back_once(monkeypatch):
     max_pos = topk_mod.validate_topk_args(emb, items, offsets, users, pos, 3, "cosine")
     assert max_pos == int(pos.max())
     assert calls == {"tolist": 1, "item": 0}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# GPU only (scripts/gpu_check.sh): views, non-zero device, host syncs, recompiles, poisoned allocations
+# ------------------------------------------------------------------------------------------------------------
+
+def _gpu_backend_ready(backend: str) -> bool:
+    from rellax_fast.ops._backend import why_unavailable
+
+    return torch.cuda.is_available() and why_unavailable(backend, "cuda", "semantic_topk") is None
+
+
+GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _gpu_backend_ready(b), reason=f"needs a CUDA GPU and the {b} backend"))
+                for b in ("cuda", "triton")]
+GPU_ATOL = {"cosine": 1e-4, "dot": 1e-2}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("view", ["strided", "column_major", "expanded"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_strided_and_expanded_views(backend, view):
+    case = dict(view_cases(VIEW_LENGTHS, n_items=40, d=21, seed=13, device="cuda"))[view]
+    contiguous = tuple(t.contiguous() for t in case)
+    for metric in ("cosine", "dot"):
+        result = semantic_topk(*case, 6, metric=metric, backend=backend)
+        check_against_reference(result, contiguous, 6, metric, GPU_ATOL[metric], ref=oracle(contiguous, 7, metric))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (tensors on cuda:1 while cuda:0 is current)")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_tensors_on_second_device(backend):
+    case = ragged_case(LENGTHS, n_items=300, d=64, seed=12, device="cuda:1")
+    with torch.cuda.device(0):
+        result = semantic_topk(*case, 9, metric="cosine", backend=backend)
+        assert result[0].device == case[0].device and torch.cuda.current_device() == 0
+    check_against_reference(result, case, 9, "cosine", GPU_ATOL["cosine"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,max_syncs", [("triton", 1), ("cuda", 2)])
+def test_gpu_host_syncs_per_call(backend, max_syncs):
+    """Warm calls sync at most once (triton: the validation read-back) or twice (cuda: + the raw op's own check)."""
+    import warnings
+
+    if not _gpu_backend_ready(backend):
+        pytest.skip(f"needs a CUDA GPU and the {backend} backend")
+    case = ragged_case(LENGTHS, n_items=300, d=64, seed=16, device="cuda")
+    semantic_topk(*case, 8, backend=backend)  # warm: compile, cache the prepared table
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            semantic_topk(*case, 8, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= max_syncs, [str(w.message)[:120] for w in syncs]
+
+
+@pytest.mark.cuda
+def test_gpu_triton_no_recompile_for_new_history_lengths():
+    """K = min(k, longest prefix) is a runtime value: histories of new lengths in the same KPAD bucket reuse the binary."""
+    if not _gpu_backend_ready("triton"):
+        pytest.skip("needs a CUDA GPU and the triton backend")
+    from rellax_fast.kernels.topk import _semantic_topk_kernel
+
+    def n_binaries():
+        caches = getattr(_semantic_topk_kernel, "device_caches", None)
+        if caches is None:
+            pytest.skip("this triton version has no JITFunction.device_caches")
+        return sum(len(c[0]) for c in caches.values())
+
+    semantic_topk(*ragged_case([40, 9], n_items=50, d=32, seed=1, device="cuda"), 16, backend="triton")
+    before = n_binaries()
+    for lengths in ([17, 3], [23], [30, 30, 2], [38]):  # longest prefixes 16..37: K = 16, KPAD = 16 throughout
+        semantic_topk(*ragged_case(lengths, n_items=50, d=32, seed=2, device="cuda"), 16, backend="triton")
+    assert n_binaries() == before
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_every_output_element_written(backend):
+    import torch.utils.deterministic as det
+
+    old_alg, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    old_fill = det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    try:
+        assert torch.isnan(torch.empty(64, device="cuda")).all(), "poisoning is not active"
+        case = ragged_case([0, 1, 70, 9, 33], n_items=60, d=40, seed=17, device="cuda")
+        for k in (1, 7, 100):
+            check_against_reference(semantic_topk(*case, k, backend=backend), case, k, "cosine", GPU_ATOL["cosine"])
+    finally:
+        torch.use_deterministic_algorithms(old_alg, warn_only=old_warn)
+        det.fill_uninitialized_memory = old_fill
