@@ -117,6 +117,10 @@ def info_lines() -> List[str]:
         lines.append(f"  {op}")
         for b, reason in _backend.availability(op).items():
             lines.append(f"    {b:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        if op == "semantic_topk":
+            from rellax_fast.ops.topk import auto_routing_note
+
+            lines.append(f"    note       {auto_routing_note()}")
     return lines
 
 

@@ -231,9 +231,9 @@ def test_opcheck_and_outputs_not_differentiable():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend,k", [(b, k) for b in ("cuda", "triton") for k in (0, 1, 5, 64)]
+                         + [("cuda", 2100), ("triton", 300)])  # triton's large k stays moderate: see TRITON_AUTO_MAX_K
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
-@pytest.mark.parametrize("k", [0, 1, 5, 64, 2100])
 def test_gpu_backends_match_reference(backend, metric, k):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
@@ -390,3 +390,38 @@ def test_gpu_every_output_element_written(backend):
     finally:
         torch.use_deterministic_algorithms(old_alg, warn_only=old_warn)
         det.fill_uninitialized_memory = old_fill
+
+
+def test_auto_routes_large_k_from_triton_to_cuda(monkeypatch):
+    """Only an automatic triton choice with k > TRITON_AUTO_MAX_K moves to cuda, and only when cuda can run."""
+    from rellax_fast.ops import topk as topk_mod
+
+    monkeypatch.delenv("RELLAX_BACKEND", raising=False)
+    monkeypatch.setattr(topk_mod._backend, "why_unavailable", lambda b, dev=None, op=None: None)
+    monkeypatch.setattr(topk_mod._backend, "resolve", lambda op, device, backend=None: backend)
+    dev = torch.device("cuda")  # a device object; nothing runs
+    big = topk_mod.TRITON_AUTO_MAX_K + 1
+    assert topk_mod._auto_route("triton", dev, None, big) == "cuda"
+    assert topk_mod._auto_route("triton", dev, "auto", big) == "cuda"
+    assert topk_mod._auto_route("triton", dev, None, big - 1) == "triton"
+    assert topk_mod._auto_route("triton", dev, "triton", big) == "triton"  # forced: never rerouted
+    assert topk_mod._auto_route("cpp", torch.device("cpu"), None, big) == "cpp"
+    monkeypatch.setenv("RELLAX_BACKEND", "triton")
+    assert topk_mod._auto_route("triton", dev, None, big) == "triton"
+    monkeypatch.delenv("RELLAX_BACKEND")
+    monkeypatch.setattr(topk_mod._backend, "why_unavailable",
+                        lambda b, dev=None, op=None: "extension built without CUDA" if b == "cuda" else None)
+    assert topk_mod._auto_route("triton", dev, None, big) == "triton"
+    assert str(topk_mod.TRITON_AUTO_MAX_K) in topk_mod.auto_routing_note()
+
+
+@pytest.mark.cuda
+def test_gpu_auto_large_k_runs_on_cuda(monkeypatch):
+    if not (_gpu_backend_ready("cuda") and _gpu_backend_ready("triton")):
+        pytest.skip("needs a CUDA GPU with the cuda and triton backends")
+    from rellax_fast.ops import topk as topk_mod
+
+    monkeypatch.delenv("RELLAX_BACKEND", raising=False)
+    assert topk_mod._auto_route("triton", torch.device("cuda"), None, 2100) == "cuda"
+    case = ragged_case(LENGTHS, n_items=300, d=64, seed=18, device="cuda")
+    check_against_reference(semantic_topk(*case, 2100), case, 2100, "cosine", GPU_ATOL["cosine"])
