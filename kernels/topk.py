@@ -23,8 +23,10 @@ per sample. Nothing of size S x L is written: the scores live only in registers.
 
 Compiles: KPAD (next power of two of K = min(k, longest prefix)) is the only shape constexpr; K and k are
 runtime arguments (not specialised), so new history lengths do not recompile.
-Large k: the selection costs K steps per history tile, so very large k is correct but slow (no separate
-two-stage path).
+Large k: the selection costs K steps per history tile and the BLOCK_M x KPAD state lives in registers
+(no spills up to k=256 on sm_90a, ~10 KB per thread at k=1024), so very large k is correct but slow; there
+is no two-stage path. The automatic backend choice sends k > 256 to the CUDA kernel when it is available
+(rellax_fast.ops.topk.TRITON_AUTO_MAX_K).
 Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (UPCAST constexpr): the interpreter's bf16
 ``tl.dot`` is wrong.
 """
