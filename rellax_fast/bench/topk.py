@@ -20,8 +20,8 @@ Rows per (d, k) configuration, all measured in the same run:
 
 ``--lifelong`` (:func:`run_lifelong`): histories of L = 1k to 32k behaviours (ReLLaX's lifelong setting,
 ML-25M's longest user has about 32k ratings): for each L, ``LIFELONG[size]["users"]`` users of exactly that
-length and a seeded sample of targets spread uniformly over their positions (a full scan of every
-position would be quadratic in L). Rows: each available ``semantic_topk`` backend (not the reference),
+length and a seeded sample of targets, in two layouts: ``uniform`` over their positions, and ``recent``
+(each user's latest positions, like a test split). Every position as a target would be quadratic in L. Rows: each available ``semantic_topk`` backend (not the reference),
 ``retrieve(max_history=W)`` windows on the fastest backend, and ``torch-gemm`` (per user, targets chunked
 so that chunk x L scores stay ~4M elements: one GEMM, a causal mask, ``topk``; the padded all-positions
 baseline above would need L x L scores per user, 4 GiB at 32k, so it is not run).
@@ -187,14 +187,23 @@ def _runs(backends, item_emb, dev_data, cpu_data, k: int, metric: str, device, w
     return runs
 
 
-def lifelong_histories(length: int, n_users: int, n_targets: int, n_items: int = ML1M_ITEMS, seed: int = 0):
-    """``n_users`` histories of exactly ``length`` items and ``n_targets`` seeded targets (user, position)
-    spread uniformly over positions 1..length-1, sorted by user then position."""
+def lifelong_histories(length: int, n_users: int, n_targets: int, n_items: int = ML1M_ITEMS, seed: int = 0,
+                       layout: str = "uniform"):  # fmt: skip
+    """``n_users`` histories of exactly ``length`` items and ``n_targets`` seeded targets (user, position),
+    sorted by user then position. ``layout``: "uniform" (positions drawn uniformly from 1..length-1) or
+    "recent" (each user's latest n_targets / n_users positions, like a time-ordered test split)."""
     rng = np.random.default_rng(seed + length)
     offsets = np.arange(n_users + 1, dtype=np.int64) * length
     items = rng.integers(0, n_items, int(offsets[-1]), dtype=np.int64)
-    users = rng.integers(0, n_users, n_targets, dtype=np.int64)
-    pos = rng.integers(1, length, n_targets, dtype=np.int64)
+    if layout == "uniform":
+        users = rng.integers(0, n_users, n_targets, dtype=np.int64)
+        pos = rng.integers(1, length, n_targets, dtype=np.int64)
+    elif layout == "recent":
+        per_user = min(length - 1, max(1, n_targets // n_users))
+        users = np.repeat(np.arange(n_users, dtype=np.int64), per_user)
+        pos = np.tile(np.arange(length - per_user, length, dtype=np.int64), n_users)
+    else:
+        raise ValueError(f"layout must be 'uniform' or 'recent'; got {layout!r}")
     order = np.lexsort((pos, users))
     return tuple(torch.from_numpy(a) for a in (items, offsets, users[order], pos[order]))
 
@@ -263,8 +272,8 @@ def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     warmup = max(0, min(args.warmup, 1)) if device.type == "cpu" else args.warmup
     backends = [b for b, why in availability("semantic_topk", device.type).items() if why is None and b != "reference"]
     rows: List[Dict[str, object]] = []
-    for length in cfg["lengths"]:
-        items, offsets, users, pos = lifelong_histories(length, cfg["users"], cfg["targets"])
+    for length, layout in ((length, layout) for length in cfg["lengths"] for layout in ("uniform", "recent")):
+        items, offsets, users, pos = lifelong_histories(length, cfg["users"], cfg["targets"], layout=layout)
         n = int(users.numel())
         data = tuple(t.to(device) for t in (items, offsets, users, pos))
         seqs = types.SimpleNamespace(items=items.numpy(), offsets=offsets.numpy())
@@ -280,12 +289,12 @@ def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
                     results[name] = out[0][1]
                     ms = report.time_ms(fn, device, warmup=max(0, warmup - 1), repeat=repeat)
                     rows.append({
-                        "L": length, "d": d, "k": k, "backend": name, "window": window or None,
+                        "L": length, "layout": layout, "d": d, "k": k, "backend": name, "window": window or None,
                         "device": device.type, "targets": n,
                         "ms": ms, "samples_per_s": n / (ms / 1e3), "tflops": 2.0 * d * work / (ms / 1e3) / 1e12,
                         "peak_mib": mem,
                     })  # fmt: skip
-                group = [r for r in rows if r["L"] == length and r["d"] == d and r["k"] == k]
+                group = [r for r in rows if (r["L"], r["layout"], r["d"], r["k"]) == (length, layout, d, k)]
                 base = next(r for r in group if r["backend"] == "torch-gemm")
                 full = [name for name, (_, window, _) in runs.items() if window == 0]
                 first = results[full[0]]
@@ -296,11 +305,11 @@ def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
                 print(report.markdown_table(group), flush=True)
 
     def plot(rows_, path):
-        return report.bar_chart(rows_, path, ["L", "k"], "samples_per_s", "backend",
+        return report.bar_chart(rows_, path, ["L", "layout", "k"], "samples_per_s", "backend",
                                 "semantic_topk on lifelong histories: samples/s (higher is better)")
 
-    note = (f"lifelong histories: per L, {cfg['users']} users of exactly L items and {cfg['targets']} targets "
-            f"uniform over positions (mean L/2 candidates); metric {metric}; dtype {args.dtype}; "
+    note = (f"lifelong histories: per L, {cfg['users']} users of exactly L items and {cfg['targets']} targets, "
+            "'uniform' over positions (mean L/2 candidates) or the users' 'recent' ones (about L candidates); metric {metric}; dtype {args.dtype}; "
             "torch-gemm: per-user GEMM + causal mask + topk (the all-positions padded baseline needs L x L "
             "scores per user, 4 GiB at L=32k: not run); 'W=' rows: retrieve(max_history=W), tflops count the "
             "windowed work")  # fmt: skip

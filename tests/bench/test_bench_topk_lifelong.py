@@ -17,14 +17,16 @@ def test_lifelong_histories_shape():
     assert bool((pos >= 1).all()) and bool((pos < 257).all()) and bool((users >= 0).all()) and bool((users < 3).all())
     key = users * 1000 + pos
     assert bool((key[1:] >= key[:-1]).all())  # sorted by user then position
+    _, _, users, pos = topk.lifelong_histories(257, 3, 30, n_items=50, seed=4, layout="recent")
+    assert users.tolist() == [0] * 10 + [1] * 10 + [2] * 10 and pos.tolist() == list(range(247, 257)) * 3
 
 
 def test_torch_gemm_baseline_matches_the_reference_op():
     from rellax_fast.ops import semantic_topk
 
-    items, offsets, users, pos = topk.lifelong_histories(97, 3, 41, n_items=37, seed=1)
     emb = torch.randn(37, 11, generator=torch.Generator().manual_seed(3))
-    for metric, normalize in (("cosine", True), ("dot", False)):
+    for metric, normalize, layout in (("cosine", True, "uniform"), ("dot", False, "recent")):
+        items, offsets, users, pos = topk.lifelong_histories(97, 3, 41, n_items=37, seed=1, layout=layout)
         p_ref, s_ref = semantic_topk(emb, items, offsets, users, pos, 6, metric=metric, backend="reference")
         p, s = topk.torch_gemm_topk(emb, items, offsets, users, pos, 6, normalize, budget=200)  # several chunks
         torch.testing.assert_close(s, s_ref, atol=1e-4, rtol=0)
@@ -41,7 +43,7 @@ def test_bench_topk_lifelong_tiny_writes_reports(tmp_path):
     header = csv[0].split(",")
     rows = [dict(zip(header, r.split(","))) for r in csv[1:]]
     lengths = topk.LIFELONG["tiny"]["lengths"]
-    assert sorted({int(r["L"]) for r in rows}) == sorted(lengths)
+    assert {(int(r["L"]), r["layout"]) for r in rows} == {(n, lay) for n in lengths for lay in ("uniform", "recent")}
     names = {r["backend"] for r in rows}
     assert "torch-gemm" in names and any("W=" in n for n in names)
     for r in rows:
