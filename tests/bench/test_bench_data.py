@@ -53,18 +53,23 @@ def _increments(tmp_path, sizes, prepare_args=()):
     return [np.array(row, dtype=np.float64) - base for row in rows[1:]]
 
 
-# (users, length scale, longest history): the second size has about twice the ratings of the first, in
+# (users, length scale, longest history): the third size has about twice the ratings of the second, in
 # histories twice as long (so a cost quadratic in history length would grow 4x); the first is a small baseline
 # that takes out the interpreter's fixed RSS and the fixed-size files (items).
-LINEAR_SIZES = [(1600, 0.1, 300), (1600, 1.0, 3000), (1600, 2.0, 6000)]
+LINEAR_SIZES = [(1600, 0.1, 300), (1600, 2.0, 6000), (1600, 4.0, 12000)]
+# ML-25M's 25M ratings in the 8 GiB: the most prepare may hold per rating
+BYTES_PER_RATING_BUDGET = 8 * 2**30 / 25_000_095
 
 
 def test_prepare_bytes_and_peak_rss_grow_linearly_with_the_ratings(tmp_path):
     a, b = _increments(tmp_path, LINEAR_SIZES)
     ratings_ratio = b[0] / a[0]
     assert 1.8 < ratings_ratio < 2.4
-    assert b[1] / a[1] == pytest.approx(ratings_ratio, rel=0.3)  # bytes
-    assert b[2] / a[2] == pytest.approx(ratings_ratio, rel=0.3)  # peak RSS
+    assert b[1] / a[1] == pytest.approx(ratings_ratio, rel=0.3)  # bytes written: deterministic
+    # Peak RSS moves by tens of MB between identical runs (allocator segments, thread timing), so its check is
+    # one-sided: not superlinear (a quadratic cost gives ~2x the ratings ratio here), and within the budget.
+    assert b[2] / a[2] < 1.5 * ratings_ratio
+    assert b[2] / b[0] < BYTES_PER_RATING_BUDGET
 
 
 def test_the_scaling_check_catches_a_quadratic_history_column(tmp_path):
