@@ -240,6 +240,10 @@ def run(args: argparse.Namespace) -> int:
     except RunDependencyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    from rellax_fast.distributed import is_main
+
+    if not is_main():  # under torchrun / accelerate launch: every rank scored a shard (gathered); rank 0 writes
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     lines = [json.dumps({"user_id": int(u), "item_id": int(i), "p_click": float(p)}) for u, i, p in zip(split.user_id, split.item_id, probs)]
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")

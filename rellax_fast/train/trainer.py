@@ -270,6 +270,8 @@ def predict_proba(model, dataset: PromptDataset, batch_size: int = 64, progress:
         else:
             from torch.utils.data import DataLoader
 
+            if not is_fully_sharded(model) and next(model.parameters()).device != acc.device:
+                model.to(acc.device)  # each rank scores on its own device (cuda:LOCAL_RANK under a GPU launch)
             loader = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=False, collate_fn=dataset.batch)
             loader = acc.prepare_data_loader(loader)
             for batch in tqdm(loader, desc=desc, disable=not (progress and acc.is_main_process)):
