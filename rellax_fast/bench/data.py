@@ -288,8 +288,10 @@ def run_pipeline(out, users: int, *, items: int = ML25M_ITEMS, max_length: int =
             results[stage] = run_stage([py, "-m", "rellax_fast.bench.data", stage, json.dumps(opts)],
                                        Path(opts["out"]), env)  # fmt: skip
         r = results[stage]
+        rate = {"retrieve": f"  {r.get('targets_per_s', 0):,.0f} targets/s",
+                "train-ctr": f"  {r.get('train_samples_per_s', 0):,.0f} train samples/s"}.get(stage, "")  # fmt: skip
         log(f"{stage:<9} {r['wall_s']:8.1f} s (cpu {r['cpu_s']:7.1f} s)  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB  "
-            f"wrote {r['bytes_written'] / 1e6:9.1f} MB")  # fmt: skip
+            f"wrote {r['bytes_written'] / 1e6:9.1f} MB{rate}")  # fmt: skip
     return {"generated": gen, "stages": results}
 
 
@@ -372,21 +374,22 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     results = []
-    try:
-        for users in sizes:
-            print(f"== bench data: {users:,} users", flush=True)
+    for users in sizes:
+        print(f"== bench data: {users:,} users", flush=True)
+        try:
             results.append(run_pipeline(Path(args.out) / "data" / f"users-{users}", users, items=args.items,
                                         max_length=args.tail_length, length_scale=args.length_scale,
                                         seed=args.gen_seed, targets=args.targets, dim=args.dim,
                                         backend=args.topk_backend, stages=stages))  # fmt: skip
-    except (ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    report = {"seed": args.gen_seed, "dim": args.dim, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-              "sizes": results, "extrapolated_full_size": extrapolate(results)}  # fmt: skip
-    atomic_write_text(Path(args.out) / "data.json", json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    atomic_write_text(Path(args.out) / "data.md", text)
+        except (ValueError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        # the reports are rewritten after every size, so a long run that is stopped keeps what it measured
+        report = {"seed": args.gen_seed, "dim": args.dim, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+                  "sizes": results, "extrapolated_full_size": extrapolate(results)}  # fmt: skip
+        atomic_write_text(Path(args.out) / "data.json", json.dumps(report, indent=2) + "\n")
+        text = markdown(report)
+        atomic_write_text(Path(args.out) / "data.md", text)
     print(text)
     print(f"wrote {Path(args.out) / 'data.json'} and {Path(args.out) / 'data.md'}")
     return 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -143,9 +144,12 @@ class PackedCTRArrays:
         if np.any(pos < 0) or np.any(start + pos > offsets[user_index + 1]):
             raise ValueError("pos runs past the end of a user's sequence")
         self.max_len = int(max_len)
-        # item indices and ratings, shared (not copied) with the caller's int64 / float32 arrays
-        self.seq_items = torch.from_numpy(np.ascontiguousarray(seq_items, dtype=np.int64))
-        self.seq_ratings = torch.from_numpy(np.ascontiguousarray(seq_ratings, dtype=np.float32))
+        # item indices and ratings, shared (not copied) with the caller's int64 / float32 arrays; those may be
+        # read-only (parquet-backed): this class never writes to them, so torch's warning about it is noise
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.seq_items = torch.from_numpy(np.ascontiguousarray(seq_items, dtype=np.int64))
+            self.seq_ratings = torch.from_numpy(np.ascontiguousarray(seq_ratings, dtype=np.float32))
         self.start = torch.from_numpy(start)
         self.pos = torch.from_numpy(pos)
         self.target = torch.from_numpy(np.array(target_item, dtype=np.int64))
