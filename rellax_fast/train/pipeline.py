@@ -267,11 +267,13 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     """Train and score one variant; returns {"metrics", "losses", "run_dir"}."""
     from rellax_fast.data.collate import PromptCollator
     from rellax_fast.data.prompts import mix_recent_and_retrieved
+    from rellax_fast.distributed import is_main
 
     from .metrics import ctr_metrics, write_metrics_json
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_main():  # under a launcher only rank 0 writes
+        run_dir.mkdir(parents=True, exist_ok=True)
     check_inputs_for_resume(run_dir, ctx, spec, resume)
     torch.manual_seed(cfg.seed)
     tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
@@ -307,8 +309,6 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         model.set_stage("joint")
         r = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir, resume=resume, log=log)
         model, losses = r["model"], r["losses"]
-    from rellax_fast.distributed import is_main
-
     # under accelerate launch / torchrun every rank scores a shard (gathered on all ranks); rank 0 writes
     probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}")
     metrics = ctr_metrics(test_set.labels(), probs)

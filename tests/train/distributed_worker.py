@@ -23,9 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 WRITE_EVENTS = ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate", "os.link", "os.symlink")
 
 
-def main(argv):
-    model_dir, out_dir, log_dir, global_batch = argv[0], os.path.abspath(argv[1]), argv[2], int(argv[3])
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def audit_writes(out_dir: str) -> list:
+    """Start recording every file-system write under ``out_dir`` made by this process; returns the list."""
     writes = []
 
     def audit(event, args):
@@ -40,6 +39,13 @@ def main(argv):
             writes.append([event, os.fsdecode(path)])
 
     sys.addaudithook(audit)
+    return writes
+
+
+def main(argv):
+    model_dir, out_dir, log_dir, global_batch = argv[0], os.path.abspath(argv[1]), argv[2], int(argv[3])
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    writes = audit_writes(out_dir)
     torch.set_num_threads(1)
     from test_resume import H, _dataset
 

@@ -118,3 +118,46 @@ def test_fsdp2_fully_shard_two_processes_reproduce_single_process(no_dropout_ber
     assert set(full) == set(ref) and len(ref) > 0
     for key, value in ref.items():
         torch.testing.assert_close(full[key], value, rtol=2e-4, atol=2e-5, msg=key)
+
+
+PIPELINE_WORKER = Path(__file__).with_name("pipeline_worker.py")
+
+
+def test_pipeline_variant_two_processes_match_one_and_only_rank0_writes(no_dropout_bert_dir, ml100k_slice, ml100k,
+                                                                          tmp_path):  # fmt: skip
+    """`run_variant` (what `rellax-fast train` runs after its shared context) under torchrun: the run folder's
+    losses, test predictions and metrics are the single-process ones, and rank 1 writes nothing there."""
+    from rellax_fast.spa.ctr import fit_din, save_ctr
+    from rellax_fast.spa.din import DINTrainConfig
+    from rellax_fast.train.pipeline import save_subr_embeddings
+
+    data = ml100k_slice
+    din, report, vocab = fit_din(data, {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
+                                 DINTrainConfig(epochs=1, progress=False))  # fmt: skip
+    ctr_dir = save_ctr(din, vocab, report, tmp_path / "ctr", extra={"dataset": data.dataset.name})
+    ids = list(data.dataset.items.index)
+    emb = np.random.default_rng(0).standard_normal((len(ids), 24)).astype(np.float32)
+    npz = save_subr_embeddings(tmp_path, emb, ids)
+    runs = {}
+    for nproc in (1, 2):
+        run, logs = tmp_path / f"run{nproc}", tmp_path / f"logs{nproc}"
+        args = [str(no_dropout_bert_dir), str(ml100k), str(ctr_dir), str(npz), str(run), str(logs)]
+        if nproc == 1:
+            cmd = [sys.executable, str(PIPELINE_WORKER), *args]
+        else:
+            cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), str(PIPELINE_WORKER), *args]  # fmt: skip
+        proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        runs[nproc] = (run, [json.loads((logs / f"rank-{r}.json").read_text()) for r in range(nproc)])
+    (one, _), (two, ranks) = runs[1], runs[2]
+    loss1, loss2 = (json.loads((r / "loss.json").read_text())["losses"] for r in (one, two))
+    assert len(loss1) == len(loss2) == 5  # ceil(37 / 8)
+    np.testing.assert_allclose(loss2, loss1, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(np.load(two / "predictions.npy"), np.load(one / "predictions.npy"), rtol=2e-4, atol=2e-5)
+    m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
+    assert m1["n"] == m2["n"] == 45 and abs(m1["auc"] - m2["auc"]) < 1e-4 and abs(m1["logloss"] - m2["logloss"]) < 1e-4
+    assert ranks[1]["metrics"]["n"] == 45  # every rank got the gathered predictions
+    assert ranks[1]["writes"] == [], ranks[1]["writes"][:5]
+    assert any(Path(p).name.startswith(".metrics.json.tmp") for _, p in ranks[0]["writes"])
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
