@@ -32,6 +32,8 @@ def _cli(argv):
 
 def _torchrun(argv, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo on the loopback device: no hostname resolution needed
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     bin_dir = Path(sys.executable).parent
