@@ -1,5 +1,9 @@
 """Training and scoring of a ReLLaX model with ``accelerate`` (single process, ``accelerate launch`` or
-``torchrun`` unchanged: DDP/FSDP come from the launcher's configuration).
+``torchrun`` unchanged: DDP/FSDP come from the launcher's configuration). Several processes reproduce the
+single-process run for the same global batch (see :func:`train_model`); :func:`predict_proba` shards the
+scoring over the ranks and gathers it. FSDP: accelerate's FSDP plugin (GPU launches; accelerate 1.15 runs
+CPU launches as DDP), or a model the caller already sharded with torch's FSDP2 ``fully_shard`` (works on
+CPU with gloo); checkpoints then hold the gathered full tensors, and resuming under FSDP is refused.
 
 The loss is the answer-token loss: cross-entropy over the two answer logits [No, Yes] (equivalently BCE
 on the 2-way softmax). Batches are drawn from a per-epoch seeded permutation, so the sample cursor
