@@ -476,9 +476,9 @@ def _matmul_kernel(
 # launch configuration
 # ----------------------------------------------------------------------------------------------------
 # One fixed config per kernel and dtype class, checked by the ahead-of-time compile gate
-# (tests/ops/test_triton_compile_gate.py) to fit sm_80's 166,912 B and sm_90's 232,448 B of shared memory
-# without spills. The big GEMMs use 128x128 tiles and 8 warps for 16-bit operands (a 64-deep K step, a
-# 4-stage pipeline of 4 x 32 KB); fp32 operands (3xTF32 keeps hi/lo halves in registers) 128x64 tiles, 4
+# (tests/ops/test_triton_compile_gate.py) to fit sm_80's 166,912 B and sm_90's 232,448 B of shared memory,
+# with no spills on sm_90a and at most 84 B per thread on sm_80 (fp32 at r = 128; BENCHMARKS.md). The big GEMMs use 128x128 tiles and 8 warps for 16-bit operands (a 64-deep K step, a
+# 4-stage pipeline of 4 x 32 KB); fp32 operands (3xTF32 keeps hi/lo halves in registers) 128x64 tiles, 8
 # warps, a 32-deep K step with 3 stages. The
 # r-wide LoRA step of the GEMMs runs BLOCK_RK ranks at a time so that rank 128 adds at most 32 KB.
 # Row-block kernels (shrink, dY pass) shrink BLOCK_M when M is small so that the grid still covers the
@@ -494,11 +494,11 @@ _GPU16 = {
 }
 _GPU32 = {
     "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2),
-    "gemm": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, BLOCK_RK=32, GROUP_M=8, num_warps=4, num_stages=3),
+    "gemm": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, BLOCK_RK=32, GROUP_M=8, num_warps=8, num_stages=3),
     "dy": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "rank_grad": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "interact": dict(BLOCK_M=64, num_warps=4, num_stages=2),
-    "dw": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+    "dw": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
 }
 _INTERPRET = {
     "shrink": dict(BLOCK_M=16, BLOCK_K=32),
@@ -525,11 +525,18 @@ def _config(name: str, dtype: torch.dtype, block_r: int) -> dict:
         cfg.update({"shrink": dict(BLOCK_K=32, BLOCK_M=32), "dy": dict(BLOCK_N=32, BLOCK_M=32),
                     "rank_grad": dict(BLOCK_M=32),
                     }.get(name, {}))
-    if name == "interact" and block_r >= 128:
+    if name == "interact" and _big_interaction(dtype, block_r):
         cfg["BLOCK_M"] = 16  # the r×r tiles dominate: keep the row chunk at the dot minimum
+    if name == "shrink" and dtype == torch.float32 and block_r >= 64:
+        cfg["BLOCK_K"] = 32
     if "BLOCK_RK" in cfg:
         cfg["BLOCK_RK"] = min(cfg["BLOCK_RK"], block_r)
     return cfg
+
+
+def _big_interaction(dtype: torch.dtype, block_r: int) -> bool:
+    """r×r tiles too big to hold C and the dC accumulator in registers together (3xTF32 doubles fp32's)."""
+    return block_r >= 128 or (dtype == torch.float32 and block_r >= 32)
 
 
 @functools.cache
@@ -782,9 +789,10 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
             )
             if per_sample_c:
                 cfg = _interact_block_m(_config("interact", dtype, block_r), rows_per_sample)
-                # at r = 128 the dC accumulator and C do not fit in registers together (sm_80 spilled 7 KB):
-                # dC first (it reads dT), then dS (overwrites dT in place), as two launches
-                passes = [(need_ds, need_dc)] if block_r < 128 else [(False, need_dc), (need_ds, False)]
+                # big r: the dC accumulator and C do not fit in registers together (sm_80 spilled 7 KB at
+                # r = 128): dC first (it reads dT), then dS (overwrites dT in place), as two launches
+                big = _big_interaction(dtype, block_r)
+                passes = [(False, need_dc), (need_ds, False)] if big else [(need_ds, need_dc)]
                 for pass_ds, pass_dc in passes:
                     if not (pass_ds or pass_dc):
                         continue

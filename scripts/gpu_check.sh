@@ -8,7 +8,9 @@
 #   install       optional (PIP_INSTALL=1): pip install --no-build-isolation --no-deps --no-index -e .
 #   info          `rellax-fast info`, and a check that _C was built with CUDA
 #   test-cuda     pytest -m cuda, the CUDA C++ kernels (tests whose id does not contain "triton")
-#   test-triton   pytest -m cuda -k triton: the Triton kernels compiled on the GPU (TRITON_INTERPRET unset)
+#   test-triton   pytest -m cuda -k triton: the Triton kernels compiled on the GPU (TRITON_INTERPRET unset),
+#                 incl. fp32 at r=128 (3xTF32 and TF32), decode with per-sample C, and tensors on cuda:1
+#                 while cuda:0 is current (skipped on a one-GPU machine)
 #   sanitizer     compute-sanitizer --tool memcheck on scripts/sanitizer_smoke.py (cflora, topk, dropout)
 #   bench-cflora  rellax-fast bench cflora --size gpu
 #   bench-topk    rellax-fast bench topk --size gpu
