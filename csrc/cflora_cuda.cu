@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cflora_fwd_cuda(
 
   auto [s, t] = shrink_cuda(x, lora_a, c, mode, rows_per_sample, dropout_p, seed);
   at::Tensor y = bias_in.has_value() ? at::addmm(*bias_in, x, weight.t()) : at::mm(x, weight.t());
-  y.addmm_(t, lora_b.t(), /*beta=*/1, /*alpha=*/scale);  // the LoRA expand, fused into the base output
+  cflora_add_lora_expand(y, t, lora_b, scale);  // the LoRA expand, fused into the base output (addmm)
   return {y, s, t};
 }
 
@@ -251,9 +251,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   at::Tensor dx = cflora_no_grad(x), dw = cflora_no_grad(x), db = cflora_no_grad(x), da = cflora_no_grad(x),
              dlb = cflora_no_grad(x), dc = cflora_no_grad(x);
-  if (need_lb) dlb = at::mm(grad_y.t(), t.mul(scale));
+  // scale = 0, ±Inf or NaN take the reference's order (cflora_common.h), as the CPU backward does
+  const at::Tensor grad_p = (need_lb || need_x || need_a || need_c) ? cflora_special_grad_p(grad_y, scale)
+                                                                     : at::Tensor();
+  if (need_lb) dlb = cflora_grad_lora_b(grad_y, grad_p, t, scale);
   if (need_x || need_a || need_c) {
-    const at::Tensor dt = at::mm(grad_y, lora_b.mul(scale));  // (M, r)
+    const at::Tensor dt = cflora_grad_t(grad_y, grad_p, lora_b, scale);  // (M, r)
     if (need_c) {
       dc = mode == kShared ? at::mm(dt.t(), s) : interaction_grad_cuda(dt, s, c, rows_per_sample);
     }
