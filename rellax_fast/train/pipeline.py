@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -264,7 +265,7 @@ def _subset(data, split_name: str, index: np.ndarray):
 
 
 def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, resume: bool = False, log=print) -> Dict:
-    """Train and score one variant; returns {"metrics", "losses", "run_dir"}."""
+    """Train and score one variant; returns {"metrics", "losses", "run_dir", "model", "seconds" (train, score)}."""
     from rellax_fast.data.collate import PromptCollator
     from rellax_fast.data.prompts import mix_recent_and_retrieved
     from rellax_fast.distributed import is_main
@@ -289,6 +290,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     test_set = PromptDataset(make_samples(data, te, pos_te), collator, ctx.cond_test)
 
     history: Dict[str, List[float]] = {}
+    t_train = time.perf_counter()  # "seconds" in the result: training and scoring wall time (bench lifelong)
     if spec.recipe == "two-stage":
         # stage 1: plain LoRA (A, B; the generators stay at their C = I init) on ReiT's mixed set
         pos_recent = shown_positions_for(data, tr, cfg.k, False, "recent")
@@ -310,10 +312,12 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         r = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir, resume=resume, log=log)
         model, losses = r["model"], r["losses"]
     # under accelerate launch / torchrun every rank scores a shard (gathered on all ranks); rank 0 writes
+    t_score = time.perf_counter()
     probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}")
+    seconds = {"train": t_score - t_train, "score": time.perf_counter() - t_score}
     metrics = ctr_metrics(test_set.labels(), probs)
     if not is_main():
-        return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model}
+        return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds}
     model_path = cfg.model or default_model_path()
     if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
         model_path = str(Path(model_path).resolve())
@@ -331,7 +335,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     np.save(buffer, probs, allow_pickle=False)
     atomic_write_bytes(run_dir / "predictions.npy", buffer.getvalue())
     write_metrics_json(run_dir / "metrics.json", metrics, {"variant": spec.name})
-    return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model}
+    return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds}
 
 
 def run_dependencies(run_dir, ctx: Context, spec: VariantSpec) -> Dict:
