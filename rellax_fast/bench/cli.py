@@ -1,7 +1,8 @@
 """``rellax-fast bench cflora|topk|e2e|all``: runs suites and writes CSV, Markdown and PNG reports;
 ``rellax-fast bench quality``: the ReLLaX ablation table with confidence intervals (``bench.quality``; a
 long benchmark, not part of ``all``); ``rellax-fast bench data``: the data pipeline at ML-25M scale
-(``bench.data``; generated files, not part of ``all``).
+(``bench.data``; generated files, not part of ``all``); ``rellax-fast bench lifelong``: AUC against the history
+length K (``bench.lifelong``; a long benchmark, not part of ``all``; unrelated to ``bench topk --lifelong``).
 
 Each suite is a module ``rellax_fast.bench.<suite>`` with ``run_suite(args) -> (rows, meta)``: rows are
 dicts (one per measurement, baseline rows from the same run included); ``meta`` holds ``plot(rows, path)``
@@ -19,7 +20,7 @@ SUITES = ("cflora", "topk", "e2e")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("suite", choices=SUITES + ("all", "quality", "data"),
+    parser.add_argument("suite", choices=SUITES + ("all", "quality", "data", "lifelong"),
                         help="which benchmark suite (quality: the ablation table with CIs, see its options below)")
     parser.add_argument("--size", default="auto", choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer"),
                         help="shape set (auto: gpu when CUDA is visible, else cpu)")
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from . import data
 
     data.add_arguments(parser)
+    from . import lifelong
+
+    lifelong.add_arguments(parser)
     # `bench quality` defaults to ml-100k (the other suites do not read --dataset): None resolves there
     parser.set_defaults(out="bench_out", dataset=None)
 
@@ -49,6 +53,10 @@ def run(args: argparse.Namespace) -> int:
         from . import quality
 
         return quality.run(args)
+    if args.suite == "lifelong":
+        from . import lifelong
+
+        return lifelong.run(args)
     if args.suite == "data":
         from . import data
 
