@@ -58,6 +58,15 @@ QUALITY_ARGS ?=
 quality: install
 	$(VENV)/bin/rellax-fast bench quality --out runs/quality $(QUALITY_ARGS)
 
+# AUC against history length K (#18): text-only LM and ReLLaX, recent and SUBR behaviours, DIN as reference, on
+# ml-100k like `quality`. CPU preset: K 5,10,20,30, 2,048 prompts per point, about 2 h on an idle 2-core machine
+# (estimate: LIFELONG_ARGS="--estimate-steps 3"). GPU: LIFELONG_ARGS="--preset gpu --model <1B+ causal folder>".
+# A long benchmark, not a test; rerunning skips the points already done.
+.PHONY: lifelong
+LIFELONG_ARGS ?=
+lifelong: install
+	$(VENV)/bin/rellax-fast bench lifelong --out runs/lifelong $(LIFELONG_ARGS)
+
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check rellax_fast kernels tests scripts
 	@if command -v clang-format >/dev/null 2>&1; then clang-format --dry-run --Werror csrc/*.cpp csrc/*.cu csrc/*.h; \
