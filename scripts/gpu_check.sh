@@ -34,6 +34,11 @@
 #     `ACCELERATE_USE_FSDP=true FSDP_VERSION=2 accelerate launch --num_processes 2 ...`; compare with the
 #     single-process run as tests/train/test_distributed.py does (torch's fully_shard itself is tested on CPU/gloo).
 #   - lifelong retrieval on the GPU backends: rellax-fast bench topk --lifelong --size gpu (L up to 32k).
+#   - AUC against history length K (bench lifelong, #18) with a 1B+ causal backbone in bf16: longer than this
+#     script's budget and needs the model's weights on the machine, so not a step here. Time it first, then run:
+#       rellax-fast bench lifelong --preset gpu --model <local 1B+ causal folder> --estimate-steps 3 --out runs/ll-gpu
+#       rellax-fast bench lifelong --preset gpu --model <local 1B+ causal folder> --out runs/ll-gpu
+#     (K 5,10,20,30,50, 8,192 prompts per point, the whole test split; a rerun skips finished points).
 
 set -u
 set -o pipefail
