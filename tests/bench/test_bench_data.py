@@ -53,22 +53,24 @@ def _increments(tmp_path, sizes, prepare_args=()):
     return [np.array(row, dtype=np.float64) - base for row in rows[1:]]
 
 
-# (users, length scale, longest history): the third size has about twice the ratings of the second, in
-# histories twice as long (so a cost quadratic in history length would grow 4x); the first is a small baseline
-# that takes out the interpreter's fixed RSS and the fixed-size files (items).
-LINEAR_SIZES = [(1600, 0.1, 300), (1600, 2.0, 6000), (1600, 4.0, 12000)]
+# (users, length scale, longest history): each size doubles the history lengths (so a cost quadratic in them
+# would grow 4x per step); increments are taken over the first size, which removes the interpreter's fixed RSS
+# and the fixed-size files (items). Sizes of about 0.9M, 1.9M and 3.7M ratings: below ~1M ratings the peak
+# RSS of `prepare` is set by other phases than at scale and moves by ~100 MB between identical runs.
+LINEAR_SIZES = [(1600, 4.0, 12000), (1600, 8.0, 24000), (1600, 16.0, 30000)]
 # ML-25M's 25M ratings in the 8 GiB: the most prepare may hold per rating
 BYTES_PER_RATING_BUDGET = 8 * 2**30 / 25_000_095
 
 
+@pytest.mark.slow  # ~10-25 s: child processes at up to 3.7M ratings
 def test_prepare_bytes_and_peak_rss_grow_linearly_with_the_ratings(tmp_path):
     a, b = _increments(tmp_path, LINEAR_SIZES)
     ratings_ratio = b[0] / a[0]
-    assert 1.8 < ratings_ratio < 2.4
+    assert 2.6 < ratings_ratio < 3.4
     assert b[1] / a[1] == pytest.approx(ratings_ratio, rel=0.3)  # bytes written: deterministic
-    # Peak RSS moves by tens of MB between identical runs (allocator segments, thread timing), so its check is
-    # one-sided: not superlinear (a quadratic cost gives ~2x the ratings ratio here), and within the budget.
-    assert b[2] / a[2] < 1.5 * ratings_ratio
+    # peak RSS still moves by tens of MB between identical runs (allocator, thread timing): one-sided, not
+    # superlinear (a cost quadratic in history length gives about twice the ratings ratio here), in budget
+    assert b[2] / a[2] < 1.4 * ratings_ratio
     assert b[2] / b[0] < BYTES_PER_RATING_BUDGET
 
 
@@ -78,6 +80,7 @@ def test_the_scaling_check_catches_a_quadratic_history_column(tmp_path):
     assert b[1] / a[1] > 1.3 * (b[0] / a[0])
 
 
+@pytest.mark.slow  # ~10-25 s: child processes at up to 3.7M ratings
 def test_the_whole_pipeline_runs_per_stage_and_reports(tmp_path):
     res = run_pipeline(tmp_path, 40, items=400, max_length=600, length_scale=0.5, targets=700, dim=16,
                        log=lambda *a: None)  # fmt: skip
