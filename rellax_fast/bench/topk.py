@@ -309,7 +309,8 @@ def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
                                 "semantic_topk on lifelong histories: samples/s (higher is better)")
 
     note = (f"lifelong histories: per L, {cfg['users']} users of exactly L items and {cfg['targets']} targets, "
-            "'uniform' over positions (mean L/2 candidates) or the users' 'recent' ones (about L candidates); metric {metric}; dtype {args.dtype}; "
+            "'uniform' over positions (mean L/2 candidates) or the users' 'recent' ones (about L candidates); "
+            f"metric {metric}; dtype {args.dtype}; "
             "torch-gemm: per-user GEMM + causal mask + topk (the all-positions padded baseline needs L x L "
             "scores per user, 4 GiB at L=32k: not run); 'W=' rows: retrieve(max_history=W), tflops count the "
             "windowed work")  # fmt: skip
