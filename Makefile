@@ -59,8 +59,8 @@ quality: install
 	$(VENV)/bin/rellax-fast bench quality --out runs/quality $(QUALITY_ARGS)
 
 # AUC against history length K (#18): text-only LM and ReLLaX, recent and SUBR behaviours, DIN as reference, on
-# ml-100k like `quality`. CPU preset: K 5,10,20,30, 2,048 prompts per point, about 2 h on an idle 2-core machine
-# (estimate: LIFELONG_ARGS="--estimate-steps 3"). GPU: LIFELONG_ARGS="--preset gpu --model <1B+ causal folder>".
+# ml-100k like `quality`. CPU preset: K 5,10,20,30, 1,536 prompts per point, ~100 min on an idle 2-core machine
+# (an estimate; time it with LIFELONG_ARGS="--estimate-steps 3"). GPU: LIFELONG_ARGS="--preset gpu --model <dir>".
 # A long benchmark, not a test; rerunning skips the points already done.
 .PHONY: lifelong
 LIFELONG_ARGS ?=

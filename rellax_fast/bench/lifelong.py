@@ -31,8 +31,8 @@ scores one evaluation batch, then extrapolates the full run's time from the meas
 scored sample at each K (``estimate.md`` / ``estimate.json``): how the presets were sized.
 
 Presets (``--preset``, default ``auto``: gpu when CUDA is visible): ``cpu`` = K in {5,10,20,30}, the offline
-MiniLM, 2,048 training prompts and 2,000 test samples per point, sized for about 2 hours on an idle 2-core
-machine (see the estimate); ``gpu`` = K in {5,10,20,30,50}, 8,192 training prompts, the whole test split,
+MiniLM, 1,536 training prompts and 1,000 test samples per point, sized for under 2 hours on an idle 2-core
+machine (an estimate: see ``PRESETS``); ``gpu`` = K in {5,10,20,30,50}, 8,192 training prompts, the whole test split,
 bf16, for a 1B+ causal backbone given with ``--model`` (required). A preset sets only the options left at
 their defaults; flags given explicitly win.
 """
@@ -71,8 +71,11 @@ POINT_COLUMNS = (
 )  # fmt: skip
 
 PRESETS = {
-    # sized from `--estimate-steps` on the 2-core machine (see the module docstring and the report in the README)
-    "cpu": {"ks": "5,10,20,30", "methods": ",".join(METHODS), "n_train": 2048, "n_test": 2000, "batch_size": 16},
+    # sized from `--estimate-steps 3` on the 2-core machine (ml-100k, MiniLM): the fastest rates measured there,
+    # ~2,300 (K=5), ~2,000 (K=10), ~1,270 (K=20) and ~970 (K=30) training tokens/s at mean prompt lengths of
+    # ~130/195/315/420 tokens, and ~0.02-0.08 s per scored sample, give ~24 min per method, ~100 min in all
+    # (an estimate; contention with other work measured up to 2x slower)
+    "cpu": {"ks": "5,10,20,30", "methods": ",".join(METHODS), "n_train": 1536, "n_test": 1000, "batch_size": 16},
     "gpu": {"ks": "5,10,20,30,50", "methods": ",".join(METHODS), "n_train": 8192, "n_test": 0, "batch_size": 16,
             "mixed_precision": "bf16"},
 }  # fmt: skip
