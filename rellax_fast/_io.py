@@ -125,6 +125,20 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(folder: PathLike) -> None:
+    """fsync a folder so that renames into it survive a crash (best effort: some filesystems refuse)."""
+    _fsync_path(Path(folder))
+
+
+def file_sha256(path: PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on a clean exit it is fsynced and renamed onto ``path``.

@@ -49,6 +49,7 @@ from typing import Dict, Optional
 import numpy as np
 import pandas as pd
 
+from .._io import file_sha256, fsync_dir
 from .datasets import DataFormatError, RecDataset
 
 __all__ = [
@@ -321,25 +322,6 @@ def _folder_lock(folder: Path, exclusive: bool):
         os.close(fd)  # releases the lock
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_temp(out: Path, name: str, write) -> Path:
@@ -451,7 +433,7 @@ def save_prepared(data: CTRData, out_dir, history_column: str = "none", max_hist
             for name, (write, rows) in writers.items():
                 temps[name] = _write_temp(out, name, write)
                 # the hash of the bytes this process wrote, taken before they are published
-                manifest[name] = {"bytes": temps[name].stat().st_size, "sha256": _file_sha256(temps[name]), "rows": rows}
+                manifest[name] = {"bytes": temps[name].stat().st_size, "sha256": file_sha256(temps[name]), "rows": rows}
             meta = dict(data.meta, format_version=FORMAT_VERSION,
                         history_column={"mode": history_column, "max_history": cap},
                         manifest={"files": manifest, "fingerprint": ctr_fingerprint(data)})  # fmt: skip
@@ -459,7 +441,7 @@ def save_prepared(data: CTRData, out_dir, history_column: str = "none", max_hist
             temps["meta.json"] = meta_tmp
             # from here until meta.json is back, the folder reads as incomplete
             (out / "meta.json").unlink(missing_ok=True)
-            _fsync_dir(out)
+            fsync_dir(out)
             for name in writers:
                 _publish(temps[name], out / name)
                 del temps[name]
@@ -467,7 +449,7 @@ def save_prepared(data: CTRData, out_dir, history_column: str = "none", max_hist
                 (out / "users.parquet").unlink(missing_ok=True)
             _publish(temps["meta.json"], out / "meta.json")
             del temps["meta.json"]
-            _fsync_dir(out)
+            fsync_dir(out)
         finally:
             for tmp in temps.values():
                 tmp.unlink(missing_ok=True)
@@ -482,7 +464,7 @@ def _check_manifest(out: Path, meta: dict) -> dict:
         if not path.exists():
             raise PreparedDataError(f"{path}: missing, but {out / 'meta.json'} lists it; rerun `rellax-fast prepare --out {out}`")
         size = path.stat().st_size
-        if size != entry["bytes"] or _file_sha256(path) != entry["sha256"]:
+        if size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             raise PreparedDataError(
                 f"{path}: does not match the manifest in {out / 'meta.json'} ({size} bytes, manifest {entry['bytes']}; "
                 f"sha256 differs): the folder was modified, or mixed by an interrupted or concurrent `prepare`; "

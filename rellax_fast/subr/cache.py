@@ -133,13 +133,6 @@ def cache_paths(
     return root / f"{stem}.npy", root / f"{stem}.json"
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def save_entry(array_path: Path, meta_path: Path, key: Dict[str, Any], embeddings: np.ndarray, item_ids) -> Dict:
     """Write one entry atomically (array first, then the metadata that vouches for it); return the metadata.

@@ -33,7 +33,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .._io import atomic_write_text, make_temp_dir
+from .._io import atomic_write_text, fsync_dir, make_temp_dir
 
 LATEST = "latest"
 
@@ -121,18 +121,6 @@ def _legacy_numpy_globals():
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int = 2) -> Path:
     """Write a checkpoint of ``model``'s trainable tensors + optimizer/scheduler/RNG + ``state``; publish it."""
@@ -156,7 +144,7 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pytest
 
+from rellax_fast._io import file_sha256
 from rellax_fast.subr import cache as cache_mod
 from rellax_fast.subr.cache import cache_paths, cached_item_embeddings, load_entry
 
@@ -125,7 +126,7 @@ def _rewrite_consistently(npy, meta, array):
     """Replace the array AND update checksum/size, so only the shape/value checks can catch it."""
     np.save(npy, array)
     m = json.loads(meta.read_text())
-    m["sha256"] = cache_mod._file_sha256(npy)
+    m["sha256"] = file_sha256(npy)
     m["bytes"] = npy.stat().st_size
     meta.write_text(json.dumps(m))
 
