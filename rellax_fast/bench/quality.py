@@ -278,6 +278,7 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     from .._io import atomic_write_text
     from ..spa.ctr import din_fingerprint, din_outputs
     from ..train.cli_train import build_shared_context, slug
+    from ..train.metrics import json_default
     from ..train.pipeline import VariantSpec, _subset, run_inputs, run_variant, subsample
 
     start = time.perf_counter()
@@ -371,20 +372,12 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
                        if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))}}  # fmt: skip
     md = markdown(table, meta)
     atomic_write_text(qdir / "quality.md", md)
-    atomic_write_text(qdir / "quality.json", json.dumps({"rows": table, "meta": meta}, indent=2, default=_json_default))
+    atomic_write_text(qdir / "quality.json", json.dumps({"rows": table, "meta": meta}, indent=2, default=json_default))
     plot_quality(qdir / "quality.png", table, title=f"ReLLaX quality bench ({args.dataset}, n={labels.size})")
     print()
     print(md)
     print(f"[quality] done in {wall:.0f} s; wrote {qdir / 'quality.md'}, {qdir / 'quality.json'}, {qdir / 'quality.png'}")
     return 0
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    return str(o)
 
 
 def summarise(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boot: int, log=print) -> List[Dict]:

@@ -43,11 +43,12 @@ def write_metrics_json(path, metrics: Mapping, extra: Optional[Mapping] = None) 
     from rellax_fast._io import atomic_write_text
 
     out = {**{k: metrics[k] for k in ("auc", "logloss", "accuracy", "n")}, **(extra or {})}
-    atomic_write_text(path, json.dumps(out, indent=2, default=_json_default))
+    atomic_write_text(path, json.dumps(out, indent=2, default=json_default))
     return Path(path)
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps`` default for numpy scalars (and anything else: its str)."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
