@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _bench_util import ROUNDS, cflora_cases, topk_cases, train_providers
 
 
