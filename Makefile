@@ -3,6 +3,8 @@
 #   make demo        the whole ReLLaX pipeline on the embedded synthetic dataset
 #   make cuda-check  a separate venv with a CUDA torch; proves the .cu sources compile and link (no GPU needed)
 #   make bench       microbenchmarks (CPU sizes here; scripts/gpu_check.sh runs the GPU sizes)
+#   make bench-save  pytest-benchmark suite (benchmarks/), saved as a named baseline (BENCH_NAME)
+#   make bench-compare  the same suite compared with a saved baseline; fails on a slowdown > BENCH_FAIL
 #   make lint        ruff (Python) and clang-format (csrc/)
 
 PYTHON ?= python3
@@ -21,7 +23,7 @@ CUDA_HOME ?= /usr/local/cuda
 CUDA_ARCHS ?= 8.0;9.0a
 MAX_JOBS ?= 2
 
-.PHONY: test test-fast test-triton demo cuda-check bench lint install clean
+.PHONY: test test-fast test-triton demo cuda-check bench bench-save bench-compare lint install clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,8 +69,22 @@ LIFELONG_ARGS ?=
 lifelong: install
 	$(VENV)/bin/rellax-fast bench lifelong --out runs/lifelong $(LIFELONG_ARGS)
 
+# pytest-benchmark workflow (README "Benchmarking"): save a baseline on one commit, compare another with it on
+# the same machine. Runs are stored under .benchmarks/<machine>/NNNN_<name>.json. BENCH_FAIL: a benchmark
+# whose median is slower than the baseline's by more than this fails the compare (see README for the choice).
+BENCH_NAME ?= baseline
+BENCH_BASE ?=
+BENCH_FAIL ?= median:25%
+BENCH_ARGS ?=
+bench-save: install
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-save=$(BENCH_NAME) $(BENCH_ARGS)
+
+bench-compare: install
+	$(PY) -m pytest benchmarks --benchmark-only $(if $(BENCH_BASE),--benchmark-compare=$(BENCH_BASE),--benchmark-compare) \
+	  --benchmark-compare-fail=$(BENCH_FAIL) --benchmark-columns=median,iqr,rounds $(BENCH_ARGS)
+
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check rellax_fast kernels tests scripts
+	$(VENV)/bin/ruff check rellax_fast kernels tests scripts benchmarks
 	@if command -v clang-format >/dev/null 2>&1; then clang-format --dry-run --Werror csrc/*.cpp csrc/*.cu csrc/*.h; \
 	else echo "clang-format not installed (apt-get install clang-format); skipped csrc/"; fi
 
