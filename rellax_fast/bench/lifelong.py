@@ -255,6 +255,7 @@ def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
     from .._io import atomic_write_text
     from ..spa.ctr import din_fingerprint
     from ..train.cli_train import build_shared_context
+    from ..train.metrics import json_default
     from ..train.pipeline import VariantSpec, make_samples, run_inputs, run_variant, shown_positions_for
     from .quality import _load_row, _sha
 
@@ -363,20 +364,12 @@ def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
     md = markdown(table, din, budgets, meta)
     atomic_write_text(ldir / "lifelong.md", md)
     atomic_write_text(ldir / "lifelong.json", json.dumps({"points": table, "din": din, "budgets": {str(k): v for k, v in budgets.items()},
-                                                           "meta": meta}, indent=2, default=_json_default))  # fmt: skip
+                                                           "meta": meta}, indent=2, default=json_default))  # fmt: skip
     plot_lifelong(ldir / "lifelong.png", table, din, title=f"AUC and LogLoss against K ({args.dataset}, n={labels.size})")
     print()
     print(md)
     print(f"[lifelong] done in {wall:.0f} s; wrote {ldir / 'lifelong.md'}, {ldir / 'lifelong.json'}, {ldir / 'lifelong.png'}")
     return 0
-
-
-def _json_default(o):
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    return str(o)
 
 
 def summarise(points: Dict, ks: List[int], methods: List[str], labels: np.ndarray, din_probs: np.ndarray, n_boot: int,
@@ -536,6 +529,7 @@ def _estimate_point(ctx, spec, cfg_k, run_dir, train_tokens: np.ndarray, args, l
 
 def _write_estimate(ldir, points, budgets, ks, methods, args, cfg, context_seconds, prep_seconds, log) -> int:
     from .._io import atomic_write_text
+    from ..train.metrics import json_default
 
     rows = [{"method": m, **points[(m, k)]} for m in methods for k in ks]
     total = sum(r["estimated_seconds"] for r in rows)
@@ -558,7 +552,7 @@ def _write_estimate(ldir, points, budgets, ks, methods, args, cfg, context_secon
           f"Estimated total: {meta['total_seconds'] / 60:.0f} min (points {total / 60:.0f} min).\n")  # fmt: skip
     atomic_write_text(ldir / "estimate.md", md)
     atomic_write_text(ldir / "estimate.json", json.dumps({"points": rows, "budgets": {str(k): v for k, v in budgets.items()},
-                                                          "meta": meta}, indent=2, default=_json_default))  # fmt: skip
+                                                          "meta": meta}, indent=2, default=json_default))  # fmt: skip
     print()
     print(md)
     return 0
