@@ -156,7 +156,8 @@ def test_info_reports_extension_and_backends():
 def test_info_tells_the_truth_without_the_extension(tmp_path):
     # A RELLAX_BUILD_EXT=0 install is the same files without _C: lay that out and ask it.
     pkg = tmp_path / "rellax_fast"
-    shutil.copytree(REPO / "rellax_fast", pkg, symlinks=False, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    # without _C and its build record (_C_build.json), as RELLAX_BUILD_EXT=0 installs it
+    shutil.copytree(REPO / "rellax_fast", pkg, symlinks=False, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
     assert not list(pkg.glob("_C*"))
     # drop the editable-install finder, which would otherwise find the checkout's _C next to the copy
     no_editable = "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
