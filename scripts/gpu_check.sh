@@ -196,8 +196,16 @@ run_step sanitizer 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" "${SAN_
 
 run_step bench-cflora 90 "${RF[@]}" bench cflora --size gpu "${BENCH_COMMON[@]}"
 run_step bench-topk 90 "${RF[@]}" bench topk --size gpu "${BENCH_COMMON[@]}"
-run_step pytest-bench 120 "$PY" -m pytest benchmarks --benchmark-only --bench-size gpu --bench-device cuda -q \
-    -p no:cacheprovider -k "not train_step" --benchmark-json="$OUT_DIR/pytest_benchmark.json"
+# pytest-benchmark is not in the GPU image, which has no internet: carry a wheelhouse made where pip works
+# (`pip download pytest-benchmark py-cpuinfo -d wheelhouse`, then run with carry=["wheelhouse"]).
+PYTEST_BENCH_SCRIPT='py="$0"; out="$1"
+if ! "$py" -c "import pytest_benchmark" 2>/dev/null; then
+  if [[ -d wheelhouse ]]; then "$py" -m pip install -q --no-index --find-links wheelhouse pytest-benchmark || exit 1
+  else echo "pytest-benchmark is not installed and there is no ./wheelhouse: pip download pytest-benchmark py-cpuinfo -d wheelhouse"; exit 1; fi
+fi
+exec "$py" -m pytest benchmarks --benchmark-only --bench-size gpu --bench-device cuda -q -p no:cacheprovider \
+  -k "not train_step" --benchmark-json="$out"'
+run_step pytest-bench 120 bash -c "$PYTEST_BENCH_SCRIPT" "$PY" "$OUT_DIR/pytest_benchmark.json"
 run_step bench-e2e 200 "${RF[@]}" bench e2e --size 1b "${BENCH_COMMON[@]}"
 
 BENCH_COMMAND="bash scripts/gpu_check.sh (rellax-fast bench cflora --size gpu; rellax-fast bench topk --size gpu; rellax-fast bench e2e --size 1b; each with --warmup $BENCH_WARMUP --repeat $BENCH_REPEAT)"
