@@ -68,9 +68,10 @@ def test_prepare_bytes_and_peak_rss_grow_linearly_with_the_ratings(tmp_path):
     ratings_ratio = b[0] / a[0]
     assert 2.6 < ratings_ratio < 3.4
     assert b[1] / a[1] == pytest.approx(ratings_ratio, rel=0.3)  # bytes written: deterministic
-    # peak RSS still moves by tens of MB between identical runs (allocator, thread timing): one-sided, not
-    # superlinear (a cost quadratic in history length gives about twice the ratings ratio here), in budget
-    assert b[2] / a[2] < 1.4 * ratings_ratio
+    # peak RSS still moves by tens of MB between identical runs (allocator, pyarrow thread timing; a clean-clone
+    # CI run saw 1.41x the ratings ratio): one-sided, not superlinear (a cost quadratic in history length gives
+    # about twice the ratings ratio here, and the next test catches it through the deterministic bytes), in budget
+    assert b[2] / a[2] < 1.8 * ratings_ratio
     assert b[2] / b[0] < BYTES_PER_RATING_BUDGET
 
 
