@@ -55,8 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rellax_fast.ops._backend import triton_interpreting
-from rellax_fast.ops.dropout import dropout_key, dropout_threshold
+from rellax_fast._kernel_common import dropout_key, dropout_threshold, triton_interpreting
 
 MAX_RANK = 128  # one register tile holds a row block of S/T (BLOCK_R = next pow2 >= r, at least 16)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)

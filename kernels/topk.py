@@ -42,9 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rellax_fast.ops._backend import triton_interpreting
-
-NORM_EPS = 1e-12
+from rellax_fast._kernel_common import NORM_EPS, triton_interpreting
 
 
 @triton.jit(do_not_specialize=["K", "KOUT"])

@@ -221,3 +221,22 @@ def test_first_call_under_torch_compile_fullgraph_loads_the_extension():
         """
     )
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_kernels_import_nothing_above_them():
+    """kernels/*.py (installed as rellax_fast.kernels) may import torch, triton, the standard library and the leaf
+    rellax_fast._kernel_common, never the ops or anything else of the package (no import cycle ops <-> kernels)."""
+    import ast
+
+    allowed_pkg = {"rellax_fast._kernel_common"}
+    for path in sorted((REPO / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else [f"(relative level {node.level}) {node.module}"]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                if name.startswith("rellax_fast") or name.startswith("(relative"):
+                    assert name in allowed_pkg, f"{path.name} imports {name}: kernels must not depend on the layers above"

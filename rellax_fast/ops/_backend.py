@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .. import _ext
+from .._kernel_common import triton_interpreting
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 ENV_VAR = "RELLAX_BACKEND"
@@ -49,10 +50,6 @@ def cuda_unavailable(device_type: Optional[str]) -> Optional[str]:
     if device_type is None and not torch.cuda.is_available():
         return "no CUDA device is visible"
     return None
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 _triton_import_error: Optional[str] = None

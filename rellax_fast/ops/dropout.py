@@ -15,15 +15,14 @@ from typing import Optional, Union
 
 import torch
 
+from .._kernel_common import M32 as _M32
+from .._kernel_common import dropout_key, dropout_threshold
 from . import _backend
 from ._registry import ext_op
 
 OP = "seeded_dropout"
 _backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["cuda", "reference"]},
                      implemented=("reference", "cpp", "cuda"))
-
-_M32 = 0xFFFFFFFF
-
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     # (x * c) mod 2^32 for 0 <= x < 2^32 held in int64, without signed overflow: split c into 16-bit halves.
@@ -41,29 +40,11 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _mix32_int(x: int) -> int:
-    x &= _M32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    return x ^ (x >> 16)
-
-
-def dropout_key(seed: int) -> int:
-    s = int(seed) & 0xFFFFFFFFFFFFFFFF
-    return _mix32_int((s & _M32) ^ _mix32_int((s >> 32) ^ 0x9E3779B9))
-
-
 def dropout_key_tensor(seed: torch.Tensor) -> torch.Tensor:
     """:func:`dropout_key` of an integer tensor holding one seed, as a 0-d int64 tensor (no ``.item()``)."""
     s = seed.reshape(()).to(torch.int64)
     # s >> 32 is an arithmetic shift; masking keeps the high word of the two's-complement uint64, as above
     return mix32((s & _M32) ^ mix32(((s >> 32) & _M32) ^ 0x9E3779B9))
-
-
-def dropout_threshold(p: float) -> int:
-    return int(p * 16777216.0)
 
 
 SeedLike = Union[int, torch.Tensor]

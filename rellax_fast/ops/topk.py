@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._kernel_common import NORM_EPS  # the zero-norm rule shared by all backends
 from . import _backend
 from ._registry import ext_op
 
@@ -40,7 +41,6 @@ _backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["triton", "cuda"
                      implemented=("reference", "cpp", "cuda", "triton"))
 
 METRICS = ("cosine", "dot")
-NORM_EPS = 1e-12  # zero-norm rule shared by all backends: x / max(||x||, NORM_EPS)
 _INDEX_ARGS = ("seq_items", "seq_offsets", "sample_user", "sample_pos")
 
 

@@ -1,0 +1,43 @@
+"""Constants and pure-Python helpers shared by the ops (rellax_fast.ops) and the Triton kernels
+(rellax_fast.kernels), so that the kernels import nothing above them.
+
+A leaf module: it imports only the standard library. It owns:
+
+- the switch that tells whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``);
+- the integer half of the dropout hash (:func:`dropout_key`, :func:`dropout_threshold`), whose tensor twin and
+  reference mask live in :mod:`rellax_fast.ops.dropout` and whose C++ form is in ``csrc/common.h``;
+- ``NORM_EPS``, the zero-norm rule of cosine retrieval: x / max(||x||, NORM_EPS), on every backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+NORM_EPS = 1e-12
+M32 = 0xFFFFFFFF
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def mix32_int(x: int) -> int:
+    """lowbias32 of a Python int taken modulo 2^32."""
+    x &= M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & M32
+    return x ^ (x >> 16)
+
+
+def dropout_key(seed: int) -> int:
+    """The 32-bit key of a 64-bit seed (both words mixed), shared by every backend's dropout hash."""
+    s = int(seed) & 0xFFFFFFFFFFFFFFFF
+    return mix32_int((s & M32) ^ mix32_int((s >> 32) ^ 0x9E3779B9))
+
+
+def dropout_threshold(p: float) -> int:
+    """An element is dropped when the top 24 bits of its hash fall below this (p · 2^24)."""
+    return int(p * 16777216.0)
