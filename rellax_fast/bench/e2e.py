@@ -55,7 +55,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import datetime as _dt
 import gc
 import math
 import os
@@ -585,75 +584,6 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     return rows, {"title": title, "plot": plot}
 
 
-# --------------------------------------------------------------------------------------------- BENCHMARKS.md
-
-
-def _suite_body(md_text: str) -> str:
-    """A suite report's Markdown without its own ``# bench`` heading."""
-    lines = md_text.strip().splitlines()
-    if lines and lines[0].startswith("# "):
-        lines = lines[1:]
-    return "\n".join(lines).strip()
-
-
-def benchmarks_section(out_dir: str, command: str, suites: Sequence[str] = ("cflora", "topk", "e2e"),
-                       device=None, title: str = "GPU check") -> str:
-    """The Markdown section for one run: card, versions, date, exact command, then each suite's table
-    (from ``<out_dir>/<suite>.md``; a missing one is listed as not produced)."""
-    import torch
-
-    from . import report
-
-    if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
-        f"## {title}: {report.machine_label(device)} ({now})",
-        "",
-        f"- Machine: {report.environment_line(device)}",
-        f"- Command: `{command}`",
-        "",
-    ]
-    for suite in suites:
-        path = os.path.join(out_dir, f"{suite}.md")
-        parts.append(f"### bench {suite}")
-        parts.append("")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as fh:
-                parts.append(_suite_body(fh.read()))
-        else:
-            partial = os.path.join(out_dir, f"{suite}_partial.md")
-            if os.path.exists(partial):
-                with open(partial, encoding="utf-8") as fh:
-                    parts.append("Run did not finish (timeout or failure); rows measured before it stopped:\n")
-                    parts.append(_suite_body(fh.read()))
-            else:
-                parts.append(f"Not produced: {path} is missing (the step failed or timed out; see the logs).")
-        parts.append("")
-    return "\n".join(parts).rstrip() + "\n"
-
-
-def append_benchmarks_section(benchmarks_md: str, out_dir: str, command: str,
-                              suites: Sequence[str] = ("cflora", "topk", "e2e"), device=None,
-                              title: str = "GPU check") -> str:
-    """Append :func:`benchmarks_section` to ``benchmarks_md`` (atomically: temp file + ``os.replace``);
-    return the section."""
-    section = benchmarks_section(out_dir, command, suites, device, title)
-    existing = ""
-    if os.path.exists(benchmarks_md):
-        with open(benchmarks_md, encoding="utf-8") as fh:
-            existing = fh.read()
-    if existing and not existing.endswith("\n"):
-        existing += "\n"
-    text = existing + ("\n" if existing else "# Benchmarks\n\n") + section
-    tmp = f"{benchmarks_md}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, benchmarks_md)
-    return section
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m rellax_fast.bench.e2e benchmarks-section ...`` (used by scripts/gpu_check.sh)."""
     parser = argparse.ArgumentParser(prog="python -m rellax_fast.bench.e2e")
@@ -666,15 +596,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--append-to", default=None, help="BENCHMARKS.md to append the section to")
     p.add_argument("--title", default="GPU check")
     args = parser.parse_args(argv)
+    from .._io import atomic_write_text
+    from .report import append_benchmarks_section, benchmarks_section
+
     suites = [s for s in args.suites.split(",") if s]
     if args.append_to:
         section = append_benchmarks_section(args.append_to, args.out_dir, args.command, suites, title=args.title)
     else:
         section = benchmarks_section(args.out_dir, args.command, suites, title=args.title)
-    tmp = f"{args.section_file}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(section)
-    os.replace(tmp, args.section_file)
+    atomic_write_text(args.section_file, section)
     print(section)
     return 0
 

@@ -145,3 +145,65 @@ def bar_chart(rows: Sequence[Dict[str, object]], out_path: str, label_keys: Sequ
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out_path
+
+
+# ------------------------------------------------------------------------------- BENCHMARKS.md sections
+
+
+def _suite_body(md_text: str) -> str:
+    """A suite report's Markdown without its own ``# bench`` heading."""
+    lines = md_text.strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join(lines).strip()
+
+
+def benchmarks_section(out_dir: str, command: str, suites: Sequence[str] = ("cflora", "topk", "e2e"),
+                       device=None, title: str = "GPU check") -> str:
+    """The Markdown section for one run: card, versions, date, exact command, then each suite's table
+    (from ``<out_dir>/<suite>.md``; a missing one is listed as not produced)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        f"## {title}: {machine_label(device)} ({now})",
+        "",
+        f"- Machine: {environment_line(device)}",
+        f"- Command: `{command}`",
+        "",
+    ]
+    for suite in suites:
+        path = os.path.join(out_dir, f"{suite}.md")
+        parts.append(f"### bench {suite}")
+        parts.append("")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                parts.append(_suite_body(fh.read()))
+        else:
+            partial = os.path.join(out_dir, f"{suite}_partial.md")
+            if os.path.exists(partial):
+                with open(partial, encoding="utf-8") as fh:
+                    parts.append("Run did not finish (timeout or failure); rows measured before it stopped:\n")
+                    parts.append(_suite_body(fh.read()))
+            else:
+                parts.append(f"Not produced: {path} is missing (the step failed or timed out; see the logs).")
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def append_benchmarks_section(benchmarks_md: str, out_dir: str, command: str,
+                              suites: Sequence[str] = ("cflora", "topk", "e2e"), device=None,
+                              title: str = "GPU check") -> str:
+    """Append :func:`benchmarks_section` to ``benchmarks_md`` (atomically, :mod:`rellax_fast._io`); return the
+    section."""
+    section = benchmarks_section(out_dir, command, suites, device, title)
+    existing = ""
+    if os.path.exists(benchmarks_md):
+        with open(benchmarks_md, encoding="utf-8") as fh:
+            existing = fh.read()
+    if existing and not existing.endswith("\n"):
+        existing += "\n"
+    text = existing + ("\n" if existing else "# Benchmarks\n\n") + section
+    atomic_write_text(benchmarks_md, text)
+    return section

@@ -18,7 +18,7 @@ import pytest
 import torch
 from rellax_testing import REPO
 
-from rellax_fast.bench import e2e
+from rellax_fast.bench import e2e, report
 
 NUMERIC = ("ms", "tokens_per_s", "peak_mem_mb")
 
@@ -204,7 +204,7 @@ def test_benchmarks_section_appends_atomically(tmp_path):
     bench_md = tmp_path / "BENCHMARKS.md"
     bench_md.write_text("# Benchmarks\n\nearlier results\n")
     command = "bash scripts/gpu_check.sh (rellax-fast bench e2e --size 1b)"
-    section = e2e.append_benchmarks_section(str(bench_md), str(out), command, device="cpu", title="GPU check")
+    section = report.append_benchmarks_section(str(bench_md), str(out), command, device="cpu", title="GPU check")
     text = bench_md.read_text()
     assert text.startswith("# Benchmarks\n\nearlier results\n")  # existing content kept
     assert text.endswith(section)
