@@ -72,6 +72,18 @@ class DINReport:
 # ------------------------------------------------------------------------------------------ inputs
 
 
+def _packed_refs(offsets, user_index, pos, max_len: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, user_index, pos) as int64 arrays, checked: 1-D references of equal length, max_len >= 1."""
+    offsets = np.asarray(offsets, dtype=np.int64)
+    user_index = np.asarray(user_index, dtype=np.int64)
+    pos = np.asarray(pos, dtype=np.int64)
+    if user_index.shape != pos.shape or user_index.ndim != 1:
+        raise ValueError(f"user_index and pos must be 1-D of equal length, got {user_index.shape} and {pos.shape}")
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    return offsets, user_index, pos
+
+
 def history_arrays(
     offsets: np.ndarray,
     seq_items: np.ndarray,
@@ -85,13 +97,7 @@ def history_arrays(
     ``seq_items`` must already hold item *indices* (0..n_items-1). Returns (items, ratings) of shape
     (S, max_len): items are index+1 with 0 for padding; ratings are float with 0 at padding.
     """
-    offsets = np.asarray(offsets, dtype=np.int64)
-    user_index = np.asarray(user_index, dtype=np.int64)
-    pos = np.asarray(pos, dtype=np.int64)
-    if user_index.shape != pos.shape or user_index.ndim != 1:
-        raise ValueError(f"user_index and pos must be 1-D of equal length, got {user_index.shape} and {pos.shape}")
-    if max_len < 1:
-        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    offsets, user_index, pos = _packed_refs(offsets, user_index, pos, max_len)
     start = offsets[user_index]
     end = start + pos
     if np.any(end > offsets[user_index + 1]):
@@ -130,13 +136,7 @@ class PackedCTRArrays:
     ``label``); ``user`` may be replaced (``eval`` maps JSONL users to sequence rows)."""
 
     def __init__(self, offsets, seq_items, seq_ratings, user_index, pos, target_item, label, max_len: int):
-        offsets = np.asarray(offsets, dtype=np.int64)
-        user_index = np.asarray(user_index, dtype=np.int64)
-        pos = np.asarray(pos, dtype=np.int64)
-        if user_index.shape != pos.shape or user_index.ndim != 1:
-            raise ValueError(f"user_index and pos must be 1-D of equal length, got {user_index.shape} and {pos.shape}")
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        offsets, user_index, pos = _packed_refs(offsets, user_index, pos, max_len)
         if len(user_index) and (user_index.min() < 0 or user_index.max() >= len(offsets) - 1):
             raise ValueError(f"user_index must lie in [0, {len(offsets) - 1}), got values in "
                              f"[{user_index.min()}, {user_index.max()}]")  # fmt: skip
