@@ -215,13 +215,9 @@ def run(args: argparse.Namespace, log=print) -> int:
         if not 0 < args.budget_quantile <= 1 or args.budget_margin < 0 or args.estimate_steps < 0:
             raise ValueError(f"--budget-quantile must be in (0, 1], --budget-margin and --estimate-steps >= 0; got "
                              f"{args.budget_quantile}, {args.budget_margin}, {args.estimate_steps}")  # fmt: skip
-        from ..train.cli_train import pipeline_config
-        from .quality import default_data_dir
+        from .quality import bench_pipeline_config
 
-        args.dataset = args.dataset or "ml-100k"
-        if args.data_dir is None and args.dataset != "synthetic":
-            args.data_dir = default_data_dir(args.dataset)
-        cfg = pipeline_config(args)
+        cfg = bench_pipeline_config(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -252,6 +252,17 @@ def _save_npy(path: Path, arr: np.ndarray) -> str:
 # ------------------------------------------------------------------------------------------ the bench
 
 
+def bench_pipeline_config(args: argparse.Namespace):
+    """The pipeline config of a quality-style bench: ``--dataset`` defaults to ml-100k, read from
+    :func:`default_data_dir` unless ``--data-dir`` is given (sets both on ``args``)."""
+    from ..train.cli_train import pipeline_config
+
+    args.dataset = args.dataset or "ml-100k"
+    if args.data_dir is None and args.dataset != "synthetic":
+        args.data_dir = default_data_dir(args.dataset)
+    return pipeline_config(args)
+
+
 def run(args: argparse.Namespace, log=print) -> int:
     import sys
 
@@ -259,13 +270,8 @@ def run(args: argparse.Namespace, log=print) -> int:
         seeds, row_keys = parse_seeds(args.seeds), parse_rows(args.rows)
         if args.n_boot < 10 or args.n_valid < 0:
             raise ValueError(f"--n-boot must be >= 10 and --n-valid >= 0 (0: all); got {args.n_boot}, {args.n_valid}")
-        from ..train.cli_train import pipeline_config
-
         args = copy.copy(args)
-        args.dataset = args.dataset or "ml-100k"
-        if args.data_dir is None and args.dataset != "synthetic":
-            args.data_dir = default_data_dir(args.dataset)
-        cfg = pipeline_config(args)
+        cfg = bench_pipeline_config(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
