@@ -52,6 +52,18 @@ MODELS = {
 }
 
 
+def randomise_adapter(model, std=0.3):
+    """Move B (and the interaction generator) away from their zero/identity start so the adapter matters."""
+    from rellax_fast.cflora import cflora_layers
+
+    with torch.no_grad():
+        for _, layer in cflora_layers(model):
+            layer.lora_B.normal_(0, std)
+            if layer.interaction is not None:
+                for p in layer.interaction.parameters():
+                    p.add_(torch.randn_like(p) * std)
+
+
 def model_inputs(batch: int = 3, seq: int = 7, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=g)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cflora_models import VOCAB, logits_of, model_inputs, tiny_gpt2, tiny_llama
+from cflora_models import VOCAB, logits_of, model_inputs, randomise_adapter, tiny_gpt2, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 import rellax_fast.cflora.model as cflora_model
@@ -31,15 +31,6 @@ from rellax_fast.cflora import (
 )
 
 COND = 5
-
-
-def _randomise_adapter(model, std=0.3):
-    with torch.no_grad():
-        for _, layer in cflora_layers(model):
-            layer.lora_B.normal_(0, std)
-            if layer.interaction is not None:
-                for p in layer.interaction.parameters():
-                    p.add_(torch.randn_like(p) * std)
 
 
 def _base_logits(factory, inputs):
@@ -68,7 +59,7 @@ def test_disable_adapter_gives_the_base_outputs_exactly(factory, targets):
     base = _base_logits(factory, inputs)
     model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction="full",
                                                   cond_dim=COND))
-    _randomise_adapter(model)
+    randomise_adapter(model)
     cond = torch.randn(3, COND)
     with torch.no_grad():
         with cflora_condition(model, cond):
@@ -127,7 +118,7 @@ def test_unload_gives_back_the_plain_modules(factory, targets):
 @pytest.mark.parametrize("interaction", ["identity", "static"])
 def test_merge_and_unload_then_save_pretrained_round_trips(tmp_path, factory, targets, plain, interaction):
     model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction))
-    _randomise_adapter(model)
+    randomise_adapter(model)
     inputs = model_inputs()
     with torch.no_grad():
         adapted = logits_of(model, inputs)
@@ -165,7 +156,7 @@ def test_tied_lm_head_warns_at_injection_and_merges_only_when_untied(tmp_path):
     assert model.lm_head.weight is model.transformer.wte.weight
     with pytest.warns(UserWarning, match=r"lm_head is tied to transformer\.wte\.weight"):
         inject_cflora(model, CFLoRAConfig(r=4, alpha=8, target_modules=["lm_head", "c_attn"]))
-    _randomise_adapter(model)
+    randomise_adapter(model)
     inputs = model_inputs()
     wte = model.transformer.wte.weight.detach().clone()
     with torch.no_grad():
@@ -307,7 +298,7 @@ def test_rank_and_alpha_patterns_match_peft(tmp_path):
     assert ranks["model.layers.1.self_attn.q_proj"] == 6 and ranks["model.layers.0.self_attn.q_proj"] == 4
     assert ranks["model.layers.0.self_attn.v_proj"] == 2
     # export to PEFT and back, and save/load: the same outputs
-    _randomise_adapter(ours)
+    randomise_adapter(ours)
     inputs = model_inputs()
     with torch.no_grad():
         expected = logits_of(ours, inputs)

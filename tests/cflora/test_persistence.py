@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from cflora_models import MODELS, logits_of, minilm, model_inputs, tiny_gpt2, tiny_llama
+from cflora_models import MODELS, logits_of, minilm, model_inputs, randomise_adapter, tiny_gpt2, tiny_llama
 
 from rellax_fast.cflora import (
     AdapterFileError,
@@ -29,15 +29,6 @@ from rellax_fast.cflora import (
 COND = 5
 
 
-def _randomise_adapter(model, std=0.3):
-    with torch.no_grad():
-        for _, layer in cflora_layers(model):
-            layer.lora_B.normal_(0, std)
-            if layer.interaction is not None:
-                for p in layer.interaction.parameters():
-                    p.add_(torch.randn_like(p) * std)
-
-
 def _cfg(interaction="full", **kw):
     args = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_proj"], "interaction": interaction,
             "cond_dim": COND, "n_experts": 2, **kw}
@@ -47,7 +38,7 @@ def _cfg(interaction="full", **kw):
 @pytest.mark.parametrize("interaction", ["static", "full", "moe", "recrank1"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, interaction):
     model = inject_cflora(tiny_llama(), _cfg(interaction))
-    _randomise_adapter(model)
+    randomise_adapter(model)
     save_cflora(model, tmp_path / "adapter")
     assert sorted(os.listdir(tmp_path / "adapter")) == ["cflora_adapter.safetensors", "cflora_config.json"]
     inputs, cond = model_inputs(), torch.randn(3, COND)
@@ -86,7 +77,7 @@ def test_save_is_atomic_and_overwrites(tmp_path, monkeypatch):
     model = inject_cflora(tiny_llama(), _cfg())
     save_cflora(model, tmp_path / "a")
     before = (tmp_path / "a" / "cflora_adapter.safetensors").read_bytes()
-    _randomise_adapter(model)
+    randomise_adapter(model)
 
     def broken_replace(src, dst):
         raise OSError("disk full")
@@ -106,7 +97,7 @@ def test_save_is_atomic_and_overwrites(tmp_path, monkeypatch):
 @pytest.mark.parametrize("interaction", ["identity", "static"])
 def test_merge_unmerge_round_trip(factory, targets, interaction):
     model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction))
-    _randomise_adapter(model)
+    randomise_adapter(model)
     weights = {n: layer.weight.detach().clone() for n, layer in cflora_layers(model)}
     inputs = model_inputs()
     with torch.no_grad():
@@ -219,7 +210,7 @@ def test_export_to_peft_round_trip(tmp_path, factory, targets, interaction):
     from peft import PeftModel
 
     model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction))
-    _randomise_adapter(model)
+    randomise_adapter(model)
     export_peft_lora(model, tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
@@ -238,7 +229,7 @@ def test_export_to_peft_round_trip(tmp_path, factory, targets, interaction):
 # ------------------------------------------------------------------------------- corrupted adapters (#13.8)
 def _saved_adapter(tmp_path, interaction="full"):
     model = inject_cflora(tiny_llama(), _cfg(interaction))
-    _randomise_adapter(model)
+    randomise_adapter(model)
     save_cflora(model, tmp_path / "a")
     return model, tmp_path / "a"
 
