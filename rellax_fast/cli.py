@@ -168,14 +168,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if unknown:
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    ok = False
     try:
-        return _run_command(args)
+        code = _run_command(args)
+        ok = code == 0
+        return code
     except ModuleNotFoundError as exc:
         message = _needs_extra(args.command, exc)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:  # under torchrun: destroy the process group while the interpreter is alive (gloo aborts otherwise)
+        from rellax_fast.distributed import shutdown
+
+        shutdown(ok)
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -122,6 +122,27 @@ def remove_shards(folder) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def shutdown(ok: bool = True) -> None:
+    """Tear the process group down before the interpreter exits (the CLI calls this after every command).
+
+    Without it a gloo rank can die at exit with ``terminate called without an active exception`` (SIGABRT):
+    its worker threads still hold work objects while the interpreter is finalised (pytorch/pytorch#190489).
+    ``ok``: the command succeeded on this rank, so a last barrier keeps one rank from tearing down while
+    another is still in a collective; after a failure there is no barrier (the others may never reach it).
+    A no-op in one process, and when ``torch.distributed`` was never imported or initialised.
+    """
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        if ok:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def sharded_rows(n: int, rank: int, world: int) -> Tuple[int, int]:
     """[lo, hi) of ``n`` rows for ``rank`` (contiguous, sizes differ by at most one)."""
     return n * rank // world, n * (rank + 1) // world

@@ -51,3 +51,41 @@ def test_shards_round_trip(tmp_path):
     assert not folder.exists()
     with pytest.raises(RuntimeError, match="rank 0's shard is missing"):
         distributed.read_shards(folder, 2)
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_shutdown_destroys_an_initialised_process_group(tmp_path, ok):
+    """The CLI's exit path: a live gloo group (a world of 1 here) is destroyed, so no gloo thread outlives the
+    interpreter (the SIGABRT at exit seen under torchrun); a second call, and a call without a group, are
+    no-ops."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert dist.is_initialized()
+        distributed.shutdown(ok)
+        assert not dist.is_initialized()
+        distributed.shutdown(ok)  # nothing left to destroy
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_cli_main_shuts_the_process_group_down_after_every_command(monkeypatch, code):
+    from rellax_fast import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "_run_command", lambda args: code)
+    monkeypatch.setattr(distributed, "shutdown", lambda ok=True: calls.append(ok))
+    assert cli.main(["info"]) == code
+    assert calls == [code == 0]
+
+    def boom(args):
+        raise RuntimeError("command failed")
+
+    monkeypatch.setattr(cli, "_run_command", boom)
+    with pytest.raises(RuntimeError, match="command failed"):
+        cli.main(["info"])
+    assert calls == [code == 0, False]

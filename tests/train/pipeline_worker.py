@@ -53,4 +53,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from rellax_fast.distributed import shutdown
+
     main(sys.argv[1:])
+    shutdown()  # destroy the gloo group before exit, as the CLI does (a live group can SIGABRT at exit)
