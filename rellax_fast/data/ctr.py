@@ -51,6 +51,7 @@ import pandas as pd
 
 from .._io import file_sha256, fsync_dir
 from .datasets import DataFormatError, RecDataset
+from .domains import get_domain
 
 __all__ = [
     "UserSequences", "CTRSplit", "CTRData", "prepare_ctr", "save_prepared", "load_prepared", "SPLITS",
@@ -155,12 +156,8 @@ class CTRData:
 
 
 def label_of(domain: str, rating: np.ndarray) -> np.ndarray:
-    """The paper's binary label: MovieLens rating > 3; BookCrossing rating >= 5."""
-    if domain == "movie":
-        return (np.asarray(rating) > 3).astype(np.int8)
-    if domain == "book":
-        return (np.asarray(rating) >= 5).astype(np.int8)
-    raise ValueError(f"domain: expected 'movie' or 'book', got {domain!r}")
+    """The paper's binary label, the domain record's rule: MovieLens rating > 3; BookCrossing rating >= 5."""
+    return get_domain(domain).label(rating)
 
 
 def build_sequences(ratings: pd.DataFrame) -> UserSequences:
@@ -246,17 +243,15 @@ def _prepare_bookcrossing(ds: RecDataset, seed: int, min_ratings_exclusive: int 
 
 def prepare_ctr(ds: RecDataset, seed: int = 42, min_history: int = 5) -> CTRData:
     """Build the CTR samples and the train/valid/test splits of ``ds`` (rules in the module docstring)."""
-    if ds.domain == "movie":
+    if get_domain(ds.domain).timed:
         seq, splits, rule = _prepare_movielens(ds, min_history)
-    elif ds.domain == "book":
-        seq, splits, rule = _prepare_bookcrossing(ds, seed)
     else:
-        raise ValueError(f"ds.domain: expected 'movie' or 'book', got {ds.domain!r}")
+        seq, splits, rule = _prepare_bookcrossing(ds, seed)
     empty = [k for k, v in splits.items() if len(v) == 0]
     if empty:
         n = sum(len(v) for v in splits.values())
         why = (f"samples need at least min_history={min_history} earlier ratings of the user (prepare --min-history)"
-               if ds.domain == "movie" else "users need more than 5 ratings")  # fmt: skip
+               if get_domain(ds.domain).timed else "users need more than 5 ratings")  # fmt: skip
         raise EmptySplitError(
             f"{ds.name}: the {'/'.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty: "
             f"{len(ds.ratings):,} ratings of {ds.ratings['user_id'].nunique() if len(ds.ratings) else 0:,} users give "

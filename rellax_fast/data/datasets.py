@@ -16,6 +16,9 @@ Formats (as documented in each dataset's README):
   in BX-Book-Ratings.csv (file order).
 - synthetic: generated, see :mod:`rellax_fast.data.synthetic`.
 
+The :class:`RecDataset` record (and each domain's :class:`~rellax_fast.data.domains.Domain`) lives in
+:mod:`rellax_fast.data.domains`, which the loaders here and the synthetic generator both import.
+
 Every loader checks what it reads; a corrupted file raises :class:`DataFormatError` naming the file and
 the (1-based) line:
 
@@ -39,12 +42,13 @@ import io
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+
+from .domains import RecDataset
 
 __all__ = [
     "RecDataset", "DataFormatError", "DataWarning", "load_dataset", "DATASETS", "default_data_dir", "ML100K_GENRES",
@@ -72,37 +76,6 @@ class DataFormatError(ValueError):
 
 class DataWarning(UserWarning):
     """A raw data file was read, but something in it was fixed or looks suspicious (names the file)."""
-
-
-@dataclass
-class RecDataset:
-    """A recommendation log.
-
-    ratings: columns user_id int64, item_id int64, rating float32, timestamp int64 (one row per rating).
-    items:   indexed by item_id; movies: title str, genres list[str]; books: title, author, year, publisher.
-    users:   indexed by user_id, or None; MovieLens: gender "M"/"F", age int, occupation str;
-             BookCrossing: location str, age float (NaN where unknown).
-    """
-
-    name: str
-    domain: str  # "movie" | "book"
-    ratings: pd.DataFrame
-    items: pd.DataFrame
-    users: Optional[pd.DataFrame] = None
-
-    @property
-    def n_users(self) -> int:
-        return int(self.ratings["user_id"].nunique())
-
-    @property
-    def n_items(self) -> int:
-        return int(len(self.items))
-
-    def __repr__(self) -> str:
-        return (
-            f"RecDataset({self.name!r}, domain={self.domain!r}, ratings={len(self.ratings):,}, "
-            f"users={self.n_users:,}, items={self.n_items:,})"
-        )
 
 
 def default_data_dir(name: str) -> Path:

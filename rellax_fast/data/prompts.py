@@ -1,4 +1,7 @@
-"""Prompt templates per domain (our own wording, the paper's structure) and the ReiT mixed training set.
+"""Prompt templates (our own wording, the paper's structure) and the ReiT mixed training set.
+
+The template is shared by every domain; what differs (nouns, verb, rating scale, the profile sentences) is
+the domain's record in :mod:`rellax_fast.data.domains`.
 
 A prompt has, in order: a user profile sentence where demographics exist (pronouns follow the gender),
 the K shown behaviours as a numbered list "title (r stars)" with a note that more stars mean the user
@@ -12,21 +15,16 @@ The order of ``shown`` is the caller's choice (SUBR modes: recent / sequential /
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .domains import DOMAINS, age_phrase, get_domain, pronouns
+
 __all__ = [
     "Prompt", "render_prompt", "apply_chat", "mix_recent_and_retrieved", "format_rating", "age_phrase", "DOMAINS",
 ]  # fmt: skip
-
-DOMAINS = {
-    # noun, plural, past verb, rating scale shown in the note
-    "movie": ("movie", "movies", "watched", 5),
-    "book": ("book", "books", "read", 10),
-}
 
 
 @dataclass
@@ -44,57 +42,6 @@ def format_rating(rating: float) -> str:
     return f"{text} star" if r == 1 else f"{text} stars"
 
 
-def age_phrase(age) -> Optional[str]:
-    """MovieLens-style age bucket (ml-1m codes 1/18/25/35/45/50/56 land in their own bucket)."""
-    if age is None or (isinstance(age, float) and math.isnan(age)):
-        return None
-    a = float(age)
-    if a < 18:
-        return "under 18"
-    for lo, hi in ((18, 24), (25, 34), (35, 44), (45, 49), (50, 55)):
-        if a <= hi:
-            return f"{lo} to {hi}"
-    return "56 or older"
-
-
-def _pronouns(profile: Optional[dict]):
-    gender = (profile or {}).get("gender")
-    if gender == "M":
-        return "He", "he", "His", "a man"
-    if gender == "F":
-        return "She", "she", "Her", "a woman"
-    return "The user", "the user", "The user's", None
-
-
-def _profile_sentence(domain: str, profile: Optional[dict]) -> str:
-    if not profile:
-        return ""
-    subj, _, poss, person = _pronouns(profile)
-    parts = []
-    if domain == "movie":
-        age = age_phrase(profile.get("age"))
-        if person and age:
-            parts.append(f"The user is {person} aged {age}.")
-        elif person:
-            parts.append(f"The user is {person}.")
-        elif age:
-            parts.append(f"The user is aged {age}.")
-        occ = profile.get("occupation")
-        if occ and occ not in ("none", "other"):
-            parts.append(f"{poss} occupation is {occ}.")
-    else:
-        loc = str(profile.get("location") or "").strip(" ,")
-        age = profile.get("age")
-        known_age = age is not None and not (isinstance(age, float) and math.isnan(age))
-        if person:
-            parts.append(f"The user is {person}.")
-        if loc:
-            parts.append(f"{subj} lives in {loc}.")
-        if known_age:
-            parts.append(f"{subj} is {int(age)} years old.")
-    return " ".join(parts)
-
-
 def render_prompt(
     domain: str,
     profile: Optional[dict],
@@ -103,14 +50,13 @@ def render_prompt(
     placeholder: Optional[str] = "<spa>",
 ) -> Prompt:
     """Render one CTR prompt. ``shown``: (item_id, title, rating) in display order; ``target``: (item_id, title)."""
-    if domain not in DOMAINS:
-        raise ValueError(f"domain: expected one of {sorted(DOMAINS)}, got {domain!r}")
-    noun, plural, verb, scale = DOMAINS[domain]
-    subj, subj_lower, _, _ = _pronouns(profile)
+    record = get_domain(domain)
+    noun, plural, verb, scale = record.noun, record.plural, record.verb, record.rating_scale
+    subj, subj_lower, _, _ = pronouns(profile)
     tag = f" {placeholder}" if placeholder else ""
     ids: List[int] = []
     lines = []
-    intro = _profile_sentence(domain, profile)
+    intro = record.profile_sentence(profile)
     if intro:
         lines.append(intro)
     if shown:

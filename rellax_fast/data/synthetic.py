@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .datasets import RecDataset
+from .domains import RecDataset
 
 __all__ = ["make_synthetic", "SYNTHETIC_GENRES"]
 
