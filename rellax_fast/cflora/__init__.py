@@ -17,12 +17,15 @@ Typical use (any Hugging Face model)::
 from .config import INTERACTIONS, CFLoRAConfig
 from .hooks import disable_cflora_cond_kwarg, enable_cflora_cond_kwarg
 from .interaction import (
+    INTERACTION_KINDS,
     FullInteraction,
+    IdentityInteraction,
     InteractionGenerator,
     MoEInteraction,
     RecRank1Interaction,
     StaticInteraction,
     build_interaction,
+    register_interaction,
 )
 from .layers import CFLoRALinear
 from .model import (
@@ -55,6 +58,9 @@ from .persistence import (
 
 __all__ = [
     "INTERACTIONS",
+    "INTERACTION_KINDS",
+    "register_interaction",
+    "IdentityInteraction",
     "CFLoRAConfig",
     "CFLoRALinear",
     "InteractionGenerator",

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from .._io import atomic_write_bytes
+from ..ops._backend import BACKENDS
+from .interaction import INTERACTION_KINDS, INTERACTIONS, interaction_class  # noqa: F401  (re-exported)
 
-INTERACTIONS = ("identity", "static", "full", "moe", "recrank1")
-# interactions whose C depends on the per-sample conditioning vector
-CONDITIONED_INTERACTIONS = ("full", "moe", "recrank1")
 LORA_INITS = ("kaiming", "gaussian", "random")
-BACKEND_CHOICES = (None, "auto", "reference", "cpp", "cuda", "triton")
+# None: automatic per call; "auto": the same, spelled out; else one of ops._backend.BACKENDS
+BACKEND_CHOICES = (None, "auto", *BACKENDS)
 # target_modules value meaning every nn.Linear / Conv1D except the output head (PEFT's "all-linear")
 ALL_LINEAR = "all-linear"
 # the "format" tag of a saved config: version 2 adds exclude_modules, rank/alpha_pattern, modules_to_save and
@@ -71,9 +71,10 @@ class CFLoRAConfig:
         alpha_pattern: per-module alpha, ``{pattern: alpha}``, matched as rank_pattern.
         modules_to_save: modules (suffixes or a regex) that are trained and saved in full, e.g. a read-out
             head; disable_adapter() swaps their original (frozen) copy back in.
-        interaction: constraint on C: "identity" (C = I, plain LoRA), "static" (one learned r x r),
-            "full" (dense r x r per sample from a generator), "moe" (block-diagonal, block e is
-            ``n·g_e(u)·I``, gates g a softmax), "recrank1" (``n·(w wᵀ) ⊗ I_{r/n}``, w a softmax).
+        interaction: constraint on C, a kind registered in ``cflora.interaction.INTERACTIONS``: "identity"
+            (C = I, plain LoRA), "static" (one learned r x r), "full" (dense r x r per sample from a
+            generator), "moe" (block-diagonal, block e is ``n·g_e(u)·I``, gates g a softmax), "recrank1"
+            (``n·(w wᵀ) ⊗ I_{r/n}``, w a softmax).
         cond_dim: size of the per-sample conditioning vector (required for conditioned interactions).
         n_experts: number of experts for "moe" and "recrank1" (must divide r).
         generator_hidden: hidden width of the "full" generator (default ``2 r²``).
@@ -152,24 +153,8 @@ class CFLoRAConfig:
                     re.compile(key)
                 except re.error as exc:
                     raise ValueError(f"CFLoRAConfig.{name}: {key!r} is not a valid regex ({exc})") from None
-        if self.interaction not in INTERACTIONS:
-            raise ValueError(
-                f"CFLoRAConfig.interaction must be one of {', '.join(INTERACTIONS)}; got {self.interaction!r}"
-            )
-        if self.needs_cond:
-            if not (isinstance(self.cond_dim, int) and self.cond_dim >= 1):
-                raise ValueError(
-                    f"CFLoRAConfig.cond_dim must be a positive int for interaction={self.interaction!r}; "
-                    f"got {self.cond_dim!r}"
-                )
-        if self.interaction in ("moe", "recrank1"):
-            if not (isinstance(self.n_experts, int) and self.n_experts >= 1):
-                raise ValueError(f"CFLoRAConfig.n_experts must be a positive int; got {self.n_experts!r}")
-            if self.r % self.n_experts != 0:
-                raise ValueError(
-                    f"CFLoRAConfig: interaction={self.interaction!r} needs n_experts to divide r; "
-                    f"got r={self.r}, n_experts={self.n_experts}"
-                )
+        # the kind's own checks (cond_dim for conditioned kinds, n_experts for moe / recrank1, ...)
+        interaction_class(self.interaction).check_config(self)
         if self.generator_hidden is not None and not (
             isinstance(self.generator_hidden, int) and self.generator_hidden >= 1
         ):
@@ -182,7 +167,7 @@ class CFLoRAConfig:
             raise ValueError(f"CFLoRAConfig.init_lora must be one of {', '.join(LORA_INITS)}; got {self.init_lora!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(
-                f"CFLoRAConfig.backend must be None or one of auto, reference, cpp, cuda, triton; got {self.backend!r}"
+                f"CFLoRAConfig.backend must be None or one of {', '.join(BACKEND_CHOICES[1:])}; got {self.backend!r}"
             )
 
     # ------------------------------------------------------------------ derived values
@@ -192,7 +177,13 @@ class CFLoRAConfig:
 
     @property
     def needs_cond(self) -> bool:
-        return self.interaction in CONDITIONED_INTERACTIONS
+        """Whether the interaction's C depends on the per-sample conditioning vector (from the registry)."""
+        return interaction_class(self.interaction).needs_cond
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether C is a constant that merge_cflora can fold into the base weight (from the registry)."""
+        return interaction_class(self.interaction).mergeable
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """(r, alpha) of the module ``module_name`` after rank_pattern / alpha_pattern."""

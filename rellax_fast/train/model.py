@@ -75,7 +75,7 @@ class ReLLaXOptions:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
-    interaction: str = "full"
+    interaction: str = "full"  # a kind of rellax_fast.cflora.INTERACTIONS
     n_experts: int = 4
     target_modules: Optional[List[str]] = None  # None: per-architecture default (q and v projections)
     use_spa: bool = True
@@ -102,6 +102,7 @@ class ReLLaXModel(nn.Module):
     ):
         super().__init__()
         from rellax_fast.cflora import CFLoRAConfig, inject_cflora
+        from rellax_fast.cflora.interaction import interaction_class
 
         from ..spa.projector import SPAProjector
 
@@ -117,7 +118,7 @@ class ReLLaXModel(nn.Module):
         self.cflora_config = CFLoRAConfig(
             r=options.r, alpha=options.alpha, dropout=options.dropout, target_modules=targets,
             interaction=options.interaction, n_experts=options.n_experts, backend=options.backend,
-            cond_dim=cond_dim if options.interaction in ("full", "moe", "recrank1") else None,
+            cond_dim=cond_dim if interaction_class(options.interaction).needs_cond else None,
         )  # fmt: skip
         inject_cflora(backbone, self.cflora_config)  # freezes the base weights
         d_model = backbone.get_input_embeddings().weight.shape[1]
