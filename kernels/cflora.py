@@ -55,10 +55,16 @@ import torch
 import triton
 import triton.language as tl
 
-from rellax_fast._kernel_common import dropout_key, dropout_threshold, triton_interpreting
+from rellax_fast._kernel_common import (
+    CFLORA_TRITON_DTYPES,
+    CFLORA_TRITON_MAX_RANK,
+    dropout_key,
+    dropout_threshold,
+    triton_interpreting,
+)
 
-MAX_RANK = 128  # one register tile holds a row block of S/T (BLOCK_R = next pow2 >= r, at least 16)
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_RANK = CFLORA_TRITON_MAX_RANK  # one register tile holds a row block of S/T (BLOCK_R = next pow2 >= r, >= 16)
+_DTYPES = tuple(getattr(torch, name) for name in CFLORA_TRITON_DTYPES)
 
 
 # ----------------------------------------------------------------------------------------------------

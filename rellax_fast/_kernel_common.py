@@ -6,7 +6,9 @@ A leaf module: it imports only the standard library. It owns:
 - the switch that tells whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``);
 - the integer half of the dropout hash (:func:`dropout_key`, :func:`dropout_threshold`), whose tensor twin and
   reference mask live in :mod:`rellax_fast.ops.dropout` and whose C++ form is in ``csrc/common.h``;
-- ``NORM_EPS``, the zero-norm rule of cosine retrieval: x / max(||x||, NORM_EPS), on every backend.
+- ``NORM_EPS``, the zero-norm rule of cosine retrieval: x / max(||x||, NORM_EPS), on every backend;
+- the Triton CFLoRA kernel's limits (``CFLORA_TRITON_MAX_RANK``, ``CFLORA_TRITON_DTYPES``), which the kernel
+  enforces and the op's backend table reports (its ``supports`` check in :mod:`rellax_fast.ops.cflora`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import os
 
 NORM_EPS = 1e-12
 M32 = 0xFFFFFFFF
+CFLORA_TRITON_MAX_RANK = 128  # one register tile holds a row block of S/T (BLOCK_R = next pow2 >= r, at least 16)
+CFLORA_TRITON_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names (this module imports no torch)
 
 
 def triton_interpreting() -> bool:

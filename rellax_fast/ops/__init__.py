@@ -1,6 +1,8 @@
 """The public ops, their torch.library registration, PyTorch references and backend routing.
 
-Importing this package loads no extension and no triton; each op resolves its backend per call.
+Importing this package loads no extension and no triton; each op resolves its backend per call. Each op
+module registers its implementations (one per backend) in the table of :mod:`rellax_fast.ops._backend` and its
+extension hook (:mod:`rellax_fast.ops._registry`) at its own import; ``OP_MODULES`` lists the op modules.
 """
 
 from __future__ import annotations
@@ -8,7 +10,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._backend import BACKENDS, BackendUnavailableError, availability, registered_ops, resolve
+from ._backend import (
+    BACKEND_CHOICES,
+    BACKENDS,
+    BackendUnavailableError,
+    availability,
+    register_impl,
+    register_op,
+    registered_ops,
+    resolve,
+)
 
 _LAZY = {
     "cflora_linear": "rellax_fast.ops.cflora",
@@ -22,7 +33,8 @@ _LAZY = {
 # every op module, imported by all_ops() so that `rellax-fast info` sees each registration
 OP_MODULES = ("rellax_fast.ops.cflora", "rellax_fast.ops.topk", "rellax_fast.ops.dropout")
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "availability", "registered_ops", "resolve", "all_ops", *_LAZY]
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "BackendUnavailableError", "availability", "register_impl", "register_op",
+           "registered_ops", "resolve", "all_ops", *_LAZY]
 
 
 def all_ops() -> list:

@@ -1,17 +1,27 @@
-"""Backend routing shared by every op: reference / cpp / cuda / triton.
+"""Backend routing shared by every op: reference / cpp / cuda / triton, and the one table of implementations.
+
+This module owns the backend names (:data:`BACKENDS`), each backend's environment check (is ``_C`` built, with
+CUDA, is triton installed, ...), the per-op automatic preference (:func:`register_op`) and the per-op
+implementation table (:func:`register_impl`). Each op module fills its rows at import: one call per backend
+that implements the op, with the function that runs it and, optionally, a ``supports`` capability check
+(rank limits, dtypes, ...). The op then dispatches through :func:`impl`; there is no per-op if-chain on
+backend names.
 
 Rules (docs/architecture.md):
-- automatic choice picks the fastest available backend for the tensor's device, in the order each op
-  declares (:func:`register_op`);
+- automatic choice picks the fastest backend for the tensor's device, in the order each op declares
+  (:func:`register_op`), skipping one whose environment check fails or whose ``supports`` refuses the call;
 - ``backend=`` or the ``RELLAX_BACKEND`` environment variable forces one;
-- a forced backend that is unavailable raises :class:`BackendUnavailableError` with the reason. It never
-  falls back silently.
+- a forced backend that is unavailable, or whose ``supports`` refuses the call, raises
+  :class:`BackendUnavailableError` naming the op, the backend and the reason. It never falls back silently.
+
+Registering loads nothing: implementations import their kernels (triton, ``_C``) when they first run.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -19,6 +29,8 @@ from .. import _ext
 from .._kernel_common import triton_interpreting
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
+# what a backend= argument accepts wherever one is taken (configs, layers, patches): None/"auto" is automatic
+BACKEND_CHOICES = (None, "auto", *BACKENDS)
 ENV_VAR = "RELLAX_BACKEND"
 
 
@@ -28,6 +40,11 @@ class BackendUnavailableError(RuntimeError):
 
 def _torch_label() -> str:
     return f"torch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# environment checks, one per backend: can it run at all here, on this device type?
+# ----------------------------------------------------------------------------------------------------------
 
 
 def cpp_unavailable(device_type: Optional[str]) -> Optional[str]:
@@ -96,60 +113,153 @@ _CHECKS: Dict[str, Callable[[Optional[str]], Optional[str]]] = {
     "triton": triton_unavailable,
 }
 
+# backends whose implementations live in rellax_fast._C: choosing one loads it and runs the ops' extension
+# hooks (fake implementations, autograd) once (ops/_registry.py)
+EXT_BACKENDS = ("cpp", "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the tables: automatic order per op and device type, and the implementations
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One row of the table: ``fn`` runs the op on this backend (its signature is the op's own, see the op
+    module); ``supports(**call)`` returns None when it can run that call, else the reason (shapes, dtypes)."""
+
+    fn: Callable[..., Any]
+    supports: Optional[Callable[..., Optional[str]]] = None
+
+
 # op name -> {device type -> ordered preference}
 _OPS: Dict[str, Dict[str, List[str]]] = {}
-# op name -> backends that have an implementation
-_IMPLEMENTED: Dict[str, List[str]] = {}
+# op name -> {backend -> Impl}
+_IMPLS: Dict[str, Dict[str, Impl]] = {}
 
 
-def register_op(name: str, preference: Dict[str, Sequence[str]], implemented: Sequence[str] = BACKENDS) -> None:
-    """Declare an op, the backends it implements, and its automatic order per device type (fastest first)."""
-    for b in list(implemented) + [b for order in preference.values() for b in order]:
-        if b not in BACKENDS:
-            raise ValueError(f"unknown backend {b!r} for {name}")
+def _check_backend_name(backend: str, what: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}: backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+def register_op(name: str, preference: Mapping[str, Sequence[str]]) -> None:
+    """Declare an op and its automatic order per device type (fastest first); device types not named get
+    ``["reference"]``. The backends it implements are those given to :func:`register_impl`."""
+    for order in preference.values():
+        for b in order:
+            _check_backend_name(b, f"register_op({name!r})")
     _OPS[name] = {dev: list(order) for dev, order in preference.items()}
-    _IMPLEMENTED[name] = list(implemented)
+    _IMPLS.setdefault(name, {})
+
+
+def register_impl(op: str, backend: str, fn: Callable[..., Any],
+                  supports: Optional[Callable[..., Optional[str]]] = None) -> None:
+    """Register ``fn`` as ``op``'s implementation on ``backend`` (replacing an earlier one).
+
+    ``supports``, if given, is called with the call's keyword arguments (whatever the op passes to
+    :func:`resolve`, e.g. its tensors) and returns None when the backend can run that call, or a reason
+    string (e.g. "rank r=200 exceeds the triton kernel's limit of 128"). Automatic choice skips a backend
+    that refuses; a forced one raises with the reason. It may read shapes, dtypes and devices only (it also
+    runs while torch.compile traces), never tensor values. Neither ``fn`` nor ``supports`` may import triton
+    or load ``_C`` at registration: import inside ``fn``.
+    """
+    _check_backend_name(backend, f"register_impl({op!r})")
+    if not callable(fn):
+        raise TypeError(f"register_impl({op!r}, {backend!r}): fn must be callable; got {type(fn).__name__}")
+    if supports is not None and not callable(supports):
+        raise TypeError(f"register_impl({op!r}, {backend!r}): supports must be callable or None; "
+                        f"got {type(supports).__name__}")
+    _IMPLS.setdefault(op, {})[backend] = Impl(fn, supports)
 
 
 def registered_ops() -> List[str]:
-    return sorted(_OPS)
+    return sorted(set(_OPS) | set(_IMPLS))
 
 
-def why_unavailable(backend: str, device_type: Optional[str] = None, op: Optional[str] = None) -> Optional[str]:
-    """None when ``backend`` can run ``op`` on ``device_type`` (None: anywhere here), else the reason."""
+def implemented(op: str) -> Tuple[str, ...]:
+    """The backends that have an implementation of ``op``, in :data:`BACKENDS` order."""
+    table = _IMPLS.get(op, {})
+    return tuple(b for b in BACKENDS if b in table)
+
+
+def auto_order(op: str, device_type: str) -> List[str]:
+    """``op``'s automatic preference on ``device_type`` (fastest first), as declared by :func:`register_op`."""
+    return list(_OPS.get(op, {}).get(device_type, ["reference"]))
+
+
+def impl(op: str, backend: str) -> Callable[..., Any]:
+    """The function registered for ``op`` on ``backend`` (after :func:`resolve` chose it)."""
+    try:
+        return _IMPLS[op][backend].fn
+    except KeyError:
+        raise BackendUnavailableError(f"{op} has no {backend} implementation") from None
+
+
+def _refusal(op: str, backend: str, call: Mapping[str, Any]) -> Optional[str]:
+    """The ``supports`` reason of ``op`` on ``backend`` for this call, or None (no check, or it accepts)."""
+    row = _IMPLS.get(op, {}).get(backend)
+    if row is None or row.supports is None or not call:
+        return None
+    return row.supports(**call)
+
+
+def why_unavailable(backend: str, device_type: Optional[str] = None, op: Optional[str] = None,
+                    **call: Any) -> Optional[str]:
+    """None when ``backend`` can run ``op`` on ``device_type`` (None: anywhere here), else the reason.
+
+    With the call's keyword arguments (``**call``, what the op passes to :func:`resolve`), the backend's
+    ``supports`` check for ``op`` runs too, so a rank or dtype limit is explained as well.
+    """
     if backend not in _CHECKS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-    if op is not None and op in _IMPLEMENTED and backend not in _IMPLEMENTED[op]:
+    if op is not None and op in _IMPLS and backend not in _IMPLS[op]:
         return f"{op} has no {backend} implementation"
-    return _CHECKS[backend](device_type)
+    reason = _CHECKS[backend](device_type)
+    if reason is None and op is not None:
+        reason = _refusal(op, backend, call)
+    return reason
 
 
-def availability(op: Optional[str] = None, device_type: Optional[str] = None) -> Dict[str, Optional[str]]:
+def availability(op: Optional[str] = None, device_type: Optional[str] = None, **call: Any) -> Dict[str, Optional[str]]:
     """{backend: None if available else the reason} for ``op`` (None: any op) on ``device_type``."""
-    return {b: why_unavailable(b, device_type, op) for b in BACKENDS}
+    return {b: why_unavailable(b, device_type, op, **call) for b in BACKENDS}
 
 
-# Evaluated eagerly while torch.compile traces (its result is a constant of the graph): the choice, and the
-# one-time load of _C it may trigger, are not traceable Python. A later change of RELLAX_BACKEND does not
-# recompile an already compiled function. (Marked below as torch.compiler.assume_constant_result does, but
-# without calling it: that call imports torch._dynamo, and with it triton, at `import rellax_fast`.)
-def resolve(op: str, device: torch.device, backend: Optional[str] = None) -> str:
+# ----------------------------------------------------------------------------------------------------------
+# the choice
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve(op: str, device: torch.device, backend: Optional[str] = None, **call: Any) -> str:
     """The backend that runs ``op`` on ``device``; forced ones that cannot run raise with the reason.
 
-    Choosing cpp or cuda also loads ``_C`` and registers its fake/autograd formulas (once).
+    ``**call`` (e.g. the op's tensors) goes to each candidate's ``supports`` check: automatic choice skips a
+    backend that refuses the call, a forced one raises :class:`BackendUnavailableError` naming the op, the
+    backend and the reason. Choosing cpp or cuda also loads ``_C`` and registers its fake/autograd formulas
+    (once).
     """
-    chosen = _choose(op, device, backend)
-    if chosen in ("cpp", "cuda"):
-        from ._registry import ensure_ext_registered
+    forced, candidates = _candidates(op, device, backend)
+    refused = []
+    for b in candidates:
+        reason = _refusal(op, b, call)
+        if reason is None:
+            return b
+        if forced is not None:
+            raise BackendUnavailableError(f"{op}: {forced} cannot run this call: {reason}")
+        refused.append(f"{b}: {reason}")
+    raise BackendUnavailableError(f"{op}: no backend can run this call on {device.type} tensors ("
+                                  + "; ".join(refused or ["no implementation is registered"]) + ")")
 
-        ensure_ext_registered()
-    return chosen
 
-
-resolve._dynamo_marked_constant = True  # what torch._dynamo.assume_constant_result(resolve) sets
-
-
-def _choose(op: str, device: torch.device, backend: Optional[str]) -> str:
+# Evaluated eagerly while torch.compile traces (its result is a constant of the graph): the environment
+# checks, and the one-time load of _C they may trigger, are not traceable Python. A later change of
+# RELLAX_BACKEND does not recompile an already compiled function. (Marked below as
+# torch.compiler.assume_constant_result does, but without calling it: that call imports torch._dynamo, and
+# with it triton, at `import rellax_fast`.) The ``supports`` checks run after it, in traced Python, so
+# torch.compile guards on the shapes and dtypes they read.
+def _candidates(op: str, device: torch.device, backend: Optional[str]) -> Tuple[Optional[str], Tuple[str, ...]]:
+    """(the label of a forced backend or None, the backends to try in order), environment checks done."""
     forced = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     device_type = device.type
     if forced is not None:
@@ -162,13 +272,22 @@ def _choose(op: str, device: torch.device, backend: Optional[str]) -> str:
                 f"backend must be one of {', '.join(BACKENDS)} or 'auto'; got {forced!r}"
                 + (f" (from ${ENV_VAR})" if backend is None else "")
             )
+        source = "backend=" + repr(forced) if backend is not None else f"{ENV_VAR}={forced}"
         reason = why_unavailable(forced, device_type, op)
         if reason is not None:
-            source = "backend=" + repr(forced) if backend is not None else f"{ENV_VAR}={forced}"
             raise BackendUnavailableError(f"{op}: {source} is unavailable: {reason}")
-        return forced
-    order = _OPS.get(op, {}).get(device_type, ["reference"])
-    for b in order:
-        if why_unavailable(b, device_type, op) is None:
-            return b
-    return "reference"
+        chosen: Tuple[str, ...] = (forced,)
+    else:
+        order = auto_order(op, device_type)
+        if "reference" not in order:
+            order.append("reference")  # the fallback when nothing faster can run
+        chosen = tuple(b for b in order if why_unavailable(b, device_type, op) is None)
+        source = None
+    if any(b in EXT_BACKENDS for b in chosen):
+        from ._registry import ensure_ext_registered
+
+        ensure_ext_registered()
+    return source, chosen
+
+
+_candidates._dynamo_marked_constant = True  # what torch._dynamo.assume_constant_result(_candidates) sets

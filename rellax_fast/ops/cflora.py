@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _backend
+from .._kernel_common import CFLORA_TRITON_DTYPES, CFLORA_TRITON_MAX_RANK
+from . import _backend, _registry
 from ._registry import ext_op
 from .dropout import SeedLike, seeded_dropout_ref
 
@@ -299,24 +300,14 @@ def cflora_linear(
             _autocast_cast(t, device_type, autocast_dtype) for t in (x, weight, bias, lora_a, lora_b, interaction)
         )
     rows_per_sample = _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, seed)
-    which = _backend.resolve(OP, x.device, backend)
+    which = _backend.resolve(OP, x.device, backend, x=x, lora_a=lora_a)
     dropout_p, scale = float(dropout_p), float(scale)
     if dropout_p == 0.0:
         seed = 0
     else:
         seed = _graph_seed(seed)
-    if which == "reference":
-        return _reference(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed)
-    d_in, d_out = x.shape[-1], weight.shape[0]
-    x2d = x.reshape(-1, d_in)
-    args = (x2d, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p)
-    if isinstance(seed, Tensor):
-        y2d, _, _ = torch.ops.rellax_fast.cflora_fwd_tensor_seed(*args, seed, which)
-    elif which == "triton":
-        y2d, _, _ = torch.ops.rellax_fast.cflora_fwd_triton(*args, int(seed))
-    else:  # cpp or cuda: one schema, the dispatcher picks the CPU or CUDA kernel
-        y2d, _, _ = ext_op("cflora_fwd")(*args, int(seed))
-    return y2d.view(*x.shape[:-1], d_out)
+    return _backend.impl(OP, which)(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale,
+                                    dropout_p, seed)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,20 +515,20 @@ _cflora_fwd_triton.register_autograd(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _kernel_ops(backend: str) -> "_KernelOps":
+    fn = _backend.impl(OP, backend)
+    ops = getattr(fn, "kernel_ops", None)
+    if ops is None:
+        raise ValueError(f"cflora_linear: no tensor-seed kernel for backend {backend!r}")
+    return ops
+
+
 def _fwd_op_for(backend: str):
-    if backend == "triton":
-        return torch.ops.rellax_fast.cflora_fwd_triton
-    if backend in ("cpp", "cuda"):
-        return ext_op("cflora_fwd")
-    raise ValueError(f"cflora_linear: no tensor-seed kernel for backend {backend!r}")
+    return _kernel_ops(backend).fwd()
 
 
 def _bwd_op_for(backend: str):
-    if backend == "triton":
-        return torch.ops.rellax_fast.cflora_bwd_triton
-    if backend in ("cpp", "cuda"):
-        return ext_op("cflora_bwd")
-    raise ValueError(f"cflora_linear: no tensor-seed kernel for backend {backend!r}")
+    return _kernel_ops(backend).bwd()
 
 
 @torch.library.custom_op("rellax_fast::cflora_fwd_tensor_seed", mutates_args=())
@@ -586,3 +577,59 @@ _cflora_fwd_tensor_seed.register_autograd(
     _make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd_tensor_seed(*a)),
     setup_context=_fwd_setup_context,
 )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the implementation table (rellax_fast.ops._backend): fn(x, weight, bias, lora_a, lora_b, interaction,
+# rows_per_sample, scale, dropout_p, seed) -> y of shape (..., d_out); seed is an int (0 without dropout) or a
+# one-element integer tensor (torch.compile)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _KernelOps(NamedTuple):
+    """The forward and backward torch.library ops of one fused backend (getters: the ops load lazily)."""
+
+    fwd: Callable[[], Any]
+    bwd: Callable[[], Any]
+
+
+def _fused_impl(backend: str, kernel_ops: _KernelOps) -> Callable[..., Tensor]:
+    """The table entry of a fused backend: x flattened to (M, d_in) rows, then its forward op (an int seed)
+    or the opaque tensor-seed op, which calls the same forward inside its implementation."""
+
+    def run(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed) -> Tensor:
+        d_in, d_out = x.shape[-1], weight.shape[0]
+        args = (x.reshape(-1, d_in), weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p)
+        if isinstance(seed, Tensor):
+            y2d, _, _ = torch.ops.rellax_fast.cflora_fwd_tensor_seed(*args, seed, backend)
+        else:
+            y2d, _, _ = kernel_ops.fwd()(*args, int(seed))
+        return y2d.view(*x.shape[:-1], d_out)
+
+    run.kernel_ops = kernel_ops
+    return run
+
+
+_TRITON_DTYPES = tuple(getattr(torch, name) for name in CFLORA_TRITON_DTYPES)
+
+
+def _triton_supports(x: Tensor, lora_a: Tensor, **_call) -> Optional[str]:
+    """The Triton kernel's limits: one register tile per row block of S/T caps the rank; no float64."""
+    r = lora_a.shape[0]
+    if r > CFLORA_TRITON_MAX_RANK:
+        return f"rank r={r} exceeds the triton kernel's limit of {CFLORA_TRITON_MAX_RANK}"
+    if x.dtype not in _TRITON_DTYPES:
+        return f"the triton kernel runs {', '.join(CFLORA_TRITON_DTYPES)} only; got {x.dtype}"
+    return None
+
+
+# cpp and cuda share one schema; the dispatcher picks the CPU or CUDA kernel by device
+_EXT_OPS = _KernelOps(fwd=lambda: ext_op("cflora_fwd"), bwd=lambda: ext_op("cflora_bwd"))
+_TRITON_OPS = _KernelOps(fwd=lambda: torch.ops.rellax_fast.cflora_fwd_triton,
+                         bwd=lambda: torch.ops.rellax_fast.cflora_bwd_triton)
+
+_backend.register_impl(OP, "reference", _reference)
+_backend.register_impl(OP, "cpp", _fused_impl("cpp", _EXT_OPS))
+_backend.register_impl(OP, "cuda", _fused_impl("cuda", _EXT_OPS))
+_backend.register_impl(OP, "triton", _fused_impl("triton", _TRITON_OPS), supports=_triton_supports)
+_registry.register_ext_hook(_register_ext)

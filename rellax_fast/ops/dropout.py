@@ -17,12 +17,12 @@ import torch
 
 from .._kernel_common import M32 as _M32
 from .._kernel_common import dropout_key, dropout_threshold
-from . import _backend
+from . import _backend, _registry
 from ._registry import ext_op
 
 OP = "seeded_dropout"
-_backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["cuda", "reference"]},
-                     implemented=("reference", "cpp", "cuda"))
+_backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["cuda", "reference"]})
+
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     # (x * c) mod 2^32 for 0 <= x < 2^32 held in int64, without signed overflow: split c into 16-bit halves.
@@ -87,9 +87,24 @@ def seeded_dropout(x: torch.Tensor, p: float, seed: int, *, backend: Optional[st
     """Inverted dropout of ``x`` with the mask hash(seed, flat index); differentiable on every backend."""
     _check(x, p)
     which = _backend.resolve(OP, x.device, backend)
-    if which == "reference" or p == 0.0:
-        return seeded_dropout_ref(x, p, seed)
+    if p == 0.0:
+        return x
+    return _backend.impl(OP, which)(x, p, seed)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# implementations: fn(x, p, seed) -> drop(x), one table row per backend (rellax_fast.ops._backend)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _run_ext(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    # cpp and cuda share one torch.library op; the dispatcher picks the CPU or CUDA kernel by device
     return ext_op(OP)(x.contiguous(), float(p), int(seed))
+
+
+_backend.register_impl(OP, "reference", seeded_dropout_ref)
+_backend.register_impl(OP, "cpp", _run_ext)
+_backend.register_impl(OP, "cuda", _run_ext)
 
 
 def _register_ext() -> None:
@@ -105,3 +120,6 @@ def _register_ext() -> None:
         return torch.ops.rellax_fast.seeded_dropout(grad.contiguous(), ctx.p, ctx.seed), None, None
 
     torch.library.register_autograd("rellax_fast::seeded_dropout", _backward, setup_context=_setup)
+
+
+_registry.register_ext_hook(_register_ext)

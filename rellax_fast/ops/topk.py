@@ -33,12 +33,11 @@ from typing import Optional, Tuple
 import torch
 
 from .._kernel_common import NORM_EPS  # the zero-norm rule shared by all backends
-from . import _backend
+from . import _backend, _registry
 from ._registry import ext_op
 
 OP = "semantic_topk"
-_backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["triton", "cuda", "reference"]},
-                     implemented=("reference", "cpp", "cuda", "triton"))
+_backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["triton", "cuda", "reference"]})
 
 METRICS = ("cosine", "dot")
 _INDEX_ARGS = ("seq_items", "seq_offsets", "sample_user", "sample_pos")
@@ -340,27 +339,49 @@ def semantic_topk(item_emb: torch.Tensor, seq_items: torch.Tensor, seq_offsets: 
     n_samples = sample_user.shape[0]
     if n_samples == 0 or k == 0:
         return _empty_result(n_samples, k, item_emb.device)
-    normalize = metric == "cosine"
     with torch.no_grad():
-        if which == "reference":
-            compute = torch.float64 if item_emb.device.type == "cpu" else torch.float32
-            pos, score = semantic_topk_ref(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric,
-                                           compute_dtype=compute)
-            return pos, score.to(torch.float32)
-        if which == "triton":
-            from rellax_fast.kernels.topk import prepare_table, semantic_topk_triton
+        return _backend.impl(OP, which)(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k,
+                                        metric == "cosine", max_pos)
 
-            table = _TABLES.table(item_emb, f"triton-{normalize}", lambda t: prepare_table(t, normalize))
-            return semantic_topk_triton(table, seq_items, seq_offsets, sample_user, sample_pos, k,
-                                        normalize=normalize, max_pos=max_pos, prepared=True)
-        # cpp and cuda share one torch.library op; the dispatcher picks the kernel by device. The CUDA kernel
-        # gets the cached float32 (normalised) table with normalize=False; the CPU kernel builds its own padded
-        # table, fused with the normalisation, inside the op.
-        if which == "cuda":
-            item_emb = _TABLES.table(item_emb, f"cuda-{normalize}", lambda t: _cuda_table(t, normalize))
-            normalize = False
-        return ext_op(OP)(item_emb.contiguous(), seq_items.contiguous(), seq_offsets.contiguous(),
-                          sample_user.contiguous(), sample_pos.contiguous(), k, normalize)
+
+# ----------------------------------------------------------------------------------------------------------
+# implementations: fn(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize, max_pos)
+# -> (pos, score float32), on validated arguments with S > 0 and k > 0; one table row per backend
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _run_reference(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize, max_pos):
+    compute = torch.float64 if item_emb.device.type == "cpu" else torch.float32
+    pos, score = semantic_topk_ref(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k,
+                                   "cosine" if normalize else "dot", compute_dtype=compute)
+    return pos, score.to(torch.float32)
+
+
+def _run_triton(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize, max_pos):
+    from rellax_fast.kernels.topk import prepare_table, semantic_topk_triton
+
+    table = _TABLES.table(item_emb, f"triton-{normalize}", lambda t: prepare_table(t, normalize))
+    return semantic_topk_triton(table, seq_items, seq_offsets, sample_user, sample_pos, k,
+                                normalize=normalize, max_pos=max_pos, prepared=True)
+
+
+def _run_cpp(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize, max_pos):
+    # the CPU kernel builds its own padded table, fused with the normalisation, inside the op
+    return ext_op(OP)(item_emb.contiguous(), seq_items.contiguous(), seq_offsets.contiguous(),
+                      sample_user.contiguous(), sample_pos.contiguous(), k, normalize)
+
+
+def _run_cuda(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize, max_pos):
+    # the same torch.library op as cpp (the dispatcher picks the kernel by device); the CUDA kernel gets the
+    # cached float32 (normalised) table with normalize=False
+    table = _TABLES.table(item_emb, f"cuda-{normalize}", lambda t: _cuda_table(t, normalize))
+    return _run_cpp(table, seq_items, seq_offsets, sample_user, sample_pos, k, False, max_pos)
+
+
+_backend.register_impl(OP, "reference", _run_reference)
+_backend.register_impl(OP, "cpp", _run_cpp)
+_backend.register_impl(OP, "cuda", _run_cuda)
+_backend.register_impl(OP, "triton", _run_triton)
 
 
 def _register_ext() -> None:
@@ -369,3 +390,6 @@ def _register_ext() -> None:
         n_samples = sample_user.shape[0]
         return (item_emb.new_empty((n_samples, k), dtype=torch.int64),
                 item_emb.new_empty((n_samples, k), dtype=torch.float32))
+
+
+_registry.register_ext_hook(_register_ext)
