@@ -5,7 +5,8 @@ A sample's history is positions ``0..pos-1`` of its user's packed sequence (:mod
 
 - the history holds no copy of the target event: the same (item, timestamp) for time-stamped data, the same
   item for BookCrossing (whose "timestamps" are file rows); a copy would show the label in the prompt;
-- for time-stamped data (domain "movie"), no history event is later than the target.
+- for time-stamped data (a domain whose record is ``timed``, e.g. "movie"), no history event is later than
+  the target.
 
 The loaders drop repeated ratings (:mod:`rellax_fast.data.datasets`), so this holds for their output; it
 guards against a ``RecDataset`` built elsewhere and against a change in the split rules.
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .datasets import DataFormatError
+from .domains import get_domain
 
 __all__ = ["LabelLeakageError", "check_no_leakage"]
 
@@ -37,7 +39,7 @@ def check_no_leakage(data) -> None:
     if n == 0:
         return
     owner = np.repeat(np.arange(len(seq.user_ids), dtype=np.int64), np.diff(seq.offsets))
-    timed = domain != "book"
+    timed = get_domain(domain).timed  # the domain record: real timestamps (movie) or file rows (book)
     keys = {"u": owner, "i": seq.items}
     if timed:
         keys["t"] = seq.timestamps

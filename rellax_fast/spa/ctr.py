@@ -69,7 +69,10 @@ def split_arrays(data, split: str, vocab: np.ndarray, max_len: int) -> PackedCTR
 def fit_din(data, config: Optional[dict] = None, train_config: Optional[DINTrainConfig] = None) -> Tuple[DIN, DINReport, np.ndarray]:
     """Train DIN on ``data``'s train split (early stopping on valid), evaluate on test; return it frozen."""
     vocab = item_vocab(data)
-    use_users = data.dataset.domain == "movie"  # book test users are unseen in train: no user embedding
+    from rellax_fast.data.domains import get_domain
+
+    # an untimed domain (book) is split by user, so its test users are unseen in train: no user embedding
+    use_users = get_domain(data.dataset.domain).timed
     cfg = DINConfig(n_items=len(vocab), n_users=len(data.sequences) if use_users else 0, **(config or {}))
     arrays = {k: split_arrays(data, k, vocab, cfg.max_history) for k in ("train", "valid", "test")}
     model, report = train_din(cfg, arrays["train"], arrays["valid"], arrays["test"], train_config)
