@@ -1,5 +1,7 @@
 """Datasets, splits, prompt templates, tokenisation and collation.
 
+- :mod:`.domains`: the records: :class:`RecDataset` (ratings, items, users) and one :class:`Domain` per
+  domain (label rule, prompt nouns, item-text template, user features), in ``DOMAINS``.
 - :mod:`.datasets`: ``load_dataset(name)`` -> :class:`RecDataset` (ratings, items, users) from each dataset's
   published format; :mod:`.download`: official sources, checksums, atomic download;
   :mod:`.synthetic`: the embedded generated dataset.
@@ -17,7 +19,11 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "RecDataset": ".datasets",
+    "RecDataset": ".domains",
+    "Domain": ".domains",
+    "DOMAINS": ".domains",
+    "get_domain": ".domains",
+    "register_domain": ".domains",
     "DataFormatError": ".datasets",
     "load_dataset": ".datasets",
     "default_data_dir": ".datasets",
