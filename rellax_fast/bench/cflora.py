@@ -98,8 +98,7 @@ def _methods(device, compiled_unfused: Optional[Callable], compile_note: str):
         ("unfused", _unfused, ""),
         ("unfused+compile", compiled_unfused, compile_note),
     ]
-    candidates = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
-    for backend in candidates:
+    for backend in _backend.auto_order("cflora_linear", device.type):  # the op's own automatic order
         reason = _backend.why_unavailable(backend, device.type, "cflora_linear")
         if reason is not None:
             methods.append((f"cflora[{backend}]", None, f"unavailable: {reason}"))

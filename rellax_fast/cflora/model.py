@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..ops._backend import BACKEND_CHOICES
 from .config import ALL_LINEAR, CFLoRAConfig
 from .layers import CFLoRALinear, ConditionSlot, supported_base
 
@@ -254,10 +255,9 @@ def _replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def set_cflora_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     """Route every CFLoRA layer's ``ops.cflora_linear`` call to ``backend`` (None/"auto": automatic)."""
-    allowed = (None, "auto", "reference", "cpp", "cuda", "triton")
-    if backend not in allowed:
-        raise ValueError(f"set_cflora_backend: backend must be None or one of auto, reference, cpp, cuda, "
-                         f"triton; got {backend!r}")
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"set_cflora_backend: backend must be None or one of "
+                         f"{', '.join(BACKEND_CHOICES[1:])}; got {backend!r}")
     for _, layer in _require_layers(model, "set_cflora_backend"):
         layer.backend = backend
     return model

@@ -38,6 +38,7 @@ from typing import Any, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..ops._backend import BACKEND_CHOICES
 from ..ops.cflora import cflora_linear
 from .layers import _is_conv1d, supported_base
 from .model import unwrap_model
@@ -45,7 +46,6 @@ from .model import unwrap_model
 logger = logging.getLogger("rellax_fast.cflora")
 
 _BACKEND_ATTR = "_cflora_fused_backend"
-_BACKENDS = (None, "auto", "reference", "cpp", "cuda", "triton")
 
 __all__ = ["apply_cflora", "revert_cflora", "cflora_patched_modules"]
 
@@ -192,8 +192,8 @@ def apply_cflora(model: nn.Module, *, backend: Optional[str] = None) -> nn.Modul
     other LoRA variants, unsupported base layers or dropout modules (naming the module), and when the
     model has no PEFT LoRA Linear layer. Undo with :func:`revert_cflora`.
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"apply_cflora: backend must be None or one of auto, reference, cpp, cuda, triton; "
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"apply_cflora: backend must be None or one of {', '.join(BACKEND_CHOICES[1:])}; "
                          f"got {backend!r}")
     lora = _lora_module()
     cls = _fused_class()

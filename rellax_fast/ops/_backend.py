@@ -14,19 +14,22 @@ Rules (docs/architecture.md):
 - a forced backend that is unavailable, or whose ``supports`` refuses the call, raises
   :class:`BackendUnavailableError` naming the op, the backend and the reason. It never falls back silently.
 
-Registering loads nothing: implementations import their kernels (triton, ``_C``) when they first run.
+Registering loads nothing: implementations import their kernels (triton, ``_C``) when they first run. This
+module imports no torch at import either (torch is imported inside the checks), so command-line parsers take
+their ``--backend`` choices from :data:`BACKENDS` without importing it.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .. import _ext
 from .._kernel_common import triton_interpreting
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
 # what a backend= argument accepts wherever one is taken (configs, layers, patches): None/"auto" is automatic
@@ -39,7 +42,15 @@ class BackendUnavailableError(RuntimeError):
 
 
 def _torch_label() -> str:
+    import torch
+
     return f"torch {torch.__version__}"
+
+
+def _cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -64,7 +75,7 @@ def cuda_unavailable(device_type: Optional[str]) -> Optional[str]:
         return f"extension built without CUDA ({_torch_label()})"
     if device_type is not None and device_type != "cuda":
         return f"the cuda backend runs on CUDA tensors; got {device_type} tensors"
-    if device_type is None and not torch.cuda.is_available():
+    if device_type is None and not _cuda_visible():
         return "no CUDA device is visible"
     return None
 
@@ -96,7 +107,7 @@ def triton_unavailable(device_type: Optional[str]) -> Optional[str]:
     if device_type in (None, "cpu"):
         if triton_interpreting():
             return None
-        if device_type is None and torch.cuda.is_available():
+        if device_type is None and _cuda_visible():
             return None
         return "triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors under the interpreter)"
     return f"triton does not run on {device_type} tensors"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..ops._backend import BACKENDS
 from .cli_embed import add_encoder_arguments
 
 
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "high / low (by similarity)")  # fmt: skip
     parser.add_argument("--method", default="op", choices=("op", "global"),
                         help="op: per-sample fused top-k (default); global: faiss item-to-item ranking")
-    parser.add_argument("--backend", default=None, choices=("reference", "cpp", "cuda", "triton"),
+    parser.add_argument("--backend", default=None, choices=BACKENDS,
                         help="force a semantic_topk backend (default: the fastest available)")
     parser.add_argument("--metric", default="cosine", choices=("cosine", "dot"))
     parser.add_argument("--max-history", type=int, default=None, metavar="W",
