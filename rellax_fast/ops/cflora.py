@@ -515,7 +515,7 @@ _cflora_fwd_triton.register_autograd(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _kernel_ops(backend: str) -> "_KernelOps":
+def _kernel_ops(backend: str) -> _KernelOps:
     fn = _backend.impl(OP, backend)
     ops = getattr(fn, "kernel_ops", None)
     if ops is None:
