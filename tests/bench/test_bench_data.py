@@ -70,8 +70,9 @@ def test_prepare_bytes_and_peak_rss_grow_linearly_with_the_ratings(tmp_path):
     assert b[1] / a[1] == pytest.approx(ratings_ratio, rel=0.3)  # bytes written: deterministic
     # peak RSS still moves by tens of MB between identical runs (allocator, pyarrow thread timing; a clean-clone
     # CI run saw 1.41x the ratings ratio): one-sided, not superlinear (a cost quadratic in history length gives
-    # about twice the ratings ratio here, and the next test catches it through the deterministic bytes), in budget
-    assert b[2] / a[2] < 1.8 * ratings_ratio
+    # about twice the ratings ratio here, and the next test catches it through the deterministic bytes), in budget;
+    # 128 MiB of slack: under a loaded machine the small first increment alone moved the ratio past 1.8x
+    assert b[2] < 1.8 * ratings_ratio * a[2] + 128 * 2**20, (a, b)
     assert b[2] / b[0] < BYTES_PER_RATING_BUDGET
 
 
