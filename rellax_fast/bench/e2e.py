@@ -163,11 +163,12 @@ def build_base_model(spec: E2ESize, device, dtype):
 
 def cflora_model(base, spec: E2ESize, interaction: str, backend: Optional[str], device, dtype):
     from rellax_fast.cflora import CFLoRAConfig, inject_cflora
+    from rellax_fast.cflora.interaction import INTERACTIONS
 
     model = copy.deepcopy(base)
     config = CFLoRAConfig(
         r=spec.r, alpha=spec.alpha, dropout=spec.lora_dropout, target_modules=list(TARGET_MODULES),
-        interaction=interaction, cond_dim=spec.cond_dim if interaction != "identity" else None, backend=backend,
+        interaction=interaction, cond_dim=spec.cond_dim if INTERACTIONS[interaction].needs_cond else None, backend=backend,
     )
     inject_cflora(model, config)
     return model.to(device=device, dtype=dtype)

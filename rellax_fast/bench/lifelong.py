@@ -75,9 +75,11 @@ PRESETS = {
     # ~2,300 (K=5), ~2,000 (K=10), ~1,270 (K=20) and ~970 (K=30) training tokens/s at mean prompt lengths of
     # ~130/195/315/420 tokens, and ~0.02-0.08 s per scored sample, give ~24 min per method, ~100 min in all
     # (an estimate; contention with other work measured up to 2x slower)
-    "cpu": {"ks": "5,10,20,30", "methods": ",".join(METHODS), "n_train": 1536, "n_test": 1000, "batch_size": 16},
+    # n_valid 0: no model selection on valid (one epoch per point; the quality bench's --n-valid default is for it)
+    "cpu": {"ks": "5,10,20,30", "methods": ",".join(METHODS), "n_train": 1536, "n_test": 1000, "batch_size": 16,
+            "n_valid": 0},
     "gpu": {"ks": "5,10,20,30,50", "methods": ",".join(METHODS), "n_train": 8192, "n_test": 0, "batch_size": 16,
-            "mixed_precision": "bf16"},
+            "mixed_precision": "bf16", "n_valid": 0},
 }  # fmt: skip
 
 

@@ -42,19 +42,23 @@ FULL_ROW = "ReLLaX (full)"
 TEXT_ROW = "text-only LM (no SPA, identity C)"
 ENSEMBLE_ROW = "DIN + text-only LM, post-hoc mix (fit on valid)"
 
-# row key -> (VariantSpec field overrides) of the LM rows; the demo's variants first
-LM_ROWS = {
-    "full": {"name": FULL_ROW},
-    "no-subr": {"name": "w/o SUBR (recent)", "subr": False},
-    "no-spa": {"name": "w/o SPA", "spa": False},
-    "identity": {"name": "w/o CFLoRA (identity)", "interaction": "identity"},
-    "moe": {"name": "MoE / iLoRA-style", "interaction": "moe"},
-    "recrank1": {"name": "RecLoRA-style (recrank1)", "interaction": "recrank1"},
-    "residual": {"name": "ReLLaX, residual read-out (lambda learned)", "readout": "residual"},
-    "residual-fixed": {"name": "ReLLaX, residual read-out (lambda = 1)", "readout": "residual", "readout_lambda": "fixed"},
-    "text-only": {"name": TEXT_ROW, "spa": False, "interaction": "identity"},
-    "two-stage": {"name": "ReLLaX two-stage", "recipe": "two-stage"},
-}
+
+
+def lm_rows():
+    """{row key: VariantSpec} of the LM rows: the demo's variants (``pipeline.ABLATIONS``: full, no-subr,
+    no-spa and one per registered interaction kind with an ablation name), then the rows beyond the demo."""
+    from ..train.pipeline import ABLATIONS, VariantSpec
+
+    rows = dict(ABLATIONS)
+    rows.update({
+        "residual": VariantSpec("ReLLaX, residual read-out (lambda learned)", readout="residual"),
+        "residual-fixed": VariantSpec("ReLLaX, residual read-out (lambda = 1)", readout="residual", readout_lambda="fixed"),
+        "text-only": VariantSpec(TEXT_ROW, spa=False, interaction="identity"),
+        "two-stage": VariantSpec("ReLLaX two-stage", recipe="two-stage"),
+    })  # fmt: skip
+    return rows
+
+
 DEFAULT_ROWS = ("full", "no-subr", "no-spa", "identity", "moe", "recrank1", "residual", "text-only")
 CONTROL_ROWS = ("din", "logreg", "ensemble")
 
@@ -64,15 +68,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..train.cli_train import add_model_arguments
 
     add_model_arguments(parser, n_train=8192, n_test=0)
-    parser.set_defaults(max_length=128)
+    # the post-hoc mix is fit on, and every LM row selects its model on, the same valid subsample
+    parser.set_defaults(max_length=128, n_valid=2000)
     g = parser.add_argument_group("bench quality")
     g.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (e.g. 0,1,2): mean ± sd per row")
     g.add_argument("--rows", default="default",
                    help=f"comma-separated LM rows (default: {','.join(DEFAULT_ROWS)}; also: residual-fixed, two-stage); "
                         "DIN, the logistic regression and the post-hoc mix are always in the table (the mix needs "
                         "text-only)")  # fmt: skip
-    g.add_argument("--n-valid", type=int, default=2000,
-                   help="valid samples scored to fit the post-hoc mix (seeded subsample; 0: all)")  # fmt: skip
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per interval and paired test")
     g.add_argument("--fresh", action="store_true", help="recompute every row (default: skip rows already done)")
 
@@ -89,9 +92,10 @@ def parse_seeds(text: str) -> List[int]:
 
 def parse_rows(text: str) -> List[str]:
     keys = list(DEFAULT_ROWS) if text == "default" else [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in LM_ROWS]
+    table = lm_rows()
+    unknown = [k for k in keys if k not in table]
     if unknown or not keys:
-        raise ValueError(f"--rows: unknown {unknown or text!r}; choose from {', '.join(LM_ROWS)}")
+        raise ValueError(f"--rows: unknown {unknown or text!r}; choose from {', '.join(table)}")
     return keys
 
 
@@ -219,7 +223,8 @@ def score_split(model, ctx, spec, cfg, split: str, index: np.ndarray, desc: str)
     collator = PromptCollator(tok, kind=model.kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,
                               chat=cfg.chat)  # fmt: skip
     ds = PromptDataset(make_samples(data, sub, pos), collator, h)
-    return predict_proba(model, ds, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=desc)
+    return predict_proba(model, ds, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=desc,
+                         mixed_precision=cfg.train.mixed_precision)  # fmt: skip
 
 
 def _sha(obj) -> str:
@@ -268,8 +273,9 @@ def run(args: argparse.Namespace, log=print) -> int:
 
     try:
         seeds, row_keys = parse_seeds(args.seeds), parse_rows(args.rows)
-        if args.n_boot < 10 or args.n_valid < 0:
-            raise ValueError(f"--n-boot must be >= 10 and --n-valid >= 0 (0: all); got {args.n_boot}, {args.n_valid}")
+        if args.n_boot < 10 or args.n_valid < 1:
+            raise ValueError(f"--n-boot must be >= 10 and --n-valid >= 1 (the post-hoc mix is fit on valid samples); "
+                             f"got {args.n_boot}, {args.n_valid}")  # fmt: skip
         args = copy.copy(args)
         cfg = bench_pipeline_config(args)
     except ValueError as exc:
@@ -285,9 +291,10 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     from ..spa.ctr import din_fingerprint, din_outputs
     from ..train.cli_train import build_shared_context, slug
     from ..train.metrics import json_default
-    from ..train.pipeline import VariantSpec, _subset, run_inputs, run_variant, subsample
+    from ..train.pipeline import _subset, run_inputs, run_variant
 
     start = time.perf_counter()
+    table = lm_rows()
     qdir = Path(args.out) / "quality"
     qdir.mkdir(parents=True, exist_ok=True)
     (qdir / "rows").mkdir(exist_ok=True)
@@ -299,7 +306,7 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     ctx = build_shared_context(shared, cfg, log=log)
     data = ctx.data
     labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
-    valid_index = subsample(len(data.splits["valid"]), args.n_valid, cfg.seed + 2)
+    valid_index = ctx.valid_index  # pipeline.valid_subsample: also what every LM row selects its model on
     labels_valid = data.splits["valid"].label[valid_index].astype(np.float64)
     din_valid, _ = din_outputs(ctx.din, _subset(data, "valid", valid_index), ctx.vocab, "valid")
     # what a finished row depends on (besides its own inputs, run_inputs: data, training sample, DIN, SUBR)
@@ -323,7 +330,7 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     # LM rows, per seed; resumable per row
     jobs = [(k, s) for s in seeds for k in row_keys]
     for key, seed in tqdm(jobs, desc="quality rows", disable=not cfg.train.progress):
-        spec = VariantSpec(**{"name": key, **LM_ROWS[key]})
+        spec = table[key]
         cfg_s = replace(cfg, seed=seed, train=replace(cfg.train, seed=seed))
         name = f"{slug(spec.name)}-s{seed}"
         row_key = _sha({**base_key, "inputs": run_inputs(ctx, spec), "spec": asdict(spec), "seed": seed,

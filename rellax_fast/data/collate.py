@@ -213,9 +213,15 @@ class PromptCollator:
     # ----------------------------------------------------------------------------------------- batching
 
     def __call__(self, samples: Sequence[PromptSample]) -> Dict[str, Any]:
+        return self.pad([self.encode(s) for s in samples])
+
+    def pad(self, encoded: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+        """A padded tensor batch from :meth:`encode` outputs (callers that cache the encodings, such as
+        ``train.trainer.PromptDataset``, tokenise each sample once and pad here)."""
         import torch
 
-        encoded = [self.encode(s) for s in samples]
+        if not encoded:
+            raise ValueError("encoded: expected at least one encoded sample, got an empty list")
         B = len(encoded)
         L = max(len(e["input_ids"]) for e in encoded)
         P = max((len(e["placeholder_item_ids"]) for e in encoded), default=0)

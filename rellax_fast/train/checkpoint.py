@@ -122,8 +122,9 @@ def _legacy_numpy_globals():
 
 
 
-def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int = 2) -> Path:
-    """Write a checkpoint of ``model``'s trainable tensors + optimizer/scheduler/RNG + ``state``; publish it."""
+def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int = 2, best_tensors=None) -> Path:
+    """Write a checkpoint of ``model``'s trainable tensors + optimizer/scheduler/RNG + ``state``; publish it.
+    ``best_tensors``: the trainable tensors of the best valid score so far (``best.safetensors``), if any."""
     from safetensors.torch import save
 
     root = Path(run_dir) / "checkpoints"
@@ -133,6 +134,8 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
         (tmp / "trainable.safetensors").write_bytes(save(tensors))  # save_file would make it 0600
+        if best_tensors is not None:
+            (tmp / "best.safetensors").write_bytes(save({k: v.detach().contiguous().cpu() for k, v in best_tensors.items()}))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
         _save_rng(tmp, rng_state())
@@ -153,6 +156,14 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int
     for old in done[: max(0, len(done) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def load_best_tensors(path) -> Optional[Dict[str, torch.Tensor]]:
+    """The best-on-valid trainable tensors a checkpoint holds (``best.safetensors``), or None."""
+    from safetensors.torch import load_file
+
+    best = Path(path) / "best.safetensors"
+    return load_file(str(best)) if best.exists() else None
 
 
 def latest_checkpoint(run_dir) -> Optional[Path]:

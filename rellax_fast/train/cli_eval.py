@@ -208,7 +208,9 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
     collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,
                               chat=cfg.chat)
     ds = PromptDataset(make_samples(view, split, positions), collator, h)
-    return split, predict_proba(model, ds, batch_size, progress=progress), has_label, spec
+    # the run's own precision (a --mixed-precision fast/bf16 run is scored under the same autocast as in training)
+    probs = predict_proba(model, ds, batch_size, progress=progress, mixed_precision=cfg.train.mixed_precision)
+    return split, probs, has_label, spec
 
 
 def run(args: argparse.Namespace) -> int:

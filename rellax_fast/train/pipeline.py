@@ -40,14 +40,19 @@ class VariantSpec:
     readout_lambda: str = "learned"  # residual read-out: learned (init 1) | fixed (1)
 
 
-ABLATIONS = [
-    VariantSpec("ReLLaX (full)"),
-    VariantSpec("w/o SUBR (recent)", subr=False),
-    VariantSpec("w/o SPA", spa=False),
-    VariantSpec("w/o CFLoRA (identity)", interaction="identity"),
-    VariantSpec("MoE / iLoRA-style", interaction="moe"),
-    VariantSpec("RecLoRA-style (recrank1)", interaction="recrank1"),
-]
+def _ablations() -> Dict[str, VariantSpec]:
+    """The demo's variant table, {key: VariantSpec}: full ReLLaX, the data- and prompt-level ablations, then
+    one row per registered interaction kind that names an ablation (``cflora.interaction.INTERACTIONS``:
+    identity, MoE, RecLoRA), so that a new kind becomes a row by registering it."""
+    from rellax_fast.cflora.interaction import INTERACTIONS
+
+    table = {"full": VariantSpec("ReLLaX (full)"), "no-subr": VariantSpec("w/o SUBR (recent)", subr=False),
+             "no-spa": VariantSpec("w/o SPA", spa=False)}  # fmt: skip
+    table.update({k: VariantSpec(c.ablation_name, interaction=k) for k, c in INTERACTIONS.items() if c.ablation_name})
+    return table
+
+
+ABLATIONS: Dict[str, VariantSpec] = _ablations()
 
 
 @dataclass
@@ -58,6 +63,9 @@ class PipelineConfig:
     subr_mode: str = "sequential"
     n_train: int = 2048
     n_test: int = 1000
+    # valid samples scored during training for model selection (TrainConfig.eval_every_steps/select_best;
+    # seeded subsample, seed + 2); 0: none, the model of the last step is kept
+    n_valid: int = 0
     max_length: int = 160
     r: int = 8
     alpha: float = 16.0
@@ -236,6 +244,8 @@ class Context:
     cond_test: torch.Tensor
     cond_stats: Tuple[torch.Tensor, torch.Tensor]
     din_test_probs: np.ndarray
+    valid_index: Optional[np.ndarray] = None  # model selection (PipelineConfig.n_valid); None: none
+    cond_valid: Optional[torch.Tensor] = None
     ctr_dir: Optional[str] = None  # the DIN folder (for eval); recorded relative to each run folder
     subr_path: Optional[str] = None  # the saved SUBR embeddings; default: subr_embeddings.npz next to ctr_dir
 
@@ -250,8 +260,17 @@ def build_context(data, din, vocab, din_report, cfg: PipelineConfig, item_emb=No
     _, h_train = din_outputs(din, sub_tr, vocab, "train")
     p_test, h_test = din_outputs(din, sub_te, vocab, "test")
     mean, std = h_train.mean(0), h_train.std(0).clamp_min(1e-3)
+    valid_index = cond_valid = None
+    if cfg.n_valid and "valid" in data.splits and len(data.splits["valid"]):
+        valid_index = valid_subsample(data, cfg)
+        _, cond_valid = din_outputs(din, _subset(data, "valid", valid_index), vocab, "valid")
     return Context(data, din, vocab, din_report, item_emb, item_ids, train_index, test_index,
-                   h_train, h_test, (mean, std), p_test.numpy())  # fmt: skip
+                   h_train, h_test, (mean, std), p_test.numpy(), valid_index, cond_valid)  # fmt: skip
+
+
+def valid_subsample(data, cfg: PipelineConfig) -> np.ndarray:
+    """The valid samples used for model selection: a seeded subsample of ``cfg.n_valid`` (seed + 2)."""
+    return subsample(len(data.splits["valid"]), cfg.n_valid, cfg.seed + 2)
 
 
 def _subset(data, split_name: str, index: np.ndarray):
@@ -288,6 +307,11 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     pos_te = shown_positions_for(data, te, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
     train_samples = make_samples(data, tr, pos_tr)
     test_set = PromptDataset(make_samples(data, te, pos_te), collator, ctx.cond_test)
+    valid_set = None
+    if ctx.valid_index is not None:
+        va = data.splits["valid"].subset(ctx.valid_index)
+        pos_va = shown_positions_for(data, va, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
+        valid_set = PromptDataset(make_samples(data, va, pos_va), collator, ctx.cond_valid)
 
     history: Dict[str, List[float]] = {}
     t_train = time.perf_counter()  # "seconds" in the result: training and scoring wall time (bench lifelong)
@@ -303,21 +327,27 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         history["stage1"] = r1["losses"]
         model = r1["model"]
         model.set_stage("interaction")
-        r2 = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir / "stage2", resume=resume, log=log)
+        r2 = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir / "stage2",
+                         resume=resume, log=log, valid=valid_set)  # fmt: skip
         history["stage2"] = r2["losses"]
+        history["valid"], history["best"] = r2["valid"], r2["best"]
         model = r2["model"]
         losses = r1["losses"] + r2["losses"]
     else:
         model.set_stage("joint")
-        r = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir, resume=resume, log=log)
+        r = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir, resume=resume,
+                        log=log, valid=valid_set)  # fmt: skip
         model, losses = r["model"], r["losses"]
+        history["valid"], history["best"] = r["valid"], r["best"]
     # under accelerate launch / torchrun every rank scores a shard (gathered on all ranks); rank 0 writes
     t_score = time.perf_counter()
-    probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}")
+    probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}",
+                          mixed_precision=cfg.train.mixed_precision)  # fmt: skip
     seconds = {"train": t_score - t_train, "score": time.perf_counter() - t_score}
     metrics = ctr_metrics(test_set.labels(), probs)
     if not is_main():
-        return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds}
+        return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds,
+                "valid": history.get("valid"), "best": history.get("best")}
     model_path = cfg.model or default_model_path()
     if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
         model_path = str(Path(model_path).resolve())
@@ -335,7 +365,8 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     np.save(buffer, probs, allow_pickle=False)
     atomic_write_bytes(run_dir / "predictions.npy", buffer.getvalue())
     write_metrics_json(run_dir / "metrics.json", metrics, {"variant": spec.name})
-    return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds}
+    return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds,
+                "valid": history.get("valid"), "best": history.get("best")}
 
 
 def run_dependencies(run_dir, ctx: Context, spec: VariantSpec) -> Dict:
@@ -385,6 +416,8 @@ def run_inputs(ctx: Context, spec: VariantSpec) -> Dict:
     }
     if spec.subr and ctx.item_emb is not None:
         inputs["subr_fingerprint"] = embeddings_fingerprint(ctx.item_emb, ctx.item_ids)
+    if ctx.valid_index is not None:  # model selection: the valid sample decides which tensors are kept
+        inputs["valid_index_sha256"] = hashlib.sha256(np.ascontiguousarray(ctx.valid_index, dtype="<i8").tobytes()).hexdigest()
     return inputs
 
 

@@ -30,7 +30,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto | fast | no | bf16 | fp16 (resolve_mixed_precision)
     save_every_steps: int = 50  # also at every epoch end; 0: epoch ends only
     keep_checkpoints: int = 2
     seed: int = 0
@@ -38,15 +38,75 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     progress: bool = True
     stop_after_steps: Optional[int] = None  # testing hook: raise KeyboardInterrupt after this global step
+    # absolute learning rates per parameter group (PARAM_GROUPS: lora, generator, projector, readout); a group
+    # left out trains at ``lr``
+    lr_groups: Optional[Dict[str, float]] = None
+    # batches of similar token length (less padding): each epoch's permutation is cut into megabatches of
+    # ``LENGTH_MEGABATCH`` global batches, each sorted by length, and the batches of a megabatch are shuffled
+    group_by_length: bool = False
+    # with a valid set (train_model's ``valid``): score it every N steps (0: at epoch ends only) and, with
+    # select_best, end with the trainable tensors of the best valid AUC (model selection on valid, test once)
+    eval_every_steps: int = 0
+    select_best: bool = True
+
+
+PARAM_GROUPS = ("lora", "generator", "projector", "readout")
+LENGTH_MEGABATCH = 50  # global batches per length-sorted megabatch (HF Trainer's group_by_length uses 50 too)
+
+
+def param_group_of(name: str) -> str:
+    """The learning-rate group of a trainable parameter of a ``ReLLaXModel``: ``lora`` (CFLoRA A and B),
+    ``generator`` (the C generator / interaction parameters), ``projector`` (SPA), ``readout`` (the residual
+    read-out's lambda, the encoder verbaliser bias) or ``other``."""
+    if name.endswith("lora_A") or name.endswith("lora_B") or ".lora_A." in name or ".lora_B." in name:
+        return "lora"
+    if ".interaction." in name or name.startswith("interaction."):
+        return "generator"
+    if name.startswith("projector.") or ".projector." in name:
+        return "projector"
+    if name.split(".")[-1] in ("readout_lambda", "verbaliser_bias"):
+        return "readout"
+    return "other"
+
+
+def param_groups(model, lr: float, lr_groups: Optional[Dict[str, float]] = None, weight_decay: float = 0.0) -> List[Dict]:
+    """AdamW parameter groups of ``model``'s trainable parameters, one per :func:`param_group_of` group that
+    has parameters, each with its learning rate (``lr_groups[group]``, else ``lr``) and a ``name``."""
+    lr_groups = dict(lr_groups or {})
+    unknown = sorted(set(lr_groups) - set(PARAM_GROUPS))
+    if unknown:
+        raise ValueError(f"lr_groups: unknown group(s) {unknown}; expected some of {list(PARAM_GROUPS)}")
+    for group, value in lr_groups.items():
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"lr_groups[{group!r}]: expected a finite learning rate >= 0, got {value!r}")
+    grouped: Dict[str, List] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            grouped.setdefault(param_group_of(_unwrapped_name(name)), []).append(p)
+    return [{"params": ps, "lr": float(lr_groups.get(g, lr)), "weight_decay": weight_decay, "name": g}
+            for g, ps in grouped.items()]  # fmt: skip
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter name without the wrappers' parts (DDP's ``module.``, FSDP's and torch.compile's)."""
+    wrappers = ("module", "_fsdp_wrapped_module", "_orig_mod", "_checkpoint_wrapped_module")
+    return ".".join(part for part in name.split(".") if part not in wrappers)
 
 
 class PromptDataset:
-    """Prompt samples (``data.collate.PromptSample``) + a collator + per-sample CTR conditioning rows."""
+    """Prompt samples (``data.collate.PromptSample``) + a collator + per-sample CTR conditioning rows.
+
+    With a ``PromptCollator`` (anything with ``encode`` and ``pad``) each sample is rendered and tokenised
+    once and kept (a truncated prompt takes several tokeniser calls to fit): later epochs, the length
+    grouping and every evaluation of the same set reuse it.
+    """
 
     def __init__(self, samples: Sequence, collator, cond: Optional[torch.Tensor] = None):
         self.samples = list(samples)
         self.collator = collator
         self.cond = cond  # (N_split, cond_dim) indexed by PromptSample.sample_index, or None
+        self._cache: Optional[List] = [None] * len(self.samples) if (
+            hasattr(collator, "encode") and hasattr(collator, "pad")) else None  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -54,23 +114,82 @@ class PromptDataset:
     def labels(self) -> np.ndarray:
         return np.array([s.label for s in self.samples], dtype=np.float32)
 
+    def encoded(self, i: int) -> Dict:
+        """Sample ``i`` rendered and tokenised by the collator (cached)."""
+        i = int(i)
+        if self._cache is None:
+            raise TypeError(f"collator: {type(self.collator).__name__} has no encode/pad, so nothing is cached")
+        if self._cache[i] is None:
+            self._cache[i] = self.collator.encode(self.samples[i])
+        return self._cache[i]
+
+    def lengths(self) -> np.ndarray:
+        """Token length of every sample (tokenises what is not cached yet)."""
+        if self._cache is None:
+            return np.array([len(self.collator([s])["input_ids"][0]) for s in self.samples], dtype=np.int64)
+        return np.array([len(self.encoded(i)["input_ids"]) for i in range(len(self.samples))], dtype=np.int64)
+
     def batch(self, indices) -> Dict[str, torch.Tensor]:
-        batch = self.collator([self.samples[int(i)] for i in indices])
+        if self._cache is not None:
+            batch = self.collator.pad([self.encoded(i) for i in indices])
+        else:
+            batch = self.collator([self.samples[int(i)] for i in indices])
         if self.cond is not None:
             batch["cond"] = self.cond[batch["sample_index"]]
         return batch
+
+
+def epoch_order(dataset: PromptDataset, config: "TrainConfig", epoch: int, global_batch: int) -> torch.Tensor:
+    """The sample order of one epoch (deterministic in ``config.seed`` and ``epoch``, so a resumed run finds
+    the same batches): a seeded permutation, with ``group_by_length`` re-ordered into length-sorted
+    megabatches whose batches are shuffled (every sample still once per epoch)."""
+    gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+    order = torch.randperm(len(dataset), generator=gen)
+    if not config.group_by_length or len(dataset) <= global_batch:
+        return order
+    lengths = torch.as_tensor(dataset.lengths())
+    mega = LENGTH_MEGABATCH * global_batch
+    out = []
+    for start in range(0, len(order), mega):
+        chunk = order[start : start + mega]
+        chunk = chunk[torch.sort(lengths[chunk], descending=True, stable=True).indices]
+        batches = list(torch.split(chunk, global_batch))
+        # the last, possibly short, batch keeps its place at the end of the epoch (rank slicing, resume)
+        tail = batches.pop() if start + mega >= len(order) and len(batches[-1]) < global_batch else None
+        perm = torch.randperm(len(batches), generator=gen).tolist()
+        out.extend(batches[k] for k in perm)
+        if tail is not None:
+            out.append(tail)
+    return torch.cat(out)
 
 
 def _to(batch: Dict, device) -> Dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+MIXED_PRECISION = ("auto", "fast", "no", "bf16", "fp16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (oneDNN's AVX512-BF16 / AMX kernels): CPU bf16 autocast is
+    then faster than fp32 (1.7x for a MiniLM step on an AVX512-BF16 machine, ``bench finetune``); without it
+    bf16 is emulated and slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def resolve_mixed_precision(value: str) -> str:
-    if value != "auto":
+    """accelerate's mixed precision for a TrainConfig value: ``auto`` = bf16 (fp16 without bf16) on CUDA,
+    fp32 on the CPU; ``fast`` = ``auto``, but bf16 autocast also on a CPU that computes bf16 natively."""
+    if value not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision: expected one of {', '.join(MIXED_PRECISION)}, got {value!r}")
+    if value not in ("auto", "fast"):
         return value
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
+    return "bf16" if value == "fast" and cpu_has_native_bf16() else "no"
 
 
 def answer_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
@@ -126,6 +245,7 @@ def train_model(
     resume: bool = False,
     accelerator=None,
     log: Callable[[str], None] = print,
+    valid: Optional[PromptDataset] = None,
 ) -> Dict:
     """Train ``model`` (a ``ReLLaXModel``) on ``dataset``; checkpoints go to ``run_dir/checkpoints``.
 
@@ -138,7 +258,12 @@ def train_model(
     of the model (FSDP replaces the parameters by sharded ones). LoRA and backbone dropout masks depend on
     the local batch layout, so with dropout > 0 the runs agree in distribution, not value by value.
 
-    Returns {"losses": [per-step loss], "global_step": int, "resumed_from": step or None, "model": unwrapped}.
+    ``valid``: a held-out set scored every ``config.eval_every_steps`` steps and at every epoch end; with
+    ``config.select_best`` the returned model carries the trainable tensors of the best valid AUC (kept in
+    every checkpoint, so a resumed run selects as the uninterrupted one would).
+
+    Returns {"losses": [per-step loss], "global_step": int, "resumed_from": step or None, "model": unwrapped,
+    "valid": [{"step", "auc", "logloss"}, ...], "best": the selected valid row or None}.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -176,7 +301,8 @@ def train_model(
         load_checkpoint(ckpt, model, None, None, restore_rng=False)
 
     def new_optimizer(m):
-        return torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(param_groups(m, config.lr, config.lr_groups, config.weight_decay), lr=config.lr,
+                                 weight_decay=config.weight_decay)  # fmt: skip
 
     if sharded:  # already sharded: accelerate would wrap it again in DDP (it enables FSDP only on GPUs)
         optimizer = new_optimizer(model)
@@ -191,16 +317,46 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, schedule)
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "losses": []}
     resumed_from = None
+    best = None  # with a valid set: {"step", "auc", "logloss"} of the best valid AUC so far, and its tensors
     if ckpt is not None:
         state = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
         resumed_from = state["global_step"]
         log(f"resumed from {ckpt} (epoch {state['epoch']}, step {state['step_in_epoch']}, global step {state['global_step']})")
+        if state.get("best") is not None:
+            from .checkpoint import load_best_tensors
+
+            best = dict(state["best"], tensors=load_best_tensors(ckpt))
+    selecting = valid is not None and len(valid) > 0
+    if selecting and fsdp:
+        log("valid-set model selection is not supported under FSDP: training without it")
+        selecting = False
+    valid_history: List[Dict] = list(state.get("valid", []))
+
+    def evaluate_valid() -> None:
+        nonlocal best
+        from .metrics import ctr_metrics
+
+        probs = predict_proba(model, valid, config.eval_batch_size, progress=False, accelerator=acc,
+                              mixed_precision=config.mixed_precision)  # fmt: skip
+        m = ctr_metrics(valid.labels(), probs)
+        row = {"step": state["global_step"], "auc": m["auc"], "logloss": m["logloss"]}
+        valid_history.append(row)
+        # a NaN AUC (a one-class valid set) never beats a number
+        improved = best is None or (not math.isnan(row["auc"]) and (math.isnan(best["auc"]) or row["auc"] > best["auc"]))
+        if improved and config.select_best:
+            tensors = {k: v.detach().clone().cpu() for k, v in acc.unwrap_model(model).trainable_state().items()}
+            best = dict(row, tensors=tensors)
+        elif improved:
+            best = dict(row, tensors=None)
+        log(f"valid at step {row['step']}: AUC {row['auc']:.4f}  LogLoss {row['logloss']:.4f}"
+            + ("  (best)" if improved else f"  (best {best['auc']:.4f} at step {best['step']})"))  # fmt: skip
+
     losses: List[float] = list(state["losses"])
     model.train()
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not (config.progress and acc.is_main_process))
     try:
         for epoch in range(state["epoch"], config.epochs):
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+            order = epoch_order(dataset, config, epoch, global_batch)
             first = state["step_in_epoch"] if epoch == state["epoch"] else 0
             for step in range(first, steps_per_epoch):
                 chunk = order[step * global_batch : (step + 1) * global_batch]
@@ -226,29 +382,48 @@ def train_model(
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", epoch=epoch + 1)
                 at_epoch_end = state["step_in_epoch"] == 0
+                if selecting and (at_epoch_end or (config.eval_every_steps and state["global_step"] % config.eval_every_steps == 0)):
+                    evaluate_valid()
+                    state["valid"] = valid_history
+                    state["best"] = None if best is None else {k: best[k] for k in ("step", "auc", "logloss")}
                 if at_epoch_end or (config.save_every_steps and state["global_step"] % config.save_every_steps == 0):
                     acc.wait_for_everyone()
                     model_view, optimizer_view = checkpoint_views(acc.unwrap_model(model), optimizer, fsdp)
                     if acc.is_main_process:
-                        save_checkpoint(run_dir, model_view, optimizer_view, scheduler, state, keep=config.keep_checkpoints)
+                        save_checkpoint(run_dir, model_view, optimizer_view, scheduler, state, keep=config.keep_checkpoints,
+                                        best_tensors=None if best is None else best.get("tensors"))  # fmt: skip
                     acc.wait_for_everyone()
                 if config.stop_after_steps is not None and state["global_step"] >= config.stop_after_steps:
                     raise KeyboardInterrupt(f"stop_after_steps={config.stop_after_steps} reached (testing hook)")
     finally:
         bar.close()
-    return {"losses": losses, "global_step": state["global_step"], "resumed_from": resumed_from, "model": acc.unwrap_model(model)}
+    unwrapped = acc.unwrap_model(model)
+    selected = None
+    if best is not None and best.get("tensors") is not None and best["step"] != state["global_step"]:
+        params = dict(unwrapped.named_parameters())
+        with torch.no_grad():
+            for k, v in best["tensors"].items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+        log(f"kept the trainable tensors of step {best['step']} (best valid AUC {best['auc']:.4f}), not of the last step")
+    if best is not None:
+        selected = {k: best[k] for k in ("step", "auc", "logloss")}
+    return {"losses": losses, "global_step": state["global_step"], "resumed_from": resumed_from, "model": unwrapped,
+            "valid": valid_history, "best": selected}  # fmt: skip
 
 
 @torch.no_grad()
 def predict_proba(model, dataset: PromptDataset, batch_size: int = 64, progress: bool = True, desc: str = "score",
-                  accelerator=None) -> np.ndarray:  # fmt: skip
+                  accelerator=None, mixed_precision: str = "no") -> np.ndarray:  # fmt: skip
     """p(click) for every sample of ``dataset``, in order (eval mode, no dropout).
 
     Under ``torchrun`` / ``accelerate launch`` (or with a multi-process ``accelerator``) every rank must call
     it: each scores its shard of the batches (accelerate's sharded DataLoader) and the probabilities are
     gathered with ``gather_for_metrics`` (which drops the samples repeated to even out the last batches),
-    so every rank returns the single-process array. One process: a plain loop.
+    so every rank returns the single-process array. One process: a plain loop. ``mixed_precision``: a
+    TrainConfig value (``resolve_mixed_precision``); bf16/fp16 score under autocast, as training did.
     """
+    import contextlib
+
     from tqdm.auto import tqdm
 
     from .model import click_probability
@@ -265,12 +440,22 @@ def predict_proba(model, dataset: PromptDataset, batch_size: int = 64, progress:
 
             # shares the launcher's process group and state with the trainer's (cpu=True: see distributed.state)
             acc = Accelerator(cpu=not torch.cuda.is_available())
+    precision = resolve_mixed_precision(mixed_precision)
+
+    def autocast():
+        if precision == "no":
+            return contextlib.nullcontext()
+        device_type = next(model.parameters()).device.type
+        return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
     try:
         if acc is None or acc.num_processes == 1:
             device = next(model.parameters()).device
             for start in tqdm(range(0, len(dataset), batch_size), desc=desc, disable=not progress):
                 batch = _to(dataset.batch(range(start, min(start + batch_size, len(dataset)))), device)
-                out.append(click_probability(model(batch)).cpu())
+                with autocast():
+                    logits = model(batch)
+                out.append(click_probability(logits).cpu())
         else:
             from torch.utils.data import DataLoader
 
@@ -279,7 +464,9 @@ def predict_proba(model, dataset: PromptDataset, batch_size: int = 64, progress:
             loader = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=False, collate_fn=dataset.batch)
             loader = acc.prepare_data_loader(loader)
             for batch in tqdm(loader, desc=desc, disable=not (progress and acc.is_main_process)):
-                out.append(acc.gather_for_metrics(click_probability(model(batch)).contiguous()).cpu())
+                with autocast():
+                    logits = model(batch)
+                out.append(acc.gather_for_metrics(click_probability(logits).contiguous()).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
