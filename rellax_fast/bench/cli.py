@@ -2,7 +2,8 @@
 ``rellax-fast bench quality``: the ReLLaX ablation table with confidence intervals (``bench.quality``; a
 long benchmark, not part of ``all``); ``rellax-fast bench data``: the data pipeline at ML-25M scale
 (``bench.data``; generated files, not part of ``all``); ``rellax-fast bench lifelong``: AUC against the history
-length K (``bench.lifelong``; a long benchmark, not part of ``all``; unrelated to ``bench topk --lifelong``).
+length K (``bench.lifelong``; a long benchmark, not part of ``all``; unrelated to ``bench topk --lifelong``);
+``rellax-fast bench finetune``: ReLLaX training throughput per trainer configuration (``bench.finetune``).
 
 Each suite is a module ``rellax_fast.bench.<suite>`` with ``run_suite(args) -> (rows, meta)``: rows are
 dicts (one per measurement, baseline rows from the same run included); ``meta`` holds ``plot(rows, path)``
@@ -20,8 +21,9 @@ SUITES = ("cflora", "topk", "e2e")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("suite", choices=SUITES + ("all", "quality", "data", "lifelong"),
-                        help="which benchmark suite (quality: the ablation table with CIs, see its options below)")
+    parser.add_argument("suite", choices=SUITES + ("all", "quality", "data", "lifelong", "finetune"),
+                        help="which benchmark suite (quality: the ablation table with CIs, see its options below; "
+                             "finetune: ReLLaX training throughput per configuration, --n-train default 1024 there)")
     parser.add_argument("--size", default="auto", choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer"),
                         help="shape set (auto: gpu when CUDA is visible, else cpu)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -57,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
         from . import lifelong
 
         return lifelong.run(args)
+    if args.suite == "finetune":
+        from . import finetune
+
+        return finetune.run(args)
     if args.suite == "data":
         from . import data
 

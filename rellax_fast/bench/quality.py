@@ -68,8 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..train.cli_train import add_model_arguments
 
     add_model_arguments(parser, n_train=8192, n_test=0)
-    # the post-hoc mix is fit on, and every LM row selects its model on, the same valid subsample
-    parser.set_defaults(max_length=128, n_valid=2000)
+    # The post-hoc mix is fit on, and every LM row selects its model on, the same valid subsample, scored every
+    # 128 steps (4 times in the default 512-step epoch: model selection on valid, test scored once). Trainer
+    # speed-ups measured by `bench finetune` at equal valid AUC: bf16 autocast where the CPU has native bf16
+    # ("fast"; fp32 elsewhere) and length-grouped batches.
+    parser.set_defaults(max_length=128, n_valid=2000, eval_every=128, mixed_precision="fast", group_by_length=True)
     g = parser.add_argument_group("bench quality")
     g.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (e.g. 0,1,2): mean ± sd per row")
     g.add_argument("--rows", default="default",

@@ -34,7 +34,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
     for group, what in (("lora", "CFLoRA A and B"), ("generator", "the C generators"), ("projector", "the SPA projector"),
                         ("readout", "the read-out's lambda / verbaliser bias")):  # fmt: skip
         g.add_argument(f"--lr-{group}", type=float, default=None, help=f"learning rate of {what} (default: --lr)")
-    g.add_argument("--group-by-length", action="store_true",
+    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
                    help="batch prompts of similar token length together (less padding; megabatches of 50 batches)")
     g.add_argument("--n-valid", type=int, default=0,
                    help="valid samples scored during training to keep the best model (seeded subsample; 0: none, "

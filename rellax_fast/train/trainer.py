@@ -237,6 +237,21 @@ def checkpoint_views(model, optimizer, fsdp: bool):
     return SimpleNamespace(trainable_state=lambda: tensors), SimpleNamespace(state_dict=lambda: optim_state)
 
 
+def _allow_precision(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state whose mixed precision cannot change once set. In one process
+    (no launcher) a later training run with another precision (a bf16 row after an fp32 one in a benchmark,
+    or in a notebook) gets a fresh state instead of accelerate's "restart your runtime" error. Under a
+    launcher the state is the launch's and is left alone."""
+    from accelerate.state import AcceleratorState
+
+    from rellax_fast.distributed import launched
+
+    if launched() or not AcceleratorState._shared_state:
+        return
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state()
+
+
 def train_model(
     model,
     dataset: PromptDataset,
@@ -275,6 +290,7 @@ def train_model(
 
         # a batch may leave some trainable parameters unused (e.g. the SPA projector without placeholders)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+        _allow_precision(resolve_mixed_precision(config.mixed_precision))
         accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
                                   cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])  # fmt: skip
     acc = accelerator

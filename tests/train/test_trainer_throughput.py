@@ -155,3 +155,17 @@ def test_without_selection_the_last_step_is_kept(tiny_bert_dir, tmp_path):
     assert len(a["valid"]) == a["global_step"] and b["valid"] == [] and b["best"] is None
     for k, v in b["model"].trainable_state().items():
         torch.testing.assert_close(a["model"].trainable_state()[k], v, rtol=0, atol=0, msg=k)
+
+
+def test_one_process_trains_in_fp32_then_bf16_then_fp32(tiny_bert_dir, tmp_path):
+    """accelerate's process-wide state would refuse the second precision ("restart your runtime"); the trainer
+    gives a single process a fresh state when the precision changes. bf16 autocast runs on any CPU (emulated
+    where not native), only slower."""
+    data, collator = _dataset(tiny_bert_dir, n=8)
+    losses = {}
+    for i, precision in enumerate(("no", "bf16", "no")):
+        cfg = TrainConfig(epochs=1, batch_size=8, lr=5e-3, progress=False, seed=3, mixed_precision=precision)
+        res = train_model(_model(tiny_bert_dir, collator, 0), data, cfg, tmp_path / str(i), log=lambda *_: None)
+        losses[i] = res["losses"]
+    assert losses[0] == losses[2]  # fp32 again: the same run
+    assert losses[1] != losses[0] and np.allclose(losses[1], losses[0], atol=0.05)  # bf16: close, not equal

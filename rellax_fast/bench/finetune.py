@@ -1,0 +1,198 @@
+"""``rellax-fast bench finetune``: training throughput of the ReLLaX fine-tuning step (issue #14, item 3).
+
+The full ReLLaX variant (SUBR prompts, SPA soft tokens, CFLoRA with a full C generator) on the offline
+MiniLM backbone (or ``--model``), trained through the pipeline's own ``train_model`` on the same seeded
+prompts, once per configuration, all in one run so that the ratios compare like with like:
+
+* ``baseline``: the trainer as it was before this bench existed: fp32, every batch re-rendered and
+  re-tokenised (a truncated prompt takes several tokeniser calls to fit), seeded random batches;
+* ``+ token cache``: every prompt tokenised once (``PromptDataset``'s cache);
+* ``+ length groups``: plus ``group_by_length`` (batches of similar length: less padding);
+* ``+ bf16 autocast``: plus CPU bf16 autocast (``--mixed-precision bf16``), measured only where the CPU has
+  native bf16 arithmetic (AVX512-BF16 or AMX): elsewhere emulated bf16 is slower than fp32 and the row says so;
+* ``+ torch.compile``: plus ``backbone.compile(dynamic=True)`` (inductor); its compilation is timed apart
+  (``compile_seconds``, on warm-up batches whose updates are undone). On the 2-core AVX512-BF16 machine it
+  was slower than eager (0.88x of the bf16 row) after 55 s of compiling, so the trainer does not use it.
+
+Each row: optimizer steps, wall seconds (tokenisation included, the DIN and embeddings excluded), samples/s,
+real and padded tokens per second, the ratio to the baseline's samples/s, and the valid AUC reached (scored
+on ``--n-valid`` samples after the same number of steps), so a speed-up that costs accuracy shows. Outputs
+under ``<out>/finetune/``: ``finetune.md`` and ``finetune.json``. A benchmark: numbers depend on the machine
+and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+CONFIGS = (
+    ("baseline", {"cache": False, "group_by_length": False, "mixed_precision": "no"}),
+    ("+ token cache", {"cache": True, "group_by_length": False, "mixed_precision": "no"}),
+    ("+ length groups", {"cache": True, "group_by_length": True, "mixed_precision": "no"}),
+    ("+ bf16 autocast", {"cache": True, "group_by_length": True, "mixed_precision": "bf16"}),
+    ("+ torch.compile", {"cache": True, "group_by_length": True, "mixed_precision": "bf16", "compile": True}),
+)
+
+
+DEFAULT_N_TRAIN = 1024  # prompts per configuration (64 steps of 16) unless --n-train is given
+
+
+class _NoCache:
+    """A collator view without ``encode``/``pad``: ``PromptDataset`` then re-renders every batch (the
+    trainer's behaviour before the token cache)."""
+
+    def __init__(self, collator):
+        self._collator = collator
+
+    def __call__(self, samples):
+        return self._collator(samples)
+
+
+def run(args: argparse.Namespace, log=print) -> int:
+    import sys
+
+    from .quality import bench_pipeline_config
+
+    try:
+        args = copy.copy(args)
+        from .lifelong import _parser_defaults
+
+        if args.n_train == _parser_defaults().get("n_train"):  # the quality bench's 8,192: too long for 4 configs
+            args.n_train = DEFAULT_N_TRAIN
+        if args.n_train < 1:
+            raise ValueError(f"--n-train must be >= 1 for bench finetune (the prompts trained on); got {args.n_train}")
+        cfg = bench_pipeline_config(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows, meta = run_bench(args, cfg, log=log)
+    out = Path(args.out) / "finetune"
+    from .._io import atomic_write_text
+    from .report import markdown_table
+
+    md = (f"# bench finetune\n\n{meta['title']}\n\n{meta['environment']}\n\n" + markdown_table(rows) + "\n")
+    atomic_write_text(out / "finetune.md", md)
+    atomic_write_text(out / "finetune.json", json.dumps({"rows": rows, "meta": meta}, indent=2, default=str))
+    log(markdown_table(rows))
+    log(f"wrote {out / 'finetune.md'} and finetune.json")
+    return 0
+
+
+def run_bench(args, cfg, log=print):
+    import torch
+
+    from ..data.collate import PromptCollator
+    from ..train.cli_train import build_shared_context
+    from ..train.metrics import ctr_metrics
+    from ..train.pipeline import (
+        VariantSpec,
+        build_rellax,
+        load_tokenizer_and_backbone,
+        make_samples,
+        shown_positions_for,
+    )
+    from ..train.trainer import PromptDataset, cpu_has_native_bf16, predict_proba, train_model
+    from .report import environment_line
+
+    out = Path(args.out) / "finetune"
+    out.mkdir(parents=True, exist_ok=True)
+    shared = copy.copy(args)
+    shared.out = str(out)
+    ctx = build_shared_context(shared, cfg, log=log)
+    data, spec = ctx.data, VariantSpec("ReLLaX (full)")
+    tr = data.splits["train"].subset(ctx.train_index)
+    train_samples = make_samples(data, tr, shown_positions_for(data, tr, cfg.k, True, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False))
+    valid_set_samples = None
+    if ctx.valid_index is not None:
+        va = data.splits["valid"].subset(ctx.valid_index)
+        valid_set_samples = make_samples(data, va, shown_positions_for(data, va, cfg.k, True, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False))
+    native_bf16 = cpu_has_native_bf16()
+    on_cpu = not torch.cuda.is_available()
+    rows: List[Dict[str, object]] = []
+    base_rate = None
+    # warm-up, untimed: the first steps of a process pay one-off costs (oneDNN kernel selection, allocator
+    # growth, lazy imports) that would otherwise be charged to the first configuration
+    tok, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
+    model = build_rellax(backbone, kind, tok, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
+    collator = PromptCollator(tok, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder, chat=cfg.chat)
+    n_warm = min(len(train_samples), max(1, args.warmup) * cfg.train.batch_size)
+    for precision in ("no", "bf16") if (native_bf16 or not on_cpu) else ("no",):
+        warm = replace(cfg.train, epochs=1, mixed_precision=precision, save_every_steps=0, progress=False)
+        train_model(model, PromptDataset(train_samples[:n_warm], collator, ctx.cond_train), warm, out / "runs" / "warmup",
+                    log=lambda *_: None)  # fmt: skip
+    del model
+    for name, opts in CONFIGS:
+        if opts["mixed_precision"] == "bf16" and on_cpu and not native_bf16:
+            rows.append({"config": name, "note": "skipped: this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 is slower than fp32"})
+            continue
+        torch.manual_seed(cfg.seed)
+        tok, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
+        model = build_rellax(backbone, kind, tok, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
+        collator = PromptCollator(tok, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder, chat=cfg.chat)
+        train_set = PromptDataset(train_samples, collator if opts["cache"] else _NoCache(collator), ctx.cond_train)
+        tc = replace(cfg.train, epochs=1, group_by_length=opts["group_by_length"], mixed_precision=opts["mixed_precision"],
+                     save_every_steps=0, progress=False)  # fmt: skip
+        model.set_stage("joint")
+        compile_seconds = None
+        if opts.get("compile"):
+            # nn.Module.compile compiles in place: parameter names (checkpoints, lr groups) are unchanged. The
+            # first batches (compilation, one recompile for dynamic lengths) are timed apart from the rate.
+            model.backbone.compile(dynamic=True)
+            initial = {k: v.detach().clone() for k, v in model.trainable_state().items()}
+            t0 = time.perf_counter()
+            warm = replace(cfg.train, epochs=1, mixed_precision=opts["mixed_precision"], save_every_steps=0, progress=False)
+            train_model(model, PromptDataset(train_samples[:n_warm], collator, ctx.cond_train), warm,
+                        out / "runs" / "compile-warmup", log=lambda *_: None)  # fmt: skip
+            compile_seconds = round(time.perf_counter() - t0, 1)
+            with torch.no_grad():  # the timed run starts from the same initial tensors as every other row
+                for k, v in model.trainable_state().items():
+                    v.copy_(initial[k])
+        t0 = time.perf_counter()
+        res = train_model(model, train_set, tc, out / "runs" / name.strip("+ ").replace(" ", "-"), log=lambda *_: None)
+        seconds = time.perf_counter() - t0
+        steps = res["global_step"]
+        tokens, padded = _token_counts(train_set if opts["cache"] else PromptDataset(train_samples, collator), tc, tc.batch_size)
+        rate = len(train_samples) / seconds
+        base_rate = rate if base_rate is None else base_rate
+        row = {"config": name, "precision": opts["mixed_precision"].replace("no", "fp32"), "steps": steps,
+               "seconds": round(seconds, 1), "samples_per_s": round(rate, 2), "tokens_per_s": round(tokens / seconds),
+               "padded_tokens_per_s": round(padded / seconds), "padding_share": round(1 - tokens / padded, 3),
+               "speedup": round(rate / base_rate, 2), "final_loss": round(float(np.mean(res["losses"][-20:])), 4)}  # fmt: skip
+        if compile_seconds is not None:
+            row["compile_seconds"] = compile_seconds
+        if valid_set_samples is not None:
+            vset = PromptDataset(valid_set_samples, collator, ctx.cond_valid)
+            probs = predict_proba(res["model"], vset, cfg.train.eval_batch_size, progress=False)
+            row["valid_auc"] = round(ctr_metrics(vset.labels(), probs)["auc"], 4)
+        log(f"[finetune] {json.dumps(row)}")
+        rows.append(row)
+        del model, res
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {
+        "title": (f"ReLLaX (full) fine-tuning on {args.dataset}: {len(train_samples)} prompts, batch {cfg.train.batch_size}, "
+                  f"K={cfg.k}, max_length={cfg.max_length}, backbone {cfg.model or 'all-MiniLM-L6-v2 (offline)'}; "
+                  f"valid AUC on {0 if ctx.valid_index is None else len(ctx.valid_index)} samples; CPU native bf16: "
+                  f"{native_bf16}"),
+        "environment": environment_line(device),
+    }  # fmt: skip
+    return rows, meta
+
+
+def _token_counts(dataset, config, batch_size: int):
+    """(real tokens, padded tokens) over one epoch in ``config``'s batch order."""
+    from ..train.trainer import epoch_order
+
+    lengths = dataset.lengths()
+    order = epoch_order(dataset, config, 0, batch_size).numpy()
+    real = int(lengths.sum())
+    padded = sum(int(lengths[order[i : i + batch_size]].max()) * len(order[i : i + batch_size])
+                 for i in range(0, len(order), batch_size))  # fmt: skip
+    return real, padded
