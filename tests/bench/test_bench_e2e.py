@@ -18,7 +18,7 @@ import pytest
 import torch
 from rellax_testing import REPO
 
-from rellax_fast.bench import e2e, report
+from rellax_fast.bench import e2e, e2e_infer, e2e_train, report
 
 NUMERIC = ("ms", "tokens_per_s", "peak_mem_mb")
 
@@ -153,7 +153,7 @@ def test_failing_provider_becomes_a_row(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated kernel failure")
 
-    monkeypatch.setattr(e2e, "cflora_model", broken)
+    monkeypatch.setattr(e2e_train, "cflora_model", broken)
     seen = []
     rows = e2e.bench_training(base, spec, torch.device("cpu"), torch.float32, 0, 1, "eager", seen.append,
                               providers=(("rellax-fast full (auto)", "full", None), (e2e.TRAIN_BASELINE, "peft", None)))
@@ -189,8 +189,8 @@ def test_apply_cflora_rows_run_the_fused_op_next_to_peft(monkeypatch):
     assert (e2e.PATCHED_PROVIDER, "peft-apply", None) in e2e.TRAIN_PROVIDERS
     assert e2e.PATCHED_INFER_PROVIDER in e2e.INFER_PROVIDERS
     calls.clear()
-    model, needs_cond, note = e2e._inference_model(e2e.PATCHED_INFER_PROVIDER, base, spec, torch.device("cpu"),
-                                                   torch.float32)
+    model, needs_cond, note = e2e_infer._inference_model(e2e.PATCHED_INFER_PROVIDER, base, spec,
+                                                         torch.device("cpu"), torch.float32)
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long))
     assert not needs_cond and "apply_cflora" in note and len(calls) == n_layers

@@ -1,0 +1,50 @@
+"""What every ``rellax-fast bench e2e`` measurement shares: the report columns, one row, a ratio, a failure
+note, and the CUDA memory accounting between providers."""
+
+from __future__ import annotations
+
+import gc
+import math
+from typing import Dict, Optional
+
+COLUMNS = ("phase", "provider", "batch", "seq", "ms", "tokens_per_s", "peak_mem_mb", "resident_mb", "total_peak_mb",
+           "baseline", "speed_vs_baseline", "mem_vs_baseline", "speed_vs_compiled", "loss", "note")
+
+
+def free_memory(device) -> None:
+    """Collect the last provider's model and optimizer and hand cached CUDA blocks back."""
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def allocated_mb(device) -> Optional[float]:
+    """CUDA memory held by live tensors, MiB (None off CUDA)."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.memory_allocated(device) / 2**20
+
+
+def error_note(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"failed: {type(exc).__name__}: {text[:300]}"
+
+
+def row(phase: str, provider: str, batch: int, seq: Optional[int], **values) -> Dict[str, object]:
+    """One report row: every column of :data:`COLUMNS` (None where not measured) plus ``values``."""
+    out = {c: None for c in COLUMNS}
+    out.update(phase=phase, provider=provider, batch=batch, seq=seq)
+    out.update(values)
+    return out
+
+
+def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    """``num / den``, or None when either is missing, not finite, or ``den`` is not positive."""
+    if num is None or den is None or not math.isfinite(num) or not math.isfinite(den) or den <= 0:
+        return None
+    return num / den
