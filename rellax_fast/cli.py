@@ -20,7 +20,7 @@ COMMANDS = {
     "prepare": ("rellax_fast.data.cli", "write {train,valid,test}.parquet and meta.json"),
     "embed": ("rellax_fast.subr.cli_embed", "encode item text into (cached) embeddings"),
     "retrieve": ("rellax_fast.subr.cli_retrieve", "SUBR: per-sample top-K semantic history retrieval"),
-    "train-ctr": ("rellax_fast.spa.cli", "train the conventional CTR model (DIN) and freeze it"),
+    "train-ctr": ("rellax_fast.ctr.cli", "train the conventional CTR model (DIN) and freeze it"),
     "train": ("rellax_fast.train.cli_train", "fine-tune a ReLLaX model"),
     "eval": ("rellax_fast.train.cli_eval", "score a test split or a JSONL of samples; writes metrics.json"),
     "demo": ("rellax_fast.train.cli_demo", "the whole pipeline on the embedded dataset, with ablations"),

@@ -12,7 +12,7 @@ under ``--out``), the stage runner and the report. Stages, each in its own child
 - ``retrieve``: SUBR top-K (K=10, cosine, ``--topk-backend``, default cpp) through ``subr.retrieval.retrieve`` for
   a seeded sample of ``--targets`` samples spread evenly over history-length bands (5-49, 50-499, 500-4999,
   5000+ earlier ratings; the rest uniform), from the prepared folder;
-- ``train-ctr``: DIN (``spa.ctr.fit_din``) on the prepared folder for one epoch, evaluation passes included;
+- ``train-ctr``: DIN (``ctr.store.fit_din``) on the prepared folder for one epoch, evaluation passes included;
   the training rate is the epoch's samples over the epoch's time (the evaluation passes are timed apart).
 
 Bytes written: the growth of the stage's output folder. Reports: ``data.json`` and ``data.md`` under
@@ -186,9 +186,9 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
 
 
 def _stage_train_ctr(prepared: Path, out: Path, seed: int) -> dict:
+    from ..ctr.din import DINTrainConfig, predict
+    from ..ctr.store import fit_din, save_ctr, split_arrays
     from ..data.ctr import load_prepared
-    from ..spa.ctr import fit_din, save_ctr, split_arrays
-    from ..spa.din import DINTrainConfig, predict
 
     t0 = time.perf_counter()
     data = load_prepared(prepared)

@@ -251,9 +251,9 @@ def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
     from tqdm.auto import tqdm
 
     from .._io import atomic_write_text
-    from ..spa.ctr import din_fingerprint
-    from ..train.cli_train import build_shared_context
-    from ..train.metrics import json_default
+    from ..ctr.store import din_fingerprint
+    from ..metrics import json_default
+    from ..train.context import build_shared_context
     from ..train.pipeline import VariantSpec, make_samples, run_inputs, run_variant, shown_positions_for
     from .quality import _load_row, _sha
 
@@ -527,7 +527,7 @@ def _estimate_point(ctx, spec, cfg_k, run_dir, train_tokens: np.ndarray, args, l
 
 def _write_estimate(ldir, points, budgets, ks, methods, args, cfg, context_seconds, prep_seconds, log) -> int:
     from .._io import atomic_write_text
-    from ..train.metrics import json_default
+    from ..metrics import json_default
 
     rows = [{"method": m, **points[(m, k)]} for m in methods for k in ks]
     total = sum(r["estimated_seconds"] for r in rows)

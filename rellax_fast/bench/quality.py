@@ -65,7 +65,7 @@ CONTROL_ROWS = ("din", "logreg", "ensemble")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The quality bench's options (the ReLLaX/DIN options come from ``train``'s ``add_model_arguments``)."""
-    from ..train.cli_train import add_model_arguments
+    from ..train.args import add_model_arguments
 
     add_model_arguments(parser, n_train=8192, n_test=0)
     # The post-hoc mix is fit on, and every LM row selects its model on, the same valid subsample, scored every
@@ -211,8 +211,8 @@ def score_split(model, ctx, spec, cfg, split: str, index: np.ndarray, desc: str)
     """p(click) of a trained ReLLaX ``model`` on the ``index`` samples of ``split`` (its own prompts and DIN h)."""
     from transformers import AutoTokenizer
 
+    from ..ctr.store import din_outputs
     from ..data.collate import PromptCollator
-    from ..spa.ctr import din_outputs
     from ..train.pipeline import _subset, default_model_path, make_samples, shown_positions_for
     from ..train.trainer import PromptDataset, predict_proba
 
@@ -263,7 +263,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> str:
 def bench_pipeline_config(args: argparse.Namespace):
     """The pipeline config of a quality-style bench: ``--dataset`` defaults to ml-100k, read from
     :func:`default_data_dir` unless ``--data-dir`` is given (sets both on ``args``)."""
-    from ..train.cli_train import pipeline_config
+    from ..train.args import pipeline_config
 
     args.dataset = args.dataset or "ml-100k"
     if args.data_dir is None and args.dataset != "synthetic":
@@ -291,9 +291,10 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     from tqdm.auto import tqdm
 
     from .._io import atomic_write_text
-    from ..spa.ctr import din_fingerprint, din_outputs
-    from ..train.cli_train import build_shared_context, slug
-    from ..train.metrics import json_default
+    from ..ctr.store import din_fingerprint, din_outputs
+    from ..metrics import json_default
+    from ..train.args import slug
+    from ..train.context import build_shared_context
     from ..train.pipeline import _subset, run_inputs, run_variant
 
     start = time.perf_counter()
@@ -323,7 +324,7 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     t0 = time.perf_counter()
     lr = fit_id_logreg(data, log=log)
     lr_valid = lr["predict"](data.splits["valid"])
-    from ..train.metrics import ctr_metrics
+    from ..metrics import ctr_metrics
 
     rows[LR_ROW] = {"kind": "baseline", "seeds": {None: {"probs": lr["predict"](data.splits["test"].subset(ctx.test_index),
                                                                           concat_splits(data.splits["train"], data.splits["valid"]))}},
@@ -399,8 +400,8 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
 def summarise(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boot: int, log=print) -> List[Dict]:
     """One dict per row: metrics per seed, mean ± sd, bootstrap CIs and paired tests (first seed) vs DIN and
     vs full ReLLaX."""
+    from ..metrics import ctr_metrics
     from ..train import stats
-    from ..train.metrics import ctr_metrics
 
     def first_probs(entry):
         s = entry["seeds"]

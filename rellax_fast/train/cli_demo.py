@@ -18,7 +18,7 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli_train import add_model_arguments
+    from .args import add_model_arguments
 
     add_model_arguments(parser, n_train=512, n_test=500)
     parser.set_defaults(max_length=128, din_epochs=4, din_patience=1, din_max_history=30, lr=2e-3)
@@ -50,8 +50,10 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .._io import atomic_write_text
-    from .cli_train import build_shared_context, pipeline_config, slug
-    from .metrics import ctr_metrics, plot_runs
+    from ..metrics import ctr_metrics
+    from .args import pipeline_config, slug
+    from .context import build_shared_context
+    from .metrics import plot_runs
     from .pipeline import run_variant
 
     start = time.perf_counter()

@@ -1,59 +1,25 @@
-"""CTR metrics (AUC, LogLoss, accuracy via scikit-learn), their JSON/Markdown output, and the plots."""
+"""The training layer's report helpers: ``metrics.json`` on disk, Markdown tables and the loss/AUC plots.
+
+The metrics themselves (``ctr_metrics``, ``json_default``) live in the leaf :mod:`rellax_fast.metrics` and are
+re-exported here for older import paths."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
-EPS = 1e-7
-
-
-def ctr_metrics(labels, probs) -> Dict[str, float]:
-    """AUC, LogLoss and accuracy (threshold 0.5) of click probabilities ``probs`` against 0/1 ``labels``.
-
-    AUC is NaN when the labels hold a single class (sklearn would raise); LogLoss clips p to [1e-7, 1-1e-7].
-    """
-    from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
-
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    p = np.asarray(probs, dtype=np.float64).reshape(-1)
-    if y.shape != p.shape:
-        raise ValueError(f"labels and probs must have the same length, got {y.shape[0]} and {p.shape[0]}")
-    if y.size == 0:
-        raise ValueError("cannot compute CTR metrics on 0 samples")
-    if not np.all(np.isfinite(p)):
-        raise ValueError(f"probs contain {int((~np.isfinite(p)).sum())} non-finite values")
-    if np.any((y != 0) & (y != 1)):
-        raise ValueError("labels must be 0 or 1")
-    p = np.clip(p, EPS, 1 - EPS)
-    auc = float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
-    return {
-        "auc": auc,
-        "logloss": float(log_loss(y, p, labels=[0, 1])),
-        "accuracy": float(accuracy_score(y, p >= 0.5)),
-        "n": int(y.size),
-    }
+from ..metrics import EPS, ctr_metrics, json_default, metrics_json  # noqa: F401  (re-exported: older import paths)
 
 
 def write_metrics_json(path, metrics: Mapping, extra: Optional[Mapping] = None) -> Path:
+    """Write ``metrics.json`` (auc, logloss, accuracy, n, then ``extra``) atomically."""
     from rellax_fast._io import atomic_write_text
 
-    out = {**{k: metrics[k] for k in ("auc", "logloss", "accuracy", "n")}, **(extra or {})}
-    atomic_write_text(path, json.dumps(out, indent=2, default=json_default))
+    atomic_write_text(path, metrics_json(metrics, extra))
     return Path(path)
-
-
-def json_default(o):
-    """``json.dumps`` default for numpy scalars (and anything else: its str)."""
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    return str(o)
 
 
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] = ("variant", "auc", "logloss", "accuracy", "n")) -> str:

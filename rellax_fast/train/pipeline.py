@@ -251,7 +251,7 @@ class Context:
 
 
 def build_context(data, din, vocab, din_report, cfg: PipelineConfig, item_emb=None, item_ids=None) -> Context:
-    from ..spa.ctr import din_outputs
+    from ..ctr.store import din_outputs
 
     train, test = data.splits["train"], data.splits["test"]
     train_index = subsample(len(train), cfg.n_train, cfg.seed)
@@ -289,7 +289,8 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     from rellax_fast.data.prompts import mix_recent_and_retrieved
     from rellax_fast.distributed import is_main
 
-    from .metrics import ctr_metrics, write_metrics_json
+    from ..metrics import ctr_metrics
+    from .metrics import write_metrics_json
 
     run_dir = Path(run_dir)
     if is_main():  # under a launcher only rank 0 writes
@@ -372,7 +373,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
 def run_dependencies(run_dir, ctx: Context, spec: VariantSpec) -> Dict:
     """What ``rellax.json`` records about files outside the run folder: paths relative to the run folder and
     fingerprints of the DIN and SUBR embeddings this run used (checked by ``eval``)."""
-    from ..spa.ctr import din_fingerprint
+    from ..ctr.store import din_fingerprint
 
     run_dir = Path(run_dir).resolve()
 
@@ -406,8 +407,8 @@ def run_inputs(ctx: Context, spec: VariantSpec) -> Dict:
     """Fingerprints of what a run trains on; a resumed run must find the same (``inputs.json``)."""
     import hashlib
 
+    from ..ctr.store import din_fingerprint
     from ..data.ctr import ctr_fingerprint
-    from ..spa.ctr import din_fingerprint
 
     inputs = {
         "data_fingerprint": ctr_fingerprint(ctx.data),

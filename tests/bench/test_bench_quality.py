@@ -90,7 +90,7 @@ def test_id_logreg_uses_ids_and_leave_one_out_rates(ml100k):
     ratings = ds.ratings[ds.ratings.user_id <= 150]
     data = prepare_ctr(RecDataset(ds.name, ds.domain, ratings, ds.items, ds.users), seed=0)
     lr = fit_id_logreg(data, grid_c=(0.1,), grid_smoothing=(20.0,), log=lambda *_: None)
-    from rellax_fast.train.metrics import ctr_metrics
+    from rellax_fast.metrics import ctr_metrics
 
     m = ctr_metrics(data.splits["test"].label, lr["predict"](data.splits["test"]))
     assert m["auc"] > 0.6  # positive rates of users and items carry real signal on MovieLens

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from rellax_fast.ctr.din import PackedCTRArrays, history_arrays
+from rellax_fast.ctr.store import item_vocab, split_arrays, to_index
 from rellax_fast.data import load_prepared, make_synthetic, prepare_ctr, save_prepared
-from rellax_fast.spa.ctr import item_vocab, split_arrays, to_index
-from rellax_fast.spa.din import PackedCTRArrays, history_arrays
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from rellax_fast.ctr.din import DINTrainConfig
+from rellax_fast.ctr.store import din_fingerprint, fit_din, load_ctr, save_ctr, train_or_load_ctr
 from rellax_fast.data.ctr import prepare_ctr
 from rellax_fast.data.synthetic import make_synthetic
-from rellax_fast.spa.cli import train_or_load_ctr
-from rellax_fast.spa.ctr import din_fingerprint, fit_din, load_ctr, save_ctr
-from rellax_fast.spa.din import DINTrainConfig
 
 OPTS = {"embed_dim": 4, "mlp_hidden": (8,), "max_history": 5, "attention_hidden": 4}
 

@@ -49,7 +49,7 @@ def main(argv):
     torch.set_num_threads(1)
     from test_resume import H, _dataset
 
-    from rellax_fast.train.metrics import ctr_metrics
+    from rellax_fast.metrics import ctr_metrics
     from rellax_fast.train.model import ReLLaXModel, ReLLaXOptions, load_backbone
     from rellax_fast.train.trainer import TrainConfig, predict_proba, train_model
 

@@ -25,9 +25,9 @@ def main(argv):
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     writes = audit_writes(os.path.abspath(run_dir))
     torch.set_num_threads(1)
+    from rellax_fast.ctr.store import load_ctr
     from rellax_fast.data import load_dataset, prepare_ctr
     from rellax_fast.data.datasets import RecDataset
-    from rellax_fast.spa.ctr import load_ctr
     from rellax_fast.train.pipeline import (
         PipelineConfig,
         VariantSpec,

@@ -129,8 +129,8 @@ def test_pipeline_variant_two_processes_match_one_and_only_rank0_writes(no_dropo
                                                                           tmp_path):  # fmt: skip
     """`run_variant` (what `rellax-fast train` runs after its shared context) under torchrun: the run folder's
     losses, test predictions and metrics are the single-process ones, and rank 1 writes nothing there."""
-    from rellax_fast.spa.ctr import fit_din, save_ctr
-    from rellax_fast.spa.din import DINTrainConfig
+    from rellax_fast.ctr.din import DINTrainConfig
+    from rellax_fast.ctr.store import fit_din, save_ctr
     from rellax_fast.train.pipeline import save_subr_embeddings
 
     data = ml100k_slice

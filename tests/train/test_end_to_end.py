@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from rellax_fast.spa.ctr import fit_din, save_ctr
-from rellax_fast.spa.din import DINTrainConfig
+from rellax_fast.ctr.din import DINTrainConfig
+from rellax_fast.ctr.store import fit_din, save_ctr
 from rellax_fast.train.pipeline import (
     PipelineConfig,
     VariantSpec,
@@ -63,7 +63,7 @@ def test_pipeline_encoder_full_rellax_then_eval(context, tiny_bert_dir, tmp_path
     losses = json.loads((run / "loss.json").read_text())["losses"]
     assert len(losses) == 5 and all(math.isfinite(x) for x in losses)
     # the saved run reloads exactly: re-scoring the same test sample gives the same probabilities
-    from rellax_fast.train.cli_eval import score
+    from rellax_fast.train.runs import score
 
     split, probs, has_label, spec = score(run, data, progress=False)
     np.testing.assert_allclose(probs, np.load(run / "predictions.npy"), rtol=1e-5, atol=1e-6)
@@ -112,7 +112,7 @@ def test_pipeline_causal_two_stage_without_subr(context, tiny_gpt2_dir, tmp_path
 
 
 def test_train_ctr_is_reused_for_the_same_dataset(ml100k_slice, tmp_path):
-    from rellax_fast.spa.cli import train_or_load_ctr
+    from rellax_fast.ctr.store import train_or_load_ctr
 
     opts = {"embed_dim": 4, "mlp_hidden": (8,), "max_history": 5, "attention_hidden": 4}
     m1, vocab1, r1 = train_or_load_ctr(ml100k_slice, tmp_path / "ctr", opts, DINTrainConfig(epochs=1, progress=False))

@@ -120,10 +120,10 @@ def test_bad_readout_options(tiny_bert_dir):
 
 
 def test_residual_run_reloads_exactly_in_eval(ml100k_slice, tiny_bert_dir, tmp_path):
-    from rellax_fast.spa.ctr import fit_din, save_ctr
-    from rellax_fast.spa.din import DINTrainConfig
-    from rellax_fast.train.cli_eval import score
+    from rellax_fast.ctr.din import DINTrainConfig
+    from rellax_fast.ctr.store import fit_din, save_ctr
     from rellax_fast.train.pipeline import PipelineConfig, VariantSpec, build_context, run_variant
+    from rellax_fast.train.runs import score
     from rellax_fast.train.trainer import TrainConfig
 
     data = ml100k_slice

@@ -125,7 +125,7 @@ def test_best_on_valid_is_kept_and_a_resumed_run_selects_the_same(tiny_bert_dir,
     best = max(hist, key=lambda r: r["auc"])
     assert ref["best"]["step"] == best["step"] and ref["best"]["auc"] == best["auc"]
     # the returned model is the selected one: it scores the best AUC on valid again
-    from rellax_fast.train.metrics import ctr_metrics
+    from rellax_fast.metrics import ctr_metrics
 
     again = ctr_metrics(valid.labels(), predict_proba(ref["model"], valid, progress=False))["auc"]
     assert again == pytest.approx(best["auc"], abs=1e-9)

@@ -287,7 +287,7 @@ def train_din(
     """Train DIN on the whole training split with early stopping on validation AUC; return it frozen."""
     from tqdm.auto import tqdm
 
-    from rellax_fast.train.metrics import ctr_metrics
+    from ..metrics import ctr_metrics
 
     tc = train_config or DINTrainConfig()
     if len(train) == 0 or len(valid) == 0:

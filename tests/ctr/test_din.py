@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from rellax_fast.spa.din import (
+from rellax_fast.ctr.din import (
     DIN,
     DINConfig,
     DINTrainConfig,

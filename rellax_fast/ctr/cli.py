@@ -4,7 +4,8 @@ valid, freeze it, and write it with its validation/test AUC and LogLoss to ``<ou
 A DIN already in ``<out>/ctr`` is reused (by this command and by ``train``/``demo``) only when it was trained
 on the same data (content fingerprint of the CTR splits) with the same model and training options; any
 difference retrains it there, and the log names what changed. Runs record the fingerprint of the DIN they
-used, so ``eval`` refuses a run whose DIN has been retrained since."""
+used, so ``eval`` refuses a run whose DIN has been retrained since. The work is
+:func:`rellax_fast.ctr.store.train_or_load_ctr`; this module only parses and checks the options."""
 
 from __future__ import annotations
 
@@ -43,54 +44,6 @@ def load_ctr_data(args):
     return prepare_ctr(ds, seed=getattr(args, "seed", 0))
 
 
-def _key_changes(old: dict, new: dict, prefix: str = "") -> list:
-    """The dotted names whose values differ between two reuse keys, e.g. ['options.embed_dim']."""
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _key_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}" if k == "data_fingerprint" else f"{prefix}{k} {a!r} -> {b!r}")
-    return out
-
-
-def train_or_load_ctr(data, ctr_dir, options: dict, train_config, log=print):
-    """Reuse the DIN in ``ctr_dir`` only if it was trained on the same data (content fingerprint) with the same
-    model and training options; otherwise (re)train it there, saying why."""
-    import json
-    from pathlib import Path
-
-    from .ctr import din_reuse_key, fit_din, load_ctr, save_ctr
-    from .din import DINReport
-
-    ctr_dir = Path(ctr_dir)
-    key = din_reuse_key(data, options, train_config)
-    if (ctr_dir / "din.json").exists():
-        meta = json.loads((ctr_dir / "din.json").read_text())
-        stored = meta.get("reuse_key")
-        if stored == key:
-            try:
-                model, vocab, meta = load_ctr(ctr_dir)
-            except (ValueError, FileNotFoundError, KeyError) as exc:
-                log(f"retraining the DIN in {ctr_dir}: the saved one does not load ({exc})")
-            else:
-                log(f"using the trained DIN in {ctr_dir} (same data and options; test AUC "
-                    f"{meta['report']['test'].get('auc', float('nan')):.4f})")  # fmt: skip
-                return model, vocab, DINReport(**meta["report"])
-        elif stored is None:
-            log(f"retraining the DIN in {ctr_dir}: it records no data fingerprint or options (older rellax-fast)")
-        else:
-            log(f"retraining the DIN in {ctr_dir}: it was trained with other data or options "
-                f"({'; '.join(_key_changes(stored, key))})")  # fmt: skip
-    model, report, vocab = fit_din(data, options, train_config)
-    save_ctr(model, vocab, report, ctr_dir, extra={"dataset": data.dataset.name, "reuse_key": key})
-    from rellax_fast.train.metrics import write_metrics_json
-
-    write_metrics_json(ctr_dir / "metrics.json", report.test, {"model": "DIN", "split": "test", "valid": report.valid})
-    return model, vocab, report
-
-
 def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
@@ -104,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.lr > 0:
         print(f"error: --lr must be > 0; got {args.lr}", file=sys.stderr)
         return 2
+    from .store import train_or_load_ctr
+
     data = load_ctr_data(args)
     out = Path(args.out) / "ctr"
     model, vocab, report = train_or_load_ctr(data, out, din_options(args), din_train_config(args))

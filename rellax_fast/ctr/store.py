@@ -1,13 +1,14 @@
 """Glue between the prepared CTR data (``rellax_fast.data``) and DIN: the item vocabulary, the per-split
-DIN inputs, fitting, and the frozen DIN's outputs (p(click) and h per sample) that ReLLaX consumes.
+DIN inputs, fitting, the frozen DIN's outputs (p(click) and h per sample) that ReLLaX consumes, the saved
+CTR folder, and :func:`train_or_load_ctr` (reuse a saved DIN only when it was trained on the same data with
+the same options, else retrain it: what ``train-ctr``, ``train`` and ``demo`` do).
 
 A saved CTR model is a folder with ``din.safetensors``, ``din.json`` (config, metrics, what it was trained on
-and with, and content hashes) and ``item_ids.npy`` (row i of the item table is item id ``item_ids[i]``).
-:func:`load_ctr` checks the loaded weights and vocabulary against the hashes in ``din.json``, so a folder
-mixed from two trainings, or modified, is refused; :func:`din_fingerprint` names one trained DIN (runs
-record it, ``eval`` checks it).
+and with, and content hashes), ``item_ids.npy`` (row i of the item table is item id ``item_ids[i]``) and
+``metrics.json`` (test metrics). :func:`load_ctr` checks the loaded weights and vocabulary against the hashes
+in ``din.json``, so a folder mixed from two trainings, or modified, is refused; :func:`din_fingerprint` names
+one trained DIN (runs record it, ``eval`` checks it).
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -152,3 +153,47 @@ def load_ctr(path) -> Tuple[DIN, np.ndarray, Dict]:
         raise ValueError(f"{path / 'item_ids.npy'}: ids do not match the hash in {path / 'din.json'} (a mixed or "
                          f"modified CTR folder); retrain with `rellax-fast train-ctr`")  # fmt: skip
     return model, vocab, meta
+
+
+def _key_changes(old: dict, new: dict, prefix: str = "") -> list:
+    """The dotted names whose values differ between two reuse keys, e.g. ['options.embed_dim']."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _key_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}" if k == "data_fingerprint" else f"{prefix}{k} {a!r} -> {b!r}")
+    return out
+
+
+def train_or_load_ctr(data, ctr_dir, options: Optional[dict], train_config: Optional[DINTrainConfig], log=print):
+    """Reuse the DIN in ``ctr_dir`` only if it was trained on the same data (content fingerprint) with the same
+    model and training options; otherwise (re)train it there, saying why. Returns (model, vocab, report)."""
+    from rellax_fast._io import atomic_write_text
+    from rellax_fast.metrics import metrics_json
+
+    ctr_dir = Path(ctr_dir)
+    key = din_reuse_key(data, options, train_config)
+    if (ctr_dir / "din.json").exists():
+        meta = json.loads((ctr_dir / "din.json").read_text())
+        stored = meta.get("reuse_key")
+        if stored == key:
+            try:
+                model, vocab, meta = load_ctr(ctr_dir)
+            except (ValueError, FileNotFoundError, KeyError) as exc:
+                log(f"retraining the DIN in {ctr_dir}: the saved one does not load ({exc})")
+            else:
+                log(f"using the trained DIN in {ctr_dir} (same data and options; test AUC "
+                    f"{meta['report']['test'].get('auc', float('nan')):.4f})")  # fmt: skip
+                return model, vocab, DINReport(**meta["report"])
+        elif stored is None:
+            log(f"retraining the DIN in {ctr_dir}: it records no data fingerprint or options (older rellax-fast)")
+        else:
+            log(f"retraining the DIN in {ctr_dir}: it was trained with other data or options "
+                f"({'; '.join(_key_changes(stored, key))})")  # fmt: skip
+    model, report, vocab = fit_din(data, options, train_config)
+    save_ctr(model, vocab, report, ctr_dir, extra={"dataset": data.dataset.name, "reuse_key": key})
+    atomic_write_text(ctr_dir / "metrics.json",
+                      metrics_json(report.test, {"model": "DIN", "split": "test", "valid": report.valid}))  # fmt: skip
+    return model, vocab, report
