@@ -3,7 +3,8 @@
 - :mod:`.domains`: the records: :class:`RecDataset` (ratings, items, users) and one :class:`Domain` per
   domain (label rule, prompt nouns, item-text template, user features), in ``DOMAINS``.
 - :mod:`.datasets`: ``load_dataset(name)`` -> :class:`RecDataset` (ratings, items, users) from each dataset's
-  published format; :mod:`.download`: official sources, checksums, atomic download;
+  published format, read by :mod:`.movielens` and :mod:`.bookcrossing` through :mod:`.parsing` (the checked
+  parsing and corruption reports); :mod:`.download`: official sources, checksums, atomic download;
   :mod:`.synthetic`: the embedded generated dataset.
 - :mod:`.ctr`: the paper's labels and splits as columnar :class:`UserSequences` + :class:`CTRSplit`
   (``prepare_ctr``, ``save_prepared``, ``load_prepared``).

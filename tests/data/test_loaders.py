@@ -201,7 +201,7 @@ def test_movielens_csv_ratings_are_read_typed_by_pyarrow(tmp_path, name, monkeyp
     """The ratings file goes through pyarrow.csv with explicit int64/float64 columns (no object column, no
     string re-parse) and gives the same values as the string parser; odd rows still fall back and name their
     line."""
-    from rellax_fast.data import datasets
+    from rellax_fast.data import movielens, parsing
 
     rng = np.random.default_rng(0)
     n = 5000
@@ -210,13 +210,14 @@ def test_movielens_csv_ratings_are_read_typed_by_pyarrow(tmp_path, name, monkeyp
     text = "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r / 2},{t}\n" for u, i, r, t in rows.T)
     (d / "ratings.csv").write_text(text)
     fallbacks = []
-    slow = datasets._parse_table
-    monkeypatch.setattr(datasets, "_parse_table", lambda path, *a, **k: fallbacks.append(path.name) or slow(path, *a, **k))
+    slow = parsing.parse_table
+    for module in (parsing, movielens):  # the ratings fall-back path and the movies.csv reader
+        monkeypatch.setattr(module, "parse_table", lambda path, *a, **k: fallbacks.append(path.name) or slow(path, *a, **k))
     ds = load_dataset(name, d, download=False)
     assert fallbacks == ["movies.csv"]  # ratings.csv never needed the string parser
     assert ds.ratings["user_id"].dtype == np.int64 and ds.ratings["rating"].dtype == np.float32
     assert ds.ratings["timestamp"].dtype == np.int64
-    cols = datasets._parse_table(d / "ratings.csv", text, ",", ["u", "i", "r", "t"], header=True)
+    cols = slow(d / "ratings.csv", text, ",", ["u", "i", "r", "t"], header=True)
     np.testing.assert_array_equal(ds.ratings["user_id"], cols["u"].astype(np.int64))
     np.testing.assert_array_equal(ds.ratings["rating"], cols["r"].astype(np.float32))
     np.testing.assert_array_equal(ds.ratings["timestamp"], cols["t"].astype(np.int64))

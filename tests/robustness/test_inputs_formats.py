@@ -103,7 +103,7 @@ def test_duplicate_search_fast_path_matches_pandas():
     import numpy as np
     import pandas as pd
 
-    from rellax_fast.data.datasets import _duplicated_last
+    from rellax_fast.data.parsing import _duplicated_last
 
     rng = np.random.default_rng(1)
     n = 150_000
