@@ -12,7 +12,8 @@ import dataclasses
 from typing import Dict, Optional, Tuple
 
 # Every projection of a Llama layer (the TALLRec/ReLLa fine-tuning recipe), not the per-model-type default of
-# `rellax-fast train` (train.model.DEFAULT_TARGETS: query/value only): the bench measures the heaviest case.
+# `rellax-fast train` (train.model.DEFAULT_TARGETS: attention query/value, or GPT-2's fused c_attn): the bench
+# measures the heaviest adapter placement.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SIZE_ALIASES = {"cpu": "tiny", "gpu": "1b"}
 
