@@ -26,8 +26,6 @@ PACKAGE = Path(REPO) / "rellax_fast"
 
 # (importing module, imported command module): why it is still there
 KNOWN_COMMAND_IMPORTS = {
-    ("rellax_fast.subr.cli_retrieve", "rellax_fast.subr.cli_embed"):
-        "retrieve reuses embed's encoder options and embedding step (subr's own cleanup, not #16 items 2-3)",
     ("rellax_fast.bench.lifelong", "rellax_fast.bench.cli"):
         "bench lifelong reads the bench parser's defaults to apply its presets",
     ("rellax_fast.bench.finetune", "rellax_fast.train.cli_train"):

@@ -24,7 +24,7 @@ import argparse
 import os
 
 from ..ops._backend import BACKENDS
-from .cli_embed import add_encoder_arguments
+from .embed import add_encoder_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from rellax_fast.data import DataFormatError, DatasetNotFoundError, load_prepared, prepare_ctr
 
     from .._io import atomic_write
-    from .cli_embed import embed_items, load_raw_dataset
+    from .embed import embed_items, load_raw_dataset
     from .encoders import resolve_device
     from .retrieval import item_rows
 

@@ -9,7 +9,7 @@ import torch
 from corpus import write_variant
 
 from rellax_fast.cli import main
-from rellax_fast.subr import cli_embed
+from rellax_fast.subr import embed
 from rellax_fast.subr.encoders import check_encoder_name, resolve_device
 
 
@@ -97,7 +97,7 @@ def test_embed_reports_what_the_loader_fixed(tmp_path, capsys):
     """embed/retrieve load the raw dataset too: a repeated rating is reported as one warning line."""
     d = write_variant("rerated_copies", tmp_path / "ml-100k")
     args = argparse.Namespace(dataset="ml-100k", data_dir=str(d), no_download=True)
-    ds = cli_embed.load_raw_dataset(args)
+    ds = embed.load_raw_dataset(args)
     err = capsys.readouterr().err
     assert len(ds.ratings) == 96
     assert f"warning: {d / 'u.data'}: dropped 10 repeated ratings" in err
