@@ -26,8 +26,6 @@ PACKAGE = Path(REPO) / "rellax_fast"
 
 # (importing module, imported command module): why it is still there
 KNOWN_COMMAND_IMPORTS = {
-    ("rellax_fast.bench.lifelong", "rellax_fast.bench.cli"):
-        "bench lifelong reads the bench parser's defaults to apply its presets",
     ("rellax_fast.bench.finetune", "rellax_fast.train.cli_train"):
         "bench finetune still takes build_shared_context from cli_train (now rellax_fast.train.context)",
     ("rellax_fast.bench.e2e_scoring", "rellax_fast.cli"):
@@ -36,7 +34,6 @@ KNOWN_COMMAND_IMPORTS = {
 # import cycles (strongly connected modules) that exist outside this cleanup
 KNOWN_CYCLES = {
     frozenset({"rellax_fast.cflora.hooks", "rellax_fast.cflora.model"}),
-    frozenset({"rellax_fast.bench.cli", "rellax_fast.bench.finetune", "rellax_fast.bench.lifelong"}),
 }
 # the public names of rellax_fast.spa.din / spa.ctr before the move: they keep resolving
 OLD_SPA_DIN = ("DIN", "N_RATING_BUCKETS", "ActivationUnit", "CTRArrays", "DINConfig", "DINReport", "DINTrainConfig",

@@ -117,11 +117,15 @@ def parse_methods(text) -> List[str]:
 
 
 def _parser_defaults() -> Dict:
-    """The defaults of every `bench` option (to tell a flag given explicitly from one left at its default)."""
-    from . import cli
+    """The defaults of the quality, data and lifelong bench options, every option a preset sets (to tell a flag
+    given explicitly from one left at its default). Built from the suites' ``add_arguments``, as `bench` adds
+    them, without importing the command module."""
+    from . import data, quality
 
     p = argparse.ArgumentParser()
-    cli.add_arguments(p)
+    quality.add_arguments(p)
+    data.add_arguments(p)
+    add_arguments(p)
     return {a.dest: a.default for a in p._actions}
 
 
