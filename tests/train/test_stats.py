@@ -169,7 +169,7 @@ def test_weighted_auc_equals_sklearn_on_resamples():
 
 def test_demo_table_marks_differences_within_noise():
     from rellax_fast.metrics import ctr_metrics
-    from rellax_fast.train.cli_demo import add_noise_columns, noise_table
+    from rellax_fast.train.ablation import add_noise_columns, noise_table
 
     y, good, weak = _data(600, 12, noise=(0.3, 3.0))
     rng = np.random.default_rng(3)
