@@ -200,3 +200,12 @@ def test_the_moved_names_resolve_from_their_old_modules(old, new, names):
     if old.endswith("din"):  # a config pickled under the old path loads as the new class
         blob = pickle.dumps(new_mod.DINConfig(n_items=3, n_users=0)).replace(b"rellax_fast.ctr.din", old.encode())
         assert type(pickle.loads(blob)) is new_mod.DINConfig
+
+
+def test_every_package_is_listed_for_the_wheel():
+    """pyproject lists the packages by name: a new one (e.g. ``ctr``) missing there would be left out of wheels."""
+    import tomllib
+
+    listed = set(tomllib.loads((Path(REPO) / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    on_disk = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert on_disk - {"rellax_fast.kernels"} <= listed, sorted(on_disk - listed)
