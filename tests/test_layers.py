@@ -26,15 +26,11 @@ PACKAGE = Path(REPO) / "rellax_fast"
 
 # (importing module, imported command module): why it is still there
 KNOWN_COMMAND_IMPORTS = {
-    ("rellax_fast.bench.finetune", "rellax_fast.train.cli_train"):
-        "bench finetune still takes build_shared_context from cli_train (now rellax_fast.train.context)",
     ("rellax_fast.bench.e2e_scoring", "rellax_fast.cli"):
         "bench e2e times the whole `rellax-fast eval` command through its entry point",
 }
 # import cycles (strongly connected modules) that exist outside this cleanup
-KNOWN_CYCLES = {
-    frozenset({"rellax_fast.cflora.hooks", "rellax_fast.cflora.model"}),
-}
+KNOWN_CYCLES: set = set()
 # the public names of rellax_fast.spa.din / spa.ctr before the move: they keep resolving
 OLD_SPA_DIN = ("DIN", "N_RATING_BUCKETS", "ActivationUnit", "CTRArrays", "DINConfig", "DINReport", "DINTrainConfig",
                "PackedCTRArrays", "freeze", "history_arrays", "load_din", "make_arrays", "predict", "save_din",

@@ -90,8 +90,8 @@ def run_bench(args, cfg, log=print):
     import torch
 
     from ..data.collate import PromptCollator
-    from ..train.cli_train import build_shared_context
-    from ..train.metrics import ctr_metrics
+    from ..metrics import ctr_metrics
+    from ..train.context import build_shared_context
     from ..train.pipeline import (
         VariantSpec,
         build_rellax,

@@ -139,7 +139,7 @@ class PromptDataset:
         return batch
 
 
-def epoch_order(dataset: PromptDataset, config: "TrainConfig", epoch: int, global_batch: int) -> torch.Tensor:
+def epoch_order(dataset: PromptDataset, config: TrainConfig, epoch: int, global_batch: int) -> torch.Tensor:
     """The sample order of one epoch (deterministic in ``config.seed`` and ``epoch``, so a resumed run finds
     the same batches): a seeded permutation, with ``group_by_length`` re-ordered into length-sorted
     megabatches whose batches are shuffled (every sample still once per epoch)."""
@@ -350,7 +350,7 @@ def train_model(
 
     def evaluate_valid() -> None:
         nonlocal best
-        from .metrics import ctr_metrics
+        from ..metrics import ctr_metrics
 
         probs = predict_proba(model, valid, config.eval_batch_size, progress=False, accelerator=acc,
                               mixed_precision=config.mixed_precision)  # fmt: skip
