@@ -38,7 +38,7 @@ from typing import Any, Dict, Tuple
 
 from torch import nn
 
-from .model import cflora_condition, cflora_layers, unwrap_model
+from .conditioning import cflora_condition, cflora_layers, unwrap_model
 
 COND_KWARG = "cflora_cond"
 _STATE = "_cflora_cond_kwarg"  # attribute on the model: {"stack": [...], "generate": instance-level original}

@@ -28,8 +28,19 @@ import torch
 from torch import nn
 
 from ..ops._backend import BACKEND_CHOICES
+from .conditioning import (  # noqa: F401  (re-exported: the public names lived here)
+    _install_checkpoint_replay,
+    _remove_checkpoint_replay,
+    _require_layers,
+    cflora_checkpoint_context_fn,
+    cflora_condition,
+    cflora_layers,
+    clear_cflora_condition,
+    unwrap_model,
+)
 from .config import ALL_LINEAR, CFLoRAConfig
-from .layers import CFLoRALinear, ConditionSlot, supported_base
+from .hooks import disable_cflora_cond_kwarg, enable_cflora_cond_kwarg
+from .layers import CFLoRALinear, supported_base
 
 logger = logging.getLogger("rellax_fast.cflora")
 
@@ -37,25 +48,6 @@ logger = logging.getLogger("rellax_fast.cflora")
 _MODULES_TO_SAVE = "_cflora_modules_to_save"
 # Hugging Face PeftAdapterMixin methods that CFLoRA answers on an injected model (see _bind_hf_adapter_methods)
 _HF_ADAPTER_METHODS = ("disable_adapters", "enable_adapters")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside DistributedDataParallel / DataParallel wrappers."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
-def cflora_layers(model: nn.Module) -> List[Tuple[str, CFLoRALinear]]:
-    """(name, layer) of every CFLoRA layer, in module order."""
-    return [(n, m) for n, m in unwrap_model(model).named_modules() if isinstance(m, CFLoRALinear)]
-
-
-def _require_layers(model: nn.Module, what: str) -> List[Tuple[str, CFLoRALinear]]:
-    layers = cflora_layers(model)
-    if not layers:
-        raise ValueError(f"{what}: the model has no CFLoRA layers; call inject_cflora(model, config) first")
-    return layers
 
 
 def get_cflora_config(model: nn.Module) -> CFLoRAConfig:
@@ -234,8 +226,6 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
         100.0 * trainable / max(total, 1),
     )
     if cond_kwarg and config.needs_cond:
-        from .hooks import enable_cflora_cond_kwarg  # hooks imports this module
-
         enable_cflora_cond_kwarg(root)
     if verbose:
         print_trainable_parameters(root)
@@ -261,127 +251,6 @@ def set_cflora_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     for _, layer in _require_layers(model, "set_cflora_backend"):
         layer.backend = backend
     return model
-
-
-@contextlib.contextmanager
-def cflora_condition(model: nn.Module, cond: torch.Tensor) -> Iterator[nn.Module]:
-    """Feed per-sample conditioning vectors ``cond`` (B, cond_dim) to every CFLoRA layer of ``model``.
-
-    Inside the block each conditioned layer generates its C from ``cond``; a model batch that is a
-    multiple of B (``generate()`` with beams / ``num_return_sequences``) repeats each sample's C.
-    After the block, the layers keep ``cond`` marked inactive: only a backward pass (the recomputation
-    of gradient checkpointing) may still use it; a forward outside a block raises. Hugging Face gradient
-    checkpointing (``gradient_checkpointing_enable``) replays each checkpointed forward's own cond, so several
-    conditioned forwards may precede one backward; when calling ``torch.utils.checkpoint`` yourself, pass
-    :func:`cflora_checkpoint_context_fn` as its ``context_fn`` for the same. Without either, a non-reentrant
-    recomputation that cannot tell which block's cond it needs raises instead of giving wrong gradients.
-    """
-    layers = _require_layers(model, "cflora_condition")
-    cond_dim = layers[0][1].cflora_config.cond_dim
-    if not isinstance(cond, torch.Tensor):
-        raise TypeError(f"cflora_condition: cond must be a torch.Tensor; got {type(cond).__name__}")
-    if cond.dim() != 2 or (cond_dim is not None and cond.shape[1] != cond_dim):
-        raise ValueError(
-            f"cflora_condition: cond must have shape (batch, cond_dim={cond_dim}); got {tuple(cond.shape)}"
-        )
-    if not cond.is_floating_point():
-        raise TypeError(f"cflora_condition: cond must be a floating tensor; got dtype {cond.dtype}")
-    for _, layer in layers:
-        slot = layer._cflora_slot
-        if slot is not None and slot.active:
-            raise RuntimeError("cflora_condition: a cflora_condition block is already active on this model; "
-                               "nesting is not supported")
-    _install_checkpoint_replay(unwrap_model(model))
-    slot = ConditionSlot(cond)
-    for _, layer in layers:
-        layer._cflora_slot = slot
-    try:
-        yield model
-    finally:
-        slot.active = False
-
-
-# ------------------------------------------------------------------------------------- gradient checkpointing
-class _ReplayCondition:
-    """Wraps a Hugging Face module's ``_gradient_checkpointing_func`` so each checkpointed call runs - in its
-    forward and again in its recomputation inside ``backward()`` - with the cond slots of the CFLoRA layers
-    under it as they were at the forward. Two conditioned forwards followed by one backward then recompute
-    each forward with its own cond, with ``use_reentrant`` True or False and any ``context_fn``.
-
-    It is installed by :func:`cflora_condition` on every module that has a ``_gradient_checkpointing_func``
-    (``gradient_checkpointing_enable`` may run after injection, so this is re-checked on every block).
-    """
-
-    def __init__(self, func, module: nn.Module):
-        self.func = func
-        self.module = module
-
-    def __call__(self, function, *args, **kwargs):
-        layers = [m for m in self.module.modules() if isinstance(m, CFLoRALinear)]
-        if not layers:
-            return self.func(function, *args, **kwargs)
-        slots = [layer._cflora_slot for layer in layers]
-        return self.func(functools.partial(_run_with_slots, function, layers, slots), *args, **kwargs)
-
-
-@contextlib.contextmanager
-def _slots_replayed(layers: List[CFLoRALinear], slots) -> Iterator[None]:
-    """Set each layer's slot to the one its forward saw, marked as a replay (the recomputation then trusts it)."""
-    current = [(layer._cflora_slot, layer._cflora_replaying) for layer in layers]
-    for layer, slot in zip(layers, slots):
-        layer._cflora_slot = slot
-        layer._cflora_replaying = True
-    try:
-        yield
-    finally:
-        for layer, (slot, replaying) in zip(layers, current):
-            layer._cflora_slot = slot
-            layer._cflora_replaying = replaying
-
-
-def _run_with_slots(function, layers, slots, *args, **kwargs):
-    with _slots_replayed(layers, slots):
-        return function(*args, **kwargs)
-
-
-def _install_checkpoint_replay(root: nn.Module) -> None:
-    for module in root.modules():
-        func = module.__dict__.get("_gradient_checkpointing_func")
-        if func is not None and not isinstance(func, _ReplayCondition):
-            module._gradient_checkpointing_func = _ReplayCondition(func, module)
-
-
-def _remove_checkpoint_replay(root: nn.Module) -> None:
-    for module in root.modules():
-        func = module.__dict__.get("_gradient_checkpointing_func")
-        if isinstance(func, _ReplayCondition):
-            module._gradient_checkpointing_func = func.func
-
-
-def cflora_checkpoint_context_fn(model: nn.Module):
-    """A ``context_fn`` for calling ``torch.utils.checkpoint`` (non-reentrant) yourself: every recomputation
-    uses the cond of its own forward, even when several conditioned forwards run before one backward::
-
-        torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False,
-                                          context_fn=cflora_checkpoint_context_fn(model))
-
-    Hugging Face's ``gradient_checkpointing_enable`` needs nothing: :func:`cflora_condition` makes its
-    checkpoint function replay the cond by itself.
-    """
-    layers = [layer for _, layer in _require_layers(model, "cflora_checkpoint_context_fn")]
-
-    def context_fn():
-        # called at forward time: capture the slots this forward sees, replay them at recomputation
-        slots = [layer._cflora_slot for layer in layers]
-        return contextlib.nullcontext(), _slots_replayed(layers, slots)
-
-    return context_fn
-
-
-def clear_cflora_condition(model: nn.Module) -> None:
-    """Drop the (inactive) cond kept on the layers for gradient-checkpoint recomputation."""
-    for _, layer in cflora_layers(model):
-        layer._cflora_slot = None
 
 
 # ------------------------------------------------------------------------------------------ disable
@@ -577,6 +446,4 @@ def _unload(root: nn.Module, layers: List[Tuple[str, CFLoRALinear]]) -> None:
         _replace_module(root, name, base)
     _unbind_hf_adapter_methods(root)
     _remove_checkpoint_replay(root)
-    from .hooks import disable_cflora_cond_kwarg  # hooks imports this module
-
     disable_cflora_cond_kwarg(root)

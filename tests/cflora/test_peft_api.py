@@ -10,7 +10,7 @@ import torch
 from cflora_models import VOCAB, logits_of, model_inputs, randomise_adapter, tiny_gpt2, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
-import rellax_fast.cflora.model as cflora_model
+import rellax_fast.cflora.conditioning as cflora_conditioning
 from rellax_fast.cflora import (
     CFLoRAConfig,
     CFLoRALinear,
@@ -247,7 +247,7 @@ def test_gradient_checkpointing_with_two_forwards_per_backward(factory, targets,
     if not reentrant and factory is tiny_llama:
         # control: without the cond replay, the first forward would be recomputed with the second cond; the
         # layers notice and raise instead of returning wrong gradients
-        monkeypatch.setattr(cflora_model, "_install_checkpoint_replay", lambda root: None)
+        monkeypatch.setattr(cflora_conditioning, "_install_checkpoint_replay", lambda root: None)
         fresh = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction="full",
                                                       cond_dim=COND, init_lora="random", generator_init_std=0.3))
         fresh.load_state_dict(model.state_dict())
