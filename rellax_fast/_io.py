@@ -15,13 +15,15 @@ the previous file, if any, is left untouched.
   :func:`make_temp_dir` makes a temporary sibling folder (umask permissions, same cleanup) for whole-folder
   writes that are renamed into place by their caller.
 
-Also here: :func:`check_out_dir`, the shared check that an ``--out`` folder can be one.
+Also here: :func:`check_out_dir`, the shared check that an ``--out`` folder can be one; :func:`file_sha256`
+and :func:`json_sha256`, the content hashes that caches and fingerprints store.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -137,6 +139,17 @@ def file_sha256(path: PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def json_sha256(obj: Any) -> str:
+    """sha256 (hex) of ``json.dumps(obj, sort_keys=True, default=str)``, UTF-8 encoded with ASCII escapes.
+
+    The canonical-JSON hash behind the encoder ``config_hash`` and the bench-quality cache keys: its value is
+    stored on disk, so these ``json.dumps`` arguments must never change. (Hashes made with other arguments,
+    such as the embedding cache's ``ensure_ascii=False`` one, are a different function and stay with their
+    owner.)
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @contextlib.contextmanager

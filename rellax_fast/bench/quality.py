@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import time
@@ -231,7 +230,9 @@ def score_split(model, ctx, spec, cfg, split: str, index: np.ndarray, desc: str)
 
 
 def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    from .._io import json_sha256  # the one canonical-JSON hash (same json.dumps arguments, same keys)
+
+    return json_sha256(obj)
 
 
 def _load_row(path: Path, key: str, fresh: bool) -> Optional[Dict]:

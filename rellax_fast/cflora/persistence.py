@@ -85,6 +85,8 @@ def adapter_sha256(config: CFLoRAConfig, tensors: Mapping[str, torch.Tensor]) ->
     Stored in the saved config and checked on load: flipped bytes, tensors swapped between layers or an
     edited config all change it. (Hand-written: safetensors itself keeps no checksum.)
     """
+    # Not _io.json_sha256: no default=str here (a non-JSON config value must fail, not hash as its str), and
+    # the digest goes on over the tensors; the value is stored in saved adapters, so its arguments stay.
     digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode("utf-8"))
     for key in sorted(tensors):
         t = tensors[key].detach().to("cpu").contiguous()

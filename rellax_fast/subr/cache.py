@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .._io import atomic_write
+from .._kernel_common import NORM_EPS
 from .text import TEMPLATE_VERSION
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,10 @@ CACHE_FORMAT = 2  # 2: post-processing descriptor in the key, options hash in th
 
 # How :func:`rellax_fast.subr.encoders.postprocess` turns encoder outputs into the cached array; a change
 # there must change this (and so every key).
-POSTPROCESS = {"pca": "sklearn.decomposition.PCA(svd_solver='full', random_state=0)", "normalize": "l2, eps 1e-12"}
+POSTPROCESS = {
+    "pca": "sklearn.decomposition.PCA(svd_solver='full', random_state=0)",
+    "normalize": f"l2, eps {NORM_EPS:g}",  # "l2, eps 1e-12": encoders.normalize_rows
+}
 
 
 @dataclass
@@ -75,6 +79,8 @@ def _json_ids(item_ids: Sequence[Any]) -> List[Any]:
 
 
 def _sha256_text(obj: Any) -> str:
+    # Not _io.json_sha256: ensure_ascii=False and no default=str give other bytes (non-ASCII titles) and refuse
+    # non-JSON values; the value is stored in every cache key, so it keeps its own json.dumps arguments.
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -52,9 +52,11 @@ def _shown_scores(emb, rows, offsets, split, shown, metric):
     """Similarity of each shown behaviour to its target (float32, -inf at padding), without a Python loop."""
     import numpy as np
 
+    from .encoders import normalize_rows
+
     e = emb.astype(np.float32, copy=False)
     if metric == "cosine":
-        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        e = normalize_rows(e)
     start = offsets[split.user_index]
     target = rows[start + split.pos]
     flat = np.where(shown >= 0, start[:, None] + shown, 0)

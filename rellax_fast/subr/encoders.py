@@ -5,7 +5,9 @@
 - :class:`HFLMEncoder` embeds text as ReLLa does with an LLM: one batched forward pass of the base model
   (no generation), final hidden states mean-pooled over the text tokens (attention-mask weighted),
   bf16 on the GPU, fp32 on the CPU.
-- :func:`postprocess` applies the optional PCA (scikit-learn) and L2 normalisation to either.
+- :func:`postprocess` applies the optional PCA (scikit-learn) and L2 normalisation to either;
+  :func:`normalize_rows` is that normalisation (the cosine zero-norm rule, ``NORM_EPS``) for all of ``subr``.
+- :func:`progress_bar`, the tqdm bar of SUBR's long loops (encoding here, retrieval in ``retrieval``).
 
 Every encoder exposes ``encode(texts) -> np.ndarray (n, d) float32`` and ``identity() -> dict`` (name,
 path, kind, config hash) that the embedding cache puts in its key. Heavy imports happen inside functions.
@@ -14,13 +16,15 @@ path, kind, config hash) that the embedding cache puts in its key. Heavy imports
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from .._io import json_sha256
+from .._kernel_common import NORM_EPS
 
 DEFAULT_ENCODER = "default"
 DEFAULT_BATCH_SIZE = 64
@@ -94,10 +98,6 @@ def check_encoder_name(name_or_path: Optional[str], what: str = "encoder") -> No
         )
 
 
-def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def parameter_fingerprint(module) -> str:
     """A cheap hash of a torch module's weights: name, shape, dtype and the first 32 values of each tensor.
 
@@ -155,7 +155,7 @@ def encoder_identity(
             "weights": parameter_fingerprint(model) if model is not None else None,
             "tokenizer": None if tokenizer is None else [type(tokenizer).__name__, len(tokenizer)],
         }
-    config_hash = _sha256_json({"source": source, "options": options})
+    config_hash = json_sha256({"source": source, "options": options})
     return {"kind": kind, "name": name, "path": path, "config_hash": config_hash}
 
 
@@ -164,10 +164,13 @@ def _is_sentence_transformers_dir(path: str) -> bool:
     return p.is_dir() and ((p / "modules.json").exists() or (p / "config_sentence_transformers.json").exists())
 
 
-def _progress(total: int, desc: str, show: Optional[bool]):
+def progress_bar(total: int, desc: str, show: Optional[bool], *, unit: str = "text", unit_scale: bool = False):
+    """A ``tqdm.auto`` bar over ``total`` units; ``show`` None lets tqdm decide (shown on a terminal only),
+    True / False force it on / off."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="text", disable=(not show) if show is not None else None)
+    disable = (not show) if show is not None else None
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, disable=disable)
 
 
 class SentenceTransformerEncoder:
@@ -214,7 +217,7 @@ class SentenceTransformerEncoder:
         # batches of similar length carry little padding (sentence-transformers sorts only within a call)
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = None
-        with _progress(len(texts), f"encode {self.name}", show_progress) as bar:
+        with progress_bar(len(texts), f"encode {self.name}", show_progress) as bar:
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 emb = self.model.encode(
@@ -294,7 +297,7 @@ class HFLMEncoder:
             return np.zeros((0, hidden), dtype=np.float32)
         order = np.argsort([len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), hidden), dtype=np.float32)
-        with _progress(len(texts), f"encode {self.name}", show_progress) as bar, torch.inference_mode():
+        with progress_bar(len(texts), f"encode {self.name}", show_progress) as bar, torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 batch = self.tokenizer(
@@ -402,9 +405,14 @@ def postprocess(embeddings: np.ndarray, pca_dims: Optional[int] = None, normaliz
 
         emb = PCA(n_components=pca_dims, svd_solver="full", random_state=0).fit_transform(emb).astype(np.float32)
     if normalize:
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        emb = emb / np.maximum(norms, 1e-12)
+        emb = normalize_rows(emb)
     return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def normalize_rows(emb: np.ndarray) -> np.ndarray:
+    """Each row of a 2-D array divided by max(||row||, NORM_EPS), in the array's dtype: the zero-norm rule of
+    cosine retrieval on every backend (a zero row stays zero instead of becoming NaN)."""
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), NORM_EPS)
 
 
 def encode_texts(

@@ -28,6 +28,8 @@ from typing import Any, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .encoders import normalize_rows, progress_bar
+
 MODES = ("recent", "sequential", "high", "low")
 METRICS = ("cosine", "dot")
 DEFAULT_CHUNK = 65536
@@ -75,12 +77,6 @@ def _split_arrays(sequences, split) -> Tuple[np.ndarray, np.ndarray, np.ndarray]
     if len(pos) and ((pos < 0).any() or (pos >= lengths).any()):
         raise ValueError("split.pos must be in [0, length of the user's sequence) for every sample")
     return offsets, users, pos
-
-
-def _progress(total: int, desc: str, show: Optional[bool], unit: str = "sample"):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=(not show) if show is not None else None)
 
 
 def retrieve(
@@ -137,7 +133,7 @@ def retrieve(
     out_score = torch.full((n, k), float("-inf"), dtype=torch.float32)
     windowed = np.zeros(n, dtype=bool) if max_history is None else pos > max_history
     direct = np.flatnonzero(~windowed)
-    with _progress(n, f"SUBR top-{k}", show_progress) as bar:
+    with progress_bar(n, f"SUBR top-{k}", show_progress, unit="sample", unit_scale=True) as bar:
         for start in range(0, len(direct), chunk_size):
             idx = direct[start : start + chunk_size]
             p, s = ops.semantic_topk(
@@ -322,7 +318,7 @@ def retrieve_global(
         return torch.from_numpy(out_pos), torch.from_numpy(out_score)
 
     if metric == "cosine":
-        emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        emb = normalize_rows(emb)
     target_rows = seq_rows[offsets[users] + pos]
     unique_targets, target_local = np.unique(target_rows, return_inverse=True)
     target_local = target_local.reshape(-1)
@@ -336,7 +332,7 @@ def retrieve_global(
     per_batch = max(1, pair_budget // top_n)
     by_target = np.argsort(target_local, kind="stable")
     bounds = np.searchsorted(target_local[by_target], np.arange(0, len(unique_targets) + per_batch, per_batch))
-    with _progress(n, f"global top-{k}", show_progress) as bar:
+    with progress_bar(n, f"global top-{k}", show_progress, unit="sample", unit_scale=True) as bar:
         for batch, t0 in enumerate(range(0, len(unique_targets), per_batch)):
             rows = unique_targets[t0 : t0 + per_batch]
             scores, ids = index.search(emb[rows], top_n)

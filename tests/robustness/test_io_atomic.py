@@ -1,13 +1,17 @@
 """rellax_fast._io: outputs get the umask's permissions (as a plain open would), a failed or killed write
-leaves the old file, and the temporaries a killed writer leaves are removed on the next write there."""
+leaves the old file, and the temporaries a killed writer leaves are removed on the next write there; the
+canonical-JSON hash keeps the bytes the inline copies it replaced hashed."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +20,7 @@ from rellax_fast._io import (
     atomic_write_bytes,
     atomic_write_text,
     check_out_dir,
+    json_sha256,
     make_temp_dir,
     remove_stale_temps,
     temp_path_for,
@@ -184,3 +189,28 @@ def test_make_temp_dir_mode_and_cleanup(tmp_path, umask):
     made.rename(orphan)
     again = make_temp_dir(tmp_path / "prepared")  # the next run removes the dead writer's folder
     assert not orphan.exists() and again.is_dir()
+
+
+class _Opaque:
+    def __str__(self) -> str:
+        return "opaque-object"
+
+
+@pytest.mark.parametrize("obj", [
+    {"source": {"files": [["config.json", 12, "ab"]]}, "options": {"batch_size": 64, "max_length": None}},
+    {"b": 1, "a": [1.5, float("nan"), True], "é": "Amélie (2001)"},
+    [3, "x", {"z": {"y": 1, "x": 2}}],
+    {"path": Path("/tmp/x"), "object": _Opaque(), "tuple": (1, 2)},
+    "plain string",
+])
+def test_json_sha256_equals_the_inline_expressions_it_replaced(obj):
+    # subr/encoders.py and bench/quality.py both hashed exactly this (cache keys on disk depend on it)
+    inline = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    assert json_sha256(obj) == inline
+
+
+def test_json_sha256_is_canonical_and_ascii_escaped():
+    assert json_sha256({"b": 1, "a": "é"}) == json_sha256({"a": "é", "b": 1})
+    assert json_sha256({"b": 1, "a": "é"}) == hashlib.sha256(b'{"a": "\\u00e9", "b": 1}').hexdigest()
+    assert json_sha256({"a": 1}) != json_sha256({"a": 2}) != json_sha256({"a": "1"})
+    assert json_sha256({"p": _Opaque()}) == json_sha256({"p": "opaque-object"})  # default=str

@@ -230,3 +230,18 @@ def test_forced_rebuild_and_argument_errors(tmp_path):
         _get(tmp_path, enc, texts=TEXTS[:3])
     with pytest.raises(ValueError, match="encoder or encoder_factory"):
         cached_item_embeddings(tmp_path, "toy", IDS, TEXTS)
+
+
+def test_key_fields_keep_their_bytes():
+    # every cache on disk was keyed with these: the normalisation descriptor (now derived from NORM_EPS) and
+    # the text hashes (ensure_ascii=False, unlike _io.json_sha256: non-ASCII titles hash other bytes)
+    import hashlib
+
+    from rellax_fast._io import json_sha256
+
+    assert cache_mod.POSTPROCESS["normalize"] == "l2, eps 1e-12"
+    texts = ["Amélie (2001)", "Léon (1994)"]
+    key = cache_mod.cache_key("toy", {"kind": "k", "name": "n"}, [1, 2], texts)
+    raw = json.dumps(texts, sort_keys=True, ensure_ascii=False).encode()
+    assert key["texts_hash"] == hashlib.sha256(raw).hexdigest() != json_sha256(texts)
+    assert key["postprocess"]["normalize"] == "l2, eps 1e-12"

@@ -1,11 +1,25 @@
-"""Encoders: the default sentence-transformers model, the HF-LM mean-pooling encoder, PCA + normalisation."""
+"""Encoders: the default sentence-transformers model, the HF-LM mean-pooling encoder, PCA + normalisation,
+the shared row normalisation and progress bar."""
+
+import hashlib
+import json
 
 import numpy as np
 import pytest
 import torch
 
+from rellax_fast._kernel_common import NORM_EPS
 from rellax_fast.subr import encoders
-from rellax_fast.subr.encoders import HFLMEncoder, build_encoder, encode_texts, identity_for, postprocess
+from rellax_fast.subr.encoders import (
+    HFLMEncoder,
+    build_encoder,
+    encode_texts,
+    encoder_identity,
+    identity_for,
+    normalize_rows,
+    postprocess,
+    progress_bar,
+)
 
 TEXTS = [
     "Star Wars (1977). Genres: Action, Adventure, Romance, Sci-Fi, War",
@@ -145,3 +159,41 @@ def test_hf_lm_encoder_runs_bf16_on_gpu_and_matches_fp32_cpu(minilm_tokenizer):
     assert gpu.dtype == np.float32
     cos = (gpu * cpu).sum(1) / np.linalg.norm(gpu, axis=1) / np.linalg.norm(cpu, axis=1)
     assert (cos > 0.99).all()  # bf16 weights/activations, fp32 pooling
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_normalize_rows_matches_float64_reference_and_keeps_zero_rows(dtype):
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(13, 7)) * rng.uniform(1e-3, 1e3, size=(13, 1))).astype(dtype)
+    x[4] = 0.0  # a zero row stays zero (not NaN): the cosine zero-norm rule
+    x[9] = 1e-14  # below NORM_EPS: divided by NORM_EPS, not by its own norm
+    x64 = x.astype(np.float64)
+    ref = x64 / np.maximum(np.sqrt((x64**2).sum(axis=1, keepdims=True)), NORM_EPS)
+    out = normalize_rows(x)
+    assert out.dtype == dtype and out.shape == x.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-6 if dtype == np.float32 else 1e-12, atol=0)
+    assert (out[4] == 0).all() and np.isfinite(out).all()
+    assert np.linalg.norm(out[9]) < 0.1
+    np.testing.assert_allclose(np.linalg.norm(np.delete(out, [4, 9], axis=0), axis=1), 1.0, rtol=1e-5)
+
+
+def test_config_hash_is_the_canonical_json_hash_of_source_and_options(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    options = {"batch_size": 8, "max_length": None, "device": "cpu"}
+    ident = encoder_identity("hf-lm", "m", str(tmp_path), options)
+    source = {"files": encoders.path_fingerprint(str(tmp_path))}
+    # the bytes hashed before the helper moved to rellax_fast._io (keys already on disk stay valid)
+    inline = hashlib.sha256(json.dumps({"source": source, "options": options}, sort_keys=True, default=str).encode())
+    assert ident["config_hash"] == inline.hexdigest()
+    assert encoder_identity("hf-lm", "m", str(tmp_path), {**options, "batch_size": 9})["config_hash"] != ident["config_hash"]
+
+
+def test_progress_bar_show_flag_unit_and_scale():
+    with progress_bar(5, "encode x", False) as bar:
+        assert bar.disable
+    with progress_bar(5, "encode x", True) as bar:
+        assert not bar.disable and bar.total == 5 and bar.unit == "text" and not bar.unit_scale
+    with progress_bar(7, "top-k", True, unit="sample", unit_scale=True) as bar:
+        assert not bar.disable and bar.unit == "sample" and bar.unit_scale and bar.desc.startswith("top-k")
+        bar.update(7)
+        assert bar.n == 7
