@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from .._io import atomic_path, atomic_write_text
+from ..train.metrics import markdown_table as _markdown_table
 
 
 def sync(device: torch.device) -> None:
@@ -85,18 +86,11 @@ def environment_line(device: torch.device) -> str:
 
 
 def markdown_table(rows: Sequence[Dict[str, object]], columns: Optional[Sequence[str]] = None) -> str:
+    """The bench reports' Markdown table: :func:`rellax_fast.train.metrics.markdown_table` with the columns
+    of the first row by default and floats to 4 significant digits; ``(no rows)`` for no rows."""
     if not rows:
         return "(no rows)\n"
-    columns = list(columns or rows[0].keys())
-
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return _markdown_table(rows, columns, float_format=".4g")
 
 
 def write_reports(rows: List[Dict[str, object]], out_dir: str, name: str, header: str) -> Dict[str, str]:

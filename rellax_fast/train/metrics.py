@@ -1,5 +1,9 @@
 """The training layer's report helpers: ``metrics.json`` on disk, Markdown tables and the loss/AUC plots.
 
+:func:`markdown_table` is the one Markdown-table writer of the package (``bench.report.markdown_table`` is a
+thin wrapper: 4 significant digits, columns from the first row); it lives here because ``train`` may not
+import ``bench``.
+
 The metrics themselves (``ctr_metrics``, ``json_default``) live in the leaf :mod:`rellax_fast.metrics` and are
 re-exported here for older import paths."""
 
@@ -22,17 +26,29 @@ def write_metrics_json(path, metrics: Mapping, extra: Optional[Mapping] = None) 
     return Path(path)
 
 
-def markdown_table(rows: Sequence[Mapping], columns: Sequence[str] = ("variant", "auc", "logloss", "accuracy", "n")) -> str:
-    """A Markdown table; floats to 4 decimals."""
+CTR_COLUMNS = ("variant", "auc", "logloss", "accuracy", "n")
 
-    def fmt(v):
+
+def markdown_table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = CTR_COLUMNS, *,
+                   float_format: str = ".4f") -> str:
+    """A Markdown table of ``rows`` (mappings) in ``columns``, one line per row.
+
+    ``columns`` None or empty: the first row's keys (and ``(no rows)`` when there are no rows either).
+    Floats (numpy float64 included) are written with ``format(v, float_format)`` (NaN as ``nan``); a missing
+    key or None is an empty cell; anything else is ``str(v)``.
+    """
+    if not columns:
+        if not rows:
+            return "(no rows)\n"
+        columns = list(rows[0].keys())
+
+    def fmt(v) -> str:
         if isinstance(v, float):
-            return "nan" if math.isnan(v) else f"{v:.4f}"
-        return str(v)
+            return format(v, float_format)
+        return "" if v is None else str(v)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |")
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
