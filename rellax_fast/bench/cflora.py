@@ -116,6 +116,7 @@ def _bench_shape(m, d, r, c_kind, device, dtype, warmup, repeat, compiled_unfuse
     import torch
 
     from . import report
+    from .e2e_common import error_note
 
     rows: List[Dict[str, object]] = []
     per_sample = c_kind == "per-sample"
@@ -155,7 +156,7 @@ def _bench_shape(m, d, r, c_kind, device, dtype, warmup, repeat, compiled_unfuse
                 fwd_bwd()
             row["peak_mb"] = report.peak_memory_mb(fwd_bwd, device)
         except Exception as exc:  # a failing method becomes a row note, the suite goes on
-            row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            row["note"] = error_note(exc)
             continue
         timed.append((row, forward, backward, fwd_bwd, {"fwd": [], "bwd": [], "fb": []}))
     for _ in range(repeat):

@@ -1,5 +1,6 @@
 """What every ``rellax-fast bench e2e`` measurement shares: the report columns, one row, a ratio, a failure
-note, and the CUDA memory accounting between providers."""
+note (:func:`error_note`, also the note of a failed method in ``bench cflora``), and the CUDA memory
+accounting between providers. Imports no torch at module level."""
 
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def allocated_mb(device) -> Optional[float]:
 
 
 def error_note(exc: BaseException) -> str:
+    """``failed: <type>: <message>``: the message's white space (newlines included) folded to single spaces and
+    cut at 300 characters, so that a report row stays one line."""
     text = " ".join(str(exc).split())
     return f"failed: {type(exc).__name__}: {text[:300]}"
 

@@ -30,3 +30,23 @@ def test_bench_cflora_tiny_writes_reports(tmp_path, capsys):
     assert (tmp_path / "cflora.md").read_text().count("cflora[cpp]") == 2
     assert (tmp_path / "cflora.png").stat().st_size > 1000
     assert "bench cflora" in capsys.readouterr().out
+
+
+def test_a_failing_method_becomes_a_one_line_note_and_the_suite_goes_on(tmp_path, monkeypatch):
+    from rellax_fast.bench import cflora
+
+    def broken(*_):
+        raise RuntimeError("boom\n  second line")
+
+    monkeypatch.setattr(cflora, "_unfused", broken)
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["cflora", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
+                              "--warmup", "0", "--repeat", "1"])
+    args.out = str(tmp_path)
+    assert cli.run(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "cflora.csv")))
+    failed = [r for r in rows if r["method"] == "unfused"]
+    assert len(failed) == 2 and all(r["note"] == "failed: RuntimeError: boom second line" for r in failed)
+    assert all(not r["fwd_ms"] for r in failed)
+    assert all(float(r["fwd_ms"]) > 0 for r in rows if r["method"] == "floor")
