@@ -12,6 +12,7 @@ the previous file, if any, is left untouched.
   than a day. Nothing else in the folder is touched.
 - :func:`atomic_path` yields the temporary path for writers that take a path rather than a file object
   (pyarrow, ``np.save``, ``torch.save``, safetensors); :func:`atomic_write` takes a writer of a binary file;
+  :func:`atomic_write_png` saves a matplotlib figure;
   :func:`make_temp_dir` makes a temporary sibling folder (umask permissions, same cleanup) for whole-folder
   writes that are renamed into place by their caller.
 
@@ -203,6 +204,18 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_png(path: PathLike, fig, *, dpi: int = 110) -> Path:
+    """Save a matplotlib figure to ``path`` as PNG atomically, then close it (pyplot keeps every open figure
+    alive otherwise); returns ``path``. matplotlib is imported only here, and only to close the figure."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
 
 
 def check_out_dir(out: PathLike, what: str = "--out") -> Path:

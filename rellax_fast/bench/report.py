@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .._io import atomic_path, atomic_write_text
+from .._io import atomic_write_png, atomic_write_text
 from ..train.metrics import markdown_table as _markdown_table
 
 
@@ -135,9 +135,7 @@ def bar_chart(rows: Sequence[Dict[str, object]], out_path: str, label_keys: Sequ
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(out_path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    atomic_write_png(out_path, fig)
     return out_path
 
 

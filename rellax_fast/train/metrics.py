@@ -83,10 +83,6 @@ def plot_runs(path, loss_curves: Mapping[str, List[float]], aucs: Mapping[str, f
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    from rellax_fast._io import atomic_path
+    from rellax_fast._io import atomic_write_png
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return atomic_write_png(path, fig)

@@ -18,6 +18,7 @@ import pytest
 from rellax_fast._io import (
     atomic_path,
     atomic_write_bytes,
+    atomic_write_png,
     atomic_write_text,
     check_out_dir,
     json_sha256,
@@ -214,3 +215,25 @@ def test_json_sha256_is_canonical_and_ascii_escaped():
     assert json_sha256({"b": 1, "a": "é"}) == hashlib.sha256(b'{"a": "\\u00e9", "b": 1}').hexdigest()
     assert json_sha256({"a": 1}) != json_sha256({"a": 2}) != json_sha256({"a": "1"})
     assert json_sha256({"p": _Opaque()}) == json_sha256({"p": "opaque-object"})  # default=str
+
+
+def test_atomic_write_png_saves_closes_and_keeps_old_file_on_failure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = atomic_write_png(tmp_path / "p.png", fig)
+    assert path == tmp_path / "p.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)  # closed
+    old = path.read_bytes()
+
+    class Broken:
+        def savefig(self, *args, **kwargs):
+            raise RuntimeError("renderer failed")
+
+    with pytest.raises(RuntimeError, match="renderer failed"):
+        atomic_write_png(path, Broken())
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
