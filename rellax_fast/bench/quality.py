@@ -212,11 +212,11 @@ def score_split(model, ctx, spec, cfg, split: str, index: np.ndarray, desc: str)
 
     from ..ctr.store import din_outputs
     from ..data.collate import PromptCollator
-    from ..train.pipeline import _subset, default_model_path, make_samples, shown_positions_for
+    from ..train.pipeline import default_model_path, make_samples, shown_positions_for, subset_view
     from ..train.trainer import PromptDataset, predict_proba
 
     data = ctx.data
-    _, h = din_outputs(ctx.din, _subset(data, split, index), ctx.vocab, split)
+    _, h = din_outputs(ctx.din, subset_view(data, split, index), ctx.vocab, split)
     sub = data.splits[split].subset(index)
     pos = shown_positions_for(data, sub, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
     tok = AutoTokenizer.from_pretrained(cfg.model or default_model_path())
@@ -296,7 +296,7 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     from ..metrics import json_default
     from ..train.args import slug
     from ..train.context import build_shared_context
-    from ..train.pipeline import _subset, run_inputs, run_variant
+    from ..train.pipeline import run_inputs, run_variant, subset_view
 
     start = time.perf_counter()
     table = lm_rows()
@@ -313,7 +313,7 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
     valid_index = ctx.valid_index  # pipeline.valid_subsample: also what every LM row selects its model on
     labels_valid = data.splits["valid"].label[valid_index].astype(np.float64)
-    din_valid, _ = din_outputs(ctx.din, _subset(data, "valid", valid_index), ctx.vocab, "valid")
+    din_valid, _ = din_outputs(ctx.din, subset_view(data, "valid", valid_index), ctx.vocab, "valid")
     # what a finished row depends on (besides its own inputs, run_inputs: data, training sample, DIN, SUBR)
     base_key = {"din": din_fingerprint(ctx.din, ctx.vocab), "test_index": _sha(ctx.test_index.tolist()),
                 "pipeline": {**asdict(cfg), "train": {**asdict(cfg.train), "progress": None}}}  # fmt: skip

@@ -21,10 +21,15 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
     g.add_argument("--n-train", type=int, default=n_train, help="training samples (seeded subsample; 0: all)")
     g.add_argument("--n-test", type=int, default=n_test, help="test samples scored (seeded subsample; 0: all)")
     g.add_argument("--max-length", type=int, default=160, help="token budget per prompt")
-    g.add_argument("--r", type=int, default=8)
-    g.add_argument("--alpha", type=float, default=16.0)
+    # the CFLoRA adapter: one CFLoRAConfig (PipelineConfig.cflora), recorded once in each run's rellax.json
+    g.add_argument("--r", type=int, default=8, help="CFLoRA rank")
+    g.add_argument("--alpha", type=float, default=16.0, help="CFLoRA scaling numerator (the path is scaled by alpha/r)")
     g.add_argument("--lora-dropout", type=float, default=0.05)
     g.add_argument("--n-experts", type=int, default=4, help="experts of the moe / recrank1 interactions")
+    g.add_argument("--generator-hidden", type=int, default=None,
+                   help="hidden width of the full interaction's generator (default: 2 r^2)")
+    g.add_argument("--generator-init-std", type=float, default=0.0,
+                   help="std of the generators' output layer at init (default 0: training starts from plain LoRA)")
     g.add_argument("--cflora-backend", default=None, choices=BACKENDS,
                    help="force the CFLoRA op backend (default: automatic)")
     g.add_argument("--epochs", type=int, default=1)
@@ -70,7 +75,7 @@ def validate_model_arguments(args) -> None:
     silently mean "all" and a zero --k an empty prompt)."""
     at_least = {"n_train": 0, "n_test": 0, "k": 1, "epochs": 1, "batch_size": 1, "max_length": 8, "r": 1,
                 "save_every": 1, "n_experts": 1, "din_epochs": 1, "din_patience": 0, "din_embed_dim": 1,
-                "din_max_history": 1, "n_valid": 0, "eval_every": 0}  # fmt: skip
+                "din_max_history": 1, "n_valid": 0, "eval_every": 0, "generator_hidden": 1}  # fmt: skip
     for name, low in at_least.items():
         value = getattr(args, name, None)
         if value is not None and value < low:
@@ -80,6 +85,10 @@ def validate_model_arguments(args) -> None:
         raise ValueError(f"--din-hidden widths must be >= 1; got {args.din_hidden}")
     if not 0 <= getattr(args, "lora_dropout", 0) < 1:
         raise ValueError(f"--lora-dropout must be in [0, 1); got {args.lora_dropout}")
+    if not getattr(args, "alpha", 1) > 0:
+        raise ValueError(f"--alpha must be > 0; got {args.alpha}")
+    if not getattr(args, "generator_init_std", 0) >= 0:
+        raise ValueError(f"--generator-init-std must be >= 0; got {args.generator_init_std}")
     for group in ("lora", "generator", "projector", "readout"):
         value = getattr(args, f"lr_{group}", None)
         if value is not None and not value >= 0:
@@ -94,6 +103,16 @@ def lr_groups_of(args):
     return groups or None
 
 
+def cflora_config_of(args):
+    """The pipeline's CFLoRAConfig from the adapter flags (``pipeline.pipeline_cflora_config``: ReLLaX's
+    defaults, targets per architecture; each variant sets its interaction)."""
+    from .pipeline import pipeline_cflora_config
+
+    return pipeline_cflora_config(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, n_experts=args.n_experts,
+                                  generator_hidden=args.generator_hidden, generator_init_std=args.generator_init_std,
+                                  backend=args.cflora_backend)  # fmt: skip
+
+
 def pipeline_config(args):
     from .pipeline import PipelineConfig
     from .trainer import TrainConfig
@@ -104,9 +123,8 @@ def pipeline_config(args):
                      gradient_checkpointing=args.gradient_checkpointing, lr_groups=lr_groups_of(args),
                      group_by_length=args.group_by_length, eval_every_steps=args.eval_every)  # fmt: skip
     return PipelineConfig(model=args.model, kind=args.kind, k=args.k, subr_mode=args.subr_mode, n_train=args.n_train,
-                          n_test=args.n_test, n_valid=args.n_valid, max_length=args.max_length, r=args.r, alpha=args.alpha,
-                          dropout=args.lora_dropout, n_experts=args.n_experts, seed=args.seed, train=tc,
-                          cflora_backend=args.cflora_backend, chat=args.chat)  # fmt: skip
+                          n_test=args.n_test, n_valid=args.n_valid, max_length=args.max_length, cflora=cflora_config_of(args),
+                          seed=args.seed, train=tc, chat=args.chat)  # fmt: skip
 
 
 def slug(name: str) -> str:

@@ -25,11 +25,13 @@ softmax's second column. The pieces:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from dataclasses import InitVar, dataclass, field
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
+
+from ..cflora.config import CFLoRAConfig
 
 DEFAULT_TARGETS = {
     "bert": ["query", "value"],
@@ -68,22 +70,96 @@ def load_backbone(path: str, kind: str = "auto", dtype: Optional[torch.dtype] = 
     return cls.from_pretrained(path, **kw), kind
 
 
+# ReLLaXOptions().cflora's target_modules meaning "the backbone's own attention projections"
+# (default_target_modules of its model_type); ReLLaXModel resolves it. A CFLoRAConfig accepts it as a regex,
+# which no module name matches, so a config that skipped ReLLaXModel fails loudly in inject_cflora.
+PER_ARCHITECTURE = "per-architecture"
+# the adapter settings a ReLLaXModel uses when ReLLaXOptions.cflora leaves them out (other CFLoRAConfig
+# fields keep CFLoRAConfig's own defaults)
+RELLAX_CFLORA_DEFAULTS: Dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.05, "interaction": "full", "n_experts": 4,
+                                          "target_modules": PER_ARCHITECTURE}  # fmt: skip
+# keywords of the ReLLaXOptions that had one field per adapter setting (before ``cflora``): still accepted
+LEGACY_CFLORA_KEYWORDS = ("r", "alpha", "dropout", "interaction", "n_experts", "target_modules", "backend")
+
+
 @dataclass
 class ReLLaXOptions:
-    """What the wrapper adds to the backbone (CFLoRA, SPA, conditioning)."""
+    """What the wrapper adds to the backbone (CFLoRA, SPA, conditioning, read-out).
 
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    interaction: str = "full"  # a kind of rellax_fast.cflora.INTERACTIONS
-    n_experts: int = 4
-    target_modules: Optional[List[str]] = None  # None: per-architecture default (q and v projections)
+    ``cflora`` is the adapter's configuration, one object from the command line to the saved run:
+
+    * a ``CFLoRAConfig``, used as given, except that ``target_modules == PER_ARCHITECTURE`` becomes the
+      backbone's q and v projections and ``cond_dim`` is checked against (or, if None, filled from) the
+      model's ``cond_dim`` (the CTR model's h size); ``cond_dim`` is dropped for unconditioned interactions;
+    * a dict of CFLoRAConfig fields: :data:`RELLAX_CFLORA_DEFAULTS` updated with it, completed as above;
+    * None: :data:`RELLAX_CFLORA_DEFAULTS`.
+
+    The keywords of :data:`LEGACY_CFLORA_KEYWORDS` (``ReLLaXOptions(r=4, interaction="moe")``) are still
+    accepted and read: they update the dict form (TypeError together with a CFLoRAConfig).
+    """
+
+    cflora: Union[CFLoRAConfig, Dict[str, Any], None] = None
     use_spa: bool = True
     gradient_checkpointing: bool = False
-    backend: Optional[str] = None  # ops.cflora_linear backend of every CFLoRA layer (None: automatic)
     readout: str = "paper"  # paper: softmax([No, Yes]); residual: + lambda * the frozen DIN's logit
     readout_lambda: str = "learned"  # residual read-out: lambda learned (init 1) or fixed at 1
     extra: Dict = field(default_factory=dict)
+    r: InitVar[Optional[int]] = None
+    alpha: InitVar[Optional[float]] = None
+    dropout: InitVar[Optional[float]] = None
+    interaction: InitVar[Optional[str]] = None
+    n_experts: InitVar[Optional[int]] = None
+    target_modules: InitVar[Union[List[str], str, None]] = None
+    backend: InitVar[Optional[str]] = None
+
+    def __post_init__(self, *legacy) -> None:
+        given = {k: v for k, v in zip(LEGACY_CFLORA_KEYWORDS, legacy) if v is not None}
+        if isinstance(self.cflora, CFLoRAConfig):
+            if given:
+                raise TypeError(f"ReLLaXOptions: give the adapter settings either as cflora=CFLoRAConfig(...) or as "
+                                f"keywords, not both; got cflora and {sorted(given)}")  # fmt: skip
+        elif self.cflora is None or isinstance(self.cflora, dict):
+            if given or self.cflora is not None:
+                self.cflora = {**(self.cflora or {}), **given}
+        else:
+            raise TypeError(f"ReLLaXOptions.cflora must be a CFLoRAConfig, a dict of its fields or None; "
+                            f"got {type(self.cflora).__name__}")  # fmt: skip
+
+    def cflora_settings(self) -> Dict[str, Any]:
+        """The adapter settings before the model completes them: a dict of CFLoRAConfig fields."""
+        if isinstance(self.cflora, CFLoRAConfig):
+            return self.cflora.to_dict()
+        return {**RELLAX_CFLORA_DEFAULTS, **(self.cflora or {})}
+
+    def cflora_config(self, model_type: str, cond_dim: Optional[int]) -> CFLoRAConfig:
+        """The CFLoRAConfig of a backbone of ``model_type`` conditioned on vectors of size ``cond_dim``: the
+        per-architecture targets resolved, cond_dim checked / filled (ValueError on a mismatch)."""
+        from rellax_fast.cflora.interaction import interaction_class
+
+        settings = self.cflora_settings()
+        if settings.get("target_modules") == PER_ARCHITECTURE:
+            settings["target_modules"] = default_target_modules(model_type)
+        if interaction_class(settings.get("interaction", "identity")).needs_cond:
+            own = settings.get("cond_dim")
+            if own is not None and cond_dim is not None and own != cond_dim:
+                raise ValueError(f"ReLLaXOptions.cflora.cond_dim is {own} but the model's cond_dim (the CTR model's "
+                                 f"h size) is {cond_dim}")  # fmt: skip
+            if own is None and cond_dim is None:
+                raise ValueError(f"interaction {settings['interaction']!r} needs cond_dim (the CTR model's h size)")
+            settings["cond_dim"] = own if own is not None else cond_dim
+        else:
+            settings["cond_dim"] = None
+        return CFLoRAConfig.from_dict(settings)
+
+
+def _legacy_setting(name: str) -> property:
+    return property(lambda self: self.cflora_settings().get(name),
+                    doc=f"The adapter's {name} (read-only: CFLoRAConfig.{name} of ``cflora``).")
+
+
+for _name in LEGACY_CFLORA_KEYWORDS:  # ReLLaXOptions().r etc. read the adapter settings (not the InitVar default)
+    setattr(ReLLaXOptions, _name, _legacy_setting(_name))
+del _name
 
 
 class ReLLaXModel(nn.Module):
@@ -101,8 +177,7 @@ class ReLLaXModel(nn.Module):
         din_head: Optional[tuple] = None,
     ):
         super().__init__()
-        from rellax_fast.cflora import CFLoRAConfig, inject_cflora
-        from rellax_fast.cflora.interaction import interaction_class
+        from rellax_fast.cflora import inject_cflora
 
         from ..spa.projector import SPAProjector
 
@@ -114,12 +189,7 @@ class ReLLaXModel(nn.Module):
         no_id, yes_id = (int(i) for i in yes_no_ids)
         self.register_buffer("answer_token_ids", torch.tensor([no_id, yes_id], dtype=torch.long), persistent=False)
         model_type = getattr(backbone.config, "model_type", "")
-        targets = options.target_modules or default_target_modules(model_type)
-        self.cflora_config = CFLoRAConfig(
-            r=options.r, alpha=options.alpha, dropout=options.dropout, target_modules=targets,
-            interaction=options.interaction, n_experts=options.n_experts, backend=options.backend,
-            cond_dim=cond_dim if interaction_class(options.interaction).needs_cond else None,
-        )  # fmt: skip
+        self.cflora_config = options.cflora_config(model_type, cond_dim)
         inject_cflora(backbone, self.cflora_config)  # freezes the base weights
         d_model = backbone.get_input_embeddings().weight.shape[1]
         if options.use_spa:
@@ -132,8 +202,7 @@ class ReLLaXModel(nn.Module):
         else:
             self.projector = None
         if self.cflora_config.needs_cond:
-            if cond_dim is None:
-                raise ValueError(f"interaction {options.interaction!r} needs cond_dim (the CTR model's h size)")
+            cond_dim = self.cflora_config.cond_dim
             self.register_buffer("cond_mean", (cond_mean if cond_mean is not None else torch.zeros(cond_dim)).float().clone())
             self.register_buffer("cond_std", (cond_std if cond_std is not None else torch.ones(cond_dim)).float().clone())
         self.verbaliser_bias = nn.Parameter(torch.zeros(2)) if kind == "encoder" else None

@@ -16,14 +16,15 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .model import ReLLaXModel, ReLLaXOptions
+from ..cflora.config import CFLoRAConfig
+from .model import RELLAX_CFLORA_DEFAULTS, ReLLaXModel, ReLLaXOptions
 from .trainer import PromptDataset, TrainConfig, predict_proba, train_model
 
 
@@ -67,16 +68,55 @@ class PipelineConfig:
     # seeded subsample, seed + 2); 0: none, the model of the last step is kept
     n_valid: int = 0
     max_length: int = 160
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    n_experts: int = 4
-    cflora_backend: Optional[str] = None
+    # the CFLoRA adapter (r, alpha, dropout, n_experts, backend, generator settings, targets; the default
+    # model.PER_ARCHITECTURE: the backbone's q and v projections). Each variant's model uses it with the
+    # variant's interaction (VariantSpec.interaction) and, for conditioned kinds, cond_dim = the DIN's h size.
+    cflora: CFLoRAConfig = field(default_factory=lambda: pipeline_cflora_config())
     seed: int = 0
     placeholder: str = "<spa>"
     chat: bool = False  # wrap prompts in the backbone's chat template (causal chat models)
     train: TrainConfig = field(default_factory=TrainConfig)
     stage1_fraction: float = 0.5  # two-stage: share of the epochs' steps spent on stage 1
+    # compatibility keywords of the flat config (before ``cflora``): PipelineConfig(r=4, cflora_backend=...)
+    # updates ``cflora``; reading cfg.r etc. reads ``cflora`` (properties below)
+    r: InitVar[Optional[int]] = None
+    alpha: InitVar[Optional[float]] = None
+    dropout: InitVar[Optional[float]] = None
+    n_experts: InitVar[Optional[int]] = None
+    cflora_backend: InitVar[Optional[str]] = None
+
+    def __post_init__(self, *flat) -> None:
+        given = {FLAT_CFLORA_KEYS[k]: v for k, v in zip(FLAT_CFLORA_KEYS, flat) if v is not None}
+        if given:
+            self.cflora = replace(self.cflora, **given)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON form recorded in ``rellax.json`` (``"pipeline"``): ``train`` and ``cflora`` nested as their
+        own dicts (read back by ``runs.pipeline_config_from_dict``, which also reads the older flat form)."""
+        return {**asdict(self), "train": asdict(self.train), "cflora": self.cflora.to_dict()}
+
+
+# {flat PipelineConfig key (rellax.json before the nested ``cflora``): CFLoRAConfig field}
+FLAT_CFLORA_KEYS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "n_experts": "n_experts", "cflora_backend": "backend"}
+for _flat, _field in FLAT_CFLORA_KEYS.items():  # cfg.r, cfg.cflora_backend, ...: the nested config's values
+    setattr(PipelineConfig, _flat, property(lambda self, f=_field: getattr(self.cflora, f),
+                                            doc=f"``cflora.{_field}`` (read-only; kept for the flat config's readers)"))
+del _flat, _field
+
+
+def pipeline_cflora_config(**settings) -> CFLoRAConfig:
+    """The pipeline's adapter config: ReLLaX's defaults (``model.RELLAX_CFLORA_DEFAULTS``, targets per
+    architecture) updated with ``settings``. Its interaction is a placeholder ("identity" unless given): each
+    variant's model replaces it (``variant_cflora_config``)."""
+    return CFLoRAConfig(**{**RELLAX_CFLORA_DEFAULTS, "interaction": "identity", **settings})
+
+
+def variant_cflora_config(cfg: PipelineConfig, spec: VariantSpec, cond_dim: Optional[int]) -> CFLoRAConfig:
+    """``cfg.cflora`` with the variant's interaction and, when that kind is conditioned, ``cond_dim``."""
+    from rellax_fast.cflora.interaction import interaction_class
+
+    needs_cond = interaction_class(spec.interaction).needs_cond
+    return replace(cfg.cflora, interaction=spec.interaction, cond_dim=cond_dim if needs_cond else None)
 
 
 def default_model_path() -> str:
@@ -196,8 +236,7 @@ def load_tokenizer_and_backbone(model_path: Optional[str], kind: str = "auto"):
 def build_rellax(backbone, kind: str, tokenizer, spec: VariantSpec, cfg: PipelineConfig, din, vocab, cond_stats) -> ReLLaXModel:
     from rellax_fast.data.collate import yes_no_token_ids
 
-    options = ReLLaXOptions(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, interaction=spec.interaction,
-                            n_experts=cfg.n_experts, use_spa=spec.spa, backend=cfg.cflora_backend,
+    options = ReLLaXOptions(cflora=variant_cflora_config(cfg, spec, din.config.h_dim), use_spa=spec.spa,
                             gradient_checkpointing=cfg.train.gradient_checkpointing, readout=spec.readout,
                             readout_lambda=spec.readout_lambda)  # fmt: skip
     return ReLLaXModel(
@@ -256,14 +295,14 @@ def build_context(data, din, vocab, din_report, cfg: PipelineConfig, item_emb=No
     train, test = data.splits["train"], data.splits["test"]
     train_index = subsample(len(train), cfg.n_train, cfg.seed)
     test_index = subsample(len(test), cfg.n_test, cfg.seed + 1)
-    sub_tr, sub_te = _subset(data, "train", train_index), _subset(data, "test", test_index)
+    sub_tr, sub_te = subset_view(data, "train", train_index), subset_view(data, "test", test_index)
     _, h_train = din_outputs(din, sub_tr, vocab, "train")
     p_test, h_test = din_outputs(din, sub_te, vocab, "test")
     mean, std = h_train.mean(0), h_train.std(0).clamp_min(1e-3)
     valid_index = cond_valid = None
     if cfg.n_valid and "valid" in data.splits and len(data.splits["valid"]):
         valid_index = valid_subsample(data, cfg)
-        _, cond_valid = din_outputs(din, _subset(data, "valid", valid_index), vocab, "valid")
+        _, cond_valid = din_outputs(din, subset_view(data, "valid", valid_index), vocab, "valid")
     return Context(data, din, vocab, din_report, item_emb, item_ids, train_index, test_index,
                    h_train, h_test, (mean, std), p_test.numpy(), valid_index, cond_valid)  # fmt: skip
 
@@ -273,8 +312,9 @@ def valid_subsample(data, cfg: PipelineConfig) -> np.ndarray:
     return subsample(len(data.splits["valid"]), cfg.n_valid, cfg.seed + 2)
 
 
-def _subset(data, split_name: str, index: np.ndarray):
-    """A CTRData view whose ``split_name`` split is restricted to ``index``."""
+def subset_view(data, split_name: str, index: np.ndarray):
+    """A shallow CTRData view whose ``split_name`` split is restricted to ``index`` (the other splits and the
+    sequences are shared); ``view.splits[split_name]`` is the restricted CTRSplit."""
     from copy import copy
 
     view = copy(data)
@@ -352,9 +392,11 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     model_path = cfg.model or default_model_path()
     if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
         model_path = str(Path(model_path).resolve())
+    # "pipeline": cfg.to_dict() with the adapter config this variant's model was built with (its interaction, the
+    # DIN's cond_dim for conditioned kinds, the resolved target modules): CFLoRAConfig's own dict form, once
     meta = {
-        "variant": asdict(spec), "pipeline": {**asdict(cfg), "train": asdict(cfg.train)}, "model": model_path,
-        "kind": kind, "dataset": data.dataset.name, **run_dependencies(run_dir, ctx, spec),
+        "variant": asdict(spec), "pipeline": {**cfg.to_dict(), "cflora": model.cflora_config.to_dict()},
+        "model": model_path, "kind": kind, "dataset": data.dataset.name, **run_dependencies(run_dir, ctx, spec),
     }  # fmt: skip
     save_run(run_dir, model, meta)
     import io

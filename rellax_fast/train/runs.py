@@ -26,6 +26,31 @@ def save_run(run_dir, model, meta: dict) -> None:
     write(Path(run_dir), model, meta)
 
 
+def pipeline_config_from_dict(data: dict, model=None):
+    """The :class:`~rellax_fast.train.pipeline.PipelineConfig` recorded in ``rellax.json`` (``"pipeline"``).
+
+    Two forms are read: the current one, whose adapter is one nested ``"cflora"`` dict (CFLoRAConfig's own form),
+    and the flat one of runs written before it, with ``r``, ``alpha``, ``dropout``, ``n_experts`` and
+    ``cflora_backend`` beside the other keys (and the per-architecture target modules implied). ``model``, when
+    given, replaces the recorded backbone path."""
+    from ..cflora.config import CFLoRAConfig
+    from .pipeline import FLAT_CFLORA_KEYS, PipelineConfig, pipeline_cflora_config
+    from .trainer import TrainConfig
+
+    pc = dict(data)
+    pc["train"] = TrainConfig(**pc["train"])
+    flat = {FLAT_CFLORA_KEYS[k]: pc.pop(k) for k in list(pc) if k in FLAT_CFLORA_KEYS}
+    if "cflora" in pc:
+        if flat:
+            raise ValueError(f"rellax.json: 'pipeline' has both a nested 'cflora' and the flat keys {sorted(flat)}")
+        pc["cflora"] = CFLoRAConfig.from_dict(pc["cflora"])
+    else:  # a run written before the nested config: ReLLaX's defaults then, updated with what it recorded
+        pc["cflora"] = pipeline_cflora_config(**flat)
+    if model is not None:
+        pc["model"] = model
+    return PipelineConfig(**pc)
+
+
 class RunDependencyError(ValueError):
     """A run's DIN folder or SUBR embeddings are missing, or are not the ones it was trained with."""
 
@@ -39,23 +64,13 @@ def load_run(run_dir, data=None, log=print):
     from safetensors.torch import load_file
 
     from ..ctr.store import din_fingerprint, load_ctr
-    from .pipeline import (
-        PipelineConfig,
-        VariantSpec,
-        build_rellax,
-        load_tokenizer_and_backbone,
-        resolve_dependency,
-    )
-    from .trainer import TrainConfig
+    from .pipeline import VariantSpec, build_rellax, load_tokenizer_and_backbone, resolve_dependency
 
     run_dir = Path(run_dir)
     if not (run_dir / "rellax.json").exists():
         raise FileNotFoundError(f"{run_dir}: no rellax.json; is this a finished run folder?")
     meta = json.loads((run_dir / "rellax.json").read_text())
-    pc = dict(meta["pipeline"])
-    pc["train"] = TrainConfig(**pc["train"])
-    pc["model"] = meta["model"]
-    cfg = PipelineConfig(**pc)
+    cfg = pipeline_config_from_dict(meta["pipeline"], model=meta["model"])
     spec = VariantSpec(**meta["variant"])
     ctr_dir = resolve_dependency(run_dir, meta, "ctr_dir")
     if ctr_dir is None or not (ctr_dir / "din.json").exists():
@@ -180,7 +195,7 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
 
     from ..ctr.din import predict
     from ..ctr.store import split_arrays
-    from .pipeline import make_samples, shown_positions_for, subsample
+    from .pipeline import make_samples, shown_positions_for, subsample, subset_view
     from .trainer import PromptDataset, predict_proba
 
     run_dir = Path(run_dir)
@@ -196,8 +211,8 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
         full = data.splits[split_name]
         n = cfg.n_test if n is None else n
         index = subsample(len(full), n, cfg.seed + 1) if split_name == "test" else subsample(len(full), n, cfg.seed + 2)
-        split = full.subset(index)
-        view = _with_split(data, split_name, split)
+        view = subset_view(data, split_name, index)
+        split = view.splits[split_name]
         arrays = split_arrays(view, split_name, vocab, din.config.max_history)
     _, h = predict(din, arrays, with_h=True)
     emb = ids = None
@@ -211,11 +226,3 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
     probs = predict_proba(model, ds, batch_size, progress=progress, mixed_precision=cfg.train.mixed_precision)
     return split, probs, has_label, spec
 
-
-def _with_split(data, name, split):
-    from copy import copy
-
-    view = copy(data)
-    view.splits = dict(data.splits)
-    view.splits[name] = split
-    return view
