@@ -5,7 +5,11 @@ One *variant* is one training run (full ReLLaX or an ablation). ``run_variant`` 
 trainable tensor, for exact reloading), ``adapter/`` (the CFLoRA adapter via ``save_cflora``),
 ``loss.json``, ``metrics.json`` and ``predictions.npy``; plus the training checkpoints.
 
-``rellax.json`` names the files a run depends on outside its folder (the DIN folder, the SUBR embeddings)
+``rellax.json`` records the pipeline config (``PipelineConfig.to_dict``) with the adapter as one nested
+``"cflora"`` dict in CFLoRAConfig's own form: the config this variant's model was built with (its interaction,
+the DIN's cond_dim, the resolved target modules), read back by ``runs.pipeline_config_from_dict``.
+
+``rellax.json`` also names the files a run depends on outside its folder (the DIN folder, the SUBR embeddings)
 by paths relative to the run folder (``"paths_relative_to": "run"``), together with content fingerprints
 of what the run actually used, so that a moved ``--out`` still evaluates, and a copied or rebuilt one is
 checked rather than trusted. Every file is written atomically.

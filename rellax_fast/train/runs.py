@@ -8,6 +8,10 @@ folder. Paths in ``rellax.json`` are relative to the run folder, so a moved or c
 with its own DIN; the DIN and the SUBR embeddings are checked against the fingerprints the run recorded, and
 a mismatch (a retrained DIN, another pipeline's files) raises :class:`RunDependencyError`.
 
+``rellax.json`` is read in both of its forms: the adapter as one nested CFLoRAConfig dict (current) and the
+flat ``r`` / ``alpha`` / ``dropout`` / ``n_experts`` / ``cflora_backend`` keys of older runs
+(:func:`pipeline_config_from_dict`).
+
 ``save_run`` is defined in ``pipeline`` (``run_variant`` writes with it) and offered here too, so that the run
 folder's writer and readers are one import away without an import cycle (``pipeline`` never imports this
 module).

@@ -14,7 +14,12 @@ import pytest
 from rellax_fast.cflora import CFLoRAConfig, cflora_layers
 from rellax_fast.train.args import add_model_arguments, pipeline_config
 from rellax_fast.train.model import PER_ARCHITECTURE, ReLLaXModel, ReLLaXOptions
-from rellax_fast.train.pipeline import PipelineConfig, VariantSpec, pipeline_cflora_config, variant_cflora_config
+from rellax_fast.train.pipeline import (
+    PipelineConfig,
+    VariantSpec,
+    pipeline_cflora_config,
+    variant_cflora_config,
+)
 from rellax_fast.train.runs import pipeline_config_from_dict
 from rellax_fast.train.trainer import TrainConfig
 
