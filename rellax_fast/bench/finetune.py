@@ -124,10 +124,15 @@ def run_bench(args, cfg, log=print):
     model = build_rellax(backbone, kind, tok, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
     collator = PromptCollator(tok, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder, chat=cfg.chat)
     n_warm = min(len(train_samples), max(1, args.warmup) * cfg.train.batch_size)
-    for precision in ("no", "bf16") if (native_bf16 or not on_cpu) else ("no",):
+
+    def warm_up(model, collator, precision: str, folder: str) -> None:
+        """Train ``model`` untimed on the first ``n_warm`` prompts (one-off costs, compilation)."""
         warm = replace(cfg.train, epochs=1, mixed_precision=precision, save_every_steps=0, progress=False)
-        train_model(model, PromptDataset(train_samples[:n_warm], collator, ctx.cond_train), warm, out / "runs" / "warmup",
+        train_model(model, PromptDataset(train_samples[:n_warm], collator, ctx.cond_train), warm, out / "runs" / folder,
                     log=lambda *_: None)  # fmt: skip
+
+    for precision in ("no", "bf16") if (native_bf16 or not on_cpu) else ("no",):
+        warm_up(model, collator, precision, "warmup")
     del model
     for name, opts in CONFIGS:
         if opts["mixed_precision"] == "bf16" and on_cpu and not native_bf16:
@@ -148,9 +153,7 @@ def run_bench(args, cfg, log=print):
             model.backbone.compile(dynamic=True)
             initial = {k: v.detach().clone() for k, v in model.trainable_state().items()}
             t0 = time.perf_counter()
-            warm = replace(cfg.train, epochs=1, mixed_precision=opts["mixed_precision"], save_every_steps=0, progress=False)
-            train_model(model, PromptDataset(train_samples[:n_warm], collator, ctx.cond_train), warm,
-                        out / "runs" / "compile-warmup", log=lambda *_: None)  # fmt: skip
+            warm_up(model, collator, opts["mixed_precision"], "compile-warmup")
             compile_seconds = round(time.perf_counter() - t0, 1)
             with torch.no_grad():  # the timed run starts from the same initial tensors as every other row
                 for k, v in model.trainable_state().items():

@@ -290,8 +290,9 @@ def train_model(
 
         # a batch may leave some trainable parameters unused (e.g. the SPA projector without placeholders)
         ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        _allow_precision(resolve_mixed_precision(config.mixed_precision))
-        accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        precision = resolve_mixed_precision(config.mixed_precision)
+        _allow_precision(precision)
+        accelerator = Accelerator(mixed_precision=precision,
                                   cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])  # fmt: skip
     acc = accelerator
     world, rank = acc.num_processes, acc.process_index
