@@ -338,7 +338,10 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
         spec = table[key]
         cfg_s = replace(cfg, seed=seed, train=replace(cfg.train, seed=seed))
         name = f"{slug(spec.name)}-s{seed}"
-        row_key = _sha({**base_key, "inputs": run_inputs(ctx, spec), "spec": asdict(spec), "seed": seed,
+        # residual rows since the zero-initialised gate (model.ReLLaXOptions.readout_gate) carry it in their key,
+        # so rows finished by the ungated read-out are recomputed; other rows keep their keys
+        gate = {"readout_gate": True} if spec.readout == "residual" else {}
+        row_key = _sha({**base_key, "inputs": run_inputs(ctx, spec), "spec": asdict(spec), "seed": seed, **gate,
                         "valid_index": _sha(valid_index.tolist()) if key == "text-only" else None})  # fmt: skip
         path = qdir / "rows" / f"{name}.json"
         done = _load_row(path, row_key, args.fresh)

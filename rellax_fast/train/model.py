@@ -18,9 +18,14 @@ softmax's second column. The pieces:
 * ``readout="residual"`` (an option beyond the paper; ``"paper"`` is the default): the LM learns a correction
   to the frozen DIN instead of re-learning it, p(click) = σ((logit_Yes − logit_No) + λ·DIN_logit), where
   DIN_logit = w·h + b is the frozen DIN's own output layer applied to the (raw) conditioning vector h of the
-  batch, and λ is learned (init 1) or fixed at 1 (``readout_lambda``). ``forward`` still returns 2-way
-  logits: λ·DIN_logit is added to the Yes column, so the softmax, the loss and ``click_probability`` are
-  unchanged.
+  batch, and λ is learned (init 1) or fixed at 1 (``readout_lambda``). With ``readout_gate`` (the default)
+  the LM's margin enters through a learned scalar gate g initialised at 0 (ReZero-style, like LoRA's zero
+  B): p = σ(g·(logit_Yes − logit_No) + λ·DIN_logit), so the untrained model *is* the frozen DIN, and the
+  trainer scores that starting point on the valid set as a selection candidate (``select_from_start``):
+  the model kept is never worse than DIN on valid. Without the gate the backbone's untrained margin (a
+  per-sample value of a few logits on MiniLM) is added from the first step, i.e. DIN plus noise.
+  ``forward`` still returns 2-way logits: λ·DIN_logit is added to the Yes column, so the softmax, the loss
+  and ``click_probability`` are unchanged.
 """
 
 from __future__ import annotations
@@ -103,6 +108,9 @@ class ReLLaXOptions:
     gradient_checkpointing: bool = False
     readout: str = "paper"  # paper: softmax([No, Yes]); residual: + lambda * the frozen DIN's logit
     readout_lambda: str = "learned"  # residual read-out: lambda learned (init 1) or fixed at 1
+    # residual read-out: the LM's margin through a learned gate initialised at 0 (the model starts as DIN);
+    # False: added ungated from the first step (the first residual runs; old run folders load that way)
+    readout_gate: bool = True
     extra: Dict = field(default_factory=dict)
     r: InitVar[Optional[int]] = None
     alpha: InitVar[Optional[float]] = None
@@ -236,6 +244,14 @@ class ReLLaXModel(nn.Module):
             self.readout_lambda = nn.Parameter(torch.ones(()))
         else:
             self.register_buffer("readout_lambda", torch.ones(()))
+        if options.readout_gate:
+            self.readout_gate = nn.Parameter(torch.zeros(()))
+
+    @property
+    def select_from_start(self) -> bool:
+        """True when the untrained model is a meaningful candidate for model selection on valid: the gated
+        residual read-out starts as the frozen DIN exactly, so the trainer scores step 0 too."""
+        return self.options.readout == "residual" and bool(self.options.readout_gate)
 
     def din_logit(self, cond: torch.Tensor) -> torch.Tensor:
         """The frozen DIN's logit (B,) from its raw pre-logit vector h = ``batch['cond']``."""
@@ -301,6 +317,8 @@ class ReLLaXModel(nn.Module):
             if batch.get("cond") is None:
                 raise ValueError("readout='residual' needs batch['cond'] (B, cond_dim): the DIN's h, for its logit")
             shift = self.readout_lambda * self.din_logit(batch["cond"])
+            if self.options.readout_gate:
+                logits = logits * self.readout_gate
             logits = torch.stack([logits[:, 0], logits[:, 1] + shift], dim=1)
         return logits
 

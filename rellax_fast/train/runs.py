@@ -105,6 +105,9 @@ def load_run(run_dir, data=None, log=print):
             if k not in params:
                 raise KeyError(f"{run_dir}: saved tensor {k} does not exist in the rebuilt model")
             params[k].copy_(v)
+        if "readout_gate" in params and "readout_gate" not in saved:
+            # a residual run from before the gate existed added the LM's margin ungated: gate 1 is that model
+            params["readout_gate"].fill_(1.0)
         for k, v in extra.items():
             buffers[k].copy_(v)
     model.eval()

@@ -57,14 +57,14 @@ LENGTH_MEGABATCH = 50  # global batches per length-sorted megabatch (HF Trainer'
 def param_group_of(name: str) -> str:
     """The learning-rate group of a trainable parameter of a ``ReLLaXModel``: ``lora`` (CFLoRA A and B),
     ``generator`` (the C generator / interaction parameters), ``projector`` (SPA), ``readout`` (the residual
-    read-out's lambda, the encoder verbaliser bias) or ``other``."""
+    read-out's lambda and gate, the encoder verbaliser bias) or ``other``."""
     if name.endswith("lora_A") or name.endswith("lora_B") or ".lora_A." in name or ".lora_B." in name:
         return "lora"
     if ".interaction." in name or name.startswith("interaction."):
         return "generator"
     if name.startswith("projector.") or ".projector." in name:
         return "projector"
-    if name.split(".")[-1] in ("readout_lambda", "verbaliser_bias"):
+    if name.split(".")[-1] in ("readout_lambda", "readout_gate", "verbaliser_bias"):
         return "readout"
     return "other"
 
@@ -273,7 +273,9 @@ def train_model(
     of the model (FSDP replaces the parameters by sharded ones). LoRA and backbone dropout masks depend on
     the local batch layout, so with dropout > 0 the runs agree in distribution, not value by value.
 
-    ``valid``: a held-out set scored every ``config.eval_every_steps`` steps and at every epoch end; with
+    ``valid``: a held-out set scored every ``config.eval_every_steps`` steps and at every epoch end (and
+    before the first step when the model's ``select_from_start`` is True: the gated residual read-out
+    starts as the frozen DIN, a candidate in its own right); with
     ``config.select_best`` the returned model carries the trainable tensors of the best valid AUC (kept in
     every checkpoint, so a resumed run selects as the uninterrupted one would).
 
@@ -369,6 +371,12 @@ def train_model(
             + ("  (best)" if improved else f"  (best {best['auc']:.4f} at step {best['step']})"))  # fmt: skip
 
     losses: List[float] = list(state["losses"])
+    if selecting and state["global_step"] == 0 and getattr(acc.unwrap_model(model), "select_from_start", False):
+        # the untrained model is itself a candidate (the gated residual read-out starts as the frozen DIN):
+        # score it before the first step, so the model kept is never worse on valid than where it started
+        evaluate_valid()
+        state["valid"] = valid_history
+        state["best"] = {k: best[k] for k in ("step", "auc", "logloss")}
     model.train()
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not (config.progress and acc.is_main_process))
     try:
