@@ -206,6 +206,20 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def atomic_write_npy(path: PathLike, array) -> bytes:
+    """Save one array to ``path`` in ``.npy`` form atomically (no pickles; ``np.save`` on a path would append
+    ``.npy`` to the temp name); returns the bytes written, for callers that checksum them."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(array), allow_pickle=False)
+    payload = buffer.getvalue()
+    atomic_write_bytes(path, payload)
+    return payload
+
+
 def atomic_write_png(path: PathLike, fig, *, dpi: int = 110) -> Path:
     """Save a matplotlib figure to ``path`` as PNG atomically, then close it (pyplot keeps every open figure
     alive otherwise); returns ``path``. matplotlib is imported only here, and only to close the figure."""

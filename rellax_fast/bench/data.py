@@ -115,15 +115,14 @@ def generate_movielens(folder, users: int, items: int = ML25M_ITEMS, seed: int =
 def _stage_embed(prepared: Path, out: Path, dim: int, seed: int) -> dict:
     import pandas as pd
 
-    from .._io import atomic_path
+    from .._io import atomic_write_npy
 
     ids = pd.read_parquet(prepared / "items.parquet").index.to_numpy(np.int64)
     emb = np.random.default_rng(seed).standard_normal((len(ids), dim), dtype=np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     out.mkdir(parents=True, exist_ok=True)
     for name, arr in (("item_ids.npy", ids), ("embeddings.npy", emb)):
-        with atomic_path(out / name) as tmp, open(tmp, "wb") as fh:  # a handle: np.save(path) appends ".npy"
-            np.save(fh, arr, allow_pickle=False)
+        atomic_write_npy(out / name, arr)
     return {"items": int(len(ids)), "dim": dim}
 
 

@@ -457,14 +457,12 @@ def markdown(rows: List[Dict], din: Dict, budgets: Dict, meta: Dict) -> str:
 def plot_lifelong(path, rows: List[Dict], din: Dict, title: str = "") -> Path:
     """PNG: AUC (left) and LogLoss (right) against K, one line per method with 95% bootstrap intervals as
     error bars; DIN's value as a dashed line with its interval as a band."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .._io import atomic_write_bytes
+    from .._io import atomic_write_png
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -486,11 +484,7 @@ def plot_lifelong(path, rows: List[Dict], din: Dict, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return atomic_write_png(path, fig, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------ time estimate

@@ -248,13 +248,9 @@ def _load_row(path: Path, key: str, fresh: bool) -> Optional[Dict]:
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> str:
-    import io
+    from .._io import atomic_write_npy
 
-    from .._io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.save(buf, np.asarray(arr, np.float64), allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_npy(path, np.asarray(arr, np.float64))
     return str(path)
 
 
@@ -466,14 +462,12 @@ def markdown(table: List[Dict], meta: Dict) -> str:
 
 def plot_quality(path, table: List[Dict], title: str = "") -> Path:
     """PNG: each row's test AUC with its 95% bootstrap interval; DIN's AUC as a vertical line."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .._io import atomic_write_bytes
+    from .._io import atomic_write_png
 
     names = [r["row"] for r in table][::-1]
     vals = np.array([r["auc_ci"]["value"] for r in table][::-1])
@@ -492,8 +486,4 @@ def plot_quality(path, table: List[Dict], title: str = "") -> Path:
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return atomic_write_png(path, fig, dpi=110)

@@ -12,7 +12,6 @@ one trained DIN (runs record it, ``eval`` checks it).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -126,14 +125,12 @@ def din_reuse_key(data, options: Optional[dict], train_config: Optional[DINTrain
 
 def save_ctr(model: DIN, vocab: np.ndarray, report: Optional[DINReport], path, extra: Optional[dict] = None) -> Path:
     """Write the DIN folder: ``item_ids.npy``, ``din.safetensors``, then ``din.json`` with the content hashes."""
-    from rellax_fast._io import atomic_write_bytes
+    from rellax_fast._io import atomic_write_npy
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab = np.asarray(vocab, dtype=np.int64)
-    buffer = io.BytesIO()
-    np.save(buffer, vocab, allow_pickle=False)
-    atomic_write_bytes(path / "item_ids.npy", buffer.getvalue())
+    atomic_write_npy(path / "item_ids.npy", vocab)
     hashes = {"weights_sha256": weights_sha256(model), "item_ids_sha256": vocab_sha256(vocab)}
     save_din(model, path, extra={"report": asdict(report) if report is not None else None, **(extra or {}), **hashes})
     return path

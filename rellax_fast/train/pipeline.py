@@ -403,14 +403,10 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         "model": model_path, "kind": kind, "dataset": data.dataset.name, **run_dependencies(run_dir, ctx, spec),
     }  # fmt: skip
     save_run(run_dir, model, meta)
-    import io
-
-    from .._io import atomic_write_bytes, atomic_write_text
+    from .._io import atomic_write_npy, atomic_write_text
 
     atomic_write_text(run_dir / "loss.json", json.dumps({"losses": losses, **history}))
-    buffer = io.BytesIO()
-    np.save(buffer, probs, allow_pickle=False)
-    atomic_write_bytes(run_dir / "predictions.npy", buffer.getvalue())
+    atomic_write_npy(run_dir / "predictions.npy", probs)
     write_metrics_json(run_dir / "metrics.json", metrics, {"variant": spec.name})
     return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds,
                 "valid": history.get("valid"), "best": history.get("best")}

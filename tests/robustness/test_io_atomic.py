@@ -13,11 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rellax_fast._io import (
     atomic_path,
     atomic_write_bytes,
+    atomic_write_npy,
     atomic_write_png,
     atomic_write_text,
     check_out_dir,
@@ -237,3 +239,17 @@ def test_atomic_write_png_saves_closes_and_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError, match="renderer failed"):
         atomic_write_png(path, Broken())
     assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int64])
+def test_atomic_write_npy_round_trips_returns_its_bytes_and_refuses_objects(tmp_path, dtype):
+    arr = (np.random.default_rng(7).standard_normal((5, 3)) * 100).astype(dtype)
+    path = tmp_path / "a.npy"
+    payload = atomic_write_npy(path, arr)
+    assert path.read_bytes() == payload  # the bytes a caller checksums are the bytes on disk
+    back = np.load(path, allow_pickle=False)
+    assert back.dtype == arr.dtype and np.array_equal(back, arr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]  # no temp left, no ".npy.npy"
+    with pytest.raises(ValueError):  # object arrays would need pickles: refused, the old file kept
+        atomic_write_npy(path, np.array([{"a": 1}], dtype=object))
+    assert path.read_bytes() == payload and sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
