@@ -354,17 +354,27 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
             atomic_write_text(marker, row_key)
             res = run_variant(ctx, spec, cfg_s, qdir / "runs" / name, resume=resume, log=log)
             done = {"key": row_key, "name": spec.name, "seed": seed, "metrics": res["metrics"],
-                    "predictions": str(Path(res["run_dir"]) / "predictions.npy")}  # fmt: skip
+                    "predictions": str(Path(res["run_dir"]) / "predictions.npy"), "best_valid": res["best"]}  # fmt: skip
             if key == "text-only":  # the post-hoc mix is fit on this model's valid scores
-                pv = score_split(res["model"], ctx, spec, cfg_s, "valid", valid_index, desc=f"valid {spec.name}")
+                pv = res["valid_probs"]  # scored by the model selection on the same valid samples
+                if pv is None:  # selected before a resume: score them again
+                    pv = score_split(res["model"], ctx, spec, cfg_s, "valid", valid_index, desc=f"valid {spec.name}")
                 done["valid_predictions"] = _save_npy(qdir / "runs" / name / "valid_predictions.npy", pv)
             done["seconds"] = time.perf_counter() - t0
             atomic_write_text(path, json.dumps(done, indent=2))
             del res
-        got = {"probs": np.load(done["predictions"]).astype(np.float64), "seconds": done.get("seconds")}
+        got = {"probs": np.load(done["predictions"]).astype(np.float64), "seconds": done.get("seconds"),
+               "best_valid": done.get("best_valid")}  # fmt: skip
         if done.get("valid_predictions"):
             got["valid_probs"] = np.load(done["valid_predictions"]).astype(np.float64)
         entry["seeds"][seed] = got
+
+    # LM rows' valid column: the selected step's metrics on the selection subsample (mean over seeds)
+    for entry in rows.values():
+        picked = [g.get("best_valid") for g in entry["seeds"].values()] if entry["kind"] == "lm" else []
+        if picked and all(b is not None for b in picked):
+            entry["valid"] = {m: float(np.mean([b[m] for b in picked])) for m in ("auc", "logloss")}
+            entry["valid"]["steps"] = [int(b["step"]) for b in picked]
 
     # the control: post-hoc mix of DIN's and the text-only LM's logits, weights fit on valid
     if TEXT_ROW in rows:
@@ -383,7 +393,8 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     table = summarise(rows, labels, seeds, args.n_boot, log=log)
     wall = time.perf_counter() - start
     meta = {"dataset": args.dataset, "n_test": int(labels.size), "n_train": int(len(ctx.train_index)),
-            "n_valid_mix": int(valid_index.size), "seeds": seeds, "n_boot": args.n_boot, "wall_seconds": wall,
+            "n_valid_mix": int(valid_index.size), "din_valid_subset": ctr_metrics(labels_valid, din_valid.numpy()),
+            "seeds": seeds, "n_boot": args.n_boot, "wall_seconds": wall,
             "din_report": {"best_epoch": ctx.din_report.best_epoch, "valid": ctx.din_report.valid},
             "config": {k: v for k, v in vars(args).items()
                        if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))}}  # fmt: skip
@@ -418,6 +429,7 @@ def summarise(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boo
         st = stats.row_statistics(labels, first_probs(entry), {k: v for k, v in refs.items()}, n_boot=n_boot, seed=0)
         out.append({
             "row": name, "kind": entry["kind"], "note": entry.get("note", ""), "valid": entry.get("valid"),
+            "valid_by_seed": {str(s): m for s, m in entry.get("valid_by_seed", {}).items()} or None,
             "per_seed": per_seed, "n_seeds": len(per_seed),
             "auc_mean": float(aucs.mean()), "auc_sd": float(aucs.std(ddof=1)) if aucs.size > 1 else None,
             "logloss_mean": float(lls.mean()), "logloss_sd": float(lls.std(ddof=1)) if lls.size > 1 else None,
@@ -456,7 +468,9 @@ def markdown(table: List[Dict], meta: Dict) -> str:
         f"bootstrap ({meta['n_boot']} resamples) of seed {seeds[0]}'s predictions. Δ = row − reference on the same "
         f"samples (seed {seeds[0]}); p: DeLong's test for AUC, paired bootstrap for LogLoss; ≈ marks a difference "
         "within noise (p ≥ 0.05). DIN: trained to convergence (early stopping on valid); its valid AUC is on the "
-        f"whole valid split. The post-hoc mix is fit on {meta['n_valid_mix']} valid samples.\n"
+        f"whole valid split. LM rows: valid AUC of the step kept by model selection, on the {meta['n_valid_mix']} "
+        f"valid samples every row selects on (DIN scores {meta['din_valid_subset']['auc']:.4f} there); the post-hoc "
+        "mix is fit on the same samples.\n"
     )
 
 

@@ -328,7 +328,8 @@ def subset_view(data, split_name: str, index: np.ndarray):
 
 
 def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, resume: bool = False, log=print) -> Dict:
-    """Train and score one variant; returns {"metrics", "losses", "run_dir", "model", "seconds" (train, score)}."""
+    """Train and score one variant; returns {"metrics", "losses", "run_dir", "model", "seconds" (train, score),
+    "valid", "best" (model selection on valid), "valid_probs" (the returned model on valid, or None)}."""
     from rellax_fast.data.collate import PromptCollator
     from rellax_fast.data.prompts import mix_recent_and_retrieved
     from rellax_fast.distributed import is_main
@@ -376,6 +377,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
                          resume=resume, log=log, valid=valid_set)  # fmt: skip
         history["stage2"] = r2["losses"]
         history["valid"], history["best"] = r2["valid"], r2["best"]
+        valid_probs = r2["valid_probs"]
         model = r2["model"]
         losses = r1["losses"] + r2["losses"]
     else:
@@ -384,6 +386,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
                         log=log, valid=valid_set)  # fmt: skip
         model, losses = r["model"], r["losses"]
         history["valid"], history["best"] = r["valid"], r["best"]
+        valid_probs = r["valid_probs"]
     # under accelerate launch / torchrun every rank scores a shard (gathered on all ranks); rank 0 writes
     t_score = time.perf_counter()
     probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}",
@@ -392,7 +395,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     metrics = ctr_metrics(test_set.labels(), probs)
     if not is_main():
         return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds,
-                "valid": history.get("valid"), "best": history.get("best")}
+                "valid": history.get("valid"), "best": history.get("best"), "valid_probs": valid_probs}
     model_path = cfg.model or default_model_path()
     if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
         model_path = str(Path(model_path).resolve())
@@ -409,7 +412,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     atomic_write_npy(run_dir / "predictions.npy", probs)
     write_metrics_json(run_dir / "metrics.json", metrics, {"variant": spec.name})
     return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds,
-                "valid": history.get("valid"), "best": history.get("best")}
+                "valid": history.get("valid"), "best": history.get("best"), "valid_probs": valid_probs}
 
 
 def run_dependencies(run_dir, ctx: Context, spec: VariantSpec) -> Dict:

@@ -280,7 +280,8 @@ def train_model(
     every checkpoint, so a resumed run selects as the uninterrupted one would).
 
     Returns {"losses": [per-step loss], "global_step": int, "resumed_from": step or None, "model": unwrapped,
-    "valid": [{"step", "auc", "logloss"}, ...], "best": the selected valid row or None}.
+    "valid": [{"step", "auc", "logloss"}, ...], "best": the selected valid row or None, "valid_probs": the
+    returned model's p(click) on ``valid`` when scored in this process, else None}.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -350,9 +351,10 @@ def train_model(
         log("valid-set model selection is not supported under FSDP: training without it")
         selecting = False
     valid_history: List[Dict] = list(state.get("valid", []))
+    last_valid = None  # (step, probs) of the latest valid scoring in this process
 
     def evaluate_valid() -> None:
-        nonlocal best
+        nonlocal best, last_valid
         from ..metrics import ctr_metrics
 
         probs = predict_proba(model, valid, config.eval_batch_size, progress=False, accelerator=acc,
@@ -360,11 +362,12 @@ def train_model(
         m = ctr_metrics(valid.labels(), probs)
         row = {"step": state["global_step"], "auc": m["auc"], "logloss": m["logloss"]}
         valid_history.append(row)
+        last_valid = (row["step"], probs)
         # a NaN AUC (a one-class valid set) never beats a number
         improved = best is None or (not math.isnan(row["auc"]) and (math.isnan(best["auc"]) or row["auc"] > best["auc"]))
         if improved and config.select_best:
             tensors = {k: v.detach().clone().cpu() for k, v in acc.unwrap_model(model).trainable_state().items()}
-            best = dict(row, tensors=tensors)
+            best = dict(row, tensors=tensors, probs=probs)
         elif improved:
             best = dict(row, tensors=None)
         log(f"valid at step {row['step']}: AUC {row['auc']:.4f}  LogLoss {row['logloss']:.4f}"
@@ -432,8 +435,14 @@ def train_model(
         log(f"kept the trainable tensors of step {best['step']} (best valid AUC {best['auc']:.4f}), not of the last step")
     if best is not None:
         selected = {k: best[k] for k in ("step", "auc", "logloss")}
+    # the returned model's valid probabilities when this process scored them (callers need not score valid
+    # again); None when they are unknown here (the selected step was scored before a resume)
+    if selected is not None and config.select_best:
+        valid_probs = best.get("probs")
+    else:
+        valid_probs = last_valid[1] if last_valid is not None and last_valid[0] == state["global_step"] else None
     return {"losses": losses, "global_step": state["global_step"], "resumed_from": resumed_from, "model": unwrapped,
-            "valid": valid_history, "best": selected}  # fmt: skip
+            "valid": valid_history, "best": selected, "valid_probs": valid_probs}  # fmt: skip
 
 
 @torch.no_grad()

@@ -17,10 +17,15 @@ def _argv(model, out, *extra):
 
 
 @pytest.mark.slow  # ~20-30 s on an idle 2-core machine (DIN epoch and the ID regression on ~76k samples)
-def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, capsys):
+def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, capsys, monkeypatch):
+    from rellax_fast.bench import quality
     from rellax_fast.bench.quality import DIN_ROW, ENSEMBLE_ROW, FULL_ROW, LR_ROW, TEXT_ROW
     from rellax_fast.cli import main
 
+    def no_second_scoring(*a, **k):
+        raise AssertionError("the text-only row's valid set was scored again after model selection")
+
+    monkeypatch.setattr(quality, "score_split", no_second_scoring)
     argv = _argv(tiny_bert, tmp_path, "--rows", "full,residual,text-only", "--seeds", "0,1")
     assert main(argv) == 0
     q = tmp_path / "quality"
@@ -46,6 +51,19 @@ def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, c
     assert rows[DIN_ROW]["n_seeds"] == 1 and rows[DIN_ROW]["auc_sd"] is None
     assert set(rows[ENSEMBLE_ROW]["weights"]) == {"0", "1"}
     assert all(math.isfinite(w) for w in rows[ENSEMBLE_ROW]["weights"]["0"].values())
+    # the mix is fit on the selected text-only model's own valid scores (handed back by the selection)
+    for seed in (0, 1):
+        best = json.loads((q / "runs" / f"text-only-lm-no-spa-identity-c-s{seed}" / "loss.json").read_text())["best"]
+        row = json.loads((q / "rows" / f"text-only-lm-no-spa-identity-c-s{seed}.json").read_text())
+        assert np.load(row["valid_predictions"]).shape == (48,) and row["best_valid"] == best
+        assert rows[TEXT_ROW]["valid_by_seed"][str(seed)]["auc"] == pytest.approx(best["auc"], abs=1e-9)
+    # LM rows show the kept step's valid AUC (mean over seeds) next to the baselines' valid AUC
+    text_best = [json.loads((q / "rows" / f"text-only-lm-no-spa-identity-c-s{s}.json").read_text())["best_valid"] for s in (0, 1)]
+    assert rows[TEXT_ROW]["valid"]["auc"] == pytest.approx(np.mean([b["auc"] for b in text_best]))
+    assert 0 <= res["meta"]["din_valid_subset"]["auc"] <= 1
+    # the gated residual read-out starts as DIN: its selection scored step 0 first
+    residual_valid = json.loads((q / "runs" / "rellax-residual-read-out-lambda-learned-s0" / "loss.json").read_text())["valid"]
+    assert residual_valid[0]["step"] == 0
     # the seeds really are different fine-tunings
     p0 = np.load(q / "runs" / "rellax-full-s0" / "predictions.npy")
     p1 = np.load(q / "runs" / "rellax-full-s1" / "predictions.npy")

@@ -127,8 +127,11 @@ def test_best_on_valid_is_kept_and_a_resumed_run_selects_the_same(tiny_bert_dir,
     # the returned model is the selected one: it scores the best AUC on valid again
     from rellax_fast.metrics import ctr_metrics
 
-    again = ctr_metrics(valid.labels(), predict_proba(ref["model"], valid, progress=False))["auc"]
+    again_probs = predict_proba(ref["model"], valid, progress=False)
+    again = ctr_metrics(valid.labels(), again_probs)["auc"]
     assert again == pytest.approx(best["auc"], abs=1e-9)
+    # ... and the selection hands back its valid probabilities, so callers need not score valid again
+    np.testing.assert_allclose(ref["valid_probs"], again_probs, rtol=1e-6, atol=1e-7)
     if best["step"] != hist[-1]["step"]:
         assert any("kept the trainable tensors of step" in line for line in logs)
 
@@ -144,6 +147,11 @@ def test_best_on_valid_is_kept_and_a_resumed_run_selects_the_same(tiny_bert_dir,
     assert res["valid"] == hist and res["best"] == ref["best"]
     for k, v in ref["model"].trainable_state().items():
         torch.testing.assert_close(res["model"].trainable_state()[k], v, rtol=0, atol=0, msg=k)
+    # a step selected before the resume was scored by the killed process: unknown here, never stale
+    if best["step"] <= 6:
+        assert res["valid_probs"] is None
+    else:
+        np.testing.assert_allclose(res["valid_probs"], again_probs, rtol=1e-6, atol=1e-7)
 
 
 def test_without_selection_the_last_step_is_kept(tiny_bert_dir, tmp_path):
@@ -153,6 +161,9 @@ def test_without_selection_the_last_step_is_kept(tiny_bert_dir, tmp_path):
                     tmp_path / "a", valid=valid, log=lambda *_: None)  # fmt: skip
     b = train_model(_model(tiny_bert_dir, collator, 0), data, _config(), tmp_path / "b", log=lambda *_: None)
     assert len(a["valid"]) == a["global_step"] and b["valid"] == [] and b["best"] is None
+    # without selection the returned model is the last step's, whose valid scores were the last ones taken
+    np.testing.assert_allclose(a["valid_probs"], predict_proba(a["model"], valid, progress=False), rtol=1e-6, atol=1e-7)
+    assert b["valid_probs"] is None
     for k, v in b["model"].trainable_state().items():
         torch.testing.assert_close(a["model"].trainable_state()[k], v, rtol=0, atol=0, msg=k)
 
