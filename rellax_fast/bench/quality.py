@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"comma-separated LM rows (default: {','.join(DEFAULT_ROWS)}; also: residual-fixed, two-stage); "
                         "DIN, the logistic regression and the post-hoc mix are always in the table (the mix needs "
                         "text-only)")  # fmt: skip
+    g.add_argument("--auto-max-length", action="store_true",
+                   help="derive max_length from the training prompts instead of --max-length (bench lifelong's rule: "
+                        "the --budget-quantile of every row's full token counts + --budget-margin, rounded up to 8, "
+                        "capped at the backbone's positions); either way the table reports the prompts cut")  # fmt: skip
     g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per interval and paired test")
     g.add_argument("--fresh", action="store_true", help="recompute every row (default: skip rows already done)")
 
@@ -229,6 +233,36 @@ def score_split(model, ctx, spec, cfg, split: str, index: np.ndarray, desc: str)
                          mixed_precision=cfg.train.mixed_precision)  # fmt: skip
 
 
+def prompt_budget(ctx, cfg, specs, args, log=print) -> Dict:
+    """The token budget of the bench and what it cuts: the full token counts of every row's training prompts
+    (one count per distinct SUBR / SPA setting), the budget (``--max-length``, or with ``--auto-max-length``
+    bench lifelong's rule over all of them), and per setting how many training prompts exceed it (they lose
+    their oldest history items, never part of one)."""
+    from ..train.pipeline import make_samples, shown_positions_for
+    from .budget import PromptSet, position_limit, prompt_tokenizer, token_budget
+
+    tok, kind, model_path = prompt_tokenizer(cfg)
+    data = ctx.data
+    tr = data.splits["train"].subset(ctx.train_index)
+    lengths = {}
+    for spec in specs:
+        setting = f"{'SUBR' if spec.subr else 'recent'}{', SPA' if spec.spa else ''}"
+        if setting not in lengths:
+            pos = shown_positions_for(data, tr, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False)
+            ph = cfg.placeholder if spec.spa else None
+            lengths[setting] = PromptSet(make_samples(data, tr, pos), tok, kind, ph, cfg.chat).lengths
+    cap = position_limit(model_path)
+    quantile, margin = getattr(args, "budget_quantile", 0.99), getattr(args, "budget_margin", 16)
+    auto = bool(getattr(args, "auto_max_length", False))
+    budget = token_budget(np.concatenate(list(lengths.values())), quantile, margin, cap) if auto else int(cfg.max_length)
+    cut = {s: {"n_cut": int((n > budget).sum()), "n": int(n.size), "median_tokens": float(np.median(n))}
+           for s, n in lengths.items()}  # fmt: skip
+    log(f"[quality] max_length {budget} ({'derived from the prompts' if auto else '--max-length'}): training prompts cut "
+        + "; ".join(f"{s} {c['n_cut']}/{c['n']} (median {c['median_tokens']:.0f} tokens)" for s, c in cut.items()))  # fmt: skip
+    return {"max_length": budget, "auto": auto, "quantile": quantile if auto else None, "margin": margin if auto else None,
+            "position_limit": cap, "train_prompts_cut": cut}  # fmt: skip
+
+
 def _sha(obj) -> str:
     from .._io import json_sha256  # the one canonical-JSON hash (same json.dumps arguments, same keys)
 
@@ -306,6 +340,8 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
         f"{cfg.n_test or 'whole split'}, K={cfg.k}, max_length={cfg.max_length}; seeds {seeds}; LM rows {row_keys}")  # fmt: skip
     ctx = build_shared_context(shared, cfg, log=log)
     data = ctx.data
+    budget = prompt_budget(ctx, cfg, [table[k] for k in row_keys], args, log=log)
+    cfg = replace(cfg, max_length=budget["max_length"])
     labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
     valid_index = ctx.valid_index  # pipeline.valid_subsample: also what every LM row selects its model on
     labels_valid = data.splits["valid"].label[valid_index].astype(np.float64)
@@ -394,6 +430,7 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     wall = time.perf_counter() - start
     meta = {"dataset": args.dataset, "n_test": int(labels.size), "n_train": int(len(ctx.train_index)),
             "n_valid_mix": int(valid_index.size), "din_valid_subset": ctr_metrics(labels_valid, din_valid.numpy()),
+            "token_budget": budget,
             "seeds": seeds, "n_boot": args.n_boot, "wall_seconds": wall,
             "din_report": {"best_epoch": ctx.din_report.best_epoch, "valid": ctx.din_report.valid},
             "config": {k: v for k, v in vars(args).items()
@@ -460,10 +497,16 @@ def markdown(table: List[Dict], meta: Dict) -> str:
             stats.format_delta(r["vs"].get("full"), "auc"), stats.format_delta(r["vs"].get("full"), "logloss"), r.get("note") or "",
         ]) + " |")  # fmt: skip
     seeds = meta["seeds"]
+    tb = meta.get("token_budget")
+    budget = "" if not tb else (
+        f"max_length {tb['max_length']} ({'derived from the training prompts' if tb['auto'] else 'given'}); training "
+        "prompts over it (they lose their oldest history items): "
+        + "; ".join(f"{s} {c['n_cut']} of {c['n']} (median {c['median_tokens']:.0f} tokens)" for s, c in tb["train_prompts_cut"].items())
+        + ".\n\n")  # fmt: skip
     return (
         f"# ReLLaX quality bench on {meta['dataset']}\n\n"
         f"{meta['n_train']} training prompts, {meta['n_test']} test samples (every row scores the same ones), "
-        f"seeds {seeds}; wall time {meta['wall_seconds'] / 60:.1f} min.\n\n" + "\n".join(lines) + "\n\n"
+        f"seeds {seeds}; wall time {meta['wall_seconds'] / 60:.1f} min.\n\n" + budget + "\n".join(lines) + "\n\n"
         f"AUC/LogLoss: {'mean ± sd over the seeds' if len(seeds) > 1 else 'on the test samples'}; 95% CIs: percentile "
         f"bootstrap ({meta['n_boot']} resamples) of seed {seeds[0]}'s predictions. Δ = row − reference on the same "
         f"samples (seed {seeds[0]}); p: DeLong's test for AUC, paired bootstrap for LogLoss; ≈ marks a difference "

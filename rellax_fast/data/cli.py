@@ -27,15 +27,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import sys
-    import warnings
 
     from tqdm.auto import tqdm
 
     from .._io import check_out_dir
     from .ctr import prepare_ctr, save_prepared
-    from .datasets import DataFormatError, DataWarning, load_dataset
+    from .datasets import DataFormatError, load_dataset
     from .download import ChecksumError, DatasetNotFoundError
     from .leakage import check_no_leakage
+    from .parsing import data_warnings_to_stderr
 
     history_column = getattr(args, "history_column", "none")
     if history_column == "capped" and args.max_history < 1:
@@ -48,16 +48,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     steps = tqdm(total=3, desc=f"prepare {args.dataset}", unit="step")
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DataWarning)
+        with data_warnings_to_stderr():  # what the loader fixed or found suspicious, one line each
             steps.set_postfix_str("load")
             kwargs = {"seed": args.synthetic_seed} if args.dataset == "synthetic" else {}
             ds = load_dataset(args.dataset, args.data_dir, download=not args.no_download, **kwargs)
-        for w in caught:  # what the loader fixed or found suspicious, one line each, not a traceback-like dump
-            if issubclass(w.category, DataWarning):
-                print(f"warning: {w.message}", file=sys.stderr)
-            else:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
         steps.update()
         steps.set_postfix_str("split")
         data = prepare_ctr(ds, seed=args.seed, min_history=args.min_history)

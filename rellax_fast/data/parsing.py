@@ -19,6 +19,7 @@ and says how many it dropped with a :class:`DataWarning` (:func:`drop_duplicate_
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -37,6 +38,23 @@ class DataFormatError(ValueError):
 
 class DataWarning(UserWarning):
     """A raw data file was read, but something in it was fixed or looks suspicious (names the file)."""
+
+
+@contextlib.contextmanager
+def data_warnings_to_stderr():
+    """For command-line tools: every :class:`DataWarning` raised inside (repeats included) is printed on
+    leaving as one ``warning: <message>`` line on stderr, not as a warnings-module dump; other warnings
+    are shown as usual. Nothing is printed if the block raises (its error is the message)."""
+    import sys
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        yield
+    for w in caught:
+        if issubclass(w.category, DataWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _check_file(path: Path) -> None:

@@ -29,21 +29,12 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
 def load_raw_dataset(args: argparse.Namespace):
     """The dataset named by the options; what the loader fixed (e.g. repeated ratings) is printed as one
     ``warning:`` line each on stderr."""
-    import sys
-    import warnings
-
     from rellax_fast.data import load_dataset
-    from rellax_fast.data.datasets import DataWarning
+    from rellax_fast.data.parsing import data_warnings_to_stderr
     from rellax_fast.distributed import main_first
 
-    with warnings.catch_warnings(record=True) as caught, main_first():  # under a launcher rank 0 downloads first
-        warnings.simplefilter("always", DataWarning)
+    with data_warnings_to_stderr(), main_first():  # under a launcher rank 0 downloads first
         dataset = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    for w in caught:
-        if issubclass(w.category, DataWarning):
-            print(f"warning: {w.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     return dataset
 
 

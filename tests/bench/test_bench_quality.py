@@ -61,6 +61,11 @@ def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, c
     text_best = [json.loads((q / "rows" / f"text-only-lm-no-spa-identity-c-s{s}.json").read_text())["best_valid"] for s in (0, 1)]
     assert rows[TEXT_ROW]["valid"]["auc"] == pytest.approx(np.mean([b["auc"] for b in text_best]))
     assert 0 <= res["meta"]["din_valid_subset"]["auc"] <= 1
+    # the token budget given (--max-length 96) and what it cuts, per SUBR/SPA setting of the rows
+    tb = res["meta"]["token_budget"]
+    assert tb["max_length"] == 96 and not tb["auto"] and set(tb["train_prompts_cut"]) == {"SUBR, SPA", "SUBR"}
+    for c in tb["train_prompts_cut"].values():
+        assert c["n"] == 24 and 0 <= c["n_cut"] <= 24 and c["median_tokens"] > 0
     # the gated residual read-out starts as DIN: its selection scored step 0 first
     residual_valid = json.loads((q / "runs" / "rellax-residual-read-out-lambda-learned-s0" / "loss.json").read_text())["valid"]
     assert residual_valid[0]["step"] == 0
@@ -69,6 +74,7 @@ def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, c
     p1 = np.load(q / "runs" / "rellax-full-s1" / "predictions.npy")
     assert p0.shape == (64,) and not np.allclose(p0, p1)
     md = (q / "quality.md").read_text()
+    assert "max_length 96 (given); training prompts over it" in md
     assert "| row | valid AUC | test AUC |" in md and "≈ marks a difference within noise" in md
     assert f"| {ENSEMBLE_ROW} |" in md and "wall time" in md
     assert "ReLLaX quality bench on synthetic" in capsys.readouterr().out

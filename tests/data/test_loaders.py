@@ -314,3 +314,22 @@ def test_pinned_sources_are_complete():
     for name, src in dl.SOURCES.items():
         assert src.urls and src.files, name
         assert src.archive_md5 or src.md5_sidecar or src.file_md5, f"{name} has no checksum"
+
+
+def test_data_warnings_to_stderr_prints_each_data_warning_once_per_event(capsys):
+    import warnings
+
+    from rellax_fast.data.parsing import data_warnings_to_stderr
+
+    with pytest.warns(RuntimeWarning, match="not a data warning"):  # other warnings are shown as usual
+        with data_warnings_to_stderr():
+            for _ in range(2):  # repeats are not deduplicated: each fixed line is its own event
+                warnings.warn("u.data: line 7: repeated rating", DataWarning)
+            warnings.warn("not a data warning", RuntimeWarning)
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["warning: u.data: line 7: repeated rating"] * 2
+    with pytest.raises(ValueError, match="boom"):  # a failed load prints its error, not half its warnings
+        with data_warnings_to_stderr():
+            warnings.warn("u.item: fixed", DataWarning)
+            raise ValueError("boom")
+    assert capsys.readouterr().err == ""

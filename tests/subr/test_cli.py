@@ -15,18 +15,10 @@ def _run_cli(argv):
 @pytest.fixture(scope="module")
 def tiny_lm_dir(tmp_path_factory):
     """A tiny random BertModel with the MiniLM tokenizer, saved like any Hugging Face checkpoint."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from rellax_testing import save_tiny_bert
 
-    from rellax_fast.subr.encoders import default_encoder_path
-
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny_lm")
-    tok = AutoTokenizer.from_pretrained(default_encoder_path())
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_bert(path, layers=1, max_positions=64, seed=0)
     return path
 
 

