@@ -66,7 +66,8 @@ METHODS = {
 # the columns of every entry of lifelong.json's "points" (documented; checked by the smoke test)
 POINT_COLUMNS = (
     "method", "name", "k", "max_length", "auc", "auc_lo", "auc_hi", "logloss", "logloss_lo", "logloss_hi",
-    "d_auc_vs_din", "p_auc_vs_din", "d_auc_vs_first_k", "p_auc_vs_first_k", "n_train", "n_test",
+    "d_auc_vs_din", "p_auc_vs_din", "d_auc_vs_first_k", "p_auc_vs_first_k", "d_auc_vs_prev_k", "p_auc_vs_prev_k",
+    "n_train", "n_test",
     "n_truncated_train", "n_truncated_test", "items_dropped_train", "items_dropped_test", "mean_tokens_train",
     "train_tokens", "tokens_per_s", "train_seconds", "score_seconds", "wall_seconds",
 )  # fmt: skip
@@ -303,7 +304,8 @@ def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
 def summarise(points: Dict, ks: List[int], methods: List[str], labels: np.ndarray, din_probs: np.ndarray, n_boot: int,
               n_train: int):  # fmt: skip
     """(rows with :data:`POINT_COLUMNS`, DIN's dict): bootstrap intervals (shared resamples), DeLong's test of
-    each point against DIN and against the same method at the smallest K (all on the same test samples)."""
+    each point against DIN, against the same method at the smallest K and at the previous K (does it keep
+    improving?), all on the same test samples."""
     from ..train import stats
 
     din_st = stats.row_statistics(labels, din_probs, None, n_boot=n_boot, seed=0)
@@ -311,16 +313,18 @@ def summarise(points: Dict, ks: List[int], methods: List[str], labels: np.ndarra
     rows = []
     for m in methods:
         first = points[(m, ks[0])]["probs"]
-        for k in ks:
+        for i, k in enumerate(ks):
             p = points[(m, k)]
-            refs = {"DIN": din_probs} if k == ks[0] else {"DIN": din_probs, "first": first}
+            refs = {"DIN": din_probs} if i == 0 else {"DIN": din_probs, "first": first, "prev": points[(m, ks[i - 1])]["probs"]}
             st = stats.row_statistics(labels, p["probs"], refs, n_boot=n_boot, seed=0)
-            vs_first = st["vs"].get("first")
+            vs_first, vs_prev = st["vs"].get("first"), st["vs"].get("prev")
             rows.append({
                 "method": m, "name": p["name"], "k": k, "max_length": p["max_length"], **_ci_columns(st),
                 "d_auc_vs_din": st["vs"]["DIN"]["d_auc"], "p_auc_vs_din": st["vs"]["DIN"]["p_auc"],
                 "d_auc_vs_first_k": vs_first["d_auc"] if vs_first else 0.0,
                 "p_auc_vs_first_k": vs_first["p_auc"] if vs_first else 1.0,
+                "d_auc_vs_prev_k": vs_prev["d_auc"] if vs_prev else 0.0,
+                "p_auc_vs_prev_k": vs_prev["p_auc"] if vs_prev else 1.0,
                 "n_train": n_train, "n_test": int(labels.size),
                 **{c: p.get(c) for c in ("n_truncated_train", "n_truncated_test", "items_dropped_train",
                                          "items_dropped_test", "mean_tokens_train", "train_tokens", "tokens_per_s",
@@ -351,14 +355,15 @@ def markdown(rows: List[Dict], din: Dict, budgets: Dict, meta: Dict) -> str:
         f"{din['auc']:.4f} [{din['auc_lo']:.4f}, {din['auc_hi']:.4f}]" for _ in ks) + " |")  # fmt: skip
     lines.append("| max_length (token budget) | " + " | ".join(str(budgets[k]["max_length"]) for k in ks) + " |")
     detail = ["| method | K | max_length | AUC | LogLoss [95% CI] | ΔAUC vs DIN (p) | ΔAUC vs K=" + str(ks[0]) + " (p) "
-              "| train / test prompts cut (items lost) | mean tokens | tokens/s | train s | wall s |",
-              "|" + "---|" * 12]  # fmt: skip
+              "| ΔAUC vs previous K (p) | train / test prompts cut (items lost) | mean tokens | tokens/s | train s | wall s |",
+              "|" + "---|" * 13]  # fmt: skip
     for r in rows:
         detail.append("| " + " | ".join([
             r["name"], str(r["k"]), str(r["max_length"]), f"{r['auc']:.4f}",
             f"{r['logloss']:.4f} [{r['logloss_lo']:.4f}, {r['logloss_hi']:.4f}]",
             f"{r['d_auc_vs_din']:+.4f} ({_p(r['p_auc_vs_din'])})",
             "–" if r["k"] == ks[0] else f"{r['d_auc_vs_first_k']:+.4f} ({_p(r['p_auc_vs_first_k'])})",
+            "–" if r["k"] == ks[0] else f"{r['d_auc_vs_prev_k']:+.4f} ({_p(r['p_auc_vs_prev_k'])})",
             f"{r['n_truncated_train']} / {r['n_truncated_test']} ({r['items_dropped_train']} / {r['items_dropped_test']})",
             f"{r['mean_tokens_train']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['train_seconds']:.1f}", f"{r['wall_seconds']:.1f}",
         ]) + " |")  # fmt: skip

@@ -41,7 +41,13 @@ def test_bench_lifelong_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, 
         assert p["mean_tokens_train"] <= p["max_length"]
         assert 0 < p["p_auc_vs_din"] <= 1
         if p["k"] == 2:
-            assert p["d_auc_vs_first_k"] == 0.0
+            assert p["d_auc_vs_first_k"] == 0.0 and p["d_auc_vs_prev_k"] == 0.0
+    # against the previous K (here the first): the paired difference of the two points' AUCs
+    by = {(p["method"], p["k"]): p for p in points}
+    for m in METHODS:
+        later = by[(m, 8)]
+        assert later["d_auc_vs_prev_k"] == pytest.approx(later["auc"] - by[(m, 2)]["auc"], abs=1e-9)
+        assert later["p_auc_vs_prev_k"] == pytest.approx(later["p_auc_vs_first_k"]) and 0 < later["p_auc_vs_prev_k"] <= 1
     # the token budget grows with K and is what every point at that K trained with
     budgets = {int(k): v["max_length"] for k, v in res["budgets"].items()}
     assert budgets[8] > budgets[2]
@@ -55,7 +61,7 @@ def test_bench_lifelong_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, 
     assert not np.allclose(preds[("text-recent", 2)], preds[("text-recent", 8)])
     md = (d / "lifelong.md").read_text()
     assert "| method | K=2 | K=8 |" in md and "| max_length (token budget) |" in md and "prompts cut" in md
-    assert "tokens/s" in md and "wall time" in md
+    assert "tokens/s" in md and "wall time" in md and "| ΔAUC vs previous K (p) |" in md
     assert "AUC against history length K on synthetic" in capsys.readouterr().out
 
     # a rerun skips every finished point (same inputs) and writes the same numbers
