@@ -287,6 +287,8 @@ def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
             "budget_rule": {"quantile": args.budget_quantile, "margin": args.budget_margin, "round_to": 8, "cap": cap},
             "din_best_epoch": ctx.din_report.best_epoch, "context_seconds": context_seconds,
             "prompt_seconds": prep_seconds, "wall_seconds": wall, "cpu_count": os.cpu_count(),
+            # each point's own wall time, summed (points finished by an earlier, resumed invocation included)
+            "points_wall_seconds": float(sum(r["wall_seconds"] for r in table)),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "config": {k: v for k, v in vars(args).items()
                        if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))}}  # fmt: skip
@@ -372,8 +374,9 @@ def markdown(rows: List[Dict], din: Dict, budgets: Dict, meta: Dict) -> str:
         f"# AUC against history length K on {meta['dataset']}\n\n"
         f"Backbone {meta['model']} ({meta['kind']}); {meta['n_train']} training prompts per point (the same sample "
         f"at every K), {meta['n_test']} test samples (the same for every point), {meta['epochs']} epoch(s), batch "
-        f"{meta['batch_size']}; preset {meta['preset']}; wall time {meta['wall_seconds'] / 60:.1f} min "
-        f"({os.cpu_count()} CPUs).\n\n"
+        f"{meta['batch_size']}; preset {meta['preset']}; wall time {meta['wall_seconds'] / 60:.1f} min for this "
+        f"invocation, {meta.get('points_wall_seconds', 0.0) / 60:.1f} min summed over the points' own wall times "
+        f"(points finished by earlier invocations included) ({os.cpu_count()} CPUs).\n\n"
         "Test AUC [95% bootstrap interval]:\n\n" + "\n".join(lines) + "\n\n" + "\n".join(detail) + "\n\n"
         f"Token budget per K: the {rule['quantile']:g} quantile of the training prompts' token counts (all methods "
         f"at that K, rendered in full) + {rule['margin']} tokens, rounded up to 8"

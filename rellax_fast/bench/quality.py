@@ -337,7 +337,8 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     shared.out = str(qdir)
     log(f"[quality] dataset {args.dataset} ({args.data_dir or 'default location'}); backbone "
         f"{cfg.model or 'all-MiniLM-L6-v2 (offline)'}; {cfg.n_train or 'all'} training prompts, test "
-        f"{cfg.n_test or 'whole split'}, K={cfg.k}, max_length={cfg.max_length}; seeds {seeds}; LM rows {row_keys}")  # fmt: skip
+        f"{cfg.n_test or 'whole split'}, K={cfg.k}, max_length="
+        f"{'auto' if getattr(args, 'auto_max_length', False) else cfg.max_length}; seeds {seeds}; LM rows {row_keys}")  # fmt: skip
     ctx = build_shared_context(shared, cfg, log=log)
     data = ctx.data
     budget = prompt_budget(ctx, cfg, [table[k] for k in row_keys], args, log=log)

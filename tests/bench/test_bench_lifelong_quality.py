@@ -67,8 +67,12 @@ def test_bench_lifelong_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, 
     # a rerun skips every finished point (same inputs) and writes the same numbers
     assert main(argv) == 0
     assert capsys.readouterr().out.count("done before, skipped") == 8
-    again = json.loads((d / "lifelong.json").read_text())["points"]
+    rerun = json.loads((d / "lifelong.json").read_text())
+    again = rerun["points"]
     assert [p["auc"] for p in again] == pytest.approx([p["auc"] for p in points])
+    # the skipped points keep their own wall times: the sum still covers all of them
+    assert rerun["meta"]["points_wall_seconds"] == pytest.approx(sum(p["wall_seconds"] for p in points))
+    assert "summed over the points' own wall times" in (d / "lifelong.md").read_text()
 
 
 def test_truncation_counts_match_the_collator(tiny_bert):

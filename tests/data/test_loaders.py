@@ -324,12 +324,12 @@ def test_data_warnings_to_stderr_prints_each_data_warning_once_per_event(capsys)
     with pytest.warns(RuntimeWarning, match="not a data warning"):  # other warnings are shown as usual
         with data_warnings_to_stderr():
             for _ in range(2):  # repeats are not deduplicated: each fixed line is its own event
-                warnings.warn("u.data: line 7: repeated rating", DataWarning)
-            warnings.warn("not a data warning", RuntimeWarning)
+                warnings.warn("u.data: line 7: repeated rating", DataWarning, stacklevel=2)
+            warnings.warn("not a data warning", RuntimeWarning, stacklevel=2)
     err = capsys.readouterr().err
     assert err.splitlines() == ["warning: u.data: line 7: repeated rating"] * 2
     with pytest.raises(ValueError, match="boom"):  # a failed load prints its error, not half its warnings
         with data_warnings_to_stderr():
-            warnings.warn("u.item: fixed", DataWarning)
+            warnings.warn("u.item: fixed", DataWarning, stacklevel=2)
             raise ValueError("boom")
     assert capsys.readouterr().err == ""
