@@ -1,4 +1,4 @@
-"""Token budgets from the prompts themselves (bench lifelong, bench quality's ``--max-length auto``).
+"""Token budgets from the prompts themselves (bench lifelong, bench quality's ``--auto-max-length``).
 
 A budget is the ``quantile`` of the training prompts' full token counts plus a margin, rounded up to a
 multiple of 8 and capped at the backbone's position limit; :class:`PromptSet` counts exactly which prompts a
@@ -14,6 +14,9 @@ from typing import Dict, Optional
 
 import numpy as np
 
+# the rule's defaults (bench lifelong's --budget-quantile / --budget-margin; bench quality reads the same options)
+BUDGET_QUANTILE = 0.99
+BUDGET_MARGIN = 16
 
 def position_limit(model_path: str) -> Optional[int]:
     """The backbone's longest input in tokens (``max_position_embeddings`` / ``n_positions``), None: unknown."""

@@ -51,7 +51,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .budget import PromptSet, position_limit, prompt_tokenizer, token_budget
+from .budget import BUDGET_MARGIN, BUDGET_QUANTILE, PromptSet, position_limit, prompt_tokenizer, token_budget
 
 DIN_NAME = "DIN alone (converged)"
 
@@ -93,9 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"comma-separated methods (default: all of {','.join(METHODS)}); DIN is always the reference")
     g.add_argument("--preset", default="auto", choices=("auto", "cpu", "gpu", "none"),
                    help="bench lifelong sizes (auto: gpu when CUDA is visible, else cpu; none: the flags as given)")
-    g.add_argument("--budget-quantile", type=float, default=0.99,
+    g.add_argument("--budget-quantile", type=float, default=BUDGET_QUANTILE,
                    help="bench lifelong: token budget per K = this quantile of the training prompts' token counts ...")
-    g.add_argument("--budget-margin", type=int, default=16, help="... plus this many tokens (then rounded up to 8)")
+    g.add_argument("--budget-margin", type=int, default=BUDGET_MARGIN, help="... plus this many tokens (then rounded up to 8)")
     g.add_argument("--estimate-steps", type=int, default=0,
                    help="bench lifelong: train every point for only N steps and extrapolate the full run's time")  # fmt: skip
 

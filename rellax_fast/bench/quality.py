@@ -239,7 +239,14 @@ def prompt_budget(ctx, cfg, specs, args, log=print) -> Dict:
     bench lifelong's rule over all of them), and per setting how many training prompts exceed it (they lose
     their oldest history items, never part of one)."""
     from ..train.pipeline import make_samples, shown_positions_for
-    from .budget import PromptSet, position_limit, prompt_tokenizer, token_budget
+    from .budget import (
+        BUDGET_MARGIN,
+        BUDGET_QUANTILE,
+        PromptSet,
+        position_limit,
+        prompt_tokenizer,
+        token_budget,
+    )
 
     tok, kind, model_path = prompt_tokenizer(cfg)
     data = ctx.data
@@ -252,7 +259,7 @@ def prompt_budget(ctx, cfg, specs, args, log=print) -> Dict:
             ph = cfg.placeholder if spec.spa else None
             lengths[setting] = PromptSet(make_samples(data, tr, pos), tok, kind, ph, cfg.chat).lengths
     cap = position_limit(model_path)
-    quantile, margin = getattr(args, "budget_quantile", 0.99), getattr(args, "budget_margin", 16)
+    quantile, margin = getattr(args, "budget_quantile", BUDGET_QUANTILE), getattr(args, "budget_margin", BUDGET_MARGIN)
     auto = bool(getattr(args, "auto_max_length", False))
     budget = token_budget(np.concatenate(list(lengths.values())), quantile, margin, cap) if auto else int(cfg.max_length)
     cut = {s: {"n_cut": int((n > budget).sum()), "n": int(n.size), "median_tokens": float(np.median(n))}

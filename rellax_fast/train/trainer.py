@@ -372,14 +372,14 @@ def train_model(
             best = dict(row, tensors=None)
         log(f"valid at step {row['step']}: AUC {row['auc']:.4f}  LogLoss {row['logloss']:.4f}"
             + ("  (best)" if improved else f"  (best {best['auc']:.4f} at step {best['step']})"))  # fmt: skip
+        state["valid"] = valid_history  # what the next checkpoint records
+        state["best"] = {k: best[k] for k in ("step", "auc", "logloss")}
 
     losses: List[float] = list(state["losses"])
     if selecting and state["global_step"] == 0 and getattr(acc.unwrap_model(model), "select_from_start", False):
         # the untrained model is itself a candidate (the gated residual read-out starts as the frozen DIN):
         # score it before the first step, so the model kept is never worse on valid than where it started
         evaluate_valid()
-        state["valid"] = valid_history
-        state["best"] = {k: best[k] for k in ("step", "auc", "logloss")}
     model.train()
     bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not (config.progress and acc.is_main_process))
     try:
@@ -412,8 +412,6 @@ def train_model(
                 at_epoch_end = state["step_in_epoch"] == 0
                 if selecting and (at_epoch_end or (config.eval_every_steps and state["global_step"] % config.eval_every_steps == 0)):
                     evaluate_valid()
-                    state["valid"] = valid_history
-                    state["best"] = None if best is None else {k: best[k] for k in ("step", "auc", "logloss")}
                 if at_epoch_end or (config.save_every_steps and state["global_step"] % config.save_every_steps == 0):
                     acc.wait_for_everyone()
                     model_view, optimizer_view = checkpoint_views(acc.unwrap_model(model), optimizer, fsdp)

@@ -52,13 +52,14 @@ def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, c
     assert set(rows[ENSEMBLE_ROW]["weights"]) == {"0", "1"}
     assert all(math.isfinite(w) for w in rows[ENSEMBLE_ROW]["weights"]["0"].values())
     # the mix is fit on the selected text-only model's own valid scores (handed back by the selection)
+    text_best = []
     for seed in (0, 1):
         best = json.loads((q / "runs" / f"text-only-lm-no-spa-identity-c-s{seed}" / "loss.json").read_text())["best"]
         row = json.loads((q / "rows" / f"text-only-lm-no-spa-identity-c-s{seed}.json").read_text())
         assert np.load(row["valid_predictions"]).shape == (48,) and row["best_valid"] == best
         assert rows[TEXT_ROW]["valid_by_seed"][str(seed)]["auc"] == pytest.approx(best["auc"], abs=1e-9)
+        text_best.append(best)
     # LM rows show the kept step's valid AUC (mean over seeds) next to the baselines' valid AUC
-    text_best = [json.loads((q / "rows" / f"text-only-lm-no-spa-identity-c-s{s}.json").read_text())["best_valid"] for s in (0, 1)]
     assert rows[TEXT_ROW]["valid"]["auc"] == pytest.approx(np.mean([b["auc"] for b in text_best]))
     assert 0 <= res["meta"]["din_valid_subset"]["auc"] <= 1
     # the token budget given (--max-length 96) and what it cuts, per SUBR/SPA setting of the rows
