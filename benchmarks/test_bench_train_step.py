@@ -3,13 +3,11 @@ next to PEFT LoRA on the same model timed in the same test."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 from _bench_util import WARMUP, median_ms, record, run_benchmark
 
-from rellax_fast.bench import e2e
+from rellax_fast.bench import e2e, e2e_train
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +23,7 @@ def e2e_setup(bench_size, bench_device):
 
 
 def _step(kind: str, backend, base, spec, device, dtype, ids, cond):
-    if kind == "peft":
-        model, condition = e2e.peft_model(base, spec, device, dtype), contextlib.nullcontext
-    else:
-        from rellax_fast.cflora import cflora_condition
-
-        model = e2e.cflora_model(base, spec, kind, backend, device, dtype)
-        condition = (lambda: cflora_condition(model, cond)) if kind != "identity" else contextlib.nullcontext
-    model.train()
+    model, condition, _ = e2e_train.train_model(kind, backend, base, spec, device, dtype, cond)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
 

@@ -26,14 +26,11 @@ TRAIN_PROVIDERS: Tuple[Tuple[str, str, Optional[str]], ...] = (
 )
 
 
-def _train_provider(name: str, kind: str, backend: Optional[str], base, spec: E2ESize, device, dtype,
-                    ids, cond, warmup: int, repeat: int, compile_backend: str) -> Dict[str, object]:
-    import torch
-
-    from . import report
-
-    alloc0 = allocated_mb(device)
-    note = []
+def train_model(kind: str, backend: Optional[str], base, spec: E2ESize, device, dtype, cond):
+    """The model of one training provider ``kind`` (a :data:`TRAIN_PROVIDERS` kind) on a copy of ``base``,
+    in train mode, with the context manager that conditions its forward and the notes that describe it.
+    One home for ``bench e2e`` and the pytest-benchmark suite (``benchmarks/test_bench_train_step.py``)."""
+    note: List[str] = []
     if kind in ("peft", "peft-compile", "peft-apply"):
         model = peft_model(base, spec, device, dtype, patched=kind == "peft-apply")
         condition = contextlib.nullcontext
@@ -46,6 +43,17 @@ def _train_provider(name: str, kind: str, backend: Optional[str], base, spec: E2
         note.append(f"backend {resolved_backend(device, backend)}")
         condition = (lambda: cflora_condition(model, cond)) if kind != "identity" else contextlib.nullcontext
     model.train()
+    return model, condition, note
+
+
+def _train_provider(name: str, kind: str, backend: Optional[str], base, spec: E2ESize, device, dtype,
+                    ids, cond, warmup: int, repeat: int, compile_backend: str) -> Dict[str, object]:
+    import torch
+
+    from . import report
+
+    alloc0 = allocated_mb(device)
+    model, condition, note = train_model(kind, backend, base, spec, device, dtype, cond)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     note.append(f"{n_trainable / 1e6:.2f}M trainable")
