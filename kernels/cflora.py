@@ -608,7 +608,8 @@ def _interaction_groups(interaction: Optional[torch.Tensor], m: int, rows_per_sa
     if interaction.dim() == 2:
         return 1, (0, interaction.stride(0), interaction.stride(1))
     n = interaction.shape[0]
-    if rows_per_sample < 1 or n * rows_per_sample != m:
+    # rows_per_sample == 0 is x (B, 0, d_in): no rows, an empty result (and a zero dC), like the reference
+    if rows_per_sample < 0 or n * rows_per_sample != m:
         raise ValueError(
             f"cflora (triton): per-sample interaction of shape {tuple(interaction.shape)} needs "
             f"n_samples * rows_per_sample == M; got {n} * {rows_per_sample} != {m}")

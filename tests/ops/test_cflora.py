@@ -444,11 +444,15 @@ def test_triton_op_without_kernels_module_raises_clearly(monkeypatch):
         torch.ops.rellax_fast.cflora_fwd_triton(x.reshape(-1, D_IN), w, b, a, lb, c, 1, 1.0, 0.0, 0)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, needs_gpu])])
+@pytest.mark.parametrize("backend,device", [
+    ("reference", "cpu"), ("cpp", "cpu"), pytest.param("triton", "cpu", marks=pytest.mark.triton),
+    pytest.param("cuda", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
+    pytest.param("triton", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
+])
 @pytest.mark.parametrize("x_shape,c_shape", [((0, 7, 10), (0, 4, 4)), ((3, 0, 10), (3, 4, 4))])
-def test_empty_batches(device, x_shape, c_shape):
-    """No rows (B = 0 or T = 0): empty outputs, zero parameter gradients, no kernel launched on garbage."""
-    backend = "cpp" if device == "cpu" else "cuda"
+def test_empty_batches(backend, device, x_shape, c_shape):
+    """No rows (B = 0 or T = 0): empty outputs, zero parameter gradients, no kernel launched on garbage; every
+    backend agrees (#26: triton raised "3 * 0 != 0" for x (3, 0, d) with a per-sample C)."""
     x = torch.randn(*x_shape, device=device, requires_grad=True)
     w = torch.randn(6, 10, device=device)
     a = torch.randn(4, 10, device=device, requires_grad=True)
