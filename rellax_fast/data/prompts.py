@@ -8,7 +8,8 @@ the K shown behaviours as a numbered list "title (r stars)" with a note that mor
 liked it more, the question whether the user will like the target, and a request to answer only yes or no.
 With a ``placeholder`` (default ``"<spa>"``), one SPA soft-token placeholder follows each shown behaviour
 and the target; ``Prompt.placeholder_item_ids`` lists the item behind each placeholder in text order
-(history ids in the order shown, then the target id).
+(history ids in the order shown, then the target id). A title that contains the placeholder is shown with it
+escaped (a space after its first character: ``<spa>`` becomes ``< spa>``), so a title never adds a soft token.
 
 The order of ``shown`` is the caller's choice (SUBR modes: recent / sequential / high / low).
 """
@@ -65,22 +66,29 @@ def render_prompt(
             f"{subj_lower} liked the {noun} more):"
         )
         for n, (item_id, title, rating) in enumerate(shown, 1):
-            _check_title(title, placeholder)
+            title = escape_placeholder(title, placeholder)
             lines.append(f"{n}. {title} ({format_rating(rating)}){tag}")
             ids.append(int(item_id))
     else:
         lines.append(f"{subj} has no earlier rated {plural} to show.")
     target_id, target_title = target
-    _check_title(target_title, placeholder)
+    target_title = escape_placeholder(target_title, placeholder)
     lines.append(f"Will {subj_lower} like the {noun} \"{target_title}\"{tag}?")
     lines.append("Answer only with yes or no.")
     ids.append(int(target_id))
     return Prompt("\n".join(lines), ids if placeholder else [])
 
 
-def _check_title(title: str, placeholder: Optional[str]) -> None:
-    if placeholder and placeholder in str(title):
-        raise ValueError(f"title {title!r} contains the placeholder {placeholder!r}; choose another placeholder")
+def escape_placeholder(title, placeholder: Optional[str]) -> str:
+    """``title`` with every occurrence of ``placeholder`` broken by a space after its first character."""
+    title = str(title)
+    if not placeholder or len(placeholder) < 2:
+        return title
+    for _ in range(len(title) + 1):  # a replacement forms a new occurrence only with a repetitive placeholder
+        if placeholder not in title:
+            return title
+        title = title.replace(placeholder, f"{placeholder[0]} {placeholder[1:]}")
+    raise ValueError(f"title {title!r}: cannot escape the placeholder {placeholder!r} in it; use another placeholder")
 
 
 def apply_chat(text: str, tokenizer=None, system: Optional[str] = None) -> str:

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from rellax_fast.data import render_prompt
-from rellax_fast.data.prompts import age_phrase, apply_chat, format_rating
+from rellax_fast.data.prompts import age_phrase, apply_chat, escape_placeholder, format_rating
 
 SHOWN = [(11, "Toy Story (1995)", 4), (12, "GoldenEye (1995)", 1), (13, "Heat (1995)", 3.5), (14, "Ed (1996)", 5)]
 TARGET = (99, "Four Rooms (1995)")
@@ -72,8 +72,8 @@ def test_book_template_and_empty_history():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="domain"):
         render_prompt("music", None, SHOWN, TARGET)
-    with pytest.raises(ValueError, match="placeholder"):
-        render_prompt("movie", None, [(1, "Evil <spa> title", 3)], TARGET)
+    with pytest.raises(ValueError, match="cannot escape the placeholder"):  # one that escaping re-forms forever
+        render_prompt("movie", None, [(1, "a x title", 3)], TARGET, placeholder=" x")
 
 
 def test_age_buckets_cover_ml1m_codes():
@@ -93,3 +93,14 @@ def test_chat_wrapper():
 
     assert apply_chat("hi", None) == "hi"
     assert apply_chat("hi", Tok(), system="be brief") == "<system>be brief<user>hi<assistant>"
+
+
+def test_a_title_containing_the_placeholder_is_escaped_not_refused():
+    """#26: an item titled with the SPA placeholder used to stop the run ("choose another placeholder", with no flag
+    to do so); it is now shown escaped, and the prompt keeps exactly one placeholder per shown item and target."""
+    shown = [(11, "The <spa> Club (1999)", 4), (12, "Heat (1995)", 3)]
+    p = render_prompt("movie", None, shown, (99, "<spa><spa>"))
+    assert p.text.count("<spa>") == 3 and p.placeholder_item_ids == [11, 12, 99]
+    assert "1. The < spa> Club (1999) (4 stars) <spa>" in p.text
+    assert 'like the movie "< spa>< spa>" <spa>?' in p.text
+    assert escape_placeholder("aaa", "aa") == "a a a" and escape_placeholder("x <spa>", None) == "x <spa>"
