@@ -48,6 +48,19 @@ def cflora_condition(model: nn.Module, cond: torch.Tensor) -> Iterator[nn.Module
     :func:`cflora_checkpoint_context_fn` as its ``context_fn`` for the same. Without either, a non-reentrant
     recomputation that cannot tell which block's cond it needs raises instead of giving wrong gradients.
     """
+    slot = begin_condition(model, cond)
+    try:
+        yield model
+    finally:
+        end_condition(slot)
+
+
+def begin_condition(model: nn.Module, cond: torch.Tensor) -> ConditionSlot:
+    """Enter a conditioning block (what ``with cflora_condition(model, cond)`` does on entry); return its slot.
+
+    :func:`end_condition` leaves it again. These are plain functions, not a context-manager object, so the
+    ``cflora_cond=`` forward hooks (``hooks.py``) that call them trace under ``torch.compile(fullgraph=True)``.
+    """
     layers = _require_layers(model, "cflora_condition")
     cond_dim = layers[0][1].cflora_config.cond_dim
     if not isinstance(cond, torch.Tensor):
@@ -67,10 +80,13 @@ def cflora_condition(model: nn.Module, cond: torch.Tensor) -> Iterator[nn.Module
     slot = ConditionSlot(cond)
     for _, layer in layers:
         layer._cflora_slot = slot
-    try:
-        yield model
-    finally:
-        slot.active = False
+    return slot
+
+
+def end_condition(slot: ConditionSlot) -> None:
+    """Leave the block :func:`begin_condition` entered; the layers keep its cond, inactive (for the
+    recomputation of gradient checkpointing only)."""
+    slot.active = False
 
 
 # ------------------------------------------------------------------------------------- gradient checkpointing

@@ -11,8 +11,10 @@ pipelines - carry the conditioning vectors (B, cond_dim) as one more keyword::
 The base model's ``forward`` signature is untouched:
 
 - a forward pre-hook on the top-level module (registered first, ``with_kwargs=True``) pops ``cflora_cond``
-  and enters :func:`rellax_fast.cflora.cflora_condition` for that call; a forward hook registered with
-  ``always_call=True`` leaves the block again, also when the forward raises. Each call pushes one entry
+  and enters the block of :func:`rellax_fast.cflora.cflora_condition` for that call
+  (``conditioning.begin_condition``); a forward hook registered with ``always_call=True`` leaves it again
+  (``end_condition``), also when the forward raises. Both are plain function calls, with no context-manager
+  object, so ``torch.compile(model, fullgraph=True)`` traces a ``model(**batch, cflora_cond=cond)`` call. Each call pushes one entry
   on a small per-module stack and the hook pops it, so the pairing holds for nested or failed calls;
   ``cflora_cond=None`` (or no keyword) changes nothing, so an enclosing ``cflora_condition`` block still
   works. A keyword inside such a block is the nesting error of ``cflora_condition``.
@@ -38,7 +40,7 @@ from typing import Any, Dict, Tuple
 
 from torch import nn
 
-from .conditioning import cflora_condition, cflora_layers, unwrap_model
+from .conditioning import begin_condition, cflora_condition, cflora_layers, end_condition, unwrap_model
 
 COND_KWARG = "cflora_cond"
 _STATE = "_cflora_cond_kwarg"  # attribute on the model: {"stack": [...], "generate": instance-level original}
@@ -52,9 +54,8 @@ def _pre_hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
     stack.append(None)
     cond = kwargs.pop(COND_KWARG, None)
     if cond is not None:
-        block = cflora_condition(module, cond)
-        block.__enter__()
-        stack[-1] = block
+        # plain functions, no context-manager object: torch.compile(fullgraph=True) traces this hook
+        stack[-1] = begin_condition(module, cond)
     return args, kwargs
 
 
@@ -62,9 +63,9 @@ def _exit_block(module: nn.Module) -> None:
     state = module.__dict__.get(_STATE)
     if state is None or not state["stack"]:
         return
-    block = state["stack"].pop()
-    if block is not None:
-        block.__exit__(None, None, None)
+    slot = state["stack"].pop()
+    if slot is not None:
+        end_condition(slot)
 
 
 def _post_hook(module: nn.Module, args: Tuple[Any, ...], output: Any):

@@ -182,8 +182,9 @@ class CFLoRALinear(nn.Module):
         slot = self._cflora_slot
         if slot is not None and slot.active:
             return slot.cond
-        if slot is not None and _in_backward():
-            # inactive but inside backward: the recomputation of gradient checkpointing
+        if slot is not None and not torch.compiler.is_compiling() and _in_backward():
+            # inactive but inside backward: the recomputation of gradient checkpointing (never while
+            # torch.compile traces: a compiled graph recomputes inside its own backward, without Python)
             if not self._cflora_replaying:
                 self._check_unambiguous_recompute(slot)
             return slot.cond

@@ -10,7 +10,7 @@ import pytest
 import torch
 from cflora_models import model_inputs, tiny_llama
 
-from rellax_fast.cflora import CFLoRAConfig, cflora_condition, inject_cflora
+from rellax_fast.cflora import CFLoRAConfig, cflora_condition, cflora_layers, inject_cflora
 
 COND = 5
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + "/rellax_fast"
@@ -98,3 +98,47 @@ def test_compiled_training_with_dropout_matches_eager(backend):
         opt_twin.step()
     for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("path", ["keyword", "block"])
+def test_compiled_training_with_the_cond_keyword_matches_eager(path):
+    """Issue #25.1: ``model(**batch, cflora_cond=cond)`` compiles with fullgraph=True (the forward hooks enter
+    and leave the conditioning block with plain functions, no context-manager object in the graph), as does
+    the ``with cflora_condition(...)`` block; with dropout, both match eager step by step, compile once, and
+    leave the block closed after each call."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    eager = tiny_llama(num_hidden_layers=1)
+    inject_cflora(eager, CFLoRAConfig(r=4, alpha=8, dropout=0.3, target_modules=["q_proj", "v_proj"],
+                                      interaction="full", cond_dim=COND, init_lora="random", generator_init_std=0.2))
+    twin = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(twin, backend=counter, fullgraph=True)
+    inputs = model_inputs()
+
+    def loss_and_grads(model, run, seed, cond):
+        model.train()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        if path == "keyword":
+            loss = run(**inputs, labels=inputs["input_ids"], cflora_cond=cond).loss
+        else:
+            with cflora_condition(model, cond):
+                loss = run(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    for step in range(3):
+        cond = torch.randn(3, COND)  # a new cond each step: the graph must read it, not bake it in
+        loss_e, grads_e = loss_and_grads(eager, eager, step, cond)
+        loss_c, grads_c = loss_and_grads(twin, compiled, step, cond)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-5)
+        for name, g in grads_e.items():
+            torch.testing.assert_close(grads_c[name], g, rtol=1e-4, atol=1e-5, msg=f"step {step}: {name}")
+        # the block is closed after the call: a forward without cond is the layers' own error
+        assert all(not layer._cflora_slot.active for _, layer in cflora_layers(twin))
+        assert twin.__dict__["_cflora_cond_kwarg"]["stack"] == []
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times (recompiles per step?)"
+    with pytest.raises(RuntimeError, match="needs per-sample conditioning"):
+        compiled(**inputs)
