@@ -63,7 +63,9 @@ class CFLoRAConfig:
         dropout: dropout probability on the LoRA path's input (training mode only).
         target_modules: module-name suffixes (PEFT semantics: a module matches when its full name equals
             an entry or ends with ``"." + entry``), one regex string that must match the full name, or
-            ``"all-linear"``: every nn.Linear / Conv1D except the output head (``get_output_embeddings()``).
+            ``"all-linear"``: every nn.Linear / Conv1D except the output head, as PEFT: the output embeddings
+            (``get_output_embeddings()``), or else a classification head named ``score`` / ``classifier``
+            (add it to ``modules_to_save`` to train it in full).
         exclude_modules: modules never wrapped, even when target_modules matches them (suffixes or a regex,
             as target_modules).
         rank_pattern: per-module rank, ``{pattern: r}``; a pattern matches a module whose full name ends with

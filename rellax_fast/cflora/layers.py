@@ -109,11 +109,7 @@ class CFLoRALinear(nn.Module):
         # per-layer rank / alpha (rank_pattern / alpha_pattern); the model-level config stays cflora_config
         r = config.r if r is None else int(r)
         alpha = config.alpha if alpha is None else float(alpha)
-        if r > min(d_in, d_out):
-            raise ValueError(
-                f"CFLoRA rank r={r} exceeds min(d_in, d_out)={min(d_in, d_out)} of {name or 'module'} "
-                f"(d_in={d_in}, d_out={d_out}); lower CFLoRAConfig.r or exclude this module"
-            )
+        # r > min(d_in, d_out) is accepted, as PEFT accepts it: ΔW = s·B C A then simply has full rank
         self.in_features, self.out_features = d_in, d_out
         self.layer_name = name
         self.cflora_config = config

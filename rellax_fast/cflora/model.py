@@ -64,10 +64,20 @@ def _target_matches(name: str, targets) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+# attribute names of a sequence-classification head, which "all-linear" leaves out when the model has no
+# output embeddings (PEFT's SEQ_CLS_HEAD_NAMES, in its order)
+_CLASSIFIER_HEAD_NAMES = ("score", "classifier")
+
+
 def _output_head_names(root: nn.Module) -> set:
-    """Names of the output head (``get_output_embeddings()``), which ``"all-linear"`` leaves out, as PEFT does."""
+    """Names of the output head, which ``"all-linear"`` leaves out, as PEFT does: the output embeddings
+    (``get_output_embeddings()``, e.g. ``lm_head``) or, when there are none, a classification head named
+    ``score`` or ``classifier`` (the first that the model has)."""
     getter = getattr(root, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
+    if head is None:
+        head = next((h for h in (getattr(root, n, None) for n in _CLASSIFIER_HEAD_NAMES) if isinstance(h, nn.Module)),
+                    None)
     if head is None:
         return set()
     return {name for name, module in root.named_modules(remove_duplicate=False) if module is head}
@@ -143,9 +153,11 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
     ``model.generate(..., cflora_cond=cond)`` work as well as :func:`cflora_condition`
     (:func:`rellax_fast.cflora.hooks.enable_cflora_cond_kwarg`; :func:`unload` removes it again).
 
-    Raises ValueError when the model already has CFLoRA layers, when the targets match no module, when
-    a matched module is not Linear/Conv1D, or when ``r`` exceeds a matched module's min(d_in, d_out).
-    Returns the model.
+    A rank above a module's min(d_in, d_out) is accepted, as PEFT accepts it (ΔW then has full rank; the
+    adapter has more parameters than it needs).
+
+    Raises ValueError when the model already has CFLoRA layers, when the targets match no module, or when
+    a matched module is not Linear/Conv1D. Returns the model.
     """
     if not isinstance(config, CFLoRAConfig):
         raise TypeError(f"inject_cflora: config must be a CFLoRAConfig; got {type(config).__name__}")

@@ -88,8 +88,9 @@ def test_inject_errors():
     model = tiny_llama()
     with pytest.raises(ValueError, match="matches no nn.Linear/Conv1D module.*q_proj"):
         inject_cflora(model, CFLoRAConfig(r=4, target_modules=["query"]))
-    with pytest.raises(ValueError, match=r"rank r=20 exceeds min\(d_in, d_out\)=16 of model.layers.0.self_attn.k_proj"):
-        inject_cflora(model, CFLoRAConfig(r=20, target_modules=["q_proj", "k_proj"]))  # k_proj: 32 -> 16
+    with pytest.raises(ValueError, match=r"k_proj \(r=3.*n_experts to divide r"):  # q_proj built, k_proj fails
+        inject_cflora(model, CFLoRAConfig(r=4, target_modules=["q_proj", "k_proj"], interaction="moe", cond_dim=3,
+                                          n_experts=2, rank_pattern={"k_proj": 3}))
     assert not cflora_layers(model)  # a failed injection leaves the model untouched
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="cannot wrap.*LlamaAttention"):

@@ -278,6 +278,42 @@ def test_all_linear_and_exclude_modules_match_peft(factory, exclude):
         assert len(names) < len(cflora_layers(inject_cflora(factory(), CFLoRAConfig(r=4, target_modules="all-linear"))))
 
 
+def _bert_classifier(seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                     intermediate_size=37, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("r", [4, 64])
+def test_all_linear_on_a_bert_classifier_follows_peft(tmp_path, r):
+    """Issue #25.3: "all-linear" leaves out the 32 -> 2 classification head (PEFT's rule for a model without
+    output embeddings) and accepts a rank above a layer's dimensions (r=64 > 32), as PEFT does: the same
+    layers and shapes as PEFT's, and PEFT's outputs after loading its adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    ours = inject_cflora(_bert_classifier(), CFLoRAConfig(r=r, alpha=r, target_modules="all-linear"))
+    peft_cls = get_peft_model(_bert_classifier(), LoraConfig(r=r, target_modules="all-linear", task_type="SEQ_CLS"))
+    names = sorted(n for n, _ in cflora_layers(ours))
+    assert names == _peft_lora_names(peft_cls) and "classifier" not in names and "bert.pooler.dense" in names
+    # the same layers, without the head, as a plain PEFT adapter whose weights load into ours
+    peft_model = get_peft_model(_bert_classifier(), LoraConfig(r=r, lora_alpha=r, target_modules=names,
+                                                                init_lora_weights=False))
+    for name, layer in cflora_layers(ours):
+        peft_layer = peft_model.get_submodule(f"base_model.model.{name}")
+        assert layer.lora_A.shape == peft_layer.lora_A["default"].weight.shape == (r, layer.in_features)
+        assert layer.lora_B.shape == peft_layer.lora_B["default"].weight.shape == (layer.out_features, r)
+    peft_model.save_pretrained(tmp_path)
+    load_peft_lora(ours, tmp_path)
+    inputs = model_inputs()
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+        assert not torch.allclose(expected, _bert_classifier()(**inputs).logits, atol=1e-4)  # the adapter matters
+        torch.testing.assert_close(ours(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_rank_and_alpha_patterns_match_peft(tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
 
