@@ -23,6 +23,7 @@ and :func:`json_sha256`, the content hashes that caches and fingerprints store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -153,6 +154,14 @@ def json_sha256(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """An atomic write ran out of space (ENOSPC) or quota (EDQUOT): the message names the file being written
+    ("disk full writing <path>"); its temporary was removed and the previous file, if any, is untouched."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on a clean exit it is fsynced and renamed onto ``path``.
@@ -161,7 +170,8 @@ def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
     The temporary file already exists, empty, with the umask's permissions (a writer that opens it for
     writing keeps them). A writer may also make a folder there instead (after removing the empty file); it
     is renamed into place only if ``path`` does not exist or is an empty folder. On an exception the
-    temporary is removed and ``path`` is left as it was.
+    temporary is removed and ``path`` is left as it was; a full disk (or quota) is raised as
+    :class:`DiskFullError` naming ``path``.
     """
     path = Path(path)
     if path.is_dir() and not path.is_symlink() and any(path.iterdir()):
@@ -175,12 +185,14 @@ def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
         if fsync:
             _fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp)
             else:
                 os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS and not isinstance(exc, DiskFullError):
+            raise DiskFullError(exc.errno, f"disk full writing {path} ({exc.strerror or exc})", str(path)) from exc
         raise
     if fsync:
         _fsync_path(path.parent)
