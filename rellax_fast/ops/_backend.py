@@ -242,6 +242,16 @@ def availability(op: Optional[str] = None, device_type: Optional[str] = None, **
 # ----------------------------------------------------------------------------------------------------------
 
 
+def auto_candidates(op: str, device_type: str) -> Tuple[str, ...]:
+    """The backends automatic choice tries for ``op`` on ``device_type``, in order, environment checks passed
+    (reference last, the fallback); the first one whose ``supports`` accepts the call runs it. Its first entry
+    is what automatic choice picks on this machine for calls within every backend's limits (`rellax-fast info`)."""
+    order = auto_order(op, device_type)
+    if "reference" not in order:
+        order.append("reference")  # the fallback when nothing faster can run
+    return tuple(b for b in order if why_unavailable(b, device_type, op) is None)
+
+
 def resolve(op: str, device: torch.device, backend: Optional[str] = None, **call: Any) -> str:
     """The backend that runs ``op`` on ``device``; forced ones that cannot run raise with the reason.
 
@@ -289,10 +299,7 @@ def _candidates(op: str, device: torch.device, backend: Optional[str]) -> Tuple[
             raise BackendUnavailableError(f"{op}: {source} is unavailable: {reason}")
         chosen: Tuple[str, ...] = (forced,)
     else:
-        order = auto_order(op, device_type)
-        if "reference" not in order:
-            order.append("reference")  # the fallback when nothing faster can run
-        chosen = tuple(b for b in order if why_unavailable(b, device_type, op) is None)
+        chosen = auto_candidates(op, device_type)
         source = None
     if any(b in EXT_BACKENDS for b in chosen):
         from ._registry import ensure_ext_registered

