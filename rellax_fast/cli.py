@@ -94,11 +94,11 @@ def _needs_extra(command: str, exc: ModuleNotFoundError) -> Optional[str]:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's defaults formatter (every option's help ends with its default), except where the help already
-    says its default in words ("(default: --lr)", "(default: 2 r^2)")."""
+    says its default in words ("(default: --lr)", "(default: 2 r^2)", "preset default: ...")."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        return text if "(default" in text else super()._get_help_string(action)
+        return text if "default" in text.lower() else super()._get_help_string(action)
 
 
 def add_common(parser: argparse.ArgumentParser, default_out: str = "runs") -> None:

@@ -17,13 +17,27 @@ import argparse
 import importlib
 import os
 
-SUITES = ("cflora", "topk", "e2e")
+SUITES = ("cflora", "topk", "e2e")  # what `bench all` runs
+# every suite the command takes, with its one-line description: the choices, `bench --help` and `rellax-fast --help`
+SUITE_HELP = {
+    "cflora": "the CFLoRA linear against its floor and the unfused composition, per backend",
+    "topk": "the semantic_topk backends against torch, faiss and global-ranking baselines",
+    "e2e": "whole training steps and inference calls of a Llama model, CFLoRA vs PEFT LoRA",
+    "all": "cflora, topk and e2e",
+    "quality": "the ReLLaX ablation table with confidence intervals (long; not in all; its options below)",
+    "data": "the data pipeline at ML-25M scale, per stage (generated files; not in all)",
+    "lifelong": "AUC against the history length K (long; not in all)",
+    "finetune": "ReLLaX training throughput per trainer configuration (--n-train default 1024 there)",
+}
+COMMAND_HELP = f"benchmarks: bench {' | '.join(SUITE_HELP)}"
+DEFAULTS_IN_WORDS = {"dataset": "ml-100k for quality and lifelong; the other suites read no dataset"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("suite", choices=SUITES + ("all", "quality", "data", "lifelong", "finetune"),
-                        help="which benchmark suite (quality: the ablation table with CIs, see its options below; "
-                             "finetune: ReLLaX training throughput per configuration, --n-train default 1024 there)")
+    from .._argtypes import integer
+
+    parser.add_argument("suite", choices=tuple(SUITE_HELP), metavar="SUITE",
+                        help="which benchmark suite: " + "; ".join(f"{k}: {v}" for k, v in SUITE_HELP.items()))
     parser.add_argument("--size", default="auto", choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer"),
                         help="shape set (auto: gpu when CUDA is visible, else cpu)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -31,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--lifelong", action="store_true",
                         help="bench topk: histories of 1k-32k behaviours with sampled targets (bench.topk.run_lifelong)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--warmup", type=integer(0), default=2, help="untimed calls before timing each case")
+    parser.add_argument("--repeat", type=integer(1), default=5, help="timed calls per case (the median is reported)")
     from . import quality
 
     quality.add_arguments(parser)

@@ -13,16 +13,18 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .._argtypes import number
+
     g = parser.add_argument_group("DIN")
     g.add_argument("--epochs", type=int, default=12, help="maximum epochs (early stopping on valid AUC)")
     g.add_argument("--patience", type=int, default=2, help="epochs without valid-AUC gain before stopping")
-    g.add_argument("--batch-size", type=int, default=1024)
-    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--batch-size", type=int, default=1024, help="samples per training step")
+    g.add_argument("--lr", type=number(0, low_open=True), default=2e-3, help="learning rate (Adam)")
     g.add_argument("--embed-dim", type=int, default=32, help="item embedding size (the SPA input)")
     g.add_argument("--hidden", type=int, nargs="+", default=[128, 64], help="MLP widths; the last is the size of h")
     g.add_argument("--max-history", type=int, default=50, help="most recent behaviours DIN attends over")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
 def din_options(args) -> dict:

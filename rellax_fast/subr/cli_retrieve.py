@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="op: per-sample fused top-k (default); global: faiss item-to-item ranking")
     parser.add_argument("--backend", default=None, choices=BACKENDS,
                         help="force a semantic_topk backend (default: the fastest available)")
-    parser.add_argument("--metric", default="cosine", choices=("cosine", "dot"))
+    parser.add_argument("--metric", default="cosine", choices=("cosine", "dot"),
+                        help="similarity of the target's and the history's item embeddings")
     parser.add_argument("--max-history", type=int, default=None, metavar="W",
                         help="only the W most recent behaviours before each target are candidates (lifelong "
                              "histories; --method op; default: the whole history)")  # fmt: skip

@@ -24,14 +24,17 @@ from .runs import (  # noqa: F401  (re-exported: older import paths)
     subr_embeddings_for,
 )
 
+# the defaults of the shared --out and --dataset here, in words (rellax_fast.cli.describe_defaults)
+DEFAULTS_IN_WORDS = {"out": "<run>/eval-<split>, or <run>/eval-jsonl with --jsonl", "dataset": "the run's dataset"}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a run folder written by `rellax-fast train` or `demo`")
-    parser.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    parser.add_argument("--split", default="test", choices=["train", "valid", "test"], help="the split scored")
     parser.add_argument("--n", type=int, default=None, help="samples to score (default: the run's --n-test; 0: all)")
     parser.add_argument("--jsonl", default=None, help="score the samples of this JSONL file instead of a split")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=64, help="prompts per scoring batch")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(out=None, dataset=None)
 
 

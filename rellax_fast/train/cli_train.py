@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-spa", action="store_true", help="no soft prompts")
     g.add_argument("--interaction", default="full", type=interaction_kind, metavar="KIND",
                    help="the C constraint: a registered interaction kind (built in: identity, static, full, moe, recrank1)")
-    g.add_argument("--recipe", default="joint", choices=["joint", "two-stage"])
+    g.add_argument("--recipe", default="joint", choices=["joint", "two-stage"],
+                   help="joint: train everything together; two-stage: plain LoRA first on a mix of recent and retrieved "
+                        "prompts, then the interaction")
     g.add_argument("--readout", default="paper", choices=["paper", "residual"],
                    help="paper: softmax over the [No, Yes] logits; residual (beyond the paper): p = sigmoid((Yes - No) "
                         "+ lambda * the frozen DIN's logit), the LM learns a correction to DIN")  # fmt: skip

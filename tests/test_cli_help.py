@@ -1,0 +1,74 @@
+"""#25 item 9: `rellax-fast --help` and every subcommand's help. Every option of every subcommand has a help text
+that shows its default; the command list names every bench suite, from the suite table."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from rellax_fast.cli import COMMANDS, HelpFormatter, build_parser, main
+
+
+def _subparsers(parser):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def _helps(sub):
+    """{option: its formatted help} as `--help` prints it (argparse's own -h left out)."""
+    formatter = HelpFormatter(sub.prog)
+    out = {}
+    for action in sub._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name = "/".join(action.option_strings) or action.dest
+        out[name] = (action, formatter._get_help_string(action) if action.help else "")
+    return out
+
+
+def test_every_option_of_every_command_has_a_help_that_shows_its_default():
+    subs = _subparsers(build_parser())
+    assert set(subs) == set(COMMANDS)
+    missing_help, missing_default = [], []
+    for command, sub in subs.items():
+        for name, (action, text) in _helps(sub).items():
+            if not text.strip():
+                missing_help.append(f"{command} {name}")
+            elif action.option_strings and "default" not in text:
+                missing_default.append(f"{command} {name}: {text!r}")
+    assert not missing_help, f"options without a help text: {missing_help}"
+    assert not missing_default, f"options whose help shows no default: {missing_default}"
+
+
+def test_a_default_is_shown_once_and_is_the_real_one(capsys):
+    assert main(["bench", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT output folder (created if missing) (default: bench_out)" in text  # bench's own default
+    assert "--repeat REPEAT timed calls per case (the median is reported) (default: 5)" in text
+    assert "(default: None)" not in text
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr LR learning rate (AdamW) (default: 0.001)" in text
+    assert "--lr-lora LR_LORA learning rate of CFLoRA A and B (default: --lr)" in text
+    assert text.count("(default: synthetic)") == 1
+
+
+def test_top_level_help_lists_every_bench_suite(capsys):
+    from rellax_fast.bench.cli import SUITE_HELP, SUITES
+
+    assert set(SUITES) < set(SUITE_HELP) and {"quality", "data", "lifelong", "finetune"} < set(SUITE_HELP)
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "bench " + " | ".join(SUITE_HELP) in text
+    assert main(["bench", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for suite, description in SUITE_HELP.items():
+        assert f"{suite}: {description}" in text
+
+
+@pytest.mark.parametrize("suite", ["nosuch"])
+def test_an_unknown_suite_names_the_choices(capsys, suite):
+    assert main(["bench", suite]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'nosuch'" in err and "finetune" in err
