@@ -22,7 +22,7 @@ import functools
 import logging
 import re
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -48,6 +48,10 @@ logger = logging.getLogger("rellax_fast.cflora")
 _MODULES_TO_SAVE = "_cflora_modules_to_save"
 # Hugging Face PeftAdapterMixin methods that CFLoRA answers on an injected model (see _bind_hf_adapter_methods)
 _HF_ADAPTER_METHODS = ("disable_adapters", "enable_adapters")
+# (install, remove) pairs of instance patches that modules above this one put on every injected model: called
+# with the root module at the end of inject_cflora and by unload / merge_and_unload. persistence.py registers
+# the save_pretrained wrapper here (it needs save_cflora, and persistence imports this module).
+INSTANCE_PATCHES: List[Tuple[Callable[[nn.Module], None], Callable[[nn.Module], None]]] = []
 
 
 def get_cflora_config(model: nn.Module) -> CFLoRAConfig:
@@ -151,7 +155,10 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
     :func:`print_trainable_parameters`' line (it is always logged at INFO). When the interaction needs a
     per-sample condition and ``cond_kwarg`` is true (the default), ``model(**batch, cflora_cond=cond)`` and
     ``model.generate(..., cflora_cond=cond)`` work as well as :func:`cflora_condition`
-    (:func:`rellax_fast.cflora.hooks.enable_cflora_cond_kwarg`; :func:`unload` removes it again).
+    (:func:`rellax_fast.cflora.hooks.enable_cflora_cond_kwarg`; :func:`unload` removes it again). On a Hugging
+    Face model, ``model.save_pretrained(dir)`` then writes the base model and the adapter files beside it, and
+    ``load_cflora(AutoModel...from_pretrained(dir), dir)`` restores the adapted model
+    (``persistence._save_pretrained_with_adapter``; :func:`unload` removes the wrapper).
 
     A rank above a module's min(d_in, d_out) is accepted, as PEFT accepts it (ΔW then has full rank; the
     adapter has more parameters than it needs).
@@ -231,6 +238,8 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
             registry[name] = {"original": original, "trained": trained}
         root.__dict__[_MODULES_TO_SAVE] = registry
     _bind_hf_adapter_methods(root)
+    for install, _ in INSTANCE_PATCHES:
+        install(root)
     trainable, total = cflora_trainable_parameters(root)
     logger.info(
         "CFLoRA (%s, r=%d) injected into %d modules (%d modules to save): trainable params %d || all params %d "
@@ -457,5 +466,7 @@ def _unload(root: nn.Module, layers: List[Tuple[str, CFLoRALinear]]) -> None:
         layer._cflora_slot = None
         _replace_module(root, name, base)
     _unbind_hf_adapter_methods(root)
+    for _, remove in INSTANCE_PATCHES:
+        remove(root)
     _remove_checkpoint_replay(root)
     disable_cflora_cond_kwarg(root)

@@ -6,6 +6,10 @@
   file in the same directory + os.replace). The config carries its format version and a sha256 of the
   config and the tensors; :func:`load_cflora` checks the version, the hash, finiteness and shapes before it
   touches the model, and names the file in an :class:`AdapterFileError` when one is truncated or corrupted.
+- ``model.save_pretrained(dir)`` on an injected Hugging Face model writes the base model (its ``model.safetensors``
+  holds no adapter tensors, and each module to save's original) and, beside it, the adapter files of
+  :func:`save_cflora`; ``load_cflora(AutoModel...from_pretrained(dir), dir)`` restores the adapted model
+  (see :func:`_save_pretrained_with_adapter`).
 - :func:`load_peft_lora`: read a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
   keys ``base_model.model.<module>.lora_{A,B}.weight``) into A and B - the two-stage recipe.
 - :func:`export_peft_lora`: write an identity/static adapter in PEFT's format (static C folded into B:
@@ -14,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +39,7 @@ from .config import (
     read_json,
 )
 from .model import (
+    INSTANCE_PATCHES,
     _modules_to_save_registry,
     _require_layers,
     cflora_layers,
@@ -215,6 +221,66 @@ def load_cflora(model: nn.Module, path: PathLike) -> nn.Module:
         for key, dest in target.items():
             dest.copy_(tensors[key])
     return model
+
+
+# ------------------------------------------------------------------------------------ save_pretrained
+def base_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The base model's ``state_dict`` while the adapter is injected: no adapter tensors, and each module to save
+    as its original (the keys and values an un-injected model has; merged layers are refused by the caller)."""
+    root = unwrap_model(model)
+    state = root.state_dict()
+    for name, layer in cflora_layers(root):
+        for key in layer.state_dict():
+            if key not in ("weight", "bias"):
+                del state[f"{name}.{key}"]
+    for name, pair in _modules_to_save_registry(root).items():
+        for key, t in pair["original"].state_dict().items():
+            state[f"{name}.{key}"] = t
+    return state
+
+
+def _save_pretrained_with_adapter(root: nn.Module, original, save_directory, *args, **kwargs):
+    """``model.save_pretrained`` of an injected model (installed by :func:`inject_cflora`, removed by ``unload``).
+
+    It writes the adapter with :func:`save_cflora` into ``save_directory`` (first, so ``push_to_hub`` uploads it
+    too) and then the model through transformers' own ``save_pretrained`` with the base ``state_dict``
+    (:func:`base_state_dict`), so ``from_pretrained(save_directory)`` loads the base model with no unexpected
+    keys and ``load_cflora(model, save_directory)`` puts the adapter back: the same outputs. A merged adapter is
+    refused (its ΔW is inside W): ``merge_and_unload`` first saves the merged model, ``unmerge_cflora`` the pair.
+    An explicit ``state_dict`` argument is passed through as given. Nothing is written when
+    ``is_main_process`` is False.
+    """
+    merged = [name for name, layer in cflora_layers(root) if layer.merged]
+    if merged:
+        raise RuntimeError(
+            f"save_pretrained: CFLoRA layers {merged[:3]} are merged into W, so the base weights are gone. Call "
+            "merge_and_unload(model) to save the merged model as a plain one, or unmerge_cflora(model) to save "
+            "the base model with the adapter files beside it"
+        )
+    if kwargs.get("is_main_process", args[0] if args else True):
+        save_cflora(root, save_directory)
+    if "state_dict" not in kwargs and len(args) < 2:
+        kwargs["state_dict"] = base_state_dict(root)
+    return original(save_directory, *args, **kwargs)
+
+
+def _install_save_pretrained(root: nn.Module) -> None:
+    # a partial of a module-level function (no closure): deepcopy / pickle carry it over bound to the copy
+    if callable(getattr(root, "save_pretrained", None)):
+        root.__dict__["save_pretrained"] = functools.partial(_save_pretrained_with_adapter, root, root.save_pretrained)
+
+
+def _remove_save_pretrained(root: nn.Module) -> None:
+    wrapper = root.__dict__.get("save_pretrained")
+    if not (isinstance(wrapper, functools.partial) and wrapper.func is _save_pretrained_with_adapter):
+        return
+    del root.__dict__["save_pretrained"]
+    inner = wrapper.args[1]
+    if getattr(inner, "__func__", None) is not getattr(type(root), "save_pretrained", None):
+        root.__dict__["save_pretrained"] = inner  # an instance-level save_pretrained someone installed before
+
+
+INSTANCE_PATCHES.append((_install_save_pretrained, _remove_save_pretrained))
 
 
 # ---------------------------------------------------------------------------------------------- PEFT

@@ -325,6 +325,9 @@ def train_din(
         else:
             bad += 1
             if bad >= tc.patience:
+                if tc.progress:
+                    print(f"DIN: early stopping after epoch {epoch + 1} of {tc.epochs} (no valid-AUC gain for {tc.patience} "
+                          f"epoch(s)); keeping epoch {best_epoch} (valid AUC {best_auc:.4f})")  # fmt: skip
                 break
     model.load_state_dict(best_state)
     freeze(model)
