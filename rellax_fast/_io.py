@@ -258,3 +258,24 @@ def check_out_dir(out: PathLike, what: str = "--out") -> Path:
                 raise ValueError(f"{what} {out}: {parent} is a file, not a folder")
             break
     return out
+
+
+class PathOutsideFolderError(ValueError):
+    """A path read from a file (a manifest key, a ``latest`` pointer, a run's recorded dependency) points outside
+    the folder it must lie in."""
+
+
+def path_inside(folder: PathLike, relative: str, what: str) -> Path:
+    """``folder / relative`` when ``relative`` (a path read from a file) is a relative path that stays inside
+    ``folder`` after normalisation; otherwise :class:`PathOutsideFolderError` naming ``what`` (the file and key
+    it came from). Decided on the text alone: nothing is opened, stat'ed or resolved, so a refused target is
+    never touched."""
+    if not isinstance(relative, str) or not relative or "\x00" in relative:
+        raise PathOutsideFolderError(f"{what}: expected a relative path inside {folder}, got {relative!r}")
+    normal = os.path.normpath(relative)
+    if os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep):
+        raise PathOutsideFolderError(
+            f"{what}: {relative!r} points outside {folder}; refusing to open it (only paths inside the folder are "
+            "followed: the file was edited, or written by something else)"
+        )
+    return Path(folder) / normal

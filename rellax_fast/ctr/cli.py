@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from .store import train_or_load_ctr
 
+    # bad data (DataFormatError naming the file and line), a one-class split or a diverging run raise before
+    # anything is written; rellax_fast.cli prints them as one error line
     data = load_ctr_data(args)
     out = Path(args.out) / "ctr"
     model, vocab, report = train_or_load_ctr(data, out, din_options(args), din_train_config(args))

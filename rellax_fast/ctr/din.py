@@ -30,9 +30,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_path, atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_text
 
 N_RATING_BUCKETS = 22  # ratings are bucketed as round(2 * rating) in 0..20 (+1 shift, 0 = padding)
+
+
+class NonFiniteLossError(ValueError):
+    """Training diverged: a step's loss is NaN or infinite (names the step and the learning rate). Raised by
+    :func:`train_din` and by the ReLLaX trainer (``train.trainer``), before the step is applied."""
+
+
+class SingleClassSplitError(ValueError):
+    """A split DIN learns or early-stops on holds one label only: its AUC is undefined, no epoch can be chosen."""
 
 
 @dataclass
@@ -292,6 +301,15 @@ def train_din(
     tc = train_config or DINTrainConfig()
     if len(train) == 0 or len(valid) == 0:
         raise ValueError(f"DIN needs non-empty train and valid splits, got {len(train)} and {len(valid)} samples")
+    for name, split in (("train", train), ("valid", valid)):
+        classes = np.unique(split.label.numpy())
+        if len(classes) < 2:
+            raise SingleClassSplitError(
+                f"the {name} split holds only label {int(classes[0])} ({len(split)} samples): "
+                + ("DIN cannot learn to tell clicks from non-clicks" if name == "train" else
+                   "its AUC is undefined, so early stopping cannot choose an epoch")
+                + "; the data need both positive and negative ratings (check the dataset and its label rule)"
+            )  # fmt: skip
     gen = torch.Generator().manual_seed(tc.seed)
     torch.manual_seed(tc.seed)
     model = DIN(config)
@@ -309,6 +327,11 @@ def train_din(
             b = train.batch(order[step * tc.batch_size : (step + 1) * tc.batch_size])
             logit, _ = model(b)
             loss = loss_fn(logit, b.label)
+            if not math.isfinite(float(loss.detach())):  # before the step is applied
+                raise NonFiniteLossError(
+                    f"DIN training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
+                    f"with --lr {tc.lr}; lower --lr"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -316,7 +339,11 @@ def train_din(
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         bar.close()
-        val = ctr_metrics(valid.label.numpy(), predict(model, valid).numpy())
+        valid_probs = predict(model, valid).numpy()
+        if not np.isfinite(valid_probs).all():
+            raise NonFiniteLossError(f"DIN training diverged: its valid probabilities are not finite after epoch "
+                                     f"{epoch + 1} with --lr {tc.lr}; lower --lr")  # fmt: skip
+        val = ctr_metrics(valid.label.numpy(), valid_probs)
         report.history.append({"epoch": epoch + 1, "train_loss": total / len(train), **{f"valid_{k}": v for k, v in val.items()}})
         if tc.progress:
             print(f"DIN epoch {epoch + 1}: train loss {total / len(train):.4f}  valid AUC {val['auc']:.4f}  LogLoss {val['logloss']:.4f}")
@@ -350,14 +377,14 @@ def freeze(model: DIN) -> DIN:
 
 def save_din(model: DIN, path, extra: Optional[dict] = None) -> Path:
     """Write ``din.safetensors`` + ``din.json`` into the folder ``path``, each atomically (:mod:`rellax_fast._io`)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     meta = {"config": {**asdict(model.config), "mlp_hidden": list(model.config.mlp_hidden)}, **(extra or {})}
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path / "din.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+    # bytes through atomic_write_bytes: the umask's mode, as every other output (save_file makes the file 0600)
+    atomic_write_bytes(path / "din.safetensors", save(tensors))
     atomic_write_text(path / "din.json", json.dumps(meta, indent=2))
     return path
 
@@ -368,10 +395,18 @@ def load_din(path) -> Tuple[DIN, dict]:
     path = Path(path)
     if not (path / "din.json").exists() or not (path / "din.safetensors").exists():
         raise FileNotFoundError(f"no DIN checkpoint in {path} (expected din.json and din.safetensors; run `rellax-fast train-ctr`)")
-    meta = json.loads((path / "din.json").read_text())
-    cfg = dict(meta["config"])
-    cfg["mlp_hidden"] = tuple(cfg["mlp_hidden"])
-    model = DIN(DINConfig(**cfg))
-    model.load_state_dict(load_file(str(path / "din.safetensors")))
+    try:
+        meta = json.loads((path / "din.json").read_text(encoding="utf-8"))
+        cfg = dict(meta["config"])
+        cfg["mlp_hidden"] = tuple(cfg["mlp_hidden"])
+        model = DIN(DINConfig(**cfg))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path / 'din.json'}: unreadable or incomplete ({type(exc).__name__}: {exc}); retrain the "
+                         "DIN with `rellax-fast train-ctr`") from None  # fmt: skip
+    try:
+        model.load_state_dict(load_file(str(path / "din.safetensors")))
+    except Exception as exc:  # safetensors' error (truncated file), or tensors that do not fit din.json's config
+        raise ValueError(f"{path / 'din.safetensors'}: does not load ({type(exc).__name__}: {exc}); retrain the DIN "
+                         "with `rellax-fast train-ctr`") from None  # fmt: skip
     return freeze(model), meta
 

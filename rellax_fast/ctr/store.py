@@ -173,9 +173,15 @@ def train_or_load_ctr(data, ctr_dir, options: Optional[dict], train_config: Opti
     ctr_dir = Path(ctr_dir)
     key = din_reuse_key(data, options, train_config)
     if (ctr_dir / "din.json").exists():
-        meta = json.loads((ctr_dir / "din.json").read_text())
-        stored = meta.get("reuse_key")
-        if stored == key:
+        try:
+            meta = json.loads((ctr_dir / "din.json").read_text(encoding="utf-8"))
+            stored = meta.get("reuse_key") if isinstance(meta, dict) else None
+        except (ValueError, UnicodeDecodeError) as exc:  # truncated or damaged: not reusable
+            meta = stored = None
+            log(f"retraining the DIN in {ctr_dir}: {ctr_dir / 'din.json'} is unreadable ({exc})")
+        if meta is None:
+            pass
+        elif stored == key:
             try:
                 model, vocab, meta = load_ctr(ctr_dir)
             except (ValueError, FileNotFoundError, KeyError) as exc:

@@ -453,9 +453,25 @@ def save_prepared(data: CTRData, out_dir, history_column: str = "none", max_hist
 
 def _check_manifest(out: Path, meta: dict) -> dict:
     """Every file of the manifest is there with its size and sha256; returns the manifest's file table."""
+    from .._io import PathOutsideFolderError, path_inside
+
     files = meta["manifest"]["files"]
+    if not isinstance(files, dict):
+        raise PreparedDataError(f"{out / 'meta.json'}: manifest.files is not a table; rerun `rellax-fast prepare --out {out}`")
+    try:  # every key, on its text, before any file is opened
+        paths = {name: path_inside(out, name, f"{out / 'meta.json'}: manifest key") for name in files}
+    except PathOutsideFolderError as exc:
+        raise PreparedDataError(f"{exc}; rerun `rellax-fast prepare --out {out}`") from None
+    unknown = sorted(name for name in files if name not in DATA_FILES)
+    if unknown:
+        raise PreparedDataError(f"{out / 'meta.json'}: the manifest lists {unknown}, which `prepare` never writes "
+                                f"(expected some of {list(DATA_FILES)}); rerun `rellax-fast prepare --out {out}`")
+    absent = [n for n in DATA_FILES if n != "users.parquet" and n not in files]
+    if absent:
+        raise PreparedDataError(f"{out / 'meta.json'}: the manifest does not list {absent}, so they cannot be "
+                                f"verified; rerun `rellax-fast prepare --out {out}`")
     for name, entry in files.items():
-        path = out / name
+        path = paths[name]
         if not path.exists():
             raise PreparedDataError(f"{path}: missing, but {out / 'meta.json'} lists it; rerun `rellax-fast prepare --out {out}`")
         size = path.stat().st_size
@@ -495,8 +511,11 @@ def _check_split(out: Path, name: str, table, seq: UserSequences, expected_rows)
 def load_prepared(out_dir) -> CTRData:
     """Read what :func:`save_prepared` wrote, checked. ``dataset.ratings`` holds the ratings kept in the sequences.
 
-    Raises :class:`PreparedDataError` when meta.json is missing next to data files (an interrupted write), when
-    a file does not match the manifest, or when a split does not agree with the sequences.
+    Raises :class:`PreparedDataError` when meta.json is missing next to data files (an interrupted write), when it
+    has no manifest (a folder of format 1, from before the manifest: its files cannot be verified, so it is refused
+    with the command that rebuilds it), when a manifest key is not one of the files ``prepare`` writes (a path
+    such as ``../x`` is refused before anything is opened), when a file does not match the manifest, or when a
+    split does not agree with the sequences.
     """
     import pyarrow.parquet as pq
 
@@ -517,12 +536,13 @@ def load_prepared(out_dir) -> CTRData:
             meta = json.loads(meta_path.read_text())
         except ValueError as exc:
             raise PreparedDataError(f"{meta_path}: unreadable ({exc}); rerun `rellax-fast prepare --out {out}`") from exc
-        files = None
-        if "manifest" in meta:
-            files = _check_manifest(out, meta)
-        else:
-            logger.warning("%s has no manifest (written by an older rellax-fast): its files cannot be verified; "
-                           "rerun `rellax-fast prepare --out %s`", meta_path, out)  # fmt: skip
+        if "manifest" not in meta:  # its files cannot be verified: a copied-over split would load silently
+            raise PreparedDataError(
+                f"{meta_path}: no manifest (format {meta.get('format_version', 1)}, written by an older rellax-fast), "
+                f"so its files cannot be verified; rebuild the folder: rellax-fast prepare --dataset "
+                f"{meta.get('dataset', '<name>')} --out {out}"
+            )
+        files = _check_manifest(out, meta)
         seq_df = pq.read_table(out / "sequences.parquet").to_pandas()
         # The rows are already packed by user in sequence order; recover the offsets.
         users = seq_df["user_id"].to_numpy(np.int64)
@@ -538,7 +558,7 @@ def load_prepared(out_dir) -> CTRData:
         items = pd.read_parquet(out / "items.parquet")
         if "genres" in items:
             items["genres"] = [list(g) for g in items["genres"]]
-        has_users = "users.parquet" in files if files is not None else (out / "users.parquet").exists()
+        has_users = "users.parquet" in files
         users_df = pd.read_parquet(out / "users.parquet") if has_users else None
         ds = RecDataset(meta["dataset"], meta["domain"], seq_df, items, users_df)
         splits = {}

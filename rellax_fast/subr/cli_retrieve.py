@@ -128,12 +128,17 @@ def run(args: argparse.Namespace) -> int:
     offsets = data.sequences.offsets.astype(np.int64)
     device = resolve_device(args.device)
     dest = out / "retrieval"
-    dest.mkdir(parents=True, exist_ok=True)
     summary = {
         "dataset": args.dataset, "k": args.k, "mode": args.mode, "method": args.method, "metric": args.metric,
         "backend": args.backend or "auto", "embeddings": str(emb_result.path), "splits": {},
         "max_history": max_history,
     }  # fmt: skip
+    try:
+        kept = kept_splits(dest, summary, splits)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dest.mkdir(parents=True, exist_ok=True)
     print(f"embeddings {emb.shape[0]:,} x {emb.shape[1]} ({emb_result.status}); k={args.k} mode={args.mode} "
           f"method={args.method}")  # fmt: skip
     header = f"{'split':<6} {'samples':>9} {'seconds':>8} {'samples/s':>11} {'padded':>7} {'mean score':>11} {'shown sim':>10}"
@@ -153,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)
+    summary["splits"] = {**kept, **summary["splits"]}  # every split on disk, all retrieved with these settings
     payload = (json.dumps(summary, indent=2) + "\n").encode()
     atomic_write(dest / "summary.json", lambda fh: fh.write(payload))
     print("\n".join(lines))
@@ -160,6 +166,37 @@ def run(args: argparse.Namespace) -> int:
           "similarity (recent: of the shown items); shown sim: similarity of shown items to the target")
     print(f"wrote {', '.join(f'{s}.npz' for s in splits)} and summary.json to {dest}")
     return 0
+
+
+# what the files of one retrieval folder must share: a split retrieved with other settings contradicts the rest
+SHARED_SETTINGS = ("dataset", "k", "mode", "method", "metric", "max_history", "embeddings")
+
+
+def kept_splits(dest, summary: dict, splits) -> dict:
+    """The entries of ``dest/summary.json`` for the splits this run does not rewrite (their files stay), so that
+    the new summary describes every split on disk. A partial rerun (``--splits train``) into a folder whose
+    other splits were retrieved with other settings (``--k``, ``--mode``, the encoder, ...) would leave it
+    contradicting itself: refused with a ValueError naming each setting."""
+    import json
+    from pathlib import Path
+
+    path = Path(dest) / "summary.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        entries = old["splits"]
+    except (OSError, ValueError, KeyError, TypeError):  # no summary yet (or unreadable): nothing to keep
+        return {}
+    others = [s for s in entries if s not in splits and (Path(dest) / f"{s}.npz").exists()]
+    if not others:
+        return {}
+    differ = [f"{k} {old.get(k)!r} -> {summary[k]!r}" for k in SHARED_SETTINGS if old.get(k) != summary[k]]
+    if differ:
+        raise ValueError(
+            f"--splits {','.join(splits)}: {dest} also holds {', '.join(others)}, retrieved with other settings "
+            f"({'; '.join(differ)}); a partial rerun would leave the folder contradicting itself: retrieve every "
+            f"split (--splits {','.join([*splits, *others])}) or write to another --out"
+        )
+    return {s: entries[s] for s in others}
 
 
 def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending):

@@ -33,7 +33,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .._io import atomic_write_text, fsync_dir, make_temp_dir
+from .._io import PathOutsideFolderError, atomic_write_text, fsync_dir, make_temp_dir, path_inside
 
 LATEST = "latest"
 
@@ -167,11 +167,19 @@ def load_best_tensors(path) -> Optional[Dict[str, torch.Tensor]]:
 
 
 def latest_checkpoint(run_dir) -> Optional[Path]:
+    """The checkpoint ``<run>/checkpoints/latest`` names, or None. The pointer must name a ``step-*`` folder
+    directly inside ``checkpoints/`` (``../x`` or an absolute path raises :class:`PathOutsideFolderError`
+    without touching the target)."""
     root = Path(run_dir) / "checkpoints"
     ptr = root / LATEST
     if not ptr.exists():
         return None
-    path = root / ptr.read_text().strip()
+    name = ptr.read_text().strip()
+    # the pointer names a checkpoint of this run: checked on its text before anything it names is opened
+    path = path_inside(root, name, f"{ptr}: the latest-checkpoint pointer")
+    if path.parent != root or not name.startswith("step-"):
+        raise PathOutsideFolderError(f"{ptr}: names {name!r}, not a checkpoint folder step-XXXXXXXX of {root}; "
+                                     "refusing to resume from it (delete the pointer, or train without --resume)")
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{ptr} points to {path}, which is not a complete checkpoint")
     return path

@@ -48,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from .._io import atomic_write_text
     from ..metrics import ctr_metrics
     from .metrics import markdown_table, write_metrics_json
+    from .runs import read_run_meta
 
     if args.n is not None and args.n < 0:
         print(f"error: --n must be >= 0 (0: all); got {args.n}", file=sys.stderr)
@@ -56,18 +57,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --batch-size must be >= 1; got {args.batch_size}", file=sys.stderr)
         return 2
     run_dir = Path(args.run)
-    meta = json.loads((run_dir / "rellax.json").read_text()) if (run_dir / "rellax.json").exists() else None
-    if meta is None:
-        raise SystemExit(f"error: {run_dir} has no rellax.json (not a finished run folder)")
-    dataset = args.dataset or meta["dataset"]
-    data = prepare_ctr(load_dataset(dataset, data_dir=args.data_dir), seed=meta["pipeline"]["seed"])
     out = Path(args.out) if args.out else run_dir / ("eval-jsonl" if args.jsonl else f"eval-{args.split}")
-    try:
+    try:  # the run, the data and the JSONL lines are checked before anything is scored or written
+        meta = read_run_meta(run_dir)
+        dataset = args.dataset or meta["dataset"]
+        # eval never downloads: a missing dataset is an error naming where it was looked for, and nothing is created
+        data = prepare_ctr(load_dataset(dataset, data_dir=args.data_dir, download=False), seed=meta["pipeline"]["seed"])
         split, probs, has_label, spec = score(run_dir, data, args.split, args.n, args.jsonl, args.batch_size,
                                               not args.no_progress, cache_dir=out / "emb_cache")  # fmt: skip
     except RunDependencyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    # the run's own files (RunFileError), other data (RunDataMismatchError), a bad JSONL line (DataFormatError), a
+    # path outside --out (PathOutsideFolderError): ValueErrors raised before anything is written, which
+    # rellax_fast.cli prints as one error line
     from rellax_fast.distributed import is_main
 
     if not is_main():  # under torchrun / accelerate launch: every rank scored a shard (gathered); rank 0 writes

@@ -57,11 +57,14 @@ def run(args: argparse.Namespace) -> int:
         parts = ["rellax", args.interaction] + (["no-subr"] if args.no_subr else []) + (["no-spa"] if args.no_spa else [])
         spec.name = "-".join(parts + ([args.recipe] if args.recipe != "joint" else [])
                              + ([f"residual-{args.readout_lambda}"] if args.readout == "residual" else []))
+    from .checkpoint import UnsafeCheckpointError
+    from .pipeline import ResumeMismatchError, check_model_option
+
+    # other errors (bad data, --model, --max-length, a diverging loss, ...) are ValueErrors naming the file or the
+    # flag, raised before anything is half-written; rellax_fast.cli prints them as one error line
+    check_model_option(args.model)  # before the DIN and the embeddings are built
     ctx = build_shared_context(args, cfg)
     run_dir = Path(args.out) / slug(spec.name)
-    from .checkpoint import UnsafeCheckpointError
-    from .pipeline import ResumeMismatchError
-
     try:
         res = run_variant(ctx, spec, cfg, run_dir, resume=args.resume)
     except (UnsafeCheckpointError, ResumeMismatchError) as exc:

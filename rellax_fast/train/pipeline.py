@@ -233,11 +233,44 @@ def load_subr_embeddings(out_dir=None, path=None):
 # ------------------------------------------------------------------------------------------- models
 
 
+class PipelineOptionError(ValueError):
+    """An option that cannot work with this run, found before any training (names the flag): a ``--model`` path
+    that does not exist or is not a model folder, a ``--max-length`` that cannot hold the prompts' fixed part."""
+
+
+def check_model_option(model: Optional[str], flag: str = "--model") -> None:
+    """:class:`PipelineOptionError` naming ``flag`` when ``model`` is a path that does not exist or is not a model
+    folder (``subr.encoders.check_encoder_name``: names and hub ids pass); checked before any work is done."""
+    from rellax_fast.subr.encoders import check_encoder_name
+
+    try:
+        check_encoder_name(model, flag)
+    except ValueError as exc:
+        raise PipelineOptionError(str(exc)) from None
+
+
+def check_prompt_budget(max_length: int, *datasets) -> None:
+    """Tokenise every sample of ``datasets`` (PromptDatasets; kept, so training and scoring reuse it) before
+    training: a ``--max-length`` too small for a prompt's fixed part (profile, question, target, answer) raises
+    :class:`PipelineOptionError` naming the flag, instead of failing at some later step."""
+    for ds in datasets:
+        if ds is None:
+            continue
+        try:
+            ds.lengths()
+        except ValueError as exc:
+            if not str(exc).startswith("max_length: "):
+                raise
+            raise PipelineOptionError(f"--max-length {max_length}: {str(exc)[len('max_length: '):]}; raise "
+                                      "--max-length (or shorten the prompt: --no-spa, a smaller --k)") from None  # fmt: skip
+
+
 def load_tokenizer_and_backbone(model_path: Optional[str], kind: str = "auto"):
     from transformers import AutoTokenizer
 
     from .model import load_backbone
 
+    check_model_option(model_path)
     path = backbone_folder(model_path)
     tok = AutoTokenizer.from_pretrained(path)
     backbone, kind = load_backbone(path, kind)
@@ -349,7 +382,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     run_dir = Path(run_dir)
     if is_main():  # under a launcher only rank 0 writes
         run_dir.mkdir(parents=True, exist_ok=True)
-    check_inputs_for_resume(run_dir, ctx, spec, resume)
+    check_inputs_for_resume(run_dir, ctx, spec, resume, cfg)
     torch.manual_seed(cfg.seed)
     tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
     model = build_rellax(backbone, kind, tokenizer, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
@@ -361,12 +394,14 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     pos_tr = shown_positions_for(data, tr, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
     pos_te = shown_positions_for(data, te, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
     train_samples = make_samples(data, tr, pos_tr)
+    train_set = PromptDataset(train_samples, collator, ctx.cond_train)
     test_set = PromptDataset(make_samples(data, te, pos_te), collator, ctx.cond_test)
     valid_set = None
     if ctx.valid_index is not None:
         va = data.splits["valid"].subset(ctx.valid_index)
         pos_va = shown_positions_for(data, va, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
         valid_set = PromptDataset(make_samples(data, va, pos_va), collator, ctx.cond_valid)
+    check_prompt_budget(cfg.max_length, train_set, valid_set, test_set)  # before the first step, naming the flag
 
     history: Dict[str, List[float]] = {}
     t_train = time.perf_counter()  # "seconds" in the result: training and scoring wall time (bench lifelong)
@@ -382,8 +417,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         history["stage1"] = r1["losses"]
         model = r1["model"]
         model.set_stage("interaction")
-        r2 = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir / "stage2",
-                         resume=resume, log=log, valid=valid_set)  # fmt: skip
+        r2 = train_model(model, train_set, cfg.train, run_dir / "stage2", resume=resume, log=log, valid=valid_set)
         history["stage2"] = r2["losses"]
         history["valid"], history["best"] = r2["valid"], r2["best"]
         valid_probs = r2["valid_probs"]
@@ -391,8 +425,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         losses = r1["losses"] + r2["losses"]
     else:
         model.set_stage("joint")
-        r = train_model(model, PromptDataset(train_samples, collator, ctx.cond_train), cfg.train, run_dir, resume=resume,
-                        log=log, valid=valid_set)  # fmt: skip
+        r = train_model(model, train_set, cfg.train, run_dir, resume=resume, log=log, valid=valid_set)
         model, losses = r["model"], r["losses"]
         history["valid"], history["best"] = r["valid"], r["best"]
         valid_probs = r["valid_probs"]
@@ -426,15 +459,17 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
 
 def run_dependencies(run_dir, ctx: Context, spec: VariantSpec) -> Dict:
     """What ``rellax.json`` records about files outside the run folder: paths relative to the run folder and
-    fingerprints of the DIN and SUBR embeddings this run used (checked by ``eval``)."""
+    fingerprints of the data, the DIN and the SUBR embeddings this run used (checked by ``eval``)."""
     from ..ctr.store import din_fingerprint
+    from ..data.ctr import ctr_fingerprint
 
     run_dir = Path(run_dir).resolve()
 
     def rel(path):
         return None if path is None else os.path.relpath(Path(path).resolve(), run_dir)
 
-    deps = {"paths_relative_to": "run", "ctr_dir": rel(ctx.ctr_dir), "din_fingerprint": din_fingerprint(ctx.din, ctx.vocab)}
+    deps = {"paths_relative_to": "run", "ctr_dir": rel(ctx.ctr_dir), "din_fingerprint": din_fingerprint(ctx.din, ctx.vocab),
+            "data_fingerprint": ctr_fingerprint(ctx.data)}  # eval refuses other data (runs.check_run_data)
     subr_path = ctx.subr_path or (Path(ctx.ctr_dir).parent / "subr_embeddings.npz" if ctx.ctr_dir else None)
     if spec.subr and ctx.item_emb is not None:
         deps["subr_embeddings"] = rel(subr_path) if subr_path is not None and Path(subr_path).exists() else None
@@ -444,13 +479,32 @@ def run_dependencies(run_dir, ctx: Context, spec: VariantSpec) -> Dict:
 
 def resolve_dependency(run_dir, meta: Dict, key: str) -> Optional[Path]:
     """The path ``rellax.json`` records under ``key``, resolved: relative to the run folder (runs written since
-    paths are relative), else as written (older runs: relative to the directory ``train`` ran in)."""
+    paths are relative), else as written (older runs: relative to the directory ``train`` ran in).
+
+    A run depends only on files of its own ``--out`` (the run folder's parent: ``ctr/``, ``subr_embeddings.npz``),
+    so the recorded path must lie inside that folder once normalised; ``../../elsewhere`` or an absolute path
+    outside it raises :class:`~rellax_fast._io.PathOutsideFolderError` naming the key, before anything there is
+    opened."""
+    from .._io import PathOutsideFolderError, path_inside
+
     value = meta.get(key)
     if value is None:
         return None
+    run_dir = Path(os.path.abspath(run_dir))
+    out, what = run_dir.parent, f"{run_dir / 'rellax.json'}: {key}"
+    if not isinstance(value, str):
+        raise PathOutsideFolderError(f"{what}: expected a path (a string), got {value!r}")
     if meta.get("paths_relative_to") == "run":
-        return Path(run_dir) / value
-    return Path(value)
+        inside = os.path.join(run_dir.name, value) if not os.path.isabs(value) else value
+    else:  # older runs: relative to the working directory of `train` (or absolute)
+        inside = os.path.relpath(os.path.abspath(value), out)
+    try:
+        return path_inside(out, inside, what)
+    except PathOutsideFolderError:
+        raise PathOutsideFolderError(
+            f"{what}: {value!r} points outside the run's --out folder {out}; refusing to open it (a run depends "
+            "only on files of its own --out: ctr/ and subr_embeddings.npz)"
+        ) from None
 
 
 class ResumeMismatchError(ValueError):
@@ -476,22 +530,87 @@ def run_inputs(ctx: Context, spec: VariantSpec) -> Dict:
     return inputs
 
 
-def check_inputs_for_resume(run_dir: Path, ctx: Context, spec: VariantSpec, resume: bool) -> None:
-    """Record the run's inputs at its start; on ``resume``, refuse to continue on other inputs."""
+# options that do not change what a run trains (progress, checkpoint cadence, scoring batch, the op backend, a
+# test-only hook, memory-only recomputation) or only what it scores afterwards: a resume may change them
+RESUME_FREE_OPTIONS = frozenset({
+    "n_test", "train.progress", "train.save_every_steps", "train.keep_checkpoints", "train.eval_batch_size",
+    "train.stop_after_steps", "train.gradient_checkpointing", "cflora.backend",
+})  # fmt: skip
+# {option path in run_options: the flag that sets it}; paths without a flag are named as they are
+OPTION_FLAGS = {
+    "seed": "--seed", "train.seed": "--seed", "train.batch_size": "--batch-size", "train.lr": "--lr",
+    "train.epochs": "--epochs", "train.mixed_precision": "--mixed-precision", "train.lr_groups": "--lr-<group>",
+    "train.group_by_length": "--group-by-length", "train.eval_every_steps": "--eval-every", "cflora.r": "--r",
+    "cflora.alpha": "--alpha", "cflora.dropout": "--lora-dropout", "cflora.n_experts": "--n-experts",
+    "cflora.generator_hidden": "--generator-hidden", "cflora.generator_init_std": "--generator-init-std",
+    "k": "--k", "subr_mode": "--subr-mode", "n_train": "--n-train", "n_valid": "--n-valid",
+    "max_length": "--max-length", "model": "--model", "kind": "--kind", "chat": "--chat",
+    "variant.subr": "--no-subr", "variant.spa": "--no-spa", "variant.interaction": "--interaction",
+    "variant.recipe": "--recipe", "variant.readout": "--readout", "variant.readout_lambda": "--readout-lambda",
+}  # fmt: skip
+
+
+def run_options(cfg: PipelineConfig, spec: VariantSpec) -> Dict:
+    """Every option that decides what a run trains, flat ({"train.lr": 0.001, "cflora.r": 8, "variant.spa":
+    True, ...}, JSON values): recorded at the run's start (``inputs.json``) and compared on ``--resume``."""
+    flat: Dict[str, Any] = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = value
+
+    walk("", json.loads(json.dumps(cfg.to_dict(), default=str)))
+    walk("variant.", {k: v for k, v in asdict(spec).items() if k != "name"})
+    model = cfg.model or default_model_path()
+    flat["model"] = str(Path(model).resolve()) if os.path.exists(model) else model
+    return {k: v for k, v in flat.items() if k not in RESUME_FREE_OPTIONS}
+
+
+def option_changes(recorded: Dict, current: Dict) -> List[str]:
+    """``["--batch-size 8 -> 16", ...]``: each option that differs, by its flag, with both values."""
+    changes = []
+    for key in sorted(set(recorded) | set(current)):
+        if recorded.get(key) != current.get(key):
+            change = f"{OPTION_FLAGS.get(key, key)} {recorded.get(key)!r} -> {current.get(key)!r}"
+            if change not in changes:  # --seed is two options (the pipeline's and the trainer's)
+                changes.append(change)
+    return changes
+
+
+def check_inputs_for_resume(run_dir: Path, ctx: Context, spec: VariantSpec, resume: bool,
+                            cfg: Optional[PipelineConfig] = None) -> None:  # fmt: skip
+    """Record the run's inputs and options (``cfg``) at its start; on ``resume``, refuse to continue on other
+    inputs, or with options that change the run (:data:`RESUME_FREE_OPTIONS` may change), naming each."""
     from .._io import atomic_write_text
 
     path = Path(run_dir) / "inputs.json"
     inputs = run_inputs(ctx, spec)
+    options = run_options(cfg, spec) if cfg is not None else None
     if resume and path.exists():
-        recorded = json.loads(path.read_text())
+        try:
+            recorded = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ResumeMismatchError(f"{path}: unreadable ({exc}); cannot check what the run started with; train "
+                                      "without --resume") from None  # fmt: skip
+        recorded_options = recorded.pop("options", None)
         changed = sorted(k for k in set(recorded) | set(inputs) if recorded.get(k) != inputs.get(k))
         if changed:
             raise ResumeMismatchError(
                 f"{path}: cannot resume {run_dir}: its {', '.join(changed)} changed since the run started (a "
                 f"retrained DIN, other data or embeddings); train without --resume, or into another --name"
             )
+        differ = option_changes(recorded_options, options) if recorded_options is not None and options is not None else []
+        if differ:
+            raise ResumeMismatchError(
+                f"{path}: cannot resume {run_dir} with other options than it started with: {'; '.join(differ)}. "
+                f"Resume with the recorded options, or train without --resume (or into another --name)"
+            )
         return
     from rellax_fast.distributed import is_main
 
     if is_main():  # under a launcher only rank 0 writes
-        atomic_write_text(path, json.dumps(inputs, indent=2))
+        record = {**inputs, "options": options} if options is not None else inputs
+        atomic_write_text(path, json.dumps(record, indent=2))

@@ -396,13 +396,16 @@ def train_model(
                 with acc.autocast():
                     logits = model(batch)
                 loss_sum = answer_loss_sum(logits, batch["label"]) * weight
+                # the global batch's loss, before anything is updated: every rank sees the same value, so a
+                # non-finite one stops them all at this step and the last checkpoint keeps the state before it
+                total = acc.reduce(loss_sum.detach(), reduction="sum") if world > 1 else loss_sum.detach()
+                check_finite_loss(float(total) / len(chunk), state["global_step"] + 1, epoch + 1, config)
                 acc.backward(loss_sum * (world / len(chunk)))
                 if config.max_grad_norm:
                     acc.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                total = acc.reduce(loss_sum.detach(), reduction="sum") if world > 1 else loss_sum.detach()
                 losses.append(float(total) / len(chunk))
                 state = {"epoch": epoch, "step_in_epoch": step + 1, "global_step": state["global_step"] + 1, "losses": losses}
                 if step + 1 == steps_per_epoch:
@@ -441,6 +444,21 @@ def train_model(
         valid_probs = last_valid[1] if last_valid is not None and last_valid[0] == state["global_step"] else None
     return {"losses": losses, "global_step": state["global_step"], "resumed_from": resumed_from, "model": unwrapped,
             "valid": valid_history, "best": selected, "valid_probs": valid_probs}  # fmt: skip
+
+
+def check_finite_loss(loss: float, step: int, epoch: int, config: TrainConfig) -> None:
+    """Stop training at the step whose loss is NaN or infinite (:class:`~rellax_fast.ctr.din.NonFiniteLossError`,
+    naming the step and the learning rate) instead of training on and saving a diverged model."""
+    if math.isfinite(loss):
+        return
+    from ..ctr.din import NonFiniteLossError
+
+    groups = f" (per group: {config.lr_groups})" if config.lr_groups else ""
+    raise NonFiniteLossError(
+        f"training diverged: the loss is {loss} at step {step} (epoch {epoch}) with --lr {config.lr}{groups}; "
+        "nothing of this step was applied (the last checkpoint holds the state before it): lower --lr, or "
+        "check the data and the backbone"
+    )
 
 
 @torch.no_grad()

@@ -161,22 +161,17 @@ def test_a_file_swapped_in_from_another_prepare_is_refused(tmp_path):
         load_prepared(tmp_path / "a")
 
 
-def test_a_mixed_folder_without_manifest_is_caught_by_the_split_check(tmp_path):
-    """A folder from before the manifest: the splits are still checked against sequences.parquet."""
+def test_a_folder_without_manifest_is_refused_with_the_rebuild_command(tmp_path):
+    """A folder from before the manifest (format 1) cannot be verified: even one whose test.parquet is a copy of
+    valid.parquet would load. It is refused, naming the command that rebuilds it (#26 item 4)."""
     save_prepared(tiny(0), tmp_path / "a")
-    save_prepared(tiny(1), tmp_path / "b")
-    for d in ("a", "b"):
-        meta = json.loads((tmp_path / d / "meta.json").read_text())
-        del meta["manifest"]
-        (tmp_path / d / "meta.json").write_text(json.dumps(meta))
-    assert_same(load_prepared(tmp_path / "a"), tiny(0))  # legacy folders still load
-    os.replace(tmp_path / "b" / "train.parquet", tmp_path / "a" / "train.parquet")  # killed after train.parquet
-    with pytest.raises(PreparedDataError, match=r"train.parquet: "):
-        load_prepared(tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "meta.json").read_text())
-    meta["splits"]["train"]["n"] = len(tiny(1).splits["train"])  # even with matching row counts
+    del meta["manifest"]
+    meta.pop("format_version")
     (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(PreparedDataError, match=r"train.parquet: \d+ of \d+ samples do not match sequences.parquet"):
+    (tmp_path / "a" / "test.parquet").write_bytes((tmp_path / "a" / "valid.parquet").read_bytes())
+    with pytest.raises(PreparedDataError, match=r"meta.json: no manifest \(format 1.*rellax-fast prepare --dataset "
+                                                r"synthetic --out .*a$"):
         load_prepared(tmp_path / "a")
 
 
