@@ -94,11 +94,11 @@ def test_din_says_when_it_stops_early(capsys):
     parts = np.split(np.random.default_rng(1).permutation(len(pos)), [int(0.7 * len(pos))])
     arrays = [make_arrays(offsets, items, ratings, users[p], pos[p], target[p], label[p], 20) for p in parts]
     cfg = DINConfig(n_items=40, n_users=0, embed_dim=8, attention_hidden=8, mlp_hidden=(16, 8), max_history=20)
-    _, report = train_din(cfg, *arrays, DINTrainConfig(epochs=6, batch_size=512, lr=1e-12, patience=2, progress=True))
+    _, report = train_din(cfg, *arrays, train_config=DINTrainConfig(epochs=6, batch_size=512, lr=1e-12, patience=2, progress=True))
     out = capsys.readouterr().out
     assert len(report.history) == 3 and report.best_epoch == 1
     assert "DIN: early stopping after epoch 3 of 6 (no valid-AUC gain for 2 epoch(s)); keeping epoch 1 (valid AUC " in out
-    _, report = train_din(cfg, *arrays, DINTrainConfig(epochs=2, batch_size=512, lr=1e-12, patience=2, progress=True))
+    _, report = train_din(cfg, *arrays, train_config=DINTrainConfig(epochs=2, batch_size=512, lr=1e-12, patience=2, progress=True))
     assert "early stopping" not in capsys.readouterr().out  # ran every epoch: nothing to say
 
 
