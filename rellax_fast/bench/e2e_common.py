@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import math
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 COLUMNS = ("phase", "provider", "batch", "seq", "ms", "tokens_per_s", "peak_mem_mb", "resident_mb", "total_peak_mb",
            "baseline", "speed_vs_baseline", "mem_vs_baseline", "speed_vs_compiled", "loss", "note")
@@ -51,3 +51,27 @@ def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     if num is None or den is None or not math.isfinite(num) or not math.isfinite(den) or den <= 0:
         return None
     return num / den
+
+
+def interleaved_ms(calls: Dict[str, Callable[[], object]], device, warmup: int, repeat: int) -> Dict[str, float]:
+    """Median wall time (ms) of each call, measured interleaved: ``warmup`` untimed rounds, then ``repeat``
+    timed rounds that each run every call once, in an order rotated every round. On a machine whose load
+    drifts (a shared CPU), every call sees the same conditions, so their ratios stay meaningful."""
+    import statistics
+    import time
+
+    from .report import sync
+
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    times: Dict[str, list] = {name: [] for name in names}
+    for i in range(repeat):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            sync(device)
+            t0 = time.perf_counter()
+            calls[name]()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
