@@ -6,7 +6,10 @@ order (``items[offsets[u]:offsets[u+1]]``); a sample is (``user_index``, ``pos``
 
 Preprocessing (ReLLa / ReLLaX):
 
-- MovieLens-style (domain "movie", incl. synthetic): label = rating > 3. Each user's ratings are ordered by
+- MovieLens-style (domain "movie", incl. synthetic): label = rating > 3. A rating that the same user gives the
+  same item again within ``repeat_window`` seconds (60 by default; ``prepare --repeat-window``) is dropped, the
+  later one kept: as a near-duplicate (e.g. ``timestamp + 1``) it would sit in the later sample's history with
+  the target's own item and rating, leaking the label. Each user's ratings are ordered by
   timestamp; same-second ties keep the order of the raw file (stable sort), so "earlier" means earlier in
   that order and history timestamps are <= the target's. Every rating is a sample whose history is all the
   user's earlier ratings; samples with fewer than ``min_history`` (5) earlier ratings are dropped. The rest,
@@ -185,8 +188,42 @@ def _make_split(seq: UserSequences, user_index: np.ndarray, pos: np.ndarray, dom
     )  # fmt: skip
 
 
-def _prepare_movielens(ds: RecDataset, min_history: int):
-    seq = build_sequences(ds.ratings)
+REPEAT_WINDOW_S = 60  # default of prepare_ctr(repeat_window=...) / `prepare --repeat-window`
+
+
+def drop_near_repeats(ratings: pd.DataFrame, window: int, name: str = "ratings") -> pd.DataFrame:
+    """Drop each rating of a (user, item) that the same user rates again within ``window`` seconds (the later
+    rating is kept: a correction or a resubmission; ``window`` 0 keeps everything). Such a near-repeat would
+    sit in the history of the later one, showing its own item and, usually, its own rating: the label leaks.
+    Exact repeats (same timestamp) are dropped by the loaders already; this catches ``timestamp + 1`` copies.
+    Warns (:class:`~rellax_fast.data.parsing.DataWarning`) how many were dropped."""
+    import warnings
+
+    from .parsing import DataWarning
+
+    if window <= 0 or len(ratings) < 2:
+        return ratings
+    user, item, ts = (ratings[c].to_numpy(np.int64) for c in ("user_id", "item_id", "timestamp"))
+    order = np.lexsort((np.arange(len(ratings)), ts, item, user))
+    u, i, t = user[order], item[order], ts[order]
+    again = (u[:-1] == u[1:]) & (i[:-1] == i[1:]) & (t[1:] - t[:-1] <= window)
+    drop = np.zeros(len(ratings), dtype=bool)
+    drop[order[:-1][again]] = True
+    n = int(drop.sum())
+    if n == 0:
+        return ratings
+    warnings.warn(
+        f"{name}: dropped {n:,} rating{'s' if n > 1 else ''} that the same user gave the same item again within "
+        f"{window} s (keeping the later one; otherwise it would sit in the later one's history and leak its "
+        f"label); --repeat-window 0 keeps them",
+        DataWarning,
+        stacklevel=3,
+    )
+    return ratings.loc[~drop].reset_index(drop=True)
+
+
+def _prepare_movielens(ds: RecDataset, min_history: int, repeat_window: int = REPEAT_WINDOW_S):
+    seq = build_sequences(drop_near_repeats(ds.ratings, repeat_window, ds.name))
     lengths = seq.lengths()
     user_index = np.repeat(np.arange(len(seq), dtype=np.int64), lengths)
     pos = np.arange(len(seq.items), dtype=np.int64) - np.repeat(seq.offsets[:-1], lengths)
@@ -203,6 +240,7 @@ def _prepare_movielens(ds: RecDataset, min_history: int):
         "label": "rating > 3",
         "history": "all earlier ratings of the user (ties: file order)",
         "min_history": min_history,
+        "repeats": f"a rating the same user gives the same item again within {repeat_window} s is dropped (the later kept)",
         "split": "8:1:1 by global time order",
     }
     return seq, splits, rule
@@ -241,10 +279,13 @@ def _prepare_bookcrossing(ds: RecDataset, seed: int, min_ratings_exclusive: int 
     return seq, splits, rule
 
 
-def prepare_ctr(ds: RecDataset, seed: int = 42, min_history: int = 5) -> CTRData:
-    """Build the CTR samples and the train/valid/test splits of ``ds`` (rules in the module docstring)."""
+def prepare_ctr(ds: RecDataset, seed: int = 42, min_history: int = 5, repeat_window: int = REPEAT_WINDOW_S) -> CTRData:
+    """Build the CTR samples and the train/valid/test splits of ``ds`` (rules in the module docstring).
+    ``repeat_window``: time-stamped data: :func:`drop_near_repeats` (0: off)."""
+    if repeat_window < 0:
+        raise ValueError(f"repeat_window: expected seconds >= 0 (0: off), got {repeat_window}")
     if get_domain(ds.domain).timed:
-        seq, splits, rule = _prepare_movielens(ds, min_history)
+        seq, splits, rule = _prepare_movielens(ds, min_history, repeat_window)
     else:
         seq, splits, rule = _prepare_bookcrossing(ds, seed)
     empty = [k for k, v in splits.items() if len(v) == 0]

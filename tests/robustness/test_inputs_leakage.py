@@ -30,13 +30,13 @@ def test_clean_samples_pass(clean_ds):
 
 def test_repeated_events_are_refused(clean_ds):
     doubled = _with_ratings(clean_ds, pd.concat([clean_ds.ratings, clean_ds.ratings]))
-    data = prepare_ctr(doubled)
+    data = prepare_ctr(doubled, repeat_window=0)  # the guard itself (prepare_ctr would drop the copies)
     with pytest.raises(LabelLeakageError, match=r"ml-100k: train sample \d+ \(user \d+\): its history holds its own "
                                                 r"target event \(item \d+ at time \d+\) at position \d+"):  # fmt: skip
         check_no_leakage(data)
     # only one copy: a re-rating of the same item at the same second, with another rating, leaks too
     one = clean_ds.ratings.iloc[[40]].assign(rating=np.float32(1.0))
-    data = prepare_ctr(_with_ratings(clean_ds, pd.concat([clean_ds.ratings, one])))
+    data = prepare_ctr(_with_ratings(clean_ds, pd.concat([clean_ds.ratings, one])), repeat_window=0)
     with pytest.raises(LabelLeakageError, match="its own target event"):
         check_no_leakage(data)
     # the same item rated again later is a new event, not a leak
@@ -81,4 +81,48 @@ def test_ml100k_every_row_twice_gives_the_clean_splits(ml100k, tmp_path):
     # without the loader's fix the check catches it
     raw = _with_ratings(clean, pd.concat([clean.ratings, clean.ratings]))
     with pytest.raises(LabelLeakageError, match=r"train samples are affected"):
-        check_no_leakage(prepare_ctr(raw))
+        check_no_leakage(prepare_ctr(raw, repeat_window=0))
+
+
+def _near_repeat_leaks(data, window=60):
+    """Samples whose history holds their own target item with the target's rating within ``window`` seconds."""
+    seq, n = data.sequences, 0
+    for split in data.splits.values():
+        for s in range(len(split)):
+            start = int(seq.offsets[split.user_index[s]])
+            hist = slice(start, start + int(split.pos[s]))
+            same = (seq.items[hist] == split.item_id[s]) & (seq.ratings[hist] == split.rating[s])
+            n += bool((same & (split.timestamp[s] - seq.timestamps[hist] <= window)).any())
+    return n
+
+
+def test_near_repeats_are_dropped_so_no_history_shows_its_own_label(tmp_path, capsys):
+    """#26 item 8: a rating repeated at timestamp + 1 put the target's own item and rating into its history."""
+    from corpus import clean_rows, write_clean
+
+    from rellax_fast.cli import main
+    from rellax_fast.data.ctr import REPEAT_WINDOW_S, load_prepared
+    from rellax_fast.data.parsing import DataWarning
+
+    raw = write_clean(tmp_path / "raw")
+    rows = clean_rows()
+    again = [f"{u}\t{i}\t{r}\t{int(t) + 1}" for u, i, r, t in (row.split("\t") for row in rows[40:55])]
+    (raw / "u.data").write_text("".join(r + "\n" for r in rows + again))
+    ds = load_dataset("ml-100k", raw, download=False)
+    assert _near_repeat_leaks(prepare_ctr(ds, repeat_window=0)) > 0  # what happened before: the label leaks
+    with pytest.warns(DataWarning, match=r"ml-100k: dropped 15 ratings that the same user gave the same item again "
+                                         rf"within {REPEAT_WINDOW_S} s \(keeping the later one"):  # fmt: skip
+        data = prepare_ctr(ds)
+    assert _near_repeat_leaks(data) == 0 and len(data.sequences.items) == len(rows)
+    assert data.meta["rules"]["repeats"].endswith(f"within {REPEAT_WINDOW_S} s is dropped (the later kept)")
+
+    capsys.readouterr()
+    assert main(["prepare", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(tmp_path / "out")]) == 0
+    assert "warning: ml-100k: dropped 15 ratings" in capsys.readouterr().err
+    assert _near_repeat_leaks(load_prepared(tmp_path / "out")) == 0
+    assert main(["prepare", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(tmp_path / "o0"),
+                 "--repeat-window", "0"]) == 0  # fmt: skip
+    assert _near_repeat_leaks(load_prepared(tmp_path / "o0")) > 0  # kept on request
+    from rellax_fast.cli import build_parser
+
+    assert build_parser().parse_args(["prepare"]).repeat_window == REPEAT_WINDOW_S  # one default
