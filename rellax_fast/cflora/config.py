@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from .._io import atomic_write_bytes
@@ -22,13 +23,24 @@ LORA_INITS = ("kaiming", "gaussian", "random")
 BACKEND_CHOICES = (None, "auto", *BACKENDS)
 # target_modules value meaning every nn.Linear / Conv1D except the output head (PEFT's "all-linear")
 ALL_LINEAR = "all-linear"
-# the "format" tag of a saved config: version 2 adds exclude_modules, rank/alpha_pattern, modules_to_save and
-# the adapter's content hash; version 1 files (no hash) still load
+# The "format" tag of a saved config. What each version means (rules enforced by persistence.read_cflora):
+# - 1: written before adapters carried a content hash; never held content_sha256 nor the fields version 2 added.
+#   Its content cannot be verified, so an adapter directory of format 1 loads only on explicit request
+#   (load_cflora(..., allow_unverified=True)); one holding a hash or a version-2 field is refused as relabelled.
+# - 2: adds exclude_modules, rank/alpha_pattern, modules_to_save and, in an adapter directory, the mandatory
+#   content_sha256 of the config and tensors (a missing hash is an error).
 FORMAT_PREFIX = "rellax-fast-cflora/"
 FORMAT_VERSION = 2
 SUPPORTED_FORMAT_VERSIONS = (1, 2)
+# the config fields that format 2 added (a format-1 file never holds them)
+FORMAT_2_FIELDS = ("exclude_modules", "rank_pattern", "alpha_pattern", "modules_to_save")
 # keys of the saved JSON that describe the file, not the config
 METADATA_KEYS = ("format", "content_sha256")
+# PEFT LoraConfig names that CFLoRAConfig accepts at construction, and the field each one sets (mapped in one
+# place, CFLoRAConfig.__post_init__; the config stores and saves only its own names)
+PEFT_ALIASES = {"lora_alpha": "alpha", "lora_dropout": "dropout", "init_lora_weights": "init_lora"}
+# PEFT's init_lora_weights values that init_lora represents (PEFT's other schemes - pissa, olora, loftq, ... - not)
+PEFT_INIT_LORA = (("kaiming", True), ("gaussian", "gaussian"), ("random", False))
 
 
 class AdapterFileError(ValueError):
@@ -47,6 +59,16 @@ def format_version(tag: Any, source: str = "the config") -> int:
     return int(match.group(1))
 
 
+def _is_finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is neither NaN nor infinite."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
 def _is_names_or_regex(value: Any) -> bool:
     if isinstance(value, str):
         return bool(value)
@@ -59,8 +81,11 @@ class CFLoRAConfig:
 
     Args:
         r: LoRA rank.
-        alpha: scaling numerator; the LoRA path is scaled by ``alpha / r`` (as in PEFT without rsLoRA).
-        dropout: dropout probability on the LoRA path's input (training mode only).
+        alpha: scaling numerator; the LoRA path is scaled by ``alpha / r`` (as in PEFT without rsLoRA). The
+            default is PEFT's (``lora_alpha=8``), so at the default r=8 the scale is 1, as in PEFT, and a
+            ``LoraConfig`` ported field by field keeps its scale. (The ReLLaX pipeline sets its own alpha=16,
+            ``train.model.RELLAX_CFLORA_DEFAULTS``, which its measured results used.) A finite number > 0.
+        dropout: dropout probability on the LoRA path's input (training mode only), in [0, 1).
         target_modules: module-name suffixes (PEFT semantics: a module matches when its full name equals
             an entry or ends with ``"." + entry``), one regex string that must match the full name, or
             ``"all-linear"``: every nn.Linear / Conv1D except the output head, as PEFT: the output embeddings
@@ -89,10 +114,15 @@ class CFLoRAConfig:
             keeps a pre-trained LoRA fixed and trains only the interaction).
         train_interaction: whether the interaction (static C or the generator) trains.
         backend: ``ops.cflora_linear`` backend for every layer (None: automatic).
+        lora_alpha, lora_dropout, init_lora_weights: PEFT's names, accepted as aliases of ``alpha``,
+            ``dropout`` and ``init_lora`` (``init_lora_weights=True`` is "kaiming", ``"gaussian"`` is
+            "gaussian", ``False`` is "random"; PEFT's other schemes are refused). Construction only: the
+            config keeps, prints and saves its own names. Giving a field and its alias with different
+            values is a TypeError.
     """
 
     r: int = 8
-    alpha: float = 16.0
+    alpha: float = 8.0
     dropout: float = 0.0
     target_modules: Union[List[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     exclude_modules: Optional[Union[List[str], str]] = None
@@ -108,22 +138,66 @@ class CFLoRAConfig:
     train_lora: bool = True
     train_interaction: bool = True
     backend: Optional[str] = None
+    lora_alpha: InitVar[Optional[float]] = None
+    lora_dropout: InitVar[Optional[float]] = None
+    init_lora_weights: InitVar[Union[bool, str, None]] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lora_alpha: Optional[float] = None, lora_dropout: Optional[float] = None,
+                      init_lora_weights: Union[bool, str, None] = None) -> None:
+        self._apply_peft_aliases({"lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
+                                  "init_lora_weights": init_lora_weights})
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             if isinstance(getattr(self, name), (tuple, set)):
                 setattr(self, name, sorted(getattr(self, name)) if isinstance(getattr(self, name), set)
                         else list(getattr(self, name)))
         self.validate()
 
+    def _apply_peft_aliases(self, given: Dict[str, Any]) -> None:
+        """Set each field from its PEFT alias in ``given`` (None: not given); see :data:`PEFT_ALIASES`."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for alias, value in given.items():
+            if value is None:
+                continue
+            name = PEFT_ALIASES[alias]
+            if name == "init_lora":
+                matches = [ours for ours, peft in PEFT_INIT_LORA if type(value) is type(peft) and value == peft]
+                if not matches:
+                    supported = ", ".join(repr(peft) for _, peft in PEFT_INIT_LORA)
+                    raise ValueError(f"CFLoRAConfig.init_lora_weights (PEFT's name for init_lora) must be one of "
+                                     f"{supported}; got {value!r}")
+                value = matches[0]
+            current = getattr(self, name)
+            if current != defaults[name] and current != value:
+                raise TypeError(f"CFLoRAConfig: {alias}={value!r} and {name}={current!r} disagree; {alias} is PEFT's "
+                                f"name for {name}, give one of them")
+            setattr(self, name, value)
+
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
+        """Raise ValueError naming the field, the expected value and what was given, for any bad setting."""
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"CFLoRAConfig.r must be a positive int; got {self.r!r}")
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ValueError(f"CFLoRAConfig.alpha must be a positive number; got {self.alpha!r}")
-        if not (0.0 <= float(self.dropout) < 1.0):
-            raise ValueError(f"CFLoRAConfig.dropout must be in [0, 1); got {self.dropout!r}")
+        if not (_is_finite_number(self.alpha) and self.alpha > 0):
+            raise ValueError(f"CFLoRAConfig.alpha must be a finite number > 0; got {self.alpha!r}")
+        if not (math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"CFLoRAConfig: the scale alpha/r = {self.alpha!r}/{self.r} = {self.scale!r} must be "
+                             "finite and > 0")
+        if not (_is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"CFLoRAConfig.dropout must be a number in [0, 1); got {self.dropout!r}")
+        self._validate_targets()
+        self._validate_patterns()
+        self._validate_generator()
+        if self.init_lora not in LORA_INITS:
+            raise ValueError(f"CFLoRAConfig.init_lora must be one of {', '.join(LORA_INITS)}; got {self.init_lora!r}")
+        for name in ("train_lora", "train_interaction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"CFLoRAConfig.{name} must be a bool (true/false); got {getattr(self, name)!r}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(
+                f"CFLoRAConfig.backend must be None or one of {', '.join(BACKEND_CHOICES[1:])}; got {self.backend!r}"
+            )
+
+    def _validate_targets(self) -> None:
         tm = self.target_modules
         if isinstance(tm, str):
             if not tm:
@@ -140,13 +214,15 @@ class CFLoRAConfig:
                     f"CFLoRAConfig.{name} must be None, a non-empty list of module-name suffixes or a regex "
                     f"string; got {value!r}"
                 )
-        for name, kind in (("rank_pattern", "a positive int"), ("alpha_pattern", "a positive number")):
+
+    def _validate_patterns(self) -> None:
+        for name, kind in (("rank_pattern", "a positive int"), ("alpha_pattern", "a finite number > 0")):
             pattern = getattr(self, name)
             if not isinstance(pattern, dict):
                 raise ValueError(f"CFLoRAConfig.{name} must be a dict {{pattern: value}}; got {pattern!r}")
             for key, value in pattern.items():
                 ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) if name == "rank_pattern" \
-                    else (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0)
+                    else (_is_finite_number(value) and value > 0)
                 if not (isinstance(key, str) and key and ok):
                     raise ValueError(
                         f"CFLoRAConfig.{name} maps module-name patterns to {kind}; got {key!r}: {value!r}"
@@ -155,22 +231,19 @@ class CFLoRAConfig:
                     re.compile(key)
                 except re.error as exc:
                     raise ValueError(f"CFLoRAConfig.{name}: {key!r} is not a valid regex ({exc})") from None
+
+    def _validate_generator(self) -> None:
         # the kind's own checks (cond_dim for conditioned kinds, n_experts for moe / recrank1, ...)
         interaction_class(self.interaction).check_config(self)
-        if self.generator_hidden is not None and not (
-            isinstance(self.generator_hidden, int) and self.generator_hidden >= 1
-        ):
-            raise ValueError(
-                f"CFLoRAConfig.generator_hidden must be a positive int or None; got {self.generator_hidden!r}"
-            )
-        if not (self.generator_init_std >= 0.0):
-            raise ValueError(f"CFLoRAConfig.generator_init_std must be >= 0; got {self.generator_init_std!r}")
-        if self.init_lora not in LORA_INITS:
-            raise ValueError(f"CFLoRAConfig.init_lora must be one of {', '.join(LORA_INITS)}; got {self.init_lora!r}")
-        if self.backend not in BACKEND_CHOICES:
-            raise ValueError(
-                f"CFLoRAConfig.backend must be None or one of {', '.join(BACKEND_CHOICES[1:])}; got {self.backend!r}"
-            )
+        for name in ("cond_dim", "generator_hidden"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"CFLoRAConfig.{name} must be a positive int or None; got {value!r}")
+        if not (isinstance(self.n_experts, int) and not isinstance(self.n_experts, bool) and self.n_experts >= 1):
+            raise ValueError(f"CFLoRAConfig.n_experts must be a positive int; got {self.n_experts!r}")
+        if not (_is_finite_number(self.generator_init_std) and self.generator_init_std >= 0.0):
+            raise ValueError(f"CFLoRAConfig.generator_init_std must be a finite number >= 0; got "
+                             f"{self.generator_init_std!r}")
 
     # ------------------------------------------------------------------ derived values
     @property

@@ -6,6 +6,8 @@
   file in the same directory + os.replace). The config carries its format version and a sha256 of the
   config and the tensors; :func:`load_cflora` checks the version, the hash, finiteness and shapes before it
   touches the model, and names the file in an :class:`AdapterFileError` when one is truncated or corrupted.
+  Format rule (``config.FORMAT_VERSION``): format 2 must carry its hash; format 1 (older files, no hash) is
+  unverifiable and loads only with ``allow_unverified=True``.
 - ``model.save_pretrained(dir)`` on an injected Hugging Face model writes the base model (its ``model.safetensors``
   holds no adapter tensors, and each module to save's original) and, beside it, the adapter files of
   :func:`save_cflora`; ``load_cflora(AutoModel...from_pretrained(dir), dir)`` restores the adapted model
@@ -23,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from typing import Dict, Mapping, Tuple, Union
 
 import torch
@@ -30,6 +33,7 @@ from torch import nn
 
 from .._io import atomic_write_bytes
 from .config import (
+    FORMAT_2_FIELDS,
     FORMAT_PREFIX,
     FORMAT_VERSION,
     AdapterFileError,
@@ -152,10 +156,16 @@ def _structure(config: CFLoRAConfig) -> Dict[str, object]:
     return {k: getattr(config, k) for k in _STRUCTURAL}
 
 
-def read_cflora(path: PathLike) -> Tuple[CFLoRAConfig, Dict[str, torch.Tensor]]:
-    """The config and tensors of the adapter directory ``path``, verified: a known format version, the
-    content hash (format 2; format-1 files have none), finite values. AdapterFileError naming the file
-    otherwise."""
+def read_cflora(path: PathLike, *, allow_unverified: bool = False) -> Tuple[CFLoRAConfig, Dict[str, torch.Tensor]]:
+    """The config and tensors of the adapter directory ``path``, verified; AdapterFileError naming the file
+    otherwise.
+
+    The format rule: a format-2 config must carry ``content_sha256`` and the files must match it. A format-1
+    config (written before adapters had a hash) cannot be verified, so it is refused unless
+    ``allow_unverified=True`` (then it loads with a warning; save it again to get a verified format-2 file);
+    a format-1 config that holds a hash or a field format 2 added is refused in any case (a format-2 file
+    relabelled to skip its check). Values must be finite.
+    """
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
@@ -164,6 +174,8 @@ def read_cflora(path: PathLike) -> Tuple[CFLoRAConfig, Dict[str, torch.Tensor]]:
     if "format" not in data:
         raise AdapterFileError(f"load_cflora: {cfg_path} has no 'format' tag (not written by save_cflora?)")
     version = format_version(data["format"], source=f"load_cflora: {cfg_path}")
+    if version == 1:
+        _check_format_1(data, cfg_path, allow_unverified)
     try:
         config = CFLoRAConfig.from_dict(data)
     except (TypeError, ValueError) as exc:
@@ -171,7 +183,8 @@ def read_cflora(path: PathLike) -> Tuple[CFLoRAConfig, Dict[str, torch.Tensor]]:
     tensors = _read_safetensors(w_path, "load_cflora")
     expected = data.get("content_sha256")
     if version >= 2 and not isinstance(expected, str):
-        raise AdapterFileError(f"load_cflora: {cfg_path} (format {data['format']}) has no content_sha256")
+        raise AdapterFileError(f"load_cflora: {cfg_path} (format {data['format']}) has no content_sha256; format 2 "
+                               "always carries it, so the file was edited")
     if expected is not None:
         actual = adapter_sha256(config, tensors)
         if actual != expected:
@@ -184,14 +197,33 @@ def read_cflora(path: PathLike) -> Tuple[CFLoRAConfig, Dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def load_cflora(model: nn.Module, path: PathLike) -> nn.Module:
+def _check_format_1(data: Mapping[str, object], cfg_path: str, allow_unverified: bool) -> None:
+    relabelled = [key for key in ("content_sha256", *FORMAT_2_FIELDS) if key in data]
+    if relabelled:
+        raise AdapterFileError(
+            f"load_cflora: {cfg_path} says format {FORMAT_PREFIX}1 but holds {', '.join(relabelled)}, which no "
+            "format-1 file has (a format-2 adapter relabelled to skip its content check?)"
+        )
+    if not allow_unverified:
+        raise AdapterFileError(
+            f"load_cflora: {cfg_path} has format {FORMAT_PREFIX}1, which carries no content hash, so corrupted or "
+            "edited files would load unnoticed. If you trust these files, load them with "
+            f"load_cflora(model, path, allow_unverified=True) and save_cflora them again ({FORMAT_PREFIX}"
+            f"{FORMAT_VERSION}, verified)"
+        )
+    warnings.warn(f"load_cflora: {cfg_path} has format {FORMAT_PREFIX}1 (no content hash): loaded unverified; "
+                  "save_cflora it again to get a verified file", UserWarning, stacklevel=4)
+
+
+def load_cflora(model: nn.Module, path: PathLike, *, allow_unverified: bool = False) -> nn.Module:
     """Load an adapter saved by :func:`save_cflora` into ``model`` (injecting it first if needed).
 
-    The files are verified first (:func:`read_cflora`: format version, content hash, finite values;
-    AdapterFileError naming the file), so a bad adapter never reaches the model. Raises ValueError naming
+    The files are verified first (:func:`read_cflora`: format version, content hash, a valid config, finite
+    values; AdapterFileError naming the file), so a bad adapter never reaches the model. Format 2 must carry
+    its content hash; format 1 (no hash) loads only with ``allow_unverified=True``. Raises ValueError naming
     the difference when the model's CFLoRA layers, their config or a tensor's shape do not match it.
     """
-    saved_config, tensors = read_cflora(path)
+    saved_config, tensors = read_cflora(path, allow_unverified=allow_unverified)
     _refuse_merged(model, "load_cflora")
     if not cflora_layers(model):
         inject_cflora(model, saved_config)

@@ -40,6 +40,22 @@ def test_config_json_round_trip(tmp_path):
         ({"interaction": "moe", "cond_dim": 4, "r": 6, "n_experts": 4}, "n_experts to divide r"),
         ({"init_lora": "zeros"}, "init_lora"),
         ({"backend": "gpu"}, "backend"),
+        # issue #26.5: finite and in range, of the right type
+        ({"alpha": float("inf")}, r"alpha must be a finite number > 0; got inf"),
+        ({"alpha": float("nan")}, r"alpha must be a finite number > 0; got nan"),
+        ({"alpha": True}, "alpha must be a finite number"),
+        ({"alpha": "16"}, "alpha must be a finite number"),
+        ({"alpha": 10**400}, "alpha must be a finite number"),
+        ({"alpha": 5e-324, "r": 4}, r"the scale alpha/r = 5e-324/4 = 0.0 must be finite and > 0"),
+        ({"dropout": float("nan")}, r"dropout must be a number in \[0, 1\); got nan"),
+        ({"dropout": -0.1}, "dropout must be a number in"),
+        ({"dropout": "0.1"}, "dropout must be a number in"),
+        ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern maps module-name patterns to a finite number"),
+        ({"generator_init_std": float("inf")}, "generator_init_std must be a finite number >= 0"),
+        ({"train_lora": "no"}, r"train_lora must be a bool \(true/false\); got 'no'"),
+        ({"train_interaction": 1}, "train_interaction must be a bool"),
+        ({"cond_dim": True}, "cond_dim must be a positive int or None"),
+        ({"n_experts": 0}, "n_experts must be a positive int"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, fragment):
@@ -48,7 +64,7 @@ def test_config_rejects_bad_values(kwargs, fragment):
 
 
 def test_peft_style_fields_round_trip_and_validate(tmp_path):
-    cfg = CFLoRAConfig(r=4, target_modules="all-linear", exclude_modules=["lm_head", "k_proj"],
+    cfg = CFLoRAConfig(r=4, alpha=16.0, target_modules="all-linear", exclude_modules=["lm_head", "k_proj"],
                        rank_pattern={"v_proj": 2, r"layers\.1\..*": 8}, alpha_pattern={"q_proj": 3.5},
                        modules_to_save=["score"])
     cfg.save(tmp_path / "c.json")
@@ -64,6 +80,29 @@ def test_peft_style_fields_round_trip_and_validate(tmp_path):
                              ({"alpha_pattern": {"q": -1}}, "alpha_pattern maps")]:
         with pytest.raises(ValueError, match=fragment):
             CFLoRAConfig(**kwargs)
+
+
+def test_peft_names_are_aliases_and_the_default_scale_is_peft_s():
+    """Issue #25.6: LoraConfig's names map to ours in one place; the config keeps its own names."""
+    from peft import LoraConfig
+
+    cfg = CFLoRAConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights="gaussian", target_modules=["q_proj"])
+    assert cfg == CFLoRAConfig(r=4, alpha=8, dropout=0.1, init_lora="gaussian", target_modules=["q_proj"])
+    assert "lora_alpha" not in cfg.to_dict() and CFLoRAConfig.from_json(cfg.to_json()) == cfg
+    assert CFLoRAConfig(init_lora_weights=True).init_lora == "kaiming"
+    assert CFLoRAConfig(init_lora_weights=False).init_lora == "random"
+    assert CFLoRAConfig(alpha=8, lora_alpha=8).alpha == 8  # the same value twice is fine
+    with pytest.raises(TypeError, match="lora_alpha=4 and alpha=32 disagree; lora_alpha is PEFT's name for alpha"):
+        CFLoRAConfig(alpha=32, lora_alpha=4)
+    with pytest.raises(ValueError, match="init_lora_weights .PEFT's name for init_lora. must be one of True, "
+                                         "'gaussian', False; got 'pissa'"):
+        CFLoRAConfig(init_lora_weights="pissa")
+    with pytest.raises(ValueError, match="lora_dropout|dropout must be a number"):
+        CFLoRAConfig(lora_dropout=1.5)
+    # the defaults give PEFT's scale: lora_alpha / r at PEFT's default r and lora_alpha
+    peft = LoraConfig()
+    assert CFLoRAConfig().scale == peft.lora_alpha / peft.r == 1.0
+    assert CFLoRAConfig(r=16).scale == LoraConfig(r=16).lora_alpha / 16
 
 
 @pytest.mark.parametrize("tag", ["rellax-fast-cflora/99", "rellax-fast-cflora/", "other/1", 2])
@@ -176,7 +215,9 @@ def test_importing_the_cflora_api_stays_light():
     code = (
         "import sys, rellax_fast\n"
         "from rellax_fast import CFLoRAConfig, inject_cflora, cflora_condition, load_peft_lora\n"
+
         "heavy = [m for m in ('transformers', 'peft', 'triton', 'rellax_fast._C') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+

@@ -321,18 +321,76 @@ def test_truncated_files_raise_an_error_naming_the_file(tmp_path, name):
     _assert_refused(path, f"{path / name}.*(truncated or corrupted)")
 
 
-def test_format_1_adapter_without_hash_still_loads(tmp_path):
-    model, path = _saved_adapter(tmp_path)
+def _edit_config(path, edit):
     file = path / "cflora_config.json"
     data = json.loads(file.read_text())
-    for key in ("content_sha256", "exclude_modules", "rank_pattern", "alpha_pattern", "modules_to_save"):
-        data.pop(key)
-    data["format"] = "rellax-fast-cflora/1"
+    edit(data)
     file.write_text(json.dumps(data))
-    fresh = load_cflora(tiny_llama(), path)
+
+
+def _flip_a_byte(path):
+    file = path / "cflora_adapter.safetensors"
+    raw = bytearray(file.read_bytes())
+    raw[-7] ^= 0x10  # inside the last tensor's data
+    file.write_bytes(bytes(raw))
+
+
+def _relabel_to_format_1(data, strip_format_2_fields):
+    data["format"] = "rellax-fast-cflora/1"
+    data.pop("content_sha256")
+    if strip_format_2_fields:
+        for key in ("exclude_modules", "rank_pattern", "alpha_pattern", "modules_to_save"):
+            data.pop(key)
+
+
+@pytest.mark.parametrize("strip", [False, True])
+def test_adapter_relabelled_to_format_1_with_a_flipped_byte_is_refused(tmp_path, strip):
+    """Issue #26.6: format 1 carries no hash, so a format-2 adapter relabelled to format 1 with its hash removed
+    (and even its format-2 fields) must not load its flipped byte by default."""
+    _, path = _saved_adapter(tmp_path)
+    _flip_a_byte(path)
+    _edit_config(path, lambda data: _relabel_to_format_1(data, strip))
+    if strip:  # indistinguishable from a genuine format-1 file: unverifiable, so refused unless asked for
+        _assert_refused(path, r"cflora_config.json has format rellax-fast-cflora/1, which carries no content hash.*"
+                        r"allow_unverified=True")
+    else:
+        _assert_refused(path, r"says format rellax-fast-cflora/1 but holds exclude_modules, rank_pattern, "
+                        r"alpha_pattern, modules_to_save, which no format-1 file has")
+        with pytest.raises(AdapterFileError, match="relabelled"):  # even when unverified files are allowed
+            load_cflora(tiny_llama(), path, allow_unverified=True)
+
+
+def test_format_2_without_its_hash_or_format_1_with_one_is_refused(tmp_path):
+    _, path = _saved_adapter(tmp_path)
+    _edit_config(path, lambda data: data.pop("content_sha256"))
+    _assert_refused(path, r"\(format rellax-fast-cflora/2\) has no content_sha256")
+    _, path = _saved_adapter(tmp_path / "b")
+    _edit_config(path, lambda data: data.update({"format": "rellax-fast-cflora/1"}))
+    _assert_refused(path, "but holds content_sha256")
+
+
+def test_format_1_adapter_loads_only_when_unverified_files_are_allowed(tmp_path):
+    model, path = _saved_adapter(tmp_path)
+    _edit_config(path, lambda data: _relabel_to_format_1(data, True))  # a file as format 1 wrote it
+    _assert_refused(path, "carries no content hash")
+    with pytest.warns(UserWarning, match="rellax-fast-cflora/1 .no content hash.: loaded unverified"):
+        fresh = load_cflora(tiny_llama(), path, allow_unverified=True)
     inputs, cond = model_inputs(), torch.randn(3, COND)
     with torch.no_grad():
         with cflora_condition(model, cond):
             expected = logits_of(model, inputs)
         with cflora_condition(fresh, cond):
             assert torch.equal(logits_of(fresh, inputs), expected)
+    save_cflora(fresh, tmp_path / "resaved")  # saved again: format 2, verified, loads by default
+    assert json.loads((tmp_path / "resaved" / "cflora_config.json").read_text())["format"] == "rellax-fast-cflora/2"
+    load_cflora(tiny_llama(), tmp_path / "resaved")
+
+
+@pytest.mark.parametrize("key, value", [("train_lora", "no"), ("alpha", float("inf")), ("dropout", float("nan")),
+                                        ("alpha_pattern", {"q_proj": -1.0})])
+def test_saved_config_with_a_bad_value_names_the_file_and_the_key(tmp_path, key, value):
+    """Issue #26.5: a saved config's values are validated as the constructor's, before anything else, and the
+    error names the file and the key (was: a raw TypeError for "train_lora": "no", NaN outputs for Infinity)."""
+    _, path = _saved_adapter(tmp_path)
+    _edit_config(path, lambda data: data.update({key: value}))
+    _assert_refused(path, rf"{path / 'cflora_config.json'} holds an invalid config: CFLoRAConfig.{key}")
