@@ -191,10 +191,13 @@ BAD_DATA = [name for name, v in VARIANTS.items() if v.expect is Expect.error]  #
 
 
 @pytest.mark.parametrize("variant", BAD_DATA)
-@pytest.mark.parametrize("command", ["train-ctr", "train"])
-def test_bad_data_is_one_error_line(tmp_path, capsys, variant, command):
+@pytest.mark.parametrize("command", ["train-ctr", "train", "eval"])
+def test_bad_data_is_one_error_line(tmp_path, capsys, request, variant, command):
     raw = write_variant(variant, tmp_path / "raw")
     argv = ctr_argv(raw, tmp_path / "out") if command == "train-ctr" else train_argv(raw, tmp_path / "out", "unused")
+    if command == "eval":  # the trained run scored on a corrupt copy of its data
+        run = request.getfixturevalue("trained")[1] / "rellax-full"
+        argv = ["eval", "--run", str(run), "--data-dir", str(raw), "--out", str(tmp_path / "out"), "--no-progress"]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -202,7 +205,7 @@ def test_bad_data_is_one_error_line(tmp_path, capsys, variant, command):
     import re
 
     assert re.search(VARIANTS[variant].message, err), err
-    assert not (tmp_path / "out" / "ctr").exists()
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_train_ctr_single_class_and_divergence_and_truncated_din_json(tmp_path, capsys):
