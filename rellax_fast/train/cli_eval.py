@@ -4,7 +4,11 @@ The run folder (from ``rellax-fast train`` or ``demo``) holds ``rellax.json`` an
 the backbone is reloaded from the path recorded there and the frozen DIN from the run's CTR folder. Paths
 in ``rellax.json`` are relative to the run folder, so a moved or copied ``--out`` evaluates with its own
 DIN; the DIN and the SUBR embeddings are checked against the fingerprints the run recorded, and a mismatch
-(a retrained DIN, another pipeline's files) is an error. Eval writes only into its output folder.
+(a retrained DIN, another pipeline's files) is an error. Eval writes only into its output folder, and only after
+everything was checked and scored: the data must be the ones the run was trained on (its recorded data
+fingerprint; never downloaded), the run's files whole (``rellax.json`` readable, every saved tensor known, of the
+model's shape and finite; the paths it records inside its ``--out``), every JSONL line valid (a bad one is an
+error naming the line), and every probability finite.
 
 JSONL input: one sample per line, ``{"user_id": 1, "item_id": 50, "history": [12, 7, ...],
 "history_ratings": [4, 5, ...], "label": 1}`` (history oldest first; ``history_timestamps`` and

@@ -12,7 +12,13 @@ the DIN's cond_dim, the resolved target modules), read back by ``runs.pipeline_c
 ``rellax.json`` also names the files a run depends on outside its folder (the DIN folder, the SUBR embeddings)
 by paths relative to the run folder (``"paths_relative_to": "run"``), together with content fingerprints
 of what the run actually used, so that a moved ``--out`` still evaluates, and a copied or rebuilt one is
-checked rather than trusted. Every file is written atomically.
+checked rather than trusted; those paths must lie inside the ``--out`` folder (:func:`resolve_dependency`).
+Every file is written atomically.
+
+``inputs.json``, written when a run starts, records what it trains on (:func:`run_inputs`: data, training
+sample, DIN, SUBR embeddings) and every option that decides its training (:func:`run_options`); ``--resume``
+refuses other inputs or changed options (:class:`ResumeMismatchError` naming each flag, ``--r`` included), except
+the few that do not change the run (:data:`RESUME_FREE_OPTIONS`).
 """
 
 from __future__ import annotations
