@@ -11,24 +11,20 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# every public name of rellax_fast.cflora (its __all__; tests/cflora/test_config_interaction.py checks that the two
+# lists agree), resolved from there on first access
+_CFLORA_NAMES = (
+    "INTERACTIONS", "INTERACTION_KINDS", "register_interaction", "IdentityInteraction", "CFLoRAConfig",
+    "CFLoRALinear", "InteractionGenerator", "StaticInteraction", "FullInteraction", "MoEInteraction",
+    "RecRank1Interaction", "build_interaction", "inject_cflora", "cflora_condition", "cflora_checkpoint_context_fn",
+    "clear_cflora_condition", "cflora_layers", "cflora_trainable_parameters", "get_cflora_config",
+    "set_cflora_backend", "merge_cflora", "unmerge_cflora", "merge_and_unload", "unload", "disable_adapter",
+    "cflora_enabled", "set_cflora_enabled", "print_trainable_parameters", "AdapterFileError", "save_cflora",
+    "load_cflora", "cflora_state_dict", "load_peft_lora", "export_peft_lora", "enable_cflora_cond_kwarg",
+    "disable_cflora_cond_kwarg", "apply_cflora", "revert_cflora", "cflora_patched_modules",
+)  # fmt: skip
 _LAZY = {
-    "CFLoRAConfig": "rellax_fast.cflora",
-    "inject_cflora": "rellax_fast.cflora",
-    "cflora_condition": "rellax_fast.cflora",
-    "save_cflora": "rellax_fast.cflora",
-    "load_cflora": "rellax_fast.cflora",
-    "merge_cflora": "rellax_fast.cflora",
-    "unmerge_cflora": "rellax_fast.cflora",
-    "set_cflora_backend": "rellax_fast.cflora",
-    "load_peft_lora": "rellax_fast.cflora",
-    "export_peft_lora": "rellax_fast.cflora",
-    "print_trainable_parameters": "rellax_fast.cflora",
-    "disable_adapter": "rellax_fast.cflora",
-    "unload": "rellax_fast.cflora",
-    "merge_and_unload": "rellax_fast.cflora",
-    "enable_cflora_cond_kwarg": "rellax_fast.cflora",
-    "apply_cflora": "rellax_fast.cflora",
-    "revert_cflora": "rellax_fast.cflora",
+    **{name: "rellax_fast.cflora" for name in _CFLORA_NAMES},
     "cflora_linear": "rellax_fast.ops",
     "semantic_topk": "rellax_fast.ops",
 }

@@ -186,8 +186,10 @@ class CFLoRALinear(nn.Module):
             return slot.cond
         raise RuntimeError(
             f"CFLoRA layer {self.layer_name or '?'} (interaction {self.cflora_config.interaction!r}) needs "
-            "per-sample conditioning: run the model inside `with rellax_fast.cflora_condition(model, cond):` "
-            "with cond of shape (batch, cond_dim)"
+            "per-sample conditioning: call model(**batch, cflora_cond=cond) or run the model inside "
+            "`with rellax_fast.cflora_condition(model, cond):`, with cond of shape (batch, cond_dim). With "
+            "transformers.Trainer, the batch has no 'cflora_cond' column because the Trainer drops the dataset "
+            "columns that forward() does not name: set TrainingArguments(remove_unused_columns=False)"
         )
 
     def _check_unambiguous_recompute(self, slot: ConditionSlot) -> None:

@@ -316,15 +316,9 @@ INSTANCE_PATCHES.append((_install_save_pretrained, _remove_save_pretrained))
 
 
 # ---------------------------------------------------------------------------------------------- PEFT
-def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) -> nn.Module:
-    """Initialise every CFLoRA layer's A and B from a PEFT LoRA adapter directory.
-
-    Each module's rank and scale (lora_alpha / r, or / sqrt(r) with rsLoRA; PEFT's rank_pattern / alpha_pattern
-    resolved as PEFT does) must equal the CFLoRA layer's, and
-    every adapter module must be a CFLoRA layer; with ``strict`` every CFLoRA layer must also be in the
-    adapter. The interaction is left as is (a fresh one is C = I, so an "identity" model then gives
-    PEFT's outputs exactly and a conditioned one starts from them).
-    """
+def _read_peft_adapter(peft_dir: PathLike):
+    """(PEFT config dict, {module: {"lora_A": t, "lora_B": t}}, module -> (r, lora_alpha, scale)) of a PEFT LoRA
+    adapter directory, checked (LORA, no DoRA, safetensors, finite, only lora_A / lora_B weights)."""
     cfg_path, w_path = os.path.join(peft_dir, PEFT_CONFIG_NAME), os.path.join(peft_dir, PEFT_WEIGHTS_NAME)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"load_peft_lora: {cfg_path} not found (not a PEFT adapter directory)")
@@ -339,10 +333,8 @@ def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) ->
     for flag in ("use_dora",):
         if pcfg.get(flag):
             raise ValueError(f"load_peft_lora: the adapter uses {flag}=True, which CFLoRA does not represent")
-    r_default = int(pcfg["r"])
-    alpha_default = float(pcfg["lora_alpha"])
-    rank_pattern = pcfg.get("rank_pattern") or {}
-    alpha_pattern = pcfg.get("alpha_pattern") or {}
+    r_default, alpha_default = int(pcfg["r"]), float(pcfg["lora_alpha"])
+    rank_pattern, alpha_pattern = pcfg.get("rank_pattern") or {}, pcfg.get("alpha_pattern") or {}
 
     def peft_rank_scale(module: str) -> Tuple[int, float, float]:
         # PEFT's own per-module resolution (peft.utils.other.get_pattern_key)
@@ -350,9 +342,6 @@ def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) ->
         r = int(rank_pattern[r_key]) if r_key is not None else r_default
         alpha = float(alpha_pattern[a_key]) if a_key is not None else alpha_default
         return r, alpha, alpha / (r ** 0.5) if pcfg.get("use_rslora") else alpha / r
-
-    layers = dict(_require_layers(model, "load_peft_lora"))
-    _refuse_merged(model, "load_peft_lora")
 
     tensors = _read_safetensors(w_path, "load_peft_lora")
     _check_finite(tensors, w_path, "load_peft_lora")
@@ -366,6 +355,43 @@ def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) ->
                 break
         else:
             raise ValueError(f"load_peft_lora: unsupported tensor {key!r} in {w_path} (only lora_A/lora_B weights)")
+    return pcfg, per_module, peft_rank_scale
+
+
+def _config_from_peft(pcfg: Mapping[str, object], modules, peft_rank_scale) -> CFLoRAConfig:
+    """An "identity" CFLoRAConfig that wraps exactly the adapter's modules with PEFT's rank and scale for each
+    (rsLoRA's alpha/√r becomes alpha·√r/r; a module off the defaults gets an exact-name pattern)."""
+    names = sorted(modules)
+    r = int(pcfg["r"])
+    alpha = float(pcfg["lora_alpha"]) * (r ** 0.5 if pcfg.get("use_rslora") else 1.0)
+    rank_pattern, alpha_pattern = {}, {}
+    for name in names:
+        layer_r, _, scale = peft_rank_scale(name)
+        if layer_r != r:
+            rank_pattern[re.escape(name)] = layer_r
+        if scale * layer_r != alpha:
+            alpha_pattern[re.escape(name)] = scale * layer_r
+    return CFLoRAConfig(r=r, alpha=alpha, dropout=float(pcfg.get("lora_dropout") or 0.0), target_modules=names,
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) -> nn.Module:
+    """Initialise every CFLoRA layer's A and B from a PEFT LoRA adapter directory.
+
+    A model without CFLoRA layers is injected first (as :func:`load_cflora` does): an "identity" adapter on
+    exactly the adapter's modules, with PEFT's rank, scale and dropout for each, so the model then gives PEFT's
+    outputs. To start a conditioned adapter from a PEFT LoRA (the two-stage recipe), call :func:`inject_cflora`
+    with its config first. On an injected model, each module's rank and scale (lora_alpha / r, or / sqrt(r)
+    with rsLoRA; PEFT's rank_pattern / alpha_pattern resolved as PEFT does) must equal the CFLoRA layer's, and
+    every adapter module must be a CFLoRA layer; with ``strict`` every CFLoRA layer must also be in the
+    adapter. The interaction is left as is (a fresh one is C = I, so an "identity" model then gives
+    PEFT's outputs exactly and a conditioned one starts from them).
+    """
+    pcfg, per_module, peft_rank_scale = _read_peft_adapter(peft_dir)
+    _refuse_merged(model, "load_peft_lora")
+    if not cflora_layers(model):
+        inject_cflora(model, _config_from_peft(pcfg, per_module, peft_rank_scale))
+    layers = dict(_require_layers(model, "load_peft_lora"))
     for name in sorted(set(per_module) & set(layers)):
         layer = layers[name]
         r, alpha, peft_scale = peft_rank_scale(name)

@@ -211,9 +211,10 @@ def test_plain_trainer_with_per_sample_cond(tmp_path):
     assert moved.abs().max() > 1e-3
 
     # Trainer's default remove_unused_columns=True drops cflora_cond (it is not in forward's signature):
-    # the model then fails loudly instead of training unconditioned
+    # the model then fails loudly instead of training unconditioned, naming the column and the option (#25.8)
     dropped = _trainer(model.train(), dataset, tmp_path / "dropped", steps=1, remove_unused_columns=True)
-    with pytest.raises(RuntimeError, match="needs per-sample conditioning"):
+    with pytest.raises(RuntimeError, match=r"needs per-sample conditioning.*no 'cflora_cond' column because the "
+                                           r"Trainer drops.*TrainingArguments\(remove_unused_columns=False\)"):
         dropped.train()
 
 

@@ -215,9 +215,22 @@ def test_importing_the_cflora_api_stays_light():
     code = (
         "import sys, rellax_fast\n"
         "from rellax_fast import CFLoRAConfig, inject_cflora, cflora_condition, load_peft_lora\n"
-
+        "from rellax_fast import (get_cflora_config, cflora_checkpoint_context_fn, AdapterFileError,\n"
+        "                         set_cflora_enabled, cflora_layers)\n"
         "heavy = [m for m in ('transformers', 'peft', 'triton', 'rellax_fast._C') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
+
+def test_every_cflora_name_is_importable_from_rellax_fast():
+    """Issue #25.8: the README says the adapter API is importable from ``rellax_fast``; every public name of
+    ``rellax_fast.cflora`` resolves there (lazily) to the same object."""
+    import rellax_fast
+    import rellax_fast.cflora as cflora
+
+    missing = [name for name in cflora.__all__ if name not in rellax_fast.__all__]
+    assert not missing, f"not exported by rellax_fast: {missing}"
+    for name in cflora.__all__:
+        assert getattr(rellax_fast, name) is getattr(cflora, name), name
+    assert "get_cflora_config" in dir(rellax_fast)

@@ -191,6 +191,33 @@ def test_load_peft_lora_checks_rank_scale_and_coverage(tmp_path):
         load_peft_lora(wide, tmp_path)
 
 
+def test_load_peft_lora_injects_a_model_without_cflora_layers(tmp_path):
+    """Issue #25.8: like load_cflora, load_peft_lora injects for you: an identity adapter on exactly the adapter's
+    modules with PEFT's per-module rank and scale (rank_pattern, alpha_pattern, rsLoRA), giving PEFT's outputs."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=True,
+                                                         target_modules=["q_proj", "v_proj", "down_proj"],
+                                                         rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0},
+                                                         init_lora_weights=False)).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = load_peft_lora(tiny_llama(), tmp_path / "peft")
+    layers = dict(cflora_layers(model))
+    peft_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+                   if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
+    assert sorted(layers) == sorted(peft_layers)
+    for name, layer in layers.items():
+        assert layer.r == peft_layers[name].r["default"], name
+        assert layer.scale == pytest.approx(peft_layers[name].scaling["default"], rel=1e-12), name
+        assert layer.dropout_p == 0.1 and layer.interaction is None
+    inputs = model_inputs()
+    with torch.no_grad():
+        expected = logits_of(peft_model, inputs)
+        assert not torch.allclose(expected, logits_of(tiny_llama(), inputs), atol=1e-3)
+        torch.testing.assert_close(logits_of(model.eval(), inputs), expected, rtol=2e-4, atol=2e-4)
+
+
 def test_two_stage_recipe_starts_from_the_lora_and_trains_only_the_generator(tmp_path):
     peft_model = _peft_adapter(tiny_llama, ["q_proj", "v_proj"], tmp_path / "peft")
     model = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
