@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..ops._backend import cpu_has_native_bf16
+
 
 @dataclass
 class TrainConfig:
@@ -168,16 +170,6 @@ def _to(batch: Dict, device) -> Dict:
 
 
 MIXED_PRECISION = ("auto", "fast", "no", "bf16", "fp16")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (oneDNN's AVX512-BF16 / AMX kernels): CPU bf16 autocast is
-    then faster than fp32 (1.7x for a MiniLM step on an AVX512-BF16 machine, ``bench finetune``); without it
-    bf16 is emulated and slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        return False
 
 
 def resolve_mixed_precision(value: str) -> str:
