@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 
 def selected_variants(text: str):
@@ -24,12 +25,72 @@ def selected_variants(text: str):
     return [table[k] for k in keys]
 
 
+ROW_FILE = "ablation_row.json"  # in a variant's run folder: the key of the inputs its saved metrics belong to
+
+
+def variant_key(ctx, spec, cfg) -> str:
+    """What a finished variant's saved metrics depend on: the pipeline options (progress bars aside), the variant,
+    the run's inputs (``pipeline.run_inputs``: data, training sample, DIN, SUBR) and the test sample. ``demo
+    --resume`` reuses a variant's ``metrics.json`` only under the same key, as ``bench quality`` does its rows."""
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from .._io import json_sha256
+    from .pipeline import run_inputs
+
+    options = cfg.to_dict()
+    options["train"] = {**options["train"], "progress": None}
+    test = json_sha256(np.asarray(ctx.test_index).tolist())
+    return json_sha256({"pipeline": options, "spec": asdict(spec), "inputs": run_inputs(ctx, spec), "test_index": test})
+
+
+def finished_variant(run_dir, key: str):
+    """The saved result of a variant finished under ``key`` in ``run_dir`` ({"metrics", "losses", "run_dir"}), or
+    None (not finished, other inputs, or a file missing)."""
+    import json
+
+    run_dir = Path(run_dir)
+    files = [run_dir / n for n in (ROW_FILE, "metrics.json", "loss.json", "predictions.npy")]
+    if not all(f.is_file() for f in files):
+        return None
+    try:
+        if json.loads(files[0].read_text()).get("key") != key:
+            return None
+        saved = json.loads(files[1].read_text())
+        metrics = {k: saved[k] for k in ("auc", "logloss", "accuracy", "n")}
+        losses = json.loads(files[2].read_text())["losses"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir)}
+
+
+def variant_cost(spec, cfg) -> float:
+    """Training steps of ``spec`` relative to a joint variant's (two-stage adds its stage-1 share), for the ETA."""
+    return 1.0 + (cfg.stage1_fraction if spec.recipe == "two-stage" else 0.0)
+
+
+def eta_text(seconds: float, now: Optional[float] = None) -> str:
+    """"about 12 min (done around 16:42)": a duration and the wall-clock time it ends, from ``now`` (epoch s)."""
+    end = time.localtime((time.time() if now is None else now) + seconds)
+    size = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    return f"about {size} (done around {time.strftime('%H:%M', end)})"
+
+
 def run_ablation(ctx, specs, cfg, out, resume: bool = False, n_boot: int = 1000, log=print):
     """Train and score each of ``specs`` into ``<out>/<slug of its name>`` on the shared context ``ctx``
     (``train.context``); returns {"rows", "table" (Markdown with its noise footnote), "curves", "aucs"}. The
-    first row is DIN alone on the same test samples."""
+    first row is DIN alone on the same test samples. With ``resume``, a variant finished before under the same
+    inputs (:func:`variant_key`) is read back from its files instead of trained and scored again, and an
+    interrupted one continues from its checkpoints. After the first variant it trains, the log gives an ETA for
+    the rest from that variant's measured time."""
+    import json
+
     import numpy as np
 
+    from rellax_fast.distributed import is_main
+
+    from .._io import atomic_write_text
     from ..metrics import ctr_metrics
     from .args import slug
     from .pipeline import run_variant
@@ -40,9 +101,26 @@ def run_ablation(ctx, specs, cfg, out, resume: bool = False, n_boot: int = 1000,
     rows = [{"variant": "DIN alone", **ctr_metrics(labels, ctx.din_test_probs)}]
     probs = {"DIN alone": np.asarray(ctx.din_test_probs, np.float64)}
     curves, aucs = {}, {}
+    keys = {spec.name: variant_key(ctx, spec, cfg) for spec in specs}
+    done = {s.name: finished_variant(out / slug(s.name), keys[s.name]) if resume else None for s in specs}
+    rate = None  # seconds per unit of variant_cost, measured on the first variant trained here
     for i, spec in enumerate(specs, 1):
-        log(f"[demo] variant {i}/{len(specs)}: {spec.name}  ({time.perf_counter() - start:.0f} s so far)")
-        res = run_variant(ctx, spec, cfg, out / slug(spec.name), resume=resume)
+        run_dir = out / slug(spec.name)
+        res = done[spec.name]
+        if res is not None:
+            log(f"[demo] variant {i}/{len(specs)}: {spec.name}: finished before, read from {run_dir / 'metrics.json'}")
+        else:
+            log(f"[demo] variant {i}/{len(specs)}: {spec.name}  ({time.perf_counter() - start:.0f} s so far)")
+            t0 = time.perf_counter()
+            res = run_variant(ctx, spec, cfg, run_dir, resume=resume)
+            if is_main():  # under a launcher only rank 0 writes
+                atomic_write_text(run_dir / ROW_FILE, json.dumps({"key": keys[spec.name], "variant": spec.name}))
+            todo = [s for s in specs[i:] if done[s.name] is None]
+            if rate is None and todo:
+                rate = (time.perf_counter() - t0) / variant_cost(spec, cfg)
+                left = rate * sum(variant_cost(s, cfg) for s in todo)
+                log(f"[demo] ETA: {len(todo)} more variant(s), {eta_text(left)}, from this variant's "
+                    f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
         rows.append({"variant": spec.name, **res["metrics"]})
         probs[spec.name] = np.load(Path(res["run_dir"]) / "predictions.npy").astype(np.float64)
         curves[spec.name] = res["losses"]
@@ -54,8 +132,8 @@ def run_ablation(ctx, specs, cfg, out, resume: bool = False, n_boot: int = 1000,
 
 
 def write_ablation(out, dataset: str, result, config=None):
-    """``ablation.md``, ``ablation.json`` (rows and ``config``) and ``ablation.png`` (loss curves, AUCs) of a
-    :func:`run_ablation` result under ``out``; returns their paths."""
+    """``ablation.md``, ``ablation.json`` (rows and ``config``) and ``ablation.png`` (loss curves, AUCs with their 95%
+    intervals when the rows have them) of a :func:`run_ablation` result under ``out``; returns their paths."""
     import json
 
     from .._io import atomic_write_text
@@ -65,7 +143,8 @@ def write_ablation(out, dataset: str, result, config=None):
     paths = [out / "ablation.md", out / "ablation.json", out / "ablation.png"]
     atomic_write_text(paths[0], f"# ReLLaX ablation on {dataset}\n\n{result['table']}")
     atomic_write_text(paths[1], json.dumps({"rows": result["rows"], "config": {"dataset": dataset, **(config or {})}}, indent=2))
-    plot_runs(paths[2], result["curves"], result["aucs"], title=f"ReLLaX ablation ({dataset})")
+    intervals = {r["variant"]: (r["auc_lo"], r["auc_hi"]) for r in result["rows"] if "auc_lo" in r}
+    plot_runs(paths[2], result["curves"], result["aucs"], title=f"ReLLaX ablation ({dataset})", auc_ci=intervals)
     return paths
 
 

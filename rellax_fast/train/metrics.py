@@ -52,8 +52,15 @@ def markdown_table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = C
     return "\n".join(lines) + "\n"
 
 
-def plot_runs(path, loss_curves: Mapping[str, List[float]], aucs: Mapping[str, float], title: str = "") -> Path:
-    """PNG with the training-loss curve per variant (left) and the test AUC per variant (right)."""
+def smoothing_window(n_steps: int) -> int:
+    """The moving-average window of a loss curve of ``n_steps`` points in :func:`plot_runs`: 1/20 of its length."""
+    return max(1, n_steps // 20)
+
+
+def plot_runs(path, loss_curves: Mapping[str, List[float]], aucs: Mapping[str, float], title: str = "",
+              auc_ci: Optional[Mapping[str, Sequence[float]]] = None) -> Path:
+    """PNG with the training-loss curve per variant (left; a moving average, its window in the legend) and the test
+    AUC per variant (right), with its 95% interval as an error bar where ``auc_ci`` ({name: (lo, hi)}) has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,22 +70,30 @@ def plot_runs(path, loss_curves: Mapping[str, List[float]], aucs: Mapping[str, f
     for name, curve in loss_curves.items():
         if len(curve):
             c = np.asarray(curve, dtype=float)
-            w = max(1, len(c) // 20)
+            w = smoothing_window(len(c))
             smooth = np.convolve(c, np.ones(w) / w, mode="valid")
-            ax1.plot(np.arange(len(smooth)) + w - 1, smooth, label=name)
+            label = f"{name} (mean of {w} steps)" if w > 1 else f"{name} (raw)"
+            ax1.plot(np.arange(len(smooth)) + w - 1, smooth, label=label)
     ax1.set_xlabel("step")
-    ax1.set_ylabel("training loss (moving average)")
+    ax1.set_ylabel("training loss (trailing mean; window per curve in the legend)")
     ax1.set_title("training loss")
     if loss_curves:
         ax1.legend(fontsize=8)
     names = list(aucs)
     vals = [aucs[n] for n in names]
-    ax2.barh(names, vals, color="tab:blue")
+    ci = [tuple(auc_ci[n]) if auc_ci and n in auc_ci else (math.nan, math.nan) for n in names]
+    has_ci = [not (math.isnan(lo) or math.isnan(hi)) for lo, hi in ci]
+    xerr = None
+    if any(has_ci):  # asymmetric bars: (below, above) each AUC; none where a row has no interval
+        xerr = np.array([[v - lo if ok else 0.0 for v, (lo, _), ok in zip(vals, ci, has_ci)],
+                         [hi - v if ok else 0.0 for v, (_, hi), ok in zip(vals, ci, has_ci)]])  # fmt: skip
+    ax2.barh(names, vals, color="tab:blue", xerr=xerr, capsize=3 if xerr is not None else 0)
     for i, v in enumerate(vals):
-        ax2.text(v, i, f" {v:.4f}", va="center", fontsize=8)
-    lo = min([v for v in vals if not math.isnan(v)] + [0.5])
+        end = ci[i][1] if has_ci[i] else v
+        ax2.text(end, i, f" {v:.4f}", va="center", fontsize=8)
+    lo = min([v for v in vals + [c[0] for c, ok in zip(ci, has_ci) if ok] if not math.isnan(v)] + [0.5])
     ax2.set_xlim(max(0.0, lo - 0.05), 1.0)
-    ax2.set_xlabel("test AUC")
+    ax2.set_xlabel("test AUC" + (" (bars: 95% bootstrap interval)" if xerr is not None else ""))
     ax2.set_title("AUC per variant")
     if title:
         fig.suptitle(title)
