@@ -4,8 +4,9 @@
 It trains DIN once, embeds the items once, then fine-tunes each variant on the same training sample and
 scores it on the same test sample: full ReLLaX, w/o SUBR, w/o SPA, w/o CFLoRA (identity), the MoE
 (iLoRA-style) and RecLoRA-style interactions; DIN alone is scored on the same test sample. It prints the
-ablation table and writes ``ablation.md``, ``ablation.json`` and ``ablation.png`` under ``--out``. The work is
-:mod:`rellax_fast.train.ablation`'s (with ``train.context``); this module parses the options and prints.
+ablation table and writes ``ablation.md``, ``ablation.json`` and ``ablation.png`` under ``--out``. After the first
+variant it prints an ETA for the rest; ``--resume`` reads finished variants back instead of training them again.
+The work is :mod:`rellax_fast.train.ablation`'s (with ``train.context``); this module parses the options and prints.
 
 At the demo's size most differences are within noise, and the table says which: every row has its AUC's 95%
 bootstrap interval and its paired difference from full ReLLaX and from DIN on the same test samples
@@ -21,6 +22,7 @@ from .ablation import FULL, add_noise_columns, noise_table, selected_variants  #
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .._argtypes import integer
     from .args import add_model_arguments
 
     add_model_arguments(parser, n_train=512, n_test=500)
@@ -29,8 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated keys of pipeline.ABLATIONS (built in: full,no-subr,no-spa,identity,moe,"
                              "recrank1; a registered interaction kind with an ablation name adds its own) or two-stage "
                              "(default: all but two-stage)")  # fmt: skip
-    parser.add_argument("--resume", action="store_true", help="resume interrupted variants from their checkpoints")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of each AUC interval")
+    parser.add_argument("--resume", action="store_true",
+                        help="read back variants finished before under the same options and inputs (their saved metrics, "
+                             "not scored again) and continue interrupted ones from their checkpoints")  # fmt: skip
+    parser.add_argument("--n-boot", type=integer(1), default=1000, help="bootstrap resamples of each AUC interval")
 
 
 def run(args: argparse.Namespace) -> int:
