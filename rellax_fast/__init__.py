@@ -21,7 +21,8 @@ _CFLORA_NAMES = (
     "set_cflora_backend", "merge_cflora", "unmerge_cflora", "merge_and_unload", "unload", "disable_adapter",
     "cflora_enabled", "set_cflora_enabled", "print_trainable_parameters", "AdapterFileError", "save_cflora",
     "load_cflora", "cflora_state_dict", "load_peft_lora", "export_peft_lora", "enable_cflora_cond_kwarg",
-    "disable_cflora_cond_kwarg", "apply_cflora", "revert_cflora", "cflora_patched_modules",
+    "disable_cflora_cond_kwarg", "apply_cflora", "revert_cflora", "cflora_patched_modules", "add_cflora_adapter",
+    "set_cflora_adapter", "delete_cflora_adapter", "cflora_adapter_names", "active_cflora_adapter",
 )  # fmt: skip
 _LAZY = {
     **{name: "rellax_fast.cflora" for name in _CFLORA_NAMES},

@@ -14,6 +14,13 @@ Typical use (any Hugging Face model)::
         base_logits = model(**batch).logits
 """
 
+from .adapters import (
+    active_cflora_adapter,
+    add_cflora_adapter,
+    cflora_adapter_names,
+    delete_cflora_adapter,
+    set_cflora_adapter,
+)
 from .config import INTERACTIONS, CFLoRAConfig
 from .hooks import disable_cflora_cond_kwarg, enable_cflora_cond_kwarg
 from .interaction import (
@@ -82,6 +89,11 @@ __all__ = [
     "merge_and_unload",
     "unload",
     "disable_adapter",
+    "add_cflora_adapter",
+    "set_cflora_adapter",
+    "delete_cflora_adapter",
+    "cflora_adapter_names",
+    "active_cflora_adapter",
     "cflora_enabled",
     "set_cflora_enabled",
     "print_trainable_parameters",

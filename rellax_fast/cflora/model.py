@@ -46,6 +46,9 @@ logger = logging.getLogger("rellax_fast.cflora")
 
 # unregistered attribute of the root module: {name: {"original": module, "trained": module}} for modules_to_save
 _MODULES_TO_SAVE = "_cflora_modules_to_save"
+# unregistered attribute of the root module: {"active": name, "stored": {name: adapter kept aside}} (adapters.py)
+_ADAPTERS = "_cflora_adapters"
+DEFAULT_ADAPTER = "default"
 # Hugging Face PeftAdapterMixin methods that CFLoRA answers on an injected model (see _bind_hf_adapter_methods)
 _HF_ADAPTER_METHODS = ("disable_adapters", "enable_adapters")
 # (install, remove) pairs of instance patches that modules above this one put on every injected model: called
@@ -143,7 +146,7 @@ def _set_trainable(layer: CFLoRALinear, config: CFLoRAConfig) -> None:
 
 
 def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = False,
-                  cond_kwarg: bool = True) -> nn.Module:
+                  cond_kwarg: bool = True, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
     """Replace the target ``nn.Linear`` / ``Conv1D`` modules by CFLoRA layers, in place; freeze the base.
 
     Targets are ``config.target_modules`` (suffixes, a regex, or ``"all-linear"``: every Linear/Conv1D but the
@@ -163,17 +166,24 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
     A rank above a module's min(d_in, d_out) is accepted, as PEFT accepts it (ΔW then has full rank; the
     adapter has more parameters than it needs).
 
+    The adapter is named ``adapter_name``; :func:`rellax_fast.cflora.add_cflora_adapter` adds more and
+    :func:`rellax_fast.cflora.set_cflora_adapter` switches between them.
+
     Raises ValueError when the model already has CFLoRA layers, when the targets match no module, or when
     a matched module is not Linear/Conv1D. Returns the model.
     """
     if not isinstance(config, CFLoRAConfig):
         raise TypeError(f"inject_cflora: config must be a CFLoRAConfig; got {type(config).__name__}")
     config.validate()
+    if not (isinstance(adapter_name, str) and adapter_name):
+        raise ValueError(f"inject_cflora: adapter_name must be a non-empty str; got {adapter_name!r}")
     root = unwrap_model(model)
     if cflora_layers(root):
         raise ValueError(
-            "inject_cflora: the model already has CFLoRA layers; injecting twice is not supported "
-            "(load a saved adapter with load_cflora, or build a fresh model)"
+            "inject_cflora: the model already has CFLoRA layers; injecting twice is not supported. To add a "
+            "second adapter, call add_cflora_adapter(model, name, config) and switch with "
+            "set_cflora_adapter(model, name); to replace the adapter, unload(model) or merge_and_unload(model) "
+            "first; to load a saved one, load_cflora(model, path, adapter_name=name)"
         )
     to_save = _modules_to_save(root, config)
     saved_prefixes = tuple(name for name, _ in to_save)
@@ -238,6 +248,7 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
             registry[name] = {"original": original, "trained": trained}
         root.__dict__[_MODULES_TO_SAVE] = registry
     _bind_hf_adapter_methods(root)
+    root.__dict__.setdefault(_ADAPTERS, {"active": adapter_name, "stored": {}})
     for install, _ in INSTANCE_PATCHES:
         install(root)
     trainable, total = cflora_trainable_parameters(root)
@@ -426,7 +437,8 @@ def unmerge_cflora(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Remove the adapter without merging: every CFLoRA layer becomes the ``nn.Linear`` / ``Conv1D`` it wrapped
     (the same module object and Parameters), each module to save keeps its trained copy (as PEFT), and
-    ``state_dict()`` has the base model's keys only. The base Parameters stay frozen. Returns the model.
+    ``state_dict()`` has the base model's keys only. The base Parameters stay frozen. Adapters kept aside
+    (:func:`rellax_fast.cflora.add_cflora_adapter`) are dropped too. Returns the model.
 
     Raises RuntimeError when layers are merged (use :func:`merge_and_unload`, or unmerge first).
     """
@@ -466,6 +478,7 @@ def _unload(root: nn.Module, layers: List[Tuple[str, CFLoRALinear]]) -> None:
         layer._cflora_slot = None
         _replace_module(root, name, base)
     _unbind_hf_adapter_methods(root)
+    root.__dict__.pop(_ADAPTERS, None)  # the adapters kept aside go with the adapter in place
     for _, remove in INSTANCE_PATCHES:
         remove(root)
     _remove_checkpoint_replay(root)

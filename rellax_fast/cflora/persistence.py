@@ -26,12 +26,19 @@ import json
 import os
 import re
 import warnings
-from typing import Dict, Mapping, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._io import atomic_write_bytes
+from .adapters import (
+    active_cflora_adapter,
+    add_cflora_adapter,
+    cflora_adapter_names,
+    delete_cflora_adapter,
+    set_cflora_adapter,
+)
 from .config import (
     FORMAT_2_FIELDS,
     FORMAT_PREFIX,
@@ -43,6 +50,7 @@ from .config import (
     read_json,
 )
 from .model import (
+    DEFAULT_ADAPTER,
     INSTANCE_PATCHES,
     _modules_to_save_registry,
     _require_layers,
@@ -215,25 +223,53 @@ def _check_format_1(data: Mapping[str, object], cfg_path: str, allow_unverified:
                   "save_cflora it again to get a verified file", UserWarning, stacklevel=4)
 
 
-def load_cflora(model: nn.Module, path: PathLike, *, allow_unverified: bool = False) -> nn.Module:
+def load_cflora(model: nn.Module, path: PathLike, *, adapter_name: Optional[str] = None,
+                allow_unverified: bool = False) -> nn.Module:
     """Load an adapter saved by :func:`save_cflora` into ``model`` (injecting it first if needed).
 
     The files are verified first (:func:`read_cflora`: format version, content hash, a valid config, finite
     values; AdapterFileError naming the file), so a bad adapter never reaches the model. Format 2 must carry
     its content hash; format 1 (no hash) loads only with ``allow_unverified=True``. Raises ValueError naming
     the difference when the model's CFLoRA layers, their config or a tensor's shape do not match it.
+
+    ``adapter_name``: a model without CFLoRA layers is injected with the adapter under that name ("default"
+    when None). On a model with adapters, None loads into the active one; a name loads into that adapter -
+    added from the saved config when the model has none of that name (PEFT's ``load_adapter``) - and leaves
+    the active adapter active (:func:`rellax_fast.cflora.set_cflora_adapter` switches).
     """
     saved_config, tensors = read_cflora(path, allow_unverified=allow_unverified)
     _refuse_merged(model, "load_cflora")
     if not cflora_layers(model):
-        inject_cflora(model, saved_config)
-    else:
-        have = _structure(get_cflora_config(model))
-        want = _structure(saved_config)
-        diff = {k: (want[k], have[k]) for k in _STRUCTURAL if want[k] != have[k]}
-        if diff:
-            detail = ", ".join(f"{k}: saved {s!r} vs model {m!r}" for k, (s, m) in diff.items())
-            raise ValueError(f"load_cflora: the adapter in {path} does not fit the model's CFLoRA layers ({detail})")
+        inject_cflora(model, saved_config, adapter_name=adapter_name or DEFAULT_ADAPTER)
+        _load_into_active(model, path, saved_config, tensors)
+        return model
+    previous = active_cflora_adapter(model)
+    if adapter_name is None or adapter_name == previous:
+        _load_into_active(model, path, saved_config, tensors)
+        return model
+    added = adapter_name not in cflora_adapter_names(model)
+    if added:
+        add_cflora_adapter(model, adapter_name, saved_config)
+    set_cflora_adapter(model, adapter_name)
+    try:
+        _load_into_active(model, path, saved_config, tensors)
+    except BaseException:
+        set_cflora_adapter(model, previous)
+        if added:
+            delete_cflora_adapter(model, adapter_name)  # nothing half-loaded stays behind
+        raise
+    set_cflora_adapter(model, previous)
+    return model
+
+
+def _load_into_active(model: nn.Module, path: PathLike, saved_config: CFLoRAConfig,
+                      tensors: Mapping[str, torch.Tensor]) -> None:
+    have = _structure(get_cflora_config(model))
+    want = _structure(saved_config)
+    diff = {k: (want[k], have[k]) for k in _STRUCTURAL if want[k] != have[k]}
+    if diff:
+        detail = ", ".join(f"{k}: saved {s!r} vs model {m!r}" for k, (s, m) in diff.items())
+        raise ValueError(f"load_cflora: the adapter in {path} does not fit the model's CFLoRA layers ({detail})")
     target = cflora_state_dict(model)
     missing = sorted(set(target) - set(tensors))
     unexpected = sorted(set(tensors) - set(target))
@@ -252,7 +288,6 @@ def load_cflora(model: nn.Module, path: PathLike, *, allow_unverified: bool = Fa
     with torch.no_grad():
         for key, dest in target.items():
             dest.copy_(tensors[key])
-    return model
 
 
 # ------------------------------------------------------------------------------------ save_pretrained
@@ -298,6 +333,9 @@ def _save_pretrained_with_adapter(root: nn.Module, original, save_directory, *ar
 
 def _install_save_pretrained(root: nn.Module) -> None:
     # a partial of a module-level function (no closure): deepcopy / pickle carry it over bound to the copy
+    current = root.__dict__.get("save_pretrained")
+    if isinstance(current, functools.partial) and current.func is _save_pretrained_with_adapter:
+        return  # already installed (add_cflora_adapter injects again)
     if callable(getattr(root, "save_pretrained", None)):
         root.__dict__["save_pretrained"] = functools.partial(_save_pretrained_with_adapter, root, root.save_pretrained)
 
