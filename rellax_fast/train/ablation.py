@@ -110,9 +110,14 @@ def run_ablation(ctx, specs, cfg, out, resume: bool = False, n_boot: int = 1000,
         if res is not None:
             log(f"[demo] variant {i}/{len(specs)}: {spec.name}: finished before, read from {run_dir / 'metrics.json'}")
         else:
-            log(f"[demo] variant {i}/{len(specs)}: {spec.name}  ({time.perf_counter() - start:.0f} s so far)")
+            # a row file marks a finished run: under other options or inputs there is nothing to continue, train anew
+            stale = resume and (run_dir / ROW_FILE).is_file()
+            again = "; finished before under other options or inputs: trained again" if stale else ""
+            log(f"[demo] variant {i}/{len(specs)}: {spec.name}  ({time.perf_counter() - start:.0f} s so far{again})")
+            if is_main():
+                (run_dir / ROW_FILE).unlink(missing_ok=True)  # written again once this run has finished
             t0 = time.perf_counter()
-            res = run_variant(ctx, spec, cfg, run_dir, resume=resume)
+            res = run_variant(ctx, spec, cfg, run_dir, resume=resume and not stale)
             if is_main():  # under a launcher only rank 0 writes
                 atomic_write_text(run_dir / ROW_FILE, json.dumps({"key": keys[spec.name], "variant": spec.name}))
             todo = [s for s in specs[i:] if done[s.name] is None]

@@ -91,16 +91,18 @@ def test_demo_resume_reads_finished_variants_instead_of_rescoring_them(tmp_path,
     run_ablation(_fake_context(), specs[:1], cfg, tmp_path, n_boot=20, log=logs.append)
     assert calls[-1] == (specs[0].name, False)
     run_ablation(_fake_context("b"), specs[:1], cfg, tmp_path, resume=True, n_boot=20, log=logs.append)
-    assert calls[-1] == (specs[0].name, True)
+    assert calls[-1] == (specs[0].name, False)  # finished under other inputs: nothing to continue, trained anew
+    assert "finished before under other options or inputs: trained again" in logs[-1]
     from dataclasses import replace
 
     run_ablation(_fake_context("b"), specs, replace(cfg, k=3), tmp_path, resume=True, n_boot=20, log=logs.append)
     assert [c[0] for c in calls[-2:]] == [s.name for s in specs]
-    # a finished run folder missing a file is not finished
+    # a finished run folder missing a file is not finished; an interrupted one (no row file) continues
     (tmp_path / "rellax-full" / "loss.json").unlink()
+    (tmp_path / "w-o-spa" / "ablation_row.json").unlink()
     n = len(calls)
     run_ablation(_fake_context("b"), specs, replace(cfg, k=3), tmp_path, resume=True, n_boot=20, log=logs.append)
-    assert len(calls) == n + 1
+    assert calls[n:] == [(specs[0].name, False), (specs[1].name, True)]
 
 
 def test_demo_prints_an_eta_from_the_first_variant(tmp_path, monkeypatch):
