@@ -43,12 +43,15 @@ _RATING_P = np.array([1.6, 3.4, 1.6, 6.8, 4.9, 19.6, 13.1, 26.6, 8.8, 13.6])  # 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .._argtypes import number
+
     g = parser.add_argument_group("bench data (`rellax-fast bench data`)")
     g.add_argument("--users", default=str(ML25M_USERS),
                    help=f"generated users, or comma-separated sizes run in turn (ML-25M: {ML25M_USERS})")
     g.add_argument("--items", type=int, default=ML25M_ITEMS, help=f"generated movies (ML-25M: {ML25M_ITEMS:,})")
     g.add_argument("--tail-length", type=int, default=30_000, help="one user gets this many ratings (the tail)")
-    g.add_argument("--length-scale", type=float, default=1.0, help="multiplies every generated history length")
+    g.add_argument("--length-scale", type=number(0, low_open=True), default=1.0,
+                   help="multiplies every generated history length")
     g.add_argument("--gen-seed", type=int, default=0, help="seed of the generated files and of the samples")
     g.add_argument("--targets", type=int, default=100_000, help="retrieval sample size (capped at the samples)")
     g.add_argument("--dim", type=int, default=384, help="item embedding size of the stand-in encoder")

@@ -87,13 +87,15 @@ PRESETS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The lifelong bench's own options (the model/DIN options and --n-boot, --fresh are the quality bench's)."""
+    from .._argtypes import number
+
     g = parser.add_argument_group("bench lifelong")
     g.add_argument("--ks", default=None, help="comma-separated history lengths K (preset default: 5,10,20,30)")
     g.add_argument("--methods", default=None,
                    help=f"comma-separated methods (default: all of {','.join(METHODS)}); DIN is always the reference")
     g.add_argument("--preset", default="auto", choices=("auto", "cpu", "gpu", "none"),
                    help="bench lifelong sizes (auto: gpu when CUDA is visible, else cpu; none: the flags as given)")
-    g.add_argument("--budget-quantile", type=float, default=BUDGET_QUANTILE,
+    g.add_argument("--budget-quantile", type=number(0, 1, low_open=True), default=BUDGET_QUANTILE,
                    help="bench lifelong: token budget per K = this quantile of the training prompts' token counts ...")
     g.add_argument("--budget-margin", type=int, default=BUDGET_MARGIN, help="... plus this many tokens (then rounded up to 8)")
     g.add_argument("--estimate-steps", type=int, default=0,

@@ -193,6 +193,18 @@ def test_numeric_options_are_checked_when_parsed(tmp_path, capsys, command, flag
     assert not out.exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train-ctr", "--lr=inf"], "argument --lr: must be a finite number > 0; got 'inf'"),
+    (["bench", "data", "--length-scale=nan"], "argument --length-scale: must be a finite number > 0; got 'nan'"),
+    (["bench", "lifelong", "--budget-quantile=1.5"], "argument --budget-quantile: must be a finite number > 0 and <= 1"),
+    (["bench", "cflora", "--repeat=0"], "argument --repeat: must be an integer >= 1; got '0'"),
+    (["demo", "--n-boot=0"], "argument --n-boot: must be an integer >= 1; got '0'"),
+])  # fmt: skip
+def test_other_commands_check_their_numbers_when_parsed(tmp_path, capsys, argv, message):
+    rc, err = _call(capsys, [*argv, "--out", str(tmp_path / "o")])
+    assert rc == 2 and message in err and not (tmp_path / "o").exists()
+
+
 def _unavailable_backend():
     """A backend the CFLoRA op cannot run on the device training would use here (cuda on a CPU build; cpp for CUDA
     tensors on a GPU machine): always one exists."""
