@@ -14,8 +14,10 @@ backend follows this rule.
 Host syncs per call (GPU tensors): one, in the validation (every value check and max(sample_pos) read
 back together), plus one inside the CUDA C++ op, which re-checks its indices for direct torch.ops callers.
 The Triton work list is built on the device. The full-table finiteness check and the cosine
-normalisation / float32 conversion of the table are cached per item_emb (identity + version counter,
-see :class:`_TableCache`), so a fixed table is checked and normalised once, not per call.
+normalisation / float32 conversion of the table are cached per item_emb, and the checks over every entry of
+seq_items / seq_offsets per tensor (identity + version counter, see :class:`_TableCache`), so fixed data are
+checked and normalised once, not per call; a CPU call that reads a small part of the data hands the C++
+kernel only that part (:func:`compact_call`).
 
 This module owns the argument validation (done once here, for every backend), the float64-capable
 PyTorch oracle :func:`semantic_topk_ref`, the torch.library fake registration of the C++/CUDA op, and the
@@ -101,8 +103,10 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
     """The value checks, computed on the device and read back with ONE host sync; returns max(sample_pos).
 
     Every check becomes a 0-d int64 tensor (a first bad index, or a value); they are stacked and read with
-    one ``tolist()``. Only a failing call pays more syncs, to quote the bad entry. The full-table finiteness
-    check of item_emb is skipped when the same tensor (identity and version) passed it before.
+    one ``tolist()``. Only a failing call pays more syncs, to quote the bad entry. The checks that read every
+    row of item_emb (finite) or every entry of seq_items / seq_offsets (in range, non-decreasing) are skipped
+    when the same tensor (identity and version, :class:`_TableCache`) passed them before: a call's own cost
+    then grows with its samples, not with the whole history.
     """
     n_items, total = item_emb.shape[0], seq_items.shape[0]
     n_users = seq_offsets.shape[0] - 1
@@ -114,20 +118,22 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
     if n_samples and n_users == 0:
         raise ValueError("semantic_topk: sample_user must be in [0, 0) (U = len(seq_offsets) - 1); "
                          f"sample_user[0] = {int(sample_user[0])}")
-    check_finite = item_emb.numel() > 0 and not _TABLES.finite(item_emb)
-    lengths = seq_offsets[1:] - seq_offsets[:-1]
-    bad_item = (seq_items < 0) | (seq_items >= n_items)
+    check_finite = item_emb.numel() > 0 and not _TABLES.known(item_emb, "finite")
+    # the checks over every entry of seq_items / seq_offsets (O(total)) are paid once per tensor (#28)
+    items_fact, offsets_fact = f"items in [0, {n_items})", f"offsets end <= {total}"
+    check_items = not _TABLES.known(seq_items, items_fact)
+    check_offsets = not _TABLES.known(seq_offsets, offsets_fact)
     if n_samples:
         bad_user = (sample_user < 0) | (sample_user >= n_users)
         u = sample_user.clamp(0, n_users - 1)
-        user_len = lengths[u]
+        user_len = seq_offsets[u + 1] - seq_offsets[u]
         bad_pos = (sample_pos < 0) | (sample_pos >= user_len)
     flags = torch.stack([
         _first_true((~torch.isfinite(item_emb)).any(dim=1)) if check_finite else zero + n_items,
         seq_offsets[0],
-        _first_true(lengths < 0),
+        _first_true(seq_offsets[1:] < seq_offsets[:-1]) if check_offsets else zero + n_users,
         seq_offsets[-1],
-        _first_true(bad_item),
+        _first_true((seq_items < 0) | (seq_items >= n_items)) if check_items else zero + total,
         _first_true(bad_user) if n_samples else zero,
         _first_true(bad_pos) if n_samples else zero,
         sample_pos.max() if n_samples else zero,
@@ -135,8 +141,6 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
     first_nonfinite, offset0, first_decrease, offset_last, first_bad_item, first_bad_user, first_bad_pos, max_pos = flags
     if first_nonfinite < n_items:
         raise ValueError(f"semantic_topk: item_emb must be finite; row {first_nonfinite} holds NaN or inf")
-    if check_finite:
-        _TABLES.mark_finite(item_emb)
     if offset0 != 0:
         raise ValueError(f"semantic_topk: seq_offsets must start at 0; got seq_offsets[0] = {offset0}")
     if first_decrease < n_users:
@@ -153,6 +157,10 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
         raise ValueError(
             f"semantic_topk: seq_items holds item ids in [0, {n_items}) (rows of item_emb); "
             f"seq_items[{bad}] = {int(seq_items[bad])}")
+    for tensor, fact, checked in ((item_emb, "finite", check_finite), (seq_items, items_fact, check_items),
+                                  (seq_offsets, offsets_fact, check_offsets)):
+        if checked:
+            _TABLES.mark(tensor, fact)
     if n_samples and first_bad_user < n_samples:
         bad = first_bad_user
         raise ValueError(
@@ -168,7 +176,8 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
 
 
 class _TableCache:
-    """Per-item_emb facts reused across calls: "passed the finiteness check" and the prepared kernel tables.
+    """Per-tensor facts reused across calls: checks passed ("finite" for item_emb, the range checks of
+    seq_items and seq_offsets) and item_emb's prepared kernel tables.
 
     Keyed on the tensor's identity (a weak reference: nothing here keeps item_emb alive) and validated on
     every lookup against its version counter (bumped by every in-place write through torch), data pointer,
@@ -178,7 +187,7 @@ class _TableCache:
     table of memory while item_emb lives; at most ``capacity`` tensors are remembered (least recent out).
     """
 
-    def __init__(self, capacity: int = 4):
+    def __init__(self, capacity: int = 8):
         self.capacity = capacity
         self._entries: OrderedDict[int, dict] = OrderedDict()
 
@@ -201,21 +210,22 @@ class _TableCache:
             entry = None
         if entry is None and create:
             self._entries[key] = entry = {"ref": weakref.ref(t, lambda _r, k=key: self._entries.pop(k, None)),
-                                          "sig": sig, "finite": False, "tables": {}}
+                                          "sig": sig, "facts": set(), "tables": {}}
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         if entry is not None:
             self._entries.move_to_end(key)
         return entry
 
-    def finite(self, t: torch.Tensor) -> bool:
+    def known(self, t: torch.Tensor, fact: str) -> bool:
+        """Whether ``t`` (this identity and version) passed the check named ``fact`` before."""
         entry = self._entry(t, create=False)
-        return bool(entry and entry["finite"])
+        return bool(entry and fact in entry["facts"])
 
-    def mark_finite(self, t: torch.Tensor) -> None:
+    def mark(self, t: torch.Tensor, fact: str) -> None:
         entry = self._entry(t, create=True)
         if entry is not None:
-            entry["finite"] = True
+            entry["facts"].add(fact)
 
     def table(self, t: torch.Tensor, kind: str, make):
         """``make(t)`` cached under ``kind``; a result that is ``t`` itself is returned but not stored."""
@@ -365,17 +375,57 @@ def _run_triton(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, no
                                 normalize=normalize, max_pos=max_pos, prepared=True)
 
 
-def _run_cpp(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize, max_pos):
-    # the CPU kernel builds its own padded table, fused with the normalisation, inside the op
+def _call_ext(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize):
     return ext_op(OP)(item_emb.contiguous(), seq_items.contiguous(), seq_offsets.contiguous(),
                       sample_user.contiguous(), sample_pos.contiguous(), k, normalize)
+
+
+# compact a CPU call when the samples' users, cut after their last target, hold at most this share of the entries
+COMPACT_MAX_SHARE = 0.25
+
+
+def compact_call(item_emb, seq_items, seq_offsets, sample_user, sample_pos):
+    """The same query on only what it reads, or None when that is most of the data (#28).
+
+    The CPU kernel's fixed work per call grows with the whole input: it range-checks every entry of
+    ``seq_items``, counting-sorts the samples into a (total + 1) bucket array and builds a padded
+    (normalised) float32 copy of all of ``item_emb``. A call for a few targets (a retrieval chunk, a
+    history band) reads only its users' sequences up to their last target. Here the samples are sorted
+    (``torch.unique`` on the users: O(S log S), no pass over every entry), those prefixes are packed into
+    a smaller ``seq_items`` / ``seq_offsets`` (positions within a user are unchanged), and, when they name
+    at most half of the items, ``item_emb`` is cut to those rows (ids remapped). Each row is normalised
+    alone, so scores and positions are bit-identical to the uncompacted call (tests/subr/test_retrieval.py).
+    Returns (item_emb, seq_items, seq_offsets, sample_user, sample_pos) or None.
+    """
+    users, local_user = torch.unique(sample_user, return_inverse=True)
+    last = torch.full((users.shape[0],), -1, dtype=torch.int64).scatter_reduce(0, local_user, sample_pos, "amax")
+    lengths = last + 1
+    offsets = torch.zeros(users.shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    kept = int(offsets[-1])
+    if kept > COMPACT_MAX_SHARE * seq_items.shape[0]:
+        return None
+    flat = torch.repeat_interleave(seq_offsets[users] - offsets[:-1], lengths) + torch.arange(kept)
+    items = seq_items[flat]
+    rows, local_items = torch.unique(items, return_inverse=True)
+    if 2 * rows.shape[0] <= item_emb.shape[0]:
+        item_emb, items = item_emb[rows], local_items
+    return item_emb, items, offsets, local_user, sample_pos
+
+
+def _run_cpp(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize, max_pos):
+    # the CPU kernel builds its own padded table, fused with the normalisation, inside the op
+    compact = compact_call(item_emb, seq_items, seq_offsets, sample_user, sample_pos)
+    if compact is not None:
+        return _call_ext(*compact, k, normalize)
+    return _call_ext(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize)
 
 
 def _run_cuda(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize, max_pos):
     # the same torch.library op as cpp (the dispatcher picks the kernel by device); the CUDA kernel gets the
     # cached float32 (normalised) table with normalize=False
     table = _TABLES.table(item_emb, f"cuda-{normalize}", lambda t: _cuda_table(t, normalize))
-    return _run_cpp(table, seq_items, seq_offsets, sample_user, sample_pos, k, False, max_pos)
+    return _call_ext(table, seq_items, seq_offsets, sample_user, sample_pos, k, False)
 
 
 _backend.register_impl(OP, "reference", _run_reference)
