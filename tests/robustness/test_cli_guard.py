@@ -10,7 +10,7 @@ import json
 import os
 
 import pytest
-from corpus import write_variant
+from corpus import VARIANTS, Expect, write_variant
 
 from rellax_fast import cli
 from rellax_fast._io import DiskFullError, atomic_write, atomic_write_text
@@ -70,6 +70,22 @@ def test_every_command_on_bad_input_ends_in_one_error_line(tmp_path, capsys, mon
             rc, err = _call(capsys, argv)
         _assert_one_error_line(rc, err, case_id)
     assert (tmp_path / "a-file").read_text() == "keep"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, v in VARIANTS.items() if v.expect is Expect.error))
+@pytest.mark.parametrize("command", ["train-ctr", "train"])
+def test_the_bad_input_corpus_through_train_ctr_and_train(tmp_path, capsys, command, name):
+    """The corpus `prepare` is held to (test_inputs_corpus.py), fed to the commands that load the raw data
+    themselves: each variant is one `error:` line naming the file and what is wrong, exit 2, nothing written."""
+    import re
+
+    folder = write_variant(name, tmp_path / "ml-100k")
+    out = tmp_path / "out"
+    rc, err = _call(capsys, [command, "--dataset", "ml-100k", "--data-dir", str(folder), "--out", str(out)])
+    assert rc == cli.EXIT_USER_ERROR and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and str(folder) in line and re.search(VARIANTS[name].message, line), err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def _raising(exc):
