@@ -26,7 +26,7 @@ import sys
 import traceback
 from typing import List, Optional
 
-DATASETS = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "bookcrossing", "synthetic")
+from .data.names import DATASETS
 
 # command -> (module, help)
 COMMANDS = {
@@ -94,11 +94,16 @@ def _needs_extra(command: str, exc: ModuleNotFoundError) -> Optional[str]:
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """argparse's defaults formatter (every option's help ends with its default), except where the help already
-    says its default in words ("(default: --lr)", "(default: 2 r^2)", "preset default: ...")."""
+    says its default in words ("(default: --lr)", "(default: 2 r^2)", "preset default: ..."); a required option
+    has none, and an unset one (None) reads "(default: not set)"."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        return text if "default" in text.lower() else super()._get_help_string(action)
+        if "default" in text.lower() or action.required:
+            return text
+        if action.default is None and action.option_strings:
+            return f"{text} (default: not set)"
+        return super()._get_help_string(action)
 
 
 def add_common(parser: argparse.ArgumentParser, default_out: str = "runs") -> None:

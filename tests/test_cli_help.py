@@ -35,7 +35,7 @@ def test_every_option_of_every_command_has_a_help_that_shows_its_default():
         for name, (action, text) in _helps(sub).items():
             if not text.strip():
                 missing_help.append(f"{command} {name}")
-            elif action.option_strings and "default" not in text:
+            elif action.option_strings and not action.required and "default" not in text:
                 missing_default.append(f"{command} {name}: {text!r}")
     assert not missing_help, f"options without a help text: {missing_help}"
     assert not missing_default, f"options whose help shows no default: {missing_default}"
@@ -52,6 +52,10 @@ def test_a_default_is_shown_once_and_is_the_real_one(capsys):
     assert "--lr LR learning rate (AdamW) (default: 0.001)" in text
     assert "--lr-lora LR_LORA learning rate of CFLoRA A and B (default: --lr)" in text
     assert text.count("(default: synthetic)") == 1
+    assert main(["eval", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--run RUN a run folder written by `rellax-fast train` or `demo` --split" in text  # required: no default
+    assert "instead of a split (default: not set)" in text and "(default: None)" not in text
 
 
 def test_top_level_help_lists_every_bench_suite(capsys):
