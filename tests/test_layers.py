@@ -205,3 +205,47 @@ def test_every_package_is_listed_for_the_wheel():
     listed = set(tomllib.loads((Path(REPO) / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     on_disk = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
     assert on_disk - {"rellax_fast.kernels"} <= listed, sorted(on_disk - listed)
+
+
+# facts with one home (#29 item 3): each of these names is assigned at module level in exactly one module;
+# everywhere else imports it
+SINGLE_HOMES = {
+    "DATASETS": "rellax_fast.data.names",
+    "BACKEND_CHOICES": "rellax_fast.ops._backend",
+    "BACKENDS": "rellax_fast.ops._backend",
+    "INTERACTIONS": "rellax_fast.cflora.interaction",
+}
+
+
+def assignments_of(path: Path) -> set:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for target in targets:
+            names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return names
+
+
+def test_single_homes_are_assigned_once():
+    homes = {name: [] for name in SINGLE_HOMES}
+    for module, path in package_modules().items():
+        for name in assignments_of(path) & set(SINGLE_HOMES):
+            homes[name].append(module)
+    assert homes == {name: [home] for name, home in SINGLE_HOMES.items()}, homes
+
+
+def test_interaction_flag_accepts_a_kind_registered_after_import():
+    # --interaction reads the live registry (it used to check a tuple frozen at import)
+    import argparse
+
+    from rellax_fast.cflora.interaction import INTERACTIONS, StaticInteraction
+    from rellax_fast.train.args import interaction_kind
+
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid choice: 'late-kind'"):
+        interaction_kind("late-kind")
+    INTERACTIONS["late-kind"] = StaticInteraction
+    try:
+        assert interaction_kind("late-kind") == "late-kind"
+    finally:
+        del INTERACTIONS["late-kind"]

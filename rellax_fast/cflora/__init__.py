@@ -21,10 +21,11 @@ from .adapters import (
     delete_cflora_adapter,
     set_cflora_adapter,
 )
-from .config import INTERACTIONS, CFLoRAConfig
+from .config import CFLoRAConfig
 from .hooks import disable_cflora_cond_kwarg, enable_cflora_cond_kwarg
 from .interaction import (
     INTERACTION_KINDS,
+    INTERACTIONS,
     FullInteraction,
     IdentityInteraction,
     InteractionGenerator,

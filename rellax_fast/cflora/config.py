@@ -15,12 +15,10 @@ from dataclasses import InitVar, dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from .._io import atomic_write_bytes
-from ..ops._backend import BACKENDS
-from .interaction import INTERACTION_KINDS, INTERACTIONS, interaction_class  # noqa: F401  (re-exported)
+from ..ops._backend import BACKEND_CHOICES
+from .interaction import interaction_class
 
 LORA_INITS = ("kaiming", "gaussian", "random")
-# None: automatic per call; "auto": the same, spelled out; else one of ops._backend.BACKENDS
-BACKEND_CHOICES = (None, "auto", *BACKENDS)
 # target_modules value meaning every nn.Linear / Conv1D except the output head (PEFT's "all-linear")
 ALL_LINEAR = "all-linear"
 # The "format" tag of a saved config. What each version means (rules enforced by persistence.read_cflora):

@@ -25,6 +25,7 @@ from pathlib import Path
 from .bookcrossing import load_bookcrossing
 from .domains import RecDataset
 from .movielens import ML1M_OCCUPATIONS, ML100K_GENRES, load_ml1m, load_ml100k, load_movielens_csv
+from .names import DATASETS
 from .parsing import DataFormatError, DataWarning
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "ML1M_OCCUPATIONS", "load_ml100k", "load_ml1m", "load_movielens_csv", "load_bookcrossing",
 ]  # fmt: skip
 
-DATASETS = ("ml-100k", "ml-1m", "ml-20m", "ml-25m", "ml-latest-small", "bookcrossing", "synthetic")
 
 
 def default_data_dir(name: str) -> Path:

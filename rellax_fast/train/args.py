@@ -78,10 +78,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
 def interaction_kind(value: str) -> str:
     """argparse type of ``--interaction``: a kind registered in ``cflora.interaction.INTERACTIONS`` (checked
     when the flag is parsed, so that building the parser imports no torch)."""
-    from ..cflora.interaction import INTERACTION_KINDS
+    from ..cflora.interaction import (
+        INTERACTIONS,  # the live registry: kinds registered after import count too
+    )
 
-    if value not in INTERACTION_KINDS:
-        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(INTERACTION_KINDS)})")
+    if value not in INTERACTIONS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(INTERACTIONS)})")
     return value
 
 
