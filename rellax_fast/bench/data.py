@@ -15,6 +15,12 @@ under ``--out``), the stage runner and the report. Stages, each in its own child
 - ``train-ctr``: DIN (``ctr.store.fit_din``) on the prepared folder for one epoch, evaluation passes included;
   the training rate is the epoch's samples over the epoch's time (the evaluation passes are timed apart).
 
+Against the limit (#28): before the sizes, a child process measures the machine's GEMM rate (``torch.mm`` at
+``--gemm-size`` cubed, fp32 and bf16, the best of a few repeats: the rate the cores reach in this run), and every
+throughput row states its useful GFLOP/s and that as a share of the rate of its precision. Useful FLOPs:
+retrieval 2 d per (target, earlier behaviour); DIN training 3x the forward's matmul FLOPs per sample
+(``ctr.din.matmul_flops_per_sample`` at the padded history width), in the precision it trains in.
+
 Bytes written: the growth of the stage's output folder. Reports: ``data.json`` and ``data.md`` under
 ``--out``, written atomically. Generated lengths: 20 + lognormal (mean about 154 ratings per user, as in
 ML-25M), one user at ``--tail-length`` (30,000 by default: ML-25M's longest has 32,202), item popularity
@@ -37,6 +43,7 @@ import numpy as np
 ML25M_USERS = 162_541
 ML25M_ITEMS = 62_423
 STAGES = ("prepare", "embed", "retrieve", "train-ctr")
+GEMM_SIZE = 2048  # 17 GFLOP per fp32 product: ~0.1 s on 2 idle cores, large enough for the blocked kernel's peak
 BANDS = ((5, 50), (50, 500), (500, 5000), (5000, None))  # history-length bands of the retrieval sample
 _RATING_VALUES = np.arange(1, 11) / 2.0
 _RATING_P = np.array([1.6, 3.4, 1.6, 6.8, 4.9, 19.6, 13.1, 26.6, 8.8, 13.6])  # ML-25M's histogram, roughly
@@ -57,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dim", type=int, default=384, help="item embedding size of the stand-in encoder")
     g.add_argument("--topk-backend", default="cpp", help="semantic_topk backend for the retrieve stage (default cpp)")
     g.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    g.add_argument("--gemm-size", type=int, default=GEMM_SIZE,
+                   help="n of the n x n x n torch.mm that measures the machine's GEMM rate (fp32 and bf16); 0: skip it")
 
 
 # --------------------------------------------------------------------------------------------- generator
@@ -113,6 +122,36 @@ def generate_movielens(folder, users: int, items: int = ML25M_ITEMS, seed: int =
 
 
 # ------------------------------------------------------------------------------------------ stage bodies
+
+
+def gemm_rate(n: int = GEMM_SIZE, repeats: int = 5) -> dict:
+    """The machine's GEMM rate in this process: GFLOP/s of ``torch.mm`` on n x n operands in fp32 and bf16,
+    the best of ``repeats`` timed products after one warm-up (the best is the rate the cores reach; a shared
+    machine only slows some repeats). 2 n^3 FLOPs per product."""
+    import torch
+
+    if n < 1:
+        raise ValueError(f"gemm size must be >= 1, got {n}")
+    gen = torch.Generator().manual_seed(0)
+    out = {"n": n, "threads": torch.get_num_threads()}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a = torch.randn(n, n, generator=gen).to(dtype)
+        b = torch.randn(n, n, generator=gen).to(dtype)
+        torch.mm(a, b)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - t)
+        out[f"{name}_gflops"] = 2.0 * n**3 / best / 1e9
+    return out
+
+
+def against_limit(gflops: float, gemm: Optional[dict], precision: str = "fp32") -> str:
+    """"X useful GFLOP/s (P% of the fp32 GEMM rate)" for a report row; without a GEMM rate, just the figure."""
+    text = f"{gflops:,.1f} useful GFLOP/s"
+    rate = (gemm or {}).get(f"{precision}_gflops")
+    return f"{text} ({100 * gflops / rate:.1f}% of {precision} GEMM)" if rate else text
 
 
 def _stage_embed(prepared: Path, out: Path, dim: int, seed: int) -> dict:
@@ -172,6 +211,7 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
     with atomic_path(out / "retrieved.npz") as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, user_index=ui, pos=pos, retrieved_pos=rpos.numpy(), retrieved_score=rscore.numpy())
+    flops_per_candidate = 2.0 * emb.shape[1]  # one d-long dot product per (target, earlier behaviour)
     bands = {}
     for lo, hi in BANDS:  # each band again on its own: the rate by history length
         keep = (pos >= lo) & (pos < (hi or np.inf))
@@ -181,14 +221,15 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
                      backend=backend, item_ids=ids, show_progress=False)  # fmt: skip
             t = time.perf_counter() - t
             bands[f"{lo}-{hi - 1 if hi else ''}"] = {"targets": int(keep.sum()), "mean_history": float(pos[keep].mean()),
-                                                     "targets_per_s": float(keep.sum() / t)}  # fmt: skip
+                                                     "targets_per_s": float(keep.sum() / t),
+                                                     "useful_gflops": flops_per_candidate * float(pos[keep].sum()) / t / 1e9}  # fmt: skip
     return {"targets": int(len(pos)), "k": 10, "backend": backend, "load_s": load_s, "retrieve_s": seconds,
             "targets_per_s": len(pos) / seconds, "max_history": int(pos.max()), "mean_history": float(pos.mean()),
-            "bands": bands}  # fmt: skip
+            "useful_gflops": flops_per_candidate * float(pos.sum()) / seconds / 1e9, "bands": bands}  # fmt: skip
 
 
 def _stage_train_ctr(prepared: Path, out: Path, seed: int) -> dict:
-    from ..ctr.din import DINTrainConfig, predict
+    from ..ctr.din import DINTrainConfig, matmul_flops_per_sample, predict, training_precision
     from ..ctr.store import fit_din, save_ctr, split_arrays
     from ..data.ctr import load_prepared
 
@@ -196,7 +237,8 @@ def _stage_train_ctr(prepared: Path, out: Path, seed: int) -> dict:
     data = load_prepared(prepared)
     load_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    model, report, vocab = fit_din(data, None, DINTrainConfig(epochs=1, seed=seed, progress=False))
+    train_config = DINTrainConfig(epochs=1, seed=seed, progress=False)
+    model, report, vocab = fit_din(data, None, train_config)
     fit_s = time.perf_counter() - t1
     # the evaluation passes inside fit_din (valid twice, test once), timed apart to isolate the epoch
     t2 = time.perf_counter()
@@ -206,15 +248,20 @@ def _stage_train_ctr(prepared: Path, out: Path, seed: int) -> dict:
     eval_s = test_s * (2 * n["valid"] + n["test"]) / max(n["test"], 1)
     epoch_s = max(fit_s - eval_s, 1e-9)
     save_ctr(model, vocab, report, out)
+    rate = n["train"] / epoch_s
     return {"train_samples": n["train"], "load_s": load_s, "fit_s": fit_s, "epoch_s": epoch_s,
-            "train_samples_per_s": n["train"] / epoch_s, "predict_samples_per_s": n["test"] / max(test_s, 1e-9),
+            "train_samples_per_s": rate, "predict_samples_per_s": n["test"] / max(test_s, 1e-9),
+            "precision": training_precision(train_config.mixed_precision),
+            "useful_gflops": 3 * matmul_flops_per_sample(model.config) * rate / 1e9,
             "valid_auc": report.valid.get("auc"), "test_auc": report.test.get("auc")}  # fmt: skip
 
 
 def _stage_main(argv: List[str]) -> int:
     """Child-process entry: ``python -m rellax_fast.bench.data STAGE JSON``; prints one JSON line."""
     stage, opts = argv[0], json.loads(argv[1])
-    if stage == "embed":
+    if stage == "gemm":
+        res = gemm_rate(opts["n"])
+    elif stage == "embed":
         res = _stage_embed(Path(opts["prepared"]), Path(opts["out"]), opts["dim"], opts["seed"])
     elif stage == "retrieve":
         res = _stage_retrieve(Path(opts["prepared"]), Path(opts["emb"]), Path(opts["out"]), opts["targets"],
@@ -325,6 +372,11 @@ def extrapolate(results: List[dict], ratings: int = ML25M_RATINGS) -> Dict[str, 
 def markdown(report: dict) -> str:
     lines = ["# bench data", "", f"Machine: {report['machine']}. Stand-in encoder: seeded random {report['dim']}-d item "
              f"table. Seed {report['seed']}.", ""]  # fmt: skip
+    gemm = report.get("gemm")
+    if gemm:
+        lines += [f"GEMM rate in this run (torch.mm, {gemm['n']}^3, {gemm['threads']} threads, best of 5): fp32 "
+                  f"{gemm['fp32_gflops']:,.1f} GFLOP/s, bf16 {gemm['bf16_gflops']:,.1f} GFLOP/s. Useful GFLOP/s: "
+                  "retrieval 2 d per (target, earlier behaviour); DIN 3x the forward's matmul FLOPs per sample.", ""]  # fmt: skip
     for result in report["sizes"]:
         gen = result["generated"]
         lines += [
@@ -339,10 +391,14 @@ def markdown(report: dict) -> str:
         for name, r in result["stages"].items():
             rate = ""
             if name == "retrieve":
-                rate = (f"{r['targets_per_s']:,.0f} targets/s ({r['targets']:,}, history up to {r['max_history']:,}); "
-                        + ", ".join(f"{b}: {v['targets_per_s']:,.0f}/s" for b, v in r["bands"].items()))  # fmt: skip
+                rate = (f"{r['targets_per_s']:,.0f} targets/s, {against_limit(r['useful_gflops'], gemm)} "
+                        f"({r['targets']:,}, history up to {r['max_history']:,}); "
+                        + ", ".join(f"{b}: {v['targets_per_s']:,.0f}/s, {against_limit(v['useful_gflops'], gemm)}"
+                                    for b, v in r["bands"].items()))  # fmt: skip
             elif name == "train-ctr":
-                rate = f"{r['train_samples_per_s']:,.0f} train samples/s ({r['train_samples']:,} samples, 1 epoch)"
+                rate = (f"{r['train_samples_per_s']:,.0f} train samples/s, "
+                        f"{against_limit(r['useful_gflops'], gemm, r['precision'])} ({r['train_samples']:,} samples, "
+                        f"1 epoch, {r['precision']}; valid AUC {r['valid_auc']:.4f})")  # fmt: skip
             lines.append(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
                          f"{r['bytes_written'] / 1e6:.1f} | {rate} |")  # fmt: skip
         lines.append("")
@@ -376,10 +432,21 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         print(f"error: --users: expected comma-separated integers, got {args.users!r}", file=sys.stderr)
         return 2
+    if args.gemm_size < 0:
+        print(f"error: --gemm-size must be >= 0 (0: skip the GEMM rate); got {args.gemm_size}", file=sys.stderr)
+        return 2
     if not sizes or min(sizes) < 1 or args.targets < 1 or args.dim < 1:
         print(f"error: --users, --targets and --dim must be >= 1; got {args.users}, {args.targets}, {args.dim}",
               file=sys.stderr)  # fmt: skip
         return 2
+    gemm = None
+    if args.gemm_size > 0:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        gemm = {k: v for k, v in run_stage([sys.executable, "-m", "rellax_fast.bench.data", "gemm",
+                                            json.dumps({"n": args.gemm_size})], Path(args.out)).items()
+                if k in ("n", "threads", "fp32_gflops", "bf16_gflops")}  # fmt: skip
+        print(f"GEMM rate: fp32 {gemm['fp32_gflops']:,.1f} GFLOP/s, bf16 {gemm['bf16_gflops']:,.1f} GFLOP/s "
+              f"(torch.mm {args.gemm_size}^3)", flush=True)  # fmt: skip
     results = []
     for users in sizes:
         print(f"== bench data: {users:,} users", flush=True)
@@ -393,7 +460,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
         # the reports are rewritten after every size, so a long run that is stopped keeps what it measured
         report = {"seed": args.gen_seed, "dim": args.dim, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                  "sizes": results, "extrapolated_full_size": extrapolate(results)}  # fmt: skip
+                  "gemm": gemm, "sizes": results, "extrapolated_full_size": extrapolate(results)}  # fmt: skip
         atomic_write_text(Path(args.out) / "data.json", json.dumps(report, indent=2) + "\n")
         text = markdown(report)
         atomic_write_text(Path(args.out) / "data.md", text)

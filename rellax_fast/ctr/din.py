@@ -391,14 +391,31 @@ def train_din(
     return model, report
 
 
-def _autocast(mixed_precision: str):
-    """The training forward's autocast context for a ``DINTrainConfig.mixed_precision`` value."""
+def training_precision(mixed_precision: str) -> str:
+    """"bf16" or "fp32": what the training forward computes in for a ``DINTrainConfig.mixed_precision`` value."""
     from ..ops._backend import cpu_has_native_bf16
 
     if mixed_precision not in ("fast", "bf16", "no"):
         raise ValueError(f"mixed_precision: expected 'fast', 'bf16' or 'no', got {mixed_precision!r}")
     bf16 = mixed_precision == "bf16" or (mixed_precision == "fast" and cpu_has_native_bf16())
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    return "bf16" if bf16 else "fp32"
+
+
+def _autocast(mixed_precision: str):
+    """The training forward's autocast context for a ``DINTrainConfig.mixed_precision`` value."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=training_precision(mixed_precision) == "bf16")
+
+
+def matmul_flops_per_sample(config: DINConfig, history: Optional[int] = None) -> int:
+    """The matmul FLOPs (2 per multiply-add) of one sample's forward: the attention unit as computed (the
+    target term, then per position one dim x hidden product and the score), the pooling and the MLP, at
+    ``history`` positions (default: ``max_history``, the padded width every batch computes); elementwise work
+    is not counted (torch's FlopCounterMode counts the same, tests/ctr/test_din.py). A training step costs
+    about 3x this (the backward computes two products per forward one)."""
+    e, hidden, positions = config.embed_dim, config.attention_hidden, config.max_history if history is None else history
+    attention = 2 * e * hidden + positions * (2 * e * hidden + 2 * hidden + 2 * e)
+    widths = [e * (4 if config.n_users > 0 else 3), *config.mlp_hidden, 1]
+    return int(attention + sum(2 * a * b for a, b in zip(widths[:-1], widths[1:])))
 
 
 def _embeddings(model: DIN) -> List[nn.Embedding]:

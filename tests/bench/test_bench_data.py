@@ -97,10 +97,18 @@ def test_the_whole_pipeline_runs_per_stage_and_reports(tmp_path):
     ok = got["retrieved_pos"] >= 0
     assert (got["retrieved_pos"][ok] < np.repeat(got["pos"], 10).reshape(-1, 10)[ok]).all()  # only earlier ones
     assert st["train-ctr"]["train_samples"] > 0 and 0 <= st["train-ctr"]["test_auc"] <= 1
+    # useful FLOPs (#28): retrieval 2 d per (target, earlier behaviour) over the timed call
+    expect = 2 * 16 * got["pos"].sum() / st["retrieve"]["retrieve_s"] / 1e9
+    assert st["retrieve"]["useful_gflops"] == pytest.approx(expect)
+    assert all(b["useful_gflops"] > 0 for b in st["retrieve"]["bands"].values())
+    assert st["train-ctr"]["useful_gflops"] > 0 and st["train-ctr"]["precision"] in ("fp32", "bf16")
     assert (tmp_path / "ctr" / "din.safetensors").exists()
-    report = {"seed": 0, "dim": 16, "machine": "test", "sizes": [res], "extrapolated_full_size": extrapolate([res])}
+    gemm = {"n": 64, "threads": 1, "fp32_gflops": 2 * st["retrieve"]["useful_gflops"], "bf16_gflops": 1e3}
+    report = {"seed": 0, "dim": 16, "machine": "test", "gemm": gemm, "sizes": [res],
+              "extrapolated_full_size": extrapolate([res])}  # fmt: skip
     text = markdown(report)
     assert "linear extrapolation, not a measurement" in text and "| train-ctr |" in text
+    assert "useful GFLOP/s (50.0% of fp32 GEMM) (700, history up to" in text  # the share of the same run's rate
     json.dumps(report)  # serialisable as written
 
 
@@ -120,11 +128,27 @@ def test_cli_bench_data_writes_json_and_markdown(tmp_path):
     from rellax_fast.cli import main
 
     rc = main(["bench", "data", "--out", str(tmp_path), "--users", "30,45", "--items", "300", "--tail-length", "400",
-               "--length-scale", "0.5", "--stages", "prepare,embed", "--dim", "8"])  # fmt: skip
+               "--length-scale", "0.5", "--stages", "prepare,embed", "--dim", "8", "--gemm-size", "96"])  # fmt: skip
     assert rc == 0
     report = json.loads((tmp_path / "data.json").read_text())
+    assert report["gemm"]["n"] == 96 and report["gemm"]["fp32_gflops"] > 0 and report["gemm"]["bf16_gflops"] > 0
+    assert "GEMM rate in this run (torch.mm, 96^3" in (tmp_path / "data.md").read_text()
+    assert main(["bench", "data", "--out", str(tmp_path), "--users", "30", "--gemm-size", "-1"]) == 2
     assert [r["generated"]["users"] for r in report["sizes"]] == [30, 45]
     assert set(report["extrapolated_full_size"]) == {"prepare", "embed"}
     assert "## 45 users" in (tmp_path / "data.md").read_text()
     assert main(["bench", "data", "--out", str(tmp_path), "--users", "x"]) == 2
     assert main(["bench", "data", "--out", str(tmp_path), "--users", "30", "--stages", "nope"]) == 1
+
+
+def test_against_limit_states_the_share_of_the_gemm_rate():
+    from rellax_fast.bench.data import against_limit, gemm_rate
+
+    gemm = {"fp32_gflops": 200.0, "bf16_gflops": 400.0}
+    assert against_limit(50.0, gemm) == "50.0 useful GFLOP/s (25.0% of fp32 GEMM)"
+    assert against_limit(50.0, gemm, "bf16") == "50.0 useful GFLOP/s (12.5% of bf16 GEMM)"
+    assert against_limit(50.0, None) == "50.0 useful GFLOP/s"
+    rate = gemm_rate(64, repeats=2)
+    assert rate["n"] == 64 and rate["fp32_gflops"] > 0 and rate["bf16_gflops"] > 0
+    with pytest.raises(ValueError, match="gemm size must be >= 1, got 0"):
+        gemm_rate(0)

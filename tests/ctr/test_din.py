@@ -195,3 +195,21 @@ def test_bf16_autocast_training_keeps_the_valid_auc():
     assert abs(aucs["bf16"] - aucs["no"]) < SPARSE_DENSE_AUC_TOLERANCE, aucs
     with pytest.raises(ValueError, match="mixed_precision: expected 'fast', 'bf16' or 'no', got 'fp8'"):
         train_din(cfg, train, valid, train_config=DINTrainConfig(epochs=1, progress=False, mixed_precision="fp8"))
+
+
+def test_matmul_flops_per_sample_match_torchs_flop_counter():
+    """#28: the FLOP count behind `bench data`'s useful GFLOP/s is what torch counts for the forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rellax_fast.ctr.din import matmul_flops_per_sample
+
+    for n_users in (0, 5):
+        cfg = DINConfig(n_items=30, n_users=n_users, embed_dim=6, attention_hidden=5, mlp_hidden=(12, 7), max_history=9)
+        model = DIN(cfg).eval()
+        rng = np.random.default_rng(0)
+        batch = make_arrays(np.array([0, 40]), rng.integers(0, 30, 40), np.full(40, 4.0, np.float32),
+                            np.zeros(11, np.int64), np.arange(20, 31), rng.integers(0, 30, 11), np.zeros(11), 9)
+        batch.user = batch.user % max(n_users, 1)
+        with FlopCounterMode(display=False) as counter:
+            model(batch)
+        assert counter.get_total_flops() == 11 * matmul_flops_per_sample(cfg)
