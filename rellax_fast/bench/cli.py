@@ -30,7 +30,7 @@ SUITE_HELP = {
     "finetune": "ReLLaX training throughput per trainer configuration (--n-train default 1024 there)",
 }
 COMMAND_HELP = f"benchmarks: bench {' | '.join(SUITE_HELP)}"
-DEFAULTS_IN_WORDS = {"dataset": "ml-100k for quality and lifelong; the other suites read no dataset"}
+DEFAULTS_IN_WORDS = {"dataset": "ml-100k for quality, lifelong and finetune; the other suites read no dataset"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
