@@ -13,7 +13,10 @@ error naming the line), and every probability finite.
 JSONL input: one sample per line, ``{"user_id": 1, "item_id": 50, "history": [12, 7, ...],
 "history_ratings": [4, 5, ...], "label": 1}`` (history oldest first; ``history_timestamps`` and
 ``label`` optional). Output: ``metrics.json`` (when labels are known) and ``predictions.jsonl`` in
-``--out`` (default ``<run>/eval-<split>`` or ``<run>/eval-jsonl``), plus a Markdown line on stdout.
+``--out`` (default ``<run>/eval-<split>`` or ``<run>/eval-jsonl``), plus a Markdown line on stdout. With labels,
+``metrics.json`` also carries ``slices``: AUC / LogLoss per slice (target item's train interactions, user seen in
+train, history length; ``train.slices``) with intervals and paired tests against the run's frozen DIN on the same
+samples; the membership is stored once in ``slices.json`` next to it.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics import ctr_metrics
     from .metrics import markdown_table, write_metrics_json
     from .runs import read_run_meta
+    from .slices import sliced_report
 
     if args.n is not None and args.n < 0:
         print(f"error: --n must be >= 0 (0: all); got {args.n}", file=sys.stderr)
@@ -67,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
         dataset = args.dataset or meta["dataset"]
         # eval never downloads: a missing dataset is an error naming where it was looked for, and nothing is created
         data = prepare_ctr(load_dataset(dataset, data_dir=args.data_dir, download=False), seed=meta["pipeline"]["seed"])
+        details: dict = {}
         split, probs, has_label, spec = score(run_dir, data, args.split, args.n, args.jsonl, args.batch_size,
-                                              not args.no_progress, cache_dir=out / "emb_cache")  # fmt: skip
+                                              not args.no_progress, cache_dir=out / "emb_cache", details=details)  # fmt: skip
     except RunDependencyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -84,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     if has_label:
         m = ctr_metrics(split.label, probs)
-        write_metrics_json(out / "metrics.json", m, {"run": str(run_dir), "variant": spec.name, "source": args.jsonl or args.split})
+        sliced = sliced_report(data, split, probs, details["din_probs"], out / "slices.json", args.jsonl or args.split)
+        write_metrics_json(out / "metrics.json", m, {"run": str(run_dir), "variant": spec.name, "source": args.jsonl or args.split,
+                                                     "slices": sliced})  # fmt: skip
         print(markdown_table([{"variant": spec.name, **m}]))
     print(f"wrote {out / 'predictions.jsonl'}" + (f" and {out / 'metrics.json'}" if has_label else ""))
     return 0

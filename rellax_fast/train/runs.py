@@ -328,12 +328,13 @@ def subr_embeddings_for(run_dir, meta, data, cache_dir=None, progress: bool = Tr
 
 
 def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_size: int = 64, progress: bool = True,
-          cache_dir=None):  # fmt: skip
+          cache_dir=None, details=None):  # fmt: skip
     """Score a saved run on ``data``'s split (the run's seeded test subsample by default) or a JSONL file.
 
     ``cache_dir``: where SUBR embeddings are cached if they must be recomputed (default: a temporary folder;
-    eval never writes outside its output folder). Returns (split, probs, has_label, spec). Other data than the run
-    was trained on raise :class:`RunDataMismatchError`, damaged run files or non-finite scores
+    eval never writes outside its output folder). ``details``: a dict that receives ``din_probs``, the run's frozen
+    DIN's p(click) of the same samples (eval's sliced-metrics reference). Returns (split, probs, has_label, spec).
+    Other data than the run was trained on raise :class:`RunDataMismatchError`, damaged run files or non-finite scores
     :class:`RunFileError`, a bad JSONL line a ``DataFormatError``: all before anything is returned.
     """
     from pathlib import Path
@@ -365,7 +366,9 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
         view = subset_view(data, split_name, index)
         split = view.splits[split_name]
         arrays = split_arrays(view, split_name, vocab, din.config.max_history)
-    _, h = predict(din, arrays, with_h=True)
+    din_probs, h = predict(din, arrays, with_h=True)
+    if details is not None:
+        details["din_probs"] = din_probs.numpy().astype(np.float64)
     emb = ids = None
     if spec.subr:
         emb, ids = subr_embeddings_for(run_dir, meta, data, cache_dir, progress)

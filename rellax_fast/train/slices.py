@@ -103,6 +103,19 @@ def load_slices(path) -> SliceSet:
     return SliceSet({k: np.asarray(v, np.int8) for k, v in raw["codes"].items()}, raw["source"])
 
 
+def sliced_report(data, split, probs, reference, path, source: str, n_boot: int = 1000) -> Dict:
+    """What ``eval`` records under ``slices``: the membership of ``split``'s samples (from ``data``'s train split)
+    stored in ``path`` and read back, and per band :func:`slice_statistics` against ``reference`` (the run's
+    frozen DIN on the same samples)."""
+    from pathlib import Path
+
+    save_slices(path, compute_slices(data, split, source))
+    membership = load_slices(path)
+    return {"membership": Path(path).name, "reference": "the run's frozen DIN",
+            "train_samples": membership.source["train_samples"],
+            **slice_statistics(split.label, probs, membership, reference=reference, n_boot=n_boot)}  # fmt: skip
+
+
 def _band_status(y: np.ndarray) -> Optional[str]:
     n, pos = int(y.size), int(y.sum())
     if n == 0:
@@ -110,7 +123,7 @@ def _band_status(y: np.ndarray) -> Optional[str]:
     if pos == 0 or pos == n:
         return f"single class (n={n})"
     if n < MIN_SLICE_N or min(pos, n - pos) < MIN_SLICE_CLASS:
-        return f"too small to test (n={n}, {pos} positive; needs n ≥ {MIN_SLICE_N} and ≥ {MIN_SLICE_CLASS} of each label)"
+        return f"too small to test (n={n}, {pos} pos)"
     return None
 
 
