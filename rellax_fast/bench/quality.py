@@ -13,13 +13,24 @@ What one run does, on one dataset (default ml-100k from ``--data-dir``, ``$RELLA
   signal at all);
 * the control for the residual read-out: DIN's and the text-only LM's logits mixed post hoc, the mixing
   weights fit on a valid subsample (a logistic regression on the two logits), so that a residual gain is not
-  just ensembling.
+  just ensembling;
+* the text-aware DIN (``--rows din-text``, ``ctr.text_din``): DIN plus the frozen SUBR item-text embedding,
+  projected, as an extra item feature, trained to convergence like DIN: the practitioner's alternative to an LLM.
+
+Sliced metrics (issue #27, ``train.slices``): every row's AUC and LogLoss per slice of the test samples (the
+target item's train interactions 0 / 1-5 / 6-20 / >20, the user seen or unseen in train, the history-length
+band) with intervals and DeLong's paired test against DIN on the slice; the membership is computed once from the
+train split and stored in ``slices.json``, and every row is cut by it. Few samples: ``--ctr-train-samples N``
+trains the table's DIN, text-aware DIN and ID regression on a seeded N of the train split (the LM rows draw their
+prompts from the same N); ``--few-shot 2048,8192,32768,all`` adds the curve of DIN, the text-aware DIN, the
+text-only LM and full ReLLaX against N (``few_shot_curve``).
 
 Each row reports AUC and LogLoss with 95% bootstrap intervals and paired tests against DIN and against full
 ReLLaX on the same samples (DeLong for AUC, paired bootstrap for LogLoss; ``train.stats``); ``--seeds 0,1,2``
 repeats the fine-tuning (DIN and the samples fixed) and adds mean ± sd. Outputs, written atomically under
 ``<out>/quality/``: ``quality.md``, ``quality.json``, ``quality.png`` (AUCs with their intervals), and per row
-``rows/<row>-s<seed>.json`` (a finished row is skipped on a rerun with the same inputs) next to the runs.
+``rows/<row>-s<seed>.json`` (a finished row is skipped on a rerun with the same inputs) next to the runs,
+``slices.json`` (the slice membership) and ``few-shot/<n...>/`` (the curve's points, reused the same way).
 """
 
 from __future__ import annotations
@@ -40,6 +51,13 @@ LR_ROW = "LogReg (IDs + positive rates)"
 FULL_ROW = "ReLLaX (full)"
 TEXT_ROW = "text-only LM (no SPA, identity C)"
 ENSEMBLE_ROW = "DIN + text-only LM, post-hoc mix (fit on valid)"
+TEXT_DIN_ROW = "DIN + item text (converged)"
+# CTR rows beyond DIN, chosen with --rows like the LM rows: {key: row name}
+CTR_ROWS = {"din-text": TEXT_DIN_ROW}
+# the rows of the few-samples curve (--few-shot): DIN and the text-aware DIN trained on N train samples, the
+# text-only LM and full ReLLaX on min(N, --n-train) prompts of those N with their DIN trained on the same N
+FEW_SHOT_LM_ROWS = ("text-only", "full")
+FEW_SHOT_DEFAULT = "2048,8192,32768,all"
 
 
 
@@ -58,12 +76,13 @@ def lm_rows():
     return rows
 
 
-DEFAULT_ROWS = ("full", "no-subr", "no-spa", "identity", "moe", "recrank1", "residual", "text-only")
+DEFAULT_ROWS = ("full", "no-subr", "no-spa", "identity", "moe", "recrank1", "residual", "text-only", "din-text")
 CONTROL_ROWS = ("din", "logreg", "ensemble")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The quality bench's options (the ReLLaX/DIN options come from ``train``'s ``add_model_arguments``)."""
+    from .._argtypes import integer
     from ..train.args import add_model_arguments
 
     add_model_arguments(parser, n_train=8192, n_test=0)
@@ -75,9 +94,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("bench quality")
     g.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (e.g. 0,1,2): mean ± sd per row")
     g.add_argument("--rows", default="default",
-                   help=f"comma-separated LM rows (default: {','.join(DEFAULT_ROWS)}; also: residual-fixed, two-stage); "
-                        "DIN, the logistic regression and the post-hoc mix are always in the table (the mix needs "
-                        "text-only)")  # fmt: skip
+                   help=f"comma-separated LM and CTR rows (default: {','.join(DEFAULT_ROWS)}; also: residual-fixed, "
+                        "two-stage); din-text is DIN with the frozen SUBR item-text embedding as an extra item feature "
+                        "(ctr.text_din); DIN, the logistic regression and the post-hoc mix are always in the table (the "
+                        "mix needs text-only)")  # fmt: skip
+    g.add_argument("--ctr-train-samples", type=integer(0, hint=" (0: all)"), default=0,
+                   help="train the table's DIN, text-aware DIN and ID regression on a seeded subset of this many train "
+                        "samples (the LM rows then draw their --n-train prompts from the same subset); 0: all")  # fmt: skip
+    g.add_argument("--few-shot", default="",
+                   help="also report the few-samples curve at these train-sample counts N (comma-separated, 'all' for "
+                        f"the whole split; e.g. {FEW_SHOT_DEFAULT}): DIN and the text-aware DIN trained on N, the "
+                        "text-only LM and full ReLLaX on min(N, --n-train) of those prompts with their DIN trained on "
+                        "the same N; empty: no curve")  # fmt: skip
     g.add_argument("--auto-max-length", action="store_true",
                    help="derive max_length from the training prompts instead of --max-length (bench lifelong's rule: "
                         "the --budget-quantile of every row's full token counts + --budget-margin, rounded up to 8, "
@@ -99,10 +127,31 @@ def parse_seeds(text: str) -> List[int]:
 def parse_rows(text: str) -> List[str]:
     keys = list(DEFAULT_ROWS) if text == "default" else [k.strip() for k in text.split(",") if k.strip()]
     table = lm_rows()
-    unknown = [k for k in keys if k not in table]
+    unknown = [k for k in keys if k not in table and k not in CTR_ROWS]
     if unknown or not keys:
-        raise ValueError(f"--rows: unknown {unknown or text!r}; choose from {', '.join(table)}")
+        raise ValueError(f"--rows: unknown {unknown or text!r}; choose from {', '.join([*table, *CTR_ROWS])}")
     return keys
+
+
+def parse_few_shot(text: str) -> List[int]:
+    """The train-sample counts of ``--few-shot``, ascending, 0 standing for 'all' (last); [] for an empty text."""
+    sizes = []
+    for part in (p.strip() for p in str(text).split(",") if p.strip()):
+        if part == "all":
+            sizes.append(0)
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            n = -1
+        if n < 1:
+            raise ValueError(f"--few-shot: expected comma-separated counts >= 1 or 'all' (e.g. {FEW_SHOT_DEFAULT}), "
+                             f"got {text!r}")  # fmt: skip
+        sizes.append(n)
+    if len(set(sizes)) != len(sizes):
+        raise ValueError(f"--few-shot: counts must be distinct, got {text!r}")
+    return sorted(sizes, key=lambda n: (n == 0, n))
+
 
 
 def default_data_dir(dataset: str) -> Optional[str]:
@@ -314,6 +363,7 @@ def run(args: argparse.Namespace, log=print) -> int:
 
     try:
         seeds, row_keys = parse_seeds(args.seeds), parse_rows(args.rows)
+        few_shot = parse_few_shot(getattr(args, "few_shot", ""))
         if args.n_boot < 10 or args.n_valid < 1:
             raise ValueError(f"--n-boot must be >= 10 and --n-valid >= 1 (the post-hoc mix is fit on valid samples); "
                              f"got {args.n_boot}, {args.n_valid}")  # fmt: skip
@@ -322,41 +372,157 @@ def run(args: argparse.Namespace, log=print) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return run_bench(args, cfg, seeds, row_keys, log=log)
+    return run_bench(args, cfg, seeds, row_keys, log=log, few_shot=few_shot)
 
 
-def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> int:
+def _din_train_config(args):
+    """DIN's training options from the ``--din-*`` flags (as ``train.context.build_shared_context``)."""
+    from ..ctr.din import DINTrainConfig
+
+    return DINTrainConfig(epochs=args.din_epochs, patience=args.din_patience, seed=args.seed,
+                          progress=not args.no_progress)  # fmt: skip
+
+
+def quality_context(args, cfg, out, log=print):
+    """(the shared context of the table in ``out``, the whole prepared data): with ``--ctr-train-samples N`` the
+    context's train split is a seeded subset of N samples (``ctr.text_din.train_subset_view``, seed ``--seed``),
+    so its DIN, the ID regression and the LM rows' prompts all come from those N."""
+    from rellax_fast.data import load_dataset, prepare_ctr
+
+    from ..ctr.text_din import train_subset_view
+    from ..train.context import din_options_of, shared_context
+
+    data = prepare_ctr(load_dataset(args.dataset, data_dir=args.data_dir), seed=getattr(args, "seed", 0))
+    view = train_subset_view(data, getattr(args, "ctr_train_samples", 0), args.seed)
+    ctx = shared_context(view, out, cfg, din_options_of(args), _din_train_config(args), progress=not args.no_progress,
+                         log=log)  # fmt: skip
+    return ctx, data
+
+
+def text_din_row(ctx, args, out: Path, fresh: bool, log=print) -> Dict:
+    """The text-aware DIN baseline (``ctr.text_din``) trained on ``ctx``'s train split with DIN's options and early
+    stopping, scored on ``ctx``'s test samples; its predictions are kept under ``out`` (``din-text.json``,
+    ``din-text-predictions.npy``) and reused while the data, the SUBR embeddings, the options and the test samples
+    are the same. Returns the row entry of the table."""
+    from .._io import atomic_write_text
+    from ..ctr.din import predict
+    from ..ctr.store import din_reuse_key, split_arrays
+    from ..ctr.text_din import fit_text_din
+    from ..train.context import din_options_of
+    from ..train.pipeline import embeddings_fingerprint, subset_view
+
+    options, tc = din_options_of(args), _din_train_config(args)
+    key = _sha({"din": din_reuse_key(ctx.data, options, tc), "model": "text-din-1", "test_index": _sha(ctx.test_index.tolist()),
+                "subr": embeddings_fingerprint(ctx.item_emb, ctx.item_ids)})  # fmt: skip
+    path = out / "din-text.json"
+    done = _load_row(path, key, fresh)
+    if done is not None:
+        log(f"[quality] {TEXT_DIN_ROW}: done before, skipped ({path})")
+    else:
+        t0 = time.perf_counter()
+        log(f"[quality] {TEXT_DIN_ROW}: training on {len(ctx.data.splits['train'])} train samples")
+        model, report, vocab = fit_text_din(ctx.data, ctx.item_emb, ctx.item_ids, options, tc)
+        view = subset_view(ctx.data, "test", ctx.test_index)
+        probs = predict(model, split_arrays(view, "test", vocab, model.config.max_history)).numpy()
+        done = {"key": key, "predictions": _save_npy(out / "din-text-predictions.npy", probs), "valid": report.valid,
+                "best_epoch": report.best_epoch, "seconds": time.perf_counter() - t0}  # fmt: skip
+        atomic_write_text(path, json.dumps(done, indent=2))
+    return {"kind": "baseline", "seeds": {None: {"probs": np.load(done["predictions"]).astype(np.float64),
+                                                 "seconds": done.get("seconds")}},
+            "valid": done["valid"], "note": f"best epoch {done['best_epoch']}"}  # fmt: skip
+
+
+def lm_row(ctx, spec, cfg, seed: int, qdir: Path, row_key: str, args, score_valid: bool = False, log=print) -> Dict:
+    """One LM row at one seed, trained into ``<qdir>/runs/<name>`` and recorded in ``<qdir>/rows/<name>.json``, or
+    read back from there when that record has ``row_key`` (``--fresh``: always retrained). ``score_valid``: also
+    keep the selected model's valid predictions (the post-hoc mix is fit on them). Returns {"probs", "seconds",
+    "best_valid"} (+ "valid_probs")."""
+    from .._io import atomic_write_text
+    from ..train.args import slug
+    from ..train.pipeline import run_variant
+
+    cfg_s = replace(cfg, seed=seed, train=replace(cfg.train, seed=seed))
+    name = f"{slug(spec.name)}-s{seed}"
+    path = qdir / "rows" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = _load_row(path, row_key, args.fresh)
+    if done is not None:
+        log(f"[quality] {spec.name} (seed {seed}): done before, skipped ({path})")
+    else:
+        t0 = time.perf_counter()
+        log(f"[quality] {spec.name} (seed {seed}), {len(ctx.train_index)} training prompts")
+        # an interrupted row resumes from its checkpoints only when they were made for this very row
+        marker = qdir / "runs" / name / "row_key.txt"
+        resume = not args.fresh and marker.exists() and marker.read_text().strip() == row_key
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, row_key)
+        res = run_variant(ctx, spec, cfg_s, qdir / "runs" / name, resume=resume, log=log)
+        done = {"key": row_key, "name": spec.name, "seed": seed, "metrics": res["metrics"],
+                "predictions": str(Path(res["run_dir"]) / "predictions.npy"), "best_valid": res["best"]}  # fmt: skip
+        if score_valid:  # the post-hoc mix is fit on this model's valid scores
+            pv = res["valid_probs"]  # scored by the model selection on the same valid samples
+            if pv is None:  # selected before a resume: score them again
+                pv = score_split(res["model"], ctx, spec, cfg_s, "valid", ctx.valid_index, desc=f"valid {spec.name}")
+            done["valid_predictions"] = _save_npy(qdir / "runs" / name / "valid_predictions.npy", pv)
+        done["seconds"] = time.perf_counter() - t0
+        atomic_write_text(path, json.dumps(done, indent=2))
+        del res
+    got = {"probs": np.load(done["predictions"]).astype(np.float64), "seconds": done.get("seconds"),
+           "best_valid": done.get("best_valid")}  # fmt: skip
+    if done.get("valid_predictions"):
+        got["valid_probs"] = np.load(done["valid_predictions"]).astype(np.float64)
+    return got
+
+
+def lm_row_key(base_key: Dict, ctx, spec, key: str, seed: int) -> str:
+    """What a finished LM row depends on: the bench's ``base_key`` (DIN, test samples, pipeline options), the run's
+    inputs (``run_inputs``: data, training sample, DIN, SUBR), the variant and the seed."""
+    from ..train.pipeline import run_inputs
+
+    # residual rows since the zero-initialised gate (model.ReLLaXOptions.readout_gate) carry it in their key,
+    # so rows finished by the ungated read-out are recomputed; other rows keep their keys
+    gate = {"readout_gate": True} if spec.readout == "residual" else {}
+    return _sha({**base_key, "inputs": run_inputs(ctx, spec), "spec": asdict(spec), "seed": seed, **gate,
+                 "valid_index": _sha(ctx.valid_index.tolist()) if key == "text-only" else None})  # fmt: skip
+
+
+def bench_base_key(ctx, cfg) -> Dict:
+    """What every finished row of one table depends on besides its own inputs: the DIN, the test samples and the
+    pipeline options."""
+    from ..ctr.store import din_fingerprint
+
+    return {"din": din_fingerprint(ctx.din, ctx.vocab), "test_index": _sha(ctx.test_index.tolist()),
+            "pipeline": {**asdict(cfg), "train": {**asdict(cfg.train), "progress": None}}}  # fmt: skip
+
+
+def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print, few_shot: Optional[List[int]] = None) -> int:
     from tqdm.auto import tqdm
 
     from .._io import atomic_write_text
-    from ..ctr.store import din_fingerprint, din_outputs
-    from ..metrics import json_default
-    from ..train.args import slug
-    from ..train.context import build_shared_context
-    from ..train.pipeline import run_inputs, run_variant, subset_view
+    from ..ctr.store import din_outputs
+    from ..metrics import ctr_metrics, json_default
+    from ..train.pipeline import subset_view
 
     start = time.perf_counter()
     table = lm_rows()
+    lm_keys = [k for k in row_keys if k in table]
     qdir = Path(args.out) / "quality"
     qdir.mkdir(parents=True, exist_ok=True)
     (qdir / "rows").mkdir(exist_ok=True)
-    shared = copy.copy(args)
-    shared.out = str(qdir)
     log(f"[quality] dataset {args.dataset} ({args.data_dir or 'default location'}); backbone "
         f"{cfg.model or 'all-MiniLM-L6-v2 (offline)'}; {cfg.n_train or 'all'} training prompts, test "
         f"{cfg.n_test or 'whole split'}, K={cfg.k}, max_length="
-        f"{'auto' if getattr(args, 'auto_max_length', False) else cfg.max_length}; seeds {seeds}; LM rows {row_keys}")  # fmt: skip
-    ctx = build_shared_context(shared, cfg, log=log)
+        f"{'auto' if getattr(args, 'auto_max_length', False) else cfg.max_length}; seeds {seeds}; rows {row_keys}"
+        + (f"; DIN on {args.ctr_train_samples} train samples" if getattr(args, "ctr_train_samples", 0) else ""))  # fmt: skip
+    ctx, full_data = quality_context(args, cfg, qdir, log=log)
     data = ctx.data
-    budget = prompt_budget(ctx, cfg, [table[k] for k in row_keys], args, log=log)
+    budget = prompt_budget(ctx, cfg, [table[k] for k in lm_keys], args, log=log)
     cfg = replace(cfg, max_length=budget["max_length"])
     labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
     valid_index = ctx.valid_index  # pipeline.valid_subsample: also what every LM row selects its model on
     labels_valid = data.splits["valid"].label[valid_index].astype(np.float64)
     din_valid, _ = din_outputs(ctx.din, subset_view(data, "valid", valid_index), ctx.vocab, "valid")
-    # what a finished row depends on (besides its own inputs, run_inputs: data, training sample, DIN, SUBR)
-    base_key = {"din": din_fingerprint(ctx.din, ctx.vocab), "test_index": _sha(ctx.test_index.tolist()),
-                "pipeline": {**asdict(cfg), "train": {**asdict(cfg.train), "progress": None}}}  # fmt: skip
+    base_key = bench_base_key(ctx, cfg)
 
     # baselines (deterministic: computed once)
     rows: Dict[str, Dict] = {}
@@ -365,53 +531,21 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     t0 = time.perf_counter()
     lr = fit_id_logreg(data, log=log)
     lr_valid = lr["predict"](data.splits["valid"])
-    from ..metrics import ctr_metrics
-
     rows[LR_ROW] = {"kind": "baseline", "seeds": {None: {"probs": lr["predict"](data.splits["test"].subset(ctx.test_index),
                                                                           concat_splits(data.splits["train"], data.splits["valid"]))}},
                     "valid": ctr_metrics(data.splits["valid"].label, lr_valid), "note": f"C={lr['params']['C']}, "
                     f"smoothing={lr['params']['smoothing']}", "seconds": time.perf_counter() - t0}  # fmt: skip
+    if "din-text" in row_keys:
+        rows[TEXT_DIN_ROW] = text_din_row(ctx, args, qdir / "rows", args.fresh, log=log)
 
     # LM rows, per seed; resumable per row
-    jobs = [(k, s) for s in seeds for k in row_keys]
+    jobs = [(k, s) for s in seeds for k in lm_keys]
     for key, seed in tqdm(jobs, desc="quality rows", disable=not cfg.train.progress):
         spec = table[key]
-        cfg_s = replace(cfg, seed=seed, train=replace(cfg.train, seed=seed))
-        name = f"{slug(spec.name)}-s{seed}"
-        # residual rows since the zero-initialised gate (model.ReLLaXOptions.readout_gate) carry it in their key,
-        # so rows finished by the ungated read-out are recomputed; other rows keep their keys
-        gate = {"readout_gate": True} if spec.readout == "residual" else {}
-        row_key = _sha({**base_key, "inputs": run_inputs(ctx, spec), "spec": asdict(spec), "seed": seed, **gate,
-                        "valid_index": _sha(valid_index.tolist()) if key == "text-only" else None})  # fmt: skip
-        path = qdir / "rows" / f"{name}.json"
-        done = _load_row(path, row_key, args.fresh)
-        entry = rows.setdefault(spec.name, {"kind": "lm", "seeds": {}, "spec": asdict(spec)})
-        if done is not None:
-            log(f"[quality] {spec.name} (seed {seed}): done before, skipped ({path})")
-        else:
-            t0 = time.perf_counter()
-            log(f"[quality] {spec.name} (seed {seed})  ({time.perf_counter() - start:.0f} s so far)")
-            # an interrupted row resumes from its checkpoints only when they were made for this very row
-            marker = qdir / "runs" / name / "row_key.txt"
-            resume = not args.fresh and marker.exists() and marker.read_text().strip() == row_key
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, row_key)
-            res = run_variant(ctx, spec, cfg_s, qdir / "runs" / name, resume=resume, log=log)
-            done = {"key": row_key, "name": spec.name, "seed": seed, "metrics": res["metrics"],
-                    "predictions": str(Path(res["run_dir"]) / "predictions.npy"), "best_valid": res["best"]}  # fmt: skip
-            if key == "text-only":  # the post-hoc mix is fit on this model's valid scores
-                pv = res["valid_probs"]  # scored by the model selection on the same valid samples
-                if pv is None:  # selected before a resume: score them again
-                    pv = score_split(res["model"], ctx, spec, cfg_s, "valid", valid_index, desc=f"valid {spec.name}")
-                done["valid_predictions"] = _save_npy(qdir / "runs" / name / "valid_predictions.npy", pv)
-            done["seconds"] = time.perf_counter() - t0
-            atomic_write_text(path, json.dumps(done, indent=2))
-            del res
-        got = {"probs": np.load(done["predictions"]).astype(np.float64), "seconds": done.get("seconds"),
-               "best_valid": done.get("best_valid")}  # fmt: skip
-        if done.get("valid_predictions"):
-            got["valid_probs"] = np.load(done["valid_predictions"]).astype(np.float64)
-        entry["seeds"][seed] = got
+        log(f"[quality] ({time.perf_counter() - start:.0f} s so far)")
+        got = lm_row(ctx, spec, cfg, seed, qdir, lm_row_key(base_key, ctx, spec, key, seed), args,
+                     score_valid=key == "text-only", log=log)  # fmt: skip
+        rows.setdefault(spec.name, {"kind": "lm", "seeds": {}, "spec": asdict(spec)})["seeds"][seed] = got
 
     # LM rows' valid column: the selected step's metrics on the selection subsample (mean over seeds)
     for entry in rows.values():
@@ -434,23 +568,134 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> in
     else:
         log("[quality] no text-only row: the post-hoc mix control is left out (add text-only to --rows)")
 
-    table = summarise(rows, labels, seeds, args.n_boot, log=log)
+    summary = summarise(rows, labels, seeds, args.n_boot, log=log)
+    sliced = sliced_rows(rows, labels, seeds, data, ctx.test_index, qdir / "slices.json", args.n_boot)
+    curve = few_shot_curve(args, cfg, ctx, full_data, few_shot, qdir / "few-shot", log=log) if few_shot else None
     wall = time.perf_counter() - start
     meta = {"dataset": args.dataset, "n_test": int(labels.size), "n_train": int(len(ctx.train_index)),
             "n_valid_mix": int(valid_index.size), "din_valid_subset": ctr_metrics(labels_valid, din_valid.numpy()),
-            "token_budget": budget,
+            "token_budget": budget, "ctr_train_samples": int(len(data.splits["train"])),
             "seeds": seeds, "n_boot": args.n_boot, "wall_seconds": wall,
             "din_report": {"best_epoch": ctx.din_report.best_epoch, "valid": ctx.din_report.valid},
             "config": {k: v for k, v in vars(args).items()
                        if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))}}  # fmt: skip
-    md = markdown(table, meta)
+    md = markdown(summary, meta) + sliced_markdown(sliced) + (few_shot_markdown(curve) if curve else "")
     atomic_write_text(qdir / "quality.md", md)
-    atomic_write_text(qdir / "quality.json", json.dumps({"rows": table, "meta": meta}, indent=2, default=json_default))
-    plot_quality(qdir / "quality.png", table, title=f"ReLLaX quality bench ({args.dataset}, n={labels.size})")
+    atomic_write_text(qdir / "quality.json", json.dumps({"rows": summary, "slices": sliced, "few_shot": curve, "meta": meta},
+                                                       indent=2, default=json_default))  # fmt: skip
+    plot_quality(qdir / "quality.png", summary, title=f"ReLLaX quality bench ({args.dataset}, n={labels.size})")
     print()
     print(md)
     print(f"[quality] done in {wall:.0f} s; wrote {qdir / 'quality.md'}, {qdir / 'quality.json'}, {qdir / 'quality.png'}")
     return 0
+
+
+def _first_probs(entry: Dict, seeds: List[int]) -> np.ndarray:
+    s = entry["seeds"]
+    return s[seeds[0]]["probs"] if seeds[0] in s else next(iter(s.values()))["probs"]
+
+
+def sliced_rows(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], data, test_index, path: Path,
+                n_boot: int) -> Dict:  # fmt: skip
+    """Every row's sliced metrics (``train.slices``; first seed) against DIN on the same samples. The membership
+    of the test samples is computed from ``data``'s train split, written to ``path`` once and read back, and
+    every row is cut by that one stored membership (checked)."""
+    from ..train import slices
+
+    slices.save_slices(path, slices.compute_slices(data, data.splits["test"].subset(test_index), "test"))
+    membership = slices.load_slices(path)
+    din = _first_probs(rows[DIN_ROW], seeds)
+    out = {name: slices.slice_statistics(labels, _first_probs(entry, seeds), membership, reference=din, n_boot=n_boot)
+           for name, entry in rows.items()}  # fmt: skip
+    slices.check_same_membership(out)
+    return {"membership": str(path), "source": membership.source, "rows": out}
+
+
+def sliced_markdown(sliced: Dict) -> str:
+    from ..train import slices
+
+    return ("\n## Sliced metrics\n\nTest AUC per slice (95% bootstrap interval; vs DIN: ΔAUC, DeLong's paired test on "
+            f"the slice's samples), every row cut by one stored membership ({sliced['membership']}), computed from the "
+            f"train split ({sliced['source']['train_samples']} samples). Bands under {slices.MIN_SLICE_N} samples or "
+            f"{slices.MIN_SLICE_CLASS} of either label are not tested.\n\n" + slices.slices_markdown(sliced["rows"]))
+
+
+# ------------------------------------------------------------------------------------------ few samples
+
+
+def few_shot_context(ctx, full_data, cfg, args, n: int, out: Path, log=print):
+    """(context, pipeline config) of one point of the few-samples curve: ``full_data``'s train split cut to a
+    seeded subset of ``n`` samples (0: all; seed ``--seed``), the DIN trained on those in ``<out>/ctr`` (reused
+    while the same), the LM rows' prompts min(n, ``--n-train``) of them; the test and valid samples and the SUBR
+    embeddings are ``ctx``'s. The table's own context when it is the same."""
+    from ..ctr.store import train_or_load_ctr
+    from ..ctr.text_din import train_subset_view
+    from ..train.context import din_options_of
+    from ..train.pipeline import build_context
+
+    view = train_subset_view(full_data, n, args.seed)
+    cfg_n = replace(cfg, n_train=cfg.n_train if n == 0 else (n if cfg.n_train == 0 else min(cfg.n_train, n)))
+    if len(view.splits["train"]) == len(ctx.data.splits["train"]) and cfg_n.n_train == cfg.n_train:
+        return ctx, cfg
+    din, vocab, report = train_or_load_ctr(view, out / "ctr", din_options_of(args), _din_train_config(args), log=log)
+    point = build_context(view, din, vocab, report, cfg_n, ctx.item_emb, ctx.item_ids)
+    point.ctr_dir, point.subr_path = str(out / "ctr"), ctx.subr_path
+    if not (np.array_equal(point.test_index, ctx.test_index) and np.array_equal(point.valid_index, ctx.valid_index)):
+        raise RuntimeError("few-shot point: its test or valid samples differ from the table's (they must be shared)")
+    return point, cfg_n
+
+
+def few_shot_curve(args, cfg, ctx, full_data, sizes: List[int], out: Path, log=print) -> Dict:
+    """AUC against the number of train samples N (``--few-shot``): per N, DIN and the text-aware DIN trained on a
+    seeded N of the train split, the text-only LM and full ReLLaX on min(N, ``--n-train``) prompts of those N
+    with their DIN trained on the same N (first seed); every point scored on the table's test samples, each row
+    with its bootstrap interval and DeLong's paired test against the DIN of the same N. Points are kept under
+    ``out/<n...>/`` and reused like the table's rows."""
+    from ..train import stats
+
+    table = lm_rows()
+    labels = ctx.data.splits["test"].label[ctx.test_index].astype(np.float64)
+    seed = parse_seeds(args.seeds)[0]
+    points = []
+    for n in sizes:
+        pdir = out / (f"n{n}" if n else "all")
+        pdir.mkdir(parents=True, exist_ok=True)
+        log(f"[quality] few-shot point N={n or 'all'}")
+        point, cfg_n = few_shot_context(ctx, full_data, cfg, args, n, pdir, log=log)
+        home = out.parent if point is ctx else pdir  # the table's own point: its rows are the table's
+        probs = {DIN_ROW: np.asarray(point.din_test_probs, np.float64),
+                 TEXT_DIN_ROW: text_din_row(point, args, home / "rows", args.fresh, log=log)["seeds"][None]["probs"]}  # fmt: skip
+        base_key = bench_base_key(point, cfg_n)
+        for key in FEW_SHOT_LM_ROWS:
+            spec = table[key]
+            row_key = lm_row_key(base_key, point, spec, key, seed)
+            probs[spec.name] = lm_row(point, spec, cfg_n, seed, home, row_key, args, log=log)["probs"]
+        rows = {}
+        for name, p in probs.items():
+            ci = stats.bootstrap_ci(labels, p, "auc", args.n_boot, seed=0)
+            rows[name] = {"auc": ci["value"], "auc_lo": ci["lo"], "auc_hi": ci["hi"],
+                          "vs_din": stats.row_statistics(labels, p, {"DIN": probs[DIN_ROW]}, args.n_boot)["vs"]["DIN"]}  # fmt: skip
+        points.append({"n": n, "label": f"N={n}" if n else "all", "train_samples": int(len(point.data.splits["train"])),
+                       "lm_prompts": int(len(point.train_index)), "rows": rows})  # fmt: skip
+    return {"sizes": sizes, "seed": seed, "n_test": int(labels.size), "points": points}
+
+
+def few_shot_markdown(curve: Dict) -> str:
+    """The curve as a Markdown table: a line per row, a column per N (AUC, interval, ΔAUC vs DIN at that N)."""
+    from ..train import stats
+
+    pts = curve["points"]
+    head = [f"{p['label']} ({p['train_samples']} samples, {p['lm_prompts']} prompts)" for p in pts]
+    lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---|" * len(pts)]
+    for name in pts[0]["rows"]:
+        cells = [f"{r['auc']:.4f} [{r['auc_lo']:.4f}, {r['auc_hi']:.4f}]; {stats.format_delta(r['vs_din'], 'auc')}"
+                 for r in (p["rows"][name] for p in pts)]  # fmt: skip
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return ("\n## Few samples\n\nTest AUC against the number of train samples N (seeded subsets of the train split; "
+            f"seed {curve['seed']}'s fine-tuning; the same {curve['n_test']} test samples), 95% bootstrap interval, then "
+            "ΔAUC vs the DIN trained on the same N (DeLong). DIN and the text-aware DIN train on the N samples; the LM "
+            "rows on min(N, --n-train) prompts drawn from them, with their DIN trained on the same N.\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def summarise(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boot: int, log=print) -> List[Dict]:
@@ -460,8 +705,7 @@ def summarise(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boo
     from ..train import stats
 
     def first_probs(entry):
-        s = entry["seeds"]
-        return s[seeds[0]]["probs"] if seeds[0] in s else next(iter(s.values()))["probs"]
+        return _first_probs(entry, seeds)
 
     refs = {"DIN": first_probs(rows[DIN_ROW])}
     if FULL_ROW in rows:

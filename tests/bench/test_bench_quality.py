@@ -19,14 +19,14 @@ def _argv(model, out, *extra):
 @pytest.mark.slow  # ~20-30 s on an idle 2-core machine (DIN epoch and the ID regression on ~76k samples)
 def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, capsys, monkeypatch):
     from rellax_fast.bench import quality
-    from rellax_fast.bench.quality import DIN_ROW, ENSEMBLE_ROW, FULL_ROW, LR_ROW, TEXT_ROW
+    from rellax_fast.bench.quality import DIN_ROW, ENSEMBLE_ROW, FULL_ROW, LR_ROW, TEXT_DIN_ROW, TEXT_ROW
     from rellax_fast.cli import main
 
     def no_second_scoring(*a, **k):
         raise AssertionError("the text-only row's valid set was scored again after model selection")
 
     monkeypatch.setattr(quality, "score_split", no_second_scoring)
-    argv = _argv(tiny_bert, tmp_path, "--rows", "full,residual,text-only", "--seeds", "0,1")
+    argv = _argv(tiny_bert, tmp_path, "--rows", "full,residual,text-only,din-text", "--seeds", "0,1")
     assert main(argv) == 0
     q = tmp_path / "quality"
     for name in ("quality.md", "quality.json", "quality.png"):
@@ -35,7 +35,7 @@ def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, c
     res = json.loads((q / "quality.json").read_text())
     rows = {r["row"]: r for r in res["rows"]}
     residual = "ReLLaX, residual read-out (lambda learned)"
-    assert set(rows) == {DIN_ROW, LR_ROW, FULL_ROW, residual, TEXT_ROW, ENSEMBLE_ROW}
+    assert set(rows) == {DIN_ROW, LR_ROW, FULL_ROW, residual, TEXT_ROW, ENSEMBLE_ROW, TEXT_DIN_ROW}
     assert res["meta"]["n_test"] == 64 and res["meta"]["seeds"] == [0, 1]
     for r in rows.values():
         ci = r["auc_ci"]
@@ -79,20 +79,102 @@ def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, c
     assert "| row | valid AUC | test AUC |" in md and "≈ marks a difference within noise" in md
     assert f"| {ENSEMBLE_ROW} |" in md and "wall time" in md
     assert "ReLLaX quality bench on synthetic" in capsys.readouterr().out
+    # the text-aware DIN: a baseline with its own valid metrics, not DIN's predictions
+    assert rows[TEXT_DIN_ROW]["kind"] == "baseline" and 0 <= rows[TEXT_DIN_ROW]["valid"]["auc"] <= 1
+    assert not rows[TEXT_DIN_ROW]["vs"]["DIN"]["same_predictions"]
+    _check_slices(res, q, rows)
 
     # a rerun skips every finished row (same inputs) and writes the same table
     before = {r["row"]: r["auc_mean"] for r in res["rows"]}
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("done before, skipped") == 6
+    assert out.count("done before, skipped") == 7
     again = {r["row"]: r["auc_mean"] for r in json.loads((q / "quality.json").read_text())["rows"]}
     assert again == pytest.approx(before)
+
+
+@pytest.mark.slow  # ~3-4 min on the loaded 2-core machine (two points, the whole-split DIN and text-aware DIN)
+def test_bench_quality_few_shot_curve_and_ctr_train_samples(tiny_bert, seeded_embeddings, tmp_path, capsys):
+    from rellax_fast.bench.quality import DIN_ROW, FULL_ROW, TEXT_DIN_ROW, TEXT_ROW
+    from rellax_fast.cli import main
+
+    argv = _argv(tiny_bert, tmp_path, "--rows", "full,text-only,din-text", "--ctr-train-samples", "300",
+                 "--few-shot", "all,300")  # fmt: skip
+    assert main(argv) == 0
+    q = tmp_path / "quality"
+    res = json.loads((q / "quality.json").read_text())
+    assert res["meta"]["ctr_train_samples"] == 300  # the table's DIN, text DIN and LM prompts come from 300 samples
+    curve = res["few_shot"]
+    assert [p["label"] for p in curve["points"]] == ["N=300", "all"] and curve["n_test"] == 64
+    small, whole = curve["points"]
+    assert small["train_samples"] == 300 and small["lm_prompts"] == 24 and whole["train_samples"] > 300
+    for p in curve["points"]:
+        assert set(p["rows"]) == {DIN_ROW, TEXT_DIN_ROW, TEXT_ROW, FULL_ROW}
+        for r in p["rows"].values():
+            assert 0 <= r["auc_lo"] <= r["auc"] <= r["auc_hi"] <= 1 and 0 < r["vs_din"]["p_auc"] <= 1
+        assert p["rows"][DIN_ROW]["vs_din"]["same_predictions"]
+    # N=300 is the table's own setting: the same models, read back instead of retrained
+    table = {r["row"]: r for r in res["rows"]}
+    for name, r in small["rows"].items():
+        assert r["auc"] == pytest.approx(table[name]["auc_ci"]["value"]), name
+    assert not (q / "few-shot" / "n300" / "ctr").exists() and (q / "few-shot" / "all" / "ctr" / "din.json").exists()
+    # the whole split trains other models (DIN, text DIN, and the LM rows on their own DIN's h)
+    assert whole["rows"][DIN_ROW]["auc"] != small["rows"][DIN_ROW]["auc"]
+    assert not np.allclose(np.load(q / "few-shot" / "all" / "rows" / "din-text-predictions.npy"),
+                           np.load(q / "rows" / "din-text-predictions.npy"))  # fmt: skip
+    md = (q / "quality.md").read_text()
+    assert "## Few samples" in md and "| row | N=300 (300 samples, 24 prompts) | all (" in md
+    assert "few-shot point N=300" in capsys.readouterr().out
+
+
+def test_parse_few_shot_orders_the_counts_with_all_last():
+    from rellax_fast.bench.quality import parse_few_shot
+
+    assert parse_few_shot("all,8192, 2048") == [2048, 8192, 0] and parse_few_shot("") == []
+
+
+def _check_slices(res, q, rows):
+    """The sliced table: membership stored once (slices.json), equal to a recomputation by hand from the train
+    split, and every row cut by it (identical band sizes); the statistics of a tested band match train.stats."""
+    from rellax_fast.bench.quality import DIN_ROW
+    from rellax_fast.data import load_dataset, prepare_ctr
+    from rellax_fast.train import slices, stats
+    from rellax_fast.train.pipeline import subsample
+
+    stored = json.loads((q / "slices.json").read_text())
+    data = prepare_ctr(load_dataset("synthetic"), seed=0)
+    test = data.splits["test"].subset(subsample(len(data.splits["test"]), 64, 1))
+    train_items, train_users = data.splits["train"].item_id, set(data.splits["train"].user_id.tolist())
+    counts = [int((train_items == i).sum()) for i in test.item_id]
+    assert stored["codes"]["item_train_count"] == [0 if c == 0 else 1 if c <= 5 else 2 if c <= 20 else 3 for c in counts]
+    assert stored["codes"]["user_in_train"] == [int(u in train_users) for u in test.user_id.tolist()]
+    assert stored["codes"]["history_length"] == [0 if h < 10 else 1 if h < 50 else 2 if h < 200 else 3 for h in test.pos]
+    sliced = res["slices"]["rows"]
+    assert set(sliced) == set(rows) and res["slices"]["membership"] == str(q / "slices.json")
+    labels = test.label.astype(float)
+    for slicing, bands in slices.SLICINGS.items():
+        codes = np.asarray(stored["codes"][slicing])
+        for i, band in enumerate(bands):
+            sizes = {(r[slicing][band]["n"], r[slicing][band]["n_pos"]) for r in sliced.values()}
+            assert sizes == {(int((codes == i).sum()), int(labels[codes == i].sum()))}, (slicing, band, sizes)
+    full = np.load(q / "runs" / "rellax-full-s0" / "predictions.npy")
+    tested = [(s, b) for s in slices.SLICINGS for b, v in sliced["ReLLaX (full)"][s].items() if v["status"] is None]
+    assert tested, "no band of 64 samples is large enough to test"
+    s, b = tested[0]
+    m = np.asarray(stored["codes"][s]) == slices.SLICINGS[s].index(b)
+    assert sliced["ReLLaX (full)"][s][b]["auc"] == pytest.approx(stats.auc(labels[m], full[m]))
+    assert sliced[DIN_ROW][s][b]["vs_ref"]["same_predictions"]  # the reference is DIN itself
+    untested = [v for r in sliced.values() for bands in r.values() for v in bands.values() if v["status"]]
+    assert all("vs_ref" not in v for v in untested)
+    md = (q / "quality.md").read_text()
+    assert "## Sliced metrics" in md and "**target item's train interactions**" in md
 
 
 @pytest.mark.parametrize(
     "extra,match",
     [(["--seeds", "0,x"], "--seeds"), (["--seeds", "1,1"], "--seeds"), (["--rows", "full,bogus"], "--rows: unknown"),
-     (["--n-boot", "3"], "--n-boot"), (["--n-train", "-1"], "--n-train")],
+     (["--n-boot", "3"], "--n-boot"), (["--n-train", "-1"], "--n-train"), (["--few-shot", "2k"], "--few-shot"),
+     (["--few-shot", "100,100"], "--few-shot"), (["--ctr-train-samples", "-5"], "--ctr-train-samples")],
 )  # fmt: skip
 def test_bench_quality_bad_options_name_the_flag(tmp_path, capsys, extra, match):
     from rellax_fast.cli import main
