@@ -487,7 +487,8 @@ def _matmul_kernel(
 # warps, a 32-deep K step with 3 stages. The
 # r-wide LoRA step of the GEMMs runs BLOCK_RK ranks at a time so that rank 128 adds at most 32 KB.
 # Row-block kernels (shrink, dY pass) shrink BLOCK_M when M is small so that the grid still covers the
-# SMs. Under the interpreter, small blocks keep each program cheap while still exercising multi-block
+# SMs. Sizes or row strides that are not multiples of 16 (no divisibility hints: d = 1000) get the smaller
+# steps of _unaligned, and the fp32 shrink with a cut row block 8 warps, which the gate showed not to spill. Under the interpreter, small blocks keep each program cheap while still exercising multi-block
 # paths (edges, K loops, r chunks, split-K partials, cross-program atomics) on the tiny test shapes.
 _GPU16 = {
     "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
@@ -536,6 +537,29 @@ def _config(name: str, dtype: torch.dtype, block_r: int) -> dict:
         cfg["BLOCK_K"] = 32
     if "BLOCK_RK" in cfg:
         cfg["BLOCK_RK"] = min(cfg["BLOCK_RK"], block_r)
+    return cfg
+
+
+def _unaligned(cfg: dict, changes: dict, *sizes_and_strides: int) -> dict:
+    """Apply ``changes`` when a size or row stride is not a multiple of 16 elements (d = 1000): Triton's
+    specialisation then gives no divisibility hint, the loads are not vectorised and stay in registers, and
+    the aligned tiles spilled on sm_90a (the compile gate): the 16-bit 128x128x64 GEMM tile 136 B/thread at
+    255 registers (a 32-deep K step keeps the tile, no spill), the dA split-K tile with dropout 196 B (8 warps:
+    206 registers, no spill)."""
+    if not triton_interpreting() and any(v % 16 for v in sizes_and_strides):
+        cfg.update({k: (min(cfg[k], v) if k.startswith("BLOCK") else v) for k, v in changes.items()})
+    return cfg
+
+
+def _unaligned_k(cfg: dict, *sizes_and_strides: int) -> dict:
+    return _unaligned(cfg, {"BLOCK_K": 32}, *sizes_and_strides)
+
+
+def _small_row_block_warps(cfg: dict, dtype: torch.dtype, block_r: int) -> dict:
+    """fp32 (3xTF32) shrink at r >= 64 with the row block cut below 64 (M = 8192: 32 rows) spilled 16 B on
+    sm_90a at 4 warps (capped at 128 registers); 8 warps need 76 and do not spill (the compile gate)."""
+    if not triton_interpreting() and dtype == torch.float32 and block_r >= 64 and cfg["BLOCK_M"] < 64:
+        cfg["num_warps"] = max(cfg["num_warps"], 8)
     return cfg
 
 
@@ -654,6 +678,8 @@ def _rank_grad(u, v, out, colsum, scale, dropout, key, threshold, upcast, precis
         return
     f32 = torch.float32
     cfg = _config("rank_grad", u.dtype, block_r)
+    if dropout:  # the keep-mask on an unaligned u (no %16 hints) spilled at 4 warps: see _unaligned
+        cfg = _unaligned(cfg, {"num_warps": 8}, n, u.stride(0))
     n_col = triton.cdiv(n, cfg["BLOCK_N"])
     splits = _splits(m, n_col, cfg["BLOCK_M"])
     rows_per_split = triton.cdiv(triton.cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
@@ -703,7 +729,8 @@ def cflora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     c_arg = interaction if interaction is not None else lora_a  # never read when there is no C
 
     with _device_guard(x2d):
-        cfg = _row_block(_config("shrink", x2d.dtype, block_r), m, x2d.device)
+        cfg = _small_row_block_warps(_row_block(_config("shrink", x2d.dtype, block_r), m, x2d.device), x2d.dtype,
+                                     block_r)
         _cflora_shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
             x2d, lora_a, c_arg, s, t,
             m, d_in, r,
@@ -723,7 +750,7 @@ def cflora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         elif interaction is None:
             t.copy_(s)  # T = S; a separate tensor because the custom op's outputs must not alias
 
-        cfg = _config("gemm", x2d.dtype, block_r)
+        cfg = _unaligned_k(_config("gemm", x2d.dtype, block_r), d_in, x2d.stride(0), weight.stride(0))
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_out, cfg["BLOCK_N"]),)
         _cflora_fwd_gemm_kernel[grid](
             x2d, weight, bias.contiguous() if bias is not None else weight, t, lora_b, y,
@@ -819,7 +846,7 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
                        block_r, dummy)
 
         if m > 0 and need_dx:
-            cfg = _config("gemm", dtype, block_r)
+            cfg = _unaligned_k(_config("gemm", dtype, block_r), d_out, grad_y2d.stride(0), weight.stride(0))
             grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
             _cflora_dx_kernel[grid](
                 grad_y2d, weight, d_st, lora_a, dx,
@@ -835,7 +862,7 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
             if m == 0:
                 dweight.zero_()
             else:
-                cfg = _config("dw", dtype, block_r)
+                cfg = _unaligned_k(_config("dw", dtype, block_r), m, grad_y2d.stride(0), x2d.stride(0))
                 grid = (triton.cdiv(d_out, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
                 _matmul_kernel[grid](
                     grad_y2d, x2d, dweight,

@@ -58,10 +58,28 @@ def capture_launches(kernels) -> List[Launch]:
                 fn.run = old
 
 
+def native_specializer():
+    """triton.runtime.jit.native_specialize_impl (triton >= 3.4): how the runtime specialises each argument.
+
+    Without it the gate cannot know what the runtime compiles, so it fails loudly (a RuntimeError naming the
+    triton version) instead of skipping: a gate that silently does not run is no gate."""
+    import triton
+    import triton.runtime.jit as jit
+
+    impl = getattr(jit, "native_specialize_impl", None)
+    if impl is None:
+        raise RuntimeError(
+            f"the Triton compile gate needs triton.runtime.jit.native_specialize_impl (triton >= 3.4); triton "
+            f"{triton.__version__} has none, so the runtime's specialisation (==1 constexprs, %16 divisibility) "
+            "cannot be reproduced. Run the gate with the triton of pyproject's dev extra.")
+    return impl
+
+
 def specialise(launch: Launch, backend) -> Tuple[dict, dict, dict, dict]:
     """(signature, constexprs, attrs, options) with the ==1 constexprs and %16 divisibility the runtime picks."""
     from triton.backends.compiler import BaseBackend
-    from triton.runtime.jit import native_specialize_impl  # triton >= 3.4; the gate skips without it
+
+    native_specialize_impl = native_specializer()
 
     fn = launch.fn
     bound = dict(zip(fn.arg_names, launch.args))
