@@ -1,0 +1,120 @@
+"""The memory-traffic model of the Triton CFLoRA backend (#23 section 3), from its real launch arguments.
+
+The launchers (kernels/cflora.py cflora_fwd / cflora_bwd) are called on CPU tensors with every kernel's
+``run`` captured (tests/ops/triton_aot.py), so nothing runs and no GPU is needed. Each captured launch reads
+and writes the tensors named in READS / WRITES below (pointer arguments, some only under a constexpr
+flag); the model counts each such tensor once per launch, i.e. it assumes a tiled kernel reads each operand
+from HBM once (grouped tile order, L2 reuse) -- the roofline's assumption. The frozen linear's own traffic
+(x, W, b read and y written; dy, W read and dx written) is the base; the rest is the LoRA path's extra.
+
+The minimum extra traffic of fused CFLoRA is one read of x for the shrink, one read of dy for dT and dB
+together, and one read of x for dA (2·|x| + |dy|; r-sized tensors are noise): about 0.40 GB at the headline
+shape (bf16, M = 16384, d_in = d_out = 4096, r = 16), 94 us at 4.3 TB/s. Today the Triton backend reads dy
+once more (dB in its own split-K pass): 4 big reads, 1.33x the minimum, above the issue's goal of 1.2x. The
+test pins today's structure as a ceiling (no further pass may be added unnoticed) and reports the goal.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton_aot as aot
+
+from rellax_fast.ops._backend import triton_interpreting
+
+if triton_interpreting():
+    pytest.skip("the model captures compiled-mode launches; it runs in the non-TRITON_INTERPRET pass",
+                allow_module_level=True)
+pytest.importorskip("triton")
+
+# pointer arguments each kernel reads / writes; (name, flag) pairs count only when the constexpr flag is set
+READS = {
+    "_cflora_shrink_kernel": ["x_ptr", "a_ptr", ("c_ptr", "SHARED_C")],
+    "_cflora_interact_fwd_kernel": ["s_ptr", "c_ptr"],
+    "_cflora_fwd_gemm_kernel": ["x_ptr", "w_ptr", ("bias_ptr", "HAS_BIAS"), "t_ptr", "b_ptr"],
+    "_cflora_dy_pass_kernel": ["dy_ptr", "b_ptr", ("c_ptr", "SHARED_C"), ("s_ptr", "NEED_DC")],
+    "_cflora_interact_bwd_kernel": ["dst_ptr", ("s_ptr", "NEED_DC"), ("c_ptr", "NEED_DS")],
+    "_cflora_rank_grad_kernel": ["u_ptr", ("v_ptr", "NEED_OUT")],
+    "_cflora_dx_kernel": ["dy_ptr", "w_ptr", "ds_ptr", "a_ptr"],
+    "_matmul_kernel": ["a_ptr", "b_ptr"],
+}
+WRITES = {
+    "_cflora_shrink_kernel": ["s_ptr", ("t_ptr", "SHARED_C")],
+    "_cflora_interact_fwd_kernel": ["t_ptr"],
+    "_cflora_fwd_gemm_kernel": ["y_ptr"],
+    "_cflora_dy_pass_kernel": ["dst_ptr", ("dc_ptr", "NEED_DC")],
+    "_cflora_interact_bwd_kernel": [("dst_ptr", "NEED_DS"), ("dc_ptr", "NEED_DC")],
+    "_cflora_rank_grad_kernel": [("out_ptr", "NEED_OUT"), ("colsum_ptr", "NEED_COLSUM")],
+    "_cflora_dx_kernel": ["dx_ptr"],
+    "_matmul_kernel": ["c_ptr"],
+}
+GOAL = 1.2  # the issue's target: modelled extra traffic <= 1.2x the minimum
+TRITON_CEILING = 1.40  # today (4 big reads for 3, plus r-sized tensors and split-K partials: 1.37x): a bound, not the goal
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def _pointers(launch, spec):
+    bound = dict(zip(launch.fn.arg_names, launch.args), **launch.kwargs)
+    for item in spec:
+        name, flag = (item, None) if isinstance(item, str) else item
+        if flag is None or bound.get(flag):
+            yield name, bound[name]
+
+
+def kernel_traffic(launches):
+    """[(kernel, bytes read, bytes written)] per captured launch."""
+    out = []
+    for launch in launches:
+        read = sum(_nbytes(t) for _, t in _pointers(launch, READS[launch.name]))
+        written = sum(_nbytes(t) for _, t in _pointers(launch, WRITES[launch.name]))
+        out.append((launch.name, read, written))
+    return out
+
+
+def headline_model(dropout_p=0.0, m=16384, d=4096, r=16, samples=16, dtype=torch.bfloat16):
+    """(per-kernel traffic, base bytes, extra bytes, minimum extra bytes) of one forward+backward with W and b
+    frozen (the LoRA training pattern) and a per-sample C."""
+    from test_triton_compile_gate import LORA_GRADS, _cflora_kernels
+
+    from rellax_fast.kernels import cflora as k
+
+    e = torch.empty
+    x, w, b, gy = e(m, d, dtype=dtype), e(d, d, dtype=dtype), e(d, dtype=dtype), e(m, d, dtype=dtype)
+    a, lb, c = e(r, d, dtype=dtype), e(d, r, dtype=dtype), e(samples, r, r, dtype=dtype)
+    s, t = e(m, r, dtype=dtype), e(m, r, dtype=dtype)
+    seed = 7 if dropout_p else None
+
+    def run():
+        k.cflora_fwd(x, w, b, a, lb, c, m // samples, 2.0, dropout_p, seed)
+        k.cflora_bwd(gy, x, w, a, lb, c, s, t, m // samples, 2.0, dropout_p, seed, list(LORA_GRADS))
+
+    traffic = kernel_traffic(aot.capture(_cflora_kernels(k), run))
+    base = 3 * _nbytes(x) + 2 * _nbytes(w) + _nbytes(b) + _nbytes(gy)  # x, W, b -> y; dy, W -> dx
+    total = sum(rd + wr for _, rd, wr in traffic)
+    return traffic, base, total - base, 2 * _nbytes(x) + _nbytes(gy)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_triton_traffic_at_the_headline_shape(dropout_p):
+    traffic, base, extra, minimum = headline_model(dropout_p)
+    big = 16384 * 4096 * 2  # one read of x or dy
+    assert minimum == 3 * big  # 0.40 GB
+    # the LoRA-only launches that stream a big operand: shrink (x), the dT pass (dy), dB (dy again), dA (x)
+    big_passes = [name for name, rd, _ in traffic if rd >= big and name not in ("_cflora_fwd_gemm_kernel",
+                                                                               "_cflora_dx_kernel")]
+    assert len(big_passes) == 4, big_passes  # the minimum structure has 3
+    ratio = extra / minimum
+    print(f"\ntriton, p={dropout_p}: extra {extra / 1e9:.3f} GB vs minimum {minimum / 1e9:.3f} GB: {ratio:.3f}x "
+          f"(goal {GOAL}x); base {base / 1e9:.3f} GB; per kernel (read, written MB): "
+          + ", ".join(f"{n.strip('_').removesuffix('_kernel')} {rd / 1e6:.0f}/{wr / 1e6:.0f}" for n, rd, wr in traffic))
+    assert 4 * big <= extra <= TRITON_CEILING * minimum, (extra, minimum)
+
+
+def test_model_counts_an_added_pass():
+    """The model is structural: one more launch that reads dy moves the ratio by |dy| / minimum."""
+    traffic, base, extra, minimum = headline_model()
+    dy_pass = next(t for t in traffic if t[0] == "_cflora_dy_pass_kernel")
+    assert (extra + dy_pass[1] + dy_pass[2]) / minimum > TRITON_CEILING
