@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # scripts/gpu_check.sh - the GPU validation run of rellax-fast on one lent H100/H200 (no internet).
+# The long, full version: a short GPU window runs scripts/gpu_lean.py (the headline numbers first) instead.
 #
 # Uses the machine's python with its preinstalled torch, triton, transformers and peft (no venv, no pip
 # downloads). Steps, each time-boxed; a failing step is recorded and the next one still runs:
@@ -63,12 +64,17 @@ CUDA_ROOT="${CUDA_HOME:-/usr/local/cuda}"
 SANITIZER="${COMPUTE_SANITIZER:-$CUDA_ROOT/bin/compute-sanitizer}"
 BENCH_WARMUP="${BENCH_WARMUP:-2}"
 BENCH_REPEAT="${BENCH_REPEAT:-5}"
-if [[ -n "${PYTHON:-}" ]]; then
-    PY="$PYTHON"
-elif command -v python >/dev/null 2>&1; then
-    PY="$(command -v python)"
-else
-    PY="$(command -v python3 || echo python3)"
+# the interpreter that imports a CUDA torch (on some GPU images only python3 has it), not a name
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+    for cand in python3 python; do
+        if command -v "$cand" >/dev/null 2>&1 && "$cand" -c \
+            "import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" 2>/dev/null; then
+            PY="$(command -v "$cand")"
+            break
+        fi
+    done
+    PY="${PY:-$(command -v python3 || command -v python || echo python3)}"
 fi
 
 # the in-place build is imported from the checkout; Triton must compile for the GPU, not interpret
