@@ -388,7 +388,7 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     run_dir = Path(run_dir)
     if is_main():  # under a launcher only rank 0 writes
         run_dir.mkdir(parents=True, exist_ok=True)
-    check_inputs_for_resume(run_dir, ctx, spec, resume, cfg)
+    check_inputs_for_resume(run_dir, ctx, spec, resume, cfg, log)
     torch.manual_seed(cfg.seed)
     tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
     model = build_rellax(backbone, kind, tokenizer, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
@@ -587,7 +587,7 @@ def option_changes(recorded: Dict, current: Dict) -> List[str]:
 
 
 def check_inputs_for_resume(run_dir: Path, ctx: Context, spec: VariantSpec, resume: bool,
-                            cfg: Optional[PipelineConfig] = None) -> None:  # fmt: skip
+                            cfg: Optional[PipelineConfig] = None, log=print) -> None:  # fmt: skip
     """Record the run's inputs and options (``cfg``) at its start; on ``resume``, refuse to continue on other
     inputs, or with options that change the run (:data:`RESUME_FREE_OPTIONS` may change), naming each."""
     from .._io import atomic_write_text
@@ -608,6 +608,9 @@ def check_inputs_for_resume(run_dir: Path, ctx: Context, spec: VariantSpec, resu
                 f"{path}: cannot resume {run_dir}: its {', '.join(changed)} changed since the run started (a "
                 f"retrained DIN, other data or embeddings); train without --resume, or into another --name"
             )
+        if recorded_options is None and options is not None:
+            log(f"warning: {path} was written before runs recorded their options: resuming without checking that "
+                "--batch-size, --lr, --k, --r, ... are the ones the run started with")  # fmt: skip
         differ = option_changes(recorded_options, options) if recorded_options is not None and options is not None else []
         if differ:
             raise ResumeMismatchError(

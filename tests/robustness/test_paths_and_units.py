@@ -262,3 +262,30 @@ def test_run_tensors_are_checked_before_any_is_copied(tmp_path):
     with pytest.raises(RunFileError, match=r"cut.safetensors: unreadable"):
         _load_tensors(tmp_path / "cut.safetensors", targets, "tensor")
     assert set(_load_tensors(tmp_path / "extra.safetensors", {**targets, "zzz": torch.ones(1)}, "tensor")) == {"a", "zzz"}
+
+
+def test_resume_check_names_changed_options_and_warns_on_older_records(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from rellax_fast.train import pipeline
+    from rellax_fast.train.pipeline import (
+        PipelineConfig,
+        ResumeMismatchError,
+        VariantSpec,
+        check_inputs_for_resume,
+    )
+
+    monkeypatch.setattr(pipeline, "run_inputs", lambda ctx, spec: {"data_fingerprint": "d"})
+    cfg, spec = PipelineConfig(model=str(tmp_path)), VariantSpec("v")
+    check_inputs_for_resume(tmp_path, None, spec, False, cfg)  # the start: records inputs and options
+    assert json.loads((tmp_path / "inputs.json").read_text())["options"]["cflora.r"] == 8
+    check_inputs_for_resume(tmp_path, None, spec, True, replace(cfg, n_test=7))  # a free option
+    changed = replace(cfg, k=2, r=4, train=replace(cfg.train, lr=0.5, save_every_steps=3))
+    with pytest.raises(ResumeMismatchError, match=r"--r 8 -> 4; --k 5 -> 2; --lr 0.001 -> 0.5\. Resume with"):
+        check_inputs_for_resume(tmp_path, None, spec, True, changed)
+    with pytest.raises(ResumeMismatchError, match=r"--no-spa True -> False"):
+        check_inputs_for_resume(tmp_path, None, replace(spec, spa=False), True, cfg)
+    (tmp_path / "inputs.json").write_text(json.dumps({"data_fingerprint": "d"}))  # written before options were
+    logs = []
+    check_inputs_for_resume(tmp_path, None, spec, True, changed, log=logs.append)
+    assert logs and "written before runs recorded their options" in logs[0]
