@@ -83,9 +83,9 @@ def packaged_file(backbone: NamedBackbone) -> Path:
     path = next((Path(loc) / backbone.filename for loc in locations if (Path(loc) / backbone.filename).is_file()),
                 None)  # fmt: skip
     if path is None:
-        raise ImportError(f"--model {backbone.name}: the package {backbone.package!r} with {backbone.filename} is not "
-                          f"installed; install it with: {backbone.install}")  # fmt: skip
-    check_gguf_reader(backbone.name, backbone.install)
+        raise ImportError(f"named backbone {backbone.name!r}: the package {backbone.package!r} with {backbone.filename} "
+                          f"is not installed; install it with: {backbone.install}")  # fmt: skip
+    check_gguf_reader(f"named backbone {backbone.name!r}", backbone.install)
     return path
 
 
