@@ -3,10 +3,11 @@ included) rather than from ``sys.modules``, so a lazy import cannot hide an upwa
 
 - no module imports a command module (``cli.py``, ``cli_*.py``): ``rellax_fast/cli.py`` reaches the commands
   through its ``COMMANDS`` table of module-name strings (``importlib``), and library logic lives elsewhere;
-- ``ctr/`` (the DIN) imports neither ``train`` nor ``bench`` (nor ``spa``, whose compatibility names import it);
+- ``ctr/`` (the DIN) imports neither ``train`` nor ``bench`` (nor ``spa``);
 - ``rellax_fast/metrics.py`` is a leaf; ``spa/`` imports neither ``train`` nor ``bench``;
-- ``train/`` imports neither ``bench`` nor a command module; nothing imports through the ``spa.din`` /
-  ``spa.ctr`` compatibility modules;
+- ``train/`` imports neither ``bench`` nor a command module;
+- no compatibility shims (#29 item 2): ``spa.din`` / ``spa.ctr`` are gone, and no module (but a package's
+  ``__init__``) imports a name at module level that it neither uses nor lists in ``__all__``;
 - no import cycles beyond the ones listed below.
 
 Known exceptions outside this cleanup are listed with their reason; each must still exist, so a fix shows
@@ -31,12 +32,6 @@ KNOWN_COMMAND_IMPORTS = {
 }
 # import cycles (strongly connected modules) that exist outside this cleanup
 KNOWN_CYCLES: set = set()
-# the public names of rellax_fast.spa.din / spa.ctr before the move: they keep resolving
-OLD_SPA_DIN = ("DIN", "N_RATING_BUCKETS", "ActivationUnit", "CTRArrays", "DINConfig", "DINReport", "DINTrainConfig",
-               "PackedCTRArrays", "freeze", "history_arrays", "load_din", "make_arrays", "predict", "save_din",
-               "train_din")  # fmt: skip
-OLD_SPA_CTR = ("din_fingerprint", "din_outputs", "din_reuse_key", "fit_din", "item_vocab", "load_ctr", "save_ctr",
-               "split_arrays", "to_index", "vocab_sha256", "weights_sha256")  # fmt: skip
 
 
 def package_modules(root: Path = PACKAGE) -> dict:
@@ -143,12 +138,10 @@ def test_spa_imports_neither_train_nor_bench(graph):
     assert not bad, bad
 
 
-def test_train_imports_no_bench_and_nothing_uses_the_spa_shims(graph):
+def test_train_imports_no_bench(graph):
     _, edges = graph
     bad = violations(edges, "rellax_fast.train", ["rellax_fast.bench", "rellax_fast.cli"])
     assert not bad, bad
-    bad = violations(edges, "rellax_fast", ["rellax_fast.spa.din", "rellax_fast.spa.ctr"])
-    assert not bad, f"import rellax_fast.ctr.din / ctr.store instead: {bad}"
 
 
 def test_no_import_cycles_but_the_known_ones(graph):
@@ -184,18 +177,23 @@ def test_no_import_cycles_but_the_known_ones(graph):
     assert not KNOWN_CYCLES - cycles, f"fixed, remove from KNOWN_CYCLES: {[sorted(c) for c in KNOWN_CYCLES - cycles]}"
 
 
-@pytest.mark.parametrize("old, new, names", [("rellax_fast.spa.din", "rellax_fast.ctr.din", OLD_SPA_DIN),
-                                             ("rellax_fast.spa.ctr", "rellax_fast.ctr.store", OLD_SPA_CTR)])
-def test_the_moved_names_resolve_from_their_old_modules(old, new, names):
-    import importlib
-    import pickle
+def unused_imports(path: Path) -> list:
+    """Names imported at module level that the module neither uses nor lists in ``__all__``: re-exports."""
+    tree = ast.parse(path.read_text())
+    imported = {a.asname or a.name.split(".")[0] for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+                for a in node.names} - {"annotations"}  # fmt: skip
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    listed = {e.value for node in tree.body if isinstance(node, ast.Assign)
+              and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+              for e in ast.walk(node.value) if isinstance(e, ast.Constant)}  # fmt: skip
+    return sorted(imported - used - listed)
 
-    old_mod, new_mod = importlib.import_module(old), importlib.import_module(new)
-    for name in names:
-        assert getattr(old_mod, name) is getattr(new_mod, name), f"{old}.{name}"
-    if old.endswith("din"):  # a config pickled under the old path loads as the new class
-        blob = pickle.dumps(new_mod.DINConfig(n_items=3, n_users=0)).replace(b"rellax_fast.ctr.din", old.encode())
-        assert type(pickle.loads(blob)) is new_mod.DINConfig
+
+def test_no_compatibility_shims():
+    modules = package_modules()
+    assert not {"rellax_fast.spa.din", "rellax_fast.spa.ctr"} & set(modules), "import rellax_fast.ctr.din / ctr.store"
+    shims = {m: names for m, p in modules.items() if p.name != "__init__.py" and (names := unused_imports(p))}
+    assert not shims, f"re-exported names (import them from their home module instead): {shims}"
 
 
 def test_every_package_is_listed_for_the_wheel():

@@ -21,6 +21,12 @@ from .adapters import (
     delete_cflora_adapter,
     set_cflora_adapter,
 )
+from .conditioning import (
+    cflora_checkpoint_context_fn,
+    cflora_condition,
+    cflora_layers,
+    clear_cflora_condition,
+)
 from .config import CFLoRAConfig
 from .hooks import disable_cflora_cond_kwarg, enable_cflora_cond_kwarg
 from .interaction import (
@@ -37,12 +43,8 @@ from .interaction import (
 )
 from .layers import CFLoRALinear
 from .model import (
-    cflora_checkpoint_context_fn,
-    cflora_condition,
     cflora_enabled,
-    cflora_layers,
     cflora_trainable_parameters,
-    clear_cflora_condition,
     disable_adapter,
     get_cflora_config,
     inject_cflora,

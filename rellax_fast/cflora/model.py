@@ -4,8 +4,8 @@ unload / merge_and_unload.
 - :func:`inject_cflora` resolves the targets (suffixes, a regex, or ``"all-linear"``; ``exclude_modules``;
   per-module ``rank_pattern`` / ``alpha_pattern``), sets up ``modules_to_save`` (a trainable copy in place, the
   original kept aside) and warns when a target's weight is tied to another module (a tied ``lm_head``).
-- :func:`cflora_condition` feeds the per-sample cond and makes Hugging Face gradient checkpointing replay the cond
-  each checkpointed forward saw (see :class:`_ReplayCondition`).
+- ``conditioning.cflora_condition`` feeds the per-sample cond and makes Hugging Face gradient checkpointing
+  replay the cond each checkpointed forward saw (see ``conditioning._ReplayCondition``).
 - :func:`disable_adapter` (a context) and HF's ``model.disable_adapters()`` / ``enable_adapters()`` give the
   base model's outputs exactly; :func:`unload` / :func:`merge_and_unload` give back plain ``nn.Linear`` /
   ``Conv1D`` modules and a base ``state_dict``.
@@ -28,16 +28,7 @@ import torch
 from torch import nn
 
 from ..ops._backend import BACKEND_CHOICES
-from .conditioning import (  # noqa: F401  (re-exported: the public names lived here)
-    _install_checkpoint_replay,
-    _remove_checkpoint_replay,
-    _require_layers,
-    cflora_checkpoint_context_fn,
-    cflora_condition,
-    cflora_layers,
-    clear_cflora_condition,
-    unwrap_model,
-)
+from .conditioning import _remove_checkpoint_replay, _require_layers, cflora_layers, unwrap_model
 from .config import ALL_LINEAR, CFLoRAConfig
 from .hooks import disable_cflora_cond_kwarg, enable_cflora_cond_kwarg
 from .layers import CFLoRALinear, supported_base

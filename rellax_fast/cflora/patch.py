@@ -40,8 +40,8 @@ from torch import nn
 
 from ..ops._backend import BACKEND_CHOICES
 from ..ops.cflora import cflora_linear
+from .conditioning import unwrap_model
 from .layers import _is_conv1d, supported_base
-from .model import unwrap_model
 
 logger = logging.getLogger("rellax_fast.cflora")
 

@@ -39,6 +39,7 @@ from .adapters import (
     delete_cflora_adapter,
     set_cflora_adapter,
 )
+from .conditioning import _require_layers, cflora_layers, unwrap_model
 from .config import (
     FORMAT_2_FIELDS,
     FORMAT_PREFIX,
@@ -53,11 +54,8 @@ from .model import (
     DEFAULT_ADAPTER,
     INSTANCE_PATCHES,
     _modules_to_save_registry,
-    _require_layers,
-    cflora_layers,
     get_cflora_config,
     inject_cflora,
-    unwrap_model,
 )
 
 CONFIG_NAME = "cflora_config.json"

@@ -184,10 +184,6 @@ class PackedCTRArrays:
         ratings = torch.where(valid, self.seq_ratings[flat], 0.0)
         return CTRArrays(items, ratings, self.target[idx], self.user[idx], self.label[idx])
 
-    def materialise(self) -> CTRArrays:
-        """The whole split as one padded :class:`CTRArrays` ((S, max_len) memory: small data only)."""
-        return self.batch(torch.arange(len(self)))
-
 
 def make_arrays(offsets, seq_items, seq_ratings, user_index, pos, target_item, label, max_len: int) -> CTRArrays:
     """The padded (S, max_len) inputs of a whole split at once; :class:`PackedCTRArrays` is the linear-memory

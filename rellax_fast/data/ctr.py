@@ -91,9 +91,6 @@ class UserSequences:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-    def of_user(self, u: int) -> slice:
-        return slice(int(self.offsets[u]), int(self.offsets[u + 1]))
-
 
 @dataclass
 class CTRSplit:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from .ablation import FULL, add_noise_columns, noise_table, selected_variants  # noqa: F401  (re-exported: older import paths)
+from .ablation import selected_variants
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,13 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from .runs import (  # noqa: F401  (re-exported: older import paths)
-    RunDependencyError,
-    jsonl_split,
-    load_run,
-    score,
-    subr_embeddings_for,
-)
+from .runs import RunDependencyError, score
 
 # the defaults of the shared --out and --dataset here, in words (rellax_fast.cli.describe_defaults)
 DEFAULTS_IN_WORDS = {"out": "<run>/eval-<split>, or <run>/eval-jsonl with --jsonl", "dataset": "the run's dataset"}

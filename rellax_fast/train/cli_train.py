@@ -8,15 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from .args import (  # noqa: F401  (re-exported: older import paths)
-    add_model_arguments,
-    interaction_kind,
-    lr_groups_of,
-    pipeline_config,
-    slug,
-    validate_model_arguments,
-)
-from .context import build_shared_context  # noqa: F401  (re-exported: older import paths)
+from .args import add_model_arguments, interaction_kind, pipeline_config, slug
+from .context import build_shared_context
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -4,8 +4,7 @@
 thin wrapper: 4 significant digits, columns from the first row); it lives here because ``train`` may not
 import ``bench``.
 
-The metrics themselves (``ctr_metrics``, ``json_default``) live in the leaf :mod:`rellax_fast.metrics` and are
-re-exported here for older import paths."""
+The metrics themselves (``ctr_metrics``, ``json_default``) live in the leaf :mod:`rellax_fast.metrics`."""
 
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from typing import List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..metrics import EPS, ctr_metrics, json_default, metrics_json  # noqa: F401  (re-exported: older import paths)
+from ..metrics import metrics_json
 
 
 def write_metrics_json(path, metrics: Mapping, extra: Optional[Mapping] = None) -> Path:

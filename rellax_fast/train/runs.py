@@ -1,5 +1,5 @@
-"""A run folder, written and read back: :func:`save_run` (the model's trainable tensors, buffers, CFLoRA
-adapter and ``rellax.json``; written by :func:`rellax_fast.train.pipeline.run_variant`), :func:`load_run`
+"""A run folder read back (:func:`rellax_fast.train.pipeline.save_run` writes it: the model's trainable tensors,
+buffers, CFLoRA adapter and ``rellax.json``, at the end of ``run_variant``): :func:`load_run`
 (rebuild the trained model) and :func:`score` (score it on a split of its dataset or on a JSONL file of
 samples): what ``rellax-fast eval`` does, for Python callers.
 
@@ -12,22 +12,11 @@ a mismatch (a retrained DIN, another pipeline's files) raises :class:`RunDepende
 flat ``r`` / ``alpha`` / ``dropout`` / ``n_experts`` / ``cflora_backend`` keys of older runs
 (:func:`pipeline_config_from_dict`).
 
-``save_run`` is defined in ``pipeline`` (``run_variant`` writes with it) and offered here too, so that the run
-folder's writer and readers are one import away without an import cycle (``pipeline`` never imports this
-module).
+The writer stays in ``pipeline`` beside ``run_variant``: this module imports the pipeline's builders to read a
+run back, so ``pipeline`` importing it would close an import cycle.
 """
 
 from __future__ import annotations
-
-
-def save_run(run_dir, model, meta: dict) -> None:
-    """Write a run folder: ``trainable.safetensors``, ``buffers.safetensors``, ``adapter/`` and ``rellax.json``
-    (:func:`rellax_fast.train.pipeline.save_run`; imported on call, so importing this module stays light)."""
-    from pathlib import Path
-
-    from .pipeline import save_run as write
-
-    write(Path(run_dir), model, meta)
 
 
 def pipeline_config_from_dict(data: dict, model=None):

@@ -4,7 +4,7 @@ paired bootstrap test for a LogLoss (or AUC) difference, and DeLong's test for a
 Every function takes 0/1 ``labels`` and click probabilities of the same samples; paired functions take two
 models' probabilities *of the same samples* (the quality bench and the demo score every row on one seeded
 test sample, which is what makes the tests paired). Point values are scikit-learn's ``roc_auc_score`` and
-``log_loss`` with the same clipping as :func:`rellax_fast.train.metrics.ctr_metrics`.
+``log_loss`` with the same clipping as :func:`rellax_fast.metrics.ctr_metrics`.
 
 Why DeLong is written here: neither scikit-learn nor SciPy ships DeLong's test (scikit-learn has no AUC
 variance at all; ``scipy.stats`` has no ROC code), and the usual Python ports are unpackaged snippets. The
@@ -242,17 +242,6 @@ def delong_test(labels, probs_a, probs_b) -> Dict[str, float]:
         z = diff / se
         p = math.erfc(abs(z) / math.sqrt(2))
     return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se": se, "z": float(z), "p": float(p)}
-
-
-def delong_ci(labels, probs, level: float = 0.95) -> Dict[str, float]:
-    """Normal-approximation interval of one AUC from its DeLong variance: {"value", "se", "lo", "hi"}."""
-    from scipy.stats import norm
-
-    y = _labels(labels)
-    aucs, cov = delong_covariance(y, _probs(probs, y.size, "probs")[None])
-    se = math.sqrt(max(float(cov[0, 0]), 0.0))
-    q = float(norm.ppf(0.5 + level / 2))
-    return {"value": float(aucs[0]), "se": se, "lo": float(aucs[0] - q * se), "hi": float(aucs[0] + q * se)}
 
 
 # ------------------------------------------------------------------------------------------ table rows

@@ -184,10 +184,6 @@ def resolve_mixed_precision(value: str) -> str:
     return "bf16" if value == "fast" and cpu_has_native_bf16() else "no"
 
 
-def answer_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), label.long())
-
-
 def answer_loss_sum(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), label.long(), reduction="sum")
 

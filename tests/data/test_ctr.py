@@ -64,7 +64,7 @@ def test_ml100k_no_time_leakage_and_histories_earlier(ml100k_ctr):
             assert split.item_id[i] not in hist  # MovieLens: an item is rated once per user
     # the sequence itself is time ordered inside every user
     for u in range(len(seq)):
-        assert np.all(np.diff(seq.timestamps[seq.of_user(u)]) >= 0)
+        assert np.all(np.diff(seq.timestamps[seq.offsets[u] : seq.offsets[u + 1]]) >= 0)
     # history = every earlier rating: the user's items at earlier positions, matched against the raw log
     r = ml100k_ctr.dataset.ratings
     i = int(np.argmax(te.pos))

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from rellax_fast.train.metrics import ctr_metrics, markdown_table, plot_runs, write_metrics_json
+from rellax_fast.metrics import ctr_metrics
+from rellax_fast.train.metrics import markdown_table, plot_runs, write_metrics_json
 
 
 def test_ctr_metrics_match_hand_computation():

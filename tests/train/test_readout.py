@@ -12,7 +12,7 @@ import torch
 
 from rellax_fast.data.collate import PromptCollator, PromptSample
 from rellax_fast.train.model import ReLLaXModel, ReLLaXOptions, click_probability, load_backbone
-from rellax_fast.train.trainer import answer_loss
+from rellax_fast.train.trainer import answer_loss_sum
 
 N_ITEMS, E, H = 12, 6, 5
 
@@ -83,7 +83,7 @@ def test_gated_residual_starts_as_the_frozen_din_then_adds_the_gated_margin(tiny
         model.readout_gate.zero_()
         model.readout_lambda.fill_(1.0)
     label = torch.tensor([0, 1, 1, 0])
-    answer_loss(model(batch), label).backward()
+    mean_loss(model(batch), label).backward()
     p = torch.sigmoid(din_logit)
     closed = float(((p - label.double()) * (margin[:, 1] - margin[:, 0])).mean())
     assert model.readout_gate.grad.item() == pytest.approx(closed, rel=1e-4, abs=1e-6)
@@ -91,10 +91,15 @@ def test_gated_residual_starts_as_the_frozen_din_then_adds_the_gated_margin(tiny
     assert lora_b and all(q.grad is None or float(q.grad.abs().sum()) == 0 for q in lora_b)
 
 
+def mean_loss(logits, label):
+    """The trainer's loss (a sum over the global batch) per sample."""
+    return answer_loss_sum(logits, label) / len(label)
+
+
 def test_lambda_gradient_matches_closed_form_and_finite_differences(tiny_bert_dir):
     model, batch, (w, b) = _build(tiny_bert_dir, gate=False)
     label = torch.tensor([0, 1, 1, 0])
-    loss = answer_loss(model(batch), label)
+    loss = mean_loss(model(batch), label)
     loss.backward()
     with torch.no_grad():
         p = click_probability(model(batch)).double()
@@ -103,9 +108,9 @@ def test_lambda_gradient_matches_closed_form_and_finite_differences(tiny_bert_di
         assert model.readout_lambda.grad.item() == pytest.approx(closed, rel=1e-4, abs=1e-6)
         eps = 1e-2
         model.readout_lambda.add_(eps)
-        up = float(answer_loss(model(batch), label))
+        up = float(mean_loss(model(batch), label))
         model.readout_lambda.sub_(2 * eps)
-        down = float(answer_loss(model(batch), label))
+        down = float(mean_loss(model(batch), label))
     assert (up - down) / (2 * eps) == pytest.approx(closed, rel=2e-2, abs=1e-4)
     # the DIN head is a frozen buffer: never a parameter, never a gradient
     assert "din_out_weight" not in dict(model.named_parameters())
