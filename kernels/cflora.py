@@ -526,8 +526,9 @@ def _config(name: str, dtype: torch.dtype, block_r: int) -> dict:
         cfg["BLOCK_N"] = 64  # the (BLOCK_N, r) fp32 accumulator stays at 64 registers per thread
     if name in ("interact", "shrink", "dy") and block_r >= 128:
         cfg["num_warps"] = 8  # (r, r) tiles (C, the dC accumulator) at r = 128: spread over 256 threads
-    if dtype == torch.float32 and block_r >= 128:
-        # fp32 operands at rank 128: the r-wide tiles are 4x a bf16 r = 64 tile; halve the other side
+    if dtype == torch.float32 and block_r >= 64:
+        # fp32 operands at rank >= 64: the r-wide tiles are 2-4x a bf16 r = 64 tile; halve the other side
+        # (at r = 64 the 3xTF32 dy pass, dB/dA and shrink spilled 200-1,100 B/thread on sm_80 otherwise)
         cfg.update({"shrink": dict(BLOCK_K=32, BLOCK_M=32), "dy": dict(BLOCK_N=32, BLOCK_M=32),
                     "rank_grad": dict(BLOCK_M=32),
                     }.get(name, {}))

@@ -21,7 +21,7 @@ fp16 has bf16's tiles. The script mode (__main__) compiles every distinct launch
 
 Asserted per compiled kernel: shared memory within the target's limit; spill stores within bounds (none on
 sm_90a at r <= 64; at r = 128 SPILL_BOUND_R128 (16-bit) / SPILL_BOUND_FP32_R128 (fp32); on sm_80 at
-r = 32-64 at most SPILL_BOUND_SM80_R64); tensor-core instructions in every cflora kernel, and on sm_90a
+r <= 64 at most SPILL_BOUND_SM80_R64 (16-bit) / SPILL_BOUND_SM80_FP32_R64 (fp32)); tensor-core instructions in every cflora kernel, and on sm_90a
 wgmma wherever the main dot's tile has >= 64 rows (a GEMM that falls back to mma.sync fails), mma allowed
 below that (decode, small-M row blocks); the top-k kernel (no GEMM) has its own spill bound instead. A
 triton without native_specialize_impl fails at collection, naming why, instead of skipping.
@@ -65,8 +65,11 @@ ALL_GRADS = (True,) * 6
 SPILL_BOUND_R128 = 64  # 16-bit, r = 128 (r <= 64: 0)
 SPILL_BOUND_FP32 = 0  # fp32 / fp32+TF32, r <= 64
 SPILL_BOUND_FP32_R128 = 128
-# sm_80 at r = 32-64 (every rank is gated there, #23): mma.sync holds operands and accumulator in registers
-SPILL_BOUND_SM80_R64 = 32
+# sm_80 at r <= 64 (every rank is gated there, #23; mma.sync holds operands and accumulator in registers):
+# 16-bit spills none (room for drift); fp32 (3xTF32: hi/lo halves) up to 60 B (the r = 32 shrink with a
+# shared C), 8-16 B in the r = 16 GEMMs
+SPILL_BOUND_SM80_R64 = 16
+SPILL_BOUND_SM80_FP32_R64 = 64
 # semantic_topk has no GEMM (a running top-k in registers): exempt from the tensor-core check, with its own
 # spill bound (the measured value, with room for compiler drift)
 TOPK_SPILL_BOUND = 64
@@ -194,8 +197,8 @@ def _spill_bound(dtype_name, block_r, arch="sm_90a"):
         bound = SPILL_BOUND_FP32_R128 if block_r >= 128 else SPILL_BOUND_FP32
     else:
         bound = SPILL_BOUND_R128 if block_r >= 128 else 0
-    if arch == "sm_80" and 32 <= block_r <= 64:
-        bound = max(bound, SPILL_BOUND_SM80_R64)
+    if arch == "sm_80" and block_r <= 64:
+        bound = max(bound, SPILL_BOUND_SM80_FP32_R64 if dtype_name.startswith("fp32") else SPILL_BOUND_SM80_R64)
     return bound
 
 
