@@ -584,9 +584,12 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print, few_s
     atomic_write_text(qdir / "quality.json", json.dumps({"rows": summary, "slices": sliced, "few_shot": curve, "meta": meta},
                                                        indent=2, default=json_default))  # fmt: skip
     plot_quality(qdir / "quality.png", summary, title=f"ReLLaX quality bench ({args.dataset}, n={labels.size})")
+    if curve:
+        plot_few_shot(qdir / "few-shot.png", curve, title=f"AUC against train samples ({args.dataset}, n={labels.size})")
     print()
     print(md)
-    print(f"[quality] done in {wall:.0f} s; wrote {qdir / 'quality.md'}, {qdir / 'quality.json'}, {qdir / 'quality.png'}")
+    print(f"[quality] done in {wall:.0f} s; wrote {qdir / 'quality.md'}, {qdir / 'quality.json'}, {qdir / 'quality.png'}"
+          + (f", {qdir / 'few-shot.png'}" if curve else ""))  # fmt: skip
     return 0
 
 
@@ -792,6 +795,33 @@ def plot_quality(path, table: List[Dict], title: str = "") -> Path:
         ax.axvline(din[0]["auc_ci"]["value"], color="tab:gray", ls="--", lw=1)
     ax.set_yticks(np.arange(len(names)), names, fontsize=8)
     ax.set_xlabel("test AUC (95% bootstrap interval)")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return atomic_write_png(path, fig, dpi=110)
+
+
+def plot_few_shot(path, curve: Dict, title: str = "") -> Path:
+    """PNG: each row's test AUC (95% bootstrap interval) against the train samples N of the few-samples curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .._io import atomic_write_png
+
+    pts = curve["points"]
+    x = np.array([p["train_samples"] for p in pts], np.float64)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in pts[0]["rows"]:
+        r = [p["rows"][name] for p in pts]
+        y = np.array([v["auc"] for v in r])
+        err = [y - np.array([v["auc_lo"] for v in r]), np.array([v["auc_hi"] for v in r]) - y]
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("train samples N (log scale)")
+    ax.set_ylabel("test AUC (95% bootstrap interval)")
+    ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

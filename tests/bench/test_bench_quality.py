@@ -124,6 +124,7 @@ def test_bench_quality_few_shot_curve_and_ctr_train_samples(tiny_bert, seeded_em
                            np.load(q / "rows" / "din-text-predictions.npy"))  # fmt: skip
     md = (q / "quality.md").read_text()
     assert "## Few samples" in md and "| row | N=300 (300 samples, 24 prompts) | all (" in md
+    assert (q / "few-shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "few-shot point N=300" in capsys.readouterr().out
 
 
