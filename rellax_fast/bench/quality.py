@@ -617,10 +617,12 @@ def sliced_rows(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], dat
 def sliced_markdown(sliced: Dict) -> str:
     from ..train import slices
 
-    return ("\n## Sliced metrics\n\nTest AUC per slice (95% bootstrap interval; vs DIN: ΔAUC, DeLong's paired test on "
-            f"the slice's samples), every row cut by one stored membership ({sliced['membership']}), computed from the "
-            f"train split ({sliced['source']['train_samples']} samples). Bands under {slices.MIN_SLICE_N} samples or "
-            f"{slices.MIN_SLICE_CLASS} of either label are not tested.\n\n" + slices.slices_markdown(sliced["rows"]))
+    return ("\n## Sliced metrics\n\nTest AUC and LogLoss per slice (95% bootstrap interval; vs DIN: the difference on "
+            "the slice's samples, DeLong's paired test for AUC, the paired bootstrap for LogLoss; first seed), every row "
+            f"cut by one stored membership ({sliced['membership']}), computed from the train split "
+            f"({sliced['source']['train_samples']} samples). Bands under {slices.MIN_SLICE_N} samples or "
+            f"{slices.MIN_SLICE_CLASS} of either label are not tested.\n\n" + slices.slices_markdown(sliced["rows"])
+            + "\n" + slices.slices_markdown(sliced["rows"], metric="logloss"))
 
 
 # ------------------------------------------------------------------------------------------ few samples

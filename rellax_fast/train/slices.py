@@ -164,33 +164,36 @@ def slice_statistics(labels, probs, slices: SliceSet, reference=None, n_boot: in
     return out
 
 
-def _cell(b: Mapping, ref_name: str) -> str:
+def _cell(b: Mapping, ref_name: str, metric: str) -> str:
     if b["n"] == 0:
         return "–"
-    auc = f"{b['auc']:.4f}" if b.get("auc") is not None else "n/a"
+    value = f"{b[metric]:.4f}" if b.get(metric) is not None else "n/a"
     if b["status"] is not None:
-        return f"{auc} ({b['status']})"
-    text = f"{auc} [{b['auc_ci'][0]:.4f}, {b['auc_ci'][1]:.4f}]"
+        return f"{value} ({b['status']})"
+    ci = b[f"{metric}_ci"]
+    text = f"{value} [{ci[0]:.4f}, {ci[1]:.4f}]"
     vs = b.get("vs_ref")
     if vs is not None:
-        text += f"; vs {ref_name} {stats.format_delta(vs, 'auc')}"
+        text += f"; vs {ref_name} {stats.format_delta(vs, metric)}"
     return text
 
 
-def slices_markdown(rows: Mapping[str, Mapping], ref_name: str = "DIN") -> str:
+def slices_markdown(rows: Mapping[str, Mapping], ref_name: str = "DIN", metric: str = "auc") -> str:
     """Markdown tables, one per slicing: a line per row ({row name: :func:`slice_statistics`}), a column per band
-    (AUC, its 95% interval and the paired test against ``ref_name``, or why the band is not tested), with the
-    bands' sizes in the header."""
+    (``metric``, 'auc' or 'logloss', with its 95% interval and the paired test against ``ref_name``: DeLong for
+    AUC, the paired bootstrap for LogLoss; or why the band is not tested), with the bands' sizes in the header."""
+    if metric not in ("auc", "logloss"):
+        raise ValueError(f"metric: expected 'auc' or 'logloss', got {metric!r}")
     if not rows:
         return ""
     first = next(iter(rows.values()))
     parts = []
     for slicing, bands in first.items():
         head = [f"{band} (n={b['n']}, {b['n_pos']} pos)" for band, b in bands.items()]
-        lines = [f"**{TITLES.get(slicing, slicing)}**", "", "| row | " + " | ".join(head) + " |",
-                 "|---|" + "---|" * len(head)]  # fmt: skip
+        title = f"**{TITLES.get(slicing, slicing)}: {'AUC' if metric == 'auc' else 'LogLoss'}**"
+        lines = [title, "", "| row | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
         for name, sl in rows.items():
-            lines.append(f"| {name} | " + " | ".join(_cell(b, ref_name) for b in sl[slicing].values()) + " |")
+            lines.append(f"| {name} | " + " | ".join(_cell(b, ref_name, metric) for b in sl[slicing].values()) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 

@@ -168,7 +168,8 @@ def _check_slices(res, q, rows):
     untested = [v for r in sliced.values() for bands in r.values() for v in bands.values() if v["status"]]
     assert all("vs_ref" not in v for v in untested)
     md = (q / "quality.md").read_text()
-    assert "## Sliced metrics" in md and "**target item's train interactions**" in md
+    assert "## Sliced metrics" in md and "**target item's train interactions: AUC**" in md
+    assert "**history length: LogLoss**" in md
 
 
 @pytest.mark.parametrize(

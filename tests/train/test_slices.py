@@ -79,6 +79,12 @@ def test_band_statistics_equal_train_stats_on_the_band_and_small_bands_say_so():
     assert small["status"].startswith("too small to test (n=20") and "auc" in small and "vs_ref" not in small
     md = slices.slices_markdown({"good": got, "weak": slices.slice_statistics(y, weak, s, reference=weak, n_boot=50)})
     assert "single class (n=10)" in md and "(p=" in md and "(itself)" in md and "| 0 (n=10, 10 pos) |" in md
+    assert "**target item's train interactions: AUC**" in md and f"{warm['auc']:.4f} [{warm['auc_ci'][0]:.4f}" in md
+    ll = slices.slices_markdown({"good": got}, metric="logloss")
+    assert "**user in train: LogLoss**" in ll and f"{warm['logloss']:.4f} [{warm['logloss_ci'][0]:.4f}" in ll
+    assert f"vs DIN {stats.format_delta(warm['vs_ref'], 'logloss')}" in ll
+    with pytest.raises(ValueError, match="metric: expected 'auc' or 'logloss'"):
+        slices.slices_markdown({"good": got}, metric="acc")
 
 
 def test_rows_cut_by_different_memberships_are_refused():
