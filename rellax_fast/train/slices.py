@@ -15,7 +15,7 @@ model on the same samples, DeLong's paired test (AUC) and the paired bootstrap (
 :mod:`rellax_fast.train.stats`. A band with fewer than :data:`MIN_SLICE_N` samples, or fewer than
 :data:`MIN_SLICE_CLASS` of either label, gets no interval or test: its ``status`` says why.
 
-Imports only ``train.stats`` and the standard/numpy stack, so ``bench`` and ``eval`` both use it.
+Imports ``train.stats`` and ``_io`` only (no model code), so ``bench`` and ``eval`` both use it.
 """
 
 from __future__ import annotations
