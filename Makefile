@@ -101,12 +101,16 @@ demo: install
 bench: install
 	$(VENV)/bin/rellax-fast bench all --out bench_out
 
-# The ReLLaX quality bench (#14): the ablation table with 95% intervals and paired tests, on ml-100k from
-# RELLAX_DATA_DIR or ../shared/data. A long benchmark, not a test; rerunning skips the rows already done.
+# The ReLLaX quality bench (#14, #27): the ablation table with 95% intervals and paired tests, the sliced tables
+# (target item's train interactions 0/1-5/6-20/>20, user seen/unseen in train, history length; every row vs DIN)
+# and the few-samples curve (DIN, text-aware DIN, text-only LM, full ReLLaX at N = 2k, 8k, 32k, all train samples),
+# on ml-100k from RELLAX_DATA_DIR or ../shared/data. A long benchmark, not a test; reruns skip rows and points done.
+# QUALITY_FEW_SHOT= (empty) leaves the curve out.
 .PHONY: quality
+QUALITY_FEW_SHOT ?= 2048,8192,32768,all
 QUALITY_ARGS ?=
 quality: install
-	$(VENV)/bin/rellax-fast bench quality --out runs/quality $(QUALITY_ARGS)
+	$(VENV)/bin/rellax-fast bench quality --out runs/quality $(if $(QUALITY_FEW_SHOT),--few-shot=$(QUALITY_FEW_SHOT)) $(QUALITY_ARGS)
 
 # AUC against history length K (#18): text-only LM and ReLLaX, recent and SUBR behaviours, DIN as reference, on
 # ml-100k like `quality`. CPU preset: K 5,10,20,30, 1,536 prompts per point, ~100 min on an idle 2-core machine
