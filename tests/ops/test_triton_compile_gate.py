@@ -21,10 +21,11 @@ fp16 has bf16's tiles. The script mode (__main__) compiles every distinct launch
 
 Asserted per compiled kernel: shared memory within the target's limit; spill stores within bounds (none on
 sm_90a at r <= 64; at r = 128 SPILL_BOUND_R128 (16-bit) / SPILL_BOUND_FP32_R128 (fp32); on sm_80 at
-r <= 64 at most SPILL_BOUND_SM80_R64 (16-bit) / SPILL_BOUND_SM80_FP32_R64 (fp32)); tensor-core instructions in every cflora kernel, and on sm_90a
-wgmma wherever the main dot's tile has >= 64 rows (a GEMM that falls back to mma.sync fails), mma allowed
-below that (decode, small-M row blocks); the top-k kernel (no GEMM) has its own spill bound instead. A
-triton without native_specialize_impl fails at collection, naming why, instead of skipping.
+r <= 64 at most SPILL_BOUND_SM80_R64 (16-bit) / SPILL_BOUND_SM80_FP32_R64 (fp32)); tensor-core
+instructions in every cflora kernel, and on sm_90a wgmma wherever the main dot's tile has >= 64 rows (a
+GEMM that falls back to mma.sync fails), mma allowed below that (decode, small-M row blocks); the top-k
+kernel (no GEMM) has its own spill bound instead. A triton without native_specialize_impl fails at
+collection, naming why, instead of skipping.
 
 Triton versions: the GPU image has triton 3.6; CI runs the gate under the dev extra's triton (3.8). 3.6 has
 native_specialize_impl and the same AOT API, so ``--headline`` runs under it (Makefile ``triton36-gate``
@@ -299,7 +300,9 @@ def test_triton_kernels_compile_within_limits_for_sm90a_and_sm80():
     print(f"\ncompile gate: {n_cases} launcher calls, {n_launches} launches, {n_unique} distinct; "
           f"{len(rows)} compiles; table: {path}")
     assert {r["arch"] for r in rows} == {"sm_90a", "sm_80"}
-    assert {r["dtype"] for r in rows} >= set(DTYPES)
+    for arch, dtypes, ranks in (("sm_90a", CI_DTYPES_SM90, CI_RANKS_SM90), ("sm_80", CI_DTYPES_SM80, CI_RANKS_SM80)):
+        cflora = [r for r in rows if r["arch"] == arch and r["kernel"].startswith("cflora")]
+        assert {(r["dtype"], r["block_r"]) for r in cflora} == {(d, b) for d in dtypes for b in ranks}, arch
     assert any(r["kernel"] == "semantic_topk" for r in rows), "topk kernel missing from the gate"
     failures = check_rows(rows)
     assert not failures, "\n".join(failures)
