@@ -140,6 +140,14 @@ lint: $(VENV)/.deps
 	@if command -v clang-format >/dev/null 2>&1; then clang-format --dry-run --Werror csrc/*.cpp csrc/*.cu csrc/*.h; \
 	else echo "clang-format not installed (apt-get install clang-format); skipped csrc/"; fi
 
+# The compile gate's headline shapes under the GPU image's triton 3.6 (#23): triton 3.6.0 overlaid on the dev
+# venv in its own folder (the full matrix runs under 3.8 in make test; under 3.6 it would double the gate's time).
+TRITON36 := .venv-triton36
+.PHONY: triton36-gate
+triton36-gate: install
+	test -d $(TRITON36)/triton || $(PY) -m pip install -q --no-deps --target $(TRITON36) triton==3.6.0
+	PYTHONPATH=$(TRITON36):tests:tests/ops $(PY) tests/ops/test_triton_compile_gate.py --headline
+
 # CUDA compile-and-link check, no GPU needed. The local toolkit lacks the cuBLAS/cuSPARSE headers that
 # ATen/cuda/CUDAContext.h includes; the CUDA torch wheel ships them under nvidia/cu13/include.
 $(CUDA_VENV)/.deps: $(CUDA_LOCK)
