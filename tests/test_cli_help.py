@@ -30,6 +30,7 @@ def _helps(sub):
 def test_every_option_of_every_command_has_a_help_that_shows_its_default():
     subs = _subparsers(build_parser())
     assert set(subs) == set(COMMANDS)
+    subs.update({f"bench {suite}": p for suite, p in _subparsers(subs["bench"]).items()})
     missing_help, missing_default = [], []
     for command, sub in subs.items():
         for name, (action, text) in _helps(sub).items():
@@ -42,7 +43,7 @@ def test_every_option_of_every_command_has_a_help_that_shows_its_default():
 
 
 def test_a_default_is_shown_once_and_is_the_real_one(capsys):
-    assert main(["bench", "--help"]) == 0
+    assert main(["bench", "cflora", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "--out OUT output folder (created if missing) (default: bench_out)" in text  # bench's own default
     assert "--repeat REPEAT timed calls per case (the median is reported) (default: 5)" in text
@@ -67,8 +68,32 @@ def test_top_level_help_lists_every_bench_suite(capsys):
     assert "bench " + " | ".join(SUITE_HELP) in text
     assert main(["bench", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for suite, description in SUITE_HELP.items():
-        assert f"{suite}: {description}" in text
+    assert "benchmarks: cflora, topk, e2e, all, data; experiments: quality, lifelong, finetune" in text
+    suites = _subparsers(_subparsers(build_parser())["bench"])
+    assert list(suites) == list(SUITE_HELP)  # one subcommand per suite, from the table
+    assert {suite: p.description for suite, p in suites.items()} == SUITE_HELP
+
+
+@pytest.mark.parametrize("suite, has, lacks", [
+    ("quality", ["--seeds", "--n-boot", "--r", "--out"], ["--repeat", "--users", "--ks", "--lifelong", "--size"]),
+    ("lifelong", ["--ks", "--n-boot", "--r", "--dataset"], ["--repeat", "--users", "--lifelong"]),
+    ("topk", ["--lifelong", "--repeat", "--size", "--out"], ["--seeds", "--users", "--ks", "--r"]),
+    ("cflora", ["--repeat", "--warmup", "--dtype"], ["--lifelong", "--seeds", "--users"]),
+    ("data", ["--users", "--gemm-size", "--out"], ["--repeat", "--seeds", "--ks", "--r"]),
+    ("finetune", ["--n-train", "--warmup", "--r"], ["--repeat", "--users", "--ks", "--lifelong"]),
+])  # fmt: skip
+def test_each_bench_suite_has_its_own_help(capsys, suite, has, lacks):
+    assert main(["bench", suite, "--help"]) == 0
+    words = set(capsys.readouterr().out.replace("[", " ").replace("]", " ").split())
+    assert set(has) <= words, sorted(set(has) - words)
+    assert not set(lacks) & words, sorted(set(lacks) & words)
+
+
+def test_every_suite_runs_through_one_protocol():
+    from rellax_fast.bench.cli import SUITE_COMMANDS, SUITE_HELP
+
+    assert list(SUITE_COMMANDS) == list(SUITE_HELP)
+    assert all(callable(add) and callable(run) for add, run in SUITE_COMMANDS.values())
 
 
 @pytest.mark.parametrize("suite", ["nosuch"])
