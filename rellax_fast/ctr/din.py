@@ -68,12 +68,14 @@ class DINTrainConfig:
     patience: int = 2  # early stopping on validation AUC
     seed: int = 0
     progress: bool = True
-    # sparse gradients for the embedding tables, stepped by SparseAdam (only the rows a batch touches);
-    # False: dense gradients and one Adam over every parameter (see _optimizers)
-    sparse_embeddings: bool = True
-    # "fast": bf16 autocast where the CPU computes bf16 natively (ops._backend.cpu_has_native_bf16), else
-    # float32; "bf16": always; "no": float32. Training only: prediction and the saved weights are float32.
-    mixed_precision: str = "fast"
+    # which embedding tables get sparse gradients stepped by SparseAdam (only the rows a batch touches):
+    # "auto" those with more than SPARSE_ROWS_PER_LOOKUP rows per lookup of a step, "all", "none" (_optimizers)
+    sparse_embeddings: str = "auto"
+    # "no": float32; "bf16": bf16 autocast; "fast": bf16 where the CPU computes bf16 natively
+    # (ops._backend.cpu_has_native_bf16), else float32. Training only: prediction and the saved weights are
+    # float32. Default "no": at DIN's sizes (dim 32, hidden 36) bf16 autocast was 5% slower per CPU-second on
+    # an AVX512-BF16 CPU (the casts cost more than the small matmuls save; issue #28's measurement).
+    mixed_precision: str = "no"
 
 
 @dataclass
@@ -418,24 +420,47 @@ def _embeddings(model: DIN) -> List[nn.Embedding]:
     return [e for e in (model.item_embedding, model.rating_embedding, model.user_embedding) if e is not None]
 
 
+# "auto" gives a table sparse gradients when it has more than this many rows per lookup of a training step
+SPARSE_ROWS_PER_LOOKUP = 16
+
+
+def sparse_tables(model: DIN, tc: DINTrainConfig) -> List[nn.Embedding]:
+    """The embedding tables :func:`train_din` steps sparsely for ``tc.sparse_embeddings``.
+
+    A dense Adam step reads and writes every row of a table (Adam's moments move untouched rows too); a
+    sparse one costs about the step's lookups (coalescing them, then the touched rows). "auto" makes a table
+    sparse when it has more than SPARSE_ROWS_PER_LOOKUP rows per lookup of a step (batch for the user table,
+    batch x (max_history + 1) for the items). Measured on one thread of this 2-core AVX512 machine, SparseAdam
+    on every table was 12% slower than dense Adam at 1,500 users and 62k items (1.5 user and 1.2 item rows
+    per lookup at batch 1,024), while at ML-25M's 162,541 users the dense step over the user table took 51 of
+    161 ms per step with at most 1,024 of its rows touched (issue #28): 159 rows per lookup.
+    """
+    if tc.sparse_embeddings not in ("auto", "all", "none"):
+        raise ValueError(f"sparse_embeddings: expected 'auto', 'all' or 'none', got {tc.sparse_embeddings!r}")
+    lookups = {"item_embedding": tc.batch_size * (model.config.max_history + 1),
+               "rating_embedding": tc.batch_size * model.config.max_history, "user_embedding": tc.batch_size}
+    tables = [(getattr(model, name), n) for name, n in lookups.items() if getattr(model, name) is not None]
+    if tc.sparse_embeddings == "none":
+        return []
+    return [e for e, n in tables if tc.sparse_embeddings == "all" or e.num_embeddings > SPARSE_ROWS_PER_LOOKUP * n]
+
+
 def _optimizers(model: DIN, tc: DINTrainConfig):
     """The optimizer step of :func:`train_din` (a callable applied after ``backward``).
 
-    Dense (``sparse_embeddings=False``): one Adam with L2 weight decay over every parameter, so every step
-    reads and writes every row of the embedding tables (Adam's moments move untouched rows too) although a
-    batch touches at most batch x (max_history + 1) item rows and batch user rows: at ML-25M's 162k users,
-    51 of 161 ms per step (issue #28). Sparse (the default): the tables produce sparse gradients
-    (``nn.Embedding.sparse``, switched on here for training and off again by :func:`freeze`) and
-    ``torch.optim.SparseAdam`` updates only the touched rows ("lazy Adam": a row's moments advance only when
-    a batch uses it), the dense rest keeps Adam. SparseAdam has no weight decay, so the same L2 term is
-    added to the gradient of the touched rows (what Adam's ``weight_decay`` does, restricted to them). The
-    two differ in how untouched rows drift; tests/ctr/test_din.py checks equal valid AUC within a tolerance.
+    Dense tables and every other parameter: one Adam with L2 weight decay. Sparse tables (:func:`sparse_tables`)
+    produce sparse gradients (``nn.Embedding.sparse``, switched on here for training and off again by
+    :func:`freeze`) and ``torch.optim.SparseAdam`` updates only the touched rows ("lazy Adam": a row's moments
+    advance only when a batch uses it). SparseAdam has no weight decay, so the same L2 term is added to the
+    gradient of the touched rows (what Adam's ``weight_decay`` does, restricted to them). The two differ in
+    how untouched rows drift; tests/ctr/test_din.py checks equal valid AUC within a tolerance.
     """
-    if not tc.sparse_embeddings:
+    chosen = sparse_tables(model, tc)
+    if not chosen:
         opt = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
         return opt.step
-    tables = [e.weight for e in _embeddings(model)]
-    for e in _embeddings(model):
+    tables = [e.weight for e in chosen]
+    for e in chosen:
         e.sparse = True
     table_ids = {id(t) for t in tables}
     dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in table_ids], lr=tc.lr,

@@ -170,8 +170,8 @@ def test_sparse_embedding_training_matches_dense_valid_auc_and_leaves_untouched_
     cfg, (train, valid) = _small_synthetic_arrays()
     reports, models = {}, {}
     for sparse in (False, True):
-        tc = DINTrainConfig(epochs=2, batch_size=256, lr=5e-3, seed=1, progress=False, sparse_embeddings=sparse,
-                            mixed_precision="no")
+        tc = DINTrainConfig(epochs=2, batch_size=256, lr=5e-3, seed=1, progress=False,
+                            sparse_embeddings="all" if sparse else "none", mixed_precision="no")
         models[sparse], reports[sparse] = train_din(cfg, train, valid, train_config=tc)
     assert reports[False].valid["auc"] > 0.6, reports[False]
     assert abs(reports[True].valid["auc"] - reports[False].valid["auc"]) < SPARSE_DENSE_AUC_TOLERANCE, reports
@@ -180,6 +180,21 @@ def test_sparse_embedding_training_matches_dense_valid_auc_and_leaves_untouched_
     assert torch.equal(models[True].item_embedding.weight[-25:], init)
     assert not torch.equal(models[False].item_embedding.weight[-25:], init)
     assert not models[True].item_embedding.sparse  # frozen: dense again for any later caller
+
+
+def test_auto_sparse_picks_tables_with_many_rows_per_lookup():
+    """#28: "auto" steps a table sparsely only when a dense step would touch far more rows than the step looks up
+    (a large user table); small tables stay dense (faster there, measured); bad values name the option."""
+    from rellax_fast.ctr.din import SPARSE_ROWS_PER_LOOKUP, sparse_tables
+
+    big = DIN(DINConfig(n_items=100, n_users=64 * SPARSE_ROWS_PER_LOOKUP + 1, embed_dim=4, attention_hidden=4,
+                        mlp_hidden=(8,), max_history=5))  # fmt: skip
+    assert sparse_tables(big, DINTrainConfig(batch_size=64)) == [big.user_embedding]
+    assert sparse_tables(big, DINTrainConfig(batch_size=65)) == []
+    assert sparse_tables(big, DINTrainConfig(batch_size=64, sparse_embeddings="none")) == []
+    assert len(sparse_tables(big, DINTrainConfig(batch_size=64, sparse_embeddings="all"))) == 3
+    with pytest.raises(ValueError, match="sparse_embeddings: expected 'auto', 'all' or 'none', got True"):
+        sparse_tables(big, DINTrainConfig(sparse_embeddings=True))
 
 
 def test_bf16_autocast_training_keeps_the_valid_auc():
