@@ -30,7 +30,7 @@ softmax's second column. The pieces:
 
 from __future__ import annotations
 
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 import torch
@@ -83,8 +83,6 @@ PER_ARCHITECTURE = "per-architecture"
 # fields keep CFLoRAConfig's own defaults)
 RELLAX_CFLORA_DEFAULTS: Dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.05, "interaction": "full", "n_experts": 4,
                                           "target_modules": PER_ARCHITECTURE}  # fmt: skip
-# keywords of the ReLLaXOptions that had one field per adapter setting (before ``cflora``): still accepted
-LEGACY_CFLORA_KEYWORDS = ("r", "alpha", "dropout", "interaction", "n_experts", "target_modules", "backend")
 
 
 @dataclass
@@ -98,9 +96,6 @@ class ReLLaXOptions:
       model's ``cond_dim`` (the CTR model's h size); ``cond_dim`` is dropped for unconditioned interactions;
     * a dict of CFLoRAConfig fields: :data:`RELLAX_CFLORA_DEFAULTS` updated with it, completed as above;
     * None: :data:`RELLAX_CFLORA_DEFAULTS`.
-
-    The keywords of :data:`LEGACY_CFLORA_KEYWORDS` (``ReLLaXOptions(r=4, interaction="moe")``) are still
-    accepted and read: they update the dict form (TypeError together with a CFLoRAConfig).
     """
 
     cflora: Union[CFLoRAConfig, Dict[str, Any], None] = None
@@ -112,24 +107,9 @@ class ReLLaXOptions:
     # False: added ungated from the first step (the first residual runs; old run folders load that way)
     readout_gate: bool = True
     extra: Dict = field(default_factory=dict)
-    r: InitVar[Optional[int]] = None
-    alpha: InitVar[Optional[float]] = None
-    dropout: InitVar[Optional[float]] = None
-    interaction: InitVar[Optional[str]] = None
-    n_experts: InitVar[Optional[int]] = None
-    target_modules: InitVar[Union[List[str], str, None]] = None
-    backend: InitVar[Optional[str]] = None
 
-    def __post_init__(self, *legacy) -> None:
-        given = {k: v for k, v in zip(LEGACY_CFLORA_KEYWORDS, legacy) if v is not None}
-        if isinstance(self.cflora, CFLoRAConfig):
-            if given:
-                raise TypeError(f"ReLLaXOptions: give the adapter settings either as cflora=CFLoRAConfig(...) or as "
-                                f"keywords, not both; got cflora and {sorted(given)}")  # fmt: skip
-        elif self.cflora is None or isinstance(self.cflora, dict):
-            if given or self.cflora is not None:
-                self.cflora = {**(self.cflora or {}), **given}
-        else:
+    def __post_init__(self) -> None:
+        if not (self.cflora is None or isinstance(self.cflora, (CFLoRAConfig, dict))):
             raise TypeError(f"ReLLaXOptions.cflora must be a CFLoRAConfig, a dict of its fields or None; "
                             f"got {type(self.cflora).__name__}")  # fmt: skip
 
@@ -141,8 +121,14 @@ class ReLLaXOptions:
 
     def cflora_config(self, model_type: str, cond_dim: Optional[int]) -> CFLoRAConfig:
         """The CFLoRAConfig of a backbone of ``model_type`` conditioned on vectors of size ``cond_dim``: the
-        per-architecture targets resolved, cond_dim checked / filled (ValueError on a mismatch)."""
+        per-architecture targets resolved, cond_dim checked / filled (ValueError on a mismatch). A complete
+        CFLoRAConfig (``pipeline.variant_cflora_config``'s) is returned as given."""
         from rellax_fast.cflora.interaction import interaction_class
+
+        if isinstance(self.cflora, CFLoRAConfig) and self.cflora.target_modules != PER_ARCHITECTURE:
+            needs_cond = interaction_class(self.cflora.interaction).needs_cond
+            if (self.cflora.cond_dim == cond_dim) if needs_cond else self.cflora.cond_dim is None:
+                return self.cflora
 
         settings = self.cflora_settings()
         if settings.get("target_modules") == PER_ARCHITECTURE:
@@ -158,16 +144,6 @@ class ReLLaXOptions:
         else:
             settings["cond_dim"] = None
         return CFLoRAConfig.from_dict(settings)
-
-
-def _legacy_setting(name: str) -> property:
-    return property(lambda self: self.cflora_settings().get(name),
-                    doc=f"The adapter's {name} (read-only: CFLoRAConfig.{name} of ``cflora``).")
-
-
-for _name in LEGACY_CFLORA_KEYWORDS:  # ReLLaXOptions().r etc. read the adapter settings (not the InitVar default)
-    setattr(ReLLaXOptions, _name, _legacy_setting(_name))
-del _name
 
 
 class ReLLaXModel(nn.Module):

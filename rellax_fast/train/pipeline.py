@@ -7,7 +7,8 @@ trainable tensor, for exact reloading), ``adapter/`` (the CFLoRA adapter via ``s
 
 ``rellax.json`` records the pipeline config (``PipelineConfig.to_dict``) with the adapter as one nested
 ``"cflora"`` dict in CFLoRAConfig's own form: the config this variant's model was built with (its interaction,
-the DIN's cond_dim, the resolved target modules), read back by ``runs.pipeline_config_from_dict``.
+the DIN's cond_dim, the resolved target modules), read back by ``runs.pipeline_config_from_dict``; the variant
+(``VariantSpec``) is recorded beside it without its interaction, which the adapter config holds.
 
 ``rellax.json`` also names the files a run depends on outside its folder (the DIN folder, the SUBR embeddings)
 by paths relative to the run folder (``"paths_relative_to": "run"``), together with content fingerprints
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import InitVar, asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -34,7 +35,13 @@ import numpy as np
 import torch
 
 from ..cflora.config import CFLoRAConfig
-from .model import RELLAX_CFLORA_DEFAULTS, ReLLaXModel, ReLLaXOptions
+from .model import (
+    PER_ARCHITECTURE,
+    RELLAX_CFLORA_DEFAULTS,
+    ReLLaXModel,
+    ReLLaXOptions,
+    default_target_modules,
+)
 from .trainer import PromptDataset, TrainConfig, predict_proba, train_model
 
 
@@ -87,31 +94,11 @@ class PipelineConfig:
     chat: bool = False  # wrap prompts in the backbone's chat template (causal chat models)
     train: TrainConfig = field(default_factory=TrainConfig)
     stage1_fraction: float = 0.5  # two-stage: share of the epochs' steps spent on stage 1
-    # compatibility keywords of the flat config (before ``cflora``): PipelineConfig(r=4, cflora_backend=...)
-    # updates ``cflora``; reading cfg.r etc. reads ``cflora`` (properties below)
-    r: InitVar[Optional[int]] = None
-    alpha: InitVar[Optional[float]] = None
-    dropout: InitVar[Optional[float]] = None
-    n_experts: InitVar[Optional[int]] = None
-    cflora_backend: InitVar[Optional[str]] = None
-
-    def __post_init__(self, *flat) -> None:
-        given = {FLAT_CFLORA_KEYS[k]: v for k, v in zip(FLAT_CFLORA_KEYS, flat) if v is not None}
-        if given:
-            self.cflora = replace(self.cflora, **given)
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON form recorded in ``rellax.json`` (``"pipeline"``): ``train`` and ``cflora`` nested as their
-        own dicts (read back by ``runs.pipeline_config_from_dict``, which also reads the older flat form)."""
+        own dicts (read back by ``runs.pipeline_config_from_dict``, which converts the older flat form)."""
         return {**asdict(self), "train": asdict(self.train), "cflora": self.cflora.to_dict()}
-
-
-# {flat PipelineConfig key (rellax.json before the nested ``cflora``): CFLoRAConfig field}
-FLAT_CFLORA_KEYS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "n_experts": "n_experts", "cflora_backend": "backend"}
-for _flat, _field in FLAT_CFLORA_KEYS.items():  # cfg.r, cfg.cflora_backend, ...: the nested config's values
-    setattr(PipelineConfig, _flat, property(lambda self, f=_field: getattr(self.cflora, f),
-                                            doc=f"``cflora.{_field}`` (read-only; kept for the flat config's readers)"))
-del _flat, _field
 
 
 def pipeline_cflora_config(**settings) -> CFLoRAConfig:
@@ -121,12 +108,18 @@ def pipeline_cflora_config(**settings) -> CFLoRAConfig:
     return CFLoRAConfig(**{**RELLAX_CFLORA_DEFAULTS, "interaction": "identity", **settings})
 
 
-def variant_cflora_config(cfg: PipelineConfig, spec: VariantSpec, cond_dim: Optional[int]) -> CFLoRAConfig:
-    """``cfg.cflora`` with the variant's interaction and, when that kind is conditioned, ``cond_dim``."""
+def variant_cflora_config(cfg: PipelineConfig, spec: VariantSpec, cond_dim: Optional[int],
+                          model_type: Optional[str] = None) -> CFLoRAConfig:  # fmt: skip
+    """``cfg.cflora`` with the variant's interaction, ``cond_dim`` when that kind is conditioned, and (given the
+    backbone's ``model_type``) the per-architecture targets resolved: the model's config, built once."""
     from rellax_fast.cflora.interaction import interaction_class
 
     needs_cond = interaction_class(spec.interaction).needs_cond
-    return replace(cfg.cflora, interaction=spec.interaction, cond_dim=cond_dim if needs_cond else None)
+    targets = cfg.cflora.target_modules
+    if model_type is not None and targets == PER_ARCHITECTURE:
+        targets = default_target_modules(model_type)
+    return replace(cfg.cflora, interaction=spec.interaction, cond_dim=cond_dim if needs_cond else None,
+                   target_modules=targets)  # fmt: skip
 
 
 def default_model_path() -> str:
@@ -288,7 +281,8 @@ def load_tokenizer_and_backbone(model_path: Optional[str], kind: str = "auto"):
 def build_rellax(backbone, kind: str, tokenizer, spec: VariantSpec, cfg: PipelineConfig, din, vocab, cond_stats) -> ReLLaXModel:
     from rellax_fast.data.collate import yes_no_token_ids
 
-    options = ReLLaXOptions(cflora=variant_cflora_config(cfg, spec, din.config.h_dim), use_spa=spec.spa,
+    cflora = variant_cflora_config(cfg, spec, din.config.h_dim, getattr(backbone.config, "model_type", ""))
+    options = ReLLaXOptions(cflora=cflora, use_spa=spec.spa,
                             gradient_checkpointing=cfg.train.gradient_checkpointing, readout=spec.readout,
                             readout_lambda=spec.readout_lambda)  # fmt: skip
     return ReLLaXModel(
@@ -448,9 +442,11 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
         model_path = str(Path(model_path).resolve())
     # "pipeline": cfg.to_dict() with the adapter config this variant's model was built with (its interaction, the
-    # DIN's cond_dim for conditioned kinds, the resolved target modules): CFLoRAConfig's own dict form, once
+    # DIN's cond_dim for conditioned kinds, the resolved target modules): CFLoRAConfig's own dict form, once;
+    # "variant" without the interaction, recorded there (runs.variant_from_meta)
+    variant = {k: v for k, v in asdict(spec).items() if k != "interaction"}
     meta = {
-        "variant": asdict(spec), "pipeline": {**cfg.to_dict(), "cflora": model.cflora_config.to_dict()},
+        "variant": variant, "pipeline": {**cfg.to_dict(), "cflora": model.cflora_config.to_dict()},
         "model": model_path, "kind": kind, "dataset": data.dataset.name, **run_dependencies(run_dir, ctx, spec),
     }  # fmt: skip
     save_run(run_dir, model, meta)

@@ -8,9 +8,8 @@ folder. Paths in ``rellax.json`` are relative to the run folder, so a moved or c
 with its own DIN; the DIN and the SUBR embeddings are checked against the fingerprints the run recorded, and
 a mismatch (a retrained DIN, another pipeline's files) raises :class:`RunDependencyError`.
 
-``rellax.json`` is read in both of its forms: the adapter as one nested CFLoRAConfig dict (current) and the
-flat ``r`` / ``alpha`` / ``dropout`` / ``n_experts`` / ``cflora_backend`` keys of older runs
-(:func:`pipeline_config_from_dict`).
+``rellax.json`` records the adapter as one nested CFLoRAConfig dict; the flat ``r`` / ``alpha`` / ``dropout`` /
+``n_experts`` / ``cflora_backend`` keys of older runs are converted to it when read (:func:`nest_flat_adapter_keys`).
 
 The writer stays in ``pipeline`` beside ``run_variant``: this module imports the pipeline's builders to read a
 run back, so ``pipeline`` importing it would close an import cycle.
@@ -18,30 +17,49 @@ run back, so ``pipeline`` importing it would close an import cycle.
 
 from __future__ import annotations
 
+# {key of the flat "pipeline" dict that runs wrote before the nested "cflora": CFLoRAConfig field}
+FLAT_ADAPTER_KEYS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "n_experts": "n_experts", "cflora_backend": "backend"}
+
+
+def nest_flat_adapter_keys(data: dict) -> dict:
+    """``rellax.json``'s ``"pipeline"`` in the current form: a run written before the nested ``"cflora"`` dict
+    recorded ``r``, ``alpha``, ``dropout``, ``n_experts`` and ``cflora_backend`` beside the other keys (the
+    per-architecture target modules implied); they become ``"cflora"``, ReLLaX's defaults updated with them. The
+    current form comes back unchanged; both forms at once is a ValueError."""
+    from .pipeline import pipeline_cflora_config
+
+    flat = {field: data[key] for key, field in FLAT_ADAPTER_KEYS.items() if key in data}
+    if "cflora" in data:
+        if flat:
+            raise ValueError(f"rellax.json: 'pipeline' has both a nested 'cflora' and the flat keys "
+                             f"{sorted(k for k in FLAT_ADAPTER_KEYS if k in data)}")  # fmt: skip
+        return data
+    rest = {k: v for k, v in data.items() if k not in FLAT_ADAPTER_KEYS}
+    return {**rest, "cflora": pipeline_cflora_config(**flat).to_dict()}
+
 
 def pipeline_config_from_dict(data: dict, model=None):
-    """The :class:`~rellax_fast.train.pipeline.PipelineConfig` recorded in ``rellax.json`` (``"pipeline"``).
-
-    Two forms are read: the current one, whose adapter is one nested ``"cflora"`` dict (CFLoRAConfig's own form),
-    and the flat one of runs written before it, with ``r``, ``alpha``, ``dropout``, ``n_experts`` and
-    ``cflora_backend`` beside the other keys (and the per-architecture target modules implied). ``model``, when
-    given, replaces the recorded backbone path."""
+    """The :class:`~rellax_fast.train.pipeline.PipelineConfig` recorded in ``rellax.json`` (``"pipeline"``; an
+    older run's flat form converted by :func:`nest_flat_adapter_keys`). ``model``, when given, replaces the
+    recorded backbone path."""
     from ..cflora.config import CFLoRAConfig
-    from .pipeline import FLAT_CFLORA_KEYS, PipelineConfig, pipeline_cflora_config
+    from .pipeline import PipelineConfig
     from .trainer import TrainConfig
 
-    pc = dict(data)
-    pc["train"] = TrainConfig(**pc["train"])
-    flat = {FLAT_CFLORA_KEYS[k]: pc.pop(k) for k in list(pc) if k in FLAT_CFLORA_KEYS}
-    if "cflora" in pc:
-        if flat:
-            raise ValueError(f"rellax.json: 'pipeline' has both a nested 'cflora' and the flat keys {sorted(flat)}")
-        pc["cflora"] = CFLoRAConfig.from_dict(pc["cflora"])
-    else:  # a run written before the nested config: ReLLaX's defaults then, updated with what it recorded
-        pc["cflora"] = pipeline_cflora_config(**flat)
+    pc = nest_flat_adapter_keys(dict(data))
+    pc = {**pc, "train": TrainConfig(**pc["train"]), "cflora": CFLoRAConfig.from_dict(pc["cflora"])}
     if model is not None:
         pc["model"] = model
     return PipelineConfig(**pc)
+
+
+def variant_from_meta(variant: dict, cfg):
+    """The run's :class:`~rellax_fast.train.pipeline.VariantSpec` from ``rellax.json``'s ``"variant"``: its
+    interaction is the one of the adapter config (``cfg.cflora``, recorded once); runs written before recorded it in
+    ``"variant"`` too, and that is read as it is."""
+    from .pipeline import VariantSpec
+
+    return VariantSpec(**{"interaction": cfg.cflora.interaction, **variant})
 
 
 class RunDependencyError(ValueError):
@@ -130,13 +148,13 @@ def load_run(run_dir, data=None, log=print):
     import torch
 
     from ..ctr.store import din_fingerprint, load_ctr
-    from .pipeline import VariantSpec, build_rellax, load_tokenizer_and_backbone, resolve_dependency
+    from .pipeline import build_rellax, load_tokenizer_and_backbone, resolve_dependency
 
     run_dir = Path(run_dir)
     meta = read_run_meta(run_dir)
     try:
         cfg = pipeline_config_from_dict(meta["pipeline"], model=meta["model"])
-        spec = VariantSpec(**meta["variant"])
+        spec = variant_from_meta(meta["variant"], cfg)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
         raise RunFileError(f"{run_dir / 'rellax.json'}: its pipeline or variant is not valid ({exc})") from None
     ctr_dir = resolve_dependency(run_dir, meta, "ctr_dir")

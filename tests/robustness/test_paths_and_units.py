@@ -280,7 +280,7 @@ def test_resume_check_names_changed_options_and_warns_on_older_records(tmp_path,
     check_inputs_for_resume(tmp_path, None, spec, False, cfg)  # the start: records inputs and options
     assert json.loads((tmp_path / "inputs.json").read_text())["options"]["cflora.r"] == 8
     check_inputs_for_resume(tmp_path, None, spec, True, replace(cfg, n_test=7))  # a free option
-    changed = replace(cfg, k=2, r=4, train=replace(cfg.train, lr=0.5, save_every_steps=3))
+    changed = replace(cfg, k=2, cflora=replace(cfg.cflora, r=4), train=replace(cfg.train, lr=0.5, save_every_steps=3))
     with pytest.raises(ResumeMismatchError, match=r"--r 8 -> 4; --k 5 -> 2; --lr 0.001 -> 0.5\. Resume with"):
         check_inputs_for_resume(tmp_path, None, spec, True, changed)
     with pytest.raises(ResumeMismatchError, match=r"--no-spa True -> False"):

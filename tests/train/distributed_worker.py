@@ -57,7 +57,7 @@ def main(argv):
     torch.manual_seed(0)
     backbone, kind = load_backbone(model_dir)
     model = ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id),
-                        ReLLaXOptions(interaction="full", backend="reference", dropout=0.0),
+                        ReLLaXOptions(cflora={"interaction": "full", "backend": "reference", "dropout": 0.0}),
                         item_table=torch.randn(20, 3, generator=torch.Generator().manual_seed(5)),
                         item_ids=torch.arange(20), cond_dim=H)  # fmt: skip
     if "--fsdp" in argv:

@@ -1,8 +1,8 @@
 """One adapter config travels (issue #16, item 4): the CLI's adapter flags build one CFLoRAConfig
 (PipelineConfig.cflora), each variant's model uses it with the variant's interaction and the DIN's cond_dim, and
 rellax.json records it once, nested in CFLoRAConfig's own dict form. Runs written before (a flat "pipeline" dict
-with r / alpha / dropout / n_experts / cflora_backend) still load and score the same. The keyword forms
-ReLLaXOptions(r=..., interaction=...) and PipelineConfig(r=..., cflora_backend=...) keep working."""
+with r / alpha / dropout / n_experts / cflora_backend) are converted when read (runs.nest_flat_adapter_keys) and
+score the same. The flat keywords (ReLLaXOptions(r=...), PipelineConfig(cflora_backend=...)) are gone (#29)."""
 
 import argparse
 import json
@@ -20,7 +20,7 @@ from rellax_fast.train.pipeline import (
     pipeline_cflora_config,
     variant_cflora_config,
 )
-from rellax_fast.train.runs import pipeline_config_from_dict
+from rellax_fast.train.runs import nest_flat_adapter_keys, pipeline_config_from_dict, variant_from_meta
 from rellax_fast.train.trainer import TrainConfig
 
 ADAPTER_FLAGS = ["--r", "4", "--alpha", "6", "--lora-dropout", "0.1", "--n-experts", "2", "--generator-hidden", "11",
@@ -70,39 +70,42 @@ def test_generator_flags_reach_the_model(tiny_bert_dir):
         assert gen.fc1.out_features == 11 and gen.fc2.in_features == 11 and gen.cond_dim == 5
         assert 0.005 < float(gen.fc2.weight.detach().std()) < 0.05  # --generator-init-std 0.02, not the default 0
     assert model.cflora_config == replace(cfg.cflora, interaction="full", cond_dim=5, target_modules=["query", "value"])
+    # the pipeline builds the variant's config once, targets resolved; the model takes that object as it is
+    once = variant_cflora_config(cfg, VariantSpec("x", interaction="full"), 5, backbone.config.model_type)
+    assert once == model.cflora_config
+    assert ReLLaXOptions(cflora=once, use_spa=False).cflora_config("bert", 5) is once
 
 
-def test_rellax_options_keywords_and_config_forms_agree():
-    legacy = ReLLaXOptions(interaction="moe", dropout=0.0, backend="reference", n_experts=2)
-    assert (legacy.r, legacy.alpha, legacy.interaction, legacy.n_experts, legacy.target_modules) == \
-        (8, 16.0, "moe", 2, PER_ARCHITECTURE)  # fmt: skip
+def test_rellax_options_dict_and_config_forms_agree():
+    legacy = ReLLaXOptions(cflora={"interaction": "moe", "dropout": 0.0, "backend": "reference", "n_experts": 2})
     explicit = ReLLaXOptions(cflora=CFLoRAConfig(r=8, alpha=16.0, dropout=0.0, interaction="moe", cond_dim=7, n_experts=2,
                                                  backend="reference", target_modules=PER_ARCHITECTURE))  # fmt: skip
     want = CFLoRAConfig(r=8, alpha=16.0, dropout=0.0, interaction="moe", cond_dim=7, n_experts=2, backend="reference",
                         target_modules=["query", "value"])  # fmt: skip
     assert legacy.cflora_config("bert", 7) == explicit.cflora_config("bert", 7) == want
-    assert replace(legacy, use_spa=False).cflora_config("bert", 7) == want  # replace keeps the keyword settings
+    assert replace(legacy, use_spa=False).cflora_config("bert", 7) == want  # replace keeps the dict settings
     assert ReLLaXOptions().cflora_config("llama", 3) == CFLoRAConfig(r=8, alpha=16.0, dropout=0.05, interaction="full",
                                                                      cond_dim=3, target_modules=["q_proj", "v_proj"])
     # an unconditioned kind drops cond_dim; explicit target modules are kept
-    plain = ReLLaXOptions(interaction="identity", target_modules=["key"]).cflora_config("bert", 7)
+    plain = ReLLaXOptions(cflora={"interaction": "identity", "target_modules": ["key"]}).cflora_config("bert", 7)
     assert plain.cond_dim is None and plain.target_modules == ["key"]
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda: ReLLaXOptions(cflora=CFLoRAConfig(), r=4), TypeError, "either as cflora=CFLoRAConfig"),
+    (lambda: ReLLaXOptions(r=4), TypeError, "unexpected keyword argument 'r'"),
     (lambda: ReLLaXOptions(cflora=42), TypeError, "must be a CFLoRAConfig, a dict of its fields or None; got int"),
     (lambda: ReLLaXOptions(cflora={"rank": 4}).cflora_config("bert", 3), ValueError, r"unknown keys \['rank'\]"),
     (lambda: ReLLaXOptions(cflora=CFLoRAConfig(interaction="full", cond_dim=4)).cflora_config("bert", 3), ValueError,
      "cflora.cond_dim is 4 but the model's cond_dim"),
-    (lambda: ReLLaXOptions(interaction="full").cflora_config("bert", None), ValueError, "'full' needs cond_dim"),
+    (lambda: ReLLaXOptions(cflora={"interaction": "full"}).cflora_config("bert", None), ValueError,
+     "'full' needs cond_dim"),
 ])  # fmt: skip
 def test_rellax_options_refuse_bad_adapter_settings(make, error, message):
     with pytest.raises(error, match=message):
         make()
 
 
-def test_pipeline_config_round_trips_and_reads_the_flat_form():
+def test_pipeline_config_round_trips_and_converts_the_flat_form():
     cfg = PipelineConfig(model="m", k=3, n_valid=4, seed=7, train=TrainConfig(lr=3e-3, lr_groups={"lora": 1e-2}),
                          cflora=pipeline_cflora_config(r=4, alpha=6.0, n_experts=2, generator_hidden=9,
                                                        generator_init_std=0.01, backend="reference"))  # fmt: skip
@@ -110,19 +113,36 @@ def test_pipeline_config_round_trips_and_reads_the_flat_form():
     assert nested["cflora"] == cfg.cflora.to_dict() and not {"r", "alpha", "cflora_backend"} & set(nested)
     assert pipeline_config_from_dict(nested) == cfg
     assert pipeline_config_from_dict(nested, model="other").model == "other"
-    # the keyword form and the properties of the flat config
-    kw = PipelineConfig(r=4, alpha=6.0, n_experts=2, cflora_backend="reference")
-    assert kw.cflora == pipeline_cflora_config(r=4, alpha=6.0, n_experts=2, backend="reference")
-    assert (kw.r, kw.alpha, kw.dropout, kw.n_experts, kw.cflora_backend) == (4, 6.0, 0.05, 2, "reference")
-    assert replace(kw, seed=3).cflora == kw.cflora
-    # a run written before the nested config: the flat keys, defaults for what it did not record
+    # the flat keywords are gone: the adapter is set in one place
+    with pytest.raises(TypeError, match="unexpected keyword argument 'cflora_backend'"):
+        PipelineConfig(cflora_backend="reference")
+    assert not hasattr(PipelineConfig(), "r")
+
+
+def test_the_flat_form_of_older_runs_is_converted_once():
+    nested = PipelineConfig(seed=7, cflora=pipeline_cflora_config(r=4, alpha=6.0, backend="reference")).to_dict()
+    nested = json.loads(json.dumps(nested))
+    assert nest_flat_adapter_keys(nested) == nested  # the current form: unchanged
+    # a run written before the nested config: the flat keys, ReLLaX's defaults for what it did not record
     flat = {k: v for k, v in nested.items() if k != "cflora"}
-    flat.update(r=4, alpha=6.0, dropout=0.05, n_experts=2, cflora_backend="reference")
+    flat.update(r=4, alpha=6.0, n_experts=2, cflora_backend="reference")
+    converted = nest_flat_adapter_keys(flat)
+    assert not {"r", "alpha", "n_experts", "cflora_backend"} & set(converted)
+    assert converted["cflora"] == pipeline_cflora_config(r=4, alpha=6.0, n_experts=2, backend="reference").to_dict()
+    assert {k: v for k, v in converted.items() if k != "cflora"} == {k: v for k, v in nested.items() if k != "cflora"}
     old = pipeline_config_from_dict(flat)
     assert old.cflora == pipeline_cflora_config(r=4, alpha=6.0, n_experts=2, backend="reference")
-    assert replace(old, cflora=cfg.cflora) == cfg
-    with pytest.raises(ValueError, match=r"both a nested 'cflora' and the flat keys \['r'\]"):
-        pipeline_config_from_dict({**nested, "r": 4})
+    assert old == replace(pipeline_config_from_dict(nested), cflora=old.cflora)
+    with pytest.raises(ValueError, match=r"both a nested 'cflora' and the flat keys \['cflora_backend', 'r'\]"):
+        nest_flat_adapter_keys({**nested, "r": 4, "cflora_backend": "reference"})
+
+
+def test_the_variant_reads_its_interaction_from_the_adapter_config():
+    cfg = PipelineConfig(cflora=pipeline_cflora_config(interaction="moe", cond_dim=4))
+    assert variant_from_meta({"name": "v", "spa": False}, cfg) == VariantSpec("v", spa=False, interaction="moe")
+    # a run written before: its variant's own interaction (the pipeline's was a placeholder then)
+    old = variant_from_meta({"name": "v", "interaction": "static"}, PipelineConfig())
+    assert old == VariantSpec("v", interaction="static")
 
 
 def _train(data, din, vocab, report, ctr_dir, model_dir, run_dir, spec, **cflora):
@@ -156,6 +176,7 @@ def test_runs_record_the_config_once_and_old_flat_runs_still_score_the_same(ml10
     assert (recorded.interaction, recorded.cond_dim, recorded.target_modules, recorded.generator_hidden) == \
         ("full", din.config.h_dim, ["query", "value"], 5)  # fmt: skip
     assert not {"r", "alpha", "dropout", "n_experts", "cflora_backend"} & set(meta["pipeline"])
+    assert "interaction" not in meta["variant"]  # recorded once, in the adapter config
     _, probs, _, _ = score(run, data, progress=False)
     np.testing.assert_allclose(probs, np.load(run / "predictions.npy"), rtol=1e-5, atol=1e-6)
 
@@ -167,8 +188,10 @@ def test_runs_record_the_config_once_and_old_flat_runs_still_score_the_same(ml10
     adapter = meta["pipeline"].pop("cflora")
     meta["pipeline"].update(r=adapter["r"], alpha=adapter["alpha"], dropout=adapter["dropout"],
                             n_experts=adapter["n_experts"], cflora_backend=adapter["backend"])  # fmt: skip
+    meta["variant"]["interaction"] = "moe"  # that code recorded the interaction in the variant
     (run / "rellax.json").write_text(json.dumps(meta, indent=2))
     model, *_, cfg, spec, _, _ = load_run(run, log=lambda *a: None)
+    assert spec.interaction == "moe"
     assert (cfg.cflora.r, cfg.cflora.alpha, cfg.cflora.n_experts, cfg.cflora.target_modules) == (4, 12.0, 2, PER_ARCHITECTURE)
     assert model.cflora_config == CFLoRAConfig.from_dict(adapter)
     _, probs, _, _ = score(run, data, progress=False)

@@ -13,6 +13,7 @@ from rellax_fast.train.pipeline import (
     PipelineConfig,
     VariantSpec,
     build_context,
+    pipeline_cflora_config,
     run_variant,
     save_subr_embeddings,
 )
@@ -45,8 +46,8 @@ def context(ml100k_slice, tmp_path):
 
 
 def _cfg(model_dir, **kw):
-    return PipelineConfig(model=model_dir, k=3, n_train=40, n_test=48, max_length=160, cflora_backend="reference",
-                          train=TrainConfig(batch_size=8, lr=3e-3, save_every_steps=2, progress=False), **kw)  # fmt: skip
+    return PipelineConfig(model=model_dir, k=3, n_train=40, n_test=48, max_length=160,
+                          cflora=pipeline_cflora_config(backend="reference"), train=TrainConfig(batch_size=8, lr=3e-3, save_every_steps=2, progress=False), **kw)  # fmt: skip
 
 
 def test_pipeline_encoder_full_rellax_then_eval(context, tiny_bert_dir, tmp_path, ml100k):

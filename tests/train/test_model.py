@@ -29,7 +29,7 @@ def _build(path, interaction="full", use_spa=True, seed=0, gradient_checkpointin
     collator = PromptCollator(tok, kind=kind, max_length=200, placeholder="<spa>" if use_spa else None)
     item_ids = torch.arange(10, 10 + N_ITEMS)
     model = ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id),
-                        ReLLaXOptions(interaction=interaction, use_spa=use_spa, backend="reference", dropout=0.0,
+                        ReLLaXOptions(cflora={"interaction": interaction, "backend": "reference", "dropout": 0.0}, use_spa=use_spa,
                                       gradient_checkpointing=gradient_checkpointing),
                         item_table=torch.randn(N_ITEMS, E), item_ids=item_ids, cond_dim=H)  # fmt: skip
     # make every adapter tensor non-trivial (B = 0 and a zero generator output layer at init are no-ops)

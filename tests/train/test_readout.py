@@ -35,7 +35,7 @@ def _build(path, readout="residual", readout_lambda="learned", interaction="full
     g = torch.Generator().manual_seed(99)
     head = (torch.randn(1, H, generator=g), torch.randn(1, generator=g)) if din_head else None
     model = ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id),
-                        ReLLaXOptions(interaction=interaction, backend="reference", dropout=0.0, readout=readout,
+                        ReLLaXOptions(cflora={"interaction": interaction, "backend": "reference", "dropout": 0.0}, readout=readout,
                                       readout_lambda=readout_lambda, readout_gate=gate),
                         item_table=torch.randn(N_ITEMS, E, generator=g), item_ids=torch.arange(10, 10 + N_ITEMS),
                         cond_dim=H, din_head=head)  # fmt: skip
@@ -154,7 +154,13 @@ def test_bad_readout_options(tiny_bert_dir):
 def test_residual_run_reloads_exactly_in_eval(ml100k_slice, tiny_bert_dir, tmp_path):
     from rellax_fast.ctr.din import DINTrainConfig
     from rellax_fast.ctr.store import fit_din, save_ctr
-    from rellax_fast.train.pipeline import PipelineConfig, VariantSpec, build_context, run_variant
+    from rellax_fast.train.pipeline import (
+        PipelineConfig,
+        VariantSpec,
+        build_context,
+        pipeline_cflora_config,
+        run_variant,
+    )
     from rellax_fast.train.runs import score
     from rellax_fast.train.trainer import TrainConfig
 
@@ -162,7 +168,8 @@ def test_residual_run_reloads_exactly_in_eval(ml100k_slice, tiny_bert_dir, tmp_p
     din, report, vocab = fit_din(data, {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
                                  DINTrainConfig(epochs=2, progress=False))  # fmt: skip
     ctr_dir = save_ctr(din, vocab, report, tmp_path / "ctr", extra={"dataset": data.dataset.name})
-    cfg = PipelineConfig(model=tiny_bert_dir, k=3, n_train=24, n_test=40, max_length=160, cflora_backend="reference",
+    cfg = PipelineConfig(model=tiny_bert_dir, k=3, n_train=24, n_test=40, max_length=160,
+                         cflora=pipeline_cflora_config(backend="reference"),
                          train=TrainConfig(batch_size=8, lr=3e-2, save_every_steps=0, progress=False))  # fmt: skip
     ctx = build_context(data, din, vocab, report, cfg)
     ctx.ctr_dir = str(ctr_dir)
@@ -180,14 +187,20 @@ def test_residual_run_reloads_exactly_in_eval(ml100k_slice, tiny_bert_dir, tmp_p
 def _residual_run(data, tiny_bert_dir, tmp_path, lr, n_valid=0):
     from rellax_fast.ctr.din import DINTrainConfig
     from rellax_fast.ctr.store import fit_din, save_ctr
-    from rellax_fast.train.pipeline import PipelineConfig, VariantSpec, build_context, run_variant
+    from rellax_fast.train.pipeline import (
+        PipelineConfig,
+        VariantSpec,
+        build_context,
+        pipeline_cflora_config,
+        run_variant,
+    )
     from rellax_fast.train.trainer import TrainConfig
 
     din, report, vocab = fit_din(data, {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
                                  DINTrainConfig(epochs=2, progress=False))  # fmt: skip
     ctr_dir = save_ctr(din, vocab, report, tmp_path / "ctr", extra={"dataset": data.dataset.name})
     cfg = PipelineConfig(model=tiny_bert_dir, k=3, n_train=24, n_test=40, n_valid=n_valid, max_length=160,
-                         cflora_backend="reference",
+                         cflora=pipeline_cflora_config(backend="reference"),
                          train=TrainConfig(batch_size=8, lr=lr, save_every_steps=0, progress=False, eval_every_steps=1))  # fmt: skip
     ctx = build_context(data, din, vocab, report, cfg)
     ctx.ctr_dir = str(ctr_dir)

@@ -34,7 +34,7 @@ def _model(path, collator, init_seed):
     torch.manual_seed(init_seed)
     backbone, kind = load_backbone(path)
     return ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id),
-                       ReLLaXOptions(interaction="full", backend="reference", dropout=0.05),
+                       ReLLaXOptions(cflora={"interaction": "full", "backend": "reference", "dropout": 0.05}),
                        item_table=torch.randn(20, 3, generator=torch.Generator().manual_seed(5)), item_ids=torch.arange(20), cond_dim=H)  # fmt: skip
 
 
