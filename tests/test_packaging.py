@@ -468,8 +468,12 @@ def test_this_environment_is_the_lock():
     pins = _lock_pins(REPO / "requirements" / "lock.txt")
     if not (Path(sys.prefix) / ".deps").exists():
         pytest.skip(f"not a Makefile venv ({sys.prefix} has no .deps): nothing promises the lock here")
+    import sysconfig
+
+    # the venv's own site-packages only: `import setuptools` puts its vendored dist-infos on sys.path
+    site_dirs = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     found = {}
-    for dist in importlib.metadata.distributions():
+    for dist in importlib.metadata.distributions(path=site_dirs):
         name = _normalize(dist.metadata["Name"])
         if name != "rellax-fast":
             found[name] = dist.version.split("+")[0]
