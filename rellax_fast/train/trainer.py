@@ -270,168 +270,222 @@ def train_model(
     Returns {"losses": [per-step loss], "global_step": int, "resumed_from": step or None, "model": unwrapped,
     "valid": [{"step", "auc", "logloss"}, ...], "best": the selected valid row or None, "valid_probs": the
     returned model's p(click) on ``valid`` when scored in this process, else None}.
+
+    The steps are :class:`_TrainingRun`'s: prepare (resume, wrap, optimizer), the epoch loop (one optimizer step
+    each, then validation and selection, then checkpointing), and the result (the selected tensors put back).
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-
     if accelerator is None:
-        from accelerate import DistributedDataParallelKwargs
-
-        # a batch may leave some trainable parameters unused (e.g. the SPA projector without placeholders)
-        ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-        precision = resolve_mixed_precision(config.mixed_precision)
-        _allow_precision(precision)
-        accelerator = Accelerator(mixed_precision=precision,
-                                  cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])  # fmt: skip
-    acc = accelerator
-    world, rank = acc.num_processes, acc.process_index
+        accelerator = default_accelerator(config)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (check the recipe stage)")
-    global_batch = config.batch_size * world
-    steps_per_epoch = math.ceil(len(dataset) / global_batch)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = int(total_steps * config.warmup_ratio)
+    run = _TrainingRun(model, dataset, config, run_dir, accelerator, log, valid)
+    run.prepare(resume)
+    run.epoch_loop()
+    return run.result()
 
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
-    sharded = is_fully_sharded(model)  # torch's fully_shard applied by the caller (FSDP2 without accelerate)
-    fsdp = sharded or str(getattr(acc, "distributed_type", "")).endswith("FSDP")
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if ckpt is not None and fsdp:
-        raise NotImplementedError(f"{ckpt}: resuming under FSDP is not supported yet (checkpoints hold full tensors "
-                                  "and a full optimizer state); resume without FSDP, or train without --resume")
-    if ckpt is not None:  # the trainable tensors go into the plain model, before any wrapping
-        load_checkpoint(ckpt, model, None, None, restore_rng=False)
+def default_accelerator(config: TrainConfig):
+    """The Accelerator of a training run given none: ``config``'s mixed precision, CPU without CUDA, DDP that
+    tolerates parameters a batch leaves unused (e.g. the SPA projector without placeholders)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    def new_optimizer(m):
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    precision = resolve_mixed_precision(config.mixed_precision)
+    _allow_precision(precision)
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+
+
+class _TrainingRun:
+    """One :func:`train_model` call: the prepared model and optimizer, the step counters (``state``, what a
+    checkpoint records), the valid history and the best candidate so far; its methods are the call's steps."""
+
+    def __init__(self, model, dataset: PromptDataset, config: TrainConfig, run_dir, acc, log, valid) -> None:
+        self.model, self.dataset, self.config, self.run_dir, self.acc, self.log = model, dataset, config, run_dir, acc, log
+        self.valid = valid
+        self.world, self.rank = acc.num_processes, acc.process_index
+        self.global_batch = config.batch_size * self.world
+        self.steps_per_epoch = math.ceil(len(dataset) / self.global_batch)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.warmup = int(self.total_steps * config.warmup_ratio)
+        self.sharded = is_fully_sharded(model)  # torch's fully_shard applied by the caller (FSDP2 without accelerate)
+        self.fsdp = self.sharded or str(getattr(acc, "distributed_type", "")).endswith("FSDP")
+        self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "losses": []}
+        self.resumed_from = None
+        self.best = None  # with a valid set: {"step", "auc", "logloss"} of the best valid AUC so far, and its tensors
+        self.last_valid = None  # (step, probs) of the latest valid scoring in this process
+
+    def schedule(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup))
+
+    def new_optimizer(self, m):
+        config = self.config
         return torch.optim.AdamW(param_groups(m, config.lr, config.lr_groups, config.weight_decay), lr=config.lr,
                                  weight_decay=config.weight_decay)  # fmt: skip
 
-    if sharded:  # already sharded: accelerate would wrap it again in DDP (it enables FSDP only on GPUs)
-        optimizer = new_optimizer(model)
-        optimizer = acc.prepare(optimizer)
-    elif fsdp and not getattr(acc, "is_fsdp2", False):
-        # FSDP1 flattens the parameters: the optimizer must be built on the wrapped model
-        model = acc.prepare(model)
-        optimizer = acc.prepare(new_optimizer(model))
-    else:  # one process, DDP, or FSDP2 (accelerate maps the optimizer onto the sharded parameters)
-        model, optimizer = acc.prepare(model, new_optimizer(model))
-    params = [p for p in model.parameters() if p.requires_grad]  # after prepare: FSDP's sharded parameters
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, schedule)
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "losses": []}
-    resumed_from = None
-    best = None  # with a valid set: {"step", "auc", "logloss"} of the best valid AUC so far, and its tensors
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, acc.unwrap_model(model), optimizer, scheduler)
-        resumed_from = state["global_step"]
-        log(f"resumed from {ckpt} (epoch {state['epoch']}, step {state['step_in_epoch']}, global step {state['global_step']})")
+    def prepare(self, resume: bool) -> None:
+        """The latest checkpoint read back (with ``resume``), the model and optimizer prepared, the scheduler."""
+        from .checkpoint import latest_checkpoint, load_checkpoint
+
+        acc = self.acc
+        ckpt = latest_checkpoint(self.run_dir) if resume else None
+        if ckpt is not None and self.fsdp:
+            raise NotImplementedError(f"{ckpt}: resuming under FSDP is not supported yet (checkpoints hold full tensors "
+                                      "and a full optimizer state); resume without FSDP, or train without --resume")
+        if ckpt is not None:  # the trainable tensors go into the plain model, before any wrapping
+            load_checkpoint(ckpt, self.model, None, None, restore_rng=False)
+        if self.sharded:  # already sharded: accelerate would wrap it again in DDP (it enables FSDP only on GPUs)
+            self.optimizer = acc.prepare(self.new_optimizer(self.model))
+        elif self.fsdp and not getattr(acc, "is_fsdp2", False):
+            # FSDP1 flattens the parameters: the optimizer must be built on the wrapped model
+            self.model = acc.prepare(self.model)
+            self.optimizer = acc.prepare(self.new_optimizer(self.model))
+        else:  # one process, DDP, or FSDP2 (accelerate maps the optimizer onto the sharded parameters)
+            self.model, self.optimizer = acc.prepare(self.model, self.new_optimizer(self.model))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]  # after prepare: FSDP's sharded ones
+        optimizer = self.optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, self.schedule)
+        if ckpt is not None:
+            self.resume_from(ckpt)
+        self.selecting = self.valid is not None and len(self.valid) > 0
+        if self.selecting and self.fsdp:
+            self.log("valid-set model selection is not supported under FSDP: training without it")
+            self.selecting = False
+        self.valid_history: List[Dict] = list(self.state.get("valid", []))
+        self.losses: List[float] = list(self.state["losses"])
+
+    def resume_from(self, ckpt) -> None:
+        from .checkpoint import load_checkpoint
+
+        state = self.state = load_checkpoint(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        self.resumed_from = state["global_step"]
+        self.log(f"resumed from {ckpt} (epoch {state['epoch']}, step {state['step_in_epoch']}, global step {state['global_step']})")
         if state.get("best") is not None:
             from .checkpoint import load_best_tensors
 
-            best = dict(state["best"], tensors=load_best_tensors(ckpt))
-    selecting = valid is not None and len(valid) > 0
-    if selecting and fsdp:
-        log("valid-set model selection is not supported under FSDP: training without it")
-        selecting = False
-    valid_history: List[Dict] = list(state.get("valid", []))
-    last_valid = None  # (step, probs) of the latest valid scoring in this process
+            self.best = dict(state["best"], tensors=load_best_tensors(ckpt))
 
-    def evaluate_valid() -> None:
-        nonlocal best, last_valid
+    def evaluate_valid(self) -> None:
+        """Score the valid set; keep the row in the history and, when it is the best AUC so far, the candidate."""
         from ..metrics import ctr_metrics
 
-        probs = predict_proba(model, valid, config.eval_batch_size, progress=False, accelerator=acc,
+        config, acc, valid = self.config, self.acc, self.valid
+        probs = predict_proba(self.model, valid, config.eval_batch_size, progress=False, accelerator=acc,
                               mixed_precision=config.mixed_precision)  # fmt: skip
         m = ctr_metrics(valid.labels(), probs)
-        row = {"step": state["global_step"], "auc": m["auc"], "logloss": m["logloss"]}
-        valid_history.append(row)
-        last_valid = (row["step"], probs)
+        row = {"step": self.state["global_step"], "auc": m["auc"], "logloss": m["logloss"]}
+        self.valid_history.append(row)
+        self.last_valid = (row["step"], probs)
+        best = self.best
         # a NaN AUC (a one-class valid set) never beats a number
         improved = best is None or (not math.isnan(row["auc"]) and (math.isnan(best["auc"]) or row["auc"] > best["auc"]))
         if improved and config.select_best:
-            tensors = {k: v.detach().clone().cpu() for k, v in acc.unwrap_model(model).trainable_state().items()}
-            best = dict(row, tensors=tensors, probs=probs)
+            tensors = {k: v.detach().clone().cpu() for k, v in acc.unwrap_model(self.model).trainable_state().items()}
+            best = self.best = dict(row, tensors=tensors, probs=probs)
         elif improved:
-            best = dict(row, tensors=None)
-        log(f"valid at step {row['step']}: AUC {row['auc']:.4f}  LogLoss {row['logloss']:.4f}"
-            + ("  (best)" if improved else f"  (best {best['auc']:.4f} at step {best['step']})"))  # fmt: skip
-        state["valid"] = valid_history  # what the next checkpoint records
-        state["best"] = {k: best[k] for k in ("step", "auc", "logloss")}
+            best = self.best = dict(row, tensors=None)
+        self.log(f"valid at step {row['step']}: AUC {row['auc']:.4f}  LogLoss {row['logloss']:.4f}"
+                 + ("  (best)" if improved else f"  (best {best['auc']:.4f} at step {best['step']})"))  # fmt: skip
+        self.state["valid"] = self.valid_history  # what the next checkpoint records
+        self.state["best"] = {k: best[k] for k in ("step", "auc", "logloss")}
 
-    losses: List[float] = list(state["losses"])
-    if selecting and state["global_step"] == 0 and getattr(acc.unwrap_model(model), "select_from_start", False):
-        # the untrained model is itself a candidate (the gated residual read-out starts as the frozen DIN):
-        # score it before the first step, so the model kept is never worse on valid than where it started
-        evaluate_valid()
-    model.train()
-    bar = tqdm(total=total_steps, initial=state["global_step"], desc="train", disable=not (config.progress and acc.is_main_process))
-    try:
-        for epoch in range(state["epoch"], config.epochs):
-            order = epoch_order(dataset, config, epoch, global_batch)
-            first = state["step_in_epoch"] if epoch == state["epoch"] else 0
-            for step in range(first, steps_per_epoch):
-                chunk = order[step * global_batch : (step + 1) * global_batch]
-                mine = rank_slice(chunk, rank, world)
-                weight = 1.0
-                if len(mine) == 0:  # fewer samples than ranks: a zero-weight pass keeps the collectives in step
-                    mine, weight = chunk[:1], 0.0
-                batch = _to(dataset.batch(mine), acc.device)
-                with acc.autocast():
-                    logits = model(batch)
-                loss_sum = answer_loss_sum(logits, batch["label"]) * weight
-                # the global batch's loss, before anything is updated: every rank sees the same value, so a
-                # non-finite one stops them all at this step and the last checkpoint keeps the state before it
-                total = acc.reduce(loss_sum.detach(), reduction="sum") if world > 1 else loss_sum.detach()
-                check_finite_loss(float(total) / len(chunk), state["global_step"] + 1, epoch + 1, config)
-                acc.backward(loss_sum * (world / len(chunk)))
-                if config.max_grad_norm:
-                    acc.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(total) / len(chunk))
-                state = {"epoch": epoch, "step_in_epoch": step + 1, "global_step": state["global_step"] + 1, "losses": losses}
-                if step + 1 == steps_per_epoch:
-                    state.update(epoch=epoch + 1, step_in_epoch=0)
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", epoch=epoch + 1)
-                at_epoch_end = state["step_in_epoch"] == 0
-                if selecting and (at_epoch_end or (config.eval_every_steps and state["global_step"] % config.eval_every_steps == 0)):
-                    evaluate_valid()
-                if at_epoch_end or (config.save_every_steps and state["global_step"] % config.save_every_steps == 0):
-                    acc.wait_for_everyone()
-                    model_view, optimizer_view = checkpoint_views(acc.unwrap_model(model), optimizer, fsdp)
-                    if acc.is_main_process:
-                        save_checkpoint(run_dir, model_view, optimizer_view, scheduler, state, keep=config.keep_checkpoints,
-                                        best_tensors=None if best is None else best.get("tensors"))  # fmt: skip
-                    acc.wait_for_everyone()
-                if config.stop_after_steps is not None and state["global_step"] >= config.stop_after_steps:
-                    raise KeyboardInterrupt(f"stop_after_steps={config.stop_after_steps} reached (testing hook)")
-    finally:
-        bar.close()
-    unwrapped = acc.unwrap_model(model)
-    selected = None
-    if best is not None and best.get("tensors") is not None and best["step"] != state["global_step"]:
-        params = dict(unwrapped.named_parameters())
-        with torch.no_grad():
-            for k, v in best["tensors"].items():
-                params[k].copy_(v.to(params[k].device, params[k].dtype))
-        log(f"kept the trainable tensors of step {best['step']} (best valid AUC {best['auc']:.4f}), not of the last step")
-    if best is not None:
-        selected = {k: best[k] for k in ("step", "auc", "logloss")}
-    # the returned model's valid probabilities when this process scored them (callers need not score valid
-    # again); None when they are unknown here (the selected step was scored before a resume)
-    if selected is not None and config.select_best:
-        valid_probs = best.get("probs")
-    else:
-        valid_probs = last_valid[1] if last_valid is not None and last_valid[0] == state["global_step"] else None
-    return {"losses": losses, "global_step": state["global_step"], "resumed_from": resumed_from, "model": unwrapped,
-            "valid": valid_history, "best": selected, "valid_probs": valid_probs}  # fmt: skip
+    def epoch_loop(self) -> None:
+        """Every remaining step of every epoch: the optimizer step, then validation and checkpointing."""
+        from tqdm.auto import tqdm
+
+        config, acc = self.config, self.acc
+        if self.selecting and self.state["global_step"] == 0 and getattr(acc.unwrap_model(self.model), "select_from_start", False):
+            # the untrained model is itself a candidate (the gated residual read-out starts as the frozen DIN):
+            # score it before the first step, so the model kept is never worse on valid than where it started
+            self.evaluate_valid()
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc="train",
+                   disable=not (config.progress and acc.is_main_process))  # fmt: skip
+        try:
+            for epoch in range(self.state["epoch"], config.epochs):
+                order = epoch_order(self.dataset, config, epoch, self.global_batch)
+                first = self.state["step_in_epoch"] if epoch == self.state["epoch"] else 0
+                for step in range(first, self.steps_per_epoch):
+                    self.optimizer_step(order, epoch, step)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{np.mean(self.losses[-20:]):.4f}", epoch=epoch + 1)
+                    self.after_step()
+        finally:
+            bar.close()
+
+    def optimizer_step(self, order, epoch: int, step: int) -> None:
+        """One step on the global batch ``step`` of the epoch's ``order``; ``state`` moves one step on."""
+        config, acc, world, gb = self.config, self.acc, self.world, self.global_batch
+        chunk = order[step * gb : (step + 1) * gb]
+        mine = rank_slice(chunk, self.rank, world)
+        weight = 1.0
+        if len(mine) == 0:  # fewer samples than ranks: a zero-weight pass keeps the collectives in step
+            mine, weight = chunk[:1], 0.0
+        batch = _to(self.dataset.batch(mine), acc.device)
+        with acc.autocast():
+            logits = self.model(batch)
+        loss_sum = answer_loss_sum(logits, batch["label"]) * weight
+        # the global batch's loss, before anything is updated: every rank sees the same value, so a
+        # non-finite one stops them all at this step and the last checkpoint keeps the state before it
+        total = acc.reduce(loss_sum.detach(), reduction="sum") if world > 1 else loss_sum.detach()
+        check_finite_loss(float(total) / len(chunk), self.state["global_step"] + 1, epoch + 1, config)
+        acc.backward(loss_sum * (world / len(chunk)))
+        if config.max_grad_norm:
+            acc.clip_grad_norm_(self.params, config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.losses.append(float(total) / len(chunk))
+        self.state = {"epoch": epoch, "step_in_epoch": step + 1, "global_step": self.state["global_step"] + 1,
+                      "losses": self.losses}  # fmt: skip
+        if step + 1 == self.steps_per_epoch:
+            self.state.update(epoch=epoch + 1, step_in_epoch=0)
+
+    def after_step(self) -> None:
+        """Validation and selection, then a checkpoint, when due; the ``stop_after_steps`` testing hook."""
+        config, state = self.config, self.state
+        at_epoch_end = state["step_in_epoch"] == 0
+        if self.selecting and (at_epoch_end or (config.eval_every_steps and state["global_step"] % config.eval_every_steps == 0)):
+            self.evaluate_valid()
+        if at_epoch_end or (config.save_every_steps and state["global_step"] % config.save_every_steps == 0):
+            self.checkpoint()
+        if config.stop_after_steps is not None and state["global_step"] >= config.stop_after_steps:
+            raise KeyboardInterrupt(f"stop_after_steps={config.stop_after_steps} reached (testing hook)")
+
+    def checkpoint(self) -> None:
+        """Every rank gathers (under FSDP), rank 0 writes: trainable tensors, optimizer, scheduler, ``state`` and
+        the best candidate's tensors."""
+        from .checkpoint import save_checkpoint
+
+        acc, best = self.acc, self.best
+        acc.wait_for_everyone()
+        model_view, optimizer_view = checkpoint_views(acc.unwrap_model(self.model), self.optimizer, self.fsdp)
+        if acc.is_main_process:
+            save_checkpoint(self.run_dir, model_view, optimizer_view, self.scheduler, self.state, keep=self.config.keep_checkpoints,
+                            best_tensors=None if best is None else best.get("tensors"))  # fmt: skip
+        acc.wait_for_everyone()
+
+    def result(self) -> Dict:
+        """train_model's result; the best valid candidate's tensors put back into the model when selected."""
+        unwrapped, best, state, last_valid = self.acc.unwrap_model(self.model), self.best, self.state, self.last_valid
+        selected = None
+        if best is not None and best.get("tensors") is not None and best["step"] != state["global_step"]:
+            params = dict(unwrapped.named_parameters())
+            with torch.no_grad():
+                for k, v in best["tensors"].items():
+                    params[k].copy_(v.to(params[k].device, params[k].dtype))
+            self.log(f"kept the trainable tensors of step {best['step']} (best valid AUC {best['auc']:.4f}), not of the last step")
+        if best is not None:
+            selected = {k: best[k] for k in ("step", "auc", "logloss")}
+        # the returned model's valid probabilities when this process scored them (callers need not score valid
+        # again); None when they are unknown here (the selected step was scored before a resume)
+        if selected is not None and self.config.select_best:
+            valid_probs = best.get("probs")
+        else:
+            valid_probs = last_valid[1] if last_valid is not None and last_valid[0] == state["global_step"] else None
+        return {"losses": self.losses, "global_step": state["global_step"], "resumed_from": self.resumed_from,
+                "model": unwrapped, "valid": self.valid_history, "best": selected, "valid_probs": valid_probs}  # fmt: skip
 
 
 def check_finite_loss(loss: float, step: int, epoch: int, config: TrainConfig) -> None:
