@@ -47,6 +47,7 @@ import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List
 
 import numpy as np
@@ -181,39 +182,50 @@ def run(args: argparse.Namespace, log=print) -> int:
 
 
 def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
+    """The bench in three steps: plan (the shared context, every point's prompts and every K's token budget),
+    run (each point trained and scored, or read back when done before under the same key) and report (the
+    table, Markdown, JSON and plot; with ``--estimate-steps``, the time estimate instead)."""
     from tqdm.auto import tqdm
 
-    from .._io import atomic_write_text
-    from ..ctr.store import din_fingerprint
-    from ..metrics import json_default
-    from ..train.context import build_shared_context
-    from ..train.pipeline import VariantSpec, make_samples, run_inputs, run_variant, shown_positions_for
-    from .quality import _load_row, _sha
+    plan = plan_points(args, cfg, ks, methods, log)
+    jobs = [(m, k) for m in methods for k in ks]
+    points = {(m, k): run_point(plan, args, cfg, m, k, log)
+              for m, k in tqdm(jobs, desc="lifelong points", disable=not cfg.train.progress)}  # fmt: skip
+    if plan.estimate:
+        return _write_estimate(plan.ldir, points, plan.budgets, ks, methods, args, cfg, plan.context_seconds,
+                               plan.prep_seconds, log)  # fmt: skip
+    return report(plan, points, args, cfg, ks, methods)
 
-    start = time.perf_counter()
-    estimate = args.estimate_steps > 0
-    ldir = Path(args.out) / "lifelong"
-    (ldir / "points").mkdir(parents=True, exist_ok=True)
+
+def plan_points(args, cfg, ks: List[int], methods: List[str], log=print) -> SimpleNamespace:
+    """What every point shares: the context (data, DIN, SUBR embeddings, samples), the tokenizer, every point's
+    train and test prompts, the token budget of every K (measured on the training prompts of all methods) and
+    the key every point's own key extends."""
+    from ..ctr.store import din_fingerprint
+    from ..train.context import build_shared_context
+    from ..train.pipeline import make_samples, shown_positions_for
+    from .quality import _sha
+
+    plan = SimpleNamespace(start=time.perf_counter(), estimate=args.estimate_steps > 0, ldir=Path(args.out) / "lifelong")
+    (plan.ldir / "points").mkdir(parents=True, exist_ok=True)
     shared = copy.copy(args)
-    shared.out = str(ldir)
+    shared.out = str(plan.ldir)
     log(f"[lifelong] dataset {args.dataset} ({args.data_dir or 'default location'}); backbone "
         f"{cfg.model or 'all-MiniLM-L6-v2 (offline)'}; preset {args.preset}; K {ks}; methods {methods}; "
         f"{cfg.n_train or 'all'} training prompts, test {cfg.n_test or 'whole split'}"
-        + (f"; ESTIMATE: {args.estimate_steps} steps per point" if estimate else ""))  # fmt: skip
+        + (f"; ESTIMATE: {args.estimate_steps} steps per point" if plan.estimate else ""))  # fmt: skip
     t0 = time.perf_counter()
-    ctx = build_shared_context(shared, cfg, log=log)
-    context_seconds = time.perf_counter() - t0
+    ctx = plan.ctx = build_shared_context(shared, cfg, log=log)
+    plan.context_seconds = time.perf_counter() - t0
     data = ctx.data
-    tok, kind, model_path = prompt_tokenizer(cfg)
-    cap = position_limit(model_path)
-    labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
+    tok, plan.kind, model_path = prompt_tokenizer(cfg)
+    cap = plan.cap = position_limit(model_path)
+    plan.labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
     tr = data.splits["train"].subset(ctx.train_index)
     te = data.splits["test"].subset(ctx.test_index)
 
-    # prompts of every point, and the token budget of every K (measured on the training prompts of all methods)
     t0 = time.perf_counter()
-    prompts: Dict = {}
-    budgets: Dict[int, Dict] = {}
+    prompts, budgets = plan.prompts, plan.budgets = {}, {}
     for k in ks:
         for m in methods:
             spec = METHODS[m]
@@ -221,7 +233,7 @@ def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
             sets = {}
             for split_name, split in (("train", tr), ("test", te)):
                 pos = shown_positions_for(data, split, k, spec["subr"], cfg.subr_mode, ctx.item_emb, ctx.item_ids, False)
-                sets[split_name] = PromptSet(make_samples(data, split, pos), tok, kind, ph, cfg.chat)
+                sets[split_name] = PromptSet(make_samples(data, split, pos), tok, plan.kind, ph, cfg.chat)
             prompts[(m, k)] = sets
         lengths = np.concatenate([prompts[(m, k)]["train"].lengths for m in methods])
         budget = token_budget(lengths, args.budget_quantile, args.budget_margin, cap)
@@ -230,65 +242,76 @@ def run_bench(args, cfg, ks: List[int], methods: List[str], log=print) -> int:
                       "train_len_max": int(lengths.max()), "position_limit": cap}  # fmt: skip
         log(f"[lifelong] K={k}: training prompts {np.median(lengths):.0f} tokens (median), {lengths.max()} (max); "
             f"max_length {budget}" + (f" (capped at the backbone's {cap} positions)" if cap and budget == cap else ""))
-    prep_seconds = time.perf_counter() - t0
+    plan.prep_seconds = time.perf_counter() - t0
+    plan.base_key = {"din": din_fingerprint(ctx.din, ctx.vocab), "test_index": _sha(ctx.test_index.tolist()),
+                     "pipeline": {**asdict(cfg), "train": {**asdict(cfg.train), "progress": None}}}  # fmt: skip
+    return plan
 
-    din_key = din_fingerprint(ctx.din, ctx.vocab)
-    base_key = {"din": din_key, "test_index": _sha(ctx.test_index.tolist()),
-                "pipeline": {**asdict(cfg), "train": {**asdict(cfg.train), "progress": None}}}  # fmt: skip
-    points: Dict = {}
-    jobs = [(m, k) for m in methods for k in ks]
-    for m, k in tqdm(jobs, desc="lifelong points", disable=not cfg.train.progress):
-        spec = VariantSpec(**{"name": METHODS[m]["name"], **{f: v for f, v in METHODS[m].items() if f != "name"}})
-        budget = budgets[k]["max_length"]
-        cfg_k = replace(cfg, k=k, max_length=budget)
-        name = f"{m}-k{k}"
-        ps = prompts[(m, k)]
-        cut_tr, cut_te = ps["train"].truncation(budget), ps["test"].truncation(budget)
-        trunc = {"n_truncated_train": cut_tr["n_truncated"], "n_truncated_test": cut_te["n_truncated"],
-                 "items_dropped_train": cut_tr["items_dropped"], "items_dropped_test": cut_te["items_dropped"],
-                 "mean_tokens_train": float(cut_tr["tokens"].mean())}  # fmt: skip
-        if estimate:
-            points[(m, k)] = _estimate_point(ctx, spec, cfg_k, ldir / "estimate" / name, cut_tr["tokens"], args, log)
-            points[(m, k)].update(trunc)
-            continue
-        key = _sha({**base_key, "inputs": run_inputs(ctx, spec), "spec": asdict(spec), "k": k, "max_length": budget})
-        path = ldir / "points" / f"{name}.json"
-        done = _load_row(path, key, args.fresh)
-        if done is not None:
-            log(f"[lifelong] {spec.name}, K={k}: done before, skipped ({path})")
-        else:
-            log(f"[lifelong] {spec.name}, K={k}, max_length {budget}: {trunc['n_truncated_train']} training and "
-                f"{trunc['n_truncated_test']} test prompts cut ({time.perf_counter() - start:.0f} s so far)")  # fmt: skip
-            t0 = time.perf_counter()
-            run_dir = ldir / "runs" / name
-            marker = run_dir / "point_key.txt"
-            resume = not args.fresh and marker.exists() and marker.read_text().strip() == key
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, key)
-            res = run_variant(ctx, spec, cfg_k, run_dir, resume=resume, log=log)
-            train_tokens = int(cut_tr["tokens"].sum()) * cfg.train.epochs
-            done = {"key": key, "method": m, "name": spec.name, "k": k, "max_length": budget, **trunc,
-                    "predictions": str(run_dir / "predictions.npy"), "metrics": res["metrics"],
-                    "train_tokens": train_tokens, "train_seconds": res["seconds"]["train"],
-                    "score_seconds": res["seconds"]["score"], "wall_seconds": time.perf_counter() - t0,
-                    "tokens_per_s": train_tokens / max(res["seconds"]["train"], 1e-9)}  # fmt: skip
-            atomic_write_text(path, json.dumps(done, indent=2))
-            del res
-        done = dict(done)
-        done["probs"] = np.load(done["predictions"]).astype(np.float64)
-        points[(m, k)] = done
 
-    if estimate:
-        return _write_estimate(ldir, points, budgets, ks, methods, args, cfg, context_seconds, prep_seconds, log)
+def run_point(plan: SimpleNamespace, args, cfg, m: str, k: int, log=print) -> Dict:
+    """Method ``m`` at history length ``k``: trained and scored (its row written to ``points/``), read back when
+    done before under the same key, or (``--estimate-steps``) estimated."""
+    from .._io import atomic_write_text
+    from ..train.pipeline import VariantSpec, run_inputs, run_variant
+    from .quality import _load_row, _sha
+
+    ctx, ldir = plan.ctx, plan.ldir
+    spec = VariantSpec(**{"name": METHODS[m]["name"], **{f: v for f, v in METHODS[m].items() if f != "name"}})
+    budget = plan.budgets[k]["max_length"]
+    cfg_k = replace(cfg, k=k, max_length=budget)
+    name = f"{m}-k{k}"
+    ps = plan.prompts[(m, k)]
+    cut_tr, cut_te = ps["train"].truncation(budget), ps["test"].truncation(budget)
+    trunc = {"n_truncated_train": cut_tr["n_truncated"], "n_truncated_test": cut_te["n_truncated"],
+             "items_dropped_train": cut_tr["items_dropped"], "items_dropped_test": cut_te["items_dropped"],
+             "mean_tokens_train": float(cut_tr["tokens"].mean())}  # fmt: skip
+    if plan.estimate:
+        point = _estimate_point(ctx, spec, cfg_k, ldir / "estimate" / name, cut_tr["tokens"], args, log)
+        point.update(trunc)
+        return point
+    key = _sha({**plan.base_key, "inputs": run_inputs(ctx, spec), "spec": asdict(spec), "k": k, "max_length": budget})
+    path = ldir / "points" / f"{name}.json"
+    done = _load_row(path, key, args.fresh)
+    if done is not None:
+        log(f"[lifelong] {spec.name}, K={k}: done before, skipped ({path})")
+    else:
+        log(f"[lifelong] {spec.name}, K={k}, max_length {budget}: {trunc['n_truncated_train']} training and "
+            f"{trunc['n_truncated_test']} test prompts cut ({time.perf_counter() - plan.start:.0f} s so far)")  # fmt: skip
+        t0 = time.perf_counter()
+        run_dir = ldir / "runs" / name
+        marker = run_dir / "point_key.txt"
+        resume = not args.fresh and marker.exists() and marker.read_text().strip() == key
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, key)
+        res = run_variant(ctx, spec, cfg_k, run_dir, resume=resume, log=log)
+        train_tokens = int(cut_tr["tokens"].sum()) * cfg.train.epochs
+        done = {"key": key, "method": m, "name": spec.name, "k": k, "max_length": budget, **trunc,
+                "predictions": str(run_dir / "predictions.npy"), "metrics": res["metrics"],
+                "train_tokens": train_tokens, "train_seconds": res["seconds"]["train"],
+                "score_seconds": res["seconds"]["score"], "wall_seconds": time.perf_counter() - t0,
+                "tokens_per_s": train_tokens / max(res["seconds"]["train"], 1e-9)}  # fmt: skip
+        atomic_write_text(path, json.dumps(done, indent=2))
+        del res
+    done = dict(done)
+    done["probs"] = np.load(done["predictions"]).astype(np.float64)
+    return done
+
+
+def report(plan: SimpleNamespace, points: Dict, args, cfg, ks: List[int], methods: List[str]) -> int:
+    """The table against K (intervals, DeLong tests), written as lifelong.md, lifelong.json and lifelong.png."""
+    from .._io import atomic_write_text
+    from ..metrics import json_default
+
+    ctx, ldir, labels, budgets = plan.ctx, plan.ldir, plan.labels, plan.budgets
     table, din = summarise(points, ks, methods, labels, np.asarray(ctx.din_test_probs, np.float64), args.n_boot,
                            len(ctx.train_index))
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - plan.start
     meta = {"dataset": args.dataset, "preset": args.preset, "model": cfg.model or "all-MiniLM-L6-v2 (offline)",
-            "kind": kind, "ks": ks, "methods": methods, "n_train": int(len(ctx.train_index)), "n_test": int(labels.size),
+            "kind": plan.kind, "ks": ks, "methods": methods, "n_train": int(len(ctx.train_index)), "n_test": int(labels.size),
             "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size, "n_boot": args.n_boot,
-            "budget_rule": {"quantile": args.budget_quantile, "margin": args.budget_margin, "round_to": 8, "cap": cap},
-            "din_best_epoch": ctx.din_report.best_epoch, "context_seconds": context_seconds,
-            "prompt_seconds": prep_seconds, "wall_seconds": wall, "cpu_count": os.cpu_count(),
+            "budget_rule": {"quantile": args.budget_quantile, "margin": args.budget_margin, "round_to": 8, "cap": plan.cap},
+            "din_best_epoch": ctx.din_report.best_epoch, "context_seconds": plan.context_seconds,
+            "prompt_seconds": plan.prep_seconds, "wall_seconds": wall, "cpu_count": os.cpu_count(),
             # each point's own wall time, summed (points finished by an earlier, resumed invocation included)
             "points_wall_seconds": float(sum(r["wall_seconds"] for r in table)),
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
