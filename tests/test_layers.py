@@ -212,6 +212,9 @@ SINGLE_HOMES = {
     "BACKEND_CHOICES": "rellax_fast.ops._backend",
     "BACKENDS": "rellax_fast.ops._backend",
     "INTERACTIONS": "rellax_fast.cflora.interaction",
+    "SUITE_HELP": "rellax_fast.bench.cli",  # the bench suites: subcommands, help texts, the protocol table
+    "FLAT_ADAPTER_KEYS": "rellax_fast.train.runs",  # the old runs' flat adapter keys: read by the converter only
+    "RELLAX_CFLORA_DEFAULTS": "rellax_fast.train.model",
 }
 
 
