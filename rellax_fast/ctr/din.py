@@ -233,6 +233,16 @@ class ActivationUnit(nn.Module):
         return torch.einsum("bl,bld->bd", w, history)
 
 
+def mlp_head(in_dim: int, config: DINConfig) -> Tuple[nn.Sequential, nn.Linear]:
+    """DIN's prediction MLP (Linear, PReLU, Dropout per ``config.mlp_hidden`` width) over ``in_dim`` inputs, and
+    its output layer; shared with the text-aware DIN (``ctr/text_din.py``)."""
+    layers: List[nn.Module] = []
+    for width in config.mlp_hidden:
+        layers += [nn.Linear(in_dim, width), nn.PReLU(width), nn.Dropout(config.dropout)]
+        in_dim = width
+    return nn.Sequential(*layers), nn.Linear(in_dim, 1)
+
+
 class DIN(nn.Module):
     """Item + rating-aware behaviour embeddings, target attention, MLP -> h -> logit."""
 
@@ -245,12 +255,7 @@ class DIN(nn.Module):
         self.user_embedding = nn.Embedding(config.n_users, e) if config.n_users > 0 else None
         self.attention = ActivationUnit(e, config.attention_hidden)
         in_dim = e * (4 if self.user_embedding is not None else 3)
-        layers: List[nn.Module] = []
-        for width in config.mlp_hidden:
-            layers += [nn.Linear(in_dim, width), nn.PReLU(width), nn.Dropout(config.dropout)]
-            in_dim = width
-        self.mlp = nn.Sequential(*layers)
-        self.out = nn.Linear(in_dim, 1)
+        self.mlp, self.out = mlp_head(in_dim, config)
         nn.init.normal_(self.item_embedding.weight, std=0.05)
         nn.init.normal_(self.rating_embedding.weight, std=0.05)
         if self.user_embedding is not None:

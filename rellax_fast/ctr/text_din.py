@@ -16,13 +16,13 @@ few-samples curve); :func:`train_subset_view` is that subset.
 from __future__ import annotations
 
 from copy import copy
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from .din import DIN, ActivationUnit, CTRArrays, DINConfig, DINReport, DINTrainConfig, train_din
+from .din import DIN, ActivationUnit, CTRArrays, DINConfig, DINReport, DINTrainConfig, mlp_head, train_din
 
 
 class TextDIN(DIN):
@@ -43,12 +43,7 @@ class TextDIN(DIN):
         self.text_projection = nn.Linear(text.shape[1], e, bias=False)
         self.attention = ActivationUnit(2 * e, config.attention_hidden)
         in_dim = 2 * e * 3 + (e if self.user_embedding is not None else 0)
-        layers: List[nn.Module] = []
-        for width in config.mlp_hidden:
-            layers += [nn.Linear(in_dim, width), nn.PReLU(width), nn.Dropout(config.dropout)]
-            in_dim = width
-        self.mlp = nn.Sequential(*layers)
-        self.out = nn.Linear(in_dim, 1)
+        self.mlp, self.out = mlp_head(in_dim, config)
 
     def projected_text(self, shifted_items: torch.Tensor) -> torch.Tensor:
         """W · text embedding of item indices + 1 (0 = padding, giving zeros), in the id embedding's dtype."""
