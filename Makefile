@@ -5,7 +5,7 @@
 #   make bench       microbenchmarks (CPU sizes here; scripts/gpu_check.sh runs the GPU sizes)
 #   make bench-save  pytest-benchmark suite (benchmarks/), saved as a named baseline (BENCH_NAME)
 #   make bench-compare  the same suite compared with a saved baseline; fails on a slowdown > BENCH_FAIL
-#   make lint        ruff (Python) and clang-format (csrc/)
+#   make lint        ruff check + ruff format --check (Python; part of make test) and clang-format (csrc/)
 #   make lock        regenerate requirements/lock*.txt from fresh venvs (the newest releases); commit the result
 #   make test-latest the suite in .venv-latest against the newest releases (drift check; not part of CI)
 
@@ -49,7 +49,7 @@ $(VENV)/.deps: pyproject.toml $(LOCK)
 install: $(VENV)/.deps
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace
 
-test: install
+test: install lint
 	$(PY) -m pytest -m "not triton and not cuda" $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest -m "triton and not cuda" $(PYTEST_ARGS)
 
@@ -136,7 +136,8 @@ bench-compare: install
 	  --benchmark-compare-fail=$(BENCH_FAIL) --benchmark-columns=median,iqr,rounds $(BENCH_ARGS)
 
 lint: $(VENV)/.deps
-	$(VENV)/bin/ruff check rellax_fast kernels tests scripts benchmarks
+	$(VENV)/bin/ruff check rellax_fast kernels tests scripts benchmarks _build_backend setup.py
+	$(VENV)/bin/ruff format --check rellax_fast kernels tests scripts benchmarks _build_backend setup.py
 	@if command -v clang-format >/dev/null 2>&1; then clang-format --dry-run --Werror csrc/*.cpp csrc/*.cu csrc/*.h; \
 	else echo "clang-format not installed (apt-get install clang-format); skipped csrc/"; fi
 

@@ -54,7 +54,9 @@ def cuda_arch_list(env_value, visible_capabilities, torch_archs=()):
     if value and value != "native":
         return value, "TORCH_CUDA_ARCH_LIST", None
     if visible_capabilities:
-        supported = [(int(a[3:-1]), int(a[-1])) for a in torch_archs if a.startswith("sm_") and a[3:].isdigit()]
+        supported = [
+            (int(a[3:-1]), int(a[-1])) for a in torch_archs if a.startswith("sm_") and a[3:].isdigit()
+        ]
         cap = max(supported) if supported else None
         archs = sorted({min(c, cap) if cap else tuple(c) for c in visible_capabilities})
         arch_str = ";".join(f"{a}.{b}" for a, b in archs) + "+PTX"
@@ -62,7 +64,7 @@ def cuda_arch_list(env_value, visible_capabilities, torch_archs=()):
     warning = (
         f"rellax-fast: warning: TORCH_CUDA_ARCH_LIST is {'native' if value else 'unset'} and no GPU is visible; "
         f"compiling the CUDA kernels for the default {DEFAULT_CUDA_ARCHS} (T4, A100 and the other sm_8x cards, "
-        "H100/H200, newer GPUs through PTX). Set TORCH_CUDA_ARCH_LIST (e.g. \"9.0\") to choose, or "
+        'H100/H200, newer GPUs through PTX). Set TORCH_CUDA_ARCH_LIST (e.g. "9.0") to choose, or '
         "RELLAX_BUILD_CUDA=0 to build the CPU kernels only."
     )
     return DEFAULT_CUDA_ARCHS, "the default (no GPU visible)", warning
@@ -136,8 +138,10 @@ def _extensions_and_cmdclass():
         ext_cls = CppExtension
         extra_compile_args = {"cxx": cxx_flags}
     what = f"CUDA ({arch_list}, from {arch_source})" if with_cuda else "CPU kernels only"
-    print(f"rellax-fast: building rellax_fast._C with {what} against torch {torch.__version__}"
-          + (" (debug info kept)" if debug else ""))
+    print(
+        f"rellax-fast: building rellax_fast._C with {what} against torch {torch.__version__}"
+        + (" (debug info kept)" if debug else "")
+    )
     record = build_record(torch, with_cuda, arch_list)
 
     class RellaxBuildExt(BuildExtension):
@@ -160,7 +164,10 @@ def _extensions_and_cmdclass():
 
         def _record_paths(self):
             # beside the library: in build_lib (wheels) and, for --inplace / editable builds, in the source tree
-            paths = {os.path.join(os.path.dirname(self.get_ext_fullpath(e.name)), BUILD_RECORD) for e in self.extensions}
+            paths = {
+                os.path.join(os.path.dirname(self.get_ext_fullpath(e.name)), BUILD_RECORD)
+                for e in self.extensions
+            }
             paths.add(os.path.join(self.build_lib, "rellax_fast", BUILD_RECORD))
             return sorted(paths)
 

@@ -65,8 +65,12 @@ def cflora_cases(size: str, device: torch.device) -> List[CFLoRACase]:
     from rellax_fast.bench.cflora import _shapes
 
     methods = ["floor", "unfused"] + [f"cflora[{b}]" for b in available_backends("cflora_linear", device)]
-    return [CFLoRACase(m, d, r, c, method, phase)
-            for (m, d, r, c) in _shapes(size) for method in methods for phase in PHASES]
+    return [
+        CFLoRACase(m, d, r, c, method, phase)
+        for (m, d, r, c) in _shapes(size)
+        for method in methods
+        for phase in PHASES
+    ]
 
 
 def topk_cases(size: str, device: torch.device) -> List[TopkCase]:
@@ -112,8 +116,13 @@ def _prepared(before: Optional[Callable[[], Any]], device: torch.device) -> Tupl
     return (arg,), {}
 
 
-def median_ms(fn: Callable[[Any], Any], device: torch.device, rounds: int, warmup: int,
-              before: Optional[Callable[[], Any]] = None) -> float:
+def median_ms(
+    fn: Callable[[Any], Any],
+    device: torch.device,
+    rounds: int,
+    warmup: int,
+    before: Optional[Callable[[], Any]] = None,
+) -> float:
     """Median wall time in ms of ``fn(before())`` with the module's timing semantics (the in-test baseline)."""
     times = []
     for i in range(warmup + rounds):
@@ -126,8 +135,14 @@ def median_ms(fn: Callable[[Any], Any], device: torch.device, rounds: int, warmu
     return statistics.median(times)
 
 
-def run_benchmark(benchmark, fn: Callable[[Any], Any], device: torch.device, rounds: int, warmup: int,
-                  before: Optional[Callable[[], Any]] = None) -> Optional[float]:
+def run_benchmark(
+    benchmark,
+    fn: Callable[[Any], Any],
+    device: torch.device,
+    rounds: int,
+    warmup: int,
+    before: Optional[Callable[[], Any]] = None,
+) -> Optional[float]:
     """Time ``fn(before())`` with the benchmark fixture; returns its median in ms (None when benchmarks are
     disabled, e.g. ``--benchmark-disable``, where the fixture runs the call once untimed)."""
 
@@ -136,28 +151,41 @@ def run_benchmark(benchmark, fn: Callable[[Any], Any], device: torch.device, rou
         _sync(device)
         return out
 
-    benchmark.pedantic(target, setup=lambda: _prepared(before, device), rounds=rounds, warmup_rounds=warmup,
-                       iterations=1)
+    benchmark.pedantic(
+        target, setup=lambda: _prepared(before, device), rounds=rounds, warmup_rounds=warmup, iterations=1
+    )
     stats = getattr(benchmark, "stats", None)
     inner = getattr(stats, "stats", None)
     return None if inner is None else inner.median * 1e3
 
 
-def record(benchmark, *, device: torch.device, dtype: torch.dtype, shape: Dict[str, Any], backend: str,
-           median: Optional[float], baseline: str, baseline_ms: float, **more: Any) -> None:
+def record(
+    benchmark,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    shape: Dict[str, Any],
+    backend: str,
+    median: Optional[float],
+    baseline: str,
+    baseline_ms: float,
+    **more: Any,
+) -> None:
     """``extra_info`` of one benchmark: device, dtype, shape, backend and the ratio to its baseline measured
     in the same test (``ratio_to_baseline`` = this median / the baseline's median; < 1 is faster)."""
     from rellax_fast.bench.report import machine_label
 
-    benchmark.extra_info.update({
-        "device": machine_label(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "shape": shape,
-        "backend": backend,
-        "baseline": baseline,
-        "baseline_median_ms": baseline_ms,
-        "median_ms": median,
-        "ratio_to_baseline": None if median is None else median / baseline_ms,
-        "torch_threads": torch.get_num_threads(),
-        **more,
-    })
+    benchmark.extra_info.update(
+        {
+            "device": machine_label(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "shape": shape,
+            "backend": backend,
+            "baseline": baseline,
+            "baseline_median_ms": baseline_ms,
+            "median_ms": median,
+            "ratio_to_baseline": None if median is None else median / baseline_ms,
+            "torch_threads": torch.get_num_threads(),
+            **more,
+        }
+    )

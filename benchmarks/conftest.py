@@ -26,13 +26,25 @@ from _bench_util import ROUNDS, cflora_cases, topk_cases, train_providers
 
 def pytest_addoption(parser):
     group = parser.getgroup("rellax-fast benchmarks")
-    group.addoption("--bench-size", choices=("tiny", "cpu", "gpu"), default=None,
-                    help="shape table of `rellax-fast bench` (default: gpu on a CUDA device, else cpu)")
+    group.addoption(
+        "--bench-size",
+        choices=("tiny", "cpu", "gpu"),
+        default=None,
+        help="shape table of `rellax-fast bench` (default: gpu on a CUDA device, else cpu)",
+    )
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when available)")
-    group.addoption("--bench-rounds", type=int, default=None,
-                    help="timed rounds per benchmark (default 3 / 10 / 30 for tiny / cpu / gpu)")
-    group.addoption("--bench-threads", type=int, default=None,
-                    help="torch.set_num_threads for the session (default: torch's own; 1 on a busy CPU)")
+    group.addoption(
+        "--bench-rounds",
+        type=int,
+        default=None,
+        help="timed rounds per benchmark (default 3 / 10 / 30 for tiny / cpu / gpu)",
+    )
+    group.addoption(
+        "--bench-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the session (default: torch's own; 1 on a busy CPU)",
+    )
 
 
 def pytest_configure(config):
@@ -47,7 +59,9 @@ def _device(config) -> torch.device:
     name = config.getoption("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise pytest.UsageError(f"--bench-device {name}: no CUDA device is visible (torch {torch.__version__})")
+        raise pytest.UsageError(
+            f"--bench-device {name}: no CUDA device is visible (torch {torch.__version__})"
+        )
     return device
 
 

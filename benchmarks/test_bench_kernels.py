@@ -17,7 +17,7 @@ def _cflora_method(name: str):
         return bench_cflora._floor
     if name == "unfused":
         return bench_cflora._unfused
-    backend = name[len("cflora["):-1]
+    backend = name[len("cflora[") : -1]
     from rellax_fast.ops import cflora_linear
 
     def op(x, w, b, a, lb, c, scale):
@@ -66,11 +66,24 @@ def test_cflora_linear(benchmark, cflora_case, bench_device, bench_rounds, bench
     baseline_ms = median_ms(base_fn, device, bench_rounds, warmup, base_before)
     fn, before = _cflora_phase(case.method, case, tensors)
     median = run_benchmark(benchmark, fn, device, bench_rounds, warmup, before)
-    record(benchmark, device=device, dtype=dtype,
-           shape={"M": case.m, "d_in": case.d, "d_out": case.d, "r": case.r, "C": case.c_kind,
-                  "samples": samples},
-           backend=case.method, median=median, baseline="floor (frozen nn.Linear, same phase)",
-           baseline_ms=baseline_ms, phase=case.phase)
+    record(
+        benchmark,
+        device=device,
+        dtype=dtype,
+        shape={
+            "M": case.m,
+            "d_in": case.d,
+            "d_out": case.d,
+            "r": case.r,
+            "C": case.c_kind,
+            "samples": samples,
+        },
+        backend=case.method,
+        median=median,
+        baseline="floor (frozen nn.Linear, same phase)",
+        baseline_ms=baseline_ms,
+        phase=case.phase,
+    )
 
 
 def test_semantic_topk(benchmark, topk_case, bench_device, bench_rounds, bench_size):
@@ -89,7 +102,7 @@ def test_semantic_topk(benchmark, topk_case, bench_device, bench_rounds, bench_s
     if case.method == "torch-padded":
         fn = padded
     else:
-        backend = case.method[len("topk["):-1]
+        backend = case.method[len("topk[") : -1]
 
         def fn(_=None):
             return semantic_topk(emb, items, offsets, users, pos, case.k, metric="cosine", backend=backend)
@@ -98,9 +111,21 @@ def test_semantic_topk(benchmark, topk_case, bench_device, bench_rounds, bench_s
     warmup = WARMUP[bench_size]
     baseline_ms = median_ms(padded, device, rounds, warmup)
     median = run_benchmark(benchmark, fn, device, rounds, warmup)
-    record(benchmark, device=device, dtype=emb.dtype,
-           shape={"users": case.users, "samples": int(users.numel()), "total": int(offsets[-1]), "d": case.d,
-                  "k": case.k, "metric": "cosine"},
-           backend=case.method, median=median, baseline="torch-padded (bmm + causal mask + topk)",
-           baseline_ms=baseline_ms,
-           samples_per_s=None if median is None else users.numel() / (median / 1e3))
+    record(
+        benchmark,
+        device=device,
+        dtype=emb.dtype,
+        shape={
+            "users": case.users,
+            "samples": int(users.numel()),
+            "total": int(offsets[-1]),
+            "d": case.d,
+            "k": case.k,
+            "metric": "cosine",
+        },
+        backend=case.method,
+        median=median,
+        baseline="torch-padded (bmm + causal mask + topk)",
+        baseline_ms=baseline_ms,
+        samples_per_s=None if median is None else users.numel() / (median / 1e3),
+    )

@@ -45,10 +45,23 @@ def test_train_step(benchmark, train_provider, e2e_setup, bench_device, bench_ro
     baseline_ms = median_ms(baseline_step, bench_device, bench_rounds, warmup)
     step, trainable = _step(kind, backend, base, spec, bench_device, dtype, ids, cond)
     median = run_benchmark(benchmark, step, bench_device, bench_rounds, warmup)
-    record(benchmark, device=bench_device, dtype=dtype,
-           shape={"model": f"llama-{spec_name}", "batch": spec.train_batch, "seq": spec.seq, "r": spec.r,
-                  "hidden": spec.hidden, "layers": spec.layers},
-           backend=e2e.resolved_backend(bench_device, backend) if kind != "peft" else "peft",
-           median=median, baseline=e2e.TRAIN_BASELINE, baseline_ms=baseline_ms, provider=name,
-           trainable_params=trainable,
-           tokens_per_s=None if median is None else ids.numel() / (median / 1e3))
+    record(
+        benchmark,
+        device=bench_device,
+        dtype=dtype,
+        shape={
+            "model": f"llama-{spec_name}",
+            "batch": spec.train_batch,
+            "seq": spec.seq,
+            "r": spec.r,
+            "hidden": spec.hidden,
+            "layers": spec.layers,
+        },
+        backend=e2e.resolved_backend(bench_device, backend) if kind != "peft" else "peft",
+        median=median,
+        baseline=e2e.TRAIN_BASELINE,
+        baseline_ms=baseline_ms,
+        provider=name,
+        trainable_params=trainable,
+        tokens_per_s=None if median is None else ids.numel() / (median / 1e3),
+    )

@@ -63,7 +63,9 @@ from rellax_fast._kernel_common import (
     triton_interpreting,
 )
 
-MAX_RANK = CFLORA_TRITON_MAX_RANK  # one register tile holds a row block of S/T (BLOCK_R = next pow2 >= r, >= 16)
+MAX_RANK = (
+    CFLORA_TRITON_MAX_RANK  # one register tile holds a row block of S/T (BLOCK_R = next pow2 >= r, >= 16)
+)
 _DTYPES = tuple(getattr(torch, name) for name in CFLORA_TRITON_DTYPES)
 
 
@@ -115,13 +117,34 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 # KEY/THRESHOLD change with every seed: keep them runtime values (no ==1 / %16 specialisation)
 @triton.jit(do_not_specialize=["KEY", "THRESHOLD"])
 def _cflora_shrink_kernel(
-    x_ptr, a_ptr, c_ptr, s_ptr, t_ptr,
-    M, D_IN, R,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_ci, stride_cj,
-    stride_sm, stride_sr, stride_tm, stride_tr,
-    KEY, THRESHOLD, KEEP_SCALE,
-    SHARED_C: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr,
+    a_ptr,
+    c_ptr,
+    s_ptr,
+    t_ptr,
+    M,
+    D_IN,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_ar,
+    stride_ak,
+    stride_ci,
+    stride_cj,
+    stride_sm,
+    stride_sr,
+    stride_tm,
+    stride_tr,
+    KEY,
+    THRESHOLD,
+    KEEP_SCALE,
+    SHARED_C: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """S = drop(x) Aᵀ for BLOCK_M rows; with a shared C also T = S Cᵀ (else T is written by another kernel)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -134,13 +157,19 @@ def _cflora_shrink_kernel(
     for k0 in range(0, D_IN, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < D_IN
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
         if DROPOUT:
             keep = _keep_mask(rows, ks, D_IN, KEY, THRESHOLD)
             x = tl.where(keep, x, tl.zeros_like(x))
-        a_t = tl.load(a_ptr + rank[None, :] * stride_ar + ks[:, None] * stride_ak,
-                      mask=k_ok[:, None] & rank_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_R) = Aᵀ tile
+        a_t = tl.load(
+            a_ptr + rank[None, :] * stride_ar + ks[:, None] * stride_ak,
+            mask=k_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_K, BLOCK_R) = Aᵀ tile
         if UPCAST:
             x = x.to(tl.float32)
             a_t = a_t.to(tl.float32)
@@ -153,29 +182,50 @@ def _cflora_shrink_kernel(
     tl.store(s_ptr + rows[:, None] * stride_sm + rank[None, :] * stride_sr, s, mask=out_mask)
     if SHARED_C:
         # T = S Cᵀ on the rounded S, in the input dtype (tensor cores, no fp32 FMA tile); c_t[j, i] = C[i, j]
-        c_t = tl.load(c_ptr + rank[None, :] * stride_ci + rank[:, None] * stride_cj,
-                      mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
+        c_t = tl.load(
+            c_ptr + rank[None, :] * stride_ci + rank[:, None] * stride_cj,
+            mask=rank_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             s = s.to(tl.float32)
             c_t = c_t.to(tl.float32)
         t = tl.dot(s, c_t, input_precision=PRECISION)
-        tl.store(t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
-                 t.to(t_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(
+            t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
+            t.to(t_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
 
 
 @triton.jit
 def _cflora_interact_fwd_kernel(
-    s_ptr, c_ptr, t_ptr,
-    ROWS_PER_GROUP, R,
-    stride_sm, stride_sr, stride_cg, stride_ci, stride_cj, stride_tm, stride_tr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    s_ptr,
+    c_ptr,
+    t_ptr,
+    ROWS_PER_GROUP,
+    R,
+    stride_sm,
+    stride_sr,
+    stride_cg,
+    stride_ci,
+    stride_cj,
+    stride_tm,
+    stride_tr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Per-sample C: one program per sample g, T = S C[g]ᵀ over that sample's rows (C[g] read once)."""
     g = tl.program_id(0).to(tl.int64)
     rank = tl.arange(0, BLOCK_R).to(tl.int64)
     rank_ok = rank < R
-    c_t = tl.load(c_ptr + g * stride_cg + rank[None, :] * stride_ci + rank[:, None] * stride_cj,
-                  mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
+    c_t = tl.load(
+        c_ptr + g * stride_cg + rank[None, :] * stride_ci + rank[:, None] * stride_cj,
+        mask=rank_ok[:, None] & rank_ok[None, :],
+        other=0.0,
+    )
     if UPCAST:
         c_t = c_t.to(tl.float32)
     for m0 in range(0, ROWS_PER_GROUP, BLOCK_M):
@@ -186,20 +236,45 @@ def _cflora_interact_fwd_kernel(
         if UPCAST:
             s = s.to(tl.float32)
         t = tl.dot(s, c_t, input_precision=PRECISION)
-        tl.store(t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
-                 t.to(t_ptr.dtype.element_ty), mask=mask)
+        tl.store(
+            t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
+            t.to(t_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
 
 @triton.jit
 def _cflora_fwd_gemm_kernel(
-    x_ptr, w_ptr, bias_ptr, t_ptr, b_ptr, y_ptr,
-    M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_tm, stride_tr, stride_bn, stride_br,
-    stride_ym, stride_yn,
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    t_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_tm,
+    stride_tr,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
     SCALE,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_RK: tl.constexpr, GROUP_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     pid_m, pid_n = _grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -212,10 +287,16 @@ def _cflora_fwd_gemm_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
-                      mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N) = Wᵀ tile
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w_t = tl.load(
+            w_ptr + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_K, BLOCK_N) = Wᵀ tile
         if UPCAST:
             x = x.to(tl.float32)
             w_t = w_t.to(tl.float32)
@@ -225,10 +306,16 @@ def _cflora_fwd_gemm_kernel(
     for r0 in range(0, R, BLOCK_RK):  # a runtime loop: one chunk's tiles live at a time
         rank = r0 + tl.arange(0, BLOCK_RK).to(tl.int64)
         rank_ok = rank < R
-        t = tl.load(t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
-                    mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        b_t = tl.load(b_ptr + cols[None, :] * stride_bn + rank[:, None] * stride_br,
-                      mask=rank_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_RK, BLOCK_N) = Bᵀ tile
+        t = tl.load(
+            t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
+            mask=row_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
+        b_t = tl.load(
+            b_ptr + cols[None, :] * stride_bn + rank[:, None] * stride_br,
+            mask=rank_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_RK, BLOCK_N) = Bᵀ tile
         t = (t.to(tl.float32) * SCALE).to(b_t.dtype)
         if UPCAST:
             t = t.to(tl.float32)
@@ -238,8 +325,11 @@ def _cflora_fwd_gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,14 +337,34 @@ def _cflora_fwd_gemm_kernel(
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _cflora_dy_pass_kernel(
-    dy_ptr, b_ptr, c_ptr, s_ptr, dst_ptr, dc_ptr,
-    M, N, R,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_ci, stride_cj, stride_sm, stride_sr,
-    stride_dstm, stride_dstr,
+    dy_ptr,
+    b_ptr,
+    c_ptr,
+    s_ptr,
+    dst_ptr,
+    dc_ptr,
+    M,
+    N,
+    R,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_ci,
+    stride_cj,
+    stride_sm,
+    stride_sr,
+    stride_dstm,
+    stride_dstr,
     SCALE,
-    SHARED_C: tl.constexpr, NEED_DS: tl.constexpr, NEED_DC: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    SHARED_C: tl.constexpr,
+    NEED_DS: tl.constexpr,
+    NEED_DC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """dT = scale·dY B for BLOCK_M rows into dst (fp32). With a shared C, dst gets dS = dT C instead and
     dC += dTᵀ S (one r×r fp32 atomic tile per program); otherwise dst keeps dT (dS itself for C = None,
@@ -270,10 +380,16 @@ def _cflora_dy_pass_kernel(
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + cols[:, None] * stride_bn + rank[None, :] * stride_br,
-                    mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_bn + rank[None, :] * stride_br,
+            mask=col_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             dy = dy.to(tl.float32)
             b = b.to(tl.float32)
@@ -286,15 +402,24 @@ def _cflora_dy_pass_kernel(
         if UPCAST:
             d_t_lo = d_t_lo.to(tl.float32)
         if NEED_DC:
-            s = tl.load(s_ptr + rows[:, None] * stride_sm + rank[None, :] * stride_sr, mask=tile_mask, other=0.0)
+            s = tl.load(
+                s_ptr + rows[:, None] * stride_sm + rank[None, :] * stride_sr, mask=tile_mask, other=0.0
+            )
             if UPCAST:
                 s = s.to(tl.float32)
             d_c = tl.dot(tl.trans(d_t_lo), s, input_precision=PRECISION)  # (BLOCK_R, BLOCK_R)
-            tl.atomic_add(dc_ptr + rank[:, None] * R + rank[None, :], d_c,
-                          mask=rank_ok[:, None] & rank_ok[None, :], sem="relaxed")
+            tl.atomic_add(
+                dc_ptr + rank[:, None] * R + rank[None, :],
+                d_c,
+                mask=rank_ok[:, None] & rank_ok[None, :],
+                sem="relaxed",
+            )
         if NEED_DS:
-            c = tl.load(c_ptr + rank[:, None] * stride_ci + rank[None, :] * stride_cj,
-                        mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
+            c = tl.load(
+                c_ptr + rank[:, None] * stride_ci + rank[None, :] * stride_cj,
+                mask=rank_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 c = c.to(tl.float32)
             d_s = tl.dot(d_t_lo, c, input_precision=PRECISION)
@@ -305,11 +430,25 @@ def _cflora_dy_pass_kernel(
 
 @triton.jit
 def _cflora_interact_bwd_kernel(
-    dst_ptr, s_ptr, c_ptr, dc_ptr,
-    ROWS_PER_GROUP, R,
-    stride_dstm, stride_dstr, stride_sm, stride_sr, stride_cg, stride_ci, stride_cj,
-    NEED_DS: tl.constexpr, NEED_DC: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    dst_ptr,
+    s_ptr,
+    c_ptr,
+    dc_ptr,
+    ROWS_PER_GROUP,
+    R,
+    stride_dstm,
+    stride_dstr,
+    stride_sm,
+    stride_sr,
+    stride_cg,
+    stride_ci,
+    stride_cj,
+    NEED_DS: tl.constexpr,
+    NEED_DC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Per-sample C: one program per sample g over its rows. Reads dT from dst and overwrites it with
     dS = dT C[g]; dC[g] = Σ dTᵀ S is summed in registers and stored once (no atomics, no zero-fill)."""
@@ -318,8 +457,11 @@ def _cflora_interact_bwd_kernel(
     rank_ok = rank < R
     rr_mask = rank_ok[:, None] & rank_ok[None, :]
     if NEED_DS:
-        c = tl.load(c_ptr + g * stride_cg + rank[:, None] * stride_ci + rank[None, :] * stride_cj,
-                    mask=rr_mask, other=0.0)
+        c = tl.load(
+            c_ptr + g * stride_cg + rank[:, None] * stride_ci + rank[None, :] * stride_cj,
+            mask=rr_mask,
+            other=0.0,
+        )
         if UPCAST:
             c = c.to(tl.float32)
     d_c = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
@@ -327,7 +469,9 @@ def _cflora_interact_bwd_kernel(
         local = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         rows = g * ROWS_PER_GROUP + local
         mask = (local < ROWS_PER_GROUP)[:, None] & rank_ok[None, :]
-        d_t = tl.load(dst_ptr + rows[:, None] * stride_dstm + rank[None, :] * stride_dstr, mask=mask, other=0.0)
+        d_t = tl.load(
+            dst_ptr + rows[:, None] * stride_dstm + rank[None, :] * stride_dstr, mask=mask, other=0.0
+        )
         d_t = d_t.to(c_ptr.dtype.element_ty)
         if UPCAST:
             d_t = d_t.to(tl.float32)
@@ -346,13 +490,29 @@ def _cflora_interact_bwd_kernel(
 # KEY/THRESHOLD change with every seed: keep them runtime values (no ==1 / %16 specialisation)
 @triton.jit(do_not_specialize=["KEY", "THRESHOLD"])
 def _cflora_rank_grad_kernel(
-    u_ptr, v_ptr, out_ptr, colsum_ptr,
-    M, N, R, ROWS_PER_SPLIT,
-    stride_um, stride_un, stride_vm, stride_vr,
-    SCALE, KEY, THRESHOLD,
-    NEED_OUT: tl.constexpr, NEED_COLSUM: tl.constexpr, DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    u_ptr,
+    v_ptr,
+    out_ptr,
+    colsum_ptr,
+    M,
+    N,
+    R,
+    ROWS_PER_SPLIT,
+    stride_um,
+    stride_un,
+    stride_vm,
+    stride_vr,
+    SCALE,
+    KEY,
+    THRESHOLD,
+    NEED_OUT: tl.constexpr,
+    NEED_COLSUM: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """out = SCALE·drop(U)ᵀ V (N, r) and colsum = Σ_rows U, a split-K GEMM over the M rows. Used twice:
     dB = scale·dYᵀ T with db = Σ dY, and dA = dSᵀ drop(x)·1/(1-p) (as its transpose, dAᵀ = drop(x)ᵀ dS).
@@ -371,37 +531,69 @@ def _cflora_rank_grad_kernel(
         local = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
         rows = first + local
         row_ok = (local < ROWS_PER_SPLIT) & (rows < M)
-        u = tl.load(u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_un,
-                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        u = tl.load(
+            u_ptr + rows[:, None] * stride_um + cols[None, :] * stride_un,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         if DROPOUT:
             u = tl.where(_keep_mask(rows, cols, N, KEY, THRESHOLD), u, tl.zeros_like(u))
         if NEED_COLSUM:
             colsum += tl.sum(u.to(tl.float32), axis=0)
         if NEED_OUT:
-            v = tl.load(v_ptr + rows[:, None] * stride_vm + rank[None, :] * stride_vr,
-                        mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+            v = tl.load(
+                v_ptr + rows[:, None] * stride_vm + rank[None, :] * stride_vr,
+                mask=row_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )
             v = v.to(u_ptr.dtype.element_ty)  # dS arrives as fp32: the dot runs in the input dtype
             if UPCAST:
                 u = u.to(tl.float32)
                 v = v.to(tl.float32)
             acc = tl.dot(tl.trans(u), v, acc, input_precision=PRECISION)
     if NEED_OUT:
-        tl.store(out_ptr + split * N * R + cols[:, None] * R + rank[None, :], acc * SCALE,
-                 mask=col_ok[:, None] & rank_ok[None, :])
+        tl.store(
+            out_ptr + split * N * R + cols[:, None] * R + rank[None, :],
+            acc * SCALE,
+            mask=col_ok[:, None] & rank_ok[None, :],
+        )
     if NEED_COLSUM:
         tl.store(colsum_ptr + split * N + cols, colsum, mask=col_ok)
 
 
 @triton.jit
 def _cflora_dx_kernel(
-    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
-    M, N, K, R,
-    stride_dym, stride_dyk, stride_wk, stride_wn, stride_dsm, stride_dsr, stride_ar, stride_an,
-    stride_dxm, stride_dxn,
-    KEY, THRESHOLD, KEEP_SCALE,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_RK: tl.constexpr, GROUP_M: tl.constexpr,
+    dy_ptr,
+    w_ptr,
+    ds_ptr,
+    a_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    R,
+    stride_dym,
+    stride_dyk,
+    stride_wk,
+    stride_wn,
+    stride_dsm,
+    stride_dsr,
+    stride_ar,
+    stride_an,
+    stride_dxm,
+    stride_dxn,
+    KEY,
+    THRESHOLD,
+    KEEP_SCALE,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """dx = dY W + drop'(dS A) for one (BLOCK_M, BLOCK_N) tile of (M, d_in), one accumulator.
 
@@ -419,11 +611,17 @@ def _cflora_dx_kernel(
     for r0 in range(0, R, BLOCK_RK):  # a runtime loop: one chunk's tiles live at a time
         rank = r0 + tl.arange(0, BLOCK_RK).to(tl.int64)
         rank_ok = rank < R
-        d_s = tl.load(ds_ptr + rows[:, None] * stride_dsm + rank[None, :] * stride_dsr,
-                      mask=row_ok[:, None] & rank_ok[None, :], other=0.0)  # fp32
+        d_s = tl.load(
+            ds_ptr + rows[:, None] * stride_dsm + rank[None, :] * stride_dsr,
+            mask=row_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )  # fp32
         d_s = d_s.to(dx_ptr.dtype.element_ty)  # the dot dtype on the GPU; rounded the same when interpreting
-        a = tl.load(a_ptr + rank[:, None] * stride_ar + cols[None, :] * stride_an,
-                    mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + rank[:, None] * stride_ar + cols[None, :] * stride_an,
+            mask=rank_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             d_s = d_s.to(tl.float32)
             a = a.to(tl.float32)
@@ -434,25 +632,47 @@ def _cflora_dx_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < K
-        dy = tl.load(dy_ptr + rows[:, None] * stride_dym + ks[None, :] * stride_dyk,
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + ks[None, :] * stride_dyk,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w = tl.load(
+            w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wn,
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             dy = dy.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-    tl.store(dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxn,
-             acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        dx_ptr + rows[:, None] * stride_dxm + cols[None, :] * stride_dxn,
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 @triton.jit
 def _matmul_kernel(
-    a_ptr, b_ptr, c_ptr,
-    M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """C = A B with arbitrary strides (used for dW = dYᵀ x, A given as a transposed view)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -465,16 +685,25 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_ok = ks < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn,
+        acc.to(c_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -529,9 +758,13 @@ def _config(name: str, dtype: torch.dtype, block_r: int) -> dict:
     if dtype == torch.float32 and block_r >= 64:
         # fp32 operands at rank >= 64: the r-wide tiles are 2-4x a bf16 r = 64 tile; halve the other side
         # (at r = 64 the 3xTF32 dy pass, dB/dA and shrink spilled 200-1,100 B/thread on sm_80 otherwise)
-        cfg.update({"shrink": dict(BLOCK_K=32, BLOCK_M=32), "dy": dict(BLOCK_N=32, BLOCK_M=32),
-                    "rank_grad": dict(BLOCK_M=32),
-                    }.get(name, {}))
+        cfg.update(
+            {
+                "shrink": dict(BLOCK_K=32, BLOCK_M=32),
+                "dy": dict(BLOCK_N=32, BLOCK_M=32),
+                "rank_grad": dict(BLOCK_M=32),
+            }.get(name, {})
+        )
     if name == "interact" and _big_interaction(dtype, block_r):
         cfg["BLOCK_M"] = 16  # the r×r tiles dominate: keep the row chunk at the dot minimum
     if name == "shrink" and dtype == torch.float32 and block_r >= 64:
@@ -578,8 +811,11 @@ def _row_block(cfg: dict, m: int, device: torch.device) -> dict:
     """Halve BLOCK_M (down to 16) while the row grid would leave SMs idle: M = 2048 gives 128 CTAs, not 32."""
     if triton_interpreting():
         return cfg
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else _DEFAULT_SMS
+    sms = (
+        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        if device.type == "cuda"
+        else _DEFAULT_SMS
+    )
     while cfg["BLOCK_M"] > _MIN_BLOCK_M and triton.cdiv(m, cfg["BLOCK_M"]) < sms:
         cfg["BLOCK_M"] //= 2
     return cfg
@@ -626,7 +862,9 @@ def _dropout_args(dropout_p: float, seed: Optional[int]) -> Tuple[bool, int, int
     return True, dropout_key(int(seed)), dropout_threshold(float(dropout_p)), 1.0 / (1.0 - float(dropout_p))
 
 
-def _interaction_groups(interaction: Optional[torch.Tensor], m: int, rows_per_sample: int) -> Tuple[int, tuple]:
+def _interaction_groups(
+    interaction: Optional[torch.Tensor], m: int, rows_per_sample: int
+) -> Tuple[int, tuple]:
     """(number of C groups, (stride_g, stride_i, stride_j)) for the three C shapes."""
     if interaction is None:
         return 1, (0, 0, 0)
@@ -637,7 +875,8 @@ def _interaction_groups(interaction: Optional[torch.Tensor], m: int, rows_per_sa
     if rows_per_sample < 0 or n * rows_per_sample != m:
         raise ValueError(
             f"cflora (triton): per-sample interaction of shape {tuple(interaction.shape)} needs "
-            f"n_samples * rows_per_sample == M; got {n} * {rows_per_sample} != {m}")
+            f"n_samples * rows_per_sample == M; got {n} * {rows_per_sample} != {m}"
+        )
     return n, tuple(interaction.stride())
 
 
@@ -658,12 +897,16 @@ def _check(x2d, weight, lora_a, lora_b, interaction) -> Tuple[int, int, int, int
     if not 1 <= r <= MAX_RANK:
         raise ValueError(f"cflora (triton): rank r must be in [1, {MAX_RANK}]; got {r}")
     if interaction is not None and tuple(interaction.shape[-2:]) != (r, r):
-        raise ValueError(f"cflora (triton): interaction must be ({r}, {r}) or (n, {r}, {r}); "
-                         f"got {tuple(interaction.shape)}")
+        raise ValueError(
+            f"cflora (triton): interaction must be ({r}, {r}) or (n, {r}, {r}); "
+            f"got {tuple(interaction.shape)}"
+        )
     for name, t in (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("interaction", interaction)):
         if t is not None and (t.dtype != x2d.dtype or t.device != x2d.device):
-            raise TypeError(f"cflora (triton): {name} must be {x2d.dtype} on {x2d.device} like x; "
-                            f"got {t.dtype} on {t.device}")
+            raise TypeError(
+                f"cflora (triton): {name} must be {x2d.dtype} on {x2d.device} like x; "
+                f"got {t.dtype} on {t.device}"
+            )
     return m, d_in, d_out, r
 
 
@@ -688,12 +931,28 @@ def _rank_grad(u, v, out, colsum, scale, dropout, key, threshold, upcast, precis
     out_part = torch.empty((splits, n, r), dtype=f32, device=u.device) if out is not None else None
     colsum_part = torch.empty((splits, n), dtype=f32, device=u.device) if colsum is not None else None
     _cflora_rank_grad_kernel[(n_col, splits)](
-        u, v, out_part if out is not None else dummy, colsum_part if colsum is not None else dummy,
-        m, n, r, rows_per_split,
-        u.stride(0), u.stride(1), v.stride(0), v.stride(1),
-        float(scale), key, threshold,
-        NEED_OUT=out is not None, NEED_COLSUM=colsum is not None, DROPOUT=dropout, UPCAST=upcast,
-        PRECISION=precision, BLOCK_R=block_r, **cfg,
+        u,
+        v,
+        out_part if out is not None else dummy,
+        colsum_part if colsum is not None else dummy,
+        m,
+        n,
+        r,
+        rows_per_split,
+        u.stride(0),
+        u.stride(1),
+        v.stride(0),
+        v.stride(1),
+        float(scale),
+        key,
+        threshold,
+        NEED_OUT=out is not None,
+        NEED_COLSUM=colsum is not None,
+        DROPOUT=dropout,
+        UPCAST=upcast,
+        PRECISION=precision,
+        BLOCK_R=block_r,
+        **cfg,
     )
     if out is not None:  # a fixed-order sum of the partials: deterministic, unlike atomics
         out.copy_(out_part.sum(dim=0))
@@ -704,17 +963,28 @@ def _rank_grad(u, v, out, colsum, scale, dropout, key, threshold, upcast, precis
 # ----------------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------------
-def cflora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], lora_a: torch.Tensor,
-               lora_b: torch.Tensor, interaction: Optional[torch.Tensor], rows_per_sample: int, scale: float,
-               dropout_p: float, seed: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cflora_fwd(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    interaction: Optional[torch.Tensor],
+    rows_per_sample: int,
+    scale: float,
+    dropout_p: float,
+    seed: Optional[int],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: returns (y (M, d_out), S (M, r), T (M, r)), all in x's dtype; S and T are saved for backward.
 
     Inputs may be any strided or expanded views (the kernels take strides); outputs are contiguous.
     """
     m, d_in, d_out, r = _check(x2d, weight, lora_a, lora_b, interaction)
     if bias is not None and (bias.shape != (d_out,) or bias.device != x2d.device):
-        raise ValueError(f"cflora (triton): bias must be ({d_out},) on {x2d.device}; "
-                         f"got {tuple(bias.shape)} on {bias.device}")
+        raise ValueError(
+            f"cflora (triton): bias must be ({d_out},) on {x2d.device}; "
+            f"got {tuple(bias.shape)} on {bias.device}"
+        )
     dropout, key, threshold, keep_scale = _dropout_args(dropout_p, seed)
     groups, c_strides = _interaction_groups(interaction, m, rows_per_sample)
     y = torch.empty((m, d_out), dtype=x2d.dtype, device=x2d.device)
@@ -730,23 +1000,55 @@ def cflora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     c_arg = interaction if interaction is not None else lora_a  # never read when there is no C
 
     with _device_guard(x2d):
-        cfg = _small_row_block_warps(_row_block(_config("shrink", x2d.dtype, block_r), m, x2d.device), x2d.dtype,
-                                     block_r)
+        cfg = _small_row_block_warps(
+            _row_block(_config("shrink", x2d.dtype, block_r), m, x2d.device), x2d.dtype, block_r
+        )
         _cflora_shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            x2d, lora_a, c_arg, s, t,
-            m, d_in, r,
-            x2d.stride(0), x2d.stride(1), lora_a.stride(0), lora_a.stride(1), c_strides[1], c_strides[2],
-            s.stride(0), s.stride(1), t.stride(0), t.stride(1),
-            key, threshold, keep_scale,
-            SHARED_C=shared_c, DROPOUT=dropout, UPCAST=upcast, PRECISION=precision, BLOCK_R=block_r, **cfg,
+            x2d,
+            lora_a,
+            c_arg,
+            s,
+            t,
+            m,
+            d_in,
+            r,
+            x2d.stride(0),
+            x2d.stride(1),
+            lora_a.stride(0),
+            lora_a.stride(1),
+            c_strides[1],
+            c_strides[2],
+            s.stride(0),
+            s.stride(1),
+            t.stride(0),
+            t.stride(1),
+            key,
+            threshold,
+            keep_scale,
+            SHARED_C=shared_c,
+            DROPOUT=dropout,
+            UPCAST=upcast,
+            PRECISION=precision,
+            BLOCK_R=block_r,
+            **cfg,
         )
         if per_sample_c:
             cfg = _interact_block_m(_config("interact", x2d.dtype, block_r), rows_per_sample)
             _cflora_interact_fwd_kernel[(groups,)](
-                s, interaction, t,
-                rows_per_sample, r,
-                s.stride(0), s.stride(1), *c_strides, t.stride(0), t.stride(1),
-                UPCAST=upcast, PRECISION=precision, BLOCK_R=block_r, **cfg,
+                s,
+                interaction,
+                t,
+                rows_per_sample,
+                r,
+                s.stride(0),
+                s.stride(1),
+                *c_strides,
+                t.stride(0),
+                t.stride(1),
+                UPCAST=upcast,
+                PRECISION=precision,
+                BLOCK_R=block_r,
+                **cfg,
             )
         elif interaction is None:
             t.copy_(s)  # T = S; a separate tensor because the custom op's outputs must not alias
@@ -754,20 +1056,51 @@ def cflora_fwd(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         cfg = _unaligned_k(_config("gemm", x2d.dtype, block_r), d_in, x2d.stride(0), weight.stride(0))
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_out, cfg["BLOCK_N"]),)
         _cflora_fwd_gemm_kernel[grid](
-            x2d, weight, bias.contiguous() if bias is not None else weight, t, lora_b, y,
-            m, d_out, d_in, r,
-            x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), t.stride(0), t.stride(1),
-            lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+            x2d,
+            weight,
+            bias.contiguous() if bias is not None else weight,
+            t,
+            lora_b,
+            y,
+            m,
+            d_out,
+            d_in,
+            r,
+            x2d.stride(0),
+            x2d.stride(1),
+            weight.stride(0),
+            weight.stride(1),
+            t.stride(0),
+            t.stride(1),
+            lora_b.stride(0),
+            lora_b.stride(1),
+            y.stride(0),
+            y.stride(1),
             float(scale),
-            HAS_BIAS=bias is not None, UPCAST=upcast, PRECISION=precision, BLOCK_R=block_r, **cfg,
+            HAS_BIAS=bias is not None,
+            UPCAST=upcast,
+            PRECISION=precision,
+            BLOCK_R=block_r,
+            **cfg,
         )
     return y, s, t
 
 
-def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor,
-               lora_b: torch.Tensor, interaction: Optional[torch.Tensor], s: torch.Tensor, t: torch.Tensor,
-               rows_per_sample: int, scale: float, dropout_p: float, seed: Optional[int],
-               needs_grad: Sequence[bool]) -> Tuple[Optional[torch.Tensor], ...]:
+def cflora_bwd(
+    grad_y2d: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    interaction: Optional[torch.Tensor],
+    s: torch.Tensor,
+    t: torch.Tensor,
+    rows_per_sample: int,
+    scale: float,
+    dropout_p: float,
+    seed: Optional[int],
+    needs_grad: Sequence[bool],
+) -> Tuple[Optional[torch.Tensor], ...]:
     """Backward: (dx, dweight, dbias, dlora_a, dlora_b, dinteraction); None where needs_grad is False.
 
     ``needs_grad`` lists 6 bools in that order. The dropout mask is regenerated from (dropout_p, seed).
@@ -780,8 +1113,10 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
     need_dc = need_dc and interaction is not None
     for name, ten, shape in (("grad_y", grad_y2d, (m, d_out)), ("s", s, (m, r)), ("t", t, (m, r))):
         if tuple(ten.shape) != shape or ten.device != x2d.device:
-            raise ValueError(f"cflora (triton): {name} must be {shape} on {x2d.device}; "
-                             f"got {tuple(ten.shape)} on {ten.device}")
+            raise ValueError(
+                f"cflora (triton): {name} must be {shape} on {x2d.device}; "
+                f"got {tuple(ten.shape)} on {ten.device}"
+            )
     dropout, key, threshold, keep_scale = _dropout_args(dropout_p, seed)
     groups, c_strides = _interaction_groups(interaction, m, rows_per_sample)
     dev, dtype = x2d.device, x2d.dtype
@@ -813,13 +1148,33 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
         if m > 0 and need_dt:
             cfg = _row_block(_config("dy", dtype, block_r), m, dev)
             _cflora_dy_pass_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-                grad_y2d, lora_b, c_arg, s, d_st, d_c if shared_c and need_dc else dummy,
-                m, d_out, r,
-                grad_y2d.stride(0), grad_y2d.stride(1), lora_b.stride(0), lora_b.stride(1),
-                c_strides[1], c_strides[2], s.stride(0), s.stride(1), d_st.stride(0), d_st.stride(1),
+                grad_y2d,
+                lora_b,
+                c_arg,
+                s,
+                d_st,
+                d_c if shared_c and need_dc else dummy,
+                m,
+                d_out,
+                r,
+                grad_y2d.stride(0),
+                grad_y2d.stride(1),
+                lora_b.stride(0),
+                lora_b.stride(1),
+                c_strides[1],
+                c_strides[2],
+                s.stride(0),
+                s.stride(1),
+                d_st.stride(0),
+                d_st.stride(1),
                 float(scale),
-                SHARED_C=shared_c, NEED_DS=need_ds, NEED_DC=need_dc, UPCAST=upcast, PRECISION=precision,
-                BLOCK_R=block_r, **cfg,
+                SHARED_C=shared_c,
+                NEED_DS=need_ds,
+                NEED_DC=need_dc,
+                UPCAST=upcast,
+                PRECISION=precision,
+                BLOCK_R=block_r,
+                **cfg,
             )
             if per_sample_c:
                 cfg = _interact_block_m(_config("interact", dtype, block_r), rows_per_sample)
@@ -831,32 +1186,88 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
                     if not (pass_ds or pass_dc):
                         continue
                     _cflora_interact_bwd_kernel[(groups,)](
-                        d_st, s, interaction, d_c if pass_dc else dummy,
-                        rows_per_sample, r,
-                        d_st.stride(0), d_st.stride(1), s.stride(0), s.stride(1), *c_strides,
-                        NEED_DS=pass_ds, NEED_DC=pass_dc, UPCAST=upcast, PRECISION=precision,
-                        BLOCK_R=block_r, **cfg,
+                        d_st,
+                        s,
+                        interaction,
+                        d_c if pass_dc else dummy,
+                        rows_per_sample,
+                        r,
+                        d_st.stride(0),
+                        d_st.stride(1),
+                        s.stride(0),
+                        s.stride(1),
+                        *c_strides,
+                        NEED_DS=pass_ds,
+                        NEED_DC=pass_dc,
+                        UPCAST=upcast,
+                        PRECISION=precision,
+                        BLOCK_R=block_r,
+                        **cfg,
                     )
 
         if need_db or need_dbias:
-            _rank_grad(grad_y2d, t, dlora_b if need_db else None, dbias if need_dbias else None, float(scale),
-                       False, key, threshold, upcast, precision, block_r, dummy)
+            _rank_grad(
+                grad_y2d,
+                t,
+                dlora_b if need_db else None,
+                dbias if need_dbias else None,
+                float(scale),
+                False,
+                key,
+                threshold,
+                upcast,
+                precision,
+                block_r,
+                dummy,
+            )
         if need_da:
             # dAᵀ = drop(x)ᵀ dS / (1 - p): (d_in, r), stored into the transposed view of dA
-            _rank_grad(x2d, d_st, dlora_a.T, None, keep_scale, dropout, key, threshold, upcast, precision,
-                       block_r, dummy)
+            _rank_grad(
+                x2d,
+                d_st,
+                dlora_a.T,
+                None,
+                keep_scale,
+                dropout,
+                key,
+                threshold,
+                upcast,
+                precision,
+                block_r,
+                dummy,
+            )
 
         if m > 0 and need_dx:
             cfg = _unaligned_k(_config("gemm", dtype, block_r), d_out, grad_y2d.stride(0), weight.stride(0))
             grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
             _cflora_dx_kernel[grid](
-                grad_y2d, weight, d_st, lora_a, dx,
-                m, d_in, d_out, r,
-                grad_y2d.stride(0), grad_y2d.stride(1), weight.stride(0), weight.stride(1),
-                d_st.stride(0), d_st.stride(1), lora_a.stride(0), lora_a.stride(1),
-                dx.stride(0), dx.stride(1),
-                key, threshold, keep_scale,
-                DROPOUT=dropout, UPCAST=upcast, PRECISION=precision, BLOCK_R=block_r, **cfg,
+                grad_y2d,
+                weight,
+                d_st,
+                lora_a,
+                dx,
+                m,
+                d_in,
+                d_out,
+                r,
+                grad_y2d.stride(0),
+                grad_y2d.stride(1),
+                weight.stride(0),
+                weight.stride(1),
+                d_st.stride(0),
+                d_st.stride(1),
+                lora_a.stride(0),
+                lora_a.stride(1),
+                dx.stride(0),
+                dx.stride(1),
+                key,
+                threshold,
+                keep_scale,
+                DROPOUT=dropout,
+                UPCAST=upcast,
+                PRECISION=precision,
+                BLOCK_R=block_r,
+                **cfg,
             )
 
         if need_dw:
@@ -866,11 +1277,21 @@ def cflora_bwd(grad_y2d: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, 
                 cfg = _unaligned_k(_config("dw", dtype, block_r), m, grad_y2d.stride(0), x2d.stride(0))
                 grid = (triton.cdiv(d_out, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
                 _matmul_kernel[grid](
-                    grad_y2d, x2d, dweight,
-                    d_out, d_in, m,
-                    grad_y2d.stride(1), grad_y2d.stride(0), x2d.stride(0), x2d.stride(1),
-                    dweight.stride(0), dweight.stride(1),
-                    UPCAST=upcast, PRECISION=precision, **cfg,
+                    grad_y2d,
+                    x2d,
+                    dweight,
+                    d_out,
+                    d_in,
+                    m,
+                    grad_y2d.stride(1),
+                    grad_y2d.stride(0),
+                    x2d.stride(0),
+                    x2d.stride(1),
+                    dweight.stride(0),
+                    dweight.stride(1),
+                    UPCAST=upcast,
+                    PRECISION=precision,
+                    **cfg,
                 )
 
     if d_c is not None:

@@ -47,10 +47,27 @@ from rellax_fast._kernel_common import NORM_EPS, triton_interpreting
 
 @triton.jit(do_not_specialize=["K", "KOUT"])
 def _semantic_topk_kernel(
-    emb_ptr, seq_items_ptr, seq_offsets_ptr, sample_user_ptr, sample_pos_ptr, order_ptr, tile_start_ptr,
-    tile_count_ptr, out_pos_ptr, out_score_ptr, D, stride_emb, stride_out, K, KOUT,
-    KPAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    emb_ptr,
+    seq_items_ptr,
+    seq_offsets_ptr,
+    sample_user_ptr,
+    sample_pos_ptr,
+    order_ptr,
+    tile_start_ptr,
+    tile_count_ptr,
+    out_pos_ptr,
+    out_score_ptr,
+    D,
+    stride_emb,
+    stride_out,
+    K,
+    KOUT,
+    KPAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     start = tl.load(tile_start_ptr + pid)
@@ -58,7 +75,9 @@ def _semantic_topk_kernel(
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < count
     sample = tl.load(order_ptr + start + rows, mask=row_ok, other=0)
-    user = tl.load(sample_user_ptr + tl.load(order_ptr + start, mask=count > 0, other=0), mask=count > 0, other=0)
+    user = tl.load(
+        sample_user_ptr + tl.load(order_ptr + start, mask=count > 0, other=0), mask=count > 0, other=0
+    )
     base = tl.load(seq_offsets_ptr + user, mask=count > 0, other=0)
     p = tl.load(sample_pos_ptr + sample, mask=row_ok, other=0)
     pmax = tl.max(p, axis=0)
@@ -75,10 +94,16 @@ def _semantic_topk_kernel(
         for d0 in range(0, D, BLOCK_D):
             dk = d0 + tl.arange(0, BLOCK_D)
             d_ok = dk < D
-            t = tl.load(emb_ptr + target_item[:, None] * stride_emb + dk[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            c = tl.load(emb_ptr + cand_item[None, :] * stride_emb + dk[:, None],
-                        mask=d_ok[:, None] & cand_ok[None, :], other=0.0)
+            t = tl.load(
+                emb_ptr + target_item[:, None] * stride_emb + dk[None, :],
+                mask=row_ok[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            c = tl.load(
+                emb_ptr + cand_item[None, :] * stride_emb + dk[:, None],
+                mask=d_ok[:, None] & cand_ok[None, :],
+                other=0.0,
+            )
             if UPCAST:
                 t = t.to(tl.float32)
                 c = c.to(tl.float32)
@@ -93,8 +118,10 @@ def _semantic_topk_kernel(
         new_p = tl.full((BLOCK_M, KPAD), -1, tl.int32)
         for i in range(0, K):
             m = tl.maximum(tl.max(sc, axis=1), tl.max(top_s, axis=1))
-            pick = tl.maximum(tl.max(tl.where(sc == m[:, None], cand_p, -1), axis=1),
-                              tl.max(tl.where(top_s == m[:, None], top_p, -1), axis=1))
+            pick = tl.maximum(
+                tl.max(tl.where(sc == m[:, None], cand_p, -1), axis=1),
+                tl.max(tl.where(top_s == m[:, None], top_p, -1), axis=1),
+            )
             new_s = tl.where(kcol == i, m[:, None], new_s)
             new_p = tl.where(kcol == i, pick[:, None], new_p)
             sc = tl.where(cand_p == pick[:, None], float("-inf"), sc)
@@ -150,17 +177,33 @@ def _tiles(seq_offsets, sample_user, sample_pos, block_m: int):
     tile_of = torch.cumsum(is_start, 0) - 1
     n_slots = min(n, n // block_m + min(n, n_users))
     tile_start = torch.zeros(n_slots, dtype=torch.int64, device=device).scatter_reduce(
-        0, tile_of, idx, "amin", include_self=False)
-    tile_count = torch.zeros(n_slots, dtype=torch.int64, device=device).scatter_add(0, tile_of, torch.ones_like(idx))
+        0, tile_of, idx, "amin", include_self=False
+    )
+    tile_count = torch.zeros(n_slots, dtype=torch.int64, device=device).scatter_add(
+        0, tile_of, torch.ones_like(idx)
+    )
     last = torch.full((n_slots,), -1, dtype=torch.int64, device=device).scatter_reduce(
-        0, tile_of, sample_pos[order], "amax", include_self=False)
+        0, tile_of, sample_pos[order], "amax", include_self=False
+    )
     by_cost = torch.sort(last, descending=True, stable=True).indices
     return order, tile_start[by_cost].contiguous(), tile_count[by_cost].contiguous()
 
 
-def semantic_topk_triton(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k: int, normalize: bool, *,
-                         max_pos: Optional[int] = None, prepared: bool = False, out=None,
-                         block_m: int = 16, block_n: int = 32):
+def semantic_topk_triton(
+    item_emb,
+    seq_items,
+    seq_offsets,
+    sample_user,
+    sample_pos,
+    k: int,
+    normalize: bool,
+    *,
+    max_pos: Optional[int] = None,
+    prepared: bool = False,
+    out=None,
+    block_m: int = 16,
+    block_n: int = 32,
+):
     """Launch helper: validated inputs in, (pos (S,k) int64, score (S,k) float32) out.
 
     ``max_pos``: max(sample_pos) when the caller already read it (the op's validation does), else one sync
@@ -176,12 +219,21 @@ def semantic_topk_triton(item_emb, seq_items, seq_offsets, sample_user, sample_p
         out_score = torch.empty((n, k), dtype=torch.float32, device=device)
     else:
         out_pos, out_score = out
-        if (out_pos.shape != (n, k) or out_pos.dtype != torch.int64 or out_score.shape != (n, k)
-                or out_score.dtype != torch.float32 or out_pos.device != device or out_score.device != device
-                or not out_pos.is_contiguous() or not out_score.is_contiguous()):
-            raise ValueError(f"semantic_topk_triton: out must be contiguous ({n}, {k}) int64 and float32 tensors on "
-                             f"{device}; got {out_pos.dtype} {tuple(out_pos.shape)} on {out_pos.device} and "
-                             f"{out_score.dtype} {tuple(out_score.shape)} on {out_score.device}")
+        if (
+            out_pos.shape != (n, k)
+            or out_pos.dtype != torch.int64
+            or out_score.shape != (n, k)
+            or out_score.dtype != torch.float32
+            or out_pos.device != device
+            or out_score.device != device
+            or not out_pos.is_contiguous()
+            or not out_score.is_contiguous()
+        ):
+            raise ValueError(
+                f"semantic_topk_triton: out must be contiguous ({n}, {k}) int64 and float32 tensors on "
+                f"{device}; got {out_pos.dtype} {tuple(out_pos.shape)} on {out_pos.device} and "
+                f"{out_score.dtype} {tuple(out_score.shape)} on {out_score.device}"
+            )
     if n == 0 or k == 0:
         return out_pos, out_score
     if max_pos is None:
@@ -189,7 +241,8 @@ def semantic_topk_triton(item_emb, seq_items, seq_offsets, sample_user, sample_p
     k_eff = min(k, max_pos)
     emb = item_emb if prepared else prepare_table(item_emb, normalize)
     seq_items, seq_offsets, sample_user, sample_pos = (
-        t.contiguous() for t in (seq_items, seq_offsets, sample_user, sample_pos))
+        t.contiguous() for t in (seq_items, seq_offsets, sample_user, sample_pos)
+    )
     d = emb.shape[1]
     # KPAD is the only shape constexpr (K and k are runtime values): a power of two, so histories of any
     # length compile at most log2(k) variants
@@ -200,9 +253,26 @@ def semantic_topk_triton(item_emb, seq_items, seq_offsets, sample_user, sample_p
     with guard:  # Triton launches on the current device, not the tensors'
         order, tile_start, tile_count = _tiles(seq_offsets, sample_user, sample_pos, block_m)
         _semantic_topk_kernel[(tile_start.shape[0],)](
-            emb, seq_items, seq_offsets, sample_user, sample_pos, order, tile_start, tile_count, out_pos, out_score,
-            d, emb.stride(0), out_pos.stride(0), k_eff, k,
-            KPAD=kpad, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            UPCAST=interpreting, IEEE=(emb.dtype == torch.float32 and not interpreting),
+            emb,
+            seq_items,
+            seq_offsets,
+            sample_user,
+            sample_pos,
+            order,
+            tile_start,
+            tile_count,
+            out_pos,
+            out_score,
+            d,
+            emb.stride(0),
+            out_pos.stride(0),
+            k_eff,
+            k,
+            KPAD=kpad,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            UPCAST=interpreting,
+            IEEE=(emb.dtype == torch.float32 and not interpreting),
         )
     return out_pos, out_score

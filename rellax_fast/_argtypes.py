@@ -21,8 +21,13 @@ def _range_text(low: Optional[float], high: Optional[float], low_open: bool, hig
     return " and ".join(parts)
 
 
-def number(low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
-           high_open: bool = False) -> Callable[[str], float]:
+def number(
+    low: Optional[float] = None,
+    high: Optional[float] = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Callable[[str], float]:
     """A finite float in [low, high] (``low_open`` / ``high_open``: excluding that end); None: unbounded."""
     bounds = _range_text(low, high, low_open, high_open)
 
@@ -35,7 +40,9 @@ def number(low: Optional[float] = None, high: Optional[float] = None, *, low_ope
         bad = bad or (low is not None and (value <= low if low_open else value < low))
         bad = bad or (high is not None and (value >= high if high_open else value > high))
         if bad:
-            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}; got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number{' ' + bounds if bounds else ''}; got {text!r}"
+            )
         return value
 
     parse.__name__ = "number"

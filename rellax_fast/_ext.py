@@ -39,7 +39,9 @@ def _release(version: str) -> str:
     return version.split("+", 1)[0]
 
 
-def torch_mismatch(record: dict, torch_version: str, torch_cuda: Optional[str], cxx11_abi: bool) -> Optional[str]:
+def torch_mismatch(
+    record: dict, torch_version: str, torch_cuda: Optional[str], cxx11_abi: bool
+) -> Optional[str]:
     """Why a _C built as ``record`` says cannot load into this torch, or None when it fits."""
     if "error" in record:
         return str(record["error"])
@@ -47,8 +49,10 @@ def torch_mismatch(record: dict, torch_version: str, torch_cuda: Optional[str], 
     if _release(built) != _release(torch_version):
         return f"it was built against torch {built}, and this is torch {torch_version}"
     if "cxx11_abi" in record and bool(record["cxx11_abi"]) != bool(cxx11_abi):
-        return (f"it was built with _GLIBCXX_USE_CXX11_ABI={int(record['cxx11_abi'])}, and this torch "
-                f"({torch_version}) uses {int(cxx11_abi)}")
+        return (
+            f"it was built with _GLIBCXX_USE_CXX11_ABI={int(record['cxx11_abi'])}, and this torch "
+            f"({torch_version}) uses {int(cxx11_abi)}"
+        )
     if record.get("with_cuda"):
         built_cuda = record.get("torch_cuda") or "?"
         if torch_cuda is None:
@@ -87,12 +91,16 @@ def load() -> Optional[ModuleType]:
             _record = _read_record(spec.origin)
             reason = None
             if _record is not None:
-                reason = torch_mismatch(_record, torch.__version__, torch.version.cuda,
-                                        bool(torch._C._GLIBCXX_USE_CXX11_ABI))
+                reason = torch_mismatch(
+                    _record, torch.__version__, torch.version.cuda, bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+                )
             if reason is not None:
                 _error = f"rellax_fast._C was not loaded: {reason}; {REBUILD_HINT}"
-                warnings.warn(_error + ". Until then ops run on their reference/Triton backends.",
-                              RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    _error + ". Until then ops run on their reference/Triton backends.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
             else:
                 _module = importlib.import_module("rellax_fast._C")
         except ImportError as exc:

@@ -192,7 +192,9 @@ def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
             else:
                 os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS and not isinstance(exc, DiskFullError):
-            raise DiskFullError(exc.errno, f"disk full writing {path} ({exc.strerror or exc})", str(path)) from exc
+            raise DiskFullError(
+                exc.errno, f"disk full writing {path} ({exc.strerror or exc})", str(path)
+            ) from exc
         raise
     if fsync:
         _fsync_path(path.parent)
@@ -249,7 +251,9 @@ def check_out_dir(out: PathLike, what: str = "--out") -> Path:
     broken link). The folder itself is created by whoever writes into it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{what} {out}: exists and is not a folder; give a folder path (it is created if missing)")
+        raise ValueError(
+            f"{what} {out}: exists and is not a folder; give a folder path (it is created if missing)"
+        )
     if not out.exists() and out.is_symlink():
         raise ValueError(f"{what} {out}: is a broken symbolic link")
     for parent in out.parents:

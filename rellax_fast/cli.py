@@ -48,23 +48,26 @@ COMMANDS = {
 # permission, a model path or the disk. RuntimeErrors are bugs unless named in USER_RUNTIME_ERRORS (matched by
 # dotted name along the class's MRO, so that telling them apart imports nothing).
 USER_ERRORS = (ValueError, OSError)
-USER_RUNTIME_ERRORS = ("rellax_fast.ops._backend.BackendUnavailableError", "rellax_fast.data.download.ChecksumError")
+USER_RUNTIME_ERRORS = (
+    "rellax_fast.ops._backend.BackendUnavailableError",
+    "rellax_fast.data.download.ChecksumError",
+)
 EXIT_BUG, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 DEBUG_VAR = "RELLAX_DEBUG"
 # what Ctrl-C leaves behind, per command ({out}: its --out); other commands get INTERRUPTED[None]
 INTERRUPTED = {
     "train": "interrupted: what finished is kept under {out} (the DIN, the SUBR embeddings, and the run's checkpoints, "
-             "written every --save-every steps and at each epoch end); rerun the same command with --resume to continue "
-             "from the latest checkpoint",
+    "written every --save-every steps and at each epoch end); rerun the same command with --resume to continue "
+    "from the latest checkpoint",
     "demo": "interrupted: finished variants and the checkpoints of the one in progress are kept under {out}; rerun the "
-            "same command with --resume to skip the finished variants and continue the interrupted one",
+    "same command with --resume to skip the finished variants and continue the interrupted one",
     "train-ctr": "interrupted: DIN training keeps no checkpoint, so nothing new was written to {out} (a DIN saved there "
-                 "before is kept); rerun the same command to train it again",
+    "before is kept); rerun the same command to train it again",
     "eval": "interrupted: predictions and metrics are written only when scoring has finished, so nothing new was "
-            "written; rerun the same command",
+    "written; rerun the same command",
     None: "interrupted: every file is written atomically, so each output under {out} is either complete or as it was "
-          "before; rerun the same command",
-}  # fmt: skip
+    "before; rerun the same command",
+}
 
 # import name -> package of the [rec] / [hf] extras (pyproject.toml): the core install (the kernels and the adapter
 # API) has none of them, and every command except `info` needs some.
@@ -88,8 +91,10 @@ def _needs_extra(command: str, exc: ModuleNotFoundError) -> Optional[str]:
     top = (exc.name or "").split(".")[0]
     if top not in OPTIONAL_MODULES:
         return None
-    return (f"`rellax-fast {command}` needs {OPTIONAL_MODULES[top]}, which is not installed (the core install has "
-            "the kernels and the adapter API only): pip install 'rellax-fast[rec]'")
+    return (
+        f"`rellax-fast {command}` needs {OPTIONAL_MODULES[top]}, which is not installed (the core install has "
+        "the kernels and the adapter API only): pip install 'rellax-fast[rec]'"
+    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -108,7 +113,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_common(parser: argparse.ArgumentParser, default_out: str = "runs") -> None:
     parser.add_argument("--dataset", default="synthetic", choices=DATASETS, help="dataset name")
-    parser.add_argument("--data-dir", default=None, help="where raw dataset files live (default: ./data/<dataset>)")
+    parser.add_argument(
+        "--data-dir", default=None, help="where raw dataset files live (default: ./data/<dataset>)"
+    )
     parser.add_argument("--out", default=default_out, help="output folder (created if missing)")
 
 
@@ -164,18 +171,30 @@ def info_lines() -> List[str]:
     if mod is None:
         lines.append(f"_C          not loaded: {_ext.load_error()}")
     else:
-        cuda = f"with CUDA, archs {mod.cuda_archs()}" if mod.with_cuda() else "CPU kernels only (built without CUDA)"
-        lines.append(f"_C          loaded from {mod.__file__} ({cuda}; OpenMP threads {mod.openmp_threads()})")
+        cuda = (
+            f"with CUDA, archs {mod.cuda_archs()}"
+            if mod.with_cuda()
+            else "CPU kernels only (built without CUDA)"
+        )
+        lines.append(
+            f"_C          loaded from {mod.__file__} ({cuda}; OpenMP threads {mod.openmp_threads()})"
+        )
     record = _ext.build_record()
     if record is not None:
         flavour = f"CUDA {record.get('torch_cuda')}" if record.get("torch_cuda") else "CPU build"
-        lines.append(f"_C built    against torch {record.get('torch')} ({flavour}), C++11 ABI "
-                     f"{int(bool(record.get('cxx11_abi')))}, python {record.get('python')}")
+        lines.append(
+            f"_C built    against torch {record.get('torch')} ({flavour}), C++11 ABI "
+            f"{int(bool(record.get('cxx11_abi')))}, python {record.get('python')}"
+        )
     elif mod is not None:
-        lines.append(f"_C built    against an unrecorded torch (no {_ext.BUILD_RECORD} beside it; "
-                     "`make install` or a reinstall writes one)")
+        lines.append(
+            f"_C built    against an unrecorded torch (no {_ext.BUILD_RECORD} beside it; "
+            "`make install` or a reinstall writes one)"
+        )
     lines.append("")
-    lines.append("backends per op (auto picks the first available in the op's order for the tensor's device):")
+    lines.append(
+        "backends per op (auto picks the first available in the op's order for the tensor's device):"
+    )
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for op in all_ops():
         lines.append(f"  {op}")
@@ -213,15 +232,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rellax-fast", description="ReLLaX with fused kernels",
-                                     formatter_class=HelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="rellax-fast", description="ReLLaX with fused kernels", formatter_class=HelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         try:
             mod, missing = importlib.import_module(module), None
         except ModuleNotFoundError as exc:
             if exc.name == module:
-                mod, missing = None, f"`rellax-fast {name}` is not available in this version ({module} is missing)"
+                mod, missing = (
+                    None,
+                    f"`rellax-fast {name}` is not available in this version ({module} is missing)",
+                )
             elif _needs_extra(name, exc):
                 mod, missing = None, _needs_extra(name, exc)
             else:
@@ -263,8 +286,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         ok = code == 0
         return code
     except KeyboardInterrupt:
-        print(INTERRUPTED.get(args.command, INTERRUPTED[None]).format(out=getattr(args, "out", None) or "its output folder"),
-              file=sys.stderr)  # fmt: skip
+        print(
+            INTERRUPTED.get(args.command, INTERRUPTED[None]).format(
+                out=getattr(args, "out", None) or "its output folder"
+            ),
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except SystemExit as exc:  # a command that stopped with sys.exit(code or message)
         if exc.code is None or isinstance(exc.code, int):
@@ -293,9 +320,15 @@ def error_line(exc: BaseException, command: Optional[str] = None, out: Optional[
         return f"error: {_needs_extra(command, exc)}"
     from rellax_fast._io import DISK_FULL_ERRNOS
 
-    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:  # _io.DiskFullError names the file it wrote
+    if (
+        isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+    ):  # _io.DiskFullError names the file it wrote
         where = exc.filename or (f"under --out {out}" if out else "an output file")
-        text = exc.strerror if str(exc.strerror).startswith("disk full") else f"disk full writing {where} ({exc.strerror})"
+        text = (
+            exc.strerror
+            if str(exc.strerror).startswith("disk full")
+            else f"disk full writing {where} ({exc.strerror})"
+        )
         return f"error: {text}; files are written atomically, so the previous outputs are kept"
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if text.startswith("error: ") else f"error: {text}"
@@ -305,13 +338,18 @@ def report_error(exc: BaseException, command: Optional[str] = None, out: Optiona
     """Print ``exc`` as one line on stderr (its traceback first under ``RELLAX_DEBUG=1``); returns the exit code."""
     if os.environ.get(DEBUG_VAR, "") not in ("", "0"):
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    user = is_user_error(exc) or (isinstance(exc, ModuleNotFoundError) and bool(command and _needs_extra(command, exc)))
+    user = is_user_error(exc) or (
+        isinstance(exc, ModuleNotFoundError) and bool(command and _needs_extra(command, exc))
+    )
     if user:
         print(error_line(exc, command, out), file=sys.stderr)
         return EXIT_USER_ERROR
     text = " ".join(str(exc).split())[:500]
-    print(f"error: internal error in `rellax-fast {command}`: {type(exc).__name__}: {text} (a bug, not your input?) "
-          f"Rerun with {DEBUG_VAR}=1 for the traceback and report it as an issue with that output.", file=sys.stderr)  # fmt: skip
+    print(
+        f"error: internal error in `rellax-fast {command}`: {type(exc).__name__}: {text} (a bug, not your input?) "
+        f"Rerun with {DEBUG_VAR}=1 for the traceback and report it as an issue with that output.",
+        file=sys.stderr,
+    )
     return EXIT_BUG
 
 
@@ -322,8 +360,10 @@ def env_backend_problem() -> Optional[str]:
     value = (os.environ.get(ENV_VAR) or "").strip().lower()
     if value in ("", "auto", *BACKENDS):
         return None
-    return (f"${ENV_VAR}={os.environ[ENV_VAR]!r} is not a backend: choose one of {', '.join(BACKENDS)} or auto, or "
-            "unset it for automatic choice")  # fmt: skip
+    return (
+        f"${ENV_VAR}={os.environ[ENV_VAR]!r} is not a backend: choose one of {', '.join(BACKENDS)} or auto, or "
+        "unset it for automatic choice"
+    )
 
 
 def _run_command(args: argparse.Namespace) -> int:

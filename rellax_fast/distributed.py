@@ -189,12 +189,16 @@ def _encode_my_slice(encoder, texts, folder, rank, world, show_progress=None):
         return None
     shards = read_shards(folder, world)
     remove_shards(folder)
-    if [(int(s["lo"]), int(s["hi"])) for s in shards] != [sharded_rows(len(texts), r, world) for r in range(world)]:
+    if [(int(s["lo"]), int(s["hi"])) for s in shards] != [
+        sharded_rows(len(texts), r, world) for r in range(world)
+    ]:
         raise RuntimeError(f"{folder}: the shards do not tile the {len(texts)} texts")
     return [s["emb"] for s in shards]
 
 
-def sharded_cached_embeddings(cache_fn, cache_dir, dataset: str, item_ids, texts, *, encoder_factory, **kwargs):
+def sharded_cached_embeddings(
+    cache_fn, cache_dir, dataset: str, item_ids, texts, *, encoder_factory, **kwargs
+):
     """``cache_fn`` (:func:`rellax_fast.subr.cache.cached_item_embeddings`) under a launcher.
 
     Rank 0 looks the entry up; on a miss the texts are encoded in contiguous slices by every rank (each
@@ -207,8 +211,14 @@ def sharded_cached_embeddings(cache_fn, cache_dir, dataset: str, item_ids, texts
     folder = Path(cache_dir) / f".{dataset}.encode.shards"
     if rank == 0:
         try:
-            result = cache_fn(cache_dir, dataset, item_ids, texts,
-                              encoder_factory=lambda: ShardedEncoder(encoder_factory(), folder), **kwargs)  # fmt: skip
+            result = cache_fn(
+                cache_dir,
+                dataset,
+                item_ids,
+                texts,
+                encoder_factory=lambda: ShardedEncoder(encoder_factory(), folder),
+                **kwargs,
+            )
         except BaseException as exc:
             broadcast_object(("error", f"{type(exc).__name__}: {exc}"))
             raise

@@ -89,7 +89,9 @@ def find_cuobjdump() -> Optional[str]:
     candidates = [shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"]
     spec = importlib.util.find_spec("triton")
     if spec is not None and spec.submodule_search_locations:
-        candidates.append(os.path.join(list(spec.submodule_search_locations)[0], "backends", "nvidia", "bin", "cuobjdump"))
+        candidates.append(
+            os.path.join(list(spec.submodule_search_locations)[0], "backends", "nvidia", "bin", "cuobjdump")
+        )
     for c in candidates:
         if c and os.path.exists(c) and os.access(c, os.X_OK):
             return c
@@ -112,9 +114,17 @@ def parse_cuobjdump_usage(text: str) -> List[KernelUsage]:
             continue
         if name is not None and "REG:" in line:
             fields = dict(re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", line))
-            out.append(KernelUsage(name, arch, registers=int(fields.get("REG", -1)),
-                                   smem=int(fields.get("SHARED", 0)), stack=int(fields.get("STACK", 0)),
-                                   spill_stores=int(fields.get("LOCAL", 0)), source="cuobjdump"))
+            out.append(
+                KernelUsage(
+                    name,
+                    arch,
+                    registers=int(fields.get("REG", -1)),
+                    smem=int(fields.get("SHARED", 0)),
+                    stack=int(fields.get("STACK", 0)),
+                    spill_stores=int(fields.get("LOCAL", 0)),
+                    source="cuobjdump",
+                )
+            )
             name = None
     return out
 
@@ -144,7 +154,9 @@ def resource_report(usage: List[KernelUsage]) -> int:
     for u in sorted(usage, key=lambda u: (names[u.name], u.arch)):
         spill = f"{u.spill_stores}/{u.spill_loads}" if u.source == "ptxas" else f"local {u.spill_stores}"
         flag = "  <-- SPILLS" if u.spills else ""
-        print(f"  {short_name(names[u.name]):<70} {u.arch:<8} {u.registers:>4} {u.smem:>7} {u.stack:>7} {spill:>14}{flag}")
+        print(
+            f"  {short_name(names[u.name]):<70} {u.arch:<8} {u.registers:>4} {u.smem:>7} {u.stack:>7} {spill:>14}{flag}"
+        )
     return sum(u.spills for u in usage)
 
 
@@ -154,12 +166,17 @@ def check_resources(lib_path: str, log_path: Optional[str]) -> int:
         with open(log_path, encoding="utf-8", errors="replace") as f:
             usage = parse_ptxas_log(f.read())
         if not usage:
-            print(f"cuda-check: no ptxas -v lines in {log_path} (built without NVCC_APPEND_FLAGS='-Xptxas -v', "
-                  "or the .cu objects were not recompiled); trying cuobjdump")
+            print(
+                f"cuda-check: no ptxas -v lines in {log_path} (built without NVCC_APPEND_FLAGS='-Xptxas -v', "
+                "or the .cu objects were not recompiled); trying cuobjdump"
+            )
     if not usage:
         tool = find_cuobjdump()
         if tool is None:
-            print("cuda-check: no ptxas -v log and no cuobjdump: cannot report registers and spills", file=sys.stderr)
+            print(
+                "cuda-check: no ptxas -v log and no cuobjdump: cannot report registers and spills",
+                file=sys.stderr,
+            )
             return 1
         res = subprocess.run([tool, "--dump-resource-usage", lib_path], capture_output=True, text=True)
         usage = parse_cuobjdump_usage(res.stdout)
@@ -168,7 +185,9 @@ def check_resources(lib_path: str, log_path: Optional[str]) -> int:
             return 1
     spilling = resource_report(usage)
     if spilling:
-        print(f"cuda-check: FAIL, {spilling} kernel build(s) spill registers to local memory", file=sys.stderr)
+        print(
+            f"cuda-check: FAIL, {spilling} kernel build(s) spill registers to local memory", file=sys.stderr
+        )
         return 1
     print("cuda-check: no kernel spills")
     return 0
@@ -203,7 +222,9 @@ def main(lib_dir: str, log_path: Optional[str] = None) -> int:
         archs = sorted({line.split(".")[-2] for line in out.splitlines() if ".sm_" in line})
         print(f"cuda-check: SASS in the library: {', '.join(archs) or 'none listed'}")
     else:
-        print("cuda-check: cuobjdump not found; SASS targets not listed (the build used TORCH_CUDA_ARCH_LIST)")
+        print(
+            "cuda-check: cuobjdump not found; SASS targets not listed (the build used TORCH_CUDA_ARCH_LIST)"
+        )
     if check_resources(paths[0], log_path):
         return 1
     print(f"cuda-check: OK, {len(with_cuda)} of {len(ops)} operators have CUDA kernels, no kernel spills")
@@ -211,5 +232,9 @@ def main(lib_dir: str, log_path: Optional[str] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "build/cuda-check/lib",
-                  sys.argv[2] if len(sys.argv) > 2 else None))
+    sys.exit(
+        main(
+            sys.argv[1] if len(sys.argv) > 1 else "build/cuda-check/lib",
+            sys.argv[2] if len(sys.argv) > 2 else None,
+        )
+    )

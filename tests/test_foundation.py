@@ -23,8 +23,14 @@ PY = sys.executable
 def _run(code: str, cwd=REPO, env=None, timeout=240):
     full_env = dict(os.environ)
     full_env.update(env or {})
-    return subprocess.run([PY, "-c", textwrap.dedent(code)], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [PY, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_import_is_light():
@@ -62,7 +68,9 @@ def _site_view_without_hf_kernels(tmp_path) -> Path:
     view = tmp_path / "site-without-kernels"
     view.mkdir()
     for entry in site.iterdir():
-        if entry.name == "kernels" or (entry.name.startswith("kernels-") and entry.name.endswith(".dist-info")):
+        if entry.name == "kernels" or (
+            entry.name.startswith("kernels-") and entry.name.endswith(".dist-info")
+        ):
             continue
         (view / entry.name).symlink_to(entry)
     return view
@@ -103,7 +111,9 @@ def test_repo_kernels_folder_never_shadows_or_impersonates_hf_kernels(hf_kernels
     # and runs a model, and our modules are never importable as `kernels.<name>`.
     dist = _hf_kernels_dist()
     if hf_kernels == "installed" and dist is None:
-        pytest.skip("Hugging Face's kernels is not installed here: the 'absent' case is this environment itself")
+        pytest.skip(
+            "Hugging Face's kernels is not installed here: the 'absent' case is this environment itself"
+        )
     view = _site_view_without_hf_kernels(tmp_path) if hf_kernels == "absent" and dist is not None else ""
     code = _KERNELS_PROBE.format(view=str(view))
     cmd = [PY, "-S", "-c", textwrap.dedent(code)] if view else [PY, "-c", textwrap.dedent(code)]
@@ -197,7 +207,9 @@ def test_seeded_dropout_bad_input():
 
 
 def test_info_reports_extension_and_backends():
-    res = subprocess.run([PY, "-m", "rellax_fast.cli", "info"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [PY, "-m", "rellax_fast.cli", "info"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert f"torch       {torch.__version__}" in out
@@ -210,29 +222,63 @@ def test_info_tells_the_truth_without_the_extension(tmp_path):
     # A RELLAX_BUILD_EXT=0 install is the same files without _C: lay that out and ask it.
     pkg = tmp_path / "rellax_fast"
     # without _C and its build record (_C_build.json), as RELLAX_BUILD_EXT=0 installs it
-    shutil.copytree(REPO / "rellax_fast", pkg, symlinks=False, ignore=shutil.ignore_patterns("_C*", "__pycache__"))
+    shutil.copytree(
+        REPO / "rellax_fast", pkg, symlinks=False, ignore=shutil.ignore_patterns("_C*", "__pycache__")
+    )
     assert not list(pkg.glob("_C*"))
     # drop the editable-install finder, which would otherwise find the checkout's _C next to the copy
     no_editable = "import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
-    res = subprocess.run([PY, "-c", no_editable + "import runpy; runpy.run_module('rellax_fast.cli', run_name='__main__')",
-                          "info"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    res = subprocess.run(
+        [
+            PY,
+            "-c",
+            no_editable + "import runpy; runpy.run_module('rellax_fast.cli', run_name='__main__')",
+            "info",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
     assert res.returncode == 0, res.stderr
     assert "_C          not loaded: rellax_fast._C is not built" in res.stdout
     assert "cpp        unavailable: rellax_fast._C is not built" in res.stdout
     assert "reference  available" in res.stdout
     res = subprocess.run(
-        [PY, "-c", no_editable + "import torch, rellax_fast.ops as o; o.seeded_dropout(torch.ones(2), 0.5, 1, backend='cpp')"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        [
+            PY,
+            "-c",
+            no_editable
+            + "import torch, rellax_fast.ops as o; o.seeded_dropout(torch.ones(2), 0.5, 1, backend='cpp')",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
     )
     assert res.returncode != 0 and "backend='cpp' is unavailable: rellax_fast._C is not built" in res.stderr
 
 
 def test_setup_py_build_ext_flag_zero_builds_nothing(tmp_path):
     env = {**os.environ, "RELLAX_BUILD_EXT": "0"}
-    res = subprocess.run([PY, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
-                          "--build-temp", str(tmp_path / "tmp")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            PY,
+            "setup.py",
+            "build_ext",
+            "--build-lib",
+            str(tmp_path / "lib"),
+            "--build-temp",
+            str(tmp_path / "tmp"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "pure-Python install without rellax_fast._C" in res.stdout
     assert not list((tmp_path).rglob("_C*.so"))
@@ -240,17 +286,36 @@ def test_setup_py_build_ext_flag_zero_builds_nothing(tmp_path):
 
 def test_setup_py_failed_build_names_the_escape_hatch(tmp_path):
     env = {**os.environ, "RELLAX_BUILD_EXT": "1", "CC": "false", "CXX": "false", "MAX_JOBS": "1"}
-    res = subprocess.run([PY, "setup.py", "build_ext", "--build-lib", str(tmp_path / "lib"),
-                          "--build-temp", str(tmp_path / "tmp")], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            PY,
+            "setup.py",
+            "build_ext",
+            "--build-lib",
+            str(tmp_path / "lib"),
+            "--build-temp",
+            str(tmp_path / "tmp"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode != 0
     assert "RELLAX_BUILD_EXT=0" in res.stdout + res.stderr
     assert not list((tmp_path).rglob("_C*.so"))
 
 
 def test_setup_py_rejects_bad_flag_values():
-    res = subprocess.run([PY, "setup.py", "--version"], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "RELLAX_BUILD_CUDA": "yes"})
+    res = subprocess.run(
+        [PY, "setup.py", "--version"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RELLAX_BUILD_CUDA": "yes"},
+    )
     assert res.returncode != 0 and "RELLAX_BUILD_CUDA must be auto, 0 or 1; got 'yes'" in res.stderr
 
 
@@ -285,11 +350,17 @@ def test_kernels_import_nothing_above_them():
     for path in sorted((REPO / "kernels").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""] if node.level == 0 else [f"(relative level {node.level}) {node.module}"]
+                names = (
+                    [node.module or ""]
+                    if node.level == 0
+                    else [f"(relative level {node.level}) {node.module}"]
+                )
             elif isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             else:
                 continue
             for name in names:
                 if name.startswith("rellax_fast") or name.startswith("(relative"):
-                    assert name in allowed_pkg, f"{path.name} imports {name}: kernels must not depend on the layers above"
+                    assert name in allowed_pkg, (
+                        f"{path.name} imports {name}: kernels must not depend on the layers above"
+                    )

@@ -31,19 +31,31 @@ def lean():
 
 
 def _run(*args, timeout=240):
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def _records(path, kind):
-    return [json.loads(line) for line in path.read_text().splitlines() if json.loads(line).get("kind") == kind]
+    return [
+        json.loads(line) for line in path.read_text().splitlines() if json.loads(line).get("kind") == kind
+    ]
 
 
 @pytest.mark.slow
 def test_simulate_runs_every_step_caps_a_hang_and_rebuilds_the_summary(tmp_path, lean):
     out = tmp_path / "lean"
-    proc = _run("--simulate", "--out", str(out), "--python", sys.executable, "--hang", "triton-profile",
-                "--cap", "triton-profile=3")
+    proc = _run(
+        "--simulate",
+        "--out",
+        str(out),
+        "--python",
+        sys.executable,
+        "--hang",
+        "triton-profile",
+        "--cap",
+        "triton-profile=3",
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1, log  # the hung step is a failure; the run still went on to the end
     results = out / "results.jsonl"
@@ -53,9 +65,21 @@ def test_simulate_runs_every_step_caps_a_hang_and_rebuilds_the_summary(tmp_path,
     assert steps["triton-profile"] == ["timeout (3s)"], steps
     assert steps.pop("e2e")[0].startswith("skipped (simulate"), steps
     steps.pop("triton-profile")
-    assert set(steps) == {"interpreter", "worker-start", "env", "triton-correctness", "triton-timing", "calibrate",
-                          "build", "build-wait", "cuda-correctness", "cuda-timing", "cuda-profile", "topk",
-                          "tests"}, steps
+    assert set(steps) == {
+        "interpreter",
+        "worker-start",
+        "env",
+        "triton-correctness",
+        "triton-timing",
+        "calibrate",
+        "build",
+        "build-wait",
+        "cuda-correctness",
+        "cuda-timing",
+        "cuda-profile",
+        "topk",
+        "tests",
+    }, steps
     assert all(s == ["pass"] for name, s in steps.items() if name != "worker-start"), steps
     assert steps["worker-start"] == ["pass", "pass"]  # the triton phase, then a fresh one after the build
 
@@ -72,8 +96,9 @@ def test_simulate_runs_every_step_caps_a_hang_and_rebuilds_the_summary(tmp_path,
     assert {r["dtype"] for r in _records(results, "calibration")} == {"bfloat16", "float32+tf32"}
     assert {r["backend"] for r in _records(results, "kernel")} == {"cuda"}  # triton's profile was the hang
     topk = _records(results, "topk")
-    assert {(r["setting"], r["method"]) for r in topk} == {(s, m) for s in lean.SIM_TOPK
-                                                           for m in ("triton", "cuda", "torch")}
+    assert {(r["setting"], r["method"]) for r in topk} == {
+        (s, m) for s in lean.SIM_TOPK for m in ("triton", "cuda", "torch")
+    }
     assert all(r["agree"] for r in topk), topk
 
     # the summary is printed last, written to summary.md, and rebuilt from the results file alone
@@ -81,18 +106,44 @@ def test_simulate_runs_every_step_caps_a_hang_and_rebuilds_the_summary(tmp_path,
     assert proc.stdout.rstrip().split("\n\nresults:")[0].endswith(summary.rstrip())
     rebuilt = _run("--summary", str(results), timeout=60)
     assert rebuilt.returncode == 0 and rebuilt.stdout == summary
-    for title in ("## steps", "## correctness", "## forward+backward", "## cuBLAS calibration",
-                  "## per-kernel breakdown", "## semantic_topk"):
+    for title in (
+        "## steps",
+        "## correctness",
+        "## forward+backward",
+        "## cuBLAS calibration",
+        "## per-kernel breakdown",
+        "## semantic_topk",
+    ):
         assert title in summary
 
 
 def test_summary_survives_a_results_file_torn_by_a_kill(tmp_path, lean):
     path = tmp_path / "results.jsonl"
     lean.append_record(path, dict(kind="step", step="triton-correctness", status="pass", seconds=1.0))
-    lean.append_record(path, dict(kind="timing", backend="triton", shape="headline", dropout=0.0,
-                                  method="frozen-linear", median_ms=2.0, repeats=20))
-    lean.append_record(path, dict(kind="timing", backend="triton", shape="headline", dropout=0.0,
-                                  method="cflora[triton]", median_ms=2.5, repeats=20))
+    lean.append_record(
+        path,
+        dict(
+            kind="timing",
+            backend="triton",
+            shape="headline",
+            dropout=0.0,
+            method="frozen-linear",
+            median_ms=2.0,
+            repeats=20,
+        ),
+    )
+    lean.append_record(
+        path,
+        dict(
+            kind="timing",
+            backend="triton",
+            shape="headline",
+            dropout=0.0,
+            method="cflora[triton]",
+            median_ms=2.5,
+            repeats=20,
+        ),
+    )
     with open(path, "a") as f:
         f.write('{"kind": "timing", "backend": "cu')  # the write a kill cut short
     records = lean.read_records(path)
@@ -110,8 +161,13 @@ def _fake_python(path, body):
 
 def test_interpreter_is_the_one_that_imports_a_cuda_torch(tmp_path, lean):
     broken = _fake_python(tmp_path / "py_broken", "echo 'No module named torch' >&2; exit 1")
-    cpu = _fake_python(tmp_path / "py_cpu", """echo '{"python": "cpu", "torch": "2.11.0+cpu", "cuda": null, "gpu": false}'""")
-    gpu = _fake_python(tmp_path / "py_gpu", """echo '{"python": "gpu", "torch": "2.11.0+cu130", "cuda": "13.0", "gpu": true}'""")
+    cpu = _fake_python(
+        tmp_path / "py_cpu", """echo '{"python": "cpu", "torch": "2.11.0+cpu", "cuda": null, "gpu": false}'"""
+    )
+    gpu = _fake_python(
+        tmp_path / "py_gpu",
+        """echo '{"python": "gpu", "torch": "2.11.0+cu130", "cuda": "13.0", "gpu": true}'""",
+    )
     py, info, notes = lean.pick_interpreter([broken, cpu, gpu], need_cuda=True, timeout=10)
     assert py == gpu and info["cuda"] == "13.0"
     assert "no torch" in notes[0] and "without a usable CUDA GPU" in notes[1]

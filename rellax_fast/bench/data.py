@@ -43,7 +43,9 @@ import numpy as np
 ML25M_USERS = 162_541
 ML25M_ITEMS = 62_423
 STAGES = ("prepare", "embed", "retrieve", "train-ctr")
-GEMM_SIZE = 2048  # 17 GFLOP per fp32 product: ~0.1 s on 2 idle cores, large enough for the blocked kernel's peak
+GEMM_SIZE = (
+    2048  # 17 GFLOP per fp32 product: ~0.1 s on 2 idle cores, large enough for the blocked kernel's peak
+)
 BANDS = ((5, 50), (50, 500), (500, 5000), (5000, None))  # history-length bands of the retrieval sample
 _RATING_VALUES = np.arange(1, 11) / 2.0
 _RATING_P = np.array([1.6, 3.4, 1.6, 6.8, 4.9, 19.6, 13.1, 26.6, 8.8, 13.6])  # ML-25M's histogram, roughly
@@ -53,26 +55,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .._argtypes import number
 
     g = parser.add_argument_group("bench data (`rellax-fast bench data`)")
-    g.add_argument("--users", default=str(ML25M_USERS),
-                   help=f"generated users, or comma-separated sizes run in turn (ML-25M: {ML25M_USERS})")
-    g.add_argument("--items", type=int, default=ML25M_ITEMS, help=f"generated movies (ML-25M: {ML25M_ITEMS:,})")
-    g.add_argument("--tail-length", type=int, default=30_000, help="one user gets this many ratings (the tail)")
-    g.add_argument("--length-scale", type=number(0, low_open=True), default=1.0,
-                   help="multiplies every generated history length")
+    g.add_argument(
+        "--users",
+        default=str(ML25M_USERS),
+        help=f"generated users, or comma-separated sizes run in turn (ML-25M: {ML25M_USERS})",
+    )
+    g.add_argument(
+        "--items", type=int, default=ML25M_ITEMS, help=f"generated movies (ML-25M: {ML25M_ITEMS:,})"
+    )
+    g.add_argument(
+        "--tail-length", type=int, default=30_000, help="one user gets this many ratings (the tail)"
+    )
+    g.add_argument(
+        "--length-scale",
+        type=number(0, low_open=True),
+        default=1.0,
+        help="multiplies every generated history length",
+    )
     g.add_argument("--gen-seed", type=int, default=0, help="seed of the generated files and of the samples")
-    g.add_argument("--targets", type=int, default=100_000, help="retrieval sample size (capped at the samples)")
+    g.add_argument(
+        "--targets", type=int, default=100_000, help="retrieval sample size (capped at the samples)"
+    )
     g.add_argument("--dim", type=int, default=384, help="item embedding size of the stand-in encoder")
-    g.add_argument("--topk-backend", default="cpp", help="semantic_topk backend for the retrieve stage (default cpp)")
+    g.add_argument(
+        "--topk-backend", default="cpp", help="semantic_topk backend for the retrieve stage (default cpp)"
+    )
     g.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    g.add_argument("--gemm-size", type=int, default=GEMM_SIZE,
-                   help="n of the n x n x n torch.mm that measures the machine's GEMM rate (fp32 and bf16); 0: skip it")
+    g.add_argument(
+        "--gemm-size",
+        type=int,
+        default=GEMM_SIZE,
+        help="n of the n x n x n torch.mm that measures the machine's GEMM rate (fp32 and bf16); 0: skip it",
+    )
 
 
 # --------------------------------------------------------------------------------------------- generator
 
 
-def generate_movielens(folder, users: int, items: int = ML25M_ITEMS, seed: int = 0, max_length: int = 30_000,
-                       length_scale: float = 1.0) -> Dict[str, int]:  # fmt: skip
+def generate_movielens(
+    folder,
+    users: int,
+    items: int = ML25M_ITEMS,
+    seed: int = 0,
+    max_length: int = 30_000,
+    length_scale: float = 1.0,
+) -> Dict[str, int]:
     """Write an ML-25M-shaped ``ratings.csv`` and ``movies.csv`` into ``folder`` (atomically); return counts.
 
     Rows are grouped by user, then by movie id (as in the real file); every user rates at least 20 movies
@@ -83,8 +110,10 @@ def generate_movielens(folder, users: int, items: int = ML25M_ITEMS, seed: int =
     from .._io import atomic_path
 
     if users < 1 or items < 1 or max_length < 1 or not length_scale > 0:
-        raise ValueError(f"users, items, max_length and length_scale must be positive; got {users}, {items}, "
-                         f"{max_length}, {length_scale}")  # fmt: skip
+        raise ValueError(
+            f"users, items, max_length and length_scale must be positive; got {users}, {items}, "
+            f"{max_length}, {length_scale}"
+        )
     rng = np.random.default_rng(seed)
     floor = max(1, int(round(20 * length_scale)))
     lengths = floor + np.floor(rng.lognormal(4.1 + np.log(length_scale), 1.25, users)).astype(np.int64)
@@ -103,22 +132,33 @@ def generate_movielens(folder, users: int, items: int = ML25M_ITEMS, seed: int =
     order = np.lexsort((movie, user))  # the real file: by user, then movie
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"userId": user[order], "movieId": movie[order], "rating": rating[order], "timestamp": stamp[order]})
+    table = pa.table(
+        {"userId": user[order], "movieId": movie[order], "rating": rating[order], "timestamp": stamp[order]}
+    )
     with atomic_path(folder / "ratings.csv") as tmp:
         with open(tmp, "wb") as fh:
             fh.write(b"userId,movieId,rating,timestamp\n")
             pacsv.write_csv(table, fh, pacsv.WriteOptions(include_header=False))
-    genres = np.array(["Action", "Comedy", "Drama", "Romance", "Thriller", "Sci-Fi", "Animation", "Documentary"])
+    genres = np.array(
+        ["Action", "Comedy", "Drama", "Romance", "Thriller", "Sci-Fi", "Animation", "Documentary"]
+    )
     ids = np.arange(1, items + 1)
     g1, g2 = genres[rng.integers(0, len(genres), items)], genres[rng.integers(0, len(genres), items)]
     titles = [f"Generated Movie {i} ({1920 + i % 100})" for i in ids]
-    movies = pa.table({"movieId": ids, "title": titles, "genres": [f"{a}|{b}" if a != b else a for a, b in zip(g1, g2)]})
+    movies = pa.table(
+        {"movieId": ids, "title": titles, "genres": [f"{a}|{b}" if a != b else a for a, b in zip(g1, g2)]}
+    )
     with atomic_path(folder / "movies.csv") as tmp:
         with open(tmp, "wb") as fh:
             fh.write(b"movieId,title,genres\n")
             pacsv.write_csv(movies, fh, pacsv.WriteOptions(include_header=False))
-    return {"users": users, "items": items, "ratings": total, "max_length": int(lengths.max()),
-            "median_length": int(np.median(lengths))}  # fmt: skip
+    return {
+        "users": users,
+        "items": items,
+        "ratings": total,
+        "max_length": int(lengths.max()),
+        "median_length": int(np.median(lengths)),
+    }
 
 
 # ------------------------------------------------------------------------------------------ stage bodies
@@ -148,7 +188,7 @@ def gemm_rate(n: int = GEMM_SIZE, repeats: int = 5) -> dict:
 
 
 def against_limit(gflops: float, gemm: Optional[dict], precision: str = "fp32") -> str:
-    """"X useful GFLOP/s (P% of the fp32 GEMM rate)" for a report row; without a GEMM rate, just the figure."""
+    """ "X useful GFLOP/s (P% of the fp32 GEMM rate)" for a report row; without a GEMM rate, just the figure."""
     text = f"{gflops:,.1f} useful GFLOP/s"
     rate = (gemm or {}).get(f"{precision}_gflops")
     return f"{text} ({100 * gflops / rate:.1f}% of {precision} GEMM)" if rate else text
@@ -201,11 +241,20 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
     ui, pos = retrieval_sample(data, targets, seed)
     load_s = time.perf_counter() - t0
     sample = SimpleNamespace(user_index=ui, pos=pos)
-    retrieve(emb, data.sequences, SimpleNamespace(user_index=ui[:64], pos=pos[:64]), 10, metric="cosine",
-             backend=backend, item_ids=ids, show_progress=False)  # warm-up (first call builds the item-row map)
+    retrieve(
+        emb,
+        data.sequences,
+        SimpleNamespace(user_index=ui[:64], pos=pos[:64]),
+        10,
+        metric="cosine",
+        backend=backend,
+        item_ids=ids,
+        show_progress=False,
+    )  # warm-up (first call builds the item-row map)
     t1 = time.perf_counter()
-    rpos, rscore = retrieve(emb, data.sequences, sample, 10, metric="cosine", backend=backend, item_ids=ids,
-                            show_progress=False)  # fmt: skip
+    rpos, rscore = retrieve(
+        emb, data.sequences, sample, 10, metric="cosine", backend=backend, item_ids=ids, show_progress=False
+    )
     seconds = time.perf_counter() - t1
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "retrieved.npz") as tmp:
@@ -217,15 +266,35 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
         keep = (pos >= lo) & (pos < (hi or np.inf))
         if keep.any():
             t = time.perf_counter()
-            retrieve(emb, data.sequences, SimpleNamespace(user_index=ui[keep], pos=pos[keep]), 10, metric="cosine",
-                     backend=backend, item_ids=ids, show_progress=False)  # fmt: skip
+            retrieve(
+                emb,
+                data.sequences,
+                SimpleNamespace(user_index=ui[keep], pos=pos[keep]),
+                10,
+                metric="cosine",
+                backend=backend,
+                item_ids=ids,
+                show_progress=False,
+            )
             t = time.perf_counter() - t
-            bands[f"{lo}-{hi - 1 if hi else ''}"] = {"targets": int(keep.sum()), "mean_history": float(pos[keep].mean()),
-                                                     "targets_per_s": float(keep.sum() / t),
-                                                     "useful_gflops": flops_per_candidate * float(pos[keep].sum()) / t / 1e9}  # fmt: skip
-    return {"targets": int(len(pos)), "k": 10, "backend": backend, "load_s": load_s, "retrieve_s": seconds,
-            "targets_per_s": len(pos) / seconds, "max_history": int(pos.max()), "mean_history": float(pos.mean()),
-            "useful_gflops": flops_per_candidate * float(pos.sum()) / seconds / 1e9, "bands": bands}  # fmt: skip
+            bands[f"{lo}-{hi - 1 if hi else ''}"] = {
+                "targets": int(keep.sum()),
+                "mean_history": float(pos[keep].mean()),
+                "targets_per_s": float(keep.sum() / t),
+                "useful_gflops": flops_per_candidate * float(pos[keep].sum()) / t / 1e9,
+            }
+    return {
+        "targets": int(len(pos)),
+        "k": 10,
+        "backend": backend,
+        "load_s": load_s,
+        "retrieve_s": seconds,
+        "targets_per_s": len(pos) / seconds,
+        "max_history": int(pos.max()),
+        "mean_history": float(pos.mean()),
+        "useful_gflops": flops_per_candidate * float(pos.sum()) / seconds / 1e9,
+        "bands": bands,
+    }
 
 
 def _stage_train_ctr(prepared: Path, out: Path, seed: int) -> dict:
@@ -249,11 +318,18 @@ def _stage_train_ctr(prepared: Path, out: Path, seed: int) -> dict:
     epoch_s = max(fit_s - eval_s, 1e-9)
     save_ctr(model, vocab, report, out)
     rate = n["train"] / epoch_s
-    return {"train_samples": n["train"], "load_s": load_s, "fit_s": fit_s, "epoch_s": epoch_s,
-            "train_samples_per_s": rate, "predict_samples_per_s": n["test"] / max(test_s, 1e-9),
-            "precision": training_precision(train_config.mixed_precision),
-            "useful_gflops": 3 * matmul_flops_per_sample(model.config) * rate / 1e9,
-            "valid_auc": report.valid.get("auc"), "test_auc": report.test.get("auc")}  # fmt: skip
+    return {
+        "train_samples": n["train"],
+        "load_s": load_s,
+        "fit_s": fit_s,
+        "epoch_s": epoch_s,
+        "train_samples_per_s": rate,
+        "predict_samples_per_s": n["test"] / max(test_s, 1e-9),
+        "precision": training_precision(train_config.mixed_precision),
+        "useful_gflops": 3 * matmul_flops_per_sample(model.config) * rate / 1e9,
+        "valid_auc": report.valid.get("auc"),
+        "test_auc": report.test.get("auc"),
+    }
 
 
 def _stage_main(argv: List[str]) -> int:
@@ -264,8 +340,14 @@ def _stage_main(argv: List[str]) -> int:
     elif stage == "embed":
         res = _stage_embed(Path(opts["prepared"]), Path(opts["out"]), opts["dim"], opts["seed"])
     elif stage == "retrieve":
-        res = _stage_retrieve(Path(opts["prepared"]), Path(opts["emb"]), Path(opts["out"]), opts["targets"],
-                              opts["backend"], opts["seed"])  # fmt: skip
+        res = _stage_retrieve(
+            Path(opts["prepared"]),
+            Path(opts["emb"]),
+            Path(opts["out"]),
+            opts["targets"],
+            opts["backend"],
+            opts["seed"],
+        )
     elif stage == "train-ctr":
         res = _stage_train_ctr(Path(opts["prepared"]), Path(opts["out"]), opts["seed"])
     else:
@@ -299,15 +381,32 @@ def run_stage(cmd: List[str], folder: Path, env: Optional[dict] = None) -> dict:
     result = {}
     for line in output.splitlines():
         if line.startswith("BENCH-RESULT "):
-            result = json.loads(line[len("BENCH-RESULT "):])
+            result = json.loads(line[len("BENCH-RESULT ") :])
     # ru_maxrss: kilobytes on Linux
-    return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
-            "bytes_written": _folder_bytes(folder) - before, **result}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_bytes": int(usage.ru_maxrss) * 1024,
+        "bytes_written": _folder_bytes(folder) - before,
+        **result,
+    }
 
 
-def run_pipeline(out, users: int, *, items: int = ML25M_ITEMS, max_length: int = 30_000, length_scale: float = 1.0,
-                 seed: int = 0, targets: int = 100_000, dim: int = 384, backend: str = "cpp",
-                 stages=STAGES, prepare_args=(), log=print) -> dict:  # fmt: skip
+def run_pipeline(
+    out,
+    users: int,
+    *,
+    items: int = ML25M_ITEMS,
+    max_length: int = 30_000,
+    length_scale: float = 1.0,
+    seed: int = 0,
+    targets: int = 100_000,
+    dim: int = 384,
+    backend: str = "cpp",
+    stages=STAGES,
+    prepare_args=(),
+    log=print,
+) -> dict:
     """Generate the files under ``out/raw`` and run ``stages`` in order (each in a child process);
     ``prepare_args`` are extra ``rellax-fast prepare`` flags (e.g. ``--history-column full``)."""
     unknown = [s for s in stages if s not in STAGES]
@@ -319,28 +418,43 @@ def run_pipeline(out, users: int, *, items: int = ML25M_ITEMS, max_length: int =
     gen = generate_movielens(raw, users, items, seed, max_length, length_scale)
     gen["wall_s"] = time.perf_counter() - t0
     gen["bytes"] = _folder_bytes(raw)
-    log(f"generated {gen['ratings']:,} ratings of {users:,} users ({gen['bytes'] / 1e6:.1f} MB, longest "
-        f"{gen['max_length']:,}) in {gen['wall_s']:.1f} s")  # fmt: skip
+    log(
+        f"generated {gen['ratings']:,} ratings of {users:,} users ({gen['bytes'] / 1e6:.1f} MB, longest "
+        f"{gen['max_length']:,}) in {gen['wall_s']:.1f} s"
+    )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     py = sys.executable
     results = {}
     for stage in stages:
         if stage == "prepare":
-            code = ("import sys; from rellax_fast.cli import main; sys.exit(main(['prepare', '--dataset', 'ml-25m', "
-                    f"'--data-dir', {str(raw)!r}, '--out', {str(prepared)!r}, '--no-download', *{list(prepare_args)!r}]))")  # fmt: skip
+            code = (
+                "import sys; from rellax_fast.cli import main; sys.exit(main(['prepare', '--dataset', 'ml-25m', "
+                f"'--data-dir', {str(raw)!r}, '--out', {str(prepared)!r}, '--no-download', *{list(prepare_args)!r}]))"
+            )
             env_stage = dict(env, TQDM_DISABLE="1")
             results[stage] = run_stage([py, "-c", code], prepared, env_stage)
         else:
-            opts = {"prepared": str(prepared), "seed": seed, "dim": dim, "targets": targets, "backend": backend,
-                    "emb": str(out / "embed"), "out": str(out / {"embed": "embed", "retrieve": "retrieve",
-                                                                 "train-ctr": "ctr"}[stage])}  # fmt: skip
-            results[stage] = run_stage([py, "-m", "rellax_fast.bench.data", stage, json.dumps(opts)],
-                                       Path(opts["out"]), env)  # fmt: skip
+            opts = {
+                "prepared": str(prepared),
+                "seed": seed,
+                "dim": dim,
+                "targets": targets,
+                "backend": backend,
+                "emb": str(out / "embed"),
+                "out": str(out / {"embed": "embed", "retrieve": "retrieve", "train-ctr": "ctr"}[stage]),
+            }
+            results[stage] = run_stage(
+                [py, "-m", "rellax_fast.bench.data", stage, json.dumps(opts)], Path(opts["out"]), env
+            )
         r = results[stage]
-        rate = {"retrieve": f"  {r.get('targets_per_s', 0):,.0f} targets/s",
-                "train-ctr": f"  {r.get('train_samples_per_s', 0):,.0f} train samples/s"}.get(stage, "")  # fmt: skip
-        log(f"{stage:<9} {r['wall_s']:8.1f} s (cpu {r['cpu_s']:7.1f} s)  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB  "
-            f"wrote {r['bytes_written'] / 1e6:9.1f} MB{rate}")  # fmt: skip
+        rate = {
+            "retrieve": f"  {r.get('targets_per_s', 0):,.0f} targets/s",
+            "train-ctr": f"  {r.get('train_samples_per_s', 0):,.0f} train samples/s",
+        }.get(stage, "")
+        log(
+            f"{stage:<9} {r['wall_s']:8.1f} s (cpu {r['cpu_s']:7.1f} s)  peak RSS {r['peak_rss_bytes'] / 2**30:6.2f} GiB  "
+            f"wrote {r['bytes_written'] / 1e6:9.1f} MB{rate}"
+        )
     return {"generated": gen, "stages": results}
 
 
@@ -370,13 +484,21 @@ def extrapolate(results: List[dict], ratings: int = ML25M_RATINGS) -> Dict[str, 
 
 
 def markdown(report: dict) -> str:
-    lines = ["# bench data", "", f"Machine: {report['machine']}. Stand-in encoder: seeded random {report['dim']}-d item "
-             f"table. Seed {report['seed']}.", ""]  # fmt: skip
+    lines = [
+        "# bench data",
+        "",
+        f"Machine: {report['machine']}. Stand-in encoder: seeded random {report['dim']}-d item "
+        f"table. Seed {report['seed']}.",
+        "",
+    ]
     gemm = report.get("gemm")
     if gemm:
-        lines += [f"GEMM rate in this run (torch.mm, {gemm['n']}^3, {gemm['threads']} threads, best of 5): fp32 "
-                  f"{gemm['fp32_gflops']:,.1f} GFLOP/s, bf16 {gemm['bf16_gflops']:,.1f} GFLOP/s. Useful GFLOP/s: "
-                  "retrieval 2 d per (target, earlier behaviour); DIN 3x the forward's matmul FLOPs per sample.", ""]  # fmt: skip
+        lines += [
+            f"GEMM rate in this run (torch.mm, {gemm['n']}^3, {gemm['threads']} threads, best of 5): fp32 "
+            f"{gemm['fp32_gflops']:,.1f} GFLOP/s, bf16 {gemm['bf16_gflops']:,.1f} GFLOP/s. Useful GFLOP/s: "
+            "retrieval 2 d per (target, earlier behaviour); DIN 3x the forward's matmul FLOPs per sample.",
+            "",
+        ]
     for result in report["sizes"]:
         gen = result["generated"]
         lines += [
@@ -387,37 +509,54 @@ def markdown(report: dict) -> str:
             "",
             "| stage | wall s | CPU s | peak RSS GiB | written MB | rate |",
             "|---|---|---|---|---|---|",
-        ]  # fmt: skip
+        ]
         for name, r in result["stages"].items():
             rate = ""
             if name == "retrieve":
-                rate = (f"{r['targets_per_s']:,.0f} targets/s, {against_limit(r['useful_gflops'], gemm)} "
-                        f"({r['targets']:,}, history up to {r['max_history']:,}); "
-                        + ", ".join(f"{b}: {v['targets_per_s']:,.0f}/s, {against_limit(v['useful_gflops'], gemm)}"
-                                    for b, v in r["bands"].items()))  # fmt: skip
+                rate = (
+                    f"{r['targets_per_s']:,.0f} targets/s, {against_limit(r['useful_gflops'], gemm)} "
+                    f"({r['targets']:,}, history up to {r['max_history']:,}); "
+                    + ", ".join(
+                        f"{b}: {v['targets_per_s']:,.0f}/s, {against_limit(v['useful_gflops'], gemm)}"
+                        for b, v in r["bands"].items()
+                    )
+                )
             elif name == "train-ctr":
-                rate = (f"{r['train_samples_per_s']:,.0f} train samples/s, "
-                        f"{against_limit(r['useful_gflops'], gemm, r['precision'])} ({r['train_samples']:,} samples, "
-                        f"1 epoch, {r['precision']}; valid AUC {r['valid_auc']:.4f})")  # fmt: skip
-            lines.append(f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
-                         f"{r['bytes_written'] / 1e6:.1f} | {rate} |")  # fmt: skip
+                rate = (
+                    f"{r['train_samples_per_s']:,.0f} train samples/s, "
+                    f"{against_limit(r['useful_gflops'], gemm, r['precision'])} ({r['train_samples']:,} samples, "
+                    f"1 epoch, {r['precision']}; valid AUC {r['valid_auc']:.4f})"
+                )
+            lines.append(
+                f"| {name} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                f"{r['bytes_written'] / 1e6:.1f} | {rate} |"
+            )
         lines.append("")
     n = len(report["sizes"])
     lines += [
         f"## Full ML-25M size ({ML25M_RATINGS:,} ratings): linear extrapolation, not a measurement",
         "",
-        ("Least-squares line through the sizes above" if n >= 2 else
-         "Proportional to the one size above (peak RSS overstated by the interpreter's baseline)") + ".",
+        (
+            "Least-squares line through the sizes above"
+            if n >= 2
+            else "Proportional to the one size above (peak RSS overstated by the interpreter's baseline)"
+        )
+        + ".",
         "",
         "| stage | wall s | CPU s | peak RSS GiB | written GB |",
         "|---|---|---|---|---|",
-    ]  # fmt: skip
-    lines.insert(len(lines) - 3, "embed (per item) and retrieve (a fixed number of targets) do not grow with the ratings "
-                 "except for loading the prepared folder; their lines say little. Wall time on a shared machine is noise: "
-                 "read the CPU time.")  # fmt: skip
+    ]
+    lines.insert(
+        len(lines) - 3,
+        "embed (per item) and retrieve (a fixed number of targets) do not grow with the ratings "
+        "except for loading the prepared folder; their lines say little. Wall time on a shared machine is noise: "
+        "read the CPU time.",
+    )
     for name, e in report["extrapolated_full_size"].items():
-        lines.append(f"| {name} | ~{e['wall_s']:.0f} | ~{e['cpu_s']:.0f} | ~{e['peak_rss_bytes'] / 2**30:.1f} | "
-                     f"~{e['bytes_written'] / 1e9:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {name} | ~{e['wall_s']:.0f} | ~{e['cpu_s']:.0f} | ~{e['peak_rss_bytes'] / 2**30:.1f} | "
+            f"~{e['bytes_written'] / 1e9:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -433,34 +572,62 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --users: expected comma-separated integers, got {args.users!r}", file=sys.stderr)
         return 2
     if args.gemm_size < 0:
-        print(f"error: --gemm-size must be >= 0 (0: skip the GEMM rate); got {args.gemm_size}", file=sys.stderr)
+        print(
+            f"error: --gemm-size must be >= 0 (0: skip the GEMM rate); got {args.gemm_size}", file=sys.stderr
+        )
         return 2
     if not sizes or min(sizes) < 1 or args.targets < 1 or args.dim < 1:
-        print(f"error: --users, --targets and --dim must be >= 1; got {args.users}, {args.targets}, {args.dim}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: --users, --targets and --dim must be >= 1; got {args.users}, {args.targets}, {args.dim}",
+            file=sys.stderr,
+        )
         return 2
     gemm = None
     if args.gemm_size > 0:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        gemm = {k: v for k, v in run_stage([sys.executable, "-m", "rellax_fast.bench.data", "gemm",
-                                            json.dumps({"n": args.gemm_size})], Path(args.out)).items()
-                if k in ("n", "threads", "fp32_gflops", "bf16_gflops")}  # fmt: skip
-        print(f"GEMM rate: fp32 {gemm['fp32_gflops']:,.1f} GFLOP/s, bf16 {gemm['bf16_gflops']:,.1f} GFLOP/s "
-              f"(torch.mm {args.gemm_size}^3)", flush=True)  # fmt: skip
+        gemm = {
+            k: v
+            for k, v in run_stage(
+                [sys.executable, "-m", "rellax_fast.bench.data", "gemm", json.dumps({"n": args.gemm_size})],
+                Path(args.out),
+            ).items()
+            if k in ("n", "threads", "fp32_gflops", "bf16_gflops")
+        }
+        print(
+            f"GEMM rate: fp32 {gemm['fp32_gflops']:,.1f} GFLOP/s, bf16 {gemm['bf16_gflops']:,.1f} GFLOP/s "
+            f"(torch.mm {args.gemm_size}^3)",
+            flush=True,
+        )
     results = []
     for users in sizes:
         print(f"== bench data: {users:,} users", flush=True)
         try:
-            results.append(run_pipeline(Path(args.out) / "data" / f"users-{users}", users, items=args.items,
-                                        max_length=args.tail_length, length_scale=args.length_scale,
-                                        seed=args.gen_seed, targets=args.targets, dim=args.dim,
-                                        backend=args.topk_backend, stages=stages))  # fmt: skip
+            results.append(
+                run_pipeline(
+                    Path(args.out) / "data" / f"users-{users}",
+                    users,
+                    items=args.items,
+                    max_length=args.tail_length,
+                    length_scale=args.length_scale,
+                    seed=args.gen_seed,
+                    targets=args.targets,
+                    dim=args.dim,
+                    backend=args.topk_backend,
+                    stages=stages,
+                )
+            )
         except (ValueError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         # the reports are rewritten after every size, so a long run that is stopped keeps what it measured
-        report = {"seed": args.gen_seed, "dim": args.dim, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                  "gemm": gemm, "sizes": results, "extrapolated_full_size": extrapolate(results)}  # fmt: skip
+        report = {
+            "seed": args.gen_seed,
+            "dim": args.dim,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "gemm": gemm,
+            "sizes": results,
+            "extrapolated_full_size": extrapolate(results),
+        }
         atomic_write_text(Path(args.out) / "data.json", json.dumps(report, indent=2) + "\n")
         text = markdown(report)
         atomic_write_text(Path(args.out) / "data.md", text)

@@ -108,13 +108,37 @@ from .e2e_train import (
 )
 
 __all__ = [
-    "COLUMNS", "COMPILED_PROVIDER", "E2ESize", "EVAL_N_ENV", "EVAL_RUN_ENV", "INFER_BASELINE", "INFER_PROVIDERS",
-    "PATCHED_INFER_PROVIDER", "PATCHED_PROVIDER", "PRETRAINED_INFER_PROVIDERS", "PRETRAINED_TRAIN_PROVIDERS", "SIZES", "SIZE_ALIASES", "TARGET_MODULES", "TRAIN_BASELINE",
-    "TRAIN_PROVIDERS", "add_training_ratios", "bench_ctr_scoring", "bench_decode_interleaved", "bench_inference",
-    "bench_training", "bench_training_interleaved",
-    "build_base_model", "cflora_model", "main", "peft_model", "plot", "resolve_size", "resolved_backend",
+    "COLUMNS",
+    "COMPILED_PROVIDER",
+    "E2ESize",
+    "EVAL_N_ENV",
+    "EVAL_RUN_ENV",
+    "INFER_BASELINE",
+    "INFER_PROVIDERS",
+    "PATCHED_INFER_PROVIDER",
+    "PATCHED_PROVIDER",
+    "PRETRAINED_INFER_PROVIDERS",
+    "PRETRAINED_TRAIN_PROVIDERS",
+    "SIZES",
+    "SIZE_ALIASES",
+    "TARGET_MODULES",
+    "TRAIN_BASELINE",
+    "TRAIN_PROVIDERS",
+    "add_training_ratios",
+    "bench_ctr_scoring",
+    "bench_decode_interleaved",
+    "bench_inference",
+    "bench_training",
+    "bench_training_interleaved",
+    "build_base_model",
+    "cflora_model",
+    "main",
+    "peft_model",
+    "plot",
+    "resolve_size",
+    "resolved_backend",
     "run_suite",
-]  # fmt: skip
+]
 
 
 # --------------------------------------------------------------------------------------------- suite
@@ -123,8 +147,11 @@ __all__ = [
 def _dtype_and_device(args):
     import torch
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     return device, getattr(torch, name)
 
@@ -138,14 +165,28 @@ def plot(rows: Sequence[Dict[str, object]], path: str) -> str:
     infer = [r for r in rows if r["phase"] in ("prefill", "decode") and r.get("ms") is not None]
     stem = path[:-4] if path.endswith(".png") else path
     if train:
-        report.bar_chart(train, path, ["provider"], "tokens_per_s", "phase", "training step: tokens/s (higher is better)")
+        report.bar_chart(
+            train, path, ["provider"], "tokens_per_s", "phase", "training step: tokens/s (higher is better)"
+        )
         if any(r.get("peak_mem_mb") is not None for r in train):  # the interleaved suite measures no memory
-            report.bar_chart(train, f"{stem}_memory.png", ["provider"], "peak_mem_mb", "phase",
-                             "training step: peak memory above resident, MiB (lower is better)")
+            report.bar_chart(
+                train,
+                f"{stem}_memory.png",
+                ["provider"],
+                "peak_mem_mb",
+                "phase",
+                "training step: peak memory above resident, MiB (lower is better)",
+            )
     if infer:
         # speed relative to the merged baseline: prefill and decode latencies differ by orders of magnitude
-        report.bar_chart(infer, f"{stem}_inference.png", ["phase", "batch"], "speed_vs_baseline", "provider",
-                         f"inference speed vs {INFER_BASELINE} (baseline ms / ms; higher is better)")
+        report.bar_chart(
+            infer,
+            f"{stem}_inference.png",
+            ["phase", "batch"],
+            "speed_vs_baseline",
+            "provider",
+            f"inference speed vs {INFER_BASELINE} (baseline ms / ms; higher is better)",
+        )
     return path
 
 
@@ -157,8 +198,9 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     size = resolve_size(args.size)
     spec = SIZES[size]
     device, dtype = _dtype_and_device(args)
-    compile_backend = getattr(args, "compile_backend", None) or os.environ.get("RELLAX_BENCH_COMPILE_BACKEND",
-                                                                                "inductor")
+    compile_backend = getattr(args, "compile_backend", None) or os.environ.get(
+        "RELLAX_BENCH_COMPILE_BACKEND", "inductor"
+    )
     out_dir = getattr(args, "out", None) or "bench_out"
     header = f"# bench e2e (partial: the run has not finished)\n\n{report.environment_line(device)}"
 
@@ -169,11 +211,16 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     t0 = time.perf_counter()
     base = build_base_model(spec, device, dtype)
     n_params = sum(p.numel() for p in base.parameters())
-    print(f"  model: LlamaForCausalLM {size}, {n_params / 1e6:.2f}M params, {dtype}, built in "
-          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    print(
+        f"  model: LlamaForCausalLM {size}, {n_params / 1e6:.2f}M params, {dtype}, built in "
+        f"{time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
     if spec.backbone is not None:
         train = bench_training_interleaved(base, spec, device, dtype, args.warmup, args.repeat, progress)
-        rows = train + bench_decode_interleaved(base, spec, device, dtype, args.warmup, args.repeat, progress, train)
+        rows = train + bench_decode_interleaved(
+            base, spec, device, dtype, args.warmup, args.repeat, progress, train
+        )
         del base
         free_memory(device)
         _remove_partial(out_dir)
@@ -181,10 +228,22 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     # torch.compile last: if its compile time runs a time-boxed job out, every other row is already saved
     eager = tuple(p for p in TRAIN_PROVIDERS if p[1] != "peft-compile")
     compiled = tuple(p for p in TRAIN_PROVIDERS if p[1] == "peft-compile")
-    train = bench_training(base, spec, device, dtype, args.warmup, args.repeat, compile_backend, progress, eager)
+    train = bench_training(
+        base, spec, device, dtype, args.warmup, args.repeat, compile_backend, progress, eager
+    )
     infer = bench_inference(base, spec, device, dtype, args.warmup, args.repeat, progress, train)
-    train += bench_training(base, spec, device, dtype, args.warmup, args.repeat, compile_backend, progress,
-                            compiled, done=train + infer)
+    train += bench_training(
+        base,
+        spec,
+        device,
+        dtype,
+        args.warmup,
+        args.repeat,
+        compile_backend,
+        progress,
+        compiled,
+        done=train + infer,
+    )
     add_training_ratios(train)
     rows = train + infer
     del base
@@ -208,10 +267,16 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
         f"{compile_backend}). Inference: prompt {spec.prompt}, prefill and one decode token on the KV cache; "
         f"baseline `{INFER_BASELINE}`. ms = median of {args.repeat} after {args.warmup} warm-up; "
         "peak_mem_mb = memory above the resident model + optimizer state during one call "
-        + ("(CUDA allocator peak); training mem_vs_baseline compares total_peak_mb = resident + peak."
-           if device.type == "cuda" else "(CPU: growth of peak RSS, coarse).")
-        + (f" ctr-score rows: `rellax-fast eval --run {eval_run}`, samples/s." if eval_run else
-           f" CTR scoring through `rellax-fast eval` not measured (set {EVAL_RUN_ENV} to a trained run folder).")
+        + (
+            "(CUDA allocator peak); training mem_vs_baseline compares total_peak_mb = resident + peak."
+            if device.type == "cuda"
+            else "(CPU: growth of peak RSS, coarse)."
+        )
+        + (
+            f" ctr-score rows: `rellax-fast eval --run {eval_run}`, samples/s."
+            if eval_run
+            else f" CTR scoring through `rellax-fast eval` not measured (set {EVAL_RUN_ENV} to a trained run folder)."
+        )
     )
     return rows, {"title": title, "plot": plot}
 
@@ -257,7 +322,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     suites = [s for s in args.suites.split(",") if s]
     if args.append_to:
-        section = append_benchmarks_section(args.append_to, args.out_dir, args.command, suites, title=args.title)
+        section = append_benchmarks_section(
+            args.append_to, args.out_dir, args.command, suites, title=args.title
+        )
     else:
         section = benchmarks_section(args.out_dir, args.command, suites, title=args.title)
     atomic_write_text(args.section_file, section)

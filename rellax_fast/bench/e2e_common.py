@@ -8,8 +8,23 @@ import gc
 import math
 from typing import Callable, Dict, Optional
 
-COLUMNS = ("phase", "provider", "batch", "seq", "ms", "tokens_per_s", "peak_mem_mb", "resident_mb", "total_peak_mb",
-           "baseline", "speed_vs_baseline", "mem_vs_baseline", "speed_vs_compiled", "loss", "note")
+COLUMNS = (
+    "phase",
+    "provider",
+    "batch",
+    "seq",
+    "ms",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "resident_mb",
+    "total_peak_mb",
+    "baseline",
+    "speed_vs_baseline",
+    "mem_vs_baseline",
+    "speed_vs_compiled",
+    "loss",
+    "note",
+)
 
 
 def free_memory(device) -> None:
@@ -53,7 +68,9 @@ def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     return num / den
 
 
-def interleaved_ms(calls: Dict[str, Callable[[], object]], device, warmup: int, repeat: int) -> Dict[str, float]:
+def interleaved_ms(
+    calls: Dict[str, Callable[[], object]], device, warmup: int, repeat: int
+) -> Dict[str, float]:
     """Median wall time (ms) of each call, measured interleaved: ``warmup`` untimed rounds, then ``repeat``
     timed rounds that each run every call once, in an order rotated every round. On a machine whose load
     drifts (a shared CPU), every call sees the same conditions, so their ratios stay meaningful."""
@@ -68,7 +85,7 @@ def interleaved_ms(calls: Dict[str, Callable[[], object]], device, warmup: int, 
             calls[name]()
     times: Dict[str, list] = {name: [] for name in names}
     for i in range(repeat):
-        for name in names[i % len(names):] + names[: i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             sync(device)
             t0 = time.perf_counter()
             calls[name]()

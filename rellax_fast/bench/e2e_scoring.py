@@ -42,8 +42,20 @@ def bench_ctr_scoring(run_dir: str, n: int, batch_size: int, out_dir: str) -> Li
     trainer.predict_proba = timed_predict_proba  # cli_eval imports it at call time, so it sees the wrapper
     try:
         t0 = time.perf_counter()
-        rc = cli_main(["eval", "--run", run_dir, "--n", str(n), "--batch-size", str(batch_size), "--no-progress",
-                       "--out", eval_out])
+        rc = cli_main(
+            [
+                "eval",
+                "--run",
+                run_dir,
+                "--n",
+                str(n),
+                "--batch-size",
+                str(batch_size),
+                "--no-progress",
+                "--out",
+                eval_out,
+            ]
+        )
         total_s = time.perf_counter() - t0
     finally:
         trainer.predict_proba = original
@@ -53,8 +65,22 @@ def bench_ctr_scoring(run_dir: str, n: int, batch_size: int, out_dir: str) -> Li
     device = "cuda" if torch.cuda.is_available() else "cpu"
     note = f"run {run_dir}; {n_scored} samples; {device}"
     return [
-        row("ctr-score", "rellax-fast eval: scoring (predict_proba)", batch_size, None, ms=score_s * 1e3,
-            samples_per_s=n_scored / score_s, note=note),
-        row("ctr-score", "rellax-fast eval: whole command", batch_size, None, ms=total_s * 1e3,
-            samples_per_s=n_scored / total_s, note=note + "; includes model load, DIN, retrieval, prompts"),
+        row(
+            "ctr-score",
+            "rellax-fast eval: scoring (predict_proba)",
+            batch_size,
+            None,
+            ms=score_s * 1e3,
+            samples_per_s=n_scored / score_s,
+            note=note,
+        ),
+        row(
+            "ctr-score",
+            "rellax-fast eval: whole command",
+            batch_size,
+            None,
+            ms=total_s * 1e3,
+            samples_per_s=n_scored / total_s,
+            note=note + "; includes model load, DIN, retrieval, prompts",
+        ),
     ]

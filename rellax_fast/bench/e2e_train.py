@@ -34,8 +34,16 @@ PRETRAINED_TRAIN_PROVIDERS: Tuple[Tuple[str, str], ...] = (
 )
 
 
-def train_model(kind: str, backend: Optional[str], base, spec: E2ESize, device, dtype, cond,
-                targets: Tuple[str, ...] = TARGET_MODULES):  # fmt: skip
+def train_model(
+    kind: str,
+    backend: Optional[str],
+    base,
+    spec: E2ESize,
+    device,
+    dtype,
+    cond,
+    targets: Tuple[str, ...] = TARGET_MODULES,
+):
     """The model of one training provider ``kind`` (a :data:`TRAIN_PROVIDERS` kind) on a copy of ``base``,
     in train mode, with the context manager that conditions its forward and the notes that describe it.
     One home for ``bench e2e`` and the pytest-benchmark suite (``benchmarks/test_bench_train_step.py``)."""
@@ -55,8 +63,20 @@ def train_model(kind: str, backend: Optional[str], base, spec: E2ESize, device, 
     return model, condition, note
 
 
-def _train_provider(name: str, kind: str, backend: Optional[str], base, spec: E2ESize, device, dtype,
-                    ids, cond, warmup: int, repeat: int, compile_backend: str) -> Dict[str, object]:
+def _train_provider(
+    name: str,
+    kind: str,
+    backend: Optional[str],
+    base,
+    spec: E2ESize,
+    device,
+    dtype,
+    ids,
+    cond,
+    warmup: int,
+    repeat: int,
+    compile_backend: str,
+) -> Dict[str, object]:
     import torch
 
     from . import report
@@ -81,10 +101,19 @@ def _train_provider(name: str, kind: str, backend: Optional[str], base, spec: E2
     peak = report.peak_memory_mb(step, device)
     first_loss = _check_losses(name, losses)
     tokens = ids.numel()
-    return row("train", name, ids.shape[0], ids.shape[1], ms=ms, tokens_per_s=tokens / (ms / 1e3),
-               peak_mem_mb=peak, resident_mb=None if alloc0 is None else resident - alloc0,
-               total_peak_mb=None if alloc0 is None else resident - alloc0 + peak,
-               loss=first_loss, note="; ".join(note))  # the model and optimizer die with this frame
+    return row(
+        "train",
+        name,
+        ids.shape[0],
+        ids.shape[1],
+        ms=ms,
+        tokens_per_s=tokens / (ms / 1e3),
+        peak_mem_mb=peak,
+        resident_mb=None if alloc0 is None else resident - alloc0,
+        total_peak_mb=None if alloc0 is None else resident - alloc0 + peak,
+        loss=first_loss,
+        note="; ".join(note),
+    )  # the model and optimizer die with this frame
 
 
 def train_step(forward, condition, optimizer, ids, losses: list, spec: E2ESize, device) -> Callable[[], None]:
@@ -110,8 +139,15 @@ def _check_losses(name: str, losses) -> float:
     return float(losses[0])
 
 
-def bench_training_interleaved(base, spec: E2ESize, device, dtype, warmup: int, repeat: int,
-                               progress: Callable[[List[Dict[str, object]]], None]) -> List[Dict[str, object]]:
+def bench_training_interleaved(
+    base,
+    spec: E2ESize,
+    device,
+    dtype,
+    warmup: int,
+    repeat: int,
+    progress: Callable[[List[Dict[str, object]]], None],
+) -> List[Dict[str, object]]:
     """Rows ``<provider> [<targets>]`` for every target set of ``spec`` and provider of
     :data:`PRETRAINED_TRAIN_PROVIDERS`: the providers of one target set live together and are timed
     interleaved (:func:`e2e_common.interleaved_ms`); ``speed_vs_baseline`` is against PEFT LoRA on the same
@@ -128,29 +164,55 @@ def bench_training_interleaved(base, spec: E2ESize, device, dtype, warmup: int, 
         try:
             steps, losses, notes = {}, {}, {}
             for name, kind in PRETRAINED_TRAIN_PROVIDERS:
-                model, condition, note = train_model(kind, None, base, spec, device, dtype, cond, targets=targets)
+                model, condition, note = train_model(
+                    kind, None, base, spec, device, dtype, cond, targets=targets
+                )
                 params = [p for p in model.parameters() if p.requires_grad]
-                notes[name] = "; ".join([*note, f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable", "interleaved"])
+                notes[name] = "; ".join(
+                    [*note, f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable", "interleaved"]
+                )
                 losses[name] = []
-                steps[name] = train_step(model, condition, torch.optim.AdamW(params, lr=1e-5), ids, losses[name],
-                                         spec, device)  # fmt: skip
+                steps[name] = train_step(
+                    model, condition, torch.optim.AdamW(params, lr=1e-5), ids, losses[name], spec, device
+                )
             ms = interleaved_ms(steps, device, warmup, repeat)
             for name in steps:
-                rows.append(row("train", names[name], ids.shape[0], ids.shape[1], ms=ms[name],
-                                tokens_per_s=ids.numel() / (ms[name] / 1e3), loss=_check_losses(name, losses[name]),
-                                baseline=names[TRAIN_BASELINE], speed_vs_baseline=ratio(ms[TRAIN_BASELINE], ms[name]),
-                                note=notes[name]))  # fmt: skip
+                rows.append(
+                    row(
+                        "train",
+                        names[name],
+                        ids.shape[0],
+                        ids.shape[1],
+                        ms=ms[name],
+                        tokens_per_s=ids.numel() / (ms[name] / 1e3),
+                        loss=_check_losses(name, losses[name]),
+                        baseline=names[TRAIN_BASELINE],
+                        speed_vs_baseline=ratio(ms[TRAIN_BASELINE], ms[name]),
+                        note=notes[name],
+                    )
+                )
         except Exception as exc:  # one target set's failure must not hide the other's
-            rows += [row("train", n, spec.train_batch, spec.seq, note=error_note(exc)) for n in names.values()]
+            rows += [
+                row("train", n, spec.train_batch, spec.seq, note=error_note(exc)) for n in names.values()
+            ]
         steps = model = None  # the models and optimizers of this target set go before the next is built
         free_memory(device)
         progress(rows)
     return rows
 
 
-def bench_training(base, spec: E2ESize, device, dtype, warmup: int, repeat: int, compile_backend: str,
-                   progress: Callable[[List[Dict[str, object]]], None], providers=TRAIN_PROVIDERS,
-                   done: Sequence[Dict[str, object]] = ()) -> List[Dict[str, object]]:
+def bench_training(
+    base,
+    spec: E2ESize,
+    device,
+    dtype,
+    warmup: int,
+    repeat: int,
+    compile_backend: str,
+    progress: Callable[[List[Dict[str, object]]], None],
+    providers=TRAIN_PROVIDERS,
+    done: Sequence[Dict[str, object]] = (),
+) -> List[Dict[str, object]]:
     """One row per training provider in ``providers`` (a failure becomes a row with the error in ``note``)."""
     import torch
 
@@ -161,8 +223,9 @@ def bench_training(base, spec: E2ESize, device, dtype, warmup: int, repeat: int,
     for name, kind, backend in providers:
         print(f"  train: {name} ...", flush=True)
         try:
-            result = _train_provider(name, kind, backend, base, spec, device, dtype, ids, cond, warmup, repeat,
-                                     compile_backend)
+            result = _train_provider(
+                name, kind, backend, base, spec, device, dtype, ids, cond, warmup, repeat, compile_backend
+            )
         except Exception as exc:  # one provider's failure must not hide the others: record it
             result = row("train", name, spec.train_batch, spec.seq, note=error_note(exc))
         if kind == "peft-compile":

@@ -65,10 +65,14 @@ def run(args: argparse.Namespace, log=print) -> int:
         args = copy.copy(args)
         from .lifelong import _parser_defaults
 
-        if args.n_train == _parser_defaults().get("n_train"):  # the quality bench's 8,192: too long for 4 configs
+        if args.n_train == _parser_defaults().get(
+            "n_train"
+        ):  # the quality bench's 8,192: too long for 4 configs
             args.n_train = DEFAULT_N_TRAIN
         if args.n_train < 1:
-            raise ValueError(f"--n-train must be >= 1 for bench finetune (the prompts trained on); got {args.n_train}")
+            raise ValueError(
+                f"--n-train must be >= 1 for bench finetune (the prompts trained on); got {args.n_train}"
+            )
         cfg = bench_pipeline_config(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace, log=print) -> int:
     from .._io import atomic_write_text
     from .report import markdown_table
 
-    md = (f"# bench finetune\n\n{meta['title']}\n\n{meta['environment']}\n\n" + markdown_table(rows) + "\n")
+    md = f"# bench finetune\n\n{meta['title']}\n\n{meta['environment']}\n\n" + markdown_table(rows) + "\n"
     atomic_write_text(out / "finetune.md", md)
     atomic_write_text(out / "finetune.json", json.dumps({"rows": rows, "meta": meta}, indent=2, default=str))
     log(markdown_table(rows))
@@ -109,11 +113,17 @@ def run_bench(args, cfg, log=print):
     ctx = build_shared_context(shared, cfg, log=log)
     data, spec = ctx.data, VariantSpec("ReLLaX (full)")
     tr = data.splits["train"].subset(ctx.train_index)
-    train_samples = make_samples(data, tr, shown_positions_for(data, tr, cfg.k, True, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False))
+    train_samples = make_samples(
+        data, tr, shown_positions_for(data, tr, cfg.k, True, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False)
+    )
     valid_set_samples = None
     if ctx.valid_index is not None:
         va = data.splits["valid"].subset(ctx.valid_index)
-        valid_set_samples = make_samples(data, va, shown_positions_for(data, va, cfg.k, True, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False))
+        valid_set_samples = make_samples(
+            data,
+            va,
+            shown_positions_for(data, va, cfg.k, True, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False),
+        )
     native_bf16 = cpu_has_native_bf16()
     on_cpu = not torch.cuda.is_available()
     rows: List[Dict[str, object]] = []
@@ -122,29 +132,51 @@ def run_bench(args, cfg, log=print):
     # growth, lazy imports) that would otherwise be charged to the first configuration
     tok, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
     model = build_rellax(backbone, kind, tok, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
-    collator = PromptCollator(tok, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder, chat=cfg.chat)
+    collator = PromptCollator(
+        tok, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder, chat=cfg.chat
+    )
     n_warm = min(len(train_samples), max(1, args.warmup) * cfg.train.batch_size)
 
     def warm_up(model, collator, precision: str, folder: str) -> None:
         """Train ``model`` untimed on the first ``n_warm`` prompts (one-off costs, compilation)."""
         warm = replace(cfg.train, epochs=1, mixed_precision=precision, save_every_steps=0, progress=False)
-        train_model(model, PromptDataset(train_samples[:n_warm], collator, ctx.cond_train), warm, out / "runs" / folder,
-                    log=lambda *_: None)  # fmt: skip
+        train_model(
+            model,
+            PromptDataset(train_samples[:n_warm], collator, ctx.cond_train),
+            warm,
+            out / "runs" / folder,
+            log=lambda *_: None,
+        )
 
     for precision in ("no", "bf16") if (native_bf16 or not on_cpu) else ("no",):
         warm_up(model, collator, precision, "warmup")
     del model
     for name, opts in CONFIGS:
         if opts["mixed_precision"] == "bf16" and on_cpu and not native_bf16:
-            rows.append({"config": name, "note": "skipped: this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 is slower than fp32"})
+            rows.append(
+                {
+                    "config": name,
+                    "note": "skipped: this CPU has no native bf16 (AVX512-BF16/AMX); emulated bf16 is slower than fp32",
+                }
+            )
             continue
         torch.manual_seed(cfg.seed)
         tok, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
         model = build_rellax(backbone, kind, tok, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
-        collator = PromptCollator(tok, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder, chat=cfg.chat)
-        train_set = PromptDataset(train_samples, collator if opts["cache"] else _NoCache(collator), ctx.cond_train)
-        tc = replace(cfg.train, epochs=1, group_by_length=opts["group_by_length"], mixed_precision=opts["mixed_precision"],
-                     save_every_steps=0, progress=False)  # fmt: skip
+        collator = PromptCollator(
+            tok, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder, chat=cfg.chat
+        )
+        train_set = PromptDataset(
+            train_samples, collator if opts["cache"] else _NoCache(collator), ctx.cond_train
+        )
+        tc = replace(
+            cfg.train,
+            epochs=1,
+            group_by_length=opts["group_by_length"],
+            mixed_precision=opts["mixed_precision"],
+            save_every_steps=0,
+            progress=False,
+        )
         model.set_stage("joint")
         compile_seconds = None
         if opts.get("compile"):
@@ -159,16 +191,28 @@ def run_bench(args, cfg, log=print):
                 for k, v in model.trainable_state().items():
                     v.copy_(initial[k])
         t0 = time.perf_counter()
-        res = train_model(model, train_set, tc, out / "runs" / name.strip("+ ").replace(" ", "-"), log=lambda *_: None)
+        res = train_model(
+            model, train_set, tc, out / "runs" / name.strip("+ ").replace(" ", "-"), log=lambda *_: None
+        )
         seconds = time.perf_counter() - t0
         steps = res["global_step"]
-        tokens, padded = _token_counts(train_set if opts["cache"] else PromptDataset(train_samples, collator), tc, tc.batch_size)
+        tokens, padded = _token_counts(
+            train_set if opts["cache"] else PromptDataset(train_samples, collator), tc, tc.batch_size
+        )
         rate = len(train_samples) / seconds
         base_rate = rate if base_rate is None else base_rate
-        row = {"config": name, "precision": opts["mixed_precision"].replace("no", "fp32"), "steps": steps,
-               "seconds": round(seconds, 1), "samples_per_s": round(rate, 2), "tokens_per_s": round(tokens / seconds),
-               "padded_tokens_per_s": round(padded / seconds), "padding_share": round(1 - tokens / padded, 3),
-               "speedup": round(rate / base_rate, 2), "final_loss": round(float(np.mean(res["losses"][-20:])), 4)}  # fmt: skip
+        row = {
+            "config": name,
+            "precision": opts["mixed_precision"].replace("no", "fp32"),
+            "steps": steps,
+            "seconds": round(seconds, 1),
+            "samples_per_s": round(rate, 2),
+            "tokens_per_s": round(tokens / seconds),
+            "padded_tokens_per_s": round(padded / seconds),
+            "padding_share": round(1 - tokens / padded, 3),
+            "speedup": round(rate / base_rate, 2),
+            "final_loss": round(float(np.mean(res["losses"][-20:])), 4),
+        }
         if compile_seconds is not None:
             row["compile_seconds"] = compile_seconds
         if valid_set_samples is not None:
@@ -180,12 +224,14 @@ def run_bench(args, cfg, log=print):
         del model, res
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = {
-        "title": (f"ReLLaX (full) fine-tuning on {args.dataset}: {len(train_samples)} prompts, batch {cfg.train.batch_size}, "
-                  f"K={cfg.k}, max_length={cfg.max_length}, backbone {cfg.model or 'all-MiniLM-L6-v2 (offline)'}; "
-                  f"valid AUC on {0 if ctx.valid_index is None else len(ctx.valid_index)} samples; CPU native bf16: "
-                  f"{native_bf16}"),
+        "title": (
+            f"ReLLaX (full) fine-tuning on {args.dataset}: {len(train_samples)} prompts, batch {cfg.train.batch_size}, "
+            f"K={cfg.k}, max_length={cfg.max_length}, backbone {cfg.model or 'all-MiniLM-L6-v2 (offline)'}; "
+            f"valid AUC on {0 if ctx.valid_index is None else len(ctx.valid_index)} samples; CPU native bf16: "
+            f"{native_bf16}"
+        ),
         "environment": environment_line(device),
-    }  # fmt: skip
+    }
     return rows, meta
 
 
@@ -196,6 +242,8 @@ def _token_counts(dataset, config, batch_size: int):
     lengths = dataset.lengths()
     order = epoch_order(dataset, config, 0, batch_size).numpy()
     real = int(lengths.sum())
-    padded = sum(int(lengths[order[i : i + batch_size]].max()) * len(order[i : i + batch_size])
-                 for i in range(0, len(order), batch_size))  # fmt: skip
+    padded = sum(
+        int(lengths[order[i : i + batch_size]].max()) * len(order[i : i + batch_size])
+        for i in range(0, len(order), batch_size)
+    )
     return real, padded

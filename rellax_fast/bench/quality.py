@@ -60,23 +60,36 @@ FEW_SHOT_LM_ROWS = ("text-only", "full")
 FEW_SHOT_DEFAULT = "2048,8192,32768,all"
 
 
-
 def lm_rows():
     """{row key: VariantSpec} of the LM rows: the demo's variants (``pipeline.ABLATIONS``: full, no-subr,
     no-spa and one per registered interaction kind with an ablation name), then the rows beyond the demo."""
     from ..train.pipeline import ABLATIONS, VariantSpec
 
     rows = dict(ABLATIONS)
-    rows.update({
-        "residual": VariantSpec("ReLLaX, residual read-out (lambda learned)", readout="residual"),
-        "residual-fixed": VariantSpec("ReLLaX, residual read-out (lambda = 1)", readout="residual", readout_lambda="fixed"),
-        "text-only": VariantSpec(TEXT_ROW, spa=False, interaction="identity"),
-        "two-stage": VariantSpec("ReLLaX two-stage", recipe="two-stage"),
-    })  # fmt: skip
+    rows.update(
+        {
+            "residual": VariantSpec("ReLLaX, residual read-out (lambda learned)", readout="residual"),
+            "residual-fixed": VariantSpec(
+                "ReLLaX, residual read-out (lambda = 1)", readout="residual", readout_lambda="fixed"
+            ),
+            "text-only": VariantSpec(TEXT_ROW, spa=False, interaction="identity"),
+            "two-stage": VariantSpec("ReLLaX two-stage", recipe="two-stage"),
+        }
+    )
     return rows
 
 
-DEFAULT_ROWS = ("full", "no-subr", "no-spa", "identity", "moe", "recrank1", "residual", "text-only", "din-text")
+DEFAULT_ROWS = (
+    "full",
+    "no-subr",
+    "no-spa",
+    "identity",
+    "moe",
+    "recrank1",
+    "residual",
+    "text-only",
+    "din-text",
+)
 CONTROL_ROWS = ("din", "logreg", "ensemble")
 
 
@@ -90,28 +103,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # 128 steps (4 times in the default 512-step epoch: model selection on valid, test scored once). Trainer
     # speed-ups measured by `bench finetune` at equal valid AUC: bf16 autocast where the CPU has native bf16
     # ("fast"; fp32 elsewhere) and length-grouped batches.
-    parser.set_defaults(max_length=128, n_valid=2000, eval_every=128, mixed_precision="fast", group_by_length=True)
+    parser.set_defaults(
+        max_length=128, n_valid=2000, eval_every=128, mixed_precision="fast", group_by_length=True
+    )
     g = parser.add_argument_group("bench quality")
-    g.add_argument("--seeds", default="0", help="comma-separated fine-tuning seeds (e.g. 0,1,2): mean ± sd per row")
-    g.add_argument("--rows", default="default",
-                   help=f"comma-separated LM and CTR rows (default: {','.join(DEFAULT_ROWS)}; also: residual-fixed, "
-                        "two-stage); din-text is DIN with the frozen SUBR item-text embedding as an extra item feature "
-                        "(ctr.text_din); DIN, the logistic regression and the post-hoc mix are always in the table (the "
-                        "mix needs text-only)")  # fmt: skip
-    g.add_argument("--ctr-train-samples", type=integer(0, hint=" (0: all)"), default=0,
-                   help="train the table's DIN, text-aware DIN and ID regression on a seeded subset of this many train "
-                        "samples (the LM rows then draw their --n-train prompts from the same subset); 0: all")  # fmt: skip
-    g.add_argument("--few-shot", default="",
-                   help="also report the few-samples curve at these train-sample counts N (comma-separated, 'all' for "
-                        f"the whole split; e.g. {FEW_SHOT_DEFAULT}): DIN and the text-aware DIN trained on N, the "
-                        "text-only LM and full ReLLaX on min(N, --n-train) of those prompts with their DIN trained on "
-                        "the same N; empty: no curve")  # fmt: skip
-    g.add_argument("--auto-max-length", action="store_true",
-                   help="derive max_length from the training prompts instead of --max-length (bench lifelong's rule: "
-                        "the --budget-quantile of every row's full token counts + --budget-margin, rounded up to 8, "
-                        "capped at the backbone's positions); either way the table reports the prompts cut")  # fmt: skip
-    g.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples per interval and paired test")
-    g.add_argument("--fresh", action="store_true", help="recompute every row (default: skip rows already done)")
+    g.add_argument(
+        "--seeds", default="0", help="comma-separated fine-tuning seeds (e.g. 0,1,2): mean ± sd per row"
+    )
+    g.add_argument(
+        "--rows",
+        default="default",
+        help=f"comma-separated LM and CTR rows (default: {','.join(DEFAULT_ROWS)}; also: residual-fixed, "
+        "two-stage); din-text is DIN with the frozen SUBR item-text embedding as an extra item feature "
+        "(ctr.text_din); DIN, the logistic regression and the post-hoc mix are always in the table (the "
+        "mix needs text-only)",
+    )
+    g.add_argument(
+        "--ctr-train-samples",
+        type=integer(0, hint=" (0: all)"),
+        default=0,
+        help="train the table's DIN, text-aware DIN and ID regression on a seeded subset of this many train "
+        "samples (the LM rows then draw their --n-train prompts from the same subset); 0: all",
+    )
+    g.add_argument(
+        "--few-shot",
+        default="",
+        help="also report the few-samples curve at these train-sample counts N (comma-separated, 'all' for "
+        f"the whole split; e.g. {FEW_SHOT_DEFAULT}): DIN and the text-aware DIN trained on N, the "
+        "text-only LM and full ReLLaX on min(N, --n-train) of those prompts with their DIN trained on "
+        "the same N; empty: no curve",
+    )
+    g.add_argument(
+        "--auto-max-length",
+        action="store_true",
+        help="derive max_length from the training prompts instead of --max-length (bench lifelong's rule: "
+        "the --budget-quantile of every row's full token counts + --budget-margin, rounded up to 8, "
+        "capped at the backbone's positions); either way the table reports the prompts cut",
+    )
+    g.add_argument(
+        "--n-boot", type=int, default=1000, help="bootstrap resamples per interval and paired test"
+    )
+    g.add_argument(
+        "--fresh", action="store_true", help="recompute every row (default: skip rows already done)"
+    )
 
 
 def parse_seeds(text: str) -> List[int]:
@@ -145,13 +179,14 @@ def parse_few_shot(text: str) -> List[int]:
         except ValueError:
             n = -1
         if n < 1:
-            raise ValueError(f"--few-shot: expected comma-separated counts >= 1 or 'all' (e.g. {FEW_SHOT_DEFAULT}), "
-                             f"got {text!r}")  # fmt: skip
+            raise ValueError(
+                f"--few-shot: expected comma-separated counts >= 1 or 'all' (e.g. {FEW_SHOT_DEFAULT}), "
+                f"got {text!r}"
+            )
         sizes.append(n)
     if len(set(sizes)) != len(sizes):
         raise ValueError(f"--few-shot: counts must be distinct, got {text!r}")
     return sorted(sizes, key=lambda n: (n == 0, n))
-
 
 
 def default_data_dir(dataset: str) -> Optional[str]:
@@ -192,7 +227,9 @@ def _id_features(train, s, smoothing: float, encoder, is_train: bool = False):
     tr = train
     ur = _positive_rates(tr.user_id, y_tr, s.user_id, smoothing, prior, loo)
     ir = _positive_rates(tr.item_id, y_tr, s.item_id, smoothing, prior, loo)
-    dense = np.stack([ur, ir, np.log(ur / (1 - ur + 1e-9) + 1e-9), np.log(ir / (1 - ir + 1e-9) + 1e-9)], axis=1)
+    dense = np.stack(
+        [ur, ir, np.log(ur / (1 - ur + 1e-9) + 1e-9), np.log(ir / (1 - ir + 1e-9) + 1e-9)], axis=1
+    )
     onehot = encoder.transform(np.stack([s.user_id, s.item_id], axis=1))
     return sp.hstack([onehot, sp.csr_matrix(dense)]).tocsr()
 
@@ -220,7 +257,10 @@ def fit_id_logreg(data, grid_c=(0.01, 0.1, 1.0), grid_smoothing=(2.0, 20.0), log
     y_tr, y_va = tr.label.astype(int), data.splits["valid"].label.astype(int)
     best = None
     for a in grid_smoothing:
-        x_tr, x_va = _id_features(tr, tr, a, enc, is_train=True), _id_features(tr, data.splits["valid"], a, enc)
+        x_tr, x_va = (
+            _id_features(tr, tr, a, enc, is_train=True),
+            _id_features(tr, data.splits["valid"], a, enc),
+        )
         for c in grid_c:
             model = LogisticRegression(C=c, solver="liblinear", max_iter=2000).fit(x_tr, y_tr)
             auc = roc_auc_score(y_va, model.predict_proba(x_va)[:, 1])
@@ -230,7 +270,9 @@ def fit_id_logreg(data, grid_c=(0.01, 0.1, 1.0), grid_smoothing=(2.0, 20.0), log
     log(f"[quality] logistic regression on IDs: C={c}, smoothing={a} (valid AUC {auc:.4f})")
 
     def predict(split, rate_source=None) -> np.ndarray:
-        return model.predict_proba(_id_features(tr if rate_source is None else rate_source, split, a, enc))[:, 1]
+        return model.predict_proba(_id_features(tr if rate_source is None else rate_source, split, a, enc))[
+            :, 1
+        ]
 
     return {"params": {"C": c, "smoothing": a}, "valid_auc": float(auc), "predict": predict}
 
@@ -271,15 +313,28 @@ def score_split(model, ctx, spec, cfg, split: str, index: np.ndarray, desc: str)
     data = ctx.data
     _, h = din_outputs(ctx.din, subset_view(data, split, index), ctx.vocab, split)
     sub = data.splits[split].subset(index)
-    pos = shown_positions_for(data, sub, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
+    pos = shown_positions_for(
+        data, sub, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress
+    )
     tok = AutoTokenizer.from_pretrained(backbone_folder(cfg.model))
     if model.kind == "causal" and tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    collator = PromptCollator(tok, kind=model.kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,
-                              chat=cfg.chat)  # fmt: skip
+    collator = PromptCollator(
+        tok,
+        kind=model.kind,
+        max_length=cfg.max_length,
+        placeholder=cfg.placeholder if spec.spa else None,
+        chat=cfg.chat,
+    )
     ds = PromptDataset(make_samples(data, sub, pos), collator, h)
-    return predict_proba(model, ds, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=desc,
-                         mixed_precision=cfg.train.mixed_precision)  # fmt: skip
+    return predict_proba(
+        model,
+        ds,
+        cfg.train.eval_batch_size,
+        progress=cfg.train.progress,
+        desc=desc,
+        mixed_precision=cfg.train.mixed_precision,
+    )
 
 
 def prompt_budget(ctx, cfg, specs, args, log=print) -> Dict:
@@ -304,19 +359,40 @@ def prompt_budget(ctx, cfg, specs, args, log=print) -> Dict:
     for spec in specs:
         setting = f"{'SUBR' if spec.subr else 'recent'}{', SPA' if spec.spa else ''}"
         if setting not in lengths:
-            pos = shown_positions_for(data, tr, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False)
+            pos = shown_positions_for(
+                data, tr, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False
+            )
             ph = cfg.placeholder if spec.spa else None
             lengths[setting] = PromptSet(make_samples(data, tr, pos), tok, kind, ph, cfg.chat).lengths
     cap = position_limit(model_path)
-    quantile, margin = getattr(args, "budget_quantile", BUDGET_QUANTILE), getattr(args, "budget_margin", BUDGET_MARGIN)
+    quantile, margin = (
+        getattr(args, "budget_quantile", BUDGET_QUANTILE),
+        getattr(args, "budget_margin", BUDGET_MARGIN),
+    )
     auto = bool(getattr(args, "auto_max_length", False))
-    budget = token_budget(np.concatenate(list(lengths.values())), quantile, margin, cap) if auto else int(cfg.max_length)
-    cut = {s: {"n_cut": int((n > budget).sum()), "n": int(n.size), "median_tokens": float(np.median(n))}
-           for s, n in lengths.items()}  # fmt: skip
-    log(f"[quality] max_length {budget} ({'derived from the prompts' if auto else '--max-length'}): training prompts cut "
-        + "; ".join(f"{s} {c['n_cut']}/{c['n']} (median {c['median_tokens']:.0f} tokens)" for s, c in cut.items()))  # fmt: skip
-    return {"max_length": budget, "auto": auto, "quantile": quantile if auto else None, "margin": margin if auto else None,
-            "position_limit": cap, "train_prompts_cut": cut}  # fmt: skip
+    budget = (
+        token_budget(np.concatenate(list(lengths.values())), quantile, margin, cap)
+        if auto
+        else int(cfg.max_length)
+    )
+    cut = {
+        s: {"n_cut": int((n > budget).sum()), "n": int(n.size), "median_tokens": float(np.median(n))}
+        for s, n in lengths.items()
+    }
+    log(
+        f"[quality] max_length {budget} ({'derived from the prompts' if auto else '--max-length'}): training prompts cut "
+        + "; ".join(
+            f"{s} {c['n_cut']}/{c['n']} (median {c['median_tokens']:.0f} tokens)" for s, c in cut.items()
+        )
+    )
+    return {
+        "max_length": budget,
+        "auto": auto,
+        "quantile": quantile if auto else None,
+        "margin": margin if auto else None,
+        "position_limit": cap,
+        "train_prompts_cut": cut,
+    }
 
 
 def _sha(obj) -> str:
@@ -365,8 +441,10 @@ def run(args: argparse.Namespace, log=print) -> int:
         seeds, row_keys = parse_seeds(args.seeds), parse_rows(args.rows)
         few_shot = parse_few_shot(getattr(args, "few_shot", ""))
         if args.n_boot < 10 or args.n_valid < 1:
-            raise ValueError(f"--n-boot must be >= 10 and --n-valid >= 1 (the post-hoc mix is fit on valid samples); "
-                             f"got {args.n_boot}, {args.n_valid}")  # fmt: skip
+            raise ValueError(
+                f"--n-boot must be >= 10 and --n-valid >= 1 (the post-hoc mix is fit on valid samples); "
+                f"got {args.n_boot}, {args.n_valid}"
+            )
         args = copy.copy(args)
         cfg = bench_pipeline_config(args)
     except ValueError as exc:
@@ -379,8 +457,9 @@ def _din_train_config(args):
     """DIN's training options from the ``--din-*`` flags (as ``train.context.build_shared_context``)."""
     from ..ctr.din import DINTrainConfig
 
-    return DINTrainConfig(epochs=args.din_epochs, patience=args.din_patience, seed=args.seed,
-                          progress=not args.no_progress)  # fmt: skip
+    return DINTrainConfig(
+        epochs=args.din_epochs, patience=args.din_patience, seed=args.seed, progress=not args.no_progress
+    )
 
 
 def quality_context(args, cfg, out, log=print):
@@ -394,8 +473,9 @@ def quality_context(args, cfg, out, log=print):
 
     data = prepare_ctr(load_dataset(args.dataset, data_dir=args.data_dir), seed=getattr(args, "seed", 0))
     view = train_subset_view(data, getattr(args, "ctr_train_samples", 0), args.seed)
-    ctx = shared_context(view, out, cfg, din_options_of(args), _din_train_config(args), progress=not args.no_progress,
-                         log=log)  # fmt: skip
+    ctx = shared_context(
+        view, out, cfg, din_options_of(args), _din_train_config(args), progress=not args.no_progress, log=log
+    )
     return ctx, data
 
 
@@ -412,8 +492,14 @@ def text_din_row(ctx, args, out: Path, fresh: bool, log=print) -> Dict:
     from ..train.pipeline import embeddings_fingerprint, subset_view
 
     options, tc = din_options_of(args), _din_train_config(args)
-    key = _sha({"din": din_reuse_key(ctx.data, options, tc), "model": "text-din-1", "test_index": _sha(ctx.test_index.tolist()),
-                "subr": embeddings_fingerprint(ctx.item_emb, ctx.item_ids)})  # fmt: skip
+    key = _sha(
+        {
+            "din": din_reuse_key(ctx.data, options, tc),
+            "model": "text-din-1",
+            "test_index": _sha(ctx.test_index.tolist()),
+            "subr": embeddings_fingerprint(ctx.item_emb, ctx.item_ids),
+        }
+    )
     path = out / "din-text.json"
     done = _load_row(path, key, fresh)
     if done is not None:
@@ -424,15 +510,27 @@ def text_din_row(ctx, args, out: Path, fresh: bool, log=print) -> Dict:
         model, report, vocab = fit_text_din(ctx.data, ctx.item_emb, ctx.item_ids, options, tc)
         view = subset_view(ctx.data, "test", ctx.test_index)
         probs = predict(model, split_arrays(view, "test", vocab, model.config.max_history)).numpy()
-        done = {"key": key, "predictions": _save_npy(out / "din-text-predictions.npy", probs), "valid": report.valid,
-                "best_epoch": report.best_epoch, "seconds": time.perf_counter() - t0}  # fmt: skip
+        done = {
+            "key": key,
+            "predictions": _save_npy(out / "din-text-predictions.npy", probs),
+            "valid": report.valid,
+            "best_epoch": report.best_epoch,
+            "seconds": time.perf_counter() - t0,
+        }
         atomic_write_text(path, json.dumps(done, indent=2))
-    return {"kind": "baseline", "seeds": {None: {"probs": np.load(done["predictions"]).astype(np.float64),
-                                                 "seconds": done.get("seconds")}},
-            "valid": done["valid"], "note": f"best epoch {done['best_epoch']}"}  # fmt: skip
+    return {
+        "kind": "baseline",
+        "seeds": {
+            None: {"probs": np.load(done["predictions"]).astype(np.float64), "seconds": done.get("seconds")}
+        },
+        "valid": done["valid"],
+        "note": f"best epoch {done['best_epoch']}",
+    }
 
 
-def lm_row(ctx, spec, cfg, seed: int, qdir: Path, row_key: str, args, score_valid: bool = False, log=print) -> Dict:
+def lm_row(
+    ctx, spec, cfg, seed: int, qdir: Path, row_key: str, args, score_valid: bool = False, log=print
+) -> Dict:
     """One LM row at one seed, trained into ``<qdir>/runs/<name>`` and recorded in ``<qdir>/rows/<name>.json``, or
     read back from there when that record has ``row_key`` (``--fresh``: always retrained). ``score_valid``: also
     keep the selected model's valid predictions (the post-hoc mix is fit on them). Returns {"probs", "seconds",
@@ -457,18 +555,29 @@ def lm_row(ctx, spec, cfg, seed: int, qdir: Path, row_key: str, args, score_vali
         marker.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, row_key)
         res = run_variant(ctx, spec, cfg_s, qdir / "runs" / name, resume=resume, log=log)
-        done = {"key": row_key, "name": spec.name, "seed": seed, "metrics": res["metrics"],
-                "predictions": str(Path(res["run_dir"]) / "predictions.npy"), "best_valid": res["best"]}  # fmt: skip
+        done = {
+            "key": row_key,
+            "name": spec.name,
+            "seed": seed,
+            "metrics": res["metrics"],
+            "predictions": str(Path(res["run_dir"]) / "predictions.npy"),
+            "best_valid": res["best"],
+        }
         if score_valid:  # the post-hoc mix is fit on this model's valid scores
             pv = res["valid_probs"]  # scored by the model selection on the same valid samples
             if pv is None:  # selected before a resume: score them again
-                pv = score_split(res["model"], ctx, spec, cfg_s, "valid", ctx.valid_index, desc=f"valid {spec.name}")
+                pv = score_split(
+                    res["model"], ctx, spec, cfg_s, "valid", ctx.valid_index, desc=f"valid {spec.name}"
+                )
             done["valid_predictions"] = _save_npy(qdir / "runs" / name / "valid_predictions.npy", pv)
         done["seconds"] = time.perf_counter() - t0
         atomic_write_text(path, json.dumps(done, indent=2))
         del res
-    got = {"probs": np.load(done["predictions"]).astype(np.float64), "seconds": done.get("seconds"),
-           "best_valid": done.get("best_valid")}  # fmt: skip
+    got = {
+        "probs": np.load(done["predictions"]).astype(np.float64),
+        "seconds": done.get("seconds"),
+        "best_valid": done.get("best_valid"),
+    }
     if done.get("valid_predictions"):
         got["valid_probs"] = np.load(done["valid_predictions"]).astype(np.float64)
     return got
@@ -482,8 +591,16 @@ def lm_row_key(base_key: Dict, ctx, spec, key: str, seed: int) -> str:
     # residual rows since the zero-initialised gate (model.ReLLaXOptions.readout_gate) carry it in their key,
     # so rows finished by the ungated read-out are recomputed; other rows keep their keys
     gate = {"readout_gate": True} if spec.readout == "residual" else {}
-    return _sha({**base_key, "inputs": run_inputs(ctx, spec), "spec": asdict(spec), "seed": seed, **gate,
-                 "valid_index": _sha(ctx.valid_index.tolist()) if key == "text-only" else None})  # fmt: skip
+    return _sha(
+        {
+            **base_key,
+            "inputs": run_inputs(ctx, spec),
+            "spec": asdict(spec),
+            "seed": seed,
+            **gate,
+            "valid_index": _sha(ctx.valid_index.tolist()) if key == "text-only" else None,
+        }
+    )
 
 
 def bench_base_key(ctx, cfg) -> Dict:
@@ -491,11 +608,16 @@ def bench_base_key(ctx, cfg) -> Dict:
     pipeline options."""
     from ..ctr.store import din_fingerprint
 
-    return {"din": din_fingerprint(ctx.din, ctx.vocab), "test_index": _sha(ctx.test_index.tolist()),
-            "pipeline": {**asdict(cfg), "train": {**asdict(cfg.train), "progress": None}}}  # fmt: skip
+    return {
+        "din": din_fingerprint(ctx.din, ctx.vocab),
+        "test_index": _sha(ctx.test_index.tolist()),
+        "pipeline": {**asdict(cfg), "train": {**asdict(cfg.train), "progress": None}},
+    }
 
 
-def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print, few_shot: Optional[List[int]] = None) -> int:
+def run_bench(
+    args, cfg, seeds: List[int], row_keys: List[str], log=print, few_shot: Optional[List[int]] = None
+) -> int:
     from tqdm.auto import tqdm
 
     from .._io import atomic_write_text
@@ -509,11 +631,17 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print, few_s
     qdir = Path(args.out) / "quality"
     qdir.mkdir(parents=True, exist_ok=True)
     (qdir / "rows").mkdir(exist_ok=True)
-    log(f"[quality] dataset {args.dataset} ({args.data_dir or 'default location'}); backbone "
+    log(
+        f"[quality] dataset {args.dataset} ({args.data_dir or 'default location'}); backbone "
         f"{cfg.model or 'all-MiniLM-L6-v2 (offline)'}; {cfg.n_train or 'all'} training prompts, test "
         f"{cfg.n_test or 'whole split'}, K={cfg.k}, max_length="
         f"{'auto' if getattr(args, 'auto_max_length', False) else cfg.max_length}; seeds {seeds}; rows {row_keys}"
-        + (f"; DIN on {args.ctr_train_samples} train samples" if getattr(args, "ctr_train_samples", 0) else ""))  # fmt: skip
+        + (
+            f"; DIN on {args.ctr_train_samples} train samples"
+            if getattr(args, "ctr_train_samples", 0)
+            else ""
+        )
+    )
     ctx, full_data = quality_context(args, cfg, qdir, log=log)
     data = ctx.data
     budget = prompt_budget(ctx, cfg, [table[k] for k in lm_keys], args, log=log)
@@ -526,15 +654,29 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print, few_s
 
     # baselines (deterministic: computed once)
     rows: Dict[str, Dict] = {}
-    rows[DIN_ROW] = {"kind": "baseline", "seeds": {None: {"probs": np.asarray(ctx.din_test_probs, np.float64)}},
-                     "valid": dict(ctx.din_report.valid), "note": f"best epoch {ctx.din_report.best_epoch}"}  # fmt: skip
+    rows[DIN_ROW] = {
+        "kind": "baseline",
+        "seeds": {None: {"probs": np.asarray(ctx.din_test_probs, np.float64)}},
+        "valid": dict(ctx.din_report.valid),
+        "note": f"best epoch {ctx.din_report.best_epoch}",
+    }
     t0 = time.perf_counter()
     lr = fit_id_logreg(data, log=log)
     lr_valid = lr["predict"](data.splits["valid"])
-    rows[LR_ROW] = {"kind": "baseline", "seeds": {None: {"probs": lr["predict"](data.splits["test"].subset(ctx.test_index),
-                                                                          concat_splits(data.splits["train"], data.splits["valid"]))}},
-                    "valid": ctr_metrics(data.splits["valid"].label, lr_valid), "note": f"C={lr['params']['C']}, "
-                    f"smoothing={lr['params']['smoothing']}", "seconds": time.perf_counter() - t0}  # fmt: skip
+    rows[LR_ROW] = {
+        "kind": "baseline",
+        "seeds": {
+            None: {
+                "probs": lr["predict"](
+                    data.splits["test"].subset(ctx.test_index),
+                    concat_splits(data.splits["train"], data.splits["valid"]),
+                )
+            }
+        },
+        "valid": ctr_metrics(data.splits["valid"].label, lr_valid),
+        "note": f"C={lr['params']['C']}, smoothing={lr['params']['smoothing']}",
+        "seconds": time.perf_counter() - t0,
+    }
     if "din-text" in row_keys:
         rows[TEXT_DIN_ROW] = text_din_row(ctx, args, qdir / "rows", args.fresh, log=log)
 
@@ -543,8 +685,17 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print, few_s
     for key, seed in tqdm(jobs, desc="quality rows", disable=not cfg.train.progress):
         spec = table[key]
         log(f"[quality] ({time.perf_counter() - start:.0f} s so far)")
-        got = lm_row(ctx, spec, cfg, seed, qdir, lm_row_key(base_key, ctx, spec, key, seed), args,
-                     score_valid=key == "text-only", log=log)  # fmt: skip
+        got = lm_row(
+            ctx,
+            spec,
+            cfg,
+            seed,
+            qdir,
+            lm_row_key(base_key, ctx, spec, key, seed),
+            args,
+            score_valid=key == "text-only",
+            log=log,
+        )
         rows.setdefault(spec.name, {"kind": "lm", "seeds": {}, "spec": asdict(spec)})["seeds"][seed] = got
 
     # LM rows' valid column: the selected step's metrics on the selection subsample (mean over seeds)
@@ -559,9 +710,13 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print, few_s
         mix = {"kind": "control", "seeds": {}}
         for seed, got in rows[TEXT_ROW]["seeds"].items():
             fit = fit_posthoc_mix(labels_valid, din_valid.numpy(), got["valid_probs"])
-            mix["seeds"][seed] = {"probs": fit["predict"](ctx.din_test_probs, got["probs"]),
-                                  "weights": {k: fit[k] for k in ("w_din", "w_lm", "c")}}  # fmt: skip
-            rows[TEXT_ROW].setdefault("valid_by_seed", {})[seed] = ctr_metrics(labels_valid, got["valid_probs"])
+            mix["seeds"][seed] = {
+                "probs": fit["predict"](ctx.din_test_probs, got["probs"]),
+                "weights": {k: fit[k] for k in ("w_din", "w_lm", "c")},
+            }
+            rows[TEXT_ROW].setdefault("valid_by_seed", {})[seed] = ctr_metrics(
+                labels_valid, got["valid_probs"]
+            )
         first = mix["seeds"][seeds[0]]["weights"]
         mix["note"] = f"w_DIN={first['w_din']:.3f}, w_LM={first['w_lm']:.3f}"
         rows[ENSEMBLE_ROW] = mix
@@ -570,26 +725,51 @@ def run_bench(args, cfg, seeds: List[int], row_keys: List[str], log=print, few_s
 
     summary = summarise(rows, labels, seeds, args.n_boot, log=log)
     sliced = sliced_rows(rows, labels, seeds, data, ctx.test_index, qdir / "slices.json", args.n_boot)
-    curve = few_shot_curve(args, cfg, ctx, full_data, few_shot, qdir / "few-shot", log=log) if few_shot else None
+    curve = (
+        few_shot_curve(args, cfg, ctx, full_data, few_shot, qdir / "few-shot", log=log) if few_shot else None
+    )
     wall = time.perf_counter() - start
-    meta = {"dataset": args.dataset, "n_test": int(labels.size), "n_train": int(len(ctx.train_index)),
-            "n_valid_mix": int(valid_index.size), "din_valid_subset": ctr_metrics(labels_valid, din_valid.numpy()),
-            "token_budget": budget, "ctr_train_samples": int(len(data.splits["train"])),
-            "seeds": seeds, "n_boot": args.n_boot, "wall_seconds": wall,
-            "din_report": {"best_epoch": ctx.din_report.best_epoch, "valid": ctx.din_report.valid},
-            "config": {k: v for k, v in vars(args).items()
-                       if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))}}  # fmt: skip
+    meta = {
+        "dataset": args.dataset,
+        "n_test": int(labels.size),
+        "n_train": int(len(ctx.train_index)),
+        "n_valid_mix": int(valid_index.size),
+        "din_valid_subset": ctr_metrics(labels_valid, din_valid.numpy()),
+        "token_budget": budget,
+        "ctr_train_samples": int(len(data.splits["train"])),
+        "seeds": seeds,
+        "n_boot": args.n_boot,
+        "wall_seconds": wall,
+        "din_report": {"best_epoch": ctx.din_report.best_epoch, "valid": ctx.din_report.valid},
+        "config": {
+            k: v
+            for k, v in vars(args).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))
+        },
+    }
     md = markdown(summary, meta) + sliced_markdown(sliced) + (few_shot_markdown(curve) if curve else "")
     atomic_write_text(qdir / "quality.md", md)
-    atomic_write_text(qdir / "quality.json", json.dumps({"rows": summary, "slices": sliced, "few_shot": curve, "meta": meta},
-                                                       indent=2, default=json_default))  # fmt: skip
-    plot_quality(qdir / "quality.png", summary, title=f"ReLLaX quality bench ({args.dataset}, n={labels.size})")
+    atomic_write_text(
+        qdir / "quality.json",
+        json.dumps(
+            {"rows": summary, "slices": sliced, "few_shot": curve, "meta": meta},
+            indent=2,
+            default=json_default,
+        ),
+    )
+    plot_quality(
+        qdir / "quality.png", summary, title=f"ReLLaX quality bench ({args.dataset}, n={labels.size})"
+    )
     if curve:
-        plot_few_shot(qdir / "few-shot.png", curve, title=f"AUC against train samples ({args.dataset}, n={labels.size})")
+        plot_few_shot(
+            qdir / "few-shot.png", curve, title=f"AUC against train samples ({args.dataset}, n={labels.size})"
+        )
     print()
     print(md)
-    print(f"[quality] done in {wall:.0f} s; wrote {qdir / 'quality.md'}, {qdir / 'quality.json'}, {qdir / 'quality.png'}"
-          + (f", {qdir / 'few-shot.png'}" if curve else ""))  # fmt: skip
+    print(
+        f"[quality] done in {wall:.0f} s; wrote {qdir / 'quality.md'}, {qdir / 'quality.json'}, {qdir / 'quality.png'}"
+        + (f", {qdir / 'few-shot.png'}" if curve else "")
+    )
     return 0
 
 
@@ -598,8 +778,9 @@ def _first_probs(entry: Dict, seeds: List[int]) -> np.ndarray:
     return s[seeds[0]]["probs"] if seeds[0] in s else next(iter(s.values()))["probs"]
 
 
-def sliced_rows(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], data, test_index, path: Path,
-                n_boot: int) -> Dict:  # fmt: skip
+def sliced_rows(
+    rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], data, test_index, path: Path, n_boot: int
+) -> Dict:
     """Every row's sliced metrics (``train.slices``; first seed) against DIN on the same samples. The membership
     of the test samples is computed from ``data``'s train split, written to ``path`` once and read back, and
     every row is cut by that one stored membership (checked)."""
@@ -608,8 +789,12 @@ def sliced_rows(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], dat
     slices.save_slices(path, slices.compute_slices(data, data.splits["test"].subset(test_index), "test"))
     membership = slices.load_slices(path)
     din = _first_probs(rows[DIN_ROW], seeds)
-    out = {name: slices.slice_statistics(labels, _first_probs(entry, seeds), membership, reference=din, n_boot=n_boot)
-           for name, entry in rows.items()}  # fmt: skip
+    out = {
+        name: slices.slice_statistics(
+            labels, _first_probs(entry, seeds), membership, reference=din, n_boot=n_boot
+        )
+        for name, entry in rows.items()
+    }
     slices.check_same_membership(out)
     return {"membership": str(path), "source": membership.source, "rows": out}
 
@@ -617,12 +802,16 @@ def sliced_rows(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], dat
 def sliced_markdown(sliced: Dict) -> str:
     from ..train import slices
 
-    return ("\n## Sliced metrics\n\nTest AUC and LogLoss per slice (95% bootstrap interval; vs DIN: the difference on "
-            "the slice's samples, DeLong's paired test for AUC, the paired bootstrap for LogLoss; first seed), every row "
-            f"cut by one stored membership ({sliced['membership']}), computed from the train split "
-            f"({sliced['source']['train_samples']} samples). Bands under {slices.MIN_SLICE_N} samples or "
-            f"{slices.MIN_SLICE_CLASS} of either label are not tested.\n\n" + slices.slices_markdown(sliced["rows"])
-            + "\n" + slices.slices_markdown(sliced["rows"], metric="logloss"))
+    return (
+        "\n## Sliced metrics\n\nTest AUC and LogLoss per slice (95% bootstrap interval; vs DIN: the difference on "
+        "the slice's samples, DeLong's paired test for AUC, the paired bootstrap for LogLoss; first seed), every row "
+        f"cut by one stored membership ({sliced['membership']}), computed from the train split "
+        f"({sliced['source']['train_samples']} samples). Bands under {slices.MIN_SLICE_N} samples or "
+        f"{slices.MIN_SLICE_CLASS} of either label are not tested.\n\n"
+        + slices.slices_markdown(sliced["rows"])
+        + "\n"
+        + slices.slices_markdown(sliced["rows"], metric="logloss")
+    )
 
 
 # ------------------------------------------------------------------------------------------ few samples
@@ -642,11 +831,18 @@ def few_shot_context(ctx, full_data, cfg, args, n: int, out: Path, log=print):
     cfg_n = replace(cfg, n_train=cfg.n_train if n == 0 else (n if cfg.n_train == 0 else min(cfg.n_train, n)))
     if len(view.splits["train"]) == len(ctx.data.splits["train"]) and cfg_n.n_train == cfg.n_train:
         return ctx, cfg
-    din, vocab, report = train_or_load_ctr(view, out / "ctr", din_options_of(args), _din_train_config(args), log=log)
+    din, vocab, report = train_or_load_ctr(
+        view, out / "ctr", din_options_of(args), _din_train_config(args), log=log
+    )
     point = build_context(view, din, vocab, report, cfg_n, ctx.item_emb, ctx.item_ids)
     point.ctr_dir, point.subr_path = str(out / "ctr"), ctx.subr_path
-    if not (np.array_equal(point.test_index, ctx.test_index) and np.array_equal(point.valid_index, ctx.valid_index)):
-        raise RuntimeError("few-shot point: its test or valid samples differ from the table's (they must be shared)")
+    if not (
+        np.array_equal(point.test_index, ctx.test_index)
+        and np.array_equal(point.valid_index, ctx.valid_index)
+    ):
+        raise RuntimeError(
+            "few-shot point: its test or valid samples differ from the table's (they must be shared)"
+        )
     return point, cfg_n
 
 
@@ -668,8 +864,12 @@ def few_shot_curve(args, cfg, ctx, full_data, sizes: List[int], out: Path, log=p
         log(f"[quality] few-shot point N={n or 'all'}")
         point, cfg_n = few_shot_context(ctx, full_data, cfg, args, n, pdir, log=log)
         home = out.parent if point is ctx else pdir  # the table's own point: its rows are the table's
-        probs = {DIN_ROW: np.asarray(point.din_test_probs, np.float64),
-                 TEXT_DIN_ROW: text_din_row(point, args, home / "rows", args.fresh, log=log)["seeds"][None]["probs"]}  # fmt: skip
+        probs = {
+            DIN_ROW: np.asarray(point.din_test_probs, np.float64),
+            TEXT_DIN_ROW: text_din_row(point, args, home / "rows", args.fresh, log=log)["seeds"][None][
+                "probs"
+            ],
+        }
         base_key = bench_base_key(point, cfg_n)
         for key in FEW_SHOT_LM_ROWS:
             spec = table[key]
@@ -678,10 +878,21 @@ def few_shot_curve(args, cfg, ctx, full_data, sizes: List[int], out: Path, log=p
         rows = {}
         for name, p in probs.items():
             ci = stats.bootstrap_ci(labels, p, "auc", args.n_boot, seed=0)
-            rows[name] = {"auc": ci["value"], "auc_lo": ci["lo"], "auc_hi": ci["hi"],
-                          "vs_din": stats.row_statistics(labels, p, {"DIN": probs[DIN_ROW]}, args.n_boot)["vs"]["DIN"]}  # fmt: skip
-        points.append({"n": n, "label": f"N={n}" if n else "all", "train_samples": int(len(point.data.splits["train"])),
-                       "lm_prompts": int(len(point.train_index)), "rows": rows})  # fmt: skip
+            rows[name] = {
+                "auc": ci["value"],
+                "auc_lo": ci["lo"],
+                "auc_hi": ci["hi"],
+                "vs_din": stats.row_statistics(labels, p, {"DIN": probs[DIN_ROW]}, args.n_boot)["vs"]["DIN"],
+            }
+        points.append(
+            {
+                "n": n,
+                "label": f"N={n}" if n else "all",
+                "train_samples": int(len(point.data.splits["train"])),
+                "lm_prompts": int(len(point.train_index)),
+                "rows": rows,
+            }
+        )
     return {"sizes": sizes, "seed": seed, "n_test": int(labels.size), "points": points}
 
 
@@ -693,17 +904,24 @@ def few_shot_markdown(curve: Dict) -> str:
     head = [f"{p['label']} ({p['train_samples']} samples, {p['lm_prompts']} prompts)" for p in pts]
     lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---|" * len(pts)]
     for name in pts[0]["rows"]:
-        cells = [f"{r['auc']:.4f} [{r['auc_lo']:.4f}, {r['auc_hi']:.4f}]; {stats.format_delta(r['vs_din'], 'auc')}"
-                 for r in (p["rows"][name] for p in pts)]  # fmt: skip
+        cells = [
+            f"{r['auc']:.4f} [{r['auc_lo']:.4f}, {r['auc_hi']:.4f}]; {stats.format_delta(r['vs_din'], 'auc')}"
+            for r in (p["rows"][name] for p in pts)
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return ("\n## Few samples\n\nTest AUC against the number of train samples N (seeded subsets of the train split; "
-            f"seed {curve['seed']}'s fine-tuning; the same {curve['n_test']} test samples), 95% bootstrap interval, then "
-            "ΔAUC vs the DIN trained on the same N (DeLong). DIN and the text-aware DIN train on the N samples; the LM "
-            "rows on min(N, --n-train) prompts drawn from them, with their DIN trained on the same N.\n\n"
-            + "\n".join(lines) + "\n")
+    return (
+        "\n## Few samples\n\nTest AUC against the number of train samples N (seeded subsets of the train split; "
+        f"seed {curve['seed']}'s fine-tuning; the same {curve['n_test']} test samples), 95% bootstrap interval, then "
+        "ΔAUC vs the DIN trained on the same N (DeLong). DIN and the text-aware DIN train on the N samples; the LM "
+        "rows on min(N, --n-train) prompts drawn from them, with their DIN trained on the same N.\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
-def summarise(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boot: int, log=print) -> List[Dict]:
+def summarise(
+    rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boot: int, log=print
+) -> List[Dict]:
     """One dict per row: metrics per seed, mean ± sd, bootstrap CIs and paired tests (first seed) vs DIN and
     vs full ReLLaX."""
     from ..metrics import ctr_metrics
@@ -720,17 +938,29 @@ def summarise(rows: Dict[str, Dict], labels: np.ndarray, seeds: List[int], n_boo
         per_seed = {str(s): ctr_metrics(labels, e["probs"]) for s, e in entry["seeds"].items()}
         aucs = np.array([m["auc"] for m in per_seed.values()])
         lls = np.array([m["logloss"] for m in per_seed.values()])
-        st = stats.row_statistics(labels, first_probs(entry), {k: v for k, v in refs.items()}, n_boot=n_boot, seed=0)
-        out.append({
-            "row": name, "kind": entry["kind"], "note": entry.get("note", ""), "valid": entry.get("valid"),
-            "valid_by_seed": {str(s): m for s, m in entry.get("valid_by_seed", {}).items()} or None,
-            "per_seed": per_seed, "n_seeds": len(per_seed),
-            "auc_mean": float(aucs.mean()), "auc_sd": float(aucs.std(ddof=1)) if aucs.size > 1 else None,
-            "logloss_mean": float(lls.mean()), "logloss_sd": float(lls.std(ddof=1)) if lls.size > 1 else None,
-            "weights": {str(s): e["weights"] for s, e in entry["seeds"].items() if "weights" in e} or None,
-            "seconds": {str(s): e.get("seconds") for s, e in entry["seeds"].items() if e.get("seconds")} or None,
-            **st,
-        })  # fmt: skip
+        st = stats.row_statistics(
+            labels, first_probs(entry), {k: v for k, v in refs.items()}, n_boot=n_boot, seed=0
+        )
+        out.append(
+            {
+                "row": name,
+                "kind": entry["kind"],
+                "note": entry.get("note", ""),
+                "valid": entry.get("valid"),
+                "valid_by_seed": {str(s): m for s, m in entry.get("valid_by_seed", {}).items()} or None,
+                "per_seed": per_seed,
+                "n_seeds": len(per_seed),
+                "auc_mean": float(aucs.mean()),
+                "auc_sd": float(aucs.std(ddof=1)) if aucs.size > 1 else None,
+                "logloss_mean": float(lls.mean()),
+                "logloss_sd": float(lls.std(ddof=1)) if lls.size > 1 else None,
+                "weights": {str(s): e["weights"] for s, e in entry["seeds"].items() if "weights" in e}
+                or None,
+                "seconds": {str(s): e.get("seconds") for s, e in entry["seeds"].items() if e.get("seconds")}
+                or None,
+                **st,
+            }
+        )
     return out
 
 
@@ -741,29 +971,54 @@ def _mean(m: float, sd: Optional[float]) -> str:
 def markdown(table: List[Dict], meta: Dict) -> str:
     from ..train import stats
 
-    head = ("| row | valid AUC | test AUC | AUC 95% CI | test LogLoss | LogLoss 95% CI | ΔAUC vs DIN | ΔLogLoss vs DIN "
-            "| ΔAUC vs full | ΔLogLoss vs full | note |")  # fmt: skip
+    head = (
+        "| row | valid AUC | test AUC | AUC 95% CI | test LogLoss | LogLoss 95% CI | ΔAUC vs DIN | ΔLogLoss vs DIN "
+        "| ΔAUC vs full | ΔLogLoss vs full | note |"
+    )
     lines = [head, "|" + "---|" * 11]
     for r in table:
         valid = r.get("valid") or {}
-        lines.append("| " + " | ".join([
-            r["row"], f"{valid['auc']:.4f}" if valid.get("auc") is not None else "–",
-            _mean(r["auc_mean"], r["auc_sd"]), f"[{r['auc_ci']['lo']:.4f}, {r['auc_ci']['hi']:.4f}]",
-            _mean(r["logloss_mean"], r["logloss_sd"]), f"[{r['logloss_ci']['lo']:.4f}, {r['logloss_ci']['hi']:.4f}]",
-            stats.format_delta(r["vs"].get("DIN"), "auc"), stats.format_delta(r["vs"].get("DIN"), "logloss"),
-            stats.format_delta(r["vs"].get("full"), "auc"), stats.format_delta(r["vs"].get("full"), "logloss"), r.get("note") or "",
-        ]) + " |")  # fmt: skip
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["row"],
+                    f"{valid['auc']:.4f}" if valid.get("auc") is not None else "–",
+                    _mean(r["auc_mean"], r["auc_sd"]),
+                    f"[{r['auc_ci']['lo']:.4f}, {r['auc_ci']['hi']:.4f}]",
+                    _mean(r["logloss_mean"], r["logloss_sd"]),
+                    f"[{r['logloss_ci']['lo']:.4f}, {r['logloss_ci']['hi']:.4f}]",
+                    stats.format_delta(r["vs"].get("DIN"), "auc"),
+                    stats.format_delta(r["vs"].get("DIN"), "logloss"),
+                    stats.format_delta(r["vs"].get("full"), "auc"),
+                    stats.format_delta(r["vs"].get("full"), "logloss"),
+                    r.get("note") or "",
+                ]
+            )
+            + " |"
+        )
     seeds = meta["seeds"]
     tb = meta.get("token_budget")
-    budget = "" if not tb else (
-        f"max_length {tb['max_length']} ({'derived from the training prompts' if tb['auto'] else 'given'}); training "
-        "prompts over it (they lose their oldest history items): "
-        + "; ".join(f"{s} {c['n_cut']} of {c['n']} (median {c['median_tokens']:.0f} tokens)" for s, c in tb["train_prompts_cut"].items())
-        + ".\n\n")  # fmt: skip
+    budget = (
+        ""
+        if not tb
+        else (
+            f"max_length {tb['max_length']} ({'derived from the training prompts' if tb['auto'] else 'given'}); training "
+            "prompts over it (they lose their oldest history items): "
+            + "; ".join(
+                f"{s} {c['n_cut']} of {c['n']} (median {c['median_tokens']:.0f} tokens)"
+                for s, c in tb["train_prompts_cut"].items()
+            )
+            + ".\n\n"
+        )
+    )
     return (
         f"# ReLLaX quality bench on {meta['dataset']}\n\n"
         f"{meta['n_train']} training prompts, {meta['n_test']} test samples (every row scores the same ones), "
-        f"seeds {seeds}; wall time {meta['wall_seconds'] / 60:.1f} min.\n\n" + budget + "\n".join(lines) + "\n\n"
+        f"seeds {seeds}; wall time {meta['wall_seconds'] / 60:.1f} min.\n\n"
+        + budget
+        + "\n".join(lines)
+        + "\n\n"
         f"AUC/LogLoss: {'mean ± sd over the seeds' if len(seeds) > 1 else 'on the test samples'}; 95% CIs: percentile "
         f"bootstrap ({meta['n_boot']} resamples) of seed {seeds[0]}'s predictions. Δ = row − reference on the same "
         f"samples (seed {seeds[0]}); p: DeLong's test for AUC, paired bootstrap for LogLoss; ≈ marks a difference "
@@ -787,8 +1042,10 @@ def plot_quality(path, table: List[Dict], title: str = "") -> Path:
     vals = np.array([r["auc_ci"]["value"] for r in table][::-1])
     lo = vals - np.array([r["auc_ci"]["lo"] for r in table][::-1])
     hi = np.array([r["auc_ci"]["hi"] for r in table][::-1]) - vals
-    colors = ["tab:gray" if r["kind"] == "baseline" else "tab:orange" if r["kind"] == "control" else "tab:blue"
-              for r in table][::-1]  # fmt: skip
+    colors = [
+        "tab:gray" if r["kind"] == "baseline" else "tab:orange" if r["kind"] == "control" else "tab:blue"
+        for r in table
+    ][::-1]
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.5))
     ax.errorbar(vals, np.arange(len(names)), xerr=[lo, hi], fmt="none", ecolor="black", capsize=3)
     ax.scatter(vals, np.arange(len(names)), c=colors, zorder=3)

@@ -110,8 +110,14 @@ def write_reports(rows: List[Dict[str, object]], out_dir: str, name: str, header
     return {"csv": csv_path, "md": md_path}
 
 
-def bar_chart(rows: Sequence[Dict[str, object]], out_path: str, label_keys: Sequence[str], value_key: str,
-              group_key: str, title: str) -> str:
+def bar_chart(
+    rows: Sequence[Dict[str, object]],
+    out_path: str,
+    label_keys: Sequence[str],
+    value_key: str,
+    group_key: str,
+    title: str,
+) -> str:
     """One grouped bar chart (matplotlib, Agg): x = the joined ``label_keys``, bars per ``group_key``."""
     import matplotlib
 
@@ -125,7 +131,9 @@ def bar_chart(rows: Sequence[Dict[str, object]], out_path: str, label_keys: Sequ
     for gi, g in enumerate(groups):
         vals = []
         for lab in labels:
-            match = [r for r in rows if str(r[group_key]) == g and " ".join(str(r[k]) for k in label_keys) == lab]
+            match = [
+                r for r in rows if str(r[group_key]) == g and " ".join(str(r[k]) for k in label_keys) == lab
+            ]
             v = match[0].get(value_key) if match else None
             vals.append(float(v) if isinstance(v, (int, float)) else 0.0)
         ax.bar([i + gi * width for i in range(len(labels))], vals, width, label=g)
@@ -150,8 +158,13 @@ def _suite_body(md_text: str) -> str:
     return "\n".join(lines).strip()
 
 
-def benchmarks_section(out_dir: str, command: str, suites: Sequence[str] = ("cflora", "topk", "e2e"),
-                       device=None, title: str = "GPU check") -> str:
+def benchmarks_section(
+    out_dir: str,
+    command: str,
+    suites: Sequence[str] = ("cflora", "topk", "e2e"),
+    device=None,
+    title: str = "GPU check",
+) -> str:
     """The Markdown section for one run: card, versions, date, exact command, then each suite's table
     (from ``<out_dir>/<suite>.md``; a missing one is listed as not produced)."""
     if device is None:
@@ -176,7 +189,9 @@ def benchmarks_section(out_dir: str, command: str, suites: Sequence[str] = ("cfl
             partial = os.path.join(out_dir, f"{suite}_partial.md")
             if os.path.exists(partial):
                 with open(partial, encoding="utf-8") as fh:
-                    parts.append("Run did not finish (timeout or failure); rows measured before it stopped:\n")
+                    parts.append(
+                        "Run did not finish (timeout or failure); rows measured before it stopped:\n"
+                    )
                     parts.append(_suite_body(fh.read()))
             else:
                 parts.append(f"Not produced: {path} is missing (the step failed or timed out; see the logs).")
@@ -184,9 +199,14 @@ def benchmarks_section(out_dir: str, command: str, suites: Sequence[str] = ("cfl
     return "\n".join(parts).rstrip() + "\n"
 
 
-def append_benchmarks_section(benchmarks_md: str, out_dir: str, command: str,
-                              suites: Sequence[str] = ("cflora", "topk", "e2e"), device=None,
-                              title: str = "GPU check") -> str:
+def append_benchmarks_section(
+    benchmarks_md: str,
+    out_dir: str,
+    command: str,
+    suites: Sequence[str] = ("cflora", "topk", "e2e"),
+    device=None,
+    title: str = "GPU check",
+) -> str:
     """Append :func:`benchmarks_section` to ``benchmarks_md`` (atomically, :mod:`rellax_fast._io`); return the
     section."""
     section = benchmarks_section(out_dir, command, suites, device, title)

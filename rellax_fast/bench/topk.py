@@ -53,8 +53,12 @@ SIZES = {
 
 
 LIFELONG = {
-    "gpu": dict(lengths=(1024, 4096, 16384, 32768), users=4, targets=20000, dims=(384,), ks=(10, 50), windows=(1024,)),
-    "cpu": dict(lengths=(1024, 4096, 16384, 32768), users=2, targets=1000, dims=(384,), ks=(10,), windows=(1024,)),
+    "gpu": dict(
+        lengths=(1024, 4096, 16384, 32768), users=4, targets=20000, dims=(384,), ks=(10, 50), windows=(1024,)
+    ),
+    "cpu": dict(
+        lengths=(1024, 4096, 16384, 32768), users=2, targets=1000, dims=(384,), ks=(10,), windows=(1024,)
+    ),
     "tiny": dict(lengths=(40, 130), users=2, targets=30, dims=(16,), ks=(5,), windows=(17,)),
 }
 
@@ -68,8 +72,15 @@ def synthetic_histories(n_users: int, n_items: int = ML1M_ITEMS, seed: int = 0, 
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     items = rng.integers(0, n_items, int(offsets[-1]), dtype=np.int64)
     users = np.repeat(np.arange(n_users, dtype=np.int64), lengths)
-    pos = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]) if n_users else np.zeros(0, np.int64)
-    return (torch.from_numpy(items), torch.from_numpy(offsets), torch.from_numpy(users), torch.from_numpy(pos))
+    pos = (
+        np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]) if n_users else np.zeros(0, np.int64)
+    )
+    return (
+        torch.from_numpy(items),
+        torch.from_numpy(offsets),
+        torch.from_numpy(users),
+        torch.from_numpy(pos),
+    )
 
 
 def torch_padded_topk(item_emb, seq_items, seq_offsets, k: int, normalize: bool, budget: int = 1 << 22):
@@ -180,15 +191,27 @@ def _runs(backends, item_emb, dev_data, cpu_data, k: int, metric: str, device, w
     runs: Dict[str, Tuple[Callable[[], object], torch.device]] = {}
     for b in backends:
         runs[b] = (lambda b=b: semantic_topk(item_emb, *dev_data, k, metric=metric, backend=b), device)
-    runs["torch-padded"] = (lambda: torch_padded_topk(item_emb, dev_data[0], dev_data[1], k, normalize), device)
-    runs["faiss-per-user"] = (lambda: faiss_per_user_topk(item_emb, cpu_data[0], cpu_data[1], k, normalize), cpu)
+    runs["torch-padded"] = (
+        lambda: torch_padded_topk(item_emb, dev_data[0], dev_data[1], k, normalize),
+        device,
+    )
+    runs["faiss-per-user"] = (
+        lambda: faiss_per_user_topk(item_emb, cpu_data[0], cpu_data[1], k, normalize),
+        cpu,
+    )
     if with_global:
         runs["faiss-global"] = (lambda: _global_mode(item_emb, *cpu_data, k, metric), cpu)
     return runs
 
 
-def lifelong_histories(length: int, n_users: int, n_targets: int, n_items: int = ML1M_ITEMS, seed: int = 0,
-                       layout: str = "uniform"):  # fmt: skip
+def lifelong_histories(
+    length: int,
+    n_users: int,
+    n_targets: int,
+    n_items: int = ML1M_ITEMS,
+    seed: int = 0,
+    layout: str = "uniform",
+):
     """``n_users`` histories of exactly ``length`` items and ``n_targets`` seeded targets (user, position),
     sorted by user then position. ``layout``: "uniform" (positions drawn uniformly from 1..length-1) or
     "recent" (each user's latest n_targets / n_users positions, like a time-ordered test split)."""
@@ -208,7 +231,9 @@ def lifelong_histories(length: int, n_users: int, n_targets: int, n_items: int =
     return tuple(torch.from_numpy(a) for a in (items, offsets, users[order], pos[order]))
 
 
-def torch_gemm_topk(item_emb, seq_items, seq_offsets, users, pos, k: int, normalize: bool, budget: int = 1 << 22):
+def torch_gemm_topk(
+    item_emb, seq_items, seq_offsets, users, pos, k: int, normalize: bool, budget: int = 1 << 22
+):
     """Baseline for sampled targets: per user, chunks of its targets x its whole history in one GEMM, a causal
     mask (candidates < the target's position) and ``topk``; chunk x L scores bounded by ``budget``."""
     emb = item_emb.float()
@@ -223,7 +248,9 @@ def torch_gemm_topk(item_emb, seq_items, seq_offsets, users, pos, k: int, normal
         if lo_s == hi_s:
             continue
         width = int(pos_h[lo_s:hi_s].max())
-        hist = emb[seq_items[int(off_h[u]) : int(off_h[u]) + width]]  # (width, d): every candidate any target needs
+        hist = emb[
+            seq_items[int(off_h[u]) : int(off_h[u]) + width]
+        ]  # (width, d): every candidate any target needs
         step = max(1, budget // max(1, width))
         for a in range(lo_s, hi_s, step):
             b = min(hi_s, a + step)
@@ -251,8 +278,17 @@ def _lifelong_runs(backends, item_emb, data, seqs, split, k: int, metric: str, d
     runs["torch-gemm"] = (lambda: torch_gemm_topk(item_emb, *data, k, metric == "cosine"), 0, pairs)
     for w in windows:
         if backends and w < length:
-            run = lambda w=w: retrieve(item_emb, seqs, split, k, metric=metric, backend=backends[0], device=device,
-                                       max_history=w, show_progress=False)  # fmt: skip
+            run = lambda w=w: retrieve(
+                item_emb,
+                seqs,
+                split,
+                k,
+                metric=metric,
+                backend=backends[0],
+                device=device,
+                max_history=w,
+                show_progress=False,
+            )
             runs[f"{backends[0]} W={w}"] = (run, w, float(np.minimum(pos, w).sum()))
     return runs
 
@@ -270,7 +306,9 @@ def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     metric = getattr(args, "metric", "cosine")
     repeat = max(1, min(args.repeat, 3)) if device.type == "cpu" else args.repeat
     warmup = max(0, min(args.warmup, 1)) if device.type == "cpu" else args.warmup
-    backends = [b for b, why in availability("semantic_topk", device.type).items() if why is None and b != "reference"]
+    backends = [
+        b for b, why in availability("semantic_topk", device.type).items() if why is None and b != "reference"
+    ]
     rows: List[Dict[str, object]] = []
     for length, layout in ((length, layout) for length in cfg["lengths"] for layout in ("uniform", "recent")):
         items, offsets, users, pos = lifelong_histories(length, cfg["users"], cfg["targets"], layout=layout)
@@ -279,21 +317,35 @@ def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
         seqs = types.SimpleNamespace(items=items.numpy(), offsets=offsets.numpy())
         split = types.SimpleNamespace(user_index=users.numpy(), pos=pos.numpy())
         for d in cfg["dims"]:
-            item_emb = torch.randn(ML1M_ITEMS, d, generator=torch.Generator().manual_seed(d)).to(device=device, dtype=dtype)
+            item_emb = torch.randn(ML1M_ITEMS, d, generator=torch.Generator().manual_seed(d)).to(
+                device=device, dtype=dtype
+            )
             for k in cfg["ks"]:
-                runs = _lifelong_runs(backends, item_emb, data, seqs, split, k, metric, device, cfg["windows"], length)
+                runs = _lifelong_runs(
+                    backends, item_emb, data, seqs, split, k, metric, device, cfg["windows"], length
+                )
                 results = {}
                 for name, (fn, window, work) in runs.items():
                     out: list = []
                     mem = report.peak_memory_mb(lambda fn=fn, out=out: out.append(fn()), device)
                     results[name] = out[0][1]
                     ms = report.time_ms(fn, device, warmup=max(0, warmup - 1), repeat=repeat)
-                    rows.append({
-                        "L": length, "layout": layout, "d": d, "k": k, "backend": name, "window": window or None,
-                        "device": device.type, "targets": n,
-                        "ms": ms, "samples_per_s": n / (ms / 1e3), "tflops": 2.0 * d * work / (ms / 1e3) / 1e12,
-                        "peak_mib": mem,
-                    })  # fmt: skip
+                    rows.append(
+                        {
+                            "L": length,
+                            "layout": layout,
+                            "d": d,
+                            "k": k,
+                            "backend": name,
+                            "window": window or None,
+                            "device": device.type,
+                            "targets": n,
+                            "ms": ms,
+                            "samples_per_s": n / (ms / 1e3),
+                            "tflops": 2.0 * d * work / (ms / 1e3) / 1e12,
+                            "peak_mib": mem,
+                        }
+                    )
                 group = [r for r in rows if (r["L"], r["layout"], r["d"], r["k"]) == (length, layout, d, k)]
                 base = next(r for r in group if r["backend"] == "torch-gemm")
                 full = [name for name, (_, window, _) in runs.items() if window == 0]
@@ -301,19 +353,29 @@ def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
                 for r in group:
                     r["speedup_vs_torch"] = base["ms"] / r["ms"]
                     # windowed rows answer another question: compared with nothing (NaN)
-                    r["max_score_gap"] = _kth_gap(results[r["backend"]], first) if r["backend"] in full else float("nan")
+                    r["max_score_gap"] = (
+                        _kth_gap(results[r["backend"]], first) if r["backend"] in full else float("nan")
+                    )
                 print(report.markdown_table(group), flush=True)
 
     def plot(rows_, path):
-        return report.bar_chart(rows_, path, ["L", "layout", "k"], "samples_per_s", "backend",
-                                "semantic_topk on lifelong histories: samples/s (higher is better)")
+        return report.bar_chart(
+            rows_,
+            path,
+            ["L", "layout", "k"],
+            "samples_per_s",
+            "backend",
+            "semantic_topk on lifelong histories: samples/s (higher is better)",
+        )
 
-    note = (f"lifelong histories: per L, {cfg['users']} users of exactly L items and {cfg['targets']} targets, "
-            "'uniform' over positions (mean L/2 candidates) or the users' 'recent' ones (about L candidates); "
-            f"metric {metric}; dtype {args.dtype}; "
-            "torch-gemm: per-user GEMM + causal mask + topk (the all-positions padded baseline needs L x L "
-            "scores per user, 4 GiB at L=32k: not run); 'W=' rows: retrieve(max_history=W), tflops count the "
-            "windowed work")  # fmt: skip
+    note = (
+        f"lifelong histories: per L, {cfg['users']} users of exactly L items and {cfg['targets']} targets, "
+        "'uniform' over positions (mean L/2 candidates) or the users' 'recent' ones (about L candidates); "
+        f"metric {metric}; dtype {args.dtype}; "
+        "torch-gemm: per-user GEMM + causal mask + topk (the all-positions padded baseline needs L x L "
+        "scores per user, 4 GiB at L=32k: not run); 'W=' rows: retrieve(max_history=W), tflops count the "
+        "windowed work"
+    )
     return rows, {"title": "semantic_topk at lifelong lengths. " + note, "plot": plot}
 
 
@@ -336,10 +398,14 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     total, n_samples = int(seq_offsets[-1]), int(users.numel())
     lengths = (seq_offsets[1:] - seq_offsets[:-1]).double()
     pairs = float((pos.double()).sum())  # sum over samples of the number of candidates
-    backends = [b for b, why in availability("semantic_topk", device.type).items() if why is None and b != "reference"]
-    notes = [f"{cfg['users']} users, {total} samples (every position), lengths mean {lengths.mean():.1f}, "
-             f"median {lengths.median():.0f}, max {lengths.max():.0f}; metric {metric}; dtype {args.dtype}; "
-             f"{pairs / n_samples:.1f} candidates per sample on average"]
+    backends = [
+        b for b, why in availability("semantic_topk", device.type).items() if why is None and b != "reference"
+    ]
+    notes = [
+        f"{cfg['users']} users, {total} samples (every position), lengths mean {lengths.mean():.1f}, "
+        f"median {lengths.median():.0f}, max {lengths.max():.0f}; metric {metric}; dtype {args.dtype}; "
+        f"{pairs / n_samples:.1f} candidates per sample on average"
+    ]
     global_note = _global_available()
     if global_note:
         notes.append(global_note)
@@ -349,8 +415,16 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
         gen = torch.Generator().manual_seed(d)
         item_emb = torch.randn(ML1M_ITEMS, d, generator=gen).to(device=device, dtype=dtype)
         for k in cfg["ks"]:
-            runs = _runs(backends, item_emb, (seq_items_d, seq_offsets_d, users_d, pos_d),
-                         (seq_items, seq_offsets, users, pos), k, metric, device, with_global=not global_note)
+            runs = _runs(
+                backends,
+                item_emb,
+                (seq_items_d, seq_offsets_d, users_d, pos_d),
+                (seq_items, seq_offsets, users, pos),
+                k,
+                metric,
+                device,
+                with_global=not global_note,
+            )
             results = {}
             for name, (fn, dev) in runs.items():
                 # the first call is the warm-up, the peak-memory probe and the result used for agreement
@@ -358,17 +432,24 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
                 mem = report.peak_memory_mb(lambda fn=fn, out=out: out.append(fn()), dev)
                 results[name] = out[0][1]
                 slow = name.startswith("faiss")
-                ms = report.time_ms(fn, dev, warmup=0 if slow else max(0, warmup - 1),
-                                    repeat=1 if slow else repeat)
+                ms = report.time_ms(
+                    fn, dev, warmup=0 if slow else max(0, warmup - 1), repeat=1 if slow else repeat
+                )
                 elem = item_emb.element_size() if not name.startswith("faiss") else 4
                 bytes_moved = total * d * elem + total * 8 + n_samples * 16 + n_samples * k * 12
-                rows.append({
-                    "d": d, "k": k, "backend": name, "device": "cpu" if dev.type == "cpu" else dev.type,
-                    "ms": ms, "samples_per_s": n_samples / (ms / 1e3),
-                    "tflops": 2.0 * d * pairs / (ms / 1e3) / 1e12,
-                    "gb_per_s": bytes_moved / (ms / 1e3) / 1e9,
-                    "peak_mib": mem,
-                })
+                rows.append(
+                    {
+                        "d": d,
+                        "k": k,
+                        "backend": name,
+                        "device": "cpu" if dev.type == "cpu" else dev.type,
+                        "ms": ms,
+                        "samples_per_s": n_samples / (ms / 1e3),
+                        "tflops": 2.0 * d * pairs / (ms / 1e3) / 1e12,
+                        "gb_per_s": bytes_moved / (ms / 1e3) / 1e9,
+                        "peak_mib": mem,
+                    }
+                )
             base = next(r for r in rows if r["d"] == d and r["k"] == k and r["backend"] == "torch-padded")
             first = next(iter(results.values()))
             for r in rows:
@@ -378,7 +459,8 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
             print(report.markdown_table([r for r in rows if r["d"] == d and r["k"] == k]), flush=True)
 
     def plot(rows_, path):
-        return report.bar_chart(rows_, path, ["d", "k"], "samples_per_s", "backend",
-                                "semantic_topk samples/s (higher is better)")
+        return report.bar_chart(
+            rows_, path, ["d", "k"], "samples_per_s", "backend", "semantic_topk samples/s (higher is better)"
+        )
 
     return rows, {"title": "semantic_topk vs baselines. " + " ".join(notes), "plot": plot}

@@ -29,8 +29,14 @@ from .model import (
     inject_cflora,
 )
 
-__all__ = ["DEFAULT_ADAPTER", "add_cflora_adapter", "set_cflora_adapter", "delete_cflora_adapter",
-           "cflora_adapter_names", "active_cflora_adapter"]
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "add_cflora_adapter",
+    "set_cflora_adapter",
+    "delete_cflora_adapter",
+    "cflora_adapter_names",
+    "active_cflora_adapter",
+]
 
 
 def _registry(root: nn.Module) -> Dict[str, object]:
@@ -41,8 +47,9 @@ def _registry(root: nn.Module) -> Dict[str, object]:
 def _refuse_merged(root: nn.Module, what: str) -> None:
     merged = [name for name, layer in cflora_layers(root) if layer.merged]
     if merged:
-        raise RuntimeError(f"{what}: the active adapter's layers {merged[:3]} are merged into W; "
-                           "unmerge_cflora(model) first")
+        raise RuntimeError(
+            f"{what}: the active adapter's layers {merged[:3]} are merged into W; unmerge_cflora(model) first"
+        )
 
 
 def _take_out(root: nn.Module) -> Dict[str, object]:
@@ -88,8 +95,10 @@ def add_cflora_adapter(model: nn.Module, adapter_name: str, config: CFLoRAConfig
     if not (isinstance(adapter_name, str) and adapter_name):
         raise ValueError(f"add_cflora_adapter: adapter_name must be a non-empty str; got {adapter_name!r}")
     if adapter_name == registry["active"] or adapter_name in registry["stored"]:
-        raise ValueError(f"add_cflora_adapter: the model already has an adapter named {adapter_name!r} "
-                         f"(its adapters: {cflora_adapter_names(root)}); delete_cflora_adapter it first")
+        raise ValueError(
+            f"add_cflora_adapter: the model already has an adapter named {adapter_name!r} "
+            f"(its adapters: {cflora_adapter_names(root)}); delete_cflora_adapter it first"
+        )
     _refuse_merged(root, "add_cflora_adapter")
     active = _take_out(root)
     try:
@@ -110,7 +119,9 @@ def set_cflora_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
     if adapter_name == registry["active"]:
         return model
     if adapter_name not in registry["stored"]:
-        raise ValueError(f"set_cflora_adapter: no adapter named {adapter_name!r}; the model's adapters: {names}")
+        raise ValueError(
+            f"set_cflora_adapter: no adapter named {adapter_name!r}; the model's adapters: {names}"
+        )
     _refuse_merged(root, "set_cflora_adapter")
     for _, layer in cflora_layers(root):
         layer._cflora_slot = None  # a kept-aside adapter holds no cond
@@ -132,6 +143,8 @@ def delete_cflora_adapter(model: nn.Module, adapter_name: str) -> nn.Module:
             "first, or unload(model) / merge_and_unload(model) to remove the adapter from the model"
         )
     if adapter_name not in registry["stored"]:
-        raise ValueError(f"delete_cflora_adapter: no adapter named {adapter_name!r}; the model's adapters: {names}")
+        raise ValueError(
+            f"delete_cflora_adapter: no adapter named {adapter_name!r}; the model's adapters: {names}"
+        )
     del registry["stored"][adapter_name]
     return model

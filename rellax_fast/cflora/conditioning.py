@@ -74,8 +74,10 @@ def begin_condition(model: nn.Module, cond: torch.Tensor) -> ConditionSlot:
     for _, layer in layers:
         slot = layer._cflora_slot
         if slot is not None and slot.active:
-            raise RuntimeError("cflora_condition: a cflora_condition block is already active on this model; "
-                               "nesting is not supported")
+            raise RuntimeError(
+                "cflora_condition: a cflora_condition block is already active on this model; "
+                "nesting is not supported"
+            )
     _install_checkpoint_replay(unwrap_model(model))
     slot = ConditionSlot(cond)
     for _, layer in layers:

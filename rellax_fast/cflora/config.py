@@ -140,14 +140,24 @@ class CFLoRAConfig:
     lora_dropout: InitVar[Optional[float]] = None
     init_lora_weights: InitVar[Union[bool, str, None]] = None
 
-    def __post_init__(self, lora_alpha: Optional[float] = None, lora_dropout: Optional[float] = None,
-                      init_lora_weights: Union[bool, str, None] = None) -> None:
-        self._apply_peft_aliases({"lora_alpha": lora_alpha, "lora_dropout": lora_dropout,
-                                  "init_lora_weights": init_lora_weights})
+    def __post_init__(
+        self,
+        lora_alpha: Optional[float] = None,
+        lora_dropout: Optional[float] = None,
+        init_lora_weights: Union[bool, str, None] = None,
+    ) -> None:
+        self._apply_peft_aliases(
+            {"lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "init_lora_weights": init_lora_weights}
+        )
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             if isinstance(getattr(self, name), (tuple, set)):
-                setattr(self, name, sorted(getattr(self, name)) if isinstance(getattr(self, name), set)
-                        else list(getattr(self, name)))
+                setattr(
+                    self,
+                    name,
+                    sorted(getattr(self, name))
+                    if isinstance(getattr(self, name), set)
+                    else list(getattr(self, name)),
+                )
         self.validate()
 
     def _apply_peft_aliases(self, given: Dict[str, Any]) -> None:
@@ -158,16 +168,22 @@ class CFLoRAConfig:
                 continue
             name = PEFT_ALIASES[alias]
             if name == "init_lora":
-                matches = [ours for ours, peft in PEFT_INIT_LORA if type(value) is type(peft) and value == peft]
+                matches = [
+                    ours for ours, peft in PEFT_INIT_LORA if type(value) is type(peft) and value == peft
+                ]
                 if not matches:
                     supported = ", ".join(repr(peft) for _, peft in PEFT_INIT_LORA)
-                    raise ValueError(f"CFLoRAConfig.init_lora_weights (PEFT's name for init_lora) must be one of "
-                                     f"{supported}; got {value!r}")
+                    raise ValueError(
+                        f"CFLoRAConfig.init_lora_weights (PEFT's name for init_lora) must be one of "
+                        f"{supported}; got {value!r}"
+                    )
                 value = matches[0]
             current = getattr(self, name)
             if current != defaults[name] and current != value:
-                raise TypeError(f"CFLoRAConfig: {alias}={value!r} and {name}={current!r} disagree; {alias} is PEFT's "
-                                f"name for {name}, give one of them")
+                raise TypeError(
+                    f"CFLoRAConfig: {alias}={value!r} and {name}={current!r} disagree; {alias} is PEFT's "
+                    f"name for {name}, give one of them"
+                )
             setattr(self, name, value)
 
     # ------------------------------------------------------------------ validation
@@ -178,18 +194,24 @@ class CFLoRAConfig:
         if not (_is_finite_number(self.alpha) and self.alpha > 0):
             raise ValueError(f"CFLoRAConfig.alpha must be a finite number > 0; got {self.alpha!r}")
         if not (math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"CFLoRAConfig: the scale alpha/r = {self.alpha!r}/{self.r} = {self.scale!r} must be "
-                             "finite and > 0")
+            raise ValueError(
+                f"CFLoRAConfig: the scale alpha/r = {self.alpha!r}/{self.r} = {self.scale!r} must be "
+                "finite and > 0"
+            )
         if not (_is_finite_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"CFLoRAConfig.dropout must be a number in [0, 1); got {self.dropout!r}")
         self._validate_targets()
         self._validate_patterns()
         self._validate_generator()
         if self.init_lora not in LORA_INITS:
-            raise ValueError(f"CFLoRAConfig.init_lora must be one of {', '.join(LORA_INITS)}; got {self.init_lora!r}")
+            raise ValueError(
+                f"CFLoRAConfig.init_lora must be one of {', '.join(LORA_INITS)}; got {self.init_lora!r}"
+            )
         for name in ("train_lora", "train_interaction"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"CFLoRAConfig.{name} must be a bool (true/false); got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"CFLoRAConfig.{name} must be a bool (true/false); got {getattr(self, name)!r}"
+                )
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(
                 f"CFLoRAConfig.backend must be None or one of {', '.join(BACKEND_CHOICES[1:])}; got {self.backend!r}"
@@ -219,8 +241,11 @@ class CFLoRAConfig:
             if not isinstance(pattern, dict):
                 raise ValueError(f"CFLoRAConfig.{name} must be a dict {{pattern: value}}; got {pattern!r}")
             for key, value in pattern.items():
-                ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) if name == "rank_pattern" \
+                ok = (
+                    (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+                    if name == "rank_pattern"
                     else (_is_finite_number(value) and value > 0)
+                )
                 if not (isinstance(key, str) and key and ok):
                     raise ValueError(
                         f"CFLoRAConfig.{name} maps module-name patterns to {kind}; got {key!r}: {value!r}"
@@ -235,13 +260,19 @@ class CFLoRAConfig:
         interaction_class(self.interaction).check_config(self)
         for name in ("cond_dim", "generator_hidden"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            if value is not None and not (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            ):
                 raise ValueError(f"CFLoRAConfig.{name} must be a positive int or None; got {value!r}")
-        if not (isinstance(self.n_experts, int) and not isinstance(self.n_experts, bool) and self.n_experts >= 1):
+        if not (
+            isinstance(self.n_experts, int) and not isinstance(self.n_experts, bool) and self.n_experts >= 1
+        ):
             raise ValueError(f"CFLoRAConfig.n_experts must be a positive int; got {self.n_experts!r}")
         if not (_is_finite_number(self.generator_init_std) and self.generator_init_std >= 0.0):
-            raise ValueError(f"CFLoRAConfig.generator_init_std must be a finite number >= 0; got "
-                             f"{self.generator_init_std!r}")
+            raise ValueError(
+                f"CFLoRAConfig.generator_init_std must be a finite number >= 0; got "
+                f"{self.generator_init_std!r}"
+            )
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -286,7 +317,9 @@ class CFLoRAConfig:
         return cls(**{k: v for k, v in data.items() if k in names})
 
     def to_json(self) -> str:
-        return json.dumps({"format": f"{FORMAT_PREFIX}{FORMAT_VERSION}", **self.to_dict()}, indent=2, sort_keys=True)
+        return json.dumps(
+            {"format": f"{FORMAT_PREFIX}{FORMAT_VERSION}", **self.to_dict()}, indent=2, sort_keys=True
+        )
 
     @classmethod
     def from_json(cls, text: str) -> CFLoRAConfig:
@@ -308,7 +341,9 @@ def read_json(path: Union[str, os.PathLike]) -> Dict[str, Any]:
         with open(path, "rb") as fh:
             data = json.loads(fh.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFileError(f"{os.fspath(path)} is not valid JSON (truncated or corrupted?): {exc}") from exc
+        raise AdapterFileError(
+            f"{os.fspath(path)} is not valid JSON (truncated or corrupted?): {exc}"
+        ) from exc
     if not isinstance(data, dict):
         raise AdapterFileError(f"{os.fspath(path)} holds a JSON {type(data).__name__}, not an object")
     return data
@@ -320,4 +355,3 @@ def pattern_key(patterns: Dict[str, Any], module_name: str) -> Optional[str]:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return key
     return None
-

@@ -98,8 +98,10 @@ def enable_cflora_cond_kwarg(model: nn.Module) -> nn.Module:
     """
     root = unwrap_model(model)
     if not cflora_layers(root):
-        raise ValueError("enable_cflora_cond_kwarg: the model has no CFLoRA layers; call inject_cflora(model, config) "
-                         "first")
+        raise ValueError(
+            "enable_cflora_cond_kwarg: the model has no CFLoRA layers; call inject_cflora(model, config) "
+            "first"
+        )
     if _STATE in root.__dict__:
         return model
     # no handles kept: a deepcopy of a RemovableHandle still points at the original module's hook dicts
@@ -123,7 +125,11 @@ def disable_cflora_cond_kwarg(model: nn.Module) -> nn.Module:
         return model
     registered = (
         (root._forward_pre_hooks, (root._forward_pre_hooks_with_kwargs,), _pre_hook),
-        (root._forward_hooks, (root._forward_hooks_always_called, root._forward_hooks_with_kwargs), _post_hook),
+        (
+            root._forward_hooks,
+            (root._forward_hooks_always_called, root._forward_hooks_with_kwargs),
+            _post_hook,
+        ),
     )
     for hooks, extra, fn in registered:
         for hook_id in [i for i, h in hooks.items() if h is fn]:

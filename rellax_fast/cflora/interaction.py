@@ -84,7 +84,9 @@ class InteractionGenerator(nn.Module):
                 f"got {tuple(cond.shape)}"
             )
         if not cond.is_floating_point():
-            raise TypeError(f"CFLoRA interaction {self.kind!r}: cond must be floating; got dtype {cond.dtype}")
+            raise TypeError(
+                f"CFLoRA interaction {self.kind!r}: cond must be floating; got dtype {cond.dtype}"
+            )
         param = next(self.parameters())
         return cond.to(device=param.device, dtype=param.dtype)
 
@@ -97,7 +99,9 @@ def register_interaction(cls: Type[InteractionGenerator]) -> Type[InteractionGen
     if not (isinstance(cls, type) and issubclass(cls, InteractionGenerator)):
         raise TypeError(f"register_interaction: expected an InteractionGenerator subclass, got {cls!r}")
     if not (isinstance(cls.kind, str) and cls.kind):
-        raise ValueError(f"register_interaction: {cls.__name__}.kind must be a non-empty string; got {cls.kind!r}")
+        raise ValueError(
+            f"register_interaction: {cls.__name__}.kind must be a non-empty string; got {cls.kind!r}"
+        )
     known = INTERACTIONS.get(cls.kind)
     if known is not None and known is not cls:
         raise ValueError(
@@ -175,7 +179,9 @@ class FullInteraction(InteractionGenerator):
 
     @classmethod
     def from_config(cls, config, device=None, dtype=None) -> FullInteraction:
-        return cls(config.r, config.cond_dim, config.hidden, config.generator_init_std, device=device, dtype=dtype)
+        return cls(
+            config.r, config.cond_dim, config.hidden, config.generator_init_std, device=device, dtype=dtype
+        )
 
     def forward(self, cond: Optional[torch.Tensor] = None) -> torch.Tensor:
         u = self._check_cond(cond, self.cond_dim)
@@ -217,7 +223,9 @@ class _GatedInteraction(InteractionGenerator):
 
     @classmethod
     def from_config(cls, config, device=None, dtype=None) -> _GatedInteraction:
-        return cls(config.r, config.cond_dim, config.n_experts, config.generator_init_std, device=device, dtype=dtype)
+        return cls(
+            config.r, config.cond_dim, config.n_experts, config.generator_init_std, device=device, dtype=dtype
+        )
 
     def gates(self, cond: Optional[torch.Tensor]) -> torch.Tensor:
         """Softmax gates (B, n_experts)."""

@@ -92,8 +92,15 @@ _PENDING: weakref.WeakKeyDictionary[nn.Module, List[weakref.ref]] = weakref.Weak
 class CFLoRALinear(nn.Module):
     """``y = x Wᵀ + b + s·((drop(x) Aᵀ) C_uᵀ) Bᵀ`` around the frozen weight of the wrapped module."""
 
-    def __init__(self, base: nn.Module, config: CFLoRAConfig, name: str = "", *, r: Optional[int] = None,
-                 alpha: Optional[float] = None):
+    def __init__(
+        self,
+        base: nn.Module,
+        config: CFLoRAConfig,
+        name: str = "",
+        *,
+        r: Optional[int] = None,
+        alpha: Optional[float] = None,
+    ):
         super().__init__()
         if not supported_base(base):
             raise TypeError(
@@ -277,8 +284,10 @@ class CFLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled:
             if self.merged:
-                raise RuntimeError(f"CFLoRA layer {self.layer_name or '?'} is disabled but merged into W; "
-                                   "unmerge_cflora(model) first")
+                raise RuntimeError(
+                    f"CFLoRA layer {self.layer_name or '?'} is disabled but merged into W; "
+                    "unmerge_cflora(model) first"
+                )
             return self.base_module()(x)  # the wrapped module's own forward: exactly the base output
         weight = self.weight_out_in()
         if self.merged:
@@ -287,14 +296,25 @@ class CFLoRALinear(nn.Module):
         if c is not None and c.dtype != x.dtype:
             c = c.to(x.dtype)
         out = cflora_linear(
-            x, weight, self.bias, self.lora_A, self.lora_B, c,
+            x,
+            weight,
+            self.bias,
+            self.lora_A,
+            self.lora_B,
+            c,
             scale=self.scale,
             dropout_p=self.dropout_p if self.training else 0.0,
             seed=None,
             backend=self.backend,
         )
-        if (c is not None and c.dim() == 3 and not torch.compiler.is_compiling() and torch.is_grad_enabled()
-                and not _in_backward() and _saved_tensor_hooks_active()):
+        if (
+            c is not None
+            and c.dim() == 3
+            and not torch.compiler.is_compiling()
+            and torch.is_grad_enabled()
+            and not _in_backward()
+            and _saved_tensor_hooks_active()
+        ):
             return self._track_pending(out)
         return out
 

@@ -74,8 +74,10 @@ def _output_head_names(root: nn.Module) -> set:
     getter = getattr(root, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     if head is None:
-        head = next((h for h in (getattr(root, n, None) for n in _CLASSIFIER_HEAD_NAMES) if isinstance(h, nn.Module)),
-                    None)
+        head = next(
+            (h for h in (getattr(root, n, None) for n in _CLASSIFIER_HEAD_NAMES) if isinstance(h, nn.Module)),
+            None,
+        )
     if head is None:
         return set()
     return {name for name, module in root.named_modules(remove_duplicate=False) if module is head}
@@ -103,15 +105,19 @@ def _modules_to_save(root: nn.Module, config: CFLoRAConfig) -> List[Tuple[str, n
             if not any(name.startswith(prev + ".") for prev, _ in found):
                 found.append((name, module))
     if not found:
-        raise ValueError(f"inject_cflora: modules_to_save={config.modules_to_save!r} matches no module of the model")
+        raise ValueError(
+            f"inject_cflora: modules_to_save={config.modules_to_save!r} matches no module of the model"
+        )
     return found
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
     """Print ``trainable params: … || all params: … || trainable%: …`` (PEFT's line; shared Parameters once)."""
     trainable, total = cflora_trainable_parameters(model)
-    print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-          f"trainable%: {100.0 * trainable / max(total, 1):.4f}")
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || "
+        f"trainable%: {100.0 * trainable / max(total, 1):.4f}"
+    )
 
 
 def cflora_trainable_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -136,8 +142,14 @@ def _set_trainable(layer: CFLoRALinear, config: CFLoRAConfig) -> None:
             p.requires_grad_(config.train_interaction)
 
 
-def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = False,
-                  cond_kwarg: bool = True, adapter_name: str = DEFAULT_ADAPTER) -> nn.Module:
+def inject_cflora(
+    model: nn.Module,
+    config: CFLoRAConfig,
+    *,
+    verbose: bool = False,
+    cond_kwarg: bool = True,
+    adapter_name: str = DEFAULT_ADAPTER,
+) -> nn.Module:
     """Replace the target ``nn.Linear`` / ``Conv1D`` modules by CFLoRA layers, in place; freeze the base.
 
     Targets are ``config.target_modules`` (suffixes, a regex, or ``"all-linear"``: every Linear/Conv1D but the
@@ -210,8 +222,10 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
             f"{', '.join(leaf_names[:20]) or '(none)'}"
         )
     # build every layer before replacing any, so a rank error leaves the model untouched
-    new_layers = [(name, CFLoRALinear(module, config, name=name, **_rank_alpha(config, name)))
-                  for name, module in matched]
+    new_layers = [
+        (name, CFLoRALinear(module, config, name=name, **_rank_alpha(config, name)))
+        for name, module in matched
+    ]
     param_names = _parameter_names(root)
     for name, layer in new_layers:
         tied = _tied_with(param_names, name, layer.weight)
@@ -245,7 +259,13 @@ def inject_cflora(model: nn.Module, config: CFLoRAConfig, *, verbose: bool = Fal
     trainable, total = cflora_trainable_parameters(root)
     logger.info(
         "CFLoRA (%s, r=%d) injected into %d modules (%d modules to save): trainable params %d || all params %d "
-        "|| trainable %.4f%%", config.interaction, config.r, len(new_layers), len(to_save), trainable, total,
+        "|| trainable %.4f%%",
+        config.interaction,
+        config.r,
+        len(new_layers),
+        len(to_save),
+        trainable,
+        total,
         100.0 * trainable / max(total, 1),
     )
     if cond_kwarg and config.needs_cond:
@@ -269,8 +289,10 @@ def _replace_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def set_cflora_backend(model: nn.Module, backend: Optional[str]) -> nn.Module:
     """Route every CFLoRA layer's ``ops.cflora_linear`` call to ``backend`` (None/"auto": automatic)."""
     if backend not in BACKEND_CHOICES:
-        raise ValueError(f"set_cflora_backend: backend must be None or one of "
-                         f"{', '.join(BACKEND_CHOICES[1:])}; got {backend!r}")
+        raise ValueError(
+            f"set_cflora_backend: backend must be None or one of "
+            f"{', '.join(BACKEND_CHOICES[1:])}; got {backend!r}"
+        )
     for _, layer in _require_layers(model, "set_cflora_backend"):
         layer.backend = backend
     return model
@@ -375,8 +397,12 @@ def _untie(root: nn.Module, layer_name: str, layer: CFLoRALinear, tied: List[str
     config = getattr(root, "config", None)
     if hf_tied and getattr(config, "tie_word_embeddings", False):
         config.tie_word_embeddings = False  # so save_pretrained / from_pretrained keep the two apart
-    logger.warning("merge_cflora: untied %s from %s (it now has its own weight)%s", layer_name, ", ".join(tied),
-                   "; set config.tie_word_embeddings=False" if hf_tied else "")
+    logger.warning(
+        "merge_cflora: untied %s from %s (it now has its own weight)%s",
+        layer_name,
+        ", ".join(tied),
+        "; set config.tie_word_embeddings=False" if hf_tied else "",
+    )
 
 
 def merge_cflora(model: nn.Module, *, untie: bool = False) -> nn.Module:
@@ -453,7 +479,9 @@ def merge_and_unload(model: nn.Module, *, untie: bool = False) -> nn.Module:
     layers = _require_layers(root, "merge_and_unload")
     if any(layer.merged for _, layer in layers):
         if not all(layer.merged for _, layer in layers):
-            raise RuntimeError("merge_and_unload: only some CFLoRA layers are merged; unmerge_cflora(model) first")
+            raise RuntimeError(
+                "merge_and_unload: only some CFLoRA layers are merged; unmerge_cflora(model) first"
+            )
     else:
         merge_cflora(root, untie=untie)
     _unload(root, layers)

@@ -67,6 +67,7 @@ def _fused_class():
     global _FUSED_CLASS
     if _FUSED_CLASS is None:
         lora = _lora_module()
+
         class CFLoRAFusedLoraLinear(lora.Linear):
             """``peft.tuners.lora.Linear`` whose forward is one ``ops.cflora_linear`` call."""
 
@@ -75,8 +76,18 @@ def _fused_class():
                 if fused is None:
                     return super().forward(x, *args, **kwargs)
                 x, weight, bias, lora_a, lora_b, interaction, scale, p = fused
-                return cflora_linear(x, weight, bias, lora_a, lora_b, interaction, scale=scale, dropout_p=p,
-                                     seed=None, backend=self.__dict__.get(_BACKEND_ATTR))
+                return cflora_linear(
+                    x,
+                    weight,
+                    bias,
+                    lora_a,
+                    lora_b,
+                    interaction,
+                    scale=scale,
+                    dropout_p=p,
+                    seed=None,
+                    backend=self.__dict__.get(_BACKEND_ATTR),
+                )
 
             def __repr__(self) -> str:
                 return "cflora_fused." + super().__repr__()
@@ -145,8 +156,9 @@ def _fused_arguments(layer, x: torch.Tensor, kwargs) -> Optional[Tuple]:
     else:
         lora_a = torch.cat([layer.lora_A[a].weight.to(dtype) for a in active], dim=0)
         lora_b = torch.cat([layer.lora_B[a].weight.to(dtype) for a in active], dim=1)
-        scales = torch.cat([torch.full((layer.lora_A[a].weight.shape[0],), float(layer.scaling[a]))
-                            for a in active])
+        scales = torch.cat(
+            [torch.full((layer.lora_A[a].weight.shape[0],), float(layer.scaling[a])) for a in active]
+        )
         interaction, scale = torch.diag(scales).to(device=weight.device, dtype=dtype), 1.0
     return x, weight, bias, lora_a, lora_b, interaction, scale, ps[0]
 
@@ -193,8 +205,9 @@ def apply_cflora(model: nn.Module, *, backend: Optional[str] = None) -> nn.Modul
     model has no PEFT LoRA Linear layer. Undo with :func:`revert_cflora`.
     """
     if backend not in BACKEND_CHOICES:
-        raise ValueError(f"apply_cflora: backend must be None or one of {', '.join(BACKEND_CHOICES[1:])}; "
-                         f"got {backend!r}")
+        raise ValueError(
+            f"apply_cflora: backend must be None or one of {', '.join(BACKEND_CHOICES[1:])}; got {backend!r}"
+        )
     lora = _lora_module()
     cls = _fused_class()
     root = unwrap_model(model)

@@ -65,8 +65,16 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 # config fields that change the layers' shapes or outputs: a saved adapter must agree on them
-_STRUCTURAL = ("r", "alpha", "interaction", "cond_dim", "n_experts", "hidden", "rank_pattern",
-               "alpha_pattern")
+_STRUCTURAL = (
+    "r",
+    "alpha",
+    "interaction",
+    "cond_dim",
+    "n_experts",
+    "hidden",
+    "rank_pattern",
+    "alpha_pattern",
+)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -118,7 +126,9 @@ def _read_safetensors(path: str, what: str) -> Dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise AdapterFileError(f"{what}: {path} cannot be read as safetensors (truncated or corrupted?): {exc}") from exc
+        raise AdapterFileError(
+            f"{what}: {path} cannot be read as safetensors (truncated or corrupted?): {exc}"
+        ) from exc
 
 
 def _check_finite(tensors: Mapping[str, torch.Tensor], path: str, what: str) -> None:
@@ -148,21 +158,32 @@ def save_cflora(model: nn.Module, path: PathLike) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in cflora_state_dict(model).items()}
     # the target list (and the modules to save) are stored as exact names, so a reload wraps the same modules
     to_save = sorted(_modules_to_save_registry(unwrap_model(model)))
-    saved = CFLoRAConfig.from_dict({**config.to_dict(), "target_modules": [n for n, _ in cflora_layers(model)],
-                                    "modules_to_save": to_save or None})
+    saved = CFLoRAConfig.from_dict(
+        {
+            **config.to_dict(),
+            "target_modules": [n for n, _ in cflora_layers(model)],
+            "modules_to_save": to_save or None,
+        }
+    )
     os.makedirs(path, exist_ok=True)
     atomic_write_bytes(os.path.join(path, WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
-    document = {"format": f"{FORMAT_PREFIX}{FORMAT_VERSION}", "content_sha256": adapter_sha256(saved, tensors),
-                **saved.to_dict()}
-    atomic_write_bytes(os.path.join(path, CONFIG_NAME),
-                       json.dumps(document, indent=2, sort_keys=True).encode("utf-8"))
+    document = {
+        "format": f"{FORMAT_PREFIX}{FORMAT_VERSION}",
+        "content_sha256": adapter_sha256(saved, tensors),
+        **saved.to_dict(),
+    }
+    atomic_write_bytes(
+        os.path.join(path, CONFIG_NAME), json.dumps(document, indent=2, sort_keys=True).encode("utf-8")
+    )
 
 
 def _structure(config: CFLoRAConfig) -> Dict[str, object]:
     return {k: getattr(config, k) for k in _STRUCTURAL}
 
 
-def read_cflora(path: PathLike, *, allow_unverified: bool = False) -> Tuple[CFLoRAConfig, Dict[str, torch.Tensor]]:
+def read_cflora(
+    path: PathLike, *, allow_unverified: bool = False
+) -> Tuple[CFLoRAConfig, Dict[str, torch.Tensor]]:
     """The config and tensors of the adapter directory ``path``, verified; AdapterFileError naming the file
     otherwise.
 
@@ -175,7 +196,9 @@ def read_cflora(path: PathLike, *, allow_unverified: bool = False) -> Tuple[CFLo
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"load_cflora: {p} not found (expected a directory written by save_cflora)")
+            raise FileNotFoundError(
+                f"load_cflora: {p} not found (expected a directory written by save_cflora)"
+            )
     data = read_json(cfg_path)
     if "format" not in data:
         raise AdapterFileError(f"load_cflora: {cfg_path} has no 'format' tag (not written by save_cflora?)")
@@ -189,8 +212,10 @@ def read_cflora(path: PathLike, *, allow_unverified: bool = False) -> Tuple[CFLo
     tensors = _read_safetensors(w_path, "load_cflora")
     expected = data.get("content_sha256")
     if version >= 2 and not isinstance(expected, str):
-        raise AdapterFileError(f"load_cflora: {cfg_path} (format {data['format']}) has no content_sha256; format 2 "
-                               "always carries it, so the file was edited")
+        raise AdapterFileError(
+            f"load_cflora: {cfg_path} (format {data['format']}) has no content_sha256; format 2 "
+            "always carries it, so the file was edited"
+        )
     if expected is not None:
         actual = adapter_sha256(config, tensors)
         if actual != expected:
@@ -217,12 +242,17 @@ def _check_format_1(data: Mapping[str, object], cfg_path: str, allow_unverified:
             f"load_cflora(model, path, allow_unverified=True) and save_cflora them again ({FORMAT_PREFIX}"
             f"{FORMAT_VERSION}, verified)"
         )
-    warnings.warn(f"load_cflora: {cfg_path} has format {FORMAT_PREFIX}1 (no content hash): loaded unverified; "
-                  "save_cflora it again to get a verified file", UserWarning, stacklevel=4)
+    warnings.warn(
+        f"load_cflora: {cfg_path} has format {FORMAT_PREFIX}1 (no content hash): loaded unverified; "
+        "save_cflora it again to get a verified file",
+        UserWarning,
+        stacklevel=4,
+    )
 
 
-def load_cflora(model: nn.Module, path: PathLike, *, adapter_name: Optional[str] = None,
-                allow_unverified: bool = False) -> nn.Module:
+def load_cflora(
+    model: nn.Module, path: PathLike, *, adapter_name: Optional[str] = None, allow_unverified: bool = False
+) -> nn.Module:
     """Load an adapter saved by :func:`save_cflora` into ``model`` (injecting it first if needed).
 
     The files are verified first (:func:`read_cflora`: format version, content hash, a valid config, finite
@@ -260,14 +290,17 @@ def load_cflora(model: nn.Module, path: PathLike, *, adapter_name: Optional[str]
     return model
 
 
-def _load_into_active(model: nn.Module, path: PathLike, saved_config: CFLoRAConfig,
-                      tensors: Mapping[str, torch.Tensor]) -> None:
+def _load_into_active(
+    model: nn.Module, path: PathLike, saved_config: CFLoRAConfig, tensors: Mapping[str, torch.Tensor]
+) -> None:
     have = _structure(get_cflora_config(model))
     want = _structure(saved_config)
     diff = {k: (want[k], have[k]) for k in _STRUCTURAL if want[k] != have[k]}
     if diff:
         detail = ", ".join(f"{k}: saved {s!r} vs model {m!r}" for k, (s, m) in diff.items())
-        raise ValueError(f"load_cflora: the adapter in {path} does not fit the model's CFLoRA layers ({detail})")
+        raise ValueError(
+            f"load_cflora: the adapter in {path} does not fit the model's CFLoRA layers ({detail})"
+        )
     target = cflora_state_dict(model)
     missing = sorted(set(target) - set(tensors))
     unexpected = sorted(set(tensors) - set(target))
@@ -335,7 +368,9 @@ def _install_save_pretrained(root: nn.Module) -> None:
     if isinstance(current, functools.partial) and current.func is _save_pretrained_with_adapter:
         return  # already installed (add_cflora_adapter injects again)
     if callable(getattr(root, "save_pretrained", None)):
-        root.__dict__["save_pretrained"] = functools.partial(_save_pretrained_with_adapter, root, root.save_pretrained)
+        root.__dict__["save_pretrained"] = functools.partial(
+            _save_pretrained_with_adapter, root, root.save_pretrained
+        )
 
 
 def _remove_save_pretrained(root: nn.Module) -> None:
@@ -377,20 +412,22 @@ def _read_peft_adapter(peft_dir: PathLike):
         r_key, a_key = pattern_key(rank_pattern, module), pattern_key(alpha_pattern, module)
         r = int(rank_pattern[r_key]) if r_key is not None else r_default
         alpha = float(alpha_pattern[a_key]) if a_key is not None else alpha_default
-        return r, alpha, alpha / (r ** 0.5) if pcfg.get("use_rslora") else alpha / r
+        return r, alpha, alpha / (r**0.5) if pcfg.get("use_rslora") else alpha / r
 
     tensors = _read_safetensors(w_path, "load_peft_lora")
     _check_finite(tensors, w_path, "load_peft_lora")
     per_module: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
         for part in ("lora_A", "lora_B"):
             suffix = f".{part}.weight"
             if name.endswith(suffix):
                 per_module.setdefault(name[: -len(suffix)], {})[part] = value
                 break
         else:
-            raise ValueError(f"load_peft_lora: unsupported tensor {key!r} in {w_path} (only lora_A/lora_B weights)")
+            raise ValueError(
+                f"load_peft_lora: unsupported tensor {key!r} in {w_path} (only lora_A/lora_B weights)"
+            )
     return pcfg, per_module, peft_rank_scale
 
 
@@ -399,7 +436,7 @@ def _config_from_peft(pcfg: Mapping[str, object], modules, peft_rank_scale) -> C
     (rsLoRA's alpha/√r becomes alpha·√r/r; a module off the defaults gets an exact-name pattern)."""
     names = sorted(modules)
     r = int(pcfg["r"])
-    alpha = float(pcfg["lora_alpha"]) * (r ** 0.5 if pcfg.get("use_rslora") else 1.0)
+    alpha = float(pcfg["lora_alpha"]) * (r**0.5 if pcfg.get("use_rslora") else 1.0)
     rank_pattern, alpha_pattern = {}, {}
     for name in names:
         layer_r, _, scale = peft_rank_scale(name)
@@ -407,8 +444,14 @@ def _config_from_peft(pcfg: Mapping[str, object], modules, peft_rank_scale) -> C
             rank_pattern[re.escape(name)] = layer_r
         if scale * layer_r != alpha:
             alpha_pattern[re.escape(name)] = scale * layer_r
-    return CFLoRAConfig(r=r, alpha=alpha, dropout=float(pcfg.get("lora_dropout") or 0.0), target_modules=names,
-                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    return CFLoRAConfig(
+        r=r,
+        alpha=alpha,
+        dropout=float(pcfg.get("lora_dropout") or 0.0),
+        target_modules=names,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+    )
 
 
 def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) -> nn.Module:
@@ -432,7 +475,9 @@ def load_peft_lora(model: nn.Module, peft_dir: PathLike, strict: bool = True) ->
         layer = layers[name]
         r, alpha, peft_scale = peft_rank_scale(name)
         if r != layer.r:
-            raise ValueError(f"load_peft_lora: the adapter has r={r} for {name}, the model's CFLoRA layer r={layer.r}")
+            raise ValueError(
+                f"load_peft_lora: the adapter has r={r} for {name}, the model's CFLoRA layer r={layer.r}"
+            )
         if abs(peft_scale - layer.scale) > 1e-12 * max(1.0, abs(layer.scale)):
             raise ValueError(
                 f"load_peft_lora: the adapter's scale is {peft_scale:g} for {name} (lora_alpha={alpha:g}, r={r}"
@@ -514,5 +559,7 @@ def export_peft_lora(model: nn.Module, out_dir: PathLike) -> None:
     data = {k: (sorted(v) if isinstance(v, set) else v) for k, v in data.items()}
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_bytes(os.path.join(out_dir, PEFT_WEIGHTS_NAME), save(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(os.path.join(out_dir, PEFT_CONFIG_NAME),
-                       json.dumps(data, indent=2, sort_keys=True, default=str).encode("utf-8"))
+    atomic_write_bytes(
+        os.path.join(out_dir, PEFT_CONFIG_NAME),
+        json.dumps(data, indent=2, sort_keys=True, default=str).encode("utf-8"),
+    )

@@ -21,7 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=1024, help="samples per training step")
     g.add_argument("--lr", type=number(0, low_open=True), default=2e-3, help="learning rate (Adam)")
     g.add_argument("--embed-dim", type=int, default=32, help="item embedding size (the SPA input)")
-    g.add_argument("--hidden", type=int, nargs="+", default=[128, 64], help="MLP widths; the last is the size of h")
+    g.add_argument(
+        "--hidden", type=int, nargs="+", default=[128, 64], help="MLP widths; the last is the size of h"
+    )
     g.add_argument("--max-history", type=int, default=50, help="most recent behaviours DIN attends over")
     g.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
     g.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
@@ -34,8 +36,14 @@ def din_options(args) -> dict:
 def din_train_config(args):
     from .din import DINTrainConfig
 
-    return DINTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                          seed=args.seed, progress=not args.no_progress)  # fmt: skip
+    return DINTrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        patience=args.patience,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
 
 
 def load_ctr_data(args):
@@ -50,9 +58,14 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--patience", args.patience, 0), ("--batch-size", args.batch_size, 1),
-                             ("--embed-dim", args.embed_dim, 1), ("--max-history", args.max_history, 1),
-                             ("--hidden", min(args.hidden), 1)):  # fmt: skip
+    for flag, value, low in (
+        ("--epochs", args.epochs, 1),
+        ("--patience", args.patience, 0),
+        ("--batch-size", args.batch_size, 1),
+        ("--embed-dim", args.embed_dim, 1),
+        ("--max-history", args.max_history, 1),
+        ("--hidden", min(args.hidden), 1),
+    ):
         if value < low:
             print(f"error: {flag} must be >= {low}; got {value}", file=sys.stderr)
             return 2
@@ -66,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     data = load_ctr_data(args)
     out = Path(args.out) / "ctr"
     model, vocab, report = train_or_load_ctr(data, out, din_options(args), din_train_config(args))
-    print(f"DIN (best epoch {report.best_epoch}): valid AUC {report.valid['auc']:.4f} LogLoss {report.valid['logloss']:.4f}; "
-          f"test AUC {report.test['auc']:.4f} LogLoss {report.test['logloss']:.4f}")  # fmt: skip
+    print(
+        f"DIN (best epoch {report.best_epoch}): valid AUC {report.valid['auc']:.4f} LogLoss {report.valid['logloss']:.4f}; "
+        f"test AUC {report.test['auc']:.4f} LogLoss {report.test['logloss']:.4f}"
+    )
     print(f"wrote {out}/din.safetensors, din.json, item_ids.npy, metrics.json")
     return 0

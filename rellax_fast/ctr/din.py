@@ -95,7 +95,9 @@ def _packed_refs(offsets, user_index, pos, max_len: int) -> Tuple[np.ndarray, np
     user_index = np.asarray(user_index, dtype=np.int64)
     pos = np.asarray(pos, dtype=np.int64)
     if user_index.shape != pos.shape or user_index.ndim != 1:
-        raise ValueError(f"user_index and pos must be 1-D of equal length, got {user_index.shape} and {pos.shape}")
+        raise ValueError(
+            f"user_index and pos must be 1-D of equal length, got {user_index.shape} and {pos.shape}"
+        )
     if max_len < 1:
         raise ValueError(f"max_len must be >= 1, got {max_len}")
     return offsets, user_index, pos
@@ -141,7 +143,9 @@ class CTRArrays:
         return int(self.target.shape[0])
 
     def batch(self, idx: torch.Tensor) -> CTRArrays:
-        return CTRArrays(self.hist_items[idx], self.hist_ratings[idx], self.target[idx], self.user[idx], self.label[idx])
+        return CTRArrays(
+            self.hist_items[idx], self.hist_ratings[idx], self.target[idx], self.user[idx], self.label[idx]
+        )
 
 
 class PackedCTRArrays:
@@ -155,8 +159,10 @@ class PackedCTRArrays:
     def __init__(self, offsets, seq_items, seq_ratings, user_index, pos, target_item, label, max_len: int):
         offsets, user_index, pos = _packed_refs(offsets, user_index, pos, max_len)
         if len(user_index) and (user_index.min() < 0 or user_index.max() >= len(offsets) - 1):
-            raise ValueError(f"user_index must lie in [0, {len(offsets) - 1}), got values in "
-                             f"[{user_index.min()}, {user_index.max()}]")  # fmt: skip
+            raise ValueError(
+                f"user_index must lie in [0, {len(offsets) - 1}), got values in "
+                f"[{user_index.min()}, {user_index.max()}]"
+            )
         start = offsets[user_index]
         if np.any(pos < 0) or np.any(start + pos > offsets[user_index + 1]):
             raise ValueError("pos runs past the end of a user's sequence")
@@ -179,7 +185,9 @@ class PackedCTRArrays:
     def batch(self, idx) -> CTRArrays:
         idx = torch.as_tensor(idx, dtype=torch.int64)
         start, end = self.start[idx], self.start[idx] + self.pos[idx]
-        flat = end[:, None] - self.max_len + torch.arange(self.max_len)[None, :]  # (B, max_len), right-aligned
+        flat = (
+            end[:, None] - self.max_len + torch.arange(self.max_len)[None, :]
+        )  # (B, max_len), right-aligned
         valid = flat >= start[:, None]
         flat = torch.where(valid, flat, 0)
         items = torch.where(valid, self.seq_items[flat] + 1, 0)  # index + 1, 0 = padding
@@ -187,7 +195,9 @@ class PackedCTRArrays:
         return CTRArrays(items, ratings, self.target[idx], self.user[idx], self.label[idx])
 
 
-def make_arrays(offsets, seq_items, seq_ratings, user_index, pos, target_item, label, max_len: int) -> CTRArrays:
+def make_arrays(
+    offsets, seq_items, seq_ratings, user_index, pos, target_item, label, max_len: int
+) -> CTRArrays:
     """The padded (S, max_len) inputs of a whole split at once; :class:`PackedCTRArrays` is the linear-memory
     form used by training and prediction."""
     items, ratings = history_arrays(offsets, seq_items, seq_ratings, user_index, pos, max_len)
@@ -226,7 +236,9 @@ class ActivationUnit(nn.Module):
         first, activation, last = self.mlp
         w_t, w_h, w_d, w_p = first.weight.split(self.dim, dim=1)  # each (hidden, dim)
         target_term = nn.functional.linear(target, w_t + w_d, first.bias)  # (B, hidden)
-        per_sample = (w_h - w_d).t().unsqueeze(0) + target.unsqueeze(2) * w_p.t().unsqueeze(0)  # (B, dim, hidden)
+        per_sample = (w_h - w_d).t().unsqueeze(0) + target.unsqueeze(2) * w_p.t().unsqueeze(
+            0
+        )  # (B, dim, hidden)
         pre = torch.baddbmm(target_term.unsqueeze(1), history, per_sample)  # (B, L, hidden)
         w = last(activation(pre)).squeeze(-1)  # (B, L)
         w = w * mask
@@ -271,7 +283,9 @@ class DIN(nn.Module):
     def hidden(self, batch: CTRArrays) -> torch.Tensor:
         """The pre-logit vector h, shape (B, h_dim)."""
         mask = batch.hist_items > 0
-        hist = self.item_embedding(batch.hist_items) + self.rating_embedding(self.rating_bucket(batch.hist_ratings, mask))
+        hist = self.item_embedding(batch.hist_items) + self.rating_embedding(
+            self.rating_bucket(batch.hist_ratings, mask)
+        )
         target = self.item_embedding(batch.target + 1)
         pooled = self.attention(hist, target, mask.to(hist.dtype))
         parts = [pooled, target, pooled * target]
@@ -327,16 +341,21 @@ def train_din(
 
     tc = train_config or DINTrainConfig()
     if len(train) == 0 or len(valid) == 0:
-        raise ValueError(f"DIN needs non-empty train and valid splits, got {len(train)} and {len(valid)} samples")
+        raise ValueError(
+            f"DIN needs non-empty train and valid splits, got {len(train)} and {len(valid)} samples"
+        )
     for name, split in (("train", train), ("valid", valid)):
         classes = np.unique(split.label.numpy())
         if len(classes) < 2:
             raise SingleClassSplitError(
                 f"the {name} split holds only label {int(classes[0])} ({len(split)} samples): "
-                + ("DIN cannot learn to tell clicks from non-clicks" if name == "train" else
-                   "its AUC is undefined, so early stopping cannot choose an epoch")
+                + (
+                    "DIN cannot learn to tell clicks from non-clicks"
+                    if name == "train"
+                    else "its AUC is undefined, so early stopping cannot choose an epoch"
+                )
                 + "; the data need both positive and negative ratings (check the dataset and its label rule)"
-            )  # fmt: skip
+            )
     autocast = _autocast(tc.mixed_precision)
     gen = torch.Generator().manual_seed(tc.seed)
     torch.manual_seed(tc.seed)
@@ -350,7 +369,9 @@ def train_din(
         model.train()
         order = torch.randperm(len(train), generator=gen)
         total = 0.0
-        bar = tqdm(range(steps), desc=f"DIN epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress, leave=False)
+        bar = tqdm(
+            range(steps), desc=f"DIN epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress, leave=False
+        )
         for step in bar:
             b = train.batch(order[step * tc.batch_size : (step + 1) * tc.batch_size])
             with autocast:
@@ -370,20 +391,37 @@ def train_din(
         bar.close()
         valid_probs = predict(model, valid).numpy()
         if not np.isfinite(valid_probs).all():
-            raise NonFiniteLossError(f"DIN training diverged: its valid probabilities are not finite after epoch "
-                                     f"{epoch + 1} with --lr {tc.lr}; lower --lr")  # fmt: skip
+            raise NonFiniteLossError(
+                f"DIN training diverged: its valid probabilities are not finite after epoch "
+                f"{epoch + 1} with --lr {tc.lr}; lower --lr"
+            )
         val = ctr_metrics(valid.label.numpy(), valid_probs)
-        report.history.append({"epoch": epoch + 1, "train_loss": total / len(train), **{f"valid_{k}": v for k, v in val.items()}})
+        report.history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total / len(train),
+                **{f"valid_{k}": v for k, v in val.items()},
+            }
+        )
         if tc.progress:
-            print(f"DIN epoch {epoch + 1}: train loss {total / len(train):.4f}  valid AUC {val['auc']:.4f}  LogLoss {val['logloss']:.4f}")
+            print(
+                f"DIN epoch {epoch + 1}: train loss {total / len(train):.4f}  valid AUC {val['auc']:.4f}  LogLoss {val['logloss']:.4f}"
+            )
         if val["auc"] > best_auc + 1e-5:
-            best_auc, best_state, best_epoch, bad = val["auc"], copy.deepcopy(model.state_dict()), epoch + 1, 0
+            best_auc, best_state, best_epoch, bad = (
+                val["auc"],
+                copy.deepcopy(model.state_dict()),
+                epoch + 1,
+                0,
+            )
         else:
             bad += 1
             if bad >= tc.patience:
                 if tc.progress:
-                    print(f"DIN: early stopping after epoch {epoch + 1} of {tc.epochs} (no valid-AUC gain for {tc.patience} "
-                          f"epoch(s)); keeping epoch {best_epoch} (valid AUC {best_auc:.4f})")  # fmt: skip
+                    print(
+                        f"DIN: early stopping after epoch {epoch + 1} of {tc.epochs} (no valid-AUC gain for {tc.patience} "
+                        f"epoch(s)); keeping epoch {best_epoch} (valid AUC {best_auc:.4f})"
+                    )
                 break
     model.load_state_dict(best_state)
     freeze(model)
@@ -395,7 +433,7 @@ def train_din(
 
 
 def training_precision(mixed_precision: str) -> str:
-    """"bf16" or "fp32": what the training forward computes in for a ``DINTrainConfig.mixed_precision`` value."""
+    """ "bf16" or "fp32": what the training forward computes in for a ``DINTrainConfig.mixed_precision`` value."""
     from ..ops._backend import cpu_has_native_bf16
 
     if mixed_precision not in ("fast", "bf16", "no"):
@@ -415,7 +453,11 @@ def matmul_flops_per_sample(config: DINConfig, history: Optional[int] = None) ->
     ``history`` positions (default: ``max_history``, the padded width every batch computes); elementwise work
     is not counted (torch's FlopCounterMode counts the same, tests/ctr/test_din.py). A training step costs
     about 3x this (the backward computes two products per forward one)."""
-    e, hidden, positions = config.embed_dim, config.attention_hidden, config.max_history if history is None else history
+    e, hidden, positions = (
+        config.embed_dim,
+        config.attention_hidden,
+        config.max_history if history is None else history,
+    )
     attention = 2 * e * hidden + positions * (2 * e * hidden + 2 * hidden + 2 * e)
     widths = [e * (4 if config.n_users > 0 else 3), *config.mlp_hidden, 1]
     return int(attention + sum(2 * a * b for a, b in zip(widths[:-1], widths[1:])))
@@ -442,12 +484,17 @@ def sparse_tables(model: DIN, tc: DINTrainConfig) -> List[nn.Embedding]:
     """
     if tc.sparse_embeddings not in ("auto", "all", "none"):
         raise ValueError(f"sparse_embeddings: expected 'auto', 'all' or 'none', got {tc.sparse_embeddings!r}")
-    lookups = {"item_embedding": tc.batch_size * (model.config.max_history + 1),
-               "rating_embedding": tc.batch_size * model.config.max_history, "user_embedding": tc.batch_size}
+    lookups = {
+        "item_embedding": tc.batch_size * (model.config.max_history + 1),
+        "rating_embedding": tc.batch_size * model.config.max_history,
+        "user_embedding": tc.batch_size,
+    }
     tables = [(getattr(model, name), n) for name, n in lookups.items() if getattr(model, name) is not None]
     if tc.sparse_embeddings == "none":
         return []
-    return [e for e, n in tables if tc.sparse_embeddings == "all" or e.num_embeddings > SPARSE_ROWS_PER_LOOKUP * n]
+    return [
+        e for e, n in tables if tc.sparse_embeddings == "all" or e.num_embeddings > SPARSE_ROWS_PER_LOOKUP * n
+    ]
 
 
 def _optimizers(model: DIN, tc: DINTrainConfig):
@@ -468,8 +515,9 @@ def _optimizers(model: DIN, tc: DINTrainConfig):
     for e in chosen:
         e.sparse = True
     table_ids = {id(t) for t in tables}
-    dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in table_ids], lr=tc.lr,
-                             weight_decay=tc.weight_decay)  # fmt: skip
+    dense = torch.optim.Adam(
+        [p for p in model.parameters() if id(p) not in table_ids], lr=tc.lr, weight_decay=tc.weight_decay
+    )
     sparse = torch.optim.SparseAdam(tables, lr=tc.lr)
 
     def step() -> None:
@@ -477,8 +525,13 @@ def _optimizers(model: DIN, tc: DINTrainConfig):
             for t in (t for t in tables if t.grad is not None):
                 g = t.grad.coalesce()
                 rows = g.indices()[0]
-                t.grad = torch.sparse_coo_tensor(g.indices(), g.values() + tc.weight_decay * t.detach()[rows],
-                                                 g.shape, is_coalesced=True, check_invariants=False)  # fmt: skip
+                t.grad = torch.sparse_coo_tensor(
+                    g.indices(),
+                    g.values() + tc.weight_decay * t.detach()[rows],
+                    g.shape,
+                    is_coalesced=True,
+                    check_invariants=False,
+                )
         dense.step()
         sparse.step()
 
@@ -487,7 +540,9 @@ def _optimizers(model: DIN, tc: DINTrainConfig):
 
 def freeze(model: DIN) -> DIN:
     for e in _embeddings(model):
-        e.sparse = False  # frozen: no gradients; a caller fine-tuning it later gets dense ones (any optimizer)
+        e.sparse = (
+            False  # frozen: no gradients; a caller fine-tuning it later gets dense ones (any optimizer)
+        )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -516,19 +571,26 @@ def load_din(path) -> Tuple[DIN, dict]:
 
     path = Path(path)
     if not (path / "din.json").exists() or not (path / "din.safetensors").exists():
-        raise FileNotFoundError(f"no DIN checkpoint in {path} (expected din.json and din.safetensors; run `rellax-fast train-ctr`)")
+        raise FileNotFoundError(
+            f"no DIN checkpoint in {path} (expected din.json and din.safetensors; run `rellax-fast train-ctr`)"
+        )
     try:
         meta = json.loads((path / "din.json").read_text(encoding="utf-8"))
         cfg = dict(meta["config"])
         cfg["mlp_hidden"] = tuple(cfg["mlp_hidden"])
         model = DIN(DINConfig(**cfg))
     except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path / 'din.json'}: unreadable or incomplete ({type(exc).__name__}: {exc}); retrain the "
-                         "DIN with `rellax-fast train-ctr`") from None  # fmt: skip
+        raise ValueError(
+            f"{path / 'din.json'}: unreadable or incomplete ({type(exc).__name__}: {exc}); retrain the "
+            "DIN with `rellax-fast train-ctr`"
+        ) from None
     try:
         model.load_state_dict(load_file(str(path / "din.safetensors")))
-    except Exception as exc:  # safetensors' error (truncated file), or tensors that do not fit din.json's config
-        raise ValueError(f"{path / 'din.safetensors'}: does not load ({type(exc).__name__}: {exc}); retrain the DIN "
-                         "with `rellax-fast train-ctr`") from None  # fmt: skip
+    except (
+        Exception
+    ) as exc:  # safetensors' error (truncated file), or tensors that do not fit din.json's config
+        raise ValueError(
+            f"{path / 'din.safetensors'}: does not load ({type(exc).__name__}: {exc}); retrain the DIN "
+            "with `rellax-fast train-ctr`"
+        ) from None
     return freeze(model), meta
-

@@ -9,6 +9,7 @@ and with, and content hashes), ``item_ids.npy`` (row i of the item table is item
 in ``din.json``, so a folder mixed from two trainings, or modified, is refused; :func:`din_fingerprint` names
 one trained DIN (runs record it, ``eval`` checks it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,9 @@ def to_index(vocab: np.ndarray, ids) -> np.ndarray:
     idx_c = np.clip(idx, 0, len(vocab) - 1)
     bad = vocab[idx_c] != ids
     if np.any(bad):
-        raise KeyError(f"{int(bad.sum())} item ids are not in the CTR model's vocabulary, e.g. {ids[bad][:5].tolist()}")
+        raise KeyError(
+            f"{int(bad.sum())} item ids are not in the CTR model's vocabulary, e.g. {ids[bad][:5].tolist()}"
+        )
     return idx_c
 
 
@@ -55,18 +58,23 @@ def split_arrays(data, split: str, vocab: np.ndarray, max_len: int) -> PackedCTR
     ``max_len`` behaviours on demand. The sequences' item indices are mapped once per ``data``/``vocab``."""
     s = data.splits[split]
     seq = data.sequences
-    cached = getattr(seq, "_din_item_index", None)  # (vocab, seq.items, index): splits of one dataset share it
+    cached = getattr(
+        seq, "_din_item_index", None
+    )  # (vocab, seq.items, index): splits of one dataset share it
     if cached is None or cached[0] is not vocab or cached[1] is not seq.items:
         cached = (vocab, seq.items, to_index(vocab, seq.items))
         try:
             seq._din_item_index = cached
         except AttributeError:
             pass
-    return PackedCTRArrays(seq.offsets, cached[2], seq.ratings, s.user_index, s.pos, to_index(vocab, s.item_id),
-                           s.label, max_len)  # fmt: skip
+    return PackedCTRArrays(
+        seq.offsets, cached[2], seq.ratings, s.user_index, s.pos, to_index(vocab, s.item_id), s.label, max_len
+    )
 
 
-def fit_din(data, config: Optional[dict] = None, train_config: Optional[DINTrainConfig] = None) -> Tuple[DIN, DINReport, np.ndarray]:
+def fit_din(
+    data, config: Optional[dict] = None, train_config: Optional[DINTrainConfig] = None
+) -> Tuple[DIN, DINReport, np.ndarray]:
     """Train DIN on ``data``'s train split (early stopping on valid), evaluate on test; return it frozen."""
     vocab = item_vocab(data)
     from rellax_fast.data.domains import get_domain
@@ -119,11 +127,18 @@ def din_reuse_key(data, options: Optional[dict], train_config: Optional[DINTrain
         raise ValueError(f"options: unknown DIN options {sorted(options)}")
     train = asdict(train_config or DINTrainConfig())
     train.pop("progress", None)
-    key = {"dataset": data.dataset.name, "data_fingerprint": ctr_fingerprint(data), "options": model_opts, "train": train}
+    key = {
+        "dataset": data.dataset.name,
+        "data_fingerprint": ctr_fingerprint(data),
+        "options": model_opts,
+        "train": train,
+    }
     return json.loads(json.dumps(key))  # what a JSON round trip gives back
 
 
-def save_ctr(model: DIN, vocab: np.ndarray, report: Optional[DINReport], path, extra: Optional[dict] = None) -> Path:
+def save_ctr(
+    model: DIN, vocab: np.ndarray, report: Optional[DINReport], path, extra: Optional[dict] = None
+) -> Path:
     """Write the DIN folder: ``item_ids.npy``, ``din.safetensors``, then ``din.json`` with the content hashes."""
     from rellax_fast._io import atomic_write_npy
 
@@ -132,7 +147,11 @@ def save_ctr(model: DIN, vocab: np.ndarray, report: Optional[DINReport], path, e
     vocab = np.asarray(vocab, dtype=np.int64)
     atomic_write_npy(path / "item_ids.npy", vocab)
     hashes = {"weights_sha256": weights_sha256(model), "item_ids_sha256": vocab_sha256(vocab)}
-    save_din(model, path, extra={"report": asdict(report) if report is not None else None, **(extra or {}), **hashes})
+    save_din(
+        model,
+        path,
+        extra={"report": asdict(report) if report is not None else None, **(extra or {}), **hashes},
+    )
     return path
 
 
@@ -142,13 +161,19 @@ def load_ctr(path) -> Tuple[DIN, np.ndarray, Dict]:
     model, meta = load_din(path)
     vocab = np.load(path / "item_ids.npy", allow_pickle=False)
     if len(vocab) != model.config.n_items:
-        raise ValueError(f"{path}: item_ids.npy has {len(vocab)} ids but the DIN table has {model.config.n_items} rows")
+        raise ValueError(
+            f"{path}: item_ids.npy has {len(vocab)} ids but the DIN table has {model.config.n_items} rows"
+        )
     if "weights_sha256" in meta and weights_sha256(model) != meta["weights_sha256"]:
-        raise ValueError(f"{path / 'din.safetensors'}: weights do not match the hash in {path / 'din.json'} (a mixed or "
-                         f"modified CTR folder); retrain with `rellax-fast train-ctr`")  # fmt: skip
+        raise ValueError(
+            f"{path / 'din.safetensors'}: weights do not match the hash in {path / 'din.json'} (a mixed or "
+            f"modified CTR folder); retrain with `rellax-fast train-ctr`"
+        )
     if "item_ids_sha256" in meta and vocab_sha256(vocab) != meta["item_ids_sha256"]:
-        raise ValueError(f"{path / 'item_ids.npy'}: ids do not match the hash in {path / 'din.json'} (a mixed or "
-                         f"modified CTR folder); retrain with `rellax-fast train-ctr`")  # fmt: skip
+        raise ValueError(
+            f"{path / 'item_ids.npy'}: ids do not match the hash in {path / 'din.json'} (a mixed or "
+            f"modified CTR folder); retrain with `rellax-fast train-ctr`"
+        )
     return model, vocab, meta
 
 
@@ -164,7 +189,9 @@ def _key_changes(old: dict, new: dict, prefix: str = "") -> list:
     return out
 
 
-def train_or_load_ctr(data, ctr_dir, options: Optional[dict], train_config: Optional[DINTrainConfig], log=print):
+def train_or_load_ctr(
+    data, ctr_dir, options: Optional[dict], train_config: Optional[DINTrainConfig], log=print
+):
     """Reuse the DIN in ``ctr_dir`` only if it was trained on the same data (content fingerprint) with the same
     model and training options; otherwise (re)train it there, saying why. Returns (model, vocab, report)."""
     from rellax_fast._io import atomic_write_text
@@ -187,16 +214,24 @@ def train_or_load_ctr(data, ctr_dir, options: Optional[dict], train_config: Opti
             except (ValueError, FileNotFoundError, KeyError) as exc:
                 log(f"retraining the DIN in {ctr_dir}: the saved one does not load ({exc})")
             else:
-                log(f"using the trained DIN in {ctr_dir} (same data and options; test AUC "
-                    f"{meta['report']['test'].get('auc', float('nan')):.4f})")  # fmt: skip
+                log(
+                    f"using the trained DIN in {ctr_dir} (same data and options; test AUC "
+                    f"{meta['report']['test'].get('auc', float('nan')):.4f})"
+                )
                 return model, vocab, DINReport(**meta["report"])
         elif stored is None:
-            log(f"retraining the DIN in {ctr_dir}: it records no data fingerprint or options (older rellax-fast)")
+            log(
+                f"retraining the DIN in {ctr_dir}: it records no data fingerprint or options (older rellax-fast)"
+            )
         else:
-            log(f"retraining the DIN in {ctr_dir}: it was trained with other data or options "
-                f"({'; '.join(_key_changes(stored, key))})")  # fmt: skip
+            log(
+                f"retraining the DIN in {ctr_dir}: it was trained with other data or options "
+                f"({'; '.join(_key_changes(stored, key))})"
+            )
     model, report, vocab = fit_din(data, options, train_config)
     save_ctr(model, vocab, report, ctr_dir, extra={"dataset": data.dataset.name, "reuse_key": key})
-    atomic_write_text(ctr_dir / "metrics.json",
-                      metrics_json(report.test, {"model": "DIN", "split": "test", "valid": report.valid}))  # fmt: skip
+    atomic_write_text(
+        ctr_dir / "metrics.json",
+        metrics_json(report.test, {"model": "DIN", "split": "test", "valid": report.valid}),
+    )
     return model, vocab, report

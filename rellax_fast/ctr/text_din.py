@@ -33,13 +33,17 @@ class TextDIN(DIN):
         super().__init__(config)
         text = torch.as_tensor(text, dtype=torch.float32)
         if text.ndim != 2 or text.shape[0] != config.n_items:
-            raise ValueError(f"text: expected shape ({config.n_items}, d_text) (one row per item of the DIN's "
-                             f"vocabulary), got {tuple(text.shape)}")  # fmt: skip
+            raise ValueError(
+                f"text: expected shape ({config.n_items}, d_text) (one row per item of the DIN's "
+                f"vocabulary), got {tuple(text.shape)}"
+            )
         if not torch.isfinite(text).all():
             raise ValueError(f"text: {int((~torch.isfinite(text)).sum())} non-finite values")
         e = config.embed_dim
         # row 0 is padding (item indices are shifted by one, as in item_embedding)
-        self.register_buffer("text", torch.cat([text.new_zeros(1, text.shape[1]), nn.functional.normalize(text, dim=1)]))
+        self.register_buffer(
+            "text", torch.cat([text.new_zeros(1, text.shape[1]), nn.functional.normalize(text, dim=1)])
+        )
         self.text_projection = nn.Linear(text.shape[1], e, bias=False)
         self.attention = ActivationUnit(2 * e, config.attention_hidden)
         in_dim = 2 * e * 3 + (e if self.user_embedding is not None else 0)
@@ -52,7 +56,9 @@ class TextDIN(DIN):
     def hidden(self, batch: CTRArrays) -> torch.Tensor:
         """The pre-logit vector h, shape (B, h_dim)."""
         mask = batch.hist_items > 0
-        behaviour = self.item_embedding(batch.hist_items) + self.rating_embedding(self.rating_bucket(batch.hist_ratings, mask))
+        behaviour = self.item_embedding(batch.hist_items) + self.rating_embedding(
+            self.rating_bucket(batch.hist_ratings, mask)
+        )
         hist = torch.cat([behaviour, self.projected_text(batch.hist_items)], dim=-1)
         shifted = batch.target + 1
         target = torch.cat([self.item_embedding(shifted), self.projected_text(shifted)], dim=-1)
@@ -92,8 +98,13 @@ def train_subset_view(data, n: int, seed: int):
     return view
 
 
-def fit_text_din(data, item_emb, item_ids, config: Optional[dict] = None, train_config: Optional[DINTrainConfig] = None,
-                 ) -> Tuple[TextDIN, DINReport, np.ndarray]:  # fmt: skip
+def fit_text_din(
+    data,
+    item_emb,
+    item_ids,
+    config: Optional[dict] = None,
+    train_config: Optional[DINTrainConfig] = None,
+) -> Tuple[TextDIN, DINReport, np.ndarray]:
     """Train a :class:`TextDIN` on ``data``'s train split (early stopping on valid), evaluate on test; return it
     frozen with its report and item vocabulary. ``item_emb``/``item_ids``: the SUBR item embeddings (frozen)."""
     from rellax_fast.data.domains import get_domain
@@ -105,6 +116,7 @@ def fit_text_din(data, item_emb, item_ids, config: Optional[dict] = None, train_
     cfg = DINConfig(n_items=len(vocab), n_users=len(data.sequences) if use_users else 0, **(config or {}))
     text = item_text_table(vocab, item_emb, item_ids)
     arrays = {k: split_arrays(data, k, vocab, cfg.max_history) for k in ("train", "valid", "test")}
-    model, report = train_din(cfg, arrays["train"], arrays["valid"], arrays["test"], train_config,
-                              build=lambda c: TextDIN(c, text))  # fmt: skip
+    model, report = train_din(
+        cfg, arrays["train"], arrays["valid"], arrays["test"], train_config, build=lambda c: TextDIN(c, text)
+    )
     return model, report, vocab

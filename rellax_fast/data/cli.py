@@ -13,20 +13,41 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=42, help="seed for BookCrossing targets/splits (default 42)")
-    parser.add_argument("--min-history", type=int, default=5, help="MovieLens: drop samples with fewer earlier ratings (default 5)")
-    parser.add_argument("--repeat-window", type=int, default=60, metavar="SECONDS",  # = data.ctr.REPEAT_WINDOW_S
-                        help="drop a rating that the same user gives the same item again within this many seconds, "
-                             "keeping the later one (a near-duplicate would show the target's own item and rating "
-                             "in its history); 0 keeps them")  # fmt: skip
-    parser.add_argument("--synthetic-seed", type=int, default=0, help="generator seed of the synthetic dataset (default 0)")
-    parser.add_argument("--no-download", action="store_true", help="never download; fail if the raw files are missing")
-    parser.add_argument("--history-column", default="none", choices=("none", "capped", "full"),
-                        help="also write a flat per-sample `history` list column: none (default; every rellax-fast "
-                             "command reads the packed sequences), capped (the last --max-history items), full "
-                             "(every earlier rating: grows with the square of history length, small data only)")
-    parser.add_argument("--max-history", type=int, default=50,
-                        help="length cap of --history-column capped (default 50)")
+    parser.add_argument(
+        "--seed", type=int, default=42, help="seed for BookCrossing targets/splits (default 42)"
+    )
+    parser.add_argument(
+        "--min-history",
+        type=int,
+        default=5,
+        help="MovieLens: drop samples with fewer earlier ratings (default 5)",
+    )
+    parser.add_argument(
+        "--repeat-window",
+        type=int,
+        default=60,
+        metavar="SECONDS",  # = data.ctr.REPEAT_WINDOW_S
+        help="drop a rating that the same user gives the same item again within this many seconds, "
+        "keeping the later one (a near-duplicate would show the target's own item and rating "
+        "in its history); 0 keeps them",
+    )
+    parser.add_argument(
+        "--synthetic-seed", type=int, default=0, help="generator seed of the synthetic dataset (default 0)"
+    )
+    parser.add_argument(
+        "--no-download", action="store_true", help="never download; fail if the raw files are missing"
+    )
+    parser.add_argument(
+        "--history-column",
+        default="none",
+        choices=("none", "capped", "full"),
+        help="also write a flat per-sample `history` list column: none (default; every rellax-fast "
+        "command reads the packed sequences), capped (the last --max-history items), full "
+        "(every earlier rating: grows with the square of history length, small data only)",
+    )
+    parser.add_argument(
+        "--max-history", type=int, default=50, help="length cap of --history-column capped (default 50)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +64,10 @@ def run(args: argparse.Namespace) -> int:
 
     history_column = getattr(args, "history_column", "none")
     if getattr(args, "repeat_window", 0) < 0:
-        print(f"error: --repeat-window must be >= 0 (0 keeps near-repeats); got {args.repeat_window}", file=sys.stderr)
+        print(
+            f"error: --repeat-window must be >= 0 (0 keeps near-repeats); got {args.repeat_window}",
+            file=sys.stderr,
+        )
         return 2
     if history_column == "capped" and args.max_history < 1:
         print(f"error: --max-history must be >= 1; got {args.max_history}", file=sys.stderr)
@@ -61,12 +85,18 @@ def run(args: argparse.Namespace) -> int:
             ds = load_dataset(args.dataset, args.data_dir, download=not args.no_download, **kwargs)
             steps.update()
             steps.set_postfix_str("split")
-            data = prepare_ctr(ds, seed=args.seed, min_history=args.min_history,
-                               repeat_window=getattr(args, "repeat_window", 60))  # fmt: skip
+            data = prepare_ctr(
+                ds,
+                seed=args.seed,
+                min_history=args.min_history,
+                repeat_window=getattr(args, "repeat_window", 60),
+            )
         check_no_leakage(data)  # no history holds its own target or a later event
         steps.update()
         steps.set_postfix_str("write")
-        save_prepared(data, out, history_column=history_column, max_history=getattr(args, "max_history", None))
+        save_prepared(
+            data, out, history_column=history_column, max_history=getattr(args, "max_history", None)
+        )
         steps.update()
     except (DatasetNotFoundError, DataFormatError, ChecksumError) as exc:
         steps.close()

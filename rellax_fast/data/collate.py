@@ -46,7 +46,9 @@ def yes_no_token_ids(tokenizer, kind: str = "causal") -> Tuple[int, int]:
         no = tokenizer.encode(" No", add_special_tokens=False)
         yes = tokenizer.encode(" Yes", add_special_tokens=False)
         if not no or not yes or no[0] == yes[0]:
-            raise ValueError(f"tokenizer: ' No' -> {no} and ' Yes' -> {yes} do not start with distinct tokens")
+            raise ValueError(
+                f"tokenizer: ' No' -> {no} and ' Yes' -> {yes} do not start with distinct tokens"
+            )
         return int(no[0]), int(yes[0])
     if kind == "encoder":
         vocab = tokenizer.get_vocab()
@@ -72,7 +74,9 @@ def ensure_placeholder_token(tokenizer, placeholder: str) -> Tuple[int, bool]:
     pid = tokenizer.convert_tokens_to_ids(placeholder)
     probe = tokenizer.encode(f"a {placeholder} b", add_special_tokens=False)
     if probe.count(pid) != 1:
-        raise ValueError(f"placeholder: {placeholder!r} does not tokenise to the single token id {pid}: {probe}")
+        raise ValueError(
+            f"placeholder: {placeholder!r} does not tokenise to the single token id {pid}: {probe}"
+        )
     return int(pid), added
 
 
@@ -99,7 +103,9 @@ class PromptCollator:
         self.answer_prefix = answer_prefix
         self.with_answer = with_answer
         if placeholder:
-            self.placeholder_token_id, self.added_placeholder = ensure_placeholder_token(tokenizer, placeholder)
+            self.placeholder_token_id, self.added_placeholder = ensure_placeholder_token(
+                tokenizer, placeholder
+            )
         else:
             self.placeholder_token_id, self.added_placeholder = None, False
         self.no_token_id, self.yes_token_id = yes_no_token_ids(tokenizer, kind)
@@ -128,7 +134,12 @@ class PromptCollator:
     def _tokenise(self, prompt: Prompt) -> List[int]:
         tok = self.tokenizer
         ids = tok(self._text(prompt), add_special_tokens=not self.chat)["input_ids"]
-        if self.kind == "causal" and tok.eos_token_id is not None and len(ids) > 1 and ids[-1] == tok.eos_token_id:
+        if (
+            self.kind == "causal"
+            and tok.eos_token_id is not None
+            and len(ids) > 1
+            and ids[-1] == tok.eos_token_id
+        ):
             ids = ids[:-1]  # some tokenizers append EOS; the answer must follow the prompt directly
         return list(ids)
 
@@ -189,7 +200,9 @@ class PromptCollator:
         else:
             positions = [k for k, t in enumerate(ids) if t == self.tokenizer.mask_token_id]
             if len(positions) != 1:
-                raise ValueError(f"expected exactly one mask token in the encoded prompt, found {len(positions)}")
+                raise ValueError(
+                    f"expected exactly one mask token in the encoded prompt, found {len(positions)}"
+                )
             answer_index = positions[0]
             labels = [-100] * len(ids)
             labels[answer_index] = self.answer_ids[label][0]

@@ -57,9 +57,20 @@ from .datasets import DataFormatError, RecDataset
 from .domains import get_domain
 
 __all__ = [
-    "UserSequences", "CTRSplit", "CTRData", "prepare_ctr", "save_prepared", "load_prepared", "SPLITS",
-    "build_sequences", "label_of", "ctr_fingerprint", "EmptySplitError", "PreparedDataError", "HISTORY_COLUMNS",
-]  # fmt: skip
+    "UserSequences",
+    "CTRSplit",
+    "CTRData",
+    "prepare_ctr",
+    "save_prepared",
+    "load_prepared",
+    "SPLITS",
+    "build_sequences",
+    "label_of",
+    "ctr_fingerprint",
+    "EmptySplitError",
+    "PreparedDataError",
+    "HISTORY_COLUMNS",
+]
 
 SPLITS = ("train", "valid", "test")
 FORMAT_VERSION = 2  # 2: meta.json carries the manifest
@@ -124,9 +135,12 @@ class CTRSplit:
     def subset(self, index) -> CTRSplit:
         index = np.asarray(index)
         return CTRSplit(
-            self.sequences, *(getattr(self, n)[index] for n in
-                              ("user_index", "pos", "user_id", "item_id", "rating", "label", "timestamp"))
-        )  # fmt: skip
+            self.sequences,
+            *(
+                getattr(self, n)[index]
+                for n in ("user_index", "pos", "user_id", "item_id", "rating", "label", "timestamp")
+            ),
+        )
 
     def history_arrays(self, max_history: Optional[int] = None):
         """(offsets (S+1,), values): every sample's history (the last ``max_history`` items when given, oldest
@@ -162,7 +176,9 @@ def label_of(domain: str, rating: np.ndarray) -> np.ndarray:
 
 def build_sequences(ratings: pd.DataFrame) -> UserSequences:
     """Pack ratings per user, ordered by (timestamp, file order); users in ascending id order."""
-    order = np.lexsort((np.arange(len(ratings)), ratings["timestamp"].to_numpy(), ratings["user_id"].to_numpy()))
+    order = np.lexsort(
+        (np.arange(len(ratings)), ratings["timestamp"].to_numpy(), ratings["user_id"].to_numpy())
+    )
     users = ratings["user_id"].to_numpy()[order]
     user_ids, counts = np.unique(users, return_counts=True)
     offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
@@ -180,9 +196,15 @@ def _make_split(seq: UserSequences, user_index: np.ndarray, pos: np.ndarray, dom
     flat = seq.offsets[user_index] + pos
     rating = seq.ratings[flat]
     return CTRSplit(
-        seq, user_index.astype(np.int64), pos.astype(np.int64), seq.user_ids[user_index], seq.items[flat],
-        rating, label_of(domain, rating), seq.timestamps[flat],
-    )  # fmt: skip
+        seq,
+        user_index.astype(np.int64),
+        pos.astype(np.int64),
+        seq.user_ids[user_index],
+        seq.items[flat],
+        rating,
+        label_of(domain, rating),
+        seq.timestamps[flat],
+    )
 
 
 REPEAT_WINDOW_S = 60  # default of prepare_ctr(repeat_window=...) / `prepare --repeat-window`
@@ -231,7 +253,11 @@ def _prepare_movielens(ds: RecDataset, min_history: int, repeat_window: int = RE
     user_index, pos = user_index[order], pos[order]
     n = len(pos)
     n_train, n_valid = int(n * 0.8), int(n * 0.1)
-    cuts = {"train": slice(0, n_train), "valid": slice(n_train, n_train + n_valid), "test": slice(n_train + n_valid, n)}
+    cuts = {
+        "train": slice(0, n_train),
+        "valid": slice(n_train, n_train + n_valid),
+        "test": slice(n_train + n_valid, n),
+    }
     splits = {k: _make_split(seq, user_index[s], pos[s], ds.domain) for k, s in cuts.items()}
     rule = {
         "label": "rating > 3",
@@ -258,9 +284,12 @@ def _prepare_bookcrossing(ds: RecDataset, seed: int, min_ratings_exclusive: int 
     is_target[target_row] = True
     r = r.iloc[np.lexsort((is_target, users))].reset_index(drop=True)  # target last per user
     seq = UserSequences(
-        user_ids.astype(np.int64), np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        r["item_id"].to_numpy(np.int64), r["rating"].to_numpy(np.float32), r["timestamp"].to_numpy(np.int64),
-    )  # fmt: skip
+        user_ids.astype(np.int64),
+        np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        r["item_id"].to_numpy(np.int64),
+        r["rating"].to_numpy(np.float32),
+        r["timestamp"].to_numpy(np.int64),
+    )
     perm = rng.permutation(len(user_ids))
     n_test = int(round(len(perm) * 0.1))
     test, rest = perm[:n_test], perm[n_test:]
@@ -276,7 +305,9 @@ def _prepare_bookcrossing(ds: RecDataset, seed: int, min_ratings_exclusive: int 
     return seq, splits, rule
 
 
-def prepare_ctr(ds: RecDataset, seed: int = 42, min_history: int = 5, repeat_window: int = REPEAT_WINDOW_S) -> CTRData:
+def prepare_ctr(
+    ds: RecDataset, seed: int = 42, min_history: int = 5, repeat_window: int = REPEAT_WINDOW_S
+) -> CTRData:
     """Build the CTR samples and the train/valid/test splits of ``ds`` (rules in the module docstring).
     ``repeat_window``: time-stamped data: :func:`drop_near_repeats` (0: off)."""
     if repeat_window < 0:
@@ -288,8 +319,11 @@ def prepare_ctr(ds: RecDataset, seed: int = 42, min_history: int = 5, repeat_win
     empty = [k for k, v in splits.items() if len(v) == 0]
     if empty:
         n = sum(len(v) for v in splits.values())
-        why = (f"samples need at least min_history={min_history} earlier ratings of the user (prepare --min-history)"
-               if get_domain(ds.domain).timed else "users need more than 5 ratings")  # fmt: skip
+        why = (
+            f"samples need at least min_history={min_history} earlier ratings of the user (prepare --min-history)"
+            if get_domain(ds.domain).timed
+            else "users need more than 5 ratings"
+        )
         raise EmptySplitError(
             f"{ds.name}: the {'/'.join(empty)} split{'s' if len(empty) > 1 else ''} would be empty: "
             f"{len(ds.ratings):,} ratings of {ds.ratings['user_id'].nunique() if len(ds.ratings) else 0:,} users give "
@@ -308,7 +342,7 @@ def prepare_ctr(ds: RecDataset, seed: int = 42, min_history: int = 5, repeat_win
         "splits": {
             k: {"n": int(len(s)), "positive_rate": float(s.label.mean()), "mean_history": float(s.pos.mean())}
             for k, s in splits.items()
-        },  # fmt: skip
+        },
     }
     return CTRData(ds, seq, splits, meta)
 
@@ -320,7 +354,13 @@ def ctr_fingerprint(data: CTRData) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps([data.dataset.name, data.dataset.domain, list(data.splits)]).encode())
     seq = data.sequences
-    arrays = [np.asarray(data.dataset.items.index, np.int64), seq.user_ids, seq.offsets, seq.items, seq.timestamps]
+    arrays = [
+        np.asarray(data.dataset.items.index, np.int64),
+        seq.user_ids,
+        seq.offsets,
+        seq.items,
+        seq.timestamps,
+    ]
     for a in arrays:
         digest.update(np.ascontiguousarray(a, dtype="<i8").tobytes())
     digest.update(np.ascontiguousarray(seq.ratings, dtype="<f4").tobytes())
@@ -333,7 +373,14 @@ def ctr_fingerprint(data: CTRData) -> str:
 
 # ------------------------------------------------------------------------------------------------ on disk
 
-DATA_FILES = ("train.parquet", "valid.parquet", "test.parquet", "sequences.parquet", "items.parquet", "users.parquet")
+DATA_FILES = (
+    "train.parquet",
+    "valid.parquet",
+    "test.parquet",
+    "sequences.parquet",
+    "items.parquet",
+    "users.parquet",
+)
 
 
 @contextlib.contextmanager
@@ -349,12 +396,12 @@ def _folder_lock(folder: Path, exclusive: bool):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         except OSError as exc:  # a filesystem without locks (some network mounts): go on, unlocked
-            logger.warning("%s: cannot lock the folder (%s); concurrent `prepare` runs are not serialised", folder, exc)
+            logger.warning(
+                "%s: cannot lock the folder (%s); concurrent `prepare` runs are not serialised", folder, exc
+            )
         yield
     finally:
         os.close(fd)  # releases the lock
-
-
 
 
 def _write_temp(out: Path, name: str, write) -> Path:
@@ -385,10 +432,14 @@ HISTORY_COLUMNS = ("none", "capped", "full")
 def _check_history_option(history_column: str, max_history: Optional[int]) -> Optional[int]:
     """The ``history`` column's length cap for ``history_column`` (None: uncapped or no column)."""
     if history_column not in HISTORY_COLUMNS:
-        raise ValueError(f"history_column: expected one of {', '.join(HISTORY_COLUMNS)}, got {history_column!r}")
+        raise ValueError(
+            f"history_column: expected one of {', '.join(HISTORY_COLUMNS)}, got {history_column!r}"
+        )
     if history_column == "capped":
         if max_history is None or int(max_history) < 1:
-            raise ValueError(f"max_history: history_column='capped' needs max_history >= 1, got {max_history!r}")
+            raise ValueError(
+                f"max_history: history_column='capped' needs max_history >= 1, got {max_history!r}"
+            )
         return int(max_history)
     return None
 
@@ -408,14 +459,17 @@ def _split_table(split: CTRSplit, history_column: str = "none", max_history: Opt
     if history_column != "none":
         offsets, values = split.history_arrays(max_history if history_column == "capped" else None)
         columns["history"] = pa.ListArray.from_arrays(
-            pa.array(offsets.astype(np.int32) if offsets[-1] < 2**31 else offsets), pa.array(values, pa.int64())
-        )  # fmt: skip
+            pa.array(offsets.astype(np.int32) if offsets[-1] < 2**31 else offsets),
+            pa.array(values, pa.int64()),
+        )
     columns["user_index"] = pa.array(split.user_index, pa.int64())
     columns["pos"] = pa.array(split.pos, pa.int64())
     return pa.table(columns)
 
 
-def save_prepared(data: CTRData, out_dir, history_column: str = "none", max_history: Optional[int] = None) -> Path:
+def save_prepared(
+    data: CTRData, out_dir, history_column: str = "none", max_history: Optional[int] = None
+) -> Path:
     """Write {train,valid,test}.parquet, sequences/items/users parquet and meta.json as one unit.
 
     The split files carry the contracted columns (user_id, item_id, rating, label, timestamp) and the
@@ -447,8 +501,13 @@ def save_prepared(data: CTRData, out_dir, history_column: str = "none", max_hist
         }
     )
     # each split's table is built inside its writer, so only one (with its optional history) is alive at a time
-    writers = {f"{name}.parquet": (lambda p, s=split: pq.write_table(_split_table(s, history_column, cap), p), len(split))
-               for name, split in data.splits.items()}  # fmt: skip
+    writers = {
+        f"{name}.parquet": (
+            lambda p, s=split: pq.write_table(_split_table(s, history_column, cap), p),
+            len(split),
+        )
+        for name, split in data.splits.items()
+    }
     writers["sequences.parquet"] = (lambda p: pq.write_table(seq_table, p), len(seq.items))
     writers["items.parquet"] = (lambda p: data.dataset.items.to_parquet(p), len(data.dataset.items))
     if data.dataset.users is not None:
@@ -466,11 +525,20 @@ def save_prepared(data: CTRData, out_dir, history_column: str = "none", max_hist
             for name, (write, rows) in writers.items():
                 temps[name] = _write_temp(out, name, write)
                 # the hash of the bytes this process wrote, taken before they are published
-                manifest[name] = {"bytes": temps[name].stat().st_size, "sha256": file_sha256(temps[name]), "rows": rows}
-            meta = dict(data.meta, format_version=FORMAT_VERSION,
-                        history_column={"mode": history_column, "max_history": cap},
-                        manifest={"files": manifest, "fingerprint": ctr_fingerprint(data)})  # fmt: skip
-            meta_tmp = _write_temp(out, "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+                manifest[name] = {
+                    "bytes": temps[name].stat().st_size,
+                    "sha256": file_sha256(temps[name]),
+                    "rows": rows,
+                }
+            meta = dict(
+                data.meta,
+                format_version=FORMAT_VERSION,
+                history_column={"mode": history_column, "max_history": cap},
+                manifest={"files": manifest, "fingerprint": ctr_fingerprint(data)},
+            )
+            meta_tmp = _write_temp(
+                out, "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n")
+            )
             temps["meta.json"] = meta_tmp
             # from here until meta.json is back, the folder reads as incomplete
             (out / "meta.json").unlink(missing_ok=True)
@@ -495,23 +563,31 @@ def _check_manifest(out: Path, meta: dict) -> dict:
 
     files = meta["manifest"]["files"]
     if not isinstance(files, dict):
-        raise PreparedDataError(f"{out / 'meta.json'}: manifest.files is not a table; rerun `rellax-fast prepare --out {out}`")
+        raise PreparedDataError(
+            f"{out / 'meta.json'}: manifest.files is not a table; rerun `rellax-fast prepare --out {out}`"
+        )
     try:  # every key, on its text, before any file is opened
         paths = {name: path_inside(out, name, f"{out / 'meta.json'}: manifest key") for name in files}
     except PathOutsideFolderError as exc:
         raise PreparedDataError(f"{exc}; rerun `rellax-fast prepare --out {out}`") from None
     unknown = sorted(name for name in files if name not in DATA_FILES)
     if unknown:
-        raise PreparedDataError(f"{out / 'meta.json'}: the manifest lists {unknown}, which `prepare` never writes "
-                                f"(expected some of {list(DATA_FILES)}); rerun `rellax-fast prepare --out {out}`")
+        raise PreparedDataError(
+            f"{out / 'meta.json'}: the manifest lists {unknown}, which `prepare` never writes "
+            f"(expected some of {list(DATA_FILES)}); rerun `rellax-fast prepare --out {out}`"
+        )
     absent = [n for n in DATA_FILES if n != "users.parquet" and n not in files]
     if absent:
-        raise PreparedDataError(f"{out / 'meta.json'}: the manifest does not list {absent}, so they cannot be "
-                                f"verified; rerun `rellax-fast prepare --out {out}`")
+        raise PreparedDataError(
+            f"{out / 'meta.json'}: the manifest does not list {absent}, so they cannot be "
+            f"verified; rerun `rellax-fast prepare --out {out}`"
+        )
     for name, entry in files.items():
         path = paths[name]
         if not path.exists():
-            raise PreparedDataError(f"{path}: missing, but {out / 'meta.json'} lists it; rerun `rellax-fast prepare --out {out}`")
+            raise PreparedDataError(
+                f"{path}: missing, but {out / 'meta.json'} lists it; rerun `rellax-fast prepare --out {out}`"
+            )
         size = path.stat().st_size
         if size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
             raise PreparedDataError(
@@ -573,7 +649,9 @@ def load_prepared(out_dir) -> CTRData:
         try:
             meta = json.loads(meta_path.read_text())
         except ValueError as exc:
-            raise PreparedDataError(f"{meta_path}: unreadable ({exc}); rerun `rellax-fast prepare --out {out}`") from exc
+            raise PreparedDataError(
+                f"{meta_path}: unreadable ({exc}); rerun `rellax-fast prepare --out {out}`"
+            ) from exc
         if "manifest" not in meta:  # its files cannot be verified: a copied-over split would load silently
             raise PreparedDataError(
                 f"{meta_path}: no manifest (format {meta.get('format_version', 1)}, written by an older rellax-fast), "
@@ -588,11 +666,16 @@ def load_prepared(out_dir) -> CTRData:
             raise PreparedDataError(f"{out / 'sequences.parquet'}: rows are not grouped by ascending user_id")
         user_ids, starts = np.unique(users, return_index=True)
         seq = UserSequences(
-            user_ids, np.append(starts, len(users)).astype(np.int64), seq_df["item_id"].to_numpy(np.int64),
-            seq_df["rating"].to_numpy(np.float32), seq_df["timestamp"].to_numpy(np.int64),
-        )  # fmt: skip
+            user_ids,
+            np.append(starts, len(users)).astype(np.int64),
+            seq_df["item_id"].to_numpy(np.int64),
+            seq_df["rating"].to_numpy(np.float32),
+            seq_df["timestamp"].to_numpy(np.int64),
+        )
         if meta.get("n_sequence_ratings", len(users)) != len(users):
-            raise PreparedDataError(f"{out / 'sequences.parquet'}: {len(users)} rows, {meta_path} says {meta['n_sequence_ratings']}")
+            raise PreparedDataError(
+                f"{out / 'sequences.parquet'}: {len(users)} rows, {meta_path} says {meta['n_sequence_ratings']}"
+            )
         items = pd.read_parquet(out / "items.parquet")
         if "genres" in items:
             items["genres"] = [list(g) for g in items["genres"]]
@@ -601,7 +684,11 @@ def load_prepared(out_dir) -> CTRData:
         ds = RecDataset(meta["dataset"], meta["domain"], seq_df, items, users_df)
         splits = {}
         for name in SPLITS:
-            t = pq.read_table(out / f"{name}.parquet", columns=["user_index", "pos", "user_id", "item_id"]).to_pandas()
+            t = pq.read_table(
+                out / f"{name}.parquet", columns=["user_index", "pos", "user_id", "item_id"]
+            ).to_pandas()
             _check_split(out, name, t, seq, meta.get("splits", {}).get(name, {}).get("n"))
-            splits[name] = _make_split(seq, t["user_index"].to_numpy(np.int64), t["pos"].to_numpy(np.int64), ds.domain)
+            splits[name] = _make_split(
+                seq, t["user_index"].to_numpy(np.int64), t["pos"].to_numpy(np.int64), ds.domain
+            )
     return CTRData(ds, seq, splits, meta)

@@ -29,10 +29,19 @@ from .names import DATASETS
 from .parsing import DataFormatError, DataWarning
 
 __all__ = [
-    "RecDataset", "DataFormatError", "DataWarning", "load_dataset", "DATASETS", "default_data_dir", "ML100K_GENRES",
-    "ML1M_OCCUPATIONS", "load_ml100k", "load_ml1m", "load_movielens_csv", "load_bookcrossing",
-]  # fmt: skip
-
+    "RecDataset",
+    "DataFormatError",
+    "DataWarning",
+    "load_dataset",
+    "DATASETS",
+    "default_data_dir",
+    "ML100K_GENRES",
+    "ML1M_OCCUPATIONS",
+    "load_ml100k",
+    "load_ml1m",
+    "load_movielens_csv",
+    "load_bookcrossing",
+]
 
 
 def default_data_dir(name: str) -> Path:

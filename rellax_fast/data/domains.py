@@ -30,9 +30,16 @@ import numpy as np
 import pandas as pd
 
 __all__ = [
-    "RecDataset", "Domain", "DOMAINS", "register_domain", "get_domain", "movie_text", "book_text", "age_phrase",
+    "RecDataset",
+    "Domain",
+    "DOMAINS",
+    "register_domain",
+    "get_domain",
+    "movie_text",
+    "book_text",
+    "age_phrase",
     "pronouns",
-]  # fmt: skip
+]
 
 
 @dataclass
@@ -124,7 +131,7 @@ def movie_text(title: Any, genres: Iterable[str] = ()) -> str:
 
 
 def movie_profile(profile: dict) -> List[str]:
-    """"The user is a man aged 18 to 24." and "His occupation is technician." (MovieLens users)."""
+    """ "The user is a man aged 18 to 24." and "His occupation is technician." (MovieLens users)."""
     _, _, poss, person = pronouns(profile)
     parts = []
     age = age_phrase(profile.get("age"))
@@ -167,7 +174,7 @@ def book_text(title: Any, author: Any = None, year: Any = None, publisher: Any =
 
 
 def book_profile(profile: dict) -> List[str]:
-    """"She lives in tyler, texas, usa." and "She is 31 years old." (BookCrossing users)."""
+    """ "She lives in tyler, texas, usa." and "She is 31 years old." (BookCrossing users)."""
     subj, _, _, person = pronouns(profile)
     parts = []
     loc = str(profile.get("location") or "").strip(" ,")
@@ -195,11 +202,15 @@ class Domain:
     rating_scale: int  # top of the star scale named in the prompt ("from 1 to 5 stars")
     positive_above: float  # label rule: rating > positive_above (>= with positive_inclusive)
     positive_inclusive: bool
-    item_fields: Tuple[str, ...]  # items-frame columns item_text reads, in argument order; the first is "title"
+    item_fields: Tuple[
+        str, ...
+    ]  # items-frame columns item_text reads, in argument order; the first is "title"
     item_text: Callable[..., str]  # item_text(*values of item_fields) -> the text SUBR embeds
     user_fields: Tuple[str, ...]  # users-frame columns the profile sentences read
     profile: Callable[[dict], List[str]]  # profile({field: value}) -> the prompt's profile sentences
-    timed: bool = True  # ratings carry real timestamps (global-time split) or not (one seeded target per user)
+    timed: bool = (
+        True  # ratings carry real timestamps (global-time split) or not (one seeded target per user)
+    )
 
     @property
     def label_rule(self) -> str:
@@ -241,7 +252,9 @@ def register_domain(domain: Domain) -> Domain:
     if known is not None and known != domain:
         raise ValueError(f"register_domain: domain {domain.name!r} is already registered to another record")
     if not domain.item_fields or domain.item_fields[0] != "title":
-        raise ValueError(f"register_domain: {domain.name!r}: item_fields must start with 'title'; got {domain.item_fields}")
+        raise ValueError(
+            f"register_domain: {domain.name!r}: item_fields must start with 'title'; got {domain.item_fields}"
+        )
     DOMAINS[domain.name] = domain
     return domain
 
@@ -254,18 +267,36 @@ def get_domain(name: str) -> Domain:
     return domain
 
 
-MOVIE = register_domain(Domain(
-    name="movie", noun="movie", plural="movies", verb="watched", rating_scale=5,
-    positive_above=3, positive_inclusive=False,  # the paper: MovieLens rating > 3
-    item_fields=("title", "genres"), item_text=movie_text,
-    user_fields=("gender", "age", "occupation"), profile=movie_profile,
-    timed=True,
-))  # fmt: skip
+MOVIE = register_domain(
+    Domain(
+        name="movie",
+        noun="movie",
+        plural="movies",
+        verb="watched",
+        rating_scale=5,
+        positive_above=3,
+        positive_inclusive=False,  # the paper: MovieLens rating > 3
+        item_fields=("title", "genres"),
+        item_text=movie_text,
+        user_fields=("gender", "age", "occupation"),
+        profile=movie_profile,
+        timed=True,
+    )
+)
 
-BOOK = register_domain(Domain(
-    name="book", noun="book", plural="books", verb="read", rating_scale=10,
-    positive_above=5, positive_inclusive=True,  # the paper: BookCrossing rating >= 5 (implicit 0 = negative)
-    item_fields=("title", "author", "year", "publisher"), item_text=book_text,
-    user_fields=("gender", "location", "age"), profile=book_profile,
-    timed=False,
-))  # fmt: skip
+BOOK = register_domain(
+    Domain(
+        name="book",
+        noun="book",
+        plural="books",
+        verb="read",
+        rating_scale=10,
+        positive_above=5,
+        positive_inclusive=True,  # the paper: BookCrossing rating >= 5 (implicit 0 = negative)
+        item_fields=("title", "author", "year", "publisher"),
+        item_text=book_text,
+        user_fields=("gender", "location", "age"),
+        profile=book_profile,
+        timed=False,
+    )
+)

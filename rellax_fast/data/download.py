@@ -56,24 +56,39 @@ class DatasetSource:
 # original 2004 dump (as pinned in PIReTship/bookdata-tools' DVC lock file), whatever the mirror.
 SOURCES: Dict[str, DatasetSource] = {
     "ml-100k": DatasetSource(
-        "ml-100k.zip", (GROUPLENS + "ml-100k.zip",), "ml-100k", ("u.data", "u.item", "u.user", "u.genre"),
+        "ml-100k.zip",
+        (GROUPLENS + "ml-100k.zip",),
+        "ml-100k",
+        ("u.data", "u.item", "u.user", "u.genre"),
         archive_md5="0e33842e24a9c977be4e0107933c0723",
     ),
     "ml-1m": DatasetSource(
-        "ml-1m.zip", (GROUPLENS + "ml-1m.zip",), "ml-1m", ("ratings.dat", "movies.dat", "users.dat"),
+        "ml-1m.zip",
+        (GROUPLENS + "ml-1m.zip",),
+        "ml-1m",
+        ("ratings.dat", "movies.dat", "users.dat"),
         archive_md5="c4d9eecfca2ab87c1945afe126590906",
     ),
     "ml-20m": DatasetSource(
-        "ml-20m.zip", (GROUPLENS + "ml-20m.zip",), "ml-20m", ("ratings.csv", "movies.csv"),
+        "ml-20m.zip",
+        (GROUPLENS + "ml-20m.zip",),
+        "ml-20m",
+        ("ratings.csv", "movies.csv"),
         archive_md5="cd245b17a1ae2cc31bb14903e1204af3",
     ),
     "ml-25m": DatasetSource(
-        "ml-25m.zip", (GROUPLENS + "ml-25m.zip",), "ml-25m", ("ratings.csv", "movies.csv"),
+        "ml-25m.zip",
+        (GROUPLENS + "ml-25m.zip",),
+        "ml-25m",
+        ("ratings.csv", "movies.csv"),
         archive_md5="6b51fb2759a8657d3bfcbfc42b592ada",
     ),
     "ml-latest-small": DatasetSource(
-        "ml-latest-small.zip", (GROUPLENS + "ml-latest-small.zip",), "ml-latest-small",
-        ("ratings.csv", "movies.csv"), md5_sidecar=GROUPLENS + "ml-latest-small.zip.md5",
+        "ml-latest-small.zip",
+        (GROUPLENS + "ml-latest-small.zip",),
+        "ml-latest-small",
+        ("ratings.csv", "movies.csv"),
+        md5_sidecar=GROUPLENS + "ml-latest-small.zip.md5",
     ),
     "bookcrossing": DatasetSource(
         "BX-CSV-Dump.zip",
@@ -106,7 +121,9 @@ def _missing(data_dir: Path, source: DatasetSource) -> Sequence[str]:
     return [name for name in source.files if not (data_dir / name).exists()]
 
 
-def _offline_message(name: str, data_dir: Path, source: DatasetSource, missing: Sequence[str], why: str) -> str:
+def _offline_message(
+    name: str, data_dir: Path, source: DatasetSource, missing: Sequence[str], why: str
+) -> str:
     return (
         f"dataset {name!r}: missing {', '.join(missing)} in {data_dir} ({why}).\n"
         f"Put the files {', '.join(source.files)} (from {source.archive}, e.g. {source.urls[0]}) directly in "
@@ -121,9 +138,11 @@ def _fetch(url: str, dest: Path, timeout: float = 30.0) -> None:
     req = urllib.request.Request(url, headers={"User-Agent": "rellax-fast"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         total = int(resp.headers.get("Content-Length") or 0) or None
-        with atomic_path(dest) as tmp, open(tmp, "wb") as out, tqdm(
-            total=total, unit="B", unit_scale=True, desc=dest.name
-        ) as bar:
+        with (
+            atomic_path(dest) as tmp,
+            open(tmp, "wb") as out,
+            tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar,
+        ):
             for chunk in iter(lambda: resp.read(1 << 20), b""):
                 out.write(chunk)
                 bar.update(len(chunk))
@@ -174,7 +193,9 @@ def ensure_files(name: str, data_dir: Path, download: bool = True) -> Path:
     source = SOURCES[name]
     data_dir = Path(data_dir)
     if data_dir.exists() and not data_dir.is_dir():
-        raise DatasetNotFoundError(f"data folder {data_dir}: is a file, not a folder (--data-dir / RELLAX_DATA_DIR)")
+        raise DatasetNotFoundError(
+            f"data folder {data_dir}: is a file, not a folder (--data-dir / RELLAX_DATA_DIR)"
+        )
     for f in source.files:
         if (data_dir / f).is_dir():
             raise DatasetNotFoundError(f"{data_dir / f}: is a folder, expected the data file {f}")
@@ -185,7 +206,11 @@ def ensure_files(name: str, data_dir: Path, download: bool = True) -> Path:
     if not missing:
         return data_dir
     if not download:
-        raise DatasetNotFoundError(_offline_message(name, data_dir, source, missing, "downloads disabled: download=False / --no-download"))
+        raise DatasetNotFoundError(
+            _offline_message(
+                name, data_dir, source, missing, "downloads disabled: download=False / --no-download"
+            )
+        )
     data_dir.mkdir(parents=True, exist_ok=True)
     archive = data_dir / source.archive
     errors = []
@@ -197,14 +222,18 @@ def ensure_files(name: str, data_dir: Path, download: bool = True) -> Path:
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 errors.append(f"{url}: {exc}")
         else:
-            raise DatasetNotFoundError(_offline_message(name, data_dir, source, missing, "download failed: " + "; ".join(errors)))
+            raise DatasetNotFoundError(
+                _offline_message(name, data_dir, source, missing, "download failed: " + "; ".join(errors))
+            )
     expected = source.archive_md5
     if source.md5_sidecar:
         try:
             expected = _published_md5(source.md5_sidecar)
         except (urllib.error.URLError, OSError) as exc:
             raise DatasetNotFoundError(
-                _offline_message(name, data_dir, source, missing, f"checksum download failed: {source.md5_sidecar}: {exc}")
+                _offline_message(
+                    name, data_dir, source, missing, f"checksum download failed: {source.md5_sidecar}: {exc}"
+                )
             ) from exc
     # BookCrossing mirrors may re-zip the dump: there the per-file MD5s are authoritative.
     if expected and not source.file_md5:
@@ -219,5 +248,7 @@ def ensure_files(name: str, data_dir: Path, download: bool = True) -> Path:
         _extract(archive, data_dir, source)
     except ChecksumError as exc:
         bad = _move_aside(archive)
-        raise ChecksumError(f"{exc}; moved the archive aside to {bad} so that the next run downloads a fresh copy") from exc
+        raise ChecksumError(
+            f"{exc}; moved the archive aside to {bad} so that the next run downloads a fresh copy"
+        ) from exc
     return data_dir

@@ -41,17 +41,51 @@ from .parsing import (
 )
 
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-)  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 # ml-1m users.dat codes (README of ml-1m).
 ML1M_OCCUPATIONS = (
-    "other", "academic/educator", "artist", "clerical/admin", "college/grad student", "customer service",
-    "doctor/health care", "executive/managerial", "farmer", "homemaker", "K-12 student", "lawyer", "programmer",
-    "retired", "sales/marketing", "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
-    "unemployed", "writer",
-)  # fmt: skip
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
+)
 
 
 def _split_genres(values: pd.Series) -> list:
@@ -100,7 +134,9 @@ def load_ml100k(data_dir: Path) -> RecDataset:
 
     p = data_dir / "u.user"
     check_final_newline(p, strict=False)
-    df = parse_table(p, read_text(p, "latin-1"), "|", ["user_id", "age", "gender", "occupation", "zip"], header=False)
+    df = parse_table(
+        p, read_text(p, "latin-1"), "|", ["user_id", "age", "gender", "occupation", "zip"], header=False
+    )
     require(p, df, ["user_id", "age", "gender", "occupation", "zip"], False)
     users = pd.DataFrame(
         {
@@ -121,7 +157,9 @@ def _check_gender(path: Path, users: pd.DataFrame) -> None:
     bad = ~users["gender"].isin(["M", "F"]).to_numpy()
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataFormatError(f"{path}: line {row + 1}: gender must be M or F, got {users['gender'].iloc[row]!r}")
+        raise DataFormatError(
+            f"{path}: line {row + 1}: gender must be M or F, got {users['gender'].iloc[row]!r}"
+        )
 
 
 def _dat_text(path: Path) -> str:
@@ -144,8 +182,9 @@ def load_ml1m(data_dir: Path) -> RecDataset:
     data_dir = Path(data_dir)
     p = data_dir / "ratings.dat"
     check_final_newline(p, strict=True)
-    c = numeric_columns(p, "\t", ["u", "i", "r", "t"], ["int"] * 4, header=False, encoding="latin-1",
-                         text=_dat_text(p))  # fmt: skip
+    c = numeric_columns(
+        p, "\t", ["u", "i", "r", "t"], ["int"] * 4, header=False, encoding="latin-1", text=_dat_text(p)
+    )
     check_range(p, None, c["r"], "rating", 1, 5, False)
     check_timestamps(p, c["t"], False)
     ratings = drop_duplicate_ratings(p, ratings_frame(c["u"], c["i"], c["r"], c["t"]), EVENT_KEYS, False)
@@ -184,7 +223,9 @@ def load_movielens_csv(data_dir: Path, name: str) -> RecDataset:
     check_final_newline(p, strict=True)
     with open(p, encoding="utf-8", errors="replace") as f:
         expect_header(p, f.readline(), "userId,movieId,rating,timestamp")
-    c = numeric_columns(p, ",", ["u", "i", "r", "t"], ["int", "int", "float", "int"], header=True, encoding="utf-8")
+    c = numeric_columns(
+        p, ",", ["u", "i", "r", "t"], ["int", "int", "float", "int"], header=True, encoding="utf-8"
+    )
     check_range(p, None, c["r"], "rating", 0.5, 5.0, True)
     check_timestamps(p, c["t"], True)
     ratings = drop_duplicate_ratings(p, ratings_frame(c["u"], c["i"], c["r"], c["t"]), EVENT_KEYS, True)

@@ -90,7 +90,9 @@ def check_final_newline(path: Path, strict: bool) -> None:
         f"(it reads {last!r})"
     )
     if strict:
-        raise DataFormatError(msg + "; if that row is complete, end the file with a newline, else remove the row")
+        raise DataFormatError(
+            msg + "; if that row is complete, end the file with a newline, else remove the row"
+        )
     warnings.warn(msg, DataWarning, stacklevel=3)
 
 
@@ -122,7 +124,9 @@ def _field_count_error(path: Path, exc: Exception, n_fields: int, header: bool) 
         expected, line, saw = (int(g) for g in m.groups())
         if expected != n_fields:
             line, saw = 1 + int(header), expected
-        return DataFormatError(f"{path}: line {line}: {saw} fields, expected {n_fields} (wrong number of fields)")
+        return DataFormatError(
+            f"{path}: line {line}: {saw} fields, expected {n_fields} (wrong number of fields)"
+        )
     m = re.search(r"EOF inside string starting at row (\d+)", text)
     if m:  # pandas counts rows from 0, the header and skipped rows included
         return DataFormatError(
@@ -195,7 +199,13 @@ def parse_table(
 
 
 def numeric_columns(
-    path: Path, sep: str, names: Sequence[str], kinds: Sequence[str], *, header: bool, encoding: str,
+    path: Path,
+    sep: str,
+    names: Sequence[str],
+    kinds: Sequence[str],
+    *,
+    header: bool,
+    encoding: str,
     text: Optional[str] = None,
 ) -> dict:
     """Parse an all-numeric table (ratings files: up to 25M rows).
@@ -215,16 +225,25 @@ def numeric_columns(
     dtypes = {k: (np.int64 if kind == "int" else np.float64) for k, kind in enumerate(kinds)}
     try:
         df = pd.read_csv(
-            io.StringIO(text) if text is not None else path, sep=sep, header=None, skiprows=1 if header else None,
-            index_col=False, dtype=dtypes, quoting=csv.QUOTE_NONE, skip_blank_lines=False, engine="c",
+            io.StringIO(text) if text is not None else path,
+            sep=sep,
+            header=None,
+            skiprows=1 if header else None,
+            index_col=False,
+            dtype=dtypes,
+            quoting=csv.QUOTE_NONE,
+            skip_blank_lines=False,
+            engine="c",
             encoding=None if text is not None else encoding,
-        )  # fmt: skip
+        )
         if df.shape[1] == len(names):
             cols = {n: df[k].to_numpy() for k, n in enumerate(names)}
             if all(np.isfinite(v).all() for v in cols.values()):
                 return cols
     except pd.errors.EmptyDataError:
-        return {n: np.zeros(0, dtype=np.int64 if kind == "int" else np.float64) for n, kind in zip(names, kinds)}
+        return {
+            n: np.zeros(0, dtype=np.int64 if kind == "int" else np.float64) for n, kind in zip(names, kinds)
+        }
     except (ValueError, OverflowError, pd.errors.ParserError, UnicodeDecodeError):
         pass
     if text is None:
@@ -234,8 +253,9 @@ def numeric_columns(
     return {n: numeric(path, df, n, header, k) for n, k in zip(names, kinds)}
 
 
-def _arrow_numeric_columns(path: Path, sep: str, names: Sequence[str], kinds: Sequence[str], *, header: bool,
-                           encoding: str) -> Optional[dict]:  # fmt: skip
+def _arrow_numeric_columns(
+    path: Path, sep: str, names: Sequence[str], kinds: Sequence[str], *, header: bool, encoding: str
+) -> Optional[dict]:
     """The typed ``pyarrow.csv`` read of an all-numeric file, or None when it cannot be read cleanly that way
     (any parse error, a missing or non-finite value, a wrong column count, a blank line: the caller's slow
     path then names the line). An empty file (no data rows) gives empty columns."""
@@ -246,15 +266,19 @@ def _arrow_numeric_columns(path: Path, sep: str, names: Sequence[str], kinds: Se
     try:
         table = pacsv.read_csv(
             path,
-            read_options=pacsv.ReadOptions(column_names=list(names), skip_rows=int(header), use_threads=False,
-                                           encoding="utf8" if encoding.lower() in ("utf-8", "utf8") else encoding),
+            read_options=pacsv.ReadOptions(
+                column_names=list(names),
+                skip_rows=int(header),
+                use_threads=False,
+                encoding="utf8" if encoding.lower() in ("utf-8", "utf8") else encoding,
+            ),
             parse_options=pacsv.ParseOptions(delimiter=sep, quote_char=False, ignore_empty_lines=False),
             convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
             # one thread and the system allocator: the columns come out as one chunk each (zero-copy to numpy)
             # and the parse buffers go back to the OS; arrow's threaded default kept about 60 bytes per rating
             # resident for the rest of `prepare` (measured at 1.2M ratings), for ~0.4 s per million rows saved
             memory_pool=pa.system_memory_pool(),
-        )  # fmt: skip
+        )
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, UnicodeDecodeError, ValueError, OSError):
         return None
     cols = {}
@@ -303,7 +327,9 @@ def numeric(path: Path, df: pd.DataFrame, col: str, header: bool, kind: str = "i
                 f"{path}: line {_line_of(df, row, header)}: missing field {col!r} (empty: wrong number of "
                 f"fields or truncated line)"
             )
-        raise DataFormatError(f"{path}: line {_line_of(df, row, header)}: field {col!r} is not a valid {kind}: {value!r}")
+        raise DataFormatError(
+            f"{path}: line {_line_of(df, row, header)}: field {col!r} is not a valid {kind}: {value!r}"
+        )
     if kind != "int":
         return arr
     too_big = (arr >= _INT64_LIMIT) | (arr < -_INT64_LIMIT)
@@ -317,7 +343,9 @@ def numeric(path: Path, df: pd.DataFrame, col: str, header: bool, kind: str = "i
     return values.to_numpy(dtype=np.int64) if values.dtype == np.int64 else arr.astype(np.int64)
 
 
-def check_range(path: Path, df: pd.DataFrame, values: np.ndarray, col: str, lo: float, hi: float, header: bool):
+def check_range(
+    path: Path, df: pd.DataFrame, values: np.ndarray, col: str, lo: float, hi: float, header: bool
+):
     """Every value of ``col`` must lie in [lo, hi]; the first one outside is reported with its line."""
     bad = (values < lo) | (values > hi)
     if bad.any():
@@ -352,7 +380,9 @@ def _duplicated_last(ratings: pd.DataFrame, keys: List[str]) -> np.ndarray:
     return dup
 
 
-def drop_duplicate_ratings(path: Path, ratings: pd.DataFrame, keys: Sequence[str], header: bool) -> pd.DataFrame:
+def drop_duplicate_ratings(
+    path: Path, ratings: pd.DataFrame, keys: Sequence[str], header: bool
+) -> pd.DataFrame:
     """Keep the last row (in file order) of each ``keys`` group and warn how many were dropped.
 
     A repeated (user, item, timestamp) is one event listed twice: kept, the copy would sit in the history of

@@ -24,8 +24,14 @@ import numpy as np
 from .domains import DOMAINS, age_phrase, get_domain, pronouns
 
 __all__ = [
-    "Prompt", "render_prompt", "apply_chat", "mix_recent_and_retrieved", "format_rating", "age_phrase", "DOMAINS",
-]  # fmt: skip
+    "Prompt",
+    "render_prompt",
+    "apply_chat",
+    "mix_recent_and_retrieved",
+    "format_rating",
+    "age_phrase",
+    "DOMAINS",
+]
 
 
 @dataclass
@@ -73,7 +79,7 @@ def render_prompt(
         lines.append(f"{subj} has no earlier rated {plural} to show.")
     target_id, target_title = target
     target_title = escape_placeholder(target_title, placeholder)
-    lines.append(f"Will {subj_lower} like the {noun} \"{target_title}\"{tag}?")
+    lines.append(f'Will {subj_lower} like the {noun} "{target_title}"{tag}?')
     lines.append("Answer only with yes or no.")
     ids.append(int(target_id))
     return Prompt("\n".join(lines), ids if placeholder else [])
@@ -88,14 +94,18 @@ def escape_placeholder(title, placeholder: Optional[str]) -> str:
         if placeholder not in title:
             return title
         title = title.replace(placeholder, f"{placeholder[0]} {placeholder[1:]}")
-    raise ValueError(f"title {title!r}: cannot escape the placeholder {placeholder!r} in it; use another placeholder")
+    raise ValueError(
+        f"title {title!r}: cannot escape the placeholder {placeholder!r} in it; use another placeholder"
+    )
 
 
 def apply_chat(text: str, tokenizer=None, system: Optional[str] = None) -> str:
     """Wrap ``text`` in the backbone's chat template (user turn + generation prompt) when it has one."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return text
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": text}
+    ]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -36,37 +36,104 @@ from .domains import RecDataset
 __all__ = ["make_synthetic", "SYNTHETIC_GENRES"]
 
 SYNTHETIC_GENRES = (
-    "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
-    "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-)  # fmt: skip
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 # Per-genre (adjectives, nouns): the title vocabulary that makes text similarity follow genre.
 _VOCAB = {
-    "Action": ("Deadly Iron Rapid Final Bullet Steel Lethal", "Strike Force Target Fury Mission Blast Vengeance"),
-    "Adventure": ("Lost Golden Hidden Wild Distant Secret", "Island Treasure Expedition Jungle Voyage Temple"),
+    "Action": (
+        "Deadly Iron Rapid Final Bullet Steel Lethal",
+        "Strike Force Target Fury Mission Blast Vengeance",
+    ),
+    "Adventure": (
+        "Lost Golden Hidden Wild Distant Secret",
+        "Island Treasure Expedition Jungle Voyage Temple",
+    ),
     "Animation": ("Little Magic Happy Dancing Tiny Painted", "Bunny Dragon Toybox Cartoon Kitten Balloon"),
     "Children's": ("Friendly Lucky Merry Brave Sunny Playful", "Puppy Pony Schoolyard Treehouse Buddy Teddy"),
-    "Comedy": ("Crazy Silly Awkward Wacky Hilarious Clumsy", "Wedding Roommates Vacation Neighbors Party Prank"),
+    "Comedy": (
+        "Crazy Silly Awkward Wacky Hilarious Clumsy",
+        "Wedding Roommates Vacation Neighbors Party Prank",
+    ),
     "Crime": ("Dirty Corrupt Stolen Underground Cold Crooked", "Heist Mob Racket Getaway Syndicate Hustle"),
-    "Documentary": ("True Untold Real Inside Living Modern", "Story Record Journey Portrait Chronicle Witness"),
+    "Documentary": (
+        "True Untold Real Inside Living Modern",
+        "Story Record Journey Portrait Chronicle Witness",
+    ),
     "Drama": ("Silent Quiet Broken Long Tender Distant", "Harbor Letters Season Promise Winter Homecoming"),
-    "Fantasy": ("Enchanted Ancient Elven Mystic Forgotten Crystal", "Kingdom Sword Wizard Realm Crown Prophecy"),
+    "Fantasy": (
+        "Enchanted Ancient Elven Mystic Forgotten Crystal",
+        "Kingdom Sword Wizard Realm Crown Prophecy",
+    ),
     "Film-Noir": ("Dark Smoky Midnight Rainy Crooked Fatal", "Alley Detective Dame Nightclub Alibi Shadow"),
-    "Horror": ("Bloody Haunted Cursed Rotting Screaming Possessed", "Crypt Asylum Ghoul Cellar Graveyard Demon"),
-    "Musical": ("Singing Swinging Broadway Rhythmic Jazzy Melodic", "Melody Chorus Ballroom Serenade Tango Overture"),
-    "Mystery": ("Missing Strange Puzzling Locked Vanishing Hidden", "Clue Manor Riddle Key Disappearance Portrait"),
+    "Horror": (
+        "Bloody Haunted Cursed Rotting Screaming Possessed",
+        "Crypt Asylum Ghoul Cellar Graveyard Demon",
+    ),
+    "Musical": (
+        "Singing Swinging Broadway Rhythmic Jazzy Melodic",
+        "Melody Chorus Ballroom Serenade Tango Overture",
+    ),
+    "Mystery": (
+        "Missing Strange Puzzling Locked Vanishing Hidden",
+        "Clue Manor Riddle Key Disappearance Portrait",
+    ),
     "Romance": ("Sweet Endless Summer Secret Paris Tender", "Love Kiss Heart Romance Honeymoon Valentine"),
-    "Sci-Fi": ("Quantum Galactic Robotic Alien Orbital Cyber", "Planet Android Starship Nebula Colony Signal"),
-    "Thriller": ("Deadly Silent Hidden Final Twisted Sudden", "Conspiracy Witness Pursuit Trap Hostage Countdown"),
-    "War": ("Bloody Last Frozen Burning Fallen Heroic", "Battalion Beachhead Trenches Frontline Platoon Siege"),
+    "Sci-Fi": (
+        "Quantum Galactic Robotic Alien Orbital Cyber",
+        "Planet Android Starship Nebula Colony Signal",
+    ),
+    "Thriller": (
+        "Deadly Silent Hidden Final Twisted Sudden",
+        "Conspiracy Witness Pursuit Trap Hostage Countdown",
+    ),
+    "War": (
+        "Bloody Last Frozen Burning Fallen Heroic",
+        "Battalion Beachhead Trenches Frontline Platoon Siege",
+    ),
     "Western": ("Dusty Lonesome Wild Outlaw Golden Rusty", "Frontier Saloon Ranch Gunslinger Canyon Sheriff"),
 }
 
 _OCCUPATIONS = (
-    "administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive", "healthcare",
-    "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer", "retired", "salesman",
-    "scientist", "student", "technician", "writer",
-)  # fmt: skip
+    "administrator",
+    "artist",
+    "doctor",
+    "educator",
+    "engineer",
+    "entertainment",
+    "executive",
+    "healthcare",
+    "homemaker",
+    "lawyer",
+    "librarian",
+    "marketing",
+    "none",
+    "other",
+    "programmer",
+    "retired",
+    "salesman",
+    "scientist",
+    "student",
+    "technician",
+    "writer",
+)
 
 _NUMERALS = ("II", "III", "IV", "V", "VI", "VII", "VIII", "IX", "X")
 
@@ -176,7 +243,9 @@ def make_synthetic(
         }
     )
     ratings = ratings.sort_values(["timestamp", "user_id"], kind="stable").reset_index(drop=True)
-    items = pd.DataFrame({"title": titles, "genres": genres, "year": years}, index=pd.Index(item_ids, name="item_id"))
+    items = pd.DataFrame(
+        {"title": titles, "genres": genres, "year": years}, index=pd.Index(item_ids, name="item_id")
+    )
     users = pd.DataFrame(
         {"gender": gender, "age": age, "occupation": occupation},
         index=pd.Index(np.arange(1, n_users + 1, dtype=np.int64), name="user_id"),

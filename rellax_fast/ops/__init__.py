@@ -33,8 +33,18 @@ _LAZY = {
 # every op module, imported by all_ops() so that `rellax-fast info` sees each registration
 OP_MODULES = ("rellax_fast.ops.cflora", "rellax_fast.ops.topk", "rellax_fast.ops.dropout")
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "BackendUnavailableError", "availability", "register_impl", "register_op",
-           "registered_ops", "resolve", "all_ops", *_LAZY]
+__all__ = [
+    "BACKENDS",
+    "BACKEND_CHOICES",
+    "BackendUnavailableError",
+    "availability",
+    "register_impl",
+    "register_op",
+    "registered_ops",
+    "resolve",
+    "all_ops",
+    *_LAZY,
+]
 
 
 def all_ops() -> list:

@@ -177,8 +177,9 @@ def register_op(name: str, preference: Mapping[str, Sequence[str]]) -> None:
     _IMPLS.setdefault(name, {})
 
 
-def register_impl(op: str, backend: str, fn: Callable[..., Any],
-                  supports: Optional[Callable[..., Optional[str]]] = None) -> None:
+def register_impl(
+    op: str, backend: str, fn: Callable[..., Any], supports: Optional[Callable[..., Optional[str]]] = None
+) -> None:
     """Register ``fn`` as ``op``'s implementation on ``backend`` (replacing an earlier one).
 
     ``supports``, if given, is called with the call's keyword arguments (whatever the op passes to
@@ -192,8 +193,10 @@ def register_impl(op: str, backend: str, fn: Callable[..., Any],
     if not callable(fn):
         raise TypeError(f"register_impl({op!r}, {backend!r}): fn must be callable; got {type(fn).__name__}")
     if supports is not None and not callable(supports):
-        raise TypeError(f"register_impl({op!r}, {backend!r}): supports must be callable or None; "
-                        f"got {type(supports).__name__}")
+        raise TypeError(
+            f"register_impl({op!r}, {backend!r}): supports must be callable or None; "
+            f"got {type(supports).__name__}"
+        )
     _IMPLS.setdefault(op, {})[backend] = Impl(fn, supports)
 
 
@@ -228,8 +231,9 @@ def _refusal(op: str, backend: str, call: Mapping[str, Any]) -> Optional[str]:
     return row.supports(**call)
 
 
-def why_unavailable(backend: str, device_type: Optional[str] = None, op: Optional[str] = None,
-                    **call: Any) -> Optional[str]:
+def why_unavailable(
+    backend: str, device_type: Optional[str] = None, op: Optional[str] = None, **call: Any
+) -> Optional[str]:
     """None when ``backend`` can run ``op`` on ``device_type`` (None: anywhere here), else the reason.
 
     With the call's keyword arguments (``**call``, what the op passes to :func:`resolve`), the backend's
@@ -245,7 +249,9 @@ def why_unavailable(backend: str, device_type: Optional[str] = None, op: Optiona
     return reason
 
 
-def availability(op: Optional[str] = None, device_type: Optional[str] = None, **call: Any) -> Dict[str, Optional[str]]:
+def availability(
+    op: Optional[str] = None, device_type: Optional[str] = None, **call: Any
+) -> Dict[str, Optional[str]]:
     """{backend: None if available else the reason} for ``op`` (None: any op) on ``device_type``."""
     return {b: why_unavailable(b, device_type, op, **call) for b in BACKENDS}
 
@@ -282,8 +288,11 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None, **call
         if forced is not None:
             raise BackendUnavailableError(f"{op}: {forced} cannot run this call: {reason}")
         refused.append(f"{b}: {reason}")
-    raise BackendUnavailableError(f"{op}: no backend can run this call on {device.type} tensors ("
-                                  + "; ".join(refused or ["no implementation is registered"]) + ")")
+    raise BackendUnavailableError(
+        f"{op}: no backend can run this call on {device.type} tensors ("
+        + "; ".join(refused or ["no implementation is registered"])
+        + ")"
+    )
 
 
 # Evaluated eagerly while torch.compile traces (its result is a constant of the graph): the environment
@@ -292,7 +301,9 @@ def resolve(op: str, device: torch.device, backend: Optional[str] = None, **call
 # torch.compiler.assume_constant_result does, but without calling it: that call imports torch._dynamo, and
 # with it triton, at `import rellax_fast`.) The ``supports`` checks run after it, in traced Python, so
 # torch.compile guards on the shapes and dtypes they read.
-def _candidates(op: str, device: torch.device, backend: Optional[str]) -> Tuple[Optional[str], Tuple[str, ...]]:
+def _candidates(
+    op: str, device: torch.device, backend: Optional[str]
+) -> Tuple[Optional[str], Tuple[str, ...]]:
     """(the label of a forced backend or None, the backends to try in order), environment checks done."""
     forced = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     device_type = device.type

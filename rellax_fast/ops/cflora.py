@@ -76,7 +76,9 @@ def _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, se
         raise ValueError("cflora_linear: x must have shape (..., d_in); got a 0-d tensor")
     d_in = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != d_in:
-        raise ValueError(f"cflora_linear: weight must have shape (d_out, d_in={d_in}); got {tuple(weight.shape)}")
+        raise ValueError(
+            f"cflora_linear: weight must have shape (d_out, d_in={d_in}); got {tuple(weight.shape)}"
+        )
     d_out = weight.shape[0]
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != d_out):
         raise ValueError(f"cflora_linear: bias must have shape (d_out={d_out},); got {tuple(bias.shape)}")
@@ -119,7 +121,11 @@ def _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, se
                 f"cflora_linear: interaction must be None, (r, r) or (B, r, r) with r={r}; "
                 f"got {tuple(interaction.shape)}"
             )
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not (0.0 <= float(dropout_p) < 1.0):
+    if (
+        isinstance(dropout_p, bool)
+        or not isinstance(dropout_p, numbers.Real)
+        or not (0.0 <= float(dropout_p) < 1.0)
+    ):
         raise ValueError(f"cflora_linear: dropout_p must be a float in [0, 1); got {dropout_p!r}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"cflora_linear: scale must be a real number; got {scale!r}")
@@ -130,7 +136,9 @@ def _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, se
                 f"a 0-d CPU int64 tensor avoids any device sync); got shape {tuple(seed.shape)}, dtype {seed.dtype}"
             )
     elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-        raise TypeError(f"cflora_linear: seed must be an int, a one-element integer tensor or None; got {seed!r}")
+        raise TypeError(
+            f"cflora_linear: seed must be an int, a one-element integer tensor or None; got {seed!r}"
+        )
     elif seed is not None and not (-(2**63) <= seed < 2**63):  # no int(seed): it would specialise a SymInt
         raise ValueError(f"cflora_linear: seed must fit in int64; got {seed}")
     return rows_per_sample
@@ -184,7 +192,12 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 def _autocast_cast(t, device_type: str, dtype: torch.dtype):
     # the eligibility rule of torch's own autocast (torch.amp.autocast_mode._cast, and F.linear's C++ cast):
     # floating-point tensors on the autocast device, float64 excepted
-    if isinstance(t, Tensor) and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64:
+    if (
+        isinstance(t, Tensor)
+        and t.is_floating_point()
+        and t.device.type == device_type
+        and t.dtype != torch.float64
+    ):
         return t.to(dtype)
     return t
 
@@ -229,10 +242,14 @@ def cflora_linear_ref(
         seed = 0
     else:
         seed = _graph_seed(seed)
-    return _reference(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, float(scale), dropout_p, seed)
+    return _reference(
+        x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, float(scale), dropout_p, seed
+    )
 
 
-def _reference(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed) -> Tensor:
+def _reference(
+    x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed
+) -> Tensor:
     d_in, d_out = x.shape[-1], weight.shape[0]
     x2d = x.reshape(-1, d_in)
     xd = seeded_dropout_ref(x2d, dropout_p, seed) if dropout_p > 0 else x2d
@@ -297,7 +314,8 @@ def cflora_linear(
     autocast_dtype = _autocast_dtype(device_type)
     if autocast_dtype is not None:
         x, weight, bias, lora_a, lora_b, interaction = (
-            _autocast_cast(t, device_type, autocast_dtype) for t in (x, weight, bias, lora_a, lora_b, interaction)
+            _autocast_cast(t, device_type, autocast_dtype)
+            for t in (x, weight, bias, lora_a, lora_b, interaction)
         )
     rows_per_sample = _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, seed)
     which = _backend.resolve(OP, x.device, backend, x=x, lora_a=lora_a)
@@ -306,8 +324,9 @@ def cflora_linear(
         seed = 0
     else:
         seed = _graph_seed(seed)
-    return _backend.impl(OP, which)(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale,
-                                    dropout_p, seed)
+    return _backend.impl(OP, which)(
+        x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,17 +334,41 @@ def cflora_linear(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fwd_fake(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed, *backend):
+def _fwd_fake(
+    x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed, *backend
+):
     m, r, d_out = x.shape[0], lora_a.shape[0], weight.shape[0]
     return x.new_empty(m, d_out), x.new_empty(m, r), x.new_empty(m, r)
 
 
-def _bwd_fake(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale, dropout_p, seed,
-              needs_grad, *backend):
-    shapes = (x.shape, weight.shape, weight.shape[:1], lora_a.shape, lora_b.shape,
-              None if interaction is None else interaction.shape)
-    return tuple(x.new_empty(shape) if (need and shape is not None) else x.new_empty(0)
-                 for need, shape in zip(needs_grad, shapes))
+def _bwd_fake(
+    grad_y,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    interaction,
+    s,
+    t,
+    rows_per_sample,
+    scale,
+    dropout_p,
+    seed,
+    needs_grad,
+    *backend,
+):
+    shapes = (
+        x.shape,
+        weight.shape,
+        weight.shape[:1],
+        lora_a.shape,
+        lora_b.shape,
+        None if interaction is None else interaction.shape,
+    )
+    return tuple(
+        x.new_empty(shape) if (need and shape is not None) else x.new_empty(0)
+        for need, shape in zip(needs_grad, shapes)
+    )
 
 
 def _fwd_setup_context(ctx, inputs, output):
@@ -357,8 +400,22 @@ def _make_fwd_backward(bwd_op):
         need[5] = need[5] and interaction is not None
         if not any(need):
             return (None,) * ctx.n_inputs
-        grads = bwd_op(grad_y.contiguous(), x, weight, lora_a, lora_b, interaction, s, t,
-                       rows_per_sample, scale, dropout_p, seed, need, *extra)
+        grads = bwd_op(
+            grad_y.contiguous(),
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            interaction,
+            s,
+            t,
+            rows_per_sample,
+            scale,
+            dropout_p,
+            seed,
+            need,
+            *extra,
+        )
         out = [g if n else None for g, n in zip(grads, need)]
         return (*out, *([None] * (ctx.n_inputs - 6)))
 
@@ -418,9 +475,16 @@ def _cflora_fwd_triton(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     nonfinite_scale = not math.isfinite(scale)
     y, s, t = _triton_kernels().cflora_fwd(
-        x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(), lora_a.contiguous(),
-        lora_b.contiguous(), None if interaction is None else interaction.contiguous(), rows_per_sample,
-        1.0 if nonfinite_scale else scale, dropout_p, seed,
+        x.contiguous(),
+        weight.contiguous(),
+        None if bias is None else bias.contiguous(),
+        lora_a.contiguous(),
+        lora_b.contiguous(),
+        None if interaction is None else interaction.contiguous(),
+        rows_per_sample,
+        1.0 if nonfinite_scale else scale,
+        dropout_p,
+        seed,
     )
     if nonfinite_scale:
         # the fused GEMM folds scale into T before the r-sum, which for ±Inf/NaN gives other NaN/Inf than the
@@ -449,13 +513,36 @@ def _cflora_bwd_triton(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if math.isfinite(scale):
         grads = _triton_kernels().cflora_bwd(
-            grad_y.contiguous(), x.contiguous(), weight.contiguous(), lora_a.contiguous(), lora_b.contiguous(),
-            None if interaction is None else interaction.contiguous(), s.contiguous(), t.contiguous(),
-            rows_per_sample, scale, dropout_p, seed, list(needs_grad),
+            grad_y.contiguous(),
+            x.contiguous(),
+            weight.contiguous(),
+            lora_a.contiguous(),
+            lora_b.contiguous(),
+            None if interaction is None else interaction.contiguous(),
+            s.contiguous(),
+            t.contiguous(),
+            rows_per_sample,
+            scale,
+            dropout_p,
+            seed,
+            list(needs_grad),
         )
     else:  # the fused kernels fold scale into B and T; ±Inf/NaN need dP = scale·dY first (see the forward)
-        grads = _unfused_backward(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale,
-                                  dropout_p, seed, needs_grad)
+        grads = _unfused_backward(
+            grad_y,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            interaction,
+            s,
+            t,
+            rows_per_sample,
+            scale,
+            dropout_p,
+            seed,
+            needs_grad,
+        )
     inputs = {id(v) for v in (grad_y, x, weight, lora_a, lora_b, interaction, s, t) if v is not None}
     out: List[Tensor] = []
     for g, need in zip(grads, needs_grad):
@@ -468,8 +555,9 @@ def _cflora_bwd_triton(
     return tuple(out)
 
 
-def _unfused_backward(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale, dropout_p,
-                      seed, needs_grad) -> List[Optional[Tensor]]:
+def _unfused_backward(
+    grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale, dropout_p, seed, needs_grad
+) -> List[Optional[Tensor]]:
     """The backward in PyTorch ops, in the reference's order (dP = scale·dY first), for a non-finite scale."""
     need_x, need_w, need_b, need_a, need_lb, need_c = needs_grad
     grad_y = grad_y.to(x.dtype)
@@ -489,12 +577,16 @@ def _unfused_backward(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows
         else:
             d_s = torch.bmm(d_t.view(n, rows_per_sample, r), interaction).view(-1, r)
             if need_c:
-                grads[5] = torch.bmm(d_t.view(n, rows_per_sample, r).transpose(1, 2), s.view(n, rows_per_sample, r))
+                grads[5] = torch.bmm(
+                    d_t.view(n, rows_per_sample, r).transpose(1, 2), s.view(n, rows_per_sample, r)
+                )
         if need_a:
             grads[3] = d_s.T @ (seeded_dropout_ref(x, dropout_p, seed) if dropout_p > 0 else x)
         if need_x:
             lora = d_s @ lora_a
-            grads[0] = grad_y @ weight + (seeded_dropout_ref(lora, dropout_p, seed) if dropout_p > 0 else lora)
+            grads[0] = grad_y @ weight + (
+                seeded_dropout_ref(lora, dropout_p, seed) if dropout_p > 0 else lora
+            )
     if need_w:
         grads[1] = grad_y.T @ x
     if need_b:
@@ -546,8 +638,9 @@ def _cflora_fwd_tensor_seed(
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     # .item() of a CPU tensor here, in the implementation: torch.compile only ever sees the fake below
-    return _fwd_op_for(backend)(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p,
-                                _seed_value(seed))
+    return _fwd_op_for(backend)(
+        x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, _seed_value(seed)
+    )
 
 
 @torch.library.custom_op("rellax_fast::cflora_bwd_tensor_seed", mutates_args=())
@@ -567,8 +660,23 @@ def _cflora_bwd_tensor_seed(
     needs_grad: Sequence[bool],
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_bwd_op_for(backend)(grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale,
-                                      dropout_p, _seed_value(seed), list(needs_grad)))
+    return tuple(
+        _bwd_op_for(backend)(
+            grad_y,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            interaction,
+            s,
+            t,
+            rows_per_sample,
+            scale,
+            dropout_p,
+            _seed_value(seed),
+            list(needs_grad),
+        )
+    )
 
 
 _cflora_fwd_tensor_seed.register_fake(_fwd_fake)
@@ -599,7 +707,17 @@ def _fused_impl(backend: str, kernel_ops: _KernelOps) -> Callable[..., Tensor]:
 
     def run(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed) -> Tensor:
         d_in, d_out = x.shape[-1], weight.shape[0]
-        args = (x.reshape(-1, d_in), weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p)
+        args = (
+            x.reshape(-1, d_in),
+            weight,
+            bias,
+            lora_a,
+            lora_b,
+            interaction,
+            rows_per_sample,
+            scale,
+            dropout_p,
+        )
         if isinstance(seed, Tensor):
             y2d, _, _ = torch.ops.rellax_fast.cflora_fwd_tensor_seed(*args, seed, backend)
         else:
@@ -625,8 +743,9 @@ def _triton_supports(x: Tensor, lora_a: Tensor, **_call) -> Optional[str]:
 
 # cpp and cuda share one schema; the dispatcher picks the CPU or CUDA kernel by device
 _EXT_OPS = _KernelOps(fwd=lambda: ext_op("cflora_fwd"), bwd=lambda: ext_op("cflora_bwd"))
-_TRITON_OPS = _KernelOps(fwd=lambda: torch.ops.rellax_fast.cflora_fwd_triton,
-                         bwd=lambda: torch.ops.rellax_fast.cflora_bwd_triton)
+_TRITON_OPS = _KernelOps(
+    fwd=lambda: torch.ops.rellax_fast.cflora_fwd_triton, bwd=lambda: torch.ops.rellax_fast.cflora_bwd_triton
+)
 
 _backend.register_impl(OP, "reference", _reference)
 _backend.register_impl(OP, "cpp", _fused_impl("cpp", _EXT_OPS))

@@ -54,8 +54,13 @@ def validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos
 
     Returns max(sample_pos) (0 without samples), read in the same single host sync as the value checks.
     """
-    tensors = dict(item_emb=item_emb, seq_items=seq_items, seq_offsets=seq_offsets,
-                   sample_user=sample_user, sample_pos=sample_pos)
+    tensors = dict(
+        item_emb=item_emb,
+        seq_items=seq_items,
+        seq_offsets=seq_offsets,
+        sample_user=sample_user,
+        sample_pos=sample_pos,
+    )
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"semantic_topk: {name} must be a torch.Tensor; got {type(t).__name__}")
@@ -70,7 +75,8 @@ def validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos
         raise ValueError(f"semantic_topk: item_emb must be 2-D (N_items, d); got {_describe(item_emb)}")
     if item_emb.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
         raise TypeError(
-            f"semantic_topk: item_emb must be float32, float64, float16 or bfloat16; got {_describe(item_emb)}")
+            f"semantic_topk: item_emb must be float32, float64, float16 or bfloat16; got {_describe(item_emb)}"
+        )
     for name in _INDEX_ARGS:
         t = tensors[name]
         if t.dim() != 1:
@@ -81,11 +87,13 @@ def validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos
     for name, t in tensors.items():
         if t.device != device:
             raise ValueError(
-                f"semantic_topk: all tensors must be on one device; item_emb is on {device}, {name} is on {t.device}")
+                f"semantic_topk: all tensors must be on one device; item_emb is on {device}, {name} is on {t.device}"
+            )
     if sample_user.shape[0] != sample_pos.shape[0]:
         raise ValueError(
             "semantic_topk: sample_user and sample_pos must have the same length S; "
-            f"got {sample_user.shape[0]} and {sample_pos.shape[0]}")
+            f"got {sample_user.shape[0]} and {sample_pos.shape[0]}"
+        )
 
     return _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos)
 
@@ -114,10 +122,14 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
     device = seq_offsets.device
     zero = torch.zeros((), dtype=torch.int64, device=device)
     if seq_offsets.shape[0] < 1:
-        raise ValueError("semantic_topk: seq_offsets must have U+1 >= 1 entries, starting at 0; got an empty tensor")
+        raise ValueError(
+            "semantic_topk: seq_offsets must have U+1 >= 1 entries, starting at 0; got an empty tensor"
+        )
     if n_samples and n_users == 0:
-        raise ValueError("semantic_topk: sample_user must be in [0, 0) (U = len(seq_offsets) - 1); "
-                         f"sample_user[0] = {int(sample_user[0])}")
+        raise ValueError(
+            "semantic_topk: sample_user must be in [0, 0) (U = len(seq_offsets) - 1); "
+            f"sample_user[0] = {int(sample_user[0])}"
+        )
     check_finite = item_emb.numel() > 0 and not _TABLES.known(item_emb, "finite")
     # the checks over every entry of seq_items / seq_offsets (O(total)) are paid once per tensor (#28)
     items_fact, offsets_fact = f"items in [0, {n_items})", f"offsets end <= {total}"
@@ -128,17 +140,28 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
         u = sample_user.clamp(0, n_users - 1)
         user_len = seq_offsets[u + 1] - seq_offsets[u]
         bad_pos = (sample_pos < 0) | (sample_pos >= user_len)
-    flags = torch.stack([
-        _first_true((~torch.isfinite(item_emb)).any(dim=1)) if check_finite else zero + n_items,
-        seq_offsets[0],
-        _first_true(seq_offsets[1:] < seq_offsets[:-1]) if check_offsets else zero + n_users,
-        seq_offsets[-1],
-        _first_true((seq_items < 0) | (seq_items >= n_items)) if check_items else zero + total,
-        _first_true(bad_user) if n_samples else zero,
-        _first_true(bad_pos) if n_samples else zero,
-        sample_pos.max() if n_samples else zero,
-    ]).tolist()  # the one host sync of a successful call
-    first_nonfinite, offset0, first_decrease, offset_last, first_bad_item, first_bad_user, first_bad_pos, max_pos = flags
+    flags = torch.stack(
+        [
+            _first_true((~torch.isfinite(item_emb)).any(dim=1)) if check_finite else zero + n_items,
+            seq_offsets[0],
+            _first_true(seq_offsets[1:] < seq_offsets[:-1]) if check_offsets else zero + n_users,
+            seq_offsets[-1],
+            _first_true((seq_items < 0) | (seq_items >= n_items)) if check_items else zero + total,
+            _first_true(bad_user) if n_samples else zero,
+            _first_true(bad_pos) if n_samples else zero,
+            sample_pos.max() if n_samples else zero,
+        ]
+    ).tolist()  # the one host sync of a successful call
+    (
+        first_nonfinite,
+        offset0,
+        first_decrease,
+        offset_last,
+        first_bad_item,
+        first_bad_user,
+        first_bad_pos,
+        max_pos,
+    ) = flags
     if first_nonfinite < n_items:
         raise ValueError(f"semantic_topk: item_emb must be finite; row {first_nonfinite} holds NaN or inf")
     if offset0 != 0:
@@ -147,31 +170,39 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
         i = first_decrease
         raise ValueError(
             f"semantic_topk: seq_offsets must be non-decreasing; seq_offsets[{i + 1}] = {int(seq_offsets[i + 1])} "
-            f"< seq_offsets[{i}] = {int(seq_offsets[i])}")
+            f"< seq_offsets[{i}] = {int(seq_offsets[i])}"
+        )
     if offset_last > total:
         raise ValueError(
             f"semantic_topk: seq_offsets overruns seq_items: seq_offsets[-1] = {offset_last} "
-            f"> len(seq_items) = {total}")
+            f"> len(seq_items) = {total}"
+        )
     if first_bad_item < total:
         bad = first_bad_item
         raise ValueError(
             f"semantic_topk: seq_items holds item ids in [0, {n_items}) (rows of item_emb); "
-            f"seq_items[{bad}] = {int(seq_items[bad])}")
-    for tensor, fact, checked in ((item_emb, "finite", check_finite), (seq_items, items_fact, check_items),
-                                  (seq_offsets, offsets_fact, check_offsets)):
+            f"seq_items[{bad}] = {int(seq_items[bad])}"
+        )
+    for tensor, fact, checked in (
+        (item_emb, "finite", check_finite),
+        (seq_items, items_fact, check_items),
+        (seq_offsets, offsets_fact, check_offsets),
+    ):
         if checked:
             _TABLES.mark(tensor, fact)
     if n_samples and first_bad_user < n_samples:
         bad = first_bad_user
         raise ValueError(
             f"semantic_topk: sample_user must be in [0, {n_users}) (U = len(seq_offsets) - 1); "
-            f"sample_user[{bad}] = {int(sample_user[bad])}")
+            f"sample_user[{bad}] = {int(sample_user[bad])}"
+        )
     if n_samples and first_bad_pos < n_samples:
         bad = first_bad_pos
         raise ValueError(
             f"semantic_topk: sample_pos must be in [0, len of the user's sequence) since the target sits at "
             f"that position; sample_pos[{bad}] = {int(sample_pos[bad])} but user {int(sample_user[bad])} "
-            f"has {int(user_len[bad])} items")
+            f"has {int(user_len[bad])} items"
+        )
     return max_pos
 
 
@@ -209,8 +240,12 @@ class _TableCache:
             del self._entries[key]
             entry = None
         if entry is None and create:
-            self._entries[key] = entry = {"ref": weakref.ref(t, lambda _r, k=key: self._entries.pop(k, None)),
-                                          "sig": sig, "facts": set(), "tables": {}}
+            self._entries[key] = entry = {
+                "ref": weakref.ref(t, lambda _r, k=key: self._entries.pop(k, None)),
+                "sig": sig,
+                "facts": set(),
+                "tables": {},
+            }
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         if entry is not None:
@@ -253,8 +288,10 @@ def _cuda_table(item_emb: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def _empty_result(n_samples: int, k: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    return (torch.full((n_samples, k), -1, dtype=torch.int64, device=device),
-            torch.full((n_samples, k), float("-inf"), dtype=torch.float32, device=device))
+    return (
+        torch.full((n_samples, k), -1, dtype=torch.int64, device=device),
+        torch.full((n_samples, k), float("-inf"), dtype=torch.float32, device=device),
+    )
 
 
 def normalized_rows(item_emb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -263,8 +300,18 @@ def normalized_rows(item_emb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
-def semantic_topk_ref(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k: int, metric: str = "cosine",
-                      *, compute_dtype: torch.dtype = torch.float64, chunk: int = 4096):
+def semantic_topk_ref(
+    item_emb,
+    seq_items,
+    seq_offsets,
+    sample_user,
+    sample_pos,
+    k: int,
+    metric: str = "cosine",
+    *,
+    compute_dtype: torch.dtype = torch.float64,
+    chunk: int = 4096,
+):
     """PyTorch oracle: padded (chunk × max p) score matrices computed in ``compute_dtype``, sorted stably.
 
     Returns ``(pos int64, score compute_dtype)``; the public op casts the score to float32. Memory-hungry
@@ -293,9 +340,9 @@ def semantic_topk_ref(item_emb, seq_items, seq_offsets, sample_user, sample_pos,
             continue
         # candidate positions listed from the most recent down, so a stable descending sort puts the
         # larger position first among exact ties
-        cand_pos = (p[:, None] - 1 - torch.arange(width, device=device)[None, :])  # (C, W), descending
+        cand_pos = p[:, None] - 1 - torch.arange(width, device=device)[None, :]  # (C, W), descending
         valid = cand_pos >= 0
-        flat = (starts[lo:hi, None] + cand_pos.clamp_min(0))
+        flat = starts[lo:hi, None] + cand_pos.clamp_min(0)
         cand = emb[seq_items[flat]]  # (C, W, d)
         scores = torch.einsum("cwd,cd->cw", cand, target[lo:hi])
         scores = scores.masked_fill(~valid, float("-inf"))
@@ -319,8 +366,10 @@ TRITON_AUTO_MAX_K = 256
 
 def auto_routing_note() -> str:
     """One line for `rellax-fast info`: how the automatic choice treats large k."""
-    return (f"auto on CUDA tensors: k > {TRITON_AUTO_MAX_K} runs on cuda when available (Triton's register-resident "
-            "top-k spills from k ~ 512 and its selection grows as k*L), else on triton (correct, slow)")
+    return (
+        f"auto on CUDA tensors: k > {TRITON_AUTO_MAX_K} runs on cuda when available (Triton's register-resident "
+        "top-k spills from k ~ 512 and its selection grows as k*L), else on triton (correct, slow)"
+    )
 
 
 def _auto_route(which: str, device: torch.device, backend: Optional[str], k: int) -> str:
@@ -335,9 +384,17 @@ def _auto_route(which: str, device: torch.device, backend: Optional[str], k: int
     return _backend.resolve(OP, device, "cuda")
 
 
-def semantic_topk(item_emb: torch.Tensor, seq_items: torch.Tensor, seq_offsets: torch.Tensor,
-                  sample_user: torch.Tensor, sample_pos: torch.Tensor, k: int, *, metric: str = "cosine",
-                  backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def semantic_topk(
+    item_emb: torch.Tensor,
+    seq_items: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    sample_user: torch.Tensor,
+    sample_pos: torch.Tensor,
+    k: int,
+    *,
+    metric: str = "cosine",
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` most similar earlier behaviours of every sample; returns ``(pos (S,k) int64, score (S,k) float32)``.
 
     See the module docstring for the contract. ``backend`` forces ``reference``/``cpp``/``cuda``/``triton``
@@ -350,8 +407,9 @@ def semantic_topk(item_emb: torch.Tensor, seq_items: torch.Tensor, seq_offsets: 
     if n_samples == 0 or k == 0:
         return _empty_result(n_samples, k, item_emb.device)
     with torch.no_grad():
-        return _backend.impl(OP, which)(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k,
-                                        metric == "cosine", max_pos)
+        return _backend.impl(OP, which)(
+            item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric == "cosine", max_pos
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,8 +420,16 @@ def semantic_topk(item_emb: torch.Tensor, seq_items: torch.Tensor, seq_offsets: 
 
 def _run_reference(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize, max_pos):
     compute = torch.float64 if item_emb.device.type == "cpu" else torch.float32
-    pos, score = semantic_topk_ref(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k,
-                                   "cosine" if normalize else "dot", compute_dtype=compute)
+    pos, score = semantic_topk_ref(
+        item_emb,
+        seq_items,
+        seq_offsets,
+        sample_user,
+        sample_pos,
+        k,
+        "cosine" if normalize else "dot",
+        compute_dtype=compute,
+    )
     return pos, score.to(torch.float32)
 
 
@@ -371,13 +437,29 @@ def _run_triton(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, no
     from rellax_fast.kernels.topk import prepare_table, semantic_topk_triton
 
     table = _TABLES.table(item_emb, f"triton-{normalize}", lambda t: prepare_table(t, normalize))
-    return semantic_topk_triton(table, seq_items, seq_offsets, sample_user, sample_pos, k,
-                                normalize=normalize, max_pos=max_pos, prepared=True)
+    return semantic_topk_triton(
+        table,
+        seq_items,
+        seq_offsets,
+        sample_user,
+        sample_pos,
+        k,
+        normalize=normalize,
+        max_pos=max_pos,
+        prepared=True,
+    )
 
 
 def _call_ext(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize):
-    return ext_op(OP)(item_emb.contiguous(), seq_items.contiguous(), seq_offsets.contiguous(),
-                      sample_user.contiguous(), sample_pos.contiguous(), k, normalize)
+    return ext_op(OP)(
+        item_emb.contiguous(),
+        seq_items.contiguous(),
+        seq_offsets.contiguous(),
+        sample_user.contiguous(),
+        sample_pos.contiguous(),
+        k,
+        normalize,
+    )
 
 
 # compact a CPU call when the samples' users, cut after their last target, hold at most this share of the entries
@@ -398,7 +480,9 @@ def compact_call(item_emb, seq_items, seq_offsets, sample_user, sample_pos):
     Returns (item_emb, seq_items, seq_offsets, sample_user, sample_pos) or None.
     """
     users, local_user = torch.unique(sample_user, return_inverse=True)
-    last = torch.full((users.shape[0],), -1, dtype=torch.int64).scatter_reduce(0, local_user, sample_pos, "amax")
+    last = torch.full((users.shape[0],), -1, dtype=torch.int64).scatter_reduce(
+        0, local_user, sample_pos, "amax"
+    )
     lengths = last + 1
     offsets = torch.zeros(users.shape[0] + 1, dtype=torch.int64)
     torch.cumsum(lengths, 0, out=offsets[1:])
@@ -438,8 +522,10 @@ def _register_ext() -> None:
     @torch.library.register_fake("rellax_fast::semantic_topk")
     def _(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize):
         n_samples = sample_user.shape[0]
-        return (item_emb.new_empty((n_samples, k), dtype=torch.int64),
-                item_emb.new_empty((n_samples, k), dtype=torch.float32))
+        return (
+            item_emb.new_empty((n_samples, k), dtype=torch.int64),
+            item_emb.new_empty((n_samples, k), dtype=torch.float32),
+        )
 
 
 _registry.register_ext_hook(_register_ext)

@@ -18,9 +18,13 @@ def insert_soft_tokens(
     if inputs_embeds.ndim != 3:
         raise ValueError(f"inputs_embeds must be (B, T, d), got shape {tuple(inputs_embeds.shape)}")
     if placeholder_mask.shape != inputs_embeds.shape[:2]:
-        raise ValueError(f"placeholder_mask must be {tuple(inputs_embeds.shape[:2])}, got {tuple(placeholder_mask.shape)}")
+        raise ValueError(
+            f"placeholder_mask must be {tuple(inputs_embeds.shape[:2])}, got {tuple(placeholder_mask.shape)}"
+        )
     if placeholder_item_ids.ndim != 2 or placeholder_item_ids.shape[0] != inputs_embeds.shape[0]:
-        raise ValueError(f"placeholder_item_ids must be (B={inputs_embeds.shape[0]}, P), got {tuple(placeholder_item_ids.shape)}")
+        raise ValueError(
+            f"placeholder_item_ids must be (B={inputs_embeds.shape[0]}, P), got {tuple(placeholder_item_ids.shape)}"
+        )
     mask = placeholder_mask.to(torch.bool)
     ids_valid = placeholder_item_ids >= 0
     per_row_slots, per_row_ids = mask.sum(1), ids_valid.sum(1)

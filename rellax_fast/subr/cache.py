@@ -96,7 +96,9 @@ def cache_key(
 ) -> Dict[str, Any]:
     """The dict that identifies one cache entry (compared field by field on load)."""
     if len(item_ids) != len(texts):
-        raise ValueError(f"item_ids and texts must have the same length; got {len(item_ids)} and {len(texts)}")
+        raise ValueError(
+            f"item_ids and texts must have the same length; got {len(item_ids)} and {len(texts)}"
+        )
     postprocess = dict(POSTPROCESS)
     if pca_dims is not None:
         import sklearn
@@ -128,7 +130,12 @@ def options_tag(key: Dict[str, Any]) -> str:
 
 
 def cache_paths(
-    cache_dir, dataset: str, encoder_identity: Dict[str, Any], *, pca_dims: Optional[int] = None, normalize: bool = True
+    cache_dir,
+    dataset: str,
+    encoder_identity: Dict[str, Any],
+    *,
+    pca_dims: Optional[int] = None,
+    normalize: bool = True,
 ) -> Tuple[Path, Path]:
     """(array path, metadata path) of the entry for this dataset, encoder and options."""
     name = Path(str(encoder_identity.get("name") or "encoder")).name
@@ -139,8 +146,9 @@ def cache_paths(
     return root / f"{stem}.npy", root / f"{stem}.json"
 
 
-
-def save_entry(array_path: Path, meta_path: Path, key: Dict[str, Any], embeddings: np.ndarray, item_ids) -> Dict:
+def save_entry(
+    array_path: Path, meta_path: Path, key: Dict[str, Any], embeddings: np.ndarray, item_ids
+) -> Dict:
     """Write one entry atomically (array first, then the metadata that vouches for it); return the metadata.
 
     The checksum and size are of the bytes serialised here, before the rename: never of whatever file sits
@@ -186,7 +194,12 @@ def check_entry(
     except FileNotFoundError:
         return "corrupt", f"metadata file {meta_path.name} is missing", None, None
     except (ValueError, KeyError, TypeError) as exc:
-        return "corrupt", f"metadata file {meta_path.name} is unreadable ({type(exc).__name__}: {exc})", None, None
+        return (
+            "corrupt",
+            f"metadata file {meta_path.name} is unreadable ({type(exc).__name__}: {exc})",
+            None,
+            None,
+        )
     if stored_key != key:
         changed = sorted(k for k in set(key) | set(stored_key) if key.get(k) != stored_key.get(k))
         return "stale", f"key differs in {', '.join(changed)}", None, None
@@ -263,15 +276,28 @@ def cached_item_embeddings(
     if encoder is None:
         encoder = encoder_factory()
         built = {k: encoder.identity().get(k) for k in ("kind", "name", "path", "config_hash")}
-        if built != {k: identity.get(k) for k in built}:  # the identity given for the lookup must describe the encoder that was built
-            logger.warning("embedding cache: the encoder built reports identity %s, not the %s it was looked up "
-                           "by; keying the entry by the encoder's own", built, identity)  # fmt: skip
+        if built != {
+            k: identity.get(k) for k in built
+        }:  # the identity given for the lookup must describe the encoder that was built
+            logger.warning(
+                "embedding cache: the encoder built reports identity %s, not the %s it was looked up "
+                "by; keying the entry by the encoder's own",
+                built,
+                identity,
+            )
             identity = built
             key = cache_key(dataset, identity, item_ids, texts, pca_dims=pca_dims, normalize=normalize)
-            array_path, meta_path = cache_paths(cache_dir, dataset, identity, pca_dims=pca_dims, normalize=normalize)
+            array_path, meta_path = cache_paths(
+                cache_dir, dataset, identity, pca_dims=pca_dims, normalize=normalize
+            )
     emb = encode_texts(encoder, texts, pca_dims=pca_dims, normalize=normalize, show_progress=show_progress)
     save_entry(array_path, meta_path, key, emb, item_ids)
-    status = {"missing": "built", "stale": "rebuilt-stale", "corrupt": "rebuilt-corrupt", "forced": "rebuilt-forced"}
+    status = {
+        "missing": "built",
+        "stale": "rebuilt-stale",
+        "corrupt": "rebuilt-corrupt",
+        "forced": "rebuilt-forced",
+    }
     return CacheResult(emb, item_ids, status[state], array_path, key, reason, time.perf_counter() - start)
 
 

@@ -41,11 +41,17 @@ def run(args: argparse.Namespace) -> int:
     enc = result.key["encoder"]
     print(f"dataset   {dataset.name} ({dataset.domain}): {emb.shape[0]:,} items")
     print(f"encoder   {enc['name']} [{enc['kind']}], config {enc['config_hash'][:12]}")
-    print(f"options   pca={result.key['pca_dims']} normalize={result.key['normalize']} "
-          f"templates v{result.key['template_version']}")  # fmt: skip
-    print(f"cache     {result.status}{' (' + result.reason + ')' if result.reason and result.status != 'built' else ''}"
-          f" in {result.seconds:.1f} s")  # fmt: skip
-    print(f"array     {emb.shape[0]} x {emb.shape[1]} {emb.dtype}, norm mean {norms.mean():.3f} "
-          f"(min {norms.min():.3f}, max {norms.max():.3f})")  # fmt: skip
+    print(
+        f"options   pca={result.key['pca_dims']} normalize={result.key['normalize']} "
+        f"templates v{result.key['template_version']}"
+    )
+    print(
+        f"cache     {result.status}{' (' + result.reason + ')' if result.reason and result.status != 'built' else ''}"
+        f" in {result.seconds:.1f} s"
+    )
+    print(
+        f"array     {emb.shape[0]} x {emb.shape[1]} {emb.dtype}, norm mean {norms.mean():.3f} "
+        f"(min {norms.min():.3f}, max {norms.max():.3f})"
+    )
     print(f"wrote     {result.path} and {result.path.with_suffix('.json').name}")
     return 0

@@ -29,23 +29,51 @@ from .embed import add_encoder_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=5, help="behaviours shown per sample (default 5)")
-    parser.add_argument("--mode", default="sequential", choices=("recent", "sequential", "high", "low"),
-                        help="prompt order: recent (no SUBR), sequential (top-K in time order; default), "
-                             "high / low (by similarity)")  # fmt: skip
-    parser.add_argument("--method", default="op", choices=("op", "global"),
-                        help="op: per-sample fused top-k (default); global: faiss item-to-item ranking")
-    parser.add_argument("--backend", default=None, choices=BACKENDS,
-                        help="force a semantic_topk backend (default: the fastest available)")
-    parser.add_argument("--metric", default="cosine", choices=("cosine", "dot"),
-                        help="similarity of the target's and the history's item embeddings")
-    parser.add_argument("--max-history", type=int, default=None, metavar="W",
-                        help="only the W most recent behaviours before each target are candidates (lifelong "
-                             "histories; --method op; default: the whole history)")  # fmt: skip
+    parser.add_argument(
+        "--mode",
+        default="sequential",
+        choices=("recent", "sequential", "high", "low"),
+        help="prompt order: recent (no SUBR), sequential (top-K in time order; default), "
+        "high / low (by similarity)",
+    )
+    parser.add_argument(
+        "--method",
+        default="op",
+        choices=("op", "global"),
+        help="op: per-sample fused top-k (default); global: faiss item-to-item ranking",
+    )
+    parser.add_argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="force a semantic_topk backend (default: the fastest available)",
+    )
+    parser.add_argument(
+        "--metric",
+        default="cosine",
+        choices=("cosine", "dot"),
+        help="similarity of the target's and the history's item embeddings",
+    )
+    parser.add_argument(
+        "--max-history",
+        type=int,
+        default=None,
+        metavar="W",
+        help="only the W most recent behaviours before each target are candidates (lifelong "
+        "histories; --method op; default: the whole history)",
+    )
     parser.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default: all)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N (>= 1) samples of each split")
-    parser.add_argument("--prepared", default=None,
-                        help="folder written by `rellax-fast prepare` (default: --out if it holds meta.json)")
-    parser.add_argument("--seed", type=int, default=42, help="split seed when preparing in memory (default 42)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="only the first N (>= 1) samples of each split"
+    )
+    parser.add_argument(
+        "--prepared",
+        default=None,
+        help="folder written by `rellax-fast prepare` (default: --out if it holds meta.json)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=42, help="split seed when preparing in memory (default 42)"
+    )
     add_encoder_arguments(parser)
 
 
@@ -83,12 +111,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --k must be >= 1; got {args.k}", file=sys.stderr)
         return 2
     if args.limit is not None and args.limit < 1:
-        print(f"error: --limit must be >= 1 (leave it out for every sample); got {args.limit}", file=sys.stderr)
+        print(
+            f"error: --limit must be >= 1 (leave it out for every sample); got {args.limit}", file=sys.stderr
+        )
         return 2
     max_history = getattr(args, "max_history", None)
     if max_history is not None and (max_history < 1 or args.method != "op"):
-        print(f"error: --max-history must be >= 1 and needs --method op; got {max_history} with --method {args.method}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: --max-history must be >= 1 and needs --method op; got {max_history} with --method {args.method}",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
@@ -104,7 +136,10 @@ def run(args: argparse.Namespace) -> int:
         if prepared is not None:
             data = load_prepared(prepared)
             if data.dataset.name != args.dataset:
-                print(f"error: {prepared} holds {data.dataset.name!r}, not --dataset {args.dataset!r}", file=sys.stderr)
+                print(
+                    f"error: {prepared} holds {data.dataset.name!r}, not --dataset {args.dataset!r}",
+                    file=sys.stderr,
+                )
                 return 2
             dataset = data.dataset
         else:
@@ -129,23 +164,33 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dest = out / "retrieval"
     summary = {
-        "dataset": args.dataset, "k": args.k, "mode": args.mode, "method": args.method, "metric": args.metric,
-        "backend": args.backend or "auto", "embeddings": str(emb_result.path), "splits": {},
+        "dataset": args.dataset,
+        "k": args.k,
+        "mode": args.mode,
+        "method": args.method,
+        "metric": args.metric,
+        "backend": args.backend or "auto",
+        "embeddings": str(emb_result.path),
+        "splits": {},
         "max_history": max_history,
-    }  # fmt: skip
+    }
     try:
         kept = kept_splits(dest, summary, splits)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     dest.mkdir(parents=True, exist_ok=True)
-    print(f"embeddings {emb.shape[0]:,} x {emb.shape[1]} ({emb_result.status}); k={args.k} mode={args.mode} "
-          f"method={args.method}")  # fmt: skip
+    print(
+        f"embeddings {emb.shape[0]:,} x {emb.shape[1]} ({emb_result.status}); k={args.k} mode={args.mode} "
+        f"method={args.method}"
+    )
     header = f"{'split':<6} {'samples':>9} {'seconds':>8} {'samples/s':>11} {'padded':>7} {'mean score':>11} {'shown sim':>10}"
     lines = [header]
     pending = {}  # split -> temp file, renamed into place once every split succeeded
     try:
-        status = _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending)
+        status = _retrieve_splits(
+            args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending
+        )
         if status:
             return status
         from rellax_fast.distributed import is_main
@@ -158,12 +203,17 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)
-    summary["splits"] = {**kept, **summary["splits"]}  # every split on disk, all retrieved with these settings
+    summary["splits"] = {
+        **kept,
+        **summary["splits"],
+    }  # every split on disk, all retrieved with these settings
     payload = (json.dumps(summary, indent=2) + "\n").encode()
     atomic_write(dest / "summary.json", lambda fh: fh.write(payload))
     print("\n".join(lines))
-    print("padded: share of the K shown slots left empty (short histories); mean score: retrieved top-K "
-          "similarity (recent: of the shown items); shown sim: similarity of shown items to the target")
+    print(
+        "padded: share of the K shown slots left empty (short histories); mean score: retrieved top-K "
+        "similarity (recent: of the shown items); shown sim: similarity of shown items to the target"
+    )
     print(f"wrote {', '.join(f'{s}.npz' for s in splits)} and summary.json to {dest}")
     return 0
 
@@ -199,7 +249,9 @@ def kept_splits(dest, summary: dict, splits) -> dict:
     return {s: entries[s] for s in others}
 
 
-def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending):
+def _retrieve_splits(
+    args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending
+):
     """Retrieve every split into a temporary ``.npz`` in ``dest`` (recorded in ``pending``); 0, or an exit code."""
     import io
     import sys
@@ -228,10 +280,17 @@ def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device,
             if args.mode != "recent":
                 if args.method == "op":  # under a launcher: each rank a user range, merged on rank 0
                     result = retrieve_sharded(
-                        torch.from_numpy(emb), data.sequences, split, args.k, metric=args.metric,
-                        backend=args.backend, item_ids=emb_result.item_ids, device=device,
-                        max_history=getattr(args, "max_history", None), shard_dir=shard_folder(dest / name, "retrieve"),
-                    )  # fmt: skip
+                        torch.from_numpy(emb),
+                        data.sequences,
+                        split,
+                        args.k,
+                        metric=args.metric,
+                        backend=args.backend,
+                        item_ids=emb_result.item_ids,
+                        device=device,
+                        max_history=getattr(args, "max_history", None),
+                        shard_dir=shard_folder(dest / name, "retrieve"),
+                    )
                     if result is None:  # not rank 0
                         continue
                     retrieved_pos, retrieved_score = result
@@ -252,8 +311,14 @@ def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device,
         seconds = time.perf_counter() - start  # retrieval + ordering + scoring of the shown items
         flat = np.where(shown >= 0, offsets[split.user_index][:, None] + shown, 0)
         shown_item = np.where(shown >= 0, data.sequences.items[flat], -1)
-        arrays = dict(user_index=split.user_index, pos=split.pos, item_id=split.item_id, shown_pos=shown,
-                      shown_item=shown_item, shown_score=shown_score)  # fmt: skip
+        arrays = dict(
+            user_index=split.user_index,
+            pos=split.pos,
+            item_id=split.item_id,
+            shown_pos=shown,
+            shown_item=shown_item,
+            shown_score=shown_score,
+        )
         if retrieved_pos is not None:
             arrays.update(retrieved_pos=retrieved_pos, retrieved_score=retrieved_score)
         buffer = io.BytesIO()
@@ -271,13 +336,17 @@ def _retrieve_splits(args, data, splits, emb, emb_result, rows, offsets, device,
             "seconds": seconds,
             "samples_per_s": n / seconds if seconds > 0 else float("inf"),
             "fraction_padded": float(1 - valid.mean()) if shown.size else 0.0,
-            "mean_score": float(ref_scores[np.isfinite(ref_scores)].mean()) if np.isfinite(ref_scores).any() else None,
+            "mean_score": float(ref_scores[np.isfinite(ref_scores)].mean())
+            if np.isfinite(ref_scores).any()
+            else None,
             "mean_shown_similarity": float(shown_score[valid].mean()) if valid.any() else None,
             "file": str(dest / f"{name}.npz"),
         }
         summary["splits"][name] = stats
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
-        lines.append(f"{name:<6} {n:>9,} {seconds:>8.2f} {stats['samples_per_s']:>11,.0f} "
-                     f"{stats['fraction_padded']:>7.3f} {fmt(stats['mean_score']):>11} "
-                     f"{fmt(stats['mean_shown_similarity']):>10}")  # fmt: skip
+        lines.append(
+            f"{name:<6} {n:>9,} {seconds:>8.2f} {stats['samples_per_s']:>11,.0f} "
+            f"{stats['fraction_padded']:>7.3f} {fmt(stats['mean_score']):>11} "
+            f"{fmt(stats['mean_shown_similarity']):>10}"
+        )
     return 0

@@ -11,17 +11,30 @@ import argparse
 
 def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by `embed` and `retrieve` (which embeds, or reuses the cache, first)."""
-    parser.add_argument("--encoder", default="default",
-                        help="sentence-transformers model folder, Hugging Face LM folder/name, or 'default' "
-                             "(offline all-MiniLM-L6-v2)")  # fmt: skip
-    parser.add_argument("--encoder-kind", default="auto", choices=("auto", "sentence-transformers", "hf-lm"),
-                        help="how to load --encoder (auto: sentence-transformers folders as such, else an LM)")
-    parser.add_argument("--pca", type=int, default=None, metavar="N", help="reduce to N dims with PCA (default: off)")
+    parser.add_argument(
+        "--encoder",
+        default="default",
+        help="sentence-transformers model folder, Hugging Face LM folder/name, or 'default' "
+        "(offline all-MiniLM-L6-v2)",
+    )
+    parser.add_argument(
+        "--encoder-kind",
+        default="auto",
+        choices=("auto", "sentence-transformers", "hf-lm"),
+        help="how to load --encoder (auto: sentence-transformers folders as such, else an LM)",
+    )
+    parser.add_argument(
+        "--pca", type=int, default=None, metavar="N", help="reduce to N dims with PCA (default: off)"
+    )
     parser.add_argument("--no-normalize", action="store_true", help="skip L2 normalisation of the embeddings")
     parser.add_argument("--batch-size", type=int, default=64, help="texts per encoder forward (default 64)")
-    parser.add_argument("--max-length", type=int, default=None, help="token limit per text (default: encoder's)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="token limit per text (default: encoder's)"
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    parser.add_argument("--cache-dir", default=None, help="embedding cache folder (default: <out>/embeddings)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="embedding cache folder (default: <out>/embeddings)"
+    )
     parser.add_argument("--rebuild", action="store_true", help="re-encode even when the cache is up to date")
     parser.add_argument("--no-download", action="store_true", help="never download the dataset")
 
@@ -52,7 +65,9 @@ def embed_items(args: argparse.Namespace, dataset):
     check_encoder_name(args.encoder, "--encoder")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {args.batch_size}")
-    cache_dir = check_out_dir(args.cache_dir, "--cache-dir") if args.cache_dir else Path(args.out) / "embeddings"
+    cache_dir = (
+        check_out_dir(args.cache_dir, "--cache-dir") if args.cache_dir else Path(args.out) / "embeddings"
+    )
     item_ids, texts = dataset_item_texts(dataset)
     kwargs = dict(kind=args.encoder_kind, device=args.device, max_length=args.max_length)
     local = args.encoder in (None, "", "default") or Path(args.encoder).exists()

@@ -63,7 +63,9 @@ def resolve_device(device: Optional[str] = None, what: str = "device") -> str:
             )
             raise ValueError(f"{what} {device!r}: CUDA is not available: {why}; use cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"{what} {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+            raise ValueError(
+                f"{what} {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
     elif dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise ValueError(f"{what} {device!r}: MPS is not available on this machine; use cpu")
@@ -161,10 +163,14 @@ def encoder_identity(
 
 def _is_sentence_transformers_dir(path: str) -> bool:
     p = Path(path)
-    return p.is_dir() and ((p / "modules.json").exists() or (p / "config_sentence_transformers.json").exists())
+    return p.is_dir() and (
+        (p / "modules.json").exists() or (p / "config_sentence_transformers.json").exists()
+    )
 
 
-def progress_bar(total: int, desc: str, show: Optional[bool], *, unit: str = "text", unit_scale: bool = False):
+def progress_bar(
+    total: int, desc: str, show: Optional[bool], *, unit: str = "text", unit_scale: bool = False
+):
     """A ``tqdm.auto`` bar over ``total`` units; ``show`` None lets tqdm decide (shown on a terminal only),
     True / False force it on / off."""
     from tqdm.auto import tqdm
@@ -276,17 +282,23 @@ class HFLMEncoder:
 
             model = AutoModel.from_pretrained(name_or_path, dtype=dtype)
         if tokenizer.pad_token is None:  # decoder-only LMs (Llama, GPT-2) ship without a pad token
-            tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+            tokenizer.pad_token = (
+                tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+            )
         # right padding: with a causal LM, left padding would shift the real tokens' positions
         tokenizer.padding_side = "right"
         self.tokenizer = tokenizer
         self.model = model.to(device=self.device, dtype=dtype).eval()
         self.name = str(name_or_path) if name_or_path is not None else type(model).__name__
-        self.path = str(name_or_path) if name_or_path is not None and os.path.exists(str(name_or_path)) else None
+        self.path = (
+            str(name_or_path) if name_or_path is not None and os.path.exists(str(name_or_path)) else None
+        )
 
     def identity(self) -> Dict[str, Any]:
         options = {"max_length": self.max_length, "dtype": str(self.dtype)}
-        return encoder_identity(self.kind, self.name, self.path, options, model=self.model, tokenizer=self.tokenizer)
+        return encoder_identity(
+            self.kind, self.name, self.path, options, model=self.model, tokenizer=self.tokenizer
+        )
 
     def encode(self, texts: Sequence[str], show_progress: Optional[bool] = None) -> np.ndarray:
         import torch
@@ -356,7 +368,9 @@ def build_encoder(
     """
     kind, name_or_path = _resolve_kind(name_or_path, kind)
     if kind == "sentence-transformers":
-        return SentenceTransformerEncoder(name_or_path, device=device, batch_size=batch_size, max_length=max_length)
+        return SentenceTransformerEncoder(
+            name_or_path, device=device, batch_size=batch_size, max_length=max_length
+        )
     path = default_encoder_path() if name_or_path == DEFAULT_ENCODER else name_or_path
     return HFLMEncoder(
         path, device=device, batch_size=batch_size, max_length=max_length or DEFAULT_MAX_LENGTH
@@ -403,7 +417,11 @@ def postprocess(embeddings: np.ndarray, pca_dims: Optional[int] = None, normaliz
             )
         from sklearn.decomposition import PCA
 
-        emb = PCA(n_components=pca_dims, svd_solver="full", random_state=0).fit_transform(emb).astype(np.float32)
+        emb = (
+            PCA(n_components=pca_dims, svd_solver="full", random_state=0)
+            .fit_transform(emb)
+            .astype(np.float32)
+        )
     if normalize:
         emb = normalize_rows(emb)
     return np.ascontiguousarray(emb, dtype=np.float32)
@@ -419,4 +437,6 @@ def encode_texts(
     encoder, texts: List[str], *, pca_dims: Optional[int] = None, normalize: bool = True, show_progress=None
 ) -> np.ndarray:
     """Encode ``texts`` with ``encoder`` and post-process (PCA, normalisation): (n, d') float32."""
-    return postprocess(encoder.encode(texts, show_progress=show_progress), pca_dims=pca_dims, normalize=normalize)
+    return postprocess(
+        encoder.encode(texts, show_progress=show_progress), pca_dims=pca_dims, normalize=normalize
+    )

@@ -84,16 +84,30 @@ def sequence_rows(sequences, item_ids: Optional[Sequence[Any]] = None, device=No
     (or new ``sequences``) after changing them. Objects that take no weak reference are not cached.
     """
     items, offsets = sequences.items, sequences.offsets
-    signature = (np.shape(items), getattr(items, "_version", None), np.shape(offsets), getattr(offsets, "_version", None))
+    signature = (
+        np.shape(items),
+        getattr(items, "_version", None),
+        np.shape(offsets),
+        getattr(offsets, "_version", None),
+    )
     key = id(items)
     entry = _SEQUENCE_ROWS.get(key)
-    if entry is not None and (entry["ref"]() is not items or entry["item_ids"] is not item_ids
-                              or entry["offsets"] is not offsets or entry["sig"] != signature):  # fmt: skip
+    if entry is not None and (
+        entry["ref"]() is not items
+        or entry["item_ids"] is not item_ids
+        or entry["offsets"] is not offsets
+        or entry["sig"] != signature
+    ):
         del _SEQUENCE_ROWS[key]
         entry = None
     if entry is None:
-        entry = {"item_ids": item_ids, "offsets": offsets, "sig": signature, "rows": item_rows(items, item_ids),
-                 "tensors": {}}  # fmt: skip
+        entry = {
+            "item_ids": item_ids,
+            "offsets": offsets,
+            "sig": signature,
+            "rows": item_rows(items, item_ids),
+            "tensors": {},
+        }
         try:
             entry["ref"] = weakref.ref(items, lambda _r, k=key: _SEQUENCE_ROWS.pop(k, None))
         except TypeError:  # a list: not cached
@@ -110,8 +124,10 @@ def sequence_rows(sequences, item_ids: Optional[Sequence[Any]] = None, device=No
 
     dev = torch.device(device)
     if str(dev) not in entry["tensors"]:
-        entry["tensors"][str(dev)] = (torch.as_tensor(entry["rows"], device=dev),
-                                      torch.as_tensor(_np(offsets).astype(np.int64, copy=False), device=dev))  # fmt: skip
+        entry["tensors"][str(dev)] = (
+            torch.as_tensor(entry["rows"], device=dev),
+            torch.as_tensor(_np(offsets).astype(np.int64, copy=False), device=dev),
+        )
     return (entry["rows"], *entry["tensors"][str(dev)])
 
 
@@ -120,9 +136,13 @@ def _split_arrays(sequences, split) -> Tuple[np.ndarray, np.ndarray, np.ndarray]
     users = _np(split.user_index).astype(np.int64, copy=False)
     pos = _np(split.pos).astype(np.int64, copy=False)
     if users.shape != pos.shape or users.ndim != 1:
-        raise ValueError(f"split.user_index and split.pos must be 1-D of equal length; got {users.shape}, {pos.shape}")
+        raise ValueError(
+            f"split.user_index and split.pos must be 1-D of equal length; got {users.shape}, {pos.shape}"
+        )
     if len(users) and (users.min() < 0 or users.max() >= len(offsets) - 1):
-        raise ValueError(f"split.user_index must be in [0, {len(offsets) - 1}); got values up to {users.max()}")
+        raise ValueError(
+            f"split.user_index must be in [0, {len(offsets) - 1}); got values up to {users.max()}"
+        )
     lengths = offsets[users + 1] - offsets[users] if len(users) else np.zeros(0, np.int64)
     if len(pos) and ((pos < 0).any() or (pos >= lengths).any()):
         raise ValueError("split.pos must be in [0, length of the user's sequence) for every sample")
@@ -167,8 +187,12 @@ def retrieve(
         raise ValueError(f"k must be >= 0; got {k}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    if max_history is not None and (isinstance(max_history, bool) or int(max_history) != max_history or max_history < 1):
-        raise ValueError(f"max_history must be an integer >= 1 (or None: the whole history); got {max_history!r}")
+    if max_history is not None and (
+        isinstance(max_history, bool) or int(max_history) != max_history or max_history < 1
+    ):
+        raise ValueError(
+            f"max_history must be an integer >= 1 (or None: the whole history); got {max_history!r}"
+        )
     offsets, users, pos = _split_arrays(sequences, split)
     emb = torch.as_tensor(item_emb)
     if not emb.is_floating_point():
@@ -185,15 +209,34 @@ def retrieve(
         for start in range(0, len(direct), chunk_size):
             idx = direct[start : start + chunk_size]
             p, s = ops.semantic_topk(
-                emb, seq, off, torch.as_tensor(users[idx], device=dev), torch.as_tensor(pos[idx], device=dev), k,
-                metric=metric, backend=backend,
-            )  # fmt: skip
+                emb,
+                seq,
+                off,
+                torch.as_tensor(users[idx], device=dev),
+                torch.as_tensor(pos[idx], device=dev),
+                k,
+                metric=metric,
+                backend=backend,
+            )
             out_pos[idx] = p.cpu()
             out_score[idx] = s.cpu()
             bar.update(len(idx))
         if windowed.any() and k > 0:
-            for idx, p, s in _windowed_topk(emb, rows, offsets, users, pos, np.flatnonzero(windowed), k,
-                                            int(max_history), window_band, window_budget, metric, backend, dev):  # fmt: skip
+            for idx, p, s in _windowed_topk(
+                emb,
+                rows,
+                offsets,
+                users,
+                pos,
+                np.flatnonzero(windowed),
+                k,
+                int(max_history),
+                window_band,
+                window_budget,
+                metric,
+                backend,
+                dev,
+            ):
                 out_pos[idx] = p
                 out_score[idx] = s
                 bar.update(len(idx))
@@ -238,10 +281,15 @@ def _windowed_topk(emb, rows, offsets, users, pos, wide, k, window, band, budget
         band_of = np.repeat(np.arange(b1 - b0, dtype=np.int64), ends[b0:b1] - starts[b0:b1])
         vpos = p[members] - first[b0:b1][band_of] + window
         got_p, got_s = ops.semantic_topk(
-            emb, torch.as_tensor(rows[flat], device=dev), torch.as_tensor(voff, device=dev),
-            torch.as_tensor(band_of, device=dev), torch.as_tensor(vpos, device=dev), kk,
-            metric=metric, backend=backend,
-        )  # fmt: skip
+            emb,
+            torch.as_tensor(rows[flat], device=dev),
+            torch.as_tensor(voff, device=dev),
+            torch.as_tensor(band_of, device=dev),
+            torch.as_tensor(vpos, device=dev),
+            kk,
+            metric=metric,
+            backend=backend,
+        )
         got_p, got_s = got_p.cpu().numpy(), got_s.cpu().numpy()
         real = got_p + (first[b0:b1][band_of] - window)[:, None]  # positions in the user's sequence
         keep = (got_p >= 0) & (real >= (p[members] - window)[:, None])
@@ -256,7 +304,9 @@ def _windowed_topk(emb, rows, offsets, users, pos, wide, k, window, band, budget
         b0 = b1
 
 
-def retrieve_sharded(item_emb, sequences, split, k: int, *, shard_dir, show_progress: Optional[bool] = None, **kwargs):
+def retrieve_sharded(
+    item_emb, sequences, split, k: int, *, shard_dir, show_progress: Optional[bool] = None, **kwargs
+):
     """:func:`retrieve` under ``torchrun`` / ``accelerate launch``: rank r takes the samples of a contiguous
     user range (ranges balanced by candidate count), writes its (pos, score) rows as a shard under
     ``shard_dir`` atomically, and after a barrier rank 0 merges the shards into the full result in split
@@ -272,11 +322,17 @@ def retrieve_sharded(item_emb, sequences, split, k: int, *, shard_dir, show_prog
     rank, world = distributed.rank_world()
     offsets, users, pos = _split_arrays(sequences, split)
     n_users = len(offsets) - 1
-    work = np.bincount(users, weights=(pos + 1).astype(np.float64), minlength=n_users) if len(users) else np.zeros(n_users)
+    work = (
+        np.bincount(users, weights=(pos + 1).astype(np.float64), minlength=n_users)
+        if len(users)
+        else np.zeros(n_users)
+    )
     cuts = distributed.shard_bounds(work, world)
     mine = np.flatnonzero((users >= cuts[rank]) & (users < cuts[rank + 1]))
     part = types.SimpleNamespace(user_index=users[mine], pos=pos[mine])
-    p, s = retrieve(item_emb, sequences, part, k, show_progress=show_progress if rank == 0 else False, **kwargs)
+    p, s = retrieve(
+        item_emb, sequences, part, k, show_progress=show_progress if rank == 0 else False, **kwargs
+    )
     distributed.write_shard(shard_dir, rank, world, {"index": mine, "pos": p.numpy(), "score": s.numpy()})
     distributed.barrier()  # every shard is written
     if rank != 0:
@@ -308,7 +364,9 @@ def _faiss_index(emb: np.ndarray, use_gpu: Optional[bool]):
         index._rellax_resources = resources  # keep the GPU resources alive as long as the index
         gpu = True
     elif use_gpu:
-        raise RuntimeError("use_gpu=True but faiss has no GPU support here (install faiss-gpu) or sees no GPU")
+        raise RuntimeError(
+            "use_gpu=True but faiss has no GPU support here (install faiss-gpu) or sees no GPU"
+        )
     index.add(emb)
     return index, gpu
 
@@ -379,7 +437,9 @@ def retrieve_global(
     # targets in batches, so that the rankings held at once stay within pair_budget (target, item) pairs
     per_batch = max(1, pair_budget // top_n)
     by_target = np.argsort(target_local, kind="stable")
-    bounds = np.searchsorted(target_local[by_target], np.arange(0, len(unique_targets) + per_batch, per_batch))
+    bounds = np.searchsorted(
+        target_local[by_target], np.arange(0, len(unique_targets) + per_batch, per_batch)
+    )
     with progress_bar(n, f"global top-{k}", show_progress, unit="sample", unit_scale=True) as bar:
         for batch, t0 in enumerate(range(0, len(unique_targets), per_batch)):
             rows = unique_targets[t0 : t0 + per_batch]
@@ -402,16 +462,49 @@ def retrieve_global(
                     stop = start + (stop - start) // 2
                 chunk = samples[start:stop]
                 width = max(1, int(pos[chunk].max()))
-                _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_rows,
-                              target_local[chunk] - t0, keys, ranks, pair_scores, n_items, top_n,
-                              out_pos, out_score)  # fmt: skip
+                _global_chunk(
+                    chunk,
+                    width,
+                    k,
+                    emb,
+                    seq_rows,
+                    offsets,
+                    users,
+                    pos,
+                    target_rows,
+                    target_local[chunk] - t0,
+                    keys,
+                    ranks,
+                    pair_scores,
+                    n_items,
+                    top_n,
+                    out_pos,
+                    out_score,
+                )
                 bar.update(stop - start)
                 start = stop
     return torch.from_numpy(out_pos), torch.from_numpy(out_score)
 
 
-def _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_rows, chunk_target_local,
-                  keys, ranks, pair_scores, n_items, top_n, out_pos, out_score):  # fmt: skip
+def _global_chunk(
+    chunk,
+    width,
+    k,
+    emb,
+    seq_rows,
+    offsets,
+    users,
+    pos,
+    target_rows,
+    chunk_target_local,
+    keys,
+    ranks,
+    pair_scores,
+    n_items,
+    top_n,
+    out_pos,
+    out_score,
+):
     """Walk the rankings for one chunk of samples: pick each sample's k best-ranked history positions."""
     col = np.arange(width, dtype=np.int64)
     length = pos[chunk]
@@ -439,7 +532,9 @@ def _global_chunk(chunk, width, k, emb, seq_rows, offsets, users, pos, target_ro
         best = np.argpartition(composite, take - 1, axis=1)[:, :take]
     else:
         best = np.broadcast_to(col, composite.shape).copy()
-    best = np.take_along_axis(best, np.argsort(np.take_along_axis(composite, best, 1), axis=1, kind="stable"), 1)
+    best = np.take_along_axis(
+        best, np.argsort(np.take_along_axis(composite, best, 1), axis=1, kind="stable"), 1
+    )
     ok = np.take_along_axis(valid, best, 1)
     out_pos[chunk, :take] = np.where(ok, best, -1)
     out_score[chunk, :take] = np.where(ok, np.take_along_axis(score, best, 1), -np.inf)
@@ -497,7 +592,9 @@ def order_retrieved(retrieved_pos, mode: str, k: Optional[int] = None, retrieved
 order_history = order_retrieved  # the name used in the SUBR issue text
 
 
-def shown_positions(sequences, split, k: int, mode: str, retrieved_pos=None, retrieved_score=None) -> np.ndarray:
+def shown_positions(
+    sequences, split, k: int, mode: str, retrieved_pos=None, retrieved_score=None
+) -> np.ndarray:
     """The K history positions shown to the LM per sample, in prompt order for ``mode``: (S, K) int64, -1 padded.
 
     ``recent`` needs no retrieval; the other modes reorder ``retrieved_pos`` (from :func:`retrieve` or
@@ -513,7 +610,9 @@ def shown_positions(sequences, split, k: int, mode: str, retrieved_pos=None, ret
     if retrieved_pos is None:
         raise ValueError(f"mode {mode!r} needs retrieved_pos (from retrieve() or retrieve_global())")
     if len(_np(retrieved_pos)) != len(pos):
-        raise ValueError(f"retrieved_pos has {len(_np(retrieved_pos))} rows for a split of {len(pos)} samples")
+        raise ValueError(
+            f"retrieved_pos has {len(_np(retrieved_pos))} rows for a split of {len(pos)} samples"
+        )
     return order_retrieved(retrieved_pos, mode, k, retrieved_score)
 
 

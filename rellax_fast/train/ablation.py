@@ -42,7 +42,9 @@ def variant_key(ctx, spec, cfg) -> str:
     options = cfg.to_dict()
     options["train"] = {**options["train"], "progress": None}
     test = json_sha256(np.asarray(ctx.test_index).tolist())
-    return json_sha256({"pipeline": options, "spec": asdict(spec), "inputs": run_inputs(ctx, spec), "test_index": test})
+    return json_sha256(
+        {"pipeline": options, "spec": asdict(spec), "inputs": run_inputs(ctx, spec), "test_index": test}
+    )
 
 
 def finished_variant(run_dir, key: str):
@@ -71,7 +73,7 @@ def variant_cost(spec, cfg) -> float:
 
 
 def eta_text(seconds: float, now: Optional[float] = None) -> str:
-    """"about 12 min (done around 16:42)": a duration and the wall-clock time it ends, from ``now`` (epoch s)."""
+    """ "about 12 min (done around 16:42)": a duration and the wall-clock time it ends, from ``now`` (epoch s)."""
     end = time.localtime((time.time() if now is None else now) + seconds)
     size = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
     return f"about {size} (done around {time.strftime('%H:%M', end)})"
@@ -108,24 +110,32 @@ def run_ablation(ctx, specs, cfg, out, resume: bool = False, n_boot: int = 1000,
         run_dir = out / slug(spec.name)
         res = done[spec.name]
         if res is not None:
-            log(f"[demo] variant {i}/{len(specs)}: {spec.name}: finished before, read from {run_dir / 'metrics.json'}")
+            log(
+                f"[demo] variant {i}/{len(specs)}: {spec.name}: finished before, read from {run_dir / 'metrics.json'}"
+            )
         else:
             # a row file marks a finished run: under other options or inputs there is nothing to continue, train anew
             stale = resume and (run_dir / ROW_FILE).is_file()
             again = "; finished before under other options or inputs: trained again" if stale else ""
-            log(f"[demo] variant {i}/{len(specs)}: {spec.name}  ({time.perf_counter() - start:.0f} s so far{again})")
+            log(
+                f"[demo] variant {i}/{len(specs)}: {spec.name}  ({time.perf_counter() - start:.0f} s so far{again})"
+            )
             if is_main():
                 (run_dir / ROW_FILE).unlink(missing_ok=True)  # written again once this run has finished
             t0 = time.perf_counter()
             res = run_variant(ctx, spec, cfg, run_dir, resume=resume and not stale)
             if is_main():  # under a launcher only rank 0 writes
-                atomic_write_text(run_dir / ROW_FILE, json.dumps({"key": keys[spec.name], "variant": spec.name}))
+                atomic_write_text(
+                    run_dir / ROW_FILE, json.dumps({"key": keys[spec.name], "variant": spec.name})
+                )
             todo = [s for s in specs[i:] if done[s.name] is None]
             if rate is None and todo:
                 rate = (time.perf_counter() - t0) / variant_cost(spec, cfg)
                 left = rate * sum(variant_cost(s, cfg) for s in todo)
-                log(f"[demo] ETA: {len(todo)} more variant(s), {eta_text(left)}, from this variant's "
-                    f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+                log(
+                    f"[demo] ETA: {len(todo)} more variant(s), {eta_text(left)}, from this variant's "
+                    f"{time.perf_counter() - t0:.0f} s"
+                )
         rows.append({"variant": spec.name, **res["metrics"]})
         probs[spec.name] = np.load(Path(res["run_dir"]) / "predictions.npy").astype(np.float64)
         curves[spec.name] = res["losses"]
@@ -147,9 +157,14 @@ def write_ablation(out, dataset: str, result, config=None):
     out = Path(out)
     paths = [out / "ablation.md", out / "ablation.json", out / "ablation.png"]
     atomic_write_text(paths[0], f"# ReLLaX ablation on {dataset}\n\n{result['table']}")
-    atomic_write_text(paths[1], json.dumps({"rows": result["rows"], "config": {"dataset": dataset, **(config or {})}}, indent=2))
+    atomic_write_text(
+        paths[1],
+        json.dumps({"rows": result["rows"], "config": {"dataset": dataset, **(config or {})}}, indent=2),
+    )
     intervals = {r["variant"]: (r["auc_lo"], r["auc_hi"]) for r in result["rows"] if "auc_lo" in r}
-    plot_runs(paths[2], result["curves"], result["aucs"], title=f"ReLLaX ablation ({dataset})", auc_ci=intervals)
+    plot_runs(
+        paths[2], result["curves"], result["aucs"], title=f"ReLLaX ablation ({dataset})", auc_ci=intervals
+    )
     return paths
 
 
@@ -168,20 +183,34 @@ def add_noise_columns(rows, labels, probs, n_boot: int = 1000) -> str:
     for row in rows:
         st = stats.row_statistics(labels, probs[row["variant"]], refs, n_boot=n_boot, seed=0)
         row.update(auc_lo=st["auc_ci"]["lo"], auc_hi=st["auc_ci"]["hi"], vs=st["vs"])
-    within = [r["variant"] for r in rows if r["variant"] != FULL and "full" in r["vs"] and stats.within_noise(r["vs"]["full"]["p_auc"])]
-    note = (f"\n{len(labels)} test samples, the same for every row. 95% CI: percentile bootstrap ({n_boot} resamples). "
-            "Δ: row − reference on the same samples; p: DeLong's test; ≈: within noise (p ≥ 0.05).\n")  # fmt: skip
+    within = [
+        r["variant"]
+        for r in rows
+        if r["variant"] != FULL and "full" in r["vs"] and stats.within_noise(r["vs"]["full"]["p_auc"])
+    ]
+    note = (
+        f"\n{len(labels)} test samples, the same for every row. 95% CI: percentile bootstrap ({n_boot} resamples). "
+        "Δ: row − reference on the same samples; p: DeLong's test; ≈: within noise (p ≥ 0.05).\n"
+    )
     if "full" in refs:
-        note += (f"Within noise of full ReLLaX in AUC: {', '.join(within)}.\n" if within else
-                 "Every AUC difference from full ReLLaX is outside noise (p < 0.05).\n")  # fmt: skip
+        note += (
+            f"Within noise of full ReLLaX in AUC: {', '.join(within)}.\n"
+            if within
+            else "Every AUC difference from full ReLLaX is outside noise (p < 0.05).\n"
+        )
     return note
 
 
 def noise_table(rows) -> str:
     from .stats import format_delta
 
-    lines = ["| variant | AUC | AUC 95% CI | LogLoss | accuracy | ΔAUC vs full | ΔAUC vs DIN |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | AUC | AUC 95% CI | LogLoss | accuracy | ΔAUC vs full | ΔAUC vs DIN |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['auc']:.4f} | [{r['auc_lo']:.4f}, {r['auc_hi']:.4f}] | {r['logloss']:.4f} | "
-                     f"{r['accuracy']:.4f} | {format_delta(r['vs'].get('full'))} | {format_delta(r['vs'].get('DIN'))} |")  # fmt: skip
+        lines.append(
+            f"| {r['variant']} | {r['auc']:.4f} | [{r['auc_lo']:.4f}, {r['auc_hi']:.4f}] | {r['logloss']:.4f} | "
+            f"{r['accuracy']:.4f} | {format_delta(r['vs'].get('full'))} | {format_delta(r['vs'].get('DIN'))} |"
+        )
     return "\n".join(lines) + "\n"

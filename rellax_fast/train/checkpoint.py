@@ -67,9 +67,16 @@ def _save_rng(folder: Path, state: Dict) -> None:
     for i, s in enumerate(state.get("cuda", [])):
         tensors[f"cuda.{i}"] = s.cpu().contiguous()
     (folder / "rng.safetensors").write_bytes(save(tensors))
-    numbers = {"numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-               "python": {"version": version, "state": list(mt), "gauss_next": gauss_next},
-               "n_cuda": len(state.get("cuda", []))}  # fmt: skip
+    numbers = {
+        "numpy": {
+            "kind": kind,
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": version, "state": list(mt), "gauss_next": gauss_next},
+        "n_cuda": len(state.get("cuda", [])),
+    }
     (folder / "rng.json").write_text(json.dumps(numbers))
 
 
@@ -83,9 +90,15 @@ def _load_rng(folder: Path) -> Dict:
         n, p = numbers["numpy"], numbers["python"]
         state = {
             "torch": tensors["torch"],
-            "numpy": (n["kind"], tensors["numpy_key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]),
+            "numpy": (
+                n["kind"],
+                tensors["numpy_key"].numpy().astype(np.uint32),
+                n["pos"],
+                n["has_gauss"],
+                n["cached_gaussian"],
+            ),
             "python": (p["version"], tuple(int(x) for x in p["state"]), p["gauss_next"]),
-        }  # fmt: skip
+        }
         if numbers.get("n_cuda"):
             state["cuda"] = [tensors[f"cuda.{i}"] for i in range(numbers["n_cuda"])]
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -121,8 +134,9 @@ def _legacy_numpy_globals():
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-
-def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int = 2, best_tensors=None) -> Path:
+def save_checkpoint(
+    run_dir, model, optimizer, scheduler, state: Dict, keep: int = 2, best_tensors=None
+) -> Path:
     """Write a checkpoint of ``model``'s trainable tensors + optimizer/scheduler/RNG + ``state``; publish it.
     ``best_tensors``: the trainable tensors of the best valid score so far (``best.safetensors``), if any."""
     from safetensors.torch import save
@@ -135,7 +149,9 @@ def save_checkpoint(run_dir, model, optimizer, scheduler, state: Dict, keep: int
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
         (tmp / "trainable.safetensors").write_bytes(save(tensors))  # save_file would make it 0600
         if best_tensors is not None:
-            (tmp / "best.safetensors").write_bytes(save({k: v.detach().contiguous().cpu() for k, v in best_tensors.items()}))
+            (tmp / "best.safetensors").write_bytes(
+                save({k: v.detach().contiguous().cpu() for k, v in best_tensors.items()})
+            )
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
         _save_rng(tmp, rng_state())
@@ -178,8 +194,10 @@ def latest_checkpoint(run_dir) -> Optional[Path]:
     # the pointer names a checkpoint of this run: checked on its text before anything it names is opened
     path = path_inside(root, name, f"{ptr}: the latest-checkpoint pointer")
     if path.parent != root or not name.startswith("step-"):
-        raise PathOutsideFolderError(f"{ptr}: names {name!r}, not a checkpoint folder step-XXXXXXXX of {root}; "
-                                     "refusing to resume from it (delete the pointer, or train without --resume)")
+        raise PathOutsideFolderError(
+            f"{ptr}: names {name!r}, not a checkpoint folder step-XXXXXXXX of {root}; "
+            "refusing to resume from it (delete the pointer, or train without --resume)"
+        )
     if not (path / "state.json").exists():
         raise FileNotFoundError(f"{ptr} points to {path}, which is not a complete checkpoint")
     return path
@@ -194,11 +212,15 @@ def load_checkpoint(path, model, optimizer=None, scheduler=None, restore_rng: bo
     params = dict(model.named_parameters())
     missing = [k for k in tensors if k not in params]
     if missing:
-        raise KeyError(f"{path}: checkpoint tensors not in the model: {missing[:5]} (different model options?)")
+        raise KeyError(
+            f"{path}: checkpoint tensors not in the model: {missing[:5]} (different model options?)"
+        )
     with torch.no_grad():
         for k, v in tensors.items():
             if params[k].shape != v.shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}")
+                raise ValueError(
+                    f"{path}: {k} has shape {tuple(v.shape)}, the model expects {tuple(params[k].shape)}"
+                )
             params[k].copy_(v)
     if optimizer is not None:
         optimizer.load_state_dict(_safe_torch_load(path / "optimizer.pt"))

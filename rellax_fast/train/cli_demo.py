@@ -27,14 +27,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_model_arguments(parser, n_train=512, n_test=500)
     parser.set_defaults(max_length=128, din_epochs=4, din_patience=1, din_max_history=30, lr=2e-3)
-    parser.add_argument("--variants", default="all",
-                        help="comma-separated keys of pipeline.ABLATIONS (built in: full,no-subr,no-spa,identity,moe,"
-                             "recrank1; a registered interaction kind with an ablation name adds its own) or two-stage "
-                             "(default: all but two-stage)")  # fmt: skip
-    parser.add_argument("--resume", action="store_true",
-                        help="read back variants finished before under the same options and inputs (their saved metrics, "
-                             "not scored again) and continue interrupted ones from their checkpoints")  # fmt: skip
-    parser.add_argument("--n-boot", type=integer(1), default=1000, help="bootstrap resamples of each AUC interval")
+    parser.add_argument(
+        "--variants",
+        default="all",
+        help="comma-separated keys of pipeline.ABLATIONS (built in: full,no-subr,no-spa,identity,moe,"
+        "recrank1; a registered interaction kind with an ablation name adds its own) or two-stage "
+        "(default: all but two-stage)",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="read back variants finished before under the same options and inputs (their saved metrics, "
+        "not scored again) and continue interrupted ones from their checkpoints",
+    )
+    parser.add_argument(
+        "--n-boot", type=integer(1), default=1000, help="bootstrap resamples of each AUC interval"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,17 +63,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] dataset {args.dataset}; backbone {args.model or 'all-MiniLM-L6-v2 (offline)'}; "
-          f"{cfg.n_train} training prompts, {cfg.n_test} test prompts, K={cfg.k}, max_length={cfg.max_length}")  # fmt: skip
+    print(
+        f"[demo] dataset {args.dataset}; backbone {args.model or 'all-MiniLM-L6-v2 (offline)'}; "
+        f"{cfg.n_train} training prompts, {cfg.n_test} test prompts, K={cfg.k}, max_length={cfg.max_length}"
+    )
     ctx = build_shared_context(args, cfg)
     result = run_ablation(ctx, specs, cfg, out, resume=args.resume, n_boot=args.n_boot)
     write_ablation(out, args.dataset, result, vars_json(args))
     print()
     print(result["table"])
-    print(f"[demo] done in {time.perf_counter() - start:.0f} s. Files: {out / 'ablation.md'}, {out / 'ablation.json'}, "
-          f"{out / 'ablation.png'}; runs in {out}/<variant>/ (metrics.json, loss.json, adapter/), DIN in {out / 'ctr'}")  # fmt: skip
+    print(
+        f"[demo] done in {time.perf_counter() - start:.0f} s. Files: {out / 'ablation.md'}, {out / 'ablation.json'}, "
+        f"{out / 'ablation.png'}; runs in {out}/<variant>/ (metrics.json, loss.json, adapter/), DIN in {out / 'ctr'}"
+    )
     return 0
 
 
 def vars_json(args) -> dict:
-    return {k: v for k, v in vars(args).items() if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))}
+    return {
+        k: v
+        for k, v in vars(args).items()
+        if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))
+    }

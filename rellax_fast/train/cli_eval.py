@@ -26,14 +26,23 @@ import argparse
 from .runs import RunDependencyError, score
 
 # the defaults of the shared --out and --dataset here, in words (rellax_fast.cli.describe_defaults)
-DEFAULTS_IN_WORDS = {"out": "<run>/eval-<split>, or <run>/eval-jsonl with --jsonl", "dataset": "the run's dataset"}
+DEFAULTS_IN_WORDS = {
+    "out": "<run>/eval-<split>, or <run>/eval-jsonl with --jsonl",
+    "dataset": "the run's dataset",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="a run folder written by `rellax-fast train` or `demo`")
-    parser.add_argument("--split", default="test", choices=["train", "valid", "test"], help="the split scored")
-    parser.add_argument("--n", type=int, default=None, help="samples to score (default: the run's --n-test; 0: all)")
-    parser.add_argument("--jsonl", default=None, help="score the samples of this JSONL file instead of a split")
+    parser.add_argument(
+        "--split", default="test", choices=["train", "valid", "test"], help="the split scored"
+    )
+    parser.add_argument(
+        "--n", type=int, default=None, help="samples to score (default: the run's --n-test; 0: all)"
+    )
+    parser.add_argument(
+        "--jsonl", default=None, help="score the samples of this JSONL file instead of a split"
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per scoring batch")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(out=None, dataset=None)
@@ -64,10 +73,21 @@ def run(args: argparse.Namespace) -> int:
         meta = read_run_meta(run_dir)
         dataset = args.dataset or meta["dataset"]
         # eval never downloads: a missing dataset is an error naming where it was looked for, and nothing is created
-        data = prepare_ctr(load_dataset(dataset, data_dir=args.data_dir, download=False), seed=meta["pipeline"]["seed"])
+        data = prepare_ctr(
+            load_dataset(dataset, data_dir=args.data_dir, download=False), seed=meta["pipeline"]["seed"]
+        )
         details: dict = {}
-        split, probs, has_label, spec = score(run_dir, data, args.split, args.n, args.jsonl, args.batch_size,
-                                              not args.no_progress, cache_dir=out / "emb_cache", details=details)  # fmt: skip
+        split, probs, has_label, spec = score(
+            run_dir,
+            data,
+            args.split,
+            args.n,
+            args.jsonl,
+            args.batch_size,
+            not args.no_progress,
+            cache_dir=out / "emb_cache",
+            details=details,
+        )
     except RunDependencyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -76,16 +96,26 @@ def run(args: argparse.Namespace) -> int:
     # rellax_fast.cli prints as one error line
     from rellax_fast.distributed import is_main
 
-    if not is_main():  # under torchrun / accelerate launch: every rank scored a shard (gathered); rank 0 writes
+    if (
+        not is_main()
+    ):  # under torchrun / accelerate launch: every rank scored a shard (gathered); rank 0 writes
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"user_id": int(u), "item_id": int(i), "p_click": float(p)}) for u, i, p in zip(split.user_id, split.item_id, probs)]
+    lines = [
+        json.dumps({"user_id": int(u), "item_id": int(i), "p_click": float(p)})
+        for u, i, p in zip(split.user_id, split.item_id, probs)
+    ]
     atomic_write_text(out / "predictions.jsonl", "\n".join(lines) + "\n")
     if has_label:
         m = ctr_metrics(split.label, probs)
-        sliced = sliced_report(data, split, probs, details["din_probs"], out / "slices.json", args.jsonl or args.split)
-        write_metrics_json(out / "metrics.json", m, {"run": str(run_dir), "variant": spec.name, "source": args.jsonl or args.split,
-                                                     "slices": sliced})  # fmt: skip
+        sliced = sliced_report(
+            data, split, probs, details["din_probs"], out / "slices.json", args.jsonl or args.split
+        )
+        write_metrics_json(
+            out / "metrics.json",
+            m,
+            {"run": str(run_dir), "variant": spec.name, "source": args.jsonl or args.split, "slices": sliced},
+        )
         print(markdown_table([{"variant": spec.name, **m}]))
     print(f"wrote {out / 'predictions.jsonl'}" + (f" and {out / 'metrics.json'}" if has_label else ""))
     return 0

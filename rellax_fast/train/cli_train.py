@@ -18,16 +18,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--name", default=None, help="run folder name under --out (default: from the flags)")
     g.add_argument("--no-subr", action="store_true", help="show the K most recent behaviours instead of SUBR")
     g.add_argument("--no-spa", action="store_true", help="no soft prompts")
-    g.add_argument("--interaction", default="full", type=interaction_kind, metavar="KIND",
-                   help="the C constraint: a registered interaction kind (built in: identity, static, full, moe, recrank1)")
-    g.add_argument("--recipe", default="joint", choices=["joint", "two-stage"],
-                   help="joint: train everything together; two-stage: plain LoRA first on a mix of recent and retrieved "
-                        "prompts, then the interaction")
-    g.add_argument("--readout", default="paper", choices=["paper", "residual"],
-                   help="paper: softmax over the [No, Yes] logits; residual (beyond the paper): p = sigmoid((Yes - No) "
-                        "+ lambda * the frozen DIN's logit), the LM learns a correction to DIN")  # fmt: skip
-    g.add_argument("--readout-lambda", default="learned", choices=["learned", "fixed"],
-                   help="residual read-out: lambda learned (init 1) or fixed at 1")
+    g.add_argument(
+        "--interaction",
+        default="full",
+        type=interaction_kind,
+        metavar="KIND",
+        help="the C constraint: a registered interaction kind (built in: identity, static, full, moe, recrank1)",
+    )
+    g.add_argument(
+        "--recipe",
+        default="joint",
+        choices=["joint", "two-stage"],
+        help="joint: train everything together; two-stage: plain LoRA first on a mix of recent and retrieved "
+        "prompts, then the interaction",
+    )
+    g.add_argument(
+        "--readout",
+        default="paper",
+        choices=["paper", "residual"],
+        help="paper: softmax over the [No, Yes] logits; residual (beyond the paper): p = sigmoid((Yes - No) "
+        "+ lambda * the frozen DIN's logit), the LM learns a correction to DIN",
+    )
+    g.add_argument(
+        "--readout-lambda",
+        default="learned",
+        choices=["learned", "fixed"],
+        help="residual read-out: lambda learned (init 1) or fixed at 1",
+    )
     g.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
 
 
@@ -43,13 +60,25 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     spec = VariantSpec(
-        name=args.name or "rellax", subr=not args.no_subr, spa=not args.no_spa, interaction=args.interaction,
-        recipe=args.recipe, readout=args.readout, readout_lambda=args.readout_lambda,
-    )  # fmt: skip
+        name=args.name or "rellax",
+        subr=not args.no_subr,
+        spa=not args.no_spa,
+        interaction=args.interaction,
+        recipe=args.recipe,
+        readout=args.readout,
+        readout_lambda=args.readout_lambda,
+    )
     if args.name is None:
-        parts = ["rellax", args.interaction] + (["no-subr"] if args.no_subr else []) + (["no-spa"] if args.no_spa else [])
-        spec.name = "-".join(parts + ([args.recipe] if args.recipe != "joint" else [])
-                             + ([f"residual-{args.readout_lambda}"] if args.readout == "residual" else []))
+        parts = (
+            ["rellax", args.interaction]
+            + (["no-subr"] if args.no_subr else [])
+            + (["no-spa"] if args.no_spa else [])
+        )
+        spec.name = "-".join(
+            parts
+            + ([args.recipe] if args.recipe != "joint" else [])
+            + ([f"residual-{args.readout_lambda}"] if args.readout == "residual" else [])
+        )
     from .checkpoint import UnsafeCheckpointError
     from .pipeline import ResumeMismatchError, check_model_option
 
@@ -64,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     m = res["metrics"]
-    print(f"{spec.name}: test AUC {m['auc']:.4f}  LogLoss {m['logloss']:.4f}  accuracy {m['accuracy']:.4f}  (n={m['n']})")
+    print(
+        f"{spec.name}: test AUC {m['auc']:.4f}  LogLoss {m['logloss']:.4f}  accuracy {m['accuracy']:.4f}  (n={m['n']})"
+    )
     print(f"wrote {run_dir}")
     return 0

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 def din_options_of(args) -> dict:
     """DIN's model options from the ``--din-*`` flags (``train.args.add_model_arguments``)."""
-    return {"embed_dim": args.din_embed_dim, "mlp_hidden": tuple(args.din_hidden), "max_history": args.din_max_history}
+    return {
+        "embed_dim": args.din_embed_dim,
+        "mlp_hidden": tuple(args.din_hidden),
+        "max_history": args.din_max_history,
+    }
 
 
 def shared_context(data, out, cfg, din_options=None, din_train_config=None, progress: bool = True, log=print):
@@ -29,7 +33,9 @@ def shared_context(data, out, cfg, din_options=None, din_train_config=None, prog
 
     out = Path(out)
     din_train_config = din_train_config or DINTrainConfig(progress=progress)
-    with main_first():  # under a launcher rank 0 trains the DIN and fills the caches, the others then load them
+    with (
+        main_first()
+    ):  # under a launcher rank 0 trains the DIN and fills the caches, the others then load them
         din, vocab, report = train_or_load_ctr(data, out / "ctr", din_options, din_train_config, log=log)
         emb, ids = item_embeddings(data, out / "emb_cache", progress=progress)
     subr_path = save_subr_embeddings(out, emb, ids) if is_main() else out / "subr_embeddings.npz"
@@ -48,6 +54,9 @@ def build_shared_context(args, cfg, log=print):
     from ..ctr.din import DINTrainConfig
 
     data = prepare_ctr(load_dataset(args.dataset, data_dir=args.data_dir), seed=getattr(args, "seed", 0))
-    din_train = DINTrainConfig(epochs=args.din_epochs, patience=args.din_patience, seed=args.seed,
-                               progress=not args.no_progress)  # fmt: skip
-    return shared_context(data, args.out, cfg, din_options_of(args), din_train, progress=not args.no_progress, log=log)
+    din_train = DINTrainConfig(
+        epochs=args.din_epochs, patience=args.din_patience, seed=args.seed, progress=not args.no_progress
+    )
+    return shared_context(
+        data, args.out, cfg, din_options_of(args), din_train, progress=not args.no_progress, log=log
+    )

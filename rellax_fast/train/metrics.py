@@ -28,8 +28,9 @@ def write_metrics_json(path, metrics: Mapping, extra: Optional[Mapping] = None) 
 CTR_COLUMNS = ("variant", "auc", "logloss", "accuracy", "n")
 
 
-def markdown_table(rows: Sequence[Mapping], columns: Optional[Sequence[str]] = CTR_COLUMNS, *,
-                   float_format: str = ".4f") -> str:
+def markdown_table(
+    rows: Sequence[Mapping], columns: Optional[Sequence[str]] = CTR_COLUMNS, *, float_format: str = ".4f"
+) -> str:
     """A Markdown table of ``rows`` (mappings) in ``columns``, one line per row.
 
     ``columns`` None or empty: the first row's keys (and ``(no rows)`` when there are no rows either).
@@ -56,8 +57,13 @@ def smoothing_window(n_steps: int) -> int:
     return max(1, n_steps // 20)
 
 
-def plot_runs(path, loss_curves: Mapping[str, List[float]], aucs: Mapping[str, float], title: str = "",
-              auc_ci: Optional[Mapping[str, Sequence[float]]] = None) -> Path:
+def plot_runs(
+    path,
+    loss_curves: Mapping[str, List[float]],
+    aucs: Mapping[str, float],
+    title: str = "",
+    auc_ci: Optional[Mapping[str, Sequence[float]]] = None,
+) -> Path:
     """PNG with the training-loss curve per variant (left; a moving average, its window in the legend) and the test
     AUC per variant (right), with its 95% interval as an error bar where ``auc_ci`` ({name: (lo, hi)}) has one."""
     import matplotlib
@@ -84,8 +90,12 @@ def plot_runs(path, loss_curves: Mapping[str, List[float]], aucs: Mapping[str, f
     has_ci = [not (math.isnan(lo) or math.isnan(hi)) for lo, hi in ci]
     xerr = None
     if any(has_ci):  # asymmetric bars: (below, above) each AUC; none where a row has no interval
-        xerr = np.array([[v - lo if ok else 0.0 for v, (lo, _), ok in zip(vals, ci, has_ci)],
-                         [hi - v if ok else 0.0 for v, (_, hi), ok in zip(vals, ci, has_ci)]])  # fmt: skip
+        xerr = np.array(
+            [
+                [v - lo if ok else 0.0 for v, (lo, _), ok in zip(vals, ci, has_ci)],
+                [hi - v if ok else 0.0 for v, (_, hi), ok in zip(vals, ci, has_ci)],
+            ]
+        )
     ax2.barh(names, vals, color="tab:blue", xerr=xerr, capsize=3 if xerr is not None else 0)
     for i, v in enumerate(vals):
         end = ci[i][1] if has_ci[i] else v

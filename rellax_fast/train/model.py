@@ -81,8 +81,14 @@ def load_backbone(path: str, kind: str = "auto", dtype: Optional[torch.dtype] = 
 PER_ARCHITECTURE = "per-architecture"
 # the adapter settings a ReLLaXModel uses when ReLLaXOptions.cflora leaves them out (other CFLoRAConfig
 # fields keep CFLoRAConfig's own defaults)
-RELLAX_CFLORA_DEFAULTS: Dict[str, Any] = {"r": 8, "alpha": 16.0, "dropout": 0.05, "interaction": "full", "n_experts": 4,
-                                          "target_modules": PER_ARCHITECTURE}  # fmt: skip
+RELLAX_CFLORA_DEFAULTS: Dict[str, Any] = {
+    "r": 8,
+    "alpha": 16.0,
+    "dropout": 0.05,
+    "interaction": "full",
+    "n_experts": 4,
+    "target_modules": PER_ARCHITECTURE,
+}
 
 
 @dataclass
@@ -110,8 +116,10 @@ class ReLLaXOptions:
 
     def __post_init__(self) -> None:
         if not (self.cflora is None or isinstance(self.cflora, (CFLoRAConfig, dict))):
-            raise TypeError(f"ReLLaXOptions.cflora must be a CFLoRAConfig, a dict of its fields or None; "
-                            f"got {type(self.cflora).__name__}")  # fmt: skip
+            raise TypeError(
+                f"ReLLaXOptions.cflora must be a CFLoRAConfig, a dict of its fields or None; "
+                f"got {type(self.cflora).__name__}"
+            )
 
     def cflora_settings(self) -> Dict[str, Any]:
         """The adapter settings before the model completes them: a dict of CFLoRAConfig fields."""
@@ -136,10 +144,14 @@ class ReLLaXOptions:
         if interaction_class(settings.get("interaction", "identity")).needs_cond:
             own = settings.get("cond_dim")
             if own is not None and cond_dim is not None and own != cond_dim:
-                raise ValueError(f"ReLLaXOptions.cflora.cond_dim is {own} but the model's cond_dim (the CTR model's "
-                                 f"h size) is {cond_dim}")  # fmt: skip
+                raise ValueError(
+                    f"ReLLaXOptions.cflora.cond_dim is {own} but the model's cond_dim (the CTR model's "
+                    f"h size) is {cond_dim}"
+                )
             if own is None and cond_dim is None:
-                raise ValueError(f"interaction {settings['interaction']!r} needs cond_dim (the CTR model's h size)")
+                raise ValueError(
+                    f"interaction {settings['interaction']!r} needs cond_dim (the CTR model's h size)"
+                )
             settings["cond_dim"] = own if own is not None else cond_dim
         else:
             settings["cond_dim"] = None
@@ -171,7 +183,9 @@ class ReLLaXModel(nn.Module):
         self.options = options
         self.backbone = backbone
         no_id, yes_id = (int(i) for i in yes_no_ids)
-        self.register_buffer("answer_token_ids", torch.tensor([no_id, yes_id], dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "answer_token_ids", torch.tensor([no_id, yes_id], dtype=torch.long), persistent=False
+        )
         model_type = getattr(backbone.config, "model_type", "")
         self.cflora_config = options.cflora_config(model_type, cond_dim)
         inject_cflora(backbone, self.cflora_config)  # freezes the base weights
@@ -187,13 +201,19 @@ class ReLLaXModel(nn.Module):
             self.projector = None
         if self.cflora_config.needs_cond:
             cond_dim = self.cflora_config.cond_dim
-            self.register_buffer("cond_mean", (cond_mean if cond_mean is not None else torch.zeros(cond_dim)).float().clone())
-            self.register_buffer("cond_std", (cond_std if cond_std is not None else torch.ones(cond_dim)).float().clone())
+            self.register_buffer(
+                "cond_mean", (cond_mean if cond_mean is not None else torch.zeros(cond_dim)).float().clone()
+            )
+            self.register_buffer(
+                "cond_std", (cond_std if cond_std is not None else torch.ones(cond_dim)).float().clone()
+            )
         self.verbaliser_bias = nn.Parameter(torch.zeros(2)) if kind == "encoder" else None
         self._init_readout(options, din_head, cond_dim)
         if options.gradient_checkpointing:
             if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x name
-                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                backbone.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
             else:
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if hasattr(backbone, "config"):
@@ -203,16 +223,22 @@ class ReLLaXModel(nn.Module):
         if options.readout not in ("paper", "residual"):
             raise ValueError(f"options.readout must be 'paper' or 'residual', got {options.readout!r}")
         if options.readout_lambda not in ("learned", "fixed"):
-            raise ValueError(f"options.readout_lambda must be 'learned' or 'fixed', got {options.readout_lambda!r}")
+            raise ValueError(
+                f"options.readout_lambda must be 'learned' or 'fixed', got {options.readout_lambda!r}"
+            )
         if options.readout == "paper":
             return
         if din_head is None:
-            raise ValueError("readout='residual' needs din_head=(weight, bias): the frozen DIN's output layer (din.out)")
+            raise ValueError(
+                "readout='residual' needs din_head=(weight, bias): the frozen DIN's output layer (din.out)"
+            )
         weight, bias = (torch.as_tensor(t).detach().float() for t in din_head)
         weight, bias = weight.reshape(-1), bias.reshape(-1)
         if bias.numel() != 1 or (cond_dim is not None and weight.numel() != cond_dim):
-            raise ValueError(f"din_head: expected weight ({cond_dim},) and bias (1,) (DIN's output layer over h), got "
-                             f"{tuple(din_head[0].shape)} and {tuple(din_head[1].shape)}")  # fmt: skip
+            raise ValueError(
+                f"din_head: expected weight ({cond_dim},) and bias (1,) (DIN's output layer over h), got "
+                f"{tuple(din_head[0].shape)} and {tuple(din_head[1].shape)}"
+            )
         # frozen copies (persistent buffers: saved with the run, checked against the DIN by its fingerprint)
         self.register_buffer("din_out_weight", weight.clone())
         self.register_buffer("din_out_bias", bias.clone())
@@ -273,7 +299,9 @@ class ReLLaXModel(nn.Module):
 
         if self.cflora_config.needs_cond:
             if batch.get("cond") is None:
-                raise ValueError(f"interaction {self.cflora_config.interaction!r} needs batch['cond'] (B, cond_dim)")
+                raise ValueError(
+                    f"interaction {self.cflora_config.interaction!r} needs batch['cond'] (B, cond_dim)"
+                )
             with cflora_condition(self.backbone, self.condition(batch["cond"])):
                 hidden = self._encode(batch)
         else:
@@ -291,7 +319,9 @@ class ReLLaXModel(nn.Module):
         logits = logits.float()
         if self.options.readout == "residual":
             if batch.get("cond") is None:
-                raise ValueError("readout='residual' needs batch['cond'] (B, cond_dim): the DIN's h, for its logit")
+                raise ValueError(
+                    "readout='residual' needs batch['cond'] (B, cond_dim): the DIN's h, for its logit"
+                )
             shift = self.readout_lambda * self.din_logit(batch["cond"])
             if self.options.readout_gate:
                 logits = logits * self.readout_gate

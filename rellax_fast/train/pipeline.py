@@ -64,9 +64,14 @@ def _ablations() -> Dict[str, VariantSpec]:
     identity, MoE, RecLoRA), so that a new kind becomes a row by registering it."""
     from rellax_fast.cflora.interaction import INTERACTIONS
 
-    table = {"full": VariantSpec("ReLLaX (full)"), "no-subr": VariantSpec("w/o SUBR (recent)", subr=False),
-             "no-spa": VariantSpec("w/o SPA", spa=False)}  # fmt: skip
-    table.update({k: VariantSpec(c.ablation_name, interaction=k) for k, c in INTERACTIONS.items() if c.ablation_name})
+    table = {
+        "full": VariantSpec("ReLLaX (full)"),
+        "no-subr": VariantSpec("w/o SUBR (recent)", subr=False),
+        "no-spa": VariantSpec("w/o SPA", spa=False),
+    }
+    table.update(
+        {k: VariantSpec(c.ablation_name, interaction=k) for k, c in INTERACTIONS.items() if c.ablation_name}
+    )
     return table
 
 
@@ -108,8 +113,9 @@ def pipeline_cflora_config(**settings) -> CFLoRAConfig:
     return CFLoRAConfig(**{**RELLAX_CFLORA_DEFAULTS, "interaction": "identity", **settings})
 
 
-def variant_cflora_config(cfg: PipelineConfig, spec: VariantSpec, cond_dim: Optional[int],
-                          model_type: Optional[str] = None) -> CFLoRAConfig:  # fmt: skip
+def variant_cflora_config(
+    cfg: PipelineConfig, spec: VariantSpec, cond_dim: Optional[int], model_type: Optional[str] = None
+) -> CFLoRAConfig:
     """``cfg.cflora`` with the variant's interaction, ``cond_dim`` when that kind is conditioned, and (given the
     backbone's ``model_type``) the per-architecture targets resolved: the model's config, built once."""
     from rellax_fast.cflora.interaction import interaction_class
@@ -118,8 +124,12 @@ def variant_cflora_config(cfg: PipelineConfig, spec: VariantSpec, cond_dim: Opti
     targets = cfg.cflora.target_modules
     if model_type is not None and targets == PER_ARCHITECTURE:
         targets = default_target_modules(model_type)
-    return replace(cfg.cflora, interaction=spec.interaction, cond_dim=cond_dim if needs_cond else None,
-                   target_modules=targets)  # fmt: skip
+    return replace(
+        cfg.cflora,
+        interaction=spec.interaction,
+        cond_dim=cond_dim if needs_cond else None,
+        target_modules=targets,
+    )
 
 
 def default_model_path() -> str:
@@ -148,7 +158,9 @@ def profile_of(dataset, user_id) -> Optional[dict]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
 
 
-def shown_positions_for(data, split, k: int, subr: bool, mode: str, item_emb=None, item_ids=None, progress: bool = True):
+def shown_positions_for(
+    data, split, k: int, subr: bool, mode: str, item_emb=None, item_ids=None, progress: bool = True
+):
     """(S, K) history positions shown per sample of ``split`` (a CTRSplit), in prompt order."""
     from rellax_fast.subr.retrieval import retrieve, shown_positions
 
@@ -173,10 +185,17 @@ def make_samples(data, split, positions: np.ndarray, sample_index: Optional[np.n
         flat = start + p
         shown = [(int(seq.items[f]), str(titles.loc[int(seq.items[f])]), float(seq.ratings[f])) for f in flat]
         target = (int(split.item_id[i]), str(titles.loc[int(split.item_id[i])]))
-        out.append(PromptSample(
-            domain, profile_of(data.dataset, split.user_id[i]), shown, target, int(split.label[i]),
-            int(sample_index[i]) if sample_index is not None else i, [int(seq.timestamps[f]) for f in flat],
-        ))  # fmt: skip
+        out.append(
+            PromptSample(
+                domain,
+                profile_of(data.dataset, split.user_id[i]),
+                shown,
+                target,
+                int(split.label[i]),
+                int(sample_index[i]) if sample_index is not None else i,
+                [int(seq.timestamps[f]) for f in flat],
+            )
+        )
     return out
 
 
@@ -193,8 +212,15 @@ def item_embeddings(data, cache_dir, progress: bool = True) -> Tuple[np.ndarray,
     from rellax_fast.subr.text import dataset_item_texts
 
     ids, texts = dataset_item_texts(data.dataset)
-    res = cached_item_embeddings(cache_dir, data.dataset.name, ids, texts, encoder_factory=build_encoder,
-                                 identity=identity_for(), show_progress=progress)  # fmt: skip
+    res = cached_item_embeddings(
+        cache_dir,
+        data.dataset.name,
+        ids,
+        texts,
+        encoder_factory=build_encoder,
+        identity=identity_for(),
+        show_progress=progress,
+    )
     return np.asarray(res.embeddings, dtype=np.float32), list(res.item_ids)
 
 
@@ -260,8 +286,10 @@ def check_prompt_budget(max_length: int, *datasets) -> None:
         except ValueError as exc:
             if not str(exc).startswith("max_length: "):
                 raise
-            raise PipelineOptionError(f"--max-length {max_length}: {str(exc)[len('max_length: '):]}; raise "
-                                      "--max-length (or shorten the prompt: --no-spa, a smaller --k)") from None  # fmt: skip
+            raise PipelineOptionError(
+                f"--max-length {max_length}: {str(exc)[len('max_length: ') :]}; raise "
+                "--max-length (or shorten the prompt: --no-spa, a smaller --k)"
+            ) from None
 
 
 def load_tokenizer_and_backbone(model_path: Optional[str], kind: str = "auto"):
@@ -278,19 +306,31 @@ def load_tokenizer_and_backbone(model_path: Optional[str], kind: str = "auto"):
     return tok, backbone, kind
 
 
-def build_rellax(backbone, kind: str, tokenizer, spec: VariantSpec, cfg: PipelineConfig, din, vocab, cond_stats) -> ReLLaXModel:
+def build_rellax(
+    backbone, kind: str, tokenizer, spec: VariantSpec, cfg: PipelineConfig, din, vocab, cond_stats
+) -> ReLLaXModel:
     from rellax_fast.data.collate import yes_no_token_ids
 
     cflora = variant_cflora_config(cfg, spec, din.config.h_dim, getattr(backbone.config, "model_type", ""))
-    options = ReLLaXOptions(cflora=cflora, use_spa=spec.spa,
-                            gradient_checkpointing=cfg.train.gradient_checkpointing, readout=spec.readout,
-                            readout_lambda=spec.readout_lambda)  # fmt: skip
+    options = ReLLaXOptions(
+        cflora=cflora,
+        use_spa=spec.spa,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        readout=spec.readout,
+        readout_lambda=spec.readout_lambda,
+    )
     return ReLLaXModel(
-        backbone, kind, yes_no_token_ids(tokenizer, kind), options,
-        item_table=din.item_embeddings(), item_ids=torch.as_tensor(vocab),
-        cond_dim=din.config.h_dim, cond_mean=cond_stats[0], cond_std=cond_stats[1],
+        backbone,
+        kind,
+        yes_no_token_ids(tokenizer, kind),
+        options,
+        item_table=din.item_embeddings(),
+        item_ids=torch.as_tensor(vocab),
+        cond_dim=din.config.h_dim,
+        cond_mean=cond_stats[0],
+        cond_std=cond_stats[1],
         din_head=(din.out.weight, din.out.bias) if spec.readout == "residual" else None,
-    )  # fmt: skip
+    )
 
 
 def save_run(run_dir: Path, model: ReLLaXModel, meta: dict) -> None:
@@ -303,8 +343,11 @@ def save_run(run_dir: Path, model: ReLLaXModel, meta: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.trainable_state().items()}
     atomic_write_bytes(run_dir / "trainable.safetensors", save(tensors))
-    buffers = {k: v.detach().contiguous().cpu() for k, v in model.named_buffers()
-               if not k.startswith("backbone.") and k not in ("answer_token_ids",)}  # fmt: skip
+    buffers = {
+        k: v.detach().contiguous().cpu()
+        for k, v in model.named_buffers()
+        if not k.startswith("backbone.") and k not in ("answer_token_ids",)
+    }
     atomic_write_bytes(run_dir / "buffers.safetensors", save(buffers))
     save_cflora(model.backbone, run_dir / "adapter")
     atomic_write_text(run_dir / "rellax.json", json.dumps(meta, indent=2, default=str))
@@ -349,8 +392,22 @@ def build_context(data, din, vocab, din_report, cfg: PipelineConfig, item_emb=No
     if cfg.n_valid and "valid" in data.splits and len(data.splits["valid"]):
         valid_index = valid_subsample(data, cfg)
         _, cond_valid = din_outputs(din, subset_view(data, "valid", valid_index), vocab, "valid")
-    return Context(data, din, vocab, din_report, item_emb, item_ids, train_index, test_index,
-                   h_train, h_test, (mean, std), p_test.numpy(), valid_index, cond_valid)  # fmt: skip
+    return Context(
+        data,
+        din,
+        vocab,
+        din_report,
+        item_emb,
+        item_ids,
+        train_index,
+        test_index,
+        h_train,
+        h_test,
+        (mean, std),
+        p_test.numpy(),
+        valid_index,
+        cond_valid,
+    )
 
 
 def valid_subsample(data, cfg: PipelineConfig) -> np.ndarray:
@@ -369,7 +426,9 @@ def subset_view(data, split_name: str, index: np.ndarray):
     return view
 
 
-def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, resume: bool = False, log=print) -> Dict:
+def run_variant(
+    ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, resume: bool = False, log=print
+) -> Dict:
     """Train and score one variant; returns {"metrics", "losses", "run_dir", "model", "seconds" (train, score),
     "valid", "best" (model selection on valid), "valid_probs" (the returned model on valid, or None)}."""
     from rellax_fast.data.collate import PromptCollator
@@ -386,22 +445,35 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     torch.manual_seed(cfg.seed)
     tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
     model = build_rellax(backbone, kind, tokenizer, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
-    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,
-                             chat=cfg.chat)
+    collator = PromptCollator(
+        tokenizer,
+        kind=kind,
+        max_length=cfg.max_length,
+        placeholder=cfg.placeholder if spec.spa else None,
+        chat=cfg.chat,
+    )
     data = ctx.data
     tr = data.splits["train"].subset(ctx.train_index)
     te = data.splits["test"].subset(ctx.test_index)
-    pos_tr = shown_positions_for(data, tr, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
-    pos_te = shown_positions_for(data, te, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
+    pos_tr = shown_positions_for(
+        data, tr, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress
+    )
+    pos_te = shown_positions_for(
+        data, te, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress
+    )
     train_samples = make_samples(data, tr, pos_tr)
     train_set = PromptDataset(train_samples, collator, ctx.cond_train)
     test_set = PromptDataset(make_samples(data, te, pos_te), collator, ctx.cond_test)
     valid_set = None
     if ctx.valid_index is not None:
         va = data.splits["valid"].subset(ctx.valid_index)
-        pos_va = shown_positions_for(data, va, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress)
+        pos_va = shown_positions_for(
+            data, va, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress
+        )
         valid_set = PromptDataset(make_samples(data, va, pos_va), collator, ctx.cond_valid)
-    check_prompt_budget(cfg.max_length, train_set, valid_set, test_set)  # before the first step, naming the flag
+    check_prompt_budget(
+        cfg.max_length, train_set, valid_set, test_set
+    )  # before the first step, naming the flag
 
     history: Dict[str, List[float]] = {}
     t_train = time.perf_counter()  # "seconds" in the result: training and scoring wall time (bench lifelong)
@@ -413,11 +485,20 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         idx, modes = mix_recent_and_retrieved(tr, n1, cfg.seed)
         mixed = [recent_samples[i] if m == "recent" else train_samples[i] for i, m in zip(idx, modes)]
         model.set_stage("lora")
-        r1 = train_model(model, PromptDataset(mixed, collator, ctx.cond_train), cfg.train, run_dir / "stage1", resume=resume, log=log)
+        r1 = train_model(
+            model,
+            PromptDataset(mixed, collator, ctx.cond_train),
+            cfg.train,
+            run_dir / "stage1",
+            resume=resume,
+            log=log,
+        )
         history["stage1"] = r1["losses"]
         model = r1["model"]
         model.set_stage("interaction")
-        r2 = train_model(model, train_set, cfg.train, run_dir / "stage2", resume=resume, log=log, valid=valid_set)
+        r2 = train_model(
+            model, train_set, cfg.train, run_dir / "stage2", resume=resume, log=log, valid=valid_set
+        )
         history["stage2"] = r2["losses"]
         history["valid"], history["best"] = r2["valid"], r2["best"]
         valid_probs = r2["valid_probs"]
@@ -431,13 +512,27 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
         valid_probs = r["valid_probs"]
     # under accelerate launch / torchrun every rank scores a shard (gathered on all ranks); rank 0 writes
     t_score = time.perf_counter()
-    probs = predict_proba(model, test_set, cfg.train.eval_batch_size, progress=cfg.train.progress, desc=f"test {spec.name}",
-                          mixed_precision=cfg.train.mixed_precision)  # fmt: skip
+    probs = predict_proba(
+        model,
+        test_set,
+        cfg.train.eval_batch_size,
+        progress=cfg.train.progress,
+        desc=f"test {spec.name}",
+        mixed_precision=cfg.train.mixed_precision,
+    )
     seconds = {"train": t_score - t_train, "score": time.perf_counter() - t_score}
     metrics = ctr_metrics(test_set.labels(), probs)
     if not is_main():
-        return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds,
-                "valid": history.get("valid"), "best": history.get("best"), "valid_probs": valid_probs}
+        return {
+            "metrics": metrics,
+            "losses": losses,
+            "run_dir": str(run_dir),
+            "model": model,
+            "seconds": seconds,
+            "valid": history.get("valid"),
+            "best": history.get("best"),
+            "valid_probs": valid_probs,
+        }
     model_path = cfg.model or default_model_path()
     if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
         model_path = str(Path(model_path).resolve())
@@ -446,17 +541,29 @@ def run_variant(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, r
     # "variant" without the interaction, recorded there (runs.variant_from_meta)
     variant = {k: v for k, v in asdict(spec).items() if k != "interaction"}
     meta = {
-        "variant": variant, "pipeline": {**cfg.to_dict(), "cflora": model.cflora_config.to_dict()},
-        "model": model_path, "kind": kind, "dataset": data.dataset.name, **run_dependencies(run_dir, ctx, spec),
-    }  # fmt: skip
+        "variant": variant,
+        "pipeline": {**cfg.to_dict(), "cflora": model.cflora_config.to_dict()},
+        "model": model_path,
+        "kind": kind,
+        "dataset": data.dataset.name,
+        **run_dependencies(run_dir, ctx, spec),
+    }
     save_run(run_dir, model, meta)
     from .._io import atomic_write_npy, atomic_write_text
 
     atomic_write_text(run_dir / "loss.json", json.dumps({"losses": losses, **history}))
     atomic_write_npy(run_dir / "predictions.npy", probs)
     write_metrics_json(run_dir / "metrics.json", metrics, {"variant": spec.name})
-    return {"metrics": metrics, "losses": losses, "run_dir": str(run_dir), "model": model, "seconds": seconds,
-                "valid": history.get("valid"), "best": history.get("best"), "valid_probs": valid_probs}
+    return {
+        "metrics": metrics,
+        "losses": losses,
+        "run_dir": str(run_dir),
+        "model": model,
+        "seconds": seconds,
+        "valid": history.get("valid"),
+        "best": history.get("best"),
+        "valid_probs": valid_probs,
+    }
 
 
 def run_dependencies(run_dir, ctx: Context, spec: VariantSpec) -> Dict:
@@ -470,11 +577,17 @@ def run_dependencies(run_dir, ctx: Context, spec: VariantSpec) -> Dict:
     def rel(path):
         return None if path is None else os.path.relpath(Path(path).resolve(), run_dir)
 
-    deps = {"paths_relative_to": "run", "ctr_dir": rel(ctx.ctr_dir), "din_fingerprint": din_fingerprint(ctx.din, ctx.vocab),
-            "data_fingerprint": ctr_fingerprint(ctx.data)}  # eval refuses other data (runs.check_run_data)
+    deps = {
+        "paths_relative_to": "run",
+        "ctr_dir": rel(ctx.ctr_dir),
+        "din_fingerprint": din_fingerprint(ctx.din, ctx.vocab),
+        "data_fingerprint": ctr_fingerprint(ctx.data),
+    }  # eval refuses other data (runs.check_run_data)
     subr_path = ctx.subr_path or (Path(ctx.ctr_dir).parent / "subr_embeddings.npz" if ctx.ctr_dir else None)
     if spec.subr and ctx.item_emb is not None:
-        deps["subr_embeddings"] = rel(subr_path) if subr_path is not None and Path(subr_path).exists() else None
+        deps["subr_embeddings"] = (
+            rel(subr_path) if subr_path is not None and Path(subr_path).exists() else None
+        )
         deps["subr_fingerprint"] = embeddings_fingerprint(ctx.item_emb, ctx.item_ids)
     return deps
 
@@ -522,34 +635,66 @@ def run_inputs(ctx: Context, spec: VariantSpec) -> Dict:
 
     inputs = {
         "data_fingerprint": ctr_fingerprint(ctx.data),
-        "train_index_sha256": hashlib.sha256(np.ascontiguousarray(ctx.train_index, dtype="<i8").tobytes()).hexdigest(),
+        "train_index_sha256": hashlib.sha256(
+            np.ascontiguousarray(ctx.train_index, dtype="<i8").tobytes()
+        ).hexdigest(),
         "din_fingerprint": din_fingerprint(ctx.din, ctx.vocab),
     }
     if spec.subr and ctx.item_emb is not None:
         inputs["subr_fingerprint"] = embeddings_fingerprint(ctx.item_emb, ctx.item_ids)
     if ctx.valid_index is not None:  # model selection: the valid sample decides which tensors are kept
-        inputs["valid_index_sha256"] = hashlib.sha256(np.ascontiguousarray(ctx.valid_index, dtype="<i8").tobytes()).hexdigest()
+        inputs["valid_index_sha256"] = hashlib.sha256(
+            np.ascontiguousarray(ctx.valid_index, dtype="<i8").tobytes()
+        ).hexdigest()
     return inputs
 
 
 # options that do not change what a run trains (progress, checkpoint cadence, scoring batch, the op backend, a
 # test-only hook, memory-only recomputation) or only what it scores afterwards: a resume may change them
-RESUME_FREE_OPTIONS = frozenset({
-    "n_test", "train.progress", "train.save_every_steps", "train.keep_checkpoints", "train.eval_batch_size",
-    "train.stop_after_steps", "train.gradient_checkpointing", "cflora.backend",
-})  # fmt: skip
+RESUME_FREE_OPTIONS = frozenset(
+    {
+        "n_test",
+        "train.progress",
+        "train.save_every_steps",
+        "train.keep_checkpoints",
+        "train.eval_batch_size",
+        "train.stop_after_steps",
+        "train.gradient_checkpointing",
+        "cflora.backend",
+    }
+)
 # {option path in run_options: the flag that sets it}; paths without a flag are named as they are
 OPTION_FLAGS = {
-    "seed": "--seed", "train.seed": "--seed", "train.batch_size": "--batch-size", "train.lr": "--lr",
-    "train.epochs": "--epochs", "train.mixed_precision": "--mixed-precision", "train.lr_groups": "--lr-<group>",
-    "train.group_by_length": "--group-by-length", "train.eval_every_steps": "--eval-every", "cflora.r": "--r",
-    "cflora.alpha": "--alpha", "cflora.dropout": "--lora-dropout", "cflora.n_experts": "--n-experts",
-    "cflora.generator_hidden": "--generator-hidden", "cflora.generator_init_std": "--generator-init-std",
-    "k": "--k", "subr_mode": "--subr-mode", "n_train": "--n-train", "n_valid": "--n-valid",
-    "max_length": "--max-length", "model": "--model", "kind": "--kind", "chat": "--chat",
-    "variant.subr": "--no-subr", "variant.spa": "--no-spa", "variant.interaction": "--interaction",
-    "variant.recipe": "--recipe", "variant.readout": "--readout", "variant.readout_lambda": "--readout-lambda",
-}  # fmt: skip
+    "seed": "--seed",
+    "train.seed": "--seed",
+    "train.batch_size": "--batch-size",
+    "train.lr": "--lr",
+    "train.epochs": "--epochs",
+    "train.mixed_precision": "--mixed-precision",
+    "train.lr_groups": "--lr-<group>",
+    "train.group_by_length": "--group-by-length",
+    "train.eval_every_steps": "--eval-every",
+    "cflora.r": "--r",
+    "cflora.alpha": "--alpha",
+    "cflora.dropout": "--lora-dropout",
+    "cflora.n_experts": "--n-experts",
+    "cflora.generator_hidden": "--generator-hidden",
+    "cflora.generator_init_std": "--generator-init-std",
+    "k": "--k",
+    "subr_mode": "--subr-mode",
+    "n_train": "--n-train",
+    "n_valid": "--n-valid",
+    "max_length": "--max-length",
+    "model": "--model",
+    "kind": "--kind",
+    "chat": "--chat",
+    "variant.subr": "--no-subr",
+    "variant.spa": "--no-spa",
+    "variant.interaction": "--interaction",
+    "variant.recipe": "--recipe",
+    "variant.readout": "--readout",
+    "variant.readout_lambda": "--readout-lambda",
+}
 
 
 def run_options(cfg: PipelineConfig, spec: VariantSpec) -> Dict:
@@ -582,8 +727,14 @@ def option_changes(recorded: Dict, current: Dict) -> List[str]:
     return changes
 
 
-def check_inputs_for_resume(run_dir: Path, ctx: Context, spec: VariantSpec, resume: bool,
-                            cfg: Optional[PipelineConfig] = None, log=print) -> None:  # fmt: skip
+def check_inputs_for_resume(
+    run_dir: Path,
+    ctx: Context,
+    spec: VariantSpec,
+    resume: bool,
+    cfg: Optional[PipelineConfig] = None,
+    log=print,
+) -> None:
     """Record the run's inputs and options (``cfg``) at its start; on ``resume``, refuse to continue on other
     inputs, or with options that change the run (:data:`RESUME_FREE_OPTIONS` may change), naming each."""
     from .._io import atomic_write_text
@@ -595,8 +746,9 @@ def check_inputs_for_resume(run_dir: Path, ctx: Context, spec: VariantSpec, resu
         try:
             recorded = json.loads(path.read_text())
         except ValueError as exc:
-            raise ResumeMismatchError(f"{path}: unreadable ({exc}); cannot check what the run started with; train "
-                                      "without --resume") from None  # fmt: skip
+            raise ResumeMismatchError(
+                f"{path}: unreadable ({exc}); cannot check what the run started with; train without --resume"
+            ) from None
         recorded_options = recorded.pop("options", None)
         changed = sorted(k for k in set(recorded) | set(inputs) if recorded.get(k) != inputs.get(k))
         if changed:
@@ -605,9 +757,15 @@ def check_inputs_for_resume(run_dir: Path, ctx: Context, spec: VariantSpec, resu
                 f"retrained DIN, other data or embeddings); train without --resume, or into another --name"
             )
         if recorded_options is None and options is not None:
-            log(f"warning: {path} was written before runs recorded their options: resuming without checking that "
-                "--batch-size, --lr, --k, --r, ... are the ones the run started with")  # fmt: skip
-        differ = option_changes(recorded_options, options) if recorded_options is not None and options is not None else []
+            log(
+                f"warning: {path} was written before runs recorded their options: resuming without checking that "
+                "--batch-size, --lr, --k, --r, ... are the ones the run started with"
+            )
+        differ = (
+            option_changes(recorded_options, options)
+            if recorded_options is not None and options is not None
+            else []
+        )
         if differ:
             raise ResumeMismatchError(
                 f"{path}: cannot resume {run_dir} with other options than it started with: {'; '.join(differ)}. "

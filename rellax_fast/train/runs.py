@@ -18,7 +18,13 @@ run back, so ``pipeline`` importing it would close an import cycle.
 from __future__ import annotations
 
 # {key of the flat "pipeline" dict that runs wrote before the nested "cflora": CFLoRAConfig field}
-FLAT_ADAPTER_KEYS = {"r": "r", "alpha": "alpha", "dropout": "dropout", "n_experts": "n_experts", "cflora_backend": "backend"}
+FLAT_ADAPTER_KEYS = {
+    "r": "r",
+    "alpha": "alpha",
+    "dropout": "dropout",
+    "n_experts": "n_experts",
+    "cflora_backend": "backend",
+}
 
 
 def nest_flat_adapter_keys(data: dict) -> dict:
@@ -31,8 +37,10 @@ def nest_flat_adapter_keys(data: dict) -> dict:
     flat = {field: data[key] for key, field in FLAT_ADAPTER_KEYS.items() if key in data}
     if "cflora" in data:
         if flat:
-            raise ValueError(f"rellax.json: 'pipeline' has both a nested 'cflora' and the flat keys "
-                             f"{sorted(k for k in FLAT_ADAPTER_KEYS if k in data)}")  # fmt: skip
+            raise ValueError(
+                f"rellax.json: 'pipeline' has both a nested 'cflora' and the flat keys "
+                f"{sorted(k for k in FLAT_ADAPTER_KEYS if k in data)}"
+            )
         return data
     rest = {k: v for k, v in data.items() if k not in FLAT_ADAPTER_KEYS}
     return {**rest, "cflora": pipeline_cflora_config(**flat).to_dict()}
@@ -84,16 +92,26 @@ def read_run_meta(run_dir) -> dict:
 
     path = Path(run_dir) / "rellax.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found; is {run_dir} a finished run folder (written by `rellax-fast train`)?")
+        raise FileNotFoundError(
+            f"{path}: not found; is {run_dir} a finished run folder (written by `rellax-fast train`)?"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RunFileError(f"{path}: unreadable or truncated ({exc}); the run folder is damaged: retrain it") from None
-    missing = [k for k in ("variant", "pipeline", "model", "kind", "dataset") if not isinstance(meta, dict) or k not in meta]
+        raise RunFileError(
+            f"{path}: unreadable or truncated ({exc}); the run folder is damaged: retrain it"
+        ) from None
+    missing = [
+        k
+        for k in ("variant", "pipeline", "model", "kind", "dataset")
+        if not isinstance(meta, dict) or k not in meta
+    ]
     if missing:
         raise RunFileError(f"{path}: missing {missing}; the run folder is damaged or not a run: retrain it")
     if not isinstance(meta["pipeline"], dict) or not isinstance(meta["variant"], dict):
-        raise RunFileError(f"{path}: 'pipeline' and 'variant' must be objects; the run folder is damaged: retrain it")
+        raise RunFileError(
+            f"{path}: 'pipeline' and 'variant' must be objects; the run folder is damaged: retrain it"
+        )
     return meta
 
 
@@ -103,8 +121,10 @@ def check_run_data(run_dir, meta: dict, data) -> None:
     from ..data.ctr import ctr_fingerprint
 
     if data.dataset.name != meta["dataset"]:
-        raise RunDataMismatchError(f"{run_dir}: the run was trained on {meta['dataset']!r}, not {data.dataset.name!r}; "
-                                   f"evaluate it on its own dataset (--dataset {meta['dataset']})")  # fmt: skip
+        raise RunDataMismatchError(
+            f"{run_dir}: the run was trained on {meta['dataset']!r}, not {data.dataset.name!r}; "
+            f"evaluate it on its own dataset (--dataset {meta['dataset']})"
+        )
     expected = meta.get("data_fingerprint")
     if expected and ctr_fingerprint(data) != expected:
         raise RunDataMismatchError(
@@ -123,18 +143,26 @@ def _load_tensors(path, targets: dict, what: str) -> dict:
     try:
         saved = load_file(str(path))
     except Exception as exc:  # safetensors' own error type (a truncated or non-safetensors file), OSError
-        raise RunFileError(f"{path}: unreadable ({type(exc).__name__}: {exc}); the run folder is damaged") from None
+        raise RunFileError(
+            f"{path}: unreadable ({type(exc).__name__}: {exc}); the run folder is damaged"
+        ) from None
     for k, v in saved.items():
         if k not in targets:
-            raise RunFileError(f"{path}: holds {what} {k!r}, which the rebuilt model does not have (another model's "
-                               "file, or edited)")  # fmt: skip
+            raise RunFileError(
+                f"{path}: holds {what} {k!r}, which the rebuilt model does not have (another model's "
+                "file, or edited)"
+            )
         if tuple(v.shape) != tuple(targets[k].shape):
-            raise RunFileError(f"{path}: {what} {k!r} has shape {tuple(v.shape)}, the model expects "
-                               f"{tuple(targets[k].shape)}")  # fmt: skip
+            raise RunFileError(
+                f"{path}: {what} {k!r} has shape {tuple(v.shape)}, the model expects "
+                f"{tuple(targets[k].shape)}"
+            )
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             bad = int((~torch.isfinite(v)).sum())
-            raise RunFileError(f"{path}: {what} {k!r} holds {bad} non-finite value(s) (NaN or Inf); the run diverged "
-                               "or the file was damaged: retrain it")  # fmt: skip
+            raise RunFileError(
+                f"{path}: {what} {k!r} holds {bad} non-finite value(s) (NaN or Inf); the run diverged "
+                "or the file was damaged: retrain it"
+            )
     return saved
 
 
@@ -156,7 +184,9 @@ def load_run(run_dir, data=None, log=print):
         cfg = pipeline_config_from_dict(meta["pipeline"], model=meta["model"])
         spec = variant_from_meta(meta["variant"], cfg)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise RunFileError(f"{run_dir / 'rellax.json'}: its pipeline or variant is not valid ({exc})") from None
+        raise RunFileError(
+            f"{run_dir / 'rellax.json'}: its pipeline or variant is not valid ({exc})"
+        ) from None
     ctr_dir = resolve_dependency(run_dir, meta, "ctr_dir")
     if ctr_dir is None or not (ctr_dir / "din.json").exists():
         raise RunDependencyError(
@@ -175,13 +205,25 @@ def load_run(run_dir, data=None, log=print):
         )
     tokenizer, backbone, kind = load_tokenizer_and_backbone(cfg.model, meta["kind"])
     # the condition statistics are buffers: rebuild with placeholders, then load every saved tensor
-    model = build_rellax(backbone, kind, tokenizer, spec, cfg, din, vocab,
-                         (torch.zeros(din.config.h_dim), torch.ones(din.config.h_dim)))  # fmt: skip
+    model = build_rellax(
+        backbone,
+        kind,
+        tokenizer,
+        spec,
+        cfg,
+        din,
+        vocab,
+        (torch.zeros(din.config.h_dim), torch.ones(din.config.h_dim)),
+    )
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     # every saved tensor is checked (name, shape, finite) before any is copied
     saved = _load_tensors(run_dir / "trainable.safetensors", params, "tensor")
-    extra = _load_tensors(run_dir / "buffers.safetensors", buffers, "buffer") if (run_dir / "buffers.safetensors").exists() else {}
+    extra = (
+        _load_tensors(run_dir / "buffers.safetensors", buffers, "buffer")
+        if (run_dir / "buffers.safetensors").exists()
+        else {}
+    )
     with torch.no_grad():
         for k, v in saved.items():
             params[k].copy_(v)
@@ -200,7 +242,9 @@ def _jsonl_ints(path, n: int, row: dict, key: str, length=None) -> list:
 
     value = row[key]
     if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise DataFormatError(f"{path}: line {n}: {key} must be a list of integers, got {json_snippet(value)}")
+        raise DataFormatError(
+            f"{path}: line {n}: {key} must be a list of integers, got {json_snippet(value)}"
+        )
     if length is not None and len(value) != length:
         raise DataFormatError(f"{path}: line {n}: {key} has {len(value)} values for {length} history items")
     return value
@@ -226,8 +270,10 @@ def _jsonl_row(path, n: int, line: str, known_items) -> dict:
     except ValueError as exc:
         raise DataFormatError(f"{path}: line {n}: not valid JSON ({exc})") from None
     if not isinstance(row, dict):
-        raise DataFormatError(f"{path}: line {n}: expected a JSON object like {{\"user_id\": 1, \"item_id\": 50, "
-                              f"\"history\": [12, 7]}}, got a {type(row).__name__}")  # fmt: skip
+        raise DataFormatError(
+            f'{path}: line {n}: expected a JSON object like {{"user_id": 1, "item_id": 50, '
+            f'"history": [12, 7]}}, got a {type(row).__name__}'
+        )
     for key in ("user_id", "item_id", "history"):
         if key not in row:
             raise DataFormatError(f"{path}: line {n}: missing {key!r} (need user_id, item_id, history)")
@@ -237,26 +283,39 @@ def _jsonl_row(path, n: int, line: str, known_items) -> dict:
     hist = _jsonl_ints(path, n, row, "history")
     unknown = [i for i in [*hist, row["item_id"]] if i not in known_items]
     if unknown:
-        raise DataFormatError(f"{path}: line {n}: item id(s) {unknown[:5]} are not items of the run's dataset")
+        raise DataFormatError(
+            f"{path}: line {n}: item id(s) {unknown[:5]} are not items of the run's dataset"
+        )
     ratings = row.get("history_ratings")
     if ratings is None:
         ratings = [0.0] * len(hist)
     elif not isinstance(ratings, list) or not all(
         isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in ratings
     ):
-        raise DataFormatError(f"{path}: line {n}: history_ratings must be a list of finite numbers, got "
-                              f"{json_snippet(ratings)}")  # fmt: skip
+        raise DataFormatError(
+            f"{path}: line {n}: history_ratings must be a list of finite numbers, got {json_snippet(ratings)}"
+        )
     elif len(ratings) != len(hist):
-        raise DataFormatError(f"{path}: line {n}: history_ratings has {len(ratings)} values for {len(hist)} history items")
+        raise DataFormatError(
+            f"{path}: line {n}: history_ratings has {len(ratings)} values for {len(hist)} history items"
+        )
     stamps = list(range(len(hist)))
     if row.get("history_timestamps") is not None:
         stamps = _jsonl_ints(path, n, row, "history_timestamps", len(hist))
         if any(b < a for a, b in zip(stamps, stamps[1:])):
-            raise DataFormatError(f"{path}: line {n}: history_timestamps are not in time order (history is oldest first)")
+            raise DataFormatError(
+                f"{path}: line {n}: history_timestamps are not in time order (history is oldest first)"
+            )
     if "label" in row and (row["label"] not in (0, 1) or isinstance(row["label"], float)):
         raise DataFormatError(f"{path}: line {n}: label must be 0 or 1, got {json_snippet(row['label'])}")
-    return {"user_id": row["user_id"], "item_id": row["item_id"], "history": hist, "ratings": [float(x) for x in ratings],
-            "stamps": stamps, "label": row.get("label")}  # fmt: skip
+    return {
+        "user_id": row["user_id"],
+        "item_id": row["item_id"],
+        "history": hist,
+        "ratings": [float(x) for x in ratings],
+        "stamps": stamps,
+        "label": row.get("label"),
+    }
 
 
 def jsonl_split(path, data):
@@ -290,14 +349,27 @@ def jsonl_split(path, data):
         stamps += r["stamps"] + [r["stamps"][-1] + 1 if r["stamps"] else 0]
         offsets.append(len(items))
     has_label = all(r["label"] is not None for r in rows)
-    seq = UserSequences(np.array([r["user_id"] for r in rows], np.int64), np.array(offsets, np.int64),
-                        np.array(items, np.int64), np.array(ratings, np.float32), np.array(stamps, np.int64))  # fmt: skip
+    seq = UserSequences(
+        np.array([r["user_id"] for r in rows], np.int64),
+        np.array(offsets, np.int64),
+        np.array(items, np.int64),
+        np.array(ratings, np.float32),
+        np.array(stamps, np.int64),
+    )
     n = len(rows)
     pos = np.diff(seq.offsets) - 1
     flat = seq.offsets[:-1] + pos
     labels = np.array([r["label"] or 0 for r in rows], np.int8)
-    split = CTRSplit(seq, np.arange(n, dtype=np.int64), pos, seq.user_ids, seq.items[flat], seq.ratings[flat], labels,
-                     seq.timestamps[flat])  # fmt: skip
+    split = CTRSplit(
+        seq,
+        np.arange(n, dtype=np.int64),
+        pos,
+        seq.user_ids,
+        seq.items[flat],
+        seq.ratings[flat],
+        labels,
+        seq.timestamps[flat],
+    )
     view = copy(data)
     view.sequences = seq
     view.splits = {"jsonl": split}
@@ -319,8 +391,10 @@ def subr_embeddings_for(run_dir, meta, data, cache_dir=None, progress: bool = Tr
     expected = meta.get("subr_fingerprint")
     if saved is not None:
         if expected and embeddings_fingerprint(*saved) != expected:
-            raise RunDependencyError(f"{path}: these SUBR embeddings are not the ones the run {run_dir} was trained with "
-                             f"(rebuilt since, or another pipeline's); retrain the run against them")  # fmt: skip
+            raise RunDependencyError(
+                f"{path}: these SUBR embeddings are not the ones the run {run_dir} was trained with "
+                f"(rebuilt since, or another pipeline's); retrain the run against them"
+            )
         return saved
     log(f"the run's SUBR embeddings ({path}) are gone: recomputing them with the default encoder")
     if cache_dir is None:
@@ -329,13 +403,24 @@ def subr_embeddings_for(run_dir, meta, data, cache_dir=None, progress: bool = Tr
     else:
         emb, ids = item_embeddings(data, cache_dir, progress=progress)
     if expected and embeddings_fingerprint(emb, ids) != expected:
-        log("warning: the recomputed SUBR embeddings differ from the run's (other encoder files or machine); "
-            "retrieval may differ slightly from training")  # fmt: skip
+        log(
+            "warning: the recomputed SUBR embeddings differ from the run's (other encoder files or machine); "
+            "retrieval may differ slightly from training"
+        )
     return emb, ids
 
 
-def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_size: int = 64, progress: bool = True,
-          cache_dir=None, details=None):  # fmt: skip
+def score(
+    run_dir,
+    data,
+    split_name: str = "test",
+    n=None,
+    jsonl=None,
+    batch_size: int = 64,
+    progress: bool = True,
+    cache_dir=None,
+    details=None,
+):
     """Score a saved run on ``data``'s split (the run's seeded test subsample by default) or a JSONL file.
 
     ``cache_dir``: where SUBR embeddings are cached if they must be recomputed (default: a temporary folder;
@@ -363,13 +448,19 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
         view, split, has_label = jsonl_split(jsonl, data)
         arrays = split_arrays(view, "jsonl", vocab, din.config.max_history)
         # DIN's user embedding: the user's row in the dataset's sequences (unknown users: row 0)
-        known = np.clip(np.searchsorted(data.sequences.user_ids, split.user_id), 0, len(data.sequences.user_ids) - 1)
+        known = np.clip(
+            np.searchsorted(data.sequences.user_ids, split.user_id), 0, len(data.sequences.user_ids) - 1
+        )
         arrays.user = torch.from_numpy(np.where(data.sequences.user_ids[known] == split.user_id, known, 0))
     else:
         has_label = True
         full = data.splits[split_name]
         n = cfg.n_test if n is None else n
-        index = subsample(len(full), n, cfg.seed + 1) if split_name == "test" else subsample(len(full), n, cfg.seed + 2)
+        index = (
+            subsample(len(full), n, cfg.seed + 1)
+            if split_name == "test"
+            else subsample(len(full), n, cfg.seed + 2)
+        )
         view = subset_view(data, split_name, index)
         split = view.splits[split_name]
         arrays = split_arrays(view, split_name, vocab, din.config.max_history)
@@ -380,14 +471,20 @@ def score(run_dir, data, split_name: str = "test", n=None, jsonl=None, batch_siz
     if spec.subr:
         emb, ids = subr_embeddings_for(run_dir, meta, data, cache_dir, progress)
     positions = shown_positions_for(view, split, cfg.k, spec.subr, cfg.subr_mode, emb, ids, progress)
-    collator = PromptCollator(tokenizer, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder if spec.spa else None,
-                              chat=cfg.chat)
+    collator = PromptCollator(
+        tokenizer,
+        kind=kind,
+        max_length=cfg.max_length,
+        placeholder=cfg.placeholder if spec.spa else None,
+        chat=cfg.chat,
+    )
     ds = PromptDataset(make_samples(view, split, positions), collator, h)
     # the run's own precision (a --mixed-precision fast/bf16 run is scored under the same autocast as in training)
     probs = predict_proba(model, ds, batch_size, progress=progress, mixed_precision=cfg.train.mixed_precision)
     bad = ~np.isfinite(probs)
     if bad.any():  # never handed on (and never written as predictions)
-        raise RunFileError(f"{run_dir}: the model scores non-finite probabilities for {int(bad.sum())} of {len(probs)} "
-                           "samples; the run's tensors are damaged or it diverged: retrain it")  # fmt: skip
+        raise RunFileError(
+            f"{run_dir}: the model scores non-finite probabilities for {int(bad.sum())} of {len(probs)} "
+            "samples; the run's tensors are damaged or it diverged: retrain it"
+        )
     return split, probs, has_label, spec
-

@@ -35,9 +35,16 @@ ITEM_COUNT_BANDS = ("0", "1–5", "6–20", ">20")
 USER_BANDS = ("unseen", "seen")
 HISTORY_EDGES = (10, 50, 200)  # behaviours before the target
 HISTORY_BANDS = ("<10", "10–49", "50–199", "≥200")
-SLICINGS = {"item_train_count": ITEM_COUNT_BANDS, "user_in_train": USER_BANDS, "history_length": HISTORY_BANDS}
-TITLES = {"item_train_count": "target item's train interactions", "user_in_train": "user in train",
-          "history_length": "history length"}  # fmt: skip
+SLICINGS = {
+    "item_train_count": ITEM_COUNT_BANDS,
+    "user_in_train": USER_BANDS,
+    "history_length": HISTORY_BANDS,
+}
+TITLES = {
+    "item_train_count": "target item's train interactions",
+    "user_in_train": "user in train",
+    "history_length": "history length",
+}
 
 
 @dataclass
@@ -56,8 +63,11 @@ class SliceSet:
         return {band: self.codes[slicing] == i for i, band in enumerate(SLICINGS[slicing])}
 
     def to_dict(self) -> Dict:
-        return {"bands": {k: list(v) for k, v in SLICINGS.items()}, "source": self.source,
-                "codes": {k: v.astype(int).tolist() for k, v in self.codes.items()}}  # fmt: skip
+        return {
+            "bands": {k: list(v) for k, v in SLICINGS.items()},
+            "source": self.source,
+            "codes": {k: v.astype(int).tolist() for k, v in self.codes.items()},
+        }
 
 
 def slice_codes(target_items, users, history_lengths, train_items, train_users) -> Dict[str, np.ndarray]:
@@ -67,11 +77,19 @@ def slice_codes(target_items, users, history_lengths, train_items, train_users) 
     train_items = np.asarray(train_items, np.int64)
     ids, counts = np.unique(train_items, return_counts=True)
     where = np.clip(np.searchsorted(ids, target_items), 0, max(len(ids) - 1, 0))
-    n_train = np.where(ids[where] == target_items, counts[where], 0) if len(ids) else np.zeros(target_items.size, np.int64)
+    n_train = (
+        np.where(ids[where] == target_items, counts[where], 0)
+        if len(ids)
+        else np.zeros(target_items.size, np.int64)
+    )
     return {
         "item_train_count": np.searchsorted(ITEM_COUNT_EDGES, n_train, side="right").astype(np.int8),
-        "user_in_train": np.isin(np.asarray(users, np.int64), np.asarray(train_users, np.int64)).astype(np.int8),
-        "history_length": np.searchsorted(HISTORY_EDGES, np.asarray(history_lengths, np.int64), side="right").astype(np.int8),
+        "user_in_train": np.isin(np.asarray(users, np.int64), np.asarray(train_users, np.int64)).astype(
+            np.int8
+        ),
+        "history_length": np.searchsorted(
+            HISTORY_EDGES, np.asarray(history_lengths, np.int64), side="right"
+        ).astype(np.int8),
     }
 
 
@@ -82,10 +100,22 @@ def compute_slices(data, split, split_name: str) -> SliceSet:
 
     train = data.splits["train"]
     codes = slice_codes(split.item_id, split.user_id, split.pos, train.item_id, train.user_id)
-    ident = json_sha256([np.asarray(split.user_id, np.int64).tolist(), np.asarray(split.item_id, np.int64).tolist(),
-                         np.asarray(split.pos, np.int64).tolist()])  # fmt: skip
-    return SliceSet(codes, {"split": split_name, "n": int(len(split)), "samples_sha256": ident,
-                            "train_samples": int(len(train))})  # fmt: skip
+    ident = json_sha256(
+        [
+            np.asarray(split.user_id, np.int64).tolist(),
+            np.asarray(split.item_id, np.int64).tolist(),
+            np.asarray(split.pos, np.int64).tolist(),
+        ]
+    )
+    return SliceSet(
+        codes,
+        {
+            "split": split_name,
+            "n": int(len(split)),
+            "samples_sha256": ident,
+            "train_samples": int(len(train)),
+        },
+    )
 
 
 def save_slices(path, slices: SliceSet) -> None:
@@ -99,7 +129,9 @@ def load_slices(path) -> SliceSet:
     """Read a file written by :func:`save_slices`; refuses one whose bands differ from this version's."""
     raw = json.loads(open(path, encoding="utf-8").read())
     if raw.get("bands") != {k: list(v) for k, v in SLICINGS.items()}:
-        raise ValueError(f"{path}: slice bands {raw.get('bands')} differ from this version's; recompute the slices")
+        raise ValueError(
+            f"{path}: slice bands {raw.get('bands')} differ from this version's; recompute the slices"
+        )
     return SliceSet({k: np.asarray(v, np.int8) for k, v in raw["codes"].items()}, raw["source"])
 
 
@@ -111,9 +143,12 @@ def sliced_report(data, split, probs, reference, path, source: str, n_boot: int 
 
     save_slices(path, compute_slices(data, split, source))
     membership = load_slices(path)
-    return {"membership": Path(path).name, "reference": "the run's frozen DIN",
-            "train_samples": membership.source["train_samples"],
-            **slice_statistics(split.label, probs, membership, reference=reference, n_boot=n_boot)}  # fmt: skip
+    return {
+        "membership": Path(path).name,
+        "reference": "the run's frozen DIN",
+        "train_samples": membership.source["train_samples"],
+        **slice_statistics(split.label, probs, membership, reference=reference, n_boot=n_boot),
+    }
 
 
 def _band_status(y: np.ndarray) -> Optional[str]:
@@ -127,7 +162,9 @@ def _band_status(y: np.ndarray) -> Optional[str]:
     return None
 
 
-def band_statistics(labels, probs, reference=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Dict:
+def band_statistics(
+    labels, probs, reference=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> Dict:
     """One band's numbers: n, positives, AUC / LogLoss with bootstrap intervals and, with a ``reference``
     (probabilities of the same samples), the paired tests; ``status`` None when tested, else why not (then only
     n, positives and the point values that exist)."""
@@ -140,27 +177,38 @@ def band_statistics(labels, probs, reference=None, n_boot: int = 1000, level: fl
         if 0 < out["n_pos"] < y.size:
             out["auc"] = stats.auc(y, probs)
         return out
-    st = stats.row_statistics(y, probs, {"ref": reference} if reference is not None else None, n_boot, level, seed)
-    out.update(auc=st["auc_ci"]["value"], auc_ci=[st["auc_ci"]["lo"], st["auc_ci"]["hi"]],
-               logloss_ci=[st["logloss_ci"]["lo"], st["logloss_ci"]["hi"]], vs_ref=st["vs"].get("ref"))  # fmt: skip
+    st = stats.row_statistics(
+        y, probs, {"ref": reference} if reference is not None else None, n_boot, level, seed
+    )
+    out.update(
+        auc=st["auc_ci"]["value"],
+        auc_ci=[st["auc_ci"]["lo"], st["auc_ci"]["hi"]],
+        logloss_ci=[st["logloss_ci"]["lo"], st["logloss_ci"]["hi"]],
+        vs_ref=st["vs"].get("ref"),
+    )
     return out
 
 
-def slice_statistics(labels, probs, slices: SliceSet, reference=None, n_boot: int = 1000, level: float = 0.95,
-                     seed: int = 0) -> Dict[str, Dict[str, Dict]]:  # fmt: skip
+def slice_statistics(
+    labels, probs, slices: SliceSet, reference=None, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> Dict[str, Dict[str, Dict]]:
     """{slicing: {band: :func:`band_statistics`}} of one model's ``probs`` on the samples of ``slices``."""
     y = np.asarray(labels, np.float64)
     p = np.asarray(probs, np.float64)
     if y.shape != (slices.n,) or p.shape != (slices.n,):
-        raise ValueError(f"labels, probs: expected shape ({slices.n},) (one per sample of the slices), got {y.shape} and "
-                         f"{p.shape}")  # fmt: skip
+        raise ValueError(
+            f"labels, probs: expected shape ({slices.n},) (one per sample of the slices), got {y.shape} and "
+            f"{p.shape}"
+        )
     ref = None if reference is None else np.asarray(reference, np.float64)
     if ref is not None and ref.shape != (slices.n,):
         raise ValueError(f"reference: expected shape ({slices.n},), got {ref.shape}")
     out: Dict[str, Dict[str, Dict]] = {}
     for slicing in SLICINGS:
-        out[slicing] = {band: band_statistics(y[m], p[m], None if ref is None else ref[m], n_boot, level, seed)
-                        for band, m in slices.masks(slicing).items()}  # fmt: skip
+        out[slicing] = {
+            band: band_statistics(y[m], p[m], None if ref is None else ref[m], n_boot, level, seed)
+            for band, m in slices.masks(slicing).items()
+        }
     return out
 
 
@@ -193,7 +241,9 @@ def slices_markdown(rows: Mapping[str, Mapping], ref_name: str = "DIN", metric: 
         title = f"**{TITLES.get(slicing, slicing)}: {'AUC' if metric == 'auc' else 'LogLoss'}**"
         lines = [title, "", "| row | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
         for name, sl in rows.items():
-            lines.append(f"| {name} | " + " | ".join(_cell(b, ref_name, metric) for b in sl[slicing].values()) + " |")
+            lines.append(
+                f"| {name} | " + " | ".join(_cell(b, ref_name, metric) for b in sl[slicing].values()) + " |"
+            )
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
@@ -206,6 +256,7 @@ def check_same_membership(rows: Mapping[str, Mapping]) -> None:
         sizes = {(s, band): (b["n"], b["n_pos"]) for s, bands in sl.items() for band, b in bands.items()}
         for key, size in sizes.items():
             if seen.setdefault(key, (name, size))[1] != size:
-                raise ValueError(f"slice {key[0]}={key[1]}: row {name!r} has (n, positives) {size} but row "
-                                 f"{seen[key][0]!r} has {seen[key][1]}; every row must use the same slice membership")  # fmt: skip
-
+                raise ValueError(
+                    f"slice {key[0]}={key[1]}: row {name!r} has (n, positives) {size} but row "
+                    f"{seen[key][0]!r} has {seen[key][1]}; every row must use the same slice membership"
+                )

@@ -45,7 +45,9 @@ def _probs(probs, n: int, name: str) -> np.ndarray:
     if not np.all(np.isfinite(p)):
         raise ValueError(f"{name}: {int((~np.isfinite(p)).sum())} non-finite values")
     if np.any((p < 0) | (p > 1)):
-        raise ValueError(f"{name}: probabilities must lie in [0, 1], got range [{p.min():.4g}, {p.max():.4g}]")
+        raise ValueError(
+            f"{name}: probabilities must lie in [0, 1], got range [{p.min():.4g}, {p.max():.4g}]"
+        )
     return np.clip(p, EPS, 1 - EPS)
 
 
@@ -125,7 +127,9 @@ def weighted_auc(y: np.ndarray, p: np.ndarray, weights: np.ndarray) -> np.ndarra
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
-def _bootstrap_values(y: np.ndarray, probs: Sequence[np.ndarray], metric: str, n_boot: int, seed: int) -> np.ndarray:
+def _bootstrap_values(
+    y: np.ndarray, probs: Sequence[np.ndarray], metric: str, n_boot: int, seed: int
+) -> np.ndarray:
     """(n_boot, len(probs)) metric values on shared resamples; NaN for AUC on a one-class resample."""
     if metric not in ("auc", "logloss"):
         raise ValueError(f"metric: expected 'auc' or 'logloss', got {metric!r}")
@@ -144,7 +148,9 @@ def _bootstrap_values(y: np.ndarray, probs: Sequence[np.ndarray], metric: str, n
     return out
 
 
-def bootstrap_ci(labels, probs, metric: str = "auc", n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> Dict[str, float]:
+def bootstrap_ci(
+    labels, probs, metric: str = "auc", n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> Dict[str, float]:
     """Percentile bootstrap interval of ``metric`` ('auc' or 'logloss') over resamples of the test samples.
 
     Returns {"value" (on all samples), "lo", "hi", "n_boot" (resamples used)}."""
@@ -161,8 +167,9 @@ def bootstrap_ci(labels, probs, metric: str = "auc", n_boot: int = 1000, level: 
     return {"value": value, "lo": float(lo), "hi": float(hi), "n_boot": int(vals.size)}
 
 
-def paired_bootstrap(labels, probs_a, probs_b, metric: str = "logloss", n_boot: int = 1000, level: float = 0.95,
-                     seed: int = 0) -> Dict[str, float]:  # fmt: skip
+def paired_bootstrap(
+    labels, probs_a, probs_b, metric: str = "logloss", n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> Dict[str, float]:
     """Paired bootstrap of ``metric(a) - metric(b)``: both models are scored on the same resamples.
 
     Returns {"diff" (on all samples), "lo", "hi" (percentile interval), "p" (two-sided), "n_boot"}. The p-value
@@ -205,7 +212,9 @@ def delong_covariance(labels, scores) -> Tuple[np.ndarray, np.ndarray]:
     _both_classes(y, "DeLong")
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     if s.ndim != 2 or s.shape[1] != y.size:
-        raise ValueError(f"scores: expected shape (k, {y.size}) (k models, one score per label), got {np.shape(scores)}")
+        raise ValueError(
+            f"scores: expected shape (k, {y.size}) (k models, one score per label), got {np.shape(scores)}"
+        )
     if not np.all(np.isfinite(s)):
         raise ValueError(f"scores: {int((~np.isfinite(s)).sum())} non-finite values")
     pos, neg = y == 1, y == 0
@@ -241,14 +250,27 @@ def delong_test(labels, probs_a, probs_b) -> Dict[str, float]:
     else:
         z = diff / se
         p = math.erfc(abs(z) / math.sqrt(2))
-    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "se": se, "z": float(z), "p": float(p)}
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "diff": diff,
+        "se": se,
+        "z": float(z),
+        "p": float(p),
+    }
 
 
 # ------------------------------------------------------------------------------------------ table rows
 
 
-def row_statistics(labels, probs, references: Optional[Mapping[str, np.ndarray]] = None, n_boot: int = 1000,
-                   level: float = 0.95, seed: int = 0) -> Dict:  # fmt: skip
+def row_statistics(
+    labels,
+    probs,
+    references: Optional[Mapping[str, np.ndarray]] = None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Dict:
     """What one row of an ablation table reports about ``probs``: AUC and LogLoss with bootstrap intervals, and
     for each reference model (name -> its probabilities on the same samples) the paired differences: DeLong
     for AUC (``d_auc``, ``p_auc``) and the paired bootstrap for LogLoss (``d_logloss``, ``p_logloss``,
@@ -262,9 +284,16 @@ def row_statistics(labels, probs, references: Optional[Mapping[str, np.ndarray]]
     for name, ref in (references or {}).items():
         dl = delong_test(y, probs, ref)
         pb = paired_bootstrap(y, probs, ref, "logloss", n_boot, level, seed)
-        out["vs"][name] = {"d_auc": dl["diff"], "se_auc": dl["se"], "p_auc": dl["p"], "d_logloss": pb["diff"],
-                           "d_logloss_lo": pb["lo"], "d_logloss_hi": pb["hi"], "p_logloss": pb["p"],
-                           "same_predictions": bool(np.array_equal(np.asarray(probs), np.asarray(ref)))}  # fmt: skip
+        out["vs"][name] = {
+            "d_auc": dl["diff"],
+            "se_auc": dl["se"],
+            "p_auc": dl["p"],
+            "d_logloss": pb["diff"],
+            "d_logloss_lo": pb["lo"],
+            "d_logloss_hi": pb["hi"],
+            "p_logloss": pb["p"],
+            "same_predictions": bool(np.array_equal(np.asarray(probs), np.asarray(ref))),
+        }
     return out
 
 

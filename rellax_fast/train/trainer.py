@@ -71,7 +71,9 @@ def param_group_of(name: str) -> str:
     return "other"
 
 
-def param_groups(model, lr: float, lr_groups: Optional[Dict[str, float]] = None, weight_decay: float = 0.0) -> List[Dict]:
+def param_groups(
+    model, lr: float, lr_groups: Optional[Dict[str, float]] = None, weight_decay: float = 0.0
+) -> List[Dict]:
     """AdamW parameter groups of ``model``'s trainable parameters, one per :func:`param_group_of` group that
     has parameters, each with its learning rate (``lr_groups[group]``, else ``lr``) and a ``name``."""
     lr_groups = dict(lr_groups or {})
@@ -85,8 +87,10 @@ def param_groups(model, lr: float, lr_groups: Optional[Dict[str, float]] = None,
     for name, p in model.named_parameters():
         if p.requires_grad:
             grouped.setdefault(param_group_of(_unwrapped_name(name)), []).append(p)
-    return [{"params": ps, "lr": float(lr_groups.get(g, lr)), "weight_decay": weight_decay, "name": g}
-            for g, ps in grouped.items()]  # fmt: skip
+    return [
+        {"params": ps, "lr": float(lr_groups.get(g, lr)), "weight_decay": weight_decay, "name": g}
+        for g, ps in grouped.items()
+    ]
 
 
 def _unwrapped_name(name: str) -> str:
@@ -107,8 +111,9 @@ class PromptDataset:
         self.samples = list(samples)
         self.collator = collator
         self.cond = cond  # (N_split, cond_dim) indexed by PromptSample.sample_index, or None
-        self._cache: Optional[List] = [None] * len(self.samples) if (
-            hasattr(collator, "encode") and hasattr(collator, "pad")) else None  # fmt: skip
+        self._cache: Optional[List] = (
+            [None] * len(self.samples) if (hasattr(collator, "encode") and hasattr(collator, "pad")) else None
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -120,7 +125,9 @@ class PromptDataset:
         """Sample ``i`` rendered and tokenised by the collator (cached)."""
         i = int(i)
         if self._cache is None:
-            raise TypeError(f"collator: {type(self.collator).__name__} has no encode/pad, so nothing is cached")
+            raise TypeError(
+                f"collator: {type(self.collator).__name__} has no encode/pad, so nothing is cached"
+            )
         if self._cache[i] is None:
             self._cache[i] = self.collator.encode(self.samples[i])
         return self._cache[i]
@@ -300,18 +307,29 @@ class _TrainingRun:
     checkpoint records), the valid history and the best candidate so far; its methods are the call's steps."""
 
     def __init__(self, model, dataset: PromptDataset, config: TrainConfig, run_dir, acc, log, valid) -> None:
-        self.model, self.dataset, self.config, self.run_dir, self.acc, self.log = model, dataset, config, run_dir, acc, log
+        self.model, self.dataset, self.config, self.run_dir, self.acc, self.log = (
+            model,
+            dataset,
+            config,
+            run_dir,
+            acc,
+            log,
+        )
         self.valid = valid
         self.world, self.rank = acc.num_processes, acc.process_index
         self.global_batch = config.batch_size * self.world
         self.steps_per_epoch = math.ceil(len(dataset) / self.global_batch)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.warmup = int(self.total_steps * config.warmup_ratio)
-        self.sharded = is_fully_sharded(model)  # torch's fully_shard applied by the caller (FSDP2 without accelerate)
+        self.sharded = is_fully_sharded(
+            model
+        )  # torch's fully_shard applied by the caller (FSDP2 without accelerate)
         self.fsdp = self.sharded or str(getattr(acc, "distributed_type", "")).endswith("FSDP")
         self.state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "losses": []}
         self.resumed_from = None
-        self.best = None  # with a valid set: {"step", "auc", "logloss"} of the best valid AUC so far, and its tensors
+        self.best = (
+            None  # with a valid set: {"step", "auc", "logloss"} of the best valid AUC so far, and its tensors
+        )
         self.last_valid = None  # (step, probs) of the latest valid scoring in this process
 
     def schedule(self, step: int) -> float:
@@ -321,8 +339,11 @@ class _TrainingRun:
 
     def new_optimizer(self, m):
         config = self.config
-        return torch.optim.AdamW(param_groups(m, config.lr, config.lr_groups, config.weight_decay), lr=config.lr,
-                                 weight_decay=config.weight_decay)  # fmt: skip
+        return torch.optim.AdamW(
+            param_groups(m, config.lr, config.lr_groups, config.weight_decay),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
 
     def prepare(self, resume: bool) -> None:
         """The latest checkpoint read back (with ``resume``), the model and optimizer prepared, the scheduler."""
@@ -331,11 +352,15 @@ class _TrainingRun:
         acc = self.acc
         ckpt = latest_checkpoint(self.run_dir) if resume else None
         if ckpt is not None and self.fsdp:
-            raise NotImplementedError(f"{ckpt}: resuming under FSDP is not supported yet (checkpoints hold full tensors "
-                                      "and a full optimizer state); resume without FSDP, or train without --resume")
+            raise NotImplementedError(
+                f"{ckpt}: resuming under FSDP is not supported yet (checkpoints hold full tensors "
+                "and a full optimizer state); resume without FSDP, or train without --resume"
+            )
         if ckpt is not None:  # the trainable tensors go into the plain model, before any wrapping
             load_checkpoint(ckpt, self.model, None, None, restore_rng=False)
-        if self.sharded:  # already sharded: accelerate would wrap it again in DDP (it enables FSDP only on GPUs)
+        if (
+            self.sharded
+        ):  # already sharded: accelerate would wrap it again in DDP (it enables FSDP only on GPUs)
             self.optimizer = acc.prepare(self.new_optimizer(self.model))
         elif self.fsdp and not getattr(acc, "is_fsdp2", False):
             # FSDP1 flattens the parameters: the optimizer must be built on the wrapped model
@@ -343,9 +368,13 @@ class _TrainingRun:
             self.optimizer = acc.prepare(self.new_optimizer(self.model))
         else:  # one process, DDP, or FSDP2 (accelerate maps the optimizer onto the sharded parameters)
             self.model, self.optimizer = acc.prepare(self.model, self.new_optimizer(self.model))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]  # after prepare: FSDP's sharded ones
+        self.params = [
+            p for p in self.model.parameters() if p.requires_grad
+        ]  # after prepare: FSDP's sharded ones
         optimizer = self.optimizer
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, self.schedule)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer, self.schedule
+        )
         if ckpt is not None:
             self.resume_from(ckpt)
         self.selecting = self.valid is not None and len(self.valid) > 0
@@ -358,9 +387,13 @@ class _TrainingRun:
     def resume_from(self, ckpt) -> None:
         from .checkpoint import load_checkpoint
 
-        state = self.state = load_checkpoint(ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        state = self.state = load_checkpoint(
+            ckpt, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler
+        )
         self.resumed_from = state["global_step"]
-        self.log(f"resumed from {ckpt} (epoch {state['epoch']}, step {state['step_in_epoch']}, global step {state['global_step']})")
+        self.log(
+            f"resumed from {ckpt} (epoch {state['epoch']}, step {state['step_in_epoch']}, global step {state['global_step']})"
+        )
         if state.get("best") is not None:
             from .checkpoint import load_best_tensors
 
@@ -371,22 +404,34 @@ class _TrainingRun:
         from ..metrics import ctr_metrics
 
         config, acc, valid = self.config, self.acc, self.valid
-        probs = predict_proba(self.model, valid, config.eval_batch_size, progress=False, accelerator=acc,
-                              mixed_precision=config.mixed_precision)  # fmt: skip
+        probs = predict_proba(
+            self.model,
+            valid,
+            config.eval_batch_size,
+            progress=False,
+            accelerator=acc,
+            mixed_precision=config.mixed_precision,
+        )
         m = ctr_metrics(valid.labels(), probs)
         row = {"step": self.state["global_step"], "auc": m["auc"], "logloss": m["logloss"]}
         self.valid_history.append(row)
         self.last_valid = (row["step"], probs)
         best = self.best
         # a NaN AUC (a one-class valid set) never beats a number
-        improved = best is None or (not math.isnan(row["auc"]) and (math.isnan(best["auc"]) or row["auc"] > best["auc"]))
+        improved = best is None or (
+            not math.isnan(row["auc"]) and (math.isnan(best["auc"]) or row["auc"] > best["auc"])
+        )
         if improved and config.select_best:
-            tensors = {k: v.detach().clone().cpu() for k, v in acc.unwrap_model(self.model).trainable_state().items()}
+            tensors = {
+                k: v.detach().clone().cpu() for k, v in acc.unwrap_model(self.model).trainable_state().items()
+            }
             best = self.best = dict(row, tensors=tensors, probs=probs)
         elif improved:
             best = self.best = dict(row, tensors=None)
-        self.log(f"valid at step {row['step']}: AUC {row['auc']:.4f}  LogLoss {row['logloss']:.4f}"
-                 + ("  (best)" if improved else f"  (best {best['auc']:.4f} at step {best['step']})"))  # fmt: skip
+        self.log(
+            f"valid at step {row['step']}: AUC {row['auc']:.4f}  LogLoss {row['logloss']:.4f}"
+            + ("  (best)" if improved else f"  (best {best['auc']:.4f} at step {best['step']})")
+        )
         self.state["valid"] = self.valid_history  # what the next checkpoint records
         self.state["best"] = {k: best[k] for k in ("step", "auc", "logloss")}
 
@@ -395,13 +440,21 @@ class _TrainingRun:
         from tqdm.auto import tqdm
 
         config, acc = self.config, self.acc
-        if self.selecting and self.state["global_step"] == 0 and getattr(acc.unwrap_model(self.model), "select_from_start", False):
+        if (
+            self.selecting
+            and self.state["global_step"] == 0
+            and getattr(acc.unwrap_model(self.model), "select_from_start", False)
+        ):
             # the untrained model is itself a candidate (the gated residual read-out starts as the frozen DIN):
             # score it before the first step, so the model kept is never worse on valid than where it started
             self.evaluate_valid()
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc="train",
-                   disable=not (config.progress and acc.is_main_process))  # fmt: skip
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state["global_step"],
+            desc="train",
+            disable=not (config.progress and acc.is_main_process),
+        )
         try:
             for epoch in range(self.state["epoch"], config.epochs):
                 order = epoch_order(self.dataset, config, epoch, self.global_batch)
@@ -437,8 +490,12 @@ class _TrainingRun:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.losses.append(float(total) / len(chunk))
-        self.state = {"epoch": epoch, "step_in_epoch": step + 1, "global_step": self.state["global_step"] + 1,
-                      "losses": self.losses}  # fmt: skip
+        self.state = {
+            "epoch": epoch,
+            "step_in_epoch": step + 1,
+            "global_step": self.state["global_step"] + 1,
+            "losses": self.losses,
+        }
         if step + 1 == self.steps_per_epoch:
             self.state.update(epoch=epoch + 1, step_in_epoch=0)
 
@@ -446,7 +503,9 @@ class _TrainingRun:
         """Validation and selection, then a checkpoint, when due; the ``stop_after_steps`` testing hook."""
         config, state = self.config, self.state
         at_epoch_end = state["step_in_epoch"] == 0
-        if self.selecting and (at_epoch_end or (config.eval_every_steps and state["global_step"] % config.eval_every_steps == 0)):
+        if self.selecting and (
+            at_epoch_end or (config.eval_every_steps and state["global_step"] % config.eval_every_steps == 0)
+        ):
             self.evaluate_valid()
         if at_epoch_end or (config.save_every_steps and state["global_step"] % config.save_every_steps == 0):
             self.checkpoint()
@@ -462,20 +521,34 @@ class _TrainingRun:
         acc.wait_for_everyone()
         model_view, optimizer_view = checkpoint_views(acc.unwrap_model(self.model), self.optimizer, self.fsdp)
         if acc.is_main_process:
-            save_checkpoint(self.run_dir, model_view, optimizer_view, self.scheduler, self.state, keep=self.config.keep_checkpoints,
-                            best_tensors=None if best is None else best.get("tensors"))  # fmt: skip
+            save_checkpoint(
+                self.run_dir,
+                model_view,
+                optimizer_view,
+                self.scheduler,
+                self.state,
+                keep=self.config.keep_checkpoints,
+                best_tensors=None if best is None else best.get("tensors"),
+            )
         acc.wait_for_everyone()
 
     def result(self) -> Dict:
         """train_model's result; the best valid candidate's tensors put back into the model when selected."""
-        unwrapped, best, state, last_valid = self.acc.unwrap_model(self.model), self.best, self.state, self.last_valid
+        unwrapped, best, state, last_valid = (
+            self.acc.unwrap_model(self.model),
+            self.best,
+            self.state,
+            self.last_valid,
+        )
         selected = None
         if best is not None and best.get("tensors") is not None and best["step"] != state["global_step"]:
             params = dict(unwrapped.named_parameters())
             with torch.no_grad():
                 for k, v in best["tensors"].items():
                     params[k].copy_(v.to(params[k].device, params[k].dtype))
-            self.log(f"kept the trainable tensors of step {best['step']} (best valid AUC {best['auc']:.4f}), not of the last step")
+            self.log(
+                f"kept the trainable tensors of step {best['step']} (best valid AUC {best['auc']:.4f}), not of the last step"
+            )
         if best is not None:
             selected = {k: best[k] for k in ("step", "auc", "logloss")}
         # the returned model's valid probabilities when this process scored them (callers need not score valid
@@ -483,9 +556,18 @@ class _TrainingRun:
         if selected is not None and self.config.select_best:
             valid_probs = best.get("probs")
         else:
-            valid_probs = last_valid[1] if last_valid is not None and last_valid[0] == state["global_step"] else None
-        return {"losses": self.losses, "global_step": state["global_step"], "resumed_from": self.resumed_from,
-                "model": unwrapped, "valid": self.valid_history, "best": selected, "valid_probs": valid_probs}  # fmt: skip
+            valid_probs = (
+                last_valid[1] if last_valid is not None and last_valid[0] == state["global_step"] else None
+            )
+        return {
+            "losses": self.losses,
+            "global_step": state["global_step"],
+            "resumed_from": self.resumed_from,
+            "model": unwrapped,
+            "valid": self.valid_history,
+            "best": selected,
+            "valid_probs": valid_probs,
+        }
 
 
 def check_finite_loss(loss: float, step: int, epoch: int, config: TrainConfig) -> None:
@@ -504,8 +586,15 @@ def check_finite_loss(loss: float, step: int, epoch: int, config: TrainConfig) -
 
 
 @torch.no_grad()
-def predict_proba(model, dataset: PromptDataset, batch_size: int = 64, progress: bool = True, desc: str = "score",
-                  accelerator=None, mixed_precision: str = "no") -> np.ndarray:  # fmt: skip
+def predict_proba(
+    model,
+    dataset: PromptDataset,
+    batch_size: int = 64,
+    progress: bool = True,
+    desc: str = "score",
+    accelerator=None,
+    mixed_precision: str = "no",
+) -> np.ndarray:
     """p(click) for every sample of ``dataset``, in order (eval mode, no dropout).
 
     Under ``torchrun`` / ``accelerate launch`` (or with a multi-process ``accelerator``) every rank must call
@@ -552,8 +641,12 @@ def predict_proba(model, dataset: PromptDataset, batch_size: int = 64, progress:
             from torch.utils.data import DataLoader
 
             if not is_fully_sharded(model) and next(model.parameters()).device != acc.device:
-                model.to(acc.device)  # each rank scores on its own device (cuda:LOCAL_RANK under a GPU launch)
-            loader = DataLoader(range(len(dataset)), batch_size=batch_size, shuffle=False, collate_fn=dataset.batch)
+                model.to(
+                    acc.device
+                )  # each rank scores on its own device (cuda:LOCAL_RANK under a GPU launch)
+            loader = DataLoader(
+                range(len(dataset)), batch_size=batch_size, shuffle=False, collate_fn=dataset.batch
+            )
             loader = acc.prepare_data_loader(loader)
             for batch in tqdm(loader, desc=desc, disable=not (progress and acc.is_main_process)):
                 with autocast():

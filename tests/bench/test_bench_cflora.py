@@ -11,8 +11,21 @@ from rellax_fast.bench import cli
 def test_bench_cflora_tiny_writes_reports(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    args = parser.parse_args(["cflora", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
-                              "--warmup", "0", "--repeat", "1"])
+    args = parser.parse_args(
+        [
+            "cflora",
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--warmup",
+            "0",
+            "--repeat",
+            "1",
+        ]
+    )
     args.out = str(tmp_path)
     assert cli.run(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "cflora.csv")))
@@ -41,8 +54,21 @@ def test_a_failing_method_becomes_a_one_line_note_and_the_suite_goes_on(tmp_path
     monkeypatch.setattr(cflora, "_unfused", broken)
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
-    args = parser.parse_args(["cflora", "--size", "tiny", "--device", "cpu", "--dtype", "float32",
-                              "--warmup", "0", "--repeat", "1"])
+    args = parser.parse_args(
+        [
+            "cflora",
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--warmup",
+            "0",
+            "--repeat",
+            "1",
+        ]
+    )
     args.out = str(tmp_path)
     assert cli.run(args) == 0
     rows = list(csv.DictReader(open(tmp_path / "cflora.csv")))

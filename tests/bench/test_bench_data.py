@@ -26,7 +26,10 @@ def test_generated_files_have_the_ml25m_shape_and_load(tmp_path):
     assert set(np.unique(ds.ratings["rating"])) <= set(np.arange(1, 11) / 2)
     assert len(ds.items) == 800 and ds.ratings["item_id"].between(1, 800).all()
     again = generate_movielens(tmp_path / "again", users=120, items=800, seed=1, max_length=2500)
-    assert again == gen and (tmp_path / "again" / "ratings.csv").read_bytes() == (tmp_path / "ratings.csv").read_bytes()
+    assert (
+        again == gen
+        and (tmp_path / "again" / "ratings.csv").read_bytes() == (tmp_path / "ratings.csv").read_bytes()
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written atomically, no temp left
 
 
@@ -45,8 +48,16 @@ def _increments(tmp_path, sizes, prepare_args=()):
     """(ratings, bytes, peak RSS) increments of sizes[1:] over sizes[0] for the prepare stage."""
     rows = []
     for users, scale, tail in sizes:
-        r = run_pipeline(tmp_path / f"{scale}{''.join(prepare_args)}", users, items=3000, max_length=tail,
-                         length_scale=scale, stages=["prepare"], prepare_args=prepare_args, log=lambda *a: None)
+        r = run_pipeline(
+            tmp_path / f"{scale}{''.join(prepare_args)}",
+            users,
+            items=3000,
+            max_length=tail,
+            length_scale=scale,
+            stages=["prepare"],
+            prepare_args=prepare_args,
+            log=lambda *a: None,
+        )
         st = r["stages"]["prepare"]
         rows.append((r["generated"]["ratings"], st["bytes_written"], st["peak_rss_bytes"]))
     base = np.array(rows[0], dtype=np.float64)
@@ -78,14 +89,17 @@ def test_prepare_bytes_and_peak_rss_grow_linearly_with_the_ratings(tmp_path):
 
 def test_the_scaling_check_catches_a_quadratic_history_column(tmp_path):
     """The same measurement with `prepare --history-column full` (entries grow with history length squared)."""
-    a, b = _increments(tmp_path, [(300, 0.1, 100), (300, 1.0, 1000), (300, 2.0, 2000)], ("--history-column", "full"))
+    a, b = _increments(
+        tmp_path, [(300, 0.1, 100), (300, 1.0, 1000), (300, 2.0, 2000)], ("--history-column", "full")
+    )
     assert b[1] / a[1] > 1.3 * (b[0] / a[0])
 
 
 @pytest.mark.slow  # ~10-25 s: child processes at up to 3.7M ratings
 def test_the_whole_pipeline_runs_per_stage_and_reports(tmp_path):
-    res = run_pipeline(tmp_path, 40, items=400, max_length=600, length_scale=0.5, targets=700, dim=16,
-                       log=lambda *a: None)  # fmt: skip
+    res = run_pipeline(
+        tmp_path, 40, items=400, max_length=600, length_scale=0.5, targets=700, dim=16, log=lambda *a: None
+    )
     st = res["stages"]
     assert list(st) == ["prepare", "embed", "retrieve", "train-ctr"]
     for r in st.values():
@@ -95,7 +109,9 @@ def test_the_whole_pipeline_runs_per_stage_and_reports(tmp_path):
     got = np.load(tmp_path / "retrieve" / "retrieved.npz")
     assert got["retrieved_pos"].shape == (700, 10)
     ok = got["retrieved_pos"] >= 0
-    assert (got["retrieved_pos"][ok] < np.repeat(got["pos"], 10).reshape(-1, 10)[ok]).all()  # only earlier ones
+    assert (
+        got["retrieved_pos"][ok] < np.repeat(got["pos"], 10).reshape(-1, 10)[ok]
+    ).all()  # only earlier ones
     assert st["train-ctr"]["train_samples"] > 0 and 0 <= st["train-ctr"]["test_auc"] <= 1
     # useful FLOPs (#28): retrieval 2 d per (target, earlier behaviour) over the timed call
     expect = 2 * 16 * got["pos"].sum() / st["retrieve"]["retrieve_s"] / 1e9
@@ -104,18 +120,35 @@ def test_the_whole_pipeline_runs_per_stage_and_reports(tmp_path):
     assert st["train-ctr"]["useful_gflops"] > 0 and st["train-ctr"]["precision"] in ("fp32", "bf16")
     assert (tmp_path / "ctr" / "din.safetensors").exists()
     gemm = {"n": 64, "threads": 1, "fp32_gflops": 2 * st["retrieve"]["useful_gflops"], "bf16_gflops": 1e3}
-    report = {"seed": 0, "dim": 16, "machine": "test", "gemm": gemm, "sizes": [res],
-              "extrapolated_full_size": extrapolate([res])}  # fmt: skip
+    report = {
+        "seed": 0,
+        "dim": 16,
+        "machine": "test",
+        "gemm": gemm,
+        "sizes": [res],
+        "extrapolated_full_size": extrapolate([res]),
+    }
     text = markdown(report)
     assert "linear extrapolation, not a measurement" in text and "| train-ctr |" in text
-    assert "useful GFLOP/s (50.0% of fp32 GEMM) (700, history up to" in text  # the share of the same run's rate
+    assert (
+        "useful GFLOP/s (50.0% of fp32 GEMM) (700, history up to" in text
+    )  # the share of the same run's rate
     json.dumps(report)  # serialisable as written
 
 
 def test_extrapolation_is_the_line_through_the_sizes():
     def fake(ratings, wall):
-        return {"generated": {"ratings": ratings},
-                "stages": {"prepare": {"wall_s": wall, "cpu_s": wall, "peak_rss_bytes": 100 + ratings, "bytes_written": 3 * ratings}}}  # fmt: skip
+        return {
+            "generated": {"ratings": ratings},
+            "stages": {
+                "prepare": {
+                    "wall_s": wall,
+                    "cpu_s": wall,
+                    "peak_rss_bytes": 100 + ratings,
+                    "bytes_written": 3 * ratings,
+                }
+            },
+        }
 
     e = extrapolate([fake(1000, 2.0), fake(3000, 4.0)], ratings=10_000)["prepare"]
     assert e["wall_s"] == pytest.approx(11.0) and e["peak_rss_bytes"] == pytest.approx(10_100)
@@ -127,11 +160,33 @@ def test_extrapolation_is_the_line_through_the_sizes():
 def test_cli_bench_data_writes_json_and_markdown(tmp_path):
     from rellax_fast.cli import main
 
-    rc = main(["bench", "data", "--out", str(tmp_path), "--users", "30,45", "--items", "300", "--tail-length", "400",
-               "--length-scale", "0.5", "--stages", "prepare,embed", "--dim", "8", "--gemm-size", "96"])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "data",
+            "--out",
+            str(tmp_path),
+            "--users",
+            "30,45",
+            "--items",
+            "300",
+            "--tail-length",
+            "400",
+            "--length-scale",
+            "0.5",
+            "--stages",
+            "prepare,embed",
+            "--dim",
+            "8",
+            "--gemm-size",
+            "96",
+        ]
+    )
     assert rc == 0
     report = json.loads((tmp_path / "data.json").read_text())
-    assert report["gemm"]["n"] == 96 and report["gemm"]["fp32_gflops"] > 0 and report["gemm"]["bf16_gflops"] > 0
+    assert (
+        report["gemm"]["n"] == 96 and report["gemm"]["fp32_gflops"] > 0 and report["gemm"]["bf16_gflops"] > 0
+    )
     assert "GEMM rate in this run (torch.mm, 96^3" in (tmp_path / "data.md").read_text()
     assert main(["bench", "data", "--out", str(tmp_path), "--users", "30", "--gemm-size", "-1"]) == 2
     assert [r["generated"]["users"] for r in report["sizes"]] == [30, 45]

@@ -33,8 +33,22 @@ def tiny_run(tmp_path_factory):
     old = os.environ.get("RELLAX_BENCH_COMPILE_BACKEND")
     os.environ["RELLAX_BENCH_COMPILE_BACKEND"] = "eager"
     try:
-        rc = main(["bench", "e2e", "--size", "tiny", "--device", "cpu", "--warmup", "1", "--repeat", "1",
-                   "--out", str(out)])
+        rc = main(
+            [
+                "bench",
+                "e2e",
+                "--size",
+                "tiny",
+                "--device",
+                "cpu",
+                "--warmup",
+                "1",
+                "--repeat",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
     finally:
         if old is None:
             os.environ.pop("RELLAX_BENCH_COMPILE_BACKEND", None)
@@ -52,8 +66,12 @@ def test_every_provider_has_a_finite_row(tiny_run):
     spec = e2e.SIZES["tiny"]
     train = [r for r in rows if r["phase"] == "train"]
     assert [r["provider"] for r in train] == [p[0] for p in e2e.TRAIN_PROVIDERS]
-    expected_infer = {(name, phase, str(b)) for name in e2e.INFER_PROVIDERS for phase in ("prefill", "decode")
-                      for b in spec.infer_batches}
+    expected_infer = {
+        (name, phase, str(b))
+        for name in e2e.INFER_PROVIDERS
+        for phase in ("prefill", "decode")
+        for b in spec.infer_batches
+    }
     got_infer = {(r["provider"], r["phase"], r["batch"]) for r in rows if r["phase"] != "train"}
     assert got_infer == expected_infer
     assert len(rows) == len(train) + len(expected_infer)
@@ -74,8 +92,9 @@ def test_training_rows_are_consistent(tiny_run):
     for r in train.values():
         assert int(r["batch"]) == spec.train_batch and int(r["seq"]) == spec.seq
         # tokens/s is batch*seq over the step time
-        assert float(r["tokens_per_s"]) == pytest.approx(spec.train_batch * spec.seq / (float(r["ms"]) / 1e3),
-                                                         rel=1e-6)
+        assert float(r["tokens_per_s"]) == pytest.approx(
+            spec.train_batch * spec.seq / (float(r["ms"]) / 1e3), rel=1e-6
+        )
         assert r["baseline"] == e2e.TRAIN_BASELINE
     assert float(train[e2e.TRAIN_BASELINE]["speed_vs_baseline"]) == pytest.approx(1.0)
     assert float(train[e2e.COMPILED_PROVIDER]["speed_vs_compiled"]) == pytest.approx(1.0)
@@ -99,8 +118,11 @@ def test_inference_rows_and_ratios(tiny_run):
         assert int(r["seq"]) == spec.prompt
         assert float(r["tokens_per_s"]) == pytest.approx(n_tokens / (float(r["ms"]) / 1e3), rel=1e-6)
         assert r["baseline"] == e2e.INFER_BASELINE
-        base = next(b for b in infer if b["provider"] == e2e.INFER_BASELINE and b["phase"] == r["phase"]
-                    and b["batch"] == r["batch"])
+        base = next(
+            b
+            for b in infer
+            if b["provider"] == e2e.INFER_BASELINE and b["phase"] == r["phase"] and b["batch"] == r["batch"]
+        )
         assert float(r["speed_vs_baseline"]) == pytest.approx(float(base["ms"]) / float(r["ms"]), rel=1e-6)
 
 
@@ -125,15 +147,27 @@ def test_size_aliases_and_shapes():
     with pytest.raises(ValueError, match="--size must be one of"):
         e2e.resolve_size("70b")
     one_b, seven = e2e.SIZES["1b"], e2e.SIZES["7b-layer"]
-    assert (one_b.hidden, one_b.layers, one_b.heads, one_b.kv_heads, one_b.intermediate) == (2048, 16, 32, 8, 5632)
+    assert (one_b.hidden, one_b.layers, one_b.heads, one_b.kv_heads, one_b.intermediate) == (
+        2048,
+        16,
+        32,
+        8,
+        5632,
+    )
     assert (seven.hidden, seven.heads, seven.intermediate) == (4096, 32, 11008)
     for spec in e2e.SIZES.values():
         # random-weight sizes: the TALLRec/ReLLa r=16; the pretrained smollm2: ReLLaX's own r=8
-        assert spec.r == (8 if spec.backbone else 16) and spec.hidden % spec.heads == 0 and spec.heads % spec.kv_heads == 0
+        assert (
+            spec.r == (8 if spec.backbone else 16)
+            and spec.hidden % spec.heads == 0
+            and spec.heads % spec.kv_heads == 0
+        )
     assert one_b.seq == 512 and one_b.infer_batches == (1, 32)
 
 
-@pytest.mark.parametrize("size, n_params, kv_out", [("1b", 852_559_872, 512), ("7b-layer", 666_914_816, 4096)])
+@pytest.mark.parametrize(
+    "size, n_params, kv_out", [("1b", 852_559_872, 512), ("7b-layer", 666_914_816, 4096)]
+)
 def test_gpu_sizes_build_the_stated_llama(size, n_params, kv_out):
     """The GPU sizes' models, built on the meta device (no memory): parameter count, GQA shapes, dtype."""
     spec = e2e.SIZES[size]
@@ -147,8 +181,19 @@ def test_gpu_sizes_build_the_stated_llama(size, n_params, kv_out):
 
 def test_failing_provider_becomes_a_row(monkeypatch):
     """A provider that raises is recorded (note "failed: ...") and the next provider still runs."""
-    spec = e2e.E2ESize(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=64, train_batch=1,
-                       seq=8, infer_batches=(1,), prompt=8, cond_dim=4)
+    spec = e2e.E2ESize(
+        hidden=32,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        intermediate=64,
+        vocab=64,
+        train_batch=1,
+        seq=8,
+        infer_batches=(1,),
+        prompt=8,
+        cond_dim=4,
+    )
     base = e2e.build_base_model(spec, torch.device("cpu"), torch.float32)
 
     def broken(*args, **kwargs):
@@ -156,8 +201,17 @@ def test_failing_provider_becomes_a_row(monkeypatch):
 
     monkeypatch.setattr(e2e_train, "cflora_model", broken)
     seen = []
-    rows = e2e.bench_training(base, spec, torch.device("cpu"), torch.float32, 0, 1, "eager", seen.append,
-                              providers=(("rellax-fast full (auto)", "full", None), (e2e.TRAIN_BASELINE, "peft", None)))
+    rows = e2e.bench_training(
+        base,
+        spec,
+        torch.device("cpu"),
+        torch.float32,
+        0,
+        1,
+        "eager",
+        seen.append,
+        providers=(("rellax-fast full (auto)", "full", None), (e2e.TRAIN_BASELINE, "peft", None)),
+    )
     e2e.add_training_ratios(rows)
     assert rows[0]["note"] == "failed: RuntimeError: simulated kernel failure" and rows[0]["ms"] is None
     assert rows[0]["speed_vs_baseline"] is None
@@ -170,15 +224,28 @@ def test_apply_cflora_rows_run_the_fused_op_next_to_peft(monkeypatch):
     (the same model: B = 0 at init), and the patched layers really call ops.cflora_linear."""
     from rellax_fast.cflora import patch
 
-    spec = e2e.E2ESize(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vocab=64, train_batch=2,
-                       seq=8, infer_batches=(1,), prompt=8, r=4, cond_dim=4)
+    spec = e2e.E2ESize(
+        hidden=32,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        intermediate=64,
+        vocab=64,
+        train_batch=2,
+        seq=8,
+        infer_batches=(1,),
+        prompt=8,
+        r=4,
+        cond_dim=4,
+    )
     base = e2e.build_base_model(spec, torch.device("cpu"), torch.float32)
     calls = []
     real = patch.cflora_linear
     monkeypatch.setattr(patch, "cflora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     providers = ((e2e.TRAIN_BASELINE, "peft", None), (e2e.PATCHED_PROVIDER, "peft-apply", None))
-    rows = e2e.bench_training(base, spec, torch.device("cpu"), torch.float32, 0, 1, "eager", lambda rows: None,
-                              providers=providers)
+    rows = e2e.bench_training(
+        base, spec, torch.device("cpu"), torch.float32, 0, 1, "eager", lambda rows: None, providers=providers
+    )
     e2e.add_training_ratios(rows)
     peft_row, patched_row = rows
     assert patched_row["provider"] == e2e.PATCHED_PROVIDER and "apply_cflora" in patched_row["note"]
@@ -190,8 +257,9 @@ def test_apply_cflora_rows_run_the_fused_op_next_to_peft(monkeypatch):
     assert (e2e.PATCHED_PROVIDER, "peft-apply", None) in e2e.TRAIN_PROVIDERS
     assert e2e.PATCHED_INFER_PROVIDER in e2e.INFER_PROVIDERS
     calls.clear()
-    model, needs_cond, note = e2e_infer._inference_model(e2e.PATCHED_INFER_PROVIDER, base, spec,
-                                                         torch.device("cpu"), torch.float32)
+    model, needs_cond, note = e2e_infer._inference_model(
+        e2e.PATCHED_INFER_PROVIDER, base, spec, torch.device("cpu"), torch.float32
+    )
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 4, dtype=torch.long))
     assert not needs_cond and "apply_cflora" in note and len(calls) == n_layers
@@ -201,11 +269,15 @@ def test_benchmarks_section_appends_atomically(tmp_path):
     out = tmp_path / "bench"
     out.mkdir()
     (out / "cflora.md").write_text("# bench cflora\n\nshapes...\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
-    (out / "e2e_partial.md").write_text("# bench e2e (partial)\n\n| provider | ms |\n|---|---|\n| PEFT LoRA | 3 |\n")
+    (out / "e2e_partial.md").write_text(
+        "# bench e2e (partial)\n\n| provider | ms |\n|---|---|\n| PEFT LoRA | 3 |\n"
+    )
     bench_md = tmp_path / "BENCHMARKS.md"
     bench_md.write_text("# Benchmarks\n\nearlier results\n")
     command = "bash scripts/gpu_check.sh (rellax-fast bench e2e --size 1b)"
-    section = report.append_benchmarks_section(str(bench_md), str(out), command, device="cpu", title="GPU check")
+    section = report.append_benchmarks_section(
+        str(bench_md), str(out), command, device="cpu", title="GPU check"
+    )
     text = bench_md.read_text()
     assert text.startswith("# Benchmarks\n\nearlier results\n")  # existing content kept
     assert text.endswith(section)
@@ -217,8 +289,22 @@ def test_benchmarks_section_appends_atomically(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
     # the module's command-line entry used by gpu_check.sh
     section_file = tmp_path / "section.md"
-    assert e2e.main(["benchmarks-section", "--out-dir", str(out), "--command", command, "--suites", "cflora",
-                     "--section-file", str(section_file)]) == 0
+    assert (
+        e2e.main(
+            [
+                "benchmarks-section",
+                "--out-dir",
+                str(out),
+                "--command",
+                command,
+                "--suites",
+                "cflora",
+                "--section-file",
+                str(section_file),
+            ]
+        )
+        == 0
+    )
     assert "### bench cflora" in section_file.read_text() and "### bench e2e" not in section_file.read_text()
     assert bench_md.read_text() == text  # no --append-to: BENCHMARKS.md untouched
 
@@ -226,8 +312,18 @@ def test_benchmarks_section_appends_atomically(tmp_path):
 # ------------------------------------------------------------------------------------------ scripts
 
 GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
-STEP_NAMES = ("env", "build", "info", "test-cuda", "test-triton", "sanitizer", "bench-cflora", "bench-topk",
-              "bench-e2e", "benchmarks")
+STEP_NAMES = (
+    "env",
+    "build",
+    "info",
+    "test-cuda",
+    "test-triton",
+    "sanitizer",
+    "bench-cflora",
+    "bench-topk",
+    "bench-e2e",
+    "benchmarks",
+)
 
 
 def test_gpu_check_syntax():
@@ -269,8 +365,13 @@ def test_sanitizer_smoke_runs_on_cpu_backend():
     from rellax_fast.ops import all_ops, availability
 
     all_ops()
-    res = subprocess.run([sys.executable, str(REPO / "scripts" / "sanitizer_smoke.py"), "--backend", "cpp"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    res = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "sanitizer_smoke.py"), "--backend", "cpp"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     ops = ["seeded_dropout", "cflora_linear", "semantic_topk"]
     for op in ops:
         if availability(op)["cpp"] is None:

@@ -16,14 +16,49 @@ def test_bench_finetune_tiny(tiny_bert, seeded_embeddings, tmp_path, monkeypatch
     import rellax_fast.train.trainer as trainer
 
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: False)  # the bf16 row's skip path, on any CPU
-    argv = ["bench", "finetune", "--dataset", "synthetic", "--out", str(tmp_path), "--model", tiny_bert,
-            "--n-train", "40", "--n-valid", "30", "--batch-size", "4", "--k", "3", "--max-length", "96",
-            "--cflora-backend", "reference", "--din-epochs", "1", "--din-embed-dim", "4", "--din-hidden", "8",
-            "--din-max-history", "5", "--no-progress", "--warmup", "1"]  # fmt: skip
+    argv = [
+        "bench",
+        "finetune",
+        "--dataset",
+        "synthetic",
+        "--out",
+        str(tmp_path),
+        "--model",
+        tiny_bert,
+        "--n-train",
+        "40",
+        "--n-valid",
+        "30",
+        "--batch-size",
+        "4",
+        "--k",
+        "3",
+        "--max-length",
+        "96",
+        "--cflora-backend",
+        "reference",
+        "--din-epochs",
+        "1",
+        "--din-embed-dim",
+        "4",
+        "--din-hidden",
+        "8",
+        "--din-max-history",
+        "5",
+        "--no-progress",
+        "--warmup",
+        "1",
+    ]
     assert main(argv) == 0
     res = json.loads((tmp_path / "finetune" / "finetune.json").read_text())
     rows = {r["config"]: r for r in res["rows"]}
-    assert list(rows) == ["baseline", "+ token cache", "+ length groups", "+ bf16 autocast", "+ torch.compile"]
+    assert list(rows) == [
+        "baseline",
+        "+ token cache",
+        "+ length groups",
+        "+ bf16 autocast",
+        "+ torch.compile",
+    ]
     assert "no native bf16" in rows["+ torch.compile"]["note"]
     assert "no native bf16" in rows["+ bf16 autocast"]["note"]
     timed = [rows[k] for k in ("baseline", "+ token cache", "+ length groups")]
@@ -41,5 +76,7 @@ def test_bench_finetune_tiny(tiny_bert, seeded_embeddings, tmp_path, monkeypatch
 def test_bench_finetune_rejects_an_empty_training_set(tmp_path, capsys):
     from rellax_fast.cli import main
 
-    assert main(["bench", "finetune", "--dataset", "synthetic", "--out", str(tmp_path), "--n-train", "0"]) == 2
+    assert (
+        main(["bench", "finetune", "--dataset", "synthetic", "--out", str(tmp_path), "--n-train", "0"]) == 2
+    )
     assert "--n-train must be >= 1" in capsys.readouterr().err

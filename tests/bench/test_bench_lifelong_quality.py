@@ -10,10 +10,42 @@ import pytest
 
 
 def _argv(model, out, *extra):
-    return ["bench", "lifelong", "--preset", "none", "--dataset", "synthetic", "--out", str(out), "--model", model,
-            "--ks", "2,8", "--n-train", "16", "--n-test", "48", "--batch-size", "8", "--cflora-backend", "reference",
-            "--din-epochs", "1", "--din-embed-dim", "4", "--din-hidden", "8", "--din-max-history", "5",
-            "--n-boot", "50", "--no-progress", "--save-every", "100", *extra]  # fmt: skip
+    return [
+        "bench",
+        "lifelong",
+        "--preset",
+        "none",
+        "--dataset",
+        "synthetic",
+        "--out",
+        str(out),
+        "--model",
+        model,
+        "--ks",
+        "2,8",
+        "--n-train",
+        "16",
+        "--n-test",
+        "48",
+        "--batch-size",
+        "8",
+        "--cflora-backend",
+        "reference",
+        "--din-epochs",
+        "1",
+        "--din-embed-dim",
+        "4",
+        "--din-hidden",
+        "8",
+        "--din-max-history",
+        "5",
+        "--n-boot",
+        "50",
+        "--no-progress",
+        "--save-every",
+        "100",
+        *extra,
+    ]
 
 
 @pytest.mark.slow  # ~10 s on an idle 2-core machine (a DIN epoch on the synthetic data, 8 tiny points, a rerun)
@@ -47,14 +79,19 @@ def test_bench_lifelong_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, 
     for m in METHODS:
         later = by[(m, 8)]
         assert later["d_auc_vs_prev_k"] == pytest.approx(later["auc"] - by[(m, 2)]["auc"], abs=1e-9)
-        assert later["p_auc_vs_prev_k"] == pytest.approx(later["p_auc_vs_first_k"]) and 0 < later["p_auc_vs_prev_k"] <= 1
+        assert (
+            later["p_auc_vs_prev_k"] == pytest.approx(later["p_auc_vs_first_k"])
+            and 0 < later["p_auc_vs_prev_k"] <= 1
+        )
     # the token budget grows with K and is what every point at that K trained with
     budgets = {int(k): v["max_length"] for k, v in res["budgets"].items()}
     assert budgets[8] > budgets[2]
     assert all(p["max_length"] == budgets[p["k"]] for p in points)
     # at the 0.3 quantile with no margin, the longer K=8 prompts are cut somewhere, and it is reported
     assert sum(p["n_truncated_train"] for p in points if p["k"] == 8) > 0
-    assert res["din"]["name"] == DIN_NAME and res["din"]["auc_lo"] <= res["din"]["auc"] <= res["din"]["auc_hi"]
+    assert (
+        res["din"]["name"] == DIN_NAME and res["din"]["auc_lo"] <= res["din"]["auc"] <= res["din"]["auc_hi"]
+    )
     # the same test samples for every point: same labels, different models
     preds = {(m, k): np.load(d / "runs" / f"{m}-k{k}" / "predictions.npy") for m in METHODS for k in (2, 8)}
     assert all(v.shape == (48,) for v in preds.values())
@@ -88,7 +125,10 @@ def test_truncation_counts_match_the_collator(tiny_bert):
     samples = []
     for i in range(12):
         n = int(rng.integers(0, 9))
-        shown = [(j, f"Movie number {j} " + "word " * int(rng.integers(0, 6)), float(rng.integers(1, 6))) for j in range(n)]
+        shown = [
+            (j, f"Movie number {j} " + "word " * int(rng.integers(0, 6)), float(rng.integers(1, 6)))
+            for j in range(n)
+        ]
         samples.append(PromptSample("movie", None, shown, (99, "Target film"), int(i % 2), i, list(range(n))))
     ps = PromptSet(samples, tok, "encoder", "<spa>", False)
     budget = int(np.median(ps.lengths))
@@ -105,9 +145,14 @@ def test_truncation_counts_match_the_collator(tiny_bert):
 
 @pytest.mark.parametrize(
     "extra,match",
-    [(["--ks", "5,x"], "--ks"), (["--ks", "5,5"], "--ks"), (["--methods", "bogus"], "--methods: unknown"),
-     (["--budget-quantile", "0"], "--budget-quantile"), (["--preset", "gpu"], "--preset gpu")],
-)  # fmt: skip
+    [
+        (["--ks", "5,x"], "--ks"),
+        (["--ks", "5,5"], "--ks"),
+        (["--methods", "bogus"], "--methods: unknown"),
+        (["--budget-quantile", "0"], "--budget-quantile"),
+        (["--preset", "gpu"], "--preset gpu"),
+    ],
+)
 def test_bench_lifelong_bad_options_name_the_flag(tmp_path, capsys, extra, match):
     from rellax_fast.cli import main
 
@@ -124,7 +169,9 @@ def test_presets_fill_only_flags_left_at_their_defaults():
     cli.add_arguments(p)
     a = lifelong.apply_preset(p.parse_args(["lifelong", "--preset", "cpu"]))
     assert (a.ks, a.n_train, a.n_test) == ("5,10,20,30", 1536, 1000)
-    b = lifelong.apply_preset(p.parse_args(["lifelong", "--preset", "cpu", "--n-train", "512", "--ks", "5,50"]))
+    b = lifelong.apply_preset(
+        p.parse_args(["lifelong", "--preset", "cpu", "--n-train", "512", "--ks", "5,50"])
+    )
     assert (b.ks, b.n_train, b.n_test) == ("5,50", 512, 1000)
     g = lifelong.apply_preset(p.parse_args(["lifelong", "--preset", "gpu", "--model", "/some/1b"]))
     assert g.mixed_precision == "bf16" and g.n_test == 0 and "50" in g.ks.split(",")

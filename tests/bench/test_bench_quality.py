@@ -10,10 +10,44 @@ import pytest
 
 
 def _argv(model, out, *extra):
-    return ["bench", "quality", "--dataset", "synthetic", "--out", str(out), "--model", model, "--n-train", "24",
-            "--n-test", "64", "--n-valid", "48", "--batch-size", "8", "--k", "3", "--max-length", "96",
-            "--cflora-backend", "reference", "--din-epochs", "1", "--din-embed-dim", "4", "--din-hidden", "8",
-            "--din-max-history", "5", "--n-boot", "50", "--no-progress", "--save-every", "100", *extra]  # fmt: skip
+    return [
+        "bench",
+        "quality",
+        "--dataset",
+        "synthetic",
+        "--out",
+        str(out),
+        "--model",
+        model,
+        "--n-train",
+        "24",
+        "--n-test",
+        "64",
+        "--n-valid",
+        "48",
+        "--batch-size",
+        "8",
+        "--k",
+        "3",
+        "--max-length",
+        "96",
+        "--cflora-backend",
+        "reference",
+        "--din-epochs",
+        "1",
+        "--din-embed-dim",
+        "4",
+        "--din-hidden",
+        "8",
+        "--din-max-history",
+        "5",
+        "--n-boot",
+        "50",
+        "--no-progress",
+        "--save-every",
+        "100",
+        *extra,
+    ]
 
 
 @pytest.mark.slow  # ~20-30 s on an idle 2-core machine (DIN epoch and the ID regression on ~76k samples)
@@ -54,7 +88,9 @@ def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, c
     # the mix is fit on the selected text-only model's own valid scores (handed back by the selection)
     text_best = []
     for seed in (0, 1):
-        best = json.loads((q / "runs" / f"text-only-lm-no-spa-identity-c-s{seed}" / "loss.json").read_text())["best"]
+        best = json.loads((q / "runs" / f"text-only-lm-no-spa-identity-c-s{seed}" / "loss.json").read_text())[
+            "best"
+        ]
         row = json.loads((q / "rows" / f"text-only-lm-no-spa-identity-c-s{seed}.json").read_text())
         assert np.load(row["valid_predictions"]).shape == (48,) and row["best_valid"] == best
         assert rows[TEXT_ROW]["valid_by_seed"][str(seed)]["auc"] == pytest.approx(best["auc"], abs=1e-9)
@@ -68,7 +104,9 @@ def test_bench_quality_tiny_end_to_end(tiny_bert, seeded_embeddings, tmp_path, c
     for c in tb["train_prompts_cut"].values():
         assert c["n"] == 24 and 0 <= c["n_cut"] <= 24 and c["median_tokens"] > 0
     # the gated residual read-out starts as DIN: its selection scored step 0 first
-    residual_valid = json.loads((q / "runs" / "rellax-residual-read-out-lambda-learned-s0" / "loss.json").read_text())["valid"]
+    residual_valid = json.loads(
+        (q / "runs" / "rellax-residual-read-out-lambda-learned-s0" / "loss.json").read_text()
+    )["valid"]
     assert residual_valid[0]["step"] == 0
     # the seeds really are different fine-tunings
     p0 = np.load(q / "runs" / "rellax-full-s0" / "predictions.npy")
@@ -98,12 +136,22 @@ def test_bench_quality_few_shot_curve_and_ctr_train_samples(tiny_bert, seeded_em
     from rellax_fast.bench.quality import DIN_ROW, FULL_ROW, TEXT_DIN_ROW, TEXT_ROW
     from rellax_fast.cli import main
 
-    argv = _argv(tiny_bert, tmp_path, "--rows", "full,text-only,din-text", "--ctr-train-samples", "300",
-                 "--few-shot", "all,300")  # fmt: skip
+    argv = _argv(
+        tiny_bert,
+        tmp_path,
+        "--rows",
+        "full,text-only,din-text",
+        "--ctr-train-samples",
+        "300",
+        "--few-shot",
+        "all,300",
+    )
     assert main(argv) == 0
     q = tmp_path / "quality"
     res = json.loads((q / "quality.json").read_text())
-    assert res["meta"]["ctr_train_samples"] == 300  # the table's DIN, text DIN and LM prompts come from 300 samples
+    assert (
+        res["meta"]["ctr_train_samples"] == 300
+    )  # the table's DIN, text DIN and LM prompts come from 300 samples
     curve = res["few_shot"]
     assert [p["label"] for p in curve["points"]] == ["N=300", "all"] and curve["n_test"] == 64
     small, whole = curve["points"]
@@ -117,11 +165,16 @@ def test_bench_quality_few_shot_curve_and_ctr_train_samples(tiny_bert, seeded_em
     table = {r["row"]: r for r in res["rows"]}
     for name, r in small["rows"].items():
         assert r["auc"] == pytest.approx(table[name]["auc_ci"]["value"]), name
-    assert not (q / "few-shot" / "n300" / "ctr").exists() and (q / "few-shot" / "all" / "ctr" / "din.json").exists()
+    assert (
+        not (q / "few-shot" / "n300" / "ctr").exists()
+        and (q / "few-shot" / "all" / "ctr" / "din.json").exists()
+    )
     # the whole split trains other models (DIN, text DIN, and the LM rows on their own DIN's h)
     assert whole["rows"][DIN_ROW]["auc"] != small["rows"][DIN_ROW]["auc"]
-    assert not np.allclose(np.load(q / "few-shot" / "all" / "rows" / "din-text-predictions.npy"),
-                           np.load(q / "rows" / "din-text-predictions.npy"))  # fmt: skip
+    assert not np.allclose(
+        np.load(q / "few-shot" / "all" / "rows" / "din-text-predictions.npy"),
+        np.load(q / "rows" / "din-text-predictions.npy"),
+    )
     md = (q / "quality.md").read_text()
     assert "## Few samples" in md and "| row | N=300 (300 samples, 24 prompts) | all (" in md
     assert (q / "few-shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -147,9 +200,13 @@ def _check_slices(res, q, rows):
     test = data.splits["test"].subset(subsample(len(data.splits["test"]), 64, 1))
     train_items, train_users = data.splits["train"].item_id, set(data.splits["train"].user_id.tolist())
     counts = [int((train_items == i).sum()) for i in test.item_id]
-    assert stored["codes"]["item_train_count"] == [0 if c == 0 else 1 if c <= 5 else 2 if c <= 20 else 3 for c in counts]
+    assert stored["codes"]["item_train_count"] == [
+        0 if c == 0 else 1 if c <= 5 else 2 if c <= 20 else 3 for c in counts
+    ]
     assert stored["codes"]["user_in_train"] == [int(u in train_users) for u in test.user_id.tolist()]
-    assert stored["codes"]["history_length"] == [0 if h < 10 else 1 if h < 50 else 2 if h < 200 else 3 for h in test.pos]
+    assert stored["codes"]["history_length"] == [
+        0 if h < 10 else 1 if h < 50 else 2 if h < 200 else 3 for h in test.pos
+    ]
     sliced = res["slices"]["rows"]
     assert set(sliced) == set(rows) and res["slices"]["membership"] == str(q / "slices.json")
     labels = test.label.astype(float)
@@ -159,7 +216,9 @@ def _check_slices(res, q, rows):
             sizes = {(r[slicing][band]["n"], r[slicing][band]["n_pos"]) for r in sliced.values()}
             assert sizes == {(int((codes == i).sum()), int(labels[codes == i].sum()))}, (slicing, band, sizes)
     full = np.load(q / "runs" / "rellax-full-s0" / "predictions.npy")
-    tested = [(s, b) for s in slices.SLICINGS for b, v in sliced["ReLLaX (full)"][s].items() if v["status"] is None]
+    tested = [
+        (s, b) for s in slices.SLICINGS for b, v in sliced["ReLLaX (full)"][s].items() if v["status"] is None
+    ]
     assert tested, "no band of 64 samples is large enough to test"
     s, b = tested[0]
     m = np.asarray(stored["codes"][s]) == slices.SLICINGS[s].index(b)
@@ -174,10 +233,17 @@ def _check_slices(res, q, rows):
 
 @pytest.mark.parametrize(
     "extra,match",
-    [(["--seeds", "0,x"], "--seeds"), (["--seeds", "1,1"], "--seeds"), (["--rows", "full,bogus"], "--rows: unknown"),
-     (["--n-boot", "3"], "--n-boot"), (["--n-train", "-1"], "--n-train"), (["--few-shot", "2k"], "--few-shot"),
-     (["--few-shot", "100,100"], "--few-shot"), (["--ctr-train-samples", "-5"], "--ctr-train-samples")],
-)  # fmt: skip
+    [
+        (["--seeds", "0,x"], "--seeds"),
+        (["--seeds", "1,1"], "--seeds"),
+        (["--rows", "full,bogus"], "--rows: unknown"),
+        (["--n-boot", "3"], "--n-boot"),
+        (["--n-train", "-1"], "--n-train"),
+        (["--few-shot", "2k"], "--few-shot"),
+        (["--few-shot", "100,100"], "--few-shot"),
+        (["--ctr-train-samples", "-5"], "--ctr-train-samples"),
+    ],
+)
 def test_bench_quality_bad_options_name_the_flag(tmp_path, capsys, extra, match):
     from rellax_fast.cli import main
 
@@ -223,17 +289,51 @@ def test_posthoc_mix_recovers_the_generating_weights():
 def test_demo_table_says_what_is_within_noise(tiny_bert, seeded_embeddings, tmp_path, capsys):
     from rellax_fast.cli import main
 
-    argv = ["demo", "--out", str(tmp_path), "--model", tiny_bert, "--n-train", "16", "--n-test", "64", "--batch-size", "8",
-            "--k", "3", "--max-length", "96", "--cflora-backend", "reference", "--din-epochs", "1", "--din-embed-dim", "4",
-            "--din-hidden", "8", "--din-max-history", "5", "--n-boot", "50", "--no-progress", "--variants", "full,no-spa"]  # fmt: skip
+    argv = [
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--model",
+        tiny_bert,
+        "--n-train",
+        "16",
+        "--n-test",
+        "64",
+        "--batch-size",
+        "8",
+        "--k",
+        "3",
+        "--max-length",
+        "96",
+        "--cflora-backend",
+        "reference",
+        "--din-epochs",
+        "1",
+        "--din-embed-dim",
+        "4",
+        "--din-hidden",
+        "8",
+        "--din-max-history",
+        "5",
+        "--n-boot",
+        "50",
+        "--no-progress",
+        "--variants",
+        "full,no-spa",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "| variant | AUC | AUC 95% CI | LogLoss | accuracy | ΔAUC vs full | ΔAUC vs DIN |" in out
-    assert "≈: within noise (p ≥ 0.05)" in out and ("Within noise of full ReLLaX in AUC" in out or "outside noise" in out)
+    assert "≈: within noise (p ≥ 0.05)" in out and (
+        "Within noise of full ReLLaX in AUC" in out or "outside noise" in out
+    )
     res = json.loads((tmp_path / "ablation.json").read_text())
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"DIN alone", "ReLLaX (full)", "w/o SPA"}
     for r in rows.values():
         assert r["auc_lo"] <= r["auc"] <= r["auc_hi"] and set(r["vs"]) == {"DIN", "full"}
-    assert rows["ReLLaX (full)"]["vs"]["full"]["same_predictions"] and not rows["w/o SPA"]["vs"]["full"]["same_predictions"]
+    assert (
+        rows["ReLLaX (full)"]["vs"]["full"]["same_predictions"]
+        and not rows["w/o SPA"]["vs"]["full"]["same_predictions"]
+    )
     assert "ΔAUC vs full" in (tmp_path / "ablation.md").read_text()

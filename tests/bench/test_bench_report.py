@@ -8,10 +8,17 @@ from rellax_fast.bench.e2e_common import error_note
 
 
 def test_bench_markdown_table_uses_first_row_keys_and_significant_digits():
-    rows = [{"op": "topk", "ms": 1234.5678, "speedup": 0.000123456, "note": None}, {"op": "cflora", "ms": 2.0}]
+    rows = [
+        {"op": "topk", "ms": 1234.5678, "speedup": 0.000123456, "note": None},
+        {"op": "cflora", "ms": 2.0},
+    ]
     lines = report.markdown_table(rows).splitlines()
-    assert lines == ["| op | ms | speedup | note |", "|---|---|---|---|",
-                     "| topk | 1235 | 0.0001235 |  |", "| cflora | 2 |  |  |"]  # fmt: skip
+    assert lines == [
+        "| op | ms | speedup | note |",
+        "|---|---|---|---|",
+        "| topk | 1235 | 0.0001235 |  |",
+        "| cflora | 2 |  |  |",
+    ]
     assert report.markdown_table(rows, ["ms"]).splitlines() == ["| ms |", "|---|", "| 1235 |", "| 2 |"]
     assert report.markdown_table([]) == "(no rows)\n"
     assert report.markdown_table([], ["ms"]) == "(no rows)\n"

@@ -12,15 +12,38 @@ import sys
 
 from rellax_testing import REPO
 
-EXTRA_KEYS = {"device", "dtype", "shape", "backend", "baseline", "baseline_median_ms", "median_ms",
-              "ratio_to_baseline"}
+EXTRA_KEYS = {
+    "device",
+    "dtype",
+    "shape",
+    "backend",
+    "baseline",
+    "baseline_median_ms",
+    "median_ms",
+    "ratio_to_baseline",
+}
 
 
 def test_benchmark_suite_runs_and_records_extra_info(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "pytest", "benchmarks", "--benchmark-only", "--bench-size", "tiny",
-           "--bench-device", "cpu", "--bench-rounds", "1", "-p", "no:cacheprovider", "-q",
-           f"--benchmark-json={out}", f"--benchmark-storage=file://{tmp_path / 'storage'}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "benchmarks",
+        "--benchmark-only",
+        "--bench-size",
+        "tiny",
+        "--bench-device",
+        "cpu",
+        "--bench-rounds",
+        "1",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        f"--benchmark-json={out}",
+        f"--benchmark-storage=file://{tmp_path / 'storage'}",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

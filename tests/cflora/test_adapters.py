@@ -24,8 +24,15 @@ from rellax_fast.cflora import (
 )
 
 FIRST = CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], interaction="full", cond_dim=5)
-SECOND = CFLoRAConfig(r=2, alpha=4, target_modules=["q_proj", "down_proj"], interaction="moe", cond_dim=3,
-                      n_experts=2, modules_to_save=["lm_head"])
+SECOND = CFLoRAConfig(
+    r=2,
+    alpha=4,
+    target_modules=["q_proj", "down_proj"],
+    interaction="moe",
+    cond_dim=3,
+    n_experts=2,
+    modules_to_save=["lm_head"],
+)
 
 
 def _run(model, inputs, cond):
@@ -58,7 +65,8 @@ def test_add_switch_disable_and_delete_named_adapters(tmp_path):
     assert torch.equal(_run(model, inputs, cond5), first)  # adding leaves the active adapter as it was
     set_cflora_adapter(model, "second")
     assert sorted(n for n, _ in cflora_layers(model)) == sorted(
-        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj"))
+        f"model.layers.{i}.{m}" for i in (0, 1) for m in ("self_attn.q_proj", "mlp.down_proj")
+    )
     randomise_adapter(model)
     with torch.no_grad():
         model.lm_head.weight.add_(0.5)
@@ -70,8 +78,9 @@ def test_add_switch_disable_and_delete_named_adapters(tmp_path):
         assert torch.equal(logits_of(model, inputs), second)
     # only the active adapter is in the graph and in parameters(): training touches it alone
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == {id(p) for _, layer in cflora_layers(model) for p in layer.parameters() if p.requires_grad} \
-        | {id(model.lm_head.weight)}
+    assert trainable == {
+        id(p) for _, layer in cflora_layers(model) for p in layer.parameters() if p.requires_grad
+    } | {id(model.lm_head.weight)}
     with disable_adapter(model):
         with torch.no_grad():
             assert torch.equal(logits_of(model, inputs), base)  # the original lm_head is back as well
@@ -83,7 +92,9 @@ def test_add_switch_disable_and_delete_named_adapters(tmp_path):
     assert torch.equal(_run(model, inputs, cond3), second)
     with pytest.raises(ValueError, match="'second' is the active adapter; set_cflora_adapter"):
         delete_cflora_adapter(model, "second")
-    with pytest.raises(ValueError, match=r"no adapter named 'third'; the model's adapters: \['second', 'default'\]"):
+    with pytest.raises(
+        ValueError, match=r"no adapter named 'third'; the model's adapters: \['second', 'default'\]"
+    ):
         set_cflora_adapter(model, "third")
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         add_cflora_adapter(model, "default", FIRST)
@@ -120,9 +131,12 @@ def test_save_and_load_adapters_by_name(tmp_path):
 
 def test_a_second_inject_says_what_to_do_instead():
     model = inject_cflora(tiny_llama(), FIRST)
-    with pytest.raises(ValueError, match=r"injecting twice is not supported. To add a second adapter, call "
-                                         r"add_cflora_adapter\(model, name, config\) and switch with "
-                                         r"set_cflora_adapter\(model, name\); to replace the adapter, unload\(model\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"injecting twice is not supported. To add a second adapter, call "
+        r"add_cflora_adapter\(model, name, config\) and switch with "
+        r"set_cflora_adapter\(model, name\); to replace the adapter, unload\(model\)",
+    ):
         inject_cflora(model, SECOND)
     add_cflora_adapter(model, "second", SECOND)  # what the message says works
     assert cflora_adapter_names(model) == ["default", "second"]

@@ -19,9 +19,19 @@ pytestmark = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_backend_matches_reference_in_a_model(backend, dtype):
     model = tiny_llama(initializer_range=0.1)
-    inject_cflora(model, CFLoRAConfig(r=8, alpha=16, dropout=0.1, interaction="full", cond_dim=5,
-                                      target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-                                      init_lora="random", generator_init_std=0.2))
+    inject_cflora(
+        model,
+        CFLoRAConfig(
+            r=8,
+            alpha=16,
+            dropout=0.1,
+            interaction="full",
+            cond_dim=5,
+            target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+            init_lora="random",
+            generator_init_std=0.2,
+        ),
+    )
     model = model.to("cuda", dtype).train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     inputs = {k: v.cuda() for k, v in model_inputs(batch=4, seq=33).items()}
@@ -50,16 +60,24 @@ def test_gpu_backend_matches_reference_in_a_model(backend, dtype):
 # the CUDA C++ op on its own: cuBLAS shrink vs float64, fp64 dropout, non-zero device, poisoned allocations
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _cuda_ext_ready() -> bool:
     from rellax_fast.ops._backend import why_unavailable
 
     return torch.cuda.is_available() and why_unavailable("cuda", "cuda", "cflora_linear") is None
 
 
-needs_cuda_ext = pytest.mark.skipif(not _cuda_ext_ready(), reason="needs a CUDA GPU and rellax_fast._C built with CUDA")
-needs_two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2,
-                                    reason="needs two CUDA GPUs (tensors on cuda:1 while cuda:0 is current)")
-GPU_TOL = {torch.float64: 1e-10, torch.float32: 2e-4, torch.bfloat16: 4e-2}  # relative to each tensor's max |value|
+needs_cuda_ext = pytest.mark.skipif(
+    not _cuda_ext_ready(), reason="needs a CUDA GPU and rellax_fast._C built with CUDA"
+)
+needs_two_gpus = pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (tensors on cuda:1 while cuda:0 is current)"
+)
+GPU_TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-4,
+    torch.bfloat16: 4e-2,
+}  # relative to each tensor's max |value|
 
 
 def _inputs(dtype, r, c_kind, x_shape, d_out=72, device="cuda", seed=0):
@@ -75,11 +93,17 @@ def _inputs(dtype, r, c_kind, x_shape, d_out=72, device="cuda", seed=0):
     lora_b = torch.randn(d_out, r, generator=gen, dtype=torch.float64) / math.sqrt(r)
     c = None
     if c_kind == "shared":
-        c = torch.randn(r, r, generator=gen, dtype=torch.float64) / math.sqrt(r) + torch.eye(r, dtype=torch.float64)
+        c = torch.randn(r, r, generator=gen, dtype=torch.float64) / math.sqrt(r) + torch.eye(
+            r, dtype=torch.float64
+        )
     elif c_kind == "per":
-        c = (torch.randn(x_shape[0], r, r, generator=gen, dtype=torch.float64) / math.sqrt(r)
-             + torch.eye(r, dtype=torch.float64))
-    return [None if t is None else t.to(device, dtype).requires_grad_(True) for t in (x, weight, bias, lora_a, lora_b, c)]
+        c = torch.randn(x_shape[0], r, r, generator=gen, dtype=torch.float64) / math.sqrt(r) + torch.eye(
+            r, dtype=torch.float64
+        )
+    return [
+        None if t is None else t.to(device, dtype).requires_grad_(True)
+        for t in (x, weight, bias, lora_a, lora_b, c)
+    ]
 
 
 def _forward_backward(inputs, backend, grad_y, **kw):
@@ -96,13 +120,19 @@ def _close(got, want, dtype, name):
     scale = want.abs().max().clamp_min(1e-6)
     err = float(((got - want).abs() / scale).max())
     assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    assert err <= GPU_TOL[dtype], f"{name}: max error {err:.3g} of the largest |value| (tolerance {GPU_TOL[dtype]})"
+    assert err <= GPU_TOL[dtype], (
+        f"{name}: max error {err:.3g} of the largest |value| (tolerance {GPU_TOL[dtype]})"
+    )
 
 
 def _check_against_float64(inputs, backend, dtype, **kw):
     cpu64 = [None if t is None else t.detach().double().cpu().requires_grad_(True) for t in inputs]
-    grad_y = torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0], dtype=torch.float64,
-                         generator=torch.Generator().manual_seed(3))
+    grad_y = torch.randn(
+        *inputs[0].shape[:-1],
+        inputs[1].shape[0],
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(3),
+    )
     y_ref, g_ref = _forward_backward(cpu64, "reference", grad_y, **kw)
     y, g = _forward_backward(inputs, backend, grad_y, **kw)
     assert y.device == inputs[0].device and y.dtype == dtype
@@ -142,7 +172,10 @@ def test_cuda_every_output_element_written():
     """Fresh allocations NaN-poisoned (deterministic mode's fill): a missed output element would stay NaN."""
     import torch.utils.deterministic as det
 
-    old_alg, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    old_alg, old_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     old_fill = det.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     det.fill_uninitialized_memory = True

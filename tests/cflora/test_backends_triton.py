@@ -14,8 +14,18 @@ pytestmark = pytest.mark.triton
 
 def test_triton_backend_matches_reference_in_a_model():
     model = tiny_llama(num_hidden_layers=1)
-    inject_cflora(model, CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], interaction="full",
-                                      cond_dim=5, init_lora="random", generator_init_std=0.2))
+    inject_cflora(
+        model,
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            target_modules=["q_proj", "down_proj"],
+            interaction="full",
+            cond_dim=5,
+            init_lora="random",
+            generator_init_std=0.2,
+        ),
+    )
     model.train()
     inputs, cond = model_inputs(batch=2, seq=5), torch.randn(2, 5)
 
@@ -25,7 +35,9 @@ def test_triton_backend_matches_reference_in_a_model():
         with cflora_condition(model, cond):
             out = model(**inputs, labels=inputs["input_ids"])
         out.loss.backward()
-        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.logits.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad
+        }
 
     logits_ref, grads_ref = run("reference")
     logits_tri, grads_tri = run("triton")

@@ -20,8 +20,18 @@ PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__
 def model():
     torch._dynamo.reset()
     m = tiny_llama(num_hidden_layers=1)
-    inject_cflora(m, CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                  interaction="full", cond_dim=COND, init_lora="random", generator_init_std=0.2))
+    inject_cflora(
+        m,
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            interaction="full",
+            cond_dim=COND,
+            init_lora="random",
+            generator_init_std=0.2,
+        ),
+    )
     yield m
     torch._dynamo.reset()
 
@@ -68,9 +78,20 @@ def test_compiled_training_with_dropout_matches_eager(backend):
     torch.manual_seed the compiled steps see the eager masks: same losses, grads and updated weights."""
     torch._dynamo.reset()
     eager = tiny_llama(num_hidden_layers=1)
-    inject_cflora(eager, CFLoRAConfig(r=4, alpha=8, dropout=0.3, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      interaction="full", cond_dim=COND, init_lora="random", generator_init_std=0.2,
-                                      backend=backend))
+    inject_cflora(
+        eager,
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            dropout=0.3,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            interaction="full",
+            cond_dim=COND,
+            init_lora="random",
+            generator_init_std=0.2,
+            backend=backend,
+        ),
+    )
     twin = copy.deepcopy(eager)
     compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
     inputs, cond = model_inputs(), torch.randn(3, COND)
@@ -110,8 +131,19 @@ def test_compiled_training_with_the_cond_keyword_matches_eager(path):
 
     torch._dynamo.reset()
     eager = tiny_llama(num_hidden_layers=1)
-    inject_cflora(eager, CFLoRAConfig(r=4, alpha=8, dropout=0.3, target_modules=["q_proj", "v_proj"],
-                                      interaction="full", cond_dim=COND, init_lora="random", generator_init_std=0.2))
+    inject_cflora(
+        eager,
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            dropout=0.3,
+            target_modules=["q_proj", "v_proj"],
+            interaction="full",
+            cond_dim=COND,
+            init_lora="random",
+            generator_init_std=0.2,
+        ),
+    )
     twin = copy.deepcopy(eager)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(twin, backend=counter, fullgraph=True)

@@ -23,8 +23,18 @@ COND = 5
 
 def _model(seed: int = 0, dropout: float = 0.0):
     model = tiny_llama(seed)
-    inject_cflora(model, CFLoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      interaction="full", cond_dim=COND, init_lora="random"))
+    inject_cflora(
+        model,
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            dropout=dropout,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            interaction="full",
+            cond_dim=COND,
+            init_lora="random",
+        ),
+    )
     with torch.no_grad():  # move C away from I so that cond changes the output
         for _, layer in cflora_layers(model):
             for p in layer.interaction.parameters():
@@ -64,7 +74,9 @@ def test_failures_leave_no_active_block_and_none_defers_to_an_enclosing_block():
     with pytest.raises(ValueError, match=r"cond must have shape \(batch, cond_dim=5\)"):
         model(**inputs, cflora_cond=torch.randn(3, COND + 1))  # cflora_condition refuses: nothing entered
     with pytest.raises(ValueError, match="input batch is 3 but cond has 2 rows"):
-        model(**inputs, cflora_cond=torch.randn(2, COND))  # raises inside the forward, after the block entered
+        model(
+            **inputs, cflora_cond=torch.randn(2, COND)
+        )  # raises inside the forward, after the block entered
     assert state["stack"] == []
     assert all(not layer._cflora_slot.active for _, layer in cflora_layers(model))
     with pytest.raises(RuntimeError, match="needs per-sample conditioning"):
@@ -131,7 +143,9 @@ def test_deepcopy_conditions_the_copy_and_disable_removes_everything():
         got = twin(**inputs, cflora_cond=cond).logits
         with cflora_condition(twin, cond):
             twin_ref = twin(**inputs).logits
-        twin_out = twin.generate(**inputs, cflora_cond=cond, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        twin_out = twin.generate(
+            **inputs, cflora_cond=cond, max_new_tokens=2, do_sample=False, pad_token_id=0
+        )
     torch.testing.assert_close(got, twin_ref, rtol=0, atol=0)  # the copy's hook conditions the copy's layers
     assert not torch.allclose(got, ref)
     assert twin_out.shape == (3, 9)
@@ -168,26 +182,54 @@ class _CondDataset(torch.utils.data.Dataset):
 def _trainer(model, dataset, tmp_path, steps, **overrides):
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    kwargs = dict(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-2,
-                  lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                  seed=0, disable_tqdm=True, remove_unused_columns=False)
+    kwargs = dict(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-2,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
     kwargs.update(overrides)
     # default_data_collator stacks the per-example cflora_cond vectors into (batch, cond_dim)
-    return Trainer(model=model, args=TrainingArguments(**kwargs), train_dataset=dataset,
-                   data_collator=default_data_collator)
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**kwargs),
+        train_dataset=dataset,
+        data_collator=default_data_collator,
+    )
 
 
 def test_plain_trainer_with_per_sample_cond(tmp_path):
     model = tiny_llama(3)
-    inject_cflora(model, CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      interaction="full", cond_dim=COND, init_lora="random"))
+    inject_cflora(
+        model,
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            interaction="full",
+            cond_dim=COND,
+            init_lora="random",
+        ),
+    )
     enable_cflora_cond_kwarg(model)
     dataset = _CondDataset()
     probe = {"input_ids": torch.stack([dataset[i]["input_ids"] for i in range(8)])}
     conds = dataset.cond[:8]
     with torch.no_grad():  # a fresh "full" generator gives C = I whatever the cond
-        torch.testing.assert_close(model(**probe, cflora_cond=conds).logits,
-                                   model(**probe, cflora_cond=torch.zeros_like(conds)).logits, rtol=0, atol=0)
+        torch.testing.assert_close(
+            model(**probe, cflora_cond=conds).logits,
+            model(**probe, cflora_cond=torch.zeros_like(conds)).logits,
+            rtol=0,
+            atol=0,
+        )
 
     seen = []
     layer = cflora_layers(model)[0][1]
@@ -207,14 +249,20 @@ def test_plain_trainer_with_per_sample_cond(tmp_path):
     # the generators were trained through cond: the output now depends on it
     model.eval()
     with torch.no_grad():
-        moved = model(**probe, cflora_cond=conds).logits - model(**probe, cflora_cond=torch.zeros_like(conds)).logits
+        moved = (
+            model(**probe, cflora_cond=conds).logits
+            - model(**probe, cflora_cond=torch.zeros_like(conds)).logits
+        )
     assert moved.abs().max() > 1e-3
 
     # Trainer's default remove_unused_columns=True drops cflora_cond (it is not in forward's signature):
     # the model then fails loudly instead of training unconditioned, naming the column and the option (#25.8)
     dropped = _trainer(model.train(), dataset, tmp_path / "dropped", steps=1, remove_unused_columns=True)
-    with pytest.raises(RuntimeError, match=r"needs per-sample conditioning.*no 'cflora_cond' column because the "
-                                           r"Trainer drops.*TrainingArguments\(remove_unused_columns=False\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"needs per-sample conditioning.*no 'cflora_cond' column because the "
+        r"Trainer drops.*TrainingArguments\(remove_unused_columns=False\)",
+    ):
         dropped.train()
 
 
@@ -243,13 +291,28 @@ def test_keyword_through_ddp(tmp_path):
 def test_trainer_with_gradient_checkpointing_and_dropout_gives_the_same_losses(tmp_path):
     def losses(checkpointing: bool):
         model = tiny_llama(3)
-        inject_cflora(model, CFLoRAConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj", "down_proj"],
-                                          interaction="full", cond_dim=COND, init_lora="random"))
+        inject_cflora(
+            model,
+            CFLoRAConfig(
+                r=4,
+                alpha=8,
+                dropout=0.1,
+                target_modules=["q_proj", "v_proj", "down_proj"],
+                interaction="full",
+                cond_dim=COND,
+                init_lora="random",
+            ),
+        )
         enable_cflora_cond_kwarg(model)
         calls = []
         cflora_layers(model)[0][1].register_forward_hook(lambda *args: calls.append(1))
-        trainer = _trainer(model, _CondDataset(), tmp_path / str(checkpointing), steps=3,
-                           gradient_checkpointing=checkpointing)
+        trainer = _trainer(
+            model,
+            _CondDataset(),
+            tmp_path / str(checkpointing),
+            steps=3,
+            gradient_checkpointing=checkpointing,
+        )
         trainer.train()
         return torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h]), len(calls)
 
@@ -284,7 +347,9 @@ def test_inject_enables_the_keyword_for_conditioned_kinds_and_unload_removes_it(
     inputs = model_inputs()
     cond = torch.randn(3, COND)
     model = tiny_llama(0)
-    inject_cflora(model, CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"], interaction="full", cond_dim=COND))
+    inject_cflora(
+        model, CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"], interaction="full", cond_dim=COND)
+    )
     assert cflora_cond_kwarg_enabled(model)
     with cflora_condition(model, cond):
         ref = model(**inputs).logits
@@ -293,7 +358,10 @@ def test_inject_enables_the_keyword_for_conditioned_kinds_and_unload_removes_it(
     assert not cflora_cond_kwarg_enabled(model)
     assert not model._forward_pre_hooks and not model._forward_hooks and "generate" not in model.__dict__
     # opting out, and kinds without a condition, leave the model's call untouched
-    opted_out = inject_cflora(tiny_llama(0), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"], interaction="full",
-                                                          cond_dim=COND), cond_kwarg=False)
+    opted_out = inject_cflora(
+        tiny_llama(0),
+        CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"], interaction="full", cond_dim=COND),
+        cond_kwarg=False,
+    )
     plain = inject_cflora(tiny_llama(0), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"]))
     assert not cflora_cond_kwarg_enabled(opted_out) and not cflora_cond_kwarg_enabled(plain)

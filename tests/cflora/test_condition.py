@@ -20,9 +20,17 @@ COND = 6
 
 def _conditioned_llama(dropout: float = 0.0, interaction: str = "full", seed: int = 0):
     model = tiny_llama(seed)
-    cfg = CFLoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=["q_proj", "v_proj", "down_proj"],
-                       interaction=interaction, cond_dim=COND, n_experts=2, init_lora="random",
-                       generator_init_std=0.3)
+    cfg = CFLoRAConfig(
+        r=4,
+        alpha=8,
+        dropout=dropout,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        interaction=interaction,
+        cond_dim=COND,
+        n_experts=2,
+        init_lora="random",
+        generator_init_std=0.3,
+    )
     inject_cflora(model, cfg)
     with torch.no_grad():
         for _, layer in cflora_layers(model):

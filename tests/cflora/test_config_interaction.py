@@ -16,9 +16,21 @@ from rellax_fast.cflora import (
 
 
 def test_config_json_round_trip(tmp_path):
-    cfg = CFLoRAConfig(r=6, alpha=3.0, dropout=0.1, target_modules=["q_proj", "v_proj"], interaction="moe",
-                       cond_dim=11, n_experts=3, generator_hidden=17, generator_init_std=0.01,
-                       init_lora="gaussian", train_lora=False, train_interaction=True, backend="reference")
+    cfg = CFLoRAConfig(
+        r=6,
+        alpha=3.0,
+        dropout=0.1,
+        target_modules=["q_proj", "v_proj"],
+        interaction="moe",
+        cond_dim=11,
+        n_experts=3,
+        generator_hidden=17,
+        generator_init_std=0.01,
+        init_lora="gaussian",
+        train_lora=False,
+        train_interaction=True,
+        backend="reference",
+    )
     assert CFLoRAConfig.from_json(cfg.to_json()) == cfg
     cfg.save(tmp_path / "c.json")
     assert CFLoRAConfig.load(tmp_path / "c.json") == cfg
@@ -50,7 +62,10 @@ def test_config_json_round_trip(tmp_path):
         ({"dropout": float("nan")}, r"dropout must be a number in \[0, 1\); got nan"),
         ({"dropout": -0.1}, "dropout must be a number in"),
         ({"dropout": "0.1"}, "dropout must be a number in"),
-        ({"alpha_pattern": {"q_proj": float("inf")}}, "alpha_pattern maps module-name patterns to a finite number"),
+        (
+            {"alpha_pattern": {"q_proj": float("inf")}},
+            "alpha_pattern maps module-name patterns to a finite number",
+        ),
         ({"generator_init_std": float("inf")}, "generator_init_std must be a finite number >= 0"),
         ({"train_lora": "no"}, r"train_lora must be a bool \(true/false\); got 'no'"),
         ({"train_interaction": 1}, "train_interaction must be a bool"),
@@ -64,9 +79,15 @@ def test_config_rejects_bad_values(kwargs, fragment):
 
 
 def test_peft_style_fields_round_trip_and_validate(tmp_path):
-    cfg = CFLoRAConfig(r=4, alpha=16.0, target_modules="all-linear", exclude_modules=["lm_head", "k_proj"],
-                       rank_pattern={"v_proj": 2, r"layers\.1\..*": 8}, alpha_pattern={"q_proj": 3.5},
-                       modules_to_save=["score"])
+    cfg = CFLoRAConfig(
+        r=4,
+        alpha=16.0,
+        target_modules="all-linear",
+        exclude_modules=["lm_head", "k_proj"],
+        rank_pattern={"v_proj": 2, r"layers\.1\..*": 8},
+        alpha_pattern={"q_proj": 3.5},
+        modules_to_save=["score"],
+    )
     cfg.save(tmp_path / "c.json")
     assert CFLoRAConfig.load(tmp_path / "c.json") == cfg
     # PEFT's rank_pattern semantics: a suffix match after a dot (or the whole name), first pattern wins
@@ -75,9 +96,12 @@ def test_peft_style_fields_round_trip_and_validate(tmp_path):
     assert cfg.rank_and_alpha("model.layers.1.mlp.up_proj") == (8, 16.0)
     assert cfg.rank_and_alpha("model.layers.0.self_attn.q_proj") == (4, 3.5)
     assert cfg.rank_and_alpha("model.layers.0.self_attn.xv_proj") == (4, 16.0)  # not a dotted suffix
-    for kwargs, fragment in [({"exclude_modules": []}, "exclude_modules"), ({"modules_to_save": [""]}, "modules_to_save"),
-                             ({"rank_pattern": ["q_proj"]}, "rank_pattern must be a dict"),
-                             ({"alpha_pattern": {"q": -1}}, "alpha_pattern maps")]:
+    for kwargs, fragment in [
+        ({"exclude_modules": []}, "exclude_modules"),
+        ({"modules_to_save": [""]}, "modules_to_save"),
+        ({"rank_pattern": ["q_proj"]}, "rank_pattern must be a dict"),
+        ({"alpha_pattern": {"q": -1}}, "alpha_pattern maps"),
+    ]:
         with pytest.raises(ValueError, match=fragment):
             CFLoRAConfig(**kwargs)
 
@@ -86,16 +110,23 @@ def test_peft_names_are_aliases_and_the_default_scale_is_peft_s():
     """Issue #25.6: LoraConfig's names map to ours in one place; the config keeps its own names."""
     from peft import LoraConfig
 
-    cfg = CFLoRAConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights="gaussian", target_modules=["q_proj"])
+    cfg = CFLoRAConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights="gaussian", target_modules=["q_proj"]
+    )
     assert cfg == CFLoRAConfig(r=4, alpha=8, dropout=0.1, init_lora="gaussian", target_modules=["q_proj"])
     assert "lora_alpha" not in cfg.to_dict() and CFLoRAConfig.from_json(cfg.to_json()) == cfg
     assert CFLoRAConfig(init_lora_weights=True).init_lora == "kaiming"
     assert CFLoRAConfig(init_lora_weights=False).init_lora == "random"
     assert CFLoRAConfig(alpha=8, lora_alpha=8).alpha == 8  # the same value twice is fine
-    with pytest.raises(TypeError, match="lora_alpha=4 and alpha=32 disagree; lora_alpha is PEFT's name for alpha"):
+    with pytest.raises(
+        TypeError, match="lora_alpha=4 and alpha=32 disagree; lora_alpha is PEFT's name for alpha"
+    ):
         CFLoRAConfig(alpha=32, lora_alpha=4)
-    with pytest.raises(ValueError, match="init_lora_weights .PEFT's name for init_lora. must be one of True, "
-                                         "'gaussian', False; got 'pissa'"):
+    with pytest.raises(
+        ValueError,
+        match="init_lora_weights .PEFT's name for init_lora. must be one of True, "
+        "'gaussian', False; got 'pissa'",
+    ):
         CFLoRAConfig(init_lora_weights="pissa")
     with pytest.raises(ValueError, match="lora_dropout|dropout must be a number"):
         CFLoRAConfig(lora_dropout=1.5)
@@ -109,7 +140,9 @@ def test_peft_names_are_aliases_and_the_default_scale_is_peft_s():
 def test_config_rejects_unknown_format_versions(tag):
     from rellax_fast.cflora.config import AdapterFileError
 
-    with pytest.raises(AdapterFileError, match="this rellax-fast reads rellax-fast-cflora/1, rellax-fast-cflora/2"):
+    with pytest.raises(
+        AdapterFileError, match="this rellax-fast reads rellax-fast-cflora/1, rellax-fast-cflora/2"
+    ):
         CFLoRAConfig.from_dict({"format": tag, "r": 4})
     assert CFLoRAConfig.from_dict({"format": "rellax-fast-cflora/1", "r": 4}).r == 4
 

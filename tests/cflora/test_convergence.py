@@ -26,8 +26,16 @@ def _batch(protos, g):
 def _train(interaction: str):
     # a larger init than the default 0.02 lets the frozen lm_head produce confident logits
     model = tiny_llama(initializer_range=0.3)
-    inject_cflora(model, CFLoRAConfig(r=4, alpha=8, target_modules=["v_proj", "o_proj", "down_proj"],
-                                      interaction=interaction, cond_dim=COND))
+    inject_cflora(
+        model,
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            target_modules=["v_proj", "o_proj", "down_proj"],
+            interaction=interaction,
+            cond_dim=COND,
+        ),
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-2)

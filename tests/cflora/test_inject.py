@@ -74,11 +74,18 @@ def test_gpt2_conv1d_weight_is_not_copied():
 
 def test_regex_targets_and_trainable_flags():
     model = tiny_llama()
-    cfg = CFLoRAConfig(r=4, target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj", interaction="full",
-                       cond_dim=3, train_lora=False)
+    cfg = CFLoRAConfig(
+        r=4,
+        target_modules=r"model\.layers\.1\.self_attn\.(q|v)_proj",
+        interaction="full",
+        cond_dim=3,
+        train_lora=False,
+    )
     inject_cflora(model, cfg)
-    assert [n for n, _ in cflora_layers(model)] == ["model.layers.1.self_attn.q_proj",
-                                                    "model.layers.1.self_attn.v_proj"]
+    assert [n for n, _ in cflora_layers(model)] == [
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.v_proj",
+    ]
     for _, layer in cflora_layers(model):
         assert not layer.lora_A.requires_grad and not layer.lora_B.requires_grad
         assert all(p.requires_grad for p in layer.interaction.parameters())
@@ -88,9 +95,20 @@ def test_inject_errors():
     model = tiny_llama()
     with pytest.raises(ValueError, match="matches no nn.Linear/Conv1D module.*q_proj"):
         inject_cflora(model, CFLoRAConfig(r=4, target_modules=["query"]))
-    with pytest.raises(ValueError, match=r"k_proj \(r=3.*n_experts to divide r"):  # q_proj built, k_proj fails
-        inject_cflora(model, CFLoRAConfig(r=4, target_modules=["q_proj", "k_proj"], interaction="moe", cond_dim=3,
-                                          n_experts=2, rank_pattern={"k_proj": 3}))
+    with pytest.raises(
+        ValueError, match=r"k_proj \(r=3.*n_experts to divide r"
+    ):  # q_proj built, k_proj fails
+        inject_cflora(
+            model,
+            CFLoRAConfig(
+                r=4,
+                target_modules=["q_proj", "k_proj"],
+                interaction="moe",
+                cond_dim=3,
+                n_experts=2,
+                rank_pattern={"k_proj": 3},
+            ),
+        )
     assert not cflora_layers(model)  # a failed injection leaves the model untouched
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="cannot wrap.*LlamaAttention"):
@@ -123,8 +141,16 @@ def test_layer_matches_float64_formula(base_kind, interaction):
     if base_kind == "conv1d":
         torch.nn.init.normal_(base.weight)
         torch.nn.init.normal_(base.bias)
-    cfg = CFLoRAConfig(r=4, alpha=6, interaction=interaction, cond_dim=5, n_experts=2, init_lora="random",
-                       generator_init_std=0.3, target_modules=["x"])
+    cfg = CFLoRAConfig(
+        r=4,
+        alpha=6,
+        interaction=interaction,
+        cond_dim=5,
+        n_experts=2,
+        init_lora="random",
+        generator_init_std=0.3,
+        target_modules=["x"],
+    )
     layer = CFLoRALinear(base, cfg, name="x")
     if layer.interaction is not None:
         with torch.no_grad():
@@ -152,9 +178,17 @@ def test_layer_matches_float64_formula(base_kind, interaction):
 @pytest.mark.parametrize("train_lora, train_interaction", [(True, True), (False, True), (True, False)])
 def test_gradients_reach_exactly_the_trainable_parameters(interaction, train_lora, train_interaction):
     model = tiny_llama()
-    cfg = CFLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], interaction=interaction, cond_dim=5,
-                       n_experts=2, init_lora="random", generator_init_std=0.2, train_lora=train_lora,
-                       train_interaction=train_interaction)
+    cfg = CFLoRAConfig(
+        r=4,
+        target_modules=["q_proj", "v_proj", "up_proj"],
+        interaction=interaction,
+        cond_dim=5,
+        n_experts=2,
+        init_lora="random",
+        generator_init_std=0.2,
+        train_lora=train_lora,
+        train_interaction=train_interaction,
+    )
     inject_cflora(model, cfg)
     if interaction == "identity" and not train_lora:
         assert cflora_trainable_parameters(model)[0] == 0  # nothing left to train
@@ -208,8 +242,17 @@ def test_inject_logs_trainable_parameters(caplog):
 
 def test_bf16_model_trains_in_bf16():
     model = tiny_llama().to(torch.bfloat16)
-    inject_cflora(model, CFLoRAConfig(r=4, target_modules=["q_proj", "down_proj"], interaction="moe", cond_dim=3,
-                                      n_experts=2, init_lora="random"))
+    inject_cflora(
+        model,
+        CFLoRAConfig(
+            r=4,
+            target_modules=["q_proj", "down_proj"],
+            interaction="moe",
+            cond_dim=3,
+            n_experts=2,
+            init_lora="random",
+        ),
+    )
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     model.train()
     inputs = model_inputs()
@@ -217,4 +260,6 @@ def test_bf16_model_trains_in_bf16():
         loss = model(**inputs, labels=inputs["input_ids"]).loss
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+    assert all(
+        p.grad is not None and p.grad.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad
+    )

@@ -71,8 +71,13 @@ def test_builtin_kinds_and_their_flags():
     assert INTERACTION_KINDS == ("identity", "static", "full", "moe", "recrank1")
     assert tuple(INTERACTIONS)[: len(INTERACTION_KINDS)] == INTERACTION_KINDS
     flags = {k: (INTERACTIONS[k].needs_cond, INTERACTIONS[k].mergeable) for k in INTERACTION_KINDS}
-    assert flags == {"identity": (False, True), "static": (False, True), "full": (True, False),
-                     "moe": (True, False), "recrank1": (True, False)}
+    assert flags == {
+        "identity": (False, True),
+        "static": (False, True),
+        "full": (True, False),
+        "moe": (True, False),
+        "recrank1": (True, False),
+    }
     for kind, cls in INTERACTIONS.items():
         assert cls.kind == kind and issubclass(cls, InteractionGenerator)
         cfg = CFLoRAConfig(r=4, interaction=kind, cond_dim=3, n_experts=2)
@@ -99,7 +104,9 @@ def test_register_interaction_rejects_bad_classes(registry):
 
 
 def test_unknown_kind_names_the_registered_ones():
-    with pytest.raises(ValueError, match="interaction must be one of identity, static, full, moe, recrank1; got 'toydiag'"):
+    with pytest.raises(
+        ValueError, match="interaction must be one of identity, static, full, moe, recrank1; got 'toydiag'"
+    ):
         CFLoRAConfig(interaction="toydiag")
 
 
@@ -126,8 +133,15 @@ def test_toy_kind_works_end_to_end(registry, tmp_path):
     register_interaction(ToyDiagInteraction)
     with pytest.raises(ValueError, match="cond_dim must be a positive int for interaction='toydiag'"):
         CFLoRAConfig(r=3, interaction="toydiag", target_modules=["q", "v"])
-    cfg = CFLoRAConfig(r=3, alpha=4.5, interaction="toydiag", cond_dim=COND, target_modules=["q", "v"],
-                       init_lora="random", backend="reference")
+    cfg = CFLoRAConfig(
+        r=3,
+        alpha=4.5,
+        interaction="toydiag",
+        cond_dim=COND,
+        target_modules=["q", "v"],
+        init_lora="random",
+        backend="reference",
+    )
     assert cfg.needs_cond and not cfg.mergeable
 
     torch.manual_seed(0)
@@ -150,7 +164,9 @@ def test_toy_kind_works_end_to_end(registry, tmp_path):
     # gradients reach the toy generator and match the written-out reference
     params = [p for p in model.parameters() if p.requires_grad]
     got = torch.autograd.grad((y * want.detach().cos()).sum(), params)
-    ref = torch.autograd.grad((_reference_forward(model, x, cond, cfg.scale) * want.detach().cos()).sum(), params)
+    ref = torch.autograd.grad(
+        (_reference_forward(model, x, cond, cfg.scale) * want.detach().cos()).sum(), params
+    )
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     assert all(gr.abs().sum() > 0 for gr in got)

@@ -19,13 +19,23 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from peft.tuners import lora  # noqa: E402
 
-TARGETS = {"llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"]), "gpt2": (tiny_gpt2, ["c_attn", "c_proj"])}
+TARGETS = {
+    "llama": (tiny_llama, ["q_proj", "v_proj", "down_proj"]),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"]),
+}
 
 
 def _peft(arch: str, seed: int = 0, dropout: float = 0.0, **kw):
     build, targets = TARGETS[arch]
-    config = LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=targets, init_lora_weights=False,
-                        fan_in_fan_out=arch == "gpt2", **kw)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=12,
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights=False,
+        fan_in_fan_out=arch == "gpt2",
+        **kw,
+    )
     torch.manual_seed(seed + 100)  # init_lora_weights=False: random A and B, so the adapter is not a no-op
     return get_peft_model(build(seed), config)
 
@@ -75,7 +85,11 @@ def test_outputs_gradients_and_state_dict_match_peft(arch, op_calls):
     assert len(op_calls) == _n_lora_linear(ref)  # one fused call per LoRA layer per forward
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dx, ref_dx, rtol=1e-4, atol=1e-6)
-    assert grads.keys() == ref_grads.keys() and any("lora_A" in k for k in grads) and any("lora_B" in k for k in grads)
+    assert (
+        grads.keys() == ref_grads.keys()
+        and any("lora_A" in k for k in grads)
+        and any("lora_B" in k for k in grads)
+    )
     for name in ref_grads:
         assert ref_grads[name].abs().max() > 0, name  # the comparison is not of zeros
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -87,7 +101,9 @@ def test_eval_mode_with_dropout_matches_peft_and_training_dropout_is_seeded():
     model = apply_cflora(copy.deepcopy(ref))
     inputs = model_inputs()
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(**inputs).logits, ref.eval()(**inputs).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model.eval()(**inputs).logits, ref.eval()(**inputs).logits, rtol=1e-5, atol=1e-5
+        )
         model.train()
         torch.manual_seed(3)
         a = model(**inputs).logits
@@ -103,12 +119,17 @@ def test_eval_mode_with_dropout_matches_peft_and_training_dropout_is_seeded():
 def test_multiple_and_switched_adapters_match_peft(op_calls):
     ref = _peft("llama")
     torch.manual_seed(7)
-    ref.add_adapter("second", LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"],
-                                         init_lora_weights=False))
+    ref.add_adapter(
+        "second", LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     model = apply_cflora(copy.deepcopy(ref))
     inputs = model_inputs()
     n_q_v = sum(isinstance(m, lora.Linear) and "second" in m.lora_A for m in ref.modules())
-    cases = (("second", n_q_v), (["default", "second"], _n_lora_linear(ref)), ("default", _n_lora_linear(ref)))
+    cases = (
+        ("second", n_q_v),
+        (["default", "second"], _n_lora_linear(ref)),
+        ("default", _n_lora_linear(ref)),
+    )
     for active, n_fused in cases:
         for m in (ref, model):
             m.base_model.set_adapter(active)
@@ -149,8 +170,17 @@ def test_lora_bias_gets_its_gradient():
     # Llama's projections have no bias (PEFT refuses lora_bias there): use GPT-2's Conv1D, which has one
     build, targets = TARGETS["gpt2"]
     torch.manual_seed(1)
-    ref = get_peft_model(build(1), LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_bias=True,
-                                              init_lora_weights=False, fan_in_fan_out=True))
+    ref = get_peft_model(
+        build(1),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=targets,
+            lora_bias=True,
+            init_lora_weights=False,
+            fan_in_fan_out=True,
+        ),
+    )
     with torch.no_grad():
         for m in ref.modules():
             if isinstance(m, lora.Linear):
@@ -170,8 +200,10 @@ def test_fp32_adapters_on_a_bf16_model(op_calls):
     # PEFT's default autocast_adapter_dtype=True keeps the adapters in fp32 on a bf16 base model
     build, targets = TARGETS["llama"]
     torch.manual_seed(2)
-    ref = get_peft_model(build(2).to(torch.bfloat16),
-                         LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    ref = get_peft_model(
+        build(2).to(torch.bfloat16),
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+    )
     lora_params = [p for n, p in ref.named_parameters() if "lora_" in n]
     assert all(p.dtype == torch.float32 for p in lora_params)
     model = apply_cflora(copy.deepcopy(ref.train()))
@@ -213,7 +245,9 @@ def test_revert_restores_peft_forward(op_calls):
     assert revert_cflora(model) is model
     assert cflora_patched_modules(model) == []
     layers = [m for m in model.modules() if isinstance(m, lora.Linear)]
-    assert layers and all(type(m) is lora.Linear and "_cflora_fused_backend" not in m.__dict__ for m in layers)
+    assert layers and all(
+        type(m) is lora.Linear and "_cflora_fused_backend" not in m.__dict__ for m in layers
+    )
     op_calls.clear()
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, ref(**inputs).logits, rtol=0, atol=0)
@@ -254,9 +288,15 @@ def test_gpu_patched_peft_matches_peft(backend, dtype, op_calls):
     logits and LoRA gradients, in float32 and bfloat16 (adapters in the model dtype)."""
     build, targets = TARGETS["llama"]
     torch.manual_seed(0)
-    ref = get_peft_model(build(0, initializer_range=0.1),
-                         LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False),
-                         autocast_adapter_dtype=False).to("cuda", dtype).train()
+    ref = (
+        get_peft_model(
+            build(0, initializer_range=0.1),
+            LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False),
+            autocast_adapter_dtype=False,
+        )
+        .to("cuda", dtype)
+        .train()
+    )
     model = apply_cflora(copy.deepcopy(ref), backend=backend)
     inputs = {k: v.cuda() for k, v in model_inputs(batch=4, seq=33).items()}
     ref_logits, _, ref_grads = _forward_backward(ref, inputs)

@@ -53,12 +53,15 @@ def test_print_trainable_parameters(capsys):
 
 
 # ----------------------------------------------------------------------------------------------- disable
-@pytest.mark.parametrize("factory, targets", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])])
+@pytest.mark.parametrize(
+    "factory, targets", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])]
+)
 def test_disable_adapter_gives_the_base_outputs_exactly(factory, targets):
     inputs = model_inputs()
     base = _base_logits(factory, inputs)
-    model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction="full",
-                                                  cond_dim=COND))
+    model = inject_cflora(
+        factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction="full", cond_dim=COND)
+    )
     randomise_adapter(model)
     cond = torch.randn(3, COND)
     with torch.no_grad():
@@ -78,7 +81,9 @@ def test_disable_adapter_gives_the_base_outputs_exactly(factory, targets):
 
 
 def test_disable_adapter_takes_the_adapter_out_of_the_graph_and_refuses_merged():
-    model = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora="random"))
+    model = inject_cflora(
+        tiny_llama(), CFLoRAConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora="random")
+    )
     inputs = model_inputs()
     with disable_adapter(model):
         loss = model(**inputs, labels=inputs["input_ids"]).loss
@@ -93,8 +98,9 @@ def test_disable_adapter_takes_the_adapter_out_of_the_graph_and_refuses_merged()
 
 
 # ------------------------------------------------------------------------------------- unload / merge
-@pytest.mark.parametrize("factory, targets", [(tiny_llama, ["q_proj", "v_proj", "down_proj"]),
-                                              (tiny_gpt2, ["c_attn", "c_proj"])])
+@pytest.mark.parametrize(
+    "factory, targets", [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_proj"])]
+)
 def test_unload_gives_back_the_plain_modules(factory, targets):
     inputs = model_inputs()
     base_model = factory()
@@ -113,11 +119,18 @@ def test_unload_gives_back_the_plain_modules(factory, targets):
     assert "disable_adapters" not in model.__dict__  # transformers' own method again
 
 
-@pytest.mark.parametrize("factory, targets, plain", [(tiny_llama, ["q_proj", "v_proj", "down_proj"], torch.nn.Linear),
-                                                     (tiny_gpt2, ["c_attn", "c_fc"], Conv1D)])
+@pytest.mark.parametrize(
+    "factory, targets, plain",
+    [
+        (tiny_llama, ["q_proj", "v_proj", "down_proj"], torch.nn.Linear),
+        (tiny_gpt2, ["c_attn", "c_fc"], Conv1D),
+    ],
+)
 @pytest.mark.parametrize("interaction", ["identity", "static"])
 def test_merge_and_unload_then_save_pretrained_round_trips(tmp_path, factory, targets, plain, interaction):
-    model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction))
+    model = inject_cflora(
+        factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction)
+    )
     randomise_adapter(model)
     inputs = model_inputs()
     with torch.no_grad():
@@ -143,8 +156,10 @@ def test_unload_refuses_a_merged_model_and_per_sample_adapters_do_not_merge():
     with pytest.raises(RuntimeError, match="merge_and_unload"):
         unload(model)
     unmerge_cflora(model)
-    conditioned = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, target_modules=["q_proj"], interaction="moe",
-                                                           cond_dim=COND, n_experts=2))
+    conditioned = inject_cflora(
+        tiny_llama(),
+        CFLoRAConfig(r=4, target_modules=["q_proj"], interaction="moe", cond_dim=COND, n_experts=2),
+    )
     with pytest.raises(RuntimeError, match="per sample"):
         merge_and_unload(conditioned)
     assert len(cflora_layers(conditioned)) == 2  # untouched
@@ -191,9 +206,17 @@ def tiny_bert(seed: int = 0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=48, max_position_embeddings=64, attn_implementation="eager",
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return BertModel(cfg)
 
 
@@ -224,12 +247,24 @@ def _two_forwards_one_backward(model, batches, conds):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("factory, targets", [(tiny_llama, ["q_proj", "v_proj", "down_proj"]),
-                                              (tiny_bert, ["query", "value", "intermediate.dense"])])
+@pytest.mark.parametrize(
+    "factory, targets",
+    [(tiny_llama, ["q_proj", "v_proj", "down_proj"]), (tiny_bert, ["query", "value", "intermediate.dense"])],
+)
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_with_two_forwards_per_backward(factory, targets, reentrant, monkeypatch):
-    model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction="full",
-                                                  cond_dim=COND, init_lora="random", generator_init_std=0.3))
+    model = inject_cflora(
+        factory(),
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            target_modules=targets,
+            interaction="full",
+            cond_dim=COND,
+            init_lora="random",
+            generator_init_std=0.3,
+        ),
+    )
     model.train()
     batches = [model_inputs(seed=1), model_inputs(seed=2)]
     conds = [torch.randn(3, COND), torch.randn(3, COND)]
@@ -248,12 +283,24 @@ def test_gradient_checkpointing_with_two_forwards_per_backward(factory, targets,
         # control: without the cond replay, the first forward would be recomputed with the second cond; the
         # layers notice and raise instead of returning wrong gradients
         monkeypatch.setattr(cflora_conditioning, "_install_checkpoint_replay", lambda root: None)
-        fresh = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction="full",
-                                                      cond_dim=COND, init_lora="random", generator_init_std=0.3))
+        fresh = inject_cflora(
+            factory(),
+            CFLoRAConfig(
+                r=4,
+                alpha=8,
+                target_modules=targets,
+                interaction="full",
+                cond_dim=COND,
+                init_lora="random",
+                generator_init_std=0.3,
+            ),
+        )
         fresh.load_state_dict(model.state_dict())
         fresh.train()
         _enable_checkpointing(fresh, reentrant)
-        with pytest.raises(RuntimeError, match="several cflora_condition blocks still wait for their backward"):
+        with pytest.raises(
+            RuntimeError, match="several cflora_condition blocks still wait for their backward"
+        ):
             _two_forwards_one_backward(fresh, batches, conds)
 
 
@@ -261,7 +308,9 @@ def test_gradient_checkpointing_with_two_forwards_per_backward(factory, targets,
 def _peft_lora_names(model):
     from peft.tuners.lora import LoraLayer
 
-    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    return sorted(
+        n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)
+    )
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
@@ -270,20 +319,31 @@ def test_all_linear_and_exclude_modules_match_peft(factory, exclude):
     from peft import LoraConfig, get_peft_model
 
     ours = inject_cflora(factory(), CFLoRAConfig(r=4, target_modules="all-linear", exclude_modules=exclude))
-    peft_model = get_peft_model(factory(), LoraConfig(r=4, target_modules="all-linear", exclude_modules=exclude))
+    peft_model = get_peft_model(
+        factory(), LoraConfig(r=4, target_modules="all-linear", exclude_modules=exclude)
+    )
     names = [n for n, _ in cflora_layers(ours)]
     assert names == _peft_lora_names(peft_model) or sorted(names) == _peft_lora_names(peft_model)
     assert "lm_head" not in names and names
     if exclude is not None:
-        assert len(names) < len(cflora_layers(inject_cflora(factory(), CFLoRAConfig(r=4, target_modules="all-linear"))))
+        assert len(names) < len(
+            cflora_layers(inject_cflora(factory(), CFLoRAConfig(r=4, target_modules="all-linear")))
+        )
 
 
 def _bert_classifier(seed=0):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                     intermediate_size=37, max_position_embeddings=64, num_labels=2)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     return BertForSequenceClassification(cfg).eval()
 
 
@@ -295,12 +355,15 @@ def test_all_linear_on_a_bert_classifier_follows_peft(tmp_path, r):
     from peft import LoraConfig, get_peft_model
 
     ours = inject_cflora(_bert_classifier(), CFLoRAConfig(r=r, alpha=r, target_modules="all-linear"))
-    peft_cls = get_peft_model(_bert_classifier(), LoraConfig(r=r, target_modules="all-linear", task_type="SEQ_CLS"))
+    peft_cls = get_peft_model(
+        _bert_classifier(), LoraConfig(r=r, target_modules="all-linear", task_type="SEQ_CLS")
+    )
     names = sorted(n for n, _ in cflora_layers(ours))
     assert names == _peft_lora_names(peft_cls) and "classifier" not in names and "bert.pooler.dense" in names
     # the same layers, without the head, as a plain PEFT adapter whose weights load into ours
-    peft_model = get_peft_model(_bert_classifier(), LoraConfig(r=r, lora_alpha=r, target_modules=names,
-                                                                init_lora_weights=False))
+    peft_model = get_peft_model(
+        _bert_classifier(), LoraConfig(r=r, lora_alpha=r, target_modules=names, init_lora_weights=False)
+    )
     for name, layer in cflora_layers(ours):
         peft_layer = peft_model.get_submodule(f"base_model.model.{name}")
         assert layer.lora_A.shape == peft_layer.lora_A["default"].weight.shape == (r, layer.in_features)
@@ -310,7 +373,9 @@ def test_all_linear_on_a_bert_classifier_follows_peft(tmp_path, r):
     inputs = model_inputs()
     with torch.no_grad():
         expected = peft_model(**inputs).logits
-        assert not torch.allclose(expected, _bert_classifier()(**inputs).logits, atol=1e-4)  # the adapter matters
+        assert not torch.allclose(
+            expected, _bert_classifier()(**inputs).logits, atol=1e-4
+        )  # the adapter matters
         torch.testing.assert_close(ours(**inputs).logits, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -320,15 +385,34 @@ def test_rank_and_alpha_patterns_match_peft(tmp_path):
     rank_pattern = {"v_proj": 2, r"layers\.1\.self_attn\.q_proj": 6}
     alpha_pattern = {"down_proj": 3.0}
     targets = ["q_proj", "v_proj", "down_proj"]
-    ours = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, rank_pattern=rank_pattern,
-                                                    alpha_pattern=alpha_pattern, init_lora="random"))
-    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern))
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
-                   if n.endswith(tuple(targets))}
+    ours = inject_cflora(
+        tiny_llama(),
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            target_modules=targets,
+            rank_pattern=rank_pattern,
+            alpha_pattern=alpha_pattern,
+            init_lora="random",
+        ),
+    )
+    peft_model = get_peft_model(
+        tiny_llama(),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
+        ),
+    )
+    peft_layers = {
+        n.removeprefix("base_model.model."): m
+        for n, m in peft_model.named_modules()
+        if n.endswith(tuple(targets))
+    }
     ranks = {}
     for name, layer in cflora_layers(ours):
-        assert (layer.r, layer.scale) == (peft_layers[name].r["default"], peft_layers[name].scaling["default"]), name
+        assert (layer.r, layer.scale) == (
+            peft_layers[name].r["default"],
+            peft_layers[name].scaling["default"],
+        ), name
         assert layer.lora_A.shape == (layer.r, layer.in_features)
         ranks[name] = layer.r
     assert ranks["model.layers.1.self_attn.q_proj"] == 6 and ranks["model.layers.0.self_attn.q_proj"] == 4
@@ -340,10 +424,18 @@ def test_rank_and_alpha_patterns_match_peft(tmp_path):
         expected = logits_of(ours, inputs)
     export_peft_lora(ours, tmp_path / "peft")
     with torch.no_grad():
-        torch.testing.assert_close(logits_of(PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval(), inputs),
-                                   expected, rtol=2e-4, atol=2e-4)
-    back = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, rank_pattern=rank_pattern,
-                                                    alpha_pattern=alpha_pattern))
+        torch.testing.assert_close(
+            logits_of(PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval(), inputs),
+            expected,
+            rtol=2e-4,
+            atol=2e-4,
+        )
+    back = inject_cflora(
+        tiny_llama(),
+        CFLoRAConfig(
+            r=4, alpha=8, target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern
+        ),
+    )
     load_peft_lora(back, tmp_path / "peft")
     save_cflora(ours, tmp_path / "ours")
     fresh = load_cflora(tiny_llama(), tmp_path / "ours")
@@ -358,28 +450,54 @@ def test_rank_pattern_errors_name_the_layer():
     with pytest.raises(ValueError, match="not a valid regex"):
         CFLoRAConfig(alpha_pattern={"(": 2.0})
     with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_proj \(r=3.*n_experts to divide r"):
-        inject_cflora(tiny_llama(), CFLoRAConfig(r=4, target_modules=["q_proj"], interaction="moe", cond_dim=COND,
-                                                 n_experts=2, rank_pattern={"q_proj": 3}))
+        inject_cflora(
+            tiny_llama(),
+            CFLoRAConfig(
+                r=4,
+                target_modules=["q_proj"],
+                interaction="moe",
+                cond_dim=COND,
+                n_experts=2,
+                rank_pattern={"q_proj": 3},
+            ),
+        )
 
 
 def _classifier(seed=0):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, num_labels=3,
-                      pad_token_id=0, attn_implementation="eager")
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=3,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
     return LlamaForSequenceClassification(cfg).eval()
 
 
 def test_modules_to_save_trains_saves_and_disables_the_head(tmp_path):
-    config = CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], interaction="full", cond_dim=COND,
-                          modules_to_save=["score"], init_lora="random")
+    config = CFLoRAConfig(
+        r=4,
+        alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        interaction="full",
+        cond_dim=COND,
+        modules_to_save=["score"],
+        init_lora="random",
+    )
     model = inject_cflora(_classifier(), config)
     assert not isinstance(model.score, CFLoRALinear) and model.score.weight.requires_grad
     # the head keeps its state-dict names (no PEFT-style "modules_to_save.default." prefix)
     assert [k for k in model.state_dict() if "lora_" not in k and ".interaction." not in k] == list(
-        _classifier().state_dict())
+        _classifier().state_dict()
+    )
     inputs, cond = model_inputs(), torch.randn(3, COND)
     base = _base_logits(_classifier, inputs)
     model.train()
@@ -414,7 +532,9 @@ class _Blocks(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.blocks = torch.nn.ModuleList(
-            torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 12)) for _ in range(2))
+            torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.GELU(), torch.nn.Linear(16, 12))
+            for _ in range(2)
+        )
         self.checkpointing = False
         self.context_fn = context_fn
 
@@ -431,8 +551,17 @@ class _Blocks(torch.nn.Module):
 def test_direct_checkpoint_with_two_forwards_raises_or_replays_with_context_fn():
     from rellax_fast.cflora import cflora_checkpoint_context_fn
 
-    model = inject_cflora(_Blocks(), CFLoRAConfig(r=4, target_modules=r"blocks\.\d\.[02]", interaction="full", cond_dim=COND,
-                                                  init_lora="random", generator_init_std=0.3))
+    model = inject_cflora(
+        _Blocks(),
+        CFLoRAConfig(
+            r=4,
+            target_modules=r"blocks\.\d\.[02]",
+            interaction="full",
+            cond_dim=COND,
+            init_lora="random",
+            generator_init_std=0.3,
+        ),
+    )
     xs = [torch.randn(3, 5, 12), torch.randn(3, 5, 12)]
     conds = [torch.randn(3, COND), torch.randn(3, COND)]
 

@@ -30,8 +30,15 @@ COND = 5
 
 
 def _cfg(interaction="full", **kw):
-    args = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "gate_proj"], "interaction": interaction,
-            "cond_dim": COND, "n_experts": 2, **kw}
+    args = {
+        "r": 4,
+        "alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "gate_proj"],
+        "interaction": interaction,
+        "cond_dim": COND,
+        "n_experts": 2,
+        **kw,
+    }
     return CFLoRAConfig(**args)
 
 
@@ -64,11 +71,14 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match=r"r: saved 4 vs model 8"):
         load_cflora(inject_cflora(tiny_llama(), CFLoRAConfig(**{**_cfg().to_dict(), "r": 8})), tmp_path / "a")
     wider = tiny_llama(hidden_size=48, intermediate_size=64)
-    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj.lora_A has shape \(4, 32\).*\(4, 48\)"):
+    with pytest.raises(
+        ValueError, match=r"model.layers.0.self_attn.q_proj.lora_A has shape \(4, 32\).*\(4, 48\)"
+    ):
         load_cflora(wider, tmp_path / "a")
     with pytest.raises(ValueError, match="missing in the file"):
-        load_cflora(inject_cflora(tiny_llama(), _cfg(target_modules=["q_proj", "v_proj", "up_proj"])),
-                    tmp_path / "a")
+        load_cflora(
+            inject_cflora(tiny_llama(), _cfg(target_modules=["q_proj", "v_proj", "up_proj"])), tmp_path / "a"
+        )
     with pytest.raises(FileNotFoundError, match="save_cflora"):
         load_cflora(tiny_llama(), tmp_path / "nothing")
 
@@ -93,10 +103,14 @@ def test_save_is_atomic_and_overwrites(tmp_path, monkeypatch):
     assert (tmp_path / "a" / "cflora_adapter.safetensors").read_bytes() != before
 
 
-@pytest.mark.parametrize("factory, targets", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])])
+@pytest.mark.parametrize(
+    "factory, targets", [(tiny_llama, ["q_proj", "down_proj"]), (tiny_gpt2, ["c_attn", "c_fc"])]
+)
 @pytest.mark.parametrize("interaction", ["identity", "static"])
 def test_merge_unmerge_round_trip(factory, targets, interaction):
-    model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction))
+    model = inject_cflora(
+        factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction)
+    )
     randomise_adapter(model)
     weights = {n: layer.weight.detach().clone() for n, layer in cflora_layers(model)}
     inputs = model_inputs()
@@ -148,8 +162,8 @@ def _peft_adapter(factory, targets, out_dir, r=4, alpha=8):
 
     torch.manual_seed(123)
     peft_model = get_peft_model(
-        factory(), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False,
-                              lora_dropout=0.0)
+        factory(),
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, lora_dropout=0.0),
     ).eval()
     peft_model.save_pretrained(out_dir)
     return peft_model
@@ -175,15 +189,23 @@ def test_peft_lora_in_identity_cflora_gives_peft_logits(tmp_path, name):
 def test_load_peft_lora_checks_rank_scale_and_coverage(tmp_path):
     _peft_adapter(tiny_llama, ["q_proj", "v_proj"], tmp_path / "peft")
     with pytest.raises(ValueError, match="adapter has r=4.*r=8"):
-        load_peft_lora(inject_cflora(tiny_llama(), CFLoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])),
-                       tmp_path / "peft")
+        load_peft_lora(
+            inject_cflora(tiny_llama(), CFLoRAConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"])),
+            tmp_path / "peft",
+        )
     with pytest.raises(ValueError, match="scale is 2.*alpha=8"):
-        load_peft_lora(inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"])),
-                       tmp_path / "peft")
+        load_peft_lora(
+            inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"])),
+            tmp_path / "peft",
+        )
     with pytest.raises(ValueError, match="not CFLoRA layers"):
-        load_peft_lora(inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"])),
-                       tmp_path / "peft")
-    wide = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+        load_peft_lora(
+            inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"])),
+            tmp_path / "peft",
+        )
+    wide = inject_cflora(
+        tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])
+    )
     with pytest.raises(ValueError, match="o_proj.*no weights in the adapter"):
         load_peft_lora(wide, tmp_path / "peft")
     load_peft_lora(wide, tmp_path / "peft", strict=False)
@@ -197,15 +219,27 @@ def test_load_peft_lora_injects_a_model_without_cflora_layers(tmp_path):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(3)
-    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=True,
-                                                         target_modules=["q_proj", "v_proj", "down_proj"],
-                                                         rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 3.0},
-                                                         init_lora_weights=False)).eval()
+    peft_model = get_peft_model(
+        tiny_llama(),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.1,
+            use_rslora=True,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"v_proj": 2},
+            alpha_pattern={"down_proj": 3.0},
+            init_lora_weights=False,
+        ),
+    ).eval()
     peft_model.save_pretrained(tmp_path / "peft")
     model = load_peft_lora(tiny_llama(), tmp_path / "peft")
     layers = dict(cflora_layers(model))
-    peft_layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
-                   if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
+    peft_layers = {
+        n.removeprefix("base_model.model."): m
+        for n, m in peft_model.named_modules()
+        if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling
+    }
     assert sorted(layers) == sorted(peft_layers)
     for name, layer in layers.items():
         assert layer.r == peft_layers[name].r["default"], name
@@ -220,8 +254,17 @@ def test_load_peft_lora_injects_a_model_without_cflora_layers(tmp_path):
 
 def test_two_stage_recipe_starts_from_the_lora_and_trains_only_the_generator(tmp_path):
     peft_model = _peft_adapter(tiny_llama, ["q_proj", "v_proj"], tmp_path / "peft")
-    model = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"],
-                                                     interaction="full", cond_dim=COND, train_lora=False))
+    model = inject_cflora(
+        tiny_llama(),
+        CFLoRAConfig(
+            r=4,
+            alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            interaction="full",
+            cond_dim=COND,
+            train_lora=False,
+        ),
+    )
     load_peft_lora(model, tmp_path / "peft")
     inputs = model_inputs()
     with torch.no_grad(), cflora_condition(model, torch.randn(3, COND)):
@@ -236,7 +279,9 @@ def test_two_stage_recipe_starts_from_the_lora_and_trains_only_the_generator(tmp
 def test_export_to_peft_round_trip(tmp_path, factory, targets, interaction):
     from peft import PeftModel
 
-    model = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction))
+    model = inject_cflora(
+        factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction=interaction)
+    )
     randomise_adapter(model)
     export_peft_lora(model, tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
@@ -244,13 +289,16 @@ def test_export_to_peft_round_trip(tmp_path, factory, targets, interaction):
     peft_model = PeftModel.from_pretrained(factory(), tmp_path / "peft").eval()
     inputs = model_inputs()
     with torch.no_grad():
-        torch.testing.assert_close(logits_of(peft_model, inputs), logits_of(model.eval(), inputs),
-                                   rtol=2e-4, atol=2e-4)
+        torch.testing.assert_close(
+            logits_of(peft_model, inputs), logits_of(model.eval(), inputs), rtol=2e-4, atol=2e-4
+        )
     # and back: the exported adapter loads into a fresh identity model with the same outputs
     back = inject_cflora(factory(), CFLoRAConfig(r=4, alpha=8, target_modules=targets))
     load_peft_lora(back, tmp_path / "peft")
     with torch.no_grad():
-        torch.testing.assert_close(logits_of(back.eval(), inputs), logits_of(model, inputs), rtol=2e-4, atol=2e-4)
+        torch.testing.assert_close(
+            logits_of(back.eval(), inputs), logits_of(model, inputs), rtol=2e-4, atol=2e-4
+        )
 
 
 # ------------------------------------------------------------------------------- corrupted adapters (#13.8)
@@ -323,9 +371,12 @@ def test_nan_adapter_is_refused(tmp_path):
         layer.lora_A[0, 3] = float("nan")
         layer.interaction.fc1.weight[2, 1] = float("inf")
     save_cflora(model, tmp_path / "a")  # a diverged run's adapter: the hash is valid, the values are not
-    _assert_refused(tmp_path / "a", r"cflora_adapter.safetensors holds non-finite values \(NaN/Inf\) in 2 tensor\(s\): "
-                    r"model.layers.0.self_attn.v_proj.interaction.fc1.weight \(1 of 160\), "
-                    r"model.layers.0.self_attn.v_proj.lora_A \(1 of 128\)")
+    _assert_refused(
+        tmp_path / "a",
+        r"cflora_adapter.safetensors holds non-finite values \(NaN/Inf\) in 2 tensor\(s\): "
+        r"model.layers.0.self_attn.v_proj.interaction.fc1.weight \(1 of 160\), "
+        r"model.layers.0.self_attn.v_proj.lora_A \(1 of 128\)",
+    )
 
 
 def test_unknown_format_version_is_refused(tmp_path):
@@ -378,11 +429,17 @@ def test_adapter_relabelled_to_format_1_with_a_flipped_byte_is_refused(tmp_path,
     _flip_a_byte(path)
     _edit_config(path, lambda data: _relabel_to_format_1(data, strip))
     if strip:  # indistinguishable from a genuine format-1 file: unverifiable, so refused unless asked for
-        _assert_refused(path, r"cflora_config.json has format rellax-fast-cflora/1, which carries no content hash.*"
-                        r"allow_unverified=True")
+        _assert_refused(
+            path,
+            r"cflora_config.json has format rellax-fast-cflora/1, which carries no content hash.*"
+            r"allow_unverified=True",
+        )
     else:
-        _assert_refused(path, r"says format rellax-fast-cflora/1 but holds exclude_modules, rank_pattern, "
-                        r"alpha_pattern, modules_to_save, which no format-1 file has")
+        _assert_refused(
+            path,
+            r"says format rellax-fast-cflora/1 but holds exclude_modules, rank_pattern, "
+            r"alpha_pattern, modules_to_save, which no format-1 file has",
+        )
         with pytest.raises(AdapterFileError, match="relabelled"):  # even when unverified files are allowed
             load_cflora(tiny_llama(), path, allow_unverified=True)
 
@@ -409,12 +466,22 @@ def test_format_1_adapter_loads_only_when_unverified_files_are_allowed(tmp_path)
         with cflora_condition(fresh, cond):
             assert torch.equal(logits_of(fresh, inputs), expected)
     save_cflora(fresh, tmp_path / "resaved")  # saved again: format 2, verified, loads by default
-    assert json.loads((tmp_path / "resaved" / "cflora_config.json").read_text())["format"] == "rellax-fast-cflora/2"
+    assert (
+        json.loads((tmp_path / "resaved" / "cflora_config.json").read_text())["format"]
+        == "rellax-fast-cflora/2"
+    )
     load_cflora(tiny_llama(), tmp_path / "resaved")
 
 
-@pytest.mark.parametrize("key, value", [("train_lora", "no"), ("alpha", float("inf")), ("dropout", float("nan")),
-                                        ("alpha_pattern", {"q_proj": -1.0})])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("train_lora", "no"),
+        ("alpha", float("inf")),
+        ("dropout", float("nan")),
+        ("alpha_pattern", {"q_proj": -1.0}),
+    ],
+)
 def test_saved_config_with_a_bad_value_names_the_file_and_the_key(tmp_path, key, value):
     """Issue #26.5: a saved config's values are validated as the constructor's, before anything else, and the
     error names the file and the key (was: a raw TypeError for "train_lora": "no", NaN outputs for Infinity)."""

@@ -13,7 +13,7 @@ from rellax_testing import REPO
 
 def readme_adapter_snippet() -> str:
     text = (REPO / "README.md").read_text()
-    section = text[text.index("## Quick start: the adapter"):]
+    section = text[text.index("## Quick start: the adapter") :]
     return re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
 
 

@@ -19,8 +19,15 @@ COND = 5
 
 
 def _adapted(**kw):
-    config = CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], interaction="full", cond_dim=COND,
-                          modules_to_save=["lm_head"], **kw)
+    config = CFLoRAConfig(
+        r=4,
+        alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        interaction="full",
+        cond_dim=COND,
+        modules_to_save=["lm_head"],
+        **kw,
+    )
     model = inject_cflora(tiny_llama(), config)
     randomise_adapter(model)
     with torch.no_grad():
@@ -44,7 +51,9 @@ def test_save_pretrained_then_from_pretrained_and_load_cflora_restores_the_adapt
     assert set(saved) == set(reference)
     for key, value in reference.items():
         assert torch.equal(saved[key], value), key
-    reloaded, info = LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True, attn_implementation="eager")
+    reloaded, info = LlamaForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["unexpected_keys"] and not info["missing_keys"], info
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(**inputs).logits, base)
@@ -53,10 +62,14 @@ def test_save_pretrained_then_from_pretrained_and_load_cflora_restores_the_adapt
 
 
 def test_save_pretrained_refuses_a_merged_adapter_and_unload_restores_the_plain_method(tmp_path):
-    model = inject_cflora(tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"], interaction="static"))
+    model = inject_cflora(
+        tiny_llama(), CFLoRAConfig(r=4, alpha=8, target_modules=["q_proj"], interaction="static")
+    )
     randomise_adapter(model)
     merge_cflora(model)
-    with pytest.raises(RuntimeError, match=r"save_pretrained: .*merged into W.*merge_and_unload.*unmerge_cflora"):
+    with pytest.raises(
+        RuntimeError, match=r"save_pretrained: .*merged into W.*merge_and_unload.*unmerge_cflora"
+    ):
         model.save_pretrained(tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     unmerge_cflora(model)
@@ -73,6 +86,9 @@ def test_save_pretrained_of_a_deepcopy_saves_the_copy(tmp_path):
         twin.model.layers[0].self_attn.q_proj.lora_B.add_(1.0)
     twin.save_pretrained(tmp_path)
     saved = load_file(tmp_path / WEIGHTS_NAME)
-    assert torch.equal(saved["model.layers.0.self_attn.q_proj.lora_B"], twin.model.layers[0].self_attn.q_proj.lora_B)
-    assert not torch.equal(saved["model.layers.0.self_attn.q_proj.lora_B"],
-                           model.model.layers[0].self_attn.q_proj.lora_B)
+    assert torch.equal(
+        saved["model.layers.0.self_attn.q_proj.lora_B"], twin.model.layers[0].self_attn.q_proj.lora_B
+    )
+    assert not torch.equal(
+        saved["model.layers.0.self_attn.q_proj.lora_B"], model.model.layers[0].self_attn.q_proj.lora_B
+    )

@@ -33,8 +33,8 @@ def test_history_arrays_match_a_python_loop():
         expect = np.zeros(L, np.int64)
         expect_r = np.zeros(L, np.float32)
         if len(hist):
-            expect[-len(hist):] = hist + 1
-            expect_r[-len(hist):] = hr
+            expect[-len(hist) :] = hist + 1
+            expect_r[-len(hist) :] = hr
         np.testing.assert_array_equal(got_items[s], expect)
         np.testing.assert_array_equal(got_ratings[s], expect_r)
 
@@ -61,7 +61,15 @@ def _planted(n_users=60, n_items=40, per_user=40, seed=0):
     user_index = np.repeat(np.arange(n_users), per_user - 5)
     pos = np.tile(np.arange(5, per_user), n_users)
     flat = offsets[user_index] + pos
-    return offsets, items.reshape(-1), ratings.reshape(-1), user_index, pos, items.reshape(-1)[flat], label.reshape(-1)[flat]
+    return (
+        offsets,
+        items.reshape(-1),
+        ratings.reshape(-1),
+        user_index,
+        pos,
+        items.reshape(-1)[flat],
+        label.reshape(-1)[flat],
+    )
 
 
 def test_din_learns_a_planted_signal_and_is_frozen(tmp_path):
@@ -69,8 +77,12 @@ def test_din_learns_a_planted_signal_and_is_frozen(tmp_path):
     idx = np.random.default_rng(1).permutation(len(pos))
     parts = np.split(idx, [int(0.7 * len(idx)), int(0.85 * len(idx))])
     arrays = [make_arrays(offsets, items, ratings, users[p], pos[p], target[p], label[p], 20) for p in parts]
-    cfg = DINConfig(n_items=40, n_users=0, embed_dim=8, attention_hidden=8, mlp_hidden=(16, 8), max_history=20)
-    model, report = train_din(cfg, *arrays, DINTrainConfig(epochs=15, batch_size=128, lr=1e-2, patience=3, progress=False))
+    cfg = DINConfig(
+        n_items=40, n_users=0, embed_dim=8, attention_hidden=8, mlp_hidden=(16, 8), max_history=20
+    )
+    model, report = train_din(
+        cfg, *arrays, DINTrainConfig(epochs=15, batch_size=128, lr=1e-2, patience=3, progress=False)
+    )
     assert report.test["auc"] > 0.8, report
     assert 1 <= report.best_epoch <= 15 and len(report.history) >= report.best_epoch
     assert all(not p.requires_grad for p in model.parameters()) and not model.training
@@ -93,12 +105,25 @@ def test_din_says_when_it_stops_early(capsys):
     offsets, items, ratings, users, pos, target, label = _planted()
     parts = np.split(np.random.default_rng(1).permutation(len(pos)), [int(0.7 * len(pos))])
     arrays = [make_arrays(offsets, items, ratings, users[p], pos[p], target[p], label[p], 20) for p in parts]
-    cfg = DINConfig(n_items=40, n_users=0, embed_dim=8, attention_hidden=8, mlp_hidden=(16, 8), max_history=20)
-    _, report = train_din(cfg, *arrays, train_config=DINTrainConfig(epochs=6, batch_size=512, lr=1e-12, patience=2, progress=True))
+    cfg = DINConfig(
+        n_items=40, n_users=0, embed_dim=8, attention_hidden=8, mlp_hidden=(16, 8), max_history=20
+    )
+    _, report = train_din(
+        cfg,
+        *arrays,
+        train_config=DINTrainConfig(epochs=6, batch_size=512, lr=1e-12, patience=2, progress=True),
+    )
     out = capsys.readouterr().out
     assert len(report.history) == 3 and report.best_epoch == 1
-    assert "DIN: early stopping after epoch 3 of 6 (no valid-AUC gain for 2 epoch(s)); keeping epoch 1 (valid AUC " in out
-    _, report = train_din(cfg, *arrays, train_config=DINTrainConfig(epochs=2, batch_size=512, lr=1e-12, patience=2, progress=True))
+    assert (
+        "DIN: early stopping after epoch 3 of 6 (no valid-AUC gain for 2 epoch(s)); keeping epoch 1 (valid AUC "
+        in out
+    )
+    _, report = train_din(
+        cfg,
+        *arrays,
+        train_config=DINTrainConfig(epochs=2, batch_size=512, lr=1e-12, patience=2, progress=True),
+    )
     assert "early stopping" not in capsys.readouterr().out  # ran every epoch: nothing to say
 
 
@@ -107,8 +132,16 @@ def test_din_padding_does_not_leak_into_h():
     cfg = DINConfig(n_items=10, n_users=3, embed_dim=4, attention_hidden=4, mlp_hidden=(8,), max_history=4)
     torch.manual_seed(0)
     model = DIN(cfg).eval()
-    a = make_arrays(np.array([0, 2, 6, 6]), np.array([1, 2, 3, 4, 5, 6]), np.array([1, 2, 3, 4, 5, 1], np.float32),
-                    np.array([0, 1]), np.array([1, 3]), np.array([7, 8]), np.array([1, 0]), 4)
+    a = make_arrays(
+        np.array([0, 2, 6, 6]),
+        np.array([1, 2, 3, 4, 5, 6]),
+        np.array([1, 2, 3, 4, 5, 1], np.float32),
+        np.array([0, 1]),
+        np.array([1, 3]),
+        np.array([7, 8]),
+        np.array([1, 0]),
+        4,
+    )
     h = model.hidden(a)
     a.hist_ratings[a.hist_items == 0] = 5.0
     torch.testing.assert_close(model.hidden(a), h, rtol=0, atol=0)
@@ -155,12 +188,20 @@ def _small_synthetic_arrays():
 
     data = prepare_ctr(make_synthetic(seed=0, n_users=300, n_items=400, n_ratings=30_000))
     vocab = item_vocab(data)
-    cfg = DINConfig(n_items=len(vocab) + 25, n_users=len(data.sequences), embed_dim=8, attention_hidden=8,
-                    mlp_hidden=(16, 8), max_history=20)  # 25 item rows no sample ever touches
+    cfg = DINConfig(
+        n_items=len(vocab) + 25,
+        n_users=len(data.sequences),
+        embed_dim=8,
+        attention_hidden=8,
+        mlp_hidden=(16, 8),
+        max_history=20,
+    )  # 25 item rows no sample ever touches
     return cfg, [split_arrays(data, k, vocab, cfg.max_history) for k in ("train", "valid")]
 
 
-SPARSE_DENSE_AUC_TOLERANCE = 0.005  # measured: 0.0001 apart here; 0.0005 and 0.0002 on the full synthetic set (2 seeds)
+SPARSE_DENSE_AUC_TOLERANCE = (
+    0.005  # measured: 0.0001 apart here; 0.0005 and 0.0002 on the full synthetic set (2 seeds)
+)
 
 
 def test_sparse_embedding_training_matches_dense_valid_auc_and_leaves_untouched_rows():
@@ -170,8 +211,15 @@ def test_sparse_embedding_training_matches_dense_valid_auc_and_leaves_untouched_
     cfg, (train, valid) = _small_synthetic_arrays()
     reports, models = {}, {}
     for sparse in (False, True):
-        tc = DINTrainConfig(epochs=2, batch_size=256, lr=5e-3, seed=1, progress=False,
-                            sparse_embeddings="all" if sparse else "none", mixed_precision="no")
+        tc = DINTrainConfig(
+            epochs=2,
+            batch_size=256,
+            lr=5e-3,
+            seed=1,
+            progress=False,
+            sparse_embeddings="all" if sparse else "none",
+            mixed_precision="no",
+        )
         models[sparse], reports[sparse] = train_din(cfg, train, valid, train_config=tc)
     assert reports[False].valid["auc"] > 0.6, reports[False]
     assert abs(reports[True].valid["auc"] - reports[False].valid["auc"]) < SPARSE_DENSE_AUC_TOLERANCE, reports
@@ -187,8 +235,16 @@ def test_auto_sparse_picks_tables_with_many_rows_per_lookup():
     (a large user table); small tables stay dense (faster there, measured); bad values name the option."""
     from rellax_fast.ctr.din import SPARSE_ROWS_PER_LOOKUP, sparse_tables
 
-    big = DIN(DINConfig(n_items=100, n_users=64 * SPARSE_ROWS_PER_LOOKUP + 1, embed_dim=4, attention_hidden=4,
-                        mlp_hidden=(8,), max_history=5))  # fmt: skip
+    big = DIN(
+        DINConfig(
+            n_items=100,
+            n_users=64 * SPARSE_ROWS_PER_LOOKUP + 1,
+            embed_dim=4,
+            attention_hidden=4,
+            mlp_hidden=(8,),
+            max_history=5,
+        )
+    )
     assert sparse_tables(big, DINTrainConfig(batch_size=64)) == [big.user_embedding]
     assert sparse_tables(big, DINTrainConfig(batch_size=65)) == []
     assert sparse_tables(big, DINTrainConfig(batch_size=64, sparse_embeddings="none")) == []
@@ -209,7 +265,9 @@ def test_bf16_autocast_training_keeps_the_valid_auc():
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert abs(aucs["bf16"] - aucs["no"]) < SPARSE_DENSE_AUC_TOLERANCE, aucs
     with pytest.raises(ValueError, match="mixed_precision: expected 'fast', 'bf16' or 'no', got 'fp8'"):
-        train_din(cfg, train, valid, train_config=DINTrainConfig(epochs=1, progress=False, mixed_precision="fp8"))
+        train_din(
+            cfg, train, valid, train_config=DINTrainConfig(epochs=1, progress=False, mixed_precision="fp8")
+        )
 
 
 def test_matmul_flops_per_sample_match_torchs_flop_counter():
@@ -219,11 +277,21 @@ def test_matmul_flops_per_sample_match_torchs_flop_counter():
     from rellax_fast.ctr.din import matmul_flops_per_sample
 
     for n_users in (0, 5):
-        cfg = DINConfig(n_items=30, n_users=n_users, embed_dim=6, attention_hidden=5, mlp_hidden=(12, 7), max_history=9)
+        cfg = DINConfig(
+            n_items=30, n_users=n_users, embed_dim=6, attention_hidden=5, mlp_hidden=(12, 7), max_history=9
+        )
         model = DIN(cfg).eval()
         rng = np.random.default_rng(0)
-        batch = make_arrays(np.array([0, 40]), rng.integers(0, 30, 40), np.full(40, 4.0, np.float32),
-                            np.zeros(11, np.int64), np.arange(20, 31), rng.integers(0, 30, 11), np.zeros(11), 9)
+        batch = make_arrays(
+            np.array([0, 40]),
+            rng.integers(0, 30, 40),
+            np.full(40, 4.0, np.float32),
+            np.zeros(11, np.int64),
+            np.arange(20, 31),
+            rng.integers(0, 30, 11),
+            np.zeros(11),
+            9,
+        )
         batch.user = batch.user % max(n_users, 1)
         with FlopCounterMode(display=False) as counter:
             model(batch)

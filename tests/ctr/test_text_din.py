@@ -32,7 +32,12 @@ def _cold_item_task(seed=0, n_items=80, n_warm=60, n_users=50, per_user=60, d_te
         return make_arrays(offsets, items, ratings, users[mask], pos[mask], tgt[mask], y, 10)
 
     split = rng.random(users.size)
-    return text, arrays(split < 0.7, targets), arrays((split >= 0.7) & (split < 0.85), targets), arrays(split >= 0.85, cold)
+    return (
+        text,
+        arrays(split < 0.7, targets),
+        arrays((split >= 0.7) & (split < 0.85), targets),
+        arrays(split >= 0.85, cold),
+    )
 
 
 def test_text_din_reads_the_item_text_on_cold_items_where_din_cannot():
@@ -40,7 +45,9 @@ def test_text_din_reads_the_item_text_on_cold_items_where_din_cannot():
     cfg = DINConfig(n_items=80, n_users=50, embed_dim=8, attention_hidden=8, mlp_hidden=(16,), max_history=10)
     tc = DINTrainConfig(epochs=6, batch_size=128, lr=5e-3, patience=2, progress=False)
     plain, _ = train_din(cfg, train, valid, train_config=tc)
-    texty, report = train_din(cfg, train, valid, train_config=tc, build=lambda c: TextDIN(c, torch.from_numpy(text)))
+    texty, report = train_din(
+        cfg, train, valid, train_config=tc, build=lambda c: TextDIN(c, torch.from_numpy(text))
+    )
     assert isinstance(texty, TextDIN) and report.best_epoch >= 1
     auc_plain = ctr_metrics(test.label.numpy(), predict(plain, test).numpy())["auc"]
     auc_text = ctr_metrics(test.label.numpy(), predict(texty, test).numpy())["auc"]
@@ -75,7 +82,11 @@ def test_train_subset_view_is_seeded_and_leaves_the_other_splits():
     from rellax_fast.data.synthetic import make_synthetic
 
     data = prepare_ctr(make_synthetic(seed=3, n_users=40, n_items=60, n_ratings=1200), seed=0)
-    a, b, c = train_subset_view(data, 100, 0), train_subset_view(data, 100, 0), train_subset_view(data, 100, 1)
+    a, b, c = (
+        train_subset_view(data, 100, 0),
+        train_subset_view(data, 100, 0),
+        train_subset_view(data, 100, 1),
+    )
     assert len(a.splits["train"]) == 100 and a.splits["test"] is data.splits["test"]
     np.testing.assert_array_equal(a.splits["train"].pos, b.splits["train"].pos)
     assert not np.array_equal(a.splits["train"].user_index, c.splits["train"].user_index)
@@ -86,8 +97,16 @@ def test_train_subset_view_is_seeded_and_leaves_the_other_splits():
     # fit on the subset: trains and reports valid/test like DIN
     rng = np.random.default_rng(0)
     ids = list(data.dataset.items.index)
-    model, report, vocab = fit_text_din(a, rng.standard_normal((len(ids), 6)).astype(np.float32), ids,
-                                        {"embed_dim": 4, "mlp_hidden": (8,), "max_history": 5},
-                                        DINTrainConfig(epochs=1, progress=False))  # fmt: skip
-    assert isinstance(model, TextDIN) and 0 <= report.valid["auc"] <= 1 and report.test["n"] == len(data.splits["test"])
+    model, report, vocab = fit_text_din(
+        a,
+        rng.standard_normal((len(ids), 6)).astype(np.float32),
+        ids,
+        {"embed_dim": 4, "mlp_hidden": (8,), "max_history": 5},
+        DINTrainConfig(epochs=1, progress=False),
+    )
+    assert (
+        isinstance(model, TextDIN)
+        and 0 <= report.valid["auc"] <= 1
+        and report.test["n"] == len(data.splits["test"])
+    )
     assert model.text.shape == (len(vocab) + 1, 6)

@@ -16,7 +16,9 @@ def _samples():
     return [
         PromptSample("movie", PROFILE, shown, (7, "Heat (1995)"), 1, sample_index=0),
         PromptSample("movie", None, shown[:3], (8, "Ed (1996)"), 0, sample_index=1),
-        PromptSample("book", {"location": "porto, portugal", "age": 40.0}, [], (9, "Emma"), 1, sample_index=2),
+        PromptSample(
+            "book", {"location": "porto, portugal", "age": 40.0}, [], (9, "Emma"), 1, sample_index=2
+        ),
     ]
 
 
@@ -25,13 +27,17 @@ def bpe():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [render_prompt(s.domain, s.profile, s.shown, s.target, placeholder=None).text for s in _samples()]
+    corpus = [
+        render_prompt(s.domain, s.profile, s.shown, s.target, placeholder=None).text for s in _samples()
+    ]
     corpus += ["Answer: Yes", "Answer: No", "yes or no"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=600,
+        special_tokens=["<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus * 5, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
@@ -62,7 +68,9 @@ def test_causal_labels_are_exactly_the_answer_tokens(bpe):
         label_pos = torch.nonzero(labels != -100).flatten().tolist()
         assert label_pos == list(range(n - len(answer), n))  # exactly the answer tokens, nothing else
         assert ids[label_pos].tolist() == labels[label_pos].tolist() == answer
-        assert int(batch["answer_index"][b]) == label_pos[0] - 1  # logits there predict the first answer token
+        assert (
+            int(batch["answer_index"][b]) == label_pos[0] - 1
+        )  # logits there predict the first answer token
         prompt = render_prompt(s.domain, s.profile, s.shown, s.target)
         assert bpe.decode(ids[: label_pos[0]]) == prompt.text + "\nAnswer:"
         assert (ids[n:] == bpe.pad_token_id).all() and (labels[n:] == -100).all()
@@ -81,7 +89,9 @@ def test_truncation_drops_oldest_and_keeps_placeholders(bpe):
     enc = col.encode(s)
     assert len(enc["input_ids"]) <= col.max_length
     kept = enc["placeholder_item_ids"][:-1]
-    assert 0 < len(kept) < 12 and kept == [100 + k for k in range(12 - len(kept), 12)]  # newest kept, in order
+    assert 0 < len(kept) < 12 and kept == [
+        100 + k for k in range(12 - len(kept), 12)
+    ]  # newest kept, in order
     assert enc["input_ids"].count(col.placeholder_token_id) == len(enc["placeholder_item_ids"])
     # with timestamps, "oldest" follows time, not list position; display order is preserved
     ts = [5, 1, 9, 3, 11, 0, 7, 2, 10, 4, 8, 6]
@@ -125,7 +135,9 @@ def test_encoder_mask_readout_with_minilm_wordpiece(minilm):
     # 12 shown items do not fit in 160 MiniLM tokens with MiniLM: the oldest were dropped, placeholders intact
     first = batch["placeholder_item_ids"][0]
     kept = first[first >= 0].tolist()
-    assert 1 < len(kept) < 13 and kept[-1] == 7 and kept[:-1] == [100 + k for k in range(12 - len(kept) + 1, 12)]
+    assert (
+        1 < len(kept) < 13 and kept[-1] == 7 and kept[:-1] == [100 + k for k in range(12 - len(kept) + 1, 12)]
+    )
     assert batch["input_ids"].shape[1] <= 160
 
 

@@ -60,7 +60,10 @@ def test_ml100k_no_time_leakage_and_histories_earlier(ml100k_ctr):
             assert len(hist) == split.pos[i]
             assert (split.history_timestamps(i) <= split.timestamp[i]).all()
             u = split.user_index[i]
-            assert seq.user_ids[u] == split.user_id[i] and seq.items[seq.offsets[u] + split.pos[i]] == split.item_id[i]
+            assert (
+                seq.user_ids[u] == split.user_id[i]
+                and seq.items[seq.offsets[u] + split.pos[i]] == split.item_id[i]
+            )
             assert split.item_id[i] not in hist  # MovieLens: an item is rated once per user
     # the sequence itself is time ordered inside every user
     for u in range(len(seq)):
@@ -109,9 +112,24 @@ def test_cli_prepare(tmp_path, capsys):
     rc = main(["prepare", "--dataset", "ml-100k", "--data-dir", str(ml100k_dir()), "--out", str(tmp_path)])
     assert rc == 0
     assert "train" in capsys.readouterr().out
-    assert {p.name for p in tmp_path.iterdir()} >= {"train.parquet", "valid.parquet", "test.parquet", "meta.json"}
-    rc = main(["prepare", "--dataset", "ml-1m", "--data-dir", str(tmp_path / "none"), "--no-download",
-               "--out", str(tmp_path / "x")])  # fmt: skip
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "train.parquet",
+        "valid.parquet",
+        "test.parquet",
+        "meta.json",
+    }
+    rc = main(
+        [
+            "prepare",
+            "--dataset",
+            "ml-1m",
+            "--data-dir",
+            str(tmp_path / "none"),
+            "--no-download",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc == 1 and "ratings.dat" in capsys.readouterr().err
 
 
@@ -124,7 +142,9 @@ def _books(seed=0):
     r = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"]).astype(
         {"user_id": "int64", "item_id": "int64", "rating": "float32", "timestamp": "int64"}
     )
-    items = pd.DataFrame({"title": [f"Book {i}" for i in range(300)]}, index=pd.Index(range(300), name="item_id"))
+    items = pd.DataFrame(
+        {"title": [f"Book {i}" for i in range(300)]}, index=pd.Index(range(300), name="item_id")
+    )
     return RecDataset("bookcrossing", "book", r, items, None)
 
 
@@ -241,8 +261,14 @@ def test_synthetic_signals_predict_the_label(synth):
 
 
 def test_build_sequences_ties_keep_file_order():
-    r = pd.DataFrame({"user_id": [2, 1, 1, 1], "item_id": [9, 30, 10, 20], "rating": [1.0, 5, 4, 3],
-                      "timestamp": [5, 7, 7, 6]}).astype({"rating": "float32"})  # fmt: skip
+    r = pd.DataFrame(
+        {
+            "user_id": [2, 1, 1, 1],
+            "item_id": [9, 30, 10, 20],
+            "rating": [1.0, 5, 4, 3],
+            "timestamp": [5, 7, 7, 6],
+        }
+    ).astype({"rating": "float32"})
     seq = build_sequences(r)
     assert seq.user_ids.tolist() == [1, 2] and seq.offsets.tolist() == [0, 3, 4]
     assert seq.items.tolist() == [20, 30, 10, 9]

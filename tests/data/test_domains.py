@@ -38,8 +38,10 @@ def expected_prompt(record: Domain, profile, shown, target, placeholder) -> str:
     lines = [record.profile_sentence(profile)] if profile else []
     lines = [line for line in lines if line]
     if shown:
-        lines.append(f"{subj} {record.verb} and rated these {record.plural} (from 1 to {record.rating_scale} stars; "
-                     f"more stars mean {low} liked the {record.noun} more):")  # fmt: skip
+        lines.append(
+            f"{subj} {record.verb} and rated these {record.plural} (from 1 to {record.rating_scale} stars; "
+            f"more stars mean {low} liked the {record.noun} more):"
+        )
         lines += [f"{n}. {t} ({format_rating(r)}){tag}" for n, (_, t, r) in enumerate(shown, 1)]
     else:
         lines.append(f"{subj} has no earlier rated {record.plural} to show.")
@@ -60,8 +62,14 @@ def test_builtin_domain_prompts_come_from_the_record(name, placeholder):
 
 def test_builtin_profiles_read_only_their_user_fields():
     movie, book = get_domain("movie"), get_domain("book")
-    assert movie.profile_sentence(PROFILES[1]) == "The user is a man aged 18 to 24. His occupation is technician."
-    assert book.profile_sentence(PROFILES[2]) == "The user is a woman. She lives in tyler, texas, usa. She is 56 years old."
+    assert (
+        movie.profile_sentence(PROFILES[1])
+        == "The user is a man aged 18 to 24. His occupation is technician."
+    )
+    assert (
+        book.profile_sentence(PROFILES[2])
+        == "The user is a woman. She lives in tyler, texas, usa. She is 56 years old."
+    )
     assert movie.profile_sentence(PROFILES[4]) == "" and book.profile_sentence({}) == ""
     # a field outside user_fields changes nothing
     for record in (movie, book):
@@ -71,13 +79,25 @@ def test_builtin_profiles_read_only_their_user_fields():
 
 
 def test_builtin_item_texts_come_from_the_record():
-    movies = pd.DataFrame({"title": ["B (1990)", None, " A  (1991) "],
-                           "genres": [["Drama"], ["Comedy", ""], float("nan")]}, index=[5, 7, 9])  # fmt: skip
-    books = pd.DataFrame({"title": ["T", "", "U"], "author": ["Au", None, float("nan")], "year": [2001, 0, "1815.0"],
-                          "publisher": ["P", float("nan"), ""]}, index=[0, 1, 2])  # fmt: skip
+    movies = pd.DataFrame(
+        {"title": ["B (1990)", None, " A  (1991) "], "genres": [["Drama"], ["Comedy", ""], float("nan")]},
+        index=[5, 7, 9],
+    )
+    books = pd.DataFrame(
+        {
+            "title": ["T", "", "U"],
+            "author": ["Au", None, float("nan")],
+            "year": [2001, 0, "1815.0"],
+            "publisher": ["P", float("nan"), ""],
+        },
+        index=[0, 1, 2],
+    )
     ids, texts = item_text_rows(movies, "movie")
     assert ids == [5, 7, 9] and texts == [movie_text(t, g) for t, g in zip(movies["title"], movies["genres"])]
-    assert texts == [get_domain("movie").item_text(*row) for row in movies[list(get_domain("movie").item_fields)].itertuples(index=False)]
+    assert texts == [
+        get_domain("movie").item_text(*row)
+        for row in movies[list(get_domain("movie").item_fields)].itertuples(index=False)
+    ]
     ids, texts = item_text_rows(books, "book")
     assert ids == [0, 1, 2] and texts == [book_text(*row) for row in books.itertuples(index=False)]
     assert texts[1] == "Unknown book" and texts[2] == "U. Year: 1815"
@@ -108,11 +128,19 @@ def _music_profile(profile: dict) -> list:
 
 
 MUSIC = Domain(
-    name="music", noun="album", plural="albums", verb="listened to", rating_scale=5,
-    positive_above=4, positive_inclusive=True, item_fields=("title", "artist"),
+    name="music",
+    noun="album",
+    plural="albums",
+    verb="listened to",
+    rating_scale=5,
+    positive_above=4,
+    positive_inclusive=True,
+    item_fields=("title", "artist"),
     item_text=lambda title, artist=None: f"{title} by {artist}" if isinstance(artist, str) else str(title),
-    user_fields=("gender", "country"), profile=_music_profile, timed=True,
-)  # fmt: skip
+    user_fields=("gender", "country"),
+    profile=_music_profile,
+    timed=True,
+)
 
 
 @pytest.fixture
@@ -129,7 +157,9 @@ def test_toy_domain_record_renders_prompts_texts_and_labels(music):
         "1. Toy Story (1995) (4 stars) <spa>\n2. Emma (no rating given) <spa>\n"
         'Will she like the album "Blue" <spa>?\nAnswer only with yes or no.'
     )
-    assert p.text == expected_prompt(music, {"gender": "F", "country": "Chile"}, SHOWN[:2], (5, "Blue"), "<spa>")
+    assert p.text == expected_prompt(
+        music, {"gender": "F", "country": "Chile"}, SHOWN[:2], (5, "Blue"), "<spa>"
+    )
     items = pd.DataFrame({"title": ["Blue", "Kid A"], "artist": ["Joni Mitchell", None]}, index=[3, 4])
     assert item_text_rows(items, "music") == ([3, 4], ["Blue by Joni Mitchell", "Kid A"])
     assert np.array_equal(label_of("music", np.float32([3, 3.5, 4, 5])), np.int8([0, 0, 1, 1]))
@@ -137,7 +167,9 @@ def test_toy_domain_record_renders_prompts_texts_and_labels(music):
 
     # a timed domain goes through the global-time split with its own label rule
     ds = make_synthetic(seed=0, n_users=30, n_items=80, n_ratings=900)
-    data = prepare_ctr(RecDataset("toy-music", "music", ds.ratings, ds.items.rename(columns={"genres": "artist"}), None))
+    data = prepare_ctr(
+        RecDataset("toy-music", "music", ds.ratings, ds.items.rename(columns={"genres": "artist"}), None)
+    )
     for split in data.splits.values():
         assert len(split) > 0 and np.array_equal(split.label, (split.rating >= 4).astype(np.int8))
     assert data.meta["domain"] == "music"

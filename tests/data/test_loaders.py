@@ -38,9 +38,27 @@ def write_ml100k(d, udata=None):
     ]
     (d / "u.item").write_bytes(("\n".join(items) + "\n").encode("latin-1"))
     (d / "u.user").write_bytes(b"1|24|M|technician|85711\n2|53|F|other|94043\n")
-    names = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-             "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-             "War", "Western"]  # fmt: skip
+    names = [
+        "unknown",
+        "Action",
+        "Adventure",
+        "Animation",
+        "Children's",
+        "Comedy",
+        "Crime",
+        "Documentary",
+        "Drama",
+        "Fantasy",
+        "Film-Noir",
+        "Horror",
+        "Musical",
+        "Mystery",
+        "Romance",
+        "Sci-Fi",
+        "Thriller",
+        "War",
+        "Western",
+    ]
     (d / "u.genre").write_bytes(("".join(f"{n}|{k}\n" for k, n in enumerate(names)) + "\n").encode())
     return d
 
@@ -174,8 +192,9 @@ def test_ml100k_corruption_names_file_and_line(tmp_path, udata, line, what):
 def test_corrupt_item_and_csv_files(tmp_path):
     d = write_ml100k(tmp_path / "a")
     (d / "u.item").write_bytes((d / "u.item").read_bytes()[:-30])  # cut mid-row
-    with pytest.raises(DataFormatError, match=r"u\.item: line 3"), pytest.warns(
-        DataWarning, match=r"u\.item: line 3: the file does not end with a newline"
+    with (
+        pytest.raises(DataFormatError, match=r"u\.item: line 3"),
+        pytest.warns(DataWarning, match=r"u\.item: line 3: the file does not end with a newline"),
     ):
         load_dataset("ml-100k", d, download=False)
     d = write_ml_csv(tmp_path / "b")
@@ -205,14 +224,18 @@ def test_movielens_csv_ratings_are_read_typed_by_pyarrow(tmp_path, name, monkeyp
 
     rng = np.random.default_rng(0)
     n = 5000
-    rows = np.stack([rng.integers(1, 300, n), rng.integers(1, 4, n), rng.integers(1, 11, n), rng.permutation(n) + 10**9])
+    rows = np.stack(
+        [rng.integers(1, 300, n), rng.integers(1, 4, n), rng.integers(1, 11, n), rng.permutation(n) + 10**9]
+    )
     d = write_ml_csv(tmp_path / "typed")
     text = "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r / 2},{t}\n" for u, i, r, t in rows.T)
     (d / "ratings.csv").write_text(text)
     fallbacks = []
     slow = parsing.parse_table
     for module in (parsing, movielens):  # the ratings fall-back path and the movies.csv reader
-        monkeypatch.setattr(module, "parse_table", lambda path, *a, **k: fallbacks.append(path.name) or slow(path, *a, **k))
+        monkeypatch.setattr(
+            module, "parse_table", lambda path, *a, **k: fallbacks.append(path.name) or slow(path, *a, **k)
+        )
     ds = load_dataset(name, d, download=False)
     assert fallbacks == ["movies.csv"]  # ratings.csv never needed the string parser
     assert ds.ratings["user_id"].dtype == np.int64 and ds.ratings["rating"].dtype == np.float32
@@ -222,8 +245,11 @@ def test_movielens_csv_ratings_are_read_typed_by_pyarrow(tmp_path, name, monkeyp
     np.testing.assert_array_equal(ds.ratings["rating"], cols["r"].astype(np.float32))
     np.testing.assert_array_equal(ds.ratings["timestamp"], cols["t"].astype(np.int64))
     # a blank line, a float user id and an out-of-range int fall back to the string parser, which names the line
-    for bad, match in (("1,1,4.0,1\n\n2,2,3.0,2\n", "line 3"), ("1,1,4.0,1\n1.5,2,3.0,2\n", "line 3: field 'u'"),
-                       ("1,1,4.0,1\n2,2,3.0,99999999999999999999\n", "line 3: field 't'")):  # fmt: skip
+    for bad, match in (
+        ("1,1,4.0,1\n\n2,2,3.0,2\n", "line 3"),
+        ("1,1,4.0,1\n1.5,2,3.0,2\n", "line 3: field 'u'"),
+        ("1,1,4.0,1\n2,2,3.0,99999999999999999999\n", "line 3: field 't'"),
+    ):
         (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + bad)
         with pytest.raises(DataFormatError, match=match):
             load_dataset(name, d, download=False)
@@ -236,7 +262,12 @@ def test_offline_error_says_where_to_put_what(tmp_path):
     with pytest.raises(DatasetNotFoundError) as err:
         load_dataset("ml-1m", tmp_path / "nothing", download=False)
     msg = str(err.value)
-    assert "ratings.dat" in msg and "movies.dat" in msg and str(tmp_path / "nothing") in msg and "ml-1m.zip" in msg
+    assert (
+        "ratings.dat" in msg
+        and "movies.dat" in msg
+        and str(tmp_path / "nothing") in msg
+        and "ml-1m.zip" in msg
+    )
 
 
 def _zip_of(folder, prefix):
@@ -252,13 +283,23 @@ def test_download_verifies_checksum_and_extracts(tmp_path, monkeypatch):
     (tmp_path / "mirror").mkdir()
     (tmp_path / "mirror" / "ml-1m.zip").write_bytes(payload)
     url = (tmp_path / "mirror" / "ml-1m.zip").as_uri()
-    good = dl.DatasetSource("ml-1m.zip", (url,), "ml-1m", ("ratings.dat", "movies.dat", "users.dat"),
-                            archive_md5=hashlib.md5(payload).hexdigest())  # fmt: skip
+    good = dl.DatasetSource(
+        "ml-1m.zip",
+        (url,),
+        "ml-1m",
+        ("ratings.dat", "movies.dat", "users.dat"),
+        archive_md5=hashlib.md5(payload).hexdigest(),
+    )
     monkeypatch.setitem(dl.SOURCES, "ml-1m", good)
     ds = load_dataset("ml-1m", tmp_path / "dest", download=True)
     assert len(ds.ratings) == 3
     # nothing half-written or temporary is left: exactly the archive and the extracted files
-    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == ["ml-1m.zip", "movies.dat", "ratings.dat", "users.dat"]
+    assert sorted(p.name for p in (tmp_path / "dest").iterdir()) == [
+        "ml-1m.zip",
+        "movies.dat",
+        "ratings.dat",
+        "users.dat",
+    ]
 
     bad = dl.DatasetSource("ml-1m.zip", (url,), "ml-1m", good.files, archive_md5="0" * 32)
     monkeypatch.setitem(dl.SOURCES, "ml-1m", bad)
@@ -287,8 +328,17 @@ def test_users_own_bad_archive_is_moved_aside_not_deleted(tmp_path, monkeypatch)
         assert bad.read_bytes() == own
         (d / "ml-100k.zip").write_bytes(own)  # the user puts it back
     # an archive with the published checksum that is not a zip: moved aside too, with a clear error
-    monkeypatch.setitem(dl.SOURCES, "ml-100k", dl.DatasetSource(
-        "ml-100k.zip", ("file:///nonexistent",), "ml-100k", ("u.data",), archive_md5=hashlib.md5(own).hexdigest()))
+    monkeypatch.setitem(
+        dl.SOURCES,
+        "ml-100k",
+        dl.DatasetSource(
+            "ml-100k.zip",
+            ("file:///nonexistent",),
+            "ml-100k",
+            ("u.data",),
+            archive_md5=hashlib.md5(own).hexdigest(),
+        ),
+    )
     with pytest.raises(dl.ChecksumError, match=r"not a valid zip archive.*moved the archive aside"):
         load_dataset("ml-100k", d, download=True)
     assert (d / "ml-100k.zip.bad.2").read_bytes() == own

@@ -23,7 +23,7 @@ def synth():
 
 def _python_history(split, i, cap=None):
     h = split.history(i).tolist()
-    return h if cap is None else h[max(0, len(h) - cap):]
+    return h if cap is None else h[max(0, len(h) - cap) :]
 
 
 def test_default_writes_no_history_column_and_round_trips(synth, tmp_path):
@@ -43,7 +43,10 @@ def test_default_writes_no_history_column_and_round_trips(synth, tmp_path):
 
 def test_capped_history_column_holds_the_last_n_items(synth, tmp_path):
     save_prepared(synth, tmp_path, history_column="capped", max_history=7)
-    assert json.loads((tmp_path / "meta.json").read_text())["history_column"] == {"mode": "capped", "max_history": 7}
+    assert json.loads((tmp_path / "meta.json").read_text())["history_column"] == {
+        "mode": "capped",
+        "max_history": 7,
+    }
     test = synth.splits["test"]
     hist = pq.read_table(tmp_path / "test.parquet", columns=["history"]).column("history").to_pylist()
     assert max(len(h) for h in hist) == 7 and max(test.pos) > 7  # the cap bit
@@ -58,14 +61,20 @@ def test_full_history_column_folder_still_loads_with_the_same_content(synth, tmp
     a, b = load_prepared(tmp_path / "full"), load_prepared(tmp_path / "none")
     for name in synth.splits:
         np.testing.assert_array_equal(a.splits[name].pos, b.splits[name].pos)
-    hist = pq.read_table(tmp_path / "full" / "valid.parquet", columns=["history"]).column("history").to_pylist()
+    hist = (
+        pq.read_table(tmp_path / "full" / "valid.parquet", columns=["history"]).column("history").to_pylist()
+    )
     assert [hist[i] for i in (0, 5)] == [_python_history(synth.splits["valid"], i) for i in (0, 5)]
     # without the column the split files are smaller (the flat history is the quadratic part)
-    assert (tmp_path / "none" / "train.parquet").stat().st_size < (tmp_path / "full" / "train.parquet").stat().st_size
+    assert (tmp_path / "none" / "train.parquet").stat().st_size < (
+        tmp_path / "full" / "train.parquet"
+    ).stat().st_size
 
 
-@pytest.mark.parametrize("mode,cap,match", [("capped", None, "max_history"), ("capped", 0, "max_history"),
-                                            ("flat", None, "history_column")])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode,cap,match",
+    [("capped", None, "max_history"), ("capped", 0, "max_history"), ("flat", None, "history_column")],
+)
 def test_bad_history_options_are_refused_before_writing(synth, tmp_path, mode, cap, match):
     with pytest.raises(ValueError, match=match):
         save_prepared(synth, tmp_path, history_column=mode, max_history=cap)
@@ -77,12 +86,40 @@ def test_cli_prepare_history_column_flag(tmp_path):
 
     assert main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "a")]) == 0
     assert "history" not in pq.read_schema(tmp_path / "a" / "test.parquet").names
-    assert main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "b"), "--history-column", "capped",
-                 "--max-history", "3"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "synthetic",
+                "--out",
+                str(tmp_path / "b"),
+                "--history-column",
+                "capped",
+                "--max-history",
+                "3",
+            ]
+        )
+        == 0
+    )
     hist = pq.read_table(tmp_path / "b" / "test.parquet", columns=["history"]).column("history").to_pylist()
     assert max(len(h) for h in hist) == 3
-    assert main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path / "c"), "--history-column", "capped",
-                 "--max-history", "0"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "synthetic",
+                "--out",
+                str(tmp_path / "c"),
+                "--history-column",
+                "capped",
+                "--max-history",
+                "0",
+            ]
+        )
+        == 2
+    )
 
 
 def test_capped_history_arrays_match_a_python_loop(synth):
@@ -100,13 +137,17 @@ def test_packed_din_batches_equal_the_padded_arrays(synth):
         packed = split_arrays(synth, "train", vocab, L)
         assert isinstance(packed, PackedCTRArrays) and len(packed) == len(synth.splits["train"])
         s, seq = synth.splits["train"], synth.sequences
-        items, ratings = history_arrays(seq.offsets, to_index(vocab, seq.items), seq.ratings, s.user_index, s.pos, L)
+        items, ratings = history_arrays(
+            seq.offsets, to_index(vocab, seq.items), seq.ratings, s.user_index, s.pos, L
+        )
         idx = torch.from_numpy(np.random.default_rng(L).permutation(len(s))[:257])
         b = packed.batch(idx)
         assert b.hist_items.shape == (257, L)
         torch.testing.assert_close(b.hist_items, torch.from_numpy(items)[idx], rtol=0, atol=0)
         torch.testing.assert_close(b.hist_ratings, torch.from_numpy(ratings)[idx], rtol=0, atol=0)
-        torch.testing.assert_close(b.target, torch.from_numpy(to_index(vocab, s.item_id))[idx], rtol=0, atol=0)
+        torch.testing.assert_close(
+            b.target, torch.from_numpy(to_index(vocab, s.item_id))[idx], rtol=0, atol=0
+        )
         torch.testing.assert_close(b.label, torch.from_numpy(s.label.astype(np.float32))[idx], rtol=0, atol=0)
 
 

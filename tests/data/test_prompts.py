@@ -9,7 +9,12 @@ import pytest
 from rellax_fast.data import render_prompt
 from rellax_fast.data.prompts import age_phrase, apply_chat, escape_placeholder, format_rating
 
-SHOWN = [(11, "Toy Story (1995)", 4), (12, "GoldenEye (1995)", 1), (13, "Heat (1995)", 3.5), (14, "Ed (1996)", 5)]
+SHOWN = [
+    (11, "Toy Story (1995)", 4),
+    (12, "GoldenEye (1995)", 1),
+    (13, "Heat (1995)", 3.5),
+    (14, "Ed (1996)", 5),
+]
 TARGET = (99, "Four Rooms (1995)")
 
 
@@ -47,7 +52,11 @@ def test_star_wording_numbering_and_placeholder_order():
     assert p.text.count("<spa>") == 5
     # the order is the caller's: reversed input -> reversed ids
     q = render_prompt("movie", None, SHOWN[::-1], TARGET, placeholder="[SPA]")
-    assert q.placeholder_item_ids == [14, 13, 12, 11, 99] and q.text.count("[SPA]") == 5 and "<spa>" not in q.text
+    assert (
+        q.placeholder_item_ids == [14, 13, 12, 11, 99]
+        and q.text.count("[SPA]") == 5
+        and "<spa>" not in q.text
+    )
     none = render_prompt("movie", None, SHOWN, TARGET, placeholder=None)
     assert none.placeholder_item_ids == [] and "<spa>" not in none.text
     assert format_rating(1) == "1 star" and format_rating(1.0) == "1 star" and format_rating(2) == "2 stars"
@@ -58,8 +67,13 @@ def test_book_template_and_empty_history():
     prof = {"location": "tyler, texas, usa", "age": 31.0}
     p = render_prompt("book", prof, [(1, "Flesh Tones", 8), (2, "Rites of Passage", 0)], (3, "Emma"))
     assert p.text.startswith("The user lives in tyler, texas, usa. The user is 31 years old.")
-    assert "The user read and rated these books (from 1 to 10 stars; more stars mean the user liked the book more)" in p.text
-    assert "1. Flesh Tones (8 stars) <spa>" in p.text and "2. Rites of Passage (no rating given) <spa>" in p.text
+    assert (
+        "The user read and rated these books (from 1 to 10 stars; more stars mean the user liked the book more)"
+        in p.text
+    )
+    assert (
+        "1. Flesh Tones (8 stars) <spa>" in p.text and "2. Rites of Passage (no rating given) <spa>" in p.text
+    )
     assert 'Will the user like the book "Emma" <spa>?' in p.text
     assert p.placeholder_item_ids == [1, 2, 3]
     p = render_prompt("book", {"location": "x", "age": float("nan")}, [], (3, "Emma"))
@@ -72,14 +86,22 @@ def test_book_template_and_empty_history():
 def test_bad_inputs():
     with pytest.raises(ValueError, match="domain"):
         render_prompt("music", None, SHOWN, TARGET)
-    with pytest.raises(ValueError, match="cannot escape the placeholder"):  # one that escaping re-forms forever
+    with pytest.raises(
+        ValueError, match="cannot escape the placeholder"
+    ):  # one that escaping re-forms forever
         render_prompt("movie", None, [(1, "a x title", 3)], TARGET, placeholder=" x")
 
 
 def test_age_buckets_cover_ml1m_codes():
     assert [age_phrase(a) for a in (1, 18, 25, 35, 45, 50, 56)] == [
-        "under 18", "18 to 24", "25 to 34", "35 to 44", "45 to 49", "50 to 55", "56 or older",
-    ]  # fmt: skip
+        "under 18",
+        "18 to 24",
+        "25 to 34",
+        "35 to 44",
+        "45 to 49",
+        "50 to 55",
+        "56 or older",
+    ]
     assert age_phrase(float("nan")) is None and age_phrase(None) is None
 
 

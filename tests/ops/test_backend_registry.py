@@ -25,8 +25,11 @@ def tables(monkeypatch):
     """Test-local copies of the op tables, plus a fifth backend "fake" whose environment check passes on CPU."""
     all_ops()  # every real op registered before copying
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
-    monkeypatch.setattr(_backend, "_OPS", {op: {d: list(o) for d, o in orders.items()}
-                                           for op, orders in _backend._OPS.items()})
+    monkeypatch.setattr(
+        _backend,
+        "_OPS",
+        {op: {d: list(o) for d, o in orders.items()} for op, orders in _backend._OPS.items()},
+    )
     monkeypatch.setattr(_backend, "_IMPLS", {op: dict(rows) for op, rows in _backend._IMPLS.items()})
     monkeypatch.setattr(_backend, "BACKENDS", (*BACKENDS, "fake"))
     checks = dict(_backend._CHECKS)
@@ -53,7 +56,9 @@ def test_a_registered_backend_is_chosen_and_dispatched(tables):
     name, got = tables.impl("toy", which)(v)
     assert name == "fake" and got is v
     assert tables.resolve("toy", CPU, "reference") == "reference"
-    assert tables.resolve("toy", torch.device("cuda")) == "reference"  # no CUDA tensor is made: a device object
+    assert (
+        tables.resolve("toy", torch.device("cuda")) == "reference"
+    )  # no CUDA tensor is made: a device object
     assert tables.why_unavailable("fake", "cuda", "toy") == "fake runs on CPU only"
     assert tables.why_unavailable("cpp", "cpu", "toy") == "toy has no cpp implementation"
     with pytest.raises(BackendUnavailableError, match="toy: backend='cpp' is unavailable: toy has no cpp"):
@@ -89,11 +94,15 @@ def test_supports_refusal_is_explained_skipped_by_auto_and_raised_when_forced(ta
     assert tables.resolve("toy", CPU, v=small) == "fake"
     assert tables.resolve("toy", CPU, v=big) == "reference"
     # forcing a refusing backend raises with the op, the backend and the reason; it never falls back
-    with pytest.raises(BackendUnavailableError,
-                       match=r"^toy: backend='fake' cannot run this call: fake takes at most 4 elements; got 5$"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"^toy: backend='fake' cannot run this call: fake takes at most 4 elements; got 5$",
+    ):
         tables.resolve("toy", CPU, "fake", v=big)
     monkeypatch.setenv(_backend.ENV_VAR, "fake")
-    with pytest.raises(BackendUnavailableError, match="toy: RELLAX_BACKEND=fake cannot run this call: fake takes"):
+    with pytest.raises(
+        BackendUnavailableError, match="toy: RELLAX_BACKEND=fake cannot run this call: fake takes"
+    ):
         tables.resolve("toy", CPU, v=big)
     assert tables.resolve("toy", CPU, v=small) == "fake"
 
@@ -102,7 +111,9 @@ def test_no_candidate_left_raises_with_every_reason(tables):
     tables.register_op("picky", {"cpu": ["fake"]})
     tables.register_impl("picky", "fake", lambda v: v, supports=lambda v: "never")
     assert tables.availability("picky", "cpu", v=1)["reference"] == "picky has no reference implementation"
-    with pytest.raises(BackendUnavailableError, match=r"picky: no backend can run this call on cpu tensors \(fake: never\)"):
+    with pytest.raises(
+        BackendUnavailableError, match=r"picky: no backend can run this call on cpu tensors \(fake: never\)"
+    ):
         tables.resolve("picky", CPU, v=1)
 
 
@@ -133,16 +144,26 @@ def test_every_op_dispatches_through_its_table(tables):
     assert seen["dropout"] == (x, 0.25, 11)
 
     b, t, d_in, d_out, r = 2, 3, 6, 4, 2
-    y = cflora_linear(torch.randn(b, t, d_in), torch.randn(d_out, d_in), None, torch.randn(r, d_in),
-                      torch.randn(d_out, r), torch.randn(b, r, r), scale=0.5, dropout_p=0.1, seed=9,
-                      backend="reference")
+    y = cflora_linear(
+        torch.randn(b, t, d_in),
+        torch.randn(d_out, d_in),
+        None,
+        torch.randn(r, d_in),
+        torch.randn(d_out, r),
+        torch.randn(b, r, r),
+        scale=0.5,
+        dropout_p=0.1,
+        seed=9,
+        backend="reference",
+    )
     assert y.shape == (b, t, d_out) and bool((y == 5.0).all())
     assert seen["cflora"] == (t, 0.5, 0.1, 9)  # per-sample C: t rows share one C[b]
 
     emb = torch.randn(5, 3)
     items, offsets = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 4])
-    pos, _ = semantic_topk(emb, items, offsets, torch.tensor([0, 0]), torch.tensor([1, 3]), 2, metric="dot",
-                           backend="reference")
+    pos, _ = semantic_topk(
+        emb, items, offsets, torch.tensor([0, 0]), torch.tensor([1, 3]), 2, metric="dot", backend="reference"
+    )
     assert pos.shape == (2, 2) and seen["topk"] == (2, False, 3)
 
 
@@ -165,8 +186,10 @@ def test_cflora_triton_capability_check(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     w, lb = torch.randn(3, 4), torch.randn(3, big_r)
-    with pytest.raises(BackendUnavailableError,
-                       match=rf"cflora_linear: backend='triton' cannot run this call: rank r={big_r} exceeds"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=rf"cflora_linear: backend='triton' cannot run this call: rank r={big_r} exceeds",
+    ):
         cflora_linear(x32, w, None, a_big, lb, backend="triton")
 
 
@@ -181,8 +204,13 @@ def test_auto_choice_skips_a_refusing_real_backend(tables, monkeypatch):
     tables.register_op("cflora_linear", {"cpu": ["triton", "reference"]})
     x = torch.randn(2, 4)
     assert tables.resolve("cflora_linear", CPU, x=x, lora_a=torch.randn(8, 4)) == "triton"
-    assert tables.resolve("cflora_linear", CPU, x=x, lora_a=torch.randn(CFLORA_TRITON_MAX_RANK + 1, 4)) == "reference"
-    assert tables.resolve("cflora_linear", CPU, x=x.double(), lora_a=torch.randn(8, 4).double()) == "reference"
+    assert (
+        tables.resolve("cflora_linear", CPU, x=x, lora_a=torch.randn(CFLORA_TRITON_MAX_RANK + 1, 4))
+        == "reference"
+    )
+    assert (
+        tables.resolve("cflora_linear", CPU, x=x.double(), lora_a=torch.randn(8, 4).double()) == "reference"
+    )
 
 
 def test_op_modules_register_their_extension_hooks_at_import():
@@ -250,7 +278,10 @@ def test_sanitizer_smoke_choices_and_skips(capsys):
     def never(dev, backend):
         raise AssertionError("an op without the backend must be skipped")
 
-    smoke.CASES = [("seeded_dropout", lambda dev, backend: ran.append((dev.type, backend))), ("no_such_op", never)]
+    smoke.CASES = [
+        ("seeded_dropout", lambda dev, backend: ran.append((dev.type, backend))),
+        ("no_such_op", never),
+    ]
     assert smoke.main(["--backend", "cpp"]) == 0
     out = capsys.readouterr().out
     assert ran == [("cpu", "cpp")]

@@ -22,8 +22,16 @@ D_IN, D_OUT, T, B = 100, 36, 7, 3
 GRAD_NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "interaction")
 
 
-def make_inputs(dtype=torch.float64, r=4, c_kind="per", bias=True, x_shape=(B, T, D_IN), d_out=D_OUT,
-                device="cpu", requires_grad=True):
+def make_inputs(
+    dtype=torch.float64,
+    r=4,
+    c_kind="per",
+    bias=True,
+    x_shape=(B, T, D_IN),
+    d_out=D_OUT,
+    device="cpu",
+    requires_grad=True,
+):
     """Fresh random inputs (no zeros anywhere; lora_b is non-zero unlike a fresh PEFT init)."""
     d_in = x_shape[-1]
     gen = dict(dtype=torch.float64, device=device)
@@ -68,8 +76,9 @@ def reference64(inputs, grad_out, **kw):
 
 
 def check_against_reference(inputs, backend, dtype, scale_tol=1.0, **kw):
-    y_ref, g_ref = reference64(inputs, grad_out := torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0],
-                                                                dtype=torch.float64), **kw)
+    y_ref, g_ref = reference64(
+        inputs, grad_out := torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0], dtype=torch.float64), **kw
+    )
     y, g = run(inputs, backend, grad_out, **kw)
     assert y.dtype == dtype and y.shape == y_ref.shape
     assert torch.isfinite(y).all()
@@ -80,8 +89,13 @@ def check_against_reference(inputs, backend, dtype, scale_tol=1.0, **kw):
             continue
         assert got is not None and got.shape == want.shape, name
         # gradients are reductions over M rows or d_out columns: widen by sqrt of the reduction length
-        assert_close(got, want, dtype, scale=scale_tol * math.sqrt(max(inputs[0].numel() // inputs[0].shape[-1], 8)),
-                     msg=f"{backend} grad {name}")
+        assert_close(
+            got,
+            want,
+            dtype,
+            scale=scale_tol * math.sqrt(max(inputs[0].numel() // inputs[0].shape[-1], 8)),
+            msg=f"{backend} grad {name}",
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -172,8 +186,10 @@ def test_dropout_seed_determinism(backend):
     n3 = cflora_linear(*inputs, dropout_p=0.1, backend=backend)
     assert torch.equal(n1, n2) and not torch.allclose(n1, n3)
     # dropout_p = 0 ignores the seed entirely
-    assert torch.equal(cflora_linear(*inputs, dropout_p=0.0, seed=1, backend=backend),
-                       cflora_linear(*inputs, dropout_p=0.0, seed=2, backend=backend))
+    assert torch.equal(
+        cflora_linear(*inputs, dropout_p=0.0, seed=1, backend=backend),
+        cflora_linear(*inputs, dropout_p=0.0, seed=2, backend=backend),
+    )
 
 
 def test_dropout_mask_is_the_shared_hash():
@@ -271,8 +287,21 @@ def test_opcheck_fwd_and_bwd(c_kind, bias, p):
     with torch.no_grad():
         y, s, t = torch.ops.rellax_fast.cflora_fwd(*args)
     x, w, _, a, lb, c = args[:6]
-    bwd_args = (torch.randn_like(y), x.detach(), w.detach(), a.detach(), lb.detach(),
-                None if c is None else c.detach(), s, t, 3, 0.7, p, 31, [True, True, bias, True, True, c is not None])
+    bwd_args = (
+        torch.randn_like(y),
+        x.detach(),
+        w.detach(),
+        a.detach(),
+        lb.detach(),
+        None if c is None else c.detach(),
+        s,
+        t,
+        3,
+        0.7,
+        p,
+        31,
+        [True, True, bias, True, True, c is not None],
+    )
     torch.library.opcheck(torch.ops.rellax_fast.cflora_bwd.default, bwd_args)
 
 
@@ -287,8 +316,17 @@ class _CFLoRAModule(torch.nn.Module):
         self.c = c.detach().clone()
 
     def forward(self, x, interaction_scale):
-        h = cflora_linear(x * 2.0, self.weight, self.bias, self.lora_a, self.lora_b, self.c * interaction_scale,
-                          scale=0.5, dropout_p=0.1, seed=8)
+        h = cflora_linear(
+            x * 2.0,
+            self.weight,
+            self.bias,
+            self.lora_a,
+            self.lora_b,
+            self.c * interaction_scale,
+            scale=0.5,
+            dropout_p=0.1,
+            seed=8,
+        )
         return torch.relu(h).sum(-1)
 
 
@@ -330,11 +368,19 @@ BAD = [
     (dict(lora_b=torch.randn(D_OUT, 5)), ValueError, r"lora_b must have shape \(d_out=36, r=4\)"),
     (dict(lora_b=torch.randn(D_OUT + 1, 4)), ValueError, r"lora_b must have shape \(d_out=36, r=4\)"),
     (dict(bias=torch.randn(D_OUT + 2)), ValueError, r"bias must have shape \(d_out=36,\)"),
-    (dict(interaction=torch.randn(B + 1, 4, 4)), ValueError, r"interaction batch 4 does not match x's batch 3"),
+    (
+        dict(interaction=torch.randn(B + 1, 4, 4)),
+        ValueError,
+        r"interaction batch 4 does not match x's batch 3",
+    ),
     (dict(interaction=torch.randn(B, 5, 5)), ValueError, r"interaction must have shape \(B, r, r\)"),
     (dict(interaction=torch.randn(3, 3)), ValueError, r"interaction must have shape \(r, r\)"),
     (dict(x=torch.randn(D_IN)), ValueError, r"per-sample interaction \(B, r, r\) needs x of shape"),
-    (dict(lora_a=torch.randn(4, D_IN, dtype=torch.float64)), TypeError, r"lora_a must have x's dtype torch.float32"),
+    (
+        dict(lora_a=torch.randn(4, D_IN, dtype=torch.float64)),
+        TypeError,
+        r"lora_a must have x's dtype torch.float32",
+    ),
     (dict(x=torch.randint(0, 5, (B, T, D_IN))), TypeError, r"x must be a floating-point tensor"),
     (dict(lora_b=torch.randn(D_OUT, 4, device="meta")), ValueError, r"lora_b must be on x's device cpu"),
 ]
@@ -386,15 +432,18 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("r,c_kind,p,bias,x_shape", [
-    (1, "per", 0.1, True, (B, T, D_IN)),
-    (4, None, 0.0, False, (B, T, D_IN)),
-    (8, "shared", 0.1, True, (B, T, D_IN)),
-    (16, "per", 0.0, True, (5, 37, 129)),
-    (16, "per", 0.1, False, (33, 200)),
-    (64, "per", 0.1, True, (4, 33, 257)),
-    (64, None, 0.1, True, (2, 300, 64)),
-])
+@pytest.mark.parametrize(
+    "r,c_kind,p,bias,x_shape",
+    [
+        (1, "per", 0.1, True, (B, T, D_IN)),
+        (4, None, 0.0, False, (B, T, D_IN)),
+        (8, "shared", 0.1, True, (B, T, D_IN)),
+        (16, "per", 0.0, True, (5, 37, 129)),
+        (16, "per", 0.1, False, (33, 200)),
+        (64, "per", 0.1, True, (4, 33, 257)),
+        (64, None, 0.1, True, (2, 300, 64)),
+    ],
+)
 def test_cuda_matches_reference_float64(r, c_kind, p, bias, x_shape):
     inputs = make_inputs(torch.float64, r, c_kind, bias, x_shape=x_shape, device="cuda")
     check_against_reference(inputs, "cuda", torch.float64, scale=0.7, dropout_p=p, seed=1234 + r)
@@ -444,11 +493,16 @@ def test_triton_op_without_kernels_module_raises_clearly(monkeypatch):
         torch.ops.rellax_fast.cflora_fwd_triton(x.reshape(-1, D_IN), w, b, a, lb, c, 1, 1.0, 0.0, 0)
 
 
-@pytest.mark.parametrize("backend,device", [
-    ("reference", "cpu"), ("cpp", "cpu"), pytest.param("triton", "cpu", marks=pytest.mark.triton),
-    pytest.param("cuda", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
-    pytest.param("triton", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
-])
+@pytest.mark.parametrize(
+    "backend,device",
+    [
+        ("reference", "cpu"),
+        ("cpp", "cpu"),
+        pytest.param("triton", "cpu", marks=pytest.mark.triton),
+        pytest.param("cuda", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
+        pytest.param("triton", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
+    ],
+)
 @pytest.mark.parametrize("x_shape,c_shape", [((0, 7, 10), (0, 4, 4)), ((3, 0, 10), (3, 4, 4))])
 def test_empty_batches(backend, device, x_shape, c_shape):
     """No rows (B = 0 or T = 0): empty outputs, zero parameter gradients, no kernel launched on garbage; every
@@ -488,10 +542,14 @@ def test_autograd_saves_no_output_sized_activation():
 def test_random_shapes_match_reference(case):
     """Fresh random sizes (seeded per case) for every layout of C, float64, with dropout."""
     g = torch.Generator().manual_seed(1000 + case)
-    n_samples, tokens, d_in, d_out, r = (int(torch.randint(lo, hi, (), generator=g))
-                                         for lo, hi in ((1, 6), (1, 40), (1, 130), (1, 70), (1, 33)))
+    n_samples, tokens, d_in, d_out, r = (
+        int(torch.randint(lo, hi, (), generator=g))
+        for lo, hi in ((1, 6), (1, 40), (1, 130), (1, 70), (1, 33))
+    )
     c_kind = (None, "shared", "per")[case % 3]
-    inputs = make_inputs(torch.float64, r, c_kind, case % 2 == 0, x_shape=(n_samples, tokens, d_in), d_out=d_out)
+    inputs = make_inputs(
+        torch.float64, r, c_kind, case % 2 == 0, x_shape=(n_samples, tokens, d_in), d_out=d_out
+    )
     check_against_reference(inputs, "cpp", torch.float64, scale=1.3, dropout_p=0.15, seed=case)
 
 
@@ -507,7 +565,9 @@ def test_tensor_seed_gives_the_int_seeds_mask(backend, seed):
     g = torch.randn(2, 5, 12, dtype=torch.float64)
     y_int, g_int = run(inputs, backend, g, dropout_p=0.3, seed=seed)
     y_t, g_t = run(inputs, backend, g, dropout_p=0.3, seed=torch.tensor(seed))
-    y_other, _ = run(inputs, backend, g, dropout_p=0.3, seed=torch.tensor(seed + (1 if seed < 2**63 - 1 else -1)))
+    y_other, _ = run(
+        inputs, backend, g, dropout_p=0.3, seed=torch.tensor(seed + (1 if seed < 2**63 - 1 else -1))
+    )
     assert torch.equal(y_t, y_int)
     assert not torch.allclose(y_other, y_int)
     for name, a, b in zip(GRAD_NAMES, g_t, g_int):
@@ -515,8 +575,9 @@ def test_tensor_seed_gives_the_int_seeds_mask(backend, seed):
             assert torch.equal(a, b), name
     # a 0-d int32 tensor, or a one-element int64 tensor, is the same seed
     if -(2**31) <= seed < 2**31:
-        assert torch.equal(run(inputs, backend, None, dropout_p=0.3, seed=torch.tensor([seed], dtype=torch.int32))[0],
-                           y_int)
+        assert torch.equal(
+            run(inputs, backend, None, dropout_p=0.3, seed=torch.tensor([seed], dtype=torch.int32))[0], y_int
+        )
 
 
 @pytest.mark.parametrize("seed", [torch.tensor(1.0), torch.tensor([1, 2]), torch.tensor(True)])
@@ -537,9 +598,22 @@ def test_opcheck_tensor_seed_ops(c_kind, bias, p):
         y_int, _, _ = torch.ops.rellax_fast.cflora_fwd(*args[:9], 31)
     assert torch.equal(y, y_int)
     x, w, _, a, lb, c = args[:6]
-    bwd_args = (torch.randn_like(y), x.detach(), w.detach(), a.detach(), lb.detach(),
-                None if c is None else c.detach(), s, t, 3, 0.7, p, torch.tensor(31),
-                [True, True, bias, True, True, c is not None], "cpp")
+    bwd_args = (
+        torch.randn_like(y),
+        x.detach(),
+        w.detach(),
+        a.detach(),
+        lb.detach(),
+        None if c is None else c.detach(),
+        s,
+        t,
+        3,
+        0.7,
+        p,
+        torch.tensor(31),
+        [True, True, bias, True, True, c is not None],
+        "cpp",
+    )
     torch.library.opcheck(torch.ops.rellax_fast.cflora_bwd_tensor_seed.default, bwd_args)
 
 
@@ -554,8 +628,18 @@ class _DropoutModule(torch.nn.Module):
         self.backend = backend
 
     def forward(self, x, seed=None):
-        return cflora_linear(x, self.weight, self.bias, self.lora_a, self.lora_b, self.c, scale=0.5, dropout_p=0.3,
-                             seed=seed, backend=self.backend)
+        return cflora_linear(
+            x,
+            self.weight,
+            self.bias,
+            self.lora_a,
+            self.lora_b,
+            self.c,
+            scale=0.5,
+            dropout_p=0.3,
+            seed=seed,
+            backend=self.backend,
+        )
 
 
 def _loss_and_grads(fn, module, x, manual_seed, **kw):
@@ -564,11 +648,16 @@ def _loss_and_grads(fn, module, x, manual_seed, **kw):
     return y.detach(), torch.autograd.grad((y * y).sum(), [x, module.lora_a, module.lora_b])
 
 
-@pytest.mark.parametrize("backend,device", [
-    ("reference", "cpu"), ("cpp", "cpu"), pytest.param("triton", "cpu", marks=pytest.mark.triton),
-    pytest.param("cuda", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
-    pytest.param("triton", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
-])
+@pytest.mark.parametrize(
+    "backend,device",
+    [
+        ("reference", "cpu"),
+        ("cpp", "cpu"),
+        pytest.param("triton", "cpu", marks=pytest.mark.triton),
+        pytest.param("cuda", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
+        pytest.param("triton", "cuda", marks=[pytest.mark.cuda, needs_gpu]),
+    ],
+)
 def test_compile_fullgraph_draws_the_dropout_seed_in_the_graph(backend, device):
     """seed=None inside torch.compile(fullgraph=True): the seed is drawn in the graph from torch's generator, so
     under the same torch.manual_seed the compiled op (aot_eager keeps torch's RNG) gives eager's masks. The seed
@@ -586,7 +675,9 @@ def test_compile_fullgraph_draws_the_dropout_seed_in_the_graph(backend, device):
         torch.testing.assert_close(y_c, y_e, rtol=1e-6, atol=1e-6)
         for a, b in zip(g_c, g_e):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(_loss_and_grads(compiled, module, x, 1)[0], _loss_and_grads(compiled, module, x, 2)[0])
+    assert not torch.allclose(
+        _loss_and_grads(compiled, module, x, 1)[0], _loss_and_grads(compiled, module, x, 2)[0]
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

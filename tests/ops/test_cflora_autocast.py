@@ -31,35 +31,46 @@ def make_params(r, c_kind, device, x_dtype=torch.float32, seed=0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).float().to(device)
 
     x = rnd(N_SAMPLES, TOKENS, D_IN).to(x_dtype).requires_grad_()
-    weight, bias = rnd(D_OUT, D_IN, std=D_IN ** -0.5), rnd(D_OUT)
-    lora_a = rnd(r, D_IN, std=D_IN ** -0.5).requires_grad_()
-    lora_b = rnd(D_OUT, r, std=r ** -0.5).requires_grad_()
-    c = {None: None, "shared": rnd(r, r, std=r ** -0.5), "per": rnd(N_SAMPLES, r, r, std=r ** -0.5)}[c_kind]
+    weight, bias = rnd(D_OUT, D_IN, std=D_IN**-0.5), rnd(D_OUT)
+    lora_a = rnd(r, D_IN, std=D_IN**-0.5).requires_grad_()
+    lora_b = rnd(D_OUT, r, std=r**-0.5).requires_grad_()
+    c = {None: None, "shared": rnd(r, r, std=r**-0.5), "per": rnd(N_SAMPLES, r, r, std=r**-0.5)}[c_kind]
     return [x, weight, bias, lora_a, lora_b, None if c is None else c.requires_grad_()]
 
 
 def check_autocast(backend, device_type, dtype, c_kind, p, x_dtype=torch.float32):
     inputs = make_params(8, c_kind, device_type, x_dtype)
-    grad_out = torch.randn(N_SAMPLES, TOKENS, D_OUT, generator=torch.Generator().manual_seed(1),
-                           dtype=torch.float64).to(device_type)
+    grad_out = torch.randn(
+        N_SAMPLES, TOKENS, D_OUT, generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    ).to(device_type)
     kw = dict(scale=0.75, dropout_p=p, seed=321)
     with torch.autocast(device_type, dtype=dtype):
         y = cflora_linear(*inputs, backend=backend, **kw)
     assert y.dtype == dtype, f"{backend}: output {y.dtype}, autocast dtype {dtype}"
     want = [t for t in inputs if t is not None and t.requires_grad]
-    got = dict(zip([n for n, t in zip(NAMES, inputs) if t is not None and t.requires_grad],
-                   torch.autograd.grad(y, want, grad_out.to(dtype))))
+    got = dict(
+        zip(
+            [n for n, t in zip(NAMES, inputs) if t is not None and t.requires_grad],
+            torch.autograd.grad(y, want, grad_out.to(dtype)),
+        )
+    )
 
     # oracle: float64 on the inputs the op computes from (rounded to the autocast dtype)
-    rounded = [None if t is None else t.detach().to(dtype).double().requires_grad_(t.requires_grad) for t in inputs]
+    rounded = [
+        None if t is None else t.detach().to(dtype).double().requires_grad_(t.requires_grad) for t in inputs
+    ]
     y_ref = cflora_linear_ref(*rounded, **kw)
-    ref_grads = torch.autograd.grad(y_ref, [t for t in rounded if t is not None and t.requires_grad], grad_out)
+    ref_grads = torch.autograd.grad(
+        y_ref, [t for t in rounded if t is not None and t.requires_grad], grad_out
+    )
     ref = dict(zip(got, ref_grads))
     assert_close(y, y_ref, dtype, msg=f"{backend} autocast {dtype} forward")
     for name, g in got.items():
         leaf = inputs[NAMES.index(name)]
         assert g.dtype == leaf.dtype, f"grad {name} is {g.dtype}; its leaf is {leaf.dtype}"
-        assert_close(g, ref[name], dtype, scale=math.sqrt(N_SAMPLES * TOKENS), msg=f"{backend} autocast grad {name}")
+        assert_close(
+            g, ref[name], dtype, scale=math.sqrt(N_SAMPLES * TOKENS), msg=f"{backend} autocast grad {name}"
+        )
 
 
 CPU_BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.triton)]

@@ -27,8 +27,13 @@ NAMES = ("x", "weight", "bias", "lora_a", "lora_b", "interaction")
 CASES = [
     ("x_inf_nan", {"x": [((0, 1, 3), INF), ((1, 2, 7), NAN)]}, 0.5, 0.0, "per"),
     # with dropout some of these are dropped (exactly 0 on the LoRA path) and some kept; the base path sees all
-    ("x_inf_nan_dropout", {"x": [((0, t, k), (INF, -INF, NAN)[(t + k) % 3]) for t in range(3) for k in range(0, 10, 2)]},
-     0.5, 0.5, "per"),
+    (
+        "x_inf_nan_dropout",
+        {"x": [((0, t, k), (INF, -INF, NAN)[(t + k) % 3]) for t in range(3) for k in range(0, 10, 2)]},
+        0.5,
+        0.5,
+        "per",
+    ),
     ("weight_inf", {"weight": [((2, 4), INF), ((5, 0), -INF)]}, 0.5, 0.0, "shared"),
     ("weight_nan_dropout", {"weight": [((1, 1), NAN)]}, 0.5, 0.3, None),
     ("bias_inf_nan", {"bias": [((0,), INF), ((3,), NAN)]}, 0.5, 0.0, "per"),
@@ -60,12 +65,13 @@ def make_inputs(c_kind, changes, device="cpu"):
     x = rnd(N_SAMPLES, TOKENS, D_IN)
     tensors = {
         "x": x,
-        "weight": rnd(D_OUT, D_IN, std=D_IN ** -0.5),
+        "weight": rnd(D_OUT, D_IN, std=D_IN**-0.5),
         "bias": rnd(D_OUT),
-        "lora_a": rnd(R, D_IN, std=D_IN ** -0.5),
-        "lora_b": rnd(D_OUT, R, std=R ** -0.5),
-        "interaction": None if c_kind is None else rnd(*((N_SAMPLES, R, R) if c_kind == "per" else (R, R)),
-                                                       std=R ** -0.5),
+        "lora_a": rnd(R, D_IN, std=D_IN**-0.5),
+        "lora_b": rnd(D_OUT, R, std=R**-0.5),
+        "interaction": None
+        if c_kind is None
+        else rnd(*((N_SAMPLES, R, R) if c_kind == "per" else (R, R)), std=R**-0.5),
     }
     for name, entries in changes.items():
         for index, value in entries:
@@ -87,8 +93,14 @@ def forward_and_grads(inputs, dtype, backend, grad_out, **kw):
 def assert_same_ieee(got, want, msg):
     """NaN at the same places, ±Inf equal, finite values within the float32 tolerance."""
     rtol, atol = tol(torch.float32)
-    torch.testing.assert_close(got.detach().double().cpu(), want.detach().cpu(), rtol=rtol * 4, atol=atol * 4,
-                               equal_nan=True, msg=msg)
+    torch.testing.assert_close(
+        got.detach().double().cpu(),
+        want.detach().cpu(),
+        rtol=rtol * 4,
+        atol=atol * 4,
+        equal_nan=True,
+        msg=msg,
+    )
 
 
 _GPU = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -106,8 +118,9 @@ BACKENDS = [  # (backend, device)
 def test_special_values_follow_the_reference(backend, device, case, changes, scale, p, c_kind):
     inputs = make_inputs(c_kind, changes, device)
     kw = dict(scale=scale, dropout_p=p, seed=2024)
-    grad_out = torch.randn(N_SAMPLES, TOKENS, D_OUT, generator=torch.Generator().manual_seed(5),
-                           dtype=torch.float64).to(device)
+    grad_out = torch.randn(
+        N_SAMPLES, TOKENS, D_OUT, generator=torch.Generator().manual_seed(5), dtype=torch.float64
+    ).to(device)
     y_ref, g_ref = forward_and_grads(inputs, torch.float64, "oracle", grad_out, **kw)
     y, g = forward_and_grads(inputs, torch.float32, backend, grad_out, **kw)
     # the case means something: its output has non-finite entries (but the finite control's)

@@ -39,7 +39,9 @@ def st_oracle(x, lora_a, interaction, rows_per_sample, dropout_p, seed):
     return s, t
 
 
-def make_inputs(r, dtype, c_kind, with_bias, m=N_SAMPLES * TOKENS, d_in=D_IN, d_out=D_OUT, n_samples=N_SAMPLES):
+def make_inputs(
+    r, dtype, c_kind, with_bias, m=N_SAMPLES * TOKENS, d_in=D_IN, d_out=D_OUT, n_samples=N_SAMPLES
+):
     """Fresh random inputs of O(1) output scale, already rounded to ``dtype``."""
     g = torch.Generator().manual_seed(torch.randint(0, 2**31, ()).item())
 
@@ -47,16 +49,16 @@ def make_inputs(r, dtype, c_kind, with_bias, m=N_SAMPLES * TOKENS, d_in=D_IN, d_
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).to(dtype)
 
     x = rnd(m, d_in)
-    weight = rnd(d_out, d_in, std=d_in ** -0.5)
+    weight = rnd(d_out, d_in, std=d_in**-0.5)
     bias = rnd(d_out) if with_bias else None
-    lora_a = rnd(r, d_in, std=d_in ** -0.5)
-    lora_b = rnd(d_out, r, std=r ** -0.5)
+    lora_a = rnd(r, d_in, std=d_in**-0.5)
+    lora_b = rnd(d_out, r, std=r**-0.5)
     if c_kind == "none":
         c = None
     elif c_kind == "shared":
-        c = rnd(r, r, std=r ** -0.5)
+        c = rnd(r, r, std=r**-0.5)
     else:
-        c = rnd(n_samples, r, r, std=r ** -0.5)
+        c = rnd(n_samples, r, r, std=r**-0.5)
     return x, weight, bias, lora_a, lora_b, c
 
 
@@ -70,7 +72,7 @@ def grad_scale(name, dtype, rows):
     (dS and T live in x's dtype, as in any bf16/fp16 autograd): rounding error grows like sqrt(rows)."""
     if dtype == torch.float32 or name not in ("lora_a", "lora_b", "interaction"):
         return 1.0
-    return rows ** 0.5
+    return rows**0.5
 
 
 def oracle_grads(inputs, grad_y, rows_per_sample, scale, p, seed):
@@ -158,13 +160,17 @@ def test_per_sample_one_row_each_and_noncontiguous_x(dtype):
 
 
 @pytest.mark.triton
-@pytest.mark.parametrize("needs", [
-    (False, False, False, True, True, True),   # frozen base, x without grad: the usual LoRA case
-    (True, False, False, False, False, False),  # only dx
-    (False, True, True, False, False, False),  # only the base layer's grads
-    (False, False, False, False, True, False),  # only dB
-    (False, False, False, False, False, True),  # only dC
-], ids=["lora_only", "dx_only", "base_only", "db_only", "dc_only"])
+@pytest.mark.parametrize(
+    "needs",
+    [
+        (False, False, False, True, True, True),  # frozen base, x without grad: the usual LoRA case
+        (True, False, False, False, False, False),  # only dx
+        (False, True, True, False, False, False),  # only the base layer's grads
+        (False, False, False, False, True, False),  # only dB
+        (False, False, False, False, False, True),  # only dC
+    ],
+    ids=["lora_only", "dx_only", "base_only", "db_only", "dc_only"],
+)
 def test_backward_subsets_return_none_and_stay_correct(needs):
     k = _kernels()
     dtype, r, scale, p, seed = torch.float32, 4, 0.5, 0.1, 5
@@ -212,7 +218,8 @@ def test_every_output_element_is_written(monkeypatch, c_kind):
     assert any(y.data_ptr() == b.data_ptr() for b in poisoned), "y was not allocated with torch.empty"
     assert len(poisoned) >= 6  # y, s, t, dS, dx, dW at least
     for name, got, want in [("y", y, y_ref), ("s", s, s_ref), ("t", t, t_ref)] + list(
-            zip(("d" + g for g in GRAD_NAMES), grads, grads_ref)):
+        zip(("d" + g for g in GRAD_NAMES), grads, grads_ref)
+    ):
         assert torch.isfinite(got).all(), f"{name} has unwritten (NaN) elements"
         check(got, want, dtype, name, grad_scale(name[1:], dtype, m))
 
@@ -239,8 +246,21 @@ def test_dropout_mask_is_the_shared_hash(seed):
 
     a, b = torch.ones(1, d), torch.ones(1, 1)
     s1, t1 = torch.zeros(m, 1), torch.zeros(m, 1)
-    dx, *_ = k.cflora_bwd(torch.ones(m, 1), ones, torch.zeros(1, d), a, b, None, s1, t1, 1, 1.0, p, seed,
-                          [True, False, False, False, False, False])
+    dx, *_ = k.cflora_bwd(
+        torch.ones(m, 1),
+        ones,
+        torch.zeros(1, d),
+        a,
+        b,
+        None,
+        s1,
+        t1,
+        1,
+        1.0,
+        p,
+        seed,
+        [True, False, False, False, False, False],
+    )
     assert torch.equal(dx != 0, keep), "backward mask differs from dropout_keep_mask_ref"
     assert torch.equal(dx, expected)
 
@@ -322,8 +342,9 @@ def test_cflora_linear_triton_backend_autograd(monkeypatch, dtype, c_kind, dropo
     x = x.view(N_SAMPLES, TOKENS, D_IN)
     train_base = c_kind == "shared"  # also differentiate W and b in one setting
     leaves = {"x": x, "weight": weight, "bias": bias, "lora_a": lora_a, "lora_b": lora_b, "interaction": c}
-    wants_grad = {name: t is not None and (train_base or name not in ("weight", "bias"))
-                  for name, t in leaves.items()}
+    wants_grad = {
+        name: t is not None and (train_base or name not in ("weight", "bias")) for name, t in leaves.items()
+    }
     ours = {n: t.clone().requires_grad_(wants_grad[n]) if t is not None else None for n, t in leaves.items()}
     refs = {n: t.double().requires_grad_(wants_grad[n]) if t is not None else None for n, t in leaves.items()}
 
@@ -359,8 +380,9 @@ def test_cflora_linear_triton_per_sample_2d_x_and_seed_reproducibility():
     (g2,) = torch.autograd.grad(y2.sum(), lora_a)
     assert torch.equal(g1, g2)
     a64 = lora_a.detach().double().requires_grad_(True)
-    y_ref = cflora_linear_ref(x.double(), weight.double(), None, a64, lora_b.double(), c.double(),
-                              scale=1.0, dropout_p=0.2, seed=8)
+    y_ref = cflora_linear_ref(
+        x.double(), weight.double(), None, a64, lora_b.double(), c.double(), scale=1.0, dropout_p=0.2, seed=8
+    )
     (g_ref,) = torch.autograd.grad(y_ref.sum(), a64)
     check(y1, y_ref, torch.float32, "y")
     check(g1, g_ref, torch.float32, "dlora_a")
@@ -414,17 +436,33 @@ def test_strided_and_expanded_views_match_oracle(kind, c_kind):
         inputs[5] = inputs[5].expand(N_SAMPLES, r, r)  # stride (0, r, 1): one C shared as per-sample
     m = inputs[0].shape[0]
     grad_y = torch.randn(m, D_OUT, dtype=torch.float64).to(dtype)
-    y_ref, s_ref, t_ref, grads_ref = oracle_grads([t.contiguous() if t is not None else None for t in inputs],
-                                                  grad_y, TOKENS, scale, p, seed)
-    views = [None if t is None else (t if (c_kind == "expanded" and i == 5) else _strided(t, kind))
-             for i, t in enumerate(inputs)]
+    y_ref, s_ref, t_ref, grads_ref = oracle_grads(
+        [t.contiguous() if t is not None else None for t in inputs], grad_y, TOKENS, scale, p, seed
+    )
+    views = [
+        None if t is None else (t if (c_kind == "expanded" and i == 5) else _strided(t, kind))
+        for i, t in enumerate(inputs)
+    ]
     assert all(v is None or not v.is_contiguous() for v in views)
     y, s, t = k.cflora_fwd(*views, TOKENS, scale, p, seed)
     check(y, y_ref, dtype, "y")
     check(t, t_ref, dtype, "T")
     x, weight, bias, lora_a, lora_b, c = views
-    grads = k.cflora_bwd(_strided(grad_y, kind), x, weight, lora_a, lora_b, c, _strided(s, kind),
-                         _strided(t, kind), TOKENS, scale, p, seed, [True] * 6)
+    grads = k.cflora_bwd(
+        _strided(grad_y, kind),
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        c,
+        _strided(s, kind),
+        _strided(t, kind),
+        TOKENS,
+        scale,
+        p,
+        seed,
+        [True] * 6,
+    )
     for name, got, want in zip(GRAD_NAMES, grads, grads_ref):  # an expanded C gets a per-sample dC
         check(got, want, dtype, f"d{name}", grad_scale(name, dtype, m))
 
@@ -437,8 +475,18 @@ def test_strided_and_expanded_views_match_oracle(kind, c_kind):
 GPU_WIDEN = 2.0
 
 
-def _cuda_case(dtype, c_kind, dropout_p, r=16, n_samples=4, tokens=77, d_in=1000, d_out=520, device="cuda",
-               tol_dtype=None):
+def _cuda_case(
+    dtype,
+    c_kind,
+    dropout_p,
+    r=16,
+    n_samples=4,
+    tokens=77,
+    d_in=1000,
+    d_out=520,
+    device="cuda",
+    tol_dtype=None,
+):
     """The compiled kernels on ``device`` vs the float64 oracle (CPU), forward and every gradient."""
     k = _kernels()
     tol_dtype = tol_dtype or dtype
@@ -450,8 +498,21 @@ def _cuda_case(dtype, c_kind, dropout_p, r=16, n_samples=4, tokens=77, d_in=1000
     dev = [None if t is None else t.to(device) for t in inputs]
     y, s, t = k.cflora_fwd(*dev, tokens, scale, dropout_p, seed)
     x, weight, bias, lora_a, lora_b, c = dev
-    grads = k.cflora_bwd(grad_y.to(device), x, weight, lora_a, lora_b, c, s, t, tokens, scale, dropout_p, seed,
-                         [True, True, True, True, True, c is not None])
+    grads = k.cflora_bwd(
+        grad_y.to(device),
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        c,
+        s,
+        t,
+        tokens,
+        scale,
+        dropout_p,
+        seed,
+        [True, True, True, True, True, c is not None],
+    )
     torch.cuda.synchronize(device)
     assert y.device == torch.device(device)
     check(y, y_ref, tol_dtype, "y", GPU_WIDEN)
@@ -478,8 +539,17 @@ def test_triton_on_cuda_fp32_rank128(monkeypatch, tf32, c_kind):
     """fp32 at r = 128: 3xTF32 (torch's default) at fp32 tolerance, TF32 (allowed) at fp16's (10-bit mantissa)."""
     _need_cuda()
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
-    _cuda_case(torch.float32, c_kind, 0.1, r=128, n_samples=3, tokens=50, d_in=520, d_out=264,
-               tol_dtype=torch.float16 if tf32 else torch.float32)
+    _cuda_case(
+        torch.float32,
+        c_kind,
+        0.1,
+        r=128,
+        n_samples=3,
+        tokens=50,
+        d_in=520,
+        d_out=264,
+        tol_dtype=torch.float16 if tf32 else torch.float32,
+    )
 
 
 @pytest.mark.cuda

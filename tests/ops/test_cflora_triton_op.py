@@ -23,7 +23,9 @@ def _inputs(c_kind, bias=True, dtype=torch.float32):
     b = torch.randn(12, generator=g) if bias else None
     a = torch.randn(4, 24, generator=g) / 5
     lb = torch.randn(12, 4, generator=g) / 2
-    c = {None: None, "shared": torch.randn(4, 4, generator=g), "per": torch.randn(2, 4, 4, generator=g)}[c_kind]
+    c = {None: None, "shared": torch.randn(4, 4, generator=g), "per": torch.randn(2, 4, 4, generator=g)}[
+        c_kind
+    ]
     return [None if t is None else t.to(dtype).requires_grad_() for t in (x, w, b, a, lb, c)]
 
 
@@ -50,5 +52,8 @@ def test_triton_op_frozen_weight_and_opcheck():
     gx, ga = torch.autograd.grad(y.sum(), [x, a])
     assert torch.isfinite(gx).all() and torch.isfinite(ga).all()
     args = (x.detach().reshape(-1, 24).requires_grad_(), w, b, a, lb, c, 5, 0.5, 0.1, 2)
-    torch.library.opcheck(torch.ops.rellax_fast.cflora_fwd_triton.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(
+        torch.ops.rellax_fast.cflora_fwd_triton.default,
+        args,
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )

@@ -98,8 +98,9 @@ def test_exact_ties_prefer_larger_position(backend, metric):
 def test_zero_vector_scores_zero_under_cosine(backend):
     emb = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]])
     items = torch.tensor([0, 2, 1])
-    out_pos, out_score = semantic_topk(emb, items, torch.tensor([0, 3]), torch.tensor([0]), torch.tensor([2]), 3,
-                                       backend=backend)
+    out_pos, out_score = semantic_topk(
+        emb, items, torch.tensor([0, 3]), torch.tensor([0]), torch.tensor([2]), 3, backend=backend
+    )
     assert out_pos.tolist() == [[0, 1, -1]]
     assert out_score[0, :2].tolist() == [0.0, -1.0] and out_score[0, 2] == float("-inf")
 
@@ -170,20 +171,32 @@ BAD_INPUTS = [
     ("seq_offsets", lambda: torch.tensor([1, 4, 7]), ValueError, "seq_offsets must start at 0"),
     ("seq_offsets", lambda: torch.tensor([0, 5, 4]), ValueError, "seq_offsets must be non-decreasing"),
     ("seq_offsets", lambda: torch.tensor([0, 4, 9]), ValueError, "seq_offsets overruns seq_items"),
-    ("seq_offsets", lambda: torch.tensor([0, 4, 7], dtype=torch.int32), TypeError, "seq_offsets must be int64"),
+    (
+        "seq_offsets",
+        lambda: torch.tensor([0, 4, 7], dtype=torch.int32),
+        TypeError,
+        "seq_offsets must be int64",
+    ),
     ("seq_offsets", lambda: torch.zeros(0, dtype=torch.int64), ValueError, "seq_offsets must have"),
     ("seq_items", lambda: torch.tensor([0, 1, 2, 3, 4, 6, 1]), ValueError, r"seq_items\[5\] = 6"),
     ("seq_items", lambda: torch.tensor([0, 1, -1, 3, 4, 5, 1]), ValueError, r"seq_items\[2\] = -1"),
     ("seq_items", lambda: torch.tensor([[0, 1, 2, 3, 4, 5, 1]]), ValueError, "seq_items must be 1-D"),
     ("sample_user", lambda: torch.tensor([0, 2, 1]), ValueError, r"sample_user must be in \[0, 2\)"),
     ("sample_user", lambda: torch.tensor([0.0, 1.0, 1.0]), TypeError, "sample_user must be int64"),
-    ("sample_pos", lambda: torch.tensor([4, 0, 2]), ValueError, r"sample_pos\[0\] = 4 but user 0 has 4 items"),
+    (
+        "sample_pos",
+        lambda: torch.tensor([4, 0, 2]),
+        ValueError,
+        r"sample_pos\[0\] = 4 but user 0 has 4 items",
+    ),
     ("sample_pos", lambda: torch.tensor([3, 0, -1]), ValueError, r"sample_pos\[2\] = -1"),
     ("sample_pos", lambda: torch.tensor([3, 0]), ValueError, "same length"),
 ]
 
 
-@pytest.mark.parametrize("name,make,exc,match", BAD_INPUTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_INPUTS)])
+@pytest.mark.parametrize(
+    "name,make,exc,match", BAD_INPUTS, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_INPUTS)]
+)
 @pytest.mark.parametrize("backend", BACKENDS_CPU)
 def test_bad_inputs_name_the_argument(name, make, exc, match, backend):
     args = _good()
@@ -192,12 +205,15 @@ def test_bad_inputs_name_the_argument(name, make, exc, match, backend):
         semantic_topk(*args.values(), 2, backend=backend)
 
 
-@pytest.mark.parametrize("k,metric,exc,match", [
-    (-1, "cosine", ValueError, "k must be >= 0"),
-    (2.0, "cosine", TypeError, "k must be an int"),
-    (True, "cosine", TypeError, "k must be an int"),
-    (2, "euclidean", ValueError, "metric must be one of"),
-])
+@pytest.mark.parametrize(
+    "k,metric,exc,match",
+    [
+        (-1, "cosine", ValueError, "k must be >= 0"),
+        (2.0, "cosine", TypeError, "k must be an int"),
+        (True, "cosine", TypeError, "k must be an int"),
+        (2, "euclidean", ValueError, "metric must be one of"),
+    ],
+)
 def test_bad_k_and_metric(k, metric, exc, match):
     with pytest.raises(exc, match=match):
         semantic_topk(*_good().values(), k, metric=metric)
@@ -231,8 +247,10 @@ def test_opcheck_and_outputs_not_differentiable():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend,k", [(b, k) for b in ("cuda", "triton") for k in (0, 1, 5, 64)]
-                         + [("cuda", 2100), ("triton", 300)])  # triton's large k stays moderate: see TRITON_AUTO_MAX_K
+@pytest.mark.parametrize(
+    "backend,k",
+    [(b, k) for b in ("cuda", "triton") for k in (0, 1, 5, 64)] + [("cuda", 2100), ("triton", 300)],
+)  # triton's large k stays moderate: see TRITON_AUTO_MAX_K
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_gpu_backends_match_reference(backend, metric, k):
     if not torch.cuda.is_available():
@@ -298,14 +316,19 @@ def test_validation_reads_back_once(monkeypatch):
 # GPU only (scripts/gpu_check.sh): views, non-zero device, host syncs, recompiles, poisoned allocations
 # ------------------------------------------------------------------------------------------------------------
 
+
 def _gpu_backend_ready(backend: str) -> bool:
     from rellax_fast.ops._backend import why_unavailable
 
     return torch.cuda.is_available() and why_unavailable(backend, "cuda", "semantic_topk") is None
 
 
-GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _gpu_backend_ready(b), reason=f"needs a CUDA GPU and the {b} backend"))
-                for b in ("cuda", "triton")]
+GPU_BACKENDS = [
+    pytest.param(
+        b, marks=pytest.mark.skipif(not _gpu_backend_ready(b), reason=f"needs a CUDA GPU and the {b} backend")
+    )
+    for b in ("cuda", "triton")
+]
 GPU_ATOL = {"cosine": 1e-4, "dot": 1e-2}
 
 
@@ -317,11 +340,15 @@ def test_gpu_strided_and_expanded_views(backend, view):
     contiguous = tuple(t.contiguous() for t in case)
     for metric in ("cosine", "dot"):
         result = semantic_topk(*case, 6, metric=metric, backend=backend)
-        check_against_reference(result, contiguous, 6, metric, GPU_ATOL[metric], ref=oracle(contiguous, 7, metric))
+        check_against_reference(
+            result, contiguous, 6, metric, GPU_ATOL[metric], ref=oracle(contiguous, 7, metric)
+        )
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (tensors on cuda:1 while cuda:0 is current)")
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (tensors on cuda:1 while cuda:0 is current)"
+)
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_tensors_on_second_device(backend):
     case = ragged_case(LENGTHS, n_items=300, d=64, seed=12, device="cuda:1")
@@ -368,7 +395,12 @@ def test_gpu_triton_no_recompile_for_new_history_lengths():
 
     semantic_topk(*ragged_case([40, 9], n_items=50, d=32, seed=1, device="cuda"), 16, backend="triton")
     before = n_binaries()
-    for lengths in ([17, 3], [23], [30, 30, 2], [38]):  # longest prefixes 16..37: K = 16, KPAD = 16 throughout
+    for lengths in (
+        [17, 3],
+        [23],
+        [30, 30, 2],
+        [38],
+    ):  # longest prefixes 16..37: K = 16, KPAD = 16 throughout
         semantic_topk(*ragged_case(lengths, n_items=50, d=32, seed=2, device="cuda"), 16, backend="triton")
     assert n_binaries() == before
 
@@ -378,7 +410,10 @@ def test_gpu_triton_no_recompile_for_new_history_lengths():
 def test_gpu_every_output_element_written(backend):
     import torch.utils.deterministic as det
 
-    old_alg, old_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    old_alg, old_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     old_fill = det.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     det.fill_uninitialized_memory = True
@@ -386,7 +421,9 @@ def test_gpu_every_output_element_written(backend):
         assert torch.isnan(torch.empty(64, device="cuda")).all(), "poisoning is not active"
         case = ragged_case([0, 1, 70, 9, 33], n_items=60, d=40, seed=17, device="cuda")
         for k in (1, 7, 100):
-            check_against_reference(semantic_topk(*case, k, backend=backend), case, k, "cosine", GPU_ATOL["cosine"])
+            check_against_reference(
+                semantic_topk(*case, k, backend=backend), case, k, "cosine", GPU_ATOL["cosine"]
+            )
     finally:
         torch.use_deterministic_algorithms(old_alg, warn_only=old_warn)
         det.fill_uninitialized_memory = old_fill
@@ -409,8 +446,11 @@ def test_auto_routes_large_k_from_triton_to_cuda(monkeypatch):
     monkeypatch.setenv("RELLAX_BACKEND", "triton")
     assert topk_mod._auto_route("triton", dev, None, big) == "triton"
     monkeypatch.delenv("RELLAX_BACKEND")
-    monkeypatch.setattr(topk_mod._backend, "why_unavailable",
-                        lambda b, dev=None, op=None: "extension built without CUDA" if b == "cuda" else None)
+    monkeypatch.setattr(
+        topk_mod._backend,
+        "why_unavailable",
+        lambda b, dev=None, op=None: "extension built without CUDA" if b == "cuda" else None,
+    )
     assert topk_mod._auto_route("triton", dev, None, big) == "triton"
     assert str(topk_mod.TRITON_AUTO_MAX_K) in topk_mod.auto_routing_note()
 

@@ -44,8 +44,9 @@ def test_triton_exact_ties_prefer_larger_position():
     users = torch.tensor([0, 0, 1])
     pos = torch.tensor([19, 1, 9])
     dev = _device()
-    out_pos, out_score = semantic_topk(emb.to(dev), items.to(dev), offsets.to(dev), users.to(dev), pos.to(dev), 6,
-                                       backend="triton")
+    out_pos, out_score = semantic_topk(
+        emb.to(dev), items.to(dev), offsets.to(dev), users.to(dev), pos.to(dev), 6, backend="triton"
+    )
     assert out_pos[0].tolist() == [18, 17, 16, 15, 14, 13]
     assert out_pos[1].tolist() == [0, -1, -1, -1, -1, -1]
     assert torch.isneginf(out_score[1, 1:]).all()
@@ -77,8 +78,10 @@ def test_triton_writes_every_output_entry():
 
     case = ragged_case([0, 1, 13, 4], n_items=20, d=17, seed=15, device=_device())
     n, k = case[3].shape[0], 20  # 20 > KPAD = 16 for the longest prefix (12): the padding loop runs
-    out = (torch.full((n, k), -7, dtype=torch.int64, device=case[0].device),
-           torch.full((n, k), float("nan"), dtype=torch.float32, device=case[0].device))
+    out = (
+        torch.full((n, k), -7, dtype=torch.int64, device=case[0].device),
+        torch.full((n, k), float("nan"), dtype=torch.float32, device=case[0].device),
+    )
     result = semantic_topk_triton(*case, k, normalize=True, out=out)
     assert result[0] is out[0] and result[1] is out[1]
     assert not bool((out[0] == -7).any()) and not bool(torch.isnan(out[1]).any())

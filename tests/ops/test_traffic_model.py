@@ -23,8 +23,10 @@ import triton_aot as aot
 from rellax_fast.ops._backend import triton_interpreting
 
 if triton_interpreting():
-    pytest.skip("the model captures compiled-mode launches; it runs in the non-TRITON_INTERPRET pass",
-                allow_module_level=True)
+    pytest.skip(
+        "the model captures compiled-mode launches; it runs in the non-TRITON_INTERPRET pass",
+        allow_module_level=True,
+    )
 pytest.importorskip("triton")
 
 # pointer arguments each kernel reads / writes; (name, flag) pairs count only when the constexpr flag is set
@@ -49,7 +51,9 @@ WRITES = {
     "_matmul_kernel": ["c_ptr"],
 }
 GOAL = 1.2  # the target: modelled extra traffic <= 1.2x the minimum
-TRITON_CEILING = 1.40  # today (4 big reads for 3, plus r-sized tensors and split-K partials: 1.37x): a bound, not the goal
+TRITON_CEILING = (
+    1.40  # today (4 big reads for 3, plus r-sized tensors and split-K partials: 1.37x): a bound, not the goal
+)
 
 
 def _nbytes(t) -> int:
@@ -103,13 +107,20 @@ def test_triton_traffic_at_the_headline_shape(dropout_p):
     big = 16384 * 4096 * 2  # one read of x or dy
     assert minimum == 3 * big  # 0.40 GB
     # the LoRA-only launches that stream a big operand: shrink (x), the dT pass (dy), dB (dy again), dA (x)
-    big_passes = [name for name, rd, _ in traffic if rd >= big and name not in ("_cflora_fwd_gemm_kernel",
-                                                                               "_cflora_dx_kernel")]
+    big_passes = [
+        name
+        for name, rd, _ in traffic
+        if rd >= big and name not in ("_cflora_fwd_gemm_kernel", "_cflora_dx_kernel")
+    ]
     assert len(big_passes) == 4, big_passes  # the minimum structure has 3
     ratio = extra / minimum
-    print(f"\ntriton, p={dropout_p}: extra {extra / 1e9:.3f} GB vs minimum {minimum / 1e9:.3f} GB: {ratio:.3f}x "
-          f"(goal {GOAL}x); base {base / 1e9:.3f} GB; per kernel (read, written MB): "
-          + ", ".join(f"{n.strip('_').removesuffix('_kernel')} {rd / 1e6:.0f}/{wr / 1e6:.0f}" for n, rd, wr in traffic))
+    print(
+        f"\ntriton, p={dropout_p}: extra {extra / 1e9:.3f} GB vs minimum {minimum / 1e9:.3f} GB: {ratio:.3f}x "
+        f"(goal {GOAL}x); base {base / 1e9:.3f} GB; per kernel (read, written MB): "
+        + ", ".join(
+            f"{n.strip('_').removesuffix('_kernel')} {rd / 1e6:.0f}/{wr / 1e6:.0f}" for n, rd, wr in traffic
+        )
+    )
     assert 4 * big <= extra <= TRITON_CEILING * minimum, (extra, minimum)
 
 

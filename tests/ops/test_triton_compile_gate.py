@@ -46,14 +46,20 @@ from rellax_testing import REPO
 from rellax_fast.ops._backend import triton_interpreting
 
 if triton_interpreting():
-    pytest.skip("the compile gate compiles for a real GPU target; it runs in the non-TRITON_INTERPRET pass",
-                allow_module_level=True)
+    pytest.skip(
+        "the compile gate compiles for a real GPU target; it runs in the non-TRITON_INTERPRET pass",
+        allow_module_level=True,
+    )
 triton = pytest.importorskip("triton")
 # no silent skip: a triton whose runtime specialisation the gate cannot reproduce is an error at collection
 aot.native_specializer()
 
-DTYPES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "fp32": (torch.float32, False),
-          "fp32+tf32": (torch.float32, True)}
+DTYPES = {
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, False),
+    "fp32": (torch.float32, False),
+    "fp32+tf32": (torch.float32, True),
+}
 RANKS = (8, 16, 32, 64, 128)
 C_KINDS = ("none", "shared", "per_sample")
 LORA_GRADS = (True, False, False, True, True, True)  # x, W, b, A, B, C: W and b frozen
@@ -88,9 +94,16 @@ WGMMA_MIN_ROWS = 64
 TILE_ROWS = {"_cflora_rank_grad_kernel": "BLOCK_N"}  # dot(trans(u) (BLOCK_N, BLOCK_M), v)
 
 # kernels whose dots are GEMMs that must run on tensor cores (every cflora kernel has at least one dot)
-TC_KERNELS = {"_cflora_shrink_kernel", "_cflora_fwd_gemm_kernel", "_cflora_dy_pass_kernel",
-              "_cflora_dx_kernel", "_matmul_kernel", "_cflora_rank_grad_kernel", "_cflora_interact_fwd_kernel",
-              "_cflora_interact_bwd_kernel"}
+TC_KERNELS = {
+    "_cflora_shrink_kernel",
+    "_cflora_fwd_gemm_kernel",
+    "_cflora_dy_pass_kernel",
+    "_cflora_dx_kernel",
+    "_matmul_kernel",
+    "_cflora_rank_grad_kernel",
+    "_cflora_interact_fwd_kernel",
+    "_cflora_interact_bwd_kernel",
+}
 
 
 def _cflora():
@@ -100,9 +113,16 @@ def _cflora():
 
 
 def _cflora_kernels(k):
-    return [k._cflora_shrink_kernel, k._cflora_interact_fwd_kernel, k._cflora_fwd_gemm_kernel,
-            k._cflora_dy_pass_kernel, k._cflora_interact_bwd_kernel, k._cflora_rank_grad_kernel, k._cflora_dx_kernel,
-            k._matmul_kernel]
+    return [
+        k._cflora_shrink_kernel,
+        k._cflora_interact_fwd_kernel,
+        k._cflora_fwd_gemm_kernel,
+        k._cflora_dy_pass_kernel,
+        k._cflora_interact_bwd_kernel,
+        k._cflora_rank_grad_kernel,
+        k._cflora_dx_kernel,
+        k._matmul_kernel,
+    ]
 
 
 def _empty(*shape, dtype):
@@ -116,12 +136,17 @@ def cflora_launches(dtype_name, r, c_kind, dropout_p, grads, d_in=4096, d_out=40
     m = n_samples * tokens
     x, w, b = _empty(m, d_in, dtype=dtype), _empty(d_out, d_in, dtype=dtype), _empty(d_out, dtype=dtype)
     a, lb = _empty(r, d_in, dtype=dtype), _empty(d_out, r, dtype=dtype)
-    c = {"none": None, "shared": _empty(r, r, dtype=dtype), "per_sample": _empty(n_samples, r, r, dtype=dtype)}[c_kind]
+    c = {
+        "none": None,
+        "shared": _empty(r, r, dtype=dtype),
+        "per_sample": _empty(n_samples, r, r, dtype=dtype),
+    }[c_kind]
     gy, s, t = _empty(m, d_out, dtype=dtype), _empty(m, r, dtype=dtype), _empty(m, r, dtype=dtype)
     seed = 7 if dropout_p else None
     old = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
+
         def run():
             k.cflora_fwd(x, w, b, a, lb, c, tokens, 0.5, dropout_p, seed)
             k.cflora_bwd(gy, x, w, a, lb, c, s, t, tokens, 0.5, dropout_p, seed, list(grads))
@@ -140,9 +165,10 @@ def topk_launches(dtype, d, k_top):
     offsets = torch.arange(0, users * per_user + 1, per_user)
     sample_user = torch.arange(users).repeat_interleave(4)
     sample_pos = torch.randint(1, per_user, (users * 4,))
-    return aot.capture([topk._semantic_topk_kernel],
-                       lambda: topk.semantic_topk_triton(emb, seq_items, offsets, sample_user, sample_pos,
-                                                         k_top, True))
+    return aot.capture(
+        [topk._semantic_topk_kernel],
+        lambda: topk.semantic_topk_triton(emb, seq_items, offsets, sample_user, sample_pos, k_top, True),
+    )
 
 
 def matrix():
@@ -153,22 +179,56 @@ def matrix():
             for c_kind in C_KINDS:
                 for p in (0.0, 0.1):
                     for grads, gname in ((LORA_GRADS, "lora"), (ALL_GRADS, "all")):
-                        items.append((f"{dn} r={r} C={c_kind} p={p} grads={gname}", dn, r,
-                                      dict(c_kind=c_kind, dropout_p=p, grads=grads)))
+                        items.append(
+                            (
+                                f"{dn} r={r} C={c_kind} p={p} grads={gname}",
+                                dn,
+                                r,
+                                dict(c_kind=c_kind, dropout_p=p, grads=grads),
+                            )
+                        )
             # decode: one row per sample with per-sample C
             for grads, gname in ((LORA_GRADS, "lora"), (ALL_GRADS, "all")):
-                items.append((f"{dn} r={r} decode rows_per_sample=1 grads={gname}", dn, r,
-                              dict(c_kind="per_sample", dropout_p=0.0, grads=grads, n_samples=64, tokens=1)))
-            for c_kind in ("none", "per_sample"):  # M = 8192: the row kernels' BLOCK_M drops to 32 (grid < SMs)
+                items.append(
+                    (
+                        f"{dn} r={r} decode rows_per_sample=1 grads={gname}",
+                        dn,
+                        r,
+                        dict(c_kind="per_sample", dropout_p=0.0, grads=grads, n_samples=64, tokens=1),
+                    )
+                )
+            for c_kind in (
+                "none",
+                "per_sample",
+            ):  # M = 8192: the row kernels' BLOCK_M drops to 32 (grid < SMs)
                 for p in (0.0, 0.1):
-                    items.append((f"{dn} r={r} M=8192 C={c_kind} p={p} grads=lora", dn, r,
-                                  dict(c_kind=c_kind, dropout_p=p, grads=LORA_GRADS, n_samples=128, tokens=64)))
+                    items.append(
+                        (
+                            f"{dn} r={r} M=8192 C={c_kind} p={p} grads=lora",
+                            dn,
+                            r,
+                            dict(c_kind=c_kind, dropout_p=p, grads=LORA_GRADS, n_samples=128, tokens=64),
+                        )
+                    )
         for c_kind in C_KINDS:  # odd sizes
             for p in (0.0, 0.1):
                 for grads, gname in ((LORA_GRADS, "lora"), (ALL_GRADS, "all")):
-                    items.append((f"{dn} r=12 d=1000 C={c_kind} p={p} grads={gname}", dn, 12,
-                                  dict(c_kind=c_kind, dropout_p=p, grads=grads, d_in=1000, d_out=1000,
-                                       n_samples=37, tokens=29)))
+                    items.append(
+                        (
+                            f"{dn} r=12 d=1000 C={c_kind} p={p} grads={gname}",
+                            dn,
+                            12,
+                            dict(
+                                c_kind=c_kind,
+                                dropout_p=p,
+                                grads=grads,
+                                d_in=1000,
+                                d_out=1000,
+                                n_samples=37,
+                                tokens=29,
+                            ),
+                        )
+                    )
     for dn in ("fp32", "bf16", "fp16"):
         for d, k_top in ((384, 10), (64, 5)):
             items.append((f"topk {dn} d={d} k={k_top}", dn, 0, dict(d=d, k_top=k_top)))
@@ -178,8 +238,14 @@ def matrix():
 def capture_case(dn, r, kwargs):
     if r == 0:
         return topk_launches(DTYPES[dn][0], kwargs["d"], kwargs["k_top"])
-    return cflora_launches(dn, r, kwargs["c_kind"], kwargs["dropout_p"], kwargs["grads"],
-                           **{k: v for k, v in kwargs.items() if k not in ("c_kind", "dropout_p", "grads")})
+    return cflora_launches(
+        dn,
+        r,
+        kwargs["c_kind"],
+        kwargs["dropout_p"],
+        kwargs["grads"],
+        **{k: v for k, v in kwargs.items() if k not in ("c_kind", "dropout_p", "grads")},
+    )
 
 
 def resource_key(launch, backend):
@@ -199,7 +265,9 @@ def _spill_bound(dtype_name, block_r, arch="sm_90a"):
     else:
         bound = SPILL_BOUND_R128 if block_r >= 128 else 0
     if arch == "sm_80" and block_r <= 64:
-        bound = max(bound, SPILL_BOUND_SM80_FP32_R64 if dtype_name.startswith("fp32") else SPILL_BOUND_SM80_R64)
+        bound = max(
+            bound, SPILL_BOUND_SM80_FP32_R64 if dtype_name.startswith("fp32") else SPILL_BOUND_SM80_R64
+        )
     return bound
 
 
@@ -226,11 +294,14 @@ def headline_matrix():
     """The shapes scripts/gpu_lean.py runs first (headline bf16 r=16 per-sample C at p 0 and 0.1, decode, fp32+TF32
     r=128), LoRA gradients: the set checked under the GPU image's triton (3.6) by ``--headline``."""
     lora = dict(grads=LORA_GRADS, c_kind="per_sample")
-    return [(f"headline bf16 r=16 p={p}", "bf16", 16, dict(lora, dropout_p=p, n_samples=16, tokens=1024))
-            for p in (0.0, 0.1)] + [
+    return [
+        (f"headline bf16 r=16 p={p}", "bf16", 16, dict(lora, dropout_p=p, n_samples=16, tokens=1024))
+        for p in (0.0, 0.1)
+    ] + [
         ("decode bf16 r=16", "bf16", 16, dict(lora, dropout_p=0.0, n_samples=64, tokens=1)),
         ("fp32+tf32 r=128", "fp32+tf32", 128, dict(lora, dropout_p=0.0, n_samples=4, tokens=1024)),
-        ("topk fp32 d=384 k=10", "fp32", 0, dict(d=384, k_top=10))]
+        ("topk fp32 d=384 k=10", "fp32", 0, dict(d=384, k_top=10)),
+    ]
 
 
 def run_gate(capabilities=(90, 80), select=None, log=print, items=None):
@@ -258,13 +329,28 @@ def run_gate(capabilities=(90, 80), select=None, log=print, items=None):
             if select is not None and not select(cap, launch, dn, block_r):
                 continue
             _, res = aot.compile_launch(launch, cap)
-            rows.append(dict(arch=res.arch, kernel=res.kernel.lstrip("_").removesuffix("_kernel"), dtype=dn,
-                             block_r=block_r or "-", warps=res.num_warps, stages=res.num_stages,
-                             regs=res.registers, spill_st=res.spill_stores, spill_ld=res.spill_loads,
-                             smem=res.shared, smem_limit=res.smem_limit, tc=res.tensor_cores,
-                             constexprs=res.constexprs, first_case=label))
-            log(f"[{time.perf_counter() - t0:6.1f}s] {res.arch} {res.kernel} {dn} r={block_r} "
-                f"regs={res.registers} spill={res.spill_stores} smem={res.shared} tc={res.tensor_cores}")
+            rows.append(
+                dict(
+                    arch=res.arch,
+                    kernel=res.kernel.lstrip("_").removesuffix("_kernel"),
+                    dtype=dn,
+                    block_r=block_r or "-",
+                    warps=res.num_warps,
+                    stages=res.num_stages,
+                    regs=res.registers,
+                    spill_st=res.spill_stores,
+                    spill_ld=res.spill_loads,
+                    smem=res.shared,
+                    smem_limit=res.smem_limit,
+                    tc=res.tensor_cores,
+                    constexprs=res.constexprs,
+                    first_case=label,
+                )
+            )
+            log(
+                f"[{time.perf_counter() - t0:6.1f}s] {res.arch} {res.kernel} {dn} r={block_r} "
+                f"regs={res.registers} spill={res.spill_stores} smem={res.shared} tc={res.tensor_cores}"
+            )
     return rows, len(cases), n_launches, len(unique)
 
 
@@ -277,7 +363,9 @@ def check_rows(rows):
             failures.append(f"{what}: shared memory {row['smem']} B > {row['smem_limit']} B")
         if row["kernel"] == "semantic_topk":  # no GEMM: no tensor-core check; its own spill bound
             if row["spill_st"] > TOPK_SPILL_BOUND:
-                failures.append(f"{what}: {row['spill_st']} B spill stores > top-k bound {TOPK_SPILL_BOUND} B")
+                failures.append(
+                    f"{what}: {row['spill_st']} B spill stores > top-k bound {TOPK_SPILL_BOUND} B"
+                )
             continue
         bound = _spill_bound(row["dtype"], row["block_r"], row["arch"])
         if row["spill_st"] > bound:
@@ -289,7 +377,9 @@ def check_rows(rows):
             else:
                 allowed = ("wgmma", "mma") if row["arch"] == "sm_90a" else ("mma",)
             if row["tc"] not in allowed:
-                failures.append(f"{what}: tensor-core instructions {row['tc']!r}, expected {' or '.join(allowed)}")
+                failures.append(
+                    f"{what}: tensor-core instructions {row['tc']!r}, expected {' or '.join(allowed)}"
+                )
     return failures
 
 
@@ -297,10 +387,15 @@ def check_rows(rows):
 def test_triton_kernels_compile_within_limits_for_sm90a_and_sm80():
     rows, n_cases, n_launches, n_unique = run_gate(select=ci_selection, log=lambda *_: None)
     path = aot.write_table(rows, gate_dir() / "table.md")
-    print(f"\ncompile gate: {n_cases} launcher calls, {n_launches} launches, {n_unique} distinct; "
-          f"{len(rows)} compiles; table: {path}")
+    print(
+        f"\ncompile gate: {n_cases} launcher calls, {n_launches} launches, {n_unique} distinct; "
+        f"{len(rows)} compiles; table: {path}"
+    )
     assert {r["arch"] for r in rows} == {"sm_90a", "sm_80"}
-    for arch, dtypes, ranks in (("sm_90a", CI_DTYPES_SM90, CI_RANKS_SM90), ("sm_80", CI_DTYPES_SM80, CI_RANKS_SM80)):
+    for arch, dtypes, ranks in (
+        ("sm_90a", CI_DTYPES_SM90, CI_RANKS_SM90),
+        ("sm_80", CI_DTYPES_SM80, CI_RANKS_SM80),
+    ):
         cflora = [r for r in rows if r["arch"] == arch and r["kernel"].startswith("cflora")]
         assert {(r["dtype"], r["block_r"]) for r in cflora} == {(d, b) for d in dtypes for b in ranks}, arch
     assert any(r["kernel"] == "semantic_topk" for r in rows), "topk kernel missing from the gate"
@@ -310,8 +405,17 @@ def test_triton_kernels_compile_within_limits_for_sm90a_and_sm80():
 
 def test_gate_assertions_catch_a_violation():
     """check_rows must flag a kernel over the smem limit, a spilling 16-bit kernel and a GEMM without MMA."""
-    base = dict(arch="sm_90a", kernel="cflora_dx", dtype="bf16", block_r=64, constexprs="BLOCK_M=128", spill_st=0,
-                smem=1000, smem_limit=aot.SMEM_LIMIT[90], tc="wgmma")
+    base = dict(
+        arch="sm_90a",
+        kernel="cflora_dx",
+        dtype="bf16",
+        block_r=64,
+        constexprs="BLOCK_M=128",
+        spill_st=0,
+        smem=1000,
+        smem_limit=aot.SMEM_LIMIT[90],
+        tc="wgmma",
+    )
     assert check_rows([base]) == []
     assert check_rows([dict(base, smem=aot.SMEM_LIMIT[90] + 1)])
     assert check_rows([dict(base, spill_st=8)])
@@ -322,8 +426,15 @@ def test_gate_assertions_catch_a_violation():
 def test_gate_requires_wgmma_for_64_row_tiles_on_sm90a():
     """#23: on sm_90a a GEMM that fell back to mma.sync passed the gate. Tiles of >= 64 rows need wgmma;
     smaller ones (decode, small-M row blocks) may use mma; the rank-grad kernel's tile rows are BLOCK_N."""
-    base = dict(arch="sm_90a", kernel="cflora_fwd_gemm", dtype="bf16", block_r=16, spill_st=0, smem=1000,
-                smem_limit=aot.SMEM_LIMIT[90])
+    base = dict(
+        arch="sm_90a",
+        kernel="cflora_fwd_gemm",
+        dtype="bf16",
+        block_r=16,
+        spill_st=0,
+        smem=1000,
+        smem_limit=aot.SMEM_LIMIT[90],
+    )
     assert check_rows([dict(base, constexprs="BLOCK_M=128 BLOCK_N=128", tc="mma")])
     assert check_rows([dict(base, constexprs="BLOCK_M=64", tc="mma")])
     assert check_rows([dict(base, constexprs="BLOCK_M=32", tc="mma")]) == []
@@ -336,8 +447,17 @@ def test_gate_requires_wgmma_for_64_row_tiles_on_sm90a():
 
 def test_topk_has_its_own_bounds():
     """Top-k has no GEMM: no tensor-core check, but a spill bound of its own (before: no check at all)."""
-    row = dict(arch="sm_90a", kernel="semantic_topk", dtype="fp32", block_r="-", constexprs="BLOCK_M=64",
-               spill_st=0, smem=1000, smem_limit=aot.SMEM_LIMIT[90], tc="-")
+    row = dict(
+        arch="sm_90a",
+        kernel="semantic_topk",
+        dtype="fp32",
+        block_r="-",
+        constexprs="BLOCK_M=64",
+        spill_st=0,
+        smem=1000,
+        smem_limit=aot.SMEM_LIMIT[90],
+        tc="-",
+    )
     assert check_rows([row]) == []
     assert check_rows([dict(row, spill_st=TOPK_SPILL_BOUND + 8)])
     assert check_rows([dict(row, smem=aot.SMEM_LIMIT[90] + 1)])
@@ -348,8 +468,17 @@ def test_sm80_is_gated_at_every_rank():
     matrix produces is compiled for sm_80 in CI, and a spill there beyond its bound fails."""
     block_rs = {max(16, triton.next_power_of_2(r)) for r in RANKS}
     assert block_rs <= set(CI_RANKS_SM80)
-    row = dict(arch="sm_80", kernel="cflora_rank_grad", dtype="bf16", block_r=32, constexprs="BLOCK_N=128",
-               spill_st=SPILL_BOUND_SM80_R64, smem=1000, smem_limit=aot.SMEM_LIMIT[80], tc="mma")
+    row = dict(
+        arch="sm_80",
+        kernel="cflora_rank_grad",
+        dtype="bf16",
+        block_r=32,
+        constexprs="BLOCK_N=128",
+        spill_st=SPILL_BOUND_SM80_R64,
+        smem=1000,
+        smem_limit=aot.SMEM_LIMIT[80],
+        tc="mma",
+    )
     assert check_rows([row]) == []
     assert check_rows([dict(row, spill_st=SPILL_BOUND_SM80_R64 + 4)])
 
@@ -362,9 +491,13 @@ def test_matrix_has_m8192_whose_row_kernels_use_32_row_blocks():
     blocks = {launch.name: launch.kwargs["BLOCK_M"] for launch in launches if "BLOCK_M" in launch.kwargs}
     assert blocks["_cflora_shrink_kernel"] == 32 and blocks["_cflora_dy_pass_kernel"] == 32
     # the fp32 (3xTF32) r = 64 shrink there spilled 16 B on sm_90a at 4 warps
-    shrink = next(la for la in capture_case("fp32", 64, dict(c_kind="none", dropout_p=0.1, grads=LORA_GRADS,
-                                                             n_samples=128, tokens=64))
-                  if la.name == "_cflora_shrink_kernel")
+    shrink = next(
+        la
+        for la in capture_case(
+            "fp32", 64, dict(c_kind="none", dropout_p=0.1, grads=LORA_GRADS, n_samples=128, tokens=64)
+        )
+        if la.name == "_cflora_shrink_kernel"
+    )
     assert aot.compile_launch(shrink, 90)[1].spill_stores == 0
 
 
@@ -379,19 +512,39 @@ def test_dedupe_key_holds_the_divisibility_hints():
     kw = dict(c_kind="none", dropout_p=0.0, grads=LORA_GRADS, n_samples=4, tokens=64)
     odd = capture_case("bf16", 16, dict(kw, d_in=1000, d_out=1000))
     even = capture_case("bf16", 16, dict(kw, d_in=1024, d_out=1024))
-    shrink_odd, shrink_even = (next(la for la in ls if la.name == "_cflora_shrink_kernel") for ls in (odd, even))
-    assert aot.specialise(shrink_odd, backend)[1] == aot.specialise(shrink_even, backend)[1]  # same constexprs
+    shrink_odd, shrink_even = (
+        next(la for la in ls if la.name == "_cflora_shrink_kernel") for ls in (odd, even)
+    )
+    assert (
+        aot.specialise(shrink_odd, backend)[1] == aot.specialise(shrink_even, backend)[1]
+    )  # same constexprs
     assert resource_key(shrink_odd, backend) != resource_key(shrink_even, backend)
 
 
 def test_odd_size_gemm_does_not_spill_on_sm90a():
     """#23: compiled for sm_90a, the odd-size (d = 1000) bf16 forward GEMM used 255 registers and spilled
     136 B/thread (no %16 hints: no vectorised loads); the launcher now takes a 32-deep K step there."""
-    launches = capture_case("bf16", 12, dict(c_kind="per_sample", dropout_p=0.1, grads=ALL_GRADS, d_in=1000,
-                                             d_out=1000, n_samples=37, tokens=29))
-    picks = [next(la for la in launches if la.name == name) for name in ("_cflora_fwd_gemm_kernel", "_cflora_dx_kernel")]
+    launches = capture_case(
+        "bf16",
+        12,
+        dict(
+            c_kind="per_sample",
+            dropout_p=0.1,
+            grads=ALL_GRADS,
+            d_in=1000,
+            d_out=1000,
+            n_samples=37,
+            tokens=29,
+        ),
+    )
+    picks = [
+        next(la for la in launches if la.name == name)
+        for name in ("_cflora_fwd_gemm_kernel", "_cflora_dx_kernel")
+    ]
     # and the dA split-K GEMM with dropout, which spilled 196 B at 4 warps
-    picks.append(next(la for la in launches if la.name == "_cflora_rank_grad_kernel" and la.kwargs["DROPOUT"]))
+    picks.append(
+        next(la for la in launches if la.name == "_cflora_rank_grad_kernel" and la.kwargs["DROPOUT"])
+    )
     for launch in picks:
         _, res = aot.compile_launch(launch, 90)
         assert res.spill_stores == 0, (launch.name, res)
@@ -405,8 +558,11 @@ def test_gate_fails_loudly_without_native_specialize_impl(monkeypatch):
     monkeypatch.delattr(jit, "native_specialize_impl")
     with pytest.raises(RuntimeError, match=r"needs triton.runtime.jit.native_specialize_impl .* has none"):
         aot.native_specializer()
-    launch = capture_case("bf16", 16, dict(c_kind="none", dropout_p=0.0, grads=LORA_GRADS, n_samples=2,
-                                           tokens=16, d_in=64, d_out=64))[0]
+    launch = capture_case(
+        "bf16",
+        16,
+        dict(c_kind="none", dropout_p=0.0, grads=LORA_GRADS, n_samples=2, tokens=16, d_in=64, d_out=64),
+    )[0]
     with pytest.raises(RuntimeError, match="native_specialize_impl"):
         aot.specialise(launch, None)
 
@@ -441,8 +597,9 @@ def test_int64_pointer_offsets():
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    launches = cflora_launches("bf16", 16, "per_sample", 0.1, ALL_GRADS, d_in=64, d_out=48, n_samples=4,
-                               tokens=16)
+    launches = cflora_launches(
+        "bf16", 16, "per_sample", 0.1, ALL_GRADS, d_in=64, d_out=48, n_samples=4, tokens=16
+    )
     seen = set()
     for launch in launches:
         if launch.name in seen:
@@ -460,7 +617,8 @@ def test_int64_pointer_offsets():
         "%st = tt.splat %arg3 : i32 -> tensor<64xi32>\n"
         "%h = arith.muli %ks, %c : tensor<64xi32>\n"  # a hash-style constant multiply: allowed
         "%off = arith.muli %ks, %st : tensor<64xi32>\n"  # index * stride in int32: flagged
-        "%p = tt.addptr %base, %off : tensor<64x!tt.ptr<bf16>>, tensor<64xi32>\n")  # flagged
+        "%p = tt.addptr %base, %off : tensor<64x!tt.ptr<bf16>>, tensor<64xi32>\n"
+    )  # flagged
     assert len(flagged) == 2
     assert flagged[0].startswith("%off = arith.muli") and flagged[1].startswith("%p = tt.addptr")
 
@@ -473,8 +631,10 @@ if __name__ == "__main__":
     headline = "--headline" in sys.argv[1:]
     rows, n_cases, n_launches, n_unique = run_gate(items=headline_matrix() if headline else None)
     path = aot.write_table(rows, gate_dir() / ("table_headline.md" if headline else "table.md"))
-    print(f"triton {triton.__version__}: {n_cases} launcher calls, {n_launches} launches, {n_unique} distinct; "
-          f"{len(rows)} compiles -> {path}")
+    print(
+        f"triton {triton.__version__}: {n_cases} launcher calls, {n_launches} launches, {n_unique} distinct; "
+        f"{len(rows)} compiles -> {path}"
+    )
     failures = check_rows(rows)
     for f in failures:
         print("FAIL", f)

@@ -7,7 +7,9 @@ import torch
 from rellax_fast.ops.topk import normalized_rows, semantic_topk_ref
 
 
-def ragged_case(lengths, n_items: int, d: int, seed: int, device="cpu", dtype=torch.float32, dup_items: bool = True):
+def ragged_case(
+    lengths, n_items: int, d: int, seed: int, device="cpu", dtype=torch.float32, dup_items: bool = True
+):
     """Random packed histories; every position of a user with <= 200 items is a sample, samples shuffled.
 
     ``dup_items``: items are drawn from a small pool so a history repeats items (exact score ties).
@@ -16,12 +18,19 @@ def ragged_case(lengths, n_items: int, d: int, seed: int, device="cpu", dtype=to
     emb = torch.randn(n_items, d, generator=gen, dtype=torch.float64)
     emb[0] = 0.0  # an all-zero embedding: cosine 0 with everything (documented rule)
     emb[2] = emb[1] * 3.0  # same direction: exact cosine ties between different items
-    offsets = torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int64)
+    offsets = torch.tensor(
+        [0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int64
+    )
     total = int(offsets[-1])
     pool = max(2, n_items // 4) if dup_items else n_items
     items = torch.randint(0, pool, (total,), generator=gen)
-    users = torch.cat([torch.full((n,), u, dtype=torch.int64) for u, n in enumerate(lengths)] + [torch.zeros(0, dtype=torch.int64)])
-    pos = torch.cat([torch.arange(n, dtype=torch.int64) for n in lengths] + [torch.zeros(0, dtype=torch.int64)])
+    users = torch.cat(
+        [torch.full((n,), u, dtype=torch.int64) for u, n in enumerate(lengths)]
+        + [torch.zeros(0, dtype=torch.int64)]
+    )
+    pos = torch.cat(
+        [torch.arange(n, dtype=torch.int64) for n in lengths] + [torch.zeros(0, dtype=torch.int64)]
+    )
     # long histories: every 9th position plus the last few (keeps the float64 oracle affordable)
     user_len = torch.tensor(lengths, dtype=torch.int64)[users] if users.numel() else users
     keep = (user_len <= 200) | (pos % 9 == 0) | (pos >= user_len - 3)
@@ -62,8 +71,13 @@ def view_cases(lengths, n_items: int, d: int, seed: int, device="cpu"):
       score tie and test nothing).
     """
     emb, items, offsets, users, pos = ragged_case(lengths, n_items, d, seed, device=device)
-    strided = (_padded_rows(emb), _strided(items, 10**9), _strided(offsets, -(10**9)), _strided(users, 10**9),
-               _strided(pos, 10**9))
+    strided = (
+        _padded_rows(emb),
+        _strided(items, 10**9),
+        _strided(offsets, -(10**9)),
+        _strided(users, 10**9),
+        _strided(pos, 10**9),
+    )
     column_major = (emb.t().contiguous().t(), items, offsets, users, pos)
     longest = max(range(len(lengths)), key=lambda u: lengths[u])
     n = lengths[longest]
@@ -71,8 +85,13 @@ def view_cases(lengths, n_items: int, d: int, seed: int, device="cpu"):
     one_items = items[start : start + n]
     one_offsets = torch.tensor([0, n], dtype=torch.int64, device=device)
     p = torch.tensor([n - 1], dtype=torch.int64, device=device)
-    expanded = (_padded_rows(emb), one_items, one_offsets, torch.zeros(1, dtype=torch.int64, device=device).expand(7),
-                p.expand(7))
+    expanded = (
+        _padded_rows(emb),
+        one_items,
+        one_offsets,
+        torch.zeros(1, dtype=torch.int64, device=device).expand(7),
+        p.expand(7),
+    )
     return [("strided", strided), ("column_major", column_major), ("expanded", expanded)]
 
 
@@ -128,7 +147,9 @@ def check_against_reference(result, case, k: int, metric: str, atol: float, ref=
     col = torch.arange(k)[None, :]
     real = col < n_cand[:, None]
     assert torch.equal(pos == -1, ~real), "padding positions (-1) must be exactly the missing candidates"
-    assert torch.equal(torch.isneginf(score), ~real), "padding scores (-inf) must be exactly the missing candidates"
+    assert torch.equal(torch.isneginf(score), ~real), (
+        "padding scores (-inf) must be exactly the missing candidates"
+    )
     assert bool(((pos < samples[:, None]) | ~real).all()), "a returned position is not before the target"
     if k > 1:
         srt = pos.masked_fill(~real, -1).sort(dim=1).values
@@ -142,7 +163,9 @@ def check_against_reference(result, case, k: int, metric: str, atol: float, ref=
     gathered = torch.empty(flat.shape, dtype=torch.float64)
     step = max(1, (1 << 22) // max(1, k * vec.shape[1]))  # bound the (rows, k, d) gather
     for lo in range(0, n, step):
-        gathered[lo : lo + step] = torch.einsum("rkd,rd->rk", vec[items[flat[lo : lo + step]]], target[lo : lo + step])
+        gathered[lo : lo + step] = torch.einsum(
+            "rkd,rd->rk", vec[items[flat[lo : lo + step]]], target[lo : lo + step]
+        )
     gathered = gathered.masked_fill(~real, float("-inf"))
     finite = real
     torch.testing.assert_close(score[finite].double(), gathered[finite], rtol=1e-6, atol=atol)

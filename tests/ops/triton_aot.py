@@ -44,6 +44,7 @@ def capture_launches(kernels) -> List[Launch]:
     saved = [(fn, fn.__dict__.get("run")) for fn in kernels]
 
     for fn in kernels:
+
         def fake_run(*args, grid, warmup=False, _fn=fn, **kwargs):
             launches.append(Launch(_fn, args, dict(kwargs, _grid=grid)))
 
@@ -71,7 +72,8 @@ def native_specializer():
         raise RuntimeError(
             f"the Triton compile gate needs triton.runtime.jit.native_specialize_impl (triton >= 3.4); triton "
             f"{triton.__version__} has none, so the runtime's specialisation (==1 constexprs, %16 divisibility) "
-            "cannot be reproduced. Run the gate with the triton of pyproject's dev extra.")
+            "cannot be reproduced. Run the gate with the triton of pyproject's dev extra."
+        )
     return impl
 
 
@@ -90,8 +92,9 @@ def specialise(launch: Launch, backend) -> Tuple[dict, dict, dict, dict]:
         if p.is_constexpr:
             signature[p.name], constexprs[(p.num,)] = "constexpr", value
             continue
-        ty, attr = native_specialize_impl(BaseBackend, value, False, not p.do_not_specialize,
-                                          not p.do_not_specialize_on_alignment)
+        ty, attr = native_specialize_impl(
+            BaseBackend, value, False, not p.do_not_specialize, not p.do_not_specialize_on_alignment
+        )
         if ty == "constexpr":
             signature[p.name], constexprs[(p.num,)] = "constexpr", attr
         else:
@@ -105,8 +108,15 @@ def specialise(launch: Launch, backend) -> Tuple[dict, dict, dict, dict]:
 def compile_key(launch: Launch, backend) -> str:
     """Everything that decides the binary: two launches with the same key compile to the same code."""
     signature, constexprs, attrs, options = specialise(launch, backend)
-    text = repr((launch.name, sorted(signature.items()), sorted(constexprs.items()),
-                 sorted((k, repr(v)) for k, v in attrs.items()), sorted(options.items())))
+    text = repr(
+        (
+            launch.name,
+            sorted(signature.items()),
+            sorted(constexprs.items()),
+            sorted((k, repr(v)) for k, v in attrs.items()),
+            sorted(options.items()),
+        )
+    )
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
@@ -125,8 +135,12 @@ def ptxas_usage(ptx: str, arch: str) -> Tuple[int, int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        out = subprocess.run([str(ptxas_path()), "-v", f"--gpu-name={arch}", str(src), "-o", os.devnull],
-                             capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [str(ptxas_path()), "-v", f"--gpu-name={arch}", str(src), "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     text = out.stdout + out.stderr
     regs, spill = _USAGE.search(text), _SPILL.search(text)
     if regs is None or spill is None:
@@ -170,17 +184,34 @@ def compile_launch(launch: Launch, capability: int) -> Tuple[object, Resources]:
     backend = make_backend(target)
     signature, constexprs, attrs, options = specialise(launch, backend)
     t0 = time.perf_counter()
-    compiled = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=target, options=options)
+    compiled = triton.compile(
+        ASTSource(launch.fn, signature, constexprs, attrs), target=target, options=options
+    )
     elapsed = time.perf_counter() - t0
     ptx = compiled.asm["ptx"]
     arch = "sm_90a" if capability == 90 else f"sm_{capability}"
     regs, st, ld = ptxas_usage(ptx, arch)
-    shown = {launch.fn.arg_names[k[0]]: v for k, v in constexprs.items()
-             if launch.fn.arg_names[k[0]].isupper() and signature[launch.fn.arg_names[k[0]]] == "constexpr"
-             and launch.fn.params[k[0]].is_constexpr}
-    res = Resources(launch.name, arch, options.get("num_warps", 4), options.get("num_stages", 3),
-                    " ".join(f"{k}={v}" for k, v in shown.items()), regs, st, ld,
-                    int(compiled.metadata.shared), SMEM_LIMIT[capability], tensor_core_kind(ptx), elapsed)
+    shown = {
+        launch.fn.arg_names[k[0]]: v
+        for k, v in constexprs.items()
+        if launch.fn.arg_names[k[0]].isupper()
+        and signature[launch.fn.arg_names[k[0]]] == "constexpr"
+        and launch.fn.params[k[0]].is_constexpr
+    }
+    res = Resources(
+        launch.name,
+        arch,
+        options.get("num_warps", 4),
+        options.get("num_stages", 3),
+        " ".join(f"{k}={v}" for k, v in shown.items()),
+        regs,
+        st,
+        ld,
+        int(compiled.metadata.shared),
+        SMEM_LIMIT[capability],
+        tensor_core_kind(ptx),
+        elapsed,
+    )
     return compiled, res
 
 

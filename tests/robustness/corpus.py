@@ -22,9 +22,26 @@ from typing import Callable, Dict, List, Optional
 
 N_USERS, N_ITEMS, PER_USER = 8, 20, 12
 GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
-)  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 
 def clean_rows() -> List[str]:
@@ -43,7 +60,9 @@ def _item_lines() -> List[str]:
     for i in range(1, N_ITEMS + 1):
         flags = ["0"] * len(GENRES)
         flags[i % len(GENRES)] = "1"
-        lines.append(f"{i}|Movie {i} ({1980 + i})|01-Jan-{1980 + i}||http://example.org/{i}|{'|'.join(flags)}")
+        lines.append(
+            f"{i}|Movie {i} ({1980 + i})|01-Jan-{1980 + i}||http://example.org/{i}|{'|'.join(flags)}"
+        )
     return lines
 
 
@@ -162,35 +181,52 @@ VARIANTS: Dict[str, Variant] = {
         _dup_every_row, Expect.same, warning=rf"u\.data: dropped {N_ROWS} repeated ratings .*\({N_ROWS} exact"
     ),
     "rerated_copies": Variant(
-        _dup_with_other_rating, Expect.same, warning=r"u\.data: dropped 10 repeated ratings .*\(0 exact.*line 1\b"
+        _dup_with_other_rating,
+        Expect.same,
+        warning=r"u\.data: dropped 10 repeated ratings .*\(0 exact.*line 1\b",
     ),
     "item_file_no_final_newline": Variant(
-        _item_no_final_newline, Expect.same, warning=rf"u\.item: line {N_ITEMS}: the file does not end with a newline"
+        _item_no_final_newline,
+        Expect.same,
+        warning=rf"u\.item: line {N_ITEMS}: the file does not end with a newline",
     ),
     "cut_mid_line": Variant(
-        _cut_mid_line, Expect.error, "DataFormatError",
+        _cut_mid_line,
+        Expect.error,
+        "DataFormatError",
         rf"u\.data: line {N_ROWS}: the file does not end with a newline, so its last line may be cut short "
         r"\(it reads '8\\t\d+\\t\d\\t88001'\)",
-    ),  # fmt: skip
+    ),
     "no_final_newline": Variant(
-        _no_final_newline, Expect.error, "DataFormatError", rf"u\.data: line {N_ROWS}: the file does not end with"
+        _no_final_newline,
+        Expect.error,
+        "DataFormatError",
+        rf"u\.data: line {N_ROWS}: the file does not end with",
     ),
     "negative_timestamp": Variant(
-        lambda f: _rewrite_rows(f, _set_field(2, 3, "-5")), Expect.error, "DataFormatError",
+        lambda f: _rewrite_rows(f, _set_field(2, 3, "-5")),
+        Expect.error,
+        "DataFormatError",
         r"u\.data: line 3: timestamp -5 is negative",
-    ),  # fmt: skip
+    ),
     "timestamp_beyond_int64": Variant(
-        lambda f: _rewrite_rows(f, _set_field(2, 3, "99999999999999999999")), Expect.error, "DataFormatError",
+        lambda f: _rewrite_rows(f, _set_field(2, 3, "99999999999999999999")),
+        Expect.error,
+        "DataFormatError",
         r"u\.data: line 3: field 't' is outside the 64-bit integer range: '99999999999999999999'",
-    ),  # fmt: skip
+    ),
     "timestamp_not_a_number": Variant(
-        lambda f: _rewrite_rows(f, _set_field(4, 3, "88x")), Expect.error, "DataFormatError",
+        lambda f: _rewrite_rows(f, _set_field(4, 3, "88x")),
+        Expect.error,
+        "DataFormatError",
         r"u\.data: line 5: field 't' is not a valid int: '88x'",
-    ),  # fmt: skip
+    ),
     "extra_column_every_row": Variant(
-        _extra_column_every_row, Expect.error, "DataFormatError",
+        _extra_column_every_row,
+        Expect.error,
+        "DataFormatError",
         r"u\.data: line 1: 5 fields on every line, expected 4",
-    ),  # fmt: skip
+    ),
     "extra_column_one_row": Variant(
         _extra_column_one_row, Expect.error, "DataFormatError", r"u\.data: line 7: 5 fields, expected 4"
     ),
@@ -201,10 +237,16 @@ VARIANTS: Dict[str, Variant] = {
         _short_first_row, Expect.error, "DataFormatError", r"u\.data: line 1: 3 fields, expected 4"
     ),
     "udata_is_a_folder": Variant(
-        _udata_is_dir, Expect.error, "DatasetNotFoundError", r"u\.data: is a folder, expected the data file u\.data"
+        _udata_is_dir,
+        Expect.error,
+        "DatasetNotFoundError",
+        r"u\.data: is a folder, expected the data file u\.data",
     ),
     "uitem_is_a_folder": Variant(
-        _uitem_is_dir, Expect.error, "DatasetNotFoundError", r"u\.item: is a folder, expected the data file u\.item"
+        _uitem_is_dir,
+        Expect.error,
+        "DatasetNotFoundError",
+        r"u\.item: is a folder, expected the data file u\.item",
     ),
     "empty_ratings": Variant(_empty_udata, Expect.error, "DataFormatError", r"u\.data: no ratings"),
 }

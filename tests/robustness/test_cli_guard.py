@@ -50,13 +50,29 @@ def _bad_inputs(tmp_path):
         if name == "info":
             continue
         cases.append((f"{name}-out-is-a-file", [*base, "--out", str(a_file)], {}))
-        cases.append((f"{name}-garbage-backend", [*base, "--out", str(tmp_path / "o")], {"RELLAX_BACKEND": "garbage"}))
+        cases.append(
+            (f"{name}-garbage-backend", [*base, "--out", str(tmp_path / "o")], {"RELLAX_BACKEND": "garbage"})
+        )
         if name in DATA_COMMANDS:
             for variant in ("uitem_is_a_folder", "timestamp_beyond_int64"):
                 data = write_variant(variant, tmp_path / variant / "ml-100k")
                 extra = ["--no-download"] if name == "prepare" else []
-                cases.append((f"{name}-{variant}", [*base, "--dataset", "ml-100k", "--data-dir", str(data), *extra,
-                                                    "--out", str(tmp_path / f"out-{name}-{variant}")], {}))  # fmt: skip
+                cases.append(
+                    (
+                        f"{name}-{variant}",
+                        [
+                            *base,
+                            "--dataset",
+                            "ml-100k",
+                            "--data-dir",
+                            str(data),
+                            *extra,
+                            "--out",
+                            str(tmp_path / f"out-{name}-{variant}"),
+                        ],
+                        {},
+                    )
+                )
     return cases
 
 
@@ -100,10 +116,19 @@ def _patch_run(monkeypatch, command, exc):
     monkeypatch.setattr(module, "run", _raising(exc))
 
 
-@pytest.mark.parametrize("exc", [
-    "DataFormatError", "PreparedDataError", "BackendUnavailableError", "ChecksumError", "ResumeMismatchError",
-    "FileNotFoundError", "PermissionError", "JSONDecodeError",
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "exc",
+    [
+        "DataFormatError",
+        "PreparedDataError",
+        "BackendUnavailableError",
+        "ChecksumError",
+        "ResumeMismatchError",
+        "FileNotFoundError",
+        "PermissionError",
+        "JSONDecodeError",
+    ],
+)
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, exc):
     from rellax_fast.data.ctr import PreparedDataError
     from rellax_fast.data.download import ChecksumError
@@ -111,13 +136,16 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, exc)
     from rellax_fast.ops._backend import BackendUnavailableError
     from rellax_fast.train.pipeline import ResumeMismatchError
 
-    made = {"DataFormatError": DataFormatError("u.data line 3: not a number\n(second line)"),
-            "PreparedDataError": PreparedDataError("meta.json: missing"),
-            "BackendUnavailableError": BackendUnavailableError("cflora_linear: backend='cuda' is unavailable"),
-            "ChecksumError": ChecksumError("ml-100k.zip: sha256 mismatch"), "ResumeMismatchError": ResumeMismatchError("x"),
-            "FileNotFoundError": FileNotFoundError(2, "No such file or directory", "u.data"),
-            "PermissionError": PermissionError(13, "Permission denied", "out"),
-            "JSONDecodeError": json.JSONDecodeError("Expecting value", "{", 1)}[exc]  # fmt: skip
+    made = {
+        "DataFormatError": DataFormatError("u.data line 3: not a number\n(second line)"),
+        "PreparedDataError": PreparedDataError("meta.json: missing"),
+        "BackendUnavailableError": BackendUnavailableError("cflora_linear: backend='cuda' is unavailable"),
+        "ChecksumError": ChecksumError("ml-100k.zip: sha256 mismatch"),
+        "ResumeMismatchError": ResumeMismatchError("x"),
+        "FileNotFoundError": FileNotFoundError(2, "No such file or directory", "u.data"),
+        "PermissionError": PermissionError(13, "Permission denied", "out"),
+        "JSONDecodeError": json.JSONDecodeError("Expecting value", "{", 1),
+    }[exc]
     _patch_run(monkeypatch, "prepare", made)
     rc, err = _call(capsys, ["prepare", "--out", str(tmp_path)])
     assert rc == cli.EXIT_USER_ERROR
@@ -125,7 +153,9 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, exc)
     assert " ".join(str(made).split()) in err
 
 
-def test_a_bug_is_a_summary_with_the_debug_hint_and_the_traceback_only_on_request(tmp_path, capsys, monkeypatch):
+def test_a_bug_is_a_summary_with_the_debug_hint_and_the_traceback_only_on_request(
+    tmp_path, capsys, monkeypatch
+):
     _patch_run(monkeypatch, "train", RuntimeError("boom"))
     monkeypatch.delenv(cli.DEBUG_VAR, raising=False)
     rc, err = _call(capsys, ["train", "--out", str(tmp_path)])
@@ -147,10 +177,17 @@ def test_a_command_that_exits_with_a_message_is_one_error_line(tmp_path, capsys,
     assert rc == cli.EXIT_USER_ERROR and err == "error: r has no rellax.json (not a finished run folder)\n"
 
 
-@pytest.mark.parametrize("command, says", [
-    ("train", "--resume"), ("demo", "--resume"), ("train-ctr", "keeps no checkpoint"), ("eval", "nothing new was written"),
-    ("prepare", "written atomically"), ("bench", "written atomically"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "command, says",
+    [
+        ("train", "--resume"),
+        ("demo", "--resume"),
+        ("train-ctr", "keeps no checkpoint"),
+        ("eval", "nothing new was written"),
+        ("prepare", "written atomically"),
+        ("bench", "written atomically"),
+    ],
+)
 def test_ctrl_c_says_what_was_kept_and_how_to_continue(tmp_path, capsys, monkeypatch, command, says):
     _patch_run(monkeypatch, command, KeyboardInterrupt())
     rc, err = _call(capsys, [command, *REQUIRED.get(command, []), "--out", str(tmp_path / "o")])
@@ -184,7 +221,10 @@ def test_disk_full_in_a_command_is_one_error_line(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(importlib.import_module(COMMANDS["prepare"][0]), "run", run)
     rc, err = _call(capsys, ["prepare", "--out", str(tmp_path / "o")])
     assert rc == cli.EXIT_USER_ERROR and err.count("\n") == 1
-    assert err.startswith(f"error: disk full writing {target} (No space left on device)") and "previous outputs are kept" in err
+    assert (
+        err.startswith(f"error: disk full writing {target} (No space left on device)")
+        and "previous outputs are kept" in err
+    )
     assert target.read_text() == "old"
     # a writer that does not say which file (pyarrow, a raw write): the command's --out is named
     _patch_run(monkeypatch, "retrieve", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
@@ -196,12 +236,19 @@ def test_disk_full_in_a_command_is_one_error_line(tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("command", ["train", "demo"])
-@pytest.mark.parametrize("flag, value, message", [
-    ("--lr", "nan", "must be a finite number > 0"), ("--lr", "-1", "must be a finite number > 0"),
-    ("--lr", "inf", "must be a finite number > 0"), ("--lora-dropout", "1", "must be a finite number >= 0 and < 1"),
-    ("--lr-lora", "nan", "must be a finite number >= 0"), ("--batch-size", "0", "must be an integer >= 1"),
-    ("--alpha", "-inf", "must be a finite number > 0"), ("--epochs", "x", "expected an integer"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--lr", "nan", "must be a finite number > 0"),
+        ("--lr", "-1", "must be a finite number > 0"),
+        ("--lr", "inf", "must be a finite number > 0"),
+        ("--lora-dropout", "1", "must be a finite number >= 0 and < 1"),
+        ("--lr-lora", "nan", "must be a finite number >= 0"),
+        ("--batch-size", "0", "must be an integer >= 1"),
+        ("--alpha", "-inf", "must be a finite number > 0"),
+        ("--epochs", "x", "expected an integer"),
+    ],
+)
 def test_numeric_options_are_checked_when_parsed(tmp_path, capsys, command, flag, value, message):
     out = tmp_path / "o"
     rc, err = _call(capsys, [command, "--out", str(out), f"{flag}={value}"])  # "=": -inf would read as a flag
@@ -209,13 +256,22 @@ def test_numeric_options_are_checked_when_parsed(tmp_path, capsys, command, flag
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train-ctr", "--lr=inf"], "argument --lr: must be a finite number > 0; got 'inf'"),
-    (["bench", "data", "--length-scale=nan"], "argument --length-scale: must be a finite number > 0; got 'nan'"),
-    (["bench", "lifelong", "--budget-quantile=1.5"], "argument --budget-quantile: must be a finite number > 0 and <= 1"),
-    (["bench", "cflora", "--repeat=0"], "argument --repeat: must be an integer >= 1; got '0'"),
-    (["demo", "--n-boot=0"], "argument --n-boot: must be an integer >= 1; got '0'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train-ctr", "--lr=inf"], "argument --lr: must be a finite number > 0; got 'inf'"),
+        (
+            ["bench", "data", "--length-scale=nan"],
+            "argument --length-scale: must be a finite number > 0; got 'nan'",
+        ),
+        (
+            ["bench", "lifelong", "--budget-quantile=1.5"],
+            "argument --budget-quantile: must be a finite number > 0 and <= 1",
+        ),
+        (["bench", "cflora", "--repeat=0"], "argument --repeat: must be an integer >= 1; got '0'"),
+        (["demo", "--n-boot=0"], "argument --n-boot: must be an integer >= 1; got '0'"),
+    ],
+)
 def test_other_commands_check_their_numbers_when_parsed(tmp_path, capsys, argv, message):
     rc, err = _call(capsys, [*argv, "--out", str(tmp_path / "o")])
     assert rc == 2 and message in err and not (tmp_path / "o").exists()
@@ -238,7 +294,15 @@ def test_a_forced_backend_that_cannot_run_stops_before_any_work(tmp_path, capsys
     """`train --cflora-backend cuda` on a CPU build used to fail only after DIN training and embedding: with a data
     folder that does not exist, an error about the backend (not the data) shows the check comes first."""
     backend = _unavailable_backend()
-    argv = ["train", "--out", str(tmp_path / "o"), "--dataset", "ml-100k", "--data-dir", str(tmp_path / "none")]
+    argv = [
+        "train",
+        "--out",
+        str(tmp_path / "o"),
+        "--dataset",
+        "ml-100k",
+        "--data-dir",
+        str(tmp_path / "none"),
+    ]
     if how == "flag":
         argv += ["--cflora-backend", backend]
     else:
@@ -252,7 +316,9 @@ def test_a_forced_backend_that_cannot_run_stops_before_any_work(tmp_path, capsys
 def test_garbage_rellax_backend_is_refused_and_flagged_by_info(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RELLAX_BACKEND", "garbage")
     rc, err = _call(capsys, ["train", "--out", str(tmp_path / "o")])
-    assert rc == 2 and err.startswith("error: $RELLAX_BACKEND='garbage' is not a backend: choose one of reference")
+    assert rc == 2 and err.startswith(
+        "error: $RELLAX_BACKEND='garbage' is not a backend: choose one of reference"
+    )
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "WARNING     $RELLAX_BACKEND='garbage' is not a backend" in out
@@ -271,4 +337,6 @@ def test_info_says_what_automatic_choice_picks_per_op(capsys, monkeypatch):
         elif current and line.startswith("    auto "):
             auto_lines[current] = line
     for op in all_ops():
-        assert auto_lines[op].startswith(f"    auto       picks cpu tensors: {_backend.auto_candidates(op, 'cpu')[0]}")
+        assert auto_lines[op].startswith(
+            f"    auto       picks cpu tensors: {_backend.auto_candidates(op, 'cpu')[0]}"
+        )

@@ -20,8 +20,16 @@ def _run(capsys, argv):
     return rc, err
 
 
-COMMANDS = [["prepare"], ["embed"], ["retrieve"], ["train-ctr"], ["train"], ["eval", "--run", "r"], ["demo"],
-            ["bench", "cflora"]]  # fmt: skip
+COMMANDS = [
+    ["prepare"],
+    ["embed"],
+    ["retrieve"],
+    ["train-ctr"],
+    ["train"],
+    ["eval", "--run", "r"],
+    ["demo"],
+    ["bench", "cflora"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c[0])
@@ -37,7 +45,9 @@ def test_out_that_is_a_file(tmp_path, capsys, command):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-@pytest.mark.parametrize("command", [["embed"], ["retrieve"], ["bench", "cflora"], ["bench", "topk"]], ids=str)
+@pytest.mark.parametrize(
+    "command", [["embed"], ["retrieve"], ["bench", "cflora"], ["bench", "topk"]], ids=str
+)
 def test_device_cuda_without_cuda(tmp_path, capsys, command):
     rc, err = _run(capsys, [*command, "--out", str(tmp_path), "--device", "cuda"])
     assert rc == 2
@@ -78,18 +88,47 @@ def test_encoder_names_that_may_be_hub_ids_pass_the_check(tmp_path):
 
 def test_encoder_folder_that_is_not_a_model(tmp_path, capsys):
     (tmp_path / "empty_model").mkdir()
-    rc, err = _run(capsys, ["embed", "--out", str(tmp_path / "o"), "--encoder", str(tmp_path / "empty_model"),
-                            "--device", "cpu"])  # fmt: skip
-    assert rc == 1 and f"error: --encoder '{tmp_path / 'empty_model'}': not a model folder (no config.json" in err
+    rc, err = _run(
+        capsys,
+        [
+            "embed",
+            "--out",
+            str(tmp_path / "o"),
+            "--encoder",
+            str(tmp_path / "empty_model"),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert (
+        rc == 1
+        and f"error: --encoder '{tmp_path / 'empty_model'}': not a model folder (no config.json" in err
+    )
     (tmp_path / "weights.bin").write_bytes(b"")
-    rc, err = _run(capsys, ["embed", "--out", str(tmp_path / "o"), "--encoder", str(tmp_path / "weights.bin")])
-    assert rc == 1 and f"error: --encoder '{tmp_path / 'weights.bin'}': is a file; give the model's folder" in err
+    rc, err = _run(
+        capsys, ["embed", "--out", str(tmp_path / "o"), "--encoder", str(tmp_path / "weights.bin")]
+    )
+    assert (
+        rc == 1
+        and f"error: --encoder '{tmp_path / 'weights.bin'}': is a file; give the model's folder" in err
+    )
 
 
 def test_data_dir_that_is_a_file(tmp_path, capsys):
     (tmp_path / "ml-100k").write_text("not a folder")
-    rc, err = _run(capsys, ["prepare", "--dataset", "ml-100k", "--data-dir", str(tmp_path / "ml-100k"),
-                            "--out", str(tmp_path / "o"), "--no-download"])  # fmt: skip
+    rc, err = _run(
+        capsys,
+        [
+            "prepare",
+            "--dataset",
+            "ml-100k",
+            "--data-dir",
+            str(tmp_path / "ml-100k"),
+            "--out",
+            str(tmp_path / "o"),
+            "--no-download",
+        ],
+    )
     assert rc == 1 and f"data folder {tmp_path / 'ml-100k'}: is a file, not a folder" in err
 
 

@@ -56,7 +56,9 @@ def test_loader_on_corpus_variant(tmp_path, clean, name):
 
 
 def _prepare(folder, out):
-    return main(["prepare", "--dataset", "ml-100k", "--data-dir", str(folder), "--out", str(out), "--no-download"])
+    return main(
+        ["prepare", "--dataset", "ml-100k", "--data-dir", str(folder), "--out", str(out), "--no-download"]
+    )
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,9 @@ from rellax_fast.data.leakage import LabelLeakageError, check_no_leakage
 
 @pytest.fixture(scope="module")
 def clean_ds(tmp_path_factory):
-    return load_dataset("ml-100k", write_variant("clean", tmp_path_factory.mktemp("c") / "ml-100k"), download=False)
+    return load_dataset(
+        "ml-100k", write_variant("clean", tmp_path_factory.mktemp("c") / "ml-100k"), download=False
+    )
 
 
 def _with_ratings(ds: RecDataset, ratings: pd.DataFrame, domain: str = None) -> RecDataset:
@@ -31,8 +33,11 @@ def test_clean_samples_pass(clean_ds):
 def test_repeated_events_are_refused(clean_ds):
     doubled = _with_ratings(clean_ds, pd.concat([clean_ds.ratings, clean_ds.ratings]))
     data = prepare_ctr(doubled, repeat_window=0)  # the guard itself (prepare_ctr would drop the copies)
-    with pytest.raises(LabelLeakageError, match=r"ml-100k: train sample \d+ \(user \d+\): its history holds its own "
-                                                r"target event \(item \d+ at time \d+\) at position \d+"):  # fmt: skip
+    with pytest.raises(
+        LabelLeakageError,
+        match=r"ml-100k: train sample \d+ \(user \d+\): its history holds its own "
+        r"target event \(item \d+ at time \d+\) at position \d+",
+    ):
         check_no_leakage(data)
     # only one copy: a re-rating of the same item at the same second, with another rating, leaks too
     one = clean_ds.ratings.iloc[[40]].assign(rating=np.float32(1.0))
@@ -110,18 +115,37 @@ def test_near_repeats_are_dropped_so_no_history_shows_its_own_label(tmp_path, ca
     (raw / "u.data").write_text("".join(r + "\n" for r in rows + again))
     ds = load_dataset("ml-100k", raw, download=False)
     assert _near_repeat_leaks(prepare_ctr(ds, repeat_window=0)) > 0  # what happened before: the label leaks
-    with pytest.warns(DataWarning, match=r"ml-100k: dropped 15 ratings that the same user gave the same item again "
-                                         rf"within {REPEAT_WINDOW_S} s \(keeping the later one"):  # fmt: skip
+    with pytest.warns(
+        DataWarning,
+        match=r"ml-100k: dropped 15 ratings that the same user gave the same item again "
+        rf"within {REPEAT_WINDOW_S} s \(keeping the later one",
+    ):
         data = prepare_ctr(ds)
     assert _near_repeat_leaks(data) == 0 and len(data.sequences.items) == len(rows)
     assert data.meta["rules"]["repeats"].endswith(f"within {REPEAT_WINDOW_S} s is dropped (the later kept)")
 
     capsys.readouterr()
-    assert main(["prepare", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        main(["prepare", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(tmp_path / "out")]) == 0
+    )
     assert "warning: ml-100k: dropped 15 ratings" in capsys.readouterr().err
     assert _near_repeat_leaks(load_prepared(tmp_path / "out")) == 0
-    assert main(["prepare", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(tmp_path / "o0"),
-                 "--repeat-window", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                str(raw),
+                "--out",
+                str(tmp_path / "o0"),
+                "--repeat-window",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert _near_repeat_leaks(load_prepared(tmp_path / "o0")) > 0  # kept on request
     from rellax_fast.cli import build_parser
 

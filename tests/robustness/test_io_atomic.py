@@ -111,7 +111,9 @@ def test_stale_temporaries_of_dead_processes_are_removed_on_next_write(tmp_path)
     name = temp_path_for(tmp_path / "x.bin").name
     dead = tmp_path / name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")
     dead.write_bytes(b"orphan")
-    dead_dir = tmp_path / temp_path_for(tmp_path / "folder").name.replace(f"-{os.getpid()}-", f"-{_dead_pid()}-")
+    dead_dir = tmp_path / temp_path_for(tmp_path / "folder").name.replace(
+        f"-{os.getpid()}-", f"-{_dead_pid()}-"
+    )
     dead_dir.mkdir()
     (dead_dir / "part.parquet").write_bytes(b"orphan")
     other_host = tmp_path / ".y.bin.tmp-1-zzzzzz-abcdef01"  # not our pattern (host tag is hex): untouched
@@ -152,7 +154,9 @@ atomic_write(sys.argv[1], writer)
 def test_killed_writer_keeps_old_file_and_next_write_cleans_up(tmp_path):
     target = tmp_path / "result.json"
     atomic_write_text(target, '{"ok": 1}')
-    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "writing"
         proc.send_signal(signal.SIGKILL)
@@ -199,13 +203,16 @@ class _Opaque:
         return "opaque-object"
 
 
-@pytest.mark.parametrize("obj", [
-    {"source": {"files": [["config.json", 12, "ab"]]}, "options": {"batch_size": 64, "max_length": None}},
-    {"b": 1, "a": [1.5, float("nan"), True], "é": "Amélie (2001)"},
-    [3, "x", {"z": {"y": 1, "x": 2}}],
-    {"path": Path("/tmp/x"), "object": _Opaque(), "tuple": (1, 2)},
-    "plain string",
-])
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"source": {"files": [["config.json", 12, "ab"]]}, "options": {"batch_size": 64, "max_length": None}},
+        {"b": 1, "a": [1.5, float("nan"), True], "é": "Amélie (2001)"},
+        [3, "x", {"z": {"y": 1, "x": 2}}],
+        {"path": Path("/tmp/x"), "object": _Opaque(), "tuple": (1, 2)},
+        "plain string",
+    ],
+)
 def test_json_sha256_equals_the_inline_expressions_it_replaced(obj):
     # subr/encoders.py and bench/quality.py both hashed exactly this (cache keys on disk depend on it)
     inline = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

@@ -75,7 +75,9 @@ def test_manifest_key_that_prepare_never_writes_is_refused(tmp_path):
     meta = json.loads((tmp_path / "meta.json").read_text())
     meta["manifest"]["files"]["notes.txt"] = {"bytes": 1, "sha256": "0" * 64, "rows": 0}
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(PreparedDataError, match=r"the manifest lists \['notes.txt'\], which `prepare` never writes"):
+    with pytest.raises(
+        PreparedDataError, match=r"the manifest lists \['notes.txt'\], which `prepare` never writes"
+    ):
         load_prepared(tmp_path)
 
 
@@ -90,7 +92,9 @@ def test_latest_pointer_outside_the_run_is_refused(tmp_path, touched, form):
     root.mkdir(parents=True)
     (root / "latest").write_text(os.path.relpath(outside, root) if form == "relative" else str(outside))
     touched.clear()
-    with pytest.raises(PathOutsideFolderError, match=r"checkpoints/latest: the latest-checkpoint pointer: .* points outside"):
+    with pytest.raises(
+        PathOutsideFolderError, match=r"checkpoints/latest: the latest-checkpoint pointer: .* points outside"
+    ):
         latest_checkpoint(tmp_path / "run")
     assert outside_of(touched, tmp_path) == []
     (root / "latest").write_text("optimizer-evil")  # inside, but not a checkpoint folder
@@ -111,12 +115,20 @@ def test_recorded_dependency_outside_the_out_folder_is_refused(tmp_path, touched
     if form == "old-absolute":
         del meta["paths_relative_to"]
     touched.clear()
-    with pytest.raises(PathOutsideFolderError, match=r"rellax.json: ctr_dir: .* points outside the run's --out folder"):
+    with pytest.raises(
+        PathOutsideFolderError, match=r"rellax.json: ctr_dir: .* points outside the run's --out folder"
+    ):
         resolve_dependency(run, meta, "ctr_dir")
     assert outside_of(touched, tmp_path) == []
     # what train records is accepted: ../ctr relative to the run, or (older runs) a path inside --out
-    assert resolve_dependency(run, {"paths_relative_to": "run", "ctr_dir": "../ctr"}, "ctr_dir") == tmp_path / "out" / "ctr"
-    assert resolve_dependency(run, {"ctr_dir": str(tmp_path / "out" / "ctr")}, "ctr_dir") == tmp_path / "out" / "ctr"
+    assert (
+        resolve_dependency(run, {"paths_relative_to": "run", "ctr_dir": "../ctr"}, "ctr_dir")
+        == tmp_path / "out" / "ctr"
+    )
+    assert (
+        resolve_dependency(run, {"ctr_dir": str(tmp_path / "out" / "ctr")}, "ctr_dir")
+        == tmp_path / "out" / "ctr"
+    )
 
 
 def test_din_safetensors_gets_the_umask_mode(tmp_path):
@@ -196,21 +208,39 @@ GOOD = '{"user_id": 1, "item_id": 3, "history": [1, 2], "history_ratings": [4, 5
     "lines, message",
     [
         ([GOOD, '{"user_id": 1, "item_id": 3, "history": [1, 2'], r"line 2: not valid JSON"),
-        ([GOOD, '{"user_id": 1, "item_id": 99999, "history": [1]}'], r"line 2: item id\(s\) \[99999\] are not items"),
-        (['{"user_id": 1, "item_id": 3, "history": [1, 2], "history_timestamps": [5]}'],
-         r"line 1: history_timestamps has 1 values for 2 history items"),
-        (['{"user_id": 1, "item_id": 3, "history": [1, 2], "history_timestamps": [9, 5]}'],
-         r"line 1: history_timestamps are not in time order"),
+        (
+            [GOOD, '{"user_id": 1, "item_id": 99999, "history": [1]}'],
+            r"line 2: item id\(s\) \[99999\] are not items",
+        ),
+        (
+            ['{"user_id": 1, "item_id": 3, "history": [1, 2], "history_timestamps": [5]}'],
+            r"line 1: history_timestamps has 1 values for 2 history items",
+        ),
+        (
+            ['{"user_id": 1, "item_id": 3, "history": [1, 2], "history_timestamps": [9, 5]}'],
+            r"line 1: history_timestamps are not in time order",
+        ),
         ([GOOD, GOOD.replace('"label": 1', '"label": 7')], r"line 2: label must be 0 or 1, got 7"),
         (["[1, 2, 3]"], r"line 1: expected a JSON object .* got a list"),
         ([], r"no samples \(the file is empty"),
         (['{"user_id": "u1", "item_id": 3, "history": []}'], r"line 1: user_id must be an integer"),
-        (['{"user_id": 1, "item_id": 3, "history": [1], "history_ratings": [NaN]}'],
-         r"line 1: history_ratings must be a list of finite numbers"),
+        (
+            ['{"user_id": 1, "item_id": 3, "history": [1], "history_ratings": [NaN]}'],
+            r"line 1: history_ratings must be a list of finite numbers",
+        ),
     ],
-    ids=["bad-json", "unknown-item", "timestamps-length", "timestamps-order", "label-7", "list-line", "empty",
-         "user-id-string", "nan-rating"],
-)  # fmt: skip
+    ids=[
+        "bad-json",
+        "unknown-item",
+        "timestamps-length",
+        "timestamps-order",
+        "label-7",
+        "list-line",
+        "empty",
+        "user-id-string",
+        "nan-rating",
+    ],
+)
 def test_jsonl_bad_lines_are_data_format_errors_naming_the_line(tmp_path, lines, message):
     from rellax_fast.train.runs import jsonl_split
 
@@ -223,10 +253,17 @@ def test_jsonl_bad_lines_are_data_format_errors_naming_the_line(tmp_path, lines,
 def test_jsonl_missing_file_and_a_good_file(tmp_path):
     from rellax_fast.train.runs import jsonl_split
 
-    with pytest.raises(DataFormatError, match=r"nothing.jsonl: cannot read the --jsonl file \(FileNotFoundError"):
+    with pytest.raises(
+        DataFormatError, match=r"nothing.jsonl: cannot read the --jsonl file \(FileNotFoundError"
+    ):
         jsonl_split(tmp_path / "nothing.jsonl", tiny())
     view, split, has_label = jsonl_split(_jsonl(tmp_path, [GOOD, GOOD.replace(', "label": 1', "")]), tiny())
-    assert not has_label and len(split) == 2 and split.item_id.tolist() == [3, 3] and split.pos.tolist() == [2, 2]
+    assert (
+        not has_label
+        and len(split) == 2
+        and split.item_id.tolist() == [3, 3]
+        and split.pos.tolist() == [2, 2]
+    )
     assert split.history(0).tolist() == [1, 2] and split.history_ratings(0).tolist() == [4.0, 5.0]
 
 
@@ -252,7 +289,10 @@ def test_run_tensors_are_checked_before_any_is_copied(tmp_path):
     cases = {
         "nan": ({"a": torch.full((2, 3), float("nan"))}, r"'a' holds 6 non-finite value"),
         "shape": ({"b": torch.zeros(5)}, r"'b' has shape \(5,\), the model expects \(4,\)"),
-        "extra": ({"a": torch.zeros(2, 3), "zzz": torch.zeros(1)}, r"holds tensor 'zzz', which the rebuilt model"),
+        "extra": (
+            {"a": torch.zeros(2, 3), "zzz": torch.zeros(1)},
+            r"holds tensor 'zzz', which the rebuilt model",
+        ),
     }
     for name, (tensors, message) in cases.items():
         save_file(tensors, str(tmp_path / f"{name}.safetensors"))
@@ -261,7 +301,9 @@ def test_run_tensors_are_checked_before_any_is_copied(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes((tmp_path / "shape.safetensors").read_bytes()[:20])
     with pytest.raises(RunFileError, match=r"cut.safetensors: unreadable"):
         _load_tensors(tmp_path / "cut.safetensors", targets, "tensor")
-    assert set(_load_tensors(tmp_path / "extra.safetensors", {**targets, "zzz": torch.ones(1)}, "tensor")) == {"a", "zzz"}
+    assert set(
+        _load_tensors(tmp_path / "extra.safetensors", {**targets, "zzz": torch.ones(1)}, "tensor")
+    ) == {"a", "zzz"}
 
 
 def test_resume_check_names_changed_options_and_warns_on_older_records(tmp_path, monkeypatch):
@@ -280,12 +322,16 @@ def test_resume_check_names_changed_options_and_warns_on_older_records(tmp_path,
     check_inputs_for_resume(tmp_path, None, spec, False, cfg)  # the start: records inputs and options
     assert json.loads((tmp_path / "inputs.json").read_text())["options"]["cflora.r"] == 8
     check_inputs_for_resume(tmp_path, None, spec, True, replace(cfg, n_test=7))  # a free option
-    changed = replace(cfg, k=2, cflora=replace(cfg.cflora, r=4), train=replace(cfg.train, lr=0.5, save_every_steps=3))
+    changed = replace(
+        cfg, k=2, cflora=replace(cfg.cflora, r=4), train=replace(cfg.train, lr=0.5, save_every_steps=3)
+    )
     with pytest.raises(ResumeMismatchError, match=r"--r 8 -> 4; --k 5 -> 2; --lr 0.001 -> 0.5\. Resume with"):
         check_inputs_for_resume(tmp_path, None, spec, True, changed)
     with pytest.raises(ResumeMismatchError, match=r"--no-spa True -> False"):
         check_inputs_for_resume(tmp_path, None, replace(spec, spa=False), True, cfg)
-    (tmp_path / "inputs.json").write_text(json.dumps({"data_fingerprint": "d"}))  # written before options were
+    (tmp_path / "inputs.json").write_text(
+        json.dumps({"data_fingerprint": "d"})
+    )  # written before options were
     logs = []
     check_inputs_for_resume(tmp_path, None, spec, True, changed, log=logs.append)
     assert logs and "written before runs recorded their options" in logs[0]

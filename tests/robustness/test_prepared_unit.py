@@ -46,11 +46,23 @@ def test_meta_json_carries_a_manifest_and_other_files_are_kept(tmp_path):
     save_prepared(data, tmp_path)
     meta = json.loads((tmp_path / "meta.json").read_text())
     files = meta["manifest"]["files"]
-    assert set(files) == {"train.parquet", "valid.parquet", "test.parquet", "sequences.parquet", "items.parquet", "users.parquet"}
-    assert files["train.parquet"]["rows"] == len(data.splits["train"]) and len(files["test.parquet"]["sha256"]) == 64
+    assert set(files) == {
+        "train.parquet",
+        "valid.parquet",
+        "test.parquet",
+        "sequences.parquet",
+        "items.parquet",
+        "users.parquet",
+    }
+    assert (
+        files["train.parquet"]["rows"] == len(data.splits["train"])
+        and len(files["test.parquet"]["sha256"]) == 64
+    )
     assert meta["manifest"]["fingerprint"] == ctr_fingerprint(data)
     save_prepared(tiny(1), tmp_path)
-    assert (tmp_path / "embeddings" / "keep.npy").read_bytes() == b"cache" and (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "embeddings" / "keep.npy").read_bytes() == b"cache" and (
+        tmp_path / "notes.txt"
+    ).read_text() == "mine"
     assert_same(load_prepared(tmp_path), tiny(1))
     assert no_temp_files(tmp_path)
 
@@ -117,7 +129,9 @@ ctr.save_prepared(data, out)
 
 
 def _child(out, seed, mode):
-    return subprocess.Popen([sys.executable, "-c", CHILD, str(out), str(seed), mode], stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(out), str(seed), mode], stdout=subprocess.PIPE, text=True
+    )
 
 
 def test_sigkill_mid_write_is_refused_then_a_rerun_is_clean(tmp_path):
@@ -170,14 +184,19 @@ def test_a_folder_without_manifest_is_refused_with_the_rebuild_command(tmp_path)
     meta.pop("format_version")
     (tmp_path / "a" / "meta.json").write_text(json.dumps(meta))
     (tmp_path / "a" / "test.parquet").write_bytes((tmp_path / "a" / "valid.parquet").read_bytes())
-    with pytest.raises(PreparedDataError, match=r"meta.json: no manifest \(format 1.*rellax-fast prepare --dataset "
-                                                r"synthetic --out .*a$"):
+    with pytest.raises(
+        PreparedDataError,
+        match=r"meta.json: no manifest \(format 1.*rellax-fast prepare --dataset "
+        r"synthetic --out .*a$",
+    ):
         load_prepared(tmp_path / "a")
 
 
 def test_empty_splits_are_an_error_and_nothing_is_written(tmp_path):
     ds = make_synthetic(seed=0, n_users=40, n_items=60, n_ratings=1000)
-    with pytest.raises(EmptySplitError, match=r"synthetic: the train/valid/test splits would be empty.*min_history=1000"):
+    with pytest.raises(
+        EmptySplitError, match=r"synthetic: the train/valid/test splits would be empty.*min_history=1000"
+    ):
         prepare_ctr(ds, min_history=1000)
     few = ds.ratings.groupby("user_id").head(4)  # every user under 5 ratings
     from rellax_fast.data.datasets import RecDataset

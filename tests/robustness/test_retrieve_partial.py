@@ -14,7 +14,9 @@ def files(folder):
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
-def test_partial_rerun_with_other_settings_is_refused_and_same_settings_keep_the_summary_whole(tmp_path, capsys):
+def test_partial_rerun_with_other_settings_is_refused_and_same_settings_keep_the_summary_whole(
+    tmp_path, capsys
+):
     from corpus import write_clean  # ml-100k format, 8 users x 12 ratings
 
     raw = write_clean(tmp_path / "raw")

@@ -52,17 +52,29 @@ def test_same_data_and_options_reuse_the_din(tmp_path, trained):
 def test_other_data_or_options_retrain_and_say_why(tmp_path, trained, change, expect):
     d, fp = trained
     logs = []
-    model, vocab, _ = train_or_load_ctr(change.get("data", d), tmp_path / "ctr", change.get("opts", OPTS),
-                                        change.get("train", cfg()), log=logs.append)  # fmt: skip
+    model, vocab, _ = train_or_load_ctr(
+        change.get("data", d),
+        tmp_path / "ctr",
+        change.get("opts", OPTS),
+        change.get("train", cfg()),
+        log=logs.append,
+    )
     assert logs and logs[0].startswith("retraining the DIN") and expect in logs[0], logs
     assert din_fingerprint(model, vocab) != fp
     if "opts" in change:
         assert model.config.embed_dim == change["opts"]["embed_dim"]
     # the retrained DIN is what the folder now holds, and it is reused next time
     again = []
-    model2, vocab2, _ = train_or_load_ctr(change.get("data", d), tmp_path / "ctr", change.get("opts", OPTS),
-                                          change.get("train", cfg()), log=again.append)  # fmt: skip
-    assert "using the trained DIN" in again[0] and din_fingerprint(model2, vocab2) == din_fingerprint(model, vocab)
+    model2, vocab2, _ = train_or_load_ctr(
+        change.get("data", d),
+        tmp_path / "ctr",
+        change.get("opts", OPTS),
+        change.get("train", cfg()),
+        log=again.append,
+    )
+    assert "using the trained DIN" in again[0] and din_fingerprint(model2, vocab2) == din_fingerprint(
+        model, vocab
+    )
 
 
 def test_a_mixed_ctr_folder_is_refused_and_retrained(tmp_path, trained):
@@ -95,13 +107,33 @@ def test_cli_train_ctr_with_a_new_embed_dim_retrains(tmp_path, capsys):
     from rellax_fast.cli import main
 
     raw = write_clean(tmp_path / "raw")
-    common = ["train-ctr", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(tmp_path / "out"), "--epochs",
-              "1", "--hidden", "8", "--max-history", "5", "--batch-size", "16", "--no-progress"]  # fmt: skip
+    common = [
+        "train-ctr",
+        "--dataset",
+        "ml-100k",
+        "--data-dir",
+        str(raw),
+        "--out",
+        str(tmp_path / "out"),
+        "--epochs",
+        "1",
+        "--hidden",
+        "8",
+        "--max-history",
+        "5",
+        "--batch-size",
+        "16",
+        "--no-progress",
+    ]
     assert main(common + ["--embed-dim", "4"]) == 0
     assert main(common + ["--embed-dim", "4"]) == 0
     assert "using the trained DIN" in capsys.readouterr().out
     assert main(common + ["--embed-dim", "6"]) == 0
     out = capsys.readouterr().out
-    assert "retraining the DIN" in out and "options.embed_dim 4 -> 6" in out and "using the trained DIN" not in out
+    assert (
+        "retraining the DIN" in out
+        and "options.embed_dim 4 -> 6" in out
+        and "using the trained DIN" not in out
+    )
     model, vocab, _ = load_ctr(tmp_path / "out" / "ctr")
     assert model.config.embed_dim == 6 and np.all(np.diff(vocab) > 0)

@@ -19,7 +19,9 @@ def prepared(tmp_path_factory):
 
 
 def retrieve(out, *extra):
-    return main(["retrieve", "--dataset", "ml-100k", "--out", str(out), "--k", "2", "--device", "cpu", *extra])
+    return main(
+        ["retrieve", "--dataset", "ml-100k", "--out", str(out), "--k", "2", "--device", "cpu", *extra]
+    )
 
 
 def files(folder):

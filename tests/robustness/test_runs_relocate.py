@@ -29,9 +29,32 @@ DIN = ["--din-epochs", "1", "--din-hidden", "8", "--din-embed-dim", "4", "--din-
 
 
 def train_argv(raw, out, model, *extra):
-    return ["train", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(out), "--model", model,
-            "--n-train", "16", "--n-test", "0", "--k", "3", "--batch-size", "8", "--max-length", "96",
-            "--cflora-backend", "reference", "--no-progress", *DIN, *extra]  # fmt: skip
+    return [
+        "train",
+        "--dataset",
+        "ml-100k",
+        "--data-dir",
+        str(raw),
+        "--out",
+        str(out),
+        "--model",
+        model,
+        "--n-train",
+        "16",
+        "--n-test",
+        "0",
+        "--k",
+        "3",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "96",
+        "--cflora-backend",
+        "reference",
+        "--no-progress",
+        *DIN,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +68,34 @@ def trained(tmp_path_factory, tiny_bert):
     run = out / "rellax-full"
     meta = json.loads((run / "rellax.json").read_text())
     assert meta["paths_relative_to"] == "run" and meta["ctr_dir"] == os.path.join("..", "ctr")
-    assert meta["subr_embeddings"] == os.path.join("..", "subr_embeddings.npz") and len(meta["din_fingerprint"]) == 64
+    assert (
+        meta["subr_embeddings"] == os.path.join("..", "subr_embeddings.npz")
+        and len(meta["din_fingerprint"]) == 64
+    )
     return raw, out, np.load(run / "predictions.npy")
 
 
 def evaluate(raw, run, out):
-    return main(["eval", "--run", str(run), "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(out),
-                 "--no-progress"])  # fmt: skip
+    return main(
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--dataset",
+            "ml-100k",
+            "--data-dir",
+            str(raw),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
 
 
 def p_click(folder):
-    return np.array([json.loads(x)["p_click"] for x in (folder / "predictions.jsonl").read_text().splitlines()])
+    return np.array(
+        [json.loads(x)["p_click"] for x in (folder / "predictions.jsonl").read_text().splitlines()]
+    )
 
 
 def snapshot(root):
@@ -72,13 +112,36 @@ def test_moved_and_copied_runs_evaluate_with_their_own_din(trained, tmp_path, ca
     np.testing.assert_allclose(p_click(tmp_path / "ev-moved"), reference, rtol=1e-5, atol=1e-6)
     after = snapshot(tmp_path)
     changed = {p for p in after if before.get(p) != after[p]}
-    assert changed and all(p.startswith(str(tmp_path / "ev-moved")) for p in changed), changed  # only its --out
+    assert changed and all(p.startswith(str(tmp_path / "ev-moved")) for p in changed), (
+        changed
+    )  # only its --out
 
     copy = tmp_path / "copy"
     shutil.copytree(moved, copy)
     # the original's DIN is retrained: the copy must keep using its own, the original must refuse
-    assert main(["train-ctr", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(moved), "--epochs", "1",
-                 "--hidden", "8", "--embed-dim", "6", "--max-history", "5", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train-ctr",
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                str(raw),
+                "--out",
+                str(moved),
+                "--epochs",
+                "1",
+                "--hidden",
+                "8",
+                "--embed-dim",
+                "6",
+                "--max-history",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert evaluate(raw, copy / "rellax-full", tmp_path / "ev-copy") == 0
     np.testing.assert_allclose(p_click(tmp_path / "ev-copy"), reference, rtol=1e-5, atol=1e-6)
     capsys.readouterr()
@@ -96,7 +159,9 @@ def test_a_run_folder_copied_alone_is_a_clear_error(trained, tmp_path, capsys):
     assert "has no din.json" in err and "'../ctr'" in err and "copy the whole --out folder" in err
 
 
-def test_tampered_subr_embeddings_are_refused_and_missing_ones_recomputed_inside_out(trained, tmp_path, capsys):
+def test_tampered_subr_embeddings_are_refused_and_missing_ones_recomputed_inside_out(
+    trained, tmp_path, capsys
+):
     raw, out, reference = trained
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)

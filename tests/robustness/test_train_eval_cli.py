@@ -21,9 +21,32 @@ DIN = ["--din-epochs", "1", "--din-hidden", "8", "--din-embed-dim", "4", "--din-
 
 
 def train_argv(raw, out, model, *extra):
-    return ["train", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(out), "--model", model,
-            "--n-train", "16", "--n-test", "0", "--k", "3", "--batch-size", "8", "--max-length", "96",
-            "--cflora-backend", "reference", "--no-progress", *DIN, *extra]  # fmt: skip
+    return [
+        "train",
+        "--dataset",
+        "ml-100k",
+        "--data-dir",
+        str(raw),
+        "--out",
+        str(out),
+        "--model",
+        model,
+        "--n-train",
+        "16",
+        "--n-test",
+        "0",
+        "--k",
+        "3",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "96",
+        "--cflora-backend",
+        "reference",
+        "--no-progress",
+        *DIN,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +69,20 @@ def copy_out(trained, dest):
 
 def evaluate(capsys, raw, run, out, *extra):
     capsys.readouterr()
-    rc = main(["eval", "--run", str(run), "--dataset", "ml-100k", "--out", str(out), "--no-progress",
-               *(["--data-dir", str(raw)] if raw is not None else []), *extra])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--dataset",
+            "ml-100k",
+            "--out",
+            str(out),
+            "--no-progress",
+            *(["--data-dir", str(raw)] if raw is not None else []),
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return rc, err
@@ -76,10 +111,17 @@ def test_resume_with_changed_options_is_refused_naming_each(trained, tmp_path, c
 def test_eval_on_other_data_of_the_same_name_is_refused(trained, tmp_path, capsys):
     raw, out, _ = trained
     other = write_clean(tmp_path / "other")
-    rows = [r for r in (other / "u.data").read_text().splitlines() if not r.startswith("8\t")]  # one user fewer
+    rows = [
+        r for r in (other / "u.data").read_text().splitlines() if not r.startswith("8\t")
+    ]  # one user fewer
     (other / "u.data").write_text("".join(r + "\n" for r in rows))
     rc, err = evaluate(capsys, other, out / "rellax-full", tmp_path / "ev")
-    assert rc == 2 and "error:" in err and "not the ones the run was trained on" in err and "data_fingerprint" in err
+    assert (
+        rc == 2
+        and "error:" in err
+        and "not the ones the run was trained on" in err
+        and "data_fingerprint" in err
+    )
     assert not (tmp_path / "ev").exists()
 
 
@@ -121,8 +163,11 @@ def _dependency_outside(run):
     return r"rellax.json: ctr_dir: '../../elsewhere/ctr' points outside the run's --out folder"
 
 
-@pytest.mark.parametrize("damage", [_nan_lora_b, _wrong_shape, _extra_tensor, _truncated_meta, _dependency_outside],
-                         ids=["nan-lora-B", "wrong-shape", "extra-tensor", "truncated-rellax-json", "ctr-dir-outside"])
+@pytest.mark.parametrize(
+    "damage",
+    [_nan_lora_b, _wrong_shape, _extra_tensor, _truncated_meta, _dependency_outside],
+    ids=["nan-lora-B", "wrong-shape", "extra-tensor", "truncated-rellax-json", "ctr-dir-outside"],
+)
 def test_eval_of_a_damaged_run_is_refused_before_scoring(trained, tmp_path, capsys, damage):
     import re
 
@@ -141,7 +186,9 @@ def test_eval_jsonl_errors_name_the_line_and_good_lines_score(trained, tmp_path,
     path.write_text(good + "\n" + '{"user_id": 2, "item_id": 3, "history": [1], "label": 7}\n')
     rc, err = evaluate(capsys, raw, out / "rellax-full", tmp_path / "ev", "--jsonl", str(path))
     assert rc == 2 and f"error: {path}: line 2: label must be 0 or 1, got 7" in err
-    rc, err = evaluate(capsys, raw, out / "rellax-full", tmp_path / "ev", "--jsonl", str(tmp_path / "missing.jsonl"))
+    rc, err = evaluate(
+        capsys, raw, out / "rellax-full", tmp_path / "ev", "--jsonl", str(tmp_path / "missing.jsonl")
+    )
     assert rc == 2 and "missing.jsonl: cannot read the --jsonl file" in err
     assert not (tmp_path / "ev").exists()
     path.write_text(good + "\n" + good.replace('"label": 1', '"label": 0') + "\n")
@@ -178,13 +225,34 @@ def test_train_that_diverges_stops_at_the_step(trained, tmp_path, capsys):
     capsys.readouterr()
     assert main(train_argv(raw, out, model, "--lr", "1e30", "--name", "diverge")) == 2
     err = capsys.readouterr().err
-    assert "error: training diverged: the loss is" in err and "at step 2 (epoch 1) with --lr 1e+30" in err, err
+    assert "error: training diverged: the loss is" in err and "at step 2 (epoch 1) with --lr 1e+30" in err, (
+        err
+    )
     assert not (out / "diverge" / "rellax.json").exists()
 
 
 def ctr_argv(raw, out, *extra):
-    return ["train-ctr", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(out), "--epochs", "2",
-            "--hidden", "8", "--embed-dim", "4", "--max-history", "5", "--batch-size", "16", "--no-progress", *extra]  # fmt: skip
+    return [
+        "train-ctr",
+        "--dataset",
+        "ml-100k",
+        "--data-dir",
+        str(raw),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--hidden",
+        "8",
+        "--embed-dim",
+        "4",
+        "--max-history",
+        "5",
+        "--batch-size",
+        "16",
+        "--no-progress",
+        *extra,
+    ]
 
 
 BAD_DATA = [name for name, v in VARIANTS.items() if v.expect is Expect.error]  # the corpus prepare is held to
@@ -194,10 +262,23 @@ BAD_DATA = [name for name, v in VARIANTS.items() if v.expect is Expect.error]  #
 @pytest.mark.parametrize("command", ["train-ctr", "train", "eval"])
 def test_bad_data_is_one_error_line(tmp_path, capsys, request, variant, command):
     raw = write_variant(variant, tmp_path / "raw")
-    argv = ctr_argv(raw, tmp_path / "out") if command == "train-ctr" else train_argv(raw, tmp_path / "out", "unused")
+    argv = (
+        ctr_argv(raw, tmp_path / "out")
+        if command == "train-ctr"
+        else train_argv(raw, tmp_path / "out", "unused")
+    )
     if command == "eval":  # the trained run scored on a corrupt copy of its data
         run = request.getfixturevalue("trained")[1] / "rellax-full"
-        argv = ["eval", "--run", str(run), "--data-dir", str(raw), "--out", str(tmp_path / "out"), "--no-progress"]
+        argv = [
+            "eval",
+            "--run",
+            str(run),
+            "--data-dir",
+            str(raw),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ]
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err

@@ -20,7 +20,12 @@ class CountingEncoder:
         self.dim, self.salt, self.calls = dim, salt, 0
 
     def identity(self):
-        return {"kind": self.kind, "name": "counting", "path": None, "config_hash": f"dim{self.dim}-salt{self.salt}"}
+        return {
+            "kind": self.kind,
+            "name": "counting",
+            "path": None,
+            "config_hash": f"dim{self.dim}-salt{self.salt}",
+        }
 
     def encode(self, texts, show_progress=None):
         self.calls += 1
@@ -64,8 +69,9 @@ def test_hit_never_calls_the_factory_when_identity_is_given(tmp_path):
     def factory():
         raise AssertionError("the model must not be loaded on a cache hit")
 
-    res = cached_item_embeddings(tmp_path, "toy", IDS, TEXTS, encoder_factory=factory, identity=enc.identity(),
-                                 show_progress=False)  # fmt: skip
+    res = cached_item_embeddings(
+        tmp_path, "toy", IDS, TEXTS, encoder_factory=factory, identity=enc.identity(), show_progress=False
+    )
     assert res.status == "hit"
 
 
@@ -185,7 +191,10 @@ def test_write_is_atomic_when_interrupted(tmp_path, monkeypatch):
         _get(tmp_path, CountingEncoder(), rebuild=True)  # rebuild -> crash mid-write
     monkeypatch.undo()
     assert first.path.read_bytes() == before  # the old entry is untouched
-    assert sorted(p.name for p in tmp_path.iterdir()) == [first.path.with_suffix(".json").name, first.path.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        first.path.with_suffix(".json").name,
+        first.path.name,
+    ]
     assert _get(tmp_path, CountingEncoder()).status == "hit"
 
 
@@ -213,8 +222,9 @@ def test_identity_that_does_not_match_the_built_encoder_is_not_trusted(tmp_path,
     enc = CountingEncoder(salt=2)
     wrong = CountingEncoder(salt=0).identity()
     with caplog.at_level(logging.WARNING, logger="rellax_fast.subr.cache"):
-        res = cached_item_embeddings(tmp_path, "toy", IDS, TEXTS, encoder_factory=lambda: enc, identity=wrong,
-                                     show_progress=False)  # fmt: skip
+        res = cached_item_embeddings(
+            tmp_path, "toy", IDS, TEXTS, encoder_factory=lambda: enc, identity=wrong, show_progress=False
+        )
     assert res.status == "built" and "keying the entry by the encoder's own" in caplog.text
     assert res.key["encoder"]["config_hash"] == enc.identity()["config_hash"]
     # the entry is found under the true identity, not under the wrong one

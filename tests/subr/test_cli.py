@@ -26,10 +26,17 @@ def test_command_modules_import_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import sys, rellax_fast.subr.cli_embed, rellax_fast.subr.cli_retrieve; "
-            "print([m for m in ('torch', 'numpy', 'transformers', 'sentence_transformers', 'faiss', 'sklearn') "
-            "if m in sys.modules])")  # fmt: skip
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    code = (
+        "import sys, rellax_fast.subr.cli_embed, rellax_fast.subr.cli_retrieve; "
+        "print([m for m in ('torch', 'numpy', 'transformers', 'sentence_transformers', 'faiss', 'sklearn') "
+        "if m in sys.modules])"
+    )
+    assert (
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        == "[]"
+    )
 
 
 def test_embed_builds_hits_and_rebuilds_on_option_change(tiny_lm_dir, tmp_path, capsys):
@@ -45,7 +52,9 @@ def test_embed_builds_hits_and_rebuilds_on_option_change(tiny_lm_dir, tmp_path, 
     assert _run_cli(["embed", *common, "--pca", 8]) == 0  # the --pca 8 entry was kept
     assert "cache     hit" in capsys.readouterr().out
     metas = [json.loads(p.read_text()) for p in (tmp_path / "embeddings").glob("synthetic__*.json")]
-    assert sorted(m["shape"][1] for m in metas) == [4, 8] and all(m["key"]["encoder"]["kind"] == "hf-lm" for m in metas)
+    assert sorted(m["shape"][1] for m in metas) == [4, 8] and all(
+        m["key"]["encoder"]["kind"] == "hf-lm" for m in metas
+    )
     assert _run_cli(["embed", *common, "--pca", 5000]) == 1  # clear error, no traceback
     assert "pca_dims must be in [1, n_items=1700]" in capsys.readouterr().err
 
@@ -55,8 +64,12 @@ def test_retrieve_on_prepared_synthetic(tiny_lm_dir, tmp_path, capsys):
     assert _run_cli(["prepare", *common]) == 0  # writes meta.json: retrieve reads the prepared splits
     enc = ["--encoder", tiny_lm_dir, "--device", "cpu"]
     for mode in ("low", "recent"):
-        assert _run_cli(["retrieve", *common, *enc, "--k", 3, "--mode", mode, "--limit", 150,
-                         "--method", "global"]) == 0  # fmt: skip
+        assert (
+            _run_cli(
+                ["retrieve", *common, *enc, "--k", 3, "--mode", mode, "--limit", 150, "--method", "global"]
+            )
+            == 0
+        )
         summary = json.loads((tmp_path / "retrieval" / "summary.json").read_text())
         assert summary["mode"] == mode and set(summary["splits"]) == {"train", "valid", "test"}
         for split in ("train", "valid", "test"):

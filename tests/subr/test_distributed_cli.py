@@ -33,12 +33,23 @@ def _cli(argv):
 def _torchrun(argv, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo on the loopback device: no hostname resolution needed
+        env.setdefault(
+            "GLOO_SOCKET_IFNAME", "lo"
+        )  # gloo on the loopback device: no hostname resolution needed
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(key, None)
     bin_dir = Path(sys.executable).parent
-    cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
-           str(_free_port()), str(bin_dir / "rellax-fast"), *map(str, argv)]  # fmt: skip
+    cmd = [
+        str(bin_dir / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(bin_dir / "rellax-fast"),
+        *map(str, argv),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc.stdout
@@ -73,13 +84,26 @@ def test_embed_and_retrieve_two_processes_match_one(tiny_lm_dir, tmp_path):
     assert _hidden_leftovers(two) == []  # shards merged and removed, no temporaries
 
     # retrieval on the same cached embeddings (one's cache): identical outputs
-    retrieve = ["retrieve", *common, "--cache-dir", one / "embeddings", "--k", 4, "--splits", "valid,test",
-                "--max-history", 40]  # fmt: skip
+    retrieve = [
+        "retrieve",
+        *common,
+        "--cache-dir",
+        one / "embeddings",
+        "--k",
+        4,
+        "--splits",
+        "valid,test",
+        "--max-history",
+        40,
+    ]
     assert _cli([*retrieve, "--out", one]) == 0
     out = _torchrun([*retrieve, "--out", two])
     assert out.count("wrote valid.npz") == 1  # rank 0 merged and wrote; rank 1 only its shards
     for split in ("valid", "test"):
-        with np.load(one / "retrieval" / f"{split}.npz") as fa, np.load(two / "retrieval" / f"{split}.npz") as fb:
+        with (
+            np.load(one / "retrieval" / f"{split}.npz") as fa,
+            np.load(two / "retrieval" / f"{split}.npz") as fb,
+        ):
             assert sorted(fa.files) == sorted(fb.files)
             for key in fa.files:
                 np.testing.assert_array_equal(fb[key], fa[key], err_msg=f"{split}.{key}")

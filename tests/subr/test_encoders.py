@@ -60,16 +60,29 @@ def test_identity_without_loading_matches_loaded_encoder(minilm):
 def _tiny_bert(tok, hidden=32):
     from transformers import BertConfig, BertModel
 
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return BertModel(cfg)
 
 
 def _tiny_llama(tok, hidden=32):
     from transformers import LlamaConfig, LlamaModel
 
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     return LlamaModel(cfg)
 
 
@@ -152,7 +165,9 @@ def test_build_encoder_kinds():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_hf_lm_encoder_runs_bf16_on_gpu_and_matches_fp32_cpu(minilm_tokenizer):
     model = _tiny_llama(minilm_tokenizer)
-    cpu = HFLMEncoder(model=model, tokenizer=minilm_tokenizer, device="cpu").encode(TEXTS, show_progress=False)
+    cpu = HFLMEncoder(model=model, tokenizer=minilm_tokenizer, device="cpu").encode(
+        TEXTS, show_progress=False
+    )
     gpu_enc = HFLMEncoder(model=model, tokenizer=minilm_tokenizer, device="cuda")
     assert gpu_enc.dtype == torch.bfloat16 and next(gpu_enc.model.parameters()).dtype == torch.bfloat16
     gpu = gpu_enc.encode(TEXTS, show_progress=False)
@@ -183,9 +198,14 @@ def test_config_hash_is_the_canonical_json_hash_of_source_and_options(tmp_path):
     ident = encoder_identity("hf-lm", "m", str(tmp_path), options)
     source = {"files": encoders.path_fingerprint(str(tmp_path))}
     # the bytes hashed before the helper moved to rellax_fast._io (keys already on disk stay valid)
-    inline = hashlib.sha256(json.dumps({"source": source, "options": options}, sort_keys=True, default=str).encode())
+    inline = hashlib.sha256(
+        json.dumps({"source": source, "options": options}, sort_keys=True, default=str).encode()
+    )
     assert ident["config_hash"] == inline.hexdigest()
-    assert encoder_identity("hf-lm", "m", str(tmp_path), {**options, "batch_size": 9})["config_hash"] != ident["config_hash"]
+    assert (
+        encoder_identity("hf-lm", "m", str(tmp_path), {**options, "batch_size": 9})["config_hash"]
+        != ident["config_hash"]
+    )
 
 
 def test_progress_bar_show_flag_unit_and_scale():

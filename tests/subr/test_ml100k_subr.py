@@ -31,9 +31,15 @@ def ml100k_subr(tmp_path_factory):
     data = prepare_ctr(dataset)
     item_ids, texts = dataset_item_texts(dataset)
     cache_dir = tmp_path_factory.mktemp("subr_embeddings")
-    emb = cached_item_embeddings(cache_dir, "ml-100k", item_ids, texts, identity=identity_for(device="cpu"),
-                                 encoder_factory=lambda: build_encoder(device="cpu", batch_size=128),
-                                 show_progress=False)  # fmt: skip
+    emb = cached_item_embeddings(
+        cache_dir,
+        "ml-100k",
+        item_ids,
+        texts,
+        identity=identity_for(device="cpu"),
+        encoder_factory=lambda: build_encoder(device="cpu", batch_size=128),
+        show_progress=False,
+    )
     test = data.splits["test"]
     sample = test.subset(np.sort(np.random.default_rng(0).choice(len(test), N_SAMPLES, replace=False)))
     return dict(data_dir=data_dir, dataset=dataset, data=data, emb=emb, cache_dir=cache_dir, sample=sample)
@@ -44,8 +50,14 @@ def retrieved(ml100k_subr):
     from rellax_fast.subr.retrieval import retrieve
 
     s = ml100k_subr
-    return retrieve(s["emb"].embeddings, s["data"].sequences, s["sample"], K, item_ids=s["emb"].item_ids,
-                    show_progress=False)  # fmt: skip
+    return retrieve(
+        s["emb"].embeddings,
+        s["data"].sequences,
+        s["sample"],
+        K,
+        item_ids=s["emb"].item_ids,
+        show_progress=False,
+    )
 
 
 def _same_genre_share(dataset, sequences, split, shown):
@@ -79,8 +91,17 @@ def test_global_ranking_agrees_with_op_on_ml100k(ml100k_subr, retrieved):
 
     s = ml100k_subr
     op_pos, op_score = (t.numpy() for t in retrieved)
-    gl_pos, gl_score = (t.numpy() for t in retrieve_global(
-        s["emb"].embeddings, s["data"].sequences, s["sample"], K, item_ids=s["emb"].item_ids, show_progress=False))  # fmt: skip
+    gl_pos, gl_score = (
+        t.numpy()
+        for t in retrieve_global(
+            s["emb"].embeddings,
+            s["data"].sequences,
+            s["sample"],
+            K,
+            item_ids=s["emb"].item_ids,
+            show_progress=False,
+        )
+    )
     np.testing.assert_allclose(gl_score, op_score, atol=1e-5)
     same = np.array([set(a) == set(b) for a, b in zip(gl_pos.tolist(), op_pos.tolist())])
     assert same.mean() >= 0.99

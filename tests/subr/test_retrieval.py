@@ -19,7 +19,11 @@ from rellax_fast.subr.retrieval import (
 def make_data(lengths, n_items=60, d=12, seed=0, id_offset=0, every_position=True):
     """Random ragged histories (item ids = id_offset + row, repeats allowed) and one sample per position."""
     rng = np.random.default_rng(seed)
-    rows = np.concatenate([rng.integers(0, n_items, n) for n in lengths]).astype(np.int64) if lengths else np.zeros(0, np.int64)
+    rows = (
+        np.concatenate([rng.integers(0, n_items, n) for n in lengths]).astype(np.int64)
+        if lengths
+        else np.zeros(0, np.int64)
+    )
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     seq = SimpleNamespace(items=rows + id_offset, offsets=offsets)
     users = [u for u, n in enumerate(lengths) for _ in range(n)]
@@ -88,8 +92,9 @@ def test_retrieve_maps_item_ids_to_rows():
 def test_global_ranking_matches_per_sample_op_under_cosine(k, top_n):
     emb, seq, split, rows = make_data(LENGTHS, seed=5)
     op_pos, op_score = retrieve(emb, seq, split, k, show_progress=False)
-    gl_pos, gl_score = retrieve_global(emb, seq, split, k, top_n=top_n, element_budget=64, pair_budget=50,
-                                       show_progress=False)
+    gl_pos, gl_score = retrieve_global(
+        emb, seq, split, k, top_n=top_n, element_budget=64, pair_budget=50, show_progress=False
+    )
     assert gl_pos.shape == op_pos.shape and gl_pos.dtype == torch.int64 and gl_score.dtype == torch.float32
     assert_same_topk(gl_pos.numpy(), gl_score.numpy(), op_pos.numpy(), op_score.numpy())
     # the top-K sets are the same (the same item repeated in a history ties exactly: both keep the later one)
@@ -120,7 +125,9 @@ def test_global_ranking_rejects_bad_input():
     with pytest.raises(ValueError, match="NaN"):
         retrieve_global(bad, seq, split, 2, show_progress=False)
     with pytest.raises(ValueError, match="split.pos"):
-        retrieve_global(emb, seq, SimpleNamespace(user_index=np.array([0]), pos=np.array([3])), 2, show_progress=False)
+        retrieve_global(
+            emb, seq, SimpleNamespace(user_index=np.array([0]), pos=np.array([3])), 2, show_progress=False
+        )
     with pytest.raises(ValueError, match="k must be"):
         retrieve(emb, seq, split, -1, show_progress=False)
 

@@ -18,8 +18,10 @@ from rellax_fast.ops import topk as topk_mod
 from rellax_fast.ops._backend import why_unavailable
 from rellax_fast.subr import retrieval
 
-needs_cpp = pytest.mark.skipif(why_unavailable("cpp", "cpu", "semantic_topk") is not None,
-                               reason="rellax_fast._C not built (pure-Python install)")
+needs_cpp = pytest.mark.skipif(
+    why_unavailable("cpp", "cpu", "semantic_topk") is not None,
+    reason="rellax_fast._C not built (pure-Python install)",
+)
 
 
 def _data(n_users=300, n_items=500, d=24, seed=0):
@@ -59,7 +61,9 @@ def test_compacted_cpu_call_is_bit_identical(metric):
     users, pos = torch.from_numpy(split.user_index), torch.from_numpy(split.pos)
     compact = topk_mod.compact_call(emb, rows, off, users, pos)
     assert compact is not None
-    assert compact[1].shape[0] <= int((pos + 1).sum()) and compact[0].shape[0] < emb.shape[0]  # entries and rows cut
+    assert (
+        compact[1].shape[0] <= int((pos + 1).sum()) and compact[0].shape[0] < emb.shape[0]
+    )  # entries and rows cut
     for k in (1, 5, 200):
         want = topk_mod._call_ext(emb, rows, off, users, pos, k, metric == "cosine")
         got = ops.semantic_topk(emb, rows, off, users, pos, k, metric=metric, backend="cpp")
@@ -78,7 +82,11 @@ def test_second_call_does_not_redo_the_fixed_work(monkeypatch):
     monkeypatch.setattr(topk_mod._TABLES, "mark", lambda t, fact: marked.append(fact) or real_mark(t, fact))
     split = _few_targets(lengths, 20)
     first = retrieval.retrieve(emb, sequences, split, 5, item_ids=ids, backend="cpp", show_progress=False)
-    assert len(built) == 1 and sorted(marked) == ["finite", "items in [0, 500)", f"offsets end <= {lengths.sum()}"]
+    assert len(built) == 1 and sorted(marked) == [
+        "finite",
+        "items in [0, 500)",
+        f"offsets end <= {lengths.sum()}",
+    ]
     built.clear(), marked.clear()
     other = _few_targets(lengths, 20, seed=2)
     second = retrieval.retrieve(emb, sequences, split, 5, item_ids=ids, backend="cpp", show_progress=False)

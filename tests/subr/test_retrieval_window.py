@@ -70,8 +70,19 @@ def test_window_matches_float64_oracle(backend, metric, window, k, band):
     if backend not in cpu_backends():
         pytest.skip(f"{backend}: {availability('semantic_topk', 'cpu')[backend]}")
     emb, seq, split, rows = make_data(LENGTHS, seed=window * 7 + k + band)
-    pos, score = retrieve(emb, seq, split, k, metric=metric, backend=backend, max_history=window, chunk_size=23,
-                          window_budget=5 * (window + 1), window_band=band, show_progress=False)  # fmt: skip
+    pos, score = retrieve(
+        emb,
+        seq,
+        split,
+        k,
+        metric=metric,
+        backend=backend,
+        max_history=window,
+        chunk_size=23,
+        window_budget=5 * (window + 1),
+        window_band=band,
+        show_progress=False,
+    )
     assert pos.shape == (len(split.pos), k) and pos.dtype == torch.int64 and score.dtype == torch.float32
     exp_pos, exp_score = window_oracle(emb, rows, seq.offsets, split, k, window, metric)
     check(pos, score, exp_pos, exp_score, split, window, 1e-4 if metric == "dot" else 1e-5)
@@ -111,7 +122,9 @@ def test_bad_window_is_a_clear_error(bad):
 
 def test_sharded_in_one_process_is_retrieve(tmp_path):
     emb, seq, split, _ = make_data(LENGTHS, seed=5)
-    got = retrieve_sharded(emb, seq, split, 3, shard_dir=tmp_path / "shards", max_history=6, show_progress=False)
+    got = retrieve_sharded(
+        emb, seq, split, 3, shard_dir=tmp_path / "shards", max_history=6, show_progress=False
+    )
     ref = retrieve(emb, seq, split, 3, max_history=6, show_progress=False)
     np.testing.assert_array_equal(got[0].numpy(), ref[0].numpy())
     assert not (tmp_path / "shards").exists()  # no shard files without a launcher

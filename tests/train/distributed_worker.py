@@ -20,7 +20,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-WRITE_EVENTS = ("os.rename", "os.mkdir", "os.remove", "os.rmdir", "shutil.rmtree", "os.truncate", "os.link", "os.symlink")
+WRITE_EVENTS = (
+    "os.rename",
+    "os.mkdir",
+    "os.remove",
+    "os.rmdir",
+    "shutil.rmtree",
+    "os.truncate",
+    "os.link",
+    "os.symlink",
+)
 
 
 def audit_writes(out_dir: str) -> list:
@@ -56,10 +65,15 @@ def main(argv):
     data, collator = _dataset(model_dir, n=37)  # 37: the last global batch does not divide evenly
     torch.manual_seed(0)
     backbone, kind = load_backbone(model_dir)
-    model = ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id),
-                        ReLLaXOptions(cflora={"interaction": "full", "backend": "reference", "dropout": 0.0}),
-                        item_table=torch.randn(20, 3, generator=torch.Generator().manual_seed(5)),
-                        item_ids=torch.arange(20), cond_dim=H)  # fmt: skip
+    model = ReLLaXModel(
+        backbone,
+        kind,
+        (collator.no_token_id, collator.yes_token_id),
+        ReLLaXOptions(cflora={"interaction": "full", "backend": "reference", "dropout": 0.0}),
+        item_table=torch.randn(20, 3, generator=torch.Generator().manual_seed(5)),
+        item_ids=torch.arange(20),
+        cond_dim=H,
+    )
     if "--fsdp" in argv:
         from torch.distributed.fsdp import fully_shard
 
@@ -67,7 +81,9 @@ def main(argv):
 
         state()  # the gloo process group from the launcher's environment
         fully_shard(model)
-    config = TrainConfig(epochs=2, batch_size=global_batch // world, lr=5e-3, progress=False, seed=3, save_every_steps=3)
+    config = TrainConfig(
+        epochs=2, batch_size=global_batch // world, lr=5e-3, progress=False, seed=3, save_every_steps=3
+    )
     res = train_model(model, data, config, os.path.join(out_dir, "run"), log=lambda *_: None)
     probs = predict_proba(res["model"], data, batch_size=5, progress=False)
     metrics = ctr_metrics(data.labels(), probs)
@@ -75,8 +91,15 @@ def main(argv):
         from rellax_fast._io import atomic_path
 
         with atomic_path(os.path.join(out_dir, "result.pt")) as tmp:
-            torch.save({"losses": res["losses"], "probs": torch.from_numpy(np.asarray(probs)), "metrics": metrics,
-                        "world": world}, tmp)  # fmt: skip
+            torch.save(
+                {
+                    "losses": res["losses"],
+                    "probs": torch.from_numpy(np.asarray(probs)),
+                    "metrics": metrics,
+                    "world": world,
+                },
+                tmp,
+            )
     os.makedirs(log_dir, exist_ok=True)
     with open(os.path.join(log_dir, f"rank-{rank}.json"), "w") as fh:
         json.dump({"rank": rank, "world": world, "writes": writes, "n_probs": len(probs)}, fh)

@@ -12,13 +12,19 @@ import torch
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 WORDS = {"Ye": ("Y", "e"), "Yes": ("Ye", "s"), "ĠYes": ("Ġ", "Yes"), "No": ("N", "o"), "ĠNo": ("Ġ", "No")}
-CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-                 "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 def _byte_chars():
     """GPT-2's printable stand-ins for the 256 bytes (byte-level BPE's base alphabet)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = [], 0
     for b in range(256):
         if b in keep:
@@ -37,9 +43,21 @@ def tiny_llama_for_gguf(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tokens()), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0,
-                      rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=len(tokens()),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -79,13 +97,23 @@ def write_tiny_gguf(path: Path, model) -> Path:
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(c.num_hidden_layers):
         p, b = f"model.layers.{i}.", f"blk.{i}."
-        names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_v": "self_attn.v_proj",
-                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                 "ffn_down": "mlp.down_proj"}  # fmt: skip
+        names = {
+            "attn_norm": "input_layernorm",
+            "ffn_norm": "post_attention_layernorm",
+            "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj",
+            "ffn_gate": "mlp.gate_proj",
+            "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj",
+        }
         for g, h in names.items():
             writer.add_tensor(f"{b}{g}.weight", sd[f"{p}{h}.weight"])
-        writer.add_tensor(f"{b}attn_q.weight", _permute(sd[f"{p}self_attn.q_proj.weight"], c.num_attention_heads))
-        writer.add_tensor(f"{b}attn_k.weight", _permute(sd[f"{p}self_attn.k_proj.weight"], c.num_key_value_heads))
+        writer.add_tensor(
+            f"{b}attn_q.weight", _permute(sd[f"{p}self_attn.q_proj.weight"], c.num_attention_heads)
+        )
+        writer.add_tensor(
+            f"{b}attn_k.weight", _permute(sd[f"{p}self_attn.k_proj.weight"], c.num_key_value_heads)
+        )
     writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

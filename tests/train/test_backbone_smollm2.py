@@ -89,18 +89,35 @@ def _samples(n=3):
     out = []
     for i in range(n):
         shown = [(10 + j, f"Movie {j} (199{j})", float(1 + (i + j) % 5)) for j in range(2 + i)]
-        out.append(PromptSample("movie", {"gender": "F" if i % 2 else "M", "age": 30, "occupation": "writer"}, shown,
-                                (11 + i, f"Target {i}"), i % 2, i))  # fmt: skip
+        out.append(
+            PromptSample(
+                "movie",
+                {"gender": "F" if i % 2 else "M", "age": 30, "occupation": "writer"},
+                shown,
+                (11 + i, f"Target {i}"),
+                i % 2,
+                i,
+            )
+        )
     return out
 
 
 def _rellax(path, tokenizer, chat, targets=QV):
     backbone, kind = load_backbone(path)
     collator = PromptCollator(tokenizer, kind=kind, max_length=256, placeholder="<spa>", chat=chat)
-    options = ReLLaXOptions(cflora={"interaction": "full", "target_modules": targets, "dropout": 0.0,
-                                    "backend": "reference"}, use_spa=True)  # fmt: skip
-    model = ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id), options,
-                        item_table=torch.randn(N_ITEMS, E), item_ids=torch.arange(10, 10 + N_ITEMS), cond_dim=COND)
+    options = ReLLaXOptions(
+        cflora={"interaction": "full", "target_modules": targets, "dropout": 0.0, "backend": "reference"},
+        use_spa=True,
+    )
+    model = ReLLaXModel(
+        backbone,
+        kind,
+        (collator.no_token_id, collator.yes_token_id),
+        options,
+        item_table=torch.randn(N_ITEMS, E),
+        item_ids=torch.arange(10, 10 + N_ITEMS),
+        cond_dim=COND,
+    )
     _randomise(model.backbone)
     batch = collator(_samples())
     batch["cond"] = torch.randn(3, COND)
@@ -116,8 +133,9 @@ def test_causal_readout_is_the_lm_head_at_the_answer_slot(smollm2_dir, tokenizer
     with torch.no_grad():
         logits = model(batch)
         with cflora_condition(model.backbone, model.condition(batch["cond"])):
-            full = model.backbone(inputs_embeds=model.input_embeddings(batch),
-                                  attention_mask=batch["attention_mask"]).logits
+            full = model.backbone(
+                inputs_embeds=model.input_embeddings(batch), attention_mask=batch["attention_mask"]
+            ).logits
     expected = full[torch.arange(3), batch["answer_index"]][:, model.answer_token_ids]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     for b in range(3):  # the answer slot's next label is the answer token (" Yes"/" No" or "Yes"/"No")
@@ -146,20 +164,26 @@ def test_cflora_trains_on_q_v_and_all_linear(smollm2_dir, tokenizer, targets, pe
     batch = _inputs(tokenizer)
     with torch.no_grad():
         base = model(**batch).logits
-    inject_cflora(model, CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction="full", cond_dim=COND,
-                                      dropout=0.0))  # fmt: skip
+    inject_cflora(
+        model,
+        CFLoRAConfig(r=4, alpha=8, target_modules=targets, interaction="full", cond_dim=COND, dropout=0.0),
+    )
     names = [n for n, _ in cflora_layers(model)]
     assert len(names) == per_layer * N_LAYERS and not any("lm_head" in n for n in names)
     cond = torch.randn(2, COND)
     with torch.no_grad(), cflora_condition(model, cond):
-        torch.testing.assert_close(model(**batch).logits, base, rtol=0, atol=0)  # B = 0: exactly the base model
+        torch.testing.assert_close(
+            model(**batch).logits, base, rtol=0, atol=0
+        )  # B = 0: exactly the base model
     model.train()
     with cflora_condition(model, cond):
         model(**batch, labels=batch["input_ids"]).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
-    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora" not in n and "interaction" not in n)
+    assert all(
+        not p.requires_grad for n, p in model.named_parameters() if "lora" not in n and "interaction" not in n
+    )
 
 
 def test_merge_and_unload_on_the_real_checkpoint(smollm2_dir, tokenizer):
@@ -175,7 +199,9 @@ def test_merge_and_unload_on_the_real_checkpoint(smollm2_dir, tokenizer):
     fresh = inject_cflora(_fresh(smollm2_dir), CFLoRAConfig(r=8, alpha=16, target_modules=ALL, dropout=0.0))
     _randomise(fresh)
     with torch.no_grad():
-        torch.testing.assert_close(unload(fresh)(**batch).logits, base, rtol=0, atol=0)  # unload: the base again
+        torch.testing.assert_close(
+            unload(fresh)(**batch).logits, base, rtol=0, atol=0
+        )  # unload: the base again
 
 
 def test_save_load_and_peft_round_trips_on_the_real_checkpoint(smollm2_dir, tokenizer, tmp_path):
@@ -202,8 +228,10 @@ def test_save_load_and_peft_round_trips_on_the_real_checkpoint(smollm2_dir, toke
 
 
 def test_generate_with_per_sample_conditioning(smollm2_dir, tokenizer):
-    model = inject_cflora(_fresh(smollm2_dir), CFLoRAConfig(r=4, alpha=8, target_modules=QV, interaction="full",
-                                                            cond_dim=COND, dropout=0.0))  # fmt: skip
+    model = inject_cflora(
+        _fresh(smollm2_dir),
+        CFLoRAConfig(r=4, alpha=8, target_modules=QV, interaction="full", cond_dim=COND, dropout=0.0),
+    )
     _randomise(model, std=0.2)
     enable_cflora_cond_kwarg(model)
     prompt = _inputs(tokenizer, ["Recommend a movie:", "Recommend a movie:"])
@@ -211,8 +239,10 @@ def test_generate_with_per_sample_conditioning(smollm2_dir, tokenizer):
     kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     with torch.no_grad():
         both = model.generate(**prompt, cflora_cond=cond, **kw)
-        alone = [model.generate(**{k: v[i : i + 1] for k, v in prompt.items()}, cflora_cond=cond[i : i + 1], **kw)
-                 for i in range(2)]  # fmt: skip
+        alone = [
+            model.generate(**{k: v[i : i + 1] for k, v in prompt.items()}, cflora_cond=cond[i : i + 1], **kw)
+            for i in range(2)
+        ]
     for i in range(2):  # each row follows its own condition, as if it ran alone
         torch.testing.assert_close(both[i : i + 1], alone[i], rtol=0, atol=0)
     assert not torch.equal(both[0], both[1])  # the same prompt, two conditions: two continuations

@@ -46,7 +46,10 @@ def test_shared_context_trains_the_din_once_and_samples_as_configured(tmp_path, 
     assert ctx.ctr_dir == str(tmp_path / "ctr") and Path(ctx.subr_path) == tmp_path / "subr_embeddings.npz"
     assert Path(ctx.subr_path).exists()
     assert len(ctx.train_index) == 16 and len(ctx.test_index) == 12 and len(ctx.valid_index) == 8
-    assert ctx.cond_train.shape == (16, ctx.din.config.h_dim) and ctx.cond_valid.shape == (8, ctx.din.config.h_dim)
+    assert ctx.cond_train.shape == (16, ctx.din.config.h_dim) and ctx.cond_valid.shape == (
+        8,
+        ctx.din.config.h_dim,
+    )
     p = np.asarray(ctx.din_test_probs)
     assert p.shape == (12,) and np.all((p > 0) & (p < 1))
     assert math.isfinite(ctx.din_report.test["auc"])
@@ -58,7 +61,9 @@ def test_shared_context_trains_the_din_once_and_samples_as_configured(tmp_path, 
     np.testing.assert_array_equal(again.test_index, ctx.test_index)
 
     logs.clear()
-    other = shared_context(data, tmp_path, cfg, {**DIN_OPTS, "embed_dim": 6}, din_train, progress=False, log=logs.append)
+    other = shared_context(
+        data, tmp_path, cfg, {**DIN_OPTS, "embed_dim": 6}, din_train, progress=False, log=logs.append
+    )
     assert "options.embed_dim 4 -> 6" in logs[0] and other.din.config.embed_dim == 6
 
 
@@ -66,13 +71,30 @@ def test_build_shared_context_from_options_equals_the_api(tmp_path, fast_embeddi
     import rellax_fast.data
 
     monkeypatch.setattr(rellax_fast.data, "load_dataset", small_dataset)
-    args = argparse.Namespace(dataset="synthetic", data_dir=None, out=str(tmp_path), seed=0, no_progress=True,
-                              din_epochs=1, din_patience=2, din_embed_dim=4, din_hidden=[8], din_max_history=5)  # fmt: skip
+    args = argparse.Namespace(
+        dataset="synthetic",
+        data_dir=None,
+        out=str(tmp_path),
+        seed=0,
+        no_progress=True,
+        din_epochs=1,
+        din_patience=2,
+        din_embed_dim=4,
+        din_hidden=[8],
+        din_max_history=5,
+    )
     cfg = PipelineConfig(n_train=10, n_test=10, train=TrainConfig(progress=False))
     from_args = build_shared_context(args, cfg, log=lambda _: None)
     logs = []
-    api = shared_context(prepare_ctr(small_dataset(), seed=0), tmp_path, cfg, DIN_OPTS,
-                         DINTrainConfig(epochs=1, patience=2, seed=0, progress=False), progress=False, log=logs.append)  # fmt: skip
+    api = shared_context(
+        prepare_ctr(small_dataset(), seed=0),
+        tmp_path,
+        cfg,
+        DIN_OPTS,
+        DINTrainConfig(epochs=1, patience=2, seed=0, progress=False),
+        progress=False,
+        log=logs.append,
+    )
     assert "using the trained DIN" in logs[0]  # same data and options: the DIN the options trained
     assert din_fingerprint(api.din, api.vocab) == din_fingerprint(from_args.din, from_args.vocab)
     np.testing.assert_array_equal(api.train_index, from_args.train_index)

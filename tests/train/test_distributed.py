@@ -32,7 +32,9 @@ def free_port() -> int:
 def launch_env():
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo on the loopback device: no hostname resolution needed
+        env.setdefault(
+            "GLOO_SOCKET_IFNAME", "lo"
+        )  # gloo on the loopback device: no hostname resolution needed
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP"):
         env.pop(key, None)
     return env
@@ -44,10 +46,23 @@ def run_worker(model_dir, out, logs, nproc: int, *extra, timeout=240):
         cmd = [sys.executable, str(WORKER)]
     else:
         env_port = launch_env()["MASTER_PORT"]
-        cmd = [str(torchrun), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", env_port,
-               str(WORKER)]  # fmt: skip
-    proc = subprocess.run([*cmd, str(model_dir), str(out), str(logs), str(GLOBAL_BATCH), *extra], env=launch_env(),
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        cmd = [
+            str(torchrun),
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            env_port,
+            str(WORKER),
+        ]
+    proc = subprocess.run(
+        [*cmd, str(model_dir), str(out), str(logs), str(GLOBAL_BATCH), *extra],
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = torch.load(out / "result.pt", weights_only=False)
     ranks = [json.loads((logs / f"rank-{r}.json").read_text()) for r in range(nproc)]
@@ -118,8 +133,9 @@ def test_fsdp2_fully_shard_two_processes_reproduce_single_process(no_dropout_ber
 PIPELINE_WORKER = Path(__file__).with_name("pipeline_worker.py")
 
 
-def test_pipeline_variant_two_processes_match_one_and_only_rank0_writes(no_dropout_bert_dir, ml100k_slice, ml100k,
-                                                                          tmp_path):  # fmt: skip
+def test_pipeline_variant_two_processes_match_one_and_only_rank0_writes(
+    no_dropout_bert_dir, ml100k_slice, ml100k, tmp_path
+):
     """`run_variant` (what `rellax-fast train` runs after its shared context) under torchrun: the run folder's
     losses, test predictions and metrics are the single-process ones, and rank 1 writes nothing there."""
     from rellax_fast.ctr.din import DINTrainConfig
@@ -127,8 +143,11 @@ def test_pipeline_variant_two_processes_match_one_and_only_rank0_writes(no_dropo
     from rellax_fast.train.pipeline import save_subr_embeddings
 
     data = ml100k_slice
-    din, report, vocab = fit_din(data, {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
-                                 DINTrainConfig(epochs=1, progress=False))  # fmt: skip
+    din, report, vocab = fit_din(
+        data,
+        {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
+        DINTrainConfig(epochs=1, progress=False),
+    )
     ctr_dir = save_ctr(din, vocab, report, tmp_path / "ctr", extra={"dataset": data.dataset.name})
     ids = list(data.dataset.items.index)
     emb = np.random.default_rng(0).standard_normal((len(ids), 24)).astype(np.float32)
@@ -140,8 +159,17 @@ def test_pipeline_variant_two_processes_match_one_and_only_rank0_writes(no_dropo
         if nproc == 1:
             cmd = [sys.executable, str(PIPELINE_WORKER), *args]
         else:
-            cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_port()), str(PIPELINE_WORKER), *args]  # fmt: skip
+            cmd = [
+                str(Path(sys.executable).with_name("torchrun")),
+                "--nproc_per_node",
+                "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(free_port()),
+                str(PIPELINE_WORKER),
+                *args,
+            ]
         proc = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
         runs[nproc] = (run, [json.loads((logs / f"rank-{r}.json").read_text()) for r in range(nproc)])
@@ -149,9 +177,15 @@ def test_pipeline_variant_two_processes_match_one_and_only_rank0_writes(no_dropo
     loss1, loss2 = (json.loads((r / "loss.json").read_text())["losses"] for r in (one, two))
     assert len(loss1) == len(loss2) == 5  # ceil(37 / 8)
     np.testing.assert_allclose(loss2, loss1, rtol=2e-4, atol=2e-5)
-    np.testing.assert_allclose(np.load(two / "predictions.npy"), np.load(one / "predictions.npy"), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(
+        np.load(two / "predictions.npy"), np.load(one / "predictions.npy"), rtol=2e-4, atol=2e-5
+    )
     m1, m2 = (json.loads((r / "metrics.json").read_text()) for r in (one, two))
-    assert m1["n"] == m2["n"] == 45 and abs(m1["auc"] - m2["auc"]) < 1e-4 and abs(m1["logloss"] - m2["logloss"]) < 1e-4
+    assert (
+        m1["n"] == m2["n"] == 45
+        and abs(m1["auc"] - m2["auc"]) < 1e-4
+        and abs(m1["logloss"] - m2["logloss"]) < 1e-4
+    )
     assert ranks[1]["metrics"]["n"] == 45  # every rank got the gathered predictions
     assert ranks[1]["writes"] == [], ranks[1]["writes"][:5]
     assert any(Path(p).name.startswith(".metrics.json.tmp") for _, p in ranks[0]["writes"])

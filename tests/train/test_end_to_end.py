@@ -36,8 +36,11 @@ def _in_range(m, n):
 @pytest.fixture
 def context(ml100k_slice, tmp_path):
     data = ml100k_slice
-    din, report, vocab = fit_din(data, {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
-                                 DINTrainConfig(epochs=2, progress=False))  # fmt: skip
+    din, report, vocab = fit_din(
+        data,
+        {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
+        DINTrainConfig(epochs=2, progress=False),
+    )
     ctr_dir = save_ctr(din, vocab, report, tmp_path / "ctr", extra={"dataset": data.dataset.name})
     _in_range(report.test, len(data.splits["test"]))
     emb, ids = seeded_item_embeddings(data)
@@ -46,8 +49,16 @@ def context(ml100k_slice, tmp_path):
 
 
 def _cfg(model_dir, **kw):
-    return PipelineConfig(model=model_dir, k=3, n_train=40, n_test=48, max_length=160,
-                          cflora=pipeline_cflora_config(backend="reference"), train=TrainConfig(batch_size=8, lr=3e-3, save_every_steps=2, progress=False), **kw)  # fmt: skip
+    return PipelineConfig(
+        model=model_dir,
+        k=3,
+        n_train=40,
+        n_test=48,
+        max_length=160,
+        cflora=pipeline_cflora_config(backend="reference"),
+        train=TrainConfig(batch_size=8, lr=3e-3, save_every_steps=2, progress=False),
+        **kw,
+    )
 
 
 def test_pipeline_encoder_full_rellax_then_eval(context, tiny_bert_dir, tmp_path, ml100k):
@@ -57,8 +68,16 @@ def test_pipeline_encoder_full_rellax_then_eval(context, tiny_bert_dir, tmp_path
     ctx.ctr_dir = ctr_dir
     res = run_variant(ctx, VariantSpec("ReLLaX (full)"), cfg, tmp_path / "full")
     run = tmp_path / "full"
-    for name in ("rellax.json", "trainable.safetensors", "buffers.safetensors", "adapter", "loss.json", "metrics.json",
-                 "predictions.npy", "checkpoints/latest"):  # fmt: skip
+    for name in (
+        "rellax.json",
+        "trainable.safetensors",
+        "buffers.safetensors",
+        "adapter",
+        "loss.json",
+        "metrics.json",
+        "predictions.npy",
+        "checkpoints/latest",
+    ):
         assert (run / name).exists(), name
     _in_range(json.loads((run / "metrics.json").read_text()), 48)
     losses = json.loads((run / "loss.json").read_text())["losses"]
@@ -75,8 +94,17 @@ def test_pipeline_encoder_full_rellax_then_eval(context, tiny_bert_dir, tmp_path
     lines = []
     for i in range(6):
         hist = test.history(i).tolist()
-        lines.append(json.dumps({"user_id": int(test.user_id[i]), "item_id": int(test.item_id[i]), "history": hist,
-                                 "history_ratings": test.history_ratings(i).tolist(), "label": int(test.label[i])}))  # fmt: skip
+        lines.append(
+            json.dumps(
+                {
+                    "user_id": int(test.user_id[i]),
+                    "item_id": int(test.item_id[i]),
+                    "history": hist,
+                    "history_ratings": test.history_ratings(i).tolist(),
+                    "label": int(test.label[i]),
+                }
+            )
+        )
     (tmp_path / "s.jsonl").write_text("\n".join(lines) + "\n")
     from rellax_fast.metrics import ctr_metrics
 
@@ -87,8 +115,22 @@ def test_pipeline_encoder_full_rellax_then_eval(context, tiny_bert_dir, tmp_path
     # on (its users map to other DIN rows), so it is refused rather than scored (#26)
     from rellax_fast.cli import main
 
-    rc = main(["eval", "--run", str(run), "--dataset", "ml-100k", "--data-dir", str(ml100k), "--jsonl",
-               str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "ev"), "--no-progress"])  # fmt: skip
+    rc = main(
+        [
+            "eval",
+            "--run",
+            str(run),
+            "--dataset",
+            "ml-100k",
+            "--data-dir",
+            str(ml100k),
+            "--jsonl",
+            str(tmp_path / "s.jsonl"),
+            "--out",
+            str(tmp_path / "ev"),
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and not (tmp_path / "ev").exists()
 
 
@@ -120,11 +162,15 @@ def test_train_ctr_is_reused_for_the_same_dataset(ml100k_slice, tmp_path):
     from rellax_fast.ctr.store import train_or_load_ctr
 
     opts = {"embed_dim": 4, "mlp_hidden": (8,), "max_history": 5, "attention_hidden": 4}
-    m1, vocab1, r1 = train_or_load_ctr(ml100k_slice, tmp_path / "ctr", opts, DINTrainConfig(epochs=1, progress=False))
+    m1, vocab1, r1 = train_or_load_ctr(
+        ml100k_slice, tmp_path / "ctr", opts, DINTrainConfig(epochs=1, progress=False)
+    )
     saved = json.loads((tmp_path / "ctr" / "metrics.json").read_text())
     assert saved["model"] == "DIN" and saved["auc"] == pytest.approx(r1.test["auc"])
     logs = []
-    m2, vocab2, r2 = train_or_load_ctr(ml100k_slice, tmp_path / "ctr", opts, DINTrainConfig(epochs=1, progress=False), log=logs.append)
+    m2, vocab2, r2 = train_or_load_ctr(
+        ml100k_slice, tmp_path / "ctr", opts, DINTrainConfig(epochs=1, progress=False), log=logs.append
+    )
     assert logs and "using the trained DIN" in logs[0]
     assert np.array_equal(vocab1, vocab2) and r2.test == r1.test
     for (k, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):

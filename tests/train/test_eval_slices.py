@@ -37,13 +37,61 @@ def test_eval_metrics_json_has_slices_against_the_runs_din(ml100k, tiny_bert_dir
     monkeypatch.setattr(pipeline, "item_embeddings", seeded)
     raw = _corpus(ml100k, tmp_path / "raw")
     out = tmp_path / "out"
-    assert main(["train", "--dataset", "ml-100k", "--data-dir", str(raw), "--out", str(out), "--model", tiny_bert_dir,
-                 "--n-train", "16", "--n-test", "0", "--k", "3", "--batch-size", "8", "--max-length", "96",
-                 "--cflora-backend", "reference", "--no-progress", "--din-epochs", "1", "--din-hidden", "8",
-                 "--din-embed-dim", "4", "--din-max-history", "5"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                str(raw),
+                "--out",
+                str(out),
+                "--model",
+                tiny_bert_dir,
+                "--n-train",
+                "16",
+                "--n-test",
+                "0",
+                "--k",
+                "3",
+                "--batch-size",
+                "8",
+                "--max-length",
+                "96",
+                "--cflora-backend",
+                "reference",
+                "--no-progress",
+                "--din-epochs",
+                "1",
+                "--din-hidden",
+                "8",
+                "--din-embed-dim",
+                "4",
+                "--din-max-history",
+                "5",
+            ]
+        )
+        == 0
+    )
     ev = tmp_path / "ev"
-    assert main(["eval", "--run", str(out / "rellax-full"), "--dataset", "ml-100k", "--data-dir", str(raw),
-                 "--out", str(ev), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--run",
+                str(out / "rellax-full"),
+                "--dataset",
+                "ml-100k",
+                "--data-dir",
+                str(raw),
+                "--out",
+                str(ev),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     m = json.loads((ev / "metrics.json").read_text())
     assert {"auc", "logloss", "accuracy", "n"} <= set(m) and m["slices"]["membership"] == "slices.json"
     data = prepare_ctr(load_dataset("ml-100k", data_dir=raw, download=False), seed=0)
@@ -52,8 +100,12 @@ def test_eval_metrics_json_has_slices_against_the_runs_din(ml100k, tiny_bert_dir
     # the stored membership, recomputed by hand from the train split
     stored = json.loads((ev / "slices.json").read_text())
     counts = [int((train.item_id == i).sum()) for i in test.item_id]
-    assert stored["codes"]["item_train_count"] == [0 if c == 0 else 1 if c <= 5 else 2 if c <= 20 else 3 for c in counts]
-    assert stored["codes"]["user_in_train"] == [int(u in set(train.user_id.tolist())) for u in test.user_id.tolist()]
+    assert stored["codes"]["item_train_count"] == [
+        0 if c == 0 else 1 if c <= 5 else 2 if c <= 20 else 3 for c in counts
+    ]
+    assert stored["codes"]["user_in_train"] == [
+        int(u in set(train.user_id.tolist())) for u in test.user_id.tolist()
+    ]
     # per band: the model's AUC and the DIN reference's difference (DeLong) on that band's samples
     p = np.array([json.loads(x)["p_click"] for x in (ev / "predictions.jsonl").read_text().splitlines()])
     din, vocab, _ = load_ctr(out / "ctr")

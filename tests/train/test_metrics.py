@@ -47,14 +47,18 @@ def test_outputs(tmp_path):
 
 
 def test_markdown_table_formats_cells_and_columns():
-    rows = [{"variant": "full", "auc": 0.71234567, "logloss": float("nan"), "accuracy": np.float64(0.5), "n": 7},
-            {"variant": "DIN", "auc": None, "n": 3, "extra": "ignored"}]
+    rows = [
+        {"variant": "full", "auc": 0.71234567, "logloss": float("nan"), "accuracy": np.float64(0.5), "n": 7},
+        {"variant": "DIN", "auc": None, "n": 3, "extra": "ignored"},
+    ]
     lines = markdown_table(rows).splitlines()
     assert lines[:2] == ["| variant | auc | logloss | accuracy | n |", "|---|---|---|---|---|"]
     assert lines[2] == "| full | 0.7123 | nan | 0.5000 | 7 |"
     assert lines[3] == "| DIN |  |  |  | 3 |"  # None and a missing key: empty cells
     assert len(lines) == 4
     assert markdown_table(rows, ["n", "auc"], float_format=".2e").splitlines()[2] == "| 7 | 7.12e-01 |"
-    assert markdown_table(rows, None).splitlines()[0] == "| variant | auc | logloss | accuracy | n |"  # first row
+    assert (
+        markdown_table(rows, None).splitlines()[0] == "| variant | auc | logloss | accuracy | n |"
+    )  # first row
     assert markdown_table([]) == "| variant | auc | logloss | accuracy | n |\n|---|---|---|---|---|\n"
     assert markdown_table([], None) == "(no rows)\n"

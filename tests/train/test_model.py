@@ -15,8 +15,16 @@ def _samples(n=3):
     out = []
     for i in range(n):
         shown = [(10 + j, f"Movie {j} (199{j})", float(1 + (i + j) % 5)) for j in range(2 + i)]
-        out.append(PromptSample("movie", {"gender": "F" if i % 2 else "M", "age": 30, "occupation": "writer"}, shown,
-                                (11 + i, f"Target {i}"), i % 2, i))  # fmt: skip
+        out.append(
+            PromptSample(
+                "movie",
+                {"gender": "F" if i % 2 else "M", "age": 30, "occupation": "writer"},
+                shown,
+                (11 + i, f"Target {i}"),
+                i % 2,
+                i,
+            )
+        )
     return out
 
 
@@ -28,10 +36,19 @@ def _build(path, interaction="full", use_spa=True, seed=0, gradient_checkpointin
     tok = AutoTokenizer.from_pretrained(path)
     collator = PromptCollator(tok, kind=kind, max_length=200, placeholder="<spa>" if use_spa else None)
     item_ids = torch.arange(10, 10 + N_ITEMS)
-    model = ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id),
-                        ReLLaXOptions(cflora={"interaction": interaction, "backend": "reference", "dropout": 0.0}, use_spa=use_spa,
-                                      gradient_checkpointing=gradient_checkpointing),
-                        item_table=torch.randn(N_ITEMS, E), item_ids=item_ids, cond_dim=H)  # fmt: skip
+    model = ReLLaXModel(
+        backbone,
+        kind,
+        (collator.no_token_id, collator.yes_token_id),
+        ReLLaXOptions(
+            cflora={"interaction": interaction, "backend": "reference", "dropout": 0.0},
+            use_spa=use_spa,
+            gradient_checkpointing=gradient_checkpointing,
+        ),
+        item_table=torch.randn(N_ITEMS, E),
+        item_ids=item_ids,
+        cond_dim=H,
+    )
     # make every adapter tensor non-trivial (B = 0 and a zero generator output layer at init are no-ops)
     with torch.no_grad():
         for p in model.parameters():
@@ -48,10 +65,16 @@ def test_conditioning_reaches_every_cflora_layer(tiny_bert_dir, interaction):
     layers = cflora_layers(model.backbone)
     assert len(layers) == 4  # query and value of 2 layers
     seen, outputs = {}, {}
-    hooks = [layer.interaction.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, a[0].detach().clone()))
-             for n, layer in layers]  # fmt: skip
-    hooks += [layer.register_forward_hook(lambda m, a, o, n=n: outputs.__setitem__(n, o.detach().clone()))
-              for n, layer in layers]  # fmt: skip
+    hooks = [
+        layer.interaction.register_forward_hook(
+            lambda m, a, o, n=n: seen.__setitem__(n, a[0].detach().clone())
+        )
+        for n, layer in layers
+    ]
+    hooks += [
+        layer.register_forward_hook(lambda m, a, o, n=n: outputs.__setitem__(n, o.detach().clone()))
+        for n, layer in layers
+    ]
     model(batch)
     first = dict(outputs)
     assert set(seen) == {n for n, _ in layers}
@@ -90,7 +113,9 @@ def test_spa_changes_the_embeddings_at_placeholders_only(tiny_bert_dir):
 
 def test_unknown_placeholder_item_raises(tiny_bert_dir):
     model, batch, _ = _build(tiny_bert_dir)
-    batch["placeholder_item_ids"] = batch["placeholder_item_ids"].masked_fill(batch["placeholder_item_ids"] == 11, 99)
+    batch["placeholder_item_ids"] = batch["placeholder_item_ids"].masked_fill(
+        batch["placeholder_item_ids"] == 11, 99
+    )
     with pytest.raises(KeyError, match="unknown"):
         model(batch)
 
@@ -100,7 +125,9 @@ def test_encoder_readout_is_the_tied_embedding_verbaliser(tiny_bert_dir):
     assert kind == "encoder"
     logits = model(batch)
     with torch.no_grad():
-        hidden = model.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = model.backbone(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         rows = hidden[torch.arange(3), batch["answer_index"]]
         w = model.backbone.get_input_embeddings().weight[model.answer_token_ids]
     torch.testing.assert_close(logits, rows @ w.T + model.verbaliser_bias, rtol=1e-5, atol=1e-5)
@@ -116,7 +143,9 @@ def test_causal_readout_equals_the_lm_head_logits_at_the_answer_slot(tiny_gpt2_d
     from rellax_fast.cflora import cflora_condition
 
     with torch.no_grad(), cflora_condition(model.backbone, model.condition(batch["cond"])):
-        full = model.backbone(inputs_embeds=model.input_embeddings(batch), attention_mask=batch["attention_mask"]).logits
+        full = model.backbone(
+            inputs_embeds=model.input_embeddings(batch), attention_mask=batch["attention_mask"]
+        ).logits
     expected = full[torch.arange(3), batch["answer_index"]][:, model.answer_token_ids]
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     # the answer slot is the last prompt token: the next label is the answer token
@@ -134,8 +163,13 @@ def test_stages_select_the_trainable_tensors(tiny_bert_dir):
     assert not any("lora_" in n for n in names)
     assert any(n.startswith("projector.") for n in names) and any(".interaction." in n for n in names)
     model.set_stage("joint")
-    assert any("lora_" in n for n in model.trainable_state()) and any(n.startswith("projector.") for n in model.trainable_state())
-    assert not any(n.startswith("backbone.") and "lora_" not in n and ".interaction." not in n for n in model.trainable_state())
+    assert any("lora_" in n for n in model.trainable_state()) and any(
+        n.startswith("projector.") for n in model.trainable_state()
+    )
+    assert not any(
+        n.startswith("backbone.") and "lora_" not in n and ".interaction." not in n
+        for n in model.trainable_state()
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert_dir):
@@ -143,7 +177,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert_dir):
     for ckpt in (False, True):
         model, batch, _ = _build(tiny_bert_dir, "full", seed=3, gradient_checkpointing=ckpt)
         bb = model.backbone
-        active = bb.is_activation_checkpointing if hasattr(bb, "is_activation_checkpointing") else bb.is_gradient_checkpointing
+        active = (
+            bb.is_activation_checkpointing
+            if hasattr(bb, "is_activation_checkpointing")
+            else bb.is_gradient_checkpointing
+        )
         assert active == ckpt
         model.train()
         torch.manual_seed(11)  # same dropout masks (checkpointing replays the RNG state)

@@ -25,7 +25,9 @@ def _samples(n=4):
     return out
 
 
-def _build(path, readout="residual", readout_lambda="learned", interaction="full", din_head=True, seed=0, gate=True):
+def _build(
+    path, readout="residual", readout_lambda="learned", interaction="full", din_head=True, seed=0, gate=True
+):
     from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
@@ -34,15 +36,28 @@ def _build(path, readout="residual", readout_lambda="learned", interaction="full
     collator = PromptCollator(tok, kind=kind, max_length=200, placeholder="<spa>")
     g = torch.Generator().manual_seed(99)
     head = (torch.randn(1, H, generator=g), torch.randn(1, generator=g)) if din_head else None
-    model = ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id),
-                        ReLLaXOptions(cflora={"interaction": interaction, "backend": "reference", "dropout": 0.0}, readout=readout,
-                                      readout_lambda=readout_lambda, readout_gate=gate),
-                        item_table=torch.randn(N_ITEMS, E, generator=g), item_ids=torch.arange(10, 10 + N_ITEMS),
-                        cond_dim=H, din_head=head)  # fmt: skip
+    model = ReLLaXModel(
+        backbone,
+        kind,
+        (collator.no_token_id, collator.yes_token_id),
+        ReLLaXOptions(
+            cflora={"interaction": interaction, "backend": "reference", "dropout": 0.0},
+            readout=readout,
+            readout_lambda=readout_lambda,
+            readout_gate=gate,
+        ),
+        item_table=torch.randn(N_ITEMS, E, generator=g),
+        item_ids=torch.arange(10, 10 + N_ITEMS),
+        cond_dim=H,
+        din_head=head,
+    )
     with torch.no_grad():  # non-trivial adapters, the same for every read-out (keyed by name, not by order)
         for name, p in model.named_parameters():
             if p.requires_grad and name not in ("readout_lambda", "readout_gate"):
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))) * 0.3)
+                p.copy_(
+                    torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+                    * 0.3
+                )
     batch = collator(_samples())
     batch["cond"] = torch.randn(4, H, generator=torch.Generator().manual_seed(5))
     return model.eval(), batch, head
@@ -72,7 +87,9 @@ def test_gated_residual_starts_as_the_frozen_din_then_adds_the_gated_margin(tiny
     din_logit = batch["cond"].double() @ w.double().reshape(-1) + b.double()
     with torch.no_grad():
         # untrained: exactly DIN's probability, whatever the (random, non-trivial) adapters say
-        torch.testing.assert_close(click_probability(model(batch)).double(), torch.sigmoid(din_logit), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            click_probability(model(batch)).double(), torch.sigmoid(din_logit), rtol=1e-5, atol=1e-6
+        )
         model.readout_gate.fill_(-0.4)
         model.readout_lambda.fill_(1.3)
         margin = paper(batch).double()
@@ -165,12 +182,21 @@ def test_residual_run_reloads_exactly_in_eval(ml100k_slice, tiny_bert_dir, tmp_p
     from rellax_fast.train.trainer import TrainConfig
 
     data = ml100k_slice
-    din, report, vocab = fit_din(data, {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
-                                 DINTrainConfig(epochs=2, progress=False))  # fmt: skip
+    din, report, vocab = fit_din(
+        data,
+        {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
+        DINTrainConfig(epochs=2, progress=False),
+    )
     ctr_dir = save_ctr(din, vocab, report, tmp_path / "ctr", extra={"dataset": data.dataset.name})
-    cfg = PipelineConfig(model=tiny_bert_dir, k=3, n_train=24, n_test=40, max_length=160,
-                         cflora=pipeline_cflora_config(backend="reference"),
-                         train=TrainConfig(batch_size=8, lr=3e-2, save_every_steps=0, progress=False))  # fmt: skip
+    cfg = PipelineConfig(
+        model=tiny_bert_dir,
+        k=3,
+        n_train=24,
+        n_test=40,
+        max_length=160,
+        cflora=pipeline_cflora_config(backend="reference"),
+        train=TrainConfig(batch_size=8, lr=3e-2, save_every_steps=0, progress=False),
+    )
     ctx = build_context(data, din, vocab, report, cfg)
     ctx.ctr_dir = str(ctr_dir)
     spec = VariantSpec("residual", subr=False, spa=False, interaction="identity", readout="residual")
@@ -196,20 +222,31 @@ def _residual_run(data, tiny_bert_dir, tmp_path, lr, n_valid=0):
     )
     from rellax_fast.train.trainer import TrainConfig
 
-    din, report, vocab = fit_din(data, {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
-                                 DINTrainConfig(epochs=2, progress=False))  # fmt: skip
+    din, report, vocab = fit_din(
+        data,
+        {"embed_dim": 8, "mlp_hidden": (16, 8), "max_history": 20, "attention_hidden": 8},
+        DINTrainConfig(epochs=2, progress=False),
+    )
     ctr_dir = save_ctr(din, vocab, report, tmp_path / "ctr", extra={"dataset": data.dataset.name})
-    cfg = PipelineConfig(model=tiny_bert_dir, k=3, n_train=24, n_test=40, n_valid=n_valid, max_length=160,
-                         cflora=pipeline_cflora_config(backend="reference"),
-                         train=TrainConfig(batch_size=8, lr=lr, save_every_steps=0, progress=False, eval_every_steps=1))  # fmt: skip
+    cfg = PipelineConfig(
+        model=tiny_bert_dir,
+        k=3,
+        n_train=24,
+        n_test=40,
+        n_valid=n_valid,
+        max_length=160,
+        cflora=pipeline_cflora_config(backend="reference"),
+        train=TrainConfig(batch_size=8, lr=lr, save_every_steps=0, progress=False, eval_every_steps=1),
+    )
     ctx = build_context(data, din, vocab, report, cfg)
     ctx.ctr_dir = str(ctr_dir)
     spec = VariantSpec("residual", subr=False, spa=False, interaction="identity", readout="residual")
     return ctx, run_variant(ctx, spec, cfg, tmp_path / "run", log=lambda *_: None)
 
 
-def test_residual_selection_scores_the_starting_din_and_keeps_it_when_training_only_hurts(ml100k_slice, tiny_bert_dir,
-                                                                                          tmp_path):
+def test_residual_selection_scores_the_starting_din_and_keeps_it_when_training_only_hurts(
+    ml100k_slice, tiny_bert_dir, tmp_path
+):
     from rellax_fast.ctr.store import din_outputs
     from rellax_fast.metrics import ctr_metrics
     from rellax_fast.train.pipeline import subset_view
@@ -225,7 +262,9 @@ def test_residual_selection_scores_the_starting_din_and_keeps_it_when_training_o
     assert all(r["auc"] < hist[0]["auc"] for r in hist[1:])
     # kept: step 0, i.e. the frozen DIN; its test predictions are DIN's
     assert float(res["model"].readout_gate.detach()) == 0.0
-    np.testing.assert_allclose(np.load(tmp_path / "run" / "predictions.npy"), ctx.din_test_probs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "run" / "predictions.npy"), ctx.din_test_probs, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_a_residual_run_saved_before_the_gate_loads_ungated(ml100k_slice, tiny_bert_dir, tmp_path):
@@ -240,7 +279,9 @@ def test_a_residual_run_saved_before_the_gate_loads_ungated(ml100k_slice, tiny_b
     _, gated, _, _ = score(tmp_path / "run", ml100k_slice, progress=False)
     save_file(dict(tensors, readout_gate=torch.ones(())), str(path))
     _, gate_one, _, _ = score(tmp_path / "run", ml100k_slice, progress=False)
-    save_file({k: v for k, v in tensors.items() if k != "readout_gate"}, str(path))  # the old run folders' form
+    save_file(
+        {k: v for k, v in tensors.items() if k != "readout_gate"}, str(path)
+    )  # the old run folders' form
     _, old, _, _ = score(tmp_path / "run", ml100k_slice, progress=False)
     assert not np.allclose(gated, gate_one)
     np.testing.assert_array_equal(old, gate_one)

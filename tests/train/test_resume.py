@@ -23,8 +23,15 @@ def _dataset(path, n=36, seed=0):
     samples = []
     for i in range(n):
         k = int(rng.integers(1, 4))
-        shown = [(int(rng.integers(0, 20)), f"Film {int(rng.integers(0, 99))}", float(rng.integers(1, 6))) for _ in range(k)]
-        samples.append(PromptSample("movie", None, shown, (int(rng.integers(0, 20)), "Target"), int(rng.integers(0, 2)), i))
+        shown = [
+            (int(rng.integers(0, 20)), f"Film {int(rng.integers(0, 99))}", float(rng.integers(1, 6)))
+            for _ in range(k)
+        ]
+        samples.append(
+            PromptSample(
+                "movie", None, shown, (int(rng.integers(0, 20)), "Target"), int(rng.integers(0, 2)), i
+            )
+        )
     cond = torch.from_numpy(rng.standard_normal((n, H)).astype(np.float32))
     return PromptDataset(samples, collator, cond), collator
 
@@ -33,9 +40,15 @@ def _model(path, collator, init_seed):
     """The frozen parts (backbone, DIN item table) are fixed; the trainable init depends on init_seed."""
     torch.manual_seed(init_seed)
     backbone, kind = load_backbone(path)
-    return ReLLaXModel(backbone, kind, (collator.no_token_id, collator.yes_token_id),
-                       ReLLaXOptions(cflora={"interaction": "full", "backend": "reference", "dropout": 0.05}),
-                       item_table=torch.randn(20, 3, generator=torch.Generator().manual_seed(5)), item_ids=torch.arange(20), cond_dim=H)  # fmt: skip
+    return ReLLaXModel(
+        backbone,
+        kind,
+        (collator.no_token_id, collator.yes_token_id),
+        ReLLaXOptions(cflora={"interaction": "full", "backend": "reference", "dropout": 0.05}),
+        item_table=torch.randn(20, 3, generator=torch.Generator().manual_seed(5)),
+        item_ids=torch.arange(20),
+        cond_dim=H,
+    )
 
 
 def _config(**kw):
@@ -61,7 +74,14 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tiny_bert_dir, tmp_path
 
     # a fresh process would build the model with another seed: resume must not depend on it
     torch.manual_seed(999)
-    res = train_model(_model(tiny_bert_dir, collator, 1), data, _config(), tmp_path / "run", resume=True, log=lambda *_: None)
+    res = train_model(
+        _model(tiny_bert_dir, collator, 1),
+        data,
+        _config(),
+        tmp_path / "run",
+        resume=True,
+        log=lambda *_: None,
+    )
     assert res["resumed_from"] == 6 and res["global_step"] == steps
     assert len(res["losses"]) == steps
     np.testing.assert_allclose(res["losses"], ref["losses"], rtol=0, atol=0)
@@ -81,7 +101,9 @@ def test_checkpoints_are_published_atomically_and_pruned(tiny_bert_dir, tmp_path
     assert (root / "latest").read_text() == "step-00000006"
     assert json.loads((root / "step-00000006" / "state.json").read_text())["epoch"] == 2
     # resuming a finished run trains nothing more
-    res = train_model(_model(tiny_bert_dir, collator, 0), data, _config(), tmp_path, resume=True, log=lambda *_: None)
+    res = train_model(
+        _model(tiny_bert_dir, collator, 0), data, _config(), tmp_path, resume=True, log=lambda *_: None
+    )
     assert res["resumed_from"] == 6 and res["global_step"] == 6
 
 
@@ -96,14 +118,20 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny_bert_dir, t
     from pathlib import Path
 
     worker = str(Path(__file__).with_name("resume_worker.py"))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")])),
+    )
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     # the uninterrupted reference, in this process (the worker runs exactly this)
     data, collator = _dataset(tiny_bert_dir)
     ref = train_model(_model(tiny_bert_dir, collator, 0), data, _config(save_every_steps=1), tmp_path / "ref")
-    ref = {"losses": ref["losses"], "probs": predict_proba(ref["model"], data, progress=False),
-           "state": {k: v.detach().clone() for k, v in ref["model"].trainable_state().items()}}  # fmt: skip
+    ref = {
+        "losses": ref["losses"],
+        "probs": predict_proba(ref["model"], data, progress=False),
+        "state": {k: v.detach().clone() for k, v in ref["model"].trainable_state().items()},
+    }
     proc = subprocess.Popen([sys.executable, worker, tiny_bert_dir, str(run_dir), "--slow", "0.4"], env=env)
     try:
         deadline = time.time() + 240
@@ -120,7 +148,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tiny_bert_dir, t
             proc.kill()
     killed_at = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["global_step"]
     assert 3 <= killed_at < 10 and not (run_dir / "result.pt").exists()
-    subprocess.run([sys.executable, worker, tiny_bert_dir, str(run_dir), "--resume"], check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, worker, tiny_bert_dir, str(run_dir), "--resume"], check=True, env=env, timeout=300
+    )
     res = torch.load(run_dir / "result.pt", weights_only=False)
     assert res["resumed_from"] == killed_at
     np.testing.assert_array_equal(np.asarray(res["losses"]), np.asarray(ref["losses"]))

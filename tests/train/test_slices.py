@@ -15,9 +15,12 @@ def test_slice_codes_by_hand_at_every_band_edge():
     train_items = np.repeat([1, 2, 3, 4, 5], [1, 5, 6, 20, 21])
     train_users = np.array([10, 11])
     codes = slices.slice_codes(
-        target_items=[0, 1, 2, 3, 4, 5], users=[10, 11, 12, 10, 99, 11], history_lengths=[5, 9, 10, 49, 50, 200],
-        train_items=train_items, train_users=train_users,
-    )  # fmt: skip
+        target_items=[0, 1, 2, 3, 4, 5],
+        users=[10, 11, 12, 10, 99, 11],
+        history_lengths=[5, 9, 10, 49, 50, 200],
+        train_items=train_items,
+        train_users=train_users,
+    )
     bands = {k: [slices.SLICINGS[k][c] for c in v] for k, v in codes.items()}
     assert bands["item_train_count"] == ["0", "1–5", "1–5", "6–20", "6–20", ">20"]
     assert bands["user_in_train"] == ["seen", "seen", "unseen", "seen", "unseen", "seen"]
@@ -57,9 +60,11 @@ def _planted(n, seed=0):
 def test_band_statistics_equal_train_stats_on_the_band_and_small_bands_say_so():
     n = 400
     y, good, weak = _planted(n)
-    codes = {"item_train_count": np.r_[np.zeros(10), np.full(n - 10, 3)].astype(np.int8),
-             "user_in_train": np.r_[np.zeros(300), np.ones(100)].astype(np.int8),
-             "history_length": np.zeros(n, np.int8)}  # fmt: skip
+    codes = {
+        "item_train_count": np.r_[np.zeros(10), np.full(n - 10, 3)].astype(np.int8),
+        "user_in_train": np.r_[np.zeros(300), np.ones(100)].astype(np.int8),
+        "history_length": np.zeros(n, np.int8),
+    }
     y[:10] = 1  # the 10-sample band '0' is single-class
     s = slices.SliceSet(codes, {"split": "test"})
     got = slices.slice_statistics(y, good, s, reference=weak, n_boot=50)
@@ -70,16 +75,23 @@ def test_band_statistics_equal_train_stats_on_the_band_and_small_bands_say_so():
     m = codes["item_train_count"] == 3
     assert warm["status"] is None and warm["n"] == n - 10 and warm["n_pos"] == int(y[m].sum())
     dl = stats.delong_test(y[m], good[m], weak[m])
-    assert warm["vs_ref"]["d_auc"] == pytest.approx(dl["diff"]) and warm["vs_ref"]["p_auc"] == pytest.approx(dl["p"])
+    assert warm["vs_ref"]["d_auc"] == pytest.approx(dl["diff"]) and warm["vs_ref"]["p_auc"] == pytest.approx(
+        dl["p"]
+    )
     assert warm["vs_ref"]["p_auc"] < 0.05  # the planted gap is found
     assert warm["auc_ci"][0] <= warm["auc"] <= warm["auc_ci"][1]
     assert warm["auc"] == pytest.approx(stats.auc(y[m], good[m]))
     # a band with both labels but under MIN_SLICE_N samples: point values, no interval, no test
     small = slices.band_statistics(y[10:30], good[10:30], weak[10:30], n_boot=50)
     assert small["status"].startswith("too small to test (n=20") and "auc" in small and "vs_ref" not in small
-    md = slices.slices_markdown({"good": got, "weak": slices.slice_statistics(y, weak, s, reference=weak, n_boot=50)})
+    md = slices.slices_markdown(
+        {"good": got, "weak": slices.slice_statistics(y, weak, s, reference=weak, n_boot=50)}
+    )
     assert "single class (n=10)" in md and "(p=" in md and "(itself)" in md and "| 0 (n=10, 10 pos) |" in md
-    assert "**target item's train interactions: AUC**" in md and f"{warm['auc']:.4f} [{warm['auc_ci'][0]:.4f}" in md
+    assert (
+        "**target item's train interactions: AUC**" in md
+        and f"{warm['auc']:.4f} [{warm['auc_ci'][0]:.4f}" in md
+    )
     ll = slices.slices_markdown({"good": got}, metric="logloss")
     assert "**user in train: LogLoss**" in ll and f"{warm['logloss']:.4f} [{warm['logloss_ci'][0]:.4f}" in ll
     assert f"vs DIN {stats.format_delta(warm['vs_ref'], 'logloss')}" in ll
@@ -93,7 +105,10 @@ def test_rows_cut_by_different_memberships_are_refused():
     codes = {k: np.zeros(200, np.int8) for k in slices.SLICINGS}
     codes["user_in_train"][:7] = 1
     b = slices.SliceSet(codes, {})
-    same = {"x": slices.slice_statistics(y, good, a, n_boot=20), "y": slices.slice_statistics(y, weak, a, n_boot=20)}
+    same = {
+        "x": slices.slice_statistics(y, good, a, n_boot=20),
+        "y": slices.slice_statistics(y, weak, a, n_boot=20),
+    }
     slices.check_same_membership(same)
     other = {**same, "z": slices.slice_statistics(y, weak, b, n_boot=20)}
     with pytest.raises(ValueError, match="user_in_train=unseen: row 'z'.*same slice membership"):

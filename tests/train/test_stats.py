@@ -64,7 +64,9 @@ def test_delong_hand_computed_case():
 def test_delong_variance_matches_the_bootstrap():
     y, a, b = _data(1500, 3, noise=(0.7, 1.3))
     t = stats.delong_test(y, a, b)
-    boot = stats._bootstrap_values(y.astype(float), [np.clip(a, 1e-7, 1 - 1e-7), np.clip(b, 1e-7, 1 - 1e-7)], "auc", 400, 0)
+    boot = stats._bootstrap_values(
+        y.astype(float), [np.clip(a, 1e-7, 1 - 1e-7), np.clip(b, 1e-7, 1 - 1e-7)], "auc", 400, 0
+    )
     sd = np.std(boot[:, 0] - boot[:, 1], ddof=1)
     assert 0.8 < t["se"] / sd < 1.25, (t["se"], sd)
     assert t["diff"] > 0 and t["p"] < 0.05  # a carries less noise
@@ -140,7 +142,10 @@ def test_row_statistics_shape_and_within_noise():
         (lambda: stats.bootstrap_ci([0, 1], [0.5], "auc"), r"probs: expected shape \(2,\)"),
         (lambda: stats.delong_test([0, 1], [0.2, 0.8], [0.3, np.nan]), "probs_b: 1 non-finite"),
         (lambda: stats.bootstrap_ci([0, 1], [0.2, 1.5], "auc"), r"probs: probabilities must lie in \[0, 1\]"),
-        (lambda: stats.bootstrap_ci([0, 1, 0, 1], [0.2, 0.6, 0.3, 0.9], "f1"), "metric: expected 'auc' or 'logloss'"),
+        (
+            lambda: stats.bootstrap_ci([0, 1, 0, 1], [0.2, 0.6, 0.3, 0.9], "f1"),
+            "metric: expected 'auc' or 'logloss'",
+        ),
         (lambda: stats.bootstrap_ci([0, 1, 0, 1], [0.2, 0.6, 0.3, 0.9], "auc", level=95), "level"),
         (lambda: stats.delong_covariance([0, 1], np.zeros((2, 3))), r"scores: expected shape \(k, 2\)"),
     ],
@@ -171,7 +176,9 @@ def test_demo_table_marks_differences_within_noise():
 
     y, good, weak = _data(600, 12, noise=(0.3, 3.0))
     rng = np.random.default_rng(3)
-    near = np.clip(good + 0.03 * rng.standard_normal(good.size), 1e-6, 1 - 1e-6)  # a tiny perturbation of full
+    near = np.clip(
+        good + 0.03 * rng.standard_normal(good.size), 1e-6, 1 - 1e-6
+    )  # a tiny perturbation of full
     probs = {"DIN alone": weak, "ReLLaX (full)": good, "w/o SPA": near}
     rows = [{"variant": k, **ctr_metrics(y, p)} for k, p in probs.items()]
     note = add_noise_columns(rows, y, probs, n_boot=200)

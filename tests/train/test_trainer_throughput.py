@@ -53,7 +53,9 @@ def test_token_cache_encodes_each_sample_once_and_gives_the_uncached_batches(tin
     for k in want:
         if isinstance(want[k], torch.Tensor):
             torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
-    np.testing.assert_array_equal(cached.lengths(), [len(collator.encode(s)["input_ids"]) for s in data.samples])
+    np.testing.assert_array_equal(
+        cached.lengths(), [len(collator.encode(s)["input_ids"]) for s in data.samples]
+    )
     with pytest.raises(ValueError, match="at least one encoded sample"):
         collator.pad([])
 
@@ -66,24 +68,34 @@ def test_length_groups_cover_every_sample_once_and_cut_padding(tiny_bert_dir):
     grouped = TrainConfig(batch_size=batch, seed=7, group_by_length=True)
 
     def padded(order):
-        return sum(int(lengths[order[i : i + batch]].max()) * len(order[i : i + batch]) for i in range(0, len(order), batch))
+        return sum(
+            int(lengths[order[i : i + batch]].max()) * len(order[i : i + batch])
+            for i in range(0, len(order), batch)
+        )
 
     for epoch in (0, 1):
         a = epoch_order(data, plain, epoch, batch).numpy()
         b = epoch_order(data, grouped, epoch, batch).numpy()
         assert sorted(b.tolist()) == list(range(len(data)))  # a permutation: every sample once
-        np.testing.assert_array_equal(b, epoch_order(data, grouped, epoch, batch).numpy())  # deterministic (resume)
+        np.testing.assert_array_equal(
+            b, epoch_order(data, grouped, epoch, batch).numpy()
+        )  # deterministic (resume)
         assert padded(b) < padded(a)
         # within a megabatch the batches hold disjoint length ranges (cut from one length-sorted order)
         mega = LENGTH_MEGABATCH * batch
         for m0 in range(0, len(b), mega):
-            spans = [(lengths[b[i : i + batch]].min(), lengths[b[i : i + batch]].max())
-                     for i in range(m0, min(m0 + mega, len(b)), batch)]  # fmt: skip
+            spans = [
+                (lengths[b[i : i + batch]].min(), lengths[b[i : i + batch]].max())
+                for i in range(m0, min(m0 + mega, len(b)), batch)
+            ]
             spans.sort()
             assert all(hi <= lo2 for (_, hi), (lo2, _) in zip(spans, spans[1:])), spans
     # the short last batch stays last
     tail = len(data) % batch
-    assert tail and len(set(epoch_order(data, grouped, 0, batch)[-tail:].tolist()) & set(range(len(data)))) == tail
+    assert (
+        tail
+        and len(set(epoch_order(data, grouped, 0, batch)[-tail:].tolist()) & set(range(len(data)))) == tail
+    )
 
 
 def test_param_groups_take_their_own_learning_rates(tiny_bert_dir):
@@ -95,11 +107,17 @@ def test_param_groups_take_their_own_learning_rates(tiny_bert_dir):
     assert all(param_group_of("module." + n) == g for n, g in names.items())  # DDP's wrapper prefix
     groups = param_groups(model, 1e-3, {"generator": 5e-3, "projector": 0.0})
     by_name = {g["name"]: g for g in groups}
-    assert by_name["lora"]["lr"] == 1e-3 and by_name["generator"]["lr"] == 5e-3 and by_name["projector"]["lr"] == 0.0
+    assert (
+        by_name["lora"]["lr"] == 1e-3
+        and by_name["generator"]["lr"] == 5e-3
+        and by_name["projector"]["lr"] == 0.0
+    )
     assert sum(len(g["params"]) for g in groups) == len(names)
     with pytest.raises(ValueError, match=r"lr_groups: unknown group\(s\) \['lorra'\]"):
         param_groups(model, 1e-3, {"lorra": 1e-3})
-    with pytest.raises(ValueError, match=r"lr_groups\['lora'\]: expected a finite learning rate >= 0, got -1"):
+    with pytest.raises(
+        ValueError, match=r"lr_groups\['lora'\]: expected a finite learning rate >= 0, got -1"
+    ):
         param_groups(model, 1e-3, {"lora": -1})
     assert set(PARAM_GROUPS) == {"lora", "generator", "projector", "readout"}
 
@@ -119,7 +137,9 @@ def test_best_on_valid_is_kept_and_a_resumed_run_selects_the_same(tiny_bert_dir,
     valid, _ = _dataset(tiny_bert_dir, n=30, seed=1)
     cfg = _config(eval_every_steps=2)
     logs = []
-    ref = train_model(_model(tiny_bert_dir, collator, 0), data, cfg, tmp_path / "ref", valid=valid, log=logs.append)
+    ref = train_model(
+        _model(tiny_bert_dir, collator, 0), data, cfg, tmp_path / "ref", valid=valid, log=logs.append
+    )
     hist = ref["valid"]
     assert [r["step"] for r in hist] == [2, 4, 5, 6, 8, 10]  # every 2 steps and at both epoch ends
     best = max(hist, key=lambda r: r["auc"])
@@ -137,13 +157,26 @@ def test_best_on_valid_is_kept_and_a_resumed_run_selects_the_same(tiny_bert_dir,
 
     # interrupted after step 7 (checkpoint at 6), resumed with a fresh init: the same history and selection
     with pytest.raises(KeyboardInterrupt):
-        train_model(_model(tiny_bert_dir, collator, 0), data, _config(eval_every_steps=2, stop_after_steps=7),
-                    tmp_path / "run", valid=valid, log=lambda *_: None)  # fmt: skip
+        train_model(
+            _model(tiny_bert_dir, collator, 0),
+            data,
+            _config(eval_every_steps=2, stop_after_steps=7),
+            tmp_path / "run",
+            valid=valid,
+            log=lambda *_: None,
+        )
     ckpt = latest_checkpoint(tmp_path / "run")
     saved = json.loads((ckpt / "state.json").read_text())
     assert [r["step"] for r in saved["valid"]] == [2, 4, 5, 6] and (ckpt / "best.safetensors").exists()
-    res = train_model(_model(tiny_bert_dir, collator, 1), data, cfg, tmp_path / "run", resume=True, valid=valid,
-                      log=lambda *_: None)  # fmt: skip
+    res = train_model(
+        _model(tiny_bert_dir, collator, 1),
+        data,
+        cfg,
+        tmp_path / "run",
+        resume=True,
+        valid=valid,
+        log=lambda *_: None,
+    )
     assert res["valid"] == hist and res["best"] == ref["best"]
     for k, v in ref["model"].trainable_state().items():
         torch.testing.assert_close(res["model"].trainable_state()[k], v, rtol=0, atol=0, msg=k)
@@ -157,12 +190,20 @@ def test_best_on_valid_is_kept_and_a_resumed_run_selects_the_same(tiny_bert_dir,
 def test_without_selection_the_last_step_is_kept(tiny_bert_dir, tmp_path):
     data, collator = _dataset(tiny_bert_dir, n=24)
     valid, _ = _dataset(tiny_bert_dir, n=20, seed=2)
-    a = train_model(_model(tiny_bert_dir, collator, 0), data, _config(eval_every_steps=1, select_best=False),
-                    tmp_path / "a", valid=valid, log=lambda *_: None)  # fmt: skip
+    a = train_model(
+        _model(tiny_bert_dir, collator, 0),
+        data,
+        _config(eval_every_steps=1, select_best=False),
+        tmp_path / "a",
+        valid=valid,
+        log=lambda *_: None,
+    )
     b = train_model(_model(tiny_bert_dir, collator, 0), data, _config(), tmp_path / "b", log=lambda *_: None)
     assert len(a["valid"]) == a["global_step"] and b["valid"] == [] and b["best"] is None
     # without selection the returned model is the last step's, whose valid scores were the last ones taken
-    np.testing.assert_allclose(a["valid_probs"], predict_proba(a["model"], valid, progress=False), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        a["valid_probs"], predict_proba(a["model"], valid, progress=False), rtol=1e-6, atol=1e-7
+    )
     assert b["valid_probs"] is None
     for k, v in b["model"].trainable_state().items():
         torch.testing.assert_close(a["model"].trainable_state()[k], v, rtol=0, atol=0, msg=k)
@@ -176,7 +217,9 @@ def test_one_process_trains_in_fp32_then_bf16_then_fp32(tiny_bert_dir, tmp_path)
     losses = {}
     for i, precision in enumerate(("no", "bf16", "no")):
         cfg = TrainConfig(epochs=1, batch_size=8, lr=5e-3, progress=False, seed=3, mixed_precision=precision)
-        res = train_model(_model(tiny_bert_dir, collator, 0), data, cfg, tmp_path / str(i), log=lambda *_: None)
+        res = train_model(
+            _model(tiny_bert_dir, collator, 0), data, cfg, tmp_path / str(i), log=lambda *_: None
+        )
         losses[i] = res["losses"]
     assert losses[0] == losses[2]  # fp32 again: the same run
     assert losses[1] != losses[0] and np.allclose(losses[1], losses[0], atol=0.05)  # bf16: close, not equal
