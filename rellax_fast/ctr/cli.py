@@ -69,9 +69,6 @@ def run(args: argparse.Namespace) -> int:
         if value < low:
             print(f"error: {flag} must be >= {low}; got {value}", file=sys.stderr)
             return 2
-    if not args.lr > 0:
-        print(f"error: --lr must be > 0; got {args.lr}", file=sys.stderr)
-        return 2
     from .store import train_or_load_ctr
 
     # bad data (DataFormatError naming the file and line), a one-class split or a diverging run raise before
