@@ -320,9 +320,8 @@ def error_line(exc: BaseException, command: Optional[str] = None, out: Optional[
         return f"error: {_needs_extra(command, exc)}"
     from rellax_fast._io import DISK_FULL_ERRNOS
 
-    if (
-        isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
-    ):  # _io.DiskFullError names the file it wrote
+    # _io.DiskFullError names the file it wrote
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
         where = exc.filename or (f"under --out {out}" if out else "an output file")
         text = (
             exc.strerror

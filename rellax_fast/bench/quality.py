@@ -453,15 +453,6 @@ def run(args: argparse.Namespace, log=print) -> int:
     return run_bench(args, cfg, seeds, row_keys, log=log, few_shot=few_shot)
 
 
-def _din_train_config(args):
-    """DIN's training options from the ``--din-*`` flags (as ``train.context.build_shared_context``)."""
-    from ..ctr.din import DINTrainConfig
-
-    return DINTrainConfig(
-        epochs=args.din_epochs, patience=args.din_patience, seed=args.seed, progress=not args.no_progress
-    )
-
-
 def quality_context(args, cfg, out, log=print):
     """(the shared context of the table in ``out``, the whole prepared data): with ``--ctr-train-samples N`` the
     context's train split is a seeded subset of N samples (``ctr.text_din.train_subset_view``, seed ``--seed``),
@@ -469,12 +460,18 @@ def quality_context(args, cfg, out, log=print):
     from rellax_fast.data import load_dataset, prepare_ctr
 
     from ..ctr.text_din import train_subset_view
-    from ..train.context import din_options_of, shared_context
+    from ..train.context import din_options_of, din_train_config_of, shared_context
 
     data = prepare_ctr(load_dataset(args.dataset, data_dir=args.data_dir), seed=getattr(args, "seed", 0))
     view = train_subset_view(data, getattr(args, "ctr_train_samples", 0), args.seed)
     ctx = shared_context(
-        view, out, cfg, din_options_of(args), _din_train_config(args), progress=not args.no_progress, log=log
+        view,
+        out,
+        cfg,
+        din_options_of(args),
+        din_train_config_of(args),
+        progress=not args.no_progress,
+        log=log,
     )
     return ctx, data
 
@@ -488,10 +485,10 @@ def text_din_row(ctx, args, out: Path, fresh: bool, log=print) -> Dict:
     from ..ctr.din import predict
     from ..ctr.store import din_reuse_key, split_arrays
     from ..ctr.text_din import fit_text_din
-    from ..train.context import din_options_of
+    from ..train.context import din_options_of, din_train_config_of
     from ..train.pipeline import embeddings_fingerprint, subset_view
 
-    options, tc = din_options_of(args), _din_train_config(args)
+    options, tc = din_options_of(args), din_train_config_of(args)
     key = _sha(
         {
             "din": din_reuse_key(ctx.data, options, tc),
@@ -824,7 +821,7 @@ def few_shot_context(ctx, full_data, cfg, args, n: int, out: Path, log=print):
     embeddings are ``ctx``'s. The table's own context when it is the same."""
     from ..ctr.store import train_or_load_ctr
     from ..ctr.text_din import train_subset_view
-    from ..train.context import din_options_of
+    from ..train.context import din_options_of, din_train_config_of
     from ..train.pipeline import build_context
 
     view = train_subset_view(full_data, n, args.seed)
@@ -832,7 +829,7 @@ def few_shot_context(ctx, full_data, cfg, args, n: int, out: Path, log=print):
     if len(view.splits["train"]) == len(ctx.data.splits["train"]) and cfg_n.n_train == cfg.n_train:
         return ctx, cfg
     din, vocab, report = train_or_load_ctr(
-        view, out / "ctr", din_options_of(args), _din_train_config(args), log=log
+        view, out / "ctr", din_options_of(args), din_train_config_of(args), log=log
     )
     point = build_context(view, din, vocab, report, cfg_n, ctx.item_emb, ctx.item_ids)
     point.ctr_dir, point.subr_path = str(out / "ctr"), ctx.subr_path

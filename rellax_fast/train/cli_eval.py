@@ -96,9 +96,8 @@ def run(args: argparse.Namespace) -> int:
     # rellax_fast.cli prints as one error line
     from rellax_fast.distributed import is_main
 
-    if (
-        not is_main()
-    ):  # under torchrun / accelerate launch: every rank scored a shard (gathered); rank 0 writes
+    # under torchrun / accelerate launch: every rank scored a shard (gathered); rank 0 writes
+    if not is_main():
         return 0
     out.mkdir(parents=True, exist_ok=True)
     lines = [

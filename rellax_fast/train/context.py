@@ -15,6 +15,16 @@ def din_options_of(args) -> dict:
     }
 
 
+def din_train_config_of(args):
+    """DIN's training options from the ``--din-epochs`` / ``--din-patience`` / ``--seed`` / ``--no-progress``
+    flags (one home for ``build_shared_context`` and ``bench quality``)."""
+    from ..ctr.din import DINTrainConfig
+
+    return DINTrainConfig(
+        epochs=args.din_epochs, patience=args.din_patience, seed=args.seed, progress=not args.no_progress
+    )
+
+
 def shared_context(data, out, cfg, din_options=None, din_train_config=None, progress: bool = True, log=print):
     """The :class:`Context` of the variants trained into ``out`` on ``data`` (a prepared ``CTRData``).
 
@@ -33,9 +43,8 @@ def shared_context(data, out, cfg, din_options=None, din_train_config=None, prog
 
     out = Path(out)
     din_train_config = din_train_config or DINTrainConfig(progress=progress)
-    with (
-        main_first()
-    ):  # under a launcher rank 0 trains the DIN and fills the caches, the others then load them
+    # under a launcher rank 0 trains the DIN and fills the caches, the others then load them
+    with main_first():
         din, vocab, report = train_or_load_ctr(data, out / "ctr", din_options, din_train_config, log=log)
         emb, ids = item_embeddings(data, out / "emb_cache", progress=progress)
     subr_path = save_subr_embeddings(out, emb, ids) if is_main() else out / "subr_embeddings.npz"
@@ -51,12 +60,13 @@ def build_shared_context(args, cfg, log=print):
     :class:`PipelineConfig` (``train.args.pipeline_config``)."""
     from rellax_fast.data import load_dataset, prepare_ctr
 
-    from ..ctr.din import DINTrainConfig
-
     data = prepare_ctr(load_dataset(args.dataset, data_dir=args.data_dir), seed=getattr(args, "seed", 0))
-    din_train = DINTrainConfig(
-        epochs=args.din_epochs, patience=args.din_patience, seed=args.seed, progress=not args.no_progress
-    )
     return shared_context(
-        data, args.out, cfg, din_options_of(args), din_train, progress=not args.no_progress, log=log
+        data,
+        args.out,
+        cfg,
+        din_options_of(args),
+        din_train_config_of(args),
+        progress=not args.no_progress,
+        log=log,
     )

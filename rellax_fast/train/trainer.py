@@ -358,9 +358,8 @@ class _TrainingRun:
             )
         if ckpt is not None:  # the trainable tensors go into the plain model, before any wrapping
             load_checkpoint(ckpt, self.model, None, None, restore_rng=False)
-        if (
-            self.sharded
-        ):  # already sharded: accelerate would wrap it again in DDP (it enables FSDP only on GPUs)
+        # already sharded: accelerate would wrap it again in DDP (it enables FSDP only on GPUs)
+        if self.sharded:
             self.optimizer = acc.prepare(self.new_optimizer(self.model))
         elif self.fsdp and not getattr(acc, "is_fsdp2", False):
             # FSDP1 flattens the parameters: the optimizer must be built on the wrapped model
