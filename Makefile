@@ -36,13 +36,19 @@ MAX_JOBS ?= 2
 
 .PHONY: test test-fast test-triton demo cuda-check bench bench-save bench-compare lint install clean
 
+# $(call install_dev,PYTHON,PIP_OPTIONS): the dev venv's packages, one recipe for .venv (with the lock), make lock
+# (without it) and make test-latest (newest releases). The package itself is an editable install without _C:
+# the `install` target builds _C in place (one build, not two).
+define install_dev
+	$(1) -m pip install -q $(2) --upgrade pip setuptools wheel pybind11 ninja
+	$(1) -m pip install -q $(2) "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	RELLAX_BUILD_EXT=0 $(1) -m pip install -q $(2) --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(1) -m pip install -q $(2) --no-deps $(NODEPS_PKGS)
+endef
+
 $(VENV)/.deps: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c $(LOCK) --upgrade pip setuptools wheel pybind11 ninja
-	$(PIP) install -q -c $(LOCK) "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	# editable install of the Python package; _C is built in place by the `install` target (one build, not two)
-	RELLAX_BUILD_EXT=0 $(PIP) install -q -c $(LOCK) --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PIP) install -q -c $(LOCK) --no-deps $(NODEPS_PKGS)
+	$(call install_dev,$(PY),-c $(LOCK))
 	touch $@
 
 # (Re)build rellax_fast._C in place; ninja makes this incremental.
@@ -61,11 +67,7 @@ LATEST_VENV ?= .venv-latest
 test-latest: install
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel pybind11 ninja
-	$(LATEST_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	RELLAX_BUILD_EXT=0 $(LATEST_VENV)/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
-	  --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(LATEST_VENV)/bin/python -m pip install -q --upgrade --no-deps $(NODEPS_PKGS)
+	$(call install_dev,$(LATEST_VENV)/bin/python,--upgrade --upgrade-strategy eager)
 	$(LATEST_VENV)/bin/python -m pip freeze --exclude-editable | diff $(LOCK) - || true
 	RELLAX_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -m "not triton and not cuda" $(PYTEST_ARGS)
 	RELLAX_UNLOCKED=1 TRITON_INTERPRET=1 $(LATEST_VENV)/bin/python -m pytest -m "triton and not cuda" $(PYTEST_ARGS)
@@ -78,10 +80,7 @@ LOCK_VENV ?= .venv-lock
 lock:
 	rm -rf $(LOCK_VENV) $(LOCK_VENV)-cuda
 	$(PYTHON) -m venv $(LOCK_VENV)
-	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools wheel pybind11 ninja
-	$(LOCK_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	RELLAX_BUILD_EXT=0 $(LOCK_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[dev]" "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(LOCK_VENV)/bin/python -m pip install -q --no-deps $(NODEPS_PKGS)
+	$(call install_dev,$(LOCK_VENV)/bin/python,)
 	$(LOCK_VENV)/bin/python scripts/write_lock.py $(LOCK_VENV)/bin/python $(LOCK) "make test, make demo"
 	$(PYTHON) -m venv $(LOCK_VENV)-cuda
 	$(LOCK_VENV)-cuda/bin/python -m pip install -q --upgrade pip setuptools wheel pybind11 ninja numpy
