@@ -175,18 +175,23 @@ def _fmt(v, spec=".3g"):
 
 def _timing_rows(records: List[dict]) -> List[list]:
     timing = [r for r in records if r.get("kind") == "timing"]
-    floor = {(r["shape"], r["dropout"]): r["median_ms"] for r in timing if r["method"] == "frozen-linear"}
+    frozen = [r for r in timing if r["method"] == "frozen-linear"]
+    floor = {(r["shape"], r["dropout"]): r["median_ms"] for r in frozen}
+    graph_floor = {(r["shape"], r["dropout"]): r.get("graph_ms") for r in frozen}
     rows = []
     for r in timing:
-        base = floor.get((r["shape"], r["dropout"]))
-        ratio = r["median_ms"] / base if base else None
+        key = (r["shape"], r["dropout"])
+        base, graph_base, graph = floor.get(key), graph_floor.get(key), r.get("graph_ms")
         rows.append(
             [
                 r["shape"],
                 r["dropout"],
                 r["method"],
                 _fmt(r["median_ms"], ".4g"),
-                _fmt(ratio, ".3f"),
+                _fmt(r["median_ms"] / base if base else None, ".3f"),
+                _fmt(r.get("host_ms"), ".3g"),
+                _fmt(graph, ".4g"),
+                _fmt(graph / graph_base if graph and graph_base else None, ".3f"),
                 r["repeats"],
             ]
         )
@@ -226,8 +231,9 @@ def summarize(records: List[dict]) -> str:
         ],
     )
     lines += _table(
-        "forward+backward: median ms (L2 flushed), ratio to the frozen linear",
-        ["shape", "dropout", "method", "ms", "x frozen", "repeats"],
+        "forward+backward: median ms (L2 flushed), ratio to the frozen linear; host ms = time to issue one "
+        "call; graph = CUDA-graph replay (no host overhead)",
+        ["shape", "dropout", "method", "ms", "x frozen", "host ms", "graph ms", "graph x frozen", "repeats"],
         _timing_rows(records),
     )
     cal = [r for r in records if r.get("kind") == "calibration"]
@@ -373,6 +379,36 @@ class Ctx:
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
+    def host_ms(self, fn: Callable[[], object]) -> float:
+        """Median wall time the host spends issuing one call (from an idle, synchronised device; no sync
+        inside the timed span). Near the device time: the call blocks on the device (a sync) or the host is
+        the bottleneck; far below it: launches are queued ahead of the device, as they should be."""
+        times = []
+        for _ in range(self.repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        self.sync()
+        return statistics.median(times)
+
+    def graph_ms(self, fn: Callable[[], object]) -> Optional[float]:
+        """Median of replays of ``fn`` captured in a CUDA graph (host overhead removed: the device time of
+        the work alone). None on the CPU (--simulate) or when the capture fails (recorded by the caller)."""
+        torch = self.torch
+        if self.device.type != "cuda":
+            return None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm up on a side stream, as torch.cuda.graph's docs ask
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return self.median_ms(graph.replay)
+
 
 def make_case(ctx: Ctx, shape: str, seed: int = 0) -> dict:
     """Random inputs of one shape: x (samples, tokens, d) (or (samples, d) for one row each), W, b, A, B (non-zero),
@@ -495,19 +531,33 @@ def step_timing(ctx: Ctx, backend_name: str, baselines: bool):
             case = make_case(ctx, shape)
             with _TF32(ctx.torch, case["tf32"]):
                 for method, fn in _timing_methods(ctx, case, p, backend_name, baselines):
+                    median = ctx.median_ms(fn)
+                    graph, note = _graph_or_note(ctx, fn)
                     ctx.record(
                         kind="timing",
                         backend=backend_name,
                         shape=shape,
                         dropout=p,
                         method=method,
-                        median_ms=ctx.median_ms(fn),
+                        median_ms=median,
+                        host_ms=ctx.host_ms(fn),
+                        graph_ms=graph,
+                        note=note,
                         repeats=ctx.repeats,
                         m=case["m"],
                         d=case["d"],
                         r=case["r"],
                     )
     return True, ""
+
+
+def _graph_or_note(ctx: Ctx, fn) -> tuple:
+    """(CUDA-graph replay median, "") or (None, why): a capture that fails is a note, not a failed step."""
+    try:
+        return ctx.graph_ms(fn), ""
+    except Exception as exc:  # e.g. an op that syncs the host cannot be captured: that is the finding
+        ctx.torch.cuda.synchronize()
+        return None, f"graph capture failed: {type(exc).__name__}: {exc}"[:200]
 
 
 def step_calibrate(ctx: Ctx):

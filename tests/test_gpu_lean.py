@@ -129,6 +129,8 @@ def test_summary_survives_a_results_file_torn_by_a_kill(tmp_path, lean):
             dropout=0.0,
             method="frozen-linear",
             median_ms=2.0,
+            host_ms=0.05,
+            graph_ms=1.6,
             repeats=20,
         ),
     )
@@ -141,6 +143,8 @@ def test_summary_survives_a_results_file_torn_by_a_kill(tmp_path, lean):
             dropout=0.0,
             method="cflora[triton]",
             median_ms=2.5,
+            host_ms=0.3,
+            graph_ms=2.0,
             repeats=20,
         ),
     )
@@ -149,7 +153,8 @@ def test_summary_survives_a_results_file_torn_by_a_kill(tmp_path, lean):
     records = lean.read_records(path)
     assert len(records) == 3
     text = lean.summarize(records)
-    assert "| headline | 0.0 | cflora[triton] | 2.5 | 1.250 | 20 |" in text
+    # ms, x frozen, host ms, graph ms, graph x frozen (2.0 / 1.6), repeats
+    assert "| headline | 0.0 | cflora[triton] | 2.5 | 1.250 | 0.3 | 2 | 1.250 | 20 |" in text
     assert "| triton-correctness | pass | 1.0 |" in text
 
 
