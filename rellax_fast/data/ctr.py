@@ -6,7 +6,8 @@ order (``items[offsets[u]:offsets[u+1]]``); a sample is (``user_index``, ``pos``
 
 Preprocessing (ReLLa / ReLLaX):
 
-- MovieLens-style (domain "movie", incl. synthetic): label = rating > 3. A rating that the same user gives the
+- Timed domains (MovieLens, domain "movie", incl. synthetic): label = the domain record's rule
+  (``Domain.label_rule``, recorded in meta.json; movie: rating > 3). A rating that the same user gives the
   same item again within ``repeat_window`` seconds (60 by default; ``prepare --repeat-window``) is dropped, the
   later one kept: as a near-duplicate (e.g. ``timestamp + 1``) it would sit in the later sample's history with
   the target's own item and rating, leaking the label. Each user's ratings are ordered by
@@ -15,10 +16,11 @@ Preprocessing (ReLLa / ReLLaX):
   user's earlier ratings; samples with fewer than ``min_history`` (5) earlier ratings are dropped. The rest,
   sorted by global time (timestamp, then user, then position), are split 8:1:1 into train/valid/test, so
   every test timestamp is >= every train timestamp.
-- BookCrossing (domain "book"): label = rating >= 5 (implicit 0s are negatives). Users with more than 5
-  ratings are kept. For each, one rating (seeded) is the target and is placed LAST in the user's sequence;
-  the other ratings, in file order, are its history. Users are split at random (seeded) 90/10 into
-  train/test; ``valid`` is a seeded ninth of that 90 % taken out of train (so 80/10/10 overall, disjoint).
+- Untimed domains (BookCrossing, domain "book"): label = the domain record's rule (book: rating >= 5, so
+  implicit 0s are negatives). Users with more than 5 ratings are kept. For each, one rating (seeded) is the
+  target and is placed LAST in the user's sequence; the other ratings, in file order, are its history. Users
+  are split at random (seeded) 90/10 into train/test; ``valid`` is a seeded ninth of that 90 % taken out of
+  train (so 80/10/10 overall, disjoint).
 
 An empty split is an error (:class:`EmptySplitError`), never an output.
 
@@ -260,7 +262,7 @@ def _prepare_movielens(ds: RecDataset, min_history: int, repeat_window: int = RE
     }
     splits = {k: _make_split(seq, user_index[s], pos[s], ds.domain) for k, s in cuts.items()}
     rule = {
-        "label": "rating > 3",
+        "label": get_domain(ds.domain).label_rule,
         "history": "all earlier ratings of the user (ties: file order)",
         "min_history": min_history,
         "repeats": f"a rating the same user gives the same item again within {repeat_window} s is dropped (the later kept)",
@@ -297,7 +299,7 @@ def _prepare_bookcrossing(ds: RecDataset, seed: int, min_ratings_exclusive: int 
     parts = {"train": np.sort(rest[n_valid:]), "valid": np.sort(rest[:n_valid]), "test": np.sort(test)}
     splits = {k: _make_split(seq, v.astype(np.int64), counts[v] - 1, ds.domain) for k, v in parts.items()}
     rule = {
-        "label": "rating >= 5 (implicit 0 = negative)",
+        "label": get_domain(ds.domain).label_rule,
         "users": f"more than {min_ratings_exclusive} ratings",
         "history": "one seeded random target per user placed last; the other ratings, file order",
         "split": "random 90/10 train/test by user; valid = seeded 1/9 of the 90% taken out of train",

@@ -175,6 +175,30 @@ def test_toy_domain_record_renders_prompts_texts_and_labels(music):
     assert data.meta["domain"] == "music"
 
 
+@pytest.mark.parametrize("timed", [True, False])
+def test_meta_records_the_domain_records_label_rule(monkeypatch, timed):
+    # meta.json's rules name the domain's own label rule (they used to be hard-coded "rating > 3" / ">= 5")
+    record = dataclasses.replace(
+        MUSIC, timed=timed, positive_above=4 if timed else 2, positive_inclusive=timed
+    )
+    monkeypatch.setitem(DOMAINS, "music", record)
+    ds = make_synthetic(seed=1, n_users=30, n_items=80, n_ratings=900)
+    data = prepare_ctr(
+        RecDataset("toy-music", "music", ds.ratings, ds.items.rename(columns={"genres": "artist"}), None)
+    )
+    rule = "rating >= 4" if timed else "rating > 2"
+    assert record.label_rule == rule and data.meta["rules"]["label"] == rule
+    for split in data.splits.values():
+        assert np.array_equal(split.label, record.label(split.rating))
+    for name in ("movie", "book"):  # the built-in domains record their records' rules too
+        built_in = get_domain(name)
+        monkeypatch.setitem(DOMAINS, "music", dataclasses.replace(built_in, name="music", timed=timed))
+        again = prepare_ctr(
+            RecDataset("toy-music", "music", ds.ratings, ds.items.rename(columns={"genres": "artist"}), None)
+        )
+        assert again.meta["rules"]["label"] == built_in.label_rule
+
+
 def test_register_domain_checks(monkeypatch):
     monkeypatch.setattr(domains, "DOMAINS", dict(DOMAINS))
     assert register_domain(MUSIC) is MUSIC and domains.DOMAINS["music"] is MUSIC
