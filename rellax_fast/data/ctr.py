@@ -42,10 +42,8 @@ checks every file against the manifest and the splits against the sequences, and
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +52,7 @@ from typing import Dict, Optional
 import numpy as np
 import pandas as pd
 
-from .._io import file_sha256, fsync_dir
+from .._io import file_lock, file_sha256, fsync_dir
 from .datasets import DataFormatError, RecDataset
 from .domains import get_domain
 
@@ -76,8 +74,6 @@ __all__ = [
 
 SPLITS = ("train", "valid", "test")
 FORMAT_VERSION = 2  # 2: meta.json carries the manifest
-
-logger = logging.getLogger(__name__)
 
 
 class EmptySplitError(DataFormatError):
@@ -385,27 +381,6 @@ DATA_FILES = (
 )
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path, exclusive: bool):
-    """``flock`` on the folder itself (no lock file is left behind); a no-op where flock is unavailable."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no locking
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        except OSError as exc:  # a filesystem without locks (some network mounts): go on, unlocked
-            logger.warning(
-                "%s: cannot lock the folder (%s); concurrent `prepare` runs are not serialised", folder, exc
-            )
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def _write_temp(out: Path, name: str, write) -> Path:
     """Write one file under a temporary name in ``out`` (``write(path)``), fsync it; return the temp path.
     The name is ``_io``'s recognisable temporary name and the mode that of a plain ``open`` (umask)."""
@@ -514,7 +489,7 @@ def save_prepared(
     writers["items.parquet"] = (lambda p: data.dataset.items.to_parquet(p), len(data.dataset.items))
     if data.dataset.users is not None:
         writers["users.parquet"] = (lambda p: data.dataset.users.to_parquet(p), len(data.dataset.users))
-    with _folder_lock(out, exclusive=True):
+    with file_lock(out, exclusive=True):
         # temp files of a prepare that was killed (no other prepare is alive: we hold the lock)
         from .._io import remove_stale_temps
 
@@ -639,7 +614,7 @@ def load_prepared(out_dir) -> CTRData:
     meta_path = out / "meta.json"
     if not out.is_dir():
         raise FileNotFoundError(f"{meta_path}: not found; run `rellax-fast prepare --out {out}` first")
-    with _folder_lock(out, exclusive=False):
+    with file_lock(out, exclusive=False):
         if not meta_path.exists():
             present = [n for n in DATA_FILES if (out / n).exists()]
             if present:

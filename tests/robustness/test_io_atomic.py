@@ -23,6 +23,7 @@ from rellax_fast._io import (
     atomic_write_png,
     atomic_write_text,
     check_out_dir,
+    file_lock,
     json_sha256,
     make_temp_dir,
     remove_stale_temps,
@@ -260,3 +261,61 @@ def test_atomic_write_npy_round_trips_returns_its_bytes_and_refuses_objects(tmp_
     with pytest.raises(ValueError):  # object arrays would need pickles: refused, the old file kept
         atomic_write_npy(path, np.array([{"a": 1}], dtype=object))
     assert path.read_bytes() == payload and sorted(p.name for p in tmp_path.iterdir()) == ["a.npy"]
+
+
+# ------------------------------------------------------------------------------------------------ file_lock
+
+PROBE = r"""
+import fcntl, os, sys
+path, mode = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_RDONLY)
+try:
+    fcntl.flock(fd, (fcntl.LOCK_EX if mode == "ex" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    print("free")
+except BlockingIOError:
+    print("held")
+"""
+
+
+def _probe(path, mode: str) -> str:
+    """Whether another process could take the lock on ``path`` now, without waiting."""
+    return subprocess.run(
+        [sys.executable, "-c", PROBE, str(path), mode], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_file_lock_on_a_folder_is_exclusive_or_shared_and_leaves_nothing(tmp_path):
+    pytest.importorskip("fcntl")
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    with file_lock(folder, exclusive=True):
+        assert _probe(folder, "sh") == "held" and _probe(folder, "ex") == "held"
+    assert _probe(folder, "ex") == "free"  # released on exit
+    with file_lock(folder, exclusive=False):
+        assert _probe(folder, "sh") == "free" and _probe(folder, "ex") == "held"
+    assert list(folder.iterdir()) == []  # a folder is locked itself: no lock file
+
+
+def test_file_lock_on_a_file_path_creates_the_lock_file_and_releases_on_error(tmp_path):
+    pytest.importorskip("fcntl")
+    lock = tmp_path / "cache" / ".model.lock"  # its folder does not exist yet
+    with pytest.raises(RuntimeError, match="boom"):
+        with file_lock(lock):
+            assert lock.is_file() and _probe(lock, "ex") == "held"
+            raise RuntimeError("boom")
+    assert _probe(lock, "ex") == "free"
+
+
+def test_file_lock_where_the_filesystem_refuses_locks_warns_and_runs(tmp_path, monkeypatch, caplog):
+    fcntl = pytest.importorskip("fcntl")
+
+    def refuse(fd, op):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    ran = []
+    with caplog.at_level("WARNING", logger="rellax_fast._io"):
+        with file_lock(tmp_path):
+            ran.append(True)
+    assert ran == [True]
+    assert f"{tmp_path}: cannot lock it" in caplog.text and "No locks available" in caplog.text
