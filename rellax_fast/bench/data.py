@@ -231,7 +231,7 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
     import torch
 
     from .._io import atomic_path
-    from ..data.ctr import load_prepared
+    from ..data.prepared import load_prepared
     from ..subr.retrieval import retrieve
 
     t0 = time.perf_counter()
@@ -300,7 +300,7 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
 def _stage_train_ctr(prepared: Path, out: Path, seed: int) -> dict:
     from ..ctr.din import DINTrainConfig, matmul_flops_per_sample, predict, training_precision
     from ..ctr.store import fit_din, save_ctr, split_arrays
-    from ..data.ctr import load_prepared
+    from ..data.prepared import load_prepared
 
     t0 = time.perf_counter()
     data = load_prepared(prepared)

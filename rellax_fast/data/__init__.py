@@ -7,7 +7,7 @@
   parsing and corruption reports); :mod:`.download`: official sources, checksums, atomic download;
   :mod:`.synthetic`: the embedded generated dataset.
 - :mod:`.ctr`: the paper's labels and splits as columnar :class:`UserSequences` + :class:`CTRSplit`
-  (``prepare_ctr``, ``save_prepared``, ``load_prepared``).
+  (``prepare_ctr``); :mod:`.prepared`: the prepared folder on disk (``save_prepared``, ``load_prepared``).
 - :mod:`.prompts`: per-domain prompt templates with SPA placeholders, and the ReiT mixed training set.
 - :mod:`.collate`: tokenisation and dynamic-padding collation for causal and encoder backbones.
 
@@ -36,8 +36,8 @@ _LAZY = {
     "CTRSplit": ".ctr",
     "CTRData": ".ctr",
     "prepare_ctr": ".ctr",
-    "save_prepared": ".ctr",
-    "load_prepared": ".ctr",
+    "save_prepared": ".prepared",
+    "load_prepared": ".prepared",
     "build_sequences": ".ctr",
     "label_of": ".ctr",
     "Prompt": ".prompts",

@@ -56,11 +56,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from .._io import check_out_dir
-    from .ctr import prepare_ctr, save_prepared
+    from .ctr import prepare_ctr
     from .datasets import DataFormatError, load_dataset
     from .download import ChecksumError, DatasetNotFoundError
     from .leakage import check_no_leakage
     from .parsing import data_warnings_to_stderr
+    from .prepared import save_prepared
 
     history_column = getattr(args, "history_column", "none")
     if getattr(args, "repeat_window", 0) < 0:

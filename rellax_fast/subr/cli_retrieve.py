@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         # a folder with prepared files but no meta.json is an interrupted `prepare`: load_prepared says so
-        from rellax_fast.data.ctr import DATA_FILES
+        from rellax_fast.data.prepared import DATA_FILES
 
         written = (out / "meta.json").exists() or any((out / f).exists() for f in DATA_FILES[:3])
         prepared = Path(args.prepared) if args.prepared else (out if written else None)

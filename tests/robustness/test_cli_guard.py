@@ -130,9 +130,9 @@ def _patch_run(monkeypatch, command, exc):
     ],
 )
 def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch, exc):
-    from rellax_fast.data.ctr import PreparedDataError
     from rellax_fast.data.download import ChecksumError
     from rellax_fast.data.parsing import DataFormatError
+    from rellax_fast.data.prepared import PreparedDataError
     from rellax_fast.ops._backend import BackendUnavailableError
     from rellax_fast.train.pipeline import ResumeMismatchError
 

@@ -106,8 +106,9 @@ def test_near_repeats_are_dropped_so_no_history_shows_its_own_label(tmp_path, ca
     from corpus import clean_rows, write_clean
 
     from rellax_fast.cli import main
-    from rellax_fast.data.ctr import REPEAT_WINDOW_S, load_prepared
+    from rellax_fast.data.ctr import REPEAT_WINDOW_S
     from rellax_fast.data.parsing import DataWarning
+    from rellax_fast.data.prepared import load_prepared
 
     raw = write_clean(tmp_path / "raw")
     rows = clean_rows()

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from rellax_fast._io import PathOutsideFolderError
-from rellax_fast.data.ctr import PreparedDataError, load_prepared, prepare_ctr, save_prepared
+from rellax_fast.data.ctr import prepare_ctr
 from rellax_fast.data.parsing import DataFormatError
+from rellax_fast.data.prepared import PreparedDataError, load_prepared, save_prepared
 from rellax_fast.data.synthetic import make_synthetic
 
 OPTS = {"embed_dim": 4, "mlp_hidden": (8,), "max_history": 5, "attention_hidden": 4}

@@ -11,15 +11,9 @@ import time
 import numpy as np
 import pytest
 
-from rellax_fast.data import ctr as ctr_mod
-from rellax_fast.data.ctr import (
-    EmptySplitError,
-    PreparedDataError,
-    ctr_fingerprint,
-    load_prepared,
-    prepare_ctr,
-    save_prepared,
-)
+from rellax_fast.data import prepared as prepared_mod
+from rellax_fast.data.ctr import EmptySplitError, ctr_fingerprint, prepare_ctr
+from rellax_fast.data.prepared import PreparedDataError, load_prepared, save_prepared
 from rellax_fast.data.synthetic import make_synthetic
 
 
@@ -70,7 +64,7 @@ def test_meta_json_carries_a_manifest_and_other_files_are_kept(tmp_path):
 def test_failure_between_published_files_is_refused_then_a_rerun_is_clean(tmp_path, monkeypatch):
     save_prepared(tiny(0), tmp_path)
     calls = []
-    real = ctr_mod._publish
+    real = prepared_mod._publish
 
     def failing(tmp, final):
         calls.append(final.name)
@@ -78,27 +72,27 @@ def test_failure_between_published_files_is_refused_then_a_rerun_is_clean(tmp_pa
             raise OSError("injected failure between files")
         real(tmp, final)
 
-    monkeypatch.setattr(ctr_mod, "_publish", failing)
+    monkeypatch.setattr(prepared_mod, "_publish", failing)
     with pytest.raises(OSError, match="injected"):
         save_prepared(tiny(1), tmp_path)
     assert no_temp_files(tmp_path)
     with pytest.raises(PreparedDataError, match=r"meta.json: missing while .*train.parquet.* interrupted"):
         load_prepared(tmp_path)
-    monkeypatch.setattr(ctr_mod, "_publish", real)
+    monkeypatch.setattr(prepared_mod, "_publish", real)
     save_prepared(tiny(1), tmp_path)
     assert_same(load_prepared(tmp_path), tiny(1))
 
 
 def test_failure_while_writing_leaves_the_previous_folder_whole(tmp_path, monkeypatch):
     save_prepared(tiny(0), tmp_path)
-    real = ctr_mod._write_temp
+    real = prepared_mod._write_temp
 
     def failing(out, name, write):
         if name == "sequences.parquet":
             raise OSError("disk full (injected)")
         return real(out, name, write)
 
-    monkeypatch.setattr(ctr_mod, "_write_temp", failing)
+    monkeypatch.setattr(prepared_mod, "_write_temp", failing)
     with pytest.raises(OSError, match="injected"):
         save_prepared(tiny(1), tmp_path)
     assert no_temp_files(tmp_path)
@@ -108,12 +102,12 @@ def test_failure_while_writing_leaves_the_previous_folder_whole(tmp_path, monkey
 CHILD = r"""
 import sys, time
 from pathlib import Path
-from rellax_fast.data import ctr
+from rellax_fast.data import ctr, prepared
 from rellax_fast.data.synthetic import make_synthetic
 
 out, seed, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 data = ctr.prepare_ctr(make_synthetic(seed=seed, n_users=40, n_items=60, n_ratings=1000))
-real = ctr._publish
+real = prepared._publish
 
 def slow(tmp, final):
     real(tmp, final)
@@ -122,9 +116,9 @@ def slow(tmp, final):
         time.sleep(60)
     time.sleep(0.05)
 
-ctr._publish = slow
+prepared._publish = slow
 print("ready", flush=True)
-ctr.save_prepared(data, out)
+prepared.save_prepared(data, out)
 """
 
 
