@@ -2,8 +2,9 @@
 written by every rank and merged by rank 0.
 
 Used by `rellax-fast embed` and `retrieve` (each rank encodes an item range / retrieves a user range, writes
-its shard atomically, and rank 0 merges after a ``torch.distributed`` barrier) and by the trainer (rank-0
-writes). In a single process (no launcher) every helper is a no-op: rank 0 of a world of 1.
+its shard atomically, and rank 0 merges after a ``torch.distributed`` barrier: the encoding side is
+:func:`rellax_fast.subr.embed.sharded_cached_embeddings`) and by the trainer (rank-0 writes). Generic: it
+imports nothing of ``rellax_fast`` but ``_io``. In a single process (no launcher) every helper is a no-op: rank 0 of a world of 1.
 
 The process group comes from accelerate's :class:`~accelerate.PartialState` (gloo on CPU, NCCL on GPUs;
 ``cpu=True`` where there is no CUDA, without which accelerate 1.15 treats a CPU torchrun as one process),
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 
 def launched() -> bool:
@@ -156,81 +157,3 @@ def main_first():
 
         return contextlib.nullcontext()
     return s.main_process_first()
-
-
-class ShardedEncoder:
-    """An encoder wrapper for `embed` under a launcher (on rank 0): ``encode(texts)`` tells the other ranks
-    to encode, encodes rank 0's contiguous slice of ``texts``, writes it as a shard, waits for every rank's
-    shard (barrier) and returns the merged array. The other ranks take part in
-    :func:`sharded_cached_embeddings`."""
-
-    def __init__(self, encoder, folder):
-        self.encoder, self.folder = encoder, Path(folder)
-
-    def identity(self):
-        return self.encoder.identity()
-
-    def encode(self, texts: Sequence[str], show_progress: Optional[bool] = None):
-        import numpy as np
-
-        rank, world = rank_world()
-        broadcast_object(("encode", len(texts)))  # wake the other ranks
-        return np.concatenate(_encode_my_slice(self.encoder, texts, self.folder, rank, world, show_progress))
-
-
-def _encode_my_slice(encoder, texts, folder, rank, world, show_progress=None):
-    import numpy as np
-
-    lo, hi = sharded_rows(len(texts), rank, world)
-    emb = np.asarray(encoder.encode(list(texts[lo:hi]), show_progress=show_progress), dtype=np.float32)
-    write_shard(folder, rank, world, {"emb": emb, "lo": np.int64(lo), "hi": np.int64(hi)})
-    barrier()  # every shard is written
-    if rank != 0:
-        return None
-    shards = read_shards(folder, world)
-    remove_shards(folder)
-    if [(int(s["lo"]), int(s["hi"])) for s in shards] != [
-        sharded_rows(len(texts), r, world) for r in range(world)
-    ]:
-        raise RuntimeError(f"{folder}: the shards do not tile the {len(texts)} texts")
-    return [s["emb"] for s in shards]
-
-
-def sharded_cached_embeddings(
-    cache_fn, cache_dir, dataset: str, item_ids, texts, *, encoder_factory, **kwargs
-):
-    """``cache_fn`` (:func:`rellax_fast.subr.cache.cached_item_embeddings`) under a launcher.
-
-    Rank 0 looks the entry up; on a miss the texts are encoded in contiguous slices by every rank (each
-    writes its shard atomically under ``cache_dir``), rank 0 merges them after a barrier, post-processes and
-    writes the cache entry, and the other ranks then load that entry. In one process: ``cache_fn`` itself.
-    """
-    if not launched():
-        return cache_fn(cache_dir, dataset, item_ids, texts, encoder_factory=encoder_factory, **kwargs)
-    rank, world = rank_world()
-    folder = Path(cache_dir) / f".{dataset}.encode.shards"
-    if rank == 0:
-        try:
-            result = cache_fn(
-                cache_dir,
-                dataset,
-                item_ids,
-                texts,
-                encoder_factory=lambda: ShardedEncoder(encoder_factory(), folder),
-                **kwargs,
-            )
-        except BaseException as exc:
-            broadcast_object(("error", f"{type(exc).__name__}: {exc}"))
-            raise
-        broadcast_object(("done", str(result.path), result.status, result.reason))
-        return result
-    message = broadcast_object(None)
-    while message[0] == "encode":
-        _encode_my_slice(encoder_factory(), list(texts), folder, rank, world, show_progress=False)
-        message = broadcast_object(None)
-    if message[0] == "error":
-        raise RuntimeError(f"rank 0 failed: {message[1]}")
-    from .subr.cache import CacheResult, load_entry
-
-    emb, ids, meta = load_entry(message[1])
-    return CacheResult(emb, ids, message[2], Path(message[1]), meta.get("key", {}), message[3])

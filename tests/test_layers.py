@@ -5,6 +5,7 @@ included) rather than from ``sys.modules``, so a lazy import cannot hide an upwa
   through its ``COMMANDS`` table of module-name strings (``importlib``), and library logic lives elsewhere;
 - ``ctr/`` (the DIN) imports neither ``train`` nor ``bench`` (nor ``spa``);
 - ``rellax_fast/metrics.py`` is a leaf; ``spa/`` imports neither ``train`` nor ``bench``;
+- ``rellax_fast/distributed.py`` is generic: it imports nothing of ``rellax_fast`` but ``_io`` (not ``subr``);
 - ``train/`` imports neither ``bench`` nor a command module;
 - no compatibility shims (#29 item 2): ``spa.din`` / ``spa.ctr`` are gone, and no module (but a package's
   ``__init__``) imports a name at module level that it neither uses nor lists in ``__all__``;
@@ -151,6 +152,14 @@ def test_spa_imports_neither_train_nor_bench(graph):
     _, edges = graph
     bad = violations(edges, "rellax_fast.spa", ["rellax_fast.train", "rellax_fast.bench"])
     assert not bad, bad
+
+
+def test_distributed_is_generic(graph):
+    # #29 item 3: distributed.py knew SUBR (its embedding step imported subr.cache); that step is subr.embed's
+    _, edges = graph
+    assert {m for m, _ in edges["rellax_fast.distributed"]} <= {"rellax_fast._io"}, edges[
+        "rellax_fast.distributed"
+    ]
 
 
 def test_train_imports_no_bench(graph):

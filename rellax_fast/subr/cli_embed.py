@@ -3,7 +3,7 @@
 Writes ``<out>/embeddings/<dataset>__<encoder>__<kind>__<options>.npy`` and its ``.json`` metadata (see
 :mod:`rellax_fast.subr.cache`); an up-to-date entry is reused, a stale or corrupt one rebuilt.
 Under ``torchrun`` / ``accelerate launch`` each process encodes a contiguous item range and writes it as a
-shard; rank 0 merges them and writes the cache entry (:func:`rellax_fast.distributed.sharded_cached_embeddings`).
+shard; rank 0 merges them and writes the cache entry (:func:`rellax_fast.subr.embed.sharded_cached_embeddings`).
 ``--dataset``, ``--data-dir`` and ``--out`` are added by :mod:`rellax_fast.cli`. Nothing heavy is
 imported at module level.
 """
