@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Optional
 
 from ..ops._backend import BACKENDS
 from .embed import add_encoder_arguments
@@ -94,43 +95,87 @@ def _shown_scores(emb, rows, offsets, split, shown, metric):
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import sys
     from pathlib import Path
 
-    import numpy as np
+    from rellax_fast.distributed import is_main
 
-    from rellax_fast.data import DataFormatError, DatasetNotFoundError, load_prepared, prepare_ctr
-
-    from .._io import atomic_write
-    from .embed import embed_items, load_raw_dataset
     from .encoders import resolve_device
     from .retrieval import item_rows
 
-    if args.k < 1:
-        print(f"error: --k must be >= 1; got {args.k}", file=sys.stderr)
-        return 2
-    if args.limit is not None and args.limit < 1:
-        print(
-            f"error: --limit must be >= 1 (leave it out for every sample); got {args.limit}", file=sys.stderr
-        )
-        return 2
-    max_history = getattr(args, "max_history", None)
-    if max_history is not None and (max_history < 1 or args.method != "op"):
-        print(
-            f"error: --max-history must be >= 1 and needs --method op; got {max_history} with --method {args.method}",
-            file=sys.stderr,
-        )
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    error = _option_error(args, splits)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    if not splits:
-        print(f"error: --splits: no split named in {args.splits!r}", file=sys.stderr)
+    loaded = _load_inputs(args, out, splits)
+    if isinstance(loaded, int):
+        return loaded
+    data, emb_result = loaded
+    rows = item_rows(data.sequences.items, emb_result.item_ids)
+    device = resolve_device(args.device)
+    dest = out / "retrieval"
+    summary = {
+        "dataset": args.dataset,
+        "k": args.k,
+        "mode": args.mode,
+        "method": args.method,
+        "metric": args.metric,
+        "backend": args.backend or "auto",
+        "embeddings": str(emb_result.path),
+        "splits": {},
+        "max_history": getattr(args, "max_history", None),
+    }
+    try:
+        kept = kept_splits(dest, summary, splits)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
+    dest.mkdir(parents=True, exist_ok=True)
+    emb = emb_result.embeddings
+    print(
+        f"embeddings {emb.shape[0]:,} x {emb.shape[1]} ({emb_result.status}); k={args.k} mode={args.mode} "
+        f"method={args.method}"
+    )
+    header = f"{'split':<6} {'samples':>9} {'seconds':>8} {'samples/s':>11} {'padded':>7} {'mean score':>11} {'shown sim':>10}"
+    lines = [header]
+    status = _retrieve_and_publish(args, data, splits, emb_result, rows, device, dest, summary, lines)
+    if status or not is_main():  # an error; or, under a launcher, a rank whose shards rank 0 has merged
+        return status
+    _write_summary(dest, summary, kept, splits, lines)
+    return 0
+
+
+def _option_error(args: argparse.Namespace, splits) -> Optional[str]:
+    """The first problem with the options that no data is needed to see, or None."""
+    if args.k < 1:
+        return f"--k must be >= 1; got {args.k}"
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be >= 1 (leave it out for every sample); got {args.limit}"
+    max_history = getattr(args, "max_history", None)
+    if max_history is not None and (max_history < 1 or args.method != "op"):
+        return (
+            f"--max-history must be >= 1 and needs --method op; got {max_history} with --method {args.method}"
+        )
+    if not splits:
+        return f"--splits: no split named in {args.splits!r}"
+    return None
+
+
+def _load_inputs(args: argparse.Namespace, out, splits):
+    """(the CTR data, the item embeddings' CacheResult), or the exit code after an ``error:`` line. The data are
+    ``--prepared``, else ``out`` when `prepare` wrote there, else prepared in memory."""
+    import sys
+    from pathlib import Path
+
+    from rellax_fast.data import DataFormatError, DatasetNotFoundError, load_prepared, prepare_ctr
+    from rellax_fast.data.prepared import DATA_FILES
+
+    from .embed import embed_items, load_raw_dataset
+
     try:
         # a folder with prepared files but no meta.json is an interrupted `prepare`: load_prepared says so
-        from rellax_fast.data.prepared import DATA_FILES
-
         written = (out / "meta.json").exists() or any((out / f).exists() for f in DATA_FILES[:3])
         prepared = Path(args.prepared) if args.prepared else (out if written else None)
         if prepared is not None:
@@ -153,60 +198,38 @@ def run(args: argparse.Namespace) -> int:
         if empty:
             print(f"error: split(s) {empty} hold no samples; nothing written", file=sys.stderr)
             return 1
-        emb_result = embed_items(args, dataset)
+        return data, embed_items(args, dataset)
     except (DatasetNotFoundError, DataFormatError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
-    emb = emb_result.embeddings
-    rows = item_rows(data.sequences.items, emb_result.item_ids)
-    offsets = data.sequences.offsets.astype(np.int64)
-    device = resolve_device(args.device)
-    dest = out / "retrieval"
-    summary = {
-        "dataset": args.dataset,
-        "k": args.k,
-        "mode": args.mode,
-        "method": args.method,
-        "metric": args.metric,
-        "backend": args.backend or "auto",
-        "embeddings": str(emb_result.path),
-        "splits": {},
-        "max_history": max_history,
-    }
-    try:
-        kept = kept_splits(dest, summary, splits)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    dest.mkdir(parents=True, exist_ok=True)
-    print(
-        f"embeddings {emb.shape[0]:,} x {emb.shape[1]} ({emb_result.status}); k={args.k} mode={args.mode} "
-        f"method={args.method}"
-    )
-    header = f"{'split':<6} {'samples':>9} {'seconds':>8} {'samples/s':>11} {'padded':>7} {'mean score':>11} {'shown sim':>10}"
-    lines = [header]
+
+def _retrieve_and_publish(args, data, splits, emb_result, rows, device, dest, summary, lines) -> int:
+    """Retrieve every split into a temporary file, then (rank 0) rename them all into place: 0, or an exit code
+    with nothing published."""
+    from rellax_fast.distributed import is_main
+
     pending = {}  # split -> temp file, renamed into place once every split succeeded
     try:
-        status = _retrieve_splits(
-            args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending
-        )
-        if status:
+        status = _retrieve_splits(args, data, splits, emb_result, rows, device, dest, summary, lines, pending)
+        if status or not is_main():  # under a launcher: this rank's shards are written, rank 0 merges
             return status
-        from rellax_fast.distributed import is_main
-
-        if not is_main():  # under torchrun / accelerate launch: this rank's shards are written, rank 0 merges
-            return 0
         for name, tmp in pending.items():
             os.replace(tmp, dest / f"{name}.npz")
         pending.clear()
     finally:
         for tmp in pending.values():
             tmp.unlink(missing_ok=True)
-    summary["splits"] = {
-        **kept,
-        **summary["splits"],
-    }  # every split on disk, all retrieved with these settings
+    return 0
+
+
+def _write_summary(dest, summary: dict, kept: dict, splits, lines) -> None:
+    """summary.json (every split on disk, all retrieved with these settings) and the printed table."""
+    import json
+
+    from .._io import atomic_write
+
+    summary["splits"] = {**kept, **summary["splits"]}
     payload = (json.dumps(summary, indent=2) + "\n").encode()
     atomic_write(dest / "summary.json", lambda fh: fh.write(payload))
     print("\n".join(lines))
@@ -215,7 +238,6 @@ def run(args: argparse.Namespace) -> int:
         "similarity (recent: of the shown items); shown sim: similarity of shown items to the target"
     )
     print(f"wrote {', '.join(f'{s}.npz' for s in splits)} and summary.json to {dest}")
-    return 0
 
 
 # what the files of one retrieval folder must share: a split retrieved with other settings contradicts the rest
@@ -249,104 +271,131 @@ def kept_splits(dest, summary: dict, splits) -> dict:
     return {s: entries[s] for s in others}
 
 
-def _retrieve_splits(
-    args, data, splits, emb, emb_result, rows, offsets, device, dest, summary, lines, pending
-):
+def _retrieve_splits(args, data, splits, emb_result, rows, device, dest, summary, lines, pending):
     """Retrieve every split into a temporary ``.npz`` in ``dest`` (recorded in ``pending``); 0, or an exit code."""
-    import io
     import sys
     import time
 
     import numpy as np
-    import torch
 
     from rellax_fast.distributed import is_main, shard_folder
     from rellax_fast.ops import BackendUnavailableError
 
-    from .._io import temp_path_for
-    from .retrieval import retrieve_global, retrieve_sharded, shown_positions
+    from .retrieval import shown_positions
 
+    emb = emb_result.embeddings
+    offsets = data.sequences.offsets.astype(np.int64)
     for name in splits:
         split = data.splits[name]
         if args.limit is not None:
             split = split.subset(np.arange(min(args.limit, len(split))))
-        n = len(split)
-        if n == 0:  # never replace earlier results with an empty file
+        if len(split) == 0:  # never replace earlier results with an empty file
             print(f"error: {name}: no samples to retrieve; nothing written", file=sys.stderr)
             return 1
         start = time.perf_counter()
-        retrieved_pos = retrieved_score = None
         try:
-            if args.mode != "recent":
-                if args.method == "op":  # under a launcher: each rank a user range, merged on rank 0
-                    result = retrieve_sharded(
-                        torch.from_numpy(emb),
-                        data.sequences,
-                        split,
-                        args.k,
-                        metric=args.metric,
-                        backend=args.backend,
-                        item_ids=emb_result.item_ids,
-                        device=device,
-                        max_history=getattr(args, "max_history", None),
-                        shard_dir=shard_folder(dest / name, "retrieve"),
-                    )
-                    if result is None:  # not rank 0
-                        continue
-                    retrieved_pos, retrieved_score = result
-                elif not is_main():
-                    continue
-                else:
-                    retrieved_pos, retrieved_score = retrieve_global(
-                        emb, data.sequences, split, args.k, metric=args.metric, item_ids=emb_result.item_ids
-                    )
-                retrieved_pos, retrieved_score = retrieved_pos.numpy(), retrieved_score.numpy()
+            retrieved = _top_k(
+                args, data, split, emb, emb_result, device, shard_folder(dest / name, "retrieve")
+            )
         except (BackendUnavailableError, ValueError, RuntimeError) as exc:
             print(f"error: {name}: {exc}", file=sys.stderr)
             return 1
-        if not is_main():
+        if retrieved is None or not is_main():  # under a launcher only rank 0 goes on
             continue
+        retrieved_pos, retrieved_score = retrieved
         shown = shown_positions(data.sequences, split, args.k, args.mode, retrieved_pos, retrieved_score)
         shown_score = _shown_scores(emb, rows, offsets, split, shown, args.metric)
         seconds = time.perf_counter() - start  # retrieval + ordering + scoring of the shown items
         flat = np.where(shown >= 0, offsets[split.user_index][:, None] + shown, 0)
-        shown_item = np.where(shown >= 0, data.sequences.items[flat], -1)
         arrays = dict(
             user_index=split.user_index,
             pos=split.pos,
             item_id=split.item_id,
             shown_pos=shown,
-            shown_item=shown_item,
+            shown_item=np.where(shown >= 0, data.sequences.items[flat], -1),
             shown_score=shown_score,
         )
         if retrieved_pos is not None:
             arrays.update(retrieved_pos=retrieved_pos, retrieved_score=retrieved_score)
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        tmp = temp_path_for(dest / f"{name}.npz")  # recognisable; a killed run's is removed by the next write
-        pending[name] = tmp
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as fh:  # umask mode
-            fh.write(buffer.getvalue())
-            fh.flush()
-            os.fsync(fh.fileno())
-        valid = shown >= 0
+        pending[name] = _write_temp_npz(dest / f"{name}.npz", arrays)
         ref_scores = retrieved_score if retrieved_score is not None else shown_score
-        stats = {
-            "samples": n,
-            "seconds": seconds,
-            "samples_per_s": n / seconds if seconds > 0 else float("inf"),
-            "fraction_padded": float(1 - valid.mean()) if shown.size else 0.0,
-            "mean_score": float(ref_scores[np.isfinite(ref_scores)].mean())
-            if np.isfinite(ref_scores).any()
-            else None,
-            "mean_shown_similarity": float(shown_score[valid].mean()) if valid.any() else None,
-            "file": str(dest / f"{name}.npz"),
-        }
+        stats = _split_stats(len(split), seconds, shown, shown_score, ref_scores, dest / f"{name}.npz")
         summary["splits"][name] = stats
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
         lines.append(
-            f"{name:<6} {n:>9,} {seconds:>8.2f} {stats['samples_per_s']:>11,.0f} "
+            f"{name:<6} {len(split):>9,} {seconds:>8.2f} {stats['samples_per_s']:>11,.0f} "
             f"{stats['fraction_padded']:>7.3f} {fmt(stats['mean_score']):>11} "
             f"{fmt(stats['mean_shown_similarity']):>10}"
         )
     return 0
+
+
+def _top_k(args, data, split, emb, emb_result, device, shard_dir):
+    """The split's retrieved (pos, score) as numpy arrays ((None, None) for ``--mode recent``); None on a rank
+    other than 0 under a launcher (``--method op`` retrieves a user range there, merged on rank 0)."""
+    import torch
+
+    from rellax_fast.distributed import is_main
+
+    from .retrieval import retrieve_global, retrieve_sharded
+
+    if args.mode == "recent":
+        return None, None
+    if args.method == "op":
+        result = retrieve_sharded(
+            torch.from_numpy(emb),
+            data.sequences,
+            split,
+            args.k,
+            metric=args.metric,
+            backend=args.backend,
+            item_ids=emb_result.item_ids,
+            device=device,
+            max_history=getattr(args, "max_history", None),
+            shard_dir=shard_dir,
+        )
+        if result is None:  # not rank 0
+            return None
+    elif not is_main():
+        return None
+    else:
+        result = retrieve_global(
+            emb, data.sequences, split, args.k, metric=args.metric, item_ids=emb_result.item_ids
+        )
+    return result[0].numpy(), result[1].numpy()
+
+
+def _write_temp_npz(path, arrays: dict):
+    """``arrays`` as an ``.npz`` in a fresh temporary sibling of ``path`` (recognisable, so a killed run's is
+    removed by the next write; the umask's mode; fsynced); returns the temporary path."""
+    import io
+
+    import numpy as np
+
+    from .._io import temp_path_for
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    tmp = temp_path_for(path)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as fh:
+        fh.write(buffer.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
+
+
+def _split_stats(n, seconds, shown, shown_score, ref_scores, path) -> dict:
+    """One split's entry of summary.json."""
+    import numpy as np
+
+    valid = shown >= 0
+    finite = np.isfinite(ref_scores)
+    return {
+        "samples": n,
+        "seconds": seconds,
+        "samples_per_s": n / seconds if seconds > 0 else float("inf"),
+        "fraction_padded": float(1 - valid.mean()) if shown.size else 0.0,
+        "mean_score": float(ref_scores[finite].mean()) if finite.any() else None,
+        "mean_shown_similarity": float(shown_score[valid].mean()) if valid.any() else None,
+        "file": str(path),
+    }
