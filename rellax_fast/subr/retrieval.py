@@ -179,20 +179,11 @@ def retrieve(
     keeps the k best inside the row's own window. At most ``window_budget`` window entries are gathered at
     a time.
     """
+    import itertools
+
     import torch
 
-    from rellax_fast import ops
-
-    if k < 0:
-        raise ValueError(f"k must be >= 0; got {k}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    if max_history is not None and (
-        isinstance(max_history, bool) or int(max_history) != max_history or max_history < 1
-    ):
-        raise ValueError(
-            f"max_history must be an integer >= 1 (or None: the whole history); got {max_history!r}"
-        )
+    _check_retrieve_options(k, chunk_size, max_history)
     offsets, users, pos = _split_arrays(sequences, split)
     emb = torch.as_tensor(item_emb)
     if not emb.is_floating_point():
@@ -204,45 +195,55 @@ def retrieve(
     out_pos = torch.full((n, k), -1, dtype=torch.int64)
     out_score = torch.full((n, k), float("-inf"), dtype=torch.float32)
     windowed = np.zeros(n, dtype=bool) if max_history is None else pos > max_history
-    direct = np.flatnonzero(~windowed)
+    parts = _direct_topk(emb, seq, off, users, pos, np.flatnonzero(~windowed), k, chunk_size, metric, backend)
+    if windowed.any() and k > 0:
+        wide = np.flatnonzero(windowed)
+        windows = (emb, rows, offsets, users, pos, wide, k, int(max_history), window_band, window_budget)
+        parts = itertools.chain(parts, _windowed_topk(*windows, metric, backend, dev))
     with progress_bar(n, f"SUBR top-{k}", show_progress, unit="sample", unit_scale=True) as bar:
-        for start in range(0, len(direct), chunk_size):
-            idx = direct[start : start + chunk_size]
-            p, s = ops.semantic_topk(
-                emb,
-                seq,
-                off,
-                torch.as_tensor(users[idx], device=dev),
-                torch.as_tensor(pos[idx], device=dev),
-                k,
-                metric=metric,
-                backend=backend,
-            )
-            out_pos[idx] = p.cpu()
-            out_score[idx] = s.cpu()
+        for idx, p, s in parts:
+            out_pos[idx] = p
+            out_score[idx] = s
             bar.update(len(idx))
-        if windowed.any() and k > 0:
-            for idx, p, s in _windowed_topk(
-                emb,
-                rows,
-                offsets,
-                users,
-                pos,
-                np.flatnonzero(windowed),
-                k,
-                int(max_history),
-                window_band,
-                window_budget,
-                metric,
-                backend,
-                dev,
-            ):
-                out_pos[idx] = p
-                out_score[idx] = s
-                bar.update(len(idx))
-        elif windowed.any():
+        if windowed.any() and k == 0:
             bar.update(int(windowed.sum()))
     return out_pos, out_score
+
+
+def _check_retrieve_options(k: int, chunk_size: int, max_history: Optional[int]) -> None:
+    """:func:`retrieve`'s scalar arguments, checked before anything is moved or computed."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got {k}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if max_history is not None and (
+        isinstance(max_history, bool) or int(max_history) != max_history or max_history < 1
+    ):
+        raise ValueError(
+            f"max_history must be an integer >= 1 (or None: the whole history); got {max_history!r}"
+        )
+
+
+def _direct_topk(emb, seq, off, users, pos, direct, k, chunk_size, metric, backend):
+    """Yield (sample indices, pos, score), on the CPU, of :func:`retrieve`'s samples that see their whole
+    history (``direct``): ``ops.semantic_topk`` on ``chunk_size`` of them at a time."""
+    import torch
+
+    from rellax_fast import ops
+
+    for start in range(0, len(direct), chunk_size):
+        idx = direct[start : start + chunk_size]
+        p, s = ops.semantic_topk(
+            emb,
+            seq,
+            off,
+            torch.as_tensor(users[idx], device=emb.device),
+            torch.as_tensor(pos[idx], device=emb.device),
+            k,
+            metric=metric,
+            backend=backend,
+        )
+        yield idx, p.cpu(), s.cpu()
 
 
 def _windowed_topk(emb, rows, offsets, users, pos, wide, k, window, band, budget, metric, backend, dev):
@@ -405,15 +406,7 @@ def retrieve_global(
     if use_gpu is None:
         use_gpu = bool(getattr(item_emb, "is_cuda", False)) and _faiss_has_gpu()
 
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
-    if k < 0:
-        raise ValueError(f"k must be >= 0; got {k}")
-    emb = np.ascontiguousarray(_np(item_emb), dtype=np.float32)
-    if emb.ndim != 2:
-        raise ValueError(f"item_emb must be (N_items, d); got shape {emb.shape}")
-    if not np.isfinite(emb).all():
-        raise ValueError("item_emb contains NaN or Inf values")
+    emb = _global_embeddings(item_emb, metric, k)
     n_items = emb.shape[0]
     offsets, users, pos = _split_arrays(sequences, split)
     seq_rows, _, _ = sequence_rows(sequences, item_ids)
@@ -442,29 +435,12 @@ def retrieve_global(
     )
     with progress_bar(n, f"global top-{k}", show_progress, unit="sample", unit_scale=True) as bar:
         for batch, t0 in enumerate(range(0, len(unique_targets), per_batch)):
-            rows = unique_targets[t0 : t0 + per_batch]
-            scores, ids = index.search(emb[rows], top_n)
-            # (target, item) -> (rank, score) lookup: sort each ranking by item row, so that the flattened
-            # keys local_target * n_items + item_row are globally sorted and np.searchsorted finds any pair
-            by_item = np.argsort(ids, axis=1, kind="stable")
-            local = np.arange(len(rows), dtype=np.int64)[:, None]
-            keys = (local * n_items + np.take_along_axis(ids, by_item, 1)).ravel()
-            ranks = by_item.ravel()
-            pair_scores = np.take_along_axis(scores, by_item, 1).ravel()
-            samples = by_target[bounds[batch] : bounds[batch + 1]]
-            # samples by history length, so that each padded chunk holds about element_budget entries
-            samples = samples[np.argsort(pos[samples], kind="stable")]
-            start = 0
-            while start < len(samples):
-                # widths ascend along `samples`, so (chunk size x longest history) grows with stop
-                stop = min(len(samples), start + max(1, element_budget // max(1, int(pos[samples[start]]))))
-                while stop - start > 1 and (stop - start) * int(pos[samples[stop - 1]]) > element_budget:
-                    stop = start + (stop - start) // 2
-                chunk = samples[start:stop]
-                width = max(1, int(pos[chunk].max()))
+            lookup = _ranking_lookup(index, emb, unique_targets[t0 : t0 + per_batch], top_n)
+            for chunk in _chunks_by_history(
+                by_target[bounds[batch] : bounds[batch + 1]], pos, element_budget
+            ):
                 _global_chunk(
                     chunk,
-                    width,
                     k,
                     emb,
                     seq_rows,
@@ -473,22 +449,58 @@ def retrieve_global(
                     pos,
                     target_rows,
                     target_local[chunk] - t0,
-                    keys,
-                    ranks,
-                    pair_scores,
+                    *lookup,
                     n_items,
                     top_n,
                     out_pos,
                     out_score,
                 )
-                bar.update(stop - start)
-                start = stop
+                bar.update(len(chunk))
     return torch.from_numpy(out_pos), torch.from_numpy(out_score)
+
+
+def _global_embeddings(item_emb, metric: str, k: int) -> np.ndarray:
+    """:func:`retrieve_global`'s embeddings as a contiguous float32 array, after checking the arguments."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got {k}")
+    emb = np.ascontiguousarray(_np(item_emb), dtype=np.float32)
+    if emb.ndim != 2:
+        raise ValueError(f"item_emb must be (N_items, d); got shape {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ValueError("item_emb contains NaN or Inf values")
+    return emb
+
+
+def _ranking_lookup(index, emb: np.ndarray, rows: np.ndarray, top_n: int):
+    """(keys, ranks, scores): the faiss ranking of each target row in ``rows`` as a sorted (target, item) ->
+    (rank, score) lookup. Each ranking is sorted by item row, so that the flattened keys
+    ``local_target * n_items + item_row`` are globally sorted and ``np.searchsorted`` finds any pair."""
+    n_items = emb.shape[0]
+    scores, ids = index.search(emb[rows], top_n)
+    by_item = np.argsort(ids, axis=1, kind="stable")
+    local = np.arange(len(rows), dtype=np.int64)[:, None]
+    keys = (local * n_items + np.take_along_axis(ids, by_item, 1)).ravel()
+    return keys, by_item.ravel(), np.take_along_axis(scores, by_item, 1).ravel()
+
+
+def _chunks_by_history(samples: np.ndarray, pos: np.ndarray, element_budget: int):
+    """Yield ``samples`` in chunks ordered by history length, each padded (chunk size x longest history)
+    chunk holding about ``element_budget`` entries."""
+    samples = samples[np.argsort(pos[samples], kind="stable")]
+    start = 0
+    while start < len(samples):
+        # widths ascend along `samples`, so (chunk size x longest history) grows with stop
+        stop = min(len(samples), start + max(1, element_budget // max(1, int(pos[samples[start]]))))
+        while stop - start > 1 and (stop - start) * int(pos[samples[stop - 1]]) > element_budget:
+            stop = start + (stop - start) // 2
+        yield samples[start:stop]
+        start = stop
 
 
 def _global_chunk(
     chunk,
-    width,
     k,
     emb,
     seq_rows,
@@ -506,6 +518,7 @@ def _global_chunk(
     out_score,
 ):
     """Walk the rankings for one chunk of samples: pick each sample's k best-ranked history positions."""
+    width = max(1, int(pos[chunk].max()))
     col = np.arange(width, dtype=np.int64)
     length = pos[chunk]
     valid = col[None, :] < length[:, None]
