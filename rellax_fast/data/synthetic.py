@@ -164,10 +164,39 @@ def make_synthetic(
             f"n_users/n_items/n_ratings: need n_users >= 1, n_items >= 40 and n_ratings >= 20*n_users, "
             f"got {n_users}, {n_items}, {n_ratings}"
         )
-    rng = np.random.default_rng(seed)
-    G = len(SYNTHETIC_GENRES)
+    rng = np.random.default_rng(seed)  # one stream, drawn in a fixed order: items, users, then behaviour
+    items = _synthetic_items(rng, n_items)
+    users = _synthetic_users(rng, n_users)
+    # 3. behaviour
+    counts = rng.lognormal(0.0, 0.8, size=n_users)
+    counts = np.maximum(20, np.round(counts / counts.sum() * n_ratings)).astype(np.int64)
+    counts = np.minimum(counts, n_items // 2)
+    columns = [_user_ratings(rng, u, int(counts[u]), items, users) for u in range(n_users)]
+    ratings = pd.DataFrame(
+        {
+            "user_id": np.concatenate(
+                [np.full(len(ts), u + 1, dtype=np.int64) for u, (ts, _, _) in enumerate(columns)]
+            ),
+            "item_id": np.concatenate([items["item_ids"][chosen] for _, chosen, _ in columns]),
+            "rating": np.concatenate([r for _, _, r in columns]).astype(np.float32),
+            "timestamp": np.concatenate([ts for ts, _, _ in columns]),
+        }
+    )
+    ratings = ratings.sort_values(["timestamp", "user_id"], kind="stable").reset_index(drop=True)
+    items_df = pd.DataFrame(
+        {"title": items["titles"], "genres": items["genres"], "year": items["years"]},
+        index=pd.Index(items["item_ids"], name="item_id"),
+    )
+    users_df = pd.DataFrame(
+        {"gender": users["gender"], "age": users["age"], "occupation": users["occupation"]},
+        index=pd.Index(np.arange(1, n_users + 1, dtype=np.int64), name="user_id"),
+    )
+    return RecDataset("synthetic", "movie", ratings, items_df, users_df)
 
-    # 1. items
+
+def _synthetic_items(rng: np.random.Generator, n_items: int) -> dict:
+    """1. items: genre memberships (a primary genre and up to two more), years, quality, popularity, titles."""
+    G = len(SYNTHETIC_GENRES)
     genre_pop = rng.dirichlet(np.full(G, 2.0))
     primary = rng.choice(G, size=n_items, p=genre_pop)
     member = np.zeros((n_items, G), dtype=np.float64)
@@ -179,11 +208,21 @@ def make_synthetic(
     years = rng.integers(1930, 2001, size=n_items)
     quality = rng.normal(0.0, 0.55, size=n_items)
     popularity = rng.lognormal(0.0, 1.0, size=n_items)
-    titles = _titles(rng, primary, years)
-    genres = [[SYNTHETIC_GENRES[g] for g in np.flatnonzero(row)] for row in member]
-    item_ids = np.arange(1, n_items + 1, dtype=np.int64)
+    return {
+        "member": member,
+        "years": years,
+        "quality": quality,
+        "log_pop": np.log(popularity),
+        "n_genres_of": member.sum(1),
+        "titles": _titles(rng, primary, years),
+        "genres": [[SYNTHETIC_GENRES[g] for g in np.flatnonzero(row)] for row in member],
+        "item_ids": np.arange(1, n_items + 1, dtype=np.int64),
+    }
 
-    # 2. users
+
+def _synthetic_users(rng: np.random.Generator, n_users: int) -> dict:
+    """2. users: gender, age, occupation, genre taste (shifted by gender), its drift over time, a rating bias."""
+    G = len(SYNTHETIC_GENRES)
     gender = np.where(rng.random(n_users) < 0.71, "M", "F")
     age = np.clip(rng.normal(33, 11, size=n_users).round(), 7, 73).astype(np.int64)
     occupation = np.asarray(_OCCUPATIONS)[rng.integers(len(_OCCUPATIONS), size=n_users)]
@@ -193,61 +232,49 @@ def make_synthetic(
         taste[fem, SYNTHETIC_GENRES.index(g)] += shift
     drift = rng.normal(0.0, 0.7, size=(n_users, G))
     user_bias = rng.normal(0.0, 0.45, size=n_users)
+    return {
+        "gender": gender,
+        "age": age,
+        "occupation": occupation,
+        "taste": taste,
+        "drift": drift,
+        "user_bias": user_bias,
+    }
 
-    # 3. behaviour
-    counts = rng.lognormal(0.0, 0.8, size=n_users)
-    counts = np.maximum(20, np.round(counts / counts.sum() * n_ratings)).astype(np.int64)
-    counts = np.minimum(counts, n_items // 2)
-    span = 7 * 30 * 86400
-    t0 = 874_724_710  # the first second of ml-100k's span, for familiarity
-    n_chunks = 4
-    log_pop = np.log(popularity)
-    n_genres_of = member.sum(1)
-    users_col, items_col, ratings_col, ts_col = [], [], [], []
-    for u in range(n_users):
-        n = int(counts[u])
-        length = rng.uniform(0.05, 1.0) * span
-        start = t0 + rng.uniform(0, span - length)
-        ts = np.sort(rng.uniform(start, start + length, size=n)).astype(np.int64)
-        tau = (ts - ts[0]) / max(ts[-1] - ts[0], 1)
-        chosen = np.empty(n, dtype=np.int64)
-        taken = np.zeros(n_items, dtype=bool)
-        bounds = np.linspace(0, n, n_chunks + 1).round().astype(int)
-        for c in range(n_chunks):
-            lo, hi = bounds[c], bounds[c + 1]
-            if hi <= lo:
-                continue
-            theta = taste[u] + tau[(lo + hi) // 2] * drift[u]
-            logits = log_pop + 0.8 * (member @ theta) / n_genres_of
-            gumbel = logits + rng.gumbel(size=n_items)
-            gumbel[taken] = -np.inf
-            pick = np.argpartition(-gumbel, hi - lo - 1)[: hi - lo]
-            pick = pick[np.argsort(-gumbel[pick], kind="stable")]
-            chosen[lo:hi] = rng.permutation(pick)
-            taken[pick] = True
-        # 4. ratings
-        theta_t = taste[u][None, :] + tau[:, None] * drift[u][None, :]
-        affinity = (theta_t * member[chosen]).sum(1) / n_genres_of[chosen]
-        score = 3.22 + user_bias[u] + quality[chosen] + 0.75 * affinity + rng.normal(0, 0.6, size=n)
-        users_col.append(np.full(n, u + 1, dtype=np.int64))
-        items_col.append(item_ids[chosen])
-        ratings_col.append(np.clip(np.round(score), 1, 5))
-        ts_col.append(ts)
 
-    ratings = pd.DataFrame(
-        {
-            "user_id": np.concatenate(users_col),
-            "item_id": np.concatenate(items_col),
-            "rating": np.concatenate(ratings_col).astype(np.float32),
-            "timestamp": np.concatenate(ts_col),
-        }
+_SPAN_S = 7 * 30 * 86400  # the whole log spans seven months
+_T0 = 874_724_710  # the first second of ml-100k's span, for familiarity
+_N_CHUNKS = 4  # a user's items are chosen in this many time chunks, each under the taste of its midpoint
+
+
+def _user_ratings(rng: np.random.Generator, u: int, n: int, items: dict, users: dict):
+    """3.-4. user ``u``'s ``n`` behaviours: (timestamps, chosen item indices, ratings). Items are drawn without
+    replacement by popularity and the drifting taste (Gumbel top-k per time chunk), then rated."""
+    member, n_genres_of = items["member"], items["n_genres_of"]
+    taste, drift = users["taste"][u], users["drift"][u]
+    length = rng.uniform(0.05, 1.0) * _SPAN_S
+    start = _T0 + rng.uniform(0, _SPAN_S - length)
+    ts = np.sort(rng.uniform(start, start + length, size=n)).astype(np.int64)
+    tau = (ts - ts[0]) / max(ts[-1] - ts[0], 1)
+    chosen = np.empty(n, dtype=np.int64)
+    taken = np.zeros(len(member), dtype=bool)
+    bounds = np.linspace(0, n, _N_CHUNKS + 1).round().astype(int)
+    for c in range(_N_CHUNKS):
+        lo, hi = bounds[c], bounds[c + 1]
+        if hi <= lo:
+            continue
+        theta = taste + tau[(lo + hi) // 2] * drift
+        logits = items["log_pop"] + 0.8 * (member @ theta) / n_genres_of
+        gumbel = logits + rng.gumbel(size=len(member))
+        gumbel[taken] = -np.inf
+        pick = np.argpartition(-gumbel, hi - lo - 1)[: hi - lo]
+        pick = pick[np.argsort(-gumbel[pick], kind="stable")]
+        chosen[lo:hi] = rng.permutation(pick)
+        taken[pick] = True
+    # 4. ratings
+    theta_t = taste[None, :] + tau[:, None] * drift[None, :]
+    affinity = (theta_t * member[chosen]).sum(1) / n_genres_of[chosen]
+    score = (
+        3.22 + users["user_bias"][u] + items["quality"][chosen] + 0.75 * affinity + rng.normal(0, 0.6, size=n)
     )
-    ratings = ratings.sort_values(["timestamp", "user_id"], kind="stable").reset_index(drop=True)
-    items = pd.DataFrame(
-        {"title": titles, "genres": genres, "year": years}, index=pd.Index(item_ids, name="item_id")
-    )
-    users = pd.DataFrame(
-        {"gender": gender, "age": age, "occupation": occupation},
-        index=pd.Index(np.arange(1, n_users + 1, dtype=np.int64), name="user_id"),
-    )
-    return RecDataset("synthetic", "movie", ratings, items, users)
+    return ts, chosen, np.clip(np.round(score), 1, 5)
