@@ -335,77 +335,27 @@ def train_din(
 ) -> Tuple[DIN, DINReport]:
     """Train DIN on the whole training split with early stopping on validation AUC; return it frozen. ``build``
     makes the model from ``config`` after seeding (a DIN subclass such as ``ctr.text_din.TextDIN``)."""
-    from tqdm.auto import tqdm
-
     from ..metrics import ctr_metrics
 
     tc = train_config or DINTrainConfig()
-    if len(train) == 0 or len(valid) == 0:
-        raise ValueError(
-            f"DIN needs non-empty train and valid splits, got {len(train)} and {len(valid)} samples"
-        )
-    for name, split in (("train", train), ("valid", valid)):
-        classes = np.unique(split.label.numpy())
-        if len(classes) < 2:
-            raise SingleClassSplitError(
-                f"the {name} split holds only label {int(classes[0])} ({len(split)} samples): "
-                + (
-                    "DIN cannot learn to tell clicks from non-clicks"
-                    if name == "train"
-                    else "its AUC is undefined, so early stopping cannot choose an epoch"
-                )
-                + "; the data need both positive and negative ratings (check the dataset and its label rule)"
-            )
+    _check_train_splits(train, valid)
     autocast = _autocast(tc.mixed_precision)
     gen = torch.Generator().manual_seed(tc.seed)
     torch.manual_seed(tc.seed)
     model = build(config)
     step_optimizers = _optimizers(model, tc)
-    loss_fn = nn.BCEWithLogitsLoss()
     best_auc, best_state, best_epoch, bad = -math.inf, None, -1, 0
     report = DINReport(best_epoch=-1)
-    steps = math.ceil(len(train) / tc.batch_size)
     for epoch in range(tc.epochs):
-        model.train()
         order = torch.randperm(len(train), generator=gen)
-        total = 0.0
-        bar = tqdm(
-            range(steps), desc=f"DIN epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress, leave=False
-        )
-        for step in bar:
-            b = train.batch(order[step * tc.batch_size : (step + 1) * tc.batch_size])
-            with autocast:
-                logit, _ = model(b)
-            loss = loss_fn(logit.float(), b.label)
-            if not math.isfinite(float(loss.detach())):  # before the step is applied
-                raise NonFiniteLossError(
-                    f"DIN training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
-                    f"with --lr {tc.lr}; lower --lr"
-                )
-            model.zero_grad(set_to_none=True)
-            loss.backward()
-            step_optimizers()
-            total += float(loss.detach()) * len(b)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        bar.close()
-        valid_probs = predict(model, valid).numpy()
-        if not np.isfinite(valid_probs).all():
-            raise NonFiniteLossError(
-                f"DIN training diverged: its valid probabilities are not finite after epoch "
-                f"{epoch + 1} with --lr {tc.lr}; lower --lr"
-            )
-        val = ctr_metrics(valid.label.numpy(), valid_probs)
+        mean_loss = _train_epoch(model, train, order, tc, epoch, autocast, step_optimizers)
+        val = _validate(model, valid, tc, epoch)
         report.history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": total / len(train),
-                **{f"valid_{k}": v for k, v in val.items()},
-            }
+            {"epoch": epoch + 1, "train_loss": mean_loss, **{f"valid_{k}": v for k, v in val.items()}}
         )
         if tc.progress:
             print(
-                f"DIN epoch {epoch + 1}: train loss {total / len(train):.4f}  valid AUC {val['auc']:.4f}  LogLoss {val['logloss']:.4f}"
+                f"DIN epoch {epoch + 1}: train loss {mean_loss:.4f}  valid AUC {val['auc']:.4f}  LogLoss {val['logloss']:.4f}"
             )
         if val["auc"] > best_auc + 1e-5:
             best_auc, best_state, best_epoch, bad = (
@@ -430,6 +380,71 @@ def train_din(
     if test is not None and len(test):
         report.test = ctr_metrics(test.label.numpy(), predict(model, test).numpy())
     return model, report
+
+
+def _check_train_splits(train: CTRArrays, valid: CTRArrays) -> None:
+    """Both splits non-empty (ValueError) and holding both labels (:class:`SingleClassSplitError`)."""
+    if len(train) == 0 or len(valid) == 0:
+        raise ValueError(
+            f"DIN needs non-empty train and valid splits, got {len(train)} and {len(valid)} samples"
+        )
+    for name, split in (("train", train), ("valid", valid)):
+        classes = np.unique(split.label.numpy())
+        if len(classes) < 2:
+            raise SingleClassSplitError(
+                f"the {name} split holds only label {int(classes[0])} ({len(split)} samples): "
+                + (
+                    "DIN cannot learn to tell clicks from non-clicks"
+                    if name == "train"
+                    else "its AUC is undefined, so early stopping cannot choose an epoch"
+                )
+                + "; the data need both positive and negative ratings (check the dataset and its label rule)"
+            )
+
+
+def _train_epoch(
+    model: DIN, train: CTRArrays, order, tc: DINTrainConfig, epoch: int, autocast, step_optimizers
+):
+    """One pass over ``train`` in ``order``; returns the mean training loss. A non-finite loss raises
+    :class:`NonFiniteLossError` before its step is applied."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    loss_fn = nn.BCEWithLogitsLoss()
+    steps = math.ceil(len(train) / tc.batch_size)
+    total = 0.0
+    bar = tqdm(range(steps), desc=f"DIN epoch {epoch + 1}/{tc.epochs}", disable=not tc.progress, leave=False)
+    for step in bar:
+        b = train.batch(order[step * tc.batch_size : (step + 1) * tc.batch_size])
+        with autocast:
+            logit, _ = model(b)
+        loss = loss_fn(logit.float(), b.label)
+        if not math.isfinite(float(loss.detach())):  # before the step is applied
+            raise NonFiniteLossError(
+                f"DIN training diverged: the loss is {float(loss.detach())} at epoch {epoch + 1}, step {step + 1} "
+                f"with --lr {tc.lr}; lower --lr"
+            )
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        step_optimizers()
+        total += float(loss.detach()) * len(b)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    bar.close()
+    return total / len(train)
+
+
+def _validate(model: DIN, valid: CTRArrays, tc: DINTrainConfig, epoch: int) -> dict:
+    """The valid split's metrics after ``epoch``; non-finite probabilities raise :class:`NonFiniteLossError`."""
+    from ..metrics import ctr_metrics
+
+    valid_probs = predict(model, valid).numpy()
+    if not np.isfinite(valid_probs).all():
+        raise NonFiniteLossError(
+            f"DIN training diverged: its valid probabilities are not finite after epoch "
+            f"{epoch + 1} with --lr {tc.lr}; lower --lr"
+        )
+    return ctr_metrics(valid.label.numpy(), valid_probs)
 
 
 def training_precision(mixed_precision: str) -> str:
