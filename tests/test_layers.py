@@ -162,6 +162,18 @@ def test_distributed_is_generic(graph):
     ]
 
 
+def test_one_flock_helper():
+    # #29: data.ctr's folder lock and backbones' conversion lock were twins; _io.file_lock is the one left
+    users = sorted(
+        module
+        for module, path in package_modules().items()
+        if any(
+            isinstance(n, ast.Attribute) and n.attr == "flock" for n in ast.walk(ast.parse(path.read_text()))
+        )
+    )
+    assert users == ["rellax_fast._io"], f"lock through rellax_fast._io.file_lock instead: {users}"
+
+
 def test_train_imports_no_bench(graph):
     _, edges = graph
     bad = violations(edges, "rellax_fast.train", ["rellax_fast.bench", "rellax_fast.cli"])
