@@ -296,7 +296,7 @@ def file_lock(path: PathLike, *, exclusive: bool = True) -> Iterator[None]:
     A folder is locked itself (opened read-only: no lock file is left behind); any other path is a lock file,
     created (with its folder) if missing and left in place afterwards (removing it would race with a waiter).
     Closing the descriptor releases the lock. Where the platform has no ``fcntl`` the block runs unlocked, and
-    where the filesystem refuses locks (some network mounts) it runs unlocked after one logged warning: callers
+    where the filesystem refuses locks (some network mounts) it runs unlocked after a logged warning: callers
     use the lock to serialise or to spare work, and must stay correct without it.
     """
     try:
