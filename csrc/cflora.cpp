@@ -1,20 +1,16 @@
-// rellax_fast::cflora_fwd / cflora_bwd: schemas and the CPU kernels (ATen GEMMs + an inline dropout mask).
-//
-//   forward   S = drop(x) Aᵀ (M, r)   T = S Cᵀ (per sample: batched)   y = x Wᵀ + b, then y += scale·T Bᵀ
-//             in place (addmm, beta = 1): the LoRA expand lands in the base output, no d_out-sized temp.
-//             A scale of 0, ±Inf or NaN takes the reference's IEEE order instead (cflora_common.h).
-//   backward  dT = dY (scale·B)   dB = dYᵀ (scale·T)   dC_b = Σ_b dTᵀ S   dS = dT C
-//             dA = dSᵀ drop(x)    dx = drop'(dS A) + dY W   (mask applied in place, then addmm beta = 1)
-//             dW = dYᵀ x          db = Σ_m dY
-// The dropout mask is the shared hash of (seed, m·d_in + k) from common.h, regenerated in the backward.
+// rellax_fast::cflora_fwd / cflora_bwd: schemas and the CPU kernels. The op sequence (ATen GEMMs) is
+// cflora_common.h's, shared with the CUDA backend (cflora_cuda.cu); this file supplies its CPU device kernels:
+//   dropout              dst = src · keep(seed, m·d_in + k) / (1 - p), the shared hash of common.h
+//   interact_per_sample  T = S C_bᵀ as one batched GEMM; interaction_grad_per_sample likewise
+//   masked_rank_add      dx += drop'(dS A), row by row (the rank-r product in the op math type, rounded once)
 // With dropout_p = 0 no mask work happens at all. Autograd and fake kernels are registered in Python
-// (rellax_fast/ops/cflora.py); the CUDA kernels are in cflora_cuda.cu.
+// (rellax_fast/ops/cflora.py).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <array>
-#include <tuple>
+#include <algorithm>
+#include <vector>
 
 #include "cflora_common.h"
 #include "common.h"
@@ -42,74 +38,58 @@ void cflora_dropout_cpu(const at::Tensor& src, at::Tensor& dst, double p, int64_
   });
 }
 
-at::Tensor dropped_cpu(const at::Tensor& x, double p, int64_t seed) {
-  if (p == 0.0) return x;
-  at::Tensor out = at::empty_like(x);
-  cflora_dropout_cpu(x, out, p, seed);
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cflora_fwd_cpu(
-    const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias_in,
-    const at::Tensor& lora_a_in, const at::Tensor& lora_b_in, const c10::optional<at::Tensor>& interaction_in,
-    int64_t rows_per_sample, double scale, double dropout_p, int64_t seed) {
-  cflora_check_args("cflora_fwd", c10::DeviceType::CPU, x_in, weight_in, bias_in, lora_a_in, lora_b_in,
-                    interaction_in, rows_per_sample, dropout_p);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor lora_a = lora_a_in.contiguous();
-  const at::Tensor lora_b = lora_b_in.contiguous();
-
-  const at::Tensor s = at::mm(dropped_cpu(x, dropout_p, seed), lora_a.t());
-  const at::Tensor t = interaction_in.has_value()
-                           ? cflora_interact(s, interaction_in->contiguous(), rows_per_sample, /*transpose_c=*/true)
-                           : s.clone();  // identity C: no r×r matmul; a copy because outputs may not alias
-  at::Tensor y = bias_in.has_value() ? at::addmm(*bias_in, x, weight.t()) : at::mm(x, weight.t());
-  cflora_add_lora_expand(y, t, lora_b, scale);
-  return {y, s, t};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cflora_bwd_cpu(
-    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& lora_a_in,
-    const at::Tensor& lora_b_in, const c10::optional<at::Tensor>& interaction_in, const at::Tensor& s_in,
-    const at::Tensor& t_in, int64_t rows_per_sample, double scale, double dropout_p, int64_t seed,
-    std::array<bool, 6> needs_grad) {
-  cflora_check_bwd_args(c10::DeviceType::CPU, grad_y_in, x_in, weight_in, lora_a_in, lora_b_in, interaction_in, s_in,
-                        t_in, rows_per_sample, dropout_p);
-  const at::Tensor grad_y = grad_y_in.contiguous();
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const at::Tensor lora_a = lora_a_in.contiguous();
-  const at::Tensor lora_b = lora_b_in.contiguous();
-  const at::Tensor s = s_in.contiguous();
-  const at::Tensor t = t_in.contiguous();
-  const bool has_c = interaction_in.has_value();
-  const at::Tensor c = has_c ? interaction_in->contiguous() : at::Tensor();
-  const bool need_x = needs_grad[0], need_w = needs_grad[1], need_b = needs_grad[2], need_a = needs_grad[3],
-             need_lb = needs_grad[4], need_c = needs_grad[5] && has_c;
-
-  at::Tensor dx = cflora_no_grad(x), dw = cflora_no_grad(x), db = cflora_no_grad(x), da = cflora_no_grad(x),
-             dlb = cflora_no_grad(x), dc = cflora_no_grad(x);
-  const at::Tensor grad_p = (need_lb || need_x || need_a || need_c) ? cflora_special_grad_p(grad_y, scale)
-                                                                     : at::Tensor();
-  if (need_lb) dlb = cflora_grad_lora_b(grad_y, grad_p, t, scale);
-  if (need_x || need_a || need_c) {
-    const at::Tensor dt = cflora_grad_t(grad_y, grad_p, lora_b, scale);  // (M, r)
-    if (need_c) dc = cflora_interaction_grad_aten(dt, s, c, rows_per_sample);
-    if (need_x || need_a) {
-      const at::Tensor ds = has_c ? cflora_interact(dt, c, rows_per_sample, /*transpose_c=*/false) : dt;
-      if (need_a) da = at::mm(ds.t(), dropped_cpu(x, dropout_p, seed));
-      if (need_x) {
-        dx = at::mm(ds, lora_a);  // (M, d_in): the LoRA part first, masked in place, then += dY W
-        if (dropout_p > 0.0) cflora_dropout_cpu(dx, dx, dropout_p, seed);
-        dx.addmm_(grad_y, weight, /*beta=*/1, /*alpha=*/1);
+// dx[m][k] += keep(seed, m·d_in + k) · Σ_j dS[m][j] A[j][k] / (1 - p): the row's rank-r product is accumulated
+// in the op math type and added to dx once (a dropped element leaves dx as it is: drop' gives exactly 0).
+void cflora_masked_rank_add_cpu(at::Tensor& dx, const at::Tensor& ds, const at::Tensor& lora_a, double p,
+                                int64_t seed) {
+  const int64_t m = dx.size(0), d_in = dx.size(1), r = ds.size(1);
+  const uint32_t key = dropout_key(seed);
+  const uint32_t thr = dropout_threshold(p);
+  const double inv_keep = 1.0 / (1.0 - p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dx.scalar_type(), "cflora_masked_rank_add_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* out = dx.data_ptr<scalar_t>();
+    const scalar_t* ds_p = ds.data_ptr<scalar_t>();
+    const scalar_t* a_p = lora_a.data_ptr<scalar_t>();
+    const acc_t keep_scale = static_cast<acc_t>(inv_keep);
+    at::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d_in, 1)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(static_cast<size_t>(d_in));
+      for (int64_t row = begin; row < end; ++row) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t j = 0; j < r; ++j) {
+          const acc_t d = static_cast<acc_t>(ds_p[row * r + j]);
+          const scalar_t* a_row = a_p + j * d_in;
+          for (int64_t k = 0; k < d_in; ++k) acc[k] += d * static_cast<acc_t>(a_row[k]);
+        }
+        scalar_t* out_row = out + row * d_in;
+        for (int64_t k = 0; k < d_in; ++k) {
+          if (dropout_keep(key, row * d_in + k, thr)) {
+            out_row[k] = static_cast<scalar_t>(static_cast<acc_t>(out_row[k]) + acc[k] * keep_scale);
+          }
+        }
       }
-    }
-  }
-  if (need_w) dw = at::mm(grad_y.t(), x);
-  if (need_b) db = grad_y.sum(0);
-  return {dx, dw, db, da, dlb, dc};
+    });
+  });
 }
+
+// The CPU device kernels of cflora_common.h's op sequence.
+struct CfloraCpuKernels {
+  static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+  static void dropout(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed) {
+    cflora_dropout_cpu(src, dst, p, seed);
+  }
+  static at::Tensor interact_per_sample(const at::Tensor& s, const at::Tensor& c, int64_t rows_per_sample) {
+    return cflora_interact(s, c, rows_per_sample, /*transpose_c=*/true);
+  }
+  static at::Tensor interaction_grad_per_sample(const at::Tensor& dt, const at::Tensor& s, const at::Tensor& c,
+                                                int64_t rows_per_sample) {
+    return cflora_interaction_grad_aten(dt, s, c, rows_per_sample);
+  }
+  static void masked_rank_add(at::Tensor& dx, const at::Tensor& ds, const at::Tensor& lora_a, double p,
+                              int64_t seed) {
+    cflora_masked_rank_add_cpu(dx, ds, lora_a, p, seed);
+  }
+};
 
 }  // namespace
 }  // namespace rellax
@@ -125,6 +105,6 @@ TORCH_LIBRARY_FRAGMENT(rellax_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(rellax_fast, CPU, m) {
-  m.impl("cflora_fwd", &rellax::cflora_fwd_cpu);
-  m.impl("cflora_bwd", &rellax::cflora_bwd_cpu);
+  m.impl("cflora_fwd", &rellax::cflora_fwd_sequence<rellax::CfloraCpuKernels>);
+  m.impl("cflora_bwd", &rellax::cflora_bwd_sequence<rellax::CfloraCpuKernels>);
 }

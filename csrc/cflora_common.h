@@ -7,9 +7,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <cmath>
+#include <tuple>
+#include <vector>
 
 #include "common.h"
 
@@ -132,6 +136,120 @@ inline at::Tensor cflora_grad_lora_b(const at::Tensor& grad_y, const at::Tensor&
 inline at::Tensor cflora_grad_t(const at::Tensor& grad_y, const at::Tensor& grad_p, const at::Tensor& lora_b,
                                 double scale) {
   return grad_p.defined() ? at::mm(grad_p, lora_b) : at::mm(grad_y, lora_b.mul(scale));
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The op sequence of cflora_fwd / cflora_bwd, one home for both backends. The CPU (cflora.cpp) and CUDA
+// (cflora_cuda.cu) kernels are this sequence of ATen calls (GEMMs: MKL/OpenBLAS on the CPU, cuBLAS on CUDA)
+// plus four device kernels that each backend supplies as static members of `Kernels`:
+//   dropout(src, dst, p, seed)                       dst = drop(src) over the flat (M, d_in) index; may alias
+//   interact_per_sample(s, c, rows_per_sample)       T = S C_bᵀ for a per-sample C (n, r, r)
+//   interaction_grad_per_sample(dt, s, c, rps)       dC_b = Σ_{rows of b} dTᵀ S
+//   masked_rank_add(dx, ds, lora_a, p, seed)         dx += drop'(dS A), p > 0: one read-modify-write of dx
+// Each runs inside a RECORD_FUNCTION range "rellax::<name>" whose inputs are the tensors it reads. That is what
+// tests/ops/test_traffic_model_cuda.py records with torch.profiler on the CPU backend to model the CUDA
+// backend's memory traffic: one sequence, so the CPU run's ATen calls are the CUDA run's cuBLAS calls.
+// ---------------------------------------------------------------------------------------------------------
+
+template <class Kernels>
+at::Tensor cflora_dropped(const at::Tensor& x, double p, int64_t seed) {
+  if (p == 0.0) return x;
+  RECORD_FUNCTION("rellax::dropout", std::vector<c10::IValue>({x}));
+  at::Tensor out = at::empty_like(x);
+  Kernels::dropout(x, out, p, seed);
+  return out;
+}
+
+// T = S Cᵀ: identity copies S (outputs may not alias), a shared C is one GEMM, a per-sample C the device's.
+template <class Kernels>
+at::Tensor cflora_interact_fwd(const at::Tensor& s, const at::Tensor& c, int64_t rows_per_sample) {
+  if (!c.defined()) return s.clone();
+  if (c.dim() == 2) return at::mm(s, c.t());
+  RECORD_FUNCTION("rellax::interact_per_sample", std::vector<c10::IValue>({s, c}));
+  return Kernels::interact_per_sample(s, c, rows_per_sample);
+}
+
+template <class Kernels>
+at::Tensor cflora_interaction_grad(const at::Tensor& dt, const at::Tensor& s, const at::Tensor& c,
+                                   int64_t rows_per_sample) {
+  if (c.dim() == 2) return at::mm(dt.t(), s);
+  RECORD_FUNCTION("rellax::interaction_grad_per_sample", std::vector<c10::IValue>({dt, s, c}));
+  return Kernels::interaction_grad_per_sample(dt, s, c, rows_per_sample);
+}
+
+// y = x Wᵀ + b + scale·(S Cᵀ) Bᵀ with S = drop(x) Aᵀ; returns (y, S, T). Checks the arguments for
+// Kernels::kDevice and makes every input contiguous once.
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cflora_fwd_sequence(
+    const at::Tensor& x_in, const at::Tensor& weight_in, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& lora_a_in, const at::Tensor& lora_b_in, const c10::optional<at::Tensor>& interaction,
+    int64_t rows_per_sample, double scale, double dropout_p, int64_t seed) {
+  cflora_check_args("cflora_fwd", Kernels::kDevice, x_in, weight_in, bias, lora_a_in, lora_b_in, interaction,
+                    rows_per_sample, dropout_p);
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), lora_a = lora_a_in.contiguous(),
+                   lora_b = lora_b_in.contiguous();
+  const at::Tensor c = interaction.has_value() ? interaction->contiguous() : at::Tensor();
+
+  const at::Tensor s = at::mm(cflora_dropped<Kernels>(x, dropout_p, seed), lora_a.t());
+  const at::Tensor t = cflora_interact_fwd<Kernels>(s, c, rows_per_sample);
+  at::Tensor y = bias.has_value() ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  cflora_add_lora_expand(y, t, lora_b, scale);  // y += scale·T Bᵀ in place (addmm, beta = 1)
+  return {y, s, t};
+}
+
+// dx = dY W + drop'(dS A). Without dropout the LoRA part is written first and dY W is added by addmm (beta = 1),
+// so the large sum is rounded once; with dropout dY W is written first and masked_rank_add adds the masked
+// rank-r product in one pass (no (M, d_in) temporary, no separate mask pass).
+template <class Kernels>
+at::Tensor cflora_grad_x(const at::Tensor& grad_y, const at::Tensor& weight, const at::Tensor& ds,
+                         const at::Tensor& lora_a, double dropout_p, int64_t seed) {
+  at::Tensor dx;
+  if (dropout_p == 0.0) {
+    dx = at::mm(ds, lora_a);
+    dx.addmm_(grad_y, weight, /*beta=*/1, /*alpha=*/1);
+  } else {
+    dx = at::mm(grad_y, weight);
+    RECORD_FUNCTION("rellax::masked_rank_add", std::vector<c10::IValue>({dx, ds, lora_a}));
+    Kernels::masked_rank_add(dx, ds, lora_a, dropout_p, seed);
+  }
+  return dx;
+}
+
+// The backward (DESIGN.md): dT = dY (scale·B), dB = dYᵀ (scale·T), dC, dS = dT C, dA = dSᵀ drop(x),
+// dx = dY W + drop'(dS A), dW = dYᵀ x, db = Σ_m dY; only the gradients in needs_grad (x, W, b, A, B, C) are
+// computed, the others are empty. Checks the arguments for Kernels::kDevice, makes inputs contiguous once.
+template <class Kernels>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cflora_bwd_sequence(
+    const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& lora_a_in,
+    const at::Tensor& lora_b_in, const c10::optional<at::Tensor>& interaction, const at::Tensor& s_in,
+    const at::Tensor& t_in, int64_t rows_per_sample, double scale, double dropout_p, int64_t seed,
+    std::array<bool, 6> needs_grad) {
+  cflora_check_bwd_args(Kernels::kDevice, grad_y_in, x_in, weight_in, lora_a_in, lora_b_in, interaction, s_in,
+                        t_in, rows_per_sample, dropout_p);
+  const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous(),
+                   lora_a = lora_a_in.contiguous(), lora_b = lora_b_in.contiguous(), s = s_in.contiguous(),
+                   t = t_in.contiguous();
+  const at::Tensor c = interaction.has_value() ? interaction->contiguous() : at::Tensor();
+  const bool need_x = needs_grad[0], need_w = needs_grad[1], need_b = needs_grad[2], need_a = needs_grad[3],
+             need_lb = needs_grad[4], need_c = needs_grad[5] && c.defined();
+  at::Tensor dx = cflora_no_grad(x), dw = cflora_no_grad(x), db = cflora_no_grad(x), da = cflora_no_grad(x),
+             dlb = cflora_no_grad(x), dc = cflora_no_grad(x);
+  // scale = 0, ±Inf or NaN take the reference's order (cflora_scale_is_special)
+  const at::Tensor grad_p = (need_lb || need_x || need_a || need_c) ? cflora_special_grad_p(grad_y, scale)
+                                                                     : at::Tensor();
+  if (need_lb) dlb = cflora_grad_lora_b(grad_y, grad_p, t, scale);
+  if (need_x || need_a || need_c) {
+    const at::Tensor dt = cflora_grad_t(grad_y, grad_p, lora_b, scale);  // (M, r)
+    if (need_c) dc = cflora_interaction_grad<Kernels>(dt, s, c, rows_per_sample);
+    if (need_x || need_a) {
+      const at::Tensor ds = c.defined() ? cflora_interact(dt, c, rows_per_sample, /*transpose_c=*/false) : dt;
+      if (need_a) da = at::mm(ds.t(), cflora_dropped<Kernels>(x, dropout_p, seed));
+      if (need_x) dx = cflora_grad_x<Kernels>(grad_y, weight, ds, lora_a, dropout_p, seed);
+    }
+  }
+  if (need_w) dw = at::mm(grad_y.t(), x);
+  if (need_b) db = grad_y.sum(0);
+  return {dx, dw, db, da, dlb, dc};
 }
 
 }  // namespace rellax
