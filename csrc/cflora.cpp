@@ -75,6 +75,9 @@ void cflora_masked_rank_add_cpu(at::Tensor& dx, const at::Tensor& ds, const at::
 // The CPU device kernels of cflora_common.h's op sequence.
 struct CfloraCpuKernels {
   static constexpr c10::DeviceType kDevice = c10::DeviceType::CPU;
+  struct Guard {  // the CPU has no current device to set
+    explicit Guard(c10::Device) {}
+  };
   static void dropout(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed) {
     cflora_dropout_cpu(src, dst, p, seed);
   }

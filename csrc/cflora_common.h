@@ -141,7 +141,8 @@ inline at::Tensor cflora_grad_t(const at::Tensor& grad_y, const at::Tensor& grad
 // ---------------------------------------------------------------------------------------------------------
 // The op sequence of cflora_fwd / cflora_bwd, one home for both backends. The CPU (cflora.cpp) and CUDA
 // (cflora_cuda.cu) kernels are this sequence of ATen calls (GEMMs: MKL/OpenBLAS on the CPU, cuBLAS on CUDA)
-// plus four device kernels that each backend supplies as static members of `Kernels`:
+// plus four device kernels that each backend supplies as static members of `Kernels` (with kDevice, the device
+// type its arguments must have, and Guard, constructed from x's device once the arguments are checked):
 //   dropout(src, dst, p, seed)                       dst = drop(src) over the flat (M, d_in) index; may alias
 //   interact_per_sample(s, c, rows_per_sample)       T = S C_bᵀ for a per-sample C (n, r, r)
 //   interaction_grad_per_sample(dt, s, c, rps)       dC_b = Σ_{rows of b} dTᵀ S
@@ -186,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cflora_fwd_sequence(
     int64_t rows_per_sample, double scale, double dropout_p, int64_t seed) {
   cflora_check_args("cflora_fwd", Kernels::kDevice, x_in, weight_in, bias, lora_a_in, lora_b_in, interaction,
                     rows_per_sample, dropout_p);
+  const typename Kernels::Guard guard(x_in.device());
   const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), lora_a = lora_a_in.contiguous(),
                    lora_b = lora_b_in.contiguous();
   const at::Tensor c = interaction.has_value() ? interaction->contiguous() : at::Tensor();
@@ -226,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     std::array<bool, 6> needs_grad) {
   cflora_check_bwd_args(Kernels::kDevice, grad_y_in, x_in, weight_in, lora_a_in, lora_b_in, interaction, s_in,
                         t_in, rows_per_sample, dropout_p);
+  const typename Kernels::Guard guard(x_in.device());
   const at::Tensor grad_y = grad_y_in.contiguous(), x = x_in.contiguous(), weight = weight_in.contiguous(),
                    lora_a = lora_a_in.contiguous(), lora_b = lora_b_in.contiguous(), s = s_in.contiguous(),
                    t = t_in.contiguous();

@@ -12,7 +12,7 @@
 //                                one read-modify-write of dx (dropout on; without it the sequence uses addmm)
 // The sequence's memory traffic at the headline shape is modelled, per op, by
 // tests/ops/test_traffic_model_cuda.py and tabled in docs/backends.md ("CUDA backend traffic").
-// All work runs on the current stream under a CUDAGuard.
+// All work runs on the current stream under a CUDAGuard (CfloraCudaKernels::Guard).
 #include <ATen/AccumulateType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -216,6 +216,7 @@ void launch_masked_rank_add(at::Tensor& dx, const at::Tensor& ds, const at::Tens
 // The CUDA device kernels of cflora_common.h's op sequence.
 struct CfloraCudaKernels {
   static constexpr c10::DeviceType kDevice = c10::DeviceType::CUDA;
+  using Guard = c10::cuda::CUDAGuard;
   static void dropout(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed) {
     launch_dropout(src, dst, p, seed);
   }
@@ -232,28 +233,10 @@ struct CfloraCudaKernels {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cflora_fwd_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const c10::optional<at::Tensor>& interaction, int64_t rows_per_sample, double scale,
-    double dropout_p, int64_t seed) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return cflora_fwd_sequence<CfloraCudaKernels>(x, weight, bias, lora_a, lora_b, interaction, rows_per_sample,
-                                                scale, dropout_p, seed);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cflora_bwd_cuda(
-    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
-    const at::Tensor& lora_b, const c10::optional<at::Tensor>& interaction, const at::Tensor& s, const at::Tensor& t,
-    int64_t rows_per_sample, double scale, double dropout_p, int64_t seed, std::array<bool, 6> needs_grad) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  return cflora_bwd_sequence<CfloraCudaKernels>(grad_y, x, weight, lora_a, lora_b, interaction, s, t,
-                                                rows_per_sample, scale, dropout_p, seed, needs_grad);
-}
-
 }  // namespace
 }  // namespace rellax
 
 TORCH_LIBRARY_IMPL(rellax_fast, CUDA, m) {
-  m.impl("cflora_fwd", &rellax::cflora_fwd_cuda);
-  m.impl("cflora_bwd", &rellax::cflora_bwd_cuda);
+  m.impl("cflora_fwd", &rellax::cflora_fwd_sequence<rellax::CfloraCudaKernels>);
+  m.impl("cflora_bwd", &rellax::cflora_bwd_sequence<rellax::CfloraCudaKernels>);
 }
