@@ -1,6 +1,7 @@
-// Argument checks and small ATen helpers shared by the CPU (cflora.cpp) and CUDA (cflora_cuda.cu) kernels
-// of rellax_fast::cflora_fwd / cflora_bwd. Python (rellax_fast/ops/cflora.py) validates every public call
-// once with friendlier messages; these checks guard direct torch.ops calls.
+// The op sequence of rellax_fast::cflora_fwd / cflora_bwd (below: cflora_fwd_sequence, cflora_bwd_sequence), its
+// argument checks and ATen helpers, shared by the CPU (cflora.cpp) and CUDA (cflora_cuda.cu) backends. Python
+// (rellax_fast/ops/cflora.py) validates every public call once with friendlier messages; these checks guard
+// direct torch.ops calls.
 //
 // Row layout: x is (M, d_in); with a per-sample interaction C (n_samples, r, r), row m uses
 // C[m / rows_per_sample] and M == n_samples * rows_per_sample.
