@@ -28,10 +28,10 @@ today's structure: one more pass over a big tensor fails the test.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from rellax_testing import REPO
 
 GOAL = 1.2  # the issue's target: modelled extra traffic <= 1.2x the minimum
 CEILING = {0.0: 2.70, 0.1: 4.05}  # today's 8 and 12 big passes (2.67x, 4.0x) plus r-sized tensors: bounds
@@ -169,7 +169,7 @@ def test_cuda_file_adds_no_gemm_of_its_own():
     """The CUDA backend is the shared sequence: it registers cflora_{fwd,bwd}_sequence<CfloraCudaKernels>,
     and its own code calls no ATen GEMM (the device kernels reach cuBLAS only through cflora_common.h's
     helpers, inside their recorded ranges), so the CPU recording above is its op sequence."""
-    src = (Path(__file__).resolve().parents[2] / "csrc" / "cflora_cuda.cu").read_text()
+    src = (REPO / "csrc" / "cflora_cuda.cu").read_text()
     for phase in ("fwd", "bwd"):
         assert f'm.impl("cflora_{phase}", &rellax::cflora_{phase}_sequence<rellax::CfloraCudaKernels>)' in src
     for gemm in ("at::mm(", "at::addmm(", "at::bmm(", ".addmm_(", "at::matmul(", "at::baddbmm("):
