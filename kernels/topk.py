@@ -25,8 +25,8 @@ Compiles: KPAD (next power of two of K = min(k, longest prefix)) is the only sha
 runtime arguments (not specialised), so new history lengths do not recompile.
 Large k: the selection costs K steps per history tile and the BLOCK_M x KPAD state lives in registers
 (no spills up to k=256 on sm_90a, ~10 KB per thread at k=1024), so very large k is correct but slow; there
-is no two-stage path. The automatic backend choice sends k > 256 to the CUDA kernel when it is available
-(rellax_fast.ops.topk.TRITON_AUTO_MAX_K).
+is no two-stage path. The op's backend table limits triton to k <= 256 (rellax_fast.ops.topk.TRITON_MAX_K,
+a ``supports`` check): automatic choice takes the CUDA kernel beyond it, a forced triton refuses.
 Under TRITON_INTERPRET=1 the dot operands are upcast to fp32 (UPCAST constexpr): the interpreter's bf16
 ``tl.dot`` is wrong.
 """
@@ -43,6 +43,55 @@ import triton
 import triton.language as tl
 
 from rellax_fast._kernel_common import NORM_EPS, triton_interpreting
+
+
+@triton.jit
+def _merge_block(sc, cand_p, top_s, top_p, K, KPAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The K best of a score block (BLOCK_M x BLOCK_N, positions cand_p) and the running top-k (BLOCK_M x KPAD)
+    by K selection steps: the row maximum, among equal maxima the largest position (the tie rule)."""
+    kcol = tl.arange(0, KPAD)[None, :]
+    new_s = tl.full((BLOCK_M, KPAD), float("-inf"), tl.float32)
+    new_p = tl.full((BLOCK_M, KPAD), -1, tl.int32)
+    for i in range(0, K):
+        m = tl.maximum(tl.max(sc, axis=1), tl.max(top_s, axis=1))
+        pick = tl.maximum(
+            tl.max(tl.where(sc == m[:, None], cand_p, -1), axis=1),
+            tl.max(tl.where(top_s == m[:, None], top_p, -1), axis=1),
+        )
+        new_s = tl.where(kcol == i, m[:, None], new_s)
+        new_p = tl.where(kcol == i, pick[:, None], new_p)
+        sc = tl.where(cand_p == pick[:, None], float("-inf"), sc)
+        top_s = tl.where(top_p == pick[:, None], float("-inf"), top_s)
+    return new_s, new_p
+
+
+@triton.jit
+def _store_rows(
+    out_pos_ptr,
+    out_score_ptr,
+    sample,
+    row_ok,
+    top_s,
+    top_p,
+    stride_out,
+    KOUT,
+    KPAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Write all KOUT columns of each valid row: the top-k (positions of -inf entries as -1), then padding."""
+    # columns K..KPAD-1 still hold -inf / -1; columns KPAD..KOUT-1 (k beyond the longest prefix) are padding
+    kcol = tl.arange(0, KPAD)[None, :]
+    out_p = tl.where(top_s == float("-inf"), -1, top_p).to(tl.int64)
+    row_off = sample[:, None].to(tl.int64) * stride_out
+    tl.store(out_pos_ptr + row_off + kcol, out_p, mask=row_ok[:, None] & (kcol < KOUT))
+    tl.store(out_score_ptr + row_off + kcol, top_s, mask=row_ok[:, None] & (kcol < KOUT))
+    pad_p = tl.full((BLOCK_M, KPAD), -1, tl.int64)
+    pad_s = tl.full((BLOCK_M, KPAD), float("-inf"), tl.float32)
+    for c0 in range(KPAD, KOUT, KPAD):
+        cols = c0 + kcol
+        mask = row_ok[:, None] & (cols < KOUT)
+        tl.store(out_pos_ptr + row_off + cols, pad_p, mask=mask)
+        tl.store(out_score_ptr + row_off + cols, pad_s, mask=mask)
 
 
 @triton.jit(do_not_specialize=["K", "KOUT"])
@@ -83,7 +132,6 @@ def _semantic_topk_kernel(
     pmax = tl.max(p, axis=0)
     target_item = tl.load(seq_items_ptr + base + p, mask=row_ok, other=0)
 
-    kcol = tl.arange(0, KPAD)[None, :]
     top_s = tl.full((BLOCK_M, KPAD), float("-inf"), tl.float32)
     top_p = tl.full((BLOCK_M, KPAD), -1, tl.int32)
     for j0 in range(0, pmax, BLOCK_N):
@@ -114,32 +162,8 @@ def _semantic_topk_kernel(
         valid = (cand[None, :] < p[:, None]) & row_ok[:, None]
         sc = tl.where(valid, acc, float("-inf"))
         cand_p = tl.zeros((BLOCK_M, BLOCK_N), tl.int32) + cand[None, :].to(tl.int32)
-        new_s = tl.full((BLOCK_M, KPAD), float("-inf"), tl.float32)
-        new_p = tl.full((BLOCK_M, KPAD), -1, tl.int32)
-        for i in range(0, K):
-            m = tl.maximum(tl.max(sc, axis=1), tl.max(top_s, axis=1))
-            pick = tl.maximum(
-                tl.max(tl.where(sc == m[:, None], cand_p, -1), axis=1),
-                tl.max(tl.where(top_s == m[:, None], top_p, -1), axis=1),
-            )
-            new_s = tl.where(kcol == i, m[:, None], new_s)
-            new_p = tl.where(kcol == i, pick[:, None], new_p)
-            sc = tl.where(cand_p == pick[:, None], float("-inf"), sc)
-            top_s = tl.where(top_p == pick[:, None], float("-inf"), top_s)
-        top_s = new_s
-        top_p = new_p
-    # columns K..KPAD-1 still hold -inf / -1; columns KPAD..KOUT-1 (k beyond the longest prefix) are padding
-    out_p = tl.where(top_s == float("-inf"), -1, top_p).to(tl.int64)
-    row_off = sample[:, None].to(tl.int64) * stride_out
-    tl.store(out_pos_ptr + row_off + kcol, out_p, mask=row_ok[:, None] & (kcol < KOUT))
-    tl.store(out_score_ptr + row_off + kcol, top_s, mask=row_ok[:, None] & (kcol < KOUT))
-    pad_p = tl.full((BLOCK_M, KPAD), -1, tl.int64)
-    pad_s = tl.full((BLOCK_M, KPAD), float("-inf"), tl.float32)
-    for c0 in range(KPAD, KOUT, KPAD):
-        cols = c0 + kcol
-        mask = row_ok[:, None] & (cols < KOUT)
-        tl.store(out_pos_ptr + row_off + cols, pad_p, mask=mask)
-        tl.store(out_score_ptr + row_off + cols, pad_s, mask=mask)
+        top_s, top_p = _merge_block(sc, cand_p, top_s, top_p, K, KPAD, BLOCK_M)
+    _store_rows(out_pos_ptr, out_score_ptr, sample, row_ok, top_s, top_p, stride_out, KOUT, KPAD, BLOCK_M)
 
 
 def prepare_table(item_emb: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -189,6 +213,32 @@ def _tiles(seq_offsets, sample_user, sample_pos, block_m: int):
     return order, tile_start[by_cost].contiguous(), tile_count[by_cost].contiguous()
 
 
+def _outputs(out, n: int, k: int, device):
+    """``out`` checked ((n, k) contiguous int64 and float32 buffers on ``device``), or new empty ones."""
+    if out is None:
+        return (
+            torch.empty((n, k), dtype=torch.int64, device=device),
+            torch.empty((n, k), dtype=torch.float32, device=device),
+        )
+    out_pos, out_score = out
+    if (
+        out_pos.shape != (n, k)
+        or out_pos.dtype != torch.int64
+        or out_score.shape != (n, k)
+        or out_score.dtype != torch.float32
+        or out_pos.device != device
+        or out_score.device != device
+        or not out_pos.is_contiguous()
+        or not out_score.is_contiguous()
+    ):
+        raise ValueError(
+            f"semantic_topk_triton: out must be contiguous ({n}, {k}) int64 and float32 tensors on "
+            f"{device}; got {out_pos.dtype} {tuple(out_pos.shape)} on {out_pos.device} and "
+            f"{out_score.dtype} {tuple(out_score.shape)} on {out_score.device}"
+        )
+    return out_pos, out_score
+
+
 def semantic_topk_triton(
     item_emb,
     seq_items,
@@ -214,26 +264,7 @@ def semantic_topk_triton(
     """
     device = item_emb.device
     n = sample_user.shape[0]
-    if out is None:
-        out_pos = torch.empty((n, k), dtype=torch.int64, device=device)
-        out_score = torch.empty((n, k), dtype=torch.float32, device=device)
-    else:
-        out_pos, out_score = out
-        if (
-            out_pos.shape != (n, k)
-            or out_pos.dtype != torch.int64
-            or out_score.shape != (n, k)
-            or out_score.dtype != torch.float32
-            or out_pos.device != device
-            or out_score.device != device
-            or not out_pos.is_contiguous()
-            or not out_score.is_contiguous()
-        ):
-            raise ValueError(
-                f"semantic_topk_triton: out must be contiguous ({n}, {k}) int64 and float32 tensors on "
-                f"{device}; got {out_pos.dtype} {tuple(out_pos.shape)} on {out_pos.device} and "
-                f"{out_score.dtype} {tuple(out_score.shape)} on {out_score.device}"
-            )
+    out_pos, out_score = _outputs(out, n, k, device)
     if n == 0 or k == 0:
         return out_pos, out_score
     if max_pos is None:

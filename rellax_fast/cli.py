@@ -201,10 +201,6 @@ def info_lines() -> List[str]:
         for b, reason in _backend.availability(op).items():
             lines.append(f"    {b:<10} {'available' if reason is None else 'unavailable: ' + reason}")
         lines.append(f"    {'auto':<10} {auto_choice_text(op, devices)}")
-        if op == "semantic_topk":
-            from rellax_fast.ops.topk import auto_routing_note
-
-            lines.append(f"    note       {auto_routing_note()}")
     return lines
 
 

@@ -293,26 +293,64 @@ def _lifelong_runs(backends, item_emb, data, seqs, split, k: int, metric: str, d
     return runs
 
 
-def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
-    """Rows per history length L (up to 32k): the op's backends, windowed retrieval, torch-gemm."""
+def _setup(args, sizes):
+    """(device, size config, dtype, metric, repeat, warmup, backends) shared by both suites; CPU runs cap the
+    repeats (the rows take seconds each) and the reference backend is left out (the padded float64 oracle)."""
     from rellax_fast.ops import availability
 
-    from . import report
-
     device = torch.device(args.device)
-    size = args.size if args.size in LIFELONG else ("gpu" if device.type == "cuda" else "cpu")
-    cfg = LIFELONG[size]
-    dtype = getattr(torch, args.dtype)
-    metric = getattr(args, "metric", "cosine")
-    repeat = max(1, min(args.repeat, 3)) if device.type == "cpu" else args.repeat
-    warmup = max(0, min(args.warmup, 1)) if device.type == "cpu" else args.warmup
+    size = args.size if args.size in sizes else ("gpu" if device.type == "cuda" else "cpu")
+    cpu = device.type == "cpu"
+    repeat = max(1, min(args.repeat, 3)) if cpu else args.repeat
+    warmup = max(0, min(args.warmup, 1)) if cpu else args.warmup
     backends = [
         b for b, why in availability("semantic_topk", device.type).items() if why is None and b != "reference"
     ]
+    metric = getattr(args, "metric", "cosine")
+    return device, sizes[size], getattr(torch, args.dtype), metric, repeat, warmup, backends
+
+
+def _measure_lifelong(runs, device, warmup: int, repeat: int, key: dict, d: int, n: int):
+    """One row per run of one (L, layout, d, k) group, with its speedup vs torch-gemm and its score gap."""
+    from . import report
+
+    rows, results = [], {}
+    for name, (fn, window, work) in runs.items():
+        out: list = []
+        mem = report.peak_memory_mb(lambda fn=fn, out=out: out.append(fn()), device)
+        results[name] = out[0][1]
+        ms = report.time_ms(fn, device, warmup=max(0, warmup - 1), repeat=repeat)
+        rows.append(
+            dict(
+                key,
+                backend=name,
+                window=window or None,
+                device=device.type,
+                targets=n,
+                ms=ms,
+                samples_per_s=n / (ms / 1e3),
+                tflops=2.0 * d * work / (ms / 1e3) / 1e12,
+                peak_mib=mem,
+            )
+        )
+    base = next(r for r in rows if r["backend"] == "torch-gemm")
+    full = [name for name, (_, window, _) in runs.items() if window == 0]
+    first = results[full[0]]
+    for r in rows:
+        r["speedup_vs_torch"] = base["ms"] / r["ms"]
+        # windowed rows answer another question: compared with nothing (NaN)
+        r["max_score_gap"] = _kth_gap(results[r["backend"]], first) if r["backend"] in full else float("nan")
+    return rows
+
+
+def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
+    """Rows per history length L (up to 32k): the op's backends, windowed retrieval, torch-gemm."""
+    from . import report
+
+    device, cfg, dtype, metric, repeat, warmup, backends = _setup(args, LIFELONG)
     rows: List[Dict[str, object]] = []
     for length, layout in ((length, layout) for length in cfg["lengths"] for layout in ("uniform", "recent")):
         items, offsets, users, pos = lifelong_histories(length, cfg["users"], cfg["targets"], layout=layout)
-        n = int(users.numel())
         data = tuple(t.to(device) for t in (items, offsets, users, pos))
         seqs = types.SimpleNamespace(items=items.numpy(), offsets=offsets.numpy())
         split = types.SimpleNamespace(user_index=users.numpy(), pos=pos.numpy())
@@ -324,38 +362,9 @@ def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
                 runs = _lifelong_runs(
                     backends, item_emb, data, seqs, split, k, metric, device, cfg["windows"], length
                 )
-                results = {}
-                for name, (fn, window, work) in runs.items():
-                    out: list = []
-                    mem = report.peak_memory_mb(lambda fn=fn, out=out: out.append(fn()), device)
-                    results[name] = out[0][1]
-                    ms = report.time_ms(fn, device, warmup=max(0, warmup - 1), repeat=repeat)
-                    rows.append(
-                        {
-                            "L": length,
-                            "layout": layout,
-                            "d": d,
-                            "k": k,
-                            "backend": name,
-                            "window": window or None,
-                            "device": device.type,
-                            "targets": n,
-                            "ms": ms,
-                            "samples_per_s": n / (ms / 1e3),
-                            "tflops": 2.0 * d * work / (ms / 1e3) / 1e12,
-                            "peak_mib": mem,
-                        }
-                    )
-                group = [r for r in rows if (r["L"], r["layout"], r["d"], r["k"]) == (length, layout, d, k)]
-                base = next(r for r in group if r["backend"] == "torch-gemm")
-                full = [name for name, (_, window, _) in runs.items() if window == 0]
-                first = results[full[0]]
-                for r in group:
-                    r["speedup_vs_torch"] = base["ms"] / r["ms"]
-                    # windowed rows answer another question: compared with nothing (NaN)
-                    r["max_score_gap"] = (
-                        _kth_gap(results[r["backend"]], first) if r["backend"] in full else float("nan")
-                    )
+                key = {"L": length, "layout": layout, "d": d, "k": k}
+                group = _measure_lifelong(runs, device, warmup, repeat, key, d, int(users.numel()))
+                rows.extend(group)
                 print(report.markdown_table(group), flush=True)
 
     def plot(rows_, path):
@@ -379,28 +388,54 @@ def run_lifelong(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     return rows, {"title": "semantic_topk at lifelong lengths. " + note, "plot": plot}
 
 
-def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
-    from rellax_fast.ops import availability
+def _measure_config(runs, d: int, k: int, elem: int, total: int, n_samples: int, pairs: float, timing):
+    """One row per run of one (d, k) configuration, with its speedup vs torch-padded and its score gap.
+    ``timing`` is (warmup, repeat) for the fast rows; faiss rows are timed once (tens of seconds)."""
+    from . import report
 
+    warmup, repeat = timing
+    rows, results = [], {}
+    for name, (fn, dev) in runs.items():
+        # the first call is the warm-up, the peak-memory probe and the result used for agreement
+        out: list = []
+        mem = report.peak_memory_mb(lambda fn=fn, out=out: out.append(fn()), dev)
+        results[name] = out[0][1]
+        slow = name.startswith("faiss")
+        ms = report.time_ms(fn, dev, warmup=0 if slow else max(0, warmup - 1), repeat=1 if slow else repeat)
+        row_elem = 4 if slow else elem
+        bytes_moved = total * d * row_elem + total * 8 + n_samples * 16 + n_samples * k * 12
+        rows.append(
+            {
+                "d": d,
+                "k": k,
+                "backend": name,
+                "device": dev.type,
+                "ms": ms,
+                "samples_per_s": n_samples / (ms / 1e3),
+                "tflops": 2.0 * d * pairs / (ms / 1e3) / 1e12,
+                "gb_per_s": bytes_moved / (ms / 1e3) / 1e9,
+                "peak_mib": mem,
+            }
+        )
+    base = next(r for r in rows if r["backend"] == "torch-padded")
+    first = next(iter(results.values()))
+    for r in rows:
+        r["speedup_vs_torch"] = base["ms"] / r["ms"]
+        r["max_score_gap"] = _kth_gap(results[r["backend"]], first)
+    return rows
+
+
+def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     from . import report
 
     if getattr(args, "lifelong", False):
         return run_lifelong(args)
 
-    device = torch.device(args.device)
-    size = args.size if args.size in SIZES else ("gpu" if device.type == "cuda" else "cpu")
-    cfg = SIZES[size]
-    dtype = getattr(torch, args.dtype)
-    metric = getattr(args, "metric", "cosine")
-    repeat = max(1, min(args.repeat, 3)) if device.type == "cpu" else args.repeat
-    warmup = max(0, min(args.warmup, 1)) if device.type == "cpu" else args.warmup
+    device, cfg, dtype, metric, repeat, warmup, backends = _setup(args, SIZES)
     seq_items, seq_offsets, users, pos = synthetic_histories(cfg["users"])
     total, n_samples = int(seq_offsets[-1]), int(users.numel())
     lengths = (seq_offsets[1:] - seq_offsets[:-1]).double()
     pairs = float((pos.double()).sum())  # sum over samples of the number of candidates
-    backends = [
-        b for b, why in availability("semantic_topk", device.type).items() if why is None and b != "reference"
-    ]
     notes = [
         f"{cfg['users']} users, {total} samples (every position), lengths mean {lengths.mean():.1f}, "
         f"median {lengths.median():.0f}, max {lengths.max():.0f}; metric {metric}; dtype {args.dtype}; "
@@ -409,54 +444,21 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
     global_note = _global_available()
     if global_note:
         notes.append(global_note)
-    seq_items_d, seq_offsets_d, users_d, pos_d = (t.to(device) for t in (seq_items, seq_offsets, users, pos))
+    cpu_data = (seq_items, seq_offsets, users, pos)
+    dev_data = tuple(t.to(device) for t in cpu_data)
     rows: List[Dict[str, object]] = []
     for d in cfg["dims"]:
         gen = torch.Generator().manual_seed(d)
         item_emb = torch.randn(ML1M_ITEMS, d, generator=gen).to(device=device, dtype=dtype)
         for k in cfg["ks"]:
             runs = _runs(
-                backends,
-                item_emb,
-                (seq_items_d, seq_offsets_d, users_d, pos_d),
-                (seq_items, seq_offsets, users, pos),
-                k,
-                metric,
-                device,
-                with_global=not global_note,
+                backends, item_emb, dev_data, cpu_data, k, metric, device, with_global=not global_note
             )
-            results = {}
-            for name, (fn, dev) in runs.items():
-                # the first call is the warm-up, the peak-memory probe and the result used for agreement
-                out: list = []
-                mem = report.peak_memory_mb(lambda fn=fn, out=out: out.append(fn()), dev)
-                results[name] = out[0][1]
-                slow = name.startswith("faiss")
-                ms = report.time_ms(
-                    fn, dev, warmup=0 if slow else max(0, warmup - 1), repeat=1 if slow else repeat
-                )
-                elem = item_emb.element_size() if not name.startswith("faiss") else 4
-                bytes_moved = total * d * elem + total * 8 + n_samples * 16 + n_samples * k * 12
-                rows.append(
-                    {
-                        "d": d,
-                        "k": k,
-                        "backend": name,
-                        "device": "cpu" if dev.type == "cpu" else dev.type,
-                        "ms": ms,
-                        "samples_per_s": n_samples / (ms / 1e3),
-                        "tflops": 2.0 * d * pairs / (ms / 1e3) / 1e12,
-                        "gb_per_s": bytes_moved / (ms / 1e3) / 1e9,
-                        "peak_mib": mem,
-                    }
-                )
-            base = next(r for r in rows if r["d"] == d and r["k"] == k and r["backend"] == "torch-padded")
-            first = next(iter(results.values()))
-            for r in rows:
-                if r["d"] == d and r["k"] == k:
-                    r["speedup_vs_torch"] = base["ms"] / r["ms"]
-                    r["max_score_gap"] = _kth_gap(results[r["backend"]], first)
-            print(report.markdown_table([r for r in rows if r["d"] == d and r["k"] == k]), flush=True)
+            group = _measure_config(
+                runs, d, k, item_emb.element_size(), total, n_samples, pairs, (warmup, repeat)
+            )
+            rows.extend(group)
+            print(report.markdown_table(group), flush=True)
 
     def plot(rows_, path):
         return report.bar_chart(

@@ -27,7 +27,6 @@ backend routing. Backends: ``reference`` (this file), ``cpp`` (csrc/topk.cpp), `
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections import OrderedDict
 from typing import Optional, Tuple
@@ -116,11 +115,7 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
     when the same tensor (identity and version, :class:`_TableCache`) passed them before: a call's own cost
     then grows with its samples, not with the whole history.
     """
-    n_items, total = item_emb.shape[0], seq_items.shape[0]
-    n_users = seq_offsets.shape[0] - 1
-    n_samples = sample_user.shape[0]
-    device = seq_offsets.device
-    zero = torch.zeros((), dtype=torch.int64, device=device)
+    n_users, n_samples = seq_offsets.shape[0] - 1, sample_user.shape[0]
     if seq_offsets.shape[0] < 1:
         raise ValueError(
             "semantic_topk: seq_offsets must have U+1 >= 1 entries, starting at 0; got an empty tensor"
@@ -130,11 +125,31 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
             "semantic_topk: sample_user must be in [0, 0) (U = len(seq_offsets) - 1); "
             f"sample_user[0] = {int(sample_user[0])}"
         )
-    check_finite = item_emb.numel() > 0 and not _TABLES.known(item_emb, "finite")
-    # the checks over every entry of seq_items / seq_offsets (O(total)) are paid once per tensor (#28)
-    items_fact, offsets_fact = f"items in [0, {n_items})", f"offsets end <= {total}"
-    check_items = not _TABLES.known(seq_items, items_fact)
-    check_offsets = not _TABLES.known(seq_offsets, offsets_fact)
+    # the checks over every entry of item_emb / seq_items / seq_offsets are paid once per tensor (#28)
+    table_checks = (
+        (item_emb, "finite", item_emb.numel() > 0),
+        (seq_items, f"items in [0, {item_emb.shape[0]})", True),
+        (seq_offsets, f"offsets end <= {seq_items.shape[0]}", True),
+    )
+    needed = [wanted and not _TABLES.known(t, fact) for t, fact, wanted in table_checks]
+    flags, user_len = _value_flags(item_emb, seq_items, seq_offsets, sample_user, sample_pos, needed)
+    values = flags.tolist()  # the one host sync of a successful call
+    _raise_table_errors(item_emb, seq_items, seq_offsets, values[:5])
+    for (tensor, fact, _), checked in zip(table_checks, needed):
+        if checked:
+            _TABLES.mark(tensor, fact)
+    _raise_sample_errors(seq_offsets, sample_user, sample_pos, user_len, values[5:7])
+    return values[7]
+
+
+def _value_flags(item_emb, seq_items, seq_offsets, sample_user, sample_pos, needed):
+    """(the stacked 0-d checks, each sample's user length or None) without a host sync; ``needed`` says which
+    of the whole-table checks (finite, items in range, offsets non-decreasing) run, the others pass."""
+    check_finite, check_items, check_offsets = needed
+    n_items, total = item_emb.shape[0], seq_items.shape[0]
+    n_users, n_samples = seq_offsets.shape[0] - 1, sample_user.shape[0]
+    zero = torch.zeros((), dtype=torch.int64, device=seq_offsets.device)
+    user_len = None
     if n_samples:
         bad_user = (sample_user < 0) | (sample_user >= n_users)
         u = sample_user.clamp(0, n_users - 1)
@@ -151,17 +166,14 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
             _first_true(bad_pos) if n_samples else zero,
             sample_pos.max() if n_samples else zero,
         ]
-    ).tolist()  # the one host sync of a successful call
-    (
-        first_nonfinite,
-        offset0,
-        first_decrease,
-        offset_last,
-        first_bad_item,
-        first_bad_user,
-        first_bad_pos,
-        max_pos,
-    ) = flags
+    )
+    return flags, user_len
+
+
+def _raise_table_errors(item_emb, seq_items, seq_offsets, values) -> None:
+    """Raise for the first failing check of item_emb, seq_offsets and seq_items (values from the one sync)."""
+    first_nonfinite, offset0, first_decrease, offset_last, first_bad_item = values
+    n_items, total, n_users = item_emb.shape[0], seq_items.shape[0], seq_offsets.shape[0] - 1
     if first_nonfinite < n_items:
         raise ValueError(f"semantic_topk: item_emb must be finite; row {first_nonfinite} holds NaN or inf")
     if offset0 != 0:
@@ -183,27 +195,27 @@ def _validate_values(item_emb, seq_items, seq_offsets, sample_user, sample_pos) 
             f"semantic_topk: seq_items holds item ids in [0, {n_items}) (rows of item_emb); "
             f"seq_items[{bad}] = {int(seq_items[bad])}"
         )
-    for tensor, fact, checked in (
-        (item_emb, "finite", check_finite),
-        (seq_items, items_fact, check_items),
-        (seq_offsets, offsets_fact, check_offsets),
-    ):
-        if checked:
-            _TABLES.mark(tensor, fact)
-    if n_samples and first_bad_user < n_samples:
+
+
+def _raise_sample_errors(seq_offsets, sample_user, sample_pos, user_len, values) -> None:
+    """Raise for the first out-of-range sample_user, then sample_pos (values from the one sync)."""
+    n_samples, n_users = sample_user.shape[0], seq_offsets.shape[0] - 1
+    if not n_samples:
+        return
+    first_bad_user, first_bad_pos = values
+    if first_bad_user < n_samples:
         bad = first_bad_user
         raise ValueError(
             f"semantic_topk: sample_user must be in [0, {n_users}) (U = len(seq_offsets) - 1); "
             f"sample_user[{bad}] = {int(sample_user[bad])}"
         )
-    if n_samples and first_bad_pos < n_samples:
+    if first_bad_pos < n_samples:
         bad = first_bad_pos
         raise ValueError(
             f"semantic_topk: sample_pos must be in [0, len of the user's sequence) since the target sits at "
             f"that position; sample_pos[{bad}] = {int(sample_pos[bad])} but user {int(sample_user[bad])} "
             f"has {int(user_len[bad])} items"
         )
-    return max_pos
 
 
 class _TableCache:
@@ -356,32 +368,23 @@ def semantic_topk_ref(
     return pos_out, score_out
 
 
-# Automatic routing of large k on CUDA tensors. The Triton kernel keeps each row's running top-k in registers
-# (BLOCK_M x next_pow2(k) scores and positions) and merges by k selection steps per 32-candidate tile: compiled
-# for sm_90a (bf16, d=384) it holds 225 registers and no spills at k=256, but spills ~10 KB per thread at
-# k=1024, and the selection work grows as k·L. The CUDA kernel keeps the top-k in the output rows (insertion
-# behind a k-th-score threshold), so large k costs it little. A forced backend is never rerouted.
-TRITON_AUTO_MAX_K = 256
+# The Triton kernel keeps each row's running top-k in registers (BLOCK_M x next_pow2(k) scores and positions)
+# and merges by k selection steps per 32-candidate tile: compiled for sm_90a (bf16, d=384) it holds 225
+# registers and no spills at k=256, but spills ~10 KB per thread at k=1024, and the selection work grows as
+# k·L. The CUDA kernel keeps the top-k in the output rows (insertion behind a k-th-score threshold), so large
+# k costs it little. Hence a `supports` limit: automatic choice takes the next backend (cuda, else the
+# reference) for larger k, and a forced triton refuses it.
+TRITON_MAX_K = 256
 
 
-def auto_routing_note() -> str:
-    """One line for `rellax-fast info`: how the automatic choice treats large k."""
-    return (
-        f"auto on CUDA tensors: k > {TRITON_AUTO_MAX_K} runs on cuda when available (Triton's register-resident "
-        "top-k spills from k ~ 512 and its selection grows as k*L), else on triton (correct, slow)"
-    )
-
-
-def _auto_route(which: str, device: torch.device, backend: Optional[str], k: int) -> str:
-    """``which`` unless it is an automatic triton choice for k > TRITON_AUTO_MAX_K and cuda can run: then cuda."""
-    if which != "triton" or k <= TRITON_AUTO_MAX_K:
-        return which
-    forced = backend if backend is not None else os.environ.get(_backend.ENV_VAR)
-    if forced and forced.strip().lower() != "auto":
-        return which
-    if _backend.why_unavailable("cuda", device.type, OP) is not None:
-        return which
-    return _backend.resolve(OP, device, "cuda")
+def _triton_supports(k: int, **_call) -> Optional[str]:
+    """The Triton kernel's limit on k (its register-resident top-k); None when it can run the call."""
+    if k > TRITON_MAX_K:
+        return (
+            f"k={k} exceeds the triton kernel's limit of {TRITON_MAX_K} (its register-resident top-k "
+            "spills beyond it); the cuda backend has no such limit"
+        )
+    return None
 
 
 def semantic_topk(
@@ -398,11 +401,11 @@ def semantic_topk(
     """Top-``k`` most similar earlier behaviours of every sample; returns ``(pos (S,k) int64, score (S,k) float32)``.
 
     See the module docstring for the contract. ``backend`` forces ``reference``/``cpp``/``cuda``/``triton``
-    (default: the fastest available for ``item_emb``'s device, or ``$RELLAX_BACKEND``; on CUDA tensors an
-    automatic choice sends k > TRITON_AUTO_MAX_K to cuda when it is available). Not differentiable.
+    (default: the fastest available for ``item_emb``'s device that supports the call, or ``$RELLAX_BACKEND``;
+    triton runs k <= TRITON_MAX_K only). Not differentiable.
     """
     max_pos = validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric)
-    which = _auto_route(_backend.resolve(OP, item_emb.device, backend), item_emb.device, backend, k)
+    which = _backend.resolve(OP, item_emb.device, backend, k=k)
     n_samples = sample_user.shape[0]
     if n_samples == 0 or k == 0:
         return _empty_result(n_samples, k, item_emb.device)
@@ -515,7 +518,7 @@ def _run_cuda(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, norm
 _backend.register_impl(OP, "reference", _run_reference)
 _backend.register_impl(OP, "cpp", _run_cpp)
 _backend.register_impl(OP, "cuda", _run_cuda)
-_backend.register_impl(OP, "triton", _run_triton)
+_backend.register_impl(OP, "triton", _run_triton, supports=_triton_supports)
 
 
 def _register_ext() -> None:

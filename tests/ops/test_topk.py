@@ -249,8 +249,8 @@ def test_opcheck_and_outputs_not_differentiable():
 @pytest.mark.cuda
 @pytest.mark.parametrize(
     "backend,k",
-    [(b, k) for b in ("cuda", "triton") for k in (0, 1, 5, 64)] + [("cuda", 2100), ("triton", 300)],
-)  # triton's large k stays moderate: see TRITON_AUTO_MAX_K
+    [(b, k) for b in ("cuda", "triton") for k in (0, 1, 5, 64)] + [("cuda", 2100), ("triton", 256)],
+)  # triton's largest k: TRITON_MAX_K
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_gpu_backends_match_reference(backend, metric, k):
     if not torch.cuda.is_available():
@@ -429,39 +429,79 @@ def test_gpu_every_output_element_written(backend):
         det.fill_uninitialized_memory = old_fill
 
 
-def test_auto_routes_large_k_from_triton_to_cuda(monkeypatch):
-    """Only an automatic triton choice with k > TRITON_AUTO_MAX_K moves to cuda, and only when cuda can run."""
+def test_triton_supports_k_up_to_its_limit():
+    """Triton's k limit is a `supports` row of the backend table, read by resolve like every other limit."""
+    from rellax_fast.ops import _backend
     from rellax_fast.ops import topk as topk_mod
 
+    limit = topk_mod.TRITON_MAX_K
+    assert topk_mod._triton_supports(k=limit) is None
+    reason = topk_mod._triton_supports(k=limit + 1)
+    assert f"k={limit + 1}" in reason and str(limit) in reason
+    assert _backend._refusal("semantic_topk", "triton", {"k": limit + 1}) == reason
+    for b in ("reference", "cpp", "cuda"):  # the other backends take any k
+        assert _backend._refusal("semantic_topk", b, {"k": 10**6}) is None
+
+
+def _pretend_gpu_backends(monkeypatch, cuda_ok: bool):
+    """Environment checks that pass for triton (and cuda when ``cuda_ok``) on 'cuda' tensors; nothing runs."""
+    from rellax_fast.ops import _backend
+
     monkeypatch.delenv("RELLAX_BACKEND", raising=False)
-    monkeypatch.setattr(topk_mod._backend, "why_unavailable", lambda b, dev=None, op=None: None)
-    monkeypatch.setattr(topk_mod._backend, "resolve", lambda op, device, backend=None: backend)
-    dev = torch.device("cuda")  # a device object; nothing runs
-    big = topk_mod.TRITON_AUTO_MAX_K + 1
-    assert topk_mod._auto_route("triton", dev, None, big) == "cuda"
-    assert topk_mod._auto_route("triton", dev, "auto", big) == "cuda"
-    assert topk_mod._auto_route("triton", dev, None, big - 1) == "triton"
-    assert topk_mod._auto_route("triton", dev, "triton", big) == "triton"  # forced: never rerouted
-    assert topk_mod._auto_route("cpp", torch.device("cpu"), None, big) == "cpp"
-    monkeypatch.setenv("RELLAX_BACKEND", "triton")
-    assert topk_mod._auto_route("triton", dev, None, big) == "triton"
-    monkeypatch.delenv("RELLAX_BACKEND")
-    monkeypatch.setattr(
-        topk_mod._backend,
-        "why_unavailable",
-        lambda b, dev=None, op=None: "extension built without CUDA" if b == "cuda" else None,
-    )
-    assert topk_mod._auto_route("triton", dev, None, big) == "triton"
-    assert str(topk_mod.TRITON_AUTO_MAX_K) in topk_mod.auto_routing_note()
+    checks = dict(_backend._CHECKS)
+    checks["triton"] = lambda device_type: None
+    checks["cuda"] = (lambda device_type: None) if cuda_ok else (lambda device_type: "built without CUDA")
+    monkeypatch.setattr(_backend, "_CHECKS", checks)
+    monkeypatch.setattr(_backend, "EXT_BACKENDS", ())  # nothing to load: resolve only picks
+    return torch.device("cuda")  # a device object only
+
+
+def test_auto_takes_next_backend_for_large_k(monkeypatch):
+    from rellax_fast.ops import _backend
+    from rellax_fast.ops import topk as topk_mod
+
+    dev = _pretend_gpu_backends(monkeypatch, cuda_ok=True)
+    big = topk_mod.TRITON_MAX_K + 1
+    assert _backend.resolve("semantic_topk", dev, None, k=big - 1) == "triton"
+    assert _backend.resolve("semantic_topk", dev, None, k=big) == "cuda"
+    assert _backend.resolve("semantic_topk", dev, "auto", k=big) == "cuda"
+    dev = _pretend_gpu_backends(monkeypatch, cuda_ok=False)
+    assert _backend.resolve("semantic_topk", dev, None, k=big) == "reference"
+
+
+@pytest.mark.parametrize("source", ["argument", "env"])
+def test_forced_triton_with_large_k_names_k_and_the_limit(monkeypatch, source):
+    from rellax_fast.ops import _backend
+    from rellax_fast.ops import topk as topk_mod
+
+    dev = _pretend_gpu_backends(monkeypatch, cuda_ok=True)
+    big = topk_mod.TRITON_MAX_K + 1
+    backend = "triton" if source == "argument" else None
+    if source == "env":
+        monkeypatch.setenv("RELLAX_BACKEND", "triton")
+    with pytest.raises(BackendUnavailableError, match=rf"triton.*k={big} exceeds .* limit of {big - 1}"):
+        _backend.resolve("semantic_topk", dev, backend, k=big)
+
+
+@pytest.mark.triton
+def test_forced_triton_large_k_refused_by_the_op():
+    """Through the public op (TRITON_INTERPRET=1 on the CPU, or a GPU): a clear error, not a slow run."""
+    from rellax_fast.ops import topk as topk_mod
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = ragged_case([3, 5], n_items=8, d=4, seed=0, device=device)
+    big = topk_mod.TRITON_MAX_K + 1
+    with pytest.raises(BackendUnavailableError, match=rf"k={big} exceeds"):
+        semantic_topk(*case, big, backend="triton")
 
 
 @pytest.mark.cuda
 def test_gpu_auto_large_k_runs_on_cuda(monkeypatch):
     if not (_gpu_backend_ready("cuda") and _gpu_backend_ready("triton")):
         pytest.skip("needs a CUDA GPU with the cuda and triton backends")
-    from rellax_fast.ops import topk as topk_mod
+    from rellax_fast.ops import resolve
 
     monkeypatch.delenv("RELLAX_BACKEND", raising=False)
-    assert topk_mod._auto_route("triton", torch.device("cuda"), None, 2100) == "cuda"
+    assert resolve("semantic_topk", torch.device("cuda"), k=2100) == "cuda"
     case = ragged_case(LENGTHS, n_items=300, d=64, seed=18, device="cuda")
     check_against_reference(semantic_topk(*case, 2100), case, 2100, "cosine", GPU_ATOL["cosine"])
