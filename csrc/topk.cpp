@@ -5,23 +5,32 @@
 // item embeddings; rows are sorted by score descending, ties to the larger position, padded with -1 / -inf.
 //
 // Algorithm
-//   1. Counting sort of the samples by their flat position seq_offsets[u] + p (O(S + total)): this groups
-//      them by user and sorts each user's samples by p.
-//   2. Work items = runs of <= kChunk consecutive samples of one user; ordered by cost (sum of p), run
+//   1. The samples are ordered by their flat position seq_offsets[u] + p (grouping them by user, ascending
+//      p): no work when they already are, a counting sort when the call covers most of the entries
+//      (total <= kCountingShare * S), else a comparison sort of the S keys. Nothing touches every entry of
+//      a large history when a call asks for few targets.
+//   2. One serial pass over what the call reads: each sampled user's offsets and the entries of its
+//      prefix up to its last target are range-checked (the raw torch.ops entry must refuse bad indices
+//      cleanly), and the item rows they name are marked.
+//   3. Work items = runs of <= kChunk consecutive samples of one user; ordered by cost (sum of p), run
 //      with OpenMP dynamic scheduling.
-//   3. Once per call the item table is converted to float32 rows (normalised when cosine; d padded to a
-//      multiple of 16 with zeros; one extra zero row). Per work item a thread streams the user's history
-//      rows (looked up in that table) in history tiles
-//      of kTileN rows, each transposed once into (d x 32) slabs. For each group of 8 targets and slab
-//      of 32 candidates a register-blocked micro-kernel (16 vector accumulators, target scalars
-//      broadcast) computes the 256 dot products; every score that beats the row's current k-th best is
-//      inserted into the row's sorted top-k buffer (ties: candidates come in increasing position, so a
-//      new equal score goes in front of the older equal ones). Candidates >= the target's position are
-//      skipped (causal), and tiles past the group's largest position are never computed.
-//   Memory: O(total + S*k) outputs plus one (max L x d) buffer per thread; no S x L scores exist.
-//   Every dot product runs through the same micro-kernel code path, so identical embeddings give
-//   bit-identical scores and exact ties are resolved by position as contracted.
-//   The micro-kernel is compiled for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline via target_clones,
+//   4. The marked item rows (only those) are converted to float32 (normalised when cosine; d padded to a
+//      multiple of 16 with zeros) plus one zero row.
+//   5. Per work item, one of two micro-kernels, both accumulating every dot product as the same ordered
+//      sum over x = 0..dp-1 in one vector lane (so a (target, candidate) score is bit-identical whichever
+//      runs it, and identical embeddings give identical scores: exact ties are resolved by position):
+//      - row-major, for <= kRowMajorMax targets: the targets are transposed into a (dp x 8) panel (lane =
+//        target) and the history rows are read in place, 8 at a time, each broadcast against the panel;
+//      - panel, for more targets: the history is streamed in tiles of kTileN rows, each transposed once
+//        into (d x 32) slabs; for each group of 8 targets and slab of 32 candidates a register-blocked
+//        micro-kernel (16 vector accumulators, target scalars broadcast) computes the 256 dot products.
+//      Every score that beats the row's current k-th best is inserted into the row's sorted top-k buffer
+//      (candidates come in increasing position, so a new equal score goes in front of the older equal
+//      ones). Candidates >= the target's position are skipped (causal), and tiles past the group's largest
+//      position are never computed.
+//   Memory: O(S*k) outputs, one float32 row per marked item, and one (kTileN x dp) buffer per thread; no
+//   S x L scores exist.
+//   The micro-kernels are compiled for x86-64-v4 (AVX-512), v3 (AVX2+FMA) and baseline via target_clones,
 //   chosen at load time, since the extension itself is built without -march flags.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,6 +39,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -42,11 +52,14 @@
 namespace rellax {
 namespace topk_cpu {
 
-constexpr int64_t kChunk = 512;   // targets per work item
-constexpr int64_t kTileN = 256;   // history rows per tile
-constexpr int64_t kLanes = 16;    // d is padded to a multiple of this
+constexpr int64_t kChunk = 512;        // targets per work item
+constexpr int64_t kTileN = 256;        // history rows per tile (panel kernel)
+constexpr int64_t kLanes = 16;         // d is padded to a multiple of this
+constexpr int64_t kRowMajorMax = 8;    // work items with at most this many targets run the row-major kernel
+constexpr int64_t kCountingShare = 8;  // counting sort when total <= this * S, else a comparison sort
 
 typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define RELLAX_TOPK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
@@ -54,16 +67,35 @@ typedef float v16f __attribute__((vector_size(64)));
 #define RELLAX_TOPK_CLONES
 #endif
 
-constexpr int kRows = 8;    // targets per register block
-constexpr int kCols = 32;   // candidates per register block (two 16-lane vectors)
+constexpr int kRows = 8;    // panel kernel: targets per register block
+constexpr int kCols = 32;   // panel kernel: candidates per register block (two 16-lane vectors)
+constexpr int kTargets = 8; // row-major kernel: targets per pass (one lane of a v8f each)
+constexpr int kCand = 8;    // row-major kernel: history rows per block (independent accumulators)
 
-// One work item: `n` targets (positions `tpos`, ascending) of a user whose item at position j has its
-// float32 row at table + hist[j] * dp (row `zero_row` is all zeros). Writes each target's sorted top-k into out_score/out_pos (n x k, pre-filled -inf/-1).
-// `panel` is scratch for one history tile transposed into slabs of kCols candidates: slab-major,
-// (dp x kCols) each, so the micro-kernel reads it contiguously and broadcasts target scalars.
+// Insert score s of candidate `pos` into a row's sorted top-k (sc, ps, *cnt entries so far). Candidates
+// arrive in increasing position, so a new score goes in front of equal ones (ties: the larger position).
+// Returns the row's new threshold (the k-th best, or -inf while the row is not full).
+inline float insert_topk(float* sc, int64_t* ps, int64_t* cnt, int64_t k, float s, int64_t pos) {
+  int64_t slot = *cnt < k ? *cnt : k - 1;
+  while (slot > 0 && sc[slot - 1] <= s) {
+    sc[slot] = sc[slot - 1];
+    ps[slot] = ps[slot - 1];
+    --slot;
+  }
+  sc[slot] = s;
+  ps[slot] = pos;
+  if (*cnt < k) ++*cnt;
+  return *cnt < k ? -std::numeric_limits<float>::infinity() : sc[k - 1];
+}
+
+// Panel kernel, one work item: `n` targets (positions `tpos`, ascending) of a user whose item at position j
+// has its float32 row at table + hist[j] * dp (row `zero_row` is all zeros). Writes each target's sorted
+// top-k into out_score/out_pos (n x k, pre-filled -inf/-1). `panel` is scratch for one history tile
+// transposed into slabs of kCols candidates: slab-major, (dp x kCols) each, so the micro-kernel reads it
+// contiguously and broadcasts target scalars.
 RELLAX_TOPK_CLONES
-void rellax_topk_chunk(const float* table, const int64_t* hist, int64_t zero_row, int64_t dp, const int64_t* tpos, int64_t n, int64_t k, float* out_score,
-                       int64_t* out_pos, int64_t* count, float* panel) {
+void rellax_topk_chunk(const float* table, const int64_t* hist, int64_t zero_row, int64_t dp, const int64_t* tpos,
+                       int64_t n, int64_t k, float* out_score, int64_t* out_pos, int64_t* count, float* panel) {
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; ++i) count[i] = 0;
   const int64_t pmax = tpos[n - 1];
@@ -118,21 +150,49 @@ void rellax_topk_chunk(const float* table, const int64_t* hist, int64_t zero_row
           for (int64_t q = 0; q < lim; ++q) {
             const float s = sc_block[q];
             if (!(s >= thr[r])) continue;
-            // insert: candidates arrive in increasing position, so a new score goes in front of equal ones
-            float* sc = out_score + row * k;
-            int64_t* ps = out_pos + row * k;
-            int64_t slot = count[row] < k ? count[row] : k - 1;
-            while (slot > 0 && sc[slot - 1] <= s) {
-              sc[slot] = sc[slot - 1];
-              ps[slot] = ps[slot - 1];
-              --slot;
-            }
-            sc[slot] = s;
-            ps[slot] = base + q;
-            if (count[row] < k) ++count[row];
-            thr[r] = count[row] < k ? neg_inf : sc[k - 1];
+            thr[r] = insert_topk(out_score + row * k, out_pos + row * k, count + row, k, s, base + q);
           }
         }
+      }
+    }
+  }
+}
+
+// Row-major kernel, one work item of n <= kTargets targets (same arguments as rellax_topk_chunk): the
+// targets are transposed into `tpanel` (dp x kTargets, lane i = target i; lanes >= n repeat the last
+// target and are never read back), and each history row is read where it lies in the table, kCand rows
+// at a time, its scalars broadcast against the panel. Each lane accumulates the ordered sum over x, as the
+// panel kernel does, so the scores are bit-identical to it; no history row is copied.
+RELLAX_TOPK_CLONES
+void rellax_topk_rows(const float* table, const int64_t* hist, int64_t dp, const int64_t* tpos, int64_t n,
+                      int64_t k, float* out_score, int64_t* out_pos, int64_t* count, float* tpanel) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float thr[kTargets];
+  for (int i = 0; i < kTargets; ++i) {
+    const float* t = table + hist[tpos[std::min<int64_t>(i, n - 1)]] * dp;
+    for (int64_t x = 0; x < dp; ++x) tpanel[x * kTargets + i] = t[x];
+    thr[i] = neg_inf;
+  }
+  for (int64_t i = 0; i < n; ++i) count[i] = 0;
+  const int64_t pmax = tpos[n - 1];
+  for (int64_t j0 = 0; j0 < pmax; j0 += kCand) {
+    const int64_t m = std::min<int64_t>(kCand, pmax - j0);
+    const float* h[kCand];
+    for (int c = 0; c < kCand; ++c) h[c] = table + hist[j0 + std::min<int64_t>(c, m - 1)] * dp;
+    v8f acc[kCand];
+    for (int c = 0; c < kCand; ++c) acc[c] = v8f{};
+    for (int64_t x = 0; x < dp; ++x) {
+      v8f t;
+      std::memcpy(&t, tpanel + x * kTargets, sizeof(v8f));
+      for (int c = 0; c < kCand; ++c) acc[c] += h[c][x] * t;
+    }
+    for (int64_t c = 0; c < m; ++c) {
+      float sb[kTargets];
+      std::memcpy(sb, &acc[c], sizeof(v8f));
+      const int64_t j = j0 + c;
+      for (int64_t i = 0; i < n; ++i) {
+        if (j >= tpos[i] || !(sb[i] >= thr[i])) continue;
+        thr[i] = insert_topk(out_score + i * k, out_pos + i * k, count + i, k, sb[i], j);
       }
     }
   }
@@ -145,16 +205,16 @@ struct WorkItem {
   double cost;
 };
 
+// Rows of the float32 table for the marked items only (normalised when `normalize`; d padded to dp with
+// zeros), plus the zero row n_items. Unmarked rows are left unwritten: nothing reads them.
 template <typename scalar_t>
-void build_table(const scalar_t* emb, int64_t n_items, int64_t d, int64_t dp, bool normalize, int nthreads,
-                 float* table) {
+void build_table(const scalar_t* emb, int64_t n_items, int64_t d, int64_t dp, bool normalize,
+                 const std::vector<uint8_t>& marked, int nthreads, float* table) {
+  for (int64_t x = 0; x < dp; ++x) table[n_items * dp + x] = 0.0f;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t r = 0; r <= n_items; ++r) {
+  for (int64_t r = 0; r < n_items; ++r) {
+    if (!marked[r]) continue;
     float* dst = table + r * dp;
-    if (r == n_items) {  // the zero row used to pad partial slabs
-      for (int64_t x = 0; x < dp; ++x) dst[x] = 0.0f;
-      continue;
-    }
     const scalar_t* src = emb + r * d;
     double sq = 0.0;
     for (int64_t x = 0; x < d; ++x) {
@@ -172,14 +232,16 @@ void build_table(const scalar_t* emb, int64_t n_items, int64_t d, int64_t dp, bo
 
 template <typename scalar_t>
 void run_work(const scalar_t* emb, int64_t n_items, int64_t d, int64_t dp, const int64_t* items, const int64_t* offs,
-              const int64_t* sp, const std::vector<int64_t>& order, const std::vector<WorkItem>& work, int64_t k,
-              bool normalize, int nthreads, float* score_ptr, int64_t* pos_ptr) {
+              const int64_t* sp, const std::vector<int64_t>& order, const std::vector<WorkItem>& work,
+              const std::vector<uint8_t>& marked, int64_t k, bool normalize, int nthreads, float* score_ptr,
+              int64_t* pos_ptr) {
   const int64_t n_work = static_cast<int64_t>(work.size());
-  std::vector<float> table((n_items + 1) * dp);
-  build_table<scalar_t>(emb, n_items, d, dp, normalize, nthreads, table.data());
+  // uninitialised on purpose: only the marked rows are written, and only those are read
+  std::unique_ptr<float[]> table(new float[(n_items + 1) * dp]);
+  build_table<scalar_t>(emb, n_items, d, dp, normalize, marked, nthreads, table.get());
 #pragma omp parallel num_threads(nthreads)
   {
-    std::vector<float> lscore, panel(kTileN * dp);
+    std::vector<float> lscore, panel(std::max<int64_t>(kTileN, kTargets) * dp);
     std::vector<int64_t> tpos, lpos, count;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t w = 0; w < n_work; ++w) {
@@ -190,7 +252,13 @@ void run_work(const scalar_t* emb, int64_t n_items, int64_t d, int64_t dp, const
       lscore.assign(n * k, -std::numeric_limits<float>::infinity());
       lpos.assign(n * k, -1);
       count.resize(n);
-      rellax_topk_chunk(table.data(), items + offs[it.user], n_items, dp, tpos.data(), n, k, lscore.data(), lpos.data(), count.data(), panel.data());
+      const int64_t* hist = items + offs[it.user];
+      if (n <= kRowMajorMax)
+        rellax_topk_rows(table.get(), hist, dp, tpos.data(), n, k, lscore.data(), lpos.data(), count.data(),
+                         panel.data());
+      else
+        rellax_topk_chunk(table.get(), hist, n_items, dp, tpos.data(), n, k, lscore.data(), lpos.data(),
+                          count.data(), panel.data());
       for (int64_t i = 0; i < n; ++i) {
         const int64_t s = order[it.begin + i];
         std::memcpy(score_ptr + s * k, lscore.data() + i * k, sizeof(float) * k);
@@ -200,6 +268,95 @@ void run_work(const scalar_t* emb, int64_t n_items, int64_t d, int64_t dp, const
   }
 }
 
+// The samples' flat positions offs[u] + p, after checking each sample's user, that user's offsets and p.
+std::vector<int64_t> flat_positions(const int64_t* offs, int64_t U, int64_t total, const int64_t* su,
+                                    const int64_t* sp, int64_t S) {
+  std::vector<int64_t> flat(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t u = su[s];
+    TORCH_CHECK(u >= 0 && u < U, "semantic_topk: sample_user[", s, "] = ", u, " is out of [0, ", U, ")");
+    TORCH_CHECK(offs[u] >= 0 && offs[u] <= offs[u + 1], "semantic_topk: seq_offsets must be non-negative and ",
+                "non-decreasing; seq_offsets[", u, "] = ", offs[u], ", seq_offsets[", u + 1, "] = ", offs[u + 1],
+                " (at ", u + 1, ")");
+    TORCH_CHECK(offs[u + 1] <= total, "semantic_topk: seq_offsets[", u + 1, "] = ", offs[u + 1],
+                " overruns len(seq_items) = ", total);
+    const int64_t p = sp[s];
+    TORCH_CHECK(p >= 0 && p < offs[u + 1] - offs[u], "semantic_topk: sample_pos[", s, "] = ", p,
+                " is out of range for user ", u, " with ", offs[u + 1] - offs[u], " items");
+    flat[s] = offs[u] + p;
+  }
+  return flat;
+}
+
+// The sample order by flat position (ties by sample index): the identity when already sorted, a counting
+// sort when the call covers most entries (O(S + total)), else a comparison sort (O(S log S)).
+std::vector<int64_t> sort_samples(const std::vector<int64_t>& flat, int64_t total) {
+  const int64_t S = static_cast<int64_t>(flat.size());
+  std::vector<int64_t> order(S);
+  std::iota(order.begin(), order.end(), 0);
+  if (std::is_sorted(flat.begin(), flat.end())) return order;
+  if (total <= kCountingShare * S) {
+    std::vector<int64_t> bucket(total + 1, 0);
+    for (int64_t s = 0; s < S; ++s) ++bucket[flat[s] + 1];
+    for (int64_t i = 0; i < total; ++i) bucket[i + 1] += bucket[i];
+    for (int64_t s = 0; s < S; ++s) order[bucket[flat[s]]++] = s;
+    return order;
+  }
+  std::sort(order.begin(), order.end(),
+            [&flat](int64_t a, int64_t b) { return flat[a] < flat[b] || (flat[a] == flat[b] && a < b); });
+  return order;
+}
+
+// Work items (runs of <= kChunk samples of one user, most expensive first); for each sampled user, the
+// entries it reads (its prefix up to its last target) are range-checked and their item rows marked.
+std::vector<WorkItem> plan_work(const int64_t* items, const int64_t* offs, int64_t n_items, const int64_t* su,
+                                const int64_t* sp, const std::vector<int64_t>& order,
+                                std::vector<uint8_t>& marked) {
+  const int64_t S = static_cast<int64_t>(order.size());
+  std::vector<WorkItem> work;
+  for (int64_t b = 0; b < S;) {
+    const int64_t u = su[order[b]];
+    int64_t e = b;
+    double cost = 0.0;
+    while (e < S && e - b < kChunk && su[order[e]] == u) {
+      cost += static_cast<double>(sp[order[e]]) + 1.0;
+      ++e;
+    }
+    // the first work item of a user checks that user's whole read prefix (its last sample's position)
+    if (b == 0 || su[order[b - 1]] != u) {
+      int64_t last = e;
+      while (last < S && su[order[last]] == u) ++last;
+      const int64_t end = offs[u] + sp[order[last - 1]];
+      for (int64_t i = offs[u]; i <= end; ++i) {
+        TORCH_CHECK(items[i] >= 0 && items[i] < n_items, "semantic_topk: seq_items[", i, "] = ", items[i],
+                    " is out of range of item_emb rows [0, ", n_items, ")");
+        marked[items[i]] = 1;
+      }
+    }
+    work.push_back({b, e, u, cost});
+    b = e;
+  }
+  std::sort(work.begin(), work.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return work;
+}
+
+void check_args(const at::Tensor& item_emb, const at::Tensor* const idx[4], int64_t k) {
+  RELLAX_CHECK_FLOAT(item_emb, "semantic_topk: item_emb");
+  TORCH_CHECK(item_emb.dim() == 2, "semantic_topk: item_emb must be 2-D (N_items, d); got shape ",
+              shape_str(item_emb));
+  const char* names[4] = {"seq_items", "seq_offsets", "sample_user", "sample_pos"};
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(idx[i]->scalar_type() == at::kLong && idx[i]->dim() == 1, "semantic_topk: ", names[i],
+                " must be a 1-D int64 tensor; got ", idx[i]->scalar_type(), " of shape ", shape_str(*idx[i]));
+    TORCH_CHECK(idx[i]->device().is_cpu(), "semantic_topk (cpu kernel): ", names[i], " must be on the CPU");
+  }
+  TORCH_CHECK(item_emb.device().is_cpu(), "semantic_topk (cpu kernel): item_emb must be on the CPU");
+  TORCH_CHECK(k >= 0, "semantic_topk: k must be >= 0; got ", k);
+  TORCH_CHECK(idx[2]->size(0) == idx[3]->size(0),
+              "semantic_topk: sample_user and sample_pos must have the same length");
+  TORCH_CHECK(idx[1]->size(0) >= 1, "semantic_topk: seq_offsets must have U+1 >= 1 entries");
+}
+
 }  // namespace topk_cpu
 
 std::tuple<at::Tensor, at::Tensor> semantic_topk_cpu(const at::Tensor& item_emb_in, const at::Tensor& seq_items_in,
@@ -207,28 +364,15 @@ std::tuple<at::Tensor, at::Tensor> semantic_topk_cpu(const at::Tensor& item_emb_
                                                      const at::Tensor& sample_user_in,
                                                      const at::Tensor& sample_pos_in, int64_t k, bool normalize) {
   using namespace topk_cpu;
-  RELLAX_CHECK_FLOAT(item_emb_in, "semantic_topk: item_emb");
-  TORCH_CHECK(item_emb_in.dim() == 2, "semantic_topk: item_emb must be 2-D (N_items, d); got shape ",
-              shape_str(item_emb_in));
-  const at::Tensor* idx[4] = {&seq_items_in, &seq_offsets_in, &sample_user_in, &sample_pos_in};
-  const char* names[4] = {"seq_items", "seq_offsets", "sample_user", "sample_pos"};
-  for (int i = 0; i < 4; ++i) {
-    TORCH_CHECK(idx[i]->scalar_type() == at::kLong && idx[i]->dim() == 1, "semantic_topk: ", names[i],
-                " must be a 1-D int64 tensor; got ", idx[i]->scalar_type(), " of shape ", shape_str(*idx[i]));
-    TORCH_CHECK(idx[i]->device().is_cpu(), "semantic_topk (cpu kernel): ", names[i], " must be on the CPU");
-  }
-  TORCH_CHECK(item_emb_in.device().is_cpu(), "semantic_topk (cpu kernel): item_emb must be on the CPU");
-  TORCH_CHECK(k >= 0, "semantic_topk: k must be >= 0; got ", k);
-  TORCH_CHECK(sample_user_in.size(0) == sample_pos_in.size(0),
-              "semantic_topk: sample_user and sample_pos must have the same length");
-  TORCH_CHECK(seq_offsets_in.size(0) >= 1, "semantic_topk: seq_offsets must have U+1 >= 1 entries");
-
+  const at::Tensor* const idx[4] = {&seq_items_in, &seq_offsets_in, &sample_user_in, &sample_pos_in};
+  check_args(item_emb_in, idx, k);
   const at::Tensor item_emb = item_emb_in.contiguous();
   const at::Tensor seq_items = seq_items_in.contiguous();
   const at::Tensor seq_offsets = seq_offsets_in.contiguous();
   const at::Tensor sample_user = sample_user_in.contiguous();
   const at::Tensor sample_pos = sample_pos_in.contiguous();
   const int64_t S = sample_user.size(0);
+  const int64_t n_items = item_emb.size(0);
   const int64_t d = item_emb.size(1);
   const int64_t total = seq_items.size(0);
   const int64_t U = seq_offsets.size(0) - 1;
@@ -242,54 +386,19 @@ std::tuple<at::Tensor, at::Tensor> semantic_topk_cpu(const at::Tensor& item_emb_
   const int64_t* offs = seq_offsets.data_ptr<int64_t>();
   const int64_t* su = sample_user.data_ptr<int64_t>();
   const int64_t* sp = sample_pos.data_ptr<int64_t>();
-  TORCH_CHECK(offs[U] <= total, "semantic_topk: seq_offsets[-1] = ", offs[U], " overruns len(seq_items) = ", total);
 
-  for (int64_t i = 0; i < offs[U]; ++i)
-    TORCH_CHECK(items[i] >= 0 && items[i] < item_emb.size(0), "semantic_topk: seq_items[", i, "] = ", items[i],
-                " is out of range of item_emb rows [0, ", item_emb.size(0), ")");
-  for (int64_t u = 0; u < U; ++u)
-    TORCH_CHECK(offs[u + 1] >= offs[u], "semantic_topk: seq_offsets must be non-decreasing (at ", u + 1, ")");
-
-  // 1. counting sort of the samples by flat position (groups by user, sorts by p)
-  std::vector<int64_t> flat(S);
-  std::vector<int64_t> bucket(total + 1, 0);
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t u = su[s];
-    TORCH_CHECK(u >= 0 && u < U, "semantic_topk: sample_user[", s, "] = ", u, " is out of [0, ", U, ")");
-    const int64_t p = sp[s];
-    TORCH_CHECK(p >= 0 && p < offs[u + 1] - offs[u], "semantic_topk: sample_pos[", s, "] = ", p,
-                " is out of range for user ", u, " with ", offs[u + 1] - offs[u], " items");
-    flat[s] = offs[u] + p;
-    ++bucket[flat[s] + 1];
-  }
-  for (int64_t i = 0; i < total; ++i) bucket[i + 1] += bucket[i];
-  std::vector<int64_t> order(S);
-  for (int64_t s = 0; s < S; ++s) order[bucket[flat[s]]++] = s;
-  std::vector<int64_t>().swap(bucket);
-
-  // 2. work items: runs of <= kChunk samples of one user, most expensive first
-  std::vector<WorkItem> work;
-  for (int64_t b = 0; b < S;) {
-    const int64_t u = su[order[b]];
-    int64_t e = b;
-    double cost = 0.0;
-    while (e < S && e - b < kChunk && su[order[e]] == u) {
-      cost += static_cast<double>(sp[order[e]]) + 1.0;
-      ++e;
-    }
-    work.push_back({b, e, u, cost});
-    b = e;
-  }
-  std::sort(work.begin(), work.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  // 1-2. order the samples by flat position, check and mark what they read, cut the work items
+  const std::vector<int64_t> order = sort_samples(flat_positions(offs, U, total, su, sp, S), total);
+  std::vector<uint8_t> marked(n_items, 0);
+  const std::vector<WorkItem> work = plan_work(items, offs, n_items, su, sp, order, marked);
 
   const int64_t dp = (d + kLanes - 1) / kLanes * kLanes;
   float* score_ptr = out_score.data_ptr<float>();
   int64_t* pos_ptr = out_pos.data_ptr<int64_t>();
   const int nthreads = std::max(1, at::get_num_threads());
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, item_emb.scalar_type(), "semantic_topk_cpu", [&] {
-    run_work<scalar_t>(item_emb.data_ptr<scalar_t>(), item_emb.size(0), d, dp, items, offs, sp, order, work, k, normalize, nthreads,
-                       score_ptr, pos_ptr);
+    run_work<scalar_t>(item_emb.data_ptr<scalar_t>(), n_items, d, dp, items, offs, sp, order, work, marked, k,
+                       normalize, nthreads, score_ptr, pos_ptr);
   });
   return {out_pos, out_score};
 }

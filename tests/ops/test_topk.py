@@ -234,6 +234,123 @@ def test_cpp_op_checks_its_own_arguments():
         ext_op("semantic_topk")(*args, 2, True)
 
 
+# ------------------------------------------------------------------------------------------------------------
+# the CPU kernel's two paths (row-major for <= 8 targets of a user, panels beyond) and its sample ordering
+# ------------------------------------------------------------------------------------------------------------
+
+FEW_LENGTHS = [0, 1, 3, 17, 64, 0, 300, 9, 41, 1000, 2, 130]
+
+
+def _few_targets(lengths, seed: int, per_user=None):
+    """(users, pos): user u gets min(len, 1 + u % 8) distinct random targets (``per_user`` overrides), shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    users, pos = [], []
+    for u, n in enumerate(lengths):
+        t = min(n, per_user if per_user is not None else 1 + u % 8)
+        users.append(torch.full((t,), u, dtype=torch.int64))
+        pos.append(torch.randperm(n, generator=gen)[:t])
+    users, pos = torch.cat(users), torch.cat(pos)
+    perm = torch.randperm(users.numel(), generator=gen)
+    return users[perm], pos[perm]
+
+
+@needs_cpp
+@pytest.mark.parametrize("d", [17, 31, 384])
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("k", [1, 7, 50, 1500])  # 1500 > every history
+def test_cpp_users_with_few_targets_match_oracle(d, metric, k):
+    emb, items, offsets, _, _ = ragged_case(FEW_LENGTHS, n_items=120, d=d, seed=30 + d)
+    users, pos = _few_targets(FEW_LENGTHS, seed=d)
+    case = (emb, items, offsets, users, pos)
+    result = semantic_topk(*case, k, metric=metric, backend="cpp")
+    check_against_reference(result, case, k, metric, ATOL[metric] * (d / 31) ** 0.5)
+
+
+@needs_cpp
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("d", [19, 384])
+def test_cpp_row_major_and_panel_paths_give_identical_scores(metric, d):
+    """A user's few targets (row-major kernel) score bit-identically when more targets send them to the panels."""
+    from rellax_fast.ops.topk import _call_ext
+
+    emb, items, offsets, _, _ = ragged_case([700, 90], n_items=200, d=d, seed=31)
+    few = torch.tensor([699, 5, 388])
+    many = torch.cat([few, torch.arange(10, 690, 23)])  # 33 targets of the same user
+    normalize = metric == "cosine"
+    alone = _call_ext(emb, items, offsets, torch.zeros(3, dtype=torch.int64), few, 40, normalize)
+    together = _call_ext(emb, items, offsets, torch.zeros(len(many), dtype=torch.int64), many, 40, normalize)
+    assert torch.equal(alone[0], together[0][:3]) and torch.equal(alone[1], together[1][:3])
+    check_against_reference(
+        alone,
+        (emb, items, offsets, torch.zeros(3, dtype=torch.int64), few),
+        40,
+        metric,
+        ATOL[metric] * (d / 31) ** 0.5,
+    )
+
+
+@needs_cpp
+@pytest.mark.parametrize("n_targets", [1, 2, 8, 9, 12])
+def test_cpp_exact_ties_on_both_paths(n_targets):
+    emb = exact_tie_embeddings(19)
+    items = torch.tensor([3] * 60 + [1, 2] * 20, dtype=torch.int64)
+    offsets = torch.tensor([0, 60, 100])
+    pos = torch.arange(59, 59 - n_targets, -1)
+    users = torch.zeros(n_targets, dtype=torch.int64)
+    out_pos, out_score = semantic_topk(emb, items, offsets, users, pos, 5, backend="cpp")
+    for row, p in zip(out_pos.tolist(), pos.tolist()):
+        assert row == [p - 1 - i for i in range(5)]  # equal scores: the most recent first
+    assert torch.equal(out_score, out_score[:1, :1].expand_as(out_score))
+
+
+@needs_cpp
+def test_cpp_result_does_not_depend_on_sample_order():
+    """Sorted samples (no sort), shuffled ones over a small history (counting sort) and over a large one
+    (comparison sort) give identical rows."""
+    from rellax_fast.ops.topk import _call_ext
+
+    lengths = FEW_LENGTHS + [60_000]  # the last user is never sampled: only its size changes the sort
+    emb, items, offsets, _, _ = ragged_case(lengths, n_items=120, d=24, seed=32)
+    users, pos = _few_targets(FEW_LENGTHS, seed=3, per_user=40)
+    order = torch.argsort(offsets[users] + pos, stable=True)
+    small = offsets[len(FEW_LENGTHS)]  # the history without the unsampled user
+    got = {}
+    for name, (u, p, off, it) in {
+        "sorted": (users[order], pos[order], offsets, items),
+        "counting": (users, pos, offsets[: len(FEW_LENGTHS) + 1], items[:small]),
+        "comparison": (users, pos, offsets, items),
+    }.items():
+        assert name != "comparison" or it.shape[0] > 8 * u.shape[0]
+        res = _call_ext(emb, it, off, u, p, 6, True)
+        got[name] = res if name != "sorted" else tuple(r[torch.argsort(order)] for r in res)
+    for name in ("counting", "comparison"):
+        assert torch.equal(got[name][0], got["sorted"][0]) and torch.equal(got[name][1], got["sorted"][1])
+    check_against_reference(got["comparison"], (emb, items, offsets, users, pos), 6, "cosine", ATOL["cosine"])
+
+
+@needs_cpp
+def test_cpp_op_reads_only_what_its_samples_need():
+    """The raw op checks and reads each sampled user's prefix up to its last target, nothing else: a bad
+    entry after it, or in an unsampled user, is never read (the per-call cost does not grow with the whole
+    history); the Python op checks every entry once per tensor."""
+    from rellax_fast.ops._registry import ext_op
+
+    emb, items, offsets, _, _ = ragged_case([30, 40, 25], n_items=50, d=8, seed=33)
+    users, pos = torch.tensor([0, 2, 0]), torch.tensor([12, 24, 3])
+    want = ext_op("semantic_topk")(emb, items, offsets, users, pos, 4, True)
+    poisoned = items.clone()
+    poisoned[13:30] = 10**9  # user 0 after its last target (12)
+    poisoned[30:70] = -5  # user 1: not sampled
+    got = ext_op("semantic_topk")(emb, poisoned, offsets, users, pos, 4, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    poisoned[12] = 10**9  # the target itself is read
+    with pytest.raises(RuntimeError, match=r"seq_items\[12\] = 1000000000"):
+        ext_op("semantic_topk")(emb, poisoned, offsets, users, pos, 4, True)
+    bad_offsets = torch.tensor([0, 30, 70, 60])  # user 2's start is past its end
+    with pytest.raises(RuntimeError, match=r"seq_offsets must be non-negative and non-decreasing"):
+        ext_op("semantic_topk")(emb, items, bad_offsets, users, pos, 4, True)
+
+
 @needs_cpp
 def test_opcheck_and_outputs_not_differentiable():
     from rellax_fast.ops._registry import ext_op
