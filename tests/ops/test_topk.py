@@ -235,18 +235,21 @@ def test_cpp_op_checks_its_own_arguments():
 
 
 # ------------------------------------------------------------------------------------------------------------
-# the CPU kernel's two paths (row-major for <= 8 targets of a user, panels beyond) and its sample ordering
+# the CPU kernel's two paths (row-major for <= 32 targets of a user, in passes of 8; panels beyond) and its
+# sample ordering
 # ------------------------------------------------------------------------------------------------------------
 
-FEW_LENGTHS = [0, 1, 3, 17, 64, 0, 300, 9, 41, 1000, 2, 130]
+FEW_LENGTHS = [0, 1, 3, 17, 64, 0, 300, 9, 41, 1000, 2, 130, 77, 500]
+PER_USER = (1, 2, 5, 8, 9, 16, 33)  # targets per user: 33 > the row-major kernel's 32
 
 
 def _few_targets(lengths, seed: int, per_user=None):
-    """(users, pos): user u gets min(len, 1 + u % 8) distinct random targets (``per_user`` overrides), shuffled."""
+    """(users, pos): user u gets min(len, PER_USER[u % 7]) distinct random targets (``per_user`` overrides),
+    shuffled: one pass of the row-major kernel, several, and the panel kernel."""
     gen = torch.Generator().manual_seed(seed)
     users, pos = [], []
     for u, n in enumerate(lengths):
-        t = min(n, per_user if per_user is not None else 1 + u % 8)
+        t = min(n, per_user if per_user is not None else PER_USER[u % len(PER_USER)])
         users.append(torch.full((t,), u, dtype=torch.int64))
         pos.append(torch.randperm(n, generator=gen)[:t])
     users, pos = torch.cat(users), torch.cat(pos)
@@ -275,7 +278,7 @@ def test_cpp_row_major_and_panel_paths_give_identical_scores(metric, d):
 
     emb, items, offsets, _, _ = ragged_case([700, 90], n_items=200, d=d, seed=31)
     few = torch.tensor([699, 5, 388])
-    many = torch.cat([few, torch.arange(10, 690, 23)])  # 33 targets of the same user
+    many = torch.cat([few, torch.arange(10, 690, 23)])  # 33 targets of the same user: the panel kernel
     normalize = metric == "cosine"
     alone = _call_ext(emb, items, offsets, torch.zeros(3, dtype=torch.int64), few, 40, normalize)
     together = _call_ext(emb, items, offsets, torch.zeros(len(many), dtype=torch.int64), many, 40, normalize)
@@ -290,7 +293,7 @@ def test_cpp_row_major_and_panel_paths_give_identical_scores(metric, d):
 
 
 @needs_cpp
-@pytest.mark.parametrize("n_targets", [1, 2, 8, 9, 12])
+@pytest.mark.parametrize("n_targets", [1, 2, 8, 9, 32, 33, 40])
 def test_cpp_exact_ties_on_both_paths(n_targets):
     emb = exact_tie_embeddings(19)
     items = torch.tensor([3] * 60 + [1, 2] * 20, dtype=torch.int64)
