@@ -151,6 +151,7 @@ def info_lines() -> List[str]:
 
     import rellax_fast
     from rellax_fast import _ext
+    from rellax_fast.cflora.interaction import INTERACTIONS
     from rellax_fast.ops import _backend, all_ops
 
     lines = [
@@ -160,6 +161,7 @@ def info_lines() -> List[str]:
         f"triton      {_version('triton')}",
         f"transformers {_version('transformers')}",
         f"peft        {_version('peft')}",
+        f"interactions {', '.join(INTERACTIONS)} (rellax_fast.cflora.INTERACTIONS: what --interaction accepts)",
         f"GPU         {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none visible'}",
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  {_backend.ENV_VAR}={os.environ.get(_backend.ENV_VAR, '') or 'auto'}",
     ]

@@ -305,3 +305,82 @@ def test_interaction_flag_accepts_a_kind_registered_after_import():
         assert interaction_kind("late-kind") == "late-kind"
     finally:
         del INTERACTIONS["late-kind"]
+
+
+def test_dataset_names_are_a_standard_library_leaf():
+    # the one list of dataset names (cli.py offers them as --dataset choices without importing a reader)
+    from rellax_fast.cli import DATASETS as command_choices
+    from rellax_fast.data.names import DATASETS
+
+    tree = ast.parse((PACKAGE / "data" / "names.py").read_text())
+    imported = {
+        a.name if isinstance(node, ast.Import) else node.module
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for a in node.names
+    }
+    assert imported <= {"__future__"}, imported
+    assert command_choices is DATASETS
+
+
+def test_the_backend_choices_are_the_routing_table_s():
+    from rellax_fast.cflora import model as cflora_model
+    from rellax_fast.ops import _backend
+
+    assert cflora_model.BACKEND_CHOICES is _backend.BACKEND_CHOICES
+    assert set(_backend.BACKENDS) <= set(_backend.BACKEND_CHOICES)
+
+
+def _string_texts(node):
+    """(line, text) of every string literal under ``node`` (an f-string's literal parts joined)."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Constant) and isinstance(n.value, str):
+            yield n.lineno, n.value
+        elif isinstance(n, ast.JoinedStr):
+            yield n.lineno, "".join(v.value for v in n.values if isinstance(v, ast.Constant))
+
+
+def test_command_help_texts_do_not_list_the_interaction_kinds():
+    # the kinds live in the registry (cflora.interaction.INTERACTIONS; `rellax-fast info` prints it): a help
+    # text that lists them (3 or more in one literal) goes stale when a kind is registered
+    import re
+
+    from rellax_fast.cflora.interaction import INTERACTION_KINDS
+
+    found = []
+    for module, path in package_modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        scopes = (
+            [tree]
+            if is_command_module(module)
+            else [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and "argument" in f.name]
+        )
+        for scope in scopes:
+            for line, text in _string_texts(scope):
+                named = [k for k in INTERACTION_KINDS if re.search(rf"\b{re.escape(k)}\b", text)]
+                if len(named) >= 3:
+                    found.append(f"{module}:{line} names {named}")
+    assert not found, found
+
+
+def test_info_and_the_demo_variants_read_the_live_interaction_registry():
+    from rellax_fast.cflora.interaction import INTERACTIONS, StaticInteraction
+    from rellax_fast.cli import info_lines
+    from rellax_fast.train.ablation import selected_variants
+
+    class LateKind(StaticInteraction):
+        kind = "late-kind"
+        ablation_name = "late kind C"
+
+    with pytest.raises(ValueError, match=r"unknown \['late-kind'\]"):
+        selected_variants("late-kind")
+    INTERACTIONS["late-kind"] = LateKind
+    try:
+        line = next(x for x in info_lines() if x.startswith("interactions"))
+        assert line.split(" (")[0].split(None, 1)[1].split(", ") == list(INTERACTIONS)
+        assert "late-kind" in line
+        (spec,) = selected_variants("late-kind")
+        assert (spec.name, spec.interaction) == ("late kind C", "late-kind")
+        assert "late kind C" in [s.name for s in selected_variants("all")]
+    finally:
+        del INTERACTIONS["late-kind"]

@@ -61,11 +61,11 @@ FEW_SHOT_DEFAULT = "2048,8192,32768,all"
 
 
 def lm_rows():
-    """{row key: VariantSpec} of the LM rows: the demo's variants (``pipeline.ABLATIONS``: full, no-subr,
+    """{row key: VariantSpec} of the LM rows: the demo's variants (``pipeline.ablations()``: full, no-subr,
     no-spa and one per registered interaction kind with an ablation name), then the rows beyond the demo."""
-    from ..train.pipeline import ABLATIONS, VariantSpec
+    from ..train.pipeline import VariantSpec, ablations
 
-    rows = dict(ABLATIONS)
+    rows = ablations()
     rows.update(
         {
             "residual": VariantSpec("ReLLaX, residual read-out (lambda learned)", readout="residual"),

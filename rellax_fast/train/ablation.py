@@ -1,4 +1,4 @@
-"""The demo's ablation table: the variants (:func:`selected_variants`, keys of ``pipeline.ABLATIONS``), every
+"""The demo's ablation table: the variants (:func:`selected_variants`, keys of ``pipeline.ablations()``), every
 variant trained and scored on one shared context with "DIN alone" beside them (:func:`run_ablation`), each row's
 AUC interval and paired differences from full ReLLaX and from DIN (:func:`add_noise_columns`, ``train.stats``),
 the Markdown table (:func:`noise_table`) and the files (:func:`write_ablation`: ``ablation.md``, ``ablation.json``,
@@ -12,13 +12,13 @@ from typing import Optional
 
 
 def selected_variants(text: str):
-    """The VariantSpecs named by ``text``: comma-separated keys of ``pipeline.ABLATIONS`` or ``two-stage``, or
+    """The VariantSpecs named by ``text``: comma-separated keys of ``pipeline.ablations()`` or ``two-stage``, or
     ``all`` (every ablation but two-stage). Unknown keys raise ValueError naming them and the choices."""
-    from .pipeline import ABLATIONS, VariantSpec
+    from .pipeline import VariantSpec, ablations
 
-    table = dict(ABLATIONS)
+    table = ablations()
+    keys = list(table) if text == "all" else [k.strip() for k in text.split(",") if k.strip()]
     table["two-stage"] = VariantSpec("ReLLaX two-stage", recipe="two-stage")
-    keys = list(ABLATIONS) if text == "all" else [k.strip() for k in text.split(",") if k.strip()]
     unknown = [k for k in keys if k not in table]
     if unknown:
         raise ValueError(f"--variants: unknown {unknown}; choose from {', '.join(table)}")

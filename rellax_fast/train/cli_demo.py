@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variants",
         default="all",
-        help="comma-separated keys of pipeline.ABLATIONS (built in: full,no-subr,no-spa,identity,moe,"
-        "recrank1; a registered interaction kind with an ablation name adds its own) or two-stage "
-        "(default: all but two-stage)",
+        help="comma-separated keys of the ablation table (train.pipeline.ablations(): full, no-subr, no-spa, and "
+        "one per registered interaction kind with an ablation name; `rellax-fast info` lists the kinds) or "
+        "two-stage (default: all but two-stage)",
     )
     parser.add_argument(
         "--resume",

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="full",
         type=interaction_kind,
         metavar="KIND",
-        help="the C constraint: a registered interaction kind (built in: identity, static, full, moe, recrank1)",
+        help="the C constraint: a kind registered in rellax_fast.cflora.INTERACTIONS (`rellax-fast info` lists "
+        "them)",
     )
     g.add_argument(
         "--recipe",

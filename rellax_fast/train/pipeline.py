@@ -58,10 +58,11 @@ class VariantSpec:
     readout_lambda: str = "learned"  # residual read-out: learned (init 1) | fixed (1)
 
 
-def _ablations() -> Dict[str, VariantSpec]:
+def ablations() -> Dict[str, VariantSpec]:
     """The demo's variant table, {key: VariantSpec}: full ReLLaX, the data- and prompt-level ablations, then
     one row per registered interaction kind that names an ablation (``cflora.interaction.INTERACTIONS``:
-    identity, MoE, RecLoRA), so that a new kind becomes a row by registering it."""
+    identity, MoE, RecLoRA), so that a new kind becomes a row by registering it (read when called: a kind
+    registered after import counts too)."""
     from rellax_fast.cflora.interaction import INTERACTIONS
 
     table = {
@@ -73,9 +74,6 @@ def _ablations() -> Dict[str, VariantSpec]:
         {k: VariantSpec(c.ablation_name, interaction=k) for k, c in INTERACTIONS.items() if c.ablation_name}
     )
     return table
-
-
-ABLATIONS: Dict[str, VariantSpec] = _ablations()
 
 
 @dataclass

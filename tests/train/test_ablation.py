@@ -5,13 +5,14 @@ import json
 import pytest
 
 from rellax_fast.train.ablation import selected_variants, write_ablation
-from rellax_fast.train.pipeline import ABLATIONS
+from rellax_fast.train.pipeline import ablations
 
 
 def test_selected_variants_by_key_all_and_two_stage():
-    assert [s.name for s in selected_variants("all")] == [s.name for s in ABLATIONS.values()]
+    table = ablations()
+    assert [s.name for s in selected_variants("all")] == [s.name for s in table.values()]
     specs = selected_variants(" no-spa , two-stage,full")
-    assert [s.name for s in specs] == [ABLATIONS["no-spa"].name, "ReLLaX two-stage", ABLATIONS["full"].name]
+    assert [s.name for s in specs] == [table["no-spa"].name, "ReLLaX two-stage", table["full"].name]
     assert specs[1].recipe == "two-stage" and not specs[0].spa
     with pytest.raises(ValueError, match=r"--variants: unknown \['bogus'\]; choose from full,"):
         selected_variants("full,bogus")
