@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                     None,
                     f"`rellax-fast {name}` is not available in this version ({module} is missing)",
                 )
-            elif _needs_extra(name, exc):
-                mod, missing = None, _needs_extra(name, exc)
+            elif extra := _needs_extra(name, exc):
+                mod, missing = None, extra
             else:
                 raise
         help_text = getattr(mod, "COMMAND_HELP", help_text)
@@ -314,8 +314,8 @@ def is_user_error(exc: BaseException) -> bool:
 def error_line(exc: BaseException, command: Optional[str] = None, out: Optional[str] = None) -> str:
     """The one ``error: ...`` line for a user's error (see :func:`main`); ``out`` is the command's --out, named by a
     disk-full error that does not say which file it was writing."""
-    if isinstance(exc, ModuleNotFoundError) and command and _needs_extra(command, exc):
-        return f"error: {_needs_extra(command, exc)}"
+    if isinstance(exc, ModuleNotFoundError) and command and (extra := _needs_extra(command, exc)):
+        return f"error: {extra}"
     from rellax_fast._io import DISK_FULL_ERRNOS
 
     # _io.DiskFullError names the file it wrote
