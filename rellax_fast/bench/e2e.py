@@ -225,6 +225,21 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
         free_memory(device)
         _remove_partial(out_dir)
         return rows, {"title": _pretrained_title(size, spec, n_params, args), "plot": plot}
+    rows = _random_weight_rows(base, spec, device, dtype, args, compile_backend, progress)
+    del base
+    free_memory(device)
+    eval_run = getattr(args, "eval_run", None) or os.environ.get(EVAL_RUN_ENV)
+    if eval_run:
+        rows += _ctr_scoring_rows(eval_run, out_dir)
+    _remove_partial(out_dir)
+    title = _random_title(size, spec, n_params, dtype, device, args, compile_backend, eval_run)
+    return rows, {"title": title, "plot": plot}
+
+
+def _random_weight_rows(
+    base, spec, device, dtype, args, compile_backend, progress
+) -> List[Dict[str, object]]:
+    """The training rows (with their ratios) and the inference rows of a random-weights model."""
     # torch.compile last: if its compile time runs a time-boxed job out, every other row is already saved
     eager = tuple(p for p in TRAIN_PROVIDERS if p[1] != "peft-compile")
     compiled = tuple(p for p in TRAIN_PROVIDERS if p[1] == "peft-compile")
@@ -245,19 +260,21 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
         done=train + infer,
     )
     add_training_ratios(train)
-    rows = train + infer
-    del base
-    free_memory(device)
-    eval_run = getattr(args, "eval_run", None) or os.environ.get(EVAL_RUN_ENV)
-    if eval_run:
-        print(f"  ctr scoring: rellax-fast eval --run {eval_run} ...", flush=True)
-        n_eval = int(os.environ.get(EVAL_N_ENV, "1000"))
-        try:
-            rows += bench_ctr_scoring(eval_run, n_eval, 64, out_dir)
-        except Exception as exc:
-            rows.append(row("ctr-score", "rellax-fast eval", 64, None, note=error_note(exc)))
-    _remove_partial(out_dir)
-    title = (
+    return train + infer
+
+
+def _ctr_scoring_rows(eval_run: str, out_dir: str) -> List[Dict[str, object]]:
+    """``rellax-fast eval --run eval_run`` timed (or one row with the error)."""
+    print(f"  ctr scoring: rellax-fast eval --run {eval_run} ...", flush=True)
+    n_eval = int(os.environ.get(EVAL_N_ENV, "1000"))
+    try:
+        return bench_ctr_scoring(eval_run, n_eval, 64, out_dir)
+    except Exception as exc:
+        return [row("ctr-score", "rellax-fast eval", 64, None, note=error_note(exc))]
+
+
+def _random_title(size, spec, n_params, dtype, device, args, compile_backend, eval_run) -> str:
+    return (
         f"LlamaForCausalLM `{size}` with random weights ({n_params / 1e6:.3g}M params: hidden {spec.hidden}, "
         f"{spec.layers} layers, {spec.heads} heads / {spec.kv_heads} KV heads, intermediate {spec.intermediate}, "
         f"vocab {spec.vocab}), {dtype}, SDPA attention. Adapters on {', '.join(TARGET_MODULES)}, r={spec.r}, "
@@ -278,7 +295,6 @@ def run_suite(args) -> Tuple[List[Dict[str, object]], Dict[str, object]]:
             else f" CTR scoring through `rellax-fast eval` not measured (set {EVAL_RUN_ENV} to a trained run folder)."
         )
     )
-    return rows, {"title": title, "plot": plot}
 
 
 def _remove_partial(out_dir: str) -> None:

@@ -27,9 +27,9 @@ import argparse
 import copy
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -90,21 +90,24 @@ def run(args: argparse.Namespace, log=print) -> int:
     return 0
 
 
-def run_bench(args, cfg, log=print):
-    import torch
+@dataclass
+class _Plan:
+    """What every configuration of one run shares: the context, the variant, the prompts, the folders."""
 
-    from ..data.collate import PromptCollator
-    from ..metrics import ctr_metrics
+    cfg: object
+    ctx: object
+    spec: object
+    out: Path
+    train_samples: list
+    valid_samples: Optional[list]
+    n_warm: int
+
+
+def plan_run(args, cfg, log=print) -> _Plan:
+    """The shared context (DIN, SUBR, samples) under ``<out>/finetune`` and the full variant's train and valid
+    prompts, built once for every configuration."""
     from ..train.context import build_shared_context
-    from ..train.pipeline import (
-        VariantSpec,
-        build_rellax,
-        load_tokenizer_and_backbone,
-        make_samples,
-        shown_positions_for,
-    )
-    from ..train.trainer import PromptDataset, cpu_has_native_bf16, predict_proba, train_model
-    from .report import environment_line
+    from ..train.pipeline import VariantSpec, make_samples, shown_positions_for
 
     out = Path(args.out) / "finetune"
     out.mkdir(parents=True, exist_ok=True)
@@ -112,45 +115,139 @@ def run_bench(args, cfg, log=print):
     shared.out = str(out)
     ctx = build_shared_context(shared, cfg, log=log)
     data, spec = ctx.data, VariantSpec("ReLLaX (full)")
-    tr = data.splits["train"].subset(ctx.train_index)
-    train_samples = make_samples(
-        data, tr, shown_positions_for(data, tr, cfg.k, True, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False)
-    )
-    valid_set_samples = None
-    if ctx.valid_index is not None:
-        va = data.splits["valid"].subset(ctx.valid_index)
-        valid_set_samples = make_samples(
-            data,
-            va,
-            shown_positions_for(data, va, cfg.k, True, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False),
-        )
-    native_bf16 = cpu_has_native_bf16()
-    on_cpu = not torch.cuda.is_available()
-    rows: List[Dict[str, object]] = []
-    base_rate = None
-    # warm-up, untimed: the first steps of a process pay one-off costs (oneDNN kernel selection, allocator
-    # growth, lazy imports) that would otherwise be charged to the first configuration
+
+    def prompts(split: str, index):
+        part = data.splits[split].subset(index)
+        shown = shown_positions_for(data, part, cfg.k, True, cfg.subr_mode, ctx.item_emb, ctx.item_ids, False)
+        return make_samples(data, part, shown)
+
+    train_samples = prompts("train", ctx.train_index)
+    valid_samples = None if ctx.valid_index is None else prompts("valid", ctx.valid_index)
+    n_warm = min(len(train_samples), max(1, args.warmup) * cfg.train.batch_size)
+    return _Plan(cfg, ctx, spec, out, train_samples, valid_samples, n_warm)
+
+
+def fresh_model(plan: _Plan):
+    """(a newly built full ReLLaX model, its prompt collator)."""
+    from ..data.collate import PromptCollator
+    from ..train.pipeline import build_rellax, load_tokenizer_and_backbone
+
+    cfg, ctx = plan.cfg, plan.ctx
     tok, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
-    model = build_rellax(backbone, kind, tok, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
+    model = build_rellax(backbone, kind, tok, plan.spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
     collator = PromptCollator(
         tok, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder, chat=cfg.chat
     )
-    n_warm = min(len(train_samples), max(1, args.warmup) * cfg.train.batch_size)
+    return model, collator
 
-    def warm_up(model, collator, precision: str, folder: str) -> None:
-        """Train ``model`` untimed on the first ``n_warm`` prompts (one-off costs, compilation)."""
-        warm = replace(cfg.train, epochs=1, mixed_precision=precision, save_every_steps=0, progress=False)
-        train_model(
-            model,
-            PromptDataset(train_samples[:n_warm], collator, ctx.cond_train),
-            warm,
-            out / "runs" / folder,
-            log=lambda *_: None,
-        )
 
+def warm_up(plan: _Plan, model, collator, precision: str, folder: str) -> None:
+    """Train ``model`` untimed on the first ``n_warm`` prompts (one-off costs, compilation)."""
+    from ..train.trainer import PromptDataset, train_model
+
+    warm = replace(plan.cfg.train, epochs=1, mixed_precision=precision, save_every_steps=0, progress=False)
+    train_model(
+        model,
+        PromptDataset(plan.train_samples[: plan.n_warm], collator, plan.ctx.cond_train),
+        warm,
+        plan.out / "runs" / folder,
+        log=lambda *_: None,
+    )
+
+
+def compile_backbone(plan: _Plan, model, collator, precision: str) -> float:
+    """Compile the backbone in place and pay its compilation on warm-up batches whose updates are then undone;
+    returns the compile seconds."""
+    import torch
+
+    # nn.Module.compile compiles in place: parameter names (checkpoints, lr groups) are unchanged. The
+    # first batches (compilation, one recompile for dynamic lengths) are timed apart from the rate.
+    model.backbone.compile(dynamic=True)
+    initial = {k: v.detach().clone() for k, v in model.trainable_state().items()}
+    t0 = time.perf_counter()
+    warm_up(plan, model, collator, precision, "compile-warmup")
+    compile_seconds = round(time.perf_counter() - t0, 1)
+    with torch.no_grad():  # the timed run starts from the same initial tensors as every other row
+        for k, v in model.trainable_state().items():
+            v.copy_(initial[k])
+    return compile_seconds
+
+
+def measure_config(plan: _Plan, name: str, opts: Dict, base_rate: Optional[float], log=print):
+    """(one configuration's row, its samples/s): a fresh model trained one epoch on the same prompts, timed,
+    then scored on the valid prompts; ``base_rate`` (None for the first row) is the baseline's samples/s."""
+    import torch
+
+    from ..metrics import ctr_metrics
+    from ..train.trainer import PromptDataset, predict_proba, train_model
+
+    cfg, ctx, train_samples = plan.cfg, plan.ctx, plan.train_samples
+    torch.manual_seed(cfg.seed)
+    model, collator = fresh_model(plan)
+    train_set = PromptDataset(
+        train_samples, collator if opts["cache"] else _NoCache(collator), ctx.cond_train
+    )
+    tc = replace(
+        cfg.train,
+        epochs=1,
+        group_by_length=opts["group_by_length"],
+        mixed_precision=opts["mixed_precision"],
+        save_every_steps=0,
+        progress=False,
+    )
+    model.set_stage("joint")
+    compile_seconds = (
+        compile_backbone(plan, model, collator, opts["mixed_precision"]) if opts.get("compile") else None
+    )
+    t0 = time.perf_counter()
+    res = train_model(
+        model, train_set, tc, plan.out / "runs" / name.strip("+ ").replace(" ", "-"), log=lambda *_: None
+    )
+    seconds = time.perf_counter() - t0
+    tokens, padded = _token_counts(
+        train_set if opts["cache"] else PromptDataset(train_samples, collator), tc, tc.batch_size
+    )
+    rate = len(train_samples) / seconds
+    row = {
+        "config": name,
+        "precision": opts["mixed_precision"].replace("no", "fp32"),
+        "steps": res["global_step"],
+        "seconds": round(seconds, 1),
+        "samples_per_s": round(rate, 2),
+        "tokens_per_s": round(tokens / seconds),
+        "padded_tokens_per_s": round(padded / seconds),
+        "padding_share": round(1 - tokens / padded, 3),
+        "speedup": round(rate / (rate if base_rate is None else base_rate), 2),
+        "final_loss": round(float(np.mean(res["losses"][-20:])), 4),
+    }
+    if compile_seconds is not None:
+        row["compile_seconds"] = compile_seconds
+    if plan.valid_samples is not None:
+        vset = PromptDataset(plan.valid_samples, collator, ctx.cond_valid)
+        probs = predict_proba(res["model"], vset, cfg.train.eval_batch_size, progress=False)
+        row["valid_auc"] = round(ctr_metrics(vset.labels(), probs)["auc"], 4)
+    log(f"[finetune] {json.dumps(row)}")
+    return row, rate
+
+
+def run_bench(args, cfg, log=print):
+    """Plan (the shared prompts), warm up, measure every configuration in ``CONFIGS``; returns (rows, meta)."""
+    import torch
+
+    from ..train.trainer import cpu_has_native_bf16
+    from .report import environment_line
+
+    plan = plan_run(args, cfg, log=log)
+    native_bf16 = cpu_has_native_bf16()
+    on_cpu = not torch.cuda.is_available()
+    # warm-up, untimed: the first steps of a process pay one-off costs (oneDNN kernel selection, allocator
+    # growth, lazy imports) that would otherwise be charged to the first configuration
+    model, collator = fresh_model(plan)
     for precision in ("no", "bf16") if (native_bf16 or not on_cpu) else ("no",):
-        warm_up(model, collator, precision, "warmup")
+        warm_up(plan, model, collator, precision, "warmup")
     del model
+    rows: List[Dict[str, object]] = []
+    base_rate = None
     for name, opts in CONFIGS:
         if opts["mixed_precision"] == "bf16" and on_cpu and not native_bf16:
             rows.append(
@@ -160,72 +257,14 @@ def run_bench(args, cfg, log=print):
                 }
             )
             continue
-        torch.manual_seed(cfg.seed)
-        tok, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
-        model = build_rellax(backbone, kind, tok, spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
-        collator = PromptCollator(
-            tok, kind=kind, max_length=cfg.max_length, placeholder=cfg.placeholder, chat=cfg.chat
-        )
-        train_set = PromptDataset(
-            train_samples, collator if opts["cache"] else _NoCache(collator), ctx.cond_train
-        )
-        tc = replace(
-            cfg.train,
-            epochs=1,
-            group_by_length=opts["group_by_length"],
-            mixed_precision=opts["mixed_precision"],
-            save_every_steps=0,
-            progress=False,
-        )
-        model.set_stage("joint")
-        compile_seconds = None
-        if opts.get("compile"):
-            # nn.Module.compile compiles in place: parameter names (checkpoints, lr groups) are unchanged. The
-            # first batches (compilation, one recompile for dynamic lengths) are timed apart from the rate.
-            model.backbone.compile(dynamic=True)
-            initial = {k: v.detach().clone() for k, v in model.trainable_state().items()}
-            t0 = time.perf_counter()
-            warm_up(model, collator, opts["mixed_precision"], "compile-warmup")
-            compile_seconds = round(time.perf_counter() - t0, 1)
-            with torch.no_grad():  # the timed run starts from the same initial tensors as every other row
-                for k, v in model.trainable_state().items():
-                    v.copy_(initial[k])
-        t0 = time.perf_counter()
-        res = train_model(
-            model, train_set, tc, out / "runs" / name.strip("+ ").replace(" ", "-"), log=lambda *_: None
-        )
-        seconds = time.perf_counter() - t0
-        steps = res["global_step"]
-        tokens, padded = _token_counts(
-            train_set if opts["cache"] else PromptDataset(train_samples, collator), tc, tc.batch_size
-        )
-        rate = len(train_samples) / seconds
-        base_rate = rate if base_rate is None else base_rate
-        row = {
-            "config": name,
-            "precision": opts["mixed_precision"].replace("no", "fp32"),
-            "steps": steps,
-            "seconds": round(seconds, 1),
-            "samples_per_s": round(rate, 2),
-            "tokens_per_s": round(tokens / seconds),
-            "padded_tokens_per_s": round(padded / seconds),
-            "padding_share": round(1 - tokens / padded, 3),
-            "speedup": round(rate / base_rate, 2),
-            "final_loss": round(float(np.mean(res["losses"][-20:])), 4),
-        }
-        if compile_seconds is not None:
-            row["compile_seconds"] = compile_seconds
-        if valid_set_samples is not None:
-            vset = PromptDataset(valid_set_samples, collator, ctx.cond_valid)
-            probs = predict_proba(res["model"], vset, cfg.train.eval_batch_size, progress=False)
-            row["valid_auc"] = round(ctr_metrics(vset.labels(), probs)["auc"], 4)
-        log(f"[finetune] {json.dumps(row)}")
+        row, rate = measure_config(plan, name, opts, base_rate, log=log)
         rows.append(row)
-        del model, res
+        base_rate = rate if base_rate is None else base_rate
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ctx = plan.ctx
     meta = {
         "title": (
-            f"ReLLaX (full) fine-tuning on {args.dataset}: {len(train_samples)} prompts, batch {cfg.train.batch_size}, "
+            f"ReLLaX (full) fine-tuning on {args.dataset}: {len(plan.train_samples)} prompts, batch {cfg.train.batch_size}, "
             f"K={cfg.k}, max_length={cfg.max_length}, backbone {cfg.model or 'all-MiniLM-L6-v2 (offline)'}; "
             f"valid AUC on {0 if ctx.valid_index is None else len(ctx.valid_index)} samples; CPU native bf16: "
             f"{native_bf16}"

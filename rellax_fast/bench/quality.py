@@ -612,22 +612,7 @@ def bench_base_key(ctx, cfg) -> Dict:
     }
 
 
-def run_bench(
-    args, cfg, seeds: List[int], row_keys: List[str], log=print, few_shot: Optional[List[int]] = None
-) -> int:
-    from tqdm.auto import tqdm
-
-    from .._io import atomic_write_text
-    from ..ctr.store import din_outputs
-    from ..metrics import ctr_metrics, json_default
-    from ..train.pipeline import subset_view
-
-    start = time.perf_counter()
-    table = lm_rows()
-    lm_keys = [k for k in row_keys if k in table]
-    qdir = Path(args.out) / "quality"
-    qdir.mkdir(parents=True, exist_ok=True)
-    (qdir / "rows").mkdir(exist_ok=True)
+def _announce(args, cfg, seeds: List[int], row_keys: List[str], log=print) -> None:
     log(
         f"[quality] dataset {args.dataset} ({args.data_dir or 'default location'}); backbone "
         f"{cfg.model or 'all-MiniLM-L6-v2 (offline)'}; {cfg.n_train or 'all'} training prompts, test "
@@ -639,17 +624,14 @@ def run_bench(
             else ""
         )
     )
-    ctx, full_data = quality_context(args, cfg, qdir, log=log)
-    data = ctx.data
-    budget = prompt_budget(ctx, cfg, [table[k] for k in lm_keys], args, log=log)
-    cfg = replace(cfg, max_length=budget["max_length"])
-    labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
-    valid_index = ctx.valid_index  # pipeline.valid_subsample: also what every LM row selects its model on
-    labels_valid = data.splits["valid"].label[valid_index].astype(np.float64)
-    din_valid, _ = din_outputs(ctx.din, subset_view(data, "valid", valid_index), ctx.vocab, "valid")
-    base_key = bench_base_key(ctx, cfg)
 
-    # baselines (deterministic: computed once)
+
+def baseline_rows(ctx, args, row_keys: List[str], qdir: Path, log=print) -> Dict[str, Dict]:
+    """The deterministic rows, computed once: DIN, the ID logistic regression and (``din-text`` in ``row_keys``)
+    the text-aware DIN."""
+    from ..metrics import ctr_metrics
+
+    data = ctx.data
     rows: Dict[str, Dict] = {}
     rows[DIN_ROW] = {
         "kind": "baseline",
@@ -676,8 +658,26 @@ def run_bench(
     }
     if "din-text" in row_keys:
         rows[TEXT_DIN_ROW] = text_din_row(ctx, args, qdir / "rows", args.fresh, log=log)
+    return rows
 
-    # LM rows, per seed; resumable per row
+
+def run_lm_rows(
+    rows: Dict[str, Dict],
+    ctx,
+    cfg,
+    lm_keys: List[str],
+    seeds: List[int],
+    qdir: Path,
+    args,
+    start: float,
+    log=print,
+) -> None:
+    """Every LM row at every seed into ``rows`` (resumable per row), then each LM row's valid column: the selected
+    step's metrics on the selection subsample (mean over seeds)."""
+    from tqdm.auto import tqdm
+
+    table = lm_rows()
+    base_key = bench_base_key(ctx, cfg)
     jobs = [(k, s) for s in seeds for k in lm_keys]
     for key, seed in tqdm(jobs, desc="quality rows", disable=not cfg.train.progress):
         spec = table[key]
@@ -694,56 +694,39 @@ def run_bench(
             log=log,
         )
         rows.setdefault(spec.name, {"kind": "lm", "seeds": {}, "spec": asdict(spec)})["seeds"][seed] = got
-
-    # LM rows' valid column: the selected step's metrics on the selection subsample (mean over seeds)
     for entry in rows.values():
         picked = [g.get("best_valid") for g in entry["seeds"].values()] if entry["kind"] == "lm" else []
         if picked and all(b is not None for b in picked):
             entry["valid"] = {m: float(np.mean([b[m] for b in picked])) for m in ("auc", "logloss")}
             entry["valid"]["steps"] = [int(b["step"]) for b in picked]
 
-    # the control: post-hoc mix of DIN's and the text-only LM's logits, weights fit on valid
-    if TEXT_ROW in rows:
-        mix = {"kind": "control", "seeds": {}}
-        for seed, got in rows[TEXT_ROW]["seeds"].items():
-            fit = fit_posthoc_mix(labels_valid, din_valid.numpy(), got["valid_probs"])
-            mix["seeds"][seed] = {
-                "probs": fit["predict"](ctx.din_test_probs, got["probs"]),
-                "weights": {k: fit[k] for k in ("w_din", "w_lm", "c")},
-            }
-            rows[TEXT_ROW].setdefault("valid_by_seed", {})[seed] = ctr_metrics(
-                labels_valid, got["valid_probs"]
-            )
-        first = mix["seeds"][seeds[0]]["weights"]
-        mix["note"] = f"w_DIN={first['w_din']:.3f}, w_LM={first['w_lm']:.3f}"
-        rows[ENSEMBLE_ROW] = mix
-    else:
-        log("[quality] no text-only row: the post-hoc mix control is left out (add text-only to --rows)")
 
-    summary = summarise(rows, labels, seeds, args.n_boot, log=log)
-    sliced = sliced_rows(rows, labels, seeds, data, ctx.test_index, qdir / "slices.json", args.n_boot)
-    curve = (
-        few_shot_curve(args, cfg, ctx, full_data, few_shot, qdir / "few-shot", log=log) if few_shot else None
-    )
-    wall = time.perf_counter() - start
-    meta = {
-        "dataset": args.dataset,
-        "n_test": int(labels.size),
-        "n_train": int(len(ctx.train_index)),
-        "n_valid_mix": int(valid_index.size),
-        "din_valid_subset": ctr_metrics(labels_valid, din_valid.numpy()),
-        "token_budget": budget,
-        "ctr_train_samples": int(len(data.splits["train"])),
-        "seeds": seeds,
-        "n_boot": args.n_boot,
-        "wall_seconds": wall,
-        "din_report": {"best_epoch": ctx.din_report.best_epoch, "valid": ctx.din_report.valid},
-        "config": {
-            k: v
-            for k, v in vars(args).items()
-            if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))
-        },
-    }
+def add_mix_control(rows: Dict[str, Dict], ctx, labels_valid, din_valid, seeds: List[int], log=print) -> None:
+    """The control row: a post-hoc mix of DIN's and the text-only LM's logits, weights fit on valid (left out
+    without a text-only row)."""
+    from ..metrics import ctr_metrics
+
+    if TEXT_ROW not in rows:
+        log("[quality] no text-only row: the post-hoc mix control is left out (add text-only to --rows)")
+        return
+    mix = {"kind": "control", "seeds": {}}
+    for seed, got in rows[TEXT_ROW]["seeds"].items():
+        fit = fit_posthoc_mix(labels_valid, din_valid.numpy(), got["valid_probs"])
+        mix["seeds"][seed] = {
+            "probs": fit["predict"](ctx.din_test_probs, got["probs"]),
+            "weights": {k: fit[k] for k in ("w_din", "w_lm", "c")},
+        }
+        rows[TEXT_ROW].setdefault("valid_by_seed", {})[seed] = ctr_metrics(labels_valid, got["valid_probs"])
+    first = mix["seeds"][seeds[0]]["weights"]
+    mix["note"] = f"w_DIN={first['w_din']:.3f}, w_LM={first['w_lm']:.3f}"
+    rows[ENSEMBLE_ROW] = mix
+
+
+def write_report(qdir: Path, args, summary, sliced, curve, meta: Dict, n_test: int) -> None:
+    """``quality.md``, ``quality.json``, ``quality.png`` (and ``few-shot.png``) under ``qdir``; prints the table."""
+    from .._io import atomic_write_text
+    from ..metrics import json_default
+
     md = markdown(summary, meta) + sliced_markdown(sliced) + (few_shot_markdown(curve) if curve else "")
     atomic_write_text(qdir / "quality.md", md)
     atomic_write_text(
@@ -754,19 +737,71 @@ def run_bench(
             default=json_default,
         ),
     )
-    plot_quality(
-        qdir / "quality.png", summary, title=f"ReLLaX quality bench ({args.dataset}, n={labels.size})"
-    )
+    plot_quality(qdir / "quality.png", summary, title=f"ReLLaX quality bench ({args.dataset}, n={n_test})")
     if curve:
         plot_few_shot(
-            qdir / "few-shot.png", curve, title=f"AUC against train samples ({args.dataset}, n={labels.size})"
+            qdir / "few-shot.png", curve, title=f"AUC against train samples ({args.dataset}, n={n_test})"
         )
     print()
     print(md)
     print(
-        f"[quality] done in {wall:.0f} s; wrote {qdir / 'quality.md'}, {qdir / 'quality.json'}, {qdir / 'quality.png'}"
-        + (f", {qdir / 'few-shot.png'}" if curve else "")
+        f"[quality] done in {meta['wall_seconds']:.0f} s; wrote {qdir / 'quality.md'}, {qdir / 'quality.json'}, "
+        f"{qdir / 'quality.png'}" + (f", {qdir / 'few-shot.png'}" if curve else "")
     )
+
+
+def run_bench(
+    args, cfg, seeds: List[int], row_keys: List[str], log=print, few_shot: Optional[List[int]] = None
+) -> int:
+    """Plan (context, token budget, valid subsample), run (baselines, LM rows, the mix control), report."""
+    from ..ctr.store import din_outputs
+    from ..metrics import ctr_metrics
+    from ..train.pipeline import subset_view
+
+    start = time.perf_counter()
+    table = lm_rows()
+    lm_keys = [k for k in row_keys if k in table]
+    qdir = Path(args.out) / "quality"
+    qdir.mkdir(parents=True, exist_ok=True)
+    (qdir / "rows").mkdir(exist_ok=True)
+    _announce(args, cfg, seeds, row_keys, log=log)
+    ctx, full_data = quality_context(args, cfg, qdir, log=log)
+    data = ctx.data
+    budget = prompt_budget(ctx, cfg, [table[k] for k in lm_keys], args, log=log)
+    cfg = replace(cfg, max_length=budget["max_length"])
+    labels = data.splits["test"].label[ctx.test_index].astype(np.float64)
+    valid_index = ctx.valid_index  # pipeline.valid_subsample: also what every LM row selects its model on
+    labels_valid = data.splits["valid"].label[valid_index].astype(np.float64)
+    din_valid, _ = din_outputs(ctx.din, subset_view(data, "valid", valid_index), ctx.vocab, "valid")
+
+    rows = baseline_rows(ctx, args, row_keys, qdir, log=log)
+    run_lm_rows(rows, ctx, cfg, lm_keys, seeds, qdir, args, start, log=log)
+    add_mix_control(rows, ctx, labels_valid, din_valid, seeds, log=log)
+
+    summary = summarise(rows, labels, seeds, args.n_boot, log=log)
+    sliced = sliced_rows(rows, labels, seeds, data, ctx.test_index, qdir / "slices.json", args.n_boot)
+    curve = (
+        few_shot_curve(args, cfg, ctx, full_data, few_shot, qdir / "few-shot", log=log) if few_shot else None
+    )
+    meta = {
+        "dataset": args.dataset,
+        "n_test": int(labels.size),
+        "n_train": int(len(ctx.train_index)),
+        "n_valid_mix": int(valid_index.size),
+        "din_valid_subset": ctr_metrics(labels_valid, din_valid.numpy()),
+        "token_budget": budget,
+        "ctr_train_samples": int(len(data.splits["train"])),
+        "seeds": seeds,
+        "n_boot": args.n_boot,
+        "wall_seconds": time.perf_counter() - start,
+        "din_report": {"best_epoch": ctx.din_report.best_epoch, "valid": ctx.din_report.valid},
+        "config": {
+            k: v
+            for k, v in vars(args).items()
+            if not k.startswith("_") and isinstance(v, (int, float, str, list, type(None)))
+        },
+    }
+    write_report(qdir, args, summary, sliced, curve, meta, int(labels.size))
     return 0
 
 

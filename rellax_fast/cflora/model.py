@@ -175,6 +175,37 @@ def inject_cflora(
     Raises ValueError when the model already has CFLoRA layers, when the targets match no module, or when
     a matched module is not Linear/Conv1D. Returns the model.
     """
+    root = _checked_root(model, config, adapter_name)
+    to_save = _modules_to_save(root, config)
+    matched = _matched_targets(root, config, tuple(name for name, _ in to_save))
+    # build every layer before replacing any, so a rank error leaves the model untouched
+    new_layers = [
+        (name, CFLoRALinear(module, config, name=name, **_rank_alpha(config, name)))
+        for name, module in matched
+    ]
+    _warn_tied_targets(root, new_layers)
+    _install(root, config, new_layers, to_save, adapter_name)
+    trainable, total = cflora_trainable_parameters(root)
+    logger.info(
+        "CFLoRA (%s, r=%d) injected into %d modules (%d modules to save): trainable params %d || all params %d "
+        "|| trainable %.4f%%",
+        config.interaction,
+        config.r,
+        len(new_layers),
+        len(to_save),
+        trainable,
+        total,
+        100.0 * trainable / max(total, 1),
+    )
+    if cond_kwarg and config.needs_cond:
+        enable_cflora_cond_kwarg(root)
+    if verbose:
+        print_trainable_parameters(root)
+    return model
+
+
+def _checked_root(model: nn.Module, config: CFLoRAConfig, adapter_name: str) -> nn.Module:
+    """The unwrapped model, once ``config`` and ``adapter_name`` are checked and the model has no CFLoRA layer."""
     if not isinstance(config, CFLoRAConfig):
         raise TypeError(f"inject_cflora: config must be a CFLoRAConfig; got {type(config).__name__}")
     config.validate()
@@ -188,8 +219,12 @@ def inject_cflora(
             "set_cflora_adapter(model, name); to replace the adapter, unload(model) or merge_and_unload(model) "
             "first; to load a saved one, load_cflora(model, path, adapter_name=name)"
         )
-    to_save = _modules_to_save(root, config)
-    saved_prefixes = tuple(name for name, _ in to_save)
+    return root
+
+
+def _matched_targets(root: nn.Module, config: CFLoRAConfig, saved_prefixes: Tuple[str, ...]) -> List:
+    """[(name, module)] that ``config`` targets (not under a module to save, not excluded); raises ValueError
+    when a target is not Linear/Conv1D or when nothing matches."""
     all_linear = config.target_modules == ALL_LINEAR
     heads = _output_head_names(root) if all_linear else set()
     matched, unsupported, candidates = [], [], []
@@ -221,11 +256,11 @@ def inject_cflora(
             f"matches no nn.Linear/Conv1D module; the model's linear module names end in: "
             f"{', '.join(leaf_names[:20]) or '(none)'}"
         )
-    # build every layer before replacing any, so a rank error leaves the model untouched
-    new_layers = [
-        (name, CFLoRALinear(module, config, name=name, **_rank_alpha(config, name)))
-        for name, module in matched
-    ]
+    return matched
+
+
+def _warn_tied_targets(root: nn.Module, new_layers) -> None:
+    """A UserWarning (at inject_cflora's caller) per target whose weight is shared with another module."""
     param_names = _parameter_names(root)
     for name, layer in new_layers:
         tied = _tied_with(param_names, name, layer.weight)
@@ -236,8 +271,13 @@ def inject_cflora(
                 "merge_cflora / merge_and_unload refuse unless called with untie=True (which gives the merged "
                 "module its own copy of the weight).",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
+
+
+def _install(root: nn.Module, config: CFLoRAConfig, new_layers, to_save, adapter_name: str) -> None:
+    """Freeze the base, put the new layers and the trainable copies of the modules to save in place, and bind
+    the adapter bookkeeping (HF adapter methods, the adapter registry, the instance patches)."""
     for p in root.parameters():
         p.requires_grad_(False)
     for name, layer in new_layers:
@@ -256,23 +296,6 @@ def inject_cflora(
     root.__dict__.setdefault(_ADAPTERS, {"active": adapter_name, "stored": {}})
     for install, _ in INSTANCE_PATCHES:
         install(root)
-    trainable, total = cflora_trainable_parameters(root)
-    logger.info(
-        "CFLoRA (%s, r=%d) injected into %d modules (%d modules to save): trainable params %d || all params %d "
-        "|| trainable %.4f%%",
-        config.interaction,
-        config.r,
-        len(new_layers),
-        len(to_save),
-        trainable,
-        total,
-        100.0 * trainable / max(total, 1),
-    )
-    if cond_kwarg and config.needs_cond:
-        enable_cflora_cond_kwarg(root)
-    if verbose:
-        print_trainable_parameters(root)
-    return model
 
 
 def _rank_alpha(config: CFLoRAConfig, name: str) -> Dict[str, object]:

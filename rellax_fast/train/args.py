@@ -12,15 +12,22 @@ import re
 def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_test: int = 1000) -> None:
     """The ReLLaX and DIN option groups. Numeric options are checked as they are parsed (``_argtypes``: finite, in
     range), so a bad value stops the command with argparse's one line naming the flag before any work."""
-    from .._argtypes import integer, number
-    from ..ops._backend import BACKENDS  # imports no torch
-
-    count, positive = integer(0, hint=" (0: all)"), integer(1)
     g = parser.add_argument_group(
         "ReLLaX",
         "An item title that contains the SPA placeholder (<spa>) is shown with it escaped as '< spa>', so a "
         "title never adds a soft token.",
     )
+    _add_prompt_arguments(g, n_train, n_test)
+    _add_adapter_arguments(g)
+    _add_training_arguments(g)
+    _add_din_arguments(parser.add_argument_group("CTR model (DIN)"))
+
+
+def _add_prompt_arguments(g, n_train: int, n_test: int) -> None:
+    """The backbone, the prompt and the sample counts."""
+    from .._argtypes import integer
+
+    count, positive = integer(0, hint=" (0: all)"), integer(1)
     g.add_argument(
         "--model",
         default=None,
@@ -49,6 +56,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
         "--n-test", type=count, default=n_test, help="test samples scored (seeded subsample; 0: all)"
     )
     g.add_argument("--max-length", type=integer(8), default=160, help="token budget per prompt")
+
+
+def _add_adapter_arguments(g) -> None:
+    """The CFLoRA adapter's options."""
+    from .._argtypes import integer, number
+    from ..ops._backend import BACKENDS  # imports no torch
+
+    positive = integer(1)
     # the CFLoRA adapter: one CFLoRAConfig (PipelineConfig.cflora), recorded once in each run's rellax.json
     g.add_argument("--r", type=positive, default=8, help="CFLoRA rank")
     g.add_argument(
@@ -82,6 +97,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
         choices=BACKENDS,
         help="force the CFLoRA op backend; checked before any work (default: automatic)",
     )
+
+
+def _add_training_arguments(g) -> None:
+    """The fine-tuning options: optimiser, batches, validation, checkpoints, precision."""
+    from .._argtypes import integer, number
+
+    positive = integer(1)
     g.add_argument("--epochs", type=positive, default=1, help="passes over the training samples")
     g.add_argument("--batch-size", type=positive, default=16, help="prompts per training step")
     g.add_argument("--lr", type=number(0, low_open=True), default=1e-3, help="learning rate (AdamW)")
@@ -132,7 +154,13 @@ def add_model_arguments(parser: argparse.ArgumentParser, n_train: int = 2048, n_
         "--seed", type=int, default=0, help="seed of the subsamples, the initialisation and the batches"
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d = parser.add_argument_group("CTR model (DIN)")
+
+
+def _add_din_arguments(d) -> None:
+    """The CTR model's (DIN's) options."""
+    from .._argtypes import integer
+
+    positive = integer(1)
     d.add_argument(
         "--din-epochs", type=positive, default=12, help="DIN's maximum epochs (early stopping on valid AUC)"
     )

@@ -424,17 +424,138 @@ def subset_view(data, split_name: str, index: np.ndarray):
     return view
 
 
+@dataclass
+class VariantPrompts:
+    """One variant's prompt datasets: train (with its split view and samples, for the two-stage recipe), valid
+    (None without ``--n-valid``) and test."""
+
+    train_split: Any
+    train_samples: List
+    train: PromptDataset
+    valid: Optional[PromptDataset]
+    test: PromptDataset
+
+
+def variant_prompts(ctx: Context, spec: VariantSpec, cfg: PipelineConfig, collator) -> VariantPrompts:
+    """The variant's train, valid and test prompts (SUBR's shown behaviours per ``spec``), checked against the
+    token budget before the first step."""
+    data = ctx.data
+
+    def samples(split):
+        pos = shown_positions_for(
+            data, split, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress
+        )
+        return make_samples(data, split, pos)
+
+    tr = data.splits["train"].subset(ctx.train_index)
+    te = data.splits["test"].subset(ctx.test_index)
+    train_samples = samples(tr)
+    train_set = PromptDataset(train_samples, collator, ctx.cond_train)
+    test_set = PromptDataset(samples(te), collator, ctx.cond_test)
+    valid_set = None
+    if ctx.valid_index is not None:
+        va = data.splits["valid"].subset(ctx.valid_index)
+        valid_set = PromptDataset(samples(va), collator, ctx.cond_valid)
+    check_prompt_budget(
+        cfg.max_length, train_set, valid_set, test_set
+    )  # before the first step, naming the flag
+    return VariantPrompts(tr, train_samples, train_set, valid_set, test_set)
+
+
+def train_variant(
+    model,
+    ctx: Context,
+    spec: VariantSpec,
+    cfg: PipelineConfig,
+    collator,
+    prompts: VariantPrompts,
+    run_dir,
+    resume: bool,
+    log=print,
+):
+    """Fine-tune ``model`` by the variant's recipe; returns (model, losses, history, valid_probs), history holding
+    each stage's losses and the model selection ("valid", "best")."""
+    from rellax_fast.data.prompts import mix_recent_and_retrieved
+
+    history: Dict[str, List[float]] = {}
+    if spec.recipe != "two-stage":
+        model.set_stage("joint")
+        r = train_model(model, prompts.train, cfg.train, run_dir, resume=resume, log=log, valid=prompts.valid)
+        history["valid"], history["best"] = r["valid"], r["best"]
+        return r["model"], r["losses"], history, r["valid_probs"]
+    # stage 1: plain LoRA (A, B; the generators stay at their C = I init) on ReiT's mixed set
+    data, tr = ctx.data, prompts.train_split
+    recent_samples = make_samples(data, tr, shown_positions_for(data, tr, cfg.k, False, "recent"))
+    n1 = max(1, int(len(tr) * cfg.stage1_fraction))
+    idx, modes = mix_recent_and_retrieved(tr, n1, cfg.seed)
+    mixed = [recent_samples[i] if m == "recent" else prompts.train_samples[i] for i, m in zip(idx, modes)]
+    model.set_stage("lora")
+    r1 = train_model(
+        model,
+        PromptDataset(mixed, collator, ctx.cond_train),
+        cfg.train,
+        run_dir / "stage1",
+        resume=resume,
+        log=log,
+    )
+    history["stage1"] = r1["losses"]
+    model = r1["model"]
+    model.set_stage("interaction")
+    r2 = train_model(
+        model, prompts.train, cfg.train, run_dir / "stage2", resume=resume, log=log, valid=prompts.valid
+    )
+    history["stage2"] = r2["losses"]
+    history["valid"], history["best"] = r2["valid"], r2["best"]
+    return r2["model"], r1["losses"] + r2["losses"], history, r2["valid_probs"]
+
+
+def write_variant_run(
+    run_dir: Path,
+    model,
+    kind: str,
+    ctx: Context,
+    spec: VariantSpec,
+    cfg: PipelineConfig,
+    losses,
+    history,
+    probs,
+    metrics,
+) -> None:
+    """The run folder of one trained variant: ``rellax.json`` and the adapter (``save_run``), ``loss.json``,
+    ``predictions.npy`` and ``metrics.json``."""
+    from .._io import atomic_write_npy, atomic_write_text
+    from .metrics import write_metrics_json
+
+    model_path = cfg.model or default_model_path()
+    if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
+        model_path = str(Path(model_path).resolve())
+    # "pipeline": cfg.to_dict() with the adapter config this variant's model was built with (its interaction, the
+    # DIN's cond_dim for conditioned kinds, the resolved target modules): CFLoRAConfig's own dict form, once;
+    # "variant" without the interaction, recorded there (runs.variant_from_meta)
+    variant = {k: v for k, v in asdict(spec).items() if k != "interaction"}
+    meta = {
+        "variant": variant,
+        "pipeline": {**cfg.to_dict(), "cflora": model.cflora_config.to_dict()},
+        "model": model_path,
+        "kind": kind,
+        "dataset": ctx.data.dataset.name,
+        **run_dependencies(run_dir, ctx, spec),
+    }
+    save_run(run_dir, model, meta)
+    atomic_write_text(run_dir / "loss.json", json.dumps({"losses": losses, **history}))
+    atomic_write_npy(run_dir / "predictions.npy", probs)
+    write_metrics_json(run_dir / "metrics.json", metrics, {"variant": spec.name})
+
+
 def run_variant(
     ctx: Context, spec: VariantSpec, cfg: PipelineConfig, run_dir, resume: bool = False, log=print
 ) -> Dict:
     """Train and score one variant; returns {"metrics", "losses", "run_dir", "model", "seconds" (train, score),
     "valid", "best" (model selection on valid), "valid_probs" (the returned model on valid, or None)}."""
     from rellax_fast.data.collate import PromptCollator
-    from rellax_fast.data.prompts import mix_recent_and_retrieved
     from rellax_fast.distributed import is_main
 
     from ..metrics import ctr_metrics
-    from .metrics import write_metrics_json
 
     run_dir = Path(run_dir)
     if is_main():  # under a launcher only rank 0 writes
@@ -450,108 +571,25 @@ def run_variant(
         placeholder=cfg.placeholder if spec.spa else None,
         chat=cfg.chat,
     )
-    data = ctx.data
-    tr = data.splits["train"].subset(ctx.train_index)
-    te = data.splits["test"].subset(ctx.test_index)
-    pos_tr = shown_positions_for(
-        data, tr, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress
-    )
-    pos_te = shown_positions_for(
-        data, te, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress
-    )
-    train_samples = make_samples(data, tr, pos_tr)
-    train_set = PromptDataset(train_samples, collator, ctx.cond_train)
-    test_set = PromptDataset(make_samples(data, te, pos_te), collator, ctx.cond_test)
-    valid_set = None
-    if ctx.valid_index is not None:
-        va = data.splits["valid"].subset(ctx.valid_index)
-        pos_va = shown_positions_for(
-            data, va, cfg.k, spec.subr, cfg.subr_mode, ctx.item_emb, ctx.item_ids, cfg.train.progress
-        )
-        valid_set = PromptDataset(make_samples(data, va, pos_va), collator, ctx.cond_valid)
-    check_prompt_budget(
-        cfg.max_length, train_set, valid_set, test_set
-    )  # before the first step, naming the flag
-
-    history: Dict[str, List[float]] = {}
+    prompts = variant_prompts(ctx, spec, cfg, collator)
     t_train = time.perf_counter()  # "seconds" in the result: training and scoring wall time (bench lifelong)
-    if spec.recipe == "two-stage":
-        # stage 1: plain LoRA (A, B; the generators stay at their C = I init) on ReiT's mixed set
-        pos_recent = shown_positions_for(data, tr, cfg.k, False, "recent")
-        recent_samples = make_samples(data, tr, pos_recent)
-        n1 = max(1, int(len(tr) * cfg.stage1_fraction))
-        idx, modes = mix_recent_and_retrieved(tr, n1, cfg.seed)
-        mixed = [recent_samples[i] if m == "recent" else train_samples[i] for i, m in zip(idx, modes)]
-        model.set_stage("lora")
-        r1 = train_model(
-            model,
-            PromptDataset(mixed, collator, ctx.cond_train),
-            cfg.train,
-            run_dir / "stage1",
-            resume=resume,
-            log=log,
-        )
-        history["stage1"] = r1["losses"]
-        model = r1["model"]
-        model.set_stage("interaction")
-        r2 = train_model(
-            model, train_set, cfg.train, run_dir / "stage2", resume=resume, log=log, valid=valid_set
-        )
-        history["stage2"] = r2["losses"]
-        history["valid"], history["best"] = r2["valid"], r2["best"]
-        valid_probs = r2["valid_probs"]
-        model = r2["model"]
-        losses = r1["losses"] + r2["losses"]
-    else:
-        model.set_stage("joint")
-        r = train_model(model, train_set, cfg.train, run_dir, resume=resume, log=log, valid=valid_set)
-        model, losses = r["model"], r["losses"]
-        history["valid"], history["best"] = r["valid"], r["best"]
-        valid_probs = r["valid_probs"]
+    model, losses, history, valid_probs = train_variant(
+        model, ctx, spec, cfg, collator, prompts, run_dir, resume, log=log
+    )
     # under accelerate launch / torchrun every rank scores a shard (gathered on all ranks); rank 0 writes
     t_score = time.perf_counter()
     probs = predict_proba(
         model,
-        test_set,
+        prompts.test,
         cfg.train.eval_batch_size,
         progress=cfg.train.progress,
         desc=f"test {spec.name}",
         mixed_precision=cfg.train.mixed_precision,
     )
     seconds = {"train": t_score - t_train, "score": time.perf_counter() - t_score}
-    metrics = ctr_metrics(test_set.labels(), probs)
-    if not is_main():
-        return {
-            "metrics": metrics,
-            "losses": losses,
-            "run_dir": str(run_dir),
-            "model": model,
-            "seconds": seconds,
-            "valid": history.get("valid"),
-            "best": history.get("best"),
-            "valid_probs": valid_probs,
-        }
-    model_path = cfg.model or default_model_path()
-    if os.path.exists(model_path):  # a local folder: absolute, so that a moved run still finds it
-        model_path = str(Path(model_path).resolve())
-    # "pipeline": cfg.to_dict() with the adapter config this variant's model was built with (its interaction, the
-    # DIN's cond_dim for conditioned kinds, the resolved target modules): CFLoRAConfig's own dict form, once;
-    # "variant" without the interaction, recorded there (runs.variant_from_meta)
-    variant = {k: v for k, v in asdict(spec).items() if k != "interaction"}
-    meta = {
-        "variant": variant,
-        "pipeline": {**cfg.to_dict(), "cflora": model.cflora_config.to_dict()},
-        "model": model_path,
-        "kind": kind,
-        "dataset": data.dataset.name,
-        **run_dependencies(run_dir, ctx, spec),
-    }
-    save_run(run_dir, model, meta)
-    from .._io import atomic_write_npy, atomic_write_text
-
-    atomic_write_text(run_dir / "loss.json", json.dumps({"losses": losses, **history}))
-    atomic_write_npy(run_dir / "predictions.npy", probs)
-    write_metrics_json(run_dir / "metrics.json", metrics, {"variant": spec.name})
+    metrics = ctr_metrics(prompts.test.labels(), probs)
+    if is_main():
+        write_variant_run(run_dir, model, kind, ctx, spec, cfg, losses, history, probs, metrics)
     return {
         "metrics": metrics,
         "losses": losses,
