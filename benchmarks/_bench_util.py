@@ -10,8 +10,6 @@ finish, not just their launch. Warm-up rounds run first and are not timed.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -19,8 +17,6 @@ import torch
 ROUNDS = {"tiny": 3, "cpu": 10, "gpu": 30}
 WARMUP = {"tiny": 1, "cpu": 2, "gpu": 5}
 PHASES = ("fwd", "bwd", "fwd_bwd")
-_L2_FLUSH_BYTES = 256 << 20
-_flush_buffers: Dict[torch.device, torch.Tensor] = {}
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -95,24 +91,12 @@ def train_providers(device: torch.device) -> List[Tuple[str, str, Optional[str]]
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def _flush_l2(device: torch.device) -> None:
-    if device.type != "cuda":
-        return
-    buf = _flush_buffers.get(device)
-    if buf is None:
-        buf = _flush_buffers[device] = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-    buf.zero_()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _prepared(before: Optional[Callable[[], Any]], device: torch.device) -> Tuple[tuple, dict]:
+    from rellax_fast.bench.report import flush_l2, sync
+
     arg = before() if before is not None else None
-    _flush_l2(device)
-    _sync(device)
+    flush_l2(device)
+    sync(device)
     return (arg,), {}
 
 
@@ -123,16 +107,13 @@ def median_ms(
     warmup: int,
     before: Optional[Callable[[], Any]] = None,
 ) -> float:
-    """Median wall time in ms of ``fn(before())`` with the module's timing semantics (the in-test baseline)."""
-    times = []
-    for i in range(warmup + rounds):
-        (arg,), _ = _prepared(before, device)
-        t0 = time.perf_counter()
-        fn(arg)
-        _sync(device)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median wall time in ms of ``fn(before())`` with the module's timing semantics (the in-test baseline):
+    ``rellax_fast.bench.report.time_ms`` on the host clock, the L2 flushed before every timed call."""
+    from rellax_fast.bench.report import time_ms
+
+    return time_ms(
+        fn, device, warmup, rounds, before=before or (lambda: None), l2_flush=True, cuda_events=False
+    )
 
 
 def run_benchmark(
@@ -146,9 +127,11 @@ def run_benchmark(
     """Time ``fn(before())`` with the benchmark fixture; returns its median in ms (None when benchmarks are
     disabled, e.g. ``--benchmark-disable``, where the fixture runs the call once untimed)."""
 
+    from rellax_fast.bench.report import sync
+
     def target(arg):
         out = fn(arg)
-        _sync(device)
+        sync(device)
         return out
 
     benchmark.pedantic(

@@ -1,7 +1,8 @@
 """Timing, memory and report writing shared by every ``rellax-fast bench`` suite.
 
-Timings: CUDA events on the GPU (after a synchronize), ``time.perf_counter`` on the CPU; the median of
-``repeat`` runs after ``warmup`` runs. Peak memory: ``torch.cuda.max_memory_allocated`` on the GPU; on the
+Timings (:func:`time_ms`, the one median timer of the benches and of ``benchmarks/``): CUDA events on the GPU
+(after a synchronize; or the host clock up to a synchronize), ``time.perf_counter`` on the CPU; the median of
+``repeat`` runs after ``warmup`` runs, each optionally preceded, untimed, by a setup and an L2 flush. Peak memory: ``torch.cuda.max_memory_allocated`` on the GPU; on the
 CPU, the growth of the process's peak RSS (a coarse, upper-bound figure; reported as such).
 Reports: one CSV, one Markdown table and optional matplotlib PNGs per suite, written atomically.
 """
@@ -29,23 +30,57 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeat: int = 10) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
+L2_FLUSH_BYTES = 256 << 20  # written before a timed call with flush_l2=True, as triton.testing.do_bench does
+_flush_buffers: Dict[torch.device, torch.Tensor] = {}
+
+
+def flush_l2(device: torch.device) -> None:
+    """Overwrite ``L2_FLUSH_BYTES`` on a CUDA ``device`` (a no-op on the CPU), so a timed call starts cold."""
+    if device.type != "cuda":
+        return
+    buf = _flush_buffers.get(device)
+    if buf is None:
+        buf = _flush_buffers[device] = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    buf.zero_()
+
+
+def time_ms(
+    fn: Callable[..., object],
+    device: torch.device,
+    warmup: int = 3,
+    repeat: int = 10,
+    *,
+    before: Optional[Callable[[], object]] = None,
+    l2_flush: bool = False,
+    cuda_events: bool = True,
+) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeat`` calls after ``warmup`` untimed ones.
+
+    ``before``: a setup run untimed before every call (warm-up included); ``fn`` then gets its result,
+    ``fn(before())`` (e.g. the forward that builds the graph a timed backward needs). ``l2_flush``: on a GPU, the
+    L2 cache is overwritten before every timed call. Every timed call starts after a synchronize; on a GPU it is
+    timed by CUDA events, or with ``cuda_events=False`` by the host clock up to a synchronize (what
+    pytest-benchmark's fixture sees, so that a baseline timed so compares fairly with it)."""
+    call = fn if before is None else (lambda: fn(before()))
     for _ in range(warmup):
-        fn()
-    sync(device)
+        call()
     times = []
     for _ in range(repeat):
-        if device.type == "cuda":
+        args = () if before is None else (before(),)
+        if l2_flush:
+            flush_l2(device)
+        sync(device)
+        if device.type == "cuda" and cuda_events:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            fn(*args)
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
-            fn()
+            fn(*args)
+            sync(device)
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 

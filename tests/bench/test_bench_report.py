@@ -38,3 +38,20 @@ def test_error_note_is_one_line_and_bounded():
     assert "\n" not in note and "\t" not in note and "  " not in note
     assert len(note) == len("failed: RuntimeError: ") + 300
     assert error_note(ValueError("")) == "failed: ValueError: "
+
+
+def test_time_ms_runs_the_setup_untimed_before_every_call_and_returns_the_median(monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    calls, setups = [], iter(range(100))
+    ticks = iter([0.0, 0.004, 1.0, 1.001, 2.0, 2.010])  # perf_counter around the 3 timed calls: 4, 1, 10 ms
+    monkeypatch.setattr(report, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    ms = report.time_ms(calls.append, torch.device("cpu"), warmup=2, repeat=3, before=lambda: next(setups))
+    assert calls == [0, 1, 2, 3, 4]  # fn(before()) for the 2 warm-up and the 3 timed calls, in order
+    assert abs(ms - 4.0) < 1e-9  # the median of 4, 1 and 10 ms
+    monkeypatch.undo()
+    plain = []
+    assert report.time_ms(lambda: plain.append(1), torch.device("cpu"), warmup=1, repeat=2) >= 0
+    assert len(plain) == 3
