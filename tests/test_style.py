@@ -19,24 +19,13 @@ ROOTS = ("rellax_fast", "kernels")  # rellax_fast/kernels is a link to kernels/:
 
 # "path:qualified name": why it is still longer than MAX_LINES
 EXCEPTIONS = {
-    "kernels/cflora.py:cflora_bwd": "being split (#29)",
-    "kernels/cflora.py:cflora_fwd": "being split (#29)",
-    "kernels/cflora.py:_cflora_dy_pass_kernel": "being split (#29)",
-    "kernels/cflora.py:_cflora_dx_kernel": "being split (#29)",
-    "kernels/cflora.py:_cflora_fwd_gemm_kernel": "being split (#29)",
-    "kernels/topk.py:_semantic_topk_kernel": "being split (#29)",
-    "kernels/topk.py:semantic_topk_triton": "being split (#29)",
-    "rellax_fast/ops/cflora.py:_validate": "being split (#29)",
-    "rellax_fast/ops/topk.py:_validate_values": "being split (#29)",
-    "rellax_fast/bench/topk.py:run_suite": "being split (#29)",
-    "rellax_fast/bench/topk.py:run_lifelong": "being split (#29)",
-    "rellax_fast/data/synthetic.py:make_synthetic": "being split (#29)",
-    "rellax_fast/data/ctr.py:save_prepared": "being split (#29)",
-    "rellax_fast/subr/cli_retrieve.py:run": "being split (#29)",
-    "rellax_fast/subr/cli_retrieve.py:_retrieve_splits": "being split (#29)",
-    "rellax_fast/subr/retrieval.py:retrieve_global": "being split (#29)",
-    "rellax_fast/subr/retrieval.py:retrieve": "being split (#29)",
-    "rellax_fast/ctr/din.py:train_din": "being split (#29)",
+    "kernels/cflora.py:cflora_bwd": "the Triton backward launcher: not split yet (#29 stays open for it)",
+    "kernels/cflora.py:cflora_fwd": "the Triton forward launcher: not split yet (#29 stays open for it)",
+    "kernels/cflora.py:_cflora_dy_pass_kernel": "a @triton.jit program body: its tiles and loop-carried "
+    "accumulators would cross inline-call boundaries if split",
+    "kernels/cflora.py:_cflora_dx_kernel": "a @triton.jit program body (as above)",
+    "kernels/cflora.py:_cflora_fwd_gemm_kernel": "a @triton.jit program body (as above)",
+    "rellax_fast/ops/cflora.py:_validate": "the op's argument checks, one per argument: not split yet (#29)",
 }
 
 
