@@ -22,18 +22,35 @@ Forward (2 kernels, +1 for a per-sample C)
   Saved for backward: x (the caller's), S, T. Never a d_out- or d_in-sized activation.
 
 Backward
-  3. _cflora_dy_pass_kernel, one program per BLOCK_M rows: dT = scale·dY B (one read of dY). Shared C:
-     dS = dT C and dC += dTᵀ S (one r×r fp32 atomic tile per program). Writes dT or dS (M·r, fp32).
+  3. _cflora_dy_pass_kernel, the ONE pass over dY, grid (row blocks, column splits): every dY tile it reads
+     gives both its dT contribution (dT = scale·dY B, summed over d_out in fp32 registers) and its dB
+     partial (scale·dY_tileᵀ T, final for the program's rows; T's row block is read once per program)
+     and db partial (Σ_rows dY). The dB / db partials go to fp32 (row blocks, d_out, r) / (row blocks,
+     d_out) buffers, reduced by 3c. Row blocks are tall (256 rows for 16-bit, 64 for fp32) because each
+     one costs a partial; column splits fill the SMs instead, each storing its dT partial, and
+  3a. _cflora_dt_finish_kernel sums them in a fixed order and finishes dT (_dt_epilogue: with a shared C,
+     dS = dT C and dC += dTᵀ S as one r×r fp32 atomic tile per program). dT / dS: (M, r) fp32. (The
+     dT-only pass of 4's case finishes dT in the kernel: one split, the epilogue after its loop.)
   3b. _cflora_interact_bwd_kernel (per-sample C only), one program per sample: dS = dT C[g] in place and
      dC[g] = Σ dTᵀ S summed in registers, stored once (no atomics).
-  4. _cflora_rank_grad_kernel, split-K GEMM over the M rows, partials per split summed on the host in a
-     fixed order (deterministic, no atomics): dB = scale·dYᵀ T with db = Σ dY (a second read of dY),
-     and dAᵀ = drop(x)ᵀ dS / (1-p) (a second read of x, mask regenerated).
+  3c. _cflora_partial_sum_kernel: out = Σ_p part[p] in a fixed order (deterministic, no atomics), for the
+     dB / db partials and the split-K dA partials of 4.
+     Fusing dB pays while its partials (8·r bytes per row block and column, written and read back) cost
+     less than the second read of dY they replace, i.e. for BLOCK_M·elt > 8·r (_fuse_db), and the fused
+     tile fits its registers (the compile gate): on the GPU r <= 32 (16-bit) or r <= 16 (fp32). Above
+     that, dB and db take 4 over dY instead, and the dY pass computes dT only (short row blocks, one split).
+  4. _cflora_rank_grad_kernel, split-K GEMM over the M rows (partials per split, reduced by 3c):
+     dAᵀ = drop(x)ᵀ dS / (1-p) (the second read of x, mask regenerated); dB = scale·dYᵀ T with db = Σ dY
+     only where 3 does not fuse them.
   5. _cflora_dx_kernel, tiled GEMM over (M, d_in): dx = drop'(dS A) + dY W as ONE accumulator: the r-wide
-     step first (masked), then the K loop over d_out (third read of dY).
+     step first (masked), then the K loop over d_out (the base GEMM's read of dY).
   6. _matmul_kernel: dW = dYᵀ x, only when needed (frozen base weights skip it).
+  Traffic beyond the frozen linear's own (x, W, b -> y; dy, W -> dx) at the headline shape (bf16,
+  M = 16384, d_in = d_out = 4096, r = 16, per-sample C; tests/ops/test_traffic_model.py): x twice (shrink,
+  dA) and dY once (the fused pass), plus the r-sized tensors and 17 MB of dB partials (written and read):
+  0.457 GB, 1.13x the minimum of 2·|x| + |dY| = 0.403 GB (1.37x when dB read dY again).
 
-Precision (the same on every GPU; the compile gate checks tensor-core instructions in each):
+Precision (the same on every GPU; the compile gate checks the tensor-core instructions of every dot):
   - bf16 / fp16: every dot, the r×r interaction steps included, takes bf16/fp16 operands on tensor cores
     with fp32 accumulation. S, T are stored in the input dtype; dT and dS are fp32 in memory and rounded
     to the input dtype as dot operands (what a 16-bit autograd holds).
@@ -49,7 +66,7 @@ if not __name__.startswith("rellax_fast."):
 
 import contextlib
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -336,66 +353,33 @@ def _cflora_fwd_gemm_kernel(
 # backward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _cflora_dy_pass_kernel(
-    dy_ptr,
-    b_ptr,
+def _dt_epilogue(
+    d_t,
+    rows,
+    rank,
+    row_ok,
+    rank_ok,
     c_ptr,
     s_ptr,
     dst_ptr,
     dc_ptr,
-    M,
-    N,
     R,
-    stride_dym,
-    stride_dyn,
-    stride_bn,
-    stride_br,
     stride_ci,
     stride_cj,
     stride_sm,
     stride_sr,
     stride_dstm,
     stride_dstr,
-    SCALE,
     SHARED_C: tl.constexpr,
     NEED_DS: tl.constexpr,
     NEED_DC: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
 ):
-    """dT = scale·dY B for BLOCK_M rows into dst (fp32). With a shared C, dst gets dS = dT C instead and
+    """The finished dT (fp32, BLOCK_M rows) into dst. With a shared C, dst gets dS = dT C instead and
     dC += dTᵀ S (one r×r fp32 atomic tile per program); otherwise dst keeps dT (dS itself for C = None,
     the input of _cflora_interact_bwd_kernel for a per-sample C)."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rank = tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < M
-    rank_ok = rank < R
     tile_mask = row_ok[:, None] & rank_ok[None, :]
-
-    d_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < N
-        dy = tl.load(
-            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
-            mask=row_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + cols[:, None] * stride_bn + rank[None, :] * stride_br,
-            mask=col_ok[:, None] & rank_ok[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            dy = dy.to(tl.float32)
-            b = b.to(tl.float32)
-        d_t = tl.dot(dy, b, d_t, input_precision=PRECISION)
-    d_t = d_t * SCALE
-
     if SHARED_C:
         # the r×r steps run in the input dtype (dT rounded to it, as a 16-bit autograd would hold it)
         d_t_lo = d_t.to(c_ptr.dtype.element_ty)
@@ -426,6 +410,216 @@ def _cflora_dy_pass_kernel(
             tl.store(dst_ptr + rows[:, None] * stride_dstm + rank[None, :] * stride_dstr, d_s, mask=tile_mask)
     else:
         tl.store(dst_ptr + rows[:, None] * stride_dstm + rank[None, :] * stride_dstr, d_t, mask=tile_mask)
+
+
+@triton.jit
+def _cflora_dy_pass_kernel(
+    dy_ptr,
+    b_ptr,
+    t_ptr,
+    c_ptr,
+    s_ptr,
+    dst_ptr,
+    dc_ptr,
+    db_part_ptr,
+    dbias_part_ptr,
+    M,
+    N,
+    R,
+    COLS_PER_SPLIT,
+    stride_dym,
+    stride_dyn,
+    stride_bn,
+    stride_br,
+    stride_tm,
+    stride_tr,
+    stride_ci,
+    stride_cj,
+    stride_sm,
+    stride_sr,
+    stride_dsts,
+    stride_dstm,
+    stride_dstr,
+    SCALE,
+    NEED_DT: tl.constexpr,
+    NEED_DB: tl.constexpr,
+    NEED_DBIAS: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    SHARED_C: tl.constexpr,
+    NEED_DS: tl.constexpr,
+    NEED_DC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """The one pass over dY. Program (m, split) owns BLOCK_M rows and COLS_PER_SPLIT columns of d_out; each
+    dY tile it reads gives its dT contribution (dY B, summed over the columns in fp32) and its dB partial
+    (scale·dY_tileᵀ T, BLOCK_N × r, final for these rows) and db partial (Σ_rows dY), stored per row block
+    into db_part (n_row_blocks, d_out, r) / dbias_part (n_row_blocks, d_out) and summed afterwards in a
+    fixed order by _cflora_partial_sum_kernel. dT: EPILOGUE (the dT-only pass, one split) finishes it here
+    (_dt_epilogue); else each split's partial goes to dst[split] (fp32 (splits, M, r)) and
+    _cflora_dt_finish_kernel sums them."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rank = tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < M
+    rank_ok = rank < R
+    if NEED_DB:  # T's row block: the right operand of every dB tile of this program, read once
+        t = tl.load(
+            t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
+            mask=row_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            t = t.to(tl.float32)
+
+    d_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, COLS_PER_SPLIT, BLOCK_N):
+        local = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+        cols = split * COLS_PER_SPLIT + local
+        col_ok = (local < COLS_PER_SPLIT) & (cols < N)
+        dy = tl.load(
+            dy_ptr + rows[:, None] * stride_dym + cols[None, :] * stride_dyn,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        if NEED_DBIAS:
+            tl.store(dbias_part_ptr + pid_m * N + cols, tl.sum(dy.to(tl.float32), axis=0), mask=col_ok)
+        if UPCAST:
+            dy = dy.to(tl.float32)
+        if NEED_DT:
+            b = tl.load(
+                b_ptr + cols[:, None] * stride_bn + rank[None, :] * stride_br,
+                mask=col_ok[:, None] & rank_ok[None, :],
+                other=0.0,
+            )
+            if UPCAST:
+                b = b.to(tl.float32)
+            d_t = tl.dot(dy, b, d_t, input_precision=PRECISION)
+        if NEED_DB:
+            d_b = tl.dot(tl.trans(dy), t, input_precision=PRECISION)  # (BLOCK_N, BLOCK_R)
+            tl.store(
+                db_part_ptr + pid_m * N * R + cols[:, None] * R + rank[None, :],
+                d_b * SCALE,
+                mask=col_ok[:, None] & rank_ok[None, :],
+            )
+    if NEED_DT:
+        d_t = d_t * SCALE
+        if EPILOGUE:
+            _dt_epilogue(
+                d_t,
+                rows,
+                rank,
+                row_ok,
+                rank_ok,
+                c_ptr,
+                s_ptr,
+                dst_ptr,
+                dc_ptr,
+                R,
+                stride_ci,
+                stride_cj,
+                stride_sm,
+                stride_sr,
+                stride_dstm,
+                stride_dstr,
+                SHARED_C,
+                NEED_DS,
+                NEED_DC,
+                UPCAST,
+                PRECISION,
+            )
+        else:
+            tl.store(
+                dst_ptr + split * stride_dsts + rows[:, None] * stride_dstm + rank[None, :] * stride_dstr,
+                d_t,
+                mask=row_ok[:, None] & rank_ok[None, :],
+            )
+
+
+@triton.jit
+def _cflora_dt_finish_kernel(
+    part_ptr,
+    c_ptr,
+    s_ptr,
+    dst_ptr,
+    dc_ptr,
+    M,
+    R,
+    SPLITS,
+    stride_ci,
+    stride_cj,
+    stride_sm,
+    stride_sr,
+    stride_dstm,
+    stride_dstr,
+    SHARED_C: tl.constexpr,
+    NEED_DS: tl.constexpr,
+    NEED_DC: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """dT of BLOCK_M rows = Σ of the dY pass's column-split partials (fp32 (SPLITS, M, r), fixed order),
+    then the same epilogue as a one-split dY pass (_dt_epilogue)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rank = tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < M
+    rank_ok = rank < R
+    offs = rows[:, None] * R + rank[None, :]
+    d_t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for sp in range(0, SPLITS):
+        d_t += tl.load(part_ptr + sp * M * R + offs, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    _dt_epilogue(
+        d_t,
+        rows,
+        rank,
+        row_ok,
+        rank_ok,
+        c_ptr,
+        s_ptr,
+        dst_ptr,
+        dc_ptr,
+        R,
+        stride_ci,
+        stride_cj,
+        stride_sm,
+        stride_sr,
+        stride_dstm,
+        stride_dstr,
+        SHARED_C,
+        NEED_DS,
+        NEED_DC,
+        UPCAST,
+        PRECISION,
+    )
+
+
+@triton.jit
+def _cflora_partial_sum_kernel(
+    part_ptr,
+    out_ptr,
+    N,
+    R,
+    PARTS,
+    stride_on,
+    stride_or,
+    BLOCK: tl.constexpr,
+):
+    """out (N, R) = Σ_p part[p] over the fp32 partials (PARTS, N, R), in a fixed order (deterministic, no
+    atomics): the reduction of the split-K / per-row-block dB, db and dA partials. out may be strided."""
+    pid = tl.program_id(0).to(tl.int64)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < N * R
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p in range(0, PARTS):
+        acc += tl.load(part_ptr + p * N * R + idx, mask=ok, other=0.0)
+    tl.store(out_ptr + (idx // R) * stride_on + (idx % R) * stride_or, acc, mask=ok)
 
 
 @triton.jit
@@ -715,14 +909,17 @@ def _matmul_kernel(
 # 4-stage pipeline of 4 x 32 KB); fp32 operands (3xTF32 keeps hi/lo halves in registers) 128x64 tiles, 8
 # warps, a 32-deep K step with 3 stages. The
 # r-wide LoRA step of the GEMMs runs BLOCK_RK ranks at a time so that rank 128 adds at most 32 KB.
-# Row-block kernels (shrink, dY pass) shrink BLOCK_M when M is small so that the grid still covers the
-# SMs. Sizes or row strides that are not multiples of 16 (no divisibility hints: d = 1000) get the smaller
+# Row-block kernels (shrink, the dT-only dY pass) shrink BLOCK_M when M is small so that the grid still covers
+# the SMs; the fused dY pass keeps its tall row blocks (each one more costs a dB partial) and splits d_out. Sizes or row strides that are not multiples of 16 (no divisibility hints: d = 1000) get the smaller
 # steps of _unaligned, and the fp32 shrink with a cut row block 8 warps, which the gate showed not to spill. Under the interpreter, small blocks keep each program cheap while still exercising multi-block
 # paths (edges, K loops, r chunks, split-K partials, cross-program atomics) on the tiny test shapes.
 _GPU16 = {
     "shrink": dict(BLOCK_M=64, BLOCK_K=128, num_warps=4, num_stages=3),
     "gemm": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_RK=64, GROUP_M=8, num_warps=8, num_stages=4),
     "dy": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    "dy_fused": dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=3),
+    "dt_finish": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+    "partial_sum": dict(BLOCK=512, num_warps=4, num_stages=1),
     "rank_grad": dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
     "interact": dict(BLOCK_M=64, num_warps=4, num_stages=2),
     "dw": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
@@ -731,6 +928,9 @@ _GPU32 = {
     "shrink": dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2),
     "gemm": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, BLOCK_RK=32, GROUP_M=8, num_warps=8, num_stages=3),
     "dy": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    "dy_fused": dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=3),
+    "dt_finish": dict(BLOCK_M=64, num_warps=4, num_stages=1),
+    "partial_sum": dict(BLOCK=512, num_warps=4, num_stages=1),
     "rank_grad": dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     "interact": dict(BLOCK_M=64, num_warps=4, num_stages=2),
     "dw": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3),
@@ -739,6 +939,9 @@ _INTERPRET = {
     "shrink": dict(BLOCK_M=16, BLOCK_K=32),
     "gemm": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, BLOCK_RK=16, GROUP_M=2),
     "dy": dict(BLOCK_M=16, BLOCK_N=32),
+    "dy_fused": dict(BLOCK_M=16, BLOCK_N=32),
+    "dt_finish": dict(BLOCK_M=16),
+    "partial_sum": dict(BLOCK=64),
     "rank_grad": dict(BLOCK_M=16, BLOCK_N=32),
     "interact": dict(BLOCK_M=16),
     "dw": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=2),
@@ -753,7 +956,7 @@ def _config(name: str, dtype: torch.dtype, block_r: int) -> dict:
     cfg = dict((_GPU32 if dtype == torch.float32 else _GPU16)[name])
     if name == "rank_grad" and block_r >= 128:
         cfg["BLOCK_N"] = 64  # the (BLOCK_N, r) fp32 accumulator stays at 64 registers per thread
-    if name in ("interact", "shrink", "dy") and block_r >= 128:
+    if name in ("interact", "shrink", "dy", "dt_finish") and block_r >= 128:
         cfg["num_warps"] = 8  # (r, r) tiles (C, the dC accumulator) at r = 128: spread over 256 threads
     if dtype == torch.float32 and block_r >= 64:
         # fp32 operands at rank >= 64: the r-wide tiles are 2-4x a bf16 r = 64 tile; halve the other side
@@ -807,15 +1010,18 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _sms(device: torch.device) -> int:
+    """The SM count of a CUDA device; _DEFAULT_SMS for CPU tensors (the compile gate's captured launches)."""
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _row_block(cfg: dict, m: int, device: torch.device) -> dict:
     """Halve BLOCK_M (down to 16) while the row grid would leave SMs idle: M = 2048 gives 128 CTAs, not 32."""
     if triton_interpreting():
         return cfg
-    sms = (
-        _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        if device.type == "cuda"
-        else _DEFAULT_SMS
-    )
+    sms = _sms(device)
     while cfg["BLOCK_M"] > _MIN_BLOCK_M and triton.cdiv(m, cfg["BLOCK_M"]) < sms:
         cfg["BLOCK_M"] //= 2
     return cfg
@@ -910,9 +1116,65 @@ def _check(x2d, weight, lora_a, lora_b, interaction) -> Tuple[int, int, int, int
     return m, d_in, d_out, r
 
 
-def _rank_grad(u, v, out, colsum, scale, dropout, key, threshold, upcast, precision, block_r, dummy):
+class _Run(NamedTuple):
+    """What every launch of one cflora_fwd / cflora_bwd call shares."""
+
+    dtype: torch.dtype
+    device: torch.device
+    upcast: bool  # the interpreter: dot operands upcast to fp32 after the same rounding
+    precision: str
+    block_r: int
+    dropout: bool
+    key: int
+    threshold: int
+    keep_scale: float
+    shared_c: bool
+    per_sample_c: bool
+    groups: int  # number of C matrices (1 for None / shared)
+    c_strides: tuple  # (stride_g, stride_i, stride_j) of C, zeros for None
+    c_arg: torch.Tensor  # C, or a never-read stand-in (lora_a) when there is none
+    dummy: torch.Tensor  # a stand-in for pointer arguments that a constexpr flag leaves unread
+
+
+def _run_args(x2d, lora_a, interaction, m, rows_per_sample, dropout_p, seed) -> _Run:
+    dropout, key, threshold, keep_scale = _dropout_args(dropout_p, seed)
+    groups, c_strides = _interaction_groups(interaction, m, rows_per_sample)
+    return _Run(
+        dtype=x2d.dtype,
+        device=x2d.device,
+        upcast=triton_interpreting(),
+        precision=_precision(x2d.dtype),
+        block_r=_block_r(lora_a.shape[0]),
+        dropout=dropout,
+        key=key,
+        threshold=threshold,
+        keep_scale=keep_scale,
+        shared_c=interaction is not None and interaction.dim() == 2,
+        per_sample_c=interaction is not None and interaction.dim() == 3,
+        groups=groups,
+        c_strides=c_strides,
+        c_arg=interaction if interaction is not None else lora_a,
+        dummy=lora_a,
+    )
+
+
+def _partial_sum(part: torch.Tensor, out: torch.Tensor, run: _Run) -> None:
+    """out (N, R) or (N,) = Σ_p part[p] for fp32 partials part (P, N[, R]), in a fixed order (deterministic)."""
+    out2d = out if out.dim() == 2 else out.unsqueeze(1)
+    n, r = out2d.shape
+    if part.shape[0] == 0 or n * r == 0:
+        out.zero_()
+        return
+    cfg = _config("partial_sum", run.dtype, run.block_r)
+    _cflora_partial_sum_kernel[(triton.cdiv(n * r, cfg["BLOCK"]),)](
+        part, out2d, n, r, part.shape[0], out2d.stride(0), out2d.stride(1), **cfg
+    )
+
+
+def _rank_grad(u, v, out, colsum, scale, dropout, run: _Run) -> None:
     """out (N, r) = scale·drop(u)ᵀ v and colsum (N,) = Σ_rows u via _cflora_rank_grad_kernel (split-K over
-    the M rows of u (M, N) and v (M, r); partials summed here in a fixed order). out may be a strided view."""
+    the M rows of u (M, N) and v (M, r); partials summed by _partial_sum in a fixed order). out may be a
+    strided view."""
     m, n = u.shape
     r = v.shape[1]
     if m == 0:
@@ -921,7 +1183,7 @@ def _rank_grad(u, v, out, colsum, scale, dropout, key, threshold, upcast, precis
                 buf.zero_()
         return
     f32 = torch.float32
-    cfg = _config("rank_grad", u.dtype, block_r)
+    cfg = _config("rank_grad", u.dtype, run.block_r)
     if dropout:  # the keep-mask on an unaligned u (no %16 hints) spilled at 4 warps: see _unaligned
         cfg = _unaligned(cfg, {"num_warps": 8}, n, u.stride(0))
     n_col = triton.cdiv(n, cfg["BLOCK_N"])
@@ -933,8 +1195,8 @@ def _rank_grad(u, v, out, colsum, scale, dropout, key, threshold, upcast, precis
     _cflora_rank_grad_kernel[(n_col, splits)](
         u,
         v,
-        out_part if out is not None else dummy,
-        colsum_part if colsum is not None else dummy,
+        out_part if out is not None else run.dummy,
+        colsum_part if colsum is not None else run.dummy,
         m,
         n,
         r,
@@ -944,24 +1206,23 @@ def _rank_grad(u, v, out, colsum, scale, dropout, key, threshold, upcast, precis
         v.stride(0),
         v.stride(1),
         float(scale),
-        key,
-        threshold,
+        run.key,
+        run.threshold,
         NEED_OUT=out is not None,
         NEED_COLSUM=colsum is not None,
         DROPOUT=dropout,
-        UPCAST=upcast,
-        PRECISION=precision,
-        BLOCK_R=block_r,
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        BLOCK_R=run.block_r,
         **cfg,
     )
-    if out is not None:  # a fixed-order sum of the partials: deterministic, unlike atomics
-        out.copy_(out_part.sum(dim=0))
-    if colsum is not None:
-        colsum.copy_(colsum_part.sum(dim=0))
+    for part, buf in ((out_part, out), (colsum_part, colsum)):
+        if buf is not None:
+            _partial_sum(part, buf, run)
 
 
 # ----------------------------------------------------------------------------------------------------
-# launchers
+# forward launcher
 # ----------------------------------------------------------------------------------------------------
 def cflora_fwd(
     x2d: torch.Tensor,
@@ -985,105 +1246,129 @@ def cflora_fwd(
             f"cflora (triton): bias must be ({d_out},) on {x2d.device}; "
             f"got {tuple(bias.shape)} on {bias.device}"
         )
-    dropout, key, threshold, keep_scale = _dropout_args(dropout_p, seed)
-    groups, c_strides = _interaction_groups(interaction, m, rows_per_sample)
+    run = _run_args(x2d, lora_a, interaction, m, rows_per_sample, dropout_p, seed)
     y = torch.empty((m, d_out), dtype=x2d.dtype, device=x2d.device)
     s = torch.empty((m, r), dtype=x2d.dtype, device=x2d.device)
     t = torch.empty((m, r), dtype=x2d.dtype, device=x2d.device)
     if m == 0:
         return y, s, t
-    upcast = triton_interpreting()
-    precision = _precision(x2d.dtype)
-    block_r = _block_r(r)
-    shared_c = interaction is not None and interaction.dim() == 2
-    per_sample_c = interaction is not None and interaction.dim() == 3
-    c_arg = interaction if interaction is not None else lora_a  # never read when there is no C
-
     with _device_guard(x2d):
-        cfg = _small_row_block_warps(
-            _row_block(_config("shrink", x2d.dtype, block_r), m, x2d.device), x2d.dtype, block_r
-        )
-        _cflora_shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            x2d,
-            lora_a,
-            c_arg,
-            s,
-            t,
-            m,
-            d_in,
-            r,
-            x2d.stride(0),
-            x2d.stride(1),
-            lora_a.stride(0),
-            lora_a.stride(1),
-            c_strides[1],
-            c_strides[2],
-            s.stride(0),
-            s.stride(1),
-            t.stride(0),
-            t.stride(1),
-            key,
-            threshold,
-            keep_scale,
-            SHARED_C=shared_c,
-            DROPOUT=dropout,
-            UPCAST=upcast,
-            PRECISION=precision,
-            BLOCK_R=block_r,
-            **cfg,
-        )
-        if per_sample_c:
-            cfg = _interact_block_m(_config("interact", x2d.dtype, block_r), rows_per_sample)
-            _cflora_interact_fwd_kernel[(groups,)](
-                s,
-                interaction,
-                t,
-                rows_per_sample,
-                r,
-                s.stride(0),
-                s.stride(1),
-                *c_strides,
-                t.stride(0),
-                t.stride(1),
-                UPCAST=upcast,
-                PRECISION=precision,
-                BLOCK_R=block_r,
-                **cfg,
-            )
+        _launch_shrink(run, x2d, lora_a, s, t)
+        if run.per_sample_c:
+            _launch_interact_fwd(run, s, interaction, t, rows_per_sample)
         elif interaction is None:
             t.copy_(s)  # T = S; a separate tensor because the custom op's outputs must not alias
-
-        cfg = _unaligned_k(_config("gemm", x2d.dtype, block_r), d_in, x2d.stride(0), weight.stride(0))
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_out, cfg["BLOCK_N"]),)
-        _cflora_fwd_gemm_kernel[grid](
-            x2d,
-            weight,
-            bias.contiguous() if bias is not None else weight,
-            t,
-            lora_b,
-            y,
-            m,
-            d_out,
-            d_in,
-            r,
-            x2d.stride(0),
-            x2d.stride(1),
-            weight.stride(0),
-            weight.stride(1),
-            t.stride(0),
-            t.stride(1),
-            lora_b.stride(0),
-            lora_b.stride(1),
-            y.stride(0),
-            y.stride(1),
-            float(scale),
-            HAS_BIAS=bias is not None,
-            UPCAST=upcast,
-            PRECISION=precision,
-            BLOCK_R=block_r,
-            **cfg,
-        )
+        _launch_fwd_gemm(run, x2d, weight, bias, t, lora_b, y, scale)
     return y, s, t
+
+
+def _launch_shrink(run: _Run, x2d, lora_a, s, t) -> None:
+    """S = drop(x) Aᵀ (and T = S Cᵀ for a shared C), one program per row block."""
+    m, d_in = x2d.shape
+    cfg = _row_block(_config("shrink", run.dtype, run.block_r), m, run.device)
+    cfg = _small_row_block_warps(cfg, run.dtype, run.block_r)
+    _cflora_shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        x2d,
+        lora_a,
+        run.c_arg,
+        s,
+        t,
+        m,
+        d_in,
+        lora_a.shape[0],
+        x2d.stride(0),
+        x2d.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        run.c_strides[1],
+        run.c_strides[2],
+        s.stride(0),
+        s.stride(1),
+        t.stride(0),
+        t.stride(1),
+        run.key,
+        run.threshold,
+        run.keep_scale,
+        SHARED_C=run.shared_c,
+        DROPOUT=run.dropout,
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        BLOCK_R=run.block_r,
+        **cfg,
+    )
+
+
+def _launch_interact_fwd(run: _Run, s, interaction, t, rows_per_sample: int) -> None:
+    """Per-sample C: T = S C[g]ᵀ, one program per sample."""
+    cfg = _interact_block_m(_config("interact", run.dtype, run.block_r), rows_per_sample)
+    _cflora_interact_fwd_kernel[(run.groups,)](
+        s,
+        interaction,
+        t,
+        rows_per_sample,
+        s.shape[1],
+        s.stride(0),
+        s.stride(1),
+        *run.c_strides,
+        t.stride(0),
+        t.stride(1),
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        BLOCK_R=run.block_r,
+        **cfg,
+    )
+
+
+def _launch_fwd_gemm(run: _Run, x2d, weight, bias, t, lora_b, y, scale: float) -> None:
+    """y = x Wᵀ + (scale·T) Bᵀ + b, one tiled GEMM."""
+    m, d_in = x2d.shape
+    d_out = weight.shape[0]
+    cfg = _unaligned_k(_config("gemm", run.dtype, run.block_r), d_in, x2d.stride(0), weight.stride(0))
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_out, cfg["BLOCK_N"]),)
+    _cflora_fwd_gemm_kernel[grid](
+        x2d,
+        weight,
+        bias.contiguous() if bias is not None else weight,
+        t,
+        lora_b,
+        y,
+        m,
+        d_out,
+        d_in,
+        t.shape[1],
+        x2d.stride(0),
+        x2d.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        t.stride(0),
+        t.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        y.stride(0),
+        y.stride(1),
+        float(scale),
+        HAS_BIAS=bias is not None,
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        BLOCK_R=run.block_r,
+        **cfg,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# backward launcher
+# ----------------------------------------------------------------------------------------------------
+class _Grads(NamedTuple):
+    """The backward's fp32 (dA, dB, db, dC) or input-dtype (dx, dW) outputs, None where not needed, and
+    d_st: dT, then (in place) dS, as fp32 (M, r)."""
+
+    dx: Optional[torch.Tensor]
+    dweight: Optional[torch.Tensor]
+    dbias: Optional[torch.Tensor]
+    dlora_a: Optional[torch.Tensor]
+    dlora_b: Optional[torch.Tensor]
+    d_c: Optional[torch.Tensor]
+    d_st: Optional[torch.Tensor]
 
 
 def cflora_bwd(
@@ -1109,199 +1394,327 @@ def cflora_bwd(
     m, d_in, d_out, r = _check(x2d, weight, lora_a, lora_b, interaction)
     if len(needs_grad) != 6:
         raise ValueError(f"cflora (triton): needs_grad must hold 6 bools; got {len(needs_grad)}")
-    need_dx, need_dw, need_dbias, need_da, need_db, need_dc = (bool(v) for v in needs_grad)
-    need_dc = need_dc and interaction is not None
     for name, ten, shape in (("grad_y", grad_y2d, (m, d_out)), ("s", s, (m, r)), ("t", t, (m, r))):
         if tuple(ten.shape) != shape or ten.device != x2d.device:
             raise ValueError(
                 f"cflora (triton): {name} must be {shape} on {x2d.device}; "
                 f"got {tuple(ten.shape)} on {ten.device}"
             )
-    dropout, key, threshold, keep_scale = _dropout_args(dropout_p, seed)
-    groups, c_strides = _interaction_groups(interaction, m, rows_per_sample)
-    dev, dtype = x2d.device, x2d.dtype
-    upcast = triton_interpreting()
-    precision = _precision(dtype)
-    block_r = _block_r(r)
-    if grad_y2d.dtype != dtype:
-        grad_y2d = grad_y2d.to(dtype)
-    shared_c = interaction is not None and interaction.dim() == 2
-    per_sample_c = interaction is not None and interaction.dim() == 3
+    run = _run_args(x2d, lora_a, interaction, m, rows_per_sample, dropout_p, seed)
+    g = _alloc_grads(run, x2d, weight, lora_a, interaction, [bool(v) for v in needs_grad])
+    if grad_y2d.dtype != run.dtype:
+        grad_y2d = grad_y2d.to(run.dtype)
+    need_ds = g.dx is not None or g.dlora_a is not None
+    with _device_guard(x2d):
+        _dy_pass(run, grad_y2d, lora_b, t, s, g, scale, need_ds)
+        if run.per_sample_c and m > 0 and g.d_st is not None:
+            _launch_interact_bwd(run, g, s, interaction, rows_per_sample, need_ds)
+        if g.dlora_a is not None:  # dAᵀ = drop(x)ᵀ dS / (1 - p): (d_in, r), into the transposed view of dA
+            _rank_grad(x2d, g.d_st, g.dlora_a.T, None, run.keep_scale, run.dropout, run)
+        if g.dx is not None and m > 0:
+            _launch_dx(run, grad_y2d, weight, g.d_st, lora_a, g.dx)
+        if g.dweight is not None:
+            _launch_dw(run, grad_y2d, x2d, g.dweight)
+    d_c = g.d_c
+    if d_c is not None:
+        d_c = (d_c[0] if interaction.dim() == 2 else d_c).to(interaction.dtype)
+    return (
+        g.dx,
+        g.dweight,
+        g.dbias.to(weight.dtype) if g.dbias is not None else None,
+        g.dlora_a.to(lora_a.dtype) if g.dlora_a is not None else None,
+        g.dlora_b.to(lora_b.dtype) if g.dlora_b is not None else None,
+        d_c,
+    )
 
-    need_ds = need_dx or need_da
-    need_dt = need_ds or need_dc
-    f32 = torch.float32
-    # d_st: dT, then (in place) dS, as fp32 (M, r)
-    d_st = torch.empty((m, r), dtype=f32, device=dev) if need_dt else None
-    dlora_b = torch.empty((d_out, r), dtype=f32, device=dev) if need_db else None
-    dbias = torch.empty((d_out,), dtype=f32, device=dev) if need_dbias else None
+
+def _alloc_grads(run: _Run, x2d, weight, lora_a, interaction, needs: Sequence[bool]) -> _Grads:
+    need_dx, need_dw, need_dbias, need_da, need_db, need_dc = needs
+    need_dc = need_dc and interaction is not None
+    (m, d_in), d_out, r = x2d.shape, weight.shape[0], lora_a.shape[0]
+    dev, f32 = run.device, torch.float32
+    need_dt = need_dx or need_da or need_dc
     d_c = None
     if need_dc:  # shared C: atomics into a zeroed tile; per-sample: every C[g] is stored once
-        d_c = (torch.zeros if shared_c or m == 0 else torch.empty)((groups, r, r), dtype=f32, device=dev)
-    dlora_a = torch.empty((r, d_in), dtype=f32, device=dev) if need_da else None
-    dx = torch.empty((m, d_in), dtype=dtype, device=dev) if need_dx else None
-    dweight = torch.empty((d_out, d_in), dtype=weight.dtype, device=dev) if need_dw else None
-    c_arg = interaction if interaction is not None else lora_a
-    dummy = lora_a
+        alloc = torch.zeros if run.shared_c or m == 0 else torch.empty
+        d_c = alloc((run.groups, r, r), dtype=f32, device=dev)
+    return _Grads(
+        dx=torch.empty((m, d_in), dtype=run.dtype, device=dev) if need_dx else None,
+        dweight=torch.empty((d_out, d_in), dtype=weight.dtype, device=dev) if need_dw else None,
+        dbias=torch.empty((d_out,), dtype=f32, device=dev) if need_dbias else None,
+        dlora_a=torch.empty((r, d_in), dtype=f32, device=dev) if need_da else None,
+        dlora_b=torch.empty((d_out, r), dtype=f32, device=dev) if need_db else None,
+        d_c=d_c,
+        d_st=torch.empty((m, r), dtype=f32, device=dev) if need_dt else None,
+    )
 
-    with _device_guard(x2d):
-        if m > 0 and need_dt:
-            cfg = _row_block(_config("dy", dtype, block_r), m, dev)
-            _cflora_dy_pass_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-                grad_y2d,
-                lora_b,
-                c_arg,
-                s,
-                d_st,
-                d_c if shared_c and need_dc else dummy,
-                m,
-                d_out,
-                r,
-                grad_y2d.stride(0),
-                grad_y2d.stride(1),
-                lora_b.stride(0),
-                lora_b.stride(1),
-                c_strides[1],
-                c_strides[2],
-                s.stride(0),
-                s.stride(1),
-                d_st.stride(0),
-                d_st.stride(1),
-                float(scale),
-                SHARED_C=shared_c,
-                NEED_DS=need_ds,
-                NEED_DC=need_dc,
-                UPCAST=upcast,
-                PRECISION=precision,
-                BLOCK_R=block_r,
-                **cfg,
-            )
-            if per_sample_c:
-                cfg = _interact_block_m(_config("interact", dtype, block_r), rows_per_sample)
-                # big r: the dC accumulator and C do not fit in registers together (sm_80 spilled 7 KB at
-                # r = 128): dC first (it reads dT), then dS (overwrites dT in place), as two launches
-                big = _big_interaction(dtype, block_r)
-                passes = [(False, need_dc), (need_ds, False)] if big else [(need_ds, need_dc)]
-                for pass_ds, pass_dc in passes:
-                    if not (pass_ds or pass_dc):
-                        continue
-                    _cflora_interact_bwd_kernel[(groups,)](
-                        d_st,
-                        s,
-                        interaction,
-                        d_c if pass_dc else dummy,
-                        rows_per_sample,
-                        r,
-                        d_st.stride(0),
-                        d_st.stride(1),
-                        s.stride(0),
-                        s.stride(1),
-                        *c_strides,
-                        NEED_DS=pass_ds,
-                        NEED_DC=pass_dc,
-                        UPCAST=upcast,
-                        PRECISION=precision,
-                        BLOCK_R=block_r,
-                        **cfg,
-                    )
 
-        if need_db or need_dbias:
-            _rank_grad(
-                grad_y2d,
-                t,
-                dlora_b if need_db else None,
-                dbias if need_dbias else None,
-                float(scale),
-                False,
-                key,
-                threshold,
-                upcast,
-                precision,
-                block_r,
-                dummy,
-            )
-        if need_da:
-            # dAᵀ = drop(x)ᵀ dS / (1 - p): (d_in, r), stored into the transposed view of dA
-            _rank_grad(
-                x2d,
-                d_st,
-                dlora_a.T,
-                None,
-                keep_scale,
-                dropout,
-                key,
-                threshold,
-                upcast,
-                precision,
-                block_r,
-                dummy,
-            )
+def _fuse_db(m: int, d_out: int, r: int, block_m: int, block_r: int, elt: int) -> bool:
+    """Compute dB (and db) in the dY pass when its per-row-block fp32 partials (written, then read by the
+    reduction: 8·r bytes per row block and column) cost less than the second read of dY they replace
+    (elt bytes per row and column), and the rank fits the fused tile's registers (the compile gate: 16-bit
+    up to BLOCK_R 32; fp32's 3xTF32 hi/lo halves spilled 236 B/thread at 32). Under the interpreter always
+    (its small blocks would never pass the first test, and the fused kernel is what it must check)."""
+    if triton_interpreting():
+        return True
+    return block_r <= (32 if elt == 2 else 16) and 8 * r * triton.cdiv(m, block_m) * d_out < elt * m * d_out
 
-        if m > 0 and need_dx:
-            cfg = _unaligned_k(_config("gemm", dtype, block_r), d_out, grad_y2d.stride(0), weight.stride(0))
-            grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
-            _cflora_dx_kernel[grid](
-                grad_y2d,
-                weight,
-                d_st,
-                lora_a,
-                dx,
-                m,
-                d_in,
-                d_out,
-                r,
-                grad_y2d.stride(0),
-                grad_y2d.stride(1),
-                weight.stride(0),
-                weight.stride(1),
-                d_st.stride(0),
-                d_st.stride(1),
-                lora_a.stride(0),
-                lora_a.stride(1),
-                dx.stride(0),
-                dx.stride(1),
-                key,
-                threshold,
-                keep_scale,
-                DROPOUT=dropout,
-                UPCAST=upcast,
-                PRECISION=precision,
-                BLOCK_R=block_r,
-                **cfg,
-            )
 
-        if need_dw:
-            if m == 0:
-                dweight.zero_()
-            else:
-                cfg = _unaligned_k(_config("dw", dtype, block_r), m, grad_y2d.stride(0), x2d.stride(0))
-                grid = (triton.cdiv(d_out, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
-                _matmul_kernel[grid](
-                    grad_y2d,
-                    x2d,
-                    dweight,
-                    d_out,
-                    d_in,
-                    m,
-                    grad_y2d.stride(1),
-                    grad_y2d.stride(0),
-                    x2d.stride(0),
-                    x2d.stride(1),
-                    dweight.stride(0),
-                    dweight.stride(1),
-                    UPCAST=upcast,
-                    PRECISION=precision,
-                    **cfg,
-                )
+def _fused_dy_config(run: _Run, grad_y) -> dict:
+    """The fused dY pass's tile: tall row blocks (few dB partials), cut to the rows there are; 16-bit without
+    %16 hints (d = 1000) 128 rows (the compile gate: 255 registers and 96 B of spills at 256 rows on sm_90a).
+    fp32 (3xTF32 hi/lo halves) keeps 64 rows: 128 spilled 32-40 B on sm_90a and 84 B on sm_80."""
+    m, d_out = grad_y.shape
+    cfg = _config("dy_fused", run.dtype, run.block_r)
+    if run.dtype != torch.float32:
+        cfg = _unaligned(cfg, {"BLOCK_M": 128}, d_out, grad_y.stride(0))
+    cfg["BLOCK_M"] = max(_MIN_BLOCK_M, min(cfg["BLOCK_M"], triton.next_power_of_2(max(m, 1))))
+    return cfg
 
-    if d_c is not None:
-        d_c = d_c[0] if interaction.dim() == 2 else d_c
-        d_c = d_c.to(interaction.dtype)
-    return (
+
+def _col_splits(n_row_blocks: int, n_col_blocks: int, device: torch.device) -> int:
+    """Column splits of the fused dY pass: enough programs to cover the SMs (its row blocks are tall, so
+    few), at most one per column block. The interpreter takes 2 to exercise the dT partial path."""
+    if triton_interpreting():
+        return min(2, n_col_blocks)
+    return max(1, min(triton.cdiv(_sms(device), n_row_blocks), n_col_blocks))
+
+
+class _DyPlan(NamedTuple):
+    """How one dY pass runs: its config, the column splits, and where dT and the dB / db partials go."""
+
+    cfg: dict
+    splits: int
+    cols_per_split: int
+    epilogue: bool  # dT finished in the dY pass (dT only, one split) rather than by the finish kernel
+    dt_out: Optional[torch.Tensor]  # (splits, M, r) fp32 partials; d_st itself (unsqueezed) with epilogue
+    db_part: Optional[torch.Tensor]  # (row blocks, d_out, r) fp32 when dB is fused
+    dbias_part: Optional[torch.Tensor]  # (row blocks, d_out) fp32 when db is fused
+
+
+def _dy_pass(run: _Run, grad_y, lora_b, t, s, g: _Grads, scale: float, need_ds: bool) -> None:
+    """The dY pass: dT into g.d_st (dS for a shared C, with dC), and dB / db fused into the same read of dY
+    when _fuse_db says so; otherwise dB / db by _rank_grad (a second read of dY)."""
+    m, d_out = grad_y.shape
+    want_db = g.dlora_b is not None or g.dbias is not None
+    fused_cfg = _fused_dy_config(run, grad_y)
+    elt = grad_y.element_size()
+    fuse = want_db and m > 0 and _fuse_db(m, d_out, t.shape[1], fused_cfg["BLOCK_M"], run.block_r, elt)
+    if want_db and not fuse:
+        _rank_grad(grad_y, t, g.dlora_b, g.dbias, float(scale), False, run)
+    if m == 0 or not (g.d_st is not None or fuse):
+        return
+    plan = _plan_dy_pass(run, m, d_out, t.shape[1], g, fused_cfg if fuse else None)
+    _launch_dy_pass(run, plan, grad_y, lora_b, t, s, g, scale, need_ds)
+    if plan.dt_out is not None and not plan.epilogue:
+        _launch_dt_finish(run, plan.dt_out, s, g, need_ds)
+    for part, buf in ((plan.db_part, g.dlora_b), (plan.dbias_part, g.dbias)):
+        if part is not None:
+            _partial_sum(part, buf, run)
+
+
+def _plan_dy_pass(run: _Run, m: int, d_out: int, r: int, g: _Grads, fused_cfg: Optional[dict]) -> _DyPlan:
+    """Fused (fused_cfg given): tall row blocks, never cut (each one more costs a dB partial), column splits
+    to fill the SMs, dT partials per split summed by the finish kernel (the in-kernel epilogue on top of the
+    fused tile spilled 360-600 B/thread in fp32). dT only: today's row blocks, cut by _row_block to fill the
+    SMs, one split, dT finished in the kernel."""
+    if fused_cfg is not None:
+        cfg = fused_cfg
+        n_rb = triton.cdiv(m, cfg["BLOCK_M"])
+        splits = _col_splits(n_rb, triton.cdiv(d_out, cfg["BLOCK_N"]), run.device)
+    else:
+        cfg = _row_block(_config("dy", run.dtype, run.block_r), m, run.device)
+        n_rb, splits = triton.cdiv(m, cfg["BLOCK_M"]), 1
+    cols_per_split = triton.cdiv(triton.cdiv(d_out, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    splits = triton.cdiv(d_out, cols_per_split)
+    f32, dev, fuse = torch.float32, run.device, fused_cfg is not None
+    dt_out = None
+    if g.d_st is not None:  # the epilogue finishes dT in the kernel, into d_st itself
+        dt_out = torch.empty((splits, m, r), dtype=f32, device=dev) if fuse else g.d_st.unsqueeze(0)
+    return _DyPlan(
+        cfg=cfg,
+        splits=splits,
+        cols_per_split=cols_per_split,
+        epilogue=not fuse,
+        dt_out=dt_out,
+        db_part=torch.empty((n_rb, d_out, r), dtype=f32, device=dev)
+        if fuse and g.dlora_b is not None
+        else None,
+        dbias_part=torch.empty((n_rb, d_out), dtype=f32, device=dev)
+        if fuse and g.dbias is not None
+        else None,
+    )
+
+
+def _launch_dy_pass(run: _Run, plan: _DyPlan, grad_y, lora_b, t, s, g: _Grads, scale, need_ds) -> None:
+    """_cflora_dy_pass_kernel over (row blocks, column splits), as planned."""
+    m, d_out = grad_y.shape
+    dt_out, db_part, dbias_part, cfg = plan.dt_out, plan.db_part, plan.dbias_part, plan.cfg
+    need_dt = dt_out is not None
+    _cflora_dy_pass_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), plan.splits)](
+        grad_y,
+        lora_b,
+        t,
+        run.c_arg,
+        s,
+        dt_out if need_dt else run.dummy,
+        g.d_c if run.shared_c and g.d_c is not None else run.dummy,
+        db_part if db_part is not None else run.dummy,
+        dbias_part if dbias_part is not None else run.dummy,
+        m,
+        d_out,
+        t.shape[1],
+        plan.cols_per_split,
+        grad_y.stride(0),
+        grad_y.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        t.stride(0),
+        t.stride(1),
+        run.c_strides[1],
+        run.c_strides[2],
+        s.stride(0),
+        s.stride(1),
+        *(dt_out.stride() if need_dt else (0, 0, 0)),
+        float(scale),
+        NEED_DT=need_dt,
+        NEED_DB=db_part is not None,
+        NEED_DBIAS=dbias_part is not None,
+        EPILOGUE=plan.epilogue,
+        SHARED_C=run.shared_c,
+        NEED_DS=need_ds,
+        NEED_DC=g.d_c is not None,
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        BLOCK_R=run.block_r,
+        **cfg,
+    )
+
+
+def _launch_dt_finish(run: _Run, dt_part, s, g: _Grads, need_ds: bool) -> None:
+    """dT = Σ of the column-split partials (splits, M, r), then the epilogue, into g.d_st."""
+    splits, m, r = dt_part.shape
+    cfg = _config("dt_finish", run.dtype, run.block_r)
+    _cflora_dt_finish_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+        dt_part,
+        run.c_arg,
+        s,
+        g.d_st,
+        g.d_c if run.shared_c and g.d_c is not None else run.dummy,
+        m,
+        r,
+        splits,
+        run.c_strides[1],
+        run.c_strides[2],
+        s.stride(0),
+        s.stride(1),
+        g.d_st.stride(0),
+        g.d_st.stride(1),
+        SHARED_C=run.shared_c,
+        NEED_DS=need_ds,
+        NEED_DC=g.d_c is not None,
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        BLOCK_R=run.block_r,
+        **cfg,
+    )
+
+
+def _launch_interact_bwd(run: _Run, g: _Grads, s, interaction, rows_per_sample: int, need_ds: bool) -> None:
+    """Per-sample C: dS = dT C[g] in place in g.d_st and dC[g] = Σ dTᵀ S, one program per sample."""
+    cfg = _interact_block_m(_config("interact", run.dtype, run.block_r), rows_per_sample)
+    # big r: the dC accumulator and C do not fit in registers together (sm_80 spilled 7 KB at r = 128):
+    # dC first (it reads dT), then dS (overwrites dT in place), as two launches
+    need_dc = g.d_c is not None
+    passes = (
+        [(False, need_dc), (need_ds, False)]
+        if _big_interaction(run.dtype, run.block_r)
+        else [(need_ds, need_dc)]
+    )
+    for pass_ds, pass_dc in passes:
+        if not (pass_ds or pass_dc):
+            continue
+        _cflora_interact_bwd_kernel[(run.groups,)](
+            g.d_st,
+            s,
+            interaction,
+            g.d_c if pass_dc else run.dummy,
+            rows_per_sample,
+            s.shape[1],
+            g.d_st.stride(0),
+            g.d_st.stride(1),
+            s.stride(0),
+            s.stride(1),
+            *run.c_strides,
+            NEED_DS=pass_ds,
+            NEED_DC=pass_dc,
+            UPCAST=run.upcast,
+            PRECISION=run.precision,
+            BLOCK_R=run.block_r,
+            **cfg,
+        )
+
+
+def _launch_dx(run: _Run, grad_y, weight, d_s, lora_a, dx) -> None:
+    """dx = dY W + drop'(dS A), one tiled GEMM."""
+    m, d_out = grad_y.shape
+    d_in = weight.shape[1]
+    cfg = _unaligned_k(_config("gemm", run.dtype, run.block_r), d_out, grad_y.stride(0), weight.stride(0))
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
+    _cflora_dx_kernel[grid](
+        grad_y,
+        weight,
+        d_s,
+        lora_a,
         dx,
+        m,
+        d_in,
+        d_out,
+        lora_a.shape[0],
+        grad_y.stride(0),
+        grad_y.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        d_s.stride(0),
+        d_s.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        dx.stride(0),
+        dx.stride(1),
+        run.key,
+        run.threshold,
+        run.keep_scale,
+        DROPOUT=run.dropout,
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        BLOCK_R=run.block_r,
+        **cfg,
+    )
+
+
+def _launch_dw(run: _Run, grad_y, x2d, dweight) -> None:
+    """dW = dYᵀ x (only when the base weight trains)."""
+    m, d_out = grad_y.shape
+    d_in = x2d.shape[1]
+    if m == 0:
+        dweight.zero_()
+        return
+    cfg = _unaligned_k(_config("dw", run.dtype, run.block_r), m, grad_y.stride(0), x2d.stride(0))
+    grid = (triton.cdiv(d_out, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
+    _matmul_kernel[grid](
+        grad_y,
+        x2d,
         dweight,
-        dbias.to(weight.dtype) if dbias is not None else None,
-        dlora_a.to(lora_a.dtype) if dlora_a is not None else None,
-        dlora_b.to(lora_b.dtype) if dlora_b is not None else None,
-        d_c,
+        d_out,
+        d_in,
+        m,
+        grad_y.stride(1),
+        grad_y.stride(0),
+        x2d.stride(0),
+        x2d.stride(1),
+        dweight.stride(0),
+        dweight.stride(1),
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        **cfg,
     )

@@ -1,16 +1,14 @@
 """The CFLoRA linear op: ``y = x Wᵀ + b + scale·((drop(x) Aᵀ) Cᵀ) Bᵀ`` with C = None, (r, r) or (B, r, r).
 
 This module owns the public op :func:`cflora_linear` (validation once for every backend, backend routing,
-seed drawing), its PyTorch autograd oracle :func:`cflora_linear_ref` (float64-capable), and the
-torch.library glue:
+seed drawing), its PyTorch autograd oracle :func:`cflora_linear_ref` (float64-capable), the backend table
+(one entry per backend, Triton's with its ``supports`` limits) and the registration of the fused ops:
 
 - the C++ ops ``rellax_fast::cflora_fwd`` / ``cflora_bwd`` (schemas and CPU/CUDA kernels in
-  ``csrc/cflora.cpp`` and ``csrc/cflora_cuda.cu``) get their fake implementations and autograd here, in
-  :func:`_register_ext`;
-- the Triton path is wrapped as the Python custom ops ``rellax_fast::cflora_fwd_triton`` /
-  ``cflora_bwd_triton`` around the launchers of ``rellax_fast.kernels.cflora`` (imported lazily, only
-  when the triton backend runs).
-
+  ``csrc/cflora.cpp`` and ``csrc/cflora_cuda.cu``) get their fake implementations and autograd (from
+  :mod:`rellax_fast.ops._cflora_autograd`, shared by every fused op) in :func:`_register_ext`;
+- the Triton path, the Python custom ops ``rellax_fast::cflora_fwd_triton`` / ``cflora_bwd_triton`` around
+  the launchers of ``rellax_fast.kernels.cflora``, lives in :mod:`rellax_fast.ops._cflora_triton`;
 - a dropout seed given as a tensor (what torch.compile needs: see :func:`cflora_linear`) goes through the
   Python custom ops ``rellax_fast::cflora_fwd_tensor_seed`` / ``cflora_bwd_tensor_seed``, opaque to the
   compiler, which read the seed with ``.item()`` inside their implementation and call the backend's op.
@@ -26,15 +24,14 @@ and every backend follows them (the autocast cast happens here, before any backe
 
 from __future__ import annotations
 
-import math
 import numbers
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .._kernel_common import CFLORA_TRITON_DTYPES, CFLORA_TRITON_MAX_RANK
-from . import _backend, _registry
+from . import _backend, _cflora_triton, _registry
+from ._cflora_autograd import bwd_fake, fwd_fake, fwd_setup_context, make_fwd_backward
 from ._registry import ext_op
 from .dropout import SeedLike, seeded_dropout_ref
 
@@ -91,6 +88,13 @@ def _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, se
         raise ValueError(
             f"cflora_linear: lora_b must have shape (d_out={d_out}, r={r}); got {tuple(lora_b.shape)}"
         )
+    rows_per_sample = _validate_interaction(x, interaction, r)
+    _validate_scalars(scale, dropout_p, seed)
+    return rows_per_sample
+
+
+def _validate_interaction(x, interaction, r: int) -> int:
+    """Check C's shape against r and x; return rows_per_sample (the x rows that share one C[b])."""
     rows_per_sample = 1
     if interaction is not None:
         if interaction.dim() == 2:
@@ -121,6 +125,11 @@ def _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, se
                 f"cflora_linear: interaction must be None, (r, r) or (B, r, r) with r={r}; "
                 f"got {tuple(interaction.shape)}"
             )
+    return rows_per_sample
+
+
+def _validate_scalars(scale, dropout_p, seed) -> None:
+    """Check scale, dropout_p and the seed (an int, a one-integer tensor or None)."""
     if (
         isinstance(dropout_p, bool)
         or not isinstance(dropout_p, numbers.Real)
@@ -141,7 +150,6 @@ def _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, se
         )
     elif seed is not None and not (-(2**63) <= seed < 2**63):  # no int(seed): it would specialise a SymInt
         raise ValueError(f"cflora_linear: seed must fit in int64; got {seed}")
-    return rows_per_sample
 
 
 _SEED_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -330,96 +338,8 @@ def cflora_linear(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# torch.library glue shared by the C++ and Triton ops
+# the C++ ops' fakes and autograd (registered once _C is loaded)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _fwd_fake(
-    x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed, *backend
-):
-    m, r, d_out = x.shape[0], lora_a.shape[0], weight.shape[0]
-    return x.new_empty(m, d_out), x.new_empty(m, r), x.new_empty(m, r)
-
-
-def _bwd_fake(
-    grad_y,
-    x,
-    weight,
-    lora_a,
-    lora_b,
-    interaction,
-    s,
-    t,
-    rows_per_sample,
-    scale,
-    dropout_p,
-    seed,
-    needs_grad,
-    *backend,
-):
-    shapes = (
-        x.shape,
-        weight.shape,
-        weight.shape[:1],
-        lora_a.shape,
-        lora_b.shape,
-        None if interaction is None else interaction.shape,
-    )
-    return tuple(
-        x.new_empty(shape) if (need and shape is not None) else x.new_empty(0)
-        for need, shape in zip(needs_grad, shapes)
-    )
-
-
-def _fwd_setup_context(ctx, inputs, output):
-    # inputs: the 10 arguments of cflora_fwd (int seed), or those with a tensor seed plus the backend name
-    x, weight, bias, lora_a, lora_b, interaction, rows_per_sample, scale, dropout_p, seed = inputs[:10]
-    _, s, t = output
-    ctx.n_inputs = len(inputs)
-    ctx.tensor_seed = isinstance(seed, Tensor)
-    if ctx.tensor_seed:
-        ctx.save_for_backward(x, weight, lora_a, lora_b, interaction, s, t, seed)
-        ctx.hyper = (rows_per_sample, scale, dropout_p, None)
-        ctx.backend = inputs[10]
-    else:
-        ctx.save_for_backward(x, weight, lora_a, lora_b, interaction, s, t)
-        ctx.hyper = (rows_per_sample, scale, dropout_p, seed)
-    ctx.has_bias = bias is not None
-    ctx.mark_non_differentiable(s, t)
-
-
-def _make_fwd_backward(bwd_op):
-    def _backward(ctx, grad_y, grad_s, grad_t):
-        x, weight, lora_a, lora_b, interaction, s, t = ctx.saved_tensors[:7]
-        rows_per_sample, scale, dropout_p, seed = ctx.hyper
-        extra = ()
-        if ctx.tensor_seed:
-            seed, extra = ctx.saved_tensors[7], (ctx.backend,)
-        need = list(ctx.needs_input_grad[:6])
-        need[2] = need[2] and ctx.has_bias
-        need[5] = need[5] and interaction is not None
-        if not any(need):
-            return (None,) * ctx.n_inputs
-        grads = bwd_op(
-            grad_y.contiguous(),
-            x,
-            weight,
-            lora_a,
-            lora_b,
-            interaction,
-            s,
-            t,
-            rows_per_sample,
-            scale,
-            dropout_p,
-            seed,
-            need,
-            *extra,
-        )
-        out = [g if n else None for g, n in zip(grads, need)]
-        return (*out, *([None] * (ctx.n_inputs - 6)))
-
-    return _backward
 
 
 _ext_registered = False
@@ -431,175 +351,13 @@ def _register_ext() -> None:
     if _ext_registered:
         return
     _ext_registered = True
-    torch.library.register_fake("rellax_fast::cflora_fwd")(_fwd_fake)
-    torch.library.register_fake("rellax_fast::cflora_bwd")(_bwd_fake)
+    torch.library.register_fake("rellax_fast::cflora_fwd")(fwd_fake)
+    torch.library.register_fake("rellax_fast::cflora_bwd")(bwd_fake)
     torch.library.register_autograd(
         "rellax_fast::cflora_fwd",
-        _make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd(*a)),
-        setup_context=_fwd_setup_context,
+        make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd(*a)),
+        setup_context=fwd_setup_context,
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Triton path: Python custom ops around rellax_fast.kernels.cflora (imported lazily)
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _triton_kernels():
-    try:
-        from rellax_fast.kernels import cflora as kernels_cflora
-    except ImportError as exc:
-        raise _backend.BackendUnavailableError(
-            f"cflora_linear: the triton backend needs rellax_fast.kernels.cflora, which failed to import: {exc}"
-        ) from exc
-    for name in ("cflora_fwd", "cflora_bwd"):
-        if not hasattr(kernels_cflora, name):
-            raise _backend.BackendUnavailableError(
-                f"cflora_linear: rellax_fast.kernels.cflora has no launcher {name}() (triton backend incomplete)"
-            )
-    return kernels_cflora
-
-
-@torch.library.custom_op("rellax_fast::cflora_fwd_triton", mutates_args=())
-def _cflora_fwd_triton(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_a: Tensor,
-    lora_b: Tensor,
-    interaction: Optional[Tensor],
-    rows_per_sample: int,
-    scale: float,
-    dropout_p: float,
-    seed: int,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    nonfinite_scale = not math.isfinite(scale)
-    y, s, t = _triton_kernels().cflora_fwd(
-        x.contiguous(),
-        weight.contiguous(),
-        None if bias is None else bias.contiguous(),
-        lora_a.contiguous(),
-        lora_b.contiguous(),
-        None if interaction is None else interaction.contiguous(),
-        rows_per_sample,
-        1.0 if nonfinite_scale else scale,
-        dropout_p,
-        seed,
-    )
-    if nonfinite_scale:
-        # the fused GEMM folds scale into T before the r-sum, which for ±Inf/NaN gives other NaN/Inf than the
-        # op's semantics (scale times the finished T Bᵀ); this degenerate case takes an unfused epilogue
-        y = torch.nn.functional.linear(x, weight, bias) + scale * (t @ lora_b.T)
-    if t is s or t.untyped_storage().data_ptr() == s.untyped_storage().data_ptr():
-        t = t.clone()  # a custom op's outputs may not alias each other (C = None gives T = S)
-    return y, s, t
-
-
-@torch.library.custom_op("rellax_fast::cflora_bwd_triton", mutates_args=())
-def _cflora_bwd_triton(
-    grad_y: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    interaction: Optional[Tensor],
-    s: Tensor,
-    t: Tensor,
-    rows_per_sample: int,
-    scale: float,
-    dropout_p: float,
-    seed: int,
-    needs_grad: Sequence[bool],
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if math.isfinite(scale):
-        grads = _triton_kernels().cflora_bwd(
-            grad_y.contiguous(),
-            x.contiguous(),
-            weight.contiguous(),
-            lora_a.contiguous(),
-            lora_b.contiguous(),
-            None if interaction is None else interaction.contiguous(),
-            s.contiguous(),
-            t.contiguous(),
-            rows_per_sample,
-            scale,
-            dropout_p,
-            seed,
-            list(needs_grad),
-        )
-    else:  # the fused kernels fold scale into B and T; ±Inf/NaN need dP = scale·dY first (see the forward)
-        grads = _unfused_backward(
-            grad_y,
-            x,
-            weight,
-            lora_a,
-            lora_b,
-            interaction,
-            s,
-            t,
-            rows_per_sample,
-            scale,
-            dropout_p,
-            seed,
-            needs_grad,
-        )
-    inputs = {id(v) for v in (grad_y, x, weight, lora_a, lora_b, interaction, s, t) if v is not None}
-    out: List[Tensor] = []
-    for g, need in zip(grads, needs_grad):
-        if g is None or not need:
-            out.append(x.new_empty(0))
-        elif id(g) in inputs:
-            out.append(g.clone())  # outputs may not alias inputs
-        else:
-            out.append(g)
-    return tuple(out)
-
-
-def _unfused_backward(
-    grad_y, x, weight, lora_a, lora_b, interaction, s, t, rows_per_sample, scale, dropout_p, seed, needs_grad
-) -> List[Optional[Tensor]]:
-    """The backward in PyTorch ops, in the reference's order (dP = scale·dY first), for a non-finite scale."""
-    need_x, need_w, need_b, need_a, need_lb, need_c = needs_grad
-    grad_y = grad_y.to(x.dtype)
-    grad_p = grad_y * scale
-    grads: List[Optional[Tensor]] = [None] * 6
-    if need_lb:
-        grads[4] = grad_p.T @ t
-    if need_x or need_a or need_c:
-        d_t = grad_p @ lora_b
-        n, r = (interaction.shape[0] if interaction is not None else 1), lora_a.shape[0]
-        if interaction is None:
-            d_s = d_t
-        elif interaction.dim() == 2:
-            d_s = d_t @ interaction
-            if need_c:
-                grads[5] = d_t.T @ s
-        else:
-            d_s = torch.bmm(d_t.view(n, rows_per_sample, r), interaction).view(-1, r)
-            if need_c:
-                grads[5] = torch.bmm(
-                    d_t.view(n, rows_per_sample, r).transpose(1, 2), s.view(n, rows_per_sample, r)
-                )
-        if need_a:
-            grads[3] = d_s.T @ (seeded_dropout_ref(x, dropout_p, seed) if dropout_p > 0 else x)
-        if need_x:
-            lora = d_s @ lora_a
-            grads[0] = grad_y @ weight + (
-                seeded_dropout_ref(lora, dropout_p, seed) if dropout_p > 0 else lora
-            )
-    if need_w:
-        grads[1] = grad_y.T @ x
-    if need_b:
-        grads[2] = grad_y.sum(0)
-    return grads
-
-
-_cflora_fwd_triton.register_fake(_fwd_fake)
-_cflora_bwd_triton.register_fake(_bwd_fake)
-_cflora_fwd_triton.register_autograd(
-    _make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd_triton(*a)),
-    setup_context=_fwd_setup_context,
-)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -679,11 +437,11 @@ def _cflora_bwd_tensor_seed(
     )
 
 
-_cflora_fwd_tensor_seed.register_fake(_fwd_fake)
-_cflora_bwd_tensor_seed.register_fake(_bwd_fake)
+_cflora_fwd_tensor_seed.register_fake(fwd_fake)
+_cflora_bwd_tensor_seed.register_fake(bwd_fake)
 _cflora_fwd_tensor_seed.register_autograd(
-    _make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd_tensor_seed(*a)),
-    setup_context=_fwd_setup_context,
+    make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd_tensor_seed(*a)),
+    setup_context=fwd_setup_context,
 )
 
 
@@ -728,19 +486,6 @@ def _fused_impl(backend: str, kernel_ops: _KernelOps) -> Callable[..., Tensor]:
     return run
 
 
-_TRITON_DTYPES = tuple(getattr(torch, name) for name in CFLORA_TRITON_DTYPES)
-
-
-def _triton_supports(x: Tensor, lora_a: Tensor, **_call) -> Optional[str]:
-    """The Triton kernel's limits: one register tile per row block of S/T caps the rank; no float64."""
-    r = lora_a.shape[0]
-    if r > CFLORA_TRITON_MAX_RANK:
-        return f"rank r={r} exceeds the triton kernel's limit of {CFLORA_TRITON_MAX_RANK}"
-    if x.dtype not in _TRITON_DTYPES:
-        return f"the triton kernel runs {', '.join(CFLORA_TRITON_DTYPES)} only; got {x.dtype}"
-    return None
-
-
 # cpp and cuda share one schema; the dispatcher picks the CPU or CUDA kernel by device
 _EXT_OPS = _KernelOps(fwd=lambda: ext_op("cflora_fwd"), bwd=lambda: ext_op("cflora_bwd"))
 _TRITON_OPS = _KernelOps(
@@ -750,5 +495,7 @@ _TRITON_OPS = _KernelOps(
 _backend.register_impl(OP, "reference", _reference)
 _backend.register_impl(OP, "cpp", _fused_impl("cpp", _EXT_OPS))
 _backend.register_impl(OP, "cuda", _fused_impl("cuda", _EXT_OPS))
-_backend.register_impl(OP, "triton", _fused_impl("triton", _TRITON_OPS), supports=_triton_supports)
+_backend.register_impl(
+    OP, "triton", _fused_impl("triton", _TRITON_OPS), supports=_cflora_triton.triton_supports
+)
 _registry.register_ext_hook(_register_ext)

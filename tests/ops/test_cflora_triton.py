@@ -189,6 +189,83 @@ def test_backward_subsets_return_none_and_stay_correct(needs):
 
 
 # ----------------------------------------------------------------------------------------------------
+# the one pass over dY (#23): dT and dB / db from the same dY tiles, every path of it
+# ----------------------------------------------------------------------------------------------------
+def _spy_dy_structure(monkeypatch, k, grad_y):
+    """Record whether the dY pass fused dB / db, its column splits, and how many split-K rank_grad
+    launches re-read dY (their u is grad_y)."""
+    seen = {"fused_db": [], "splits": [], "dy_rank_grad": 0}
+    real_launch, real_rank_grad = k._launch_dy_pass, k._rank_grad
+
+    def launch(run, plan, *args):
+        seen["fused_db"].append(plan.db_part is not None or plan.dbias_part is not None)
+        seen["splits"].append(plan.splits)
+        return real_launch(run, plan, *args)
+
+    def rank_grad(u, *args):
+        seen["dy_rank_grad"] += u.data_ptr() == grad_y.data_ptr()
+        return real_rank_grad(u, *args)
+
+    monkeypatch.setattr(k, "_launch_dy_pass", launch)
+    monkeypatch.setattr(k, "_rank_grad", rank_grad)
+    return seen
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "dB_apart"])
+@pytest.mark.parametrize("d_out", [20, 100], ids=["one_split", "col_splits"])
+@pytest.mark.parametrize("c_kind", ["none", "shared", "per_sample"])
+@pytest.mark.parametrize("r", [1, 128])
+def test_dy_pass_dt_db_dbias_every_path(monkeypatch, fuse, d_out, c_kind, r):
+    """M = 39 rows (not a multiple of the 16-row block), r = 1 and 128, every C, dropout: with dB fused
+    into the dY pass (one or two column splits, whose dT partials the finish kernel sums) and with dB in
+    its own pass (_fuse_db False, the GPU's choice at r >= 64; the dY pass then finishes dT itself): every
+    gradient against the float64 oracle, and the structure asserted (dY read once for dT and dB when
+    fused)."""
+    k = _kernels()
+    dtype, n, tokens, scale, p, seed = torch.float32, 3, 13, 0.75, 0.1, 17
+    m = n * tokens
+    inputs = make_inputs(r, dtype, c_kind, True, m=m, d_out=d_out, n_samples=n)
+    grad_y = torch.randn(m, d_out, dtype=torch.float64).to(dtype)
+    *_, grads_ref = oracle_grads(inputs, grad_y, tokens, scale, p, seed)
+    y, s, t = k.cflora_fwd(*inputs, tokens, scale, p, seed)
+    if not fuse:
+        monkeypatch.setattr(k, "_fuse_db", lambda *a: False)
+    seen = _spy_dy_structure(monkeypatch, k, grad_y)
+    x, weight, bias, lora_a, lora_b, c = inputs
+    needs = [True, False, True, True, True, c is not None]
+    grads = k.cflora_bwd(grad_y, x, weight, lora_a, lora_b, c, s, t, tokens, scale, p, seed, needs)
+    assert seen["fused_db"] == [fuse]
+    # fused: the interpreter's 32-column blocks in 2 splits at most (one split: the finish kernel still
+    # sums and finishes dT); dT only: one split, finished in the dY pass (today's row kernel)
+    assert seen["splits"] == [2 if fuse and d_out > 32 else 1]
+    assert seen["dy_rank_grad"] == (0 if fuse else 1)
+    for name, need, got, want in zip(GRAD_NAMES, needs, grads, grads_ref):
+        if need and want is not None:
+            check(got, want, dtype, f"d{name}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("c_kind", ["none", "per_sample"])
+def test_fused_db_is_deterministic(c_kind):
+    """dB / db come from per-row-block partials summed in a fixed order (no atomics): two backwards give
+    the same bits. (A shared C's dC keeps its fp32 atomics: only its last bits may differ.)"""
+    k = _kernels()
+    dtype, r, scale = torch.bfloat16, 8, 0.5
+    inputs = make_inputs(r, dtype, c_kind, True, m=N_SAMPLES * 29, d_out=70)
+    grad_y = torch.randn(N_SAMPLES * 29, 70, dtype=torch.float64).to(dtype)
+    y, s, t = k.cflora_fwd(*inputs, 29, scale, 0.0, None)
+    x, weight, bias, lora_a, lora_b, c = inputs
+    needs = [True, False, True, True, True, c is not None]
+    first = k.cflora_bwd(grad_y, x, weight, lora_a, lora_b, c, s, t, 29, scale, 0.0, None, needs)
+    second = k.cflora_bwd(grad_y, x, weight, lora_a, lora_b, c, s, t, 29, scale, 0.0, None, needs)
+    for name, a, b in zip(GRAD_NAMES, first, second):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert torch.equal(a, b), f"d{name} differs between two identical backwards"
+
+
+# ----------------------------------------------------------------------------------------------------
 # poisoned buffers: every torch.empty output is NaN-filled; outputs must come back finite and right
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.triton

@@ -93,7 +93,8 @@ WGMMA_MIN_ROWS = 64
 # the constexpr holding each kernel's main dot's row count (the M of its tile); BLOCK_M where not listed
 TILE_ROWS = {"_cflora_rank_grad_kernel": "BLOCK_N"}  # dot(trans(u) (BLOCK_N, BLOCK_M), v)
 
-# kernels whose dots are GEMMs that must run on tensor cores (every cflora kernel has at least one dot)
+# kernels whose dots are GEMMs that must run on tensor cores; the dT finish kernel has dots only for a
+# shared C (dS = dT C, dC = dTᵀ S), else it only sums partials. The partial-sum reduction has no dot.
 TC_KERNELS = {
     "_cflora_shrink_kernel",
     "_cflora_fwd_gemm_kernel",
@@ -103,7 +104,14 @@ TC_KERNELS = {
     "_cflora_rank_grad_kernel",
     "_cflora_interact_fwd_kernel",
     "_cflora_interact_bwd_kernel",
+    "_cflora_dt_finish_kernel",
 }
+TC_ONLY_WITH = {"_cflora_dt_finish_kernel": "SHARED_C=True"}  # kernel -> the constexpr that gives it its dots
+
+
+def needs_tensor_cores(kernel_name, constexprs_text):
+    flag = TC_ONLY_WITH.get(kernel_name)
+    return kernel_name in TC_KERNELS and (flag is None or flag in constexprs_text.split())
 
 
 def _cflora():
@@ -118,6 +126,8 @@ def _cflora_kernels(k):
         k._cflora_interact_fwd_kernel,
         k._cflora_fwd_gemm_kernel,
         k._cflora_dy_pass_kernel,
+        k._cflora_dt_finish_kernel,
+        k._cflora_partial_sum_kernel,
         k._cflora_interact_bwd_kernel,
         k._cflora_rank_grad_kernel,
         k._cflora_dx_kernel,
@@ -371,7 +381,7 @@ def check_rows(rows):
         if row["spill_st"] > bound:
             failures.append(f"{what}: {row['spill_st']} B spill stores > bound {bound} B")
         name = "_" + row["kernel"] + "_kernel"
-        if name in TC_KERNELS:
+        if needs_tensor_cores(name, row["constexprs"]):
             if row["arch"] == "sm_90a" and tile_rows(name, row["constexprs"]) >= WGMMA_MIN_ROWS:
                 allowed = ("wgmma",)
             else:
@@ -487,7 +497,8 @@ def test_matrix_has_m8192_whose_row_kernels_use_32_row_blocks():
     """#23: M = 8192 was not in the matrix, so the 32-row blocks that _row_block picks there were never compiled."""
     items = [(label, dn, r, kw) for label, dn, r, kw in matrix() if "M=8192" in label]
     assert {(dn, r) for _, dn, r, _ in items} == {(dn, r) for dn in DTYPES for r in RANKS}
-    launches = capture_case(*items[0][1:])
+    # r = 64: dB keeps its own pass (_fuse_db), so the dY pass is the dT-only row kernel, cut to 32 rows
+    launches = capture_case(*next(it for it in items if it[2] == 64)[1:])
     blocks = {launch.name: launch.kwargs["BLOCK_M"] for launch in launches if "BLOCK_M" in launch.kwargs}
     assert blocks["_cflora_shrink_kernel"] == 32 and blocks["_cflora_dy_pass_kernel"] == 32
     # the fp32 (3xTF32) r = 64 shrink there spilled 16 B on sm_90a at 4 warps
@@ -551,6 +562,53 @@ def test_odd_size_gemm_does_not_spill_on_sm90a():
         assert res.tensor_cores == "wgmma", (launch.name, res)
 
 
+def test_fused_dy_pass_runs_both_dots_on_wgmma_without_spills():
+    """#23 section 3: at the headline shape the dY pass computes dT = dY B (a BLOCK_M-row dot) and the dB
+    partial dYᵀ T (a BLOCK_N-row dot) from one read of dY. On sm_90a both must be wgmma (no mma.sync
+    fallback hidden behind the other dot's wgmma), with no spills; the same at the odd size (d = 1000).
+    fp32 (3xTF32) fuses with 32-column steps, whose dB dot (32 rows) may use mma: there no spills and wgmma
+    for the dT dot only."""
+    import re
+
+    lora = dict(c_kind="per_sample", dropout_p=0.0, grads=LORA_GRADS)
+    cases = [
+        ("bf16", 16, dict(lora, n_samples=16, tokens=1024)),
+        ("bf16", 12, dict(lora, d_in=1000, d_out=1000, n_samples=37, tokens=29)),
+        ("fp32", 16, dict(lora, n_samples=16, tokens=1024)),
+        ("fp32", 12, dict(lora, dropout_p=0.1, d_in=1000, d_out=1000, n_samples=37, tokens=29)),
+    ]
+    for dn, r, kw in cases:
+        launch = next(la for la in capture_case(dn, r, kw) if la.name == "_cflora_dy_pass_kernel")
+        assert launch.kwargs["NEED_DB"] and launch.kwargs["NEED_DT"], (dn, r, "dB not fused")
+        assert launch.kwargs["BLOCK_M"] >= WGMMA_MIN_ROWS and launch.kwargs["BLOCK_N"] >= 32
+        compiled, res = aot.compile_launch(launch, 90)
+        ptx = compiled.asm["ptx"]
+        assert res.spill_stores == 0, (dn, r, res)
+        assert "wgmma.mma_async" in ptx, (dn, r, res)
+        if dn == "bf16":
+            assert not re.search(r"\bmma\.sync\.aligned", ptx), (dn, r, res)
+
+
+def test_finish_kernel_needs_tensor_cores_only_with_a_shared_c():
+    """The dT finish kernel sums the dY pass's column-split partials; only a shared C gives it dots."""
+    row = dict(
+        arch="sm_90a",
+        kernel="cflora_dt_finish",
+        dtype="bf16",
+        block_r=16,
+        constexprs="SHARED_C=False NEED_DS=True BLOCK_M=64",
+        spill_st=0,
+        smem=0,
+        smem_limit=aot.SMEM_LIMIT[90],
+        tc="-",
+    )
+    assert check_rows([row]) == []
+    assert check_rows([dict(row, constexprs="SHARED_C=True NEED_DS=True BLOCK_M=64")])
+    assert check_rows([dict(row, constexprs="SHARED_C=True NEED_DS=True BLOCK_M=64", tc="wgmma")]) == []
+    assert check_rows([dict(row, kernel="cflora_partial_sum", constexprs="BLOCK=512")]) == []
+    assert check_rows([dict(row, kernel="cflora_partial_sum", constexprs="BLOCK=512", spill_st=4)])
+
+
 def test_gate_fails_loudly_without_native_specialize_impl(monkeypatch):
     """#23: with a triton that lacks native_specialize_impl the gate skipped silently; it must fail, naming why."""
     import triton.runtime.jit as jit
@@ -598,8 +656,8 @@ def test_int64_pointer_offsets():
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
     launches = cflora_launches(
-        "bf16", 16, "per_sample", 0.1, ALL_GRADS, d_in=64, d_out=48, n_samples=4, tokens=16
-    )
+        "bf16", 16, "per_sample", 0.1, ALL_GRADS, d_in=64, d_out=192, n_samples=4, tokens=64
+    )  # M = 256, d_out = 192: dB fused, three column splits, the finish kernel runs
     seen = set()
     for launch in launches:
         if launch.name in seen:
