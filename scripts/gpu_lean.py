@@ -581,9 +581,9 @@ def kernel_flops(name: str, m: int, d: int, r: int) -> Optional[float]:
         "_cflora_shrink_kernel": 2 * m * d * r,
         "_cflora_interact_fwd_kernel": 2 * m * r * r,
         "_cflora_fwd_gemm_kernel": 2 * m * d * (d + r),
-        "_cflora_dy_pass_kernel": 2 * m * d * r,
+        "_cflora_dy_pass_kernel": 4 * m * d * r,  # dT and dB in one pass over dY (r <= 32 in 16-bit)
         "_cflora_interact_bwd_kernel": 4 * m * r * r,
-        "_cflora_rank_grad_kernel": 4 * m * d * r,
+        "_cflora_rank_grad_kernel": 2 * m * d * r,  # dA only, when dB is fused
         "_cflora_dx_kernel": 2 * m * d * (d + r),
     }
     return next((float(v) for k, v in model.items() if k in name), None)
