@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 SAMPLES = 16  # B for the per-sample interaction
@@ -51,24 +50,11 @@ def _flops(m: int, d: int, r: int, per_sample: bool) -> Dict[str, Dict[str, floa
 
 
 def _time_once(fn: Callable[[], object], device, before: Optional[Callable[[], object]] = None) -> float:
-    """Wall time of one ``fn(arg)`` in ms (CUDA events on the GPU); ``before()`` runs untimed first and its
-    result is passed to ``fn``."""
-    import torch
-
+    """Wall time of one ``fn(arg)`` in ms (``report.time_once``: CUDA events on the GPU); ``before()`` runs untimed
+    first and its result is passed to ``fn``."""
     from . import report
 
-    arg = before() if before is not None else None
-    report.sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(arg)
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn(arg)
-    return (time.perf_counter() - t0) * 1e3
+    return report.time_once(fn, device, (before() if before is not None else None,))
 
 
 def _floor(x, w, b, a, lb, c, scale):

@@ -75,9 +75,8 @@ def interleaved_ms(
     timed rounds that each run every call once, in an order rotated every round. On a machine whose load
     drifts (a shared CPU), every call sees the same conditions, so their ratios stay meaningful."""
     import statistics
-    import time
 
-    from .report import sync
+    from .report import time_once
 
     names = list(calls)
     for _ in range(warmup):
@@ -86,9 +85,5 @@ def interleaved_ms(
     times: Dict[str, list] = {name: [] for name in names}
     for i in range(repeat):
         for name in names[i % len(names) :] + names[: i % len(names)]:
-            sync(device)
-            t0 = time.perf_counter()
-            calls[name]()
-            sync(device)
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(time_once(calls[name], device, cuda_events=False))
     return {name: statistics.median(t) for name, t in times.items()}

@@ -44,6 +44,25 @@ def flush_l2(device: torch.device) -> None:
     buf.zero_()
 
 
+def time_once(
+    fn: Callable[..., object], device: torch.device, args: tuple = (), cuda_events: bool = True
+) -> float:
+    """Milliseconds of one ``fn(*args)``, started after a synchronize: on a GPU timed by CUDA events, or with
+    ``cuda_events=False`` by the host clock up to a synchronize; ``time.perf_counter`` on the CPU."""
+    sync(device)
+    if device.type == "cuda" and cuda_events:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(*args)
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn(*args)
+    sync(device)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def time_ms(
     fn: Callable[..., object],
     device: torch.device,
@@ -60,7 +79,7 @@ def time_ms(
     ``fn(before())`` (e.g. the forward that builds the graph a timed backward needs). ``l2_flush``: on a GPU, the
     L2 cache is overwritten before every timed call. Every timed call starts after a synchronize; on a GPU it is
     timed by CUDA events, or with ``cuda_events=False`` by the host clock up to a synchronize (what
-    pytest-benchmark's fixture sees, so that a baseline timed so compares fairly with it)."""
+    pytest-benchmark's fixture sees, so that a baseline timed so compares fairly with it): :func:`time_once`."""
     call = fn if before is None else (lambda: fn(before()))
     for _ in range(warmup):
         call()
@@ -69,19 +88,7 @@ def time_ms(
         args = () if before is None else (before(),)
         if l2_flush:
             flush_l2(device)
-        sync(device)
-        if device.type == "cuda" and cuda_events:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*args)
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn(*args)
-            sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(time_once(fn, device, args, cuda_events))
     return statistics.median(times)
 
 
