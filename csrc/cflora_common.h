@@ -218,7 +218,7 @@ at::Tensor cflora_grad_x(const at::Tensor& grad_y, const at::Tensor& weight, con
   return dx;
 }
 
-// The backward (DESIGN.md): dT = dY (scale·B), dB = dYᵀ (scale·T), dC, dS = dT C, dA = dSᵀ drop(x),
+// The backward (docs/architecture.md, op contracts): dT = dY (scale·B), dB = dYᵀ (scale·T), dC, dS = dT C, dA = dSᵀ drop(x),
 // dx = dY W + drop'(dS A), dW = dYᵀ x, db = Σ_m dY; only the gradients in needs_grad (x, W, b, A, B, C) are
 // computed, the others are empty. Checks the arguments for Kernels::kDevice, makes inputs contiguous once.
 template <class Kernels>
