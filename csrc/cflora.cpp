@@ -3,10 +3,12 @@
 //   dropout              dst = src · keep(seed, m·d_in + k) / (1 - p), the shared hash of common.h
 //   interact_per_sample  T = S C_bᵀ as one batched GEMM; interaction_grad_per_sample likewise
 //   masked_rank_add      dx += drop'(dS A), row by row (the rank-r product in the op math type, rounded once)
-// With dropout_p = 0 no mask work happens at all. Autograd and fake kernels are registered in Python
-// (rellax_fast/ops/cflora.py).
+// With dropout_p = 0 no mask work happens at all. Fake kernels are registered in Python
+// (rellax_fast/ops/cflora.py); autograd is the Python autograd.Function that cflora_linear applies
+// (rellax_fast/ops/_cflora_autograd.py), with these two ops as its forward and backward.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -110,4 +112,14 @@ TORCH_LIBRARY_FRAGMENT(rellax_fast, m) {
 TORCH_LIBRARY_IMPL(rellax_fast, CPU, m) {
   m.impl("cflora_fwd", &rellax::cflora_fwd_sequence<rellax::CfloraCpuKernels>);
   m.impl("cflora_bwd", &rellax::cflora_bwd_sequence<rellax::CfloraCpuKernels>);
+}
+
+// The ops themselves are not differentiable: called directly on inputs that need gradients they record a
+// node that raises at backward ("derivative for rellax_fast::cflora_fwd is not implemented"), rather than
+// torch's default fallback, which would differentiate the CPU kernel's inner ATen calls with a warning. Under
+// no_grad (the autograd.Function's forward) this costs one C++ redispatch, where a Python register_autograd
+// wrapper cost about 50 us per call (rellax_fast/ops/_cflora_autograd.py).
+TORCH_LIBRARY_IMPL(rellax_fast, Autograd, m) {
+  m.impl("cflora_fwd", torch::autograd::autogradNotImplementedFallback());
+  m.impl("cflora_bwd", torch::autograd::autogradNotImplementedFallback());
 }

@@ -5,10 +5,21 @@ The C++ ops (``rellax_fast::cflora_fwd`` / ``cflora_bwd``), the Triton custom op
 schema shape, so they share these: a forward returns (y, S, T), autograd saves x, W, A, B, C, S and T
 (never a d_out-sized activation), and the backward op returns the six gradients, an empty tensor where
 one is not needed.
+
+The ops carry their autograd registration (``register_autograd``: opcheck, and anyone who calls an op
+directly), but :func:`rellax_fast.cflora_linear` goes through :func:`make_function`'s ``autograd.Function``
+instead: torch.library's per-call autograd wrapper re-fills the schema's defaults on every call
+(``torch._library.utils.fill_defaults``, quadratic in the argument count; pytorch/pytorch#176592), which cost
+about 50 us of host time per forward on our 10-argument schemas. Inside the Function's forward grad mode is
+off, so the op's own autograd wrapper takes its cheap no-grad path. The same ``fwd_setup_context`` and
+backward serve both routes.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
 from torch import Tensor
 
 
@@ -96,3 +107,21 @@ def make_fwd_backward(bwd_op):
         return (*out, *([None] * (ctx.n_inputs - 6)))
 
     return _backward
+
+
+def make_function(name: str, fwd_op: Callable[[], Callable], bwd_op: Callable[..., tuple]) -> type:
+    """An ``autograd.Function`` over a forward op (``fwd_op()`` returns it; ops load lazily) and its backward
+    (``bwd_op(*args)``), with the op registration's own setup_context and backward (see the module note)."""
+
+    # forward takes ctx (no separate setup_context): Function.apply binds a setup_context-style forward's
+    # arguments with inspect.signature on every call, which costs as much as the wrapper this replaces
+    def forward(ctx, *inputs):
+        output = fwd_op()(*inputs)
+        fwd_setup_context(ctx, inputs, output)
+        return output
+
+    return type(
+        name,
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(make_fwd_backward(bwd_op))},
+    )

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _cflora_triton, _registry
-from ._cflora_autograd import bwd_fake, fwd_fake, fwd_setup_context, make_fwd_backward
+from ._cflora_autograd import bwd_fake, fwd_fake, fwd_setup_context, make_function, make_fwd_backward
 from ._registry import ext_op
 from .dropout import SeedLike, seeded_dropout_ref
 
@@ -353,11 +353,6 @@ def _register_ext() -> None:
     _ext_registered = True
     torch.library.register_fake("rellax_fast::cflora_fwd")(fwd_fake)
     torch.library.register_fake("rellax_fast::cflora_bwd")(bwd_fake)
-    torch.library.register_autograd(
-        "rellax_fast::cflora_fwd",
-        make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd(*a)),
-        setup_context=fwd_setup_context,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -443,6 +438,11 @@ _cflora_fwd_tensor_seed.register_autograd(
     make_fwd_backward(lambda *a: torch.ops.rellax_fast.cflora_bwd_tensor_seed(*a)),
     setup_context=fwd_setup_context,
 )
+_TensorSeedFunction = make_function(
+    "CFLoRA_tensor_seed",
+    lambda: torch.ops.rellax_fast.cflora_fwd_tensor_seed,
+    lambda *a: torch.ops.rellax_fast.cflora_bwd_tensor_seed(*a),
+)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -477,11 +477,12 @@ def _fused_impl(backend: str, kernel_ops: _KernelOps) -> Callable[..., Tensor]:
             dropout_p,
         )
         if isinstance(seed, Tensor):
-            y2d, _, _ = torch.ops.rellax_fast.cflora_fwd_tensor_seed(*args, seed, backend)
+            y2d, _, _ = _TensorSeedFunction.apply(*args, seed, backend)
         else:
-            y2d, _, _ = kernel_ops.fwd()(*args, int(seed))
+            y2d, _, _ = function.apply(*args, int(seed))
         return y2d.view(*x.shape[:-1], d_out)
 
+    function = make_function(f"CFLoRA_{backend}", kernel_ops.fwd, lambda *a: kernel_ops.bwd()(*a))
     run.kernel_ops = kernel_ops
     return run
 

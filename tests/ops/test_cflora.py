@@ -287,7 +287,10 @@ def test_opcheck_fwd_and_bwd(c_kind, bias, p):
 
     ensure_ext_registered()
     args = _fwd_args(c_kind, bias, p)
-    torch.library.opcheck(torch.ops.rellax_fast.cflora_fwd.default, args)
+    # the C++ ops are the kernels of cflora_linear's autograd.Function, not differentiable themselves
+    # (test_raw_ext_op_refuses_to_differentiate): checked on inputs that need no gradient
+    detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.rellax_fast.cflora_fwd.default, detached)
     with torch.no_grad():
         y, s, t = torch.ops.rellax_fast.cflora_fwd(*args)
     x, w, _, a, lb, c = args[:6]
@@ -307,6 +310,18 @@ def test_opcheck_fwd_and_bwd(c_kind, bias, p):
         [True, True, bias, True, True, c is not None],
     )
     torch.library.opcheck(torch.ops.rellax_fast.cflora_bwd.default, bwd_args)
+
+
+def test_raw_ext_op_refuses_to_differentiate():
+    """Called directly on inputs that need gradients, the C++ forward raises at backward (its Autograd kernel
+    is torch's not-implemented node) instead of differentiating the CPU kernel's inner ATen calls; the
+    differentiable entry is cflora_linear, whose gradients match the reference (test_gradcheck_float64)."""
+    from rellax_fast.ops._registry import ensure_ext_registered
+
+    ensure_ext_registered()
+    y, _, _ = torch.ops.rellax_fast.cflora_fwd(*_fwd_args("per", True, 0.0))
+    with pytest.raises(RuntimeError, match="derivative for rellax_fast::cflora_fwd is not implemented"):
+        y.sum().backward()
 
 
 class _CFLoRAModule(torch.nn.Module):
