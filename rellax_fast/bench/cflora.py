@@ -25,9 +25,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 SAMPLES = 16  # B for the per-sample interaction
 
 SIZES = {
-    # (M, d) pairs x ranks x C kinds
-    "gpu": ([(m, d) for m in (4096, 16384) for d in (2048, 4096)], (8, 16, 64)),
-    "cpu": ([(512, 256), (2048, 512)], (8, 16)),
+    # (M, d) pairs x ranks x C kinds; M = 16 is one decode step of 16 samples, where the op's per-call host
+    # cost, not its arithmetic, sets the time (d = 576 is SmolLM2-135M's hidden size)
+    "gpu": ([(16, 4096)] + [(m, d) for m in (4096, 16384) for d in (2048, 4096)], (8, 16, 64)),
+    "cpu": ([(16, 576), (512, 256), (2048, 512)], (8, 16)),
     "tiny": ([(64, 48)], (4,)),
 }
 
