@@ -19,7 +19,7 @@ def test_host_cost_methods_agree():
     spec = importlib.util.spec_from_file_location("host_cost", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    methods = mod._methods("cpp", *mod._inputs(16, 24, 3, 8))
+    methods = mod._methods("cpp", *mod._inputs(16, 24, 3, 16))
     unfused, fused = methods.values()
     torch.testing.assert_close(fused(), unfused(), rtol=1e-4, atol=1e-4)
 
