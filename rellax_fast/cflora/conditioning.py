@@ -87,8 +87,9 @@ def begin_condition(model: nn.Module, cond: torch.Tensor) -> ConditionSlot:
 
 def end_condition(slot: ConditionSlot) -> None:
     """Leave the block :func:`begin_condition` entered; the layers keep its cond, inactive (for the
-    recomputation of gradient checkpointing only)."""
+    recomputation of gradient checkpointing only), and drop its cache of C."""
     slot.active = False
+    slot.interactions.clear()
 
 
 # ------------------------------------------------------------------------------------- gradient checkpointing

@@ -31,13 +31,21 @@ from .interaction import InteractionGenerator, build_interaction
 
 
 class ConditionSlot:
-    """The per-sample conditioning vectors (B, cond_dim) shared by the CFLoRA layers of one model."""
+    """The per-sample conditioning vectors (B, cond_dim) shared by the CFLoRA layers of one model.
 
-    __slots__ = ("cond", "active")
+    ``interactions`` caches each layer's C for forwards without autograd inside the block: ``generate()``
+    runs its whole generation in one block, so every decode step after the first reuses C instead of
+    running each layer's generator again (the generator's work per token is as large as the layer's own at
+    decode sizes). An entry holds until the generator's parameters or cond change in place (version
+    counters) or the batch differs; with autograd on, C is always recomputed, so its gradient flows.
+    """
+
+    __slots__ = ("cond", "active", "interactions")
 
     def __init__(self, cond: torch.Tensor):
         self.cond = cond
         self.active = True
+        self.interactions: dict = {}
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -235,6 +243,9 @@ class CFLoRALinear(nn.Module):
             return None
         if not gen.needs_cond:
             return gen()
+        cached = self._cached_interaction(gen, batch)
+        if cached is not None:
+            return cached
         c = gen(self._condition())
         n_cond = c.shape[0]
         if batch is not None and batch != n_cond:
@@ -245,7 +256,34 @@ class CFLoRALinear(nn.Module):
                     "num_beams / num_return_sequences repeats each sample consecutively)"
                 )
             c = c.repeat_interleave(batch // n_cond, dim=0)
+        self._store_interaction(gen, batch, c)
         return c
+
+    def _cache_key(self, gen: InteractionGenerator, params: tuple, batch: Optional[int]):
+        slot = self._cflora_slot
+        cond_version = None if slot.cond.is_inference() else slot.cond._version
+        return (gen, batch, cond_version, tuple(p._version for p in params))
+
+    def _cacheable_slot(self) -> Optional[ConditionSlot]:
+        """The active slot when this forward may use its C cache (no autograd, not traced), else None."""
+        slot = self._cflora_slot
+        if slot is None or not slot.active or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        return slot
+
+    def _cached_interaction(self, gen: InteractionGenerator, batch: Optional[int]) -> Optional[torch.Tensor]:
+        slot = self._cacheable_slot()
+        entry = slot.interactions.get(self) if slot is not None else None
+        if entry is None:
+            return None
+        params, key, c = entry
+        return c if self._cache_key(gen, params, batch) == key else None
+
+    def _store_interaction(self, gen: InteractionGenerator, batch: Optional[int], c: torch.Tensor) -> None:
+        slot = self._cacheable_slot()
+        if slot is not None:
+            params = tuple(gen.parameters())
+            slot.interactions[self] = (params, self._cache_key(gen, params, batch), c)
 
     def delta_weight(self) -> torch.Tensor:
         """s·B C A as (d_out, d_in) in float32 (shared C only)."""
