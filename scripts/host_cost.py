@@ -1,11 +1,11 @@
 """Per-call host cost of ``cflora_linear`` at one decode step, against the unfused composition, in this tree.
 
 Times, in one process and one thread, the forward (under no_grad: inference; with grad: training) and the
-forward+backward of a
-CFLoRA layer at one decode step of 16 samples (M = 16 rows, r = 8, per-sample C), by default at d = 64,
-where the arithmetic is about a microsecond and the per-call Python and dispatcher cost is the time
-(``--d 576``, SmolLM2-135M's hidden size, adds the small GEMMs). Methods run interleaved, one block of calls each per round; each figure is the median over rounds.
-To compare two commits, run it from each checkout in alternation (``PYTHONPATH=<tree>``) on the same machine.
+forward+backward of a CFLoRA layer at one decode step of 16 samples (M = 16 rows, r = 8, per-sample C), by
+default at d = 64, where the arithmetic is about a microsecond and the per-call Python and dispatcher cost is
+the time (``--d 576``, SmolLM2-135M's hidden size, adds the small GEMMs). Methods run interleaved, one block
+of calls each per round; each figure is the median over rounds. To compare two commits, run it from each
+checkout in alternation (``PYTHONPATH=<tree>``) on the same machine.
 
     python scripts/host_cost.py [--backend cpp] [--d 64] [--rounds 15] [--calls 200]
 """

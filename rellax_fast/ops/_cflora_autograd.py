@@ -6,13 +6,13 @@ schema shape, so they share these: a forward returns (y, S, T), autograd saves x
 (never a d_out-sized activation), and the backward op returns the six gradients, an empty tensor where
 one is not needed.
 
-The ops carry their autograd registration (``register_autograd``: opcheck, and anyone who calls an op
-directly), but :func:`rellax_fast.cflora_linear` goes through :func:`make_function`'s ``autograd.Function``
-instead: torch.library's per-call autograd wrapper re-fills the schema's defaults on every call
-(``torch._library.utils.fill_defaults``, quadratic in the argument count; pytorch/pytorch#176592), which cost
-about 50 us of host time per forward on our 10-argument schemas. Inside the Function's forward grad mode is
-off, so the op's own autograd wrapper takes its cheap no-grad path. The same ``fwd_setup_context`` and
-backward serve both routes.
+:func:`rellax_fast.cflora_linear` differentiates through :func:`make_function`'s ``autograd.Function``, not
+through torch.library's per-call autograd wrapper, which re-fills the schema's defaults on every call
+(``torch._library.utils.fill_defaults``, quadratic in the argument count; pytorch/pytorch#176592) and cost
+about 50 us of host time per forward on our 10-argument schemas. The Triton and tensor-seed custom ops also
+keep a ``register_autograd`` (for opcheck and direct callers; inside the Function's forward grad mode is off,
+so it takes its cheap no-grad path); the C++ ops register torch's not-implemented autograd node instead
+(``csrc/cflora.cpp``). The same ``fwd_setup_context`` and backward serve both routes.
 """
 
 from __future__ import annotations
