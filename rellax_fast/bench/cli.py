@@ -134,7 +134,7 @@ SUITE_COMMANDS: Dict[
     "quality": (_study_options("quality"), _study_run("quality")),
     "data": (_study_options("data"), _study_run("data")),
     "lifelong": (_study_options("quality", "lifelong"), _study_run("lifelong")),
-    "finetune": (_study_options("quality", warmup=True), _study_run("finetune")),
+    "finetune": (_study_options("quality", "finetune", warmup=True), _study_run("finetune")),
 }
 
 

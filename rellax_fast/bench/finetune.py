@@ -14,8 +14,14 @@ prompts, once per configuration, all in one run so that the ratios compare like 
   (``compile_seconds``, on warm-up batches whose updates are undone). On the 2-core AVX512-BF16 machine it
   was slower than eager (0.88x of the bf16 row) after 55 s of compiling, so the trainer does not use it.
 
-Each row: optimizer steps, wall seconds (tokenisation included, the DIN and embeddings excluded), samples/s,
-real and padded tokens per second, the ratio to the baseline's samples/s, and the valid AUC reached (scored
+* ``+ gradient checkpointing`` and ``+ adapters in the top N layers only`` (``--adapter-layers N``), each on
+  top of the length groups at the machine's fast precision (bf16 autocast where the CPU computes bf16
+  natively, else fp32): the options that make a deep causal LM (SmolLM2-135M, 30 layers) trainable on a CPU
+  without changing the method (issue #24 item 3); not in the default ``--configs``.
+
+``--configs`` picks and orders the rows (keys in :data:`CONFIGS`); the first one measured is the reference
+of the speedup column. Each row: optimizer steps, wall seconds (tokenisation included, the DIN and
+embeddings excluded), samples/s, real and padded tokens per second, the ratio to the first row's samples/s, and the valid AUC reached (scored
 on ``--n-valid`` samples after the same number of steps), so a speed-up that costs accuracy shows. Outputs
 under ``<out>/finetune/``: ``finetune.md`` and ``finetune.json``. A benchmark: numbers depend on the machine
 and on what else runs on it.
@@ -33,13 +39,27 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-CONFIGS = (
-    ("baseline", {"cache": False, "group_by_length": False, "mixed_precision": "no"}),
-    ("+ token cache", {"cache": True, "group_by_length": False, "mixed_precision": "no"}),
-    ("+ length groups", {"cache": True, "group_by_length": True, "mixed_precision": "no"}),
-    ("+ bf16 autocast", {"cache": True, "group_by_length": True, "mixed_precision": "bf16"}),
-    ("+ torch.compile", {"cache": True, "group_by_length": True, "mixed_precision": "bf16", "compile": True}),
-)
+_FAST = {"cache": True, "group_by_length": True, "mixed_precision": "bf16"}
+# --configs key -> (row name, options); the rows are measured in this order and the first one measured is
+# the reference of the "speedup" column
+CONFIGS = {
+    "baseline": ("baseline", {"cache": False, "group_by_length": False, "mixed_precision": "no"}),
+    "cache": ("+ token cache", {"cache": True, "group_by_length": False, "mixed_precision": "no"}),
+    "groups": ("+ length groups", {"cache": True, "group_by_length": True, "mixed_precision": "no"}),
+    "bf16": ("+ bf16 autocast", _FAST),
+    "compile": ("+ torch.compile", {**_FAST, "compile": True}),
+    # the options of #24 item 3 that make a deep causal LM trainable on a CPU, each on top of the length groups
+    # at the machine's fast precision (bf16 autocast where the CPU computes bf16 natively, else fp32):
+    "checkpointing": (
+        "+ gradient checkpointing",
+        {**_FAST, "mixed_precision": "fast", "gradient_checkpointing": True},
+    ),
+    "top-layers": (
+        "+ adapters in the top layers only",
+        {**_FAST, "mixed_precision": "fast", "top_layers": True},
+    ),
+}
+DEFAULT_CONFIGS = "baseline,cache,groups,bf16,compile"
 
 
 DEFAULT_N_TRAIN = 1024  # prompts per configuration (64 steps of 16) unless --n-train is given
@@ -54,6 +74,28 @@ class _NoCache:
 
     def __call__(self, samples):
         return self._collator(samples)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help=f"comma-separated trainer configurations, measured in this order, the first one the reference of "
+        f"the speedup column (default: {DEFAULT_CONFIGS}; all: {','.join(CONFIGS)}; top-layers uses "
+        "--adapter-layers N, which the other rows ignore)",
+    )
+
+
+def parse_configs(text: str, adapter_layers: int) -> List[str]:
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in CONFIGS]
+    if unknown or not keys:
+        raise ValueError(f"--configs: unknown {unknown or text!r}; choose from {', '.join(CONFIGS)}")
+    if "top-layers" in keys and adapter_layers < 1:
+        raise ValueError(
+            "--configs top-layers needs --adapter-layers N >= 1 (the N top layers adapted); got 0"
+        )
+    return keys
 
 
 def run(args: argparse.Namespace, log=print) -> int:
@@ -74,6 +116,8 @@ def run(args: argparse.Namespace, log=print) -> int:
                 f"--n-train must be >= 1 for bench finetune (the prompts trained on); got {args.n_train}"
             )
         cfg = bench_pipeline_config(args)
+        args.configs = parse_configs(getattr(args, "configs", DEFAULT_CONFIGS), cfg.adapter_layers)
+        cfg = replace(cfg, adapter_layers=0)  # only the top-layers row adapts fewer layers
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -101,6 +145,7 @@ class _Plan:
     train_samples: list
     valid_samples: Optional[list]
     n_warm: int
+    top_layers: int = 0  # the top-layers row's N (--adapter-layers)
 
 
 def plan_run(args, cfg, log=print) -> _Plan:
@@ -124,15 +169,15 @@ def plan_run(args, cfg, log=print) -> _Plan:
     train_samples = prompts("train", ctx.train_index)
     valid_samples = None if ctx.valid_index is None else prompts("valid", ctx.valid_index)
     n_warm = min(len(train_samples), max(1, args.warmup) * cfg.train.batch_size)
-    return _Plan(cfg, ctx, spec, out, train_samples, valid_samples, n_warm)
+    return _Plan(cfg, ctx, spec, out, train_samples, valid_samples, n_warm, args.adapter_layers)
 
 
-def fresh_model(plan: _Plan):
-    """(a newly built full ReLLaX model, its prompt collator)."""
+def fresh_model(plan: _Plan, cfg=None):
+    """(a newly built full ReLLaX model, its prompt collator) under ``cfg`` (default: the plan's)."""
     from ..data.collate import PromptCollator
     from ..train.pipeline import build_rellax, load_tokenizer_and_backbone
 
-    cfg, ctx = plan.cfg, plan.ctx
+    cfg, ctx = cfg or plan.cfg, plan.ctx
     tok, backbone, kind = load_tokenizer_and_backbone(cfg.model, cfg.kind)
     model = build_rellax(backbone, kind, tok, plan.spec, cfg, ctx.din, ctx.vocab, ctx.cond_stats)
     collator = PromptCollator(
@@ -179,11 +224,16 @@ def measure_config(plan: _Plan, name: str, opts: Dict, base_rate: Optional[float
     import torch
 
     from ..metrics import ctr_metrics
-    from ..train.trainer import PromptDataset, predict_proba, train_model
+    from ..train.trainer import PromptDataset, predict_proba, resolve_mixed_precision, train_model
 
-    cfg, ctx, train_samples = plan.cfg, plan.ctx, plan.train_samples
+    ctx, train_samples = plan.ctx, plan.train_samples
+    cfg = replace(
+        plan.cfg,
+        adapter_layers=plan.top_layers if opts.get("top_layers") else 0,
+        train=replace(plan.cfg.train, gradient_checkpointing=bool(opts.get("gradient_checkpointing"))),
+    )
     torch.manual_seed(cfg.seed)
-    model, collator = fresh_model(plan)
+    model, collator = fresh_model(plan, cfg)
     train_set = PromptDataset(
         train_samples, collator if opts["cache"] else _NoCache(collator), ctx.cond_train
     )
@@ -209,8 +259,8 @@ def measure_config(plan: _Plan, name: str, opts: Dict, base_rate: Optional[float
     )
     rate = len(train_samples) / seconds
     row = {
-        "config": name,
-        "precision": opts["mixed_precision"].replace("no", "fp32"),
+        "config": name.replace("the top layers", f"the top {cfg.adapter_layers} layers"),
+        "precision": resolve_mixed_precision(opts["mixed_precision"]).replace("no", "fp32"),
         "steps": res["global_step"],
         "seconds": round(seconds, 1),
         "samples_per_s": round(rate, 2),
@@ -248,7 +298,7 @@ def run_bench(args, cfg, log=print):
     del model
     rows: List[Dict[str, object]] = []
     base_rate = None
-    for name, opts in CONFIGS:
+    for name, opts in (CONFIGS[key] for key in args.configs):
         if opts["mixed_precision"] == "bf16" and on_cpu and not native_bf16:
             rows.append(
                 {

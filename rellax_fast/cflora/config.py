@@ -67,6 +67,10 @@ def _is_finite_number(value: Any) -> bool:
         return False
 
 
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _is_names_or_regex(value: Any) -> bool:
     if isinstance(value, str):
         return bool(value)
@@ -91,6 +95,17 @@ class CFLoRAConfig:
             (add it to ``modules_to_save`` to train it in full).
         exclude_modules: modules never wrapped, even when target_modules matches them (suffixes or a regex,
             as target_modules).
+        layers_to_transform: PEFT's field: only modules inside these transformer layers are wrapped (an int
+            or a list of ints; None: every layer). A module's layer index is the number after
+            ``layers_pattern`` in its name (``model.layers.27.self_attn.q_proj`` is in layer 27); a module
+            with no such number is not wrapped. Used with a list of suffixes or ``"all-linear"``, not with a
+            regex (PEFT refuses that too; a regex can name the layers itself); with ``"all-linear"``
+            (which PEFT refuses) it wraps every linear module of those layers. ``adapters only in the top N
+            layers`` is ``list(range(L - N, L))``: the backward then stops at layer L - N unless something
+            below trains (SPA's soft tokens enter at the embeddings, so their gradient still crosses every
+            layer).
+        layers_pattern: PEFT's field: the name (or names) of the module list holding the layers, e.g.
+            ``"layers"`` or ``"h"``; None: any ``<name>.<index>.`` in the module name (PEFT's default).
         rank_pattern: per-module rank, ``{pattern: r}``; a pattern matches a module whose full name ends with
             it (``re.match(rf"(.*\.)?({pattern})$", name)``, as PEFT); the first matching pattern wins.
         alpha_pattern: per-module alpha, ``{pattern: alpha}``, matched as rank_pattern.
@@ -124,6 +139,8 @@ class CFLoRAConfig:
     dropout: float = 0.0
     target_modules: Union[List[str], str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     exclude_modules: Optional[Union[List[str], str]] = None
+    layers_to_transform: Optional[Union[List[int], int]] = None
+    layers_pattern: Optional[Union[List[str], str]] = None
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     modules_to_save: Optional[Union[List[str], str]] = None
@@ -158,6 +175,8 @@ class CFLoRAConfig:
                     if isinstance(getattr(self, name), set)
                     else list(getattr(self, name)),
                 )
+        if isinstance(self.layers_to_transform, (tuple, range)):
+            self.layers_to_transform = list(self.layers_to_transform)
         self.validate()
 
     def _apply_peft_aliases(self, given: Dict[str, Any]) -> None:
@@ -234,6 +253,49 @@ class CFLoRAConfig:
                     f"CFLoRAConfig.{name} must be None, a non-empty list of module-name suffixes or a regex "
                     f"string; got {value!r}"
                 )
+        self._validate_layers()
+
+    def _validate_layers(self) -> None:
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if layers is not None:
+            index_list = isinstance(layers, list) and layers and all(_is_index(i) for i in layers)
+            if not (_is_index(layers) or index_list):
+                raise ValueError(
+                    "CFLoRAConfig.layers_to_transform must be None, an int >= 0 or a non-empty list of ints "
+                    f">= 0; got {layers!r}"
+                )
+            if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+                raise ValueError(
+                    "CFLoRAConfig.layers_to_transform cannot be used when target_modules is a regex "
+                    f"({self.target_modules!r}); give module-name suffixes or 'all-linear', or name the "
+                    "layers in the regex"
+                )
+        if pattern is not None:
+            if layers is None:
+                raise ValueError(
+                    f"CFLoRAConfig.layers_pattern ({pattern!r}) needs layers_to_transform; got None"
+                )
+            if not _is_names_or_regex(pattern):
+                raise ValueError(
+                    "CFLoRAConfig.layers_pattern must be None, a module-list name or a non-empty list of "
+                    f"them; got {pattern!r}"
+                )
+
+    def in_transformed_layer(self, module_name: str) -> bool:
+        """Whether ``module_name`` lies in a layer of ``layers_to_transform`` (always true when it is None);
+        PEFT's rule (``peft.tuners.tuners_utils.check_target_module_exists``)."""
+        if self.layers_to_transform is None:
+            return True
+        patterns = self.layers_pattern
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        regexes = [r".*\.[^.]*\.(\d+)\."] if not patterns else [rf".*\.{p}\.(\d+)\." for p in patterns]
+        for regex in regexes:
+            found = re.match(regex, module_name)
+            if found is not None:
+                index = int(found.group(1))
+                wanted = self.layers_to_transform
+                return index == wanted if isinstance(wanted, int) else index in wanted
+        return False
 
     def _validate_patterns(self) -> None:
         for name, kind in (("rank_pattern", "a positive int"), ("alpha_pattern", "a finite number > 0")):

@@ -236,7 +236,7 @@ def _matched_targets(root: nn.Module, config: CFLoRAConfig, saved_prefixes: Tupl
             candidates.append(name)
         if any(name == p or name.startswith(p + ".") for p in saved_prefixes):
             continue  # a module to save is trained in full, not adapted
-        if _target_matches(name, config.exclude_modules):
+        if _target_matches(name, config.exclude_modules) or not config.in_transformed_layer(name):
             continue
         if all_linear:
             if is_linear and name not in heads:
@@ -252,7 +252,8 @@ def _matched_targets(root: nn.Module, config: CFLoRAConfig, saved_prefixes: Tupl
     if not matched:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in candidates})
         raise ValueError(
-            f"inject_cflora: target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"inject_cflora: target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}, "
+            f"layers_to_transform={config.layers_to_transform!r}, layers_pattern={config.layers_pattern!r}) "
             f"matches no nn.Linear/Conv1D module; the model's linear module names end in: "
             f"{', '.join(leaf_names[:20]) or '(none)'}"
         )

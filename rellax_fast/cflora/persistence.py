@@ -163,6 +163,8 @@ def save_cflora(model: nn.Module, path: PathLike) -> None:
             **config.to_dict(),
             "target_modules": [n for n, _ in cflora_layers(model)],
             "modules_to_save": to_save or None,
+            "layers_to_transform": None,  # the exact names already say which layers
+            "layers_pattern": None,
         }
     )
     os.makedirs(path, exist_ok=True)

@@ -92,6 +92,12 @@ def _add_adapter_arguments(g) -> None:
         help="std of the generators' output layer at init (0: training starts from plain LoRA)",
     )
     g.add_argument(
+        "--adapter-layers",
+        type=integer(0),
+        default=0,
+        help="adapters only in the backbone's top N transformer layers (PEFT's layers_to_transform; 0: all)",
+    )
+    g.add_argument(
         "--cflora-backend",
         default=None,
         choices=BACKENDS,
@@ -273,6 +279,7 @@ def pipeline_config(args):
         n_valid=args.n_valid,
         max_length=args.max_length,
         cflora=cflora_config_of(args),
+        adapter_layers=args.adapter_layers,
         seed=args.seed,
         train=tc,
         chat=args.chat,

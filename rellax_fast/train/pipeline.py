@@ -92,6 +92,9 @@ class PipelineConfig:
     # model.PER_ARCHITECTURE: the backbone's q and v projections). Each variant's model uses it with the
     # variant's interaction (VariantSpec.interaction) and, for conditioned kinds, cond_dim = the DIN's h size.
     cflora: CFLoRAConfig = field(default_factory=lambda: pipeline_cflora_config())
+    # adapters only in the backbone's top N transformer layers (0: every layer), resolved per backbone into
+    # cflora.layers_to_transform: a cheaper backward on a deep causal LM (#24); see variant_cflora_config
+    adapter_layers: int = 0
     seed: int = 0
     placeholder: str = "<spa>"
     chat: bool = False  # wrap prompts in the backbone's chat template (causal chat models)
@@ -112,21 +115,35 @@ def pipeline_cflora_config(**settings) -> CFLoRAConfig:
 
 
 def variant_cflora_config(
-    cfg: PipelineConfig, spec: VariantSpec, cond_dim: Optional[int], model_type: Optional[str] = None
+    cfg: PipelineConfig,
+    spec: VariantSpec,
+    cond_dim: Optional[int],
+    model_type: Optional[str] = None,
+    n_layers: Optional[int] = None,
 ) -> CFLoRAConfig:
-    """``cfg.cflora`` with the variant's interaction, ``cond_dim`` when that kind is conditioned, and (given the
-    backbone's ``model_type``) the per-architecture targets resolved: the model's config, built once."""
+    """``cfg.cflora`` with the variant's interaction, ``cond_dim`` when that kind is conditioned, (given the
+    backbone's ``model_type``) the per-architecture targets resolved and (given its ``n_layers``) the top
+    ``cfg.adapter_layers`` layers as ``layers_to_transform``: the model's config, built once."""
     from rellax_fast.cflora.interaction import interaction_class
 
     needs_cond = interaction_class(spec.interaction).needs_cond
     targets = cfg.cflora.target_modules
     if model_type is not None and targets == PER_ARCHITECTURE:
         targets = default_target_modules(model_type)
+    layers = cfg.cflora.layers_to_transform
+    if cfg.adapter_layers:
+        if not n_layers or cfg.adapter_layers > n_layers:
+            raise ValueError(
+                f"adapter_layers (--adapter-layers) must be at most the backbone's number of transformer "
+                f"layers ({n_layers}); got {cfg.adapter_layers}"
+            )
+        layers = list(range(n_layers - cfg.adapter_layers, n_layers))
     return replace(
         cfg.cflora,
         interaction=spec.interaction,
         cond_dim=cond_dim if needs_cond else None,
         target_modules=targets,
+        layers_to_transform=layers,
     )
 
 
@@ -309,7 +326,10 @@ def build_rellax(
 ) -> ReLLaXModel:
     from rellax_fast.data.collate import yes_no_token_ids
 
-    cflora = variant_cflora_config(cfg, spec, din.config.h_dim, getattr(backbone.config, "model_type", ""))
+    bcfg = backbone.config
+    cflora = variant_cflora_config(
+        cfg, spec, din.config.h_dim, getattr(bcfg, "model_type", ""), getattr(bcfg, "num_hidden_layers", None)
+    )
     options = ReLLaXOptions(
         cflora=cflora,
         use_spa=spec.spa,
