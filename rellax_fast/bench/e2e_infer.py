@@ -116,12 +116,16 @@ def _infer_provider(
     return rows  # the model dies with this frame; the caller frees the cache
 
 
-def _decode_call(model, prompt, condition, spec: E2ESize, device) -> Callable[[], object]:
+def _decode_call(model, prompt, condition, spec: E2ESize, device, stack) -> Callable[[], object]:
     """Prefill ``prompt`` once; the returned call decodes one token on its KV cache (cropped back to the
-    prompt's length after each call, so every call decodes the same position), under ``spec``'s autocast."""
+    prompt's length after each call, so every call decodes the same position), under ``spec``'s autocast.
+    The conditioning block is entered once, at the prefill, and stays open on ``stack`` (an ExitStack) for
+    every decode call, as ``generate(..., cflora_cond=...)`` holds one block for a whole generation: the
+    per-sample C of each layer is computed once per block (``ConditionSlot.interactions``), not per token."""
     import torch
 
-    with torch.inference_mode(), condition(), autocast_context(spec, device):
+    stack.enter_context(condition())
+    with torch.inference_mode(), autocast_context(spec, device):
         out = model(input_ids=prompt, use_cache=True)
     cache, token = _output_cache(out), out.logits[:, -1:].argmax(-1)
     if not bool(torch.isfinite(out.logits).all()):
@@ -129,7 +133,7 @@ def _decode_call(model, prompt, condition, spec: E2ESize, device) -> Callable[[]
     length, key = prompt.shape[1], _cache_kwarg()
 
     def decode():
-        with torch.inference_mode(), condition(), autocast_context(spec, device):
+        with torch.inference_mode(), autocast_context(spec, device):
             logits = model(input_ids=token, use_cache=True, **{key: cache}).logits
         extra = cache.get_seq_length() - length
         if extra > 0:
@@ -169,7 +173,7 @@ def bench_decode_interleaved(
         try:
             models = {name: _inference_model(name, base, spec, device, dtype, targets) for name in names}
             for batch, prompt in prompts.items():
-                calls = {}
+                calls, stack = {}, contextlib.ExitStack()
                 for name, (model, needs_cond, _) in models.items():
                     model.eval()
                     condition = (
@@ -177,8 +181,9 @@ def bench_decode_interleaved(
                         if needs_cond
                         else contextlib.nullcontext
                     )
-                    calls[name] = _decode_call(model, prompt, condition, spec, device)
-                ms = interleaved_ms(calls, device, warmup, repeat)
+                    calls[name] = _decode_call(model, prompt, condition, spec, device, stack)
+                with stack:  # the blocks close after the timing
+                    ms = interleaved_ms(calls, device, warmup, repeat)
                 rows += [
                     row(
                         "decode",

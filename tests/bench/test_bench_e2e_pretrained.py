@@ -113,3 +113,41 @@ def test_the_smollm2_size_matches_the_real_checkpoint():
     assert sum(p.numel() for p in base.parameters()) == 134_515_008 and not any(
         p.requires_grad for p in base.parameters()
     )
+
+
+def test_decode_holds_one_conditioning_block_as_generate_does(tiny_pretrained):
+    """The decode rows time tokens inside one conditioning block opened at the prefill (as
+    generate(..., cflora_cond=...) holds one per generation): each layer's generator runs once, at the
+    prefill, and the decode calls' logits equal those of a block opened per call (C recomputed)."""
+    import contextlib
+
+    from rellax_fast.bench import e2e_infer
+    from rellax_fast.cflora import cflora_condition, cflora_layers
+
+    spec, model = tiny_pretrained
+    cpu = torch.device("cpu")
+    full, needs_cond, _ = e2e_infer._inference_model(
+        e2e_infer.PRETRAINED_INFER_PROVIDERS[0], model, spec, cpu, torch.float32, e2e_models.QV_MODULES
+    )
+    assert needs_cond
+    for _, layer in cflora_layers(full):  # a non-trivial C, so a stale or missing C would change the logits
+        torch.nn.init.normal_(layer.interaction.fc2.weight, std=0.3)
+        torch.nn.init.normal_(layer.lora_B, std=0.3)
+    full.eval()
+    runs = []
+    for _, layer in cflora_layers(full):
+        layer.interaction.register_forward_hook(lambda *_: runs.append(1))
+    prompt = torch.randint(0, spec.vocab, (2, 9), generator=torch.Generator().manual_seed(3))
+    cond = torch.randn(2, spec.cond_dim, generator=torch.Generator().manual_seed(4))
+    with contextlib.ExitStack() as stack:
+        decode = e2e_infer._decode_call(full, prompt, lambda: cflora_condition(full, cond), spec, cpu, stack)
+        held = [decode() for _ in range(3)]
+    assert len(runs) == len(cflora_layers(full))  # once per layer, at the prefill
+    with contextlib.ExitStack() as stack:
+        per_call = e2e_infer._decode_call(
+            full, prompt, lambda: cflora_condition(full, cond), spec, cpu, stack
+        )
+    with cflora_condition(full, cond):
+        fresh = per_call()
+    for logits in held:
+        torch.testing.assert_close(logits, fresh, rtol=1e-5, atol=1e-5)
