@@ -151,3 +151,44 @@ def test_decode_holds_one_conditioning_block_as_generate_does(tiny_pretrained):
         fresh = per_call()
     for logits in held:
         torch.testing.assert_close(logits, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_the_profile_script_splits_the_providers_time(tiny_pretrained, tmp_path):
+    """scripts/profile_e2e.py on the tiny pretrained size: every provider profiled in both phases, the C
+    generator's region found in CFLoRA full's training step only (PEFT and identity have none; at decode C
+    was computed at the prefill, outside the profiled tokens), and the listed operators' shares add up to at
+    most the whole."""
+    import importlib.util
+    import json
+
+    from rellax_testing import REPO
+
+    loader = importlib.util.spec_from_file_location("profile_e2e", REPO / "scripts" / "profile_e2e.py")
+    mod = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(mod)
+    out = tmp_path / "profile.json"
+    argv = [
+        "--size",
+        "tiny-pretrained",
+        "--targets",
+        "q/v",
+        "--steps",
+        "1",
+        "--top",
+        "5",
+        "--decode-batch",
+        "2",
+    ]
+    assert mod.main([*argv, "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    train, decode = res["train [q/v]"], res["decode b2 [q/v]"]
+    assert sorted(train) == sorted(n for n, _ in e2e.PRETRAINED_TRAIN_PROVIDERS)
+    assert sorted(decode) == sorted(e2e.PRETRAINED_INFER_PROVIDERS)
+    for name, prof in {**train, **{f"decode {k}": v for k, v in decode.items()}}.items():
+        assert prof["ms_per_call"] > 0 and 1 <= len(prof["top"]) <= 5, name
+        assert 0 < sum(t["share"] for t in prof["top"]) <= 1.001, name
+    assert train["rellax-fast full"]["generator_ms"] > 0
+    assert train["PEFT LoRA"]["generator_ms"] == 0 == train["rellax-fast identity"]["generator_ms"]
+    assert all(prof["generator_ms"] == 0 for prof in decode.values())
+    with pytest.raises(SystemExit):
+        mod.main(["--size", "tiny-pretrained", "--targets", "nope"])
