@@ -267,7 +267,7 @@ def measure_config(plan: _Plan, name: str, opts: Dict, base_rate: Optional[float
         "tokens_per_s": round(tokens / seconds),
         "padded_tokens_per_s": round(padded / seconds),
         "padding_share": round(1 - tokens / padded, 3),
-        "speedup": round(rate / (rate if base_rate is None else base_rate), 2),
+        "speedup": round(rate / (rate if base_rate is None else base_rate), 3),
         "final_loss": round(float(np.mean(res["losses"][-20:])), 4),
     }
     if compile_seconds is not None:

@@ -65,7 +65,9 @@ def test_bench_finetune_tiny(tiny_bert, seeded_embeddings, tmp_path, monkeypatch
     assert timed[0]["speedup"] == 1.0
     for r in timed:
         assert r["steps"] == 10 and r["seconds"] > 0 and r["samples_per_s"] > 0 and 0 <= r["valid_auc"] <= 1
-        assert r["speedup"] == pytest.approx(r["samples_per_s"] / timed[0]["samples_per_s"], rel=0.02)
+        assert r["speedup"] == pytest.approx(
+            r["samples_per_s"] / timed[0]["samples_per_s"], rel=0.02, abs=0.001
+        )
     # the same prompts: the same real tokens per second ratio as samples per second, and grouping pads less
     assert timed[2]["padding_share"] < timed[1]["padding_share"]
     assert timed[0]["padding_share"] == timed[1]["padding_share"]
