@@ -25,8 +25,9 @@ LoRA dropout 0.05 (the TALLRec/ReLLa recipe), bf16 on the GPU. Sizes (``--size``
   dropout 0.05) on q/v and on all-linear, batch 8 x 168. Its suite is the paper-scale comparison: per target
   set, a training step of PEFT LoRA, CFLoRA identity and CFLoRA full, and decode of per-sample CFLoRA against
   merged LoRA at batch 1 and 8 (the tokens inside one conditioning block opened at the prefill, as
-  ``generate(..., cflora_cond=...)`` holds one per generation, so each layer's C is computed once), each group of providers built together and timed interleaved (round-robin,
-  :func:`.e2e_common.interleaved_ms`) so that a drifting machine load hits every provider alike.
+  ``generate(..., cflora_cond=...)`` holds one per generation, so each layer's C is computed once), each
+  group of providers built together and timed interleaved (round-robin, :func:`.e2e_common.interleaved_ms`)
+  so that a drifting machine load hits every provider alike.
 
 Training step = forward + causal-LM loss + backward + AdamW step over the adapter parameters, in the same
 run for every provider:

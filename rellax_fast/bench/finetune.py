@@ -21,8 +21,9 @@ prompts, once per configuration, all in one run so that the ratios compare like 
 
 ``--configs`` picks and orders the rows (keys in :data:`CONFIGS`); the first one measured is the reference
 of the speedup column. Each row: optimizer steps, wall seconds (tokenisation included, the DIN and
-embeddings excluded), samples/s, real and padded tokens per second, the ratio to the first row's samples/s, and the valid AUC reached (scored
-on ``--n-valid`` samples after the same number of steps), so a speed-up that costs accuracy shows. Outputs
+embeddings excluded), samples/s, real and padded tokens per second, the ratio to the first row's samples/s,
+and the valid AUC reached (scored on ``--n-valid`` samples after the same number of steps), so a speed-up
+that costs accuracy shows. Outputs
 under ``<out>/finetune/``: ``finetune.md`` and ``finetune.json``. A benchmark: numbers depend on the machine
 and on what else runs on it.
 """
@@ -39,24 +40,24 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-_FAST = {"cache": True, "group_by_length": True, "mixed_precision": "bf16"}
+_GROUPED = {"cache": True, "group_by_length": True}
 # --configs key -> (row name, options); the rows are measured in this order and the first one measured is
 # the reference of the "speedup" column
 CONFIGS = {
     "baseline": ("baseline", {"cache": False, "group_by_length": False, "mixed_precision": "no"}),
     "cache": ("+ token cache", {"cache": True, "group_by_length": False, "mixed_precision": "no"}),
-    "groups": ("+ length groups", {"cache": True, "group_by_length": True, "mixed_precision": "no"}),
-    "bf16": ("+ bf16 autocast", _FAST),
-    "compile": ("+ torch.compile", {**_FAST, "compile": True}),
+    "groups": ("+ length groups", {**_GROUPED, "mixed_precision": "no"}),
+    "bf16": ("+ bf16 autocast", {**_GROUPED, "mixed_precision": "bf16"}),
+    "compile": ("+ torch.compile", {**_GROUPED, "mixed_precision": "bf16", "compile": True}),
     # the options of #24 item 3 that make a deep causal LM trainable on a CPU, each on top of the length groups
     # at the machine's fast precision (bf16 autocast where the CPU computes bf16 natively, else fp32):
     "checkpointing": (
         "+ gradient checkpointing",
-        {**_FAST, "mixed_precision": "fast", "gradient_checkpointing": True},
+        {**_GROUPED, "mixed_precision": "fast", "gradient_checkpointing": True},
     ),
     "top-layers": (
         "+ adapters in the top layers only",
-        {**_FAST, "mixed_precision": "fast", "top_layers": True},
+        {**_GROUPED, "mixed_precision": "fast", "top_layers": True},
     ),
 }
 DEFAULT_CONFIGS = "baseline,cache,groups,bf16,compile"
