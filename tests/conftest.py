@@ -13,6 +13,30 @@ def ml100k() -> Path:
     return ml100k_dir()
 
 
+@pytest.fixture
+def one_rank_gloo(monkeypatch):
+    """A one-rank gloo process group in this process, destroyed afterwards (unless the test did it).
+
+    Built so that it cannot hang: an in-memory HashStore instead of a FileStore (whose world-of-one teardown
+    can spin on its file, pytorch#31467), the loopback device (no lookup of the host's name) and a 60 s
+    collective timeout. A CI run once hung for over an hour in a file-store DDP test."""
+    import datetime
+    import sys
+
+    import torch.distributed as dist
+
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    assert not dist.is_initialized(), "a process group leaked from an earlier test"
+    timeout = datetime.timedelta(seconds=60)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    try:
+        yield dist
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -266,26 +266,20 @@ def test_plain_trainer_with_per_sample_cond(tmp_path):
         dropped.train()
 
 
-def test_keyword_through_ddp(tmp_path):
-    import torch.distributed as dist
-
+def test_keyword_through_ddp(one_rank_gloo):
     model = _model().train()
     inputs = model_inputs()
     cond = torch.randn(3, COND)
     ref = model(**inputs, labels=inputs["input_ids"], cflora_cond=cond)
     ref.loss.backward()
     ref_grads = _grads(model)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
-    try:
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        enable_cflora_cond_kwarg(ddp)  # unwraps to the module: already enabled, no second hook
-        assert len(model._forward_pre_hooks) == 1
-        model.zero_grad(set_to_none=True)
-        ddp(**inputs, labels=inputs["input_ids"], cflora_cond=cond).loss.backward()
-        for name, g in _grads(model).items():
-            torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
-    finally:
-        dist.destroy_process_group()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    enable_cflora_cond_kwarg(ddp)  # unwraps to the module: already enabled, no second hook
+    assert len(model._forward_pre_hooks) == 1
+    model.zero_grad(set_to_none=True)
+    ddp(**inputs, labels=inputs["input_ids"], cflora_cond=cond).loss.backward()
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_trainer_with_gradient_checkpointing_and_dropout_gives_the_same_losses(tmp_path):

@@ -133,26 +133,20 @@ def test_generate_with_wrong_cond_batch_is_a_clear_error():
             model.generate(**prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
-def test_ddp_single_process(tmp_path):
-    import torch.distributed as dist
-
+def test_ddp_single_process(one_rank_gloo):
     model = _conditioned_llama()
     model.train()
     inputs = model_inputs()
     cond = torch.randn(3, COND)
     _, ref = _grads(model, cond, inputs, seed=3)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
-    try:
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        model.zero_grad(set_to_none=True)
-        with cflora_condition(ddp, cond):
-            loss = ddp(**inputs, labels=inputs["input_ids"]).loss
-        loss.backward()
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-6, msg=name)
-    finally:
-        dist.destroy_process_group()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    model.zero_grad(set_to_none=True)
+    with cflora_condition(ddp, cond):
+        loss = ddp(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, ref[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_checkpoint_context_fn_replays_each_forwards_own_cond():

@@ -192,27 +192,21 @@ def test_pipeline_variant_two_processes_match_one_and_only_rank0_writes(
     assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
 
 
-def test_fsdp_resume_is_refused_with_a_clear_error(tiny_bert_dir, tmp_path):
+def test_fsdp_resume_is_refused_with_a_clear_error(tiny_bert_dir, tmp_path, one_rank_gloo):
     """One-rank gloo group in this process: a fully_shard model trains and checkpoints (gathered full tensors),
     and resuming it under FSDP is refused rather than loading a full optimizer state into sharded ones."""
-    import torch.distributed as dist
+    from safetensors.torch import load_file
     from test_resume import _config, _dataset, _model
     from torch.distributed.fsdp import fully_shard
 
     from rellax_fast.train.trainer import train_model
 
     data, collator = _dataset(tiny_bert_dir, n=8)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0, world_size=1)
-    try:
-        model = _model(tiny_bert_dir, collator, 0)
-        fully_shard(model)
-        config = _config(save_every_steps=1)
-        train_model(model, data, config, tmp_path / "run", log=lambda *_: None)
-        from safetensors.torch import load_file
-
-        saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000002" / "trainable.safetensors"))
-        assert saved and all(not hasattr(v, "device_mesh") for v in saved.values())
-        with pytest.raises(NotImplementedError, match="resuming under FSDP is not supported"):
-            train_model(model, data, config, tmp_path / "run", resume=True, log=lambda *_: None)
-    finally:
-        dist.destroy_process_group()
+    model = _model(tiny_bert_dir, collator, 0)
+    fully_shard(model)
+    config = _config(save_every_steps=1)
+    train_model(model, data, config, tmp_path / "run", log=lambda *_: None)
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000002" / "trainable.safetensors"))
+    assert saved and all(not hasattr(v, "device_mesh") for v in saved.values())
+    with pytest.raises(NotImplementedError, match="resuming under FSDP is not supported"):
+        train_model(model, data, config, tmp_path / "run", resume=True, log=lambda *_: None)
