@@ -9,6 +9,8 @@ for 400 users (faiss rows are timed once: they take tens of seconds). ``--size t
 Rows per (d, k) configuration, all measured in the same run:
 - each available ``semantic_topk`` backend for the device (reference excluded: it is the padded float64
   oracle and would need S x L memory at these sizes);
+- ``prefilter-bf16``: ``semantic_topk(prefilter="bf16")``, bf16 scores by batched GEMM, then float64
+  rescoring of the candidates a certified error bound keeps (exact: the float64 oracle's result);
 - ``torch-padded``: users sorted by length and chunked (chunk x Lmax x Lmax scores bounded to ~4M
   elements), then padded ``bmm`` + causal mask + ``topk``: the plain-PyTorch way to do it;
 - ``faiss-per-user`` (CPU): faiss cannot mask causally, so each user's targets are searched in blocks of
@@ -21,7 +23,7 @@ Rows per (d, k) configuration, all measured in the same run:
 ``--lifelong`` (:func:`run_lifelong`): histories of L = 1k to 32k behaviours (ReLLaX's lifelong setting,
 ML-25M's longest user has about 32k ratings): for each L, ``LIFELONG[size]["users"]`` users of exactly that
 length and a seeded sample of targets, in two layouts: ``uniform`` over their positions, and ``recent``
-(each user's latest positions, like a test split). Every position as a target would be quadratic in L. Rows: each available ``semantic_topk`` backend (not the reference),
+(each user's latest positions, like a test split). Every position as a target would be quadratic in L. Rows: each available ``semantic_topk`` backend (not the reference), ``prefilter-bf16``,
 ``retrieve(max_history=W)`` windows on the fastest backend, and ``torch-gemm`` (per user, targets chunked
 so that chunk x L scores stay ~4M elements: one GEMM, a causal mask, ``topk``; the padded all-positions
 baseline above would need L x L scores per user, 4 GiB at 32k, so it is not run).
@@ -182,6 +184,10 @@ def _kth_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(diff.max()) if diff.numel() else 0.0
 
 
+# semantic_topk(prefilter="bf16"): bf16 batched GEMM, certified bound, float64 rescoring (the oracle's result)
+PREFILTER_ROW = "prefilter-bf16"
+
+
 def _runs(backends, item_emb, dev_data, cpu_data, k: int, metric: str, device, with_global: bool):
     """{row name: (callable, device it runs on)} for one (d, k) configuration."""
     from rellax_fast.ops import semantic_topk
@@ -191,6 +197,10 @@ def _runs(backends, item_emb, dev_data, cpu_data, k: int, metric: str, device, w
     runs: Dict[str, Tuple[Callable[[], object], torch.device]] = {}
     for b in backends:
         runs[b] = (lambda b=b: semantic_topk(item_emb, *dev_data, k, metric=metric, backend=b), device)
+    runs[PREFILTER_ROW] = (
+        lambda: semantic_topk(item_emb, *dev_data, k, metric=metric, prefilter="bf16"),
+        device,
+    )
     runs["torch-padded"] = (
         lambda: torch_padded_topk(item_emb, dev_data[0], dev_data[1], k, normalize),
         device,
@@ -275,6 +285,11 @@ def _lifelong_runs(backends, item_emb, data, seqs, split, k: int, metric: str, d
     runs: Dict[str, Tuple[Callable[[], object], int, float]] = {}
     for b in backends:
         runs[b] = (lambda b=b: semantic_topk(item_emb, *data, k, metric=metric, backend=b), 0, pairs)
+    runs[PREFILTER_ROW] = (
+        lambda: semantic_topk(item_emb, *data, k, metric=metric, prefilter="bf16"),
+        0,
+        pairs,
+    )
     runs["torch-gemm"] = (lambda: torch_gemm_topk(item_emb, *data, k, metric == "cosine"), 0, pairs)
     for w in windows:
         if backends and w < length:

@@ -36,6 +36,7 @@ import torch
 from .._kernel_common import NORM_EPS  # the zero-norm rule shared by all backends
 from . import _backend, _registry
 from ._registry import ext_op
+from .topk_prefilter import PREFILTERS, prefilter_tables, prefiltered_topk
 
 OP = "semantic_topk"
 _backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["triton", "cuda", "reference"]})
@@ -275,12 +276,14 @@ class _TableCache:
             entry["facts"].add(fact)
 
     def table(self, t: torch.Tensor, kind: str, make):
-        """``make(t)`` cached under ``kind``; a result that is ``t`` itself is returned but not stored."""
+        """``make(t)`` (a tensor or a tuple of them) cached under ``kind``; a result that is ``t`` itself (or
+        a view of its memory) is returned but not stored."""
         entry = self._entry(t, create=True)
         if entry is not None and kind in entry["tables"]:
             return entry["tables"][kind]
         value = make(t)
-        if entry is not None and value is not t and value.data_ptr() != t.data_ptr():
+        aliases = isinstance(value, torch.Tensor) and (value is t or value.data_ptr() == t.data_ptr())
+        if entry is not None and not aliases:
             entry["tables"][kind] = value
         return value
 
@@ -397,14 +400,31 @@ def semantic_topk(
     *,
     metric: str = "cosine",
     backend: Optional[str] = None,
+    prefilter: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` most similar earlier behaviours of every sample; returns ``(pos (S,k) int64, score (S,k) float32)``.
 
     See the module docstring for the contract. ``backend`` forces ``reference``/``cpp``/``cuda``/``triton``
     (default: the fastest available for ``item_emb``'s device that supports the call, or ``$RELLAX_BACKEND``;
-    triton runs k <= TRITON_MAX_K only). Not differentiable.
+    triton runs k <= TRITON_MAX_K only). ``prefilter="bf16"`` scores in bfloat16 by batched GEMM and
+    rescores in float64 only the candidates a certified error bound keeps: the result is the float64
+    oracle's (the ``reference`` backend's), see :mod:`rellax_fast.ops.topk_prefilter`; it takes no
+    ``backend``. Not differentiable.
     """
+    if prefilter is not None and prefilter not in PREFILTERS:
+        raise ValueError(f"semantic_topk: prefilter must be None or one of {PREFILTERS}; got {prefilter!r}")
+    if prefilter is not None and backend not in (None, "auto"):
+        raise ValueError(
+            f"semantic_topk: prefilter={prefilter!r} runs on torch GEMMs and takes no backend; got "
+            f"backend={backend!r} (pass one or the other)"
+        )
     max_pos = validate_topk_args(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric)
+    if prefilter is not None:
+        n_samples = sample_user.shape[0]
+        if n_samples == 0 or k == 0:
+            return _empty_result(n_samples, k, item_emb.device)
+        with torch.no_grad():
+            return _run_prefiltered(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric)
     which = _backend.resolve(OP, item_emb.device, backend, k=k)
     n_samples = sample_user.shape[0]
     if n_samples == 0 or k == 0:
@@ -451,6 +471,12 @@ def _run_triton(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, no
         max_pos=max_pos,
         prepared=True,
     )
+
+
+def _run_prefiltered(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, metric):
+    normalize = metric == "cosine"
+    tables = _TABLES.table(item_emb, f"prefilter-{normalize}", lambda t: prefilter_tables(t, normalize))
+    return prefiltered_topk(*tables, seq_items, seq_offsets, sample_user, sample_pos, k)
 
 
 def _call_ext(item_emb, seq_items, seq_offsets, sample_user, sample_pos, k, normalize):

@@ -37,7 +37,7 @@ def test_bench_topk_tiny_writes_reports(tmp_path):
     assert cli.run(args) == 0
     md = (tmp_path / "topk.md").read_text()
     csv = (tmp_path / "topk.csv").read_text()
-    for name in ("torch-padded", "faiss-per-user"):
+    for name in ("torch-padded", "faiss-per-user", "prefilter-bf16"):
         assert name in md and name in csv
     rows = csv.strip().splitlines()[1:]
     assert len(rows) >= 3

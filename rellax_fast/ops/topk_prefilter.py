@@ -1,0 +1,205 @@
+"""The exact bf16 prefilter of ``semantic_topk`` (``prefilter="bf16"``, #28).
+
+Every (target, candidate) score is first computed from bfloat16 copies of the (normalised) rows by one
+batched ``torch.bmm`` (oneDNN, AMX or AVX512-BF16 where the CPU has them; tensor cores on a GPU). A bound
+``E`` on that score's error, certified below, then decides which candidates can still be in the exact top-k;
+only those survivors are rescored in float64, and the top-k among them is taken with the op's tie rule
+(score descending, then the larger position). So the result is the float64 oracle's
+(:func:`~rellax_fast.ops.topk.semantic_topk_ref`, the ``reference`` backend), not an approximation: the
+positions are the same, and the float32 scores too, unless two candidates' exact scores differ by less than
+float64 rounding (the rescoring sums in another order than the oracle's einsum).
+
+Why it is exact. Let ``s`` be the oracle's float64 score and ``S`` the bf16 one of candidate j for target i,
+with ``|s - S| <= E_i`` for every j. The k-th best exact score is then at least ``kth_j(S) - E_i`` (the k
+candidates with the best S all have s >= S - E_i), so a candidate with ``S + E_i < kth(S) - E_i`` has an
+exact score strictly below the k-th best and cannot be in the top-k, ties included. Survivors are the rest:
+``S >= kth(S) - 2 E_i`` (every valid candidate when there are fewer than k).
+
+The bound ``E_i`` (per target, taking the maxima over the table's rows, so one scalar per row of scores):
+with x the float64 row, x~ its bf16 copy and D = x - x~,
+- the inputs' rounding: ``|x.y - x~.y~| <= ||x~|| ||D_y|| + ||D_x|| ||y||`` (Cauchy-Schwarz on
+  ``x~.(y - y~) + (x - x~).y``), with the norms of D measured per row, not assumed;
+- the float32 accumulation of the d exact bf16 products (both oneDNN's and ATen's bf16 GEMMs accumulate in
+  float32): ``gamma_d ||x~|| ||y~||`` with ``gamma_d = d u32 / (1 - d u32)``, taken twice over as a margin
+  for blocked or split-K sums;
+- the bf16 rounding of the output (CPU ``bmm`` has no float32-output form): ``2^-8 |S_acc|``, with
+  ``|S_acc| <= (1 + gamma_d) ||x~|| ||y~||``;
+- the oracle's own float64 rounding: ``d u64 / (1 - d u64) ||x|| ||y||``, twice over;
+and the sum is widened by a relative 1e-6 (rounding in computing the bound) and an absolute 1e-30
+(flushed subnormal products). A denser-than-necessary window only costs rescoring; a tighter one is wrong.
+
+Cost: one bf16 batched GEMM over padded groups of a user's targets and history (users sorted by history
+length so padding stays small), a top-k, a compare, and a float64 rescoring of the survivors (about k plus
+the near-ties per target). The float64 and bf16 tables and their norms are cached per ``item_emb`` like
+the other backends' tables.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+
+from .._kernel_common import NORM_EPS
+
+PREFILTERS = ("bf16",)
+_U32 = 2.0**-24
+_U64 = 2.0**-53
+_BF16_OUT = 2.0**-8 / (1.0 - 2.0**-8)  # round-to-nearest bf16: |S_acc - S| <= 2^-8 |S_acc|
+SCORE_BUDGET = 1 << 22  # padded scores per batched GEMM (16 MiB of float32)
+TARGETS_PER_GROUP = 256  # a user's targets are cut into groups of at most this many (bounds the padding)
+
+
+def error_coefficients(d: int) -> Tuple[float, float]:
+    """(accumulation, oracle) coefficients of the bound: float32 and float64 gamma_d, each doubled."""
+    gamma32 = d * _U32 / (1.0 - d * _U32)
+    gamma64 = d * _U64 / (1.0 - d * _U64)
+    return 2.0 * gamma32, 2.0 * gamma64
+
+
+def prefilter_tables(item_emb: torch.Tensor, normalize: bool):
+    """What the prefilter keeps per table: ``(emb64, lo, norms)``: the oracle's float64 rows (normalised by
+    the same expression as :func:`~rellax_fast.ops.topk.normalized_rows`, so bit for bit), their bf16 copy,
+    and (N, 3) float64 ``||x||``, ``||x~||``, ``||x - x~||`` for the bound. The float64 table costs 8 bytes
+    per element while ``item_emb`` lives; rebuilding its rows from ``item_emb`` at each rescoring instead
+    measured several times slower (a float64 division over every gathered element)."""
+    x = item_emb.to(torch.float64)
+    if normalize:
+        x = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+    lo = x.to(torch.bfloat16)
+    lo64 = lo.to(torch.float64)
+    norms = torch.stack([x.norm(dim=1), lo64.norm(dim=1), (x - lo64).norm(dim=1)], dim=1)
+    return x, lo, norms
+
+
+def row_bounds(norms: torch.Tensor, target_rows: torch.Tensor, d: int) -> torch.Tensor:
+    """E_i for each target row (see the module docstring), float32, rounded up."""
+    acc, oracle = error_coefficients(d)
+    x, x_lo, dx = norms[target_rows].unbind(-1)
+    y_max, y_lo_max, dy_max = norms.max(dim=0).values.unbind(-1)
+    inputs = x_lo * dy_max + dx * y_max
+    s_acc = (1.0 + acc) * x_lo * y_lo_max
+    bound = inputs + acc * x_lo * y_lo_max + _BF16_OUT * s_acc + oracle * x * y_max
+    bound = (bound * (1.0 + 1e-6) + 1e-30).to(torch.float32)
+    return bound.nextafter(torch.full_like(bound, float("inf")))  # rounded up, not to nearest
+
+
+def _groups(seq_offsets, sample_user, sample_pos) -> List[Tuple[int, torch.Tensor]]:
+    """(user, sample indices ascending by position) for runs of <= TARGETS_PER_GROUP targets of one user."""
+    order = torch.argsort(seq_offsets[sample_user] + sample_pos, stable=True)
+    users = sample_user[order]
+    bounds = torch.nonzero(users[1:] != users[:-1]).flatten() + 1
+    starts = [0, *bounds.tolist()]
+    ends = [*bounds.tolist(), order.shape[0]]
+    out = []
+    for b, e in zip(starts, ends):
+        u = int(users[b])
+        for g in range(b, e, TARGETS_PER_GROUP):
+            out.append((u, order[g : min(e, g + TARGETS_PER_GROUP)]))
+    return out
+
+
+def _batches(groups, sample_pos):
+    """Groups sorted by history length (the largest target position), packed into batches whose padded
+    (groups x targets x history) scores stay within SCORE_BUDGET (a lone larger group is its own batch)."""
+    lengths = [int(sample_pos[idx[-1]]) for _, idx in groups]
+    ranked = sorted(range(len(groups)), key=lambda g: lengths[g])
+    batch: List[int] = []
+    for g in ranked:
+        if lengths[g] == 0:
+            continue  # a target at position 0 has no candidates: its row stays padding
+        n_max = max([groups[g][1].shape[0], *(groups[b][1].shape[0] for b in batch)])
+        if batch and (len(batch) + 1) * n_max * lengths[g] > SCORE_BUDGET:
+            yield [groups[b] for b in batch], lengths[batch[-1]]
+            batch = []
+        batch.append(g)
+    if batch:
+        yield [groups[b] for b in batch], lengths[batch[-1]]
+
+
+def _padded_indices(batch, width, seq_items, seq_offsets, sample_pos):
+    """(hist (B, W) item rows, targ (B, n) item rows, tpos (B, n), samples (B, n), real (B, n)) for a batch;
+    padding points at row 0 and is masked by position (tpos 0 for padded targets)."""
+    n_max = max(idx.shape[0] for _, idx in batch)
+    dev = seq_items.device
+    samples = torch.full((len(batch), n_max), -1, dtype=torch.int64, device=dev)
+    for b, (_, idx) in enumerate(batch):
+        samples[b, : idx.shape[0]] = idx
+    real = samples >= 0
+    users = torch.tensor([u for u, _ in batch], dtype=torch.int64, device=dev)
+    starts = seq_offsets[users]
+    tpos = torch.where(real, sample_pos[samples.clamp_min(0)], 0)
+    targ = seq_items[starts[:, None] + tpos]
+    col = torch.arange(width, device=dev)
+    hist_len = tpos.max(dim=1).values
+    flat = (starts[:, None] + col[None, :].minimum((hist_len[:, None] - 1).clamp_min(0))).clamp_max(
+        seq_items.shape[0] - 1
+    )
+    return seq_items[flat], targ, tpos, samples, real
+
+
+def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``table[idx]`` by index_select (a row copy each; advanced indexing is several times slower here)."""
+    return table.index_select(0, idx.flatten()).view(*idx.shape, table.shape[1])
+
+
+def _survivors(lo, norms, hist, targ, tpos, k, d):
+    """(b, i, j) of the candidates that can be in a target's exact top-k (module docstring). The scores stay
+    in bf16 (what the GEMM returns): the threshold is rounded down to a bf16 value, so comparing in bf16 is
+    exact and keeps at least the candidates the float32 threshold keeps."""
+    scores = torch.bmm(_rows(lo, targ), _rows(lo, hist).transpose(1, 2))  # (B, n, W) bf16
+    causal = torch.arange(hist.shape[1], device=hist.device)[None, None, :] >= tpos[:, :, None]
+    scores.masked_fill_(causal, float("-inf"))
+    if k <= scores.shape[2]:
+        kth = torch.topk(scores, k, dim=2).values[:, :, -1:].to(torch.float32)
+    else:
+        kth = torch.full((*scores.shape[:2], 1), float("-inf"), device=scores.device)
+    thr = kth - 2.0 * row_bounds(norms, targ, d)[:, :, None]
+    # fewer than k candidates: every finite (valid) score survives, the -inf (masked) ones do not
+    thr = thr.clamp_min(torch.finfo(torch.bfloat16).min)
+    low = thr.to(torch.bfloat16)
+    low = torch.where(low.to(torch.float32) > thr, low.nextafter(torch.full_like(low, float("-inf"))), low)
+    return torch.nonzero(scores >= low).unbind(1)
+
+
+def _rescored_topk(emb64, hist, targ, b, i, j, k):
+    """Per (b, i) row: the top-k of its survivors by float64 score, ties to the larger position j.
+    Returns (row ids, rank within the row, j, score) for the kept entries (``nonzero`` lists them by row)."""
+    row = b * targ.shape[1] + i
+    first = torch.ones_like(row, dtype=torch.bool)
+    first[1:] = row[1:] != row[:-1]
+    rows, counts = torch.unique_consecutive(row, return_counts=True)
+    start = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(row.shape[0], device=row.device) - torch.repeat_interleave(start, counts)
+    width = int(counts.max())
+    # (rows, width) padded candidates, one float64 GEMV per row: each target row is read once
+    cand = torch.full((rows.shape[0], width), -1, dtype=torch.int64, device=row.device)
+    cand[torch.repeat_interleave(torch.arange(rows.shape[0], device=row.device), counts), slot] = j
+    t = _rows(emb64, targ.flatten()[rows])
+    h = _rows(emb64, hist[rows // targ.shape[1]].gather(1, cand.clamp_min(0)))
+    score = torch.bmm(h, t[:, :, None])[:, :, 0].masked_fill(cand < 0, float("-inf"))
+    # (score desc, position desc): sort by position first, then stably by score
+    by_pos = torch.argsort(cand, dim=1, descending=True, stable=True)
+    order = by_pos.gather(1, torch.argsort(score.gather(1, by_pos), dim=1, descending=True, stable=True))
+    kk = min(k, width)
+    top_j, top_s = cand.gather(1, order[:, :kk]), score.gather(1, order[:, :kk])
+    keep = top_j >= 0
+    rank = torch.arange(kk, device=row.device).expand_as(top_j)
+    return rows[:, None].expand_as(top_j)[keep], rank[keep], top_j[keep], top_s[keep]
+
+
+def prefiltered_topk(emb64, lo, norms, seq_items, seq_offsets, sample_user, sample_pos, k):
+    """``semantic_topk`` on validated arguments (S > 0, k > 0) with the exact bf16 prefilter;
+    ``emb64, lo, norms`` are :func:`prefilter_tables` of the table."""
+    n_samples, d = sample_user.shape[0], emb64.shape[1]
+    dev = emb64.device
+    pos_out = torch.full((n_samples, k), -1, dtype=torch.int64, device=dev)
+    score_out = torch.full((n_samples, k), float("-inf"), dtype=torch.float32, device=dev)
+    for batch, width in _batches(_groups(seq_offsets, sample_user, sample_pos), sample_pos):
+        hist, targ, tpos, samples, _ = _padded_indices(batch, width, seq_items, seq_offsets, sample_pos)
+        b, i, j = _survivors(lo, norms, hist, targ, tpos, k, d)
+        row, rank, j, score = _rescored_topk(emb64, hist, targ, b, i, j, k)
+        sample = samples.flatten()[row]
+        pos_out[sample, rank] = j
+        score_out[sample, rank] = score.to(torch.float32)
+    return pos_out, score_out
