@@ -46,6 +46,7 @@ STAGES = ("prepare", "embed", "retrieve", "train-ctr")
 GEMM_SIZE = (
     2048  # 17 GFLOP per fp32 product: ~0.1 s on 2 idle cores, large enough for the blocked kernel's peak
 )
+PREFILTER_BACKEND = "prefilter-bf16"  # --topk-backend value: semantic_topk(prefilter="bf16")
 BANDS = ((5, 50), (50, 500), (500, 5000), (5000, None))  # history-length bands of the retrieval sample
 _RATING_VALUES = np.arange(1, 11) / 2.0
 _RATING_P = np.array([1.6, 3.4, 1.6, 6.8, 4.9, 19.6, 13.1, 26.6, 8.8, 13.6])  # ML-25M's histogram, roughly
@@ -78,7 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--dim", type=int, default=384, help="item embedding size of the stand-in encoder")
     g.add_argument(
-        "--topk-backend", default="cpp", help="semantic_topk backend for the retrieve stage (default cpp)"
+        "--topk-backend",
+        default="cpp",
+        help=f"semantic_topk backend for the retrieve stage (default cpp), or {PREFILTER_BACKEND!r}: the "
+        "op's exact bf16 prefilter",
     )
     g.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     g.add_argument(
@@ -234,6 +238,7 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
     from ..data.prepared import load_prepared
     from ..subr.retrieval import retrieve
 
+    topk = dict(prefilter="bf16") if backend == PREFILTER_BACKEND else dict(backend=backend)
     t0 = time.perf_counter()
     data = load_prepared(prepared)
     emb = torch.from_numpy(np.load(emb_dir / "embeddings.npy"))
@@ -247,13 +252,13 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
         SimpleNamespace(user_index=ui[:64], pos=pos[:64]),
         10,
         metric="cosine",
-        backend=backend,
+        **topk,
         item_ids=ids,
         show_progress=False,
     )  # warm-up (first call builds the item-row map)
     t1 = time.perf_counter()
     rpos, rscore = retrieve(
-        emb, data.sequences, sample, 10, metric="cosine", backend=backend, item_ids=ids, show_progress=False
+        emb, data.sequences, sample, 10, metric="cosine", **topk, item_ids=ids, show_progress=False
     )
     seconds = time.perf_counter() - t1
     out.mkdir(parents=True, exist_ok=True)
@@ -272,7 +277,7 @@ def _stage_retrieve(prepared: Path, emb_dir: Path, out: Path, targets: int, back
                 SimpleNamespace(user_index=ui[keep], pos=pos[keep]),
                 10,
                 metric="cosine",
-                backend=backend,
+                **topk,
                 item_ids=ids,
                 show_progress=False,
             )

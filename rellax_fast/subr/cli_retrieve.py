@@ -25,6 +25,7 @@ import os
 from typing import Optional
 
 from ..ops._backend import BACKENDS
+from ..ops.topk_prefilter import PREFILTERS
 from .embed import add_encoder_arguments
 
 
@@ -48,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=BACKENDS,
         help="force a semantic_topk backend (default: the fastest available)",
+    )
+    parser.add_argument(
+        "--prefilter",
+        default=None,
+        choices=PREFILTERS,
+        help="bf16: score in bfloat16 and rescore in float64 only what a certified error bound keeps (the "
+        "exact float64 result; takes no --backend)",
     )
     parser.add_argument(
         "--metric",
@@ -123,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         "method": args.method,
         "metric": args.metric,
         "backend": args.backend or "auto",
+        "prefilter": args.prefilter,
         "embeddings": str(emb_result.path),
         "splits": {},
         "max_history": getattr(args, "max_history", None),
@@ -157,6 +166,11 @@ def _option_error(args: argparse.Namespace, splits) -> Optional[str]:
     if max_history is not None and (max_history < 1 or args.method != "op"):
         return (
             f"--max-history must be >= 1 and needs --method op; got {max_history} with --method {args.method}"
+        )
+    if args.prefilter is not None and (args.backend is not None or args.method != "op"):
+        return (
+            f"--prefilter {args.prefilter} needs --method op and no --backend (it runs on torch GEMMs); got "
+            f"--method {args.method} --backend {args.backend}"
         )
     if not splits:
         return f"--splits: no split named in {args.splits!r}"
@@ -349,6 +363,7 @@ def _top_k(args, data, split, emb, emb_result, device, shard_dir):
             args.k,
             metric=args.metric,
             backend=args.backend,
+            prefilter=args.prefilter,
             item_ids=emb_result.item_ids,
             device=device,
             max_history=getattr(args, "max_history", None),

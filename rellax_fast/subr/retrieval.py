@@ -157,6 +157,7 @@ def retrieve(
     *,
     metric: str = "cosine",
     backend: Optional[str] = None,
+    prefilter: Optional[str] = None,
     item_ids: Optional[Sequence[Any]] = None,
     device=None,
     chunk_size: int = DEFAULT_CHUNK,
@@ -168,6 +169,7 @@ def retrieve(
     """Per-sample SUBR top-K via :func:`rellax_fast.ops.semantic_topk`: (pos (S,k) int64, score (S,k) float32).
 
     Tensors are returned on the CPU. ``device`` (default: the embeddings' device) is where the op runs.
+    ``metric``, ``backend`` and ``prefilter`` (``"bf16"``: the op's exact bf16 prefilter) go to the op.
 
     ``max_history`` (W, default None: the whole history): only the W most recent behaviours before each
     target are candidates, positions p-W..p-1, for lifelong histories where behaviours from years ago
@@ -195,11 +197,12 @@ def retrieve(
     out_pos = torch.full((n, k), -1, dtype=torch.int64)
     out_score = torch.full((n, k), float("-inf"), dtype=torch.float32)
     windowed = np.zeros(n, dtype=bool) if max_history is None else pos > max_history
-    parts = _direct_topk(emb, seq, off, users, pos, np.flatnonzero(~windowed), k, chunk_size, metric, backend)
+    opts = dict(metric=metric, backend=backend, prefilter=prefilter)  # semantic_topk's keywords
+    parts = _direct_topk(emb, seq, off, users, pos, np.flatnonzero(~windowed), k, chunk_size, opts)
     if windowed.any() and k > 0:
         wide = np.flatnonzero(windowed)
         windows = (emb, rows, offsets, users, pos, wide, k, int(max_history), window_band, window_budget)
-        parts = itertools.chain(parts, _windowed_topk(*windows, metric, backend, dev))
+        parts = itertools.chain(parts, _windowed_topk(*windows, opts, dev))
     with progress_bar(n, f"SUBR top-{k}", show_progress, unit="sample", unit_scale=True) as bar:
         for idx, p, s in parts:
             out_pos[idx] = p
@@ -224,7 +227,7 @@ def _check_retrieve_options(k: int, chunk_size: int, max_history: Optional[int])
         )
 
 
-def _direct_topk(emb, seq, off, users, pos, direct, k, chunk_size, metric, backend):
+def _direct_topk(emb, seq, off, users, pos, direct, k, chunk_size, opts):
     """Yield (sample indices, pos, score), on the CPU, of :func:`retrieve`'s samples that see their whole
     history (``direct``): ``ops.semantic_topk`` on ``chunk_size`` of them at a time."""
     import torch
@@ -240,13 +243,12 @@ def _direct_topk(emb, seq, off, users, pos, direct, k, chunk_size, metric, backe
             torch.as_tensor(users[idx], device=emb.device),
             torch.as_tensor(pos[idx], device=emb.device),
             k,
-            metric=metric,
-            backend=backend,
+            **opts,
         )
         yield idx, p.cpu(), s.cpu()
 
 
-def _windowed_topk(emb, rows, offsets, users, pos, wide, k, window, band, budget, metric, backend, dev):
+def _windowed_topk(emb, rows, offsets, users, pos, wide, k, window, band, budget, opts, dev):
     """Yield (sample indices, pos, score) of :func:`retrieve`'s windowed samples (``wide``: p > window).
 
     Why bands: semantic_topk's fast kernels share each history tile among the targets of one user, so a
@@ -288,8 +290,7 @@ def _windowed_topk(emb, rows, offsets, users, pos, wide, k, window, band, budget
             torch.as_tensor(band_of, device=dev),
             torch.as_tensor(vpos, device=dev),
             kk,
-            metric=metric,
-            backend=backend,
+            **opts,
         )
         got_p, got_s = got_p.cpu().numpy(), got_s.cpu().numpy()
         real = got_p + (first[b0:b1][band_of] - window)[:, None]  # positions in the user's sequence

@@ -148,3 +148,26 @@ def test_cli_max_history_bad_values_are_errors(tmp_path, capsys, extra):
     assert main(["retrieve", "--dataset", "synthetic", "--out", str(tmp_path), *extra]) == 2
     assert "--max-history must be >= 1 and needs --method op" in capsys.readouterr().err
     assert not (tmp_path / "retrieval").exists()
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_retrieve_with_the_bf16_prefilter_is_the_reference_backend(window, metric):
+    emb, seq, split, _ = make_data(LENGTHS, seed=9)
+    kw = dict(metric=metric, max_history=window, chunk_size=17, window_budget=40, show_progress=False)
+    ref = retrieve(emb, seq, split, 4, backend="reference", **kw)
+    got = retrieve(emb, seq, split, 4, prefilter="bf16", **kw)
+    np.testing.assert_array_equal(got[0].numpy(), ref[0].numpy())
+    np.testing.assert_array_equal(got[1].numpy(), ref[1].numpy())
+
+
+@pytest.mark.parametrize("extra", [["--backend", "cpp"], ["--method", "global"]])
+def test_cli_prefilter_refuses_a_backend_or_the_global_method(tmp_path, capsys, extra):
+    from rellax_fast.cli import main
+
+    assert (
+        main(["retrieve", "--dataset", "synthetic", "--out", str(tmp_path), "--prefilter", "bf16", *extra])
+        == 2
+    )
+    assert "--prefilter bf16 needs --method op and no --backend" in capsys.readouterr().err
+    assert not (tmp_path / "retrieval").exists()
