@@ -41,6 +41,7 @@ from typing import List, Tuple
 import torch
 
 from .._kernel_common import NORM_EPS
+from ._registry import ext_op, register_ext_hook
 
 PREFILTERS = ("bf16",)
 _U32 = 2.0**-24
@@ -143,18 +144,17 @@ def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, idx.flatten()).view(*idx.shape, table.shape[1])
 
 
-def _survivors(lo, norms, hist, targ, tpos, k, d):
-    """(b, i, j) of the candidates that can be in a target's exact top-k (module docstring). The scores stay
-    in bf16 (what the GEMM returns): the threshold is rounded down to a bf16 value, so comparing in bf16 is
-    exact and keeps at least the candidates the float32 threshold keeps."""
-    scores = torch.bmm(_rows(lo, targ), _rows(lo, hist).transpose(1, 2))  # (B, n, W) bf16
-    causal = torch.arange(hist.shape[1], device=hist.device)[None, None, :] >= tpos[:, :, None]
+def _survivors(scores, bound, tpos, k):
+    """(b, i, j) of the candidates that can be in a target's exact top-k (module docstring), from the bf16
+    ``scores`` (B, n, W), masked here in place. Comparing in bf16 is exact: the threshold is rounded down
+    to a bf16 value, which keeps at least the candidates the float32 threshold keeps."""
+    causal = torch.arange(scores.shape[2], device=scores.device)[None, None, :] >= tpos[:, :, None]
     scores.masked_fill_(causal, float("-inf"))
     if k <= scores.shape[2]:
         kth = torch.topk(scores, k, dim=2).values[:, :, -1:].to(torch.float32)
     else:
         kth = torch.full((*scores.shape[:2], 1), float("-inf"), device=scores.device)
-    thr = kth - 2.0 * row_bounds(norms, targ, d)[:, :, None]
+    thr = kth - 2.0 * bound[:, :, None]
     # fewer than k candidates: every finite (valid) score survives, the -inf (masked) ones do not
     thr = thr.clamp_min(torch.finfo(torch.bfloat16).min)
     low = thr.to(torch.bfloat16)
@@ -165,9 +165,8 @@ def _survivors(lo, norms, hist, targ, tpos, k, d):
 def _rescored_topk(emb64, hist, targ, b, i, j, k):
     """Per (b, i) row: the top-k of its survivors by float64 score, ties to the larger position j.
     Returns (row ids, rank within the row, j, score) for the kept entries (``nonzero`` lists them by row)."""
-    row = b * targ.shape[1] + i
-    first = torch.ones_like(row, dtype=torch.bool)
-    first[1:] = row[1:] != row[:-1]
+    n = targ.shape[1]
+    row = b * n + i
     rows, counts = torch.unique_consecutive(row, return_counts=True)
     start = torch.cumsum(counts, 0) - counts
     slot = torch.arange(row.shape[0], device=row.device) - torch.repeat_interleave(start, counts)
@@ -176,7 +175,8 @@ def _rescored_topk(emb64, hist, targ, b, i, j, k):
     cand = torch.full((rows.shape[0], width), -1, dtype=torch.int64, device=row.device)
     cand[torch.repeat_interleave(torch.arange(rows.shape[0], device=row.device), counts), slot] = j
     t = _rows(emb64, targ.flatten()[rows])
-    h = _rows(emb64, hist[rows // targ.shape[1]].gather(1, cand.clamp_min(0)))
+    flat = (rows // n)[:, None] * hist.shape[1] + cand.clamp_min(0)  # into hist.flatten()
+    h = _rows(emb64, hist.flatten()[flat])
     score = torch.bmm(h, t[:, :, None])[:, :, 0].masked_fill(cand < 0, float("-inf"))
     # (score desc, position desc): sort by position first, then stably by score
     by_pos = torch.argsort(cand, dim=1, descending=True, stable=True)
@@ -188,18 +188,52 @@ def _rescored_topk(emb64, hist, targ, b, i, j, k):
     return rows[:, None].expand_as(top_j)[keep], rank[keep], top_j[keep], top_s[keep]
 
 
-def prefiltered_topk(emb64, lo, norms, seq_items, seq_offsets, sample_user, sample_pos, k):
+def _finish_torch(scores, bound, emb64, hist, targ, tpos, k):
+    """(row, rank, j, score) of every kept entry, in torch ops (any device, no extension)."""
+    b, i, j = _survivors(scores, bound, tpos, k)
+    return _rescored_topk(emb64, hist, targ, b, i, j, k)
+
+
+def _finish_cpp(scores, bound, emb64, hist, targ, tpos, k):
+    """The same by the C++ op ``topk_rescore`` (csrc/topk_rescore.cpp): one pass per target for its k-th bf16
+    score, a second that rescores the survivors in place, no padded gathers."""
+    pos, score = ext_op("topk_rescore")(scores, hist, targ, tpos, bound, emb64, k)
+    pos, score = pos.flatten(0, 1), score.flatten(0, 1)
+    row, rank = torch.nonzero(pos >= 0).unbind(1)
+    return row, rank, pos[row, rank], score[row, rank]
+
+
+def finisher(device: torch.device):
+    """The C++ finishing step on the CPU when ``_C`` is built, else the torch one."""
+    from ._backend import cpp_unavailable
+
+    return _finish_cpp if cpp_unavailable(device.type) is None else _finish_torch
+
+
+def prefiltered_topk(emb64, lo, norms, seq_items, seq_offsets, sample_user, sample_pos, k, finish=None):
     """``semantic_topk`` on validated arguments (S > 0, k > 0) with the exact bf16 prefilter;
-    ``emb64, lo, norms`` are :func:`prefilter_tables` of the table."""
+    ``emb64, lo, norms`` are :func:`prefilter_tables` of the table; ``finish`` is :func:`_finish_cpp` or
+    :func:`_finish_torch` (default: :func:`finisher`)."""
     n_samples, d = sample_user.shape[0], emb64.shape[1]
     dev = emb64.device
+    finish = finish or finisher(dev)
     pos_out = torch.full((n_samples, k), -1, dtype=torch.int64, device=dev)
     score_out = torch.full((n_samples, k), float("-inf"), dtype=torch.float32, device=dev)
     for batch, width in _batches(_groups(seq_offsets, sample_user, sample_pos), sample_pos):
         hist, targ, tpos, samples, _ = _padded_indices(batch, width, seq_items, seq_offsets, sample_pos)
-        b, i, j = _survivors(lo, norms, hist, targ, tpos, k, d)
-        row, rank, j, score = _rescored_topk(emb64, hist, targ, b, i, j, k)
+        scores = torch.bmm(_rows(lo, targ), _rows(lo, hist).transpose(1, 2))  # (B, n, W) bf16
+        row, rank, j, score = finish(scores, row_bounds(norms, targ, d), emb64, hist, targ, tpos, k)
         sample = samples.flatten()[row]
         pos_out[sample, rank] = j
         score_out[sample, rank] = score.to(torch.float32)
     return pos_out, score_out
+
+
+def _register_ext() -> None:
+    @torch.library.register_fake("rellax_fast::topk_rescore")
+    def _(scores, hist, targ, tpos, bound, emb64, k):
+        shape = (*scores.shape[:2], k)
+        return hist.new_empty(shape), emb64.new_empty(shape)
+
+
+register_ext_hook(_register_ext)

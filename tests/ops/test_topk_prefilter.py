@@ -10,6 +10,26 @@ from rellax_fast.ops import semantic_topk
 from rellax_fast.ops import topk_prefilter as tp
 
 
+def _has_cpp() -> bool:
+    from rellax_fast.ops._backend import cpp_unavailable
+
+    return cpp_unavailable("cpu") is None
+
+
+# every exactness test runs both finishing steps: the C++ op (make test builds _C) and the torch ops
+FINISHERS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(not _has_cpp(), reason="rellax_fast._C not built")),
+    "torch",
+]
+
+
+@pytest.fixture(params=FINISHERS)
+def finish(request, monkeypatch):
+    fn = tp._finish_cpp if request.param == "cpp" else tp._finish_torch
+    monkeypatch.setattr(tp, "finisher", lambda device: fn)
+    return request.param
+
+
 def histories(n_users, max_len, n_items, gen, min_len=1):
     lens = torch.randint(min_len, max_len + 1, (n_users,), generator=gen)
     off = torch.zeros(n_users + 1, dtype=torch.int64)
@@ -34,7 +54,7 @@ def assert_same(ref, got):
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("k", [1, 7, 40])
-def test_equals_the_float64_oracle_on_random_inputs(metric, dtype, k):
+def test_equals_the_float64_oracle_on_random_inputs(metric, dtype, k, finish):
     gen = torch.Generator().manual_seed(k * 7 + len(metric))
     emb = (torch.randn(101, 37, generator=gen) * torch.rand(101, 1, generator=gen) * 3).to(dtype)
     items, off, users, pos = histories(13, 90, 101, gen)
@@ -44,12 +64,13 @@ def test_equals_the_float64_oracle_on_random_inputs(metric, dtype, k):
     assert_same(ref, got)
 
 
-def test_near_ties_below_bf16_resolution_and_exact_ties_follow_the_oracle():
+def test_near_ties_below_bf16_resolution_and_exact_ties_follow_the_oracle(finish):
     gen = torch.Generator().manual_seed(3)
-    base = torch.randn(1, 64, generator=gen, dtype=torch.float64)
-    # rows equal in bf16 whose exact cosines with the target differ by ~1e-9, plus exact duplicates
-    near = base + 1e-9 * torch.randn(30, 64, generator=gen, dtype=torch.float64)
-    emb = torch.cat([base, near, near[:5], torch.randn(20, 64, generator=gen, dtype=torch.float64)])
+    target, base = torch.randn(2, 1, 64, generator=gen, dtype=torch.float64)
+    # rows equal in bf16 whose exact cosines with the target differ by ~1e-8 (first order in the
+    # perturbation, far above float64 rounding), plus exact duplicates
+    near = base + 1e-8 * torch.randn(30, 64, generator=gen, dtype=torch.float64)
+    emb = torch.cat([target, near, near[:5], torch.randn(20, 64, generator=gen, dtype=torch.float64)])
     assert torch.equal(near.to(torch.bfloat16)[0], near.to(torch.bfloat16)[1])  # bf16 cannot tell them apart
     seq = torch.cat([torch.arange(1, emb.shape[0]), torch.tensor([0])])  # target (row 0) last
     items, off = seq, torch.tensor([0, seq.shape[0]])
@@ -65,7 +86,7 @@ def test_near_ties_below_bf16_resolution_and_exact_ties_follow_the_oracle():
         assert order.index(second) < order.index(first)
 
 
-def test_small_batches_and_groups_cut_the_work_but_not_the_result(monkeypatch):
+def test_small_batches_and_groups_cut_the_work_but_not_the_result(monkeypatch, finish):
     gen = torch.Generator().manual_seed(5)
     emb = torch.randn(77, 19, generator=gen)
     items, off, users, pos = histories(9, 60, 77, gen)
@@ -92,6 +113,8 @@ def test_the_bound_holds_for_every_pair_and_is_tight_enough_to_filter():
 
 
 def test_only_a_few_candidates_per_target_are_rescored(monkeypatch):
+    # the torch finishing step, whose survivors can be counted; the C++ one applies the same threshold
+    monkeypatch.setattr(tp, "finisher", lambda device: tp._finish_torch)
     gen = torch.Generator().manual_seed(2)
     emb = torch.randn(2000, 128, generator=gen)
     items, off, users, pos = histories(4, 1500, 2000, gen, min_len=1000)
@@ -105,7 +128,7 @@ def test_only_a_few_candidates_per_target_are_rescored(monkeypatch):
     assert 10 <= rescored < 100, rescored  # of at least 500 candidates per target
 
 
-def test_a_table_changed_in_place_is_prepared_again():
+def test_a_table_changed_in_place_is_prepared_again(finish):
     gen = torch.Generator().manual_seed(4)
     emb = torch.randn(50, 16, generator=gen)
     items, off, users, pos = histories(5, 40, 50, gen)
@@ -130,3 +153,42 @@ def test_bad_prefilter_arguments_are_named():
         semantic_topk(*args[:-2], torch.tensor([3]), 1, prefilter="bf16")
     empty = semantic_topk(*args[:-1], 0, prefilter="bf16")
     assert empty[0].shape == (1, 0) and empty[1].shape == (1, 0)
+
+
+@pytest.mark.skipif(not _has_cpp(), reason="rellax_fast._C not built")
+def test_the_cpp_finishing_op_refuses_bad_arguments_by_name():
+    from rellax_fast.ops._registry import ext_op
+
+    op = ext_op("topk_rescore")
+    scores = torch.zeros(2, 3, 5, dtype=torch.bfloat16)
+    hist, targ = torch.zeros(2, 5, dtype=torch.int64), torch.zeros(2, 3, dtype=torch.int64)
+    tpos, bound, emb = torch.full((2, 3), 5), torch.zeros(2, 3), torch.zeros(4, 8, dtype=torch.float64)
+    pos, score = op(scores, hist, targ, tpos, bound, emb, 2)
+    assert pos.shape == (2, 3, 2) and torch.equal(pos[..., 0], torch.full((2, 3), 4))  # ties: the last slot
+    torch.library.opcheck(op, (scores, hist, targ, tpos, bound, emb, 2))  # schema and fake agree
+    with pytest.raises(RuntimeError, match=r"scores must be a \(B, n, W\) bfloat16 tensor; got Float"):
+        op(scores.float(), hist, targ, tpos, bound, emb, 2)
+    with pytest.raises(RuntimeError, match=r"hist\[3\] = 9 is out of \[0, 4\)"):
+        op(
+            scores,
+            hist.flatten().index_put((torch.tensor([3]),), torch.tensor(9)).view(2, 5),
+            targ,
+            tpos,
+            bound,
+            emb,
+            2,
+        )
+    with pytest.raises(RuntimeError, match=r"tpos\[0\] = 6 is out of \[0, 5\]"):
+        op(
+            scores,
+            hist,
+            targ,
+            tpos.flatten().index_put((torch.tensor([0]),), torch.tensor(6)).view(2, 3),
+            bound,
+            emb,
+            2,
+        )
+    with pytest.raises(RuntimeError, match="emb64 must be a \\(N, d\\) float64 tensor"):
+        op(scores, hist, targ, tpos, bound, emb.float(), 2)
+    with pytest.raises(RuntimeError, match="k must be >= 1"):
+        op(scores, hist, targ, tpos, bound, emb, 0)
