@@ -140,8 +140,9 @@ def _padded_indices(batch, width, seq_items, seq_offsets, sample_pos):
 
 
 def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``table[idx]`` by index_select (a row copy each; advanced indexing is several times slower here)."""
-    return table.index_select(0, idx.flatten()).view(*idx.shape, table.shape[1])
+    """``table[idx]`` as an embedding lookup: a row copy each (measured 1.8x faster than index_select and
+    several times faster than advanced indexing for bf16 rows on the CPU)."""
+    return torch.nn.functional.embedding(idx, table)
 
 
 def _survivors(scores, bound, tpos, k):
