@@ -36,7 +36,7 @@ the other backends' tables.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 
@@ -47,7 +47,8 @@ PREFILTERS = ("bf16",)
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 _BF16_OUT = 2.0**-8 / (1.0 - 2.0**-8)  # round-to-nearest bf16: |S_acc - S| <= 2^-8 |S_acc|
-SCORE_BUDGET = 1 << 22  # padded scores per batched GEMM (16 MiB of float32)
+SCORE_BUDGET = 1 << 22  # padded scores per batched GEMM (8 MiB of bf16)
+GATHER_BUDGET = 1 << 24  # gathered bf16 history elements per batched GEMM (32 MiB); binds when few targets
 TARGETS_PER_GROUP = 256  # a user's targets are cut into groups of at most this many (bounds the padding)
 
 
@@ -85,58 +86,54 @@ def row_bounds(norms: torch.Tensor, target_rows: torch.Tensor, d: int) -> torch.
     return bound.nextafter(torch.full_like(bound, float("inf")))  # rounded up, not to nearest
 
 
-def _groups(seq_offsets, sample_user, sample_pos) -> List[Tuple[int, torch.Tensor]]:
-    """(user, sample indices ascending by position) for runs of <= TARGETS_PER_GROUP targets of one user."""
+def _groups(seq_offsets, sample_user, sample_pos):
+    """The samples cut into groups: runs of <= TARGETS_PER_GROUP targets of one user, ascending by position.
+    Returns (order: the samples sorted by (user, position), start and count of each group in ``order``, its
+    user, its width = the largest target position), all tensors; no Python loop over users."""
     order = torch.argsort(seq_offsets[sample_user] + sample_pos, stable=True)
     users = sample_user[order]
-    bounds = torch.nonzero(users[1:] != users[:-1]).flatten() + 1
-    starts = [0, *bounds.tolist()]
-    ends = [*bounds.tolist(), order.shape[0]]
-    out = []
-    for b, e in zip(starts, ends):
-        u = int(users[b])
-        for g in range(b, e, TARGETS_PER_GROUP):
-            out.append((u, order[g : min(e, g + TARGETS_PER_GROUP)]))
-    return out
+    idx = torch.arange(order.shape[0], device=order.device)
+    new_run = torch.ones_like(users, dtype=torch.bool)
+    new_run[1:] = users[1:] != users[:-1]
+    rank = idx - torch.cummax(torch.where(new_run, idx, 0), 0).values
+    start = torch.nonzero(new_run | (rank % TARGETS_PER_GROUP == 0)).flatten()
+    end = torch.cat([start[1:], start.new_tensor([order.shape[0]])])
+    return order, start, end - start, users[start], sample_pos[order[end - 1]]
 
 
-def _batches(groups, sample_pos):
-    """Groups sorted by history length (the largest target position), packed into batches whose padded
-    (groups x targets x history) scores stay within SCORE_BUDGET (a lone larger group is its own batch)."""
-    lengths = [int(sample_pos[idx[-1]]) for _, idx in groups]
-    ranked = sorted(range(len(groups)), key=lambda g: lengths[g])
-    batch: List[int] = []
-    for g in ranked:
-        if lengths[g] == 0:
-            continue  # a target at position 0 has no candidates: its row stays padding
-        n_max = max([groups[g][1].shape[0], *(groups[b][1].shape[0] for b in batch)])
-        if batch and (len(batch) + 1) * n_max * lengths[g] > SCORE_BUDGET:
-            yield [groups[b] for b in batch], lengths[batch[-1]]
-            batch = []
-        batch.append(g)
-    if batch:
-        yield [groups[b] for b in batch], lengths[batch[-1]]
+def _batches(width, count, d: int):
+    """[lo, hi) ranges over the groups sorted by width, packed so that a batch's padded (groups x targets x
+    history) scores stay within SCORE_BUDGET and its gathered (groups x history x d) rows within
+    GATHER_BUDGET (a lone larger group is its own batch). Groups of width 0 (targets at position 0, no
+    candidates) are left out: their rows stay padding."""
+    ws, ns = width.tolist(), count.tolist()
+    first = next((i for i, w in enumerate(ws) if w > 0), len(ws))
+    lo, n_max = first, 0
+    for g in range(first, len(ws)):
+        n_max = max(n_max, ns[g])
+        size = (g - lo + 1) * ws[g]
+        if g > lo and (size * n_max > SCORE_BUDGET or size * d > GATHER_BUDGET):
+            yield lo, g
+            lo, n_max = g, ns[g]
+    if lo < len(ws):
+        yield lo, len(ws)
 
 
-def _padded_indices(batch, width, seq_items, seq_offsets, sample_pos):
-    """(hist (B, W) item rows, targ (B, n) item rows, tpos (B, n), samples (B, n), real (B, n)) for a batch;
-    padding points at row 0 and is masked by position (tpos 0 for padded targets)."""
-    n_max = max(idx.shape[0] for _, idx in batch)
+def _padded_indices(order, start, count, user, width, seq_items, seq_offsets, sample_pos):
+    """For the groups of one batch: (hist (B, W) item rows, targ (B, n) item rows, tpos (B, n), samples
+    (B, n), -1 for padding). Padded targets get tpos 0 (no candidates) and history slots past a group's
+    width repeat its last row; both are masked by position."""
     dev = seq_items.device
-    samples = torch.full((len(batch), n_max), -1, dtype=torch.int64, device=dev)
-    for b, (_, idx) in enumerate(batch):
-        samples[b, : idx.shape[0]] = idx
-    real = samples >= 0
-    users = torch.tensor([u for u, _ in batch], dtype=torch.int64, device=dev)
-    starts = seq_offsets[users]
+    n_max = int(count.max())
+    slot = torch.arange(n_max, device=dev)[None, :]
+    real = slot < count[:, None]
+    samples = torch.where(real, order[(start[:, None] + slot).clamp_max(order.shape[0] - 1)], -1)
+    starts = seq_offsets[user]
     tpos = torch.where(real, sample_pos[samples.clamp_min(0)], 0)
     targ = seq_items[starts[:, None] + tpos]
-    col = torch.arange(width, device=dev)
-    hist_len = tpos.max(dim=1).values
-    flat = (starts[:, None] + col[None, :].minimum((hist_len[:, None] - 1).clamp_min(0))).clamp_max(
-        seq_items.shape[0] - 1
-    )
-    return seq_items[flat], targ, tpos, samples, real
+    col = torch.arange(int(width.max()), device=dev)[None, :]
+    flat = starts[:, None] + col.minimum((width[:, None] - 1).clamp_min(0))
+    return seq_items[flat], targ, tpos, samples
 
 
 def _rows(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -220,8 +217,12 @@ def prefiltered_topk(emb64, lo, norms, seq_items, seq_offsets, sample_user, samp
     finish = finish or finisher(dev)
     pos_out = torch.full((n_samples, k), -1, dtype=torch.int64, device=dev)
     score_out = torch.full((n_samples, k), float("-inf"), dtype=torch.float32, device=dev)
-    for batch, width in _batches(_groups(seq_offsets, sample_user, sample_pos), sample_pos):
-        hist, targ, tpos, samples, _ = _padded_indices(batch, width, seq_items, seq_offsets, sample_pos)
+    order, start, count, user, width = _groups(seq_offsets, sample_user, sample_pos)
+    by_width = torch.argsort(width, stable=True)
+    start, count, user, width = start[by_width], count[by_width], user[by_width], width[by_width]
+    for g0, g1 in _batches(width.cpu(), count.cpu(), d):
+        group = (start[g0:g1], count[g0:g1], user[g0:g1], width[g0:g1])
+        hist, targ, tpos, samples = _padded_indices(order, *group, seq_items, seq_offsets, sample_pos)
         scores = torch.bmm(_rows(lo, targ), _rows(lo, hist).transpose(1, 2))  # (B, n, W) bf16
         row, rank, j, score = finish(scores, row_bounds(norms, targ, d), emb64, hist, targ, tpos, k)
         sample = samples.flatten()[row]

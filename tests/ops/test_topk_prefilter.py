@@ -92,6 +92,7 @@ def test_small_batches_and_groups_cut_the_work_but_not_the_result(monkeypatch, f
     items, off, users, pos = histories(9, 60, 77, gen)
     ref = semantic_topk(emb, items, off, users, pos, 5, backend="reference")
     monkeypatch.setattr(tp, "SCORE_BUDGET", 50)
+    monkeypatch.setattr(tp, "GATHER_BUDGET", 19 * 70)
     monkeypatch.setattr(tp, "TARGETS_PER_GROUP", 3)
     assert_same(ref, semantic_topk(emb, items, off, users, pos, 5, prefilter="bf16"))
 
