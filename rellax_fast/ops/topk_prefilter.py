@@ -65,13 +65,19 @@ def prefilter_tables(item_emb: torch.Tensor, normalize: bool):
     and (N, 3) float64 ``||x||``, ``||x~||``, ``||x - x~||`` for the bound. The float64 table costs 8 bytes
     per element while ``item_emb`` lives; rebuilding its rows from ``item_emb`` at each rescoring instead
     measured several times slower (a float64 division over every gathered element)."""
-    x = item_emb.to(torch.float64)
-    if normalize:
-        x = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
-    lo = x.to(torch.bfloat16)
-    lo64 = lo.to(torch.float64)
-    norms = torch.stack([x.norm(dim=1), lo64.norm(dim=1), (x - lo64).norm(dim=1)], dim=1)
-    return x, lo, norms
+    n = item_emb.shape[0]
+    emb64 = torch.empty(item_emb.shape, dtype=torch.float64, device=item_emb.device)
+    lo = torch.empty(item_emb.shape, dtype=torch.bfloat16, device=item_emb.device)
+    norms = torch.empty((n, 3), dtype=torch.float64, device=item_emb.device)
+    for r in range(0, n, 8192):  # in row blocks: the float64 temporaries stay small
+        x = item_emb[r : r + 8192].to(torch.float64)
+        if normalize:
+            x = x / x.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+        emb64[r : r + 8192] = x
+        lo[r : r + 8192] = x.to(torch.bfloat16)
+        lo64 = lo[r : r + 8192].to(torch.float64)
+        norms[r : r + 8192] = torch.stack([x.norm(dim=1), lo64.norm(dim=1), (x - lo64).norm(dim=1)], dim=1)
+    return emb64, lo, norms
 
 
 def row_bounds(norms: torch.Tensor, target_rows: torch.Tensor, d: int) -> torch.Tensor:

@@ -193,3 +193,15 @@ def test_the_cpp_finishing_op_refuses_bad_arguments_by_name():
         op(scores, hist, targ, tpos, bound, emb.float(), 2)
     with pytest.raises(RuntimeError, match="k must be >= 1"):
         op(scores, hist, targ, tpos, bound, emb, 0)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_float64_table_is_the_oracles_bit_for_bit_across_row_blocks(normalize):
+    from rellax_fast.ops.topk import normalized_rows
+
+    emb = torch.randn(20_011, 37) * torch.rand(20_011, 1) * 5  # more rows than one block of 8,192
+    emb64, lo, norms = tp.prefilter_tables(emb, normalize)
+    want = normalized_rows(emb, torch.float64) if normalize else emb.to(torch.float64)
+    assert torch.equal(emb64, want)
+    assert torch.equal(lo, want.to(torch.bfloat16))
+    torch.testing.assert_close(norms[:, 2], (want - lo.to(torch.float64)).norm(dim=1), rtol=0, atol=0)
