@@ -35,6 +35,8 @@ BACKENDS = ("reference", "cpp", "cuda", "triton")
 # what a backend= argument accepts wherever one is taken (configs, layers, patches): None/"auto" is automatic
 BACKEND_CHOICES = (None, "auto", *BACKENDS)
 ENV_VAR = "RELLAX_BACKEND"
+# semantic_topk's prefilter= values (ops/topk_prefilter.py); here so that CLIs list them without torch
+PREFILTERS = ("bf16",)
 
 
 class BackendUnavailableError(RuntimeError):

@@ -35,8 +35,9 @@ import torch
 
 from .._kernel_common import NORM_EPS  # the zero-norm rule shared by all backends
 from . import _backend, _registry
+from ._backend import PREFILTERS
 from ._registry import ext_op
-from .topk_prefilter import PREFILTERS, prefilter_tables, prefiltered_topk
+from .topk_prefilter import prefilter_tables, prefiltered_topk
 
 OP = "semantic_topk"
 _backend.register_op(OP, {"cpu": ["cpp", "reference"], "cuda": ["triton", "cuda", "reference"]})

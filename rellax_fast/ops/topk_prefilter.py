@@ -43,7 +43,6 @@ import torch
 from .._kernel_common import NORM_EPS
 from ._registry import ext_op, register_ext_hook
 
-PREFILTERS = ("bf16",)
 _U32 = 2.0**-24
 _U64 = 2.0**-53
 _BF16_OUT = 2.0**-8 / (1.0 - 2.0**-8)  # round-to-nearest bf16: |S_acc - S| <= 2^-8 |S_acc|

@@ -24,8 +24,7 @@ import argparse
 import os
 from typing import Optional
 
-from ..ops._backend import BACKENDS
-from ..ops.topk_prefilter import PREFILTERS
+from ..ops._backend import BACKENDS, PREFILTERS
 from .embed import add_encoder_arguments
 
 
