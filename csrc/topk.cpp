@@ -49,6 +49,7 @@
 #endif
 
 #include "common.h"
+#include "topk_common.h"
 
 namespace rellax {
 namespace topk_cpu {
@@ -75,22 +76,6 @@ constexpr int kRows = 8;    // panel kernel: targets per register block
 constexpr int kCols = 32;   // panel kernel: candidates per register block (two 16-lane vectors)
 constexpr int kTargets = 8; // row-major kernel: targets per pass (one lane of a v8f each)
 constexpr int kCand = 8;    // row-major kernel: history rows per block (independent accumulators)
-
-// Insert score s of candidate `pos` into a row's sorted top-k (sc, ps, *cnt entries so far). Candidates
-// arrive in increasing position, so a new score goes in front of equal ones (ties: the larger position).
-// Returns the row's new threshold (the k-th best, or -inf while the row is not full).
-inline float insert_topk(float* sc, int64_t* ps, int64_t* cnt, int64_t k, float s, int64_t pos) {
-  int64_t slot = *cnt < k ? *cnt : k - 1;
-  while (slot > 0 && sc[slot - 1] <= s) {
-    sc[slot] = sc[slot - 1];
-    ps[slot] = ps[slot - 1];
-    --slot;
-  }
-  sc[slot] = s;
-  ps[slot] = pos;
-  if (*cnt < k) ++*cnt;
-  return *cnt < k ? -std::numeric_limits<float>::infinity() : sc[k - 1];
-}
 
 // Panel kernel, one work item: `n` targets (positions `tpos`, ascending) of a user whose item at position j
 // has its float32 row at table + hist[j] * dp (row `zero_row` is all zeros). Writes each target's sorted

@@ -20,25 +20,10 @@
 #include <vector>
 
 #include "common.h"
+#include "topk_common.h"
 
 namespace rellax {
 namespace rescore_cpu {
-
-// Insert s at `pos` into a descending top-k (sc, ps, *cnt so far); returns the new k-th value (or `floor`
-// while not full). Entries arrive in increasing pos, so a new equal score goes in front (larger pos first).
-template <typename T>
-inline T insert(T* sc, int64_t* ps, int64_t* cnt, int64_t k, T s, int64_t pos, T floor) {
-  int64_t slot = *cnt < k ? *cnt : k - 1;
-  while (slot > 0 && sc[slot - 1] <= s) {
-    sc[slot] = sc[slot - 1];
-    ps[slot] = ps[slot - 1];
-    --slot;
-  }
-  sc[slot] = s;
-  ps[slot] = pos;
-  if (*cnt < k) ++*cnt;
-  return *cnt < k ? floor : sc[k - 1];
-}
 
 inline double dot(const double* a, const double* b, int64_t d) {
   double s = 0.0;
@@ -54,15 +39,15 @@ void one_row(const at::BFloat16* row, int64_t lim, const double* t, const int64_
   float kth = neg_inf;
   for (int64_t j = 0; j < lim; ++j) {
     const float s = static_cast<float>(row[j]);
-    if (cnt < k || s > kth) kth = insert<float>(kbuf, kpos, &cnt, k, s, j, neg_inf);
+    if (cnt < k || s > kth) kth = insert_topk<float>(kbuf, kpos, &cnt, k, s, j);
   }
   const double thr = cnt < k ? -std::numeric_limits<double>::infinity() : double(kth) - 2.0 * bound;
   int64_t kept = 0;
-  double floor = -std::numeric_limits<double>::infinity();
+  double floor = -std::numeric_limits<double>::infinity();  // the k-th rescored score once k are kept
   for (int64_t j = 0; j < lim; ++j) {
     if (!(double(static_cast<float>(row[j])) >= thr)) continue;
     const double s = dot(t, emb + hist[j] * d, d);
-    if (kept < k || s >= floor) floor = insert<double>(out_s, out_p, &kept, k, s, j, floor);
+    if (kept < k || s >= floor) floor = insert_topk<double>(out_s, out_p, &kept, k, s, j);
   }
 }
 
