@@ -18,7 +18,10 @@ Forward (2 kernels, +1 for a per-sample C)
      over that sample's rows. Decode (one row per sample) costs one 16-row dot per sample, not a
      64-row block looping over 64 samples.
   2. _cflora_fwd_gemm_kernel, tiled GEMM over (M, d_out): acc = x Wᵀ over d_in, then the r-wide step
-     acc += (scale·T) Bᵀ (BLOCK_RK ranks at a time), then + b, then a single store of y.
+     acc += (scale·T) Bᵀ (BLOCK_RK ranks at a time), then + b, then a single store of y. On sm_90+ with
+     16-byte aligned x, W, y (_tma_ok) _cflora_fwd_gemm_tma_kernel does the same through TMA descriptors
+     (cp.async.bulk.tensor loads and store) on a persistent grid of one program per SM; USE_TMA = False
+     keeps the pointer kernel everywhere.
   Saved for backward: x (the caller's), S, T. Never a d_out- or d_in-sized activation.
 
 Backward
@@ -43,7 +46,8 @@ Backward
      dAᵀ = drop(x)ᵀ dS / (1-p) (the second read of x, mask regenerated); dB = scale·dYᵀ T with db = Σ dY
      only where 3 does not fuse them.
   5. _cflora_dx_kernel, tiled GEMM over (M, d_in): dx = drop'(dS A) + dY W as ONE accumulator: the r-wide
-     step first (masked), then the K loop over d_out (the base GEMM's read of dY).
+     step first (masked), then the K loop over d_out (the base GEMM's read of dY). On sm_90+ with aligned
+     dY, W, dx: _cflora_dx_tma_kernel (TMA descriptors, a persistent grid), as in 2.
   6. _matmul_kernel: dW = dYᵀ x, only when needed (frozen base weights skip it).
   Traffic beyond the frozen linear's own (x, W, b -> y; dy, W -> dx) at the headline shape (bf16,
   M = 16384, d_in = d_out = 4096, r = 16, per-sample C; tests/ops/test_traffic_model.py): x twice (shrink,
@@ -71,6 +75,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from rellax_fast._kernel_common import (
     CFLORA_TRITON_DTYPES,
@@ -261,6 +266,50 @@ def _cflora_interact_fwd_kernel(
 
 
 @triton.jit
+def _lora_expand(
+    acc,
+    t_ptr,
+    b_ptr,
+    rows,
+    cols,
+    R,
+    stride_tm,
+    stride_tr,
+    stride_bn,
+    stride_br,
+    SCALE,
+    M,
+    N,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
+):
+    """acc += (SCALE·T) Bᵀ over the tile's rows and cols: r more K columns into the GEMM's accumulator,
+    BLOCK_RK ranks at a time (a runtime loop: one chunk's small tiles live at a time)."""
+    row_ok = rows < M
+    col_ok = cols < N
+    for r0 in range(0, R, BLOCK_RK):
+        rank = r0 + tl.arange(0, BLOCK_RK).to(tl.int64)
+        rank_ok = rank < R
+        t = tl.load(
+            t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
+            mask=row_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
+        b_t = tl.load(
+            b_ptr + cols[None, :] * stride_bn + rank[:, None] * stride_br,
+            mask=rank_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_RK, BLOCK_N) = Bᵀ tile
+        t = (t.to(tl.float32) * SCALE).to(b_t.dtype)
+        if UPCAST:
+            t = t.to(tl.float32)
+            b_t = b_t.to(tl.float32)
+        acc = tl.dot(t, b_t, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _cflora_fwd_gemm_kernel(
     x_ptr,
     w_ptr,
@@ -319,26 +368,25 @@ def _cflora_fwd_gemm_kernel(
             w_t = w_t.to(tl.float32)
         acc = tl.dot(x, w_t, acc, input_precision=PRECISION)
 
-    # the LoRA expand: r more K columns into the same accumulator, BLOCK_RK at a time (small smem tiles)
-    for r0 in range(0, R, BLOCK_RK):  # a runtime loop: one chunk's tiles live at a time
-        rank = r0 + tl.arange(0, BLOCK_RK).to(tl.int64)
-        rank_ok = rank < R
-        t = tl.load(
-            t_ptr + rows[:, None] * stride_tm + rank[None, :] * stride_tr,
-            mask=row_ok[:, None] & rank_ok[None, :],
-            other=0.0,
-        )
-        b_t = tl.load(
-            b_ptr + cols[None, :] * stride_bn + rank[:, None] * stride_br,
-            mask=rank_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )  # (BLOCK_RK, BLOCK_N) = Bᵀ tile
-        t = (t.to(tl.float32) * SCALE).to(b_t.dtype)
-        if UPCAST:
-            t = t.to(tl.float32)
-            b_t = b_t.to(tl.float32)
-        acc = tl.dot(t, b_t, acc, input_precision=PRECISION)
-
+    # the LoRA expand: r more K columns into the same accumulator
+    acc = _lora_expand(
+        acc,
+        t_ptr,
+        b_ptr,
+        rows,
+        cols,
+        R,
+        stride_tm,
+        stride_tr,
+        stride_bn,
+        stride_br,
+        SCALE,
+        M,
+        N,
+        UPCAST,
+        PRECISION,
+        BLOCK_RK,
+    )
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
@@ -347,6 +395,81 @@ def _cflora_fwd_gemm_kernel(
         acc.to(y_ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
+
+
+# TMA + persistent variants of the two big GEMMs (sm_90+, tensors whose base and row strides are 16-byte
+# aligned: _tma_ok). x / W / y (forward) and dY / W / dx (dx) move through host-built TensorDescriptors
+# (the copy engine fills shared memory: cp.async.bulk.tensor, no address arithmetic in registers, out-of-range
+# rows and columns zero-filled on load and clipped on store), and NUM_SMS programs walk the output tiles in
+# the same grouped order, so each SM keeps one program resident instead of one per tile. The r-wide LoRA
+# steps keep pointer loads: T, B, dS, A are (·, r) tensors whose row stride (r elements) is often not
+# 16-byte aligned, and they are a few KB per tile. Without `flatten` (the epilogue/prologue overlap of the
+# persistent tutorial): two sibling inner loops per tile, and the plain loop compiles under triton 3.6 too.
+@triton.jit
+def _cflora_fwd_gemm_tma_kernel(
+    x_desc,
+    w_desc,
+    y_desc,
+    bias_ptr,
+    t_ptr,
+    b_ptr,
+    M,
+    N,
+    K,
+    R,
+    stride_tm,
+    stride_tr,
+    stride_bn,
+    stride_br,
+    SCALE,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    """y = x Wᵀ + (SCALE·T) Bᵀ + b over (M, N = d_out) tiles, TMA loads and stores, a persistent grid."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = x_desc.load([off_m, k0])
+            w = w_desc.load([off_n, k0])  # (BLOCK_N, BLOCK_K): W's rows; the dot takes its transpose
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w.T, acc, input_precision=PRECISION)
+        rows = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+        cols = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+        acc = _lora_expand(
+            acc,
+            t_ptr,
+            b_ptr,
+            rows,
+            cols,
+            R,
+            stride_tm,
+            stride_tr,
+            stride_bn,
+            stride_br,
+            SCALE,
+            M,
+            N,
+            UPCAST,
+            PRECISION,
+            BLOCK_RK,
+        )
+        if HAS_BIAS:
+            acc = acc + tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y_desc.store([off_m, off_n], acc.to(y_desc.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -756,6 +879,59 @@ def _cflora_rank_grad_kernel(
 
 
 @triton.jit
+def _lora_dx_start(
+    ds_ptr,
+    a_ptr,
+    rows,
+    cols,
+    R,
+    M,
+    N,
+    stride_dsm,
+    stride_dsr,
+    stride_ar,
+    stride_an,
+    KEY,
+    THRESHOLD,
+    KEEP_SCALE,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
+):
+    """drop'(dS A) for the tile's rows and cols (N = d_in): the dx accumulator's start, BLOCK_RK ranks at a
+    time, masked by the keep-mask, so the mask and dS are dead before the long K loop over d_out."""
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_RK):  # a runtime loop: one chunk's tiles live at a time
+        rank = r0 + tl.arange(0, BLOCK_RK).to(tl.int64)
+        rank_ok = rank < R
+        a = tl.load(
+            a_ptr + rank[:, None] * stride_ar + cols[None, :] * stride_an,
+            mask=rank_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        d_s = tl.load(
+            ds_ptr + rows[:, None] * stride_dsm + rank[None, :] * stride_dsr,
+            mask=row_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )  # fp32
+        d_s = d_s.to(
+            a.dtype
+        )  # the dot dtype on the GPU (A has dx's dtype); rounded the same when interpreting
+        if UPCAST:
+            d_s = d_s.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(d_s, a, acc, input_precision=PRECISION)
+    if DROPOUT:
+        acc = tl.where(_keep_mask(rows, cols, N, KEY, THRESHOLD), acc * KEEP_SCALE, tl.zeros_like(acc))
+    return acc
+
+
+@triton.jit(do_not_specialize=["KEY", "THRESHOLD"])
 def _cflora_dx_kernel(
     dy_ptr,
     w_ptr,
@@ -801,27 +977,28 @@ def _cflora_dx_kernel(
     row_ok = rows < M
     col_ok = cols < N
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_RK):  # a runtime loop: one chunk's tiles live at a time
-        rank = r0 + tl.arange(0, BLOCK_RK).to(tl.int64)
-        rank_ok = rank < R
-        d_s = tl.load(
-            ds_ptr + rows[:, None] * stride_dsm + rank[None, :] * stride_dsr,
-            mask=row_ok[:, None] & rank_ok[None, :],
-            other=0.0,
-        )  # fp32
-        d_s = d_s.to(dx_ptr.dtype.element_ty)  # the dot dtype on the GPU; rounded the same when interpreting
-        a = tl.load(
-            a_ptr + rank[:, None] * stride_ar + cols[None, :] * stride_an,
-            mask=rank_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
-        if UPCAST:
-            d_s = d_s.to(tl.float32)
-            a = a.to(tl.float32)
-        acc = tl.dot(d_s, a, acc, input_precision=PRECISION)
-    if DROPOUT:
-        acc = tl.where(_keep_mask(rows, cols, N, KEY, THRESHOLD), acc * KEEP_SCALE, tl.zeros_like(acc))
+    acc = _lora_dx_start(
+        ds_ptr,
+        a_ptr,
+        rows,
+        cols,
+        R,
+        M,
+        N,
+        stride_dsm,
+        stride_dsr,
+        stride_ar,
+        stride_an,
+        KEY,
+        THRESHOLD,
+        KEEP_SCALE,
+        DROPOUT,
+        UPCAST,
+        PRECISION,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_RK,
+    )
 
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
@@ -845,6 +1022,77 @@ def _cflora_dx_kernel(
         acc.to(dx_ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
+
+
+@triton.jit(do_not_specialize=["KEY", "THRESHOLD"])
+def _cflora_dx_tma_kernel(
+    dy_desc,
+    w_desc,
+    dx_desc,
+    ds_ptr,
+    a_ptr,
+    M,
+    N,
+    K,
+    R,
+    stride_dsm,
+    stride_dsr,
+    stride_ar,
+    stride_an,
+    KEY,
+    THRESHOLD,
+    KEEP_SCALE,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_RK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    """dx = dY W + drop'(dS A) over (M, N = d_in) tiles (K = d_out), TMA loads and stores, a persistent grid
+    (see _cflora_fwd_gemm_tma_kernel); the masked LoRA step starts each tile's accumulator as in
+    _cflora_dx_kernel."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
+        pid_m, pid_n = _grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        rows = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+        cols = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+        acc = _lora_dx_start(
+            ds_ptr,
+            a_ptr,
+            rows,
+            cols,
+            R,
+            M,
+            N,
+            stride_dsm,
+            stride_dsr,
+            stride_ar,
+            stride_an,
+            KEY,
+            THRESHOLD,
+            KEEP_SCALE,
+            DROPOUT,
+            UPCAST,
+            PRECISION,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_RK,
+        )
+        for k0 in range(0, K, BLOCK_K):
+            dy = dy_desc.load([off_m, k0])
+            w = w_desc.load([k0, off_n])
+            if UPCAST:
+                dy = dy.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+        dx_desc.store([off_m, off_n], acc.to(dx_desc.dtype))
 
 
 @triton.jit
@@ -1015,6 +1263,46 @@ def _sms(device: torch.device) -> int:
     if device.type != "cuda":
         return _DEFAULT_SMS
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# The GPU that launches on CPU tensors describe (the compile gate's captured launches, the interpreter's tests):
+# an H100, as _DEFAULT_SMS. The gate sets 80 to capture what an A100 launches.
+_CPU_CAPABILITY = 90
+# The TMA + persistent GEMMs where _tma_ok allows them; False forces the pointer GEMMs everywhere (an A/B on a
+# GPU: scripts/gpu_lean.py's "triton, no TMA" row).
+USE_TMA = True
+
+
+@functools.cache
+def _cuda_capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def _capability(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _CPU_CAPABILITY
+    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _tma_ok(device: torch.device, *tensors: torch.Tensor) -> bool:
+    """TMA descriptors for these 2-D tensors: sm_90+, and each non-empty with unit column stride, rows that do
+    not overlap, and its base and row stride 16-byte aligned (what cuTensorMapEncodeTiled requires)."""
+    if not USE_TMA or _capability(device) < 90:
+        return False
+    return all(
+        t.numel() > 0
+        and t.stride(1) == 1
+        and t.stride(0) >= t.shape[1]
+        and (t.stride(0) * t.element_size()) % 16 == 0
+        and t.data_ptr() % 16 == 0
+        for t in tensors
+    )
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of a persistent grid: one per SM; 2 under the interpreter, so each walks several tiles."""
+    return 2 if triton_interpreting() else _sms(device)
 
 
 def _row_block(cfg: dict, m: int, device: torch.device) -> dict:
@@ -1321,6 +1609,8 @@ def _launch_interact_fwd(run: _Run, s, interaction, t, rows_per_sample: int) -> 
 
 def _launch_fwd_gemm(run: _Run, x2d, weight, bias, t, lora_b, y, scale: float) -> None:
     """y = x Wᵀ + (scale·T) Bᵀ + b, one tiled GEMM."""
+    if _tma_ok(run.device, x2d, weight, y):
+        return _launch_fwd_gemm_tma(run, x2d, weight, bias, t, lora_b, y, scale)
     m, d_in = x2d.shape
     d_out = weight.shape[0]
     cfg = _unaligned_k(_config("gemm", run.dtype, run.block_r), d_in, x2d.stride(0), weight.stride(0))
@@ -1351,6 +1641,40 @@ def _launch_fwd_gemm(run: _Run, x2d, weight, bias, t, lora_b, y, scale: float) -
         UPCAST=run.upcast,
         PRECISION=run.precision,
         BLOCK_R=run.block_r,
+        **cfg,
+    )
+
+
+def _launch_fwd_gemm_tma(run: _Run, x2d, weight, bias, t, lora_b, y, scale: float) -> None:
+    """_launch_fwd_gemm through TMA descriptors on a persistent grid (the %16 BLOCK_K cut of _unaligned_k is
+    for the pointer loads' missing divisibility hints; the descriptors' loads need none)."""
+    m, d_in = x2d.shape
+    d_out = weight.shape[0]
+    cfg = _config("gemm", run.dtype, run.block_r)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    programs = _persistent_programs(run.device)
+    grid = (min(programs, triton.cdiv(m, bm) * triton.cdiv(d_out, bn)),)
+    _cflora_fwd_gemm_tma_kernel[grid](
+        TensorDescriptor.from_tensor(x2d, [bm, bk]),
+        TensorDescriptor.from_tensor(weight, [bn, bk]),
+        TensorDescriptor.from_tensor(y, [bm, bn]),
+        bias.contiguous() if bias is not None else weight,
+        t,
+        lora_b,
+        m,
+        d_out,
+        d_in,
+        t.shape[1],
+        t.stride(0),
+        t.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        float(scale),
+        HAS_BIAS=bias is not None,
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        BLOCK_R=run.block_r,
+        NUM_SMS=programs,
         **cfg,
     )
 
@@ -1657,6 +1981,8 @@ def _launch_interact_bwd(run: _Run, g: _Grads, s, interaction, rows_per_sample: 
 
 def _launch_dx(run: _Run, grad_y, weight, d_s, lora_a, dx) -> None:
     """dx = dY W + drop'(dS A), one tiled GEMM."""
+    if _tma_ok(run.device, grad_y, weight, dx):
+        return _launch_dx_tma(run, grad_y, weight, d_s, lora_a, dx)
     m, d_out = grad_y.shape
     d_in = weight.shape[1]
     cfg = _unaligned_k(_config("gemm", run.dtype, run.block_r), d_out, grad_y.stride(0), weight.stride(0))
@@ -1688,6 +2014,40 @@ def _launch_dx(run: _Run, grad_y, weight, d_s, lora_a, dx) -> None:
         UPCAST=run.upcast,
         PRECISION=run.precision,
         BLOCK_R=run.block_r,
+        **cfg,
+    )
+
+
+def _launch_dx_tma(run: _Run, grad_y, weight, d_s, lora_a, dx) -> None:
+    """_launch_dx through TMA descriptors on a persistent grid (as _launch_fwd_gemm_tma)."""
+    m, d_out = grad_y.shape
+    d_in = weight.shape[1]
+    cfg = _config("gemm", run.dtype, run.block_r)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    programs = _persistent_programs(run.device)
+    grid = (min(programs, triton.cdiv(m, bm) * triton.cdiv(d_in, bn)),)
+    _cflora_dx_tma_kernel[grid](
+        TensorDescriptor.from_tensor(grad_y, [bm, bk]),
+        TensorDescriptor.from_tensor(weight, [bk, bn]),
+        TensorDescriptor.from_tensor(dx, [bm, bn]),
+        d_s,
+        lora_a,
+        m,
+        d_in,
+        d_out,
+        lora_a.shape[0],
+        d_s.stride(0),
+        d_s.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        run.key,
+        run.threshold,
+        run.keep_scale,
+        DROPOUT=run.dropout,
+        UPCAST=run.upcast,
+        PRECISION=run.precision,
+        BLOCK_R=run.block_r,
+        NUM_SMS=programs,
         **cfg,
     )
 

@@ -302,6 +302,87 @@ def test_every_output_element_is_written(monkeypatch, c_kind):
 
 
 # ----------------------------------------------------------------------------------------------------
+# the TMA + persistent GEMMs (sm_90+, 16-byte aligned tensors) and the pointer GEMMs they replace there
+# ----------------------------------------------------------------------------------------------------
+def _spy_gemm_paths(monkeypatch, k):
+    """Counts of the forward / dx GEMM launches by path, and the persistent grids' (programs, tiles)."""
+    used, grids = [], []
+    for name in ("_launch_fwd_gemm_tma", "_launch_dx_tma"):
+        real = getattr(k, name)
+
+        def spy(run, *args, _real=real, _name=name):
+            used.append(_name)
+            return _real(run, *args)
+
+        monkeypatch.setattr(k, name, spy)
+    for name in ("_cflora_fwd_gemm_tma_kernel", "_cflora_dx_tma_kernel"):
+        real_run = getattr(k, name).run
+
+        def run_spy(*args, grid, _real=real_run, **kwargs):
+            grids.append(grid)
+            return _real(*args, grid=grid, **kwargs)
+
+        monkeypatch.setattr(getattr(k, name), "run", run_spy)
+    return used, grids
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("capability", [90, 80], ids=["sm90_tma", "sm80_pointers"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_tma_and_pointer_gemms_match_oracle(monkeypatch, capability, dtype, dropout_p):
+    """Aligned sizes (rows of 96 and 48 elements: 16-byte multiples in both dtypes; M = 69 leaves edge tiles)
+    take the TMA GEMMs on sm_90 and the pointer GEMMs on sm_80. Both match the float64 oracle with every
+    output NaN-poisoned first, and the persistent grid (2 programs under the interpreter) walks several tiles
+    per program."""
+    k = _kernels()
+    monkeypatch.setattr(k, "_CPU_CAPABILITY", capability)
+    used, grids = _spy_gemm_paths(monkeypatch, k)
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan")) if out.is_floating_point() else out
+
+    r, scale, seed, d_in, d_out, n, rps = 5, 0.75, 99, 96, 48, 3, 23
+    inputs = make_inputs(r, dtype, "per_sample", True, m=n * rps, d_in=d_in, d_out=d_out, n_samples=n)
+    x, weight, bias, lora_a, lora_b, c = inputs
+    grad_y = torch.randn(n * rps, d_out, dtype=torch.float64).to(dtype)
+    y_ref, _, _, grads_ref = oracle_grads(inputs, grad_y, rps, scale, dropout_p, seed)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    y, s, t = k.cflora_fwd(*inputs, rps, scale, dropout_p, seed)
+    grads = k.cflora_bwd(grad_y, x, weight, lora_a, lora_b, c, s, t, rps, scale, dropout_p, seed, [True] * 6)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert used == (["_launch_fwd_gemm_tma", "_launch_dx_tma"] if capability >= 90 else []), used
+    for grid in grids:
+        assert grid == (2,), grid  # fewer programs than the 10 (forward) / 15 (dx) output tiles
+    check(y, y_ref, dtype, "y")
+    for name, got, want in zip(GRAD_NAMES, grads, grads_ref):
+        check(got, want, dtype, f"d{name}", grad_scale(name, dtype, n * rps))
+
+
+@pytest.mark.triton
+def test_tma_only_where_descriptors_are_legal(monkeypatch):
+    """_tma_ok: sm_90+, USE_TMA, and per tensor a unit column stride, non-overlapping rows, a 16-byte aligned
+    base and row stride, and no empty tensor. Each condition alone turns TMA off."""
+    k = _kernels()
+    cpu = torch.device("cpu")
+    base = torch.zeros(8, 64, dtype=torch.bfloat16)
+    assert k._tma_ok(cpu, base, base)
+    assert not k._tma_ok(cpu, base, torch.zeros(8, 36, dtype=torch.bfloat16))  # row stride 72 B
+    assert k._tma_ok(cpu, torch.zeros(8, 36, dtype=torch.float32))  # 144 B
+    assert not k._tma_ok(cpu, torch.zeros(64, 8, dtype=torch.bfloat16).T)  # column stride 8
+    assert not k._tma_ok(cpu, torch.zeros(1, 64, dtype=torch.bfloat16).expand(8, 64))  # row stride 0
+    assert not k._tma_ok(cpu, torch.zeros(8, 72, dtype=torch.bfloat16)[:, 1:65])  # base 2 B off
+    assert not k._tma_ok(cpu, torch.zeros(0, 64, dtype=torch.bfloat16))
+    monkeypatch.setattr(k, "_CPU_CAPABILITY", 80)
+    assert not k._tma_ok(cpu, base)
+    monkeypatch.setattr(k, "_CPU_CAPABILITY", 90)
+    monkeypatch.setattr(k, "USE_TMA", False)
+    assert not k._tma_ok(cpu, base)
+
+
+# ----------------------------------------------------------------------------------------------------
 # dropout: the in-kernel hash equals dropout_keep_mask_ref bit for bit, forward and backward
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.triton
