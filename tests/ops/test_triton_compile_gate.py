@@ -105,7 +105,12 @@ TC_KERNELS = {
     "_cflora_interact_fwd_kernel",
     "_cflora_interact_bwd_kernel",
     "_cflora_dt_finish_kernel",
+    "_cflora_fwd_gemm_tma_kernel",
+    "_cflora_dx_tma_kernel",
 }
+# the TMA + persistent GEMMs that sm_90+ launches for aligned tensors: their PTX must move tiles with the copy
+# engine (cp.async.bulk.tensor); a kernel that compiled its descriptor loads to plain loads fails
+TMA_KERNELS = {"_cflora_fwd_gemm_tma_kernel", "_cflora_dx_tma_kernel"}
 TC_ONLY_WITH = {"_cflora_dt_finish_kernel": "SHARED_C=True"}  # kernel -> the constexpr that gives it its dots
 
 
@@ -132,6 +137,8 @@ def _cflora_kernels(k):
         k._cflora_rank_grad_kernel,
         k._cflora_dx_kernel,
         k._matmul_kernel,
+        k._cflora_fwd_gemm_tma_kernel,
+        k._cflora_dx_tma_kernel,
     ]
 
 
@@ -139,8 +146,11 @@ def _empty(*shape, dtype):
     return torch.empty(*shape, dtype=dtype)  # never touched: the launches are captured, not run
 
 
-def cflora_launches(dtype_name, r, c_kind, dropout_p, grads, d_in=4096, d_out=4096, n_samples=256, tokens=64):
-    """The launches cflora_fwd + cflora_bwd choose for one case (captured on CPU tensors)."""
+def cflora_launches(
+    dtype_name, r, c_kind, dropout_p, grads, d_in=4096, d_out=4096, n_samples=256, tokens=64, capability=90
+):
+    """The launches cflora_fwd + cflora_bwd choose for one case on a GPU of ``capability`` (captured on CPU
+    tensors: the launchers read the capability of CPU tensors from kernels.cflora._CPU_CAPABILITY)."""
     k = _cflora()
     dtype, tf32 = DTYPES[dtype_name]
     m = n_samples * tokens
@@ -153,8 +163,8 @@ def cflora_launches(dtype_name, r, c_kind, dropout_p, grads, d_in=4096, d_out=40
     }[c_kind]
     gy, s, t = _empty(m, d_out, dtype=dtype), _empty(m, r, dtype=dtype), _empty(m, r, dtype=dtype)
     seed = 7 if dropout_p else None
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    old, old_cap = torch.backends.cuda.matmul.allow_tf32, k._CPU_CAPABILITY
+    torch.backends.cuda.matmul.allow_tf32, k._CPU_CAPABILITY = tf32, capability
     try:
 
         def run():
@@ -163,7 +173,7 @@ def cflora_launches(dtype_name, r, c_kind, dropout_p, grads, d_in=4096, d_out=40
 
         return aot.capture(_cflora_kernels(k), run)
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
+        torch.backends.cuda.matmul.allow_tf32, k._CPU_CAPABILITY = old, old_cap
 
 
 def topk_launches(dtype, d, k_top):
@@ -220,6 +230,26 @@ def matrix():
                             dict(c_kind=c_kind, dropout_p=p, grads=LORA_GRADS, n_samples=128, tokens=64),
                         )
                     )
+        for p in (
+            0.0,
+            0.1,
+        ):  # rows of 1,001 elements: no TMA (not 16-byte aligned), the pointer GEMMs on sm_90a
+            items.append(
+                (
+                    f"{dn} r=12 d=1001 C=per_sample p={p} grads=lora",
+                    dn,
+                    12,
+                    dict(
+                        c_kind="per_sample",
+                        dropout_p=p,
+                        grads=LORA_GRADS,
+                        d_in=1001,
+                        d_out=1001,
+                        n_samples=37,
+                        tokens=29,
+                    ),
+                )
+            )
         for c_kind in C_KINDS:  # odd sizes
             for p in (0.0, 0.1):
                 for grads, gname in ((LORA_GRADS, "lora"), (ALL_GRADS, "all")):
@@ -245,7 +275,7 @@ def matrix():
     return items
 
 
-def capture_case(dn, r, kwargs):
+def capture_case(dn, r, kwargs, capability=90):
     if r == 0:
         return topk_launches(DTYPES[dn][0], kwargs["d"], kwargs["k_top"])
     return cflora_launches(
@@ -254,6 +284,7 @@ def capture_case(dn, r, kwargs):
         kwargs["c_kind"],
         kwargs["dropout_p"],
         kwargs["grads"],
+        capability=capability,
         **{k: v for k, v in kwargs.items() if k not in ("c_kind", "dropout_p", "grads")},
     )
 
@@ -315,53 +346,55 @@ def headline_matrix():
 
 
 def run_gate(capabilities=(90, 80), select=None, log=print, items=None):
-    """Capture, dedupe, compile, measure. ``select(cap, launch, dtype name, block_r)`` picks the distinct
-    launches to compile (None: all); ``items`` is the matrix (default :func:`matrix`).
-    Returns (rows, n_cases, n_launches, n_unique)."""
+    """Capture (per capability: sm_90 launches the TMA GEMMs where sm_80 launches the pointer ones), dedupe,
+    compile, measure. ``select(cap, launch, dtype name, block_r)`` picks the distinct launches to compile
+    (None: all); ``items`` is the matrix (default :func:`matrix`). Returns (rows, n_cases, n_launches,
+    n_unique), the counts summed over the capabilities."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
-    cases = [(label, dn, r, capture_case(dn, r, kw)) for label, dn, r, kw in (items or matrix())]
-    unique = {}  # resource key -> (launch, dtype name, block_r, labels)
-    n_launches = 0
-    for label, dn, r, launches in cases:
-        for launch in launches:
-            n_launches += 1
-            key = resource_key(launch, backend)
-            if key not in unique:
-                block_r = max(16, triton.next_power_of_2(r)) if r else 0
-                unique[key] = (launch, dn, block_r, label)
-    rows = []
+    rows, n_cases, n_launches, n_unique = [], 0, 0, 0
     t0 = time.perf_counter()
     for cap in capabilities:
+        cases = [(label, dn, r, capture_case(dn, r, kw, cap)) for label, dn, r, kw in (items or matrix())]
+        unique = {}  # resource key -> (launch, dtype name, block_r, first label)
+        for label, dn, r, launches in cases:
+            for launch in launches:
+                n_launches += 1
+                block_r = max(16, triton.next_power_of_2(r)) if r else 0
+                unique.setdefault(resource_key(launch, backend), (launch, dn, block_r, label))
+        n_cases, n_unique = n_cases + len(cases), n_unique + len(unique)
         for launch, dn, block_r, label in unique.values():
-            if select is not None and not select(cap, launch, dn, block_r):
-                continue
-            _, res = aot.compile_launch(launch, cap)
-            rows.append(
-                dict(
-                    arch=res.arch,
-                    kernel=res.kernel.lstrip("_").removesuffix("_kernel"),
-                    dtype=dn,
-                    block_r=block_r or "-",
-                    warps=res.num_warps,
-                    stages=res.num_stages,
-                    regs=res.registers,
-                    spill_st=res.spill_stores,
-                    spill_ld=res.spill_loads,
-                    smem=res.shared,
-                    smem_limit=res.smem_limit,
-                    tc=res.tensor_cores,
-                    constexprs=res.constexprs,
-                    first_case=label,
-                )
-            )
-            log(
-                f"[{time.perf_counter() - t0:6.1f}s] {res.arch} {res.kernel} {dn} r={block_r} "
-                f"regs={res.registers} spill={res.spill_stores} smem={res.shared} tc={res.tensor_cores}"
-            )
-    return rows, len(cases), n_launches, len(unique)
+            if select is None or select(cap, launch, dn, block_r):
+                rows.append(_gate_row(launch, cap, dn, block_r, label, log, t0))
+    return rows, n_cases, n_launches, n_unique
+
+
+def _gate_row(launch, cap, dn, block_r, label, log, t0):
+    """Compile one distinct launch for sm_<cap> and return its table row."""
+    _, res = aot.compile_launch(launch, cap)
+    log(
+        f"[{time.perf_counter() - t0:6.1f}s] {res.arch} {res.kernel} {dn} r={block_r} "
+        f"regs={res.registers} spill={res.spill_stores} smem={res.shared} tc={res.tensor_cores} tma={res.tma}"
+    )
+    return dict(
+        arch=res.arch,
+        kernel=res.kernel.lstrip("_").removesuffix("_kernel"),
+        dtype=dn,
+        block_r=block_r or "-",
+        warps=res.num_warps,
+        stages=res.num_stages,
+        regs=res.registers,
+        spill_st=res.spill_stores,
+        spill_ld=res.spill_loads,
+        smem=res.shared,
+        smem_limit=res.smem_limit,
+        tc=res.tensor_cores,
+        tma=res.tma,
+        constexprs=res.constexprs,
+        first_case=label,
+    )
 
 
 def check_rows(rows):
@@ -381,6 +414,8 @@ def check_rows(rows):
         if row["spill_st"] > bound:
             failures.append(f"{what}: {row['spill_st']} B spill stores > bound {bound} B")
         name = "_" + row["kernel"] + "_kernel"
+        if name in TMA_KERNELS and row["arch"] == "sm_90a" and row.get("tma") != "load+store":
+            failures.append(f"{what}: TMA {row.get('tma')!r}, expected cp.async.bulk.tensor loads and stores")
         if needs_tensor_cores(name, row["constexprs"]):
             if row["arch"] == "sm_90a" and tile_rows(name, row["constexprs"]) >= WGMMA_MIN_ROWS:
                 allowed = ("wgmma",)
@@ -534,22 +569,17 @@ def test_dedupe_key_holds_the_divisibility_hints():
 
 def test_odd_size_gemm_does_not_spill_on_sm90a():
     """#23: compiled for sm_90a, the odd-size (d = 1000) bf16 forward GEMM used 255 registers and spilled
-    136 B/thread (no %16 hints: no vectorised loads); the launcher now takes a 32-deep K step there."""
-    launches = capture_case(
-        "bf16",
-        12,
-        dict(
-            c_kind="per_sample",
-            dropout_p=0.1,
-            grads=ALL_GRADS,
-            d_in=1000,
-            d_out=1000,
-            n_samples=37,
-            tokens=29,
-        ),
-    )
+    136 B/thread (no %16 hints: no vectorised loads); the launcher now takes a 32-deep K step there. Rows of
+    1,000 bf16 are 16-byte aligned, so sm_90a now runs the TMA GEMMs at d = 1000 (descriptor loads need no
+    hints); the pointer GEMMs are checked at d = 1001, where TMA is not allowed."""
+    odd = dict(c_kind="per_sample", dropout_p=0.1, grads=ALL_GRADS, n_samples=37, tokens=29)
+    launches = capture_case("bf16", 12, dict(odd, d_in=1000, d_out=1000))
+    unaligned = capture_case("bf16", 12, dict(odd, d_in=1001, d_out=1001))
     picks = [
         next(la for la in launches if la.name == name)
+        for name in ("_cflora_fwd_gemm_tma_kernel", "_cflora_dx_tma_kernel")
+    ] + [
+        next(la for la in unaligned if la.name == name)
         for name in ("_cflora_fwd_gemm_kernel", "_cflora_dx_kernel")
     ]
     # and the dA split-K GEMM with dropout, which spilled 196 B at 4 warps
@@ -560,6 +590,44 @@ def test_odd_size_gemm_does_not_spill_on_sm90a():
         _, res = aot.compile_launch(launch, 90)
         assert res.spill_stores == 0, (launch.name, res)
         assert res.tensor_cores == "wgmma", (launch.name, res)
+
+
+def test_sm90a_gemms_are_tma_and_persistent():
+    """#23 section 3: on sm_90a the forward and dx GEMMs move x / W / y and dY / W / dx through TMA descriptors
+    (cp.async.bulk.tensor loads and stores in the PTX) on a persistent grid of one program per SM, with wgmma
+    and no spills; sm_80 keeps the pointer GEMMs with one program per tile. Before, both targets launched
+    the pointer GEMMs (no cp.async.bulk.tensor anywhere), so this failed."""
+    lora = dict(c_kind="per_sample", grads=LORA_GRADS, n_samples=16, tokens=1024)
+    tiles = (16 * 1024 // 128) * (4096 // 128)
+    for p in (0.0, 0.1):
+        sm90 = {la.name: la for la in capture_case("bf16", 16, dict(lora, dropout_p=p), 90)}
+        sm80 = {la.name: la for la in capture_case("bf16", 16, dict(lora, dropout_p=p), 80)}
+        assert "_cflora_fwd_gemm_kernel" not in sm90 and "_cflora_dx_kernel" not in sm90, sorted(sm90)
+        assert not TMA_KERNELS & set(sm80), sorted(sm80)
+        assert sm80["_cflora_fwd_gemm_kernel"].kwargs["_grid"] == (tiles,)
+        for name in sorted(TMA_KERNELS):
+            launch = sm90[name]
+            assert launch.kwargs["_grid"] == (launch.kwargs["NUM_SMS"],) and launch.kwargs["NUM_SMS"] < tiles
+            _, res = aot.compile_launch(launch, 90)
+            assert (res.tma, res.tensor_cores, res.spill_stores) == ("load+store", "wgmma", 0), (p, res)
+    row = dict(
+        arch="sm_90a",
+        kernel="cflora_fwd_gemm_tma",
+        dtype="bf16",
+        block_r=16,
+        constexprs="BLOCK_M=128",
+        spill_st=0,
+        smem=1000,
+        smem_limit=aot.SMEM_LIMIT[90],
+        tc="wgmma",
+        tma="load+store",
+    )
+    assert check_rows([row]) == []
+    assert check_rows([dict(row, tma="store")]) and check_rows([dict(row, tma="-")])
+    assert (
+        aot.tma_kind("cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [a], [b];")
+        == "load"
+    )
 
 
 def test_fused_dy_pass_runs_both_dots_on_wgmma_without_spills():
@@ -655,9 +723,22 @@ def test_int64_pointer_offsets():
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    launches = cflora_launches(
-        "bf16", 16, "per_sample", 0.1, ALL_GRADS, d_in=64, d_out=192, n_samples=4, tokens=64
-    )  # M = 256, d_out = 192: dB fused, three column splits, the finish kernel runs
+    launches = [
+        la
+        for cap in (90, 80)  # sm_90 launches the TMA GEMMs, sm_80 the pointer ones
+        for la in cflora_launches(
+            "bf16",
+            16,
+            "per_sample",
+            0.1,
+            ALL_GRADS,
+            d_in=64,
+            d_out=192,
+            n_samples=4,
+            tokens=64,
+            capability=cap,
+        )
+    ]  # M = 256, d_out = 192: dB fused, three column splits, the finish kernel runs
     seen = set()
     for launch in launches:
         if launch.name in seen:

@@ -161,6 +161,7 @@ class Resources:
     shared: int
     smem_limit: int
     tensor_cores: str  # "wgmma", "mma" or "-"
+    tma: str  # the PTX's cp.async.bulk.tensor copies: "load+store", "load", "store" or "-"
     compile_s: float
 
 
@@ -170,6 +171,13 @@ def tensor_core_kind(ptx: str) -> str:
     if re.search(r"\bmma\.sync\.aligned", ptx):
         return "mma"
     return "-"
+
+
+def tma_kind(ptx: str) -> str:
+    """Which TMA copies the PTX holds: global->shared loads, shared->global stores, both or none."""
+    load = re.search(r"cp\.async\.bulk\.tensor\.\dd\.shared::\w+\.global", ptx) is not None
+    store = re.search(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::\w+", ptx) is not None
+    return {(True, True): "load+store", (True, False): "load", (False, True): "store"}.get((load, store), "-")
 
 
 def compile_launch(launch: Launch, capability: int) -> Tuple[object, Resources]:
@@ -210,6 +218,7 @@ def compile_launch(launch: Launch, capability: int) -> Tuple[object, Resources]:
         int(compiled.metadata.shared),
         SMEM_LIMIT[capability],
         tensor_core_kind(ptx),
+        tma_kind(ptx),
         elapsed,
     )
     return compiled, res
