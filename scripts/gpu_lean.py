@@ -15,6 +15,8 @@ hard caps, the results file and the summary. In order:
                         fp32-tf32  fp32 with TF32, 4 x 1024 rows, r = 128, per-sample C
   triton-timing       medians (CUDA events, L2 flushed before every repeat) of forward+backward for: the frozen
                       linear (y and dx only: the floor), the unfused PEFT-style composition, and cflora[triton]
+                      (on sm_90+ its forward and dx GEMMs use TMA on a persistent grid; cflora[triton,no-tma]
+                      times the pointer GEMMs on the same card: the A/B)
   calibrate           cuBLAS bf16 (and TF32) GEMM TFLOP/s: what "share of peak" is measured against
   triton-profile      torch.profiler per-kernel breakdown of cflora[triton] at the headline shape (us, TFLOP/s,
                       share of the cuBLAS rate) from the kernels' FLOP model
@@ -516,12 +518,30 @@ def step_correctness(ctx: Ctx, backend_name: str):
 def _timing_methods(ctx: Ctx, case: dict, p: float, backend_name: str, baselines: bool) -> list:
     backend = ctx.backend(backend_name)
     methods = [(f"cflora[{backend_name}]", lambda: fused_fwd_bwd(ctx, case, backend, p))]
+    if backend_name == "triton":  # the A/B of the TMA + persistent GEMMs (sm_90+) on the same card
+        methods.append(
+            ("cflora[triton,no-tma]", _pointer_gemms(lambda: fused_fwd_bwd(ctx, case, backend, p)))
+        )
     if baselines:
         methods = [
             ("frozen-linear", lambda: frozen_fwd_bwd(ctx, case, p)),
             ("unfused-peft", lambda: unfused_fwd_bwd(ctx, case, p)),
         ] + methods
     return methods
+
+
+def _pointer_gemms(fn):
+    """``fn`` with kernels.cflora.USE_TMA off: the forward and dx GEMMs take the pointer kernels (as on sm_80)."""
+    from rellax_fast.kernels import cflora as kernels
+
+    def run():
+        kernels.USE_TMA = False
+        try:
+            return fn()
+        finally:
+            kernels.USE_TMA = True
+
+    return run
 
 
 def step_timing(ctx: Ctx, backend_name: str, baselines: bool):
@@ -581,10 +601,12 @@ def kernel_flops(name: str, m: int, d: int, r: int) -> Optional[float]:
         "_cflora_shrink_kernel": 2 * m * d * r,
         "_cflora_interact_fwd_kernel": 2 * m * r * r,
         "_cflora_fwd_gemm_kernel": 2 * m * d * (d + r),
+        "_cflora_fwd_gemm_tma_kernel": 2 * m * d * (d + r),  # sm_90+: TMA loads/stores, a persistent grid
         "_cflora_dy_pass_kernel": 4 * m * d * r,  # dT and dB in one pass over dY (r <= 32 in 16-bit)
         "_cflora_interact_bwd_kernel": 4 * m * r * r,
         "_cflora_rank_grad_kernel": 2 * m * d * r,  # dA only, when dB is fused
         "_cflora_dx_kernel": 2 * m * d * (d + r),
+        "_cflora_dx_tma_kernel": 2 * m * d * (d + r),
     }
     return next((float(v) for k, v in model.items() if k in name), None)
 

@@ -91,7 +91,13 @@ def test_simulate_runs_every_step_caps_a_hang_and_rebuilds_the_summary(tmp_path,
     timing = {(r["shape"], r["dropout"], r["method"]) for r in _records(results, "timing")}
     for shape, spec in lean.SIM_SHAPES.items():
         for p in spec[6]:
-            for method in ("frozen-linear", "unfused-peft", "cflora[triton]", "cflora[cuda]"):
+            for method in (
+                "frozen-linear",
+                "unfused-peft",
+                "cflora[triton]",
+                "cflora[triton,no-tma]",
+                "cflora[cuda]",
+            ):
                 assert (shape, p, method) in timing
     assert {r["dtype"] for r in _records(results, "calibration")} == {"bfloat16", "float32+tf32"}
     assert {r["backend"] for r in _records(results, "kernel")} == {"cuda"}  # triton's profile was the hang
