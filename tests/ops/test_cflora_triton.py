@@ -735,3 +735,19 @@ def test_triton_on_cuda_tensors_on_second_device():
 def test_triton_on_cuda_matches_oracle(dtype, c_kind, dropout_p):
     _need_cuda()
     _cuda_case(dtype, c_kind, dropout_p)  # several blocks in every dimension
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("use_tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("d_in", [1000, 1001], ids=["aligned_rows", "unaligned_rows"])
+def test_triton_on_cuda_tma_gemms(monkeypatch, use_tma, d_in):
+    """On sm_90+ the forward and dx GEMMs take TMA exactly where _tma_ok allows it (rows of 1,000 bf16 are
+    16-byte aligned, 1,001 are not; USE_TMA = False forces the pointer GEMMs), and every path matches the
+    float64 oracle; several tiles per persistent program (M = 4 x 77 rows, d_out = 520)."""
+    _need_cuda()
+    k = _kernels()
+    monkeypatch.setattr(k, "USE_TMA", use_tma)
+    used, _ = _spy_gemm_paths(monkeypatch, k)
+    _cuda_case(torch.bfloat16, "per_sample", 0.1, d_in=d_in)
+    tma = use_tma and d_in == 1000 and torch.cuda.get_device_capability()[0] >= 9
+    assert used == (["_launch_fwd_gemm_tma", "_launch_dx_tma"] if tma else []), used
