@@ -919,9 +919,8 @@ def _lora_dx_start(
             mask=row_ok[:, None] & rank_ok[None, :],
             other=0.0,
         )  # fp32
-        d_s = d_s.to(
-            a.dtype
-        )  # the dot dtype on the GPU (A has dx's dtype); rounded the same when interpreting
+        # the dot dtype on the GPU (A has dx's dtype); rounded the same when interpreting
+        d_s = d_s.to(a.dtype)
         if UPCAST:
             d_s = d_s.to(tl.float32)
             a = a.to(tl.float32)
@@ -1258,11 +1257,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _sms(device: torch.device) -> int:
     """The SM count of a CUDA device; _DEFAULT_SMS for CPU tensors (the compile gate's captured launches)."""
     if device.type != "cuda":
         return _DEFAULT_SMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_cuda_index(device))
 
 
 # The GPU that launches on CPU tensors describe (the compile gate's captured launches, the interpreter's tests):
@@ -1282,7 +1285,7 @@ def _cuda_capability(device_index: int) -> int:
 def _capability(device: torch.device) -> int:
     if device.type != "cuda":
         return _CPU_CAPABILITY
-    return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_capability(_cuda_index(device))
 
 
 def _tma_ok(device: torch.device, *tensors: torch.Tensor) -> bool:

@@ -117,7 +117,7 @@ def headline_model(dropout_p=0.0, m=16384, d=4096, r=16, samples=16, dtype=torch
     """(per-kernel traffic, base bytes, extra bytes, minimum extra bytes) of one forward+backward with W and b
     frozen (the LoRA training pattern) and a per-sample C, as launched on a GPU of ``capability`` (90: the
     TMA GEMMs; 80: the pointer GEMMs)."""
-    from test_triton_compile_gate import LORA_GRADS, _cflora_kernels
+    from test_triton_compile_gate import LORA_GRADS, _cflora_kernels, cflora_capability
 
     from rellax_fast.kernels import cflora as k
 
@@ -131,11 +131,8 @@ def headline_model(dropout_p=0.0, m=16384, d=4096, r=16, samples=16, dtype=torch
         k.cflora_fwd(x, w, b, a, lb, c, m // samples, 2.0, dropout_p, seed)
         k.cflora_bwd(gy, x, w, a, lb, c, s, t, m // samples, 2.0, dropout_p, seed, list(LORA_GRADS))
 
-    old_cap, k._CPU_CAPABILITY = k._CPU_CAPABILITY, capability
-    try:
+    with cflora_capability(capability):
         traffic = kernel_traffic(aot.capture(_cflora_kernels(k), run))
-    finally:
-        k._CPU_CAPABILITY = old_cap
     base = 3 * _nbytes(x) + 2 * _nbytes(w) + _nbytes(b) + _nbytes(gy)  # x, W, b -> y; dy, W -> dx
     total = sum(rd + wr for _, rd, wr in traffic)
     return traffic, base, total - base, 2 * _nbytes(x) + _nbytes(gy)

@@ -34,6 +34,7 @@ overlays triton 3.6 on the dev venv); the whole matrix under both versions would
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -146,6 +147,18 @@ def _empty(*shape, dtype):
     return torch.empty(*shape, dtype=dtype)  # never touched: the launches are captured, not run
 
 
+@contextlib.contextmanager
+def cflora_capability(capability):
+    """Within the block, launches on CPU tensors describe a GPU of ``capability`` (90: the TMA GEMMs; 80: the
+    pointer GEMMs): kernels.cflora._CPU_CAPABILITY, restored after."""
+    k = _cflora()
+    old, k._CPU_CAPABILITY = k._CPU_CAPABILITY, capability
+    try:
+        yield
+    finally:
+        k._CPU_CAPABILITY = old
+
+
 def cflora_launches(
     dtype_name, r, c_kind, dropout_p, grads, d_in=4096, d_out=4096, n_samples=256, tokens=64, capability=90
 ):
@@ -163,17 +176,18 @@ def cflora_launches(
     }[c_kind]
     gy, s, t = _empty(m, d_out, dtype=dtype), _empty(m, r, dtype=dtype), _empty(m, r, dtype=dtype)
     seed = 7 if dropout_p else None
-    old, old_cap = torch.backends.cuda.matmul.allow_tf32, k._CPU_CAPABILITY
-    torch.backends.cuda.matmul.allow_tf32, k._CPU_CAPABILITY = tf32, capability
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
 
         def run():
             k.cflora_fwd(x, w, b, a, lb, c, tokens, 0.5, dropout_p, seed)
             k.cflora_bwd(gy, x, w, a, lb, c, s, t, tokens, 0.5, dropout_p, seed, list(grads))
 
-        return aot.capture(_cflora_kernels(k), run)
+        with cflora_capability(capability):
+            return aot.capture(_cflora_kernels(k), run)
     finally:
-        torch.backends.cuda.matmul.allow_tf32, k._CPU_CAPABILITY = old, old_cap
+        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def topk_launches(dtype, d, k_top):
