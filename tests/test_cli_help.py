@@ -110,3 +110,33 @@ def test_an_unknown_suite_names_the_choices(capsys, suite):
     assert main(["bench", suite]) == 2
     err = capsys.readouterr().err
     assert "invalid choice: 'nosuch'" in err and "finetune" in err
+
+
+def _defaults(add):
+    parser = argparse.ArgumentParser()
+    add(parser)
+    return parser.parse_args([])
+
+
+def test_the_flags_default_to_the_configs_defaults(monkeypatch):
+    """The parsers build without importing torch, so their defaults restate the config dataclasses' (a second
+    home); this pins them together: with no flags, each command builds exactly the configs' defaults."""
+    from dataclasses import fields
+
+    from rellax_fast.ctr import cli as ctr_cli
+    from rellax_fast.ctr.din import DINConfig, DINTrainConfig
+    from rellax_fast.train.args import add_model_arguments, pipeline_config
+    from rellax_fast.train.context import din_options_of, din_train_config_of
+    from rellax_fast.train.pipeline import PipelineConfig
+
+    monkeypatch.delenv("RELLAX_BACKEND", raising=False)
+    din_model = {
+        f.name: f.default for f in fields(DINConfig) if f.name in ("embed_dim", "mlp_hidden", "max_history")
+    }
+    args = _defaults(add_model_arguments)
+    assert pipeline_config(args) == PipelineConfig()
+    assert din_options_of(args) == din_model
+    assert din_train_config_of(args) == DINTrainConfig()
+    args = _defaults(ctr_cli.add_arguments)
+    assert ctr_cli.din_options(args) == din_model
+    assert ctr_cli.din_train_config(args) == DINTrainConfig()
