@@ -338,7 +338,6 @@ def _cflora_fwd_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     BLOCK_RK: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -428,7 +427,6 @@ def _cflora_fwd_gemm_tma_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     BLOCK_RK: tl.constexpr,
     GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
@@ -960,7 +958,6 @@ def _cflora_dx_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     BLOCK_RK: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -1047,7 +1044,6 @@ def _cflora_dx_tma_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
     BLOCK_RK: tl.constexpr,
     GROUP_M: tl.constexpr,
     NUM_SMS: tl.constexpr,
@@ -1643,7 +1639,6 @@ def _launch_fwd_gemm(run: _Run, x2d, weight, bias, t, lora_b, y, scale: float) -
         HAS_BIAS=bias is not None,
         UPCAST=run.upcast,
         PRECISION=run.precision,
-        BLOCK_R=run.block_r,
         **cfg,
     )
 
@@ -1676,7 +1671,6 @@ def _launch_fwd_gemm_tma(run: _Run, x2d, weight, bias, t, lora_b, y, scale: floa
         HAS_BIAS=bias is not None,
         UPCAST=run.upcast,
         PRECISION=run.precision,
-        BLOCK_R=run.block_r,
         NUM_SMS=programs,
         **cfg,
     )
@@ -2016,7 +2010,6 @@ def _launch_dx(run: _Run, grad_y, weight, d_s, lora_a, dx) -> None:
         DROPOUT=run.dropout,
         UPCAST=run.upcast,
         PRECISION=run.precision,
-        BLOCK_R=run.block_r,
         **cfg,
     )
 
@@ -2049,7 +2042,6 @@ def _launch_dx_tma(run: _Run, grad_y, weight, d_s, lora_a, dx) -> None:
         DROPOUT=run.dropout,
         UPCAST=run.upcast,
         PRECISION=run.precision,
-        BLOCK_R=run.block_r,
         NUM_SMS=programs,
         **cfg,
     )
