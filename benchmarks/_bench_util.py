@@ -81,11 +81,11 @@ def topk_cases(size: str, device: torch.device) -> List[TopkCase]:
 
 
 def train_providers(device: torch.device) -> List[Tuple[str, str, Optional[str]]]:
-    """(name, kind, backend) rows of ``bench e2e``'s training table, minus the compiled baseline (a compile
-    per test would dominate the suite; ``rellax-fast bench e2e`` measures it)."""
-    from rellax_fast.bench.e2e import COMPILED_PROVIDER, TRAIN_PROVIDERS
+    """(name, kind, backend) rows of ``bench e2e``'s training table, minus the compiled ones (a compile per
+    test would dominate the suite; ``rellax-fast bench e2e`` measures them)."""
+    from rellax_fast.bench.e2e import TRAIN_PROVIDERS, is_compiled
 
-    return [p for p in TRAIN_PROVIDERS if p[0] != COMPILED_PROVIDER and p[2] != "reference"]
+    return [p for p in TRAIN_PROVIDERS if not is_compiled(p[1]) and p[2] != "reference"]
 
 
 # ----------------------------------------------------------------------------------------------- timing

@@ -98,7 +98,13 @@ def test_training_rows_are_consistent(tiny_run):
         assert r["baseline"] == e2e.TRAIN_BASELINE
     assert float(train[e2e.TRAIN_BASELINE]["speed_vs_baseline"]) == pytest.approx(1.0)
     assert float(train[e2e.COMPILED_PROVIDER]["speed_vs_compiled"]) == pytest.approx(1.0)
-    assert "torch.compile backend=eager" in train[e2e.COMPILED_PROVIDER]["note"]
+    compiled = [name for name, kind, _ in e2e.TRAIN_PROVIDERS if e2e.is_compiled(kind)]
+    assert e2e.COMPILED_PROVIDER in compiled and len(compiled) == 3  # PEFT's, and CFLoRA full and identity
+    for name in compiled:  # each really went through torch.compile (its first-call note)
+        assert "torch.compile backend=eager" in train[name]["note"], name
+    for name in ("rellax-fast full (auto)", "rellax-fast identity (auto)"):
+        assert "torch.compile" not in train[name]["note"]
+        assert train[f"{name} + torch.compile"]["note"].startswith(train[name]["note"].split(";")[0])
     assert "backend reference" in train["rellax-fast full (reference)"]["note"]
     # every adapter starts as an exact no-op (B = 0, C = I), so the first step's loss is the base model's
     # loss for every provider: the providers really ran the same model on the same batch
