@@ -80,8 +80,10 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from rellax_fast._kernel_common import (
     CFLORA_TRITON_DTYPES,
     CFLORA_TRITON_MAX_RANK,
+    cdiv,
     dropout_key,
     dropout_threshold,
+    next_power_of_2,
     triton_interpreting,
 )
 
@@ -1309,27 +1311,27 @@ def _row_block(cfg: dict, m: int, device: torch.device) -> dict:
     if triton_interpreting():
         return cfg
     sms = _sms(device)
-    while cfg["BLOCK_M"] > _MIN_BLOCK_M and triton.cdiv(m, cfg["BLOCK_M"]) < sms:
+    while cfg["BLOCK_M"] > _MIN_BLOCK_M and cdiv(m, cfg["BLOCK_M"]) < sms:
         cfg["BLOCK_M"] //= 2
     return cfg
 
 
 def _interact_block_m(cfg: dict, rows_per_group: int) -> dict:
     """The per-sample r×r kernels step over one sample's rows: decode (1 row) needs only the 16-row minimum."""
-    cfg["BLOCK_M"] = max(_MIN_BLOCK_M, min(cfg["BLOCK_M"], triton.next_power_of_2(max(rows_per_group, 1))))
+    cfg["BLOCK_M"] = max(_MIN_BLOCK_M, min(cfg["BLOCK_M"], next_power_of_2(max(rows_per_group, 1))))
     return cfg
 
 
 def _splits(m: int, n_col_blocks: int, block_m: int) -> int:
     """Split-K over rows for the dB / dA GEMMs: enough programs for ~2 waves, each at least 4 row blocks deep."""
     if triton_interpreting():
-        return min(2, triton.cdiv(m, block_m))  # exercise the partial-sum path on small shapes
-    want = triton.cdiv(2 * _DEFAULT_SMS, n_col_blocks)
-    return max(1, min(want, triton.cdiv(m, 4 * block_m)))
+        return min(2, cdiv(m, block_m))  # exercise the partial-sum path on small shapes
+    want = cdiv(2 * _DEFAULT_SMS, n_col_blocks)
+    return max(1, min(want, cdiv(m, 4 * block_m)))
 
 
 def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -1453,7 +1455,7 @@ def _partial_sum(part: torch.Tensor, out: torch.Tensor, run: _Run) -> None:
         out.zero_()
         return
     cfg = _config("partial_sum", run.dtype, run.block_r)
-    _cflora_partial_sum_kernel[(triton.cdiv(n * r, cfg["BLOCK"]),)](
+    _cflora_partial_sum_kernel[(cdiv(n * r, cfg["BLOCK"]),)](
         part, out2d, n, r, part.shape[0], out2d.stride(0), out2d.stride(1), **cfg
     )
 
@@ -1473,10 +1475,10 @@ def _rank_grad(u, v, out, colsum, scale, dropout, run: _Run) -> None:
     cfg = _config("rank_grad", u.dtype, run.block_r)
     if dropout:  # the keep-mask on an unaligned u (no %16 hints) spilled at 4 warps: see _unaligned
         cfg = _unaligned(cfg, {"num_warps": 8}, n, u.stride(0))
-    n_col = triton.cdiv(n, cfg["BLOCK_N"])
+    n_col = cdiv(n, cfg["BLOCK_N"])
     splits = _splits(m, n_col, cfg["BLOCK_M"])
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-    splits = triton.cdiv(m, rows_per_split)
+    rows_per_split = cdiv(cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    splits = cdiv(m, rows_per_split)
     out_part = torch.empty((splits, n, r), dtype=f32, device=u.device) if out is not None else None
     colsum_part = torch.empty((splits, n), dtype=f32, device=u.device) if colsum is not None else None
     _cflora_rank_grad_kernel[(n_col, splits)](
@@ -1554,7 +1556,7 @@ def _launch_shrink(run: _Run, x2d, lora_a, s, t) -> None:
     m, d_in = x2d.shape
     cfg = _row_block(_config("shrink", run.dtype, run.block_r), m, run.device)
     cfg = _small_row_block_warps(cfg, run.dtype, run.block_r)
-    _cflora_shrink_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+    _cflora_shrink_kernel[(cdiv(m, cfg["BLOCK_M"]),)](
         x2d,
         lora_a,
         run.c_arg,
@@ -1613,7 +1615,7 @@ def _launch_fwd_gemm(run: _Run, x2d, weight, bias, t, lora_b, y, scale: float) -
     m, d_in = x2d.shape
     d_out = weight.shape[0]
     cfg = _unaligned_k(_config("gemm", run.dtype, run.block_r), d_in, x2d.stride(0), weight.stride(0))
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_out, cfg["BLOCK_N"]),)
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(d_out, cfg["BLOCK_N"]),)
     _cflora_fwd_gemm_kernel[grid](
         x2d,
         weight,
@@ -1651,7 +1653,7 @@ def _launch_fwd_gemm_tma(run: _Run, x2d, weight, bias, t, lora_b, y, scale: floa
     cfg = _config("gemm", run.dtype, run.block_r)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     programs = _persistent_programs(run.device)
-    grid = (min(programs, triton.cdiv(m, bm) * triton.cdiv(d_out, bn)),)
+    grid = (min(programs, cdiv(m, bm) * cdiv(d_out, bn)),)
     _cflora_fwd_gemm_tma_kernel[grid](
         TensorDescriptor.from_tensor(x2d, [bm, bk]),
         TensorDescriptor.from_tensor(weight, [bn, bk]),
@@ -1778,7 +1780,7 @@ def _fuse_db(m: int, d_out: int, r: int, block_m: int, block_r: int, elt: int) -
     (its small blocks would never pass the first test, and the fused kernel is what it must check)."""
     if triton_interpreting():
         return True
-    return block_r <= (32 if elt == 2 else 16) and 8 * r * triton.cdiv(m, block_m) * d_out < elt * m * d_out
+    return block_r <= (32 if elt == 2 else 16) and 8 * r * cdiv(m, block_m) * d_out < elt * m * d_out
 
 
 def _fused_dy_config(run: _Run, grad_y) -> dict:
@@ -1789,7 +1791,7 @@ def _fused_dy_config(run: _Run, grad_y) -> dict:
     cfg = _config("dy_fused", run.dtype, run.block_r)
     if run.dtype != torch.float32:
         cfg = _unaligned(cfg, {"BLOCK_M": 128}, d_out, grad_y.stride(0))
-    cfg["BLOCK_M"] = max(_MIN_BLOCK_M, min(cfg["BLOCK_M"], triton.next_power_of_2(max(m, 1))))
+    cfg["BLOCK_M"] = max(_MIN_BLOCK_M, min(cfg["BLOCK_M"], next_power_of_2(max(m, 1))))
     return cfg
 
 
@@ -1798,7 +1800,7 @@ def _col_splits(n_row_blocks: int, n_col_blocks: int, device: torch.device) -> i
     few), at most one per column block. The interpreter takes 2 to exercise the dT partial path."""
     if triton_interpreting():
         return min(2, n_col_blocks)
-    return max(1, min(triton.cdiv(_sms(device), n_row_blocks), n_col_blocks))
+    return max(1, min(cdiv(_sms(device), n_row_blocks), n_col_blocks))
 
 
 class _DyPlan(NamedTuple):
@@ -1841,13 +1843,13 @@ def _plan_dy_pass(run: _Run, m: int, d_out: int, r: int, g: _Grads, fused_cfg: O
     SMs, one split, dT finished in the kernel."""
     if fused_cfg is not None:
         cfg = fused_cfg
-        n_rb = triton.cdiv(m, cfg["BLOCK_M"])
-        splits = _col_splits(n_rb, triton.cdiv(d_out, cfg["BLOCK_N"]), run.device)
+        n_rb = cdiv(m, cfg["BLOCK_M"])
+        splits = _col_splits(n_rb, cdiv(d_out, cfg["BLOCK_N"]), run.device)
     else:
         cfg = _row_block(_config("dy", run.dtype, run.block_r), m, run.device)
-        n_rb, splits = triton.cdiv(m, cfg["BLOCK_M"]), 1
-    cols_per_split = triton.cdiv(triton.cdiv(d_out, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
-    splits = triton.cdiv(d_out, cols_per_split)
+        n_rb, splits = cdiv(m, cfg["BLOCK_M"]), 1
+    cols_per_split = cdiv(cdiv(d_out, splits), cfg["BLOCK_N"]) * cfg["BLOCK_N"]
+    splits = cdiv(d_out, cols_per_split)
     f32, dev, fuse = torch.float32, run.device, fused_cfg is not None
     dt_out = None
     if g.d_st is not None:  # the epilogue finishes dT in the kernel, into d_st itself
@@ -1872,7 +1874,7 @@ def _launch_dy_pass(run: _Run, plan: _DyPlan, grad_y, lora_b, t, s, g: _Grads, s
     m, d_out = grad_y.shape
     dt_out, db_part, dbias_part, cfg = plan.dt_out, plan.db_part, plan.dbias_part, plan.cfg
     need_dt = dt_out is not None
-    _cflora_dy_pass_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), plan.splits)](
+    _cflora_dy_pass_kernel[(cdiv(m, cfg["BLOCK_M"]), plan.splits)](
         grad_y,
         lora_b,
         t,
@@ -1916,7 +1918,7 @@ def _launch_dt_finish(run: _Run, dt_part, s, g: _Grads, need_ds: bool) -> None:
     """dT = Σ of the column-split partials (splits, M, r), then the epilogue, into g.d_st."""
     splits, m, r = dt_part.shape
     cfg = _config("dt_finish", run.dtype, run.block_r)
-    _cflora_dt_finish_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+    _cflora_dt_finish_kernel[(cdiv(m, cfg["BLOCK_M"]),)](
         dt_part,
         run.c_arg,
         s,
@@ -1983,7 +1985,7 @@ def _launch_dx(run: _Run, grad_y, weight, d_s, lora_a, dx) -> None:
     m, d_out = grad_y.shape
     d_in = weight.shape[1]
     cfg = _unaligned_k(_config("gemm", run.dtype, run.block_r), d_out, grad_y.stride(0), weight.stride(0))
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
+    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(d_in, cfg["BLOCK_N"]),)
     _cflora_dx_kernel[grid](
         grad_y,
         weight,
@@ -2021,7 +2023,7 @@ def _launch_dx_tma(run: _Run, grad_y, weight, d_s, lora_a, dx) -> None:
     cfg = _config("gemm", run.dtype, run.block_r)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     programs = _persistent_programs(run.device)
-    grid = (min(programs, triton.cdiv(m, bm) * triton.cdiv(d_in, bn)),)
+    grid = (min(programs, cdiv(m, bm) * cdiv(d_in, bn)),)
     _cflora_dx_tma_kernel[grid](
         TensorDescriptor.from_tensor(grad_y, [bm, bk]),
         TensorDescriptor.from_tensor(weight, [bk, bn]),
@@ -2055,7 +2057,7 @@ def _launch_dw(run: _Run, grad_y, x2d, dweight) -> None:
         dweight.zero_()
         return
     cfg = _unaligned_k(_config("dw", run.dtype, run.block_r), m, grad_y.stride(0), x2d.stride(0))
-    grid = (triton.cdiv(d_out, cfg["BLOCK_M"]) * triton.cdiv(d_in, cfg["BLOCK_N"]),)
+    grid = (cdiv(d_out, cfg["BLOCK_M"]) * cdiv(d_in, cfg["BLOCK_N"]),)
     _matmul_kernel[grid](
         grad_y,
         x2d,

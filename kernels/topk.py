@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from rellax_fast._kernel_common import NORM_EPS, triton_interpreting
+from rellax_fast._kernel_common import NORM_EPS, next_power_of_2, triton_interpreting
 
 
 @triton.jit
@@ -277,8 +277,8 @@ def semantic_topk_triton(
     d = emb.shape[1]
     # KPAD is the only shape constexpr (K and k are runtime values): a power of two, so histories of any
     # length compile at most log2(k) variants
-    kpad = triton.next_power_of_2(max(1, k_eff))
-    block_d = min(64, max(16, triton.next_power_of_2(d)))
+    kpad = next_power_of_2(max(1, k_eff))
+    block_d = min(64, max(16, next_power_of_2(d)))
     interpreting = triton_interpreting()
     guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     with guard:  # Triton launches on the current device, not the tensors'

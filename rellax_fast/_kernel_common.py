@@ -8,7 +8,8 @@ A leaf module: it imports only the standard library. It owns:
   reference mask live in :mod:`rellax_fast.ops.dropout` and whose C++ form is in ``csrc/common.h``;
 - ``NORM_EPS``, the zero-norm rule of cosine retrieval: x / max(||x||, NORM_EPS), on every backend;
 - the Triton CFLoRA kernel's limits (``CFLORA_TRITON_MAX_RANK``, ``CFLORA_TRITON_DTYPES``), which the kernel
-  enforces and the op's backend table reports (its ``supports`` check in :mod:`rellax_fast.ops.cflora`).
+  enforces and the op's backend table reports (its ``supports`` check in :mod:`rellax_fast.ops.cflora`);
+- the launchers' integer helpers :func:`cdiv` and :func:`next_power_of_2`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,19 @@ CFLORA_TRITON_DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names (
 def triton_interpreting() -> bool:
     """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The launchers' grid and block arithmetic. Not triton.cdiv / triton.next_power_of_2: in triton 3.6 and 3.8 those are
+# ConstexprFunction objects whose host call unwraps every argument and imports a module, about 2 us a call, and a
+# CFLoRA forward+backward made 34 such calls (70 us of host time per layer, scripts/triton_host_cost.py).
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers, b > 0."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def mix32_int(x: int) -> int:
