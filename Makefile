@@ -120,9 +120,9 @@ LIFELONG_ARGS ?=
 lifelong: install
 	$(VENV)/bin/rellax-fast bench lifelong --out runs/lifelong $(LIFELONG_ARGS)
 
-# pytest-benchmark workflow (README "Benchmarking"): save a baseline on one commit, compare another with it on
+# pytest-benchmark workflow (docs/benchmarking.md): save a baseline on one commit, compare another with it on
 # the same machine. Runs are stored under .benchmarks/<machine>/NNNN_<name>.json. BENCH_FAIL: a benchmark
-# whose median is slower than the baseline's by more than this fails the compare (see README for the choice).
+# whose median is slower than the baseline's by more than this fails the compare (docs/benchmarking.md explains the choice).
 BENCH_NAME ?= baseline
 BENCH_BASE ?=
 BENCH_FAIL ?= median:25%
