@@ -20,18 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
 
     import numpy as np
 
-    from rellax_fast.data import DataFormatError, DatasetNotFoundError
-
-    try:
-        dataset = load_raw_dataset(args)
-        result = embed_items(args, dataset)
-    except (DatasetNotFoundError, DataFormatError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    # a missing dataset, a bad row or option: errors rellax_fast.cli prints as one line (exit 2)
+    dataset = load_raw_dataset(args)
+    result = embed_items(args, dataset)
     from rellax_fast.distributed import is_main
 
     if not is_main():  # under a launcher rank 0 reports

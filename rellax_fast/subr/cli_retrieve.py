@@ -182,39 +182,35 @@ def _load_inputs(args: argparse.Namespace, out, splits):
     import sys
     from pathlib import Path
 
-    from rellax_fast.data import DataFormatError, DatasetNotFoundError, load_prepared, prepare_ctr
+    from rellax_fast.data import load_prepared, prepare_ctr
     from rellax_fast.data.prepared import DATA_FILES
 
     from .embed import embed_items, load_raw_dataset
 
-    try:
-        # a folder with prepared files but no meta.json is an interrupted `prepare`: load_prepared says so
-        written = (out / "meta.json").exists() or any((out / f).exists() for f in DATA_FILES[:3])
-        prepared = Path(args.prepared) if args.prepared else (out if written else None)
-        if prepared is not None:
-            data = load_prepared(prepared)
-            if data.dataset.name != args.dataset:
-                print(
-                    f"error: {prepared} holds {data.dataset.name!r}, not --dataset {args.dataset!r}",
-                    file=sys.stderr,
-                )
-                return 2
-            dataset = data.dataset
-        else:
-            dataset = load_raw_dataset(args)
-            data = prepare_ctr(dataset, seed=args.seed)
-        unknown = [s for s in splits if s not in data.splits]
-        if unknown:
-            print(f"error: --splits: unknown {unknown}; available {list(data.splits)}", file=sys.stderr)
+    # a folder with prepared files but no meta.json is an interrupted `prepare`: load_prepared says so
+    written = (out / "meta.json").exists() or any((out / f).exists() for f in DATA_FILES[:3])
+    prepared = Path(args.prepared) if args.prepared else (out if written else None)
+    if prepared is not None:
+        data = load_prepared(prepared)
+        if data.dataset.name != args.dataset:
+            print(
+                f"error: {prepared} holds {data.dataset.name!r}, not --dataset {args.dataset!r}",
+                file=sys.stderr,
+            )
             return 2
-        empty = [s for s in splits if len(data.splits[s]) == 0]
-        if empty:
-            print(f"error: split(s) {empty} hold no samples; nothing written", file=sys.stderr)
-            return 1
-        return data, embed_items(args, dataset)
-    except (DatasetNotFoundError, DataFormatError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        dataset = data.dataset
+    else:
+        dataset = load_raw_dataset(args)
+        data = prepare_ctr(dataset, seed=args.seed)
+    unknown = [s for s in splits if s not in data.splits]
+    if unknown:
+        print(f"error: --splits: unknown {unknown}; available {list(data.splits)}", file=sys.stderr)
+        return 2
+    empty = [s for s in splits if len(data.splits[s]) == 0]
+    if empty:
+        print(f"error: split(s) {empty} hold no samples; nothing written", file=sys.stderr)
+        return 2
+    return data, embed_items(args, dataset)
 
 
 def _retrieve_and_publish(args, data, splits, emb_result, rows, device, dest, summary, lines) -> int:
@@ -304,15 +300,17 @@ def _retrieve_splits(args, data, splits, emb_result, rows, device, dest, summary
             split = split.subset(np.arange(min(args.limit, len(split))))
         if len(split) == 0:  # never replace earlier results with an empty file
             print(f"error: {name}: no samples to retrieve; nothing written", file=sys.stderr)
-            return 1
+            return 2
         start = time.perf_counter()
         try:
             retrieved = _top_k(
                 args, data, split, emb, emb_result, device, shard_folder(dest / name, "retrieve")
             )
-        except (BackendUnavailableError, ValueError, RuntimeError) as exc:
-            print(f"error: {name}: {exc}", file=sys.stderr)
-            return 1
+        except (
+            BackendUnavailableError,
+            ValueError,
+        ) as exc:  # a forced backend, k, the embeddings: the user's
+            raise ValueError(f"{name}: {exc}") from exc  # rellax_fast.cli prints it as one line, exit 2
         if retrieved is None or not is_main():  # under a launcher only rank 0 goes on
             continue
         retrieved_pos, retrieved_score = retrieved

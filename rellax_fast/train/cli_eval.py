@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from .runs import RunDependencyError, score
+from .runs import score
 
 # the defaults of the shared --out and --dataset here, in words (rellax_fast.cli.describe_defaults)
 DEFAULTS_IN_WORDS = {
@@ -69,31 +69,28 @@ def run(args: argparse.Namespace) -> int:
         return 2
     run_dir = Path(args.run)
     out = Path(args.out) if args.out else run_dir / ("eval-jsonl" if args.jsonl else f"eval-{args.split}")
-    try:  # the run, the data and the JSONL lines are checked before anything is scored or written
-        meta = read_run_meta(run_dir)
-        dataset = args.dataset or meta["dataset"]
-        # eval never downloads: a missing dataset is an error naming where it was looked for, and nothing is created
-        data = prepare_ctr(
-            load_dataset(dataset, data_dir=args.data_dir, download=False), seed=meta["pipeline"]["seed"]
-        )
-        details: dict = {}
-        split, probs, has_label, spec = score(
-            run_dir,
-            data,
-            args.split,
-            args.n,
-            args.jsonl,
-            args.batch_size,
-            not args.no_progress,
-            cache_dir=out / "emb_cache",
-            details=details,
-        )
-    except RunDependencyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    # the run's own files (RunFileError), other data (RunDataMismatchError), a bad JSONL line (DataFormatError), a
-    # path outside --out (PathOutsideFolderError): ValueErrors raised before anything is written, which
-    # rellax_fast.cli prints as one error line
+    # the run, the data and the JSONL lines are checked before anything is scored or written
+    meta = read_run_meta(run_dir)
+    dataset = args.dataset or meta["dataset"]
+    # eval never downloads: a missing dataset is an error naming where it was looked for, and nothing is created
+    data = prepare_ctr(
+        load_dataset(dataset, data_dir=args.data_dir, download=False), seed=meta["pipeline"]["seed"]
+    )
+    details: dict = {}
+    split, probs, has_label, spec = score(
+        run_dir,
+        data,
+        args.split,
+        args.n,
+        args.jsonl,
+        args.batch_size,
+        not args.no_progress,
+        cache_dir=out / "emb_cache",
+        details=details,
+    )
+    # the run's own files (RunFileError), what it depends on (RunDependencyError), other data (RunDataMismatchError), a
+    # bad JSONL line (DataFormatError), a path outside --out (PathOutsideFolderError): ValueErrors raised before
+    # anything is written, which rellax_fast.cli prints as one error line (exit 2)
     from rellax_fast.distributed import is_main
 
     # under torchrun / accelerate launch: every rank scored a shard (gathered); rank 0 writes

@@ -80,19 +80,15 @@ def run(args: argparse.Namespace) -> int:
             + ([args.recipe] if args.recipe != "joint" else [])
             + ([f"residual-{args.readout_lambda}"] if args.readout == "residual" else [])
         )
-    from .checkpoint import UnsafeCheckpointError
-    from .pipeline import ResumeMismatchError, check_model_option
+    from .pipeline import check_model_option
 
-    # other errors (bad data, --model, --max-length, a diverging loss, ...) are ValueErrors naming the file or the
-    # flag, raised before anything is half-written; rellax_fast.cli prints them as one error line
+    # other errors (bad data, --model, --max-length, a diverging loss, a --resume that is refused, ...) are
+    # ValueErrors naming the file or the flag, raised before anything is half-written; rellax_fast.cli prints them
+    # as one error line and exits 2
     check_model_option(args.model)  # before the DIN and the embeddings are built
     ctx = build_shared_context(args, cfg)
     run_dir = Path(args.out) / slug(spec.name)
-    try:
-        res = run_variant(ctx, spec, cfg, run_dir, resume=args.resume)
-    except (UnsafeCheckpointError, ResumeMismatchError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    res = run_variant(ctx, spec, cfg, run_dir, resume=args.resume)  # a refused --resume: a ValueError
     m = res["metrics"]
     print(
         f"{spec.name}: test AUC {m['auc']:.4f}  LogLoss {m['logloss']:.4f}  accuracy {m['accuracy']:.4f}  (n={m['n']})"

@@ -130,7 +130,7 @@ def test_cli_prepare(tmp_path, capsys):
             str(tmp_path / "x"),
         ]
     )
-    assert rc == 1 and "ratings.dat" in capsys.readouterr().err
+    assert rc == 2 and "ratings.dat" in capsys.readouterr().err
 
 
 def _books(seed=0):

@@ -340,3 +340,40 @@ def test_info_says_what_automatic_choice_picks_per_op(capsys, monkeypatch):
         assert auto_lines[op].startswith(
             f"    auto       picks cpu tensors: {_backend.auto_candidates(op, 'cpu')[0]}"
         )
+
+
+def _own_error_line_then_exit_1(tree):
+    """(line, code) of each ``print("error: ...")`` directly followed by ``return 1`` in a parsed module."""
+    import ast
+
+    found = []
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        for stmts in (body, getattr(node, "orelse", None), getattr(node, "finalbody", None)):
+            if not isinstance(stmts, list):
+                continue
+            for first, second in zip(stmts, stmts[1:]):
+                call = first.value if isinstance(first, ast.Expr) else None
+                printed = isinstance(call, ast.Call) and getattr(call.func, "id", None) == "print"
+                text = ast.unparse(call.args[0]) if printed and call.args else ""
+                returns_1 = isinstance(second, ast.Return) and getattr(second.value, "value", None) == 1
+                if "error: " in text and returns_1:
+                    found.append((first.lineno, text))
+    return found
+
+
+def test_no_command_reports_a_user_error_itself_with_the_bug_exit_code():
+    """Exit 1 means a bug (rellax_fast.cli.EXIT_BUG, with the RELLAX_DEBUG hint). A command module that prints its
+    own ``error:`` line returns 2, or raises and lets rellax_fast.cli classify the error; six modules used to print
+    and return 1 for a missing dataset, a refused --resume or a bad encoder path."""
+    import ast
+    from pathlib import Path
+
+    import rellax_fast
+
+    root = Path(rellax_fast.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        for line, text in _own_error_line_then_exit_1(ast.parse(path.read_text(encoding="utf-8"))):
+            offenders.append(f"{path.relative_to(root)}:{line}: print({text}); return 1")
+    assert not offenders, "\n".join(offenders)

@@ -73,7 +73,7 @@ def test_resolve_device_api():
 @pytest.mark.parametrize("encoder", ["/no/such/model", "./models/missing", "~/models/x", "a/b/c"])
 def test_encoder_path_that_does_not_exist(tmp_path, capsys, encoder):
     rc, err = _run(capsys, ["embed", "--out", str(tmp_path), "--encoder", encoder, "--device", "cpu"])
-    assert rc == 1
+    assert rc == 2
     assert f"error: --encoder {encoder!r}: no such file or folder" in err
     assert "Repo id" not in err
 
@@ -101,7 +101,7 @@ def test_encoder_folder_that_is_not_a_model(tmp_path, capsys):
         ],
     )
     assert (
-        rc == 1
+        rc == 2
         and f"error: --encoder '{tmp_path / 'empty_model'}': not a model folder (no config.json" in err
     )
     (tmp_path / "weights.bin").write_bytes(b"")
@@ -109,7 +109,7 @@ def test_encoder_folder_that_is_not_a_model(tmp_path, capsys):
         capsys, ["embed", "--out", str(tmp_path / "o"), "--encoder", str(tmp_path / "weights.bin")]
     )
     assert (
-        rc == 1
+        rc == 2
         and f"error: --encoder '{tmp_path / 'weights.bin'}': is a file; give the model's folder" in err
     )
 
@@ -129,7 +129,7 @@ def test_data_dir_that_is_a_file(tmp_path, capsys):
             "--no-download",
         ],
     )
-    assert rc == 1 and f"data folder {tmp_path / 'ml-100k'}: is a file, not a folder" in err
+    assert rc == 2 and f"data folder {tmp_path / 'ml-100k'}: is a file, not a folder" in err
 
 
 def test_embed_reports_what_the_loader_fixed(tmp_path, capsys):

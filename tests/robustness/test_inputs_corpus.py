@@ -77,7 +77,7 @@ def test_prepare_on_corpus_variant(tmp_path, capsys, clean_prepared, name):
     rc = _prepare(folder, out)
     err = capsys.readouterr().err
     if variant.expect is Expect.error:
-        assert rc == 1
+        assert rc == 2
         line = next(ln for ln in err.splitlines() if ln.startswith("error: "))
         assert str(folder) in line and re.search(variant.message, line), err
         assert "Traceback" not in err

@@ -207,7 +207,7 @@ def test_cli_prepare_with_empty_splits_keeps_the_good_folder(tmp_path, capsys):
     assert main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path)]) == 0
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
     capsys.readouterr()
-    assert main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path), "--min-history", "100000"]) == 1
+    assert main(["prepare", "--dataset", "synthetic", "--out", str(tmp_path), "--min-history", "100000"]) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "would be empty" in err and "--min-history" in err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

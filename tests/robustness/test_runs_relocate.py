@@ -145,7 +145,7 @@ def test_moved_and_copied_runs_evaluate_with_their_own_din(trained, tmp_path, ca
     assert evaluate(raw, copy / "rellax-full", tmp_path / "ev-copy") == 0
     np.testing.assert_allclose(p_click(tmp_path / "ev-copy"), reference, rtol=1e-5, atol=1e-6)
     capsys.readouterr()
-    assert evaluate(raw, moved / "rellax-full", tmp_path / "ev-stale") == 1
+    assert evaluate(raw, moved / "rellax-full", tmp_path / "ev-stale") == 2
     err = capsys.readouterr().err
     assert "error:" in err and str(moved / "ctr") in err and "not the one the run" in err  # normalised path
     assert not (tmp_path / "ev-stale" / "predictions.jsonl").exists()
@@ -154,7 +154,7 @@ def test_moved_and_copied_runs_evaluate_with_their_own_din(trained, tmp_path, ca
 def test_a_run_folder_copied_alone_is_a_clear_error(trained, tmp_path, capsys):
     raw, out, _ = trained
     shutil.copytree(out / "rellax-full", tmp_path / "alone" / "rellax-full")
-    assert evaluate(raw, tmp_path / "alone" / "rellax-full", tmp_path / "ev") == 1
+    assert evaluate(raw, tmp_path / "alone" / "rellax-full", tmp_path / "ev") == 2
     err = capsys.readouterr().err
     assert "has no din.json" in err and "'../ctr'" in err and "copy the whole --out folder" in err
 
@@ -168,7 +168,7 @@ def test_tampered_subr_embeddings_are_refused_and_missing_ones_recomputed_inside
     with np.load(copy / "subr_embeddings.npz") as f:
         emb, ids = f["emb"], f["item_ids"]
     np.savez(copy / "subr_embeddings.npz", emb=emb[::-1].copy(), item_ids=ids)
-    assert evaluate(raw, copy / "rellax-full", tmp_path / "ev-bad") == 1
+    assert evaluate(raw, copy / "rellax-full", tmp_path / "ev-bad") == 2
     err = capsys.readouterr().err
     assert "subr_embeddings.npz: these SUBR embeddings are not the ones" in err
 
@@ -197,7 +197,7 @@ def test_resume_refuses_a_crafted_checkpoint_and_changed_inputs(trained, tiny_be
 
     torch.save({"state": {}, "param_groups": [Payload()]}, latest / "optimizer.pt")
     capsys.readouterr()
-    assert main(train_argv(raw, copy, tiny_bert, "--resume")) == 1
+    assert main(train_argv(raw, copy, tiny_bert, "--resume")) == 2
     err = capsys.readouterr().err
     assert f"{latest / 'optimizer.pt'}: refusing to load" in err and not marker.exists()
 
@@ -206,6 +206,6 @@ def test_resume_refuses_a_crafted_checkpoint_and_changed_inputs(trained, tiny_be
     shutil.copytree(out, copy2)
     argv = train_argv(raw, copy2, tiny_bert, "--resume")
     argv[argv.index("--din-embed-dim") + 1] = "6"
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "inputs.json: cannot resume" in err and "din_fingerprint changed" in err

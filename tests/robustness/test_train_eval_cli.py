@@ -97,7 +97,7 @@ def test_resume_with_changed_options_is_refused_naming_each(trained, tmp_path, c
         argv[argv.index(flag) + 1] = value
     argv += ["--lr", "0.002", "--r", "4"]
     capsys.readouterr()
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert "inputs.json: cannot resume" in err and "with other options than it started with" in err
     for change in ("--batch-size 8 -> 16", "--k 3 -> 2", "--lr 0.001 -> 0.002", "--r 8 -> 4"):

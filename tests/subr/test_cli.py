@@ -55,7 +55,7 @@ def test_embed_builds_hits_and_rebuilds_on_option_change(tiny_lm_dir, tmp_path, 
     assert sorted(m["shape"][1] for m in metas) == [4, 8] and all(
         m["key"]["encoder"]["kind"] == "hf-lm" for m in metas
     )
-    assert _run_cli(["embed", *common, "--pca", 5000]) == 1  # clear error, no traceback
+    assert _run_cli(["embed", *common, "--pca", 5000]) == 2  # clear error, no traceback
     assert "pca_dims must be in [1, n_items=1700]" in capsys.readouterr().err
 
 
