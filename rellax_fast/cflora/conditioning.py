@@ -18,6 +18,10 @@ from .layers import CFLoRALinear, ConditionSlot
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside DistributedDataParallel / DataParallel wrappers."""
+    if not isinstance(model, nn.Module):  # every adapter function takes its model through here
+        raise TypeError(
+            f"model must be a torch.nn.Module (e.g. a transformers model); got {type(model).__name__}"
+        )
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model

@@ -131,7 +131,8 @@ class CFLoRAConfig:
             ``dropout`` and ``init_lora`` (``init_lora_weights=True`` is "kaiming", ``"gaussian"`` is
             "gaussian", ``False`` is "random"; PEFT's other schemes are refused). Construction only: the
             config keeps, prints and saves its own names. Giving a field and its alias with different
-            values is a TypeError.
+            values is a TypeError, except where the field is given its default value: a dataclass cannot
+            tell that from a field left out, so the alias sets it.
     """
 
     r: int = 8
@@ -241,6 +242,12 @@ class CFLoRAConfig:
         if isinstance(tm, str):
             if not tm:
                 raise ValueError("CFLoRAConfig.target_modules must not be an empty regex")
+            try:
+                re.compile(tm)
+            except re.error as exc:
+                raise ValueError(
+                    f"CFLoRAConfig.target_modules: {tm!r} is not a valid regex ({exc})"
+                ) from None
         elif not (isinstance(tm, list) and tm and all(isinstance(t, str) and t for t in tm)):
             raise ValueError(
                 "CFLoRAConfig.target_modules must be a non-empty list of module-name suffixes or a regex "

@@ -206,6 +206,11 @@ def inject_cflora(
 
 def _checked_root(model: nn.Module, config: CFLoRAConfig, adapter_name: str) -> nn.Module:
     """The unwrapped model, once ``config`` and ``adapter_name`` are checked and the model has no CFLoRA layer."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"inject_cflora: model must be a torch.nn.Module (load it first, e.g. with "
+            f"AutoModelForCausalLM.from_pretrained); got {type(model).__name__}"
+        )
     if not isinstance(config, CFLoRAConfig):
         raise TypeError(f"inject_cflora: config must be a CFLoRAConfig; got {type(config).__name__}")
     config.validate()

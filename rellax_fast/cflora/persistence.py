@@ -79,6 +79,18 @@ _STRUCTURAL = (
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _folder(path: PathLike, what: str, *, for_writing: bool = False) -> str:
+    """``path`` as a str, checked: a str or os.PathLike naming a folder (one that may not exist yet when writing)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(
+            f"{what}: path must be a str or os.PathLike naming a folder; got {type(path).__name__}"
+        )
+    path = os.fspath(path)
+    if for_writing and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what}: path {path!r} is a file; an adapter is saved into a folder")
+    return path
+
+
 def _refuse_merged(model: nn.Module, what: str) -> None:
     merged = [name for name, layer in cflora_layers(model) if layer.merged]
     if merged:
@@ -154,6 +166,7 @@ def save_cflora(model: nn.Module, path: PathLike) -> None:
     """
     from safetensors.torch import save
 
+    path = _folder(path, "save_cflora", for_writing=True)
     config = get_cflora_config(model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in cflora_state_dict(model).items()}
     # the target list (and the modules to save) are stored as exact names, so a reload wraps the same modules
@@ -195,6 +208,7 @@ def read_cflora(
     a format-1 config that holds a hash or a field format 2 added is refused in any case (a format-2 file
     relabelled to skip its check). Values must be finite.
     """
+    path = _folder(path, "read_cflora")
     cfg_path, w_path = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
@@ -267,10 +281,14 @@ def load_cflora(
     added from the saved config when the model has none of that name (PEFT's ``load_adapter``) - and leaves
     the active adapter active (:func:`rellax_fast.cflora.set_cflora_adapter` switches).
     """
+    path = _folder(path, "load_cflora")
     saved_config, tensors = read_cflora(path, allow_unverified=allow_unverified)
     _refuse_merged(model, "load_cflora")
     if not cflora_layers(model):
-        inject_cflora(model, saved_config, adapter_name=adapter_name or DEFAULT_ADAPTER)
+        try:
+            inject_cflora(model, saved_config, adapter_name=adapter_name or DEFAULT_ADAPTER)
+        except ValueError as exc:  # say which call and which adapter, not only the injection's reason
+            raise ValueError(f"load_cflora: the adapter in {path} does not fit this model: {exc}") from exc
         _load_into_active(model, path, saved_config, tensors)
         return model
     previous = active_cflora_adapter(model)

@@ -74,13 +74,17 @@ def _validate(x, weight, bias, lora_a, lora_b, interaction, scale, dropout_p, se
     d_in = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != d_in:
         raise ValueError(
-            f"cflora_linear: weight must have shape (d_out, d_in={d_in}); got {tuple(weight.shape)}"
+            f"cflora_linear: weight must have shape (d_out, d_in={d_in}), d_in being x's last dimension "
+            f"(x {tuple(x.shape)}); got {tuple(weight.shape)}"
         )
     d_out = weight.shape[0]
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != d_out):
         raise ValueError(f"cflora_linear: bias must have shape (d_out={d_out},); got {tuple(bias.shape)}")
     if lora_a.dim() != 2 or lora_a.shape[1] != d_in:
-        raise ValueError(f"cflora_linear: lora_a must have shape (r, d_in={d_in}); got {tuple(lora_a.shape)}")
+        raise ValueError(
+            f"cflora_linear: lora_a must have shape (r, d_in={d_in}), d_in being x's last dimension "
+            f"(x {tuple(x.shape)}); got {tuple(lora_a.shape)}"
+        )
     r = lora_a.shape[0]
     if r < 1:
         raise ValueError(f"cflora_linear: lora_a must have rank r >= 1; got shape {tuple(lora_a.shape)}")

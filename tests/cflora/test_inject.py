@@ -93,6 +93,10 @@ def test_regex_targets_and_trainable_flags():
 
 def test_inject_errors():
     model = tiny_llama()
+    with pytest.raises(TypeError, match=r"inject_cflora: model must be a torch.nn.Module .*; got str"):
+        inject_cflora("gpt2", CFLoRAConfig(r=4))
+    with pytest.raises(ValueError, match=r"CFLoRAConfig.target_modules: 'q_proj\(\(' is not a valid regex"):
+        CFLoRAConfig(r=4, target_modules="q_proj((")
     with pytest.raises(ValueError, match="matches no nn.Linear/Conv1D module.*q_proj"):
         inject_cflora(model, CFLoRAConfig(r=4, target_modules=["query"]))
     with pytest.raises(

@@ -81,6 +81,31 @@ def test_load_errors(tmp_path):
         )
     with pytest.raises(FileNotFoundError, match="save_cflora"):
         load_cflora(tiny_llama(), tmp_path / "nothing")
+    # an adapter whose targets the model lacks: load_cflora says it, with the injection's reason
+    with pytest.raises(
+        ValueError, match=r"load_cflora: the adapter in .*a does not fit this model: .*matches no"
+    ):
+        load_cflora(torch.nn.Sequential(torch.nn.Linear(32, 32)), tmp_path / "a")
+
+
+def test_save_and_load_name_a_bad_model_or_path(tmp_path):
+    model = inject_cflora(tiny_llama(), _cfg())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(
+        ValueError, match=r"save_cflora: path '.*file' is a file; an adapter is saved into a folder"
+    ):
+        save_cflora(model, tmp_path / "file")
+    with pytest.raises(
+        TypeError, match=r"save_cflora: path must be a str or os.PathLike naming a folder; got int"
+    ):
+        save_cflora(model, 5)
+    save_cflora(model, str(tmp_path / "a"))
+    with pytest.raises(TypeError, match=r"load_cflora: path must be a str or os.PathLike .*; got NoneType"):
+        load_cflora(tiny_llama(), None)
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module .*; got NoneType"):
+        load_cflora(None, tmp_path / "a")
+    with pytest.raises(TypeError, match=r"model must be a torch.nn.Module .*; got str"):
+        save_cflora("gpt2", tmp_path / "b")
 
 
 def test_save_is_atomic_and_overwrites(tmp_path, monkeypatch):

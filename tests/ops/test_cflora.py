@@ -383,6 +383,11 @@ def _bad(**change):
 
 BAD = [
     (dict(weight=torch.randn(D_OUT, D_IN + 1)), ValueError, r"weight must have shape \(d_out, d_in=100\)"),
+    (  # a wrong x: the message shows x's shape beside the weight it was checked against
+        dict(x=torch.randn(B, T, D_IN - 3)),
+        ValueError,
+        r"weight must have shape \(d_out, d_in=97\), d_in being x's last dimension \(x \(3, 7, 97\)\); got \(36, 100\)",
+    ),
     (dict(lora_a=torch.randn(4, D_IN - 1)), ValueError, r"lora_a must have shape \(r, d_in=100\)"),
     (dict(lora_b=torch.randn(D_OUT, 5)), ValueError, r"lora_b must have shape \(d_out=36, r=4\)"),
     (dict(lora_b=torch.randn(D_OUT + 1, 4)), ValueError, r"lora_b must have shape \(d_out=36, r=4\)"),
