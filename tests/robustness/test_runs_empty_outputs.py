@@ -65,7 +65,7 @@ def test_retrieve_failing_on_a_later_split_replaces_nothing(prepared, capsys, mo
         return real(*a, **k)
 
     monkeypatch.setattr(retrieval, "retrieve", fails_on_second)
-    assert retrieve(out, "--limit", "2") == 1
+    assert retrieve(out, "--limit", "2") == 1  # a RuntimeError: a bug (exit 1)
     assert "injected failure" in capsys.readouterr().err
     assert files(out / "retrieval") == before  # train.npz was computed but not published; no temp files
 
@@ -77,7 +77,7 @@ def test_retrieve_refuses_an_interrupted_prepare(prepared, tmp_path, capsys):
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "meta.json").unlink()  # what a prepare killed while publishing leaves
-    assert retrieve(broken) == 1
+    assert retrieve(broken) == 2
     err = capsys.readouterr().err
     assert "meta.json: missing while" in err and "interrupted" in err
 
