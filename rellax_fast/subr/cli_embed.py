@@ -20,7 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-
     import numpy as np
 
     # a missing dataset, a bad row or option: errors rellax_fast.cli prints as one line (exit 2)

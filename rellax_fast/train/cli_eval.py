@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     run_dir = Path(args.run)
     out = Path(args.out) if args.out else run_dir / ("eval-jsonl" if args.jsonl else f"eval-{args.split}")
-    # the run, the data and the JSONL lines are checked before anything is scored or written
+    # the run, the data and the JSONL lines are checked before anything is scored or written: the run's own files
+    # (RunFileError), what it depends on (RunDependencyError), other data (RunDataMismatchError), a bad JSONL line
+    # (DataFormatError), a path outside --out (PathOutsideFolderError) are ValueErrors, which rellax_fast.cli prints
+    # as one error line (exit 2)
     meta = read_run_meta(run_dir)
     dataset = args.dataset or meta["dataset"]
     # eval never downloads: a missing dataset is an error naming where it was looked for, and nothing is created
@@ -88,9 +91,6 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=out / "emb_cache",
         details=details,
     )
-    # the run's own files (RunFileError), what it depends on (RunDependencyError), other data (RunDataMismatchError), a
-    # bad JSONL line (DataFormatError), a path outside --out (PathOutsideFolderError): ValueErrors raised before
-    # anything is written, which rellax_fast.cli prints as one error line (exit 2)
     from rellax_fast.distributed import is_main
 
     # under torchrun / accelerate launch: every rank scored a shard (gathered); rank 0 writes
