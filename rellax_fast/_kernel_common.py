@@ -31,7 +31,8 @@ def triton_interpreting() -> bool:
 
 # The launchers' grid and block arithmetic. Not triton.cdiv / triton.next_power_of_2: in triton 3.6 and 3.8 those are
 # ConstexprFunction objects whose host call unwraps every argument and imports a module, about 2 us a call, and a
-# CFLoRA forward+backward made 34 such calls (70 us of host time per layer, scripts/triton_host_cost.py).
+# CFLoRA forward+backward made 34 such calls; without them its launchers' host time fell by a quarter to a third
+# (scripts/triton_host_cost.py, BENCHMARKS.md).
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for integers, b > 0."""
     return -(-a // b)

@@ -1,59 +1,41 @@
 """Host cost of the Triton CFLoRA launchers themselves, on any machine (no GPU): the Python that plans and
-issues one forward and one backward, with every @triton.jit kernel replaced by a stub that only counts its
-launches (and TensorDescriptor construction by a tuple), so neither Triton's own launch path nor any device
-work is timed. What it measures runs on the GPU host unchanged before each real launch; the H200 run of
-2026-12-04 found about 1 ms of host time per forward+backward in the Triton backend (BENCHMARKS.md).
+issues one forward and one backward, with every @triton.jit kernel's ``run`` replaced by the compile gate's
+launch capture (tests/ops/triton_aot.py ``capture_launches``), so neither Triton's argument binding and
+specialisation nor any device work is timed. What it measures runs on the GPU host unchanged before each real
+launch; the H200 run of 2026-12-04 found about 1 ms of host time per forward+backward in the Triton backend
+(BENCHMARKS.md).
 
 The shapes only steer the plan (which kernels, how many splits), not the time: by default the headline's
 per-sample C over 16 samples at r = 16, bf16, on CPU tensors of M = 64 rows, d = 256. CPU tensors plan as the
 sm_90 card the compile gate assumes (TMA GEMMs, 132 SMs). To compare two commits, run it from each checkout in
 alternation (``PYTHONPATH=<tree>``) on the same machine.
 
-    python scripts/triton_host_cost.py [--rounds 7] [--calls 200] [--dropout 0.1] [--json]
+    python scripts/triton_host_cost.py [--rounds 7] [--calls 200] [--dropout 0.1]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
+import sys
 import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "ops"))
+from triton_aot import capture_launches  # noqa: E402  (the compile gate's capture; standard library only)
 
 
-@contextlib.contextmanager
-def stubbed_kernels():
-    """Replace every ``*_kernel`` JITFunction of rellax_fast.kernels.cflora by a launch counter ({name: n})."""
+def _kernels():
+    """Every ``*_kernel`` JITFunction of rellax_fast.kernels.cflora."""
     import triton
 
     from rellax_fast.kernels import cflora as K
 
-    class _Stub:
-        def __init__(self, counts: dict, name: str):
-            self.counts, self.name = counts, name
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                self.counts[self.name] = self.counts.get(self.name, 0) + 1
-
-            return launch
-
-    counts: dict = {}
-    saved = {n: getattr(K, n) for n in dir(K) if isinstance(getattr(K, n), triton.runtime.jit.JITFunction)}
-    saved = {n: f for n, f in saved.items() if n.endswith("_kernel")}
-    descriptor = K.TensorDescriptor
-    try:
-        for name in saved:
-            setattr(K, name, _Stub(counts, name))
-        K.TensorDescriptor = type(
-            "Descriptor", (), {"from_tensor": staticmethod(lambda t, block: (t, block))}
-        )
-        yield counts
-    finally:
-        for name, fn in saved.items():
-            setattr(K, name, fn)
-        K.TensorDescriptor = descriptor
+    jit = triton.runtime.jit.JITFunction
+    return [f for n, f in vars(K).items() if isinstance(f, jit) and n.endswith("_kernel")]
 
 
 def _calls(dropout: float):
@@ -85,16 +67,17 @@ def measure(rounds: int = 7, calls: int = 200, dropout: float = 0.0) -> dict:
     """{"launches": {kernel: n per forward+backward}, "us": {"forward": median us, "backward": ...}}."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("triton_host_cost: unset TRITON_INTERPRET (the interpreter plans different blocks)")
-    with stubbed_kernels() as counts:
+    with capture_launches(_kernels()) as launched:
         forward, backward = _calls(dropout)
-        counts.clear()
+        launched.clear()
         forward()
         backward()
-        launches = dict(sorted(counts.items()))
+        launches = dict(sorted(Counter(launch.name for launch in launched).items()))
         us = {}
         for name, fn in (("forward", forward), ("backward", backward)):
             times = []
             for _ in range(rounds):
+                launched.clear()
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     fn()
